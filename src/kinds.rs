@@ -1,0 +1,38 @@
+//! The closed set of stage kinds. Adding a kind means adding a variant here; the exhaustive
+//! matches then show every place that must handle it.
+
+use orchestrate_stage::{StageContext, StageDescriptor, StageError, StageOutput};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StageKind {
+    Shell,
+}
+
+impl StageKind {
+    pub const ALL: &'static [StageKind] = &[StageKind::Shell];
+
+    pub fn descriptor(self) -> &'static StageDescriptor {
+        match self {
+            StageKind::Shell => &orchestrate_shell::DESCRIPTOR,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.descriptor().kind
+    }
+
+    pub fn from_name(name: &str) -> Option<StageKind> {
+        StageKind::ALL.iter().copied().find(|k| k.name() == name)
+    }
+
+    pub fn names() -> Vec<&'static str> {
+        StageKind::ALL.iter().map(|k| k.name()).collect()
+    }
+
+    /// Does the stage's work; called on a blocking thread.
+    pub fn run(self, ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
+        match self {
+            StageKind::Shell => orchestrate_shell::run(ctx),
+        }
+    }
+}

@@ -1,0 +1,814 @@
+//! Phase two: a validated pipeline. Every stage kind is known, every `with:` block is
+//! canonical, every reference resolves, every edge carries the artifact kind its consumer
+//! expects, and the graph has no cycle. A [`Pipeline`] cannot exist otherwise, so planning and
+//! running never re-check any of it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use orchestrate_stage::{ArtifactKind, Inputs, ParamError, ParamProblem, PathSegment};
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde::Serialize;
+
+use crate::diag::{suggest, Diagnostic, Span};
+use crate::kinds::StageKind;
+use crate::spec::{Invalid, PipelineSpec, TOP_LEVEL_KEYS};
+use crate::yaml::{Key, Node, Value};
+
+const STAGE_KEYS: [&str; 7] = ["kind", "inputs", "with", "resources", "retries", "timeout", "deps"];
+const TRACKING_KEYS: [&str; 2] = ["mlflow", "experiment"];
+const RESOURCE_KEYS: [&str; 2] = ["device", "devices"];
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Tracking {
+    /// MLflow tracking URI; `None` keeps records locally.
+    pub mlflow: Option<String>,
+    pub experiment: String,
+}
+
+/// Where a stage runs. `Auto` is resolved when the stage's cache key is computed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Device {
+    Auto,
+    Cpu,
+    Cuda(Option<u32>),
+}
+
+impl Device {
+    fn parse(s: &str) -> Option<Device> {
+        match s {
+            "auto" => Some(Device::Auto),
+            "cpu" => Some(Device::Cpu),
+            "cuda" => Some(Device::Cuda(None)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(|n| Device::Cuda(Some(n))),
+        }
+    }
+
+    /// The device a stage is handed: `auto` becomes `cuda` only where this binary can use one.
+    pub fn resolve(&self) -> String {
+        match self {
+            Device::Cpu => "cpu".into(),
+            Device::Cuda(None) => "cuda".into(),
+            Device::Cuda(Some(n)) => format!("cuda:{n}"),
+            Device::Auto => {
+                if cuda_usable() {
+                    "cuda".into()
+                } else {
+                    "cpu".into()
+                }
+            }
+        }
+    }
+
+    /// What joins the cache key: results differ between CPU and GPU, not between GPU 0 and 1.
+    pub fn class(&self) -> &'static str {
+        if self.resolve().starts_with("cuda") {
+            "cuda"
+        } else {
+            "cpu"
+        }
+    }
+}
+
+/// No stage kind in this build computes on a GPU, so `auto` always means the CPU.
+fn cuda_usable() -> bool {
+    false
+}
+
+#[derive(Clone, Debug)]
+pub struct InputBinding {
+    pub name: String,
+    /// Producing stages, as indices into [`Pipeline::stages`], in the order written.
+    pub stages: Vec<usize>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Stage {
+    pub name: String,
+    pub kind: StageKind,
+    /// The canonical `with:` block: defaults filled in, as it enters the cache key.
+    pub params: serde_json::Value,
+    pub inputs: Vec<InputBinding>,
+    pub device: Device,
+    pub retries: u32,
+    pub timeout: Option<Duration>,
+    /// Local files whose contents join the cache key, relative to the pipeline directory.
+    pub deps: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Pipeline {
+    pub name: String,
+    pub path: PathBuf,
+    pub dir: PathBuf,
+    /// The artifact store URL, as written (relative `file://` paths resolve against `dir`).
+    pub storage: String,
+    pub tracking: Tracking,
+    pub params: serde_json::Value,
+    pub stages: Vec<Stage>,
+    /// Producer → consumer; node `i` is stage `i`; edges carry the consumer's input name.
+    pub graph: DiGraph<usize, String>,
+    /// Stage indices, every producer before its consumers, ties in file order.
+    pub order: Vec<usize>,
+    /// Identifies the pipeline's effective content (after overrides), for run records.
+    pub digest: String,
+}
+
+impl Pipeline {
+    pub fn stage_index(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.name == name)
+    }
+
+    /// Stages that feed `i` directly.
+    pub fn upstream(&self, i: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = self.stages[i]
+            .inputs
+            .iter()
+            .flat_map(|b| b.stages.iter().copied())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Stages fed by `i` directly.
+    pub fn downstream(&self, i: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .graph
+            .neighbors_directed(NodeIndex::new(i), petgraph::Direction::Outgoing)
+            .map(|n| n.index())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+impl PipelineSpec {
+    /// Checks everything and returns the typed pipeline, or every problem found.
+    pub fn validate(self) -> Result<Pipeline, Invalid> {
+        let mut v = Validator {
+            diags: self.diags,
+        };
+        let root = &self.root;
+        v.unknown_keys(root, &TOP_LEVEL_KEYS, "at the top level");
+        let name = match root.get("name") {
+            Some(n) => v.string(n, "name").unwrap_or_default(),
+            None => {
+                v.diags.push(
+                    Diagnostic::new("missing required key `name`", root.span)
+                        .hint("add `name: my-pipeline` at the top of the file"),
+                );
+                String::new()
+            }
+        };
+        let storage = match root.get("storage") {
+            None => "file://artifacts".to_string(),
+            Some(n) => v.string(n, "storage").unwrap_or_default(),
+        };
+        if !(storage.starts_with("file://") || storage.starts_with("s3://") || storage.is_empty()) {
+            if let Some(n) = root.get("storage") {
+                v.diags.push(
+                    Diagnostic::new(format!("unsupported storage URL `{storage}`"), n.span)
+                        .hint("use `file://DIR` or `s3://BUCKET/PREFIX`"),
+                );
+            }
+        }
+        let tracking = v.tracking(root.get("tracking"), &name);
+        let params = root.get("params").map(Node::to_json).unwrap_or(serde_json::json!({}));
+
+        let stage_entries: Vec<(Key, Node)> = match root.get("stages") {
+            Some(Node { value: Value::Map(entries), .. }) => entries.clone(),
+            Some(n) => {
+                v.diags.push(Diagnostic::new(
+                    format!("`stages` must be a mapping of stage names to stages, found {}", n.type_name()),
+                    n.span,
+                ));
+                Vec::new()
+            }
+            None => {
+                v.diags.push(
+                    Diagnostic::new("missing required key `stages`", root.span)
+                        .hint("add `stages:` with at least one stage"),
+                );
+                Vec::new()
+            }
+        };
+        let names: Vec<&str> = stage_entries.iter().map(|(k, _)| k.name.as_str()).collect();
+
+        let mut stages = Vec::new();
+        // Per stage, per input: the reference spans, for pointing at edges later.
+        let mut ref_spans: Vec<BTreeMap<(String, usize), Span>> = Vec::new();
+        for (key, node) in &stage_entries {
+            let (stage, spans) = v.stage(key, node, &names);
+            stages.push(stage);
+            ref_spans.push(spans);
+        }
+
+        // Type-check edges now that every stage's output kind is known.
+        for (i, stage) in stages.iter().enumerate() {
+            let Some(stage) = stage else { continue };
+            let Inputs::Typed(decls) = stage.kind.descriptor().inputs else { continue };
+            for binding in &stage.inputs {
+                let Some(decl) = decls.iter().find(|d| d.name == binding.name) else { continue };
+                for &producer in &binding.stages {
+                    let Some(p) = &stages[producer] else { continue };
+                    let produced = p.kind.descriptor().output;
+                    if produced != decl.kind {
+                        let span = ref_spans[i][&(binding.name.clone(), producer)];
+                        v.diags.push(
+                            Diagnostic::new(
+                                format!(
+                                    "stage `{}` input `{}` expects {}, but `{}` produces {}",
+                                    stage.name, binding.name, decl.kind, p.name, produced
+                                ),
+                                span,
+                            )
+                            .label(format!("produces {produced}"))
+                            .hint_opt(producers_of(decl.kind, &stages)),
+                        );
+                    }
+                }
+            }
+        }
+
+        let mut graph = DiGraph::new();
+        for i in 0..stages.len() {
+            graph.add_node(i);
+        }
+        for (i, stage) in stages.iter().enumerate() {
+            let Some(stage) = stage else { continue };
+            for b in &stage.inputs {
+                for &p in &b.stages {
+                    graph.add_edge(NodeIndex::new(p), NodeIndex::new(i), b.name.clone());
+                }
+            }
+        }
+        for cycle in find_cycles(&graph) {
+            let names: Vec<&str> = cycle.iter().map(|&i| stage_entries[i].0.name.as_str()).collect();
+            // Point at the reference that closes the loop: the first stage's input naming the last.
+            let (first, last) = (cycle[0], cycle[cycle.len() - 2]);
+            let span = ref_spans[first]
+                .iter()
+                .find(|((_, p), _)| *p == last)
+                .map(|(_, s)| *s)
+                .unwrap_or(stage_entries[first].0.span);
+            v.diags.push(
+                Diagnostic::new(format!("the stages form a cycle: {}", names.join(" -> ")), span)
+                    .label("this input closes the cycle")
+                    .hint("a stage cannot depend, directly or not, on its own output"),
+            );
+        }
+
+        if stage_entries.is_empty() && root.get("stages").is_some() {
+            v.diags.push(Diagnostic::new(
+                "the pipeline has no stages",
+                root.get("stages").map(|n| n.span).unwrap_or(root.span),
+            ));
+        }
+
+        if !v.diags.is_empty() {
+            return Err(Invalid {
+                diags: v.diags,
+                sources: self.sources,
+            });
+        }
+        let stages: Vec<Stage> = stages.into_iter().map(|s| s.expect("no diagnostics")).collect();
+        let order = topo_order(&graph);
+        let digest = pipeline_digest(&name, &params, &stages);
+        Ok(Pipeline {
+            name,
+            path: self.path,
+            dir: self.dir,
+            storage,
+            tracking,
+            params,
+            stages,
+            graph,
+            order,
+            digest,
+        })
+    }
+}
+
+fn producers_of(kind: ArtifactKind, stages: &[Option<Stage>]) -> Option<String> {
+    let names: Vec<String> = stages
+        .iter()
+        .flatten()
+        .filter(|s| s.kind.descriptor().output == kind)
+        .map(|s| format!("`{}`", s.name))
+        .collect();
+    if names.is_empty() {
+        let kinds: Vec<&str> = StageKind::ALL
+            .iter()
+            .filter(|k| k.descriptor().output == kind)
+            .map(|k| k.name())
+            .collect();
+        if kinds.is_empty() {
+            None
+        } else {
+            Some(format!("a {kind} comes from a stage of kind {}", kinds.join(" or ")))
+        }
+    } else {
+        Some(format!("stages producing {kind}: {}", names.join(", ")))
+    }
+}
+
+struct Validator {
+    diags: Vec<Diagnostic>,
+}
+
+impl Validator {
+    fn unknown_keys(&mut self, node: &Node, allowed: &[&str], where_: &str) {
+        if let Value::Map(entries) = &node.value {
+            for (k, _) in entries {
+                if !allowed.contains(&k.name.as_str()) {
+                    self.diags.push(
+                        Diagnostic::new(format!("unknown key `{}` {where_}", k.name), k.span)
+                            .hint_opt(suggest(&k.name, allowed)),
+                    );
+                }
+            }
+        }
+    }
+
+    fn string(&mut self, node: &Node, what: &str) -> Option<String> {
+        match &node.value {
+            Value::Str(s) => Some(s.clone()),
+            Value::Int(i) => Some(i.to_string()),
+            Value::Float(f) => Some(f.to_string()),
+            _ => {
+                self.diags.push(Diagnostic::new(
+                    format!("`{what}` must be a string, found {}", node.type_name()),
+                    node.span,
+                ));
+                None
+            }
+        }
+    }
+
+    fn tracking(&mut self, node: Option<&Node>, pipeline: &str) -> Tracking {
+        let mut t = Tracking {
+            mlflow: None,
+            experiment: pipeline.to_string(),
+        };
+        let Some(node) = node else { return t };
+        if !matches!(node.value, Value::Map(_)) {
+            self.diags.push(Diagnostic::new(
+                format!("`tracking` must be a mapping, found {}", node.type_name()),
+                node.span,
+            ));
+            return t;
+        }
+        self.unknown_keys(node, &TRACKING_KEYS, "in `tracking`");
+        if let Some(n) = node.get("mlflow") {
+            if n.value != Value::Null {
+                t.mlflow = self.string(n, "tracking.mlflow").filter(|s| !s.is_empty());
+            }
+        }
+        if let Some(n) = node.get("experiment") {
+            if let Some(s) = self.string(n, "tracking.experiment") {
+                t.experiment = s;
+            }
+        }
+        t
+    }
+
+    fn stage(&mut self, key: &Key, node: &Node, names: &[&str]) -> (Option<Stage>, BTreeMap<(String, usize), Span>) {
+        let mut spans = BTreeMap::new();
+        let name = &key.name;
+        if !valid_stage_name(name) {
+            self.diags.push(
+                Diagnostic::new(format!("invalid stage name `{name}`"), key.span)
+                    .hint("use letters, digits, `-` and `_`, starting with a letter"),
+            );
+        }
+        if !matches!(node.value, Value::Map(_)) {
+            self.diags.push(
+                Diagnostic::new(
+                    format!("stage `{name}` must be a mapping, found {}", node.type_name()),
+                    node.span,
+                )
+                .hint("give it at least `kind:`"),
+            );
+            return (None, spans);
+        }
+        self.unknown_keys(node, &STAGE_KEYS, &format!("in stage `{name}`"));
+        let kind = match node.get("kind") {
+            None => {
+                self.diags.push(
+                    Diagnostic::new(format!("stage `{name}` has no `kind`"), key.span)
+                        .hint(format!("add `kind:` with one of {}", StageKind::names().join(", "))),
+                );
+                None
+            }
+            Some(k) => match k.as_str().and_then(StageKind::from_name) {
+                Some(kind) => Some(kind),
+                None => {
+                    let shown = k.as_str().map(str::to_string).unwrap_or_else(|| k.type_name().to_string());
+                    let hint = suggest(&shown, &StageKind::names());
+                    self.diags.push(
+                        Diagnostic::new(format!("unknown stage kind `{shown}` in stage `{name}`"), k.span)
+                            .hint_opt(hint),
+                    );
+                    None
+                }
+            },
+        };
+        let inputs = self.inputs(name, node.get("inputs"), kind, names, key.span, &mut spans);
+        let params = match kind {
+            Some(kind) => self.params(name, kind, node.get("with"), key.span),
+            None => None,
+        };
+        let device = self.device(name, node.get("resources"));
+        let retries = match node.get("retries") {
+            None => 0,
+            Some(n) => match n.value {
+                Value::Int(i) if (0..=100).contains(&i) => i as u32,
+                _ => {
+                    self.diags.push(Diagnostic::new(
+                        format!("`retries` must be a whole number from 0 to 100, found {}", n.type_name()),
+                        n.span,
+                    ));
+                    0
+                }
+            },
+        };
+        let timeout = node.get("timeout").and_then(|n| {
+            let parsed = match &n.value {
+                Value::Int(s) if *s > 0 => Some(Duration::from_secs(*s as u64)),
+                Value::Str(s) => parse_duration(s),
+                _ => None,
+            };
+            if parsed.is_none() {
+                self.diags.push(
+                    Diagnostic::new("`timeout` is not a duration", n.span)
+                        .hint("write seconds (`90`) or a duration such as `500ms`, `30s`, `10m`, `2h`"),
+                );
+            }
+            parsed
+        });
+        let mut deps = Vec::new();
+        if let Some(n) = node.get("deps") {
+            match &n.value {
+                Value::Seq(items) => {
+                    for item in items {
+                        if let Some(s) = self.string(item, "deps[]") {
+                            deps.push(s);
+                        }
+                    }
+                }
+                _ => self.diags.push(Diagnostic::new(
+                    format!("`deps` must be a list of file paths, found {}", n.type_name()),
+                    n.span,
+                )),
+            }
+        }
+        let (Some(kind), Some(params), Some(inputs), Some(device)) = (kind, params, inputs, device) else {
+            return (None, spans);
+        };
+        deps.extend((kind.descriptor().file_deps)(&params));
+        (
+            Some(Stage {
+                name: name.clone(),
+                kind,
+                params,
+                inputs,
+                device,
+                retries,
+                timeout,
+                deps,
+            }),
+            spans,
+        )
+    }
+
+    fn inputs(
+        &mut self,
+        stage: &str,
+        node: Option<&Node>,
+        kind: Option<StageKind>,
+        names: &[&str],
+        stage_span: Span,
+        spans: &mut BTreeMap<(String, usize), Span>,
+    ) -> Option<Vec<InputBinding>> {
+        let typed = kind.and_then(|k| match k.descriptor().inputs {
+            Inputs::Typed(d) => Some(d),
+            Inputs::Any => None,
+        });
+        let mut bindings = Vec::new();
+        let mut ok = true;
+        // (input name, its span, the referenced stages)
+        let mut raw: Vec<(String, Span, Vec<&Node>, bool)> = Vec::new();
+        match node.map(|n| &n.value) {
+            None | Some(Value::Null) => {}
+            Some(Value::Map(entries)) => {
+                for (k, v) in entries {
+                    match &v.value {
+                        Value::Seq(items) => raw.push((k.name.clone(), k.span, items.iter().collect(), true)),
+                        _ => raw.push((k.name.clone(), k.span, vec![v], false)),
+                    }
+                }
+            }
+            // A plain list binds each stage under its own name: handy for `shell` glue.
+            Some(Value::Seq(items)) if typed.is_none() => {
+                for item in items {
+                    let n = item.as_str().unwrap_or_default().to_string();
+                    raw.push((n, item.span, vec![item], false));
+                }
+            }
+            Some(_) => {
+                let n = node.expect("matched Some");
+                self.diags.push(
+                    Diagnostic::new(
+                        format!("`inputs` of stage `{stage}` must map input names to stages, found {}", n.type_name()),
+                        n.span,
+                    )
+                    .hint("for example `inputs: { corpus: corpus }`"),
+                );
+                return None;
+            }
+        }
+        for (input, input_span, refs, is_list) in &raw {
+            if let Some(decls) = typed {
+                match decls.iter().find(|d| d.name == input) {
+                    None => {
+                        let known: Vec<&str> = decls.iter().map(|d| d.name).collect();
+                        self.diags.push(
+                            Diagnostic::new(format!("stage `{stage}` has no input `{input}`"), *input_span)
+                                .hint_opt(suggest(input, &known)),
+                        );
+                        ok = false;
+                        continue;
+                    }
+                    Some(d) if *is_list && !d.many => {
+                        self.diags.push(Diagnostic::new(
+                            format!("input `{input}` of stage `{stage}` takes one stage, not a list"),
+                            *input_span,
+                        ));
+                        ok = false;
+                        continue;
+                    }
+                    Some(_) => {}
+                }
+            }
+            let mut producers = Vec::new();
+            for r in refs {
+                let Some(target) = r.as_str() else {
+                    self.diags.push(Diagnostic::new(
+                        format!("input `{input}` must name a stage, found {}", r.type_name()),
+                        r.span,
+                    ));
+                    ok = false;
+                    continue;
+                };
+                match names.iter().position(|n| *n == target) {
+                    Some(p) => {
+                        spans.insert((input.clone(), p), r.span);
+                        producers.push(p);
+                    }
+                    None => {
+                        let others: Vec<&str> = names.iter().copied().filter(|n| *n != stage).collect();
+                        self.diags.push(
+                            Diagnostic::new(
+                                format!("stage `{stage}` input `{input}` refers to unknown stage `{target}`"),
+                                r.span,
+                            )
+                            .hint_opt(suggest(target, &others)),
+                        );
+                        ok = false;
+                    }
+                }
+            }
+            bindings.push(InputBinding {
+                name: input.clone(),
+                stages: producers,
+            });
+        }
+        if let Some(decls) = typed {
+            for d in decls.iter().filter(|d| d.required) {
+                if !raw.iter().any(|(n, ..)| n == d.name) {
+                    self.diags.push(
+                        Diagnostic::new(
+                            format!("stage `{stage}` is missing its required input `{}` ({})", d.name, d.kind),
+                            stage_span,
+                        )
+                        .hint(format!("add `inputs: {{ {}: <a stage producing {}> }}`", d.name, d.kind)),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(bindings)
+    }
+
+    fn params(&mut self, stage: &str, kind: StageKind, node: Option<&Node>, stage_span: Span) -> Option<serde_json::Value> {
+        let empty = Node::new(Value::Map(Vec::new()), stage_span);
+        let node = match node {
+            None => &empty,
+            Some(n) if n.value == Value::Null => &empty,
+            Some(n) if matches!(n.value, Value::Map(_)) => n,
+            Some(n) => {
+                self.diags.push(Diagnostic::new(
+                    format!("`with` of stage `{stage}` must be a mapping, found {}", n.type_name()),
+                    n.span,
+                ));
+                return None;
+            }
+        };
+        match (kind.descriptor().canonical_params)(node.to_json()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.diags.push(param_diagnostic(stage, kind, node, &e));
+                None
+            }
+        }
+    }
+
+    fn device(&mut self, stage: &str, node: Option<&Node>) -> Option<Device> {
+        let Some(node) = node else { return Some(Device::Auto) };
+        if !matches!(node.value, Value::Map(_)) {
+            self.diags.push(Diagnostic::new(
+                format!("`resources` of stage `{stage}` must be a mapping, found {}", node.type_name()),
+                node.span,
+            ));
+            return None;
+        }
+        self.unknown_keys(node, &RESOURCE_KEYS, &format!("in `resources` of stage `{stage}`"));
+        if let Some(d) = node.get("devices") {
+            let ok = matches!(&d.value, Value::Seq(items) if items.iter().all(|i| matches!(i.value, Value::Int(n) if n >= 0)));
+            if !ok {
+                self.diags.push(
+                    Diagnostic::new("`devices` must be a list of GPU indices", d.span)
+                        .hint("for example `devices: [0, 1]`"),
+                );
+            }
+        }
+        match node.get("device") {
+            None => Some(Device::Auto),
+            Some(d) => match d.as_str().and_then(Device::parse) {
+                Some(dev) => Some(dev),
+                None => {
+                    self.diags.push(
+                        Diagnostic::new(format!("unknown device in stage `{stage}`"), d.span)
+                            .hint("use `cpu`, `cuda`, `cuda:N` or `auto`"),
+                    );
+                    None
+                }
+            },
+        }
+    }
+}
+
+/// Turns a stage's parameter error into a diagnostic pointing at the offending value.
+fn param_diagnostic(stage: &str, kind: StageKind, with: &Node, e: &ParamError) -> Diagnostic {
+    let mut node = with;
+    let mut path = vec![stage.to_string(), "with".to_string()];
+    let mut key_span = None;
+    for seg in &e.path {
+        let next = match (seg, &node.value) {
+            (PathSegment::Key(k), Value::Map(entries)) => entries.iter().find(|(key, _)| &key.name == k).map(|(key, v)| {
+                key_span = Some(key.span);
+                v
+            }),
+            (PathSegment::Index(i), Value::Seq(items)) => items.get(*i),
+            _ => None,
+        };
+        match next {
+            Some(n) => {
+                node = n;
+                path.push(match seg {
+                    PathSegment::Key(k) => k.clone(),
+                    PathSegment::Index(i) => i.to_string(),
+                });
+            }
+            None => break,
+        }
+    }
+    let at = path.join(".");
+    match &e.problem {
+        ParamProblem::UnknownKey { key, expected } => {
+            let span = match &node.value {
+                Value::Map(entries) => entries.iter().find(|(k, _)| &k.name == key).map(|(k, _)| k.span),
+                _ => None,
+            }
+            .or(key_span)
+            .unwrap_or(node.span);
+            let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+            let where_ = if path.last().map(String::as_str) == Some(key.as_str()) {
+                path[..path.len() - 1].join(".")
+            } else {
+                at.clone()
+            };
+            Diagnostic::new(format!("unknown key `{key}` in `{where_}` ({} stage)", kind.name()), span)
+                .hint_opt(suggest(key, &expected))
+        }
+        ParamProblem::MissingKey { key } => Diagnostic::new(
+            format!("stage `{stage}` ({}) is missing required param `{at}.{key}`", kind.name()),
+            node.span,
+        )
+        .hint(format!("add `{key}:` under `with:`")),
+        ParamProblem::Invalid(msg) => Diagnostic::new(format!("invalid value for `{at}`: {msg}"), node.span),
+    }
+}
+
+fn valid_stage_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// `500ms`, `30s`, `10m`, `2h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    (secs > 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+/// Each elementary cycle through a strongly connected component, as stage indices with the
+/// first repeated at the end, starting from the stage written first.
+fn find_cycles(graph: &DiGraph<usize, String>) -> Vec<Vec<usize>> {
+    let mut cycles = Vec::new();
+    for scc in petgraph::algo::tarjan_scc(graph) {
+        let self_loop = scc.len() == 1 && graph.contains_edge(scc[0], scc[0]);
+        if scc.len() < 2 && !self_loop {
+            continue;
+        }
+        let start = *scc.iter().min().expect("non-empty");
+        // Walk forward inside the component until we are back at the start.
+        let mut path = vec![start];
+        let mut seen = vec![start];
+        let mut at = start;
+        loop {
+            let mut next: Vec<NodeIndex> = graph.neighbors(at).filter(|n| scc.contains(n)).collect();
+            next.sort();
+            if next.contains(&start) {
+                path.push(start);
+                break;
+            }
+            match next.into_iter().find(|n| !seen.contains(n)) {
+                Some(n) => {
+                    seen.push(n);
+                    path.push(n);
+                    at = n;
+                }
+                None => break,
+            }
+        }
+        cycles.push(path.into_iter().map(|n| n.index()).collect());
+    }
+    cycles.sort();
+    cycles
+}
+
+/// Kahn's algorithm, always taking the ready stage written first, so the order is stable.
+fn topo_order(graph: &DiGraph<usize, String>) -> Vec<usize> {
+    let n = graph.node_count();
+    let mut indegree: Vec<usize> = (0..n)
+        .map(|i| graph.neighbors_directed(NodeIndex::new(i), petgraph::Direction::Incoming).count())
+        .collect();
+    let mut ready: std::collections::BTreeSet<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(i) = ready.pop_first() {
+        order.push(i);
+        for e in graph.neighbors_directed(NodeIndex::new(i), petgraph::Direction::Outgoing) {
+            indegree[e.index()] -= 1;
+            if indegree[e.index()] == 0 {
+                ready.insert(e.index());
+            }
+        }
+    }
+    order
+}
+
+fn pipeline_digest(name: &str, params: &serde_json::Value, stages: &[Stage]) -> String {
+    let stages: Vec<serde_json::Value> = stages
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "name": s.name,
+                "kind": s.kind.name(),
+                "params": s.params,
+                "inputs": s.inputs.iter().map(|b| (b.name.clone(), b.stages.clone())).collect::<BTreeMap<_, _>>(),
+                "device": s.device,
+                "deps": s.deps,
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({"name": name, "params": params, "stages": stages});
+    let bytes = serde_json::to_vec(&doc).unwrap_or_default();
+    blake3::hash(&bytes).to_hex()[..16].to_string()
+}

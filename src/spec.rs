@@ -1,0 +1,439 @@
+//! Phase one: the pipeline file as written, plus `--set` overrides and `${...}` interpolation,
+//! still as a position-carrying tree. Nothing here knows about stage kinds; that is
+//! [`crate::pipeline`]'s job.
+
+use std::path::{Path, PathBuf};
+
+use crate::diag::{nearest, suggest, Diagnostic, SourceId, Sources, Span};
+use crate::yaml::{self, Key, Node, Value};
+
+/// The keys allowed at the top of a pipeline file.
+pub const TOP_LEVEL_KEYS: [&str; 5] = ["name", "storage", "tracking", "params", "stages"];
+
+/// Looks up environment variables; a function so tests need not touch the real environment.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// A set of diagnostics with the sources they point into.
+#[derive(Debug)]
+pub struct Invalid {
+    pub diags: Vec<Diagnostic>,
+    pub sources: Sources,
+}
+
+impl Invalid {
+    pub fn render(&self) -> String {
+        crate::diag::render_all(&self.diags, &self.sources)
+    }
+}
+
+/// A parsed pipeline file with overrides applied and interpolation done.
+#[derive(Debug)]
+pub struct PipelineSpec {
+    pub path: PathBuf,
+    /// Relative paths in the file resolve against this directory.
+    pub dir: PathBuf,
+    pub sources: Sources,
+    pub root: Node,
+    /// Problems found so far; validation adds its own before reporting them all.
+    pub diags: Vec<Diagnostic>,
+}
+
+impl PipelineSpec {
+    pub fn load(path: &Path, sets: &[String], env: EnvLookup<'_>) -> Result<Self, Invalid> {
+        let text = std::fs::read_to_string(path).map_err(|e| Invalid {
+            diags: vec![Diagnostic::without_span(format!(
+                "cannot read pipeline file {}: {e}",
+                path.display()
+            ))],
+            sources: Sources::default(),
+        })?;
+        Self::from_text(path, &text, sets, env)
+    }
+
+    pub fn from_text(
+        path: &Path,
+        text: &str,
+        sets: &[String],
+        env: EnvLookup<'_>,
+    ) -> Result<Self, Invalid> {
+        let mut sources = Sources::default();
+        let id = sources.add(path.display().to_string(), text);
+        let (mut root, mut diags) = match yaml::parse(text, id) {
+            Ok(parsed) => parsed,
+            Err(d) => {
+                return Err(Invalid {
+                    diags: vec![d],
+                    sources,
+                })
+            }
+        };
+        if !matches!(root.value, Value::Map(_)) {
+            diags.push(
+                Diagnostic::new(
+                    format!("a pipeline file must be a mapping, found {}", root.type_name()),
+                    root.span,
+                )
+                .hint("start with `name:` and `stages:`"),
+            );
+            return Err(Invalid { diags, sources });
+        }
+        for arg in sets {
+            let sid = sources.add("--set", arg.clone());
+            if let Err(d) = apply_set(&mut root, arg, sid) {
+                diags.push(d);
+            }
+        }
+        interpolate_all(&mut root, env, &mut diags);
+        let dir = path
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    p.to_path_buf()
+                }
+            })
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok(PipelineSpec {
+            path: path.to_path_buf(),
+            dir,
+            sources,
+            root,
+            diags,
+        })
+    }
+}
+
+/// Applies one `--set path=value`. The path starts at a top-level key (`params.seed`) or at a
+/// stage name (`model.with.lr`, short for `stages.model.with.lr`). Missing mapping keys are
+/// created, so a default can be overridden; whether the key is allowed is checked later, like
+/// any key in the file, and reported against this argument.
+pub fn apply_set(root: &mut Node, arg: &str, sid: SourceId) -> Result<(), Diagnostic> {
+    let whole = Span {
+        source: sid,
+        line: 1,
+        col: 1,
+        len: arg.chars().count() as u32,
+    };
+    let Some((path, raw)) = arg.split_once('=') else {
+        return Err(Diagnostic::new("a --set argument must look like `path=value`", whole)
+            .hint("for example `--set model.with.lr=1e-4`"));
+    };
+    let path_len = path.chars().count() as u32;
+    let value_span = Span {
+        source: sid,
+        line: 1,
+        col: path_len + 2,
+        len: raw.chars().count().max(1) as u32,
+    };
+    let value = parse_set_value(raw, value_span)?;
+    let mut segs: Vec<(String, Span)> = Vec::new();
+    let mut col = 1;
+    for part in path.split('.') {
+        let len = part.chars().count() as u32;
+        segs.push((part.to_string(), Span { source: sid, line: 1, col, len: len.max(1) }));
+        col += len + 1;
+    }
+    if segs.iter().any(|(s, _)| s.is_empty()) {
+        return Err(Diagnostic::new(format!("`{path}` is not a valid path"), whole)
+            .hint("write keys separated by dots, for example `model.with.lr`"));
+    }
+    let mut current: &mut Node = root;
+    let mut walked: Vec<String> = Vec::new();
+    if !TOP_LEVEL_KEYS.contains(&segs[0].0.as_str()) {
+        let stage = &segs[0];
+        let stages = current.get("stages");
+        let names: Vec<String> = match stages.map(|s| &s.value) {
+            Some(Value::Map(entries)) => entries.iter().map(|(k, _)| k.name.clone()).collect(),
+            _ => Vec::new(),
+        };
+        if !names.contains(&stage.0) {
+            let mut candidates: Vec<&str> = names.iter().map(String::as_str).collect();
+            candidates.extend(TOP_LEVEL_KEYS);
+            return Err(Diagnostic::new(
+                format!("--set path `{path}` names no stage and no top-level key `{}`", stage.0),
+                stage.1,
+            )
+            .hint_opt(suggest(&stage.0, &candidates)));
+        }
+        current = map_entry(current, "stages", stage.1);
+        walked.push("stages".into());
+    }
+    let last = segs.len() - 1;
+    for (i, (seg, span)) in segs.iter().enumerate() {
+        let here = if walked.is_empty() { "the file".to_string() } else { format!("`{}`", walked.join(".")) };
+        let type_name = current.type_name();
+        if matches!(current.value, Value::Map(_)) {
+            if i == last {
+                set_entry(current, seg, *span, value);
+                return Ok(());
+            }
+            current = map_entry(current, seg, *span);
+        } else if let Value::Seq(items) = &mut current.value {
+            let Ok(idx) = seg.parse::<usize>() else {
+                return Err(Diagnostic::new(format!("{here} is a list; `{seg}` is not an index"), *span));
+            };
+            let n = items.len();
+            let Some(item) = items.get_mut(idx) else {
+                return Err(Diagnostic::new(
+                    format!("index {idx} is out of range: {here} has {n} items"),
+                    *span,
+                ));
+            };
+            if i == last {
+                *item = value;
+                return Ok(());
+            }
+            current = item;
+        } else {
+            return Err(Diagnostic::new(
+                format!("{here} is {type_name}, so it has no key `{seg}`"),
+                *span,
+            ));
+        }
+        walked.push(seg.clone());
+    }
+    Ok(())
+}
+
+fn parse_set_value(raw: &str, span: Span) -> Result<Node, Diagnostic> {
+    // A flow value (`[a, b]`, `{x: 1}`) is parsed as YAML; anything else is one scalar, so
+    // that `--set name=a: b` keeps its colon.
+    let value = if raw.starts_with('[') || raw.starts_with('{') {
+        let (node, _) = yaml::parse(raw, span.source).map_err(|d| {
+            Diagnostic::new(format!("the --set value is not valid YAML: {}", d.message), span)
+        })?;
+        return Ok(shift(node, span.col - 1));
+    } else if let Some(q) = raw.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')) {
+        Value::Str(q.to_string())
+    } else if let Some(q) = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        Value::Str(q.to_string())
+    } else {
+        yaml::plain_scalar(raw)
+    };
+    Ok(Node::new(value, span))
+}
+
+fn shift(mut node: Node, by: u32) -> Node {
+    node.span.col += by;
+    node.value = match node.value {
+        Value::Seq(items) => Value::Seq(items.into_iter().map(|n| shift(n, by)).collect()),
+        Value::Map(entries) => Value::Map(
+            entries
+                .into_iter()
+                .map(|(mut k, v)| {
+                    k.span.col += by;
+                    (k, shift(v, by))
+                })
+                .collect(),
+        ),
+        other => other,
+    };
+    node
+}
+
+/// The value under `key` in a mapping node, created as an empty mapping when absent.
+fn map_entry<'n>(node: &'n mut Node, key: &str, span: Span) -> &'n mut Node {
+    let Value::Map(entries) = &mut node.value else {
+        unreachable!("map_entry is only called on mappings");
+    };
+    let pos = match entries.iter().position(|(k, _)| k.name == key) {
+        Some(p) => p,
+        None => {
+            entries.push((
+                Key { name: key.to_string(), span },
+                Node::new(Value::Map(Vec::new()), span),
+            ));
+            entries.len() - 1
+        }
+    };
+    &mut entries[pos].1
+}
+
+fn set_entry(node: &mut Node, key: &str, span: Span, value: Node) {
+    if let Value::Map(entries) = &mut node.value {
+        match entries.iter_mut().find(|(k, _)| k.name == key) {
+            Some((_, v)) => *v = value,
+            None => entries.push((Key { name: key.to_string(), span }, value)),
+        }
+    }
+}
+
+/// Resolves `${env.NAME}`, `${env.NAME:-default}` and `${params.name}` everywhere. The
+/// `params` block itself may use only `env`. Other `${...}` forms are left alone, since shell
+/// commands use them.
+fn interpolate_all(root: &mut Node, env: EnvLookup<'_>, diags: &mut Vec<Diagnostic>) {
+    let Value::Map(entries) = &mut root.value else { return };
+    let empty = Node::new(Value::Map(Vec::new()), Span::default());
+    if let Some((_, params)) = entries.iter_mut().find(|(k, _)| k.name == "params") {
+        interpolate(params, env, &empty, diags);
+    }
+    let params = entries
+        .iter()
+        .find(|(k, _)| k.name == "params")
+        .map(|(_, v)| v.clone())
+        .unwrap_or(empty);
+    for (k, v) in entries.iter_mut() {
+        if k.name != "params" {
+            interpolate(v, env, &params, diags);
+        }
+    }
+}
+
+fn interpolate(node: &mut Node, env: EnvLookup<'_>, params: &Node, diags: &mut Vec<Diagnostic>) {
+    match &mut node.value {
+        Value::Seq(items) => items.iter_mut().for_each(|n| interpolate(n, env, params, diags)),
+        Value::Map(entries) => entries
+            .iter_mut()
+            .for_each(|(_, n)| interpolate(n, env, params, diags)),
+        Value::Str(s) if s.contains("${env.") || s.contains("${params.") => {
+            match expand(s, env, params) {
+                Ok(Expanded::Whole(v)) => node.value = v,
+                Ok(Expanded::Text(t)) => node.value = Value::Str(t),
+                Err((msg, hint)) => diags.push(Diagnostic::new(msg, node.span).hint_opt(hint)),
+            }
+        }
+        _ => {}
+    }
+}
+
+enum Expanded {
+    /// The string was exactly one expression: keep the value's type.
+    Whole(Value),
+    Text(String),
+}
+
+type ExpandError = (String, Option<String>);
+
+fn expand(s: &str, env: EnvLookup<'_>, params: &Node) -> Result<Expanded, ExpandError> {
+    let mut out = String::new();
+    let mut rest = s;
+    let mut whole: Option<Value> = None;
+    while let Some(start) = find_expr(rest) {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err((format!("unclosed `${{` in `{s}`"), Some("close it with `}`".into())));
+        };
+        let expr = &after[..end];
+        let value = resolve(expr, env, params)?;
+        if start == 0 && end + 3 == rest.len() && out.is_empty() {
+            whole = Some(value.clone());
+        }
+        out.push_str(&scalar_text(&value));
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(match whole {
+        Some(v) => Expanded::Whole(v),
+        None => Expanded::Text(out),
+    })
+}
+
+fn find_expr(s: &str) -> Option<usize> {
+    match (s.find("${env."), s.find("${params.")) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn resolve(expr: &str, env: EnvLookup<'_>, params: &Node) -> Result<Value, ExpandError> {
+    if let Some(var) = expr.strip_prefix("env.") {
+        let (name, default) = match var.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (var, None),
+        };
+        return match (env(name), default) {
+            (Some(v), _) => Ok(yaml::plain_scalar(&v)),
+            (None, Some(d)) => Ok(yaml::plain_scalar(d)),
+            (None, None) => Err((
+                format!("environment variable `{name}` is not set"),
+                Some(format!("set it, or give a default: `${{env.{name}:-value}}`")),
+            )),
+        };
+    }
+    let path = expr.strip_prefix("params.").unwrap_or(expr);
+    let mut node = params;
+    for seg in path.split('.') {
+        match node.get(seg) {
+            Some(n) => node = n,
+            None => {
+                let names: Vec<&str> = match &node.value {
+                    Value::Map(e) => e.iter().map(|(k, _)| k.name.as_str()).collect(),
+                    _ => Vec::new(),
+                };
+                let hint = nearest(seg, names.iter().copied())
+                    .map(|n| format!("did you mean `${{params.{n}}}`?"))
+                    .or_else(|| Some("define it under the top-level `params:`".into()));
+                return Err((format!("`params.{path}` is not defined"), hint));
+            }
+        }
+    }
+    Ok(node.value.clone())
+}
+
+fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::Bool(b) => b.to_string(),
+        Value::Int(i) => i.to_string(),
+        Value::Float(f) => f.to_string(),
+        Value::Str(s) => s.clone(),
+        Value::Seq(_) | Value::Map(_) => serde_json::to_string(&Node::new(v.clone(), Span::default()).to_json()).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn load(text: &str, sets: &[&str]) -> PipelineSpec {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        PipelineSpec::from_text(Path::new("p.yaml"), text, &sets, &no_env).unwrap()
+    }
+
+    const BASE: &str = "name: t\nparams: {seed: 7, tag: x}\nstages:\n  a:\n    kind: shell\n    with: {run: 'echo ${params.tag}', n: '${params.seed}'}\n";
+
+    #[test]
+    fn params_interpolate_with_their_type_when_whole() {
+        let s = load(BASE, &[]);
+        let with = s.root.get("stages").unwrap().get("a").unwrap().get("with").unwrap();
+        assert_eq!(with.get("run").unwrap().value, Value::Str("echo x".into()));
+        assert_eq!(with.get("n").unwrap().value, Value::Int(7));
+    }
+
+    #[test]
+    fn env_default_and_missing() {
+        let env = |n: &str| (n == "HOME_X").then(|| "/h".to_string());
+        let text = "name: t\nstorage: ${env.HOME_X}/a\ntracking: {mlflow: '${env.NOPE:-}'}\nstages: {}\n";
+        let s = PipelineSpec::from_text(Path::new("p.yaml"), text, &[], &env).unwrap();
+        assert_eq!(s.root.get("storage").unwrap().value, Value::Str("/h/a".into()));
+        assert_eq!(s.root.get("tracking").unwrap().get("mlflow").unwrap().value, Value::Null);
+        let s = load("name: ${env.NOPE}\nstages: {}\n", &[]);
+        assert_eq!(s.diags[0].message, "environment variable `NOPE` is not set");
+    }
+
+    #[test]
+    fn set_reaches_stage_values_and_creates_missing_keys() {
+        let s = load(BASE, &["a.with.run=ls", "a.with.extra=1e-4", "params.seed=9"]);
+        let with = s.root.get("stages").unwrap().get("a").unwrap().get("with").unwrap();
+        assert_eq!(with.get("run").unwrap().value, Value::Str("ls".into()));
+        assert_eq!(with.get("extra").unwrap().value, Value::Float(1e-4));
+        // Overrides apply before interpolation, so params set on the command line propagate.
+        assert_eq!(with.get("n").unwrap().value, Value::Int(9));
+    }
+
+    #[test]
+    fn set_with_a_wrong_path_is_an_error() {
+        let s = load(BASE, &["b.with.run=ls"]);
+        assert!(s.diags[0].message.contains("names no stage"), "{:?}", s.diags);
+        let s = load(BASE, &["a.kind.x=1"]);
+        assert_eq!(s.diags[0].message, "`stages.a.kind` is a string, so it has no key `x`");
+        let s = load(BASE, &["noequals"]);
+        assert!(s.diags[0].message.contains("path=value"));
+    }
+}

@@ -1,0 +1,335 @@
+//! A YAML document as a tree whose every value remembers where it was written.
+//!
+//! serde-based YAML crates lose positions once a value is deserialized, and stop at the first
+//! problem; the pipeline loader needs both positions (for file:line:col diagnostics) and the
+//! chance to report every problem at once. So the loader builds this tree from the
+//! `yaml-rust2` event stream and does its own typed conversion on top.
+
+use std::collections::HashMap;
+
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::{Marker, TScalarStyle};
+
+use crate::diag::{Diagnostic, SourceId, Span};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Seq(Vec<Node>),
+    Map(Vec<(Key, Node)>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Key {
+    pub name: String,
+    pub span: Span,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub value: Value,
+    pub span: Span,
+}
+
+impl Node {
+    pub fn new(value: Value, span: Span) -> Self {
+        Node { value, span }
+    }
+
+    pub fn type_name(&self) -> &'static str {
+        match self.value {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Int(_) => "an integer",
+            Value::Float(_) => "a number",
+            Value::Str(_) => "a string",
+            Value::Seq(_) => "a list",
+            Value::Map(_) => "a mapping",
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match &self.value {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Node> {
+        match &self.value {
+            Value::Map(entries) => entries.iter().find(|(k, _)| k.name == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// The value as JSON, for handing a `with:` block to a stage's parameter struct.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value as J;
+        match &self.value {
+            Value::Null => J::Null,
+            Value::Bool(b) => J::Bool(*b),
+            Value::Int(i) => J::from(*i),
+            Value::Float(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+            Value::Str(s) => J::String(s.clone()),
+            Value::Seq(items) => J::Array(items.iter().map(Node::to_json).collect()),
+            Value::Map(entries) => J::Object(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.name.clone(), v.to_json()))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// Types a plain (unquoted) scalar by the YAML 1.2 core schema; quoted scalars stay strings.
+pub fn plain_scalar(text: &str) -> Value {
+    match text {
+        "" | "~" | "null" | "Null" | "NULL" => return Value::Null,
+        "true" | "True" | "TRUE" => return Value::Bool(true),
+        "false" | "False" | "FALSE" => return Value::Bool(false),
+        ".inf" | "+.inf" | ".Inf" => return Value::Float(f64::INFINITY),
+        "-.inf" | "-.Inf" => return Value::Float(f64::NEG_INFINITY),
+        ".nan" | ".NaN" => return Value::Float(f64::NAN),
+        _ => {}
+    }
+    if let Ok(i) = text.parse::<i64>() {
+        return Value::Int(i);
+    }
+    if let Some(hex) = text.strip_prefix("0x") {
+        if let Ok(i) = i64::from_str_radix(hex, 16) {
+            return Value::Int(i);
+        }
+    }
+    // Rust also parses "inf" and "nan", which YAML spells differently: require a digit.
+    if text.bytes().any(|b| b.is_ascii_digit())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'+' | b'-'))
+    {
+        if let Ok(f) = text.parse::<f64>() {
+            return Value::Float(f);
+        }
+    }
+    Value::Str(text.to_string())
+}
+
+/// Parses one YAML document. Duplicate keys are collected as diagnostics (the later value is
+/// dropped); a syntax error ends parsing with a single diagnostic.
+pub fn parse(text: &str, source: SourceId) -> Result<(Node, Vec<Diagnostic>), Diagnostic> {
+    let mut builder = Builder {
+        source,
+        text,
+        stack: Vec::new(),
+        anchors: HashMap::new(),
+        root: None,
+        diags: Vec::new(),
+    };
+    let mut parser = Parser::new_from_str(text);
+    parser.load(&mut builder, false).map_err(|e| {
+        let m = e.marker();
+        Diagnostic::new(
+            format!("invalid YAML: {}", e.info()),
+            Span {
+                source,
+                line: m.line() as u32,
+                col: m.col() as u32 + 1,
+                len: 1,
+            },
+        )
+    })?;
+    let root = builder.root.unwrap_or(Node::new(
+        Value::Null,
+        Span {
+            source,
+            line: 1,
+            col: 1,
+            len: 0,
+        },
+    ));
+    Ok((root, builder.diags))
+}
+
+enum Frame {
+    Seq(Vec<Node>, Span, usize),
+    Map(Vec<(Key, Node)>, Option<Key>, Span, usize),
+}
+
+struct Builder<'a> {
+    source: SourceId,
+    text: &'a str,
+    stack: Vec<Frame>,
+    anchors: HashMap<usize, Node>,
+    root: Option<Node>,
+    diags: Vec<Diagnostic>,
+}
+
+impl Builder<'_> {
+    fn span(&self, mark: Marker, len: usize) -> Span {
+        Span {
+            source: self.source,
+            line: mark.line() as u32,
+            col: mark.col() as u32 + 1,
+            len: len as u32,
+        }
+    }
+
+    /// The scalar's width in the source, for underlining: up to the end of its first line.
+    fn scalar_len(&self, mark: Marker, value: &str, style: TScalarStyle) -> usize {
+        let quoted = matches!(style, TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted);
+        let rest = self.text.get(mark.index()..).unwrap_or("");
+        let line_rest = rest.lines().next().unwrap_or("").chars().count();
+        let want = value.lines().next().unwrap_or("").chars().count() + if quoted { 2 } else { 0 };
+        want.clamp(1, line_rest.max(1))
+    }
+
+    fn push_value(&mut self, node: Node, anchor: usize) {
+        if anchor > 0 {
+            self.anchors.insert(anchor, node.clone());
+        }
+        match self.stack.last_mut() {
+            None => self.root = Some(node),
+            Some(Frame::Seq(items, ..)) => items.push(node),
+            Some(Frame::Map(entries, pending, ..)) => match pending.take() {
+                None => {
+                    let name = match &node.value {
+                        Value::Str(s) => s.clone(),
+                        Value::Int(i) => i.to_string(),
+                        Value::Float(f) => f.to_string(),
+                        Value::Bool(b) => b.to_string(),
+                        Value::Null => "null".to_string(),
+                        Value::Seq(_) | Value::Map(_) => {
+                            self.diags.push(Diagnostic::new(
+                                "a mapping key must be a plain value, not a list or mapping",
+                                node.span,
+                            ));
+                            "<invalid>".to_string()
+                        }
+                    };
+                    *pending = Some(Key {
+                        name,
+                        span: node.span,
+                    });
+                }
+                Some(key) => {
+                    if let Some((first, _)) = entries.iter().find(|(k, _)| k.name == key.name) {
+                        self.diags.push(
+                            Diagnostic::new(format!("duplicate key `{}`", key.name), key.span)
+                                .label("defined again here")
+                                .hint(format!(
+                                    "`{}` is first defined at line {}; remove or rename one",
+                                    key.name, first.span.line
+                                )),
+                        );
+                    } else {
+                        entries.push((key, node));
+                    }
+                }
+            },
+        }
+    }
+}
+
+impl MarkedEventReceiver for Builder<'_> {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        match ev {
+            Event::Scalar(text, style, anchor, _tag) => {
+                let len = self.scalar_len(mark, &text, style);
+                let value = if style == TScalarStyle::Plain {
+                    plain_scalar(&text)
+                } else {
+                    Value::Str(text)
+                };
+                let node = Node::new(value, self.span(mark, len));
+                self.push_value(node, anchor);
+            }
+            Event::SequenceStart(anchor, _) => {
+                let span = self.span(mark, 1);
+                self.stack.push(Frame::Seq(Vec::new(), span, anchor));
+            }
+            Event::MappingStart(anchor, _) => {
+                let span = self.span(mark, 1);
+                self.stack.push(Frame::Map(Vec::new(), None, span, anchor));
+            }
+            Event::SequenceEnd => {
+                if let Some(Frame::Seq(items, span, anchor)) = self.stack.pop() {
+                    self.push_value(Node::new(Value::Seq(items), span), anchor);
+                }
+            }
+            Event::MappingEnd => {
+                if let Some(Frame::Map(entries, _, span, anchor)) = self.stack.pop() {
+                    self.push_value(Node::new(Value::Map(entries), span), anchor);
+                }
+            }
+            Event::Alias(id) => {
+                let node = self.anchors.get(&id).cloned().unwrap_or_else(|| {
+                    Node::new(Value::Null, self.span(mark, 1))
+                });
+                self.push_value(node, 0);
+            }
+            Event::Nothing
+            | Event::StreamStart
+            | Event::StreamEnd
+            | Event::DocumentStart
+            | Event::DocumentEnd => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Node {
+        let (n, d) = parse(text, SourceId(0)).unwrap();
+        assert!(d.is_empty(), "{d:?}");
+        n
+    }
+
+    #[test]
+    fn scalars_are_typed_by_the_core_schema() {
+        assert_eq!(plain_scalar("3e-4"), Value::Float(3e-4));
+        assert_eq!(plain_scalar("42"), Value::Int(42));
+        assert_eq!(plain_scalar("true"), Value::Bool(true));
+        assert_eq!(plain_scalar("inf"), Value::Str("inf".into()));
+        assert_eq!(plain_scalar("1.2.3"), Value::Str("1.2.3".into()));
+        let n = p("a: '42'\nb: 42\n");
+        assert_eq!(n.get("a").unwrap().value, Value::Str("42".into()));
+        assert_eq!(n.get("b").unwrap().value, Value::Int(42));
+    }
+
+    #[test]
+    fn positions_are_one_based() {
+        let n = p("top:\n  key: value\n");
+        let v = n.get("top").unwrap().get("key").unwrap();
+        assert_eq!((v.span.line, v.span.col, v.span.len), (2, 8, 5));
+        if let Value::Map(entries) = &n.get("top").unwrap().value {
+            assert_eq!((entries[0].0.span.line, entries[0].0.span.col), (2, 3));
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_are_reported_not_merged() {
+        let (_, d) = parse("a: 1\na: 2\n", SourceId(0)).unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].message, "duplicate key `a`");
+        assert_eq!(d[0].span.unwrap().line, 2);
+    }
+
+    #[test]
+    fn syntax_errors_have_a_position() {
+        let e = parse("a: [1, 2\nb: 3\n", SourceId(0)).unwrap_err();
+        assert!(e.message.starts_with("invalid YAML"));
+        assert!(e.span.unwrap().line >= 1);
+    }
+
+    #[test]
+    fn aliases_copy_the_anchored_value() {
+        let n = p("base: &b {x: 1}\nother: *b\n");
+        assert_eq!(n.get("other").unwrap().get("x").unwrap().value, Value::Int(1));
+    }
+}
