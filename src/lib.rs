@@ -2,7 +2,9 @@
 //! output stored as a content-addressed artifact.
 
 pub mod diag;
+pub mod key;
 pub mod kinds;
 pub mod pipeline;
 pub mod spec;
+pub mod store;
 pub mod yaml;

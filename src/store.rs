@@ -1,0 +1,681 @@
+//! The artifact store: content-addressed blobs and create-only manifests on `object_store`,
+//! so the same code serves a local directory and any S3-compatible bucket.
+//!
+//! Layout under the store root:
+//! - `blobs/<2 hex>/<64 hex>`: file contents, named by their blake3 digest.
+//! - `manifests/<key>.json`: one per artifact, written last and create-only. Its presence is
+//!   the commit: a run killed before it leaves only unreferenced blobs, never a half artifact.
+//! - `history/<pipeline>/<stage>/<key>.json`: the key parts of every artifact a stage has
+//!   produced, so `plan` can say which part of a key changed.
+//! - `runs/<run id>.json`: run records. `locks/<key>.json`: who is producing what.
+//!   `pins/<key>`: artifacts that `gc` must keep.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, WriteMultipart};
+use orchestrate_stage::ArtifactKind;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+use crate::key::{CacheKey, CacheKeyParts};
+
+/// Blobs above this size are uploaded in parts.
+const MULTIPART_THRESHOLD: u64 = 32 * 1024 * 1024;
+const PART_SIZE: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open artifact store `{url}`: {reason}")]
+    Open { url: String, reason: String },
+    #[error("artifact store {op} `{path}`: {source}")]
+    Backend {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("corrupt blob `{path}` (file `{file}` of {what}): expected {expected}, found {actual}; rerun with --repair to rebuild it")]
+    Corrupt {
+        path: String,
+        file: String,
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("unreadable {what} `{path}`: {reason}")]
+    Decode {
+        what: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Relative to the artifact root, `/`-separated.
+    pub path: String,
+    pub digest: String,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Producer {
+    pub run_id: String,
+    pub host: String,
+    pub created_at: String,
+    pub duration_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub key: CacheKey,
+    pub kind: ArtifactKind,
+    pub pipeline: String,
+    pub stage: String,
+    /// Identifies the content alone (kind and files), so equal outputs have equal digests
+    /// whatever produced them: downstream keys use this, not the producer's key.
+    pub digest: String,
+    pub files: Vec<FileEntry>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub producer: Producer,
+    pub key_parts: CacheKeyParts,
+}
+
+impl Manifest {
+    pub fn content_digest(kind: ArtifactKind, files: &[FileEntry]) -> String {
+        let doc = serde_json::json!({"kind": kind, "files": files});
+        let bytes = serde_json::to_vec(&doc).expect("plain JSON");
+        format!("blake3:{}", blake3::hash(&bytes).to_hex())
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub key: CacheKey,
+    pub created_at: String,
+    pub parts: CacheKeyParts,
+}
+
+/// The content of a lock object.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LockInfo {
+    pub run_id: String,
+    pub stage: String,
+    pub host: String,
+    pub pid: u32,
+    /// Unix seconds.
+    pub expires_at: u64,
+}
+
+impl LockInfo {
+    /// A lock is stale after its lease, or at once when its holder ran on this host and is gone.
+    pub fn is_stale(&self) -> bool {
+        if unix_now() > self.expires_at {
+            return true;
+        }
+        self.host == hostname() && !Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+}
+
+pub enum LockAttempt {
+    Acquired,
+    HeldBy(LockInfo),
+}
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    url: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.url)
+    }
+}
+
+impl Store {
+    /// Opens `file://DIR` (relative to `base`) or `s3://BUCKET[/PREFIX]`. S3 settings come
+    /// from the usual `AWS_*` variables (`AWS_ENDPOINT_URL`, `AWS_REGION`, credentials);
+    /// path-style addressing is used unless `AWS_VIRTUAL_HOSTED_STYLE_REQUEST=true`.
+    pub fn open(url: &str, base: &Path) -> Result<Store> {
+        let open_err = |reason: String| StoreError::Open {
+            url: url.to_string(),
+            reason,
+        };
+        let inner: Arc<dyn ObjectStore> = if let Some(rest) = url.strip_prefix("file://") {
+            let dir = if Path::new(rest).is_absolute() {
+                PathBuf::from(rest)
+            } else {
+                base.join(rest)
+            };
+            std::fs::create_dir_all(&dir).map_err(|e| open_err(format!("{}: {e}", dir.display())))?;
+            Arc::new(LocalFileSystem::new_with_prefix(&dir).map_err(|e| open_err(e.to_string()))?)
+        } else if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(open_err("no bucket named".into()));
+            }
+            let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+            let endpoint = std::env::var("AWS_ENDPOINT_URL")
+                .or_else(|_| std::env::var("AWS_ENDPOINT"))
+                .ok();
+            if let Some(ep) = &endpoint {
+                b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
+            }
+            if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+                b = b.with_region("us-east-1");
+            }
+            let s3 = b
+                .with_retry(object_store::RetryConfig {
+                    max_retries: 5,
+                    retry_timeout: Duration::from_secs(60),
+                    backoff: Default::default(),
+                })
+                .build()
+                .map_err(|e| open_err(e.to_string()))?;
+            let prefix = prefix.trim_matches('/');
+            if prefix.is_empty() {
+                Arc::new(s3)
+            } else {
+                Arc::new(object_store::prefix::PrefixStore::new(s3, prefix))
+            }
+        } else {
+            return Err(open_err("use file://DIR or s3://BUCKET/PREFIX".into()));
+        };
+        Ok(Store {
+            inner,
+            url: url.to_string(),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn backend<'p>(op: &'static str, path: &'p ObjPath) -> impl FnOnce(object_store::Error) -> StoreError + 'p {
+        move |source| StoreError::Backend {
+            op,
+            path: path.to_string(),
+            source,
+        }
+    }
+
+    async fn get_json<T: for<'de> Deserialize<'de>>(&self, path: &ObjPath, what: &'static str) -> Result<Option<T>> {
+        match self.inner.get(path).await {
+            Ok(r) => {
+                let bytes = r.bytes().await.map_err(Self::backend("read", path))?;
+                serde_json::from_slice(&bytes).map(Some).map_err(|e| StoreError::Decode {
+                    what,
+                    path: path.to_string(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Self::backend("read", path)(e)),
+        }
+    }
+
+    async fn put_json<T: Serialize>(&self, path: &ObjPath, value: &T, mode: PutMode) -> std::result::Result<(), object_store::Error> {
+        let bytes = serde_json::to_vec_pretty(value).expect("plain JSON");
+        let opts = PutOptions {
+            mode,
+            ..Default::default()
+        };
+        self.inner.put_opts(path, PutPayload::from(bytes), opts).await.map(|_| ())
+    }
+
+    async fn list_paths(&self, prefix: &str) -> Result<Vec<object_store::ObjectMeta>> {
+        let p = ObjPath::from(prefix);
+        self.inner
+            .list(Some(&p))
+            .try_collect()
+            .await
+            .map_err(Self::backend("list", &p))
+    }
+
+    // ---- blobs ----
+
+    fn blob_path(digest: &str) -> ObjPath {
+        let hex = digest.strip_prefix("blake3:").unwrap_or(digest);
+        ObjPath::from(format!("blobs/{}/{}", &hex[..2.min(hex.len())], hex))
+    }
+
+    /// Stores a local file as a blob (skipped when the store already has it).
+    pub async fn put_file(&self, file: &Path, rel: &str) -> Result<FileEntry> {
+        let f = file.to_path_buf();
+        let (digest, size) = tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update_reader(std::fs::File::open(&f)?)?;
+            let size = std::fs::metadata(&f)?.len();
+            Ok((format!("blake3:{}", hasher.finalize().to_hex()), size))
+        })
+        .await
+        .expect("hashing does not panic")
+        .map_err(|e| StoreError::io(format!("cannot read output file {}", file.display()), e))?;
+        let path = Self::blob_path(&digest);
+        let exists = match self.inner.head(&path).await {
+            Ok(meta) => meta.size == size,
+            Err(object_store::Error::NotFound { .. }) => false,
+            Err(e) => return Err(Self::backend("check", &path)(e)),
+        };
+        if !exists {
+            if size > MULTIPART_THRESHOLD {
+                self.put_multipart(file, &path).await?;
+            } else {
+                let bytes = tokio::fs::read(file)
+                    .await
+                    .map_err(|e| StoreError::io(format!("cannot read {}", file.display()), e))?;
+                self.inner
+                    .put(&path, PutPayload::from(bytes))
+                    .await
+                    .map_err(Self::backend("write", &path))?;
+            }
+        }
+        Ok(FileEntry {
+            path: rel.to_string(),
+            digest,
+            size,
+        })
+    }
+
+    async fn put_multipart(&self, file: &Path, path: &ObjPath) -> Result<()> {
+        use tokio::io::AsyncReadExt;
+        let upload = self
+            .inner
+            .put_multipart(path)
+            .await
+            .map_err(Self::backend("start upload of", path))?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let mut f = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| StoreError::io(format!("cannot read {}", file.display()), e))?;
+        let mut buf = vec![0u8; PART_SIZE];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .await
+                .map_err(|e| StoreError::io(format!("cannot read {}", file.display()), e))?;
+            if n == 0 {
+                break;
+            }
+            writer
+                .wait_for_capacity(4)
+                .await
+                .map_err(Self::backend("upload", path))?;
+            writer.write(&buf[..n]);
+        }
+        writer.finish().await.map_err(Self::backend("finish upload of", path))?;
+        Ok(())
+    }
+
+    /// Copies a blob to `dest`, verifying its digest; a mismatch is an error naming the blob.
+    pub async fn get_file(&self, entry: &FileEntry, what: &str, dest: &Path) -> Result<()> {
+        let path = Self::blob_path(&entry.digest);
+        let result = self.inner.get(&path).await.map_err(Self::backend("read", &path))?;
+        let mut stream = result.into_stream();
+        let tmp = dest.with_extension(format!("partial-{}", std::process::id()));
+        if let Some(parent) = tmp.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| StoreError::io(format!("cannot create {}", parent.display()), e))?;
+        }
+        let mut out = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| StoreError::io(format!("cannot create {}", tmp.display()), e))?;
+        let mut hasher = blake3::Hasher::new();
+        while let Some(chunk) = stream.try_next().await.map_err(Self::backend("read", &path))? {
+            hasher.update(&chunk);
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| StoreError::io(format!("cannot write {}", tmp.display()), e))?;
+        }
+        out.flush().await.map_err(|e| StoreError::io("flush", e))?;
+        let actual = format!("blake3:{}", hasher.finalize().to_hex());
+        if actual != entry.digest {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(StoreError::Corrupt {
+                path: path.to_string(),
+                file: entry.path.clone(),
+                what: what.to_string(),
+                expected: entry.digest.clone(),
+                actual,
+            });
+        }
+        tokio::fs::rename(&tmp, dest)
+            .await
+            .map_err(|e| StoreError::io(format!("cannot move {} into place", dest.display()), e))
+    }
+
+    /// Re-reads every blob of an artifact and returns the corrupt or missing ones.
+    pub async fn verify(&self, m: &Manifest) -> Result<Vec<String>> {
+        let mut bad = Vec::new();
+        for f in &m.files {
+            let path = Self::blob_path(&f.digest);
+            match self.inner.get(&path).await {
+                Ok(r) => {
+                    let bytes = r.bytes().await.map_err(Self::backend("read", &path))?;
+                    let actual = format!("blake3:{}", blake3::hash(&bytes).to_hex());
+                    if actual != f.digest {
+                        bad.push(format!("{} (file `{}`: expected {}, found {actual})", path, f.path, f.digest));
+                    }
+                }
+                Err(object_store::Error::NotFound { .. }) => bad.push(format!("{path} (file `{}`: missing)", f.path)),
+                Err(e) => return Err(Self::backend("read", &path)(e)),
+            }
+        }
+        Ok(bad)
+    }
+
+    pub async fn delete_blob(&self, digest: &str) -> Result<()> {
+        let p = Self::blob_path(digest);
+        match self.inner.delete(&p).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Self::backend("delete", &p)(e)),
+        }
+    }
+
+    // ---- manifests ----
+
+    fn manifest_path(key: &CacheKey) -> ObjPath {
+        ObjPath::from(format!("manifests/{key}.json"))
+    }
+
+    pub async fn manifest(&self, key: &CacheKey) -> Result<Option<Manifest>> {
+        let m: Option<Manifest> = self.get_json(&Self::manifest_path(key), "manifest").await?;
+        if let Some(m) = &m {
+            if Manifest::content_digest(m.kind, &m.files) != m.digest {
+                return Err(StoreError::Decode {
+                    what: "manifest",
+                    path: Self::manifest_path(key).to_string(),
+                    reason: "its digest does not match its file list".into(),
+                });
+            }
+        }
+        Ok(m)
+    }
+
+    /// Commits an artifact. Returns the manifest now in the store: ours, or the one another
+    /// run committed first (create-only, so the first commit wins and is never replaced).
+    pub async fn commit(&self, m: &Manifest) -> Result<Manifest> {
+        let path = Self::manifest_path(&m.key);
+        match self.put_json(&path, m, PutMode::Create).await {
+            Ok(()) => {}
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                if let Some(existing) = self.manifest(&m.key).await? {
+                    return Ok(existing);
+                }
+            }
+            Err(e) => return Err(Self::backend("commit", &path)(e)),
+        }
+        let entry = HistoryEntry {
+            key: m.key.clone(),
+            created_at: m.producer.created_at.clone(),
+            parts: m.key_parts.clone(),
+        };
+        let hpath = ObjPath::from(format!("history/{}/{}/{}.json", m.pipeline, m.stage, m.key));
+        self.put_json(&hpath, &entry, PutMode::Overwrite)
+            .await
+            .map_err(Self::backend("write", &hpath))?;
+        Ok(m.clone())
+    }
+
+    pub async fn delete_manifest(&self, key: &CacheKey) -> Result<()> {
+        let p = Self::manifest_path(key);
+        match self.inner.delete(&p).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Self::backend("delete", &p)(e)),
+        }
+    }
+
+    pub async fn list_manifest_keys(&self) -> Result<Vec<(CacheKey, SystemTime)>> {
+        Ok(self
+            .list_paths("manifests")
+            .await?
+            .into_iter()
+            .filter_map(|m| {
+                let name = m.location.filename()?.strip_suffix(".json")?.to_string();
+                Some((CacheKey(name), m.last_modified.into()))
+            })
+            .collect())
+    }
+
+    /// Earlier keys of a stage, newest first.
+    pub async fn history(&self, pipeline: &str, stage: &str) -> Result<Vec<HistoryEntry>> {
+        let metas = self.list_paths(&format!("history/{pipeline}/{stage}")).await?;
+        let mut out = Vec::new();
+        for m in metas {
+            if let Some(e) = self.get_json::<HistoryEntry>(&m.location, "history entry").await? {
+                out.push(e);
+            }
+        }
+        out.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        Ok(out)
+    }
+
+    pub async fn prune_history(&self, keep: &std::collections::HashSet<CacheKey>) -> Result<usize> {
+        let mut n = 0;
+        for m in self.list_paths("history").await? {
+            let Some(key) = m.location.filename().and_then(|f| f.strip_suffix(".json")) else { continue };
+            if !keep.contains(&CacheKey(key.to_string())) {
+                let _ = self.inner.delete(&m.location).await;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    // ---- locks ----
+
+    fn lock_path(key: &CacheKey) -> ObjPath {
+        ObjPath::from(format!("locks/{key}.json"))
+    }
+
+    /// Tries to take the lock for producing `key`. A stale lock is removed and retried once.
+    pub async fn try_lock(&self, key: &CacheKey, info: &LockInfo) -> Result<LockAttempt> {
+        let path = Self::lock_path(key);
+        for _ in 0..2 {
+            match self.put_json(&path, info, PutMode::Create).await {
+                Ok(()) => return Ok(LockAttempt::Acquired),
+                Err(object_store::Error::AlreadyExists { .. }) => {}
+                Err(e) => return Err(Self::backend("lock", &path)(e)),
+            }
+            match self.get_json::<LockInfo>(&path, "lock").await {
+                // Released between our put and our get: try again.
+                Ok(None) => continue,
+                Ok(Some(holder)) if holder.is_stale() => {
+                    // Re-read right before deleting so a lock just retaken is left alone.
+                    if self.get_json::<LockInfo>(&path, "lock").await.ok().flatten().as_ref() == Some(&holder) {
+                        let _ = self.inner.delete(&path).await;
+                    }
+                }
+                Ok(Some(holder)) => return Ok(LockAttempt::HeldBy(holder)),
+                // A lock half-written by a killed process reads as garbage: treat as stale.
+                Err(StoreError::Decode { .. }) => {
+                    let _ = self.inner.delete(&path).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match self.get_json::<LockInfo>(&path, "lock").await? {
+            Some(holder) => Ok(LockAttempt::HeldBy(holder)),
+            None => Ok(LockAttempt::HeldBy(info.clone())),
+        }
+    }
+
+    /// Extends our lease.
+    pub async fn renew_lock(&self, key: &CacheKey, info: &LockInfo) -> Result<()> {
+        let path = Self::lock_path(key);
+        self.put_json(&path, info, PutMode::Overwrite)
+            .await
+            .map_err(Self::backend("renew lock", &path))
+    }
+
+    pub async fn release_lock(&self, key: &CacheKey) {
+        let _ = self.inner.delete(&Self::lock_path(key)).await;
+    }
+
+    // ---- runs and pins ----
+
+    pub async fn put_run<T: Serialize>(&self, id: &str, record: &T) -> Result<()> {
+        let p = ObjPath::from(format!("runs/{id}.json"));
+        self.put_json(&p, record, PutMode::Overwrite)
+            .await
+            .map_err(Self::backend("write", &p))
+    }
+
+    pub async fn get_run<T: for<'de> Deserialize<'de>>(&self, id: &str) -> Result<Option<T>> {
+        self.get_json(&ObjPath::from(format!("runs/{id}.json")), "run record").await
+    }
+
+    pub async fn delete_run(&self, id: &str) -> Result<()> {
+        let p = ObjPath::from(format!("runs/{id}.json"));
+        match self.inner.delete(&p).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Self::backend("delete", &p)(e)),
+        }
+    }
+
+    /// Run ids, oldest first (ids sort by start time).
+    pub async fn list_run_ids(&self) -> Result<Vec<String>> {
+        let mut ids: Vec<String> = self
+            .list_paths("runs")
+            .await?
+            .into_iter()
+            .filter_map(|m| Some(m.location.filename()?.strip_suffix(".json")?.to_string()))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    pub async fn pin(&self, key: &CacheKey, note: &str) -> Result<()> {
+        let p = ObjPath::from(format!("pins/{key}"));
+        self.inner
+            .put(&p, PutPayload::from(Bytes::from(note.to_string())))
+            .await
+            .map(|_| ())
+            .map_err(Self::backend("write", &p))
+    }
+
+    pub async fn unpin(&self, key: &CacheKey) -> Result<bool> {
+        let p = ObjPath::from(format!("pins/{key}"));
+        match self.inner.delete(&p).await {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(Self::backend("delete", &p)(e)),
+        }
+    }
+
+    pub async fn pins(&self) -> Result<Vec<CacheKey>> {
+        Ok(self
+            .list_paths("pins")
+            .await?
+            .into_iter()
+            .filter_map(|m| Some(CacheKey(m.location.filename()?.to_string())))
+            .collect())
+    }
+
+    /// Every blob with its last-modified time.
+    pub async fn list_blobs(&self) -> Result<Vec<(String, SystemTime)>> {
+        Ok(self
+            .list_paths("blobs")
+            .await?
+            .into_iter()
+            .filter_map(|m| Some((format!("blake3:{}", m.location.filename()?), m.last_modified.into())))
+            .collect())
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("store-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn blob_round_trip_and_corruption_is_named() {
+        let d = tmp("blob");
+        let store = Store::open("file://store", &d).unwrap();
+        std::fs::write(d.join("f.txt"), "hello").unwrap();
+        let e = store.put_file(&d.join("f.txt"), "f.txt").await.unwrap();
+        assert_eq!(e.size, 5);
+        store.get_file(&e, "artifact `a`", &d.join("out.txt")).await.unwrap();
+        assert_eq!(std::fs::read_to_string(d.join("out.txt")).unwrap(), "hello");
+        let hex = e.digest.strip_prefix("blake3:").unwrap();
+        let blob = d.join(format!("store/blobs/{}/{hex}", &hex[..2]));
+        std::fs::write(&blob, "hellp").unwrap();
+        let err = store.get_file(&e, "artifact `a`", &d.join("out2.txt")).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("corrupt blob") && msg.contains(hex) && msg.contains("`f.txt`"), "{msg}");
+        assert!(!d.join("out2.txt").exists());
+    }
+
+    #[tokio::test]
+    async fn lock_is_exclusive_and_stale_locks_are_taken_over() {
+        let d = tmp("lock");
+        let store = Store::open("file://store", &d).unwrap();
+        let key = CacheKey("k".into());
+        let me = LockInfo {
+            run_id: "r1".into(),
+            stage: "s".into(),
+            host: hostname(),
+            pid: std::process::id(),
+            expires_at: unix_now() + 60,
+        };
+        assert!(matches!(store.try_lock(&key, &me).await.unwrap(), LockAttempt::Acquired));
+        let other = LockInfo { run_id: "r2".into(), ..me.clone() };
+        assert!(matches!(store.try_lock(&key, &other).await.unwrap(), LockAttempt::HeldBy(h) if h.run_id == "r1"));
+        store.release_lock(&key).await;
+        // A holder on this host whose process is gone is stale at once.
+        let dead = LockInfo { pid: u32::MAX - 1, ..me.clone() };
+        store.renew_lock(&key, &dead).await.unwrap();
+        assert!(matches!(store.try_lock(&key, &other).await.unwrap(), LockAttempt::Acquired));
+    }
+}
