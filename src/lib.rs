@@ -2,9 +2,15 @@
 //! output stored as a content-addressed artifact.
 
 pub mod diag;
+pub mod exec;
+pub mod gc;
+pub mod graph;
 pub mod key;
 pub mod kinds;
 pub mod pipeline;
+pub mod plan;
+pub mod record;
+pub mod report;
 pub mod spec;
 pub mod store;
 pub mod yaml;

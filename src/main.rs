@@ -1,1 +1,601 @@
-fn main(){}
+//! The `orchestrate` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use orchestrate::exec::{execute, ExecOptions};
+use orchestrate::pipeline::Pipeline;
+use orchestrate::plan::{Plan, PlanError, Selection};
+use orchestrate::record::{RunRecord, RunStatus, StageStatus};
+use orchestrate::report::fmt_ms;
+use orchestrate::spec::PipelineSpec;
+use orchestrate::store::{Store, StoreError};
+use orchestrate_stage::CancelToken;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success
+  1    a stage failed (the run record says which and why)
+  2    invalid pipeline or command line (every problem is listed, with file:line:col)
+  3    artifact store error (unreachable, unreadable, or a corrupt artifact found)
+  4    a quality gate rejected a result
+  130  interrupted (Ctrl-C or SIGTERM); finished stages stay stored";
+
+#[derive(Parser)]
+#[command(name = "orchestrate", version, about = "Runs YAML-declared ML pipelines; every stage output is a cached, content-addressed artifact", after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct PipelineArgs {
+    /// The pipeline file.
+    file: PathBuf,
+    /// Override any value: `stage.with.key=value`, `params.name=value`, `storage=URL`.
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    sets: Vec<String>,
+}
+
+#[derive(clap::Args, Clone)]
+struct StoreArgs {
+    /// Artifact store URL; overrides the pipeline's `storage`.
+    #[arg(long, env = "ORCHESTRATE_STORE", value_name = "URL")]
+    store: Option<String>,
+}
+
+#[derive(clap::Args, Clone)]
+struct SelectArgs {
+    /// Run only this stage (repeatable); its inputs must already be stored.
+    #[arg(long, value_name = "STAGE")]
+    only: Vec<String>,
+    /// Rerun this stage and everything downstream of it.
+    #[arg(long, value_name = "STAGE", conflicts_with = "only")]
+    from: Option<String>,
+    /// Rerun this stage even if its artifact is stored (repeatable).
+    #[arg(long, value_name = "STAGE", conflicts_with = "force_all")]
+    force: Vec<String>,
+    /// Rerun every selected stage.
+    #[arg(long)]
+    force_all: bool,
+    /// Verify stored artifacts' contents first and rebuild any that are corrupt.
+    #[arg(long)]
+    repair: bool,
+}
+
+impl SelectArgs {
+    fn selection(&self) -> Selection {
+        Selection {
+            only: self.only.clone(),
+            from: self.from.clone(),
+            force: self.force.clone(),
+            force_all: self.force_all,
+            repair: self.repair,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Dot,
+    Mermaid,
+}
+
+#[derive(clap::Args, Clone)]
+struct StoreOnly {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Take the store from this pipeline file's `storage`.
+    #[arg(long, value_name = "FILE")]
+    pipeline: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a pipeline file and report every problem at once.
+    Validate {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+    },
+    /// Show what a run would do, and why each stage that must run has to.
+    Plan {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        select: SelectArgs,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the stages whose artifacts are not stored yet.
+    Run {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        select: SelectArgs,
+        /// How many stages may run at once (default: the number of CPUs).
+        #[arg(long, short = 'j', value_name = "N")]
+        jobs: Option<usize>,
+        /// Only the closing summary, no progress.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// Print the stage graph.
+    Graph {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        #[arg(long, value_enum, default_value = "dot")]
+        format: GraphFormat,
+    },
+    /// List recorded runs, newest first.
+    Runs {
+        #[command(flatten)]
+        store: StoreOnly,
+        /// At most this many runs.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one run (an id or a unique prefix of one; `last` for the newest).
+    Show {
+        run: String,
+        #[command(flatten)]
+        store: StoreOnly,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete old runs and the artifacts and blobs no kept run or pin uses.
+    Gc {
+        #[command(flatten)]
+        store: StoreOnly,
+        /// Keep this many of the newest runs.
+        #[arg(long, default_value_t = 10)]
+        keep_last: usize,
+        /// Keep objects younger than this, whatever uses them (a run may be writing them).
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        grace: Duration,
+        /// Report what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Keep a run's artifacts (or one artifact, by cache key) through `gc`.
+    Pin {
+        run_or_key: String,
+        #[command(flatten)]
+        store: StoreOnly,
+    },
+    /// Undo `pin`.
+    Unpin {
+        run_or_key: String,
+        #[command(flatten)]
+        store: StoreOnly,
+    },
+    /// Re-read every stored artifact and check its digests.
+    Fsck {
+        #[command(flatten)]
+        store: StoreOnly,
+        /// Remove corrupt artifacts so the next run rebuilds them.
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    orchestrate::pipeline::parse_duration(s).ok_or_else(|| format!("`{s}` is not a duration (try 30s, 10m, 2h)"))
+}
+
+/// An error with the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::new(3, format!("error: {e}"))
+    }
+}
+
+impl From<PlanError> for Failure {
+    fn from(e: PlanError) -> Self {
+        match e {
+            PlanError::Store(s) => s.into(),
+            other => Failure::new(2, format!("error: {other}")),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("{}", f.message.trim_end());
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn env_lookup(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn load(args: &PipelineArgs) -> Result<Pipeline, Failure> {
+    PipelineSpec::load(&args.file, &args.sets, &env_lookup)
+        .and_then(PipelineSpec::validate)
+        .map_err(|invalid| Failure::new(2, invalid.render()))
+}
+
+fn open_store(p: &Pipeline, args: &StoreArgs) -> Result<Store, Failure> {
+    match &args.store {
+        Some(url) => Ok(Store::open(url, Path::new("."))?),
+        None => Ok(Store::open(&p.storage, &p.dir)?),
+    }
+}
+
+fn open_store_only(args: &StoreOnly) -> Result<Store, Failure> {
+    if let Some(url) = &args.store.store {
+        return Ok(Store::open(url, Path::new("."))?);
+    }
+    match &args.pipeline {
+        Some(file) => {
+            let p = load(&PipelineArgs {
+                file: file.clone(),
+                sets: Vec::new(),
+            })?;
+            open_store(&p, &args.store)
+        }
+        None => Ok(Store::open("file://artifacts", Path::new("."))?),
+    }
+}
+
+fn cache_dir(p: &Pipeline) -> PathBuf {
+    std::env::var_os("ORCHESTRATE_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| p.dir.join(".orchestrate"))
+}
+
+async fn dispatch(cli: Cli) -> Result<u8, Failure> {
+    match cli.command {
+        Command::Validate { pipeline } => {
+            let p = load(&pipeline)?;
+            let edges = p.graph.edge_count();
+            println!(
+                "{}: pipeline `{}` is valid: {} stage{}, {} edge{}",
+                pipeline.file.display(),
+                p.name,
+                p.stages.len(),
+                if p.stages.len() == 1 { "" } else { "s" },
+                edges,
+                if edges == 1 { "" } else { "s" }
+            );
+            Ok(0)
+        }
+        Command::Plan {
+            pipeline,
+            store,
+            select,
+            json,
+        } => {
+            let p = load(&pipeline)?;
+            let store = open_store(&p, &store)?;
+            let plan = Plan::build(&p, &store, &select.selection()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan).expect("plain JSON"));
+            } else {
+                print!("{}", plan.render());
+            }
+            Ok(0)
+        }
+        Command::Run {
+            pipeline,
+            store,
+            select,
+            jobs,
+            quiet,
+        } => {
+            let p = Arc::new(load(&pipeline)?);
+            let store = open_store(&p, &store)?;
+            let plan = Plan::build(&p, &store, &select.selection()).await?;
+            let cancel = CancelToken::new();
+            let reporter: Arc<dyn orchestrate::report::Reporter> = Arc::from(orchestrate::report::for_stderr(quiet));
+            watch_signals(cancel.clone(), Arc::clone(&reporter));
+            let opts = ExecOptions {
+                jobs: jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
+                cache_dir: cache_dir(&p),
+                args: std::env::args().skip(1).collect(),
+            };
+            let record = execute(Arc::clone(&p), store, plan, opts, reporter, cancel).await?;
+            print!("{}", summary(&record));
+            Ok(exit_code(&record))
+        }
+        Command::Graph { pipeline, format } => {
+            let p = load(&pipeline)?;
+            print!(
+                "{}",
+                match format {
+                    GraphFormat::Dot => orchestrate::graph::dot(&p),
+                    GraphFormat::Mermaid => orchestrate::graph::mermaid(&p),
+                }
+            );
+            Ok(0)
+        }
+        Command::Runs { store, limit, json } => {
+            let store = open_store_only(&store)?;
+            let ids = store.list_run_ids().await?;
+            let mut runs = Vec::new();
+            for id in ids.iter().rev().take(limit) {
+                if let Some(r) = store.get_run::<RunRecord>(id).await? {
+                    runs.push(r);
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs).expect("plain JSON"));
+            } else {
+                print!("{}", runs_table(&runs));
+            }
+            Ok(0)
+        }
+        Command::Show { run, store, json } => {
+            let store = open_store_only(&store)?;
+            let id = resolve_run(&store, &run).await?;
+            let record: RunRecord = store
+                .get_run(&id)
+                .await?
+                .ok_or_else(|| Failure::new(2, format!("error: no run `{id}`")))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&record).expect("plain JSON"));
+            } else {
+                print!("{}", show(&record));
+            }
+            Ok(0)
+        }
+        Command::Gc {
+            store,
+            keep_last,
+            grace,
+            dry_run,
+        } => {
+            let store = open_store_only(&store)?;
+            let r = orchestrate::gc::collect(&store, keep_last, grace, dry_run).await?;
+            println!(
+                "{}kept {} runs and {} artifacts; deleted {} runs, {} artifacts, {} blobs ({} bytes)",
+                if dry_run { "dry run: " } else { "" },
+                r.runs_kept,
+                r.artifacts_kept,
+                r.runs_deleted,
+                r.artifacts_deleted,
+                r.blobs_deleted,
+                r.bytes_freed
+            );
+            Ok(0)
+        }
+        Command::Pin { run_or_key, store } => {
+            let store = open_store_only(&store)?;
+            let keys = keys_for(&store, &run_or_key).await?;
+            for k in &keys {
+                store.pin(k, &run_or_key).await?;
+            }
+            println!("pinned {} artifact{}", keys.len(), if keys.len() == 1 { "" } else { "s" });
+            Ok(0)
+        }
+        Command::Unpin { run_or_key, store } => {
+            let store = open_store_only(&store)?;
+            let keys = keys_for(&store, &run_or_key).await?;
+            let mut n = 0;
+            for k in &keys {
+                n += usize::from(store.unpin(k).await?);
+            }
+            println!("unpinned {n} artifact{}", if n == 1 { "" } else { "s" });
+            Ok(0)
+        }
+        Command::Fsck { store, repair } => {
+            let store = open_store_only(&store)?;
+            let mut bad = 0;
+            let keys = store.list_manifest_keys().await?;
+            for (key, _) in &keys {
+                let Some(m) = store.manifest(key).await? else { continue };
+                let problems = store.verify(&m).await?;
+                if !problems.is_empty() {
+                    bad += 1;
+                    println!("corrupt: artifact of stage `{}` (key {}): {}", m.stage, key.short(), problems.join("; "));
+                    if repair {
+                        store.delete_manifest(key).await?;
+                        println!("  removed; the next run rebuilds it");
+                    }
+                }
+            }
+            println!("checked {} artifacts: {} corrupt", keys.len(), bad);
+            Ok(if bad > 0 && !repair { 3 } else { 0 })
+        }
+    }
+}
+
+/// First Ctrl-C or SIGTERM: stop at a safe point. Second: leave at once.
+fn watch_signals(cancel: CancelToken, reporter: Arc<dyn orchestrate::report::Reporter>) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let mut count = 0;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            count += 1;
+            if count == 1 {
+                reporter.note("interrupted: stopping running stages at a safe point (again to quit at once)");
+                cancel.cancel();
+            } else {
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+fn exit_code(r: &RunRecord) -> u8 {
+    match r.status {
+        RunStatus::Succeeded => 0,
+        RunStatus::Cancelled => 130,
+        RunStatus::Running => 1,
+        RunStatus::Failed => {
+            let gate = r.stages.iter().any(|s| {
+                s.status == StageStatus::Failed
+                    && s.error.as_deref().is_some_and(|e| e.starts_with("quality gate failed"))
+            });
+            if gate {
+                4
+            } else {
+                1
+            }
+        }
+    }
+}
+
+fn status_word(r: &RunRecord) -> &'static str {
+    match r.status {
+        RunStatus::Succeeded => "succeeded",
+        RunStatus::Failed => "failed",
+        RunStatus::Cancelled => "cancelled",
+        RunStatus::Running if r.host == orchestrate::store::hostname()
+            && r.pid != 0
+            && !Path::new(&format!("/proc/{}", r.pid)).exists() => "killed",
+        RunStatus::Running => "running",
+    }
+}
+
+fn summary(r: &RunRecord) -> String {
+    let mut out = format!(
+        "run {} {} in {}: {} ran, {} cached, {} failed\n",
+        r.id,
+        status_word(r),
+        fmt_ms(r.duration_ms()),
+        r.count(StageStatus::Ran),
+        r.count(StageStatus::Cached),
+        r.count(StageStatus::Failed)
+    );
+    out.push_str(&stage_table(r));
+    out
+}
+
+fn stage_table(r: &RunRecord) -> String {
+    let w = r.stages.iter().map(|s| s.stage.len()).max().unwrap_or(5).max(5);
+    let mut out = format!("{:<w$}  {:<12}  {:>8}  ARTIFACT\n", "STAGE", "STATUS", "TIME");
+    for s in &r.stages {
+        let time = if s.status == StageStatus::Ran || s.status == StageStatus::Failed {
+            fmt_ms(s.duration_ms)
+        } else {
+            "-".into()
+        };
+        let artifact = s.artifact.as_deref().map(orchestrate::plan::short_digest).unwrap_or_else(|| "-".into());
+        out.push_str(&format!("{:<w$}  {:<12}  {:>8}  {artifact}\n", s.stage, s.status.as_str(), time));
+        if let Some(e) = &s.error {
+            for line in e.lines() {
+                out.push_str(&format!("{:<w$}    {line}\n", ""));
+            }
+        }
+    }
+    out
+}
+
+fn runs_table(runs: &[RunRecord]) -> String {
+    let mut out = format!("{:<28}  {:<20}  {:<10}  {:>8}  {:>4}  {:>6}  {:>6}  PIPELINE\n", "RUN", "STARTED", "STATUS", "TIME", "RAN", "CACHED", "FAILED");
+    for r in runs {
+        out.push_str(&format!(
+            "{:<28}  {:<20}  {:<10}  {:>8}  {:>4}  {:>6}  {:>6}  {}\n",
+            r.id,
+            r.started_at.format("%Y-%m-%d %H:%M:%S"),
+            status_word(r),
+            fmt_ms(r.duration_ms()),
+            r.count(StageStatus::Ran),
+            r.count(StageStatus::Cached),
+            r.count(StageStatus::Failed),
+            r.pipeline
+        ));
+    }
+    out
+}
+
+fn show(r: &RunRecord) -> String {
+    let mut out = format!("run       {}\n", r.id);
+    out.push_str(&format!("pipeline  {} ({}, digest {})\n", r.pipeline, r.pipeline_path, r.pipeline_digest));
+    out.push_str(&format!("status    {}\n", status_word(r)));
+    out.push_str(&format!("started   {} on {}\n", r.started_at.to_rfc3339(), r.host));
+    out.push_str(&format!("duration  {}\n", fmt_ms(r.duration_ms())));
+    if let Some(c) = &r.git_commit {
+        out.push_str(&format!("commit    {c}\n"));
+    }
+    out.push_str(&format!("command   orchestrate {}\n\n", r.args.join(" ")));
+    out.push_str(&stage_table(r));
+    out.push('\n');
+    for s in &r.stages {
+        if let Some(k) = &s.key {
+            out.push_str(&format!("{}: key {}", s.stage, k));
+            if let Some(p) = &s.produced_by {
+                if s.status == StageStatus::Cached {
+                    out.push_str(&format!(", produced by run {p}"));
+                }
+            }
+            out.push('\n');
+        }
+        for (name, v) in &s.metrics {
+            out.push_str(&format!("  {name} = {v}\n"));
+        }
+    }
+    out
+}
+
+async fn resolve_run(store: &Store, run: &str) -> Result<String, Failure> {
+    let ids = store.list_run_ids().await?;
+    if run == "last" {
+        return ids.last().cloned().ok_or_else(|| Failure::new(2, "error: the store has no runs yet"));
+    }
+    let matches: Vec<&String> = ids.iter().filter(|id| id.starts_with(run)).collect();
+    match matches.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(Failure::new(2, format!("error: no run `{run}`; `orchestrate runs` lists them"))),
+        many => Err(Failure::new(2, format!("error: `{run}` matches {} runs; give more of the id", many.len()))),
+    }
+}
+
+async fn keys_for(store: &Store, run_or_key: &str) -> Result<Vec<orchestrate::key::CacheKey>, Failure> {
+    let key = orchestrate::key::CacheKey(run_or_key.to_string());
+    if run_or_key.len() == 64 && store.manifest(&key).await?.is_some() {
+        return Ok(vec![key]);
+    }
+    let id = resolve_run(store, run_or_key).await?;
+    let record: RunRecord = store
+        .get_run(&id)
+        .await?
+        .ok_or_else(|| Failure::new(2, format!("error: no run `{id}`")))?;
+    Ok(record.stages.iter().filter_map(|s| s.key.clone()).collect())
+}

@@ -94,6 +94,8 @@ impl PipelineSpec {
                 }
             })
             .unwrap_or_else(|| PathBuf::from("."));
+        // Stages run in other directories, so every path handed to them must be absolute.
+        let dir = dir.canonicalize().or_else(|_| std::path::absolute(&dir)).unwrap_or(dir);
         Ok(PipelineSpec {
             path: path.to_path_buf(),
             dir,

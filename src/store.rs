@@ -343,7 +343,9 @@ impl Store {
         let path = Self::blob_path(&entry.digest);
         let result = self.inner.get(&path).await.map_err(Self::backend("read", &path))?;
         let mut stream = result.into_stream();
-        let tmp = dest.with_extension(format!("partial-{}", std::process::id()));
+        let mut tmp_name = dest.as_os_str().to_owned();
+        tmp_name.push(format!(".partial-{}", std::process::id()));
+        let tmp = PathBuf::from(tmp_name);
         if let Some(parent) = tmp.parent() {
             tokio::fs::create_dir_all(parent)
                 .await
@@ -604,13 +606,13 @@ impl Store {
             .collect())
     }
 
-    /// Every blob with its last-modified time.
-    pub async fn list_blobs(&self) -> Result<Vec<(String, SystemTime)>> {
+    /// Every blob with its size and last-modified time.
+    pub async fn list_blobs(&self) -> Result<Vec<(String, u64, SystemTime)>> {
         Ok(self
             .list_paths("blobs")
             .await?
             .into_iter()
-            .filter_map(|m| Some((format!("blake3:{}", m.location.filename()?), m.last_modified.into())))
+            .filter_map(|m| Some((format!("blake3:{}", m.location.filename()?), m.size, m.last_modified.into())))
             .collect())
     }
 }

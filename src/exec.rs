@@ -1,0 +1,579 @@
+//! Runs a plan: ready stages concurrently (up to `jobs`), each under a store lock, its work on
+//! a blocking thread, its outputs uploaded and then committed with a create-only manifest.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::StreamExt;
+use orchestrate_stage::{CancelToken, EventSink, InputArtifact, StageContext, StageError};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::key::CacheKey;
+use crate::pipeline::Pipeline;
+use crate::plan::{key_parts, Plan, Status};
+use crate::record::{RunRecord, RunStatus, StageRecord, StageStatus};
+use crate::report::Reporter;
+use crate::store::{hostname, unix_now, FileEntry, LockAttempt, LockInfo, Manifest, Producer, Store, StoreError};
+
+/// How long a lock holds without renewal; a holder renews it every third of this.
+const LOCK_LEASE: Duration = Duration::from_secs(30);
+const LOCK_POLL: Duration = Duration::from_millis(200);
+/// Concurrent blob uploads per stage.
+const UPLOADS: usize = 8;
+
+pub struct ExecOptions {
+    pub jobs: usize,
+    /// Local scratch: stage working directories and materialised inputs.
+    pub cache_dir: PathBuf,
+    pub args: Vec<String>,
+}
+
+struct Shared {
+    pipeline: Arc<Pipeline>,
+    store: Store,
+    reporter: Arc<dyn Reporter>,
+    cancel: CancelToken,
+    run_id: String,
+    work_root: PathBuf,
+    artifact_cache: PathBuf,
+    jobs: Arc<Semaphore>,
+}
+
+/// Outcome of one stage task.
+struct Done {
+    record: StageRecord,
+    manifest: Option<Manifest>,
+}
+
+pub async fn execute(
+    pipeline: Arc<Pipeline>,
+    store: Store,
+    plan: Plan,
+    opts: ExecOptions,
+    reporter: Arc<dyn Reporter>,
+    cancel: CancelToken,
+) -> Result<RunRecord, StoreError> {
+    let started = Utc::now();
+    let run_id = crate::record::new_run_id(started);
+    let shared = Arc::new(Shared {
+        pipeline: Arc::clone(&pipeline),
+        store: store.clone(),
+        reporter: Arc::clone(&reporter),
+        cancel: cancel.clone(),
+        work_root: opts.cache_dir.join("work").join(&run_id),
+        artifact_cache: opts.cache_dir.join("artifacts"),
+        run_id: run_id.clone(),
+        jobs: Arc::new(Semaphore::new(opts.jobs.max(1))),
+    });
+    let n = pipeline.stages.len();
+    let mut manifests: Vec<Option<Manifest>> = plan.stages.iter().map(|s| s.manifest.clone()).collect();
+    let mut pending = vec![false; n];
+    let mut records: Vec<StageRecord> = Vec::with_capacity(n);
+    for (i, sp) in plan.stages.iter().enumerate() {
+        let kind = pipeline.stages[i].kind.name();
+        let mut r = StageRecord::new(&sp.stage, kind, StageStatus::NotSelected);
+        r.key = sp.key.clone();
+        r.artifact = sp.artifact.clone();
+        match sp.status {
+            Status::Cached => {
+                r.status = StageStatus::Cached;
+                r.produced_by = sp.manifest.as_ref().map(|m| m.producer.run_id.clone());
+            }
+            Status::WillRun | Status::Blocked => pending[i] = true,
+            Status::NotSelected => {}
+        }
+        records.push(r);
+    }
+    let mut run = RunRecord {
+        id: run_id.clone(),
+        pipeline: pipeline.name.clone(),
+        pipeline_path: pipeline.path.display().to_string(),
+        pipeline_digest: pipeline.digest.clone(),
+        git_commit: crate::record::git_commit(&pipeline.dir),
+        host: hostname(),
+        pid: std::process::id(),
+        args: opts.args.clone(),
+        started_at: started,
+        ended_at: None,
+        status: RunStatus::Running,
+        stages: records.clone(),
+    };
+    let anything_to_do = pending.iter().any(|&p| p);
+    if anything_to_do {
+        store.put_run(&run_id, &run).await?;
+    }
+    for r in records.iter().filter(|r| r.status == StageStatus::Cached) {
+        reporter.finished(r);
+    }
+
+    let forced: Vec<bool> = plan.stages.iter().map(|s| s.forced).collect();
+    let mut launched = vec![false; n];
+    let mut tasks: JoinSet<(usize, Done)> = JoinSet::new();
+    loop {
+        for &i in &pipeline.order {
+            if !pending[i] || launched[i] {
+                continue;
+            }
+            let ups = pipeline.upstream(i);
+            if ups.iter().any(|&u| manifests[u].is_none()) {
+                continue;
+            }
+            launched[i] = true;
+            let inputs: BTreeMap<String, Vec<Manifest>> = pipeline.stages[i]
+                .inputs
+                .iter()
+                .map(|b| {
+                    let ms = b.stages.iter().filter_map(|&u| manifests[u].clone()).collect();
+                    (b.name.clone(), ms)
+                })
+                .collect();
+            let digests: Vec<Option<String>> = manifests.iter().map(|m| m.as_ref().map(|m| m.digest.clone())).collect();
+            let sh = Arc::clone(&shared);
+            let force = forced[i];
+            tasks.spawn(async move {
+                let done = run_stage(&sh, i, inputs, digests, force).await;
+                (i, done)
+            });
+        }
+        let Some(joined) = tasks.join_next().await else { break };
+        let (i, done) = match joined {
+            Ok(x) => x,
+            Err(e) => {
+                // A panic in a stage task is a bug; keep going with the others and record it.
+                reporter.note(&format!("internal error in a stage task: {e}"));
+                continue;
+            }
+        };
+        pending[i] = false;
+        manifests[i] = done.manifest;
+        records[i] = done.record;
+        reporter.finished(&records[i]);
+        if matches!(records[i].status, StageStatus::Ran | StageStatus::Failed | StageStatus::Cancelled) {
+            run.stages = records.clone();
+            let _ = store.put_run(&run_id, &run).await;
+        }
+    }
+    // Whatever is still pending never got its inputs.
+    for i in 0..n {
+        if pending[i] {
+            let failed: Vec<String> = pipeline
+                .upstream(i)
+                .into_iter()
+                .filter(|&u| manifests[u].is_none())
+                .map(|u| format!("`{}`", pipeline.stages[u].name))
+                .collect();
+            records[i].status = if cancel.is_cancelled() { StageStatus::Cancelled } else { StageStatus::Skipped };
+            records[i].error = Some(format!("not run: upstream {} did not complete", failed.join(", ")));
+            reporter.finished(&records[i]);
+        }
+    }
+    run.stages = records;
+    run.ended_at = Some(Utc::now());
+    run.status = if run.stages.iter().any(|s| s.status == StageStatus::Failed) {
+        RunStatus::Failed
+    } else if cancel.is_cancelled() || run.stages.iter().any(|s| s.status == StageStatus::Cancelled) {
+        RunStatus::Cancelled
+    } else {
+        RunStatus::Succeeded
+    };
+    store.put_run(&run_id, &run).await?;
+    if run.status == RunStatus::Succeeded {
+        let _ = std::fs::remove_dir_all(&shared.work_root);
+    }
+    Ok(run)
+}
+
+async fn run_stage(
+    sh: &Shared,
+    i: usize,
+    inputs: BTreeMap<String, Vec<Manifest>>,
+    digests: Vec<Option<String>>,
+    forced: bool,
+) -> Done {
+    let stage = &sh.pipeline.stages[i];
+    let mut record = StageRecord::new(&stage.name, stage.kind.name(), StageStatus::Failed);
+    let _permit = sh.jobs.acquire().await.expect("the semaphore is never closed");
+    let t0 = Instant::now();
+    record.started_at = Some(Utc::now());
+    let finish = |mut record: StageRecord, manifest: Option<Manifest>| {
+        record.ended_at = Some(Utc::now());
+        record.duration_ms = t0.elapsed().as_millis() as u64;
+        Done { record, manifest }
+    };
+    if sh.cancel.is_cancelled() {
+        record.status = StageStatus::Cancelled;
+        return finish(record, None);
+    }
+    let parts = match key_parts(&sh.pipeline, i, |u| digests[u].clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            record.error = Some(e.to_string());
+            return finish(record, None);
+        }
+    };
+    let key = parts.key();
+    record.key = Some(key.clone());
+    let stored = |r: &mut StageRecord, m: &Manifest| {
+        r.status = StageStatus::Cached;
+        r.artifact = Some(m.digest.clone());
+        r.produced_by = Some(m.producer.run_id.clone());
+    };
+    // An upstream rerun that reproduced its old digest leaves this key stored: early cut-off.
+    if !forced {
+        match sh.store.manifest(&key).await {
+            Ok(Some(m)) => {
+                stored(&mut record, &m);
+                return finish(record, Some(m));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                record.error = Some(e.to_string());
+                return finish(record, None);
+            }
+        }
+    }
+    sh.reporter.started(&stage.name, stage.kind.name());
+    let lock = LockInfo {
+        run_id: sh.run_id.clone(),
+        stage: stage.name.clone(),
+        host: hostname(),
+        pid: std::process::id(),
+        expires_at: unix_now() + LOCK_LEASE.as_secs(),
+    };
+    match acquire(sh, &key, &lock, forced).await {
+        Ok(Acquired::Lock) => {}
+        Ok(Acquired::ProducedElsewhere(m)) => {
+            stored(&mut record, &m);
+            return finish(record, Some(m));
+        }
+        Ok(Acquired::Cancelled) => {
+            record.status = StageStatus::Cancelled;
+            return finish(record, None);
+        }
+        Err(e) => {
+            record.error = Some(e.to_string());
+            return finish(record, None);
+        }
+    }
+    let heartbeat = {
+        let store = sh.store.clone();
+        let key = key.clone();
+        let mut lock = lock.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LOCK_LEASE / 3).await;
+                lock.expires_at = unix_now() + LOCK_LEASE.as_secs();
+                let _ = store.renew_lock(&key, &lock).await;
+            }
+        })
+    };
+    let metrics = Arc::new(Mutex::new(BTreeMap::new()));
+    let mut attempt = 0;
+    let result = loop {
+        attempt += 1;
+        let r = produce(sh, i, &inputs, &key, &parts, attempt, &metrics).await;
+        match r {
+            Err(StageFailure::Failed(msg)) if attempt <= stage.retries && !sh.cancel.is_cancelled() => {
+                let wait = Duration::from_millis(500 * (1 << (attempt - 1).min(6)));
+                sh.reporter.note(&format!(
+                    "stage `{}` failed (attempt {attempt} of {}), retrying in {:.1}s: {}",
+                    stage.name,
+                    stage.retries + 1,
+                    wait.as_secs_f64(),
+                    msg.lines().next().unwrap_or("")
+                ));
+                tokio::time::sleep(wait).await;
+            }
+            other => break other,
+        }
+    };
+    heartbeat.abort();
+    sh.store.release_lock(&key).await;
+    record.attempts = attempt;
+    record.metrics = metrics.lock().map(|m| m.clone()).unwrap_or_default();
+    match result {
+        Ok(m) => {
+            record.status = StageStatus::Ran;
+            record.artifact = Some(m.digest.clone());
+            finish(record, Some(m))
+        }
+        Err(StageFailure::Cancelled) => {
+            record.status = StageStatus::Cancelled;
+            finish(record, None)
+        }
+        Err(StageFailure::Failed(msg)) => {
+            record.error = Some(msg);
+            finish(record, None)
+        }
+    }
+}
+
+enum Acquired {
+    Lock,
+    ProducedElsewhere(Manifest),
+    Cancelled,
+}
+
+/// Takes the stage's lock, or waits while another run holds it and uses what it commits.
+async fn acquire(sh: &Shared, key: &CacheKey, lock: &LockInfo, forced: bool) -> Result<Acquired, StoreError> {
+    let mut told = false;
+    loop {
+        match sh.store.try_lock(key, lock).await? {
+            LockAttempt::Acquired => {
+                // The previous holder may have committed just before releasing.
+                if !forced {
+                    if let Some(m) = sh.store.manifest(key).await? {
+                        sh.store.release_lock(key).await;
+                        return Ok(Acquired::ProducedElsewhere(m));
+                    }
+                }
+                return Ok(Acquired::Lock);
+            }
+            LockAttempt::HeldBy(holder) => {
+                if !told {
+                    sh.reporter.note(&format!(
+                        "stage `{}`: waiting for run {} (pid {} on {}), which is producing the same artifact",
+                        lock.stage, holder.run_id, holder.pid, holder.host
+                    ));
+                    told = true;
+                }
+                if sh.cancel.is_cancelled() {
+                    return Ok(Acquired::Cancelled);
+                }
+                tokio::time::sleep(LOCK_POLL).await;
+                if !forced {
+                    if let Some(m) = sh.store.manifest(key).await? {
+                        return Ok(Acquired::ProducedElsewhere(m));
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum StageFailure {
+    Cancelled,
+    Failed(String),
+}
+
+impl From<StoreError> for StageFailure {
+    fn from(e: StoreError) -> Self {
+        StageFailure::Failed(e.to_string())
+    }
+}
+
+/// One attempt: materialise inputs, do the work, upload, commit.
+async fn produce(
+    sh: &Shared,
+    i: usize,
+    inputs: &BTreeMap<String, Vec<Manifest>>,
+    key: &CacheKey,
+    parts: &crate::key::CacheKeyParts,
+    attempt: u32,
+    metrics: &Arc<Mutex<BTreeMap<String, f64>>>,
+) -> Result<Manifest, StageFailure> {
+    let stage = &sh.pipeline.stages[i];
+    let t0 = Instant::now();
+    let work = sh.work_root.join(format!("{}-{attempt}", stage.name));
+    let out = work.join("out");
+    let scratch = work.join("scratch");
+    for d in [&out, &scratch] {
+        std::fs::create_dir_all(d)
+            .map_err(|e| StageFailure::Failed(format!("cannot create {}: {e}", d.display())))?;
+    }
+    let mut bound: BTreeMap<String, Vec<InputArtifact>> = BTreeMap::new();
+    for (name, ms) in inputs {
+        let mut v = Vec::new();
+        for m in ms {
+            let dir = materialize(sh, m).await?;
+            v.push(InputArtifact {
+                stage: m.stage.clone(),
+                kind: m.kind,
+                dir,
+                digest: m.digest.clone(),
+                metadata: serde_json::Value::Object(m.metadata.clone()),
+            });
+        }
+        bound.insert(name.clone(), v);
+    }
+
+    let token = sh.cancel.child();
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let timer = stage.timeout.map(|limit| {
+        let token = token.clone();
+        let flag = Arc::clone(&timed_out);
+        tokio::spawn(async move {
+            tokio::time::sleep(limit).await;
+            flag.store(true, Ordering::SeqCst);
+            token.cancel();
+        })
+    });
+    let sink = Sink {
+        stage: stage.name.clone(),
+        reporter: Arc::clone(&sh.reporter),
+        metrics: Arc::clone(metrics),
+    };
+    let kind = stage.kind;
+    let params = stage.params.clone();
+    let device = stage.device.resolve();
+    let name = stage.name.clone();
+    let pipeline_dir = sh.pipeline.dir.clone();
+    let (out2, scratch2) = (out.clone(), scratch.clone());
+    let result = tokio::task::spawn_blocking(move || {
+        let ctx = StageContext {
+            stage: &name,
+            params: &params,
+            inputs: &bound,
+            out_dir: &out2,
+            scratch_dir: &scratch2,
+            pipeline_dir: &pipeline_dir,
+            device: &device,
+            events: &sink,
+            cancel: &token,
+        };
+        kind.run(&ctx)
+    })
+    .await;
+    if let Some(t) = timer {
+        t.abort();
+    }
+    let output = match result {
+        Ok(Ok(o)) => o,
+        Ok(Err(StageError::Cancelled)) if timed_out.load(Ordering::SeqCst) => {
+            let limit = stage.timeout.unwrap_or_default();
+            return Err(StageFailure::Failed(format!("timed out after {}", crate::report::fmt_ms(limit.as_millis() as u64))));
+        }
+        Ok(Err(StageError::Cancelled)) => return Err(StageFailure::Cancelled),
+        Ok(Err(e)) => {
+            return Err(StageFailure::Failed(format!("{e} (working directory kept at {})", work.display())));
+        }
+        Err(join) => return Err(StageFailure::Failed(format!("the stage crashed: {join}"))),
+    };
+    if sh.cancel.is_cancelled() {
+        return Err(StageFailure::Cancelled);
+    }
+
+    let files = list_files(&out).map_err(|e| StageFailure::Failed(format!("cannot list outputs: {e}")))?;
+    let store = &sh.store;
+    let mut entries: Vec<FileEntry> = futures::stream::iter(files.into_iter().map(|rel| {
+        let path = out.join(&rel);
+        async move { store.put_file(&path, &rel).await }
+    }))
+    .buffer_unordered(UPLOADS)
+    .collect::<Vec<_>>()
+    .await
+    .into_iter()
+    .collect::<Result<_, _>>()?;
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    let kind = stage.kind.descriptor().output;
+    let manifest = Manifest {
+        format: 1,
+        key: key.clone(),
+        kind,
+        pipeline: sh.pipeline.name.clone(),
+        stage: stage.name.clone(),
+        digest: Manifest::content_digest(kind, &entries),
+        files: entries,
+        metadata: output.metadata,
+        producer: Producer {
+            run_id: sh.run_id.clone(),
+            host: hostname(),
+            created_at: Utc::now().to_rfc3339(),
+            duration_ms: t0.elapsed().as_millis() as u64,
+        },
+        key_parts: parts.clone(),
+    };
+    let committed = store.commit(&manifest).await?;
+    if committed.digest != manifest.digest {
+        sh.reporter.note(&format!(
+            "stage `{}` is not deterministic: this run produced {}, but the store already holds {} for the same key; keeping the stored one",
+            stage.name,
+            crate::plan::short_digest(&manifest.digest),
+            crate::plan::short_digest(&committed.digest)
+        ));
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(committed)
+}
+
+/// An artifact's files in the local cache, downloaded and verified on first use. Inputs are
+/// shared between stages and runs: stages must treat them as read-only.
+async fn materialize(sh: &Shared, m: &Manifest) -> Result<PathBuf, StoreError> {
+    let hex = m.digest.strip_prefix("blake3:").unwrap_or(&m.digest);
+    let dir = sh.artifact_cache.join(hex);
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp = sh.artifact_cache.join(format!("{hex}.partial-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| StoreError::Io {
+        context: format!("cannot create {}", tmp.display()),
+        source: e,
+    })?;
+    let what = format!("the artifact of stage `{}`", m.stage);
+    for f in &m.files {
+        if let Err(e) = sh.store.get_file(f, &what, &tmp.join(&f.path)).await {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    }
+    if std::fs::rename(&tmp, &dir).is_err() {
+        // Another stage materialised it first; theirs is identical.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    Ok(dir)
+}
+
+/// Files under `root`, relative and `/`-separated, sorted.
+fn list_files(root: &Path) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for entry in std::fs::read_dir(root.join(&rel))? {
+            let entry = entry?;
+            let child = rel.join(entry.file_name());
+            let ft = entry.file_type()?;
+            if ft.is_dir() {
+                stack.push(child);
+            } else if ft.is_file() {
+                out.push(child.to_string_lossy().replace('\\', "/"));
+            } else if ft.is_symlink() {
+                let target = std::fs::metadata(root.join(&child))?;
+                if target.is_file() {
+                    out.push(child.to_string_lossy().replace('\\', "/"));
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+struct Sink {
+    stage: String,
+    reporter: Arc<dyn Reporter>,
+    metrics: Arc<Mutex<BTreeMap<String, f64>>>,
+}
+
+impl EventSink for Sink {
+    fn progress(&self, done: u64, total: Option<u64>, unit: &str) {
+        self.reporter.progress(&self.stage, done, total, unit);
+    }
+
+    fn log(&self, line: &str) {
+        self.reporter.log(&self.stage, line);
+    }
+
+    fn metric(&self, name: &str, value: f64, _step: Option<u64>) {
+        if let Ok(mut m) = self.metrics.lock() {
+            m.insert(name.to_string(), value);
+        }
+    }
+}

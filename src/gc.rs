@@ -1,0 +1,80 @@
+//! Garbage collection: keep the newest runs and pinned artifacts, delete what nothing uses.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::key::CacheKey;
+use crate::record::RunRecord;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub runs_kept: usize,
+    pub runs_deleted: usize,
+    pub artifacts_kept: usize,
+    pub artifacts_deleted: usize,
+    pub blobs_deleted: usize,
+    pub bytes_freed: u64,
+    pub dry_run: bool,
+}
+
+/// Deletes run records beyond the newest `keep_last`, then artifacts that no kept run uses and
+/// no pin names, then blobs that no remaining artifact lists. Objects younger than `grace` are
+/// kept whatever: a run in progress uploads blobs before its manifest and records its keys
+/// only when its stages finish.
+pub async fn collect(store: &Store, keep_last: usize, grace: Duration, dry_run: bool) -> Result<GcReport, StoreError> {
+    let mut report = GcReport {
+        dry_run,
+        ..Default::default()
+    };
+    let ids = store.list_run_ids().await?;
+    let split = ids.len().saturating_sub(keep_last);
+    let (old, kept) = ids.split_at(split);
+    let mut keep: HashSet<CacheKey> = store.pins().await?.into_iter().collect();
+    for id in kept {
+        if let Some(run) = store.get_run::<RunRecord>(id).await? {
+            keep.extend(run.stages.iter().filter_map(|s| s.key.clone()));
+        }
+    }
+    report.runs_kept = kept.len();
+    let now = SystemTime::now();
+    let young = |t: SystemTime| now.duration_since(t).map(|age| age < grace).unwrap_or(true);
+
+    let mut live_blobs: HashSet<String> = HashSet::new();
+    let mut kept_keys: HashSet<CacheKey> = HashSet::new();
+    for (key, modified) in store.list_manifest_keys().await? {
+        let m = store.manifest(&key).await.ok().flatten();
+        if keep.contains(&key) || young(modified) {
+            if let Some(m) = m {
+                live_blobs.extend(m.files.iter().map(|f| f.digest.clone()));
+            }
+            kept_keys.insert(key);
+            report.artifacts_kept += 1;
+        } else {
+            report.artifacts_deleted += 1;
+            if !dry_run {
+                store.delete_manifest(&key).await?;
+            }
+        }
+    }
+    // A blob shared by a kept artifact and a deleted one stays.
+    for (digest, size, modified) in store.list_blobs().await? {
+        if !live_blobs.contains(&digest) && !young(modified) {
+            report.blobs_deleted += 1;
+            report.bytes_freed += size;
+            if !dry_run {
+                store.delete_blob(&digest).await?;
+            }
+        }
+    }
+    if !dry_run {
+        store.prune_history(&kept_keys).await?;
+        for id in old {
+            store.delete_run(id).await?;
+        }
+    }
+    report.runs_deleted = old.len();
+    Ok(report)
+}

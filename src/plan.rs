@@ -1,0 +1,316 @@
+//! Phase three: for each stage, whether its artifact is already stored and, if not, why.
+//!
+//! A stage's key depends on its inputs' content digests, so a stage downstream of one that
+//! must run has no key yet: it is `blocked` until its inputs exist. The executor finishes
+//! the job: when a rerun upstream stage reproduces the same digest, the stage below it turns
+//! out cached after all.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::diag::suggest;
+use crate::key::{file_digest, CacheKey, CacheKeyParts, KEY_FORMAT};
+use crate::pipeline::Pipeline;
+use crate::store::{Manifest, Store, StoreError};
+
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    /// Run only these stages; their inputs must already be stored.
+    pub only: Vec<String>,
+    /// Rerun this stage and everything downstream of it.
+    pub from: Option<String>,
+    pub force: Vec<String>,
+    pub force_all: bool,
+    /// Verify cached artifacts' blobs and rebuild the corrupt ones.
+    pub repair: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Cached,
+    WillRun,
+    /// Waits for an upstream stage that will run; its key is known only after that.
+    Blocked,
+    NotSelected,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Cached => "cached",
+            Status::WillRun => "will run",
+            Status::Blocked => "blocked",
+            Status::NotSelected => "not selected",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StagePlan {
+    pub stage: String,
+    pub kind: String,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<CacheKey>,
+    /// Why the stage will run; empty otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+    /// The upstream stages a blocked stage waits for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub waits_for: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<String>,
+    #[serde(skip)]
+    pub manifest: Option<Manifest>,
+    #[serde(skip)]
+    pub forced: bool,
+    #[serde(skip)]
+    pub selected: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub pipeline: String,
+    pub store: String,
+    pub stages: Vec<StagePlan>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("unknown stage `{name}` in {flag}{}", hint.as_ref().map(|h| format!("; {h}")).unwrap_or_default())]
+    UnknownStage {
+        flag: &'static str,
+        name: String,
+        hint: Option<String>,
+    },
+    #[error("stage `{stage}` reads `{file}`, which cannot be read: {reason}")]
+    Dependency {
+        stage: String,
+        file: String,
+        reason: String,
+    },
+    #[error("stage `{stage}` needs `{upstream}`, which is not in the store and is not selected to run; run it first or widen --only")]
+    MissingUpstream { stage: String, upstream: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Plan {
+    pub async fn build(p: &Pipeline, store: &Store, sel: &Selection) -> Result<Plan, PlanError> {
+        let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+        let check = |flag: &'static str, n: &String| -> Result<usize, PlanError> {
+            p.stage_index(n).ok_or_else(|| PlanError::UnknownStage {
+                flag,
+                name: n.clone(),
+                hint: suggest(n, &names),
+            })
+        };
+        let mut selected = vec![sel.only.is_empty() && sel.from.is_none(); p.stages.len()];
+        let mut forced = vec![sel.force_all; p.stages.len()];
+        for n in &sel.only {
+            selected[check("--only", n)?] = true;
+        }
+        for n in &sel.force {
+            forced[check("--force", n)?] = true;
+        }
+        if let Some(from) = &sel.from {
+            let start = check("--from", from)?;
+            for i in descendants(p, start) {
+                selected[i] = true;
+                forced[i] = true;
+            }
+        }
+
+        let mut stages: Vec<StagePlan> = Vec::with_capacity(p.stages.len());
+        for (i, s) in p.stages.iter().enumerate() {
+            stages.push(StagePlan {
+                stage: s.name.clone(),
+                kind: s.kind.name().to_string(),
+                status: Status::NotSelected,
+                key: None,
+                reasons: Vec::new(),
+                waits_for: Vec::new(),
+                artifact: None,
+                manifest: None,
+                forced: forced[i],
+                selected: selected[i],
+            });
+        }
+        for &i in &p.order {
+            let pending: Vec<String> = p
+                .upstream(i)
+                .into_iter()
+                .filter(|&u| stages[u].manifest.is_none())
+                .map(|u| p.stages[u].name.clone())
+                .collect();
+            if !pending.is_empty() {
+                if selected[i] {
+                    stages[i].status = Status::Blocked;
+                    stages[i].waits_for = pending;
+                }
+                continue;
+            }
+            let parts = key_parts(p, i, |u| stages[u].manifest.as_ref().map(|m| m.digest.clone()))?;
+            let key = parts.key();
+            let mut manifest = store.manifest(&key).await?;
+            if let (true, Some(m)) = (sel.repair, &manifest) {
+                let bad = store.verify(m).await?;
+                if !bad.is_empty() {
+                    store.delete_manifest(&key).await?;
+                    manifest = None;
+                    stages[i].reasons.push(format!("stored artifact was corrupt: {}", bad.join("; ")));
+                }
+            }
+            let plan = &mut stages[i];
+            plan.key = Some(key.clone());
+            if !selected[i] {
+                plan.artifact = manifest.as_ref().map(|m| m.digest.clone());
+                plan.manifest = manifest;
+                continue;
+            }
+            match manifest {
+                Some(m) if !forced[i] => {
+                    plan.status = Status::Cached;
+                    plan.artifact = Some(m.digest.clone());
+                    plan.manifest = Some(m);
+                }
+                existing => {
+                    plan.status = Status::WillRun;
+                    if forced[i] {
+                        plan.reasons.push("forced".into());
+                    } else if plan.reasons.is_empty() {
+                        plan.reasons = why(store, p, i, &parts).await?;
+                    }
+                    // Stages below a rerun stage wait for its new digest, even when one is stored.
+                    drop(existing);
+                    plan.manifest = None;
+                }
+            }
+        }
+        // Selected stages whose inputs are neither stored nor going to be produced.
+        for &i in &p.order {
+            if !selected[i] {
+                continue;
+            }
+            for u in p.upstream(i) {
+                if !selected[u] && stages[u].manifest.is_none() {
+                    return Err(PlanError::MissingUpstream {
+                        stage: p.stages[i].name.clone(),
+                        upstream: p.stages[u].name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(Plan {
+            pipeline: p.name.clone(),
+            store: store.url().to_string(),
+            stages,
+        })
+    }
+
+    pub fn count(&self, status: Status) -> usize {
+        self.stages.iter().filter(|s| s.status == status).count()
+    }
+
+    /// The plan as a table, reasons on indented lines below their stage.
+    pub fn render(&self) -> String {
+        let w_stage = self.stages.iter().map(|s| s.stage.len()).max().unwrap_or(5).max(5);
+        let w_kind = self.stages.iter().map(|s| s.kind.len()).max().unwrap_or(4).max(4);
+        let mut out = format!("{:<w_stage$}  {:<w_kind$}  {:<12}  WHY\n", "STAGE", "KIND", "STATUS");
+        for s in &self.stages {
+            let why: Vec<String> = match s.status {
+                Status::Cached => vec![format!("artifact {}", short_digest(s.artifact.as_deref().unwrap_or("")))],
+                Status::WillRun => s.reasons.clone(),
+                Status::Blocked => vec![format!("waits for {}", s.waits_for.iter().map(|w| format!("`{w}`")).collect::<Vec<_>>().join(", "))],
+                Status::NotSelected => vec![],
+            };
+            let first = why.first().cloned().unwrap_or_default();
+            out.push_str(&format!("{:<w_stage$}  {:<w_kind$}  {:<12}  {first}", s.stage, s.kind, s.status.as_str()).trim_end().to_string());
+            out.push('\n');
+            for more in why.iter().skip(1) {
+                out.push_str(&format!("{:<w$}  {more}\n", "", w = w_stage + w_kind + 16));
+            }
+        }
+        out.push_str(&format!(
+            "{} cached, {} will run, {} blocked\n",
+            self.count(Status::Cached),
+            self.count(Status::WillRun),
+            self.count(Status::Blocked)
+        ));
+        out
+    }
+}
+
+pub fn short_digest(d: &str) -> String {
+    let hex = d.strip_prefix("blake3:").unwrap_or(d);
+    hex[..12.min(hex.len())].to_string()
+}
+
+/// Stage `start` and every stage that depends on it, directly or not.
+pub fn descendants(p: &Pipeline, start: usize) -> Vec<usize> {
+    let mut out = vec![start];
+    let mut i = 0;
+    while i < out.len() {
+        for d in p.downstream(out[i]) {
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Everything that determines stage `i`'s output, given its inputs' artifact digests.
+pub fn key_parts(
+    p: &Pipeline,
+    i: usize,
+    digest_of: impl Fn(usize) -> Option<String>,
+) -> Result<CacheKeyParts, PlanError> {
+    let s = &p.stages[i];
+    let d = s.kind.descriptor();
+    let mut inputs = BTreeMap::new();
+    for b in &s.inputs {
+        let digests: Vec<String> = b.stages.iter().map(|&u| digest_of(u).unwrap_or_default()).collect();
+        inputs.insert(b.name.clone(), digests);
+    }
+    let mut files = BTreeMap::new();
+    for f in &s.deps {
+        let path = p.dir.join(f);
+        let digest = file_digest(&path).map_err(|e| PlanError::Dependency {
+            stage: s.name.clone(),
+            file: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        files.insert(f.clone(), digest);
+    }
+    Ok(CacheKeyParts {
+        format: KEY_FORMAT,
+        kind: d.kind.to_string(),
+        code: d.code_hash.to_string(),
+        params: s.params.clone(),
+        inputs,
+        files,
+        device: d.device_dependent.then(|| s.device.class().to_string()),
+    })
+}
+
+/// Why stage `i` must run: its key compared with the nearest key it had before.
+async fn why(store: &Store, p: &Pipeline, i: usize, parts: &CacheKeyParts) -> Result<Vec<String>, PlanError> {
+    let name = &p.stages[i].name;
+    let history = store.history(&p.name, name).await?;
+    // Newest first, so among equally near keys the most recent wins.
+    let nearest = history
+        .iter()
+        .map(|h| parts.diff(&h.parts, name))
+        .filter(|d| !d.is_empty())
+        .min_by_key(Vec::len);
+    Ok(match nearest {
+        Some(diff) => diff,
+        None if history.is_empty() => vec!["never run".into()],
+        // Same key as before, yet no manifest: it was collected or removed.
+        None => vec!["artifact no longer in the store".into()],
+    })
+}

@@ -1,0 +1,188 @@
+//! Run records: what every `orchestrate run` did, kept in the store beside the artifacts.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::key::CacheKey;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageStatus {
+    /// Reused an artifact already in the store.
+    Cached,
+    Ran,
+    Failed,
+    /// Not run because a stage it depends on failed or was cancelled.
+    Skipped,
+    Cancelled,
+    /// Left out by `--only` / `--from`.
+    NotSelected,
+}
+
+impl StageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageStatus::Cached => "cached",
+            StageStatus::Ran => "ran",
+            StageStatus::Failed => "failed",
+            StageStatus::Skipped => "skipped",
+            StageStatus::Cancelled => "cancelled",
+            StageStatus::NotSelected => "not selected",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub stage: String,
+    pub kind: String,
+    pub status: StageStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<DateTime<Utc>>,
+    pub duration_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<CacheKey>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<String>,
+    /// For a cached stage, the run that produced the artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub produced_by: Option<String>,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Last value of each metric the stage reported.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl StageRecord {
+    pub fn new(stage: &str, kind: &str, status: StageStatus) -> Self {
+        StageRecord {
+            stage: stage.to_string(),
+            kind: kind.to_string(),
+            status,
+            started_at: None,
+            ended_at: None,
+            duration_ms: 0,
+            key: None,
+            artifact: None,
+            produced_by: None,
+            attempts: 0,
+            error: None,
+            metrics: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: String,
+    pub pipeline: String,
+    pub pipeline_path: String,
+    pub pipeline_digest: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_commit: Option<String>,
+    pub host: String,
+    /// With `host`, tells a live run from one that was killed.
+    #[serde(default)]
+    pub pid: u32,
+    pub args: Vec<String>,
+    pub started_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<DateTime<Utc>>,
+    pub status: RunStatus,
+    pub stages: Vec<StageRecord>,
+}
+
+impl RunRecord {
+    pub fn count(&self, status: StageStatus) -> usize {
+        self.stages.iter().filter(|s| s.status == status).count()
+    }
+
+    pub fn duration_ms(&self) -> u64 {
+        self.ended_at
+            .map(|e| (e - self.started_at).num_milliseconds().max(0) as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// Sortable by start time and unique across hosts: `20261126T081500.123Z-4f2a`.
+pub fn new_run_id(now: DateTime<Utc>) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&now.timestamp_nanos_opt().unwrap_or(0).to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(crate::store::hostname().as_bytes());
+    format!("{}-{}", now.format("%Y%m%dT%H%M%S%.3fZ"), &h.finalize().to_hex()[..6])
+}
+
+/// The commit checked out around `dir`, read from `.git` directly (no `git` process: this
+/// runs on every `orchestrate run`, cached ones included).
+pub fn git_commit(dir: &Path) -> Option<String> {
+    let dir = dir.canonicalize().ok()?;
+    let git = dir.ancestors().map(|d| d.join(".git")).find(|g| g.exists())?;
+    let git = if git.is_file() {
+        // A worktree or submodule: `.git` is a file pointing at the real directory.
+        let text = std::fs::read_to_string(&git).ok()?;
+        let target = text.trim().strip_prefix("gitdir: ")?;
+        git.parent()?.join(target)
+    } else {
+        git
+    };
+    let head = std::fs::read_to_string(git.join("HEAD")).ok()?;
+    let head = head.trim();
+    let Some(reference) = head.strip_prefix("ref: ") else {
+        return Some(head.to_string());
+    };
+    if let Ok(c) = std::fs::read_to_string(git.join(reference)) {
+        return Some(c.trim().to_string());
+    }
+    // The common dir holds refs for worktrees; packed-refs holds refs after `git gc`.
+    let common = std::fs::read_to_string(git.join("commondir"))
+        .map(|c| git.join(c.trim()))
+        .unwrap_or_else(|_| git.clone());
+    if let Ok(c) = std::fs::read_to_string(common.join(reference)) {
+        return Some(c.trim().to_string());
+    }
+    let packed = std::fs::read_to_string(common.join("packed-refs")).ok()?;
+    packed
+        .lines()
+        .find(|l| l.ends_with(reference))
+        .and_then(|l| l.split_whitespace().next())
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_ids_sort_by_time() {
+        let a = new_run_id("2026-01-02T03:04:05.006Z".parse().unwrap());
+        let b = new_run_id("2026-01-02T03:04:05.100Z".parse().unwrap());
+        assert!(a.starts_with("20260102T030405.006Z-"));
+        assert!(a < b);
+    }
+
+    #[test]
+    fn git_commit_reads_this_checkout() {
+        let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+        if here.join(".git").exists() {
+            let c = git_commit(here).expect("a commit");
+            assert_eq!(c.len(), 40, "{c}");
+        }
+    }
+}
