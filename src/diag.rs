@@ -87,11 +87,13 @@ impl Diagnostic {
     /// offending text underlined, then the hint.
     pub fn render(&self, sources: &Sources) -> String {
         let mut out = format!("error: {}\n", self.message);
+        let mut gutter = 1;
         if let Some(span) = self.span {
             let src = sources.get(span.source);
             let _ = writeln!(out, "  --> {}:{}:{}", src.name, span.line, span.col);
             if let Some(line_text) = src.text.lines().nth(span.line.saturating_sub(1) as usize) {
                 let num = span.line.to_string();
+                gutter = num.len();
                 let pad = " ".repeat(num.len());
                 let shown = line_text.replace('\t', " ");
                 let _ = writeln!(out, "{pad} |");
@@ -103,7 +105,7 @@ impl Diagnostic {
             }
         }
         if let Some(hint) = &self.hint {
-            let _ = writeln!(out, "  = hint: {hint}");
+            let _ = writeln!(out, "{} = hint: {hint}", " ".repeat(gutter));
         }
         out
     }

@@ -6,14 +6,28 @@ use orchestrate_stage::{StageContext, StageDescriptor, StageError, StageOutput};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum StageKind {
     Shell,
+    #[cfg(feature = "corpus")]
+    Ingest,
+    #[cfg(feature = "corpus")]
+    Bpe,
 }
 
 impl StageKind {
-    pub const ALL: &'static [StageKind] = &[StageKind::Shell];
+    pub const ALL: &'static [StageKind] = &[
+        StageKind::Shell,
+        #[cfg(feature = "corpus")]
+        StageKind::Ingest,
+        #[cfg(feature = "corpus")]
+        StageKind::Bpe,
+    ];
 
     pub fn descriptor(self) -> &'static StageDescriptor {
         match self {
             StageKind::Shell => &orchestrate_shell::DESCRIPTOR,
+            #[cfg(feature = "corpus")]
+            StageKind::Ingest => &orchestrate_corpus::ingest::DESCRIPTOR,
+            #[cfg(feature = "corpus")]
+            StageKind::Bpe => &orchestrate_corpus::bpe::DESCRIPTOR,
         }
     }
 
@@ -33,6 +47,10 @@ impl StageKind {
     pub fn run(self, ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         match self {
             StageKind::Shell => orchestrate_shell::run(ctx),
+            #[cfg(feature = "corpus")]
+            StageKind::Ingest => orchestrate_corpus::ingest::run(ctx),
+            #[cfg(feature = "corpus")]
+            StageKind::Bpe => orchestrate_corpus::bpe::run(ctx),
         }
     }
 }

@@ -425,9 +425,10 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 let problems = store.verify(&m).await?;
                 if !problems.is_empty() {
                     bad += 1;
-                    println!("corrupt: artifact of stage `{}` (key {}): {}", m.stage, key.short(), problems.join("; "));
+                    let what: Vec<&str> = problems.iter().map(|(_, why)| why.as_str()).collect();
+                    println!("corrupt: artifact of stage `{}` (key {}): {}", m.stage, key.short(), what.join("; "));
                     if repair {
-                        store.delete_manifest(key).await?;
+                        store.discard_corrupt(&m, &problems).await?;
                         println!("  removed; the next run rebuilds it");
                     }
                 }

@@ -153,6 +153,7 @@ impl PipelineSpec {
     pub fn validate(self) -> Result<Pipeline, Invalid> {
         let mut v = Validator {
             diags: self.diags,
+            dir: self.dir.clone(),
         };
         let root = &self.root;
         v.unknown_keys(root, &TOP_LEVEL_KEYS, "at the top level");
@@ -203,8 +204,14 @@ impl PipelineSpec {
         let mut stages = Vec::new();
         // Per stage, per input: the reference spans, for pointing at edges later.
         let mut ref_spans: Vec<BTreeMap<(String, usize), Span>> = Vec::new();
-        for (key, node) in &stage_entries {
-            let (stage, spans) = v.stage(key, node, &names);
+        // Every resolvable reference, even from stages with other problems, so that a cycle
+        // is reported together with them.
+        let mut edges: Vec<(usize, usize, String)> = Vec::new();
+        for (i, (key, node)) in stage_entries.iter().enumerate() {
+            let (stage, spans, bindings) = v.stage(key, node, &names);
+            for b in bindings {
+                edges.extend(b.stages.iter().map(|&p| (p, i, b.name.clone())));
+            }
             stages.push(stage);
             ref_spans.push(spans);
         }
@@ -240,13 +247,8 @@ impl PipelineSpec {
         for i in 0..stages.len() {
             graph.add_node(i);
         }
-        for (i, stage) in stages.iter().enumerate() {
-            let Some(stage) = stage else { continue };
-            for b in &stage.inputs {
-                for &p in &b.stages {
-                    graph.add_edge(NodeIndex::new(p), NodeIndex::new(i), b.name.clone());
-                }
-            }
+        for (p, i, name) in edges {
+            graph.add_edge(NodeIndex::new(p), NodeIndex::new(i), name);
         }
         for cycle in find_cycles(&graph) {
             let names: Vec<&str> = cycle.iter().map(|&i| stage_entries[i].0.name.as_str()).collect();
@@ -272,6 +274,8 @@ impl PipelineSpec {
         }
 
         if !v.diags.is_empty() {
+            // In file order; problems without a position (or from --set) first.
+            v.diags.sort_by_key(|d| d.span.map(|s| (s.source.0 != 0, s.line, s.col)));
             return Err(Invalid {
                 diags: v.diags,
                 sources: self.sources,
@@ -320,6 +324,7 @@ fn producers_of(kind: ArtifactKind, stages: &[Option<Stage>]) -> Option<String> 
 
 struct Validator {
     diags: Vec<Diagnostic>,
+    dir: PathBuf,
 }
 
 impl Validator {
@@ -378,7 +383,12 @@ impl Validator {
         t
     }
 
-    fn stage(&mut self, key: &Key, node: &Node, names: &[&str]) -> (Option<Stage>, BTreeMap<(String, usize), Span>) {
+    fn stage(
+        &mut self,
+        key: &Key,
+        node: &Node,
+        names: &[&str],
+    ) -> (Option<Stage>, BTreeMap<(String, usize), Span>, Vec<InputBinding>) {
         let mut spans = BTreeMap::new();
         let name = &key.name;
         if !valid_stage_name(name) {
@@ -395,7 +405,7 @@ impl Validator {
                 )
                 .hint("give it at least `kind:`"),
             );
-            return (None, spans);
+            return (None, spans, Vec::new());
         }
         self.unknown_keys(node, &STAGE_KEYS, &format!("in stage `{name}`"));
         let kind = match node.get("kind") {
@@ -419,9 +429,14 @@ impl Validator {
                 }
             },
         };
-        let inputs = self.inputs(name, node.get("inputs"), kind, names, key.span, &mut spans);
+        let (bindings, inputs_ok) = self.inputs(name, node.get("inputs"), kind, names, key.span, &mut spans);
+        let inputs = inputs_ok.then(|| bindings.clone());
+        let with_span = match &node.value {
+            Value::Map(entries) => entries.iter().find(|(k, _)| k.name == "with").map(|(k, _)| k.span),
+            _ => None,
+        };
         let params = match kind {
-            Some(kind) => self.params(name, kind, node.get("with"), key.span),
+            Some(kind) => self.params(name, kind, node.get("with"), with_span.unwrap_or(key.span)),
             None => None,
         };
         let device = self.device(name, node.get("resources"));
@@ -469,9 +484,9 @@ impl Validator {
             }
         }
         let (Some(kind), Some(params), Some(inputs), Some(device)) = (kind, params, inputs, device) else {
-            return (None, spans);
+            return (None, spans, bindings);
         };
-        deps.extend((kind.descriptor().file_deps)(&params));
+        deps.extend((kind.descriptor().file_deps)(&params, &self.dir));
         (
             Some(Stage {
                 name: name.clone(),
@@ -484,6 +499,7 @@ impl Validator {
                 deps,
             }),
             spans,
+            bindings,
         )
     }
 
@@ -495,7 +511,7 @@ impl Validator {
         names: &[&str],
         stage_span: Span,
         spans: &mut BTreeMap<(String, usize), Span>,
-    ) -> Option<Vec<InputBinding>> {
+    ) -> (Vec<InputBinding>, bool) {
         let typed = kind.and_then(|k| match k.descriptor().inputs {
             Inputs::Typed(d) => Some(d),
             Inputs::Any => None,
@@ -530,7 +546,7 @@ impl Validator {
                     )
                     .hint("for example `inputs: { corpus: corpus }`"),
                 );
-                return None;
+                return (Vec::new(), false);
             }
         }
         for (input, input_span, refs, is_list) in &raw {
@@ -603,11 +619,13 @@ impl Validator {
                 }
             }
         }
-        ok.then_some(bindings)
+        (bindings, ok)
     }
 
-    fn params(&mut self, stage: &str, kind: StageKind, node: Option<&Node>, stage_span: Span) -> Option<serde_json::Value> {
-        let empty = Node::new(Value::Map(Vec::new()), stage_span);
+    /// `anchor` is where a problem with the block as a whole is shown: its `with` key, or the
+    /// stage name when there is no `with`.
+    fn params(&mut self, stage: &str, kind: StageKind, node: Option<&Node>, anchor: Span) -> Option<serde_json::Value> {
+        let empty = Node::new(Value::Map(Vec::new()), anchor);
         let node = match node {
             None => &empty,
             Some(n) if n.value == Value::Null => &empty,
@@ -623,7 +641,7 @@ impl Validator {
         match (kind.descriptor().canonical_params)(node.to_json()) {
             Ok(p) => Some(p),
             Err(e) => {
-                self.diags.push(param_diagnostic(stage, kind, node, &e));
+                self.diags.push(param_diagnostic(stage, kind, node, anchor, &e));
                 None
             }
         }
@@ -665,7 +683,7 @@ impl Validator {
 }
 
 /// Turns a stage's parameter error into a diagnostic pointing at the offending value.
-fn param_diagnostic(stage: &str, kind: StageKind, with: &Node, e: &ParamError) -> Diagnostic {
+fn param_diagnostic(stage: &str, kind: StageKind, with: &Node, anchor: Span, e: &ParamError) -> Diagnostic {
     let mut node = with;
     let mut path = vec![stage.to_string(), "with".to_string()];
     let mut key_span = None;
@@ -709,10 +727,17 @@ fn param_diagnostic(stage: &str, kind: StageKind, with: &Node, e: &ParamError) -
         }
         ParamProblem::MissingKey { key } => Diagnostic::new(
             format!("stage `{stage}` ({}) is missing required param `{at}.{key}`", kind.name()),
-            node.span,
+            // A mapping's own position is where its first entry starts: point at its key.
+            key_span.unwrap_or(anchor),
         )
         .hint(format!("add `{key}:` under `with:`")),
-        ParamProblem::Invalid(msg) => Diagnostic::new(format!("invalid value for `{at}`: {msg}"), node.span),
+        ParamProblem::Invalid(msg) => {
+            let span = match node.value {
+                Value::Map(_) | Value::Seq(_) => key_span.unwrap_or(anchor),
+                _ => node.span,
+            };
+            Diagnostic::new(format!("invalid value for `{at}`: {msg}"), span)
+        }
     }
 }
 

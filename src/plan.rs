@@ -158,9 +158,10 @@ impl Plan {
             if let (true, Some(m)) = (sel.repair, &manifest) {
                 let bad = store.verify(m).await?;
                 if !bad.is_empty() {
-                    store.delete_manifest(&key).await?;
+                    store.discard_corrupt(m, &bad).await?;
                     manifest = None;
-                    stages[i].reasons.push(format!("stored artifact was corrupt: {}", bad.join("; ")));
+                    let what: Vec<&str> = bad.iter().map(|(_, why)| why.as_str()).collect();
+                    stages[i].reasons.push(format!("stored artifact was corrupt: {}", what.join("; ")));
                 }
             }
             let plan = &mut stages[i];

@@ -378,8 +378,9 @@ impl Store {
             .map_err(|e| StoreError::io(format!("cannot move {} into place", dest.display()), e))
     }
 
-    /// Re-reads every blob of an artifact and returns the corrupt or missing ones.
-    pub async fn verify(&self, m: &Manifest) -> Result<Vec<String>> {
+    /// Re-reads every blob of an artifact and returns the corrupt or missing ones, each with
+    /// a description naming the blob and the file.
+    pub async fn verify(&self, m: &Manifest) -> Result<Vec<(FileEntry, String)>> {
         let mut bad = Vec::new();
         for f in &m.files {
             let path = Self::blob_path(&f.digest);
@@ -388,14 +389,24 @@ impl Store {
                     let bytes = r.bytes().await.map_err(Self::backend("read", &path))?;
                     let actual = format!("blake3:{}", blake3::hash(&bytes).to_hex());
                     if actual != f.digest {
-                        bad.push(format!("{} (file `{}`: expected {}, found {actual})", path, f.path, f.digest));
+                        let why = format!("{} (file `{}`: expected {}, found {actual})", path, f.path, f.digest);
+                        bad.push((f.clone(), why));
                     }
                 }
-                Err(object_store::Error::NotFound { .. }) => bad.push(format!("{path} (file `{}`: missing)", f.path)),
+                Err(object_store::Error::NotFound { .. }) => bad.push((f.clone(), format!("{path} (file `{}`: missing)", f.path))),
                 Err(e) => return Err(Self::backend("read", &path)(e)),
             }
         }
         Ok(bad)
+    }
+
+    /// Removes an artifact whose blobs failed [`Store::verify`], and the bad blobs with it, so
+    /// that rebuilding it uploads them afresh.
+    pub async fn discard_corrupt(&self, m: &Manifest, bad: &[(FileEntry, String)]) -> Result<()> {
+        for (f, _) in bad {
+            self.delete_blob(&f.digest).await?;
+        }
+        self.delete_manifest(&m.key).await
     }
 
     pub async fn delete_blob(&self, digest: &str) -> Result<()> {

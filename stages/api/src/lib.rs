@@ -131,8 +131,9 @@ pub struct StageDescriptor {
     pub code_hash: &'static str,
     /// Checks a `with:` block and returns it canonical: defaults filled in, unknown keys rejected.
     pub canonical_params: fn(serde_json::Value) -> Result<serde_json::Value, ParamError>,
-    /// Local files the stage reads, named by its params; their contents join the cache key.
-    pub file_deps: fn(&serde_json::Value) -> Vec<String>,
+    /// Local files the stage reads, named by its params (relative paths against the given
+    /// pipeline directory); their contents join the cache key.
+    pub file_deps: fn(&serde_json::Value, &Path) -> Vec<String>,
 }
 
 impl fmt::Debug for StageDescriptor {
@@ -142,7 +143,7 @@ impl fmt::Debug for StageDescriptor {
 }
 
 /// For stages that read no files beyond their inputs.
-pub fn no_file_deps(_: &serde_json::Value) -> Vec<String> {
+pub fn no_file_deps(_: &serde_json::Value, _: &Path) -> Vec<String> {
     Vec::new()
 }
 

@@ -1,0 +1,315 @@
+//! Streaming readers for each source format. Each calls back once per raw record, so no
+//! format ever holds more than one record (or one Parquet batch) in memory.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use arrow::array::{Array, StringArray};
+use orchestrate_stage::StageError;
+use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// `%`-separated records, attribution lines (`-- Author`) at the end.
+    Fortune,
+    /// One record per line.
+    Lines,
+    /// Records separated by blank lines.
+    Paragraphs,
+    /// One JSON object per line.
+    Jsonl,
+    /// An existing Parquet file with a text column.
+    Parquet,
+}
+
+/// Field (or column) names for JSON Lines and Parquet sources.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fields {
+    pub text: String,
+    pub author: String,
+    pub lang: String,
+}
+
+impl Default for Fields {
+    fn default() -> Self {
+        Fields {
+            text: "text".into(),
+            author: "author".into(),
+            lang: "lang".into(),
+        }
+    }
+}
+
+pub struct RawRecord {
+    pub text: String,
+    pub author: Option<String>,
+    pub lang: Option<String>,
+}
+
+pub enum RawItem {
+    Record(RawRecord),
+    /// A record whose bytes are not UTF-8, or a JSON line that does not parse.
+    Invalid { line: usize, reason: String },
+}
+
+type Sink<'a> = &'a mut dyn FnMut(RawItem, u64) -> Result<(), StageError>;
+
+/// Reads `path` in `format`, calling `sink(item, bytes_consumed_so_far)`.
+pub fn read(path: &Path, format: Format, fields: &Fields, sink: Sink<'_>) -> Result<(), StageError> {
+    let open = || File::open(path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e));
+    match format {
+        Format::Fortune => read_separated(BufReader::new(open()?), |line| line == b"%", sink),
+        Format::Paragraphs => read_separated(BufReader::new(open()?), |line| line.iter().all(u8::is_ascii_whitespace), sink),
+        Format::Lines => read_lines(BufReader::new(open()?), sink),
+        Format::Jsonl => read_jsonl(BufReader::new(open()?), fields, sink),
+        Format::Parquet => read_parquet(open()?, path, fields, sink),
+    }
+}
+
+fn next_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>, consumed: &mut u64, path_hint: &str) -> Result<bool, StageError> {
+    buf.clear();
+    let n = r
+        .read_until(b'\n', buf)
+        .map_err(|e| StageError::io(format!("cannot read {path_hint}"), e))?;
+    *consumed += n as u64;
+    while buf.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
+        buf.pop();
+    }
+    Ok(n > 0)
+}
+
+fn read_separated<R: BufRead>(mut r: R, is_separator: impl Fn(&[u8]) -> bool, sink: Sink<'_>) -> Result<(), StageError> {
+    let mut record: Vec<u8> = Vec::new();
+    let mut line = Vec::new();
+    let mut consumed = 0u64;
+    let mut line_no = 0usize;
+    let mut start = 1usize;
+    loop {
+        let more = next_line(&mut r, &mut line, &mut consumed, "source")?;
+        if more {
+            line_no += 1;
+        }
+        if !more || is_separator(&line) {
+            if !record.is_empty() {
+                emit(std::mem::take(&mut record), start, consumed, sink)?;
+            }
+            start = line_no + 1;
+            if !more {
+                return Ok(());
+            }
+        } else {
+            record.extend_from_slice(&line);
+            record.push(b'\n');
+        }
+    }
+}
+
+fn emit(bytes: Vec<u8>, line: usize, consumed: u64, sink: Sink<'_>) -> Result<(), StageError> {
+    match String::from_utf8(bytes) {
+        Ok(text) => {
+            let (text, author) = split_attribution(&text);
+            sink(
+                RawItem::Record(RawRecord { text, author, lang: None }),
+                consumed,
+            )
+        }
+        Err(e) => sink(
+            RawItem::Invalid {
+                line,
+                reason: format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()),
+            },
+            consumed,
+        ),
+    }
+}
+
+fn read_lines<R: BufRead>(mut r: R, sink: Sink<'_>) -> Result<(), StageError> {
+    let mut line = Vec::new();
+    let mut consumed = 0;
+    let mut n = 0;
+    while next_line(&mut r, &mut line, &mut consumed, "source")? {
+        n += 1;
+        if !line.iter().all(u8::is_ascii_whitespace) {
+            let bytes = std::mem::take(&mut line);
+            match String::from_utf8(bytes) {
+                Ok(text) => sink(RawItem::Record(RawRecord { text, author: None, lang: None }), consumed)?,
+                Err(e) => sink(
+                    RawItem::Invalid { line: n, reason: format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()) },
+                    consumed,
+                )?,
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_jsonl<R: BufRead>(mut r: R, fields: &Fields, sink: Sink<'_>) -> Result<(), StageError> {
+    let mut line = Vec::new();
+    let mut consumed = 0;
+    let mut n = 0;
+    while next_line(&mut r, &mut line, &mut consumed, "source")? {
+        n += 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let item = match serde_json::from_slice::<serde_json::Value>(&line) {
+            Err(e) => RawItem::Invalid { line: n, reason: format!("not JSON: {e}") },
+            Ok(v) => match v.get(&fields.text).and_then(|t| t.as_str()) {
+                None => RawItem::Invalid { line: n, reason: format!("no string field `{}`", fields.text) },
+                Some(text) => RawItem::Record(RawRecord {
+                    text: text.to_string(),
+                    author: v.get(&fields.author).and_then(|a| a.as_str()).map(str::to_string),
+                    lang: v.get(&fields.lang).and_then(|a| a.as_str()).map(str::to_string),
+                }),
+            },
+        };
+        sink(item, consumed)?;
+    }
+    Ok(())
+}
+
+fn read_parquet(file: File, path: &Path, fields: &Fields, sink: Sink<'_>) -> Result<(), StageError> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let bad = |e: &dyn std::fmt::Display| StageError::Failed(format!("cannot read Parquet file {}: {e}", path.display()));
+    let total = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(&e))?;
+    let rows = builder.metadata().file_metadata().num_rows().max(1) as u64;
+    let reader = builder.with_batch_size(8192).build().map_err(|e| bad(&e))?;
+    let mut seen = 0u64;
+    for batch in reader {
+        let batch = batch.map_err(|e| bad(&e))?;
+        let column = |name: &str| batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
+        let text = column(&fields.text)
+            .ok_or_else(|| StageError::Failed(format!("Parquet file {} has no string column `{}`", path.display(), fields.text)))?;
+        let author = column(&fields.author);
+        let lang = column(&fields.lang);
+        for i in 0..batch.num_rows() {
+            seen += 1;
+            if text.is_null(i) {
+                continue;
+            }
+            let get = |a: &Option<StringArray>| a.as_ref().filter(|a| !a.is_null(i)).map(|a| a.value(i).to_string());
+            let rec = RawRecord {
+                text: text.value(i).to_string(),
+                author: get(&author),
+                lang: get(&lang),
+            };
+            sink(RawItem::Record(rec), total * seen / rows)?;
+        }
+    }
+    Ok(())
+}
+
+/// Splits a fortune into its text and the author named by a trailing attribution line
+/// (`\t\t-- Mark Twain, "Pudd'nhead Wilson"`). The attribution may wrap onto the lines below.
+pub fn split_attribution(record: &str) -> (String, Option<String>) {
+    let lines: Vec<&str> = record.lines().collect();
+    let last = lines.iter().rposition(|l| !l.trim().is_empty());
+    let Some(last) = last else {
+        return (String::new(), None);
+    };
+    let first_candidate = last.saturating_sub(2);
+    for i in first_candidate..=last {
+        let t = lines[i].trim_start();
+        let rest = t
+            .strip_prefix("--")
+            .or_else(|| t.strip_prefix('—'))
+            .or_else(|| t.strip_prefix('―'));
+        if let Some(rest) = rest {
+            if i == 0 {
+                break;
+            }
+            let attribution: Vec<&str> = std::iter::once(rest).chain(lines[i + 1..=last].iter().copied()).collect();
+            let author = parse_author(&attribution.join(" "));
+            return (lines[..i].join("\n"), author);
+        }
+    }
+    (record.to_string(), None)
+}
+
+/// The name in an attribution: up to the first comma, parenthesis or quote, whitespace
+/// collapsed. `--Mark Twain` and `-- Mark Twain` give one name; spellings are not merged.
+pub fn parse_author(attribution: &str) -> Option<String> {
+    let s = attribution.trim_start_matches(['-', '—', '―', ' ', '\t']);
+    let end = s
+        .find([',', '(', '"', '«', '[', ';', '“', '/'])
+        .unwrap_or(s.len());
+    let name: String = s[..end].split_whitespace().collect::<Vec<_>>().join(" ");
+    let name = name.trim_end_matches(['.', ':', ' ']).nfc().collect::<String>();
+    let letters = name.chars().filter(|c| c.is_alphabetic()).count();
+    (letters >= 2 && name.chars().count() <= 60).then_some(name)
+}
+
+/// NFC; whitespace within a paragraph collapsed to single spaces (fortune files wrap lines at
+/// 72 columns); paragraphs kept apart by one newline.
+pub fn normalize_text(text: &str) -> String {
+    let nfc: String = text.nfc().collect();
+    let mut out = String::with_capacity(nfc.len());
+    let mut paragraph_open = false;
+    let mut pending_break = false;
+    for line in nfc.lines() {
+        let words = line.split_whitespace();
+        let mut any = false;
+        for w in words {
+            if !any {
+                if pending_break && paragraph_open {
+                    out.push('\n');
+                } else if paragraph_open {
+                    out.push(' ');
+                }
+                pending_break = false;
+                any = true;
+                paragraph_open = true;
+            } else {
+                out.push(' ');
+            }
+            out.push_str(w);
+        }
+        if !any {
+            pending_break = true;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attribution_gives_the_author_and_leaves_the_text() {
+        let (t, a) = split_attribution("A quote\nthat wraps.\n\t\t-- Mark Twain, \"Pudd'nhead Wilson\"\n");
+        assert_eq!(t, "A quote\nthat wraps.");
+        assert_eq!(a.as_deref(), Some("Mark Twain"));
+        let (_, a) = split_attribution("Безопасным бывает секс, но не любовь.\n\t\t-- Евгений Кащеев\n");
+        assert_eq!(a.as_deref(), Some("Евгений Кащеев"));
+        assert_eq!(parse_author("--Mark Twain"), parse_author("-- Mark  Twain"));
+        assert_ne!(parse_author("-- M. Twain"), parse_author("-- Mark Twain"));
+        let (t, a) = split_attribution("No author here.\n");
+        assert_eq!((t.as_str(), a), ("No author here.\n", None));
+    }
+
+    #[test]
+    fn whitespace_is_cleaned_and_paragraphs_kept() {
+        assert_eq!(normalize_text("  a  b\n c\n\n\n d\t e \n"), "a b c\nd e");
+    }
+
+    #[test]
+    fn fortune_records_split_on_percent_lines_with_line_numbers() {
+        let data = b"one\n  -- Al\n%\ntwo\n%\n\xff\xfe\n%\nthree\n";
+        let mut got = Vec::new();
+        read_separated(&data[..], |l| l == b"%", &mut |item, _| {
+            got.push(match item {
+                RawItem::Record(r) => format!("{}:{:?}", r.text.trim(), r.author),
+                RawItem::Invalid { line, .. } => format!("{line}:invalid"),
+            });
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, vec!["one:Some(\"Al\")", "two:None", "6:invalid", "three:None"]);
+    }
+}

@@ -1,0 +1,500 @@
+//! The `ingest` stage: raw sources → clean, deduplicated, split Parquet shards.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Float32Builder, RecordBatch, StringBuilder};
+use orchestrate_stage::{
+    canonical_params, ArtifactKind, Inputs, ParamError, ParamProblem, PathSegment, StageContext, StageDescriptor,
+    StageError, StageOutput,
+};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+
+use crate::formats::{self, Fields, Format, RawItem};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// A file, a directory (its files, not recursing unless `recursive`), or a glob.
+    /// Relative paths resolve against the pipeline file's directory.
+    pub path: String,
+    #[serde(default = "default_format")]
+    pub format: Format,
+    /// Fixes the language of every record; detected per record when absent.
+    #[serde(default)]
+    pub lang: Option<String>,
+    #[serde(default)]
+    pub fields: Fields,
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+fn default_format() -> Format {
+    Format::Fortune
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Split {
+    pub val: f64,
+    pub test: f64,
+}
+
+impl Default for Split {
+    fn default() -> Self {
+        Split { val: 0.02, test: 0.02 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestParams {
+    pub sources: Vec<Source>,
+    #[serde(default)]
+    pub split: Split,
+    /// Records shorter than this (in characters, after clean-up) are dropped.
+    #[serde(default = "default_min_chars")]
+    pub min_chars: usize,
+    #[serde(default = "default_max_chars")]
+    pub max_chars: usize,
+    /// Keep only these languages; all when empty.
+    #[serde(default)]
+    pub languages: Vec<String>,
+    /// Fail on the first undecodable record instead of skipping and counting it.
+    #[serde(default)]
+    pub strict: bool,
+    #[serde(default = "default_shard_records")]
+    pub shard_records: usize,
+    #[serde(default = "default_row_group_records")]
+    pub row_group_records: usize,
+}
+
+fn default_min_chars() -> usize {
+    8
+}
+fn default_max_chars() -> usize {
+    4000
+}
+fn default_shard_records() -> usize {
+    500_000
+}
+fn default_row_group_records() -> usize {
+    50_000
+}
+
+pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
+    kind: "ingest",
+    about: "reads text sources into a clean, deduplicated, split corpus of Parquet shards",
+    inputs: Inputs::Typed(&[]),
+    output: ArtifactKind::Corpus,
+    device_dependent: false,
+    code_hash: env!("STAGE_CODE_HASH"),
+    canonical_params: canonical,
+    file_deps,
+};
+
+fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
+    let v = canonical_params::<IngestParams>(v)?;
+    let p: IngestParams = serde_json::from_value(v.clone()).expect("just canonicalised");
+    let invalid = |path: &[&str], msg: String| ParamError {
+        path: path.iter().map(|k| PathSegment::Key(k.to_string())).collect(),
+        problem: ParamProblem::Invalid(msg),
+    };
+    if p.sources.is_empty() {
+        return Err(invalid(&["sources"], "at least one source is needed".into()));
+    }
+    for (name, f) in [("val", p.split.val), ("test", p.split.test)] {
+        if !(0.0..1.0).contains(&f) {
+            return Err(invalid(&["split", name], format!("a fraction in [0, 1) is needed, found {f}")));
+        }
+    }
+    if p.split.val + p.split.test >= 1.0 {
+        return Err(invalid(&["split"], "val + test must leave something to train on".into()));
+    }
+    if p.min_chars > p.max_chars {
+        return Err(invalid(&["min_chars"], format!("min_chars ({}) exceeds max_chars ({})", p.min_chars, p.max_chars)));
+    }
+    if p.shard_records == 0 || p.row_group_records == 0 {
+        return Err(invalid(&["shard_records"], "shard and row group sizes must be positive".into()));
+    }
+    Ok(v)
+}
+
+/// The source files, so their contents join the cache key: edit a corpus file, re-ingest.
+fn file_deps(v: &serde_json::Value, dir: &Path) -> Vec<String> {
+    let Ok(p) = serde_json::from_value::<IngestParams>(v.clone()) else {
+        return Vec::new();
+    };
+    expand(&p, dir)
+        .map(|files| files.into_iter().map(|(f, _)| f.display().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// Every input file with the source it came from, in a stable order, each file once.
+pub fn expand(p: &IngestParams, dir: &Path) -> Result<Vec<(PathBuf, usize)>, String> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, s) in p.sources.iter().enumerate() {
+        let path = dir.join(&s.path);
+        let mut files: Vec<PathBuf> = if s.path.contains(['*', '?', '[']) {
+            let pattern = path.display().to_string();
+            glob::glob(&pattern)
+                .map_err(|e| format!("source `{}` is not a valid glob: {e}", s.path))?
+                .flatten()
+                .filter(|f| f.is_file())
+                .collect()
+        } else if path.is_dir() {
+            list_dir(&path, s.recursive).map_err(|e| format!("cannot list source directory {}: {e}", path.display()))?
+        } else if path.is_file() {
+            vec![path.clone()]
+        } else {
+            return Err(format!("source `{}` does not exist (looked at {})", s.path, path.display()));
+        };
+        files.sort();
+        // Debian's fortune directories hold `.dat` indexes beside each file: not text.
+        if s.format == Format::Fortune {
+            files.retain(|f| f.extension().is_none_or(|e| e != "dat"));
+        }
+        for f in files {
+            let canon = f.canonicalize().unwrap_or_else(|_| f.clone());
+            if seen.insert(canon) {
+                out.push((f, i));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn list_dir(dir: &Path, recursive: bool) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let ft = entry.file_type()?;
+        // Symlinks are skipped: in fortune directories they duplicate files (`art.u8 -> art`).
+        if ft.is_file() {
+            out.push(entry.path());
+        } else if ft.is_dir() && recursive {
+            out.extend(list_dir(&entry.path(), true)?);
+        }
+    }
+    Ok(out)
+}
+
+/// What an ingest reports and stores in its artifact's metadata.
+#[derive(Debug, Default, Serialize)]
+pub struct Stats {
+    pub files: usize,
+    pub bytes_read: u64,
+    pub records_read: u64,
+    pub records: u64,
+    pub text_bytes: u64,
+    pub shards: usize,
+    pub per_language: BTreeMap<String, u64>,
+    pub per_split: BTreeMap<String, u64>,
+    pub with_author: u64,
+    pub distinct_authors: usize,
+    pub top_authors: Vec<(String, u64)>,
+    pub dropped: BTreeMap<String, u64>,
+}
+
+pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
+    let p: IngestParams = ctx.params()?;
+    let files = expand(&p, ctx.pipeline_dir).map_err(StageError::Failed)?;
+    if files.is_empty() {
+        return Err(StageError::Failed("the sources name no files".into()));
+    }
+    let total: u64 = files.iter().map(|(f, _)| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
+    let shard_dir = ctx.out_dir.join(crate::SHARD_DIR);
+    std::fs::create_dir_all(&shard_dir).map_err(|e| StageError::io("cannot create the shard directory", e))?;
+    let mut writer = ShardWriter::new(shard_dir, p.shard_records, p.row_group_records);
+    let mut stats = Stats {
+        files: files.len(),
+        ..Default::default()
+    };
+    // 128 bits per record keeps 2 million records' dedupe set near 50 MB, collisions aside.
+    let mut seen: HashSet<u128> = HashSet::new();
+    let mut authors: HashMap<String, u64> = HashMap::new();
+    let mut done_bytes = 0u64;
+    let started = std::time::Instant::now();
+
+    for (file, si) in &files {
+        let source = &p.sources[*si];
+        let shown = file.display().to_string();
+        let mut last_progress = 0u64;
+        formats::read(file, source.format, &source.fields, &mut |item, consumed| {
+            if consumed - last_progress > (1 << 20) {
+                ctx.events.progress(done_bytes + consumed, Some(total), "bytes");
+                last_progress = consumed;
+                ctx.checkpoint()?;
+            }
+            stats.records_read += 1;
+            let raw = match item {
+                RawItem::Invalid { line, reason } => {
+                    if p.strict {
+                        return Err(StageError::Failed(format!("{shown}:{line}: {reason} (strict: true)")));
+                    }
+                    *stats.dropped.entry("invalid".into()).or_default() += 1;
+                    return Ok(());
+                }
+                RawItem::Record(r) => r,
+            };
+            let text = formats::normalize_text(&raw.text);
+            let chars = text.chars().count();
+            let drop = if chars == 0 {
+                Some("empty")
+            } else if chars < p.min_chars {
+                Some("too_short")
+            } else if chars > p.max_chars {
+                Some("too_long")
+            } else {
+                None
+            };
+            if let Some(reason) = drop {
+                *stats.dropped.entry(reason.into()).or_default() += 1;
+                return Ok(());
+            }
+            let (lang, confidence) = match source.lang.clone().or(raw.lang) {
+                Some(l) => (l, 1.0),
+                None => {
+                    let (l, c) = crate::lang::detect(&text);
+                    (l.to_string(), c)
+                }
+            };
+            if !p.languages.is_empty() && !p.languages.contains(&lang) {
+                *stats.dropped.entry("language".into()).or_default() += 1;
+                return Ok(());
+            }
+            let hash = blake3::hash(text.as_bytes());
+            let bytes = hash.as_bytes();
+            let key = u128::from_le_bytes(bytes[..16].try_into().expect("16 bytes"));
+            if !seen.insert(key) {
+                *stats.dropped.entry("duplicate".into()).or_default() += 1;
+                return Ok(());
+            }
+            let split = split_of(u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")), &p.split);
+            let author = raw.author.as_deref().and_then(formats::parse_author);
+            if let Some(a) = &author {
+                *authors.entry(a.clone()).or_default() += 1;
+                stats.with_author += 1;
+            }
+            stats.records += 1;
+            stats.text_bytes += text.len() as u64;
+            *stats.per_language.entry(lang.clone()).or_default() += 1;
+            *stats.per_split.entry(split.into()).or_default() += 1;
+            let id = hash.to_hex()[..16].to_string();
+            writer
+                .push(Row {
+                    id,
+                    text,
+                    lang,
+                    confidence,
+                    author,
+                    source: shown.clone(),
+                    split,
+                })
+                .map_err(|e| StageError::Failed(format!("cannot write a corpus shard: {e}")))
+        })?;
+        done_bytes += std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        ctx.events.progress(done_bytes, Some(total), "bytes");
+    }
+    stats.shards = writer.finish().map_err(|e| StageError::Failed(format!("cannot finish a corpus shard: {e}")))?;
+    stats.bytes_read = done_bytes;
+    if stats.records == 0 {
+        return Err(StageError::Failed(format!(
+            "ingest produced no records from {} files ({} read; dropped: {})",
+            stats.files,
+            stats.records_read,
+            describe(&stats.dropped)
+        )));
+    }
+    stats.distinct_authors = authors.len();
+    let mut top: Vec<(String, u64)> = authors.into_iter().collect();
+    top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    top.truncate(20);
+    stats.top_authors = top;
+
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    ctx.events.metric("records", stats.records as f64, None);
+    ctx.events.metric("text_mb", stats.text_bytes as f64 / 1e6, None);
+    ctx.events.metric("ingest_mb_per_s", stats.bytes_read as f64 / 1e6 / secs, None);
+    for (reason, n) in &stats.dropped {
+        ctx.events.metric(&format!("dropped_{reason}"), *n as f64, None);
+    }
+    for (lang, n) in &stats.per_language {
+        ctx.events.metric(&format!("records_{lang}"), *n as f64, None);
+    }
+    ctx.events.log(&format!(
+        "{} records ({} MB of text) from {} files; dropped: {}",
+        stats.records,
+        stats.text_bytes / 1_000_000,
+        stats.files,
+        describe(&stats.dropped)
+    ));
+    let json = serde_json::to_value(&stats).expect("plain JSON");
+    std::fs::write(ctx.out_dir.join("stats.json"), serde_json::to_vec_pretty(&json).expect("plain JSON"))
+        .map_err(|e| StageError::io("cannot write stats.json", e))?;
+    let mut out = StageOutput::default();
+    if let serde_json::Value::Object(map) = json {
+        out.metadata = map;
+    }
+    Ok(out)
+}
+
+fn describe(dropped: &BTreeMap<String, u64>) -> String {
+    if dropped.is_empty() {
+        return "none".into();
+    }
+    dropped.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ")
+}
+
+/// The split follows from the record's hash alone, so adding records never moves another.
+fn split_of(h: u64, s: &Split) -> &'static str {
+    let u = (h >> 11) as f64 / (1u64 << 53) as f64;
+    if u < s.test {
+        "test"
+    } else if u < s.test + s.val {
+        "val"
+    } else {
+        "train"
+    }
+}
+
+struct Row {
+    id: String,
+    text: String,
+    lang: String,
+    confidence: f32,
+    author: Option<String>,
+    source: String,
+    split: &'static str,
+}
+
+/// Buffers one row group at a time and rolls over to a new shard every `shard_records`.
+struct ShardWriter {
+    dir: PathBuf,
+    shard_records: usize,
+    row_group: usize,
+    writer: Option<ArrowWriter<File>>,
+    shards: usize,
+    in_shard: usize,
+    cols: Columns,
+}
+
+#[derive(Default)]
+struct Columns {
+    id: StringBuilder,
+    text: StringBuilder,
+    lang: StringBuilder,
+    confidence: Float32Builder,
+    author: StringBuilder,
+    source: StringBuilder,
+    split: StringBuilder,
+    rows: usize,
+}
+
+type WriteResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+impl ShardWriter {
+    fn new(dir: PathBuf, shard_records: usize, row_group: usize) -> Self {
+        ShardWriter {
+            dir,
+            shard_records,
+            row_group: row_group.min(shard_records),
+            writer: None,
+            shards: 0,
+            in_shard: 0,
+            cols: Columns::default(),
+        }
+    }
+
+    fn push(&mut self, r: Row) -> WriteResult<()> {
+        let c = &mut self.cols;
+        c.id.append_value(&r.id);
+        c.text.append_value(&r.text);
+        c.lang.append_value(&r.lang);
+        c.confidence.append_value(r.confidence);
+        c.author.append_option(r.author.as_deref());
+        c.source.append_value(&r.source);
+        c.split.append_value(r.split);
+        c.rows += 1;
+        self.in_shard += 1;
+        if c.rows >= self.row_group || self.in_shard >= self.shard_records {
+            self.flush()?;
+        }
+        if self.in_shard >= self.shard_records {
+            if let Some(w) = self.writer.take() {
+                w.close()?;
+            }
+            self.in_shard = 0;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> WriteResult<()> {
+        if self.cols.rows == 0 {
+            return Ok(());
+        }
+        let c = &mut self.cols;
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(c.id.finish()),
+            Arc::new(c.text.finish()),
+            Arc::new(c.lang.finish()),
+            Arc::new(c.confidence.finish()),
+            Arc::new(c.author.finish()),
+            Arc::new(c.source.finish()),
+            Arc::new(c.split.finish()),
+        ];
+        c.rows = 0;
+        let batch = RecordBatch::try_new(crate::schema(), columns)?;
+        if self.writer.is_none() {
+            let path = self.dir.join(format!("part-{:05}.parquet", self.shards));
+            let props = WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+                .set_max_row_group_size(self.row_group)
+                .build();
+            self.writer = Some(ArrowWriter::try_new(File::create(path)?, crate::schema(), Some(props))?);
+            self.shards += 1;
+        }
+        self.writer.as_mut().expect("just opened").write(&batch)?;
+        Ok(())
+    }
+
+    fn finish(mut self) -> WriteResult<usize> {
+        self.flush()?;
+        if let Some(w) = self.writer.take() {
+            w.close()?;
+        }
+        Ok(self.shards)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_is_stable_and_roughly_proportional() {
+        let s = Split { val: 0.1, test: 0.1 };
+        let mut counts = BTreeMap::new();
+        for i in 0..20_000u64 {
+            let h = blake3::hash(&i.to_le_bytes());
+            let v = u64::from_le_bytes(h.as_bytes()[16..24].try_into().unwrap());
+            *counts.entry(split_of(v, &s)).or_insert(0) += 1;
+        }
+        assert!((1700..2300).contains(&counts["val"]), "{counts:?}");
+        assert!((1700..2300).contains(&counts["test"]), "{counts:?}");
+    }
+
+    #[test]
+    fn bad_params_are_named() {
+        let e = canonical(serde_json::json!({"sources": [{"path": "x"}], "split": {"val": 0.6, "test": 0.5}})).unwrap_err();
+        assert_eq!(e.path, vec![PathSegment::Key("split".into())]);
+        let e = canonical(serde_json::json!({"sources": [{"path": "x", "format": "csv"}]})).unwrap_err();
+        assert!(matches!(e.problem, ParamProblem::Invalid(m) if m.contains("unknown variant `csv`")));
+    }
+}

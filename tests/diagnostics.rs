@@ -1,0 +1,85 @@
+//! Snapshots of what `orchestrate validate` says about broken pipelines: every problem at
+//! once, each with file:line:col, the offending text underlined, and a hint.
+
+mod common;
+use common::Sandbox;
+
+fn validate(case: &str, extra: &[&str]) -> (i32, String) {
+    let sb = Sandbox::new();
+    let text = std::fs::read_to_string(format!("{}/tests/broken/{case}.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    sb.write(&format!("{case}.yaml"), &text);
+    let file = format!("{case}.yaml");
+    let mut args = vec!["validate", file.as_str()];
+    args.extend_from_slice(extra);
+    let r = sb.run(&args);
+    (r.code, r.stderr + &r.stdout)
+}
+
+macro_rules! broken {
+    ($name:ident, $case:literal $(, $arg:literal)*) => {
+        #[test]
+        fn $name() {
+            let (code, out) = validate($case, &[$($arg),*]);
+            assert_eq!(code, 2, "{out}");
+            insta::assert_snapshot!(out);
+        }
+    };
+}
+
+broken!(yaml_syntax_error, "syntax");
+broken!(unknown_key, "unknown_key");
+broken!(unknown_stage_kind, "unknown_kind");
+broken!(dangling_reference, "dangling");
+broken!(cycle, "cycle");
+broken!(duplicate_stage_name, "duplicate_stage");
+broken!(wrong_value_type, "wrong_type");
+broken!(missing_required_param, "missing_param");
+broken!(every_problem_at_once, "many_at_once");
+broken!(bad_set_path, "ok", "--set", "nosuch.with.run=ls", "--set", "a.with.rnu=ls", "--set", "a.kind.x=1");
+broken!(set_wrong_type, "ok", "--set", "a.retries=lots", "--set", "a.with.outputs=[1, {x: 2}]");
+
+#[test]
+fn valid_pipeline_has_a_one_line_summary() {
+    let (code, out) = validate("ok", &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out, "ok.yaml: pipeline `fine` is valid: 1 stage, 0 edges\n");
+}
+
+#[test]
+fn missing_file_is_exit_2_with_the_path() {
+    let sb = Sandbox::new();
+    let r = sb.run(&["validate", "nope.yaml"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("cannot read pipeline file nope.yaml"), "{}", r.stderr);
+}
+
+#[test]
+fn help_documents_exit_codes() {
+    let sb = Sandbox::new();
+    let r = sb.run(&["--help"]);
+    for code in ["0 ", "1 ", "2 ", "3 ", "4 ", "130 "] {
+        assert!(r.stdout.contains(&format!("\n  {code}")), "exit code {code} missing from --help:\n{}", r.stdout);
+    }
+}
+
+#[test]
+fn every_example_pipeline_validates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = std::process::Command::new(common::BIN)
+                .args(["validate", path.to_str().unwrap()])
+                .env("MLFLOW_TRACKING_URI", "")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no pipelines found in {}", dir.display());
+}
+
+#[cfg(feature = "corpus")]
+broken!(edge_type_mismatch, "type_mismatch");

@@ -1,0 +1,328 @@
+//! End-to-end behaviour of the engine with `shell` stages: caching, concurrency, crash
+//! safety, corruption, locking, retries, timeouts, interruption, selection and gc.
+
+mod common;
+use std::time::{Duration, Instant};
+
+use common::{line_count, stage_status, Sandbox};
+
+/// A diamond: src feeds left and right, which both feed join. Every command appends a line to
+/// `count-<stage>` in the pipeline directory, so tests can count how often each really ran.
+const DIAMOND: &str = r#"
+name: diamond
+storage: file://store
+params: { greeting: hello }
+stages:
+  src:
+    kind: shell
+    deps: [in.txt]
+    with:
+      run: echo x >> $PIPELINE_DIR/count-src; cp $PIPELINE_DIR/in.txt a.txt
+      outputs: [a.txt]
+  left:
+    kind: shell
+    inputs: [src]
+    with:
+      run: echo x >> $PIPELINE_DIR/count-left; sleep ${params.sleep}; wc -c < $INPUT_SRC/a.txt > l.txt
+      outputs: [l.txt]
+  right:
+    kind: shell
+    inputs: [src]
+    with:
+      run: echo x >> $PIPELINE_DIR/count-right; sleep ${params.sleep}; echo ${params.greeting} > r.txt
+      outputs: [r.txt]
+  join:
+    kind: shell
+    inputs: { l: left, r: right }
+    with:
+      run: echo x >> $PIPELINE_DIR/count-join; cat $INPUT_L/l.txt $INPUT_R/r.txt > j.txt
+      outputs: [j.txt]
+"#;
+
+fn diamond(sleep: &str) -> Sandbox {
+    let sb = Sandbox::new();
+    sb.write("p.yaml", &DIAMOND.replace("params: { greeting: hello }", &format!("params: {{ greeting: hello, sleep: {sleep} }}")));
+    sb.write("in.txt", "some input\n");
+    sb
+}
+
+fn counts(sb: &Sandbox) -> [usize; 4] {
+    ["src", "left", "right", "join"].map(|s| line_count(&sb.read(&format!("count-{s}"))))
+}
+
+fn interval(run: &serde_json::Value, stage: &str) -> (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) {
+    let s = run["stages"].as_array().unwrap().iter().find(|s| s["stage"] == stage).unwrap();
+    (
+        s["started_at"].as_str().unwrap().parse().unwrap(),
+        s["ended_at"].as_str().unwrap().parse().unwrap(),
+    )
+}
+
+#[test]
+fn second_run_of_an_unchanged_pipeline_does_no_work() {
+    let sb = diamond("0");
+    let r = sb.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(counts(&sb), [1, 1, 1, 1]);
+    let r = sb.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 0);
+    assert!(r.stdout.contains("0 ran, 4 cached, 0 failed"), "{}", r.stdout);
+    assert_eq!(counts(&sb), [1, 1, 1, 1]);
+    let plan = sb.run(&["plan", "p.yaml"]);
+    assert!(plan.stdout.contains("4 cached, 0 will run, 0 blocked"), "{}", plan.stdout);
+}
+
+#[test]
+fn changing_one_param_reruns_only_what_depends_on_it() {
+    let sb = diamond("0");
+    assert_eq!(sb.run(&["run", "p.yaml"]).code, 0);
+    let plan = sb.run(&["plan", "p.yaml", "--set", "params.greeting=bonjour"]);
+    insta::assert_snapshot!(plan.stdout);
+    let json = sb.run(&["plan", "p.yaml", "--set", "params.greeting=bonjour", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["stages"][2]["status"], "will_run");
+    assert_eq!(v["stages"][3]["waits_for"][0], "right");
+    let r = sb.run(&["run", "p.yaml", "--set", "params.greeting=bonjour"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(counts(&sb), [1, 1, 2, 2]);
+}
+
+#[test]
+fn early_cutoff_when_a_rerun_reproduces_its_output() {
+    let sb = diamond("0");
+    assert_eq!(sb.run(&["run", "p.yaml"]).code, 0);
+    // Forcing src reruns it; it reproduces the same bytes, so nothing below reruns.
+    let r = sb.run(&["run", "p.yaml", "--force", "src"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(counts(&sb), [2, 1, 1, 1]);
+    // --from reruns the stage and everything below it.
+    assert_eq!(sb.run(&["run", "p.yaml", "--from", "right"]).code, 0);
+    assert_eq!(counts(&sb), [2, 1, 2, 2]);
+}
+
+#[test]
+fn independent_stages_run_at_the_same_time() {
+    let sb = diamond("1");
+    let r = sb.run(&["run", "p.yaml", "--jobs", "4"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let run = sb.last_run();
+    let (l0, l1) = interval(&run, "left");
+    let (r0, r1) = interval(&run, "right");
+    assert!(l0 < r1 && r0 < l1, "left {l0}..{l1} and right {r0}..{r1} do not overlap");
+    // With one job they cannot.
+    let r = sb.run(&["run", "p.yaml", "--jobs", "1", "--set", "params.greeting=hi", "--force-all"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let run = sb.last_run();
+    let (l0, l1) = interval(&run, "left");
+    let (r0, r1) = interval(&run, "right");
+    assert!(l1 <= r0 || r1 <= l0, "with --jobs 1 left {l0}..{l1} and right {r0}..{r1} overlap");
+}
+
+#[test]
+fn sigkill_mid_stage_leaves_no_partial_artifact_and_rerun_redoes_only_that_stage() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        r#"
+name: crash
+storage: file://store
+stages:
+  first:
+    kind: shell
+    with: { run: "echo x >> $PIPELINE_DIR/count-first; echo one > one.txt", outputs: [one.txt] }
+  second:
+    kind: shell
+    inputs: [first]
+    with:
+      run: echo x >> $PIPELINE_DIR/count-second; head -c 100000 /dev/zero > big.bin; touch $PIPELINE_DIR/writing; sleep 30; echo done > tail.txt
+      outputs: [big.bin, tail.txt]
+"#,
+    );
+    let mut child = sb.spawn(&["run", "p.yaml"]);
+    assert!(sb.wait_for("writing", 20), "stage `second` never started");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(sb.manifests(), 1, "only `first` may be committed");
+    let plan = sb.run(&["plan", "p.yaml"]);
+    assert!(plan.stdout.contains("first   shell  cached"), "{}", plan.stdout);
+    assert!(plan.stdout.contains("second  shell  will run"), "{}", plan.stdout);
+    // The killed run's record says so.
+    let runs = sb.run(&["runs", "--store", "file://store"]);
+    assert!(runs.stdout.contains("killed"), "{}", runs.stdout);
+
+    sb.write("p.yaml", &sb.read("p.yaml").replace("sleep 30", "true"));
+    let r = sb.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(line_count(&sb.read("count-first")), 1, "first must not rerun");
+    assert_eq!(line_count(&sb.read("count-second")), 2);
+    assert_eq!(stage_status(&sb.last_run(), "first"), "cached");
+}
+
+#[test]
+fn a_flipped_byte_in_a_blob_is_detected_named_and_repaired() {
+    let sb = diamond("0");
+    assert_eq!(sb.run(&["run", "p.yaml"]).code, 0);
+    let run = sb.last_run();
+    let digest = run["stages"][0]["artifact"].as_str().unwrap().to_string();
+    let manifest_key = run["stages"][0]["key"].as_str().unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&sb.read(&format!("store/manifests/{manifest_key}.json"))).unwrap();
+    let blob_hex = manifest["files"][0]["digest"].as_str().unwrap().strip_prefix("blake3:").unwrap().to_string();
+    let blob = sb.path().join(format!("store/blobs/{}/{blob_hex}", &blob_hex[..2]));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[0] ^= 0x01;
+    std::fs::write(&blob, bytes).unwrap();
+
+    // A stage reading it on a machine without a local copy fails and names the blob.
+    std::fs::remove_dir_all(sb.path().join(".orchestrate/artifacts")).unwrap();
+    let r = sb.run(&["run", "p.yaml", "--force", "left"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stdout.contains("corrupt blob") && r.stdout.contains(&blob_hex), "{}", r.stdout);
+    assert!(r.stdout.contains("`a.txt`") && r.stdout.contains("--repair"), "{}", r.stdout);
+    // fsck finds it too.
+    let f = sb.run(&["fsck", "--store", "file://store"]);
+    assert_eq!(f.code, 3, "{}", f.stdout);
+    assert!(f.stdout.contains(&blob_hex) && f.stdout.contains("stage `src`"), "{}", f.stdout);
+    // --repair rebuilds it; the rebuilt artifact has the original digest.
+    let r = sb.run(&["run", "p.yaml", "--repair"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(sb.last_run()["stages"][0]["artifact"].as_str().unwrap(), digest);
+    assert_eq!(sb.run(&["fsck", "--store", "file://store"]).code, 0);
+}
+
+#[test]
+fn two_processes_on_one_store_produce_each_artifact_once() {
+    let sb = diamond("1");
+    let a = sb.spawn(&["run", "p.yaml"]);
+    let b = sb.spawn(&["run", "p.yaml"]);
+    let a = a.wait_with_output().unwrap();
+    let b = b.wait_with_output().unwrap();
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    assert_eq!(counts(&sb), [1, 1, 1, 1]);
+    let runs = sb.runs();
+    assert_eq!(runs.len(), 2);
+    // Between them, every stage ran exactly once.
+    for stage in ["src", "left", "right", "join"] {
+        let ran = runs.iter().filter(|r| stage_status(r, stage) == "ran").count();
+        assert_eq!(ran, 1, "stage {stage} ran {ran} times");
+    }
+}
+
+#[test]
+fn retries_then_success_and_timeouts() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        r#"
+name: flaky
+storage: file://store
+stages:
+  flaky:
+    kind: shell
+    retries: 2
+    with:
+      run: echo x >> $PIPELINE_DIR/tries; test $(wc -l < $PIPELINE_DIR/tries) -ge 2 && echo ok > ok.txt
+      outputs: [ok.txt]
+  slow:
+    kind: shell
+    timeout: 1s
+    with: { run: sleep 30 }
+"#,
+    );
+    let t0 = Instant::now();
+    let r = sb.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 1);
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    let run = sb.last_run();
+    assert_eq!(stage_status(&run, "flaky"), "ran");
+    assert_eq!(run["stages"][0]["attempts"], 2);
+    assert_eq!(stage_status(&run, "slow"), "failed");
+    assert!(r.stdout.contains("timed out after 1.0s"), "{}", r.stdout);
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_with_exit_130() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        r#"
+name: stop
+storage: file://store
+stages:
+  long:
+    kind: shell
+    with: { run: "touch $PIPELINE_DIR/started; sleep 60; echo > x", outputs: [x] }
+"#,
+    );
+    let child = sb.spawn(&["run", "p.yaml"]);
+    assert!(sb.wait_for("started", 20));
+    let t0 = Instant::now();
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(sb.manifests(), 0);
+    assert_eq!(sb.last_run()["status"], "cancelled");
+}
+
+#[test]
+fn only_runs_just_that_stage_and_needs_its_inputs_stored() {
+    let sb = diamond("0");
+    let r = sb.run(&["run", "p.yaml", "--only", "left"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("stage `left` needs `src`, which is not in the store"), "{}", r.stderr);
+    assert_eq!(sb.run(&["run", "p.yaml", "--only", "src"]).code, 0);
+    assert_eq!(sb.run(&["run", "p.yaml", "--only", "left"]).code, 0);
+    assert_eq!(counts(&sb), [1, 1, 0, 0]);
+    let r = sb.run(&["run", "p.yaml", "--only", "lefty"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("did you mean `left`?"), "{}", r.stderr);
+}
+
+#[test]
+fn gc_keeps_what_kept_and_pinned_runs_use() {
+    let sb = diamond("0");
+    assert_eq!(sb.run(&["run", "p.yaml", "--set", "params.greeting=one"]).code, 0);
+    let first = sb.last_run()["id"].as_str().unwrap().to_string();
+    assert_eq!(sb.run(&["run", "p.yaml", "--set", "params.greeting=two"]).code, 0);
+    assert_eq!(sb.run(&["run", "p.yaml", "--set", "params.greeting=three"]).code, 0);
+    assert_eq!(sb.manifests(), 2 + 3 * 2);
+    assert_eq!(sb.run(&["pin", &first, "--store", "file://store"]).code, 0);
+    let r = sb.run(&["gc", "--store", "file://store", "--keep-last", "1", "--grace", "0"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("deleted 2 runs, 2 artifacts"), "{}", r.stdout);
+    // The newest and the pinned run are still fully cached.
+    for greeting in ["three", "one"] {
+        let plan = sb.run(&["plan", "p.yaml", "--set", &format!("params.greeting={greeting}")]);
+        assert!(plan.stdout.contains("4 cached"), "{greeting}: {}", plan.stdout);
+    }
+    let plan = sb.run(&["plan", "p.yaml", "--set", "params.greeting=two"]);
+    assert!(plan.stdout.contains("right  shell  will run"), "{}", plan.stdout);
+    assert_eq!(sb.run(&["fsck", "--store", "file://store"]).code, 0);
+}
+
+#[test]
+fn graph_output() {
+    let sb = diamond("0");
+    let dot = sb.run(&["graph", "p.yaml", "--format", "dot"]);
+    insta::assert_snapshot!("graph_dot", dot.stdout);
+    let mermaid = sb.run(&["graph", "p.yaml", "--format", "mermaid"]);
+    insta::assert_snapshot!("graph_mermaid", mermaid.stdout);
+}
+
+#[test]
+fn runs_and_show_describe_what_happened() {
+    let sb = diamond("0");
+    assert_eq!(sb.run(&["run", "p.yaml"]).code, 0);
+    assert_eq!(sb.run(&["run", "p.yaml"]).code, 0);
+    let runs = sb.run(&["runs", "--pipeline", "p.yaml"]);
+    assert_eq!(line_count(&runs.stdout), 3, "{}", runs.stdout);
+    let show = sb.run(&["show", "last", "--pipeline", "p.yaml"]);
+    assert!(show.stdout.contains("status    succeeded"), "{}", show.stdout);
+    assert!(show.stdout.contains("produced by run"), "{}", show.stdout);
+    let json = sb.run(&["show", "last", "--store", "file://store", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["pipeline_digest"].as_str().unwrap().len(), 16);
+}
