@@ -100,7 +100,11 @@ impl Diagnostic {
                 let _ = writeln!(out, "{num} | {shown}");
                 let indent = " ".repeat(span.col.saturating_sub(1) as usize);
                 let width = span.len.max(1) as usize;
-                let label = self.label.as_deref().map(|l| format!(" {l}")).unwrap_or_default();
+                let label = self
+                    .label
+                    .as_deref()
+                    .map(|l| format!(" {l}"))
+                    .unwrap_or_default();
                 let _ = writeln!(out, "{pad} | {indent}{}{label}", "^".repeat(width));
             }
         }
@@ -138,7 +142,7 @@ pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 }
 
 /// "did you mean `x`?" or, when nothing is near, the list of what is allowed.
-pub fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<String> {
+pub fn suggest(word: &str, candidates: &[&str]) -> Option<String> {
     if let Some(n) = nearest(word, candidates.iter().copied()) {
         Some(format!("did you mean `{n}`?"))
     } else if candidates.is_empty() {
@@ -155,7 +159,10 @@ mod tests {
 
     #[test]
     fn nearest_finds_typos_but_not_strangers() {
-        assert_eq!(nearest("tokeniser", ["tokenizer", "corpus"]), Some("tokenizer"));
+        assert_eq!(
+            nearest("tokeniser", ["tokenizer", "corpus"]),
+            Some("tokenizer")
+        );
         assert_eq!(nearest("lrr", ["lr", "steps"]), Some("lr"));
         assert_eq!(nearest("zzzzzz", ["lr", "steps"]), None);
     }
@@ -164,9 +171,17 @@ mod tests {
     fn render_points_at_the_value() {
         let mut s = Sources::default();
         let id = s.add("p.yaml", "a: 1\nbb: two\n");
-        let d = Diagnostic::new("bad", Span { source: id, line: 2, col: 5, len: 3 })
-            .label("here")
-            .hint("fix it");
+        let d = Diagnostic::new(
+            "bad",
+            Span {
+                source: id,
+                line: 2,
+                col: 5,
+                len: 3,
+            },
+        )
+        .label("here")
+        .hint("fix it");
         assert_eq!(
             d.render(&s),
             "error: bad\n  --> p.yaml:2:5\n  |\n2 | bb: two\n  |     ^^^ here\n  = hint: fix it\n"

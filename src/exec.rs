@@ -18,7 +18,9 @@ use crate::pipeline::Pipeline;
 use crate::plan::{key_parts, Plan, Status};
 use crate::record::{RunRecord, RunStatus, StageRecord, StageStatus};
 use crate::report::Reporter;
-use crate::store::{hostname, unix_now, FileEntry, LockAttempt, LockInfo, Manifest, Producer, Store, StoreError};
+use crate::store::{
+    hostname, unix_now, FileEntry, LockAttempt, LockInfo, Manifest, Producer, Store, StoreError,
+};
 
 /// How long a lock holds without renewal; a holder renews it every third of this.
 const LOCK_LEASE: Duration = Duration::from_secs(30);
@@ -71,7 +73,8 @@ pub async fn execute(
         jobs: Arc::new(Semaphore::new(opts.jobs.max(1))),
     });
     let n = pipeline.stages.len();
-    let mut manifests: Vec<Option<Manifest>> = plan.stages.iter().map(|s| s.manifest.clone()).collect();
+    let mut manifests: Vec<Option<Manifest>> =
+        plan.stages.iter().map(|s| s.manifest.clone()).collect();
     let mut pending = vec![false; n];
     let mut records: Vec<StageRecord> = Vec::with_capacity(n);
     for (i, sp) in plan.stages.iter().enumerate() {
@@ -128,11 +131,18 @@ pub async fn execute(
                 .inputs
                 .iter()
                 .map(|b| {
-                    let ms = b.stages.iter().filter_map(|&u| manifests[u].clone()).collect();
+                    let ms = b
+                        .stages
+                        .iter()
+                        .filter_map(|&u| manifests[u].clone())
+                        .collect();
                     (b.name.clone(), ms)
                 })
                 .collect();
-            let digests: Vec<Option<String>> = manifests.iter().map(|m| m.as_ref().map(|m| m.digest.clone())).collect();
+            let digests: Vec<Option<String>> = manifests
+                .iter()
+                .map(|m| m.as_ref().map(|m| m.digest.clone()))
+                .collect();
             let sh = Arc::clone(&shared);
             let force = forced[i];
             tasks.spawn(async move {
@@ -140,7 +150,9 @@ pub async fn execute(
                 (i, done)
             });
         }
-        let Some(joined) = tasks.join_next().await else { break };
+        let Some(joined) = tasks.join_next().await else {
+            break;
+        };
         let (i, done) = match joined {
             Ok(x) => x,
             Err(e) => {
@@ -153,7 +165,10 @@ pub async fn execute(
         manifests[i] = done.manifest;
         records[i] = done.record;
         reporter.finished(&records[i]);
-        if matches!(records[i].status, StageStatus::Ran | StageStatus::Failed | StageStatus::Cancelled) {
+        if matches!(
+            records[i].status,
+            StageStatus::Ran | StageStatus::Failed | StageStatus::Cancelled
+        ) {
             run.stages = records.clone();
             let _ = store.put_run(&run_id, &run).await;
         }
@@ -167,8 +182,15 @@ pub async fn execute(
                 .filter(|&u| manifests[u].is_none())
                 .map(|u| format!("`{}`", pipeline.stages[u].name))
                 .collect();
-            records[i].status = if cancel.is_cancelled() { StageStatus::Cancelled } else { StageStatus::Skipped };
-            records[i].error = Some(format!("not run: upstream {} did not complete", failed.join(", ")));
+            records[i].status = if cancel.is_cancelled() {
+                StageStatus::Cancelled
+            } else {
+                StageStatus::Skipped
+            };
+            records[i].error = Some(format!(
+                "not run: upstream {} did not complete",
+                failed.join(", ")
+            ));
             reporter.finished(&records[i]);
         }
     }
@@ -176,7 +198,12 @@ pub async fn execute(
     run.ended_at = Some(Utc::now());
     run.status = if run.stages.iter().any(|s| s.status == StageStatus::Failed) {
         RunStatus::Failed
-    } else if cancel.is_cancelled() || run.stages.iter().any(|s| s.status == StageStatus::Cancelled) {
+    } else if cancel.is_cancelled()
+        || run
+            .stages
+            .iter()
+            .any(|s| s.status == StageStatus::Cancelled)
+    {
         RunStatus::Cancelled
     } else {
         RunStatus::Succeeded
@@ -197,7 +224,11 @@ async fn run_stage(
 ) -> Done {
     let stage = &sh.pipeline.stages[i];
     let mut record = StageRecord::new(&stage.name, stage.kind.name(), StageStatus::Failed);
-    let _permit = sh.jobs.acquire().await.expect("the semaphore is never closed");
+    let _permit = sh
+        .jobs
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
     let t0 = Instant::now();
     record.started_at = Some(Utc::now());
     let finish = |mut record: StageRecord, manifest: Option<Manifest>| {
@@ -249,7 +280,7 @@ async fn run_stage(
         Ok(Acquired::Lock) => {}
         Ok(Acquired::ProducedElsewhere(m)) => {
             stored(&mut record, &m);
-            return finish(record, Some(m));
+            return finish(record, Some(*m));
         }
         Ok(Acquired::Cancelled) => {
             record.status = StageStatus::Cancelled;
@@ -278,7 +309,9 @@ async fn run_stage(
         attempt += 1;
         let r = produce(sh, i, &inputs, &key, &parts, attempt, &metrics).await;
         match r {
-            Err(StageFailure::Failed(msg)) if attempt <= stage.retries && !sh.cancel.is_cancelled() => {
+            Err(StageFailure::Failed(msg))
+                if attempt <= stage.retries && !sh.cancel.is_cancelled() =>
+            {
                 let wait = Duration::from_millis(500 * (1 << (attempt - 1).min(6)));
                 sh.reporter.note(&format!(
                     "stage `{}` failed (attempt {attempt} of {}), retrying in {:.1}s: {}",
@@ -315,12 +348,17 @@ async fn run_stage(
 
 enum Acquired {
     Lock,
-    ProducedElsewhere(Manifest),
+    ProducedElsewhere(Box<Manifest>),
     Cancelled,
 }
 
 /// Takes the stage's lock, or waits while another run holds it and uses what it commits.
-async fn acquire(sh: &Shared, key: &CacheKey, lock: &LockInfo, forced: bool) -> Result<Acquired, StoreError> {
+async fn acquire(
+    sh: &Shared,
+    key: &CacheKey,
+    lock: &LockInfo,
+    forced: bool,
+) -> Result<Acquired, StoreError> {
     let mut told = false;
     loop {
         match sh.store.try_lock(key, lock).await? {
@@ -329,7 +367,7 @@ async fn acquire(sh: &Shared, key: &CacheKey, lock: &LockInfo, forced: bool) -> 
                 if !forced {
                     if let Some(m) = sh.store.manifest(key).await? {
                         sh.store.release_lock(key).await;
-                        return Ok(Acquired::ProducedElsewhere(m));
+                        return Ok(Acquired::ProducedElsewhere(Box::new(m)));
                     }
                 }
                 return Ok(Acquired::Lock);
@@ -348,7 +386,7 @@ async fn acquire(sh: &Shared, key: &CacheKey, lock: &LockInfo, forced: bool) -> 
                 tokio::time::sleep(LOCK_POLL).await;
                 if !forced {
                     if let Some(m) = sh.store.manifest(key).await? {
-                        return Ok(Acquired::ProducedElsewhere(m));
+                        return Ok(Acquired::ProducedElsewhere(Box::new(m)));
                     }
                 }
             }
@@ -446,11 +484,17 @@ async fn produce(
         Ok(Ok(o)) => o,
         Ok(Err(StageError::Cancelled)) if timed_out.load(Ordering::SeqCst) => {
             let limit = stage.timeout.unwrap_or_default();
-            return Err(StageFailure::Failed(format!("timed out after {}", crate::report::fmt_ms(limit.as_millis() as u64))));
+            return Err(StageFailure::Failed(format!(
+                "timed out after {}",
+                crate::report::fmt_ms(limit.as_millis() as u64)
+            )));
         }
         Ok(Err(StageError::Cancelled)) => return Err(StageFailure::Cancelled),
         Ok(Err(e)) => {
-            return Err(StageFailure::Failed(format!("{e} (working directory kept at {})", work.display())));
+            return Err(StageFailure::Failed(format!(
+                "{e} (working directory kept at {})",
+                work.display()
+            )));
         }
         Err(join) => return Err(StageFailure::Failed(format!("the stage crashed: {join}"))),
     };
@@ -458,7 +502,8 @@ async fn produce(
         return Err(StageFailure::Cancelled);
     }
 
-    let files = list_files(&out).map_err(|e| StageFailure::Failed(format!("cannot list outputs: {e}")))?;
+    let files =
+        list_files(&out).map_err(|e| StageFailure::Failed(format!("cannot list outputs: {e}")))?;
     let store = &sh.store;
     let mut entries: Vec<FileEntry> = futures::stream::iter(files.into_iter().map(|rel| {
         let path = out.join(&rel);
@@ -511,7 +556,9 @@ async fn materialize(sh: &Shared, m: &Manifest) -> Result<PathBuf, StoreError> {
     }
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let tmp = sh.artifact_cache.join(format!("{hex}.partial-{}-{n}", std::process::id()));
+    let tmp = sh
+        .artifact_cache
+        .join(format!("{hex}.partial-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| StoreError::Io {
         context: format!("cannot create {}", tmp.display()),

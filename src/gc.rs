@@ -24,7 +24,12 @@ pub struct GcReport {
 /// no pin names, then blobs that no remaining artifact lists. Objects younger than `grace` are
 /// kept whatever: a run in progress uploads blobs before its manifest and records its keys
 /// only when its stages finish.
-pub async fn collect(store: &Store, keep_last: usize, grace: Duration, dry_run: bool) -> Result<GcReport, StoreError> {
+pub async fn collect(
+    store: &Store,
+    keep_last: usize,
+    grace: Duration,
+    dry_run: bool,
+) -> Result<GcReport, StoreError> {
     let mut report = GcReport {
         dry_run,
         ..Default::default()

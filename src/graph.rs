@@ -3,7 +3,10 @@
 use crate::pipeline::Pipeline;
 
 pub fn dot(p: &Pipeline) -> String {
-    let mut out = format!("digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box, style=rounded];\n", esc(&p.name));
+    let mut out = format!(
+        "digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box, style=rounded];\n",
+        esc(&p.name)
+    );
     for s in &p.stages {
         out.push_str(&format!(
             "  \"{}\" [label=\"{}\\n({}) → {}\"];\n",
@@ -45,7 +48,12 @@ pub fn mermaid(p: &Pipeline) -> String {
         let s = &p.stages[i];
         for b in &s.inputs {
             for &u in &b.stages {
-                out.push_str(&format!("  {} -->|{}| {}\n", id(&p.stages[u].name), b.name, id(&s.name)));
+                out.push_str(&format!(
+                    "  {} -->|{}| {}\n",
+                    id(&p.stages[u].name),
+                    b.name,
+                    id(&s.name)
+                ));
             }
         }
     }

@@ -58,7 +58,10 @@ impl CacheKeyParts {
             why.push("cache key format changed".to_string());
         }
         if self.kind != before.kind {
-            why.push(format!("stage kind changed: {} → {}", before.kind, self.kind));
+            why.push(format!(
+                "stage kind changed: {} → {}",
+                before.kind, self.kind
+            ));
         } else if self.code != before.code {
             why.push("stage code changed".to_string());
         }
@@ -156,13 +159,18 @@ mod tests {
     fn known_key_is_pinned() {
         // If this changes, every user's cache is invalidated: bump KEY_FORMAT deliberately.
         let k = parts(json!({"run": "echo hi", "outputs": ["x"]})).key();
-        assert_eq!(k.0, "862dc3b0ab873973febf673f6e74205678e74213f1a8de3705c11e120752f47f");
+        assert_eq!(
+            k.0,
+            "862dc3b0ab873973febf673f6e74205678e74213f1a8de3705c11e120752f47f"
+        );
     }
 
     #[test]
     fn param_order_does_not_change_the_key() {
-        let a: serde_json::Value = serde_json::from_str(r#"{"run":"x","env":{"B":"1","A":"2"}}"#).unwrap();
-        let b: serde_json::Value = serde_json::from_str(r#"{"env":{"A":"2","B":"1"},"run":"x"}"#).unwrap();
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"run":"x","env":{"B":"1","A":"2"}}"#).unwrap();
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{"env":{"A":"2","B":"1"},"run":"x"}"#).unwrap();
         assert_eq!(parts(a).key(), parts(b).key());
     }
 

@@ -192,7 +192,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.trim() == "0" {
         return Ok(Duration::ZERO);
     }
-    orchestrate::pipeline::parse_duration(s).ok_or_else(|| format!("`{s}` is not a duration (try 30s, 10m, 2h)"))
+    orchestrate::pipeline::parse_duration(s)
+        .ok_or_else(|| format!("`{s}` is not a duration (try 30s, 10m, 2h)"))
 }
 
 /// An error with the exit code it maps to.
@@ -227,7 +228,10 @@ impl From<PlanError> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -308,7 +312,10 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let store = open_store(&p, &store)?;
             let plan = Plan::build(&p, &store, &select.selection()).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&plan).expect("plain JSON"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&plan).expect("plain JSON")
+                );
             } else {
                 print!("{}", plan.render());
             }
@@ -325,10 +332,15 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let store = open_store(&p, &store)?;
             let plan = Plan::build(&p, &store, &select.selection()).await?;
             let cancel = CancelToken::new();
-            let reporter: Arc<dyn orchestrate::report::Reporter> = Arc::from(orchestrate::report::for_stderr(quiet));
+            let reporter: Arc<dyn orchestrate::report::Reporter> =
+                Arc::from(orchestrate::report::for_stderr(quiet));
             watch_signals(cancel.clone(), Arc::clone(&reporter));
             let opts = ExecOptions {
-                jobs: jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
+                jobs: jobs.unwrap_or_else(|| {
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(2)
+                }),
                 cache_dir: cache_dir(&p),
                 args: std::env::args().skip(1).collect(),
             };
@@ -357,7 +369,10 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 }
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&runs).expect("plain JSON"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&runs).expect("plain JSON")
+                );
             } else {
                 print!("{}", runs_table(&runs));
             }
@@ -371,7 +386,10 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 .await?
                 .ok_or_else(|| Failure::new(2, format!("error: no run `{id}`")))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&record).expect("plain JSON"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&record).expect("plain JSON")
+                );
             } else {
                 print!("{}", show(&record));
             }
@@ -403,7 +421,11 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             for k in &keys {
                 store.pin(k, &run_or_key).await?;
             }
-            println!("pinned {} artifact{}", keys.len(), if keys.len() == 1 { "" } else { "s" });
+            println!(
+                "pinned {} artifact{}",
+                keys.len(),
+                if keys.len() == 1 { "" } else { "s" }
+            );
             Ok(0)
         }
         Command::Unpin { run_or_key, store } => {
@@ -421,12 +443,19 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let mut bad = 0;
             let keys = store.list_manifest_keys().await?;
             for (key, _) in &keys {
-                let Some(m) = store.manifest(key).await? else { continue };
+                let Some(m) = store.manifest(key).await? else {
+                    continue;
+                };
                 let problems = store.verify(&m).await?;
                 if !problems.is_empty() {
                     bad += 1;
                     let what: Vec<&str> = problems.iter().map(|(_, why)| why.as_str()).collect();
-                    println!("corrupt: artifact of stage `{}` (key {}): {}", m.stage, key.short(), what.join("; "));
+                    println!(
+                        "corrupt: artifact of stage `{}` (key {}): {}",
+                        m.stage,
+                        key.short(),
+                        what.join("; ")
+                    );
                     if repair {
                         store.discard_corrupt(&m, &problems).await?;
                         println!("  removed; the next run rebuilds it");
@@ -442,10 +471,11 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
 /// First Ctrl-C or SIGTERM: stop at a safe point. Second: leave at once.
 fn watch_signals(cancel: CancelToken, reporter: Arc<dyn orchestrate::report::Reporter>) {
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
         let mut count = 0;
         loop {
             tokio::select! {
@@ -454,7 +484,9 @@ fn watch_signals(cancel: CancelToken, reporter: Arc<dyn orchestrate::report::Rep
             }
             count += 1;
             if count == 1 {
-                reporter.note("interrupted: stopping running stages at a safe point (again to quit at once)");
+                reporter.note(
+                    "interrupted: stopping running stages at a safe point (again to quit at once)",
+                );
                 cancel.cancel();
             } else {
                 std::process::exit(130);
@@ -471,7 +503,9 @@ fn exit_code(r: &RunRecord) -> u8 {
         RunStatus::Failed => {
             let gate = r.stages.iter().any(|s| {
                 s.status == StageStatus::Failed
-                    && s.error.as_deref().is_some_and(|e| e.starts_with("quality gate failed"))
+                    && s.error
+                        .as_deref()
+                        .is_some_and(|e| e.starts_with("quality gate failed"))
             });
             if gate {
                 4
@@ -487,9 +521,13 @@ fn status_word(r: &RunRecord) -> &'static str {
         RunStatus::Succeeded => "succeeded",
         RunStatus::Failed => "failed",
         RunStatus::Cancelled => "cancelled",
-        RunStatus::Running if r.host == orchestrate::store::hostname()
-            && r.pid != 0
-            && !Path::new(&format!("/proc/{}", r.pid)).exists() => "killed",
+        RunStatus::Running
+            if r.host == orchestrate::store::hostname()
+                && r.pid != 0
+                && !Path::new(&format!("/proc/{}", r.pid)).exists() =>
+        {
+            "killed"
+        }
         RunStatus::Running => "running",
     }
 }
@@ -509,16 +547,34 @@ fn summary(r: &RunRecord) -> String {
 }
 
 fn stage_table(r: &RunRecord) -> String {
-    let w = r.stages.iter().map(|s| s.stage.len()).max().unwrap_or(5).max(5);
-    let mut out = format!("{:<w$}  {:<12}  {:>8}  ARTIFACT\n", "STAGE", "STATUS", "TIME");
+    let w = r
+        .stages
+        .iter()
+        .map(|s| s.stage.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let mut out = format!(
+        "{:<w$}  {:<12}  {:>8}  ARTIFACT\n",
+        "STAGE", "STATUS", "TIME"
+    );
     for s in &r.stages {
         let time = if s.status == StageStatus::Ran || s.status == StageStatus::Failed {
             fmt_ms(s.duration_ms)
         } else {
             "-".into()
         };
-        let artifact = s.artifact.as_deref().map(orchestrate::plan::short_digest).unwrap_or_else(|| "-".into());
-        out.push_str(&format!("{:<w$}  {:<12}  {:>8}  {artifact}\n", s.stage, s.status.as_str(), time));
+        let artifact = s
+            .artifact
+            .as_deref()
+            .map(orchestrate::plan::short_digest)
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<w$}  {:<12}  {:>8}  {artifact}\n",
+            s.stage,
+            s.status.as_str(),
+            time
+        ));
         if let Some(e) = &s.error {
             for line in e.lines() {
                 out.push_str(&format!("{:<w$}    {line}\n", ""));
@@ -529,7 +585,10 @@ fn stage_table(r: &RunRecord) -> String {
 }
 
 fn runs_table(runs: &[RunRecord]) -> String {
-    let mut out = format!("{:<28}  {:<20}  {:<10}  {:>8}  {:>4}  {:>6}  {:>6}  PIPELINE\n", "RUN", "STARTED", "STATUS", "TIME", "RAN", "CACHED", "FAILED");
+    let mut out = format!(
+        "{:<28}  {:<20}  {:<10}  {:>8}  {:>4}  {:>6}  {:>6}  PIPELINE\n",
+        "RUN", "STARTED", "STATUS", "TIME", "RAN", "CACHED", "FAILED"
+    );
     for r in runs {
         out.push_str(&format!(
             "{:<28}  {:<20}  {:<10}  {:>8}  {:>4}  {:>6}  {:>6}  {}\n",
@@ -548,9 +607,16 @@ fn runs_table(runs: &[RunRecord]) -> String {
 
 fn show(r: &RunRecord) -> String {
     let mut out = format!("run       {}\n", r.id);
-    out.push_str(&format!("pipeline  {} ({}, digest {})\n", r.pipeline, r.pipeline_path, r.pipeline_digest));
+    out.push_str(&format!(
+        "pipeline  {} ({}, digest {})\n",
+        r.pipeline, r.pipeline_path, r.pipeline_digest
+    ));
     out.push_str(&format!("status    {}\n", status_word(r)));
-    out.push_str(&format!("started   {} on {}\n", r.started_at.to_rfc3339(), r.host));
+    out.push_str(&format!(
+        "started   {} on {}\n",
+        r.started_at.to_rfc3339(),
+        r.host
+    ));
     out.push_str(&format!("duration  {}\n", fmt_ms(r.duration_ms())));
     if let Some(c) = &r.git_commit {
         out.push_str(&format!("commit    {c}\n"));
@@ -578,17 +644,32 @@ fn show(r: &RunRecord) -> String {
 async fn resolve_run(store: &Store, run: &str) -> Result<String, Failure> {
     let ids = store.list_run_ids().await?;
     if run == "last" {
-        return ids.last().cloned().ok_or_else(|| Failure::new(2, "error: the store has no runs yet"));
+        return ids
+            .last()
+            .cloned()
+            .ok_or_else(|| Failure::new(2, "error: the store has no runs yet"));
     }
     let matches: Vec<&String> = ids.iter().filter(|id| id.starts_with(run)).collect();
     match matches.as_slice() {
         [one] => Ok((*one).clone()),
-        [] => Err(Failure::new(2, format!("error: no run `{run}`; `orchestrate runs` lists them"))),
-        many => Err(Failure::new(2, format!("error: `{run}` matches {} runs; give more of the id", many.len()))),
+        [] => Err(Failure::new(
+            2,
+            format!("error: no run `{run}`; `orchestrate runs` lists them"),
+        )),
+        many => Err(Failure::new(
+            2,
+            format!(
+                "error: `{run}` matches {} runs; give more of the id",
+                many.len()
+            ),
+        )),
     }
 }
 
-async fn keys_for(store: &Store, run_or_key: &str) -> Result<Vec<orchestrate::key::CacheKey>, Failure> {
+async fn keys_for(
+    store: &Store,
+    run_or_key: &str,
+) -> Result<Vec<orchestrate::key::CacheKey>, Failure> {
     let key = orchestrate::key::CacheKey(run_or_key.to_string());
     if run_or_key.len() == 64 && store.manifest(&key).await?.is_some() {
         return Ok(vec![key]);

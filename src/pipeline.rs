@@ -16,7 +16,15 @@ use crate::kinds::StageKind;
 use crate::spec::{Invalid, PipelineSpec, TOP_LEVEL_KEYS};
 use crate::yaml::{Key, Node, Value};
 
-const STAGE_KEYS: [&str; 7] = ["kind", "inputs", "with", "resources", "retries", "timeout", "deps"];
+const STAGE_KEYS: [&str; 7] = [
+    "kind",
+    "inputs",
+    "with",
+    "resources",
+    "retries",
+    "timeout",
+    "deps",
+];
 const TRACKING_KEYS: [&str; 2] = ["mlflow", "experiment"];
 const RESOURCE_KEYS: [&str; 2] = ["device", "devices"];
 
@@ -180,13 +188,22 @@ impl PipelineSpec {
             }
         }
         let tracking = v.tracking(root.get("tracking"), &name);
-        let params = root.get("params").map(Node::to_json).unwrap_or(serde_json::json!({}));
+        let params = root
+            .get("params")
+            .map(Node::to_json)
+            .unwrap_or(serde_json::json!({}));
 
         let stage_entries: Vec<(Key, Node)> = match root.get("stages") {
-            Some(Node { value: Value::Map(entries), .. }) => entries.clone(),
+            Some(Node {
+                value: Value::Map(entries),
+                ..
+            }) => entries.clone(),
             Some(n) => {
                 v.diags.push(Diagnostic::new(
-                    format!("`stages` must be a mapping of stage names to stages, found {}", n.type_name()),
+                    format!(
+                        "`stages` must be a mapping of stage names to stages, found {}",
+                        n.type_name()
+                    ),
                     n.span,
                 ));
                 Vec::new()
@@ -219,9 +236,13 @@ impl PipelineSpec {
         // Type-check edges now that every stage's output kind is known.
         for (i, stage) in stages.iter().enumerate() {
             let Some(stage) = stage else { continue };
-            let Inputs::Typed(decls) = stage.kind.descriptor().inputs else { continue };
+            let Inputs::Typed(decls) = stage.kind.descriptor().inputs else {
+                continue;
+            };
             for binding in &stage.inputs {
-                let Some(decl) = decls.iter().find(|d| d.name == binding.name) else { continue };
+                let Some(decl) = decls.iter().find(|d| d.name == binding.name) else {
+                    continue;
+                };
                 for &producer in &binding.stages {
                     let Some(p) = &stages[producer] else { continue };
                     let produced = p.kind.descriptor().output;
@@ -251,7 +272,10 @@ impl PipelineSpec {
             graph.add_edge(NodeIndex::new(p), NodeIndex::new(i), name);
         }
         for cycle in find_cycles(&graph) {
-            let names: Vec<&str> = cycle.iter().map(|&i| stage_entries[i].0.name.as_str()).collect();
+            let names: Vec<&str> = cycle
+                .iter()
+                .map(|&i| stage_entries[i].0.name.as_str())
+                .collect();
             // Point at the reference that closes the loop: the first stage's input naming the last.
             let (first, last) = (cycle[0], cycle[cycle.len() - 2]);
             let span = ref_spans[first]
@@ -260,9 +284,12 @@ impl PipelineSpec {
                 .map(|(_, s)| *s)
                 .unwrap_or(stage_entries[first].0.span);
             v.diags.push(
-                Diagnostic::new(format!("the stages form a cycle: {}", names.join(" -> ")), span)
-                    .label("this input closes the cycle")
-                    .hint("a stage cannot depend, directly or not, on its own output"),
+                Diagnostic::new(
+                    format!("the stages form a cycle: {}", names.join(" -> ")),
+                    span,
+                )
+                .label("this input closes the cycle")
+                .hint("a stage cannot depend, directly or not, on its own output"),
             );
         }
 
@@ -275,13 +302,17 @@ impl PipelineSpec {
 
         if !v.diags.is_empty() {
             // In file order; problems without a position (or from --set) first.
-            v.diags.sort_by_key(|d| d.span.map(|s| (s.source.0 != 0, s.line, s.col)));
+            v.diags
+                .sort_by_key(|d| d.span.map(|s| (s.source.0 != 0, s.line, s.col)));
             return Err(Invalid {
                 diags: v.diags,
                 sources: self.sources,
             });
         }
-        let stages: Vec<Stage> = stages.into_iter().map(|s| s.expect("no diagnostics")).collect();
+        let stages: Vec<Stage> = stages
+            .into_iter()
+            .map(|s| s.expect("no diagnostics"))
+            .collect();
         let order = topo_order(&graph);
         let digest = pipeline_digest(&name, &params, &stages);
         Ok(Pipeline {
@@ -315,12 +346,23 @@ fn producers_of(kind: ArtifactKind, stages: &[Option<Stage>]) -> Option<String> 
         if kinds.is_empty() {
             None
         } else {
-            Some(format!("a {kind} comes from a stage of kind {}", kinds.join(" or ")))
+            Some(format!(
+                "a {kind} comes from a stage of kind {}",
+                kinds.join(" or ")
+            ))
         }
     } else {
         Some(format!("stages producing {kind}: {}", names.join(", ")))
     }
 }
+
+/// A stage if it is valid, where its input references are written, and the references that
+/// resolve (kept even for an invalid stage, so cycles through it are still found).
+type StageParts = (
+    Option<Stage>,
+    BTreeMap<(String, usize), Span>,
+    Vec<InputBinding>,
+);
 
 struct Validator {
     diags: Vec<Diagnostic>,
@@ -383,12 +425,7 @@ impl Validator {
         t
     }
 
-    fn stage(
-        &mut self,
-        key: &Key,
-        node: &Node,
-        names: &[&str],
-    ) -> (Option<Stage>, BTreeMap<(String, usize), Span>, Vec<InputBinding>) {
+    fn stage(&mut self, key: &Key, node: &Node, names: &[&str]) -> StageParts {
         let mut spans = BTreeMap::new();
         let name = &key.name;
         if !valid_stage_name(name) {
@@ -400,7 +437,10 @@ impl Validator {
         if !matches!(node.value, Value::Map(_)) {
             self.diags.push(
                 Diagnostic::new(
-                    format!("stage `{name}` must be a mapping, found {}", node.type_name()),
+                    format!(
+                        "stage `{name}` must be a mapping, found {}",
+                        node.type_name()
+                    ),
                     node.span,
                 )
                 .hint("give it at least `kind:`"),
@@ -411,28 +451,39 @@ impl Validator {
         let kind = match node.get("kind") {
             None => {
                 self.diags.push(
-                    Diagnostic::new(format!("stage `{name}` has no `kind`"), key.span)
-                        .hint(format!("add `kind:` with one of {}", StageKind::names().join(", "))),
+                    Diagnostic::new(format!("stage `{name}` has no `kind`"), key.span).hint(
+                        format!("add `kind:` with one of {}", StageKind::names().join(", ")),
+                    ),
                 );
                 None
             }
             Some(k) => match k.as_str().and_then(StageKind::from_name) {
                 Some(kind) => Some(kind),
                 None => {
-                    let shown = k.as_str().map(str::to_string).unwrap_or_else(|| k.type_name().to_string());
+                    let shown = k
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| k.type_name().to_string());
                     let hint = suggest(&shown, &StageKind::names());
                     self.diags.push(
-                        Diagnostic::new(format!("unknown stage kind `{shown}` in stage `{name}`"), k.span)
-                            .hint_opt(hint),
+                        Diagnostic::new(
+                            format!("unknown stage kind `{shown}` in stage `{name}`"),
+                            k.span,
+                        )
+                        .hint_opt(hint),
                     );
                     None
                 }
             },
         };
-        let (bindings, inputs_ok) = self.inputs(name, node.get("inputs"), kind, names, key.span, &mut spans);
+        let (bindings, inputs_ok) =
+            self.inputs(name, node.get("inputs"), kind, names, key.span, &mut spans);
         let inputs = inputs_ok.then(|| bindings.clone());
         let with_span = match &node.value {
-            Value::Map(entries) => entries.iter().find(|(k, _)| k.name == "with").map(|(k, _)| k.span),
+            Value::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| k.name == "with")
+                .map(|(k, _)| k.span),
             _ => None,
         };
         let params = match kind {
@@ -446,7 +497,10 @@ impl Validator {
                 Value::Int(i) if (0..=100).contains(&i) => i as u32,
                 _ => {
                     self.diags.push(Diagnostic::new(
-                        format!("`retries` must be a whole number from 0 to 100, found {}", n.type_name()),
+                        format!(
+                            "`retries` must be a whole number from 0 to 100, found {}",
+                            n.type_name()
+                        ),
                         n.span,
                     ));
                     0
@@ -460,10 +514,10 @@ impl Validator {
                 _ => None,
             };
             if parsed.is_none() {
-                self.diags.push(
-                    Diagnostic::new("`timeout` is not a duration", n.span)
-                        .hint("write seconds (`90`) or a duration such as `500ms`, `30s`, `10m`, `2h`"),
-                );
+                self.diags
+                    .push(Diagnostic::new("`timeout` is not a duration", n.span).hint(
+                        "write seconds (`90`) or a duration such as `500ms`, `30s`, `10m`, `2h`",
+                    ));
             }
             parsed
         });
@@ -478,12 +532,16 @@ impl Validator {
                     }
                 }
                 _ => self.diags.push(Diagnostic::new(
-                    format!("`deps` must be a list of file paths, found {}", n.type_name()),
+                    format!(
+                        "`deps` must be a list of file paths, found {}",
+                        n.type_name()
+                    ),
                     n.span,
                 )),
             }
         }
-        let (Some(kind), Some(params), Some(inputs), Some(device)) = (kind, params, inputs, device) else {
+        let (Some(kind), Some(params), Some(inputs), Some(device)) = (kind, params, inputs, device)
+        else {
             return (None, spans, bindings);
         };
         deps.extend((kind.descriptor().file_deps)(&params, &self.dir));
@@ -525,7 +583,9 @@ impl Validator {
             Some(Value::Map(entries)) => {
                 for (k, v) in entries {
                     match &v.value {
-                        Value::Seq(items) => raw.push((k.name.clone(), k.span, items.iter().collect(), true)),
+                        Value::Seq(items) => {
+                            raw.push((k.name.clone(), k.span, items.iter().collect(), true))
+                        }
                         _ => raw.push((k.name.clone(), k.span, vec![v], false)),
                     }
                 }
@@ -541,7 +601,10 @@ impl Validator {
                 let n = node.expect("matched Some");
                 self.diags.push(
                     Diagnostic::new(
-                        format!("`inputs` of stage `{stage}` must map input names to stages, found {}", n.type_name()),
+                        format!(
+                            "`inputs` of stage `{stage}` must map input names to stages, found {}",
+                            n.type_name()
+                        ),
                         n.span,
                     )
                     .hint("for example `inputs: { corpus: corpus }`"),
@@ -555,15 +618,20 @@ impl Validator {
                     None => {
                         let known: Vec<&str> = decls.iter().map(|d| d.name).collect();
                         self.diags.push(
-                            Diagnostic::new(format!("stage `{stage}` has no input `{input}`"), *input_span)
-                                .hint_opt(suggest(input, &known)),
+                            Diagnostic::new(
+                                format!("stage `{stage}` has no input `{input}`"),
+                                *input_span,
+                            )
+                            .hint_opt(suggest(input, &known)),
                         );
                         ok = false;
                         continue;
                     }
                     Some(d) if *is_list && !d.many => {
                         self.diags.push(Diagnostic::new(
-                            format!("input `{input}` of stage `{stage}` takes one stage, not a list"),
+                            format!(
+                                "input `{input}` of stage `{stage}` takes one stage, not a list"
+                            ),
                             *input_span,
                         ));
                         ok = false;
@@ -588,7 +656,8 @@ impl Validator {
                         producers.push(p);
                     }
                     None => {
-                        let others: Vec<&str> = names.iter().copied().filter(|n| *n != stage).collect();
+                        let others: Vec<&str> =
+                            names.iter().copied().filter(|n| *n != stage).collect();
                         self.diags.push(
                             Diagnostic::new(
                                 format!("stage `{stage}` input `{input}` refers to unknown stage `{target}`"),
@@ -610,10 +679,16 @@ impl Validator {
                 if !raw.iter().any(|(n, ..)| n == d.name) {
                     self.diags.push(
                         Diagnostic::new(
-                            format!("stage `{stage}` is missing its required input `{}` ({})", d.name, d.kind),
+                            format!(
+                                "stage `{stage}` is missing its required input `{}` ({})",
+                                d.name, d.kind
+                            ),
                             stage_span,
                         )
-                        .hint(format!("add `inputs: {{ {}: <a stage producing {}> }}`", d.name, d.kind)),
+                        .hint(format!(
+                            "add `inputs: {{ {}: <a stage producing {}> }}`",
+                            d.name, d.kind
+                        )),
                     );
                     ok = false;
                 }
@@ -624,7 +699,13 @@ impl Validator {
 
     /// `anchor` is where a problem with the block as a whole is shown: its `with` key, or the
     /// stage name when there is no `with`.
-    fn params(&mut self, stage: &str, kind: StageKind, node: Option<&Node>, anchor: Span) -> Option<serde_json::Value> {
+    fn params(
+        &mut self,
+        stage: &str,
+        kind: StageKind,
+        node: Option<&Node>,
+        anchor: Span,
+    ) -> Option<serde_json::Value> {
         let empty = Node::new(Value::Map(Vec::new()), anchor);
         let node = match node {
             None => &empty,
@@ -632,7 +713,10 @@ impl Validator {
             Some(n) if matches!(n.value, Value::Map(_)) => n,
             Some(n) => {
                 self.diags.push(Diagnostic::new(
-                    format!("`with` of stage `{stage}` must be a mapping, found {}", n.type_name()),
+                    format!(
+                        "`with` of stage `{stage}` must be a mapping, found {}",
+                        n.type_name()
+                    ),
                     n.span,
                 ));
                 return None;
@@ -641,22 +725,32 @@ impl Validator {
         match (kind.descriptor().canonical_params)(node.to_json()) {
             Ok(p) => Some(p),
             Err(e) => {
-                self.diags.push(param_diagnostic(stage, kind, node, anchor, &e));
+                self.diags
+                    .push(param_diagnostic(stage, kind, node, anchor, &e));
                 None
             }
         }
     }
 
     fn device(&mut self, stage: &str, node: Option<&Node>) -> Option<Device> {
-        let Some(node) = node else { return Some(Device::Auto) };
+        let Some(node) = node else {
+            return Some(Device::Auto);
+        };
         if !matches!(node.value, Value::Map(_)) {
             self.diags.push(Diagnostic::new(
-                format!("`resources` of stage `{stage}` must be a mapping, found {}", node.type_name()),
+                format!(
+                    "`resources` of stage `{stage}` must be a mapping, found {}",
+                    node.type_name()
+                ),
                 node.span,
             ));
             return None;
         }
-        self.unknown_keys(node, &RESOURCE_KEYS, &format!("in `resources` of stage `{stage}`"));
+        self.unknown_keys(
+            node,
+            &RESOURCE_KEYS,
+            &format!("in `resources` of stage `{stage}`"),
+        );
         if let Some(d) = node.get("devices") {
             let ok = matches!(&d.value, Value::Seq(items) if items.iter().all(|i| matches!(i.value, Value::Int(n) if n >= 0)));
             if !ok {
@@ -683,16 +777,25 @@ impl Validator {
 }
 
 /// Turns a stage's parameter error into a diagnostic pointing at the offending value.
-fn param_diagnostic(stage: &str, kind: StageKind, with: &Node, anchor: Span, e: &ParamError) -> Diagnostic {
+fn param_diagnostic(
+    stage: &str,
+    kind: StageKind,
+    with: &Node,
+    anchor: Span,
+    e: &ParamError,
+) -> Diagnostic {
     let mut node = with;
     let mut path = vec![stage.to_string(), "with".to_string()];
     let mut key_span = None;
     for seg in &e.path {
         let next = match (seg, &node.value) {
-            (PathSegment::Key(k), Value::Map(entries)) => entries.iter().find(|(key, _)| &key.name == k).map(|(key, v)| {
-                key_span = Some(key.span);
-                v
-            }),
+            (PathSegment::Key(k), Value::Map(entries)) => entries
+                .iter()
+                .find(|(key, _)| &key.name == k)
+                .map(|(key, v)| {
+                    key_span = Some(key.span);
+                    v
+                }),
             (PathSegment::Index(i), Value::Seq(items)) => items.get(*i),
             _ => None,
         };
@@ -711,7 +814,10 @@ fn param_diagnostic(stage: &str, kind: StageKind, with: &Node, anchor: Span, e: 
     match &e.problem {
         ParamProblem::UnknownKey { key, expected } => {
             let span = match &node.value {
-                Value::Map(entries) => entries.iter().find(|(k, _)| &k.name == key).map(|(k, _)| k.span),
+                Value::Map(entries) => entries
+                    .iter()
+                    .find(|(k, _)| &k.name == key)
+                    .map(|(k, _)| k.span),
                 _ => None,
             }
             .or(key_span)
@@ -722,11 +828,17 @@ fn param_diagnostic(stage: &str, kind: StageKind, with: &Node, anchor: Span, e: 
             } else {
                 at.clone()
             };
-            Diagnostic::new(format!("unknown key `{key}` in `{where_}` ({} stage)", kind.name()), span)
-                .hint_opt(suggest(key, &expected))
+            Diagnostic::new(
+                format!("unknown key `{key}` in `{where_}` ({} stage)", kind.name()),
+                span,
+            )
+            .hint_opt(suggest(key, &expected))
         }
         ParamProblem::MissingKey { key } => Diagnostic::new(
-            format!("stage `{stage}` ({}) is missing required param `{at}.{key}`", kind.name()),
+            format!(
+                "stage `{stage}` ({}) is missing required param `{at}.{key}`",
+                kind.name()
+            ),
             // A mapping's own position is where its first entry starts: point at its key.
             key_span.unwrap_or(anchor),
         )
@@ -750,7 +862,9 @@ fn valid_stage_name(name: &str) -> bool {
 /// `500ms`, `30s`, `10m`, `2h`, or plain seconds.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num.parse().ok()?;
     let secs = match unit.trim() {
@@ -778,7 +892,8 @@ fn find_cycles(graph: &DiGraph<usize, String>) -> Vec<Vec<usize>> {
         let mut seen = vec![start];
         let mut at = start;
         loop {
-            let mut next: Vec<NodeIndex> = graph.neighbors(at).filter(|n| scc.contains(n)).collect();
+            let mut next: Vec<NodeIndex> =
+                graph.neighbors(at).filter(|n| scc.contains(n)).collect();
             next.sort();
             if next.contains(&start) {
                 path.push(start);
@@ -803,9 +918,14 @@ fn find_cycles(graph: &DiGraph<usize, String>) -> Vec<Vec<usize>> {
 fn topo_order(graph: &DiGraph<usize, String>) -> Vec<usize> {
     let n = graph.node_count();
     let mut indegree: Vec<usize> = (0..n)
-        .map(|i| graph.neighbors_directed(NodeIndex::new(i), petgraph::Direction::Incoming).count())
+        .map(|i| {
+            graph
+                .neighbors_directed(NodeIndex::new(i), petgraph::Direction::Incoming)
+                .count()
+        })
         .collect();
-    let mut ready: std::collections::BTreeSet<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
+    let mut ready: std::collections::BTreeSet<usize> =
+        (0..n).filter(|&i| indegree[i] == 0).collect();
     let mut order = Vec::with_capacity(n);
     while let Some(i) = ready.pop_first() {
         order.push(i);

@@ -152,7 +152,9 @@ impl Plan {
                 }
                 continue;
             }
-            let parts = key_parts(p, i, |u| stages[u].manifest.as_ref().map(|m| m.digest.clone()))?;
+            let parts = key_parts(p, i, |u| {
+                stages[u].manifest.as_ref().map(|m| m.digest.clone())
+            })?;
             let key = parts.key();
             let mut manifest = store.manifest(&key).await?;
             if let (true, Some(m)) = (sel.repair, &manifest) {
@@ -161,7 +163,9 @@ impl Plan {
                     store.discard_corrupt(m, &bad).await?;
                     manifest = None;
                     let what: Vec<&str> = bad.iter().map(|(_, why)| why.as_str()).collect();
-                    stages[i].reasons.push(format!("stored artifact was corrupt: {}", what.join("; ")));
+                    stages[i]
+                        .reasons
+                        .push(format!("stored artifact was corrupt: {}", what.join("; ")));
                 }
             }
             let plan = &mut stages[i];
@@ -217,18 +221,49 @@ impl Plan {
 
     /// The plan as a table, reasons on indented lines below their stage.
     pub fn render(&self) -> String {
-        let w_stage = self.stages.iter().map(|s| s.stage.len()).max().unwrap_or(5).max(5);
-        let w_kind = self.stages.iter().map(|s| s.kind.len()).max().unwrap_or(4).max(4);
-        let mut out = format!("{:<w_stage$}  {:<w_kind$}  {:<12}  WHY\n", "STAGE", "KIND", "STATUS");
+        let w_stage = self
+            .stages
+            .iter()
+            .map(|s| s.stage.len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        let w_kind = self
+            .stages
+            .iter()
+            .map(|s| s.kind.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let mut out = format!(
+            "{:<w_stage$}  {:<w_kind$}  {:<12}  WHY\n",
+            "STAGE", "KIND", "STATUS"
+        );
         for s in &self.stages {
             let why: Vec<String> = match s.status {
-                Status::Cached => vec![format!("artifact {}", short_digest(s.artifact.as_deref().unwrap_or("")))],
+                Status::Cached => vec![format!(
+                    "artifact {}",
+                    short_digest(s.artifact.as_deref().unwrap_or(""))
+                )],
                 Status::WillRun => s.reasons.clone(),
-                Status::Blocked => vec![format!("waits for {}", s.waits_for.iter().map(|w| format!("`{w}`")).collect::<Vec<_>>().join(", "))],
+                Status::Blocked => vec![format!(
+                    "waits for {}",
+                    s.waits_for
+                        .iter()
+                        .map(|w| format!("`{w}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )],
                 Status::NotSelected => vec![],
             };
             let first = why.first().cloned().unwrap_or_default();
-            out.push_str(&format!("{:<w_stage$}  {:<w_kind$}  {:<12}  {first}", s.stage, s.kind, s.status.as_str()).trim_end().to_string());
+            let row = format!(
+                "{:<w_stage$}  {:<w_kind$}  {:<12}  {first}",
+                s.stage,
+                s.kind,
+                s.status.as_str()
+            );
+            out.push_str(row.trim_end());
             out.push('\n');
             for more in why.iter().skip(1) {
                 out.push_str(&format!("{:<w$}  {more}\n", "", w = w_stage + w_kind + 16));
@@ -274,7 +309,11 @@ pub fn key_parts(
     let d = s.kind.descriptor();
     let mut inputs = BTreeMap::new();
     for b in &s.inputs {
-        let digests: Vec<String> = b.stages.iter().map(|&u| digest_of(u).unwrap_or_default()).collect();
+        let digests: Vec<String> = b
+            .stages
+            .iter()
+            .map(|&u| digest_of(u).unwrap_or_default())
+            .collect();
         inputs.insert(b.name.clone(), digests);
     }
     let mut files = BTreeMap::new();
@@ -299,7 +338,12 @@ pub fn key_parts(
 }
 
 /// Why stage `i` must run: its key compared with the nearest key it had before.
-async fn why(store: &Store, p: &Pipeline, i: usize, parts: &CacheKeyParts) -> Result<Vec<String>, PlanError> {
+async fn why(
+    store: &Store,
+    p: &Pipeline,
+    i: usize,
+    parts: &CacheKeyParts,
+) -> Result<Vec<String>, PlanError> {
     let name = &p.stages[i].name;
     let history = store.history(&p.name, name).await?;
     // Newest first, so among equally near keys the most recent wins.

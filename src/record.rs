@@ -126,14 +126,21 @@ pub fn new_run_id(now: DateTime<Utc>) -> String {
     h.update(&now.timestamp_nanos_opt().unwrap_or(0).to_le_bytes());
     h.update(&std::process::id().to_le_bytes());
     h.update(crate::store::hostname().as_bytes());
-    format!("{}-{}", now.format("%Y%m%dT%H%M%S%.3fZ"), &h.finalize().to_hex()[..6])
+    format!(
+        "{}-{}",
+        now.format("%Y%m%dT%H%M%S%.3fZ"),
+        &h.finalize().to_hex()[..6]
+    )
 }
 
 /// The commit checked out around `dir`, read from `.git` directly (no `git` process: this
 /// runs on every `orchestrate run`, cached ones included).
 pub fn git_commit(dir: &Path) -> Option<String> {
     let dir = dir.canonicalize().ok()?;
-    let git = dir.ancestors().map(|d| d.join(".git")).find(|g| g.exists())?;
+    let git = dir
+        .ancestors()
+        .map(|d| d.join(".git"))
+        .find(|g| g.exists())?;
     let git = if git.is_file() {
         // A worktree or submodule: `.git` is a file pointing at the real directory.
         let text = std::fs::read_to_string(&git).ok()?;

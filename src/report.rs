@@ -60,7 +60,9 @@ impl Reporter for Lines {
     }
 
     fn progress(&self, stage: &str, done: u64, total: Option<u64>, unit: &str) {
-        let Ok(mut last) = self.last.lock() else { return };
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
         let now = Instant::now();
         let entry = last.entry(stage.to_string()).or_insert((self.start, 0));
         let step = total.map(|t| (t / 10).max(1)).unwrap_or(u64::MAX);
@@ -116,7 +118,8 @@ impl Reporter for Bars {
     fn started(&self, stage: &str, kind: &str) {
         let bar = self.multi.add(ProgressBar::new_spinner());
         bar.set_style(
-            ProgressStyle::with_template("{spinner} {prefix:<12} {msg} {elapsed}").expect("valid template"),
+            ProgressStyle::with_template("{spinner} {prefix:<12} {msg} {elapsed}")
+                .expect("valid template"),
         );
         bar.set_prefix(stage.to_string());
         bar.set_message(kind.to_string());
@@ -133,9 +136,11 @@ impl Reporter for Bars {
             if bar.length() != Some(t) {
                 bar.set_length(t);
                 bar.set_style(
-                    ProgressStyle::with_template("  {prefix:<12} [{bar:30}] {pos}/{len} {msg} {eta}")
-                        .expect("valid template")
-                        .progress_chars("=> "),
+                    ProgressStyle::with_template(
+                        "  {prefix:<12} [{bar:30}] {pos}/{len} {msg} {eta}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
                 );
                 bar.set_message(unit.to_string());
             }
@@ -160,7 +165,12 @@ impl Reporter for Bars {
             crate::record::StageStatus::Ran | crate::record::StageStatus::Cached => "✓",
             _ => "✗",
         };
-        let mut msg = format!("{mark} {:<12} {} in {}", r.stage, r.status.as_str(), fmt_ms(r.duration_ms));
+        let mut msg = format!(
+            "{mark} {:<12} {} in {}",
+            r.stage,
+            r.status.as_str(),
+            fmt_ms(r.duration_ms)
+        );
         if let Some(e) = &r.error {
             msg.push_str(&format!(": {}", e.lines().next().unwrap_or("")));
         }

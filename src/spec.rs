@@ -70,7 +70,10 @@ impl PipelineSpec {
         if !matches!(root.value, Value::Map(_)) {
             diags.push(
                 Diagnostic::new(
-                    format!("a pipeline file must be a mapping, found {}", root.type_name()),
+                    format!(
+                        "a pipeline file must be a mapping, found {}",
+                        root.type_name()
+                    ),
                     root.span,
                 )
                 .hint("start with `name:` and `stages:`"),
@@ -95,7 +98,10 @@ impl PipelineSpec {
             })
             .unwrap_or_else(|| PathBuf::from("."));
         // Stages run in other directories, so every path handed to them must be absolute.
-        let dir = dir.canonicalize().or_else(|_| std::path::absolute(&dir)).unwrap_or(dir);
+        let dir = dir
+            .canonicalize()
+            .or_else(|_| std::path::absolute(&dir))
+            .unwrap_or(dir);
         Ok(PipelineSpec {
             path: path.to_path_buf(),
             dir,
@@ -118,8 +124,10 @@ pub fn apply_set(root: &mut Node, arg: &str, sid: SourceId) -> Result<(), Diagno
         len: arg.chars().count() as u32,
     };
     let Some((path, raw)) = arg.split_once('=') else {
-        return Err(Diagnostic::new("a --set argument must look like `path=value`", whole)
-            .hint("for example `--set model.with.lr=1e-4`"));
+        return Err(
+            Diagnostic::new("a --set argument must look like `path=value`", whole)
+                .hint("for example `--set model.with.lr=1e-4`"),
+        );
     };
     let path_len = path.chars().count() as u32;
     let value_span = Span {
@@ -133,12 +141,22 @@ pub fn apply_set(root: &mut Node, arg: &str, sid: SourceId) -> Result<(), Diagno
     let mut col = 1;
     for part in path.split('.') {
         let len = part.chars().count() as u32;
-        segs.push((part.to_string(), Span { source: sid, line: 1, col, len: len.max(1) }));
+        segs.push((
+            part.to_string(),
+            Span {
+                source: sid,
+                line: 1,
+                col,
+                len: len.max(1),
+            },
+        ));
         col += len + 1;
     }
     if segs.iter().any(|(s, _)| s.is_empty()) {
-        return Err(Diagnostic::new(format!("`{path}` is not a valid path"), whole)
-            .hint("write keys separated by dots, for example `model.with.lr`"));
+        return Err(
+            Diagnostic::new(format!("`{path}` is not a valid path"), whole)
+                .hint("write keys separated by dots, for example `model.with.lr`"),
+        );
     }
     let mut current: &mut Node = root;
     let mut walked: Vec<String> = Vec::new();
@@ -153,7 +171,10 @@ pub fn apply_set(root: &mut Node, arg: &str, sid: SourceId) -> Result<(), Diagno
             let mut candidates: Vec<&str> = names.iter().map(String::as_str).collect();
             candidates.extend(TOP_LEVEL_KEYS);
             return Err(Diagnostic::new(
-                format!("--set path `{path}` names no stage and no top-level key `{}`", stage.0),
+                format!(
+                    "--set path `{path}` names no stage and no top-level key `{}`",
+                    stage.0
+                ),
                 stage.1,
             )
             .hint_opt(suggest(&stage.0, &candidates)));
@@ -163,7 +184,11 @@ pub fn apply_set(root: &mut Node, arg: &str, sid: SourceId) -> Result<(), Diagno
     }
     let last = segs.len() - 1;
     for (i, (seg, span)) in segs.iter().enumerate() {
-        let here = if walked.is_empty() { "the file".to_string() } else { format!("`{}`", walked.join(".")) };
+        let here = if walked.is_empty() {
+            "the file".to_string()
+        } else {
+            format!("`{}`", walked.join("."))
+        };
         let type_name = current.type_name();
         if matches!(current.value, Value::Map(_)) {
             if i == last {
@@ -173,7 +198,10 @@ pub fn apply_set(root: &mut Node, arg: &str, sid: SourceId) -> Result<(), Diagno
             current = map_entry(current, seg, *span);
         } else if let Value::Seq(items) = &mut current.value {
             let Ok(idx) = seg.parse::<usize>() else {
-                return Err(Diagnostic::new(format!("{here} is a list; `{seg}` is not an index"), *span));
+                return Err(Diagnostic::new(
+                    format!("{here} is a list; `{seg}` is not an index"),
+                    *span,
+                ));
             };
             let n = items.len();
             let Some(item) = items.get_mut(idx) else {
@@ -203,7 +231,10 @@ fn parse_set_value(raw: &str, span: Span) -> Result<Node, Diagnostic> {
     // that `--set name=a: b` keeps its colon.
     let value = if raw.starts_with('[') || raw.starts_with('{') {
         let (node, _) = yaml::parse(raw, span.source).map_err(|d| {
-            Diagnostic::new(format!("the --set value is not valid YAML: {}", d.message), span)
+            Diagnostic::new(
+                format!("the --set value is not valid YAML: {}", d.message),
+                span,
+            )
         })?;
         return Ok(shift(node, span.col - 1));
     } else if let Some(q) = raw.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')) {
@@ -243,7 +274,10 @@ fn map_entry<'n>(node: &'n mut Node, key: &str, span: Span) -> &'n mut Node {
         Some(p) => p,
         None => {
             entries.push((
-                Key { name: key.to_string(), span },
+                Key {
+                    name: key.to_string(),
+                    span,
+                },
                 Node::new(Value::Map(Vec::new()), span),
             ));
             entries.len() - 1
@@ -256,7 +290,13 @@ fn set_entry(node: &mut Node, key: &str, span: Span, value: Node) {
     if let Value::Map(entries) = &mut node.value {
         match entries.iter_mut().find(|(k, _)| k.name == key) {
             Some((_, v)) => *v = value,
-            None => entries.push((Key { name: key.to_string(), span }, value)),
+            None => entries.push((
+                Key {
+                    name: key.to_string(),
+                    span,
+                },
+                value,
+            )),
         }
     }
 }
@@ -265,7 +305,9 @@ fn set_entry(node: &mut Node, key: &str, span: Span, value: Node) {
 /// `params` block itself may use only `env`. Other `${...}` forms are left alone, since shell
 /// commands use them.
 fn interpolate_all(root: &mut Node, env: EnvLookup<'_>, diags: &mut Vec<Diagnostic>) {
-    let Value::Map(entries) = &mut root.value else { return };
+    let Value::Map(entries) = &mut root.value else {
+        return;
+    };
     let empty = Node::new(Value::Map(Vec::new()), Span::default());
     if let Some((_, params)) = entries.iter_mut().find(|(k, _)| k.name == "params") {
         interpolate(params, env, &empty, diags);
@@ -284,7 +326,9 @@ fn interpolate_all(root: &mut Node, env: EnvLookup<'_>, diags: &mut Vec<Diagnost
 
 fn interpolate(node: &mut Node, env: EnvLookup<'_>, params: &Node, diags: &mut Vec<Diagnostic>) {
     match &mut node.value {
-        Value::Seq(items) => items.iter_mut().for_each(|n| interpolate(n, env, params, diags)),
+        Value::Seq(items) => items
+            .iter_mut()
+            .for_each(|n| interpolate(n, env, params, diags)),
         Value::Map(entries) => entries
             .iter_mut()
             .for_each(|(_, n)| interpolate(n, env, params, diags)),
@@ -315,7 +359,10 @@ fn expand(s: &str, env: EnvLookup<'_>, params: &Node) -> Result<Expanded, Expand
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
         let Some(end) = after.find('}') else {
-            return Err((format!("unclosed `${{` in `{s}`"), Some("close it with `}`".into())));
+            return Err((
+                format!("unclosed `${{` in `{s}`"),
+                Some("close it with `}`".into()),
+            ));
         };
         let expr = &after[..end];
         let value = resolve(expr, env, params)?;
@@ -350,7 +397,9 @@ fn resolve(expr: &str, env: EnvLookup<'_>, params: &Node) -> Result<Value, Expan
             (None, Some(d)) => Ok(yaml::plain_scalar(d)),
             (None, None) => Err((
                 format!("environment variable `{name}` is not set"),
-                Some(format!("set it, or give a default: `${{env.{name}:-value}}`")),
+                Some(format!(
+                    "set it, or give a default: `${{env.{name}:-value}}`"
+                )),
             )),
         };
     }
@@ -381,7 +430,10 @@ fn scalar_text(v: &Value) -> String {
         Value::Int(i) => i.to_string(),
         Value::Float(f) => f.to_string(),
         Value::Str(s) => s.clone(),
-        Value::Seq(_) | Value::Map(_) => serde_json::to_string(&Node::new(v.clone(), Span::default()).to_json()).unwrap_or_default(),
+        Value::Seq(_) | Value::Map(_) => {
+            serde_json::to_string(&Node::new(v.clone(), Span::default()).to_json())
+                .unwrap_or_default()
+        }
     }
 }
 
@@ -403,7 +455,14 @@ mod tests {
     #[test]
     fn params_interpolate_with_their_type_when_whole() {
         let s = load(BASE, &[]);
-        let with = s.root.get("stages").unwrap().get("a").unwrap().get("with").unwrap();
+        let with = s
+            .root
+            .get("stages")
+            .unwrap()
+            .get("a")
+            .unwrap()
+            .get("with")
+            .unwrap();
         assert_eq!(with.get("run").unwrap().value, Value::Str("echo x".into()));
         assert_eq!(with.get("n").unwrap().value, Value::Int(7));
     }
@@ -411,18 +470,35 @@ mod tests {
     #[test]
     fn env_default_and_missing() {
         let env = |n: &str| (n == "HOME_X").then(|| "/h".to_string());
-        let text = "name: t\nstorage: ${env.HOME_X}/a\ntracking: {mlflow: '${env.NOPE:-}'}\nstages: {}\n";
+        let text =
+            "name: t\nstorage: ${env.HOME_X}/a\ntracking: {mlflow: '${env.NOPE:-}'}\nstages: {}\n";
         let s = PipelineSpec::from_text(Path::new("p.yaml"), text, &[], &env).unwrap();
-        assert_eq!(s.root.get("storage").unwrap().value, Value::Str("/h/a".into()));
-        assert_eq!(s.root.get("tracking").unwrap().get("mlflow").unwrap().value, Value::Null);
+        assert_eq!(
+            s.root.get("storage").unwrap().value,
+            Value::Str("/h/a".into())
+        );
+        assert_eq!(
+            s.root.get("tracking").unwrap().get("mlflow").unwrap().value,
+            Value::Null
+        );
         let s = load("name: ${env.NOPE}\nstages: {}\n", &[]);
         assert_eq!(s.diags[0].message, "environment variable `NOPE` is not set");
     }
 
     #[test]
     fn set_reaches_stage_values_and_creates_missing_keys() {
-        let s = load(BASE, &["a.with.run=ls", "a.with.extra=1e-4", "params.seed=9"]);
-        let with = s.root.get("stages").unwrap().get("a").unwrap().get("with").unwrap();
+        let s = load(
+            BASE,
+            &["a.with.run=ls", "a.with.extra=1e-4", "params.seed=9"],
+        );
+        let with = s
+            .root
+            .get("stages")
+            .unwrap()
+            .get("a")
+            .unwrap()
+            .get("with")
+            .unwrap();
         assert_eq!(with.get("run").unwrap().value, Value::Str("ls".into()));
         assert_eq!(with.get("extra").unwrap().value, Value::Float(1e-4));
         // Overrides apply before interpolation, so params set on the command line propagate.
@@ -432,9 +508,16 @@ mod tests {
     #[test]
     fn set_with_a_wrong_path_is_an_error() {
         let s = load(BASE, &["b.with.run=ls"]);
-        assert!(s.diags[0].message.contains("names no stage"), "{:?}", s.diags);
+        assert!(
+            s.diags[0].message.contains("names no stage"),
+            "{:?}",
+            s.diags
+        );
         let s = load(BASE, &["a.kind.x=1"]);
-        assert_eq!(s.diags[0].message, "`stages.a.kind` is a string, so it has no key `x`");
+        assert_eq!(
+            s.diags[0].message,
+            "`stages.a.kind` is a string, so it has no key `x`"
+        );
         let s = load(BASE, &["noequals"]);
         assert!(s.diags[0].message.contains("path=value"));
     }

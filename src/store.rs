@@ -178,7 +178,8 @@ impl Store {
             } else {
                 base.join(rest)
             };
-            std::fs::create_dir_all(&dir).map_err(|e| open_err(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| open_err(format!("{}: {e}", dir.display())))?;
             Arc::new(LocalFileSystem::new_with_prefix(&dir).map_err(|e| open_err(e.to_string()))?)
         } else if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -190,9 +191,12 @@ impl Store {
                 .or_else(|_| std::env::var("AWS_ENDPOINT"))
                 .ok();
             if let Some(ep) = &endpoint {
-                b = b.with_endpoint(ep).with_allow_http(ep.starts_with("http://"));
+                b = b
+                    .with_endpoint(ep)
+                    .with_allow_http(ep.starts_with("http://"));
             }
-            if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+            if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err()
+            {
                 b = b.with_region("us-east-1");
             }
             let s3 = b
@@ -222,7 +226,10 @@ impl Store {
         &self.url
     }
 
-    fn backend<'p>(op: &'static str, path: &'p ObjPath) -> impl FnOnce(object_store::Error) -> StoreError + 'p {
+    fn backend<'p>(
+        op: &'static str,
+        path: &'p ObjPath,
+    ) -> impl FnOnce(object_store::Error) -> StoreError + 'p {
         move |source| StoreError::Backend {
             op,
             path: path.to_string(),
@@ -230,28 +237,42 @@ impl Store {
         }
     }
 
-    async fn get_json<T: for<'de> Deserialize<'de>>(&self, path: &ObjPath, what: &'static str) -> Result<Option<T>> {
+    async fn get_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &ObjPath,
+        what: &'static str,
+    ) -> Result<Option<T>> {
         match self.inner.get(path).await {
             Ok(r) => {
                 let bytes = r.bytes().await.map_err(Self::backend("read", path))?;
-                serde_json::from_slice(&bytes).map(Some).map_err(|e| StoreError::Decode {
-                    what,
-                    path: path.to_string(),
-                    reason: e.to_string(),
-                })
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Decode {
+                        what,
+                        path: path.to_string(),
+                        reason: e.to_string(),
+                    })
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(Self::backend("read", path)(e)),
         }
     }
 
-    async fn put_json<T: Serialize>(&self, path: &ObjPath, value: &T, mode: PutMode) -> std::result::Result<(), object_store::Error> {
+    async fn put_json<T: Serialize>(
+        &self,
+        path: &ObjPath,
+        value: &T,
+        mode: PutMode,
+    ) -> std::result::Result<(), object_store::Error> {
         let bytes = serde_json::to_vec_pretty(value).expect("plain JSON");
         let opts = PutOptions {
             mode,
             ..Default::default()
         };
-        self.inner.put_opts(path, PutPayload::from(bytes), opts).await.map(|_| ())
+        self.inner
+            .put_opts(path, PutPayload::from(bytes), opts)
+            .await
+            .map(|_| ())
     }
 
     async fn list_paths(&self, prefix: &str) -> Result<Vec<object_store::ObjectMeta>> {
@@ -273,15 +294,18 @@ impl Store {
     /// Stores a local file as a blob (skipped when the store already has it).
     pub async fn put_file(&self, file: &Path, rel: &str) -> Result<FileEntry> {
         let f = file.to_path_buf();
-        let (digest, size) = tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
-            let mut hasher = blake3::Hasher::new();
-            hasher.update_reader(std::fs::File::open(&f)?)?;
-            let size = std::fs::metadata(&f)?.len();
-            Ok((format!("blake3:{}", hasher.finalize().to_hex()), size))
-        })
-        .await
-        .expect("hashing does not panic")
-        .map_err(|e| StoreError::io(format!("cannot read output file {}", file.display()), e))?;
+        let (digest, size) =
+            tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
+                let mut hasher = blake3::Hasher::new();
+                hasher.update_reader(std::fs::File::open(&f)?)?;
+                let size = std::fs::metadata(&f)?.len();
+                Ok((format!("blake3:{}", hasher.finalize().to_hex()), size))
+            })
+            .await
+            .expect("hashing does not panic")
+            .map_err(|e| {
+                StoreError::io(format!("cannot read output file {}", file.display()), e)
+            })?;
         let path = Self::blob_path(&digest);
         let exists = match self.inner.head(&path).await {
             Ok(meta) => meta.size == size,
@@ -334,14 +358,21 @@ impl Store {
                 .map_err(Self::backend("upload", path))?;
             writer.write(&buf[..n]);
         }
-        writer.finish().await.map_err(Self::backend("finish upload of", path))?;
+        writer
+            .finish()
+            .await
+            .map_err(Self::backend("finish upload of", path))?;
         Ok(())
     }
 
     /// Copies a blob to `dest`, verifying its digest; a mismatch is an error naming the blob.
     pub async fn get_file(&self, entry: &FileEntry, what: &str, dest: &Path) -> Result<()> {
         let path = Self::blob_path(&entry.digest);
-        let result = self.inner.get(&path).await.map_err(Self::backend("read", &path))?;
+        let result = self
+            .inner
+            .get(&path)
+            .await
+            .map_err(Self::backend("read", &path))?;
         let mut stream = result.into_stream();
         let mut tmp_name = dest.as_os_str().to_owned();
         tmp_name.push(format!(".partial-{}", std::process::id()));
@@ -355,7 +386,11 @@ impl Store {
             .await
             .map_err(|e| StoreError::io(format!("cannot create {}", tmp.display()), e))?;
         let mut hasher = blake3::Hasher::new();
-        while let Some(chunk) = stream.try_next().await.map_err(Self::backend("read", &path))? {
+        while let Some(chunk) = stream
+            .try_next()
+            .await
+            .map_err(Self::backend("read", &path))?
+        {
             hasher.update(&chunk);
             out.write_all(&chunk)
                 .await
@@ -389,11 +424,16 @@ impl Store {
                     let bytes = r.bytes().await.map_err(Self::backend("read", &path))?;
                     let actual = format!("blake3:{}", blake3::hash(&bytes).to_hex());
                     if actual != f.digest {
-                        let why = format!("{} (file `{}`: expected {}, found {actual})", path, f.path, f.digest);
+                        let why = format!(
+                            "{} (file `{}`: expected {}, found {actual})",
+                            path, f.path, f.digest
+                        );
                         bad.push((f.clone(), why));
                     }
                 }
-                Err(object_store::Error::NotFound { .. }) => bad.push((f.clone(), format!("{path} (file `{}`: missing)", f.path))),
+                Err(object_store::Error::NotFound { .. }) => {
+                    bad.push((f.clone(), format!("{path} (file `{}`: missing)", f.path)))
+                }
                 Err(e) => return Err(Self::backend("read", &path)(e)),
             }
         }
@@ -484,10 +524,15 @@ impl Store {
 
     /// Earlier keys of a stage, newest first.
     pub async fn history(&self, pipeline: &str, stage: &str) -> Result<Vec<HistoryEntry>> {
-        let metas = self.list_paths(&format!("history/{pipeline}/{stage}")).await?;
+        let metas = self
+            .list_paths(&format!("history/{pipeline}/{stage}"))
+            .await?;
         let mut out = Vec::new();
         for m in metas {
-            if let Some(e) = self.get_json::<HistoryEntry>(&m.location, "history entry").await? {
+            if let Some(e) = self
+                .get_json::<HistoryEntry>(&m.location, "history entry")
+                .await?
+            {
                 out.push(e);
             }
         }
@@ -498,7 +543,9 @@ impl Store {
     pub async fn prune_history(&self, keep: &std::collections::HashSet<CacheKey>) -> Result<usize> {
         let mut n = 0;
         for m in self.list_paths("history").await? {
-            let Some(key) = m.location.filename().and_then(|f| f.strip_suffix(".json")) else { continue };
+            let Some(key) = m.location.filename().and_then(|f| f.strip_suffix(".json")) else {
+                continue;
+            };
             if !keep.contains(&CacheKey(key.to_string())) {
                 let _ = self.inner.delete(&m.location).await;
                 n += 1;
@@ -527,7 +574,14 @@ impl Store {
                 Ok(None) => continue,
                 Ok(Some(holder)) if holder.is_stale() => {
                     // Re-read right before deleting so a lock just retaken is left alone.
-                    if self.get_json::<LockInfo>(&path, "lock").await.ok().flatten().as_ref() == Some(&holder) {
+                    if self
+                        .get_json::<LockInfo>(&path, "lock")
+                        .await
+                        .ok()
+                        .flatten()
+                        .as_ref()
+                        == Some(&holder)
+                    {
                         let _ = self.inner.delete(&path).await;
                     }
                 }
@@ -567,7 +621,8 @@ impl Store {
     }
 
     pub async fn get_run<T: for<'de> Deserialize<'de>>(&self, id: &str) -> Result<Option<T>> {
-        self.get_json(&ObjPath::from(format!("runs/{id}.json")), "run record").await
+        self.get_json(&ObjPath::from(format!("runs/{id}.json")), "run record")
+            .await
     }
 
     pub async fn delete_run(&self, id: &str) -> Result<()> {
@@ -623,7 +678,13 @@ impl Store {
             .list_paths("blobs")
             .await?
             .into_iter()
-            .filter_map(|m| Some((format!("blake3:{}", m.location.filename()?), m.size, m.last_modified.into())))
+            .filter_map(|m| {
+                Some((
+                    format!("blake3:{}", m.location.filename()?),
+                    m.size,
+                    m.last_modified.into(),
+                ))
+            })
             .collect())
     }
 }
@@ -659,14 +720,23 @@ mod tests {
         std::fs::write(d.join("f.txt"), "hello").unwrap();
         let e = store.put_file(&d.join("f.txt"), "f.txt").await.unwrap();
         assert_eq!(e.size, 5);
-        store.get_file(&e, "artifact `a`", &d.join("out.txt")).await.unwrap();
+        store
+            .get_file(&e, "artifact `a`", &d.join("out.txt"))
+            .await
+            .unwrap();
         assert_eq!(std::fs::read_to_string(d.join("out.txt")).unwrap(), "hello");
         let hex = e.digest.strip_prefix("blake3:").unwrap();
         let blob = d.join(format!("store/blobs/{}/{hex}", &hex[..2]));
         std::fs::write(&blob, "hellp").unwrap();
-        let err = store.get_file(&e, "artifact `a`", &d.join("out2.txt")).await.unwrap_err();
+        let err = store
+            .get_file(&e, "artifact `a`", &d.join("out2.txt"))
+            .await
+            .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("corrupt blob") && msg.contains(hex) && msg.contains("`f.txt`"), "{msg}");
+        assert!(
+            msg.contains("corrupt blob") && msg.contains(hex) && msg.contains("`f.txt`"),
+            "{msg}"
+        );
         assert!(!d.join("out2.txt").exists());
     }
 
@@ -682,13 +752,27 @@ mod tests {
             pid: std::process::id(),
             expires_at: unix_now() + 60,
         };
-        assert!(matches!(store.try_lock(&key, &me).await.unwrap(), LockAttempt::Acquired));
-        let other = LockInfo { run_id: "r2".into(), ..me.clone() };
-        assert!(matches!(store.try_lock(&key, &other).await.unwrap(), LockAttempt::HeldBy(h) if h.run_id == "r1"));
+        assert!(matches!(
+            store.try_lock(&key, &me).await.unwrap(),
+            LockAttempt::Acquired
+        ));
+        let other = LockInfo {
+            run_id: "r2".into(),
+            ..me.clone()
+        };
+        assert!(
+            matches!(store.try_lock(&key, &other).await.unwrap(), LockAttempt::HeldBy(h) if h.run_id == "r1")
+        );
         store.release_lock(&key).await;
         // A holder on this host whose process is gone is stale at once.
-        let dead = LockInfo { pid: u32::MAX - 1, ..me.clone() };
+        let dead = LockInfo {
+            pid: u32::MAX - 1,
+            ..me.clone()
+        };
         store.renew_lock(&key, &dead).await.unwrap();
-        assert!(matches!(store.try_lock(&key, &other).await.unwrap(), LockAttempt::Acquired));
+        assert!(matches!(
+            store.try_lock(&key, &other).await.unwrap(),
+            LockAttempt::Acquired
+        ));
     }
 }

@@ -180,7 +180,10 @@ impl Builder<'_> {
 
     /// The scalar's width in the source, for underlining: up to the end of its first line.
     fn scalar_len(&self, mark: Marker, value: &str, style: TScalarStyle) -> usize {
-        let quoted = matches!(style, TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted);
+        let quoted = matches!(
+            style,
+            TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted
+        );
         let rest = self.text.get(mark.index()..).unwrap_or("");
         let line_rest = rest.lines().next().unwrap_or("").chars().count();
         let want = value.lines().next().unwrap_or("").chars().count() + if quoted { 2 } else { 0 };
@@ -266,9 +269,11 @@ impl MarkedEventReceiver for Builder<'_> {
                 }
             }
             Event::Alias(id) => {
-                let node = self.anchors.get(&id).cloned().unwrap_or_else(|| {
-                    Node::new(Value::Null, self.span(mark, 1))
-                });
+                let node = self
+                    .anchors
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| Node::new(Value::Null, self.span(mark, 1)));
                 self.push_value(node, 0);
             }
             Event::Nothing
@@ -330,6 +335,9 @@ mod tests {
     #[test]
     fn aliases_copy_the_anchored_value() {
         let n = p("base: &b {x: 1}\nother: *b\n");
-        assert_eq!(n.get("other").unwrap().get("x").unwrap().value, Value::Int(1));
+        assert_eq!(
+            n.get("other").unwrap().get("x").unwrap().value,
+            Value::Int(1)
+        );
     }
 }

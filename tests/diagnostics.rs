@@ -6,7 +6,11 @@ use common::Sandbox;
 
 fn validate(case: &str, extra: &[&str]) -> (i32, String) {
     let sb = Sandbox::new();
-    let text = std::fs::read_to_string(format!("{}/tests/broken/{case}.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let text = std::fs::read_to_string(format!(
+        "{}/tests/broken/{case}.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
     sb.write(&format!("{case}.yaml"), &text);
     let file = format!("{case}.yaml");
     let mut args = vec!["validate", file.as_str()];
@@ -35,8 +39,24 @@ broken!(duplicate_stage_name, "duplicate_stage");
 broken!(wrong_value_type, "wrong_type");
 broken!(missing_required_param, "missing_param");
 broken!(every_problem_at_once, "many_at_once");
-broken!(bad_set_path, "ok", "--set", "nosuch.with.run=ls", "--set", "a.with.rnu=ls", "--set", "a.kind.x=1");
-broken!(set_wrong_type, "ok", "--set", "a.retries=lots", "--set", "a.with.outputs=[1, {x: 2}]");
+broken!(
+    bad_set_path,
+    "ok",
+    "--set",
+    "nosuch.with.run=ls",
+    "--set",
+    "a.with.rnu=ls",
+    "--set",
+    "a.kind.x=1"
+);
+broken!(
+    set_wrong_type,
+    "ok",
+    "--set",
+    "a.retries=lots",
+    "--set",
+    "a.with.outputs=[1, {x: 2}]"
+);
 
 #[test]
 fn valid_pipeline_has_a_one_line_summary() {
@@ -50,7 +70,11 @@ fn missing_file_is_exit_2_with_the_path() {
     let sb = Sandbox::new();
     let r = sb.run(&["validate", "nope.yaml"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("cannot read pipeline file nope.yaml"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot read pipeline file nope.yaml"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -58,7 +82,11 @@ fn help_documents_exit_codes() {
     let sb = Sandbox::new();
     let r = sb.run(&["--help"]);
     for code in ["0 ", "1 ", "2 ", "3 ", "4 ", "130 "] {
-        assert!(r.stdout.contains(&format!("\n  {code}")), "exit code {code} missing from --help:\n{}", r.stdout);
+        assert!(
+            r.stdout.contains(&format!("\n  {code}")),
+            "exit code {code} missing from --help:\n{}",
+            r.stdout
+        );
     }
 }
 
@@ -74,7 +102,12 @@ fn every_example_pipeline_validates() {
                 .env("MLFLOW_TRACKING_URI", "")
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
             n += 1;
         }
     }

@@ -41,7 +41,13 @@ stages:
 
 fn diamond(sleep: &str) -> Sandbox {
     let sb = Sandbox::new();
-    sb.write("p.yaml", &DIAMOND.replace("params: { greeting: hello }", &format!("params: {{ greeting: hello, sleep: {sleep} }}")));
+    sb.write(
+        "p.yaml",
+        &DIAMOND.replace(
+            "params: { greeting: hello }",
+            &format!("params: {{ greeting: hello, sleep: {sleep} }}"),
+        ),
+    );
     sb.write("in.txt", "some input\n");
     sb
 }
@@ -50,8 +56,16 @@ fn counts(sb: &Sandbox) -> [usize; 4] {
     ["src", "left", "right", "join"].map(|s| line_count(&sb.read(&format!("count-{s}"))))
 }
 
-fn interval(run: &serde_json::Value, stage: &str) -> (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) {
-    let s = run["stages"].as_array().unwrap().iter().find(|s| s["stage"] == stage).unwrap();
+fn interval(
+    run: &serde_json::Value,
+    stage: &str,
+) -> (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) {
+    let s = run["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == stage)
+        .unwrap();
     (
         s["started_at"].as_str().unwrap().parse().unwrap(),
         s["ended_at"].as_str().unwrap().parse().unwrap(),
@@ -66,10 +80,18 @@ fn second_run_of_an_unchanged_pipeline_does_no_work() {
     assert_eq!(counts(&sb), [1, 1, 1, 1]);
     let r = sb.run(&["run", "p.yaml"]);
     assert_eq!(r.code, 0);
-    assert!(r.stdout.contains("0 ran, 4 cached, 0 failed"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("0 ran, 4 cached, 0 failed"),
+        "{}",
+        r.stdout
+    );
     assert_eq!(counts(&sb), [1, 1, 1, 1]);
     let plan = sb.run(&["plan", "p.yaml"]);
-    assert!(plan.stdout.contains("4 cached, 0 will run, 0 blocked"), "{}", plan.stdout);
+    assert!(
+        plan.stdout.contains("4 cached, 0 will run, 0 blocked"),
+        "{}",
+        plan.stdout
+    );
 }
 
 #[test]
@@ -78,7 +100,13 @@ fn changing_one_param_reruns_only_what_depends_on_it() {
     assert_eq!(sb.run(&["run", "p.yaml"]).code, 0);
     let plan = sb.run(&["plan", "p.yaml", "--set", "params.greeting=bonjour"]);
     insta::assert_snapshot!(plan.stdout);
-    let json = sb.run(&["plan", "p.yaml", "--set", "params.greeting=bonjour", "--json"]);
+    let json = sb.run(&[
+        "plan",
+        "p.yaml",
+        "--set",
+        "params.greeting=bonjour",
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
     assert_eq!(v["stages"][2]["status"], "will_run");
     assert_eq!(v["stages"][3]["waits_for"][0], "right");
@@ -108,14 +136,28 @@ fn independent_stages_run_at_the_same_time() {
     let run = sb.last_run();
     let (l0, l1) = interval(&run, "left");
     let (r0, r1) = interval(&run, "right");
-    assert!(l0 < r1 && r0 < l1, "left {l0}..{l1} and right {r0}..{r1} do not overlap");
+    assert!(
+        l0 < r1 && r0 < l1,
+        "left {l0}..{l1} and right {r0}..{r1} do not overlap"
+    );
     // With one job they cannot.
-    let r = sb.run(&["run", "p.yaml", "--jobs", "1", "--set", "params.greeting=hi", "--force-all"]);
+    let r = sb.run(&[
+        "run",
+        "p.yaml",
+        "--jobs",
+        "1",
+        "--set",
+        "params.greeting=hi",
+        "--force-all",
+    ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let run = sb.last_run();
     let (l0, l1) = interval(&run, "left");
     let (r0, r1) = interval(&run, "right");
-    assert!(l1 <= r0 || r1 <= l0, "with --jobs 1 left {l0}..{l1} and right {r0}..{r1} overlap");
+    assert!(
+        l1 <= r0 || r1 <= l0,
+        "with --jobs 1 left {l0}..{l1} and right {r0}..{r1} overlap"
+    );
 }
 
 #[test]
@@ -144,8 +186,16 @@ stages:
     child.wait().unwrap();
     assert_eq!(sb.manifests(), 1, "only `first` may be committed");
     let plan = sb.run(&["plan", "p.yaml"]);
-    assert!(plan.stdout.contains("first   shell  cached"), "{}", plan.stdout);
-    assert!(plan.stdout.contains("second  shell  will run"), "{}", plan.stdout);
+    assert!(
+        plan.stdout.contains("first   shell  cached"),
+        "{}",
+        plan.stdout
+    );
+    assert!(
+        plan.stdout.contains("second  shell  will run"),
+        "{}",
+        plan.stdout
+    );
     // The killed run's record says so.
     let runs = sb.run(&["runs", "--store", "file://store"]);
     assert!(runs.stdout.contains("killed"), "{}", runs.stdout);
@@ -153,7 +203,11 @@ stages:
     sb.write("p.yaml", &sb.read("p.yaml").replace("sleep 30", "true"));
     let r = sb.run(&["run", "p.yaml"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(line_count(&sb.read("count-first")), 1, "first must not rerun");
+    assert_eq!(
+        line_count(&sb.read("count-first")),
+        1,
+        "first must not rerun"
+    );
     assert_eq!(line_count(&sb.read("count-second")), 2);
     assert_eq!(stage_status(&sb.last_run(), "first"), "cached");
 }
@@ -167,8 +221,15 @@ fn a_flipped_byte_in_a_blob_is_detected_named_and_repaired() {
     let manifest_key = run["stages"][0]["key"].as_str().unwrap();
     let manifest: serde_json::Value =
         serde_json::from_str(&sb.read(&format!("store/manifests/{manifest_key}.json"))).unwrap();
-    let blob_hex = manifest["files"][0]["digest"].as_str().unwrap().strip_prefix("blake3:").unwrap().to_string();
-    let blob = sb.path().join(format!("store/blobs/{}/{blob_hex}", &blob_hex[..2]));
+    let blob_hex = manifest["files"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("blake3:")
+        .unwrap()
+        .to_string();
+    let blob = sb
+        .path()
+        .join(format!("store/blobs/{}/{blob_hex}", &blob_hex[..2]));
     let mut bytes = std::fs::read(&blob).unwrap();
     bytes[0] ^= 0x01;
     std::fs::write(&blob, bytes).unwrap();
@@ -177,16 +238,31 @@ fn a_flipped_byte_in_a_blob_is_detected_named_and_repaired() {
     std::fs::remove_dir_all(sb.path().join(".orchestrate/artifacts")).unwrap();
     let r = sb.run(&["run", "p.yaml", "--force", "left"]);
     assert_eq!(r.code, 1);
-    assert!(r.stdout.contains("corrupt blob") && r.stdout.contains(&blob_hex), "{}", r.stdout);
-    assert!(r.stdout.contains("`a.txt`") && r.stdout.contains("--repair"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("corrupt blob") && r.stdout.contains(&blob_hex),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("`a.txt`") && r.stdout.contains("--repair"),
+        "{}",
+        r.stdout
+    );
     // fsck finds it too.
     let f = sb.run(&["fsck", "--store", "file://store"]);
     assert_eq!(f.code, 3, "{}", f.stdout);
-    assert!(f.stdout.contains(&blob_hex) && f.stdout.contains("stage `src`"), "{}", f.stdout);
+    assert!(
+        f.stdout.contains(&blob_hex) && f.stdout.contains("stage `src`"),
+        "{}",
+        f.stdout
+    );
     // --repair rebuilds it; the rebuilt artifact has the original digest.
     let r = sb.run(&["run", "p.yaml", "--repair"]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
-    assert_eq!(sb.last_run()["stages"][0]["artifact"].as_str().unwrap(), digest);
+    assert_eq!(
+        sb.last_run()["stages"][0]["artifact"].as_str().unwrap(),
+        digest
+    );
     assert_eq!(sb.run(&["fsck", "--store", "file://store"]).code, 0);
 }
 
@@ -204,7 +280,10 @@ fn two_processes_on_one_store_produce_each_artifact_once() {
     assert_eq!(runs.len(), 2);
     // Between them, every stage ran exactly once.
     for stage in ["src", "left", "right", "join"] {
-        let ran = runs.iter().filter(|r| stage_status(r, stage) == "ran").count();
+        let ran = runs
+            .iter()
+            .filter(|r| stage_status(r, stage) == "ran")
+            .count();
         assert_eq!(ran, 1, "stage {stage} ran {ran} times");
     }
 }
@@ -261,7 +340,12 @@ stages:
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(t0.elapsed() < Duration::from_secs(10));
     assert_eq!(sb.manifests(), 0);
     assert_eq!(sb.last_run()["status"], "cancelled");
@@ -272,7 +356,12 @@ fn only_runs_just_that_stage_and_needs_its_inputs_stored() {
     let sb = diamond("0");
     let r = sb.run(&["run", "p.yaml", "--only", "left"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("stage `left` needs `src`, which is not in the store"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("stage `left` needs `src`, which is not in the store"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(sb.run(&["run", "p.yaml", "--only", "src"]).code, 0);
     assert_eq!(sb.run(&["run", "p.yaml", "--only", "left"]).code, 0);
     assert_eq!(counts(&sb), [1, 1, 0, 0]);
@@ -284,22 +373,59 @@ fn only_runs_just_that_stage_and_needs_its_inputs_stored() {
 #[test]
 fn gc_keeps_what_kept_and_pinned_runs_use() {
     let sb = diamond("0");
-    assert_eq!(sb.run(&["run", "p.yaml", "--set", "params.greeting=one"]).code, 0);
+    assert_eq!(
+        sb.run(&["run", "p.yaml", "--set", "params.greeting=one"])
+            .code,
+        0
+    );
     let first = sb.last_run()["id"].as_str().unwrap().to_string();
-    assert_eq!(sb.run(&["run", "p.yaml", "--set", "params.greeting=two"]).code, 0);
-    assert_eq!(sb.run(&["run", "p.yaml", "--set", "params.greeting=three"]).code, 0);
+    assert_eq!(
+        sb.run(&["run", "p.yaml", "--set", "params.greeting=two"])
+            .code,
+        0
+    );
+    assert_eq!(
+        sb.run(&["run", "p.yaml", "--set", "params.greeting=three"])
+            .code,
+        0
+    );
     assert_eq!(sb.manifests(), 2 + 3 * 2);
     assert_eq!(sb.run(&["pin", &first, "--store", "file://store"]).code, 0);
-    let r = sb.run(&["gc", "--store", "file://store", "--keep-last", "1", "--grace", "0"]);
+    let r = sb.run(&[
+        "gc",
+        "--store",
+        "file://store",
+        "--keep-last",
+        "1",
+        "--grace",
+        "0",
+    ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stdout.contains("deleted 2 runs, 2 artifacts"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("deleted 2 runs, 2 artifacts"),
+        "{}",
+        r.stdout
+    );
     // The newest and the pinned run are still fully cached.
     for greeting in ["three", "one"] {
-        let plan = sb.run(&["plan", "p.yaml", "--set", &format!("params.greeting={greeting}")]);
-        assert!(plan.stdout.contains("4 cached"), "{greeting}: {}", plan.stdout);
+        let plan = sb.run(&[
+            "plan",
+            "p.yaml",
+            "--set",
+            &format!("params.greeting={greeting}"),
+        ]);
+        assert!(
+            plan.stdout.contains("4 cached"),
+            "{greeting}: {}",
+            plan.stdout
+        );
     }
     let plan = sb.run(&["plan", "p.yaml", "--set", "params.greeting=two"]);
-    assert!(plan.stdout.contains("right  shell  will run"), "{}", plan.stdout);
+    assert!(
+        plan.stdout.contains("right  shell  will run"),
+        "{}",
+        plan.stdout
+    );
     assert_eq!(sb.run(&["fsck", "--store", "file://store"]).code, 0);
 }
 
@@ -320,7 +446,11 @@ fn runs_and_show_describe_what_happened() {
     let runs = sb.run(&["runs", "--pipeline", "p.yaml"]);
     assert_eq!(line_count(&runs.stdout), 3, "{}", runs.stdout);
     let show = sb.run(&["show", "last", "--pipeline", "p.yaml"]);
-    assert!(show.stdout.contains("status    succeeded"), "{}", show.stdout);
+    assert!(
+        show.stdout.contains("status    succeeded"),
+        "{}",
+        show.stdout
+    );
     assert!(show.stdout.contains("produced by run"), "{}", show.stdout);
     let json = sb.run(&["show", "last", "--store", "file://store", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();

@@ -101,8 +101,13 @@ pub enum PathSegment {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum ParamProblem {
-    UnknownKey { key: String, expected: Vec<String> },
-    MissingKey { key: String },
+    UnknownKey {
+        key: String,
+        expected: Vec<String>,
+    },
+    MissingKey {
+        key: String,
+    },
     /// A value of the wrong type or out of range; the message is serde's or the stage's own.
     Invalid(String),
 }
@@ -138,7 +143,9 @@ pub struct StageDescriptor {
 
 impl fmt::Debug for StageDescriptor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StageDescriptor").field("kind", &self.kind).finish()
+        f.debug_struct("StageDescriptor")
+            .field("kind", &self.kind)
+            .finish()
     }
 }
 

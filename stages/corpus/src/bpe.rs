@@ -10,8 +10,8 @@ use std::sync::mpsc::sync_channel;
 
 use arrow::array::{Array, StringArray};
 use orchestrate_stage::{
-    canonical_params, ArtifactKind, InputDecl, Inputs, ParamError, ParamProblem, PathSegment, StageContext,
-    StageDescriptor, StageError, StageOutput,
+    canonical_params, ArtifactKind, InputDecl, Inputs, ParamError, ParamProblem, PathSegment,
+    StageContext, StageDescriptor, StageError, StageOutput,
 };
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
@@ -94,7 +94,13 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     Ok(v)
 }
 
-type Bpe = TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
+type Bpe = TokenizerImpl<
+    BPE,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
 
 /// Token statistics on the validation split, per language.
 #[derive(Debug, Default, Serialize)]
@@ -118,12 +124,18 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     specials.extend(LANGS.iter().map(|l| lang_token(l)));
     specials.push(OTHER_AUTHOR.into());
     specials.extend(authors.iter().map(|(a, _)| author_token(a)));
-    ctx.events.log(&format!("{} author tokens; training to {} tokens", authors.len(), p.vocab_size));
+    ctx.events.log(&format!(
+        "{} author tokens; training to {} tokens",
+        authors.len(),
+        p.vocab_size
+    ));
 
     let mut tokenizer: Bpe = TokenizerBuilder::new()
         .with_model(BPE::builder().unk_token(UNK.into()).build().map_err(fail)?)
         .with_normalizer(None)
-        .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::default().add_prefix_space(false))))
+        .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(
+            ByteLevel::default().add_prefix_space(false),
+        )))
         .with_post_processor(None)
         .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())))
         .build()
@@ -132,7 +144,12 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         .vocab_size(p.vocab_size)
         .min_frequency(p.min_frequency)
         .show_progress(false)
-        .special_tokens(specials.iter().map(|s| AddedToken::from(s.clone(), true)).collect())
+        .special_tokens(
+            specials
+                .iter()
+                .map(|s| AddedToken::from(s.clone(), true))
+                .collect(),
+        )
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect::<HashSet<char>>())
         .build();
 
@@ -179,15 +196,20 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         "authors": authors.iter().map(|(a, n)| serde_json::json!({"name": a, "records": n, "token": author_token(a)})).collect::<Vec<_>>(),
         "special_ids": special_ids,
     });
-    std::fs::write(ctx.out_dir.join("tokenizer_meta.json"), serde_json::to_vec_pretty(&meta).expect("plain JSON"))
-        .map_err(|e| StageError::io("cannot write tokenizer_meta.json", e))?;
+    std::fs::write(
+        ctx.out_dir.join("tokenizer_meta.json"),
+        serde_json::to_vec_pretty(&meta).expect("plain JSON"),
+    )
+    .map_err(|e| StageError::io("cannot write tokenizer_meta.json", e))?;
 
     ctx.events.metric("vocab_size", vocab as f64, None);
     ctx.events.metric("unk_rate", unk_rate, None);
     ctx.events.metric("train_seconds", train_secs, None);
     for (lang, r) in &per_lang {
-        ctx.events.metric(&format!("tokens_per_word_{lang}"), r.tokens_per_word, None);
-        ctx.events.metric(&format!("tokens_per_char_{lang}"), r.tokens_per_char, None);
+        ctx.events
+            .metric(&format!("tokens_per_word_{lang}"), r.tokens_per_word, None);
+        ctx.events
+            .metric(&format!("tokens_per_char_{lang}"), r.tokens_per_char, None);
     }
     ctx.events.log(&format!(
         "vocab {vocab}, trained in {train_secs:.1}s, unknown-token rate {unk_rate:.4}; tokens/word: {}",
@@ -197,7 +219,10 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     out.metadata.insert("vocab_size".into(), vocab.into());
     out.metadata.insert("unk_rate".into(), unk_rate.into());
     out.metadata.insert("authors".into(), authors.len().into());
-    out.metadata.insert("validation".into(), serde_json::to_value(&per_lang).expect("plain JSON"));
+    out.metadata.insert(
+        "validation".into(),
+        serde_json::to_value(&per_lang).expect("plain JSON"),
+    );
     Ok(out)
 }
 
@@ -209,23 +234,38 @@ fn fail(e: impl std::fmt::Display) -> StageError {
 pub fn shard_files(corpus: &Path) -> Result<Vec<PathBuf>, StageError> {
     let dir = corpus.join(crate::SHARD_DIR);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map_err(|e| StageError::io(format!("the corpus has no shard directory {}", dir.display()), e))?
+        .map_err(|e| {
+            StageError::io(
+                format!("the corpus has no shard directory {}", dir.display()),
+                e,
+            )
+        })?
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(StageError::Failed(format!("the corpus has no shards in {}", dir.display())));
+        return Err(StageError::Failed(format!(
+            "the corpus has no shards in {}",
+            dir.display()
+        )));
     }
     Ok(files)
 }
 
 /// Reads only the named columns of every shard, calling `f` per batch.
-fn scan(shards: &[PathBuf], columns: &[&str], mut f: impl FnMut(&[Option<&StringArray>]) -> bool) -> Result<(), StageError> {
+fn scan(
+    shards: &[PathBuf],
+    columns: &[&str],
+    mut f: impl FnMut(&[Option<&StringArray>]) -> bool,
+) -> Result<(), StageError> {
     for shard in shards {
-        let bad = |e: &dyn std::fmt::Display| StageError::Failed(format!("cannot read {}: {e}", shard.display()));
-        let file = std::fs::File::open(shard).map_err(|e| StageError::io(format!("cannot open {}", shard.display()), e))?;
+        let bad = |e: &dyn std::fmt::Display| {
+            StageError::Failed(format!("cannot read {}: {e}", shard.display()))
+        };
+        let file = std::fs::File::open(shard)
+            .map_err(|e| StageError::io(format!("cannot open {}", shard.display()), e))?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(&e))?;
         let schema = builder.parquet_schema();
         let indices: Vec<usize> = columns
@@ -233,12 +273,20 @@ fn scan(shards: &[PathBuf], columns: &[&str], mut f: impl FnMut(&[Option<&String
             .filter_map(|c| schema.columns().iter().position(|d| d.name() == *c))
             .collect();
         let mask = ProjectionMask::leaves(schema, indices);
-        let reader = builder.with_projection(mask).with_batch_size(4096).build().map_err(|e| bad(&e))?;
+        let reader = builder
+            .with_projection(mask)
+            .with_batch_size(4096)
+            .build()
+            .map_err(|e| bad(&e))?;
         for batch in reader {
             let batch = batch.map_err(|e| bad(&e))?;
             let cols: Vec<Option<&StringArray>> = columns
                 .iter()
-                .map(|c| batch.column_by_name(c).and_then(|a| a.as_any().downcast_ref::<StringArray>()))
+                .map(|c| {
+                    batch
+                        .column_by_name(c)
+                        .and_then(|a| a.as_any().downcast_ref::<StringArray>())
+                })
                 .collect();
             if !f(&cols) {
                 return Ok(());
@@ -302,7 +350,9 @@ impl TextStream {
     /// Whether the reader thread stopped on an error (rather than at the end of the data).
     pub fn finish(&self) -> Result<(), StageError> {
         match self.error.lock().expect("not poisoned").take() {
-            Some(e) => Err(StageError::Failed(format!("reading the corpus failed: {e}"))),
+            Some(e) => Err(StageError::Failed(format!(
+                "reading the corpus failed: {e}"
+            ))),
             None => Ok(()),
         }
     }

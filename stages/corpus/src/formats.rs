@@ -53,24 +53,43 @@ pub struct RawRecord {
 pub enum RawItem {
     Record(RawRecord),
     /// A record whose bytes are not UTF-8, or a JSON line that does not parse.
-    Invalid { line: usize, reason: String },
+    Invalid {
+        line: usize,
+        reason: String,
+    },
 }
 
 type Sink<'a> = &'a mut dyn FnMut(RawItem, u64) -> Result<(), StageError>;
 
 /// Reads `path` in `format`, calling `sink(item, bytes_consumed_so_far)`.
-pub fn read(path: &Path, format: Format, fields: &Fields, sink: Sink<'_>) -> Result<(), StageError> {
-    let open = || File::open(path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e));
+pub fn read(
+    path: &Path,
+    format: Format,
+    fields: &Fields,
+    sink: Sink<'_>,
+) -> Result<(), StageError> {
+    let open = || {
+        File::open(path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e))
+    };
     match format {
         Format::Fortune => read_separated(BufReader::new(open()?), |line| line == b"%", sink),
-        Format::Paragraphs => read_separated(BufReader::new(open()?), |line| line.iter().all(u8::is_ascii_whitespace), sink),
+        Format::Paragraphs => read_separated(
+            BufReader::new(open()?),
+            |line| line.iter().all(u8::is_ascii_whitespace),
+            sink,
+        ),
         Format::Lines => read_lines(BufReader::new(open()?), sink),
         Format::Jsonl => read_jsonl(BufReader::new(open()?), fields, sink),
         Format::Parquet => read_parquet(open()?, path, fields, sink),
     }
 }
 
-fn next_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>, consumed: &mut u64, path_hint: &str) -> Result<bool, StageError> {
+fn next_line<R: BufRead>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    consumed: &mut u64,
+    path_hint: &str,
+) -> Result<bool, StageError> {
     buf.clear();
     let n = r
         .read_until(b'\n', buf)
@@ -82,7 +101,11 @@ fn next_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>, consumed: &mut u64, path_
     Ok(n > 0)
 }
 
-fn read_separated<R: BufRead>(mut r: R, is_separator: impl Fn(&[u8]) -> bool, sink: Sink<'_>) -> Result<(), StageError> {
+fn read_separated<R: BufRead>(
+    mut r: R,
+    is_separator: impl Fn(&[u8]) -> bool,
+    sink: Sink<'_>,
+) -> Result<(), StageError> {
     let mut record: Vec<u8> = Vec::new();
     let mut line = Vec::new();
     let mut consumed = 0u64;
@@ -113,7 +136,11 @@ fn emit(bytes: Vec<u8>, line: usize, consumed: u64, sink: Sink<'_>) -> Result<()
         Ok(text) => {
             let (text, author) = split_attribution(&text);
             sink(
-                RawItem::Record(RawRecord { text, author, lang: None }),
+                RawItem::Record(RawRecord {
+                    text,
+                    author,
+                    lang: None,
+                }),
                 consumed,
             )
         }
@@ -136,9 +163,19 @@ fn read_lines<R: BufRead>(mut r: R, sink: Sink<'_>) -> Result<(), StageError> {
         if !line.iter().all(u8::is_ascii_whitespace) {
             let bytes = std::mem::take(&mut line);
             match String::from_utf8(bytes) {
-                Ok(text) => sink(RawItem::Record(RawRecord { text, author: None, lang: None }), consumed)?,
+                Ok(text) => sink(
+                    RawItem::Record(RawRecord {
+                        text,
+                        author: None,
+                        lang: None,
+                    }),
+                    consumed,
+                )?,
                 Err(e) => sink(
-                    RawItem::Invalid { line: n, reason: format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()) },
+                    RawItem::Invalid {
+                        line: n,
+                        reason: format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()),
+                    },
                     consumed,
                 )?,
             }
@@ -157,13 +194,25 @@ fn read_jsonl<R: BufRead>(mut r: R, fields: &Fields, sink: Sink<'_>) -> Result<(
             continue;
         }
         let item = match serde_json::from_slice::<serde_json::Value>(&line) {
-            Err(e) => RawItem::Invalid { line: n, reason: format!("not JSON: {e}") },
+            Err(e) => RawItem::Invalid {
+                line: n,
+                reason: format!("not JSON: {e}"),
+            },
             Ok(v) => match v.get(&fields.text).and_then(|t| t.as_str()) {
-                None => RawItem::Invalid { line: n, reason: format!("no string field `{}`", fields.text) },
+                None => RawItem::Invalid {
+                    line: n,
+                    reason: format!("no string field `{}`", fields.text),
+                },
                 Some(text) => RawItem::Record(RawRecord {
                     text: text.to_string(),
-                    author: v.get(&fields.author).and_then(|a| a.as_str()).map(str::to_string),
-                    lang: v.get(&fields.lang).and_then(|a| a.as_str()).map(str::to_string),
+                    author: v
+                        .get(&fields.author)
+                        .and_then(|a| a.as_str())
+                        .map(str::to_string),
+                    lang: v
+                        .get(&fields.lang)
+                        .and_then(|a| a.as_str())
+                        .map(str::to_string),
                 }),
             },
         };
@@ -172,9 +221,16 @@ fn read_jsonl<R: BufRead>(mut r: R, fields: &Fields, sink: Sink<'_>) -> Result<(
     Ok(())
 }
 
-fn read_parquet(file: File, path: &Path, fields: &Fields, sink: Sink<'_>) -> Result<(), StageError> {
+fn read_parquet(
+    file: File,
+    path: &Path,
+    fields: &Fields,
+    sink: Sink<'_>,
+) -> Result<(), StageError> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let bad = |e: &dyn std::fmt::Display| StageError::Failed(format!("cannot read Parquet file {}: {e}", path.display()));
+    let bad = |e: &dyn std::fmt::Display| {
+        StageError::Failed(format!("cannot read Parquet file {}: {e}", path.display()))
+    };
     let total = file.metadata().map(|m| m.len()).unwrap_or(0);
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| bad(&e))?;
     let rows = builder.metadata().file_metadata().num_rows().max(1) as u64;
@@ -182,9 +238,18 @@ fn read_parquet(file: File, path: &Path, fields: &Fields, sink: Sink<'_>) -> Res
     let mut seen = 0u64;
     for batch in reader {
         let batch = batch.map_err(|e| bad(&e))?;
-        let column = |name: &str| batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
-        let text = column(&fields.text)
-            .ok_or_else(|| StageError::Failed(format!("Parquet file {} has no string column `{}`", path.display(), fields.text)))?;
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
+        };
+        let text = column(&fields.text).ok_or_else(|| {
+            StageError::Failed(format!(
+                "Parquet file {} has no string column `{}`",
+                path.display(),
+                fields.text
+            ))
+        })?;
         let author = column(&fields.author);
         let lang = column(&fields.lang);
         for i in 0..batch.num_rows() {
@@ -192,7 +257,11 @@ fn read_parquet(file: File, path: &Path, fields: &Fields, sink: Sink<'_>) -> Res
             if text.is_null(i) {
                 continue;
             }
-            let get = |a: &Option<StringArray>| a.as_ref().filter(|a| !a.is_null(i)).map(|a| a.value(i).to_string());
+            let get = |a: &Option<StringArray>| {
+                a.as_ref()
+                    .filter(|a| !a.is_null(i))
+                    .map(|a| a.value(i).to_string())
+            };
             let rec = RawRecord {
                 text: text.value(i).to_string(),
                 author: get(&author),
@@ -223,7 +292,9 @@ pub fn split_attribution(record: &str) -> (String, Option<String>) {
             if i == 0 {
                 break;
             }
-            let attribution: Vec<&str> = std::iter::once(rest).chain(lines[i + 1..=last].iter().copied()).collect();
+            let attribution: Vec<&str> = std::iter::once(rest)
+                .chain(lines[i + 1..=last].iter().copied())
+                .collect();
             let author = parse_author(&attribution.join(" "));
             return (lines[..i].join("\n"), author);
         }
@@ -239,7 +310,10 @@ pub fn parse_author(attribution: &str) -> Option<String> {
         .find([',', '(', '"', '«', '[', ';', '“', '/'])
         .unwrap_or(s.len());
     let name: String = s[..end].split_whitespace().collect::<Vec<_>>().join(" ");
-    let name = name.trim_end_matches(['.', ':', ' ']).nfc().collect::<String>();
+    let name = name
+        .trim_end_matches(['.', ':', ' '])
+        .nfc()
+        .collect::<String>();
     let letters = name.chars().filter(|c| c.is_alphabetic()).count();
     (letters >= 2 && name.chars().count() <= 60).then_some(name)
 }
@@ -282,10 +356,12 @@ mod tests {
 
     #[test]
     fn attribution_gives_the_author_and_leaves_the_text() {
-        let (t, a) = split_attribution("A quote\nthat wraps.\n\t\t-- Mark Twain, \"Pudd'nhead Wilson\"\n");
+        let (t, a) =
+            split_attribution("A quote\nthat wraps.\n\t\t-- Mark Twain, \"Pudd'nhead Wilson\"\n");
         assert_eq!(t, "A quote\nthat wraps.");
         assert_eq!(a.as_deref(), Some("Mark Twain"));
-        let (_, a) = split_attribution("Безопасным бывает секс, но не любовь.\n\t\t-- Евгений Кащеев\n");
+        let (_, a) =
+            split_attribution("Безопасным бывает секс, но не любовь.\n\t\t-- Евгений Кащеев\n");
         assert_eq!(a.as_deref(), Some("Евгений Кащеев"));
         assert_eq!(parse_author("--Mark Twain"), parse_author("-- Mark  Twain"));
         assert_ne!(parse_author("-- M. Twain"), parse_author("-- Mark Twain"));
@@ -310,6 +386,9 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(got, vec!["one:Some(\"Al\")", "two:None", "6:invalid", "three:None"]);
+        assert_eq!(
+            got,
+            vec!["one:Some(\"Al\")", "two:None", "6:invalid", "three:None"]
+        );
     }
 }

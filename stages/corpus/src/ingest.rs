@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float32Builder, RecordBatch, StringBuilder};
 use orchestrate_stage::{
-    canonical_params, ArtifactKind, Inputs, ParamError, ParamProblem, PathSegment, StageContext, StageDescriptor,
-    StageError, StageOutput,
+    canonical_params, ArtifactKind, Inputs, ParamError, ParamProblem, PathSegment, StageContext,
+    StageDescriptor, StageError, StageOutput,
 };
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -47,7 +47,10 @@ pub struct Split {
 
 impl Default for Split {
     fn default() -> Self {
-        Split { val: 0.02, test: 0.02 }
+        Split {
+            val: 0.02,
+            test: 0.02,
+        }
     }
 }
 
@@ -102,25 +105,46 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     let v = canonical_params::<IngestParams>(v)?;
     let p: IngestParams = serde_json::from_value(v.clone()).expect("just canonicalised");
     let invalid = |path: &[&str], msg: String| ParamError {
-        path: path.iter().map(|k| PathSegment::Key(k.to_string())).collect(),
+        path: path
+            .iter()
+            .map(|k| PathSegment::Key(k.to_string()))
+            .collect(),
         problem: ParamProblem::Invalid(msg),
     };
     if p.sources.is_empty() {
-        return Err(invalid(&["sources"], "at least one source is needed".into()));
+        return Err(invalid(
+            &["sources"],
+            "at least one source is needed".into(),
+        ));
     }
     for (name, f) in [("val", p.split.val), ("test", p.split.test)] {
         if !(0.0..1.0).contains(&f) {
-            return Err(invalid(&["split", name], format!("a fraction in [0, 1) is needed, found {f}")));
+            return Err(invalid(
+                &["split", name],
+                format!("a fraction in [0, 1) is needed, found {f}"),
+            ));
         }
     }
     if p.split.val + p.split.test >= 1.0 {
-        return Err(invalid(&["split"], "val + test must leave something to train on".into()));
+        return Err(invalid(
+            &["split"],
+            "val + test must leave something to train on".into(),
+        ));
     }
     if p.min_chars > p.max_chars {
-        return Err(invalid(&["min_chars"], format!("min_chars ({}) exceeds max_chars ({})", p.min_chars, p.max_chars)));
+        return Err(invalid(
+            &["min_chars"],
+            format!(
+                "min_chars ({}) exceeds max_chars ({})",
+                p.min_chars, p.max_chars
+            ),
+        ));
     }
     if p.shard_records == 0 || p.row_group_records == 0 {
-        return Err(invalid(&["shard_records"], "shard and row group sizes must be positive".into()));
+        return Err(invalid(
+            &["shard_records"],
+            "shard and row group sizes must be positive".into(),
+        ));
     }
     Ok(v)
 }
@@ -131,7 +155,12 @@ fn file_deps(v: &serde_json::Value, dir: &Path) -> Vec<String> {
         return Vec::new();
     };
     expand(&p, dir)
-        .map(|files| files.into_iter().map(|(f, _)| f.display().to_string()).collect())
+        .map(|files| {
+            files
+                .into_iter()
+                .map(|(f, _)| f.display().to_string())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -149,11 +178,16 @@ pub fn expand(p: &IngestParams, dir: &Path) -> Result<Vec<(PathBuf, usize)>, Str
                 .filter(|f| f.is_file())
                 .collect()
         } else if path.is_dir() {
-            list_dir(&path, s.recursive).map_err(|e| format!("cannot list source directory {}: {e}", path.display()))?
+            list_dir(&path, s.recursive)
+                .map_err(|e| format!("cannot list source directory {}: {e}", path.display()))?
         } else if path.is_file() {
             vec![path.clone()]
         } else {
-            return Err(format!("source `{}` does not exist (looked at {})", s.path, path.display()));
+            return Err(format!(
+                "source `{}` does not exist (looked at {})",
+                s.path,
+                path.display()
+            ));
         };
         files.sort();
         // Debian's fortune directories hold `.dat` indexes beside each file: not text.
@@ -208,9 +242,13 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     if files.is_empty() {
         return Err(StageError::Failed("the sources name no files".into()));
     }
-    let total: u64 = files.iter().map(|(f, _)| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
+    let total: u64 = files
+        .iter()
+        .map(|(f, _)| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum();
     let shard_dir = ctx.out_dir.join(crate::SHARD_DIR);
-    std::fs::create_dir_all(&shard_dir).map_err(|e| StageError::io("cannot create the shard directory", e))?;
+    std::fs::create_dir_all(&shard_dir)
+        .map_err(|e| StageError::io("cannot create the shard directory", e))?;
     let mut writer = ShardWriter::new(shard_dir, p.shard_records, p.row_group_records);
     let mut stats = Stats {
         files: files.len(),
@@ -226,83 +264,96 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         let source = &p.sources[*si];
         let shown = file.display().to_string();
         let mut last_progress = 0u64;
-        formats::read(file, source.format, &source.fields, &mut |item, consumed| {
-            if consumed - last_progress > (1 << 20) {
-                ctx.events.progress(done_bytes + consumed, Some(total), "bytes");
-                last_progress = consumed;
-                ctx.checkpoint()?;
-            }
-            stats.records_read += 1;
-            let raw = match item {
-                RawItem::Invalid { line, reason } => {
-                    if p.strict {
-                        return Err(StageError::Failed(format!("{shown}:{line}: {reason} (strict: true)")));
+        formats::read(
+            file,
+            source.format,
+            &source.fields,
+            &mut |item, consumed| {
+                if consumed - last_progress > (1 << 20) {
+                    ctx.events
+                        .progress(done_bytes + consumed, Some(total), "bytes");
+                    last_progress = consumed;
+                    ctx.checkpoint()?;
+                }
+                stats.records_read += 1;
+                let raw = match item {
+                    RawItem::Invalid { line, reason } => {
+                        if p.strict {
+                            return Err(StageError::Failed(format!(
+                                "{shown}:{line}: {reason} (strict: true)"
+                            )));
+                        }
+                        *stats.dropped.entry("invalid".into()).or_default() += 1;
+                        return Ok(());
                     }
-                    *stats.dropped.entry("invalid".into()).or_default() += 1;
+                    RawItem::Record(r) => r,
+                };
+                let text = formats::normalize_text(&raw.text);
+                let chars = text.chars().count();
+                let drop = if chars == 0 {
+                    Some("empty")
+                } else if chars < p.min_chars {
+                    Some("too_short")
+                } else if chars > p.max_chars {
+                    Some("too_long")
+                } else {
+                    None
+                };
+                if let Some(reason) = drop {
+                    *stats.dropped.entry(reason.into()).or_default() += 1;
                     return Ok(());
                 }
-                RawItem::Record(r) => r,
-            };
-            let text = formats::normalize_text(&raw.text);
-            let chars = text.chars().count();
-            let drop = if chars == 0 {
-                Some("empty")
-            } else if chars < p.min_chars {
-                Some("too_short")
-            } else if chars > p.max_chars {
-                Some("too_long")
-            } else {
-                None
-            };
-            if let Some(reason) = drop {
-                *stats.dropped.entry(reason.into()).or_default() += 1;
-                return Ok(());
-            }
-            let (lang, confidence) = match source.lang.clone().or(raw.lang) {
-                Some(l) => (l, 1.0),
-                None => {
-                    let (l, c) = crate::lang::detect(&text);
-                    (l.to_string(), c)
+                let (lang, confidence) = match source.lang.clone().or(raw.lang) {
+                    Some(l) => (l, 1.0),
+                    None => {
+                        let (l, c) = crate::lang::detect(&text);
+                        (l.to_string(), c)
+                    }
+                };
+                if !p.languages.is_empty() && !p.languages.contains(&lang) {
+                    *stats.dropped.entry("language".into()).or_default() += 1;
+                    return Ok(());
                 }
-            };
-            if !p.languages.is_empty() && !p.languages.contains(&lang) {
-                *stats.dropped.entry("language".into()).or_default() += 1;
-                return Ok(());
-            }
-            let hash = blake3::hash(text.as_bytes());
-            let bytes = hash.as_bytes();
-            let key = u128::from_le_bytes(bytes[..16].try_into().expect("16 bytes"));
-            if !seen.insert(key) {
-                *stats.dropped.entry("duplicate".into()).or_default() += 1;
-                return Ok(());
-            }
-            let split = split_of(u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")), &p.split);
-            let author = raw.author.as_deref().and_then(formats::parse_author);
-            if let Some(a) = &author {
-                *authors.entry(a.clone()).or_default() += 1;
-                stats.with_author += 1;
-            }
-            stats.records += 1;
-            stats.text_bytes += text.len() as u64;
-            *stats.per_language.entry(lang.clone()).or_default() += 1;
-            *stats.per_split.entry(split.into()).or_default() += 1;
-            let id = hash.to_hex()[..16].to_string();
-            writer
-                .push(Row {
-                    id,
-                    text,
-                    lang,
-                    confidence,
-                    author,
-                    source: shown.clone(),
-                    split,
-                })
-                .map_err(|e| StageError::Failed(format!("cannot write a corpus shard: {e}")))
-        })?;
+                let hash = blake3::hash(text.as_bytes());
+                let bytes = hash.as_bytes();
+                let key = u128::from_le_bytes(bytes[..16].try_into().expect("16 bytes"));
+                if !seen.insert(key) {
+                    *stats.dropped.entry("duplicate".into()).or_default() += 1;
+                    return Ok(());
+                }
+                let split = split_of(
+                    u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")),
+                    &p.split,
+                );
+                let author = raw.author.as_deref().and_then(formats::parse_author);
+                if let Some(a) = &author {
+                    *authors.entry(a.clone()).or_default() += 1;
+                    stats.with_author += 1;
+                }
+                stats.records += 1;
+                stats.text_bytes += text.len() as u64;
+                *stats.per_language.entry(lang.clone()).or_default() += 1;
+                *stats.per_split.entry(split.into()).or_default() += 1;
+                let id = hash.to_hex()[..16].to_string();
+                writer
+                    .push(Row {
+                        id,
+                        text,
+                        lang,
+                        confidence,
+                        author,
+                        source: shown.clone(),
+                        split,
+                    })
+                    .map_err(|e| StageError::Failed(format!("cannot write a corpus shard: {e}")))
+            },
+        )?;
         done_bytes += std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
         ctx.events.progress(done_bytes, Some(total), "bytes");
     }
-    stats.shards = writer.finish().map_err(|e| StageError::Failed(format!("cannot finish a corpus shard: {e}")))?;
+    stats.shards = writer
+        .finish()
+        .map_err(|e| StageError::Failed(format!("cannot finish a corpus shard: {e}")))?;
     stats.bytes_read = done_bytes;
     if stats.records == 0 {
         return Err(StageError::Failed(format!(
@@ -320,13 +371,20 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
 
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     ctx.events.metric("records", stats.records as f64, None);
-    ctx.events.metric("text_mb", stats.text_bytes as f64 / 1e6, None);
-    ctx.events.metric("ingest_mb_per_s", stats.bytes_read as f64 / 1e6 / secs, None);
+    ctx.events
+        .metric("text_mb", stats.text_bytes as f64 / 1e6, None);
+    ctx.events.metric(
+        "ingest_mb_per_s",
+        stats.bytes_read as f64 / 1e6 / secs,
+        None,
+    );
     for (reason, n) in &stats.dropped {
-        ctx.events.metric(&format!("dropped_{reason}"), *n as f64, None);
+        ctx.events
+            .metric(&format!("dropped_{reason}"), *n as f64, None);
     }
     for (lang, n) in &stats.per_language {
-        ctx.events.metric(&format!("records_{lang}"), *n as f64, None);
+        ctx.events
+            .metric(&format!("records_{lang}"), *n as f64, None);
     }
     ctx.events.log(&format!(
         "{} records ({} MB of text) from {} files; dropped: {}",
@@ -336,8 +394,11 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         describe(&stats.dropped)
     ));
     let json = serde_json::to_value(&stats).expect("plain JSON");
-    std::fs::write(ctx.out_dir.join("stats.json"), serde_json::to_vec_pretty(&json).expect("plain JSON"))
-        .map_err(|e| StageError::io("cannot write stats.json", e))?;
+    std::fs::write(
+        ctx.out_dir.join("stats.json"),
+        serde_json::to_vec_pretty(&json).expect("plain JSON"),
+    )
+    .map_err(|e| StageError::io("cannot write stats.json", e))?;
     let mut out = StageOutput::default();
     if let serde_json::Value::Object(map) = json {
         out.metadata = map;
@@ -349,7 +410,11 @@ fn describe(dropped: &BTreeMap<String, u64>) -> String {
     if dropped.is_empty() {
         return "none".into();
     }
-    dropped.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ")
+    dropped
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The split follows from the record's hash alone, so adding records never moves another.
@@ -457,7 +522,11 @@ impl ShardWriter {
                 .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
                 .set_max_row_group_size(self.row_group)
                 .build();
-            self.writer = Some(ArrowWriter::try_new(File::create(path)?, crate::schema(), Some(props))?);
+            self.writer = Some(ArrowWriter::try_new(
+                File::create(path)?,
+                crate::schema(),
+                Some(props),
+            )?);
             self.shards += 1;
         }
         self.writer.as_mut().expect("just opened").write(&batch)?;
@@ -479,7 +548,10 @@ mod tests {
 
     #[test]
     fn split_is_stable_and_roughly_proportional() {
-        let s = Split { val: 0.1, test: 0.1 };
+        let s = Split {
+            val: 0.1,
+            test: 0.1,
+        };
         let mut counts = BTreeMap::new();
         for i in 0..20_000u64 {
             let h = blake3::hash(&i.to_le_bytes());
@@ -492,9 +564,15 @@ mod tests {
 
     #[test]
     fn bad_params_are_named() {
-        let e = canonical(serde_json::json!({"sources": [{"path": "x"}], "split": {"val": 0.6, "test": 0.5}})).unwrap_err();
+        let e = canonical(
+            serde_json::json!({"sources": [{"path": "x"}], "split": {"val": 0.6, "test": 0.5}}),
+        )
+        .unwrap_err();
         assert_eq!(e.path, vec![PathSegment::Key("split".into())]);
-        let e = canonical(serde_json::json!({"sources": [{"path": "x", "format": "csv"}]})).unwrap_err();
-        assert!(matches!(e.problem, ParamProblem::Invalid(m) if m.contains("unknown variant `csv`")));
+        let e = canonical(serde_json::json!({"sources": [{"path": "x", "format": "csv"}]}))
+            .unwrap_err();
+        assert!(
+            matches!(e.problem, ParamProblem::Invalid(m) if m.contains("unknown variant `csv`"))
+        );
     }
 }

@@ -22,8 +22,17 @@ mod tests {
 
     #[test]
     fn tells_russian_from_english() {
-        assert_eq!(detect("Аппетит приходит во время еды, а кушать хочется всегда.").0, "ru");
-        assert_eq!(detect("The quick brown fox jumps over the lazy dog near the river.").0, "en");
-        assert_eq!(detect("Der schnelle braune Fuchs springt über den faulen Hund.").0, "other");
+        assert_eq!(
+            detect("Аппетит приходит во время еды, а кушать хочется всегда.").0,
+            "ru"
+        );
+        assert_eq!(
+            detect("The quick brown fox jumps over the lazy dog near the river.").0,
+            "en"
+        );
+        assert_eq!(
+            detect("Der schnelle braune Fuchs springt über den faulen Hund.").0,
+            "other"
+        );
     }
 }

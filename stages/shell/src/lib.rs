@@ -15,8 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use orchestrate_stage::{
-    canonical_params, ArtifactKind, Inputs, StageContext, StageDescriptor, StageError,
-    StageOutput,
+    canonical_params, ArtifactKind, Inputs, StageContext, StageDescriptor, StageError, StageOutput,
 };
 use serde::{Deserialize, Serialize};
 
@@ -87,8 +86,14 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
 
     let tail = Arc::new(Mutex::new(Vec::<String>::new()));
     let readers: Vec<_> = [
-        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
     ]
     .into_iter()
     .flatten()
@@ -198,8 +203,7 @@ fn keep_declared_outputs(out: &Path, declared: &[String]) -> Result<(), StageErr
             )));
         }
     }
-    let entries =
-        std::fs::read_dir(out).map_err(|e| StageError::io("failed to list $OUT", e))?;
+    let entries = std::fs::read_dir(out).map_err(|e| StageError::io("failed to list $OUT", e))?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let declared_here = declared
@@ -232,7 +236,11 @@ mod tests {
         fn metric(&self, _: &str, _: f64, _: Option<u64>) {}
     }
 
-    fn run_in(dir: &Path, params: serde_json::Value, cancel: &CancelToken) -> Result<StageOutput, StageError> {
+    fn run_in(
+        dir: &Path,
+        params: serde_json::Value,
+        cancel: &CancelToken,
+    ) -> Result<StageOutput, StageError> {
         let out = dir.join("out");
         let scratch = dir.join("scratch");
         std::fs::create_dir_all(&out).unwrap();
@@ -264,7 +272,8 @@ mod tests {
     #[test]
     fn keeps_only_declared_outputs() {
         let d = tmp("keep");
-        let p = serde_json::json!({"run": "echo a > a.txt; echo b > junk.txt", "outputs": ["a.txt"]});
+        let p =
+            serde_json::json!({"run": "echo a > a.txt; echo b > junk.txt", "outputs": ["a.txt"]});
         run_in(&d, p, &CancelToken::new()).unwrap();
         assert!(d.join("out/a.txt").exists());
         assert!(!d.join("out/junk.txt").exists());
