@@ -456,3 +456,30 @@ fn runs_and_show_describe_what_happened() {
     let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
     assert_eq!(v["pipeline_digest"].as_str().unwrap().len(), 16);
 }
+
+#[test]
+fn key_order_in_yaml_does_not_change_cache_keys() {
+    let a = Sandbox::new();
+    a.write(
+        "p.yaml",
+        "name: k\nstorage: file://store\nstages:\n  s:\n    kind: shell\n    with: { run: echo hi > x, outputs: [x], env: { A: '1', B: '2' } }\n",
+    );
+    let b = Sandbox::new();
+    b.write(
+        "p.yaml",
+        "stages:\n  s:\n    with:\n      env: { B: '2', A: '1' }\n      outputs: [x]\n      run: echo hi > x\n    kind: shell\nstorage: file://store\nname: k\n",
+    );
+    let key = |sb: &Sandbox| {
+        let r = sb.run(&["plan", "p.yaml", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        v["stages"][0]["key"].as_str().unwrap().to_string()
+    };
+    assert_eq!(key(&a), key(&b));
+    // A default written out is the same as a default left out.
+    a.write("p.yaml", "name: k\nstorage: file://store\nstages:\n  s: { kind: shell, with: { run: echo, env: {}, outputs: [] } }\n");
+    b.write(
+        "p.yaml",
+        "name: k\nstorage: file://store\nstages:\n  s: { kind: shell, with: { run: echo } }\n",
+    );
+    assert_eq!(key(&a), key(&b));
+}

@@ -382,3 +382,93 @@ pub fn stream_texts(shards: Vec<PathBuf>, split: &'static str) -> TextStream {
         error,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{run_stage, tempdir, write_fortunes};
+    use tokenizers::Tokenizer;
+
+    fn corpus(d: &Path) -> PathBuf {
+        write_fortunes(d);
+        // Enough text for merges: repeat the fortunes with variations.
+        let mut big = String::new();
+        for i in 0..300 {
+            big.push_str(&format!("Record {i}: time flies like an arrow, время летит как стрела {i}.\n\t\t-- Author{}\n%\n", i % 5));
+        }
+        std::fs::write(d.join("big.txt"), big).unwrap();
+        let params =
+            serde_json::json!({"sources": [{"path": "*.txt"}], "split": {"val": 0.2, "test": 0.0}});
+        let (r, _) = run_stage(
+            &crate::ingest::DESCRIPTOR,
+            crate::ingest::run,
+            params,
+            d,
+            &[],
+        );
+        r.unwrap();
+        let c = d.join("corpus");
+        let _ = std::fs::remove_dir_all(&c);
+        std::fs::rename(d.join("out"), &c).unwrap();
+        c
+    }
+
+    #[test]
+    fn trains_a_tokenizer_with_control_tokens_and_no_unknowns() {
+        let d = tempdir("bpe");
+        let c = corpus(&d);
+        let params = serde_json::json!({"vocab_size": 400, "author_tokens": 3, "min_frequency": 1});
+        let (r, ev) = run_stage(
+            &DESCRIPTOR,
+            run,
+            params,
+            &d,
+            &[("corpus", ArtifactKind::Corpus, &c)],
+        );
+        let out = r.unwrap();
+        assert_eq!(out.metadata["unk_rate"], 0.0);
+        let tok = Tokenizer::from_file(d.join("out/tokenizer.json")).unwrap();
+        assert_eq!(tok.token_to_id(PAD), Some(0));
+        assert_eq!(tok.token_to_id(EOS), Some(2));
+        assert_eq!(tok.token_to_id("<lang:ru>"), Some(4));
+        assert_eq!(tok.token_to_id(OTHER_AUTHOR), Some(7));
+        assert!(tok.token_to_id("<author:Author0>").is_some());
+        assert!(tok.get_vocab_size(true) <= 400);
+        for text in [
+            "время летит как стрела",
+            "time flies like an arrow",
+            "ünïcödé ✓ 🦀",
+        ] {
+            let enc = tok.encode(text, false).unwrap();
+            assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text);
+        }
+        let metrics = ev.metrics.lock().unwrap();
+        assert!(metrics["tokens_per_word_en"] > 0.9, "{metrics:?}");
+    }
+
+    #[test]
+    fn same_corpus_and_params_give_a_byte_identical_tokenizer() {
+        let d = tempdir("bpe-determinism");
+        let c = corpus(&d);
+        let params = serde_json::json!({"vocab_size": 500, "author_tokens": 4});
+        let mut files = Vec::new();
+        for _ in 0..2 {
+            let (r, _) = run_stage(
+                &DESCRIPTOR,
+                run,
+                params.clone(),
+                &d,
+                &[("corpus", ArtifactKind::Corpus, &c)],
+            );
+            r.unwrap();
+            files.push(std::fs::read(d.join("out/tokenizer.json")).unwrap());
+        }
+        assert_eq!(files[0], files[1]);
+    }
+
+    #[test]
+    fn a_vocab_too_small_for_the_control_tokens_is_rejected() {
+        let e = (DESCRIPTOR.canonical_params)(serde_json::json!({"vocab_size": 100})).unwrap_err();
+        assert!(matches!(e.problem, ParamProblem::Invalid(m) if m.contains("too small")));
+    }
+}

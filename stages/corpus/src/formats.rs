@@ -8,7 +8,9 @@ use std::path::Path;
 use arrow::array::{Array, StringArray};
 use orchestrate_stage::StageError;
 use serde::{Deserialize, Serialize};
-use unicode_normalization::UnicodeNormalization;
+use std::borrow::Cow;
+
+use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -318,10 +320,20 @@ pub fn parse_author(attribution: &str) -> Option<String> {
     (letters >= 2 && name.chars().count() <= 60).then_some(name)
 }
 
+/// NFC, without copying in the common case: ASCII, and most other text, is NFC already, and
+/// the quick check is several times cheaper than normalising.
+pub fn nfc(text: &str) -> Cow<'_, str> {
+    if text.is_ascii() || is_nfc_quick(text.chars()) == IsNormalized::Yes {
+        Cow::Borrowed(text)
+    } else {
+        Cow::Owned(text.nfc().collect())
+    }
+}
+
 /// NFC; whitespace within a paragraph collapsed to single spaces (fortune files wrap lines at
 /// 72 columns); paragraphs kept apart by one newline.
 pub fn normalize_text(text: &str) -> String {
-    let nfc: String = text.nfc().collect();
+    let nfc = nfc(text);
     let mut out = String::with_capacity(nfc.len());
     let mut paragraph_open = false;
     let mut pending_break = false;
@@ -372,6 +384,14 @@ mod tests {
     #[test]
     fn whitespace_is_cleaned_and_paragraphs_kept() {
         assert_eq!(normalize_text("  a  b\n c\n\n\n d\t e \n"), "a b c\nd e");
+    }
+
+    #[test]
+    fn text_is_nfc() {
+        // "é" as e + combining acute becomes the single code point.
+        assert_eq!(normalize_text("cafe\u{301}"), "caf\u{e9}");
+        assert!(matches!(nfc("plain ascii"), Cow::Borrowed(_)));
+        assert!(matches!(nfc("уже нормализовано"), Cow::Borrowed(_)));
     }
 
     #[test]

@@ -255,7 +255,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         ..Default::default()
     };
     // 128 bits per record keeps 2 million records' dedupe set near 50 MB, collisions aside.
-    let mut seen: HashSet<u128> = HashSet::new();
+    let mut seen: HashSet<u128, PrehashedKeys> = HashSet::default();
     let mut authors: HashMap<String, u64> = HashMap::new();
     let mut done_bytes = 0u64;
     let started = std::time::Instant::now();
@@ -325,7 +325,12 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
                     u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")),
                     &p.split,
                 );
-                let author = raw.author.as_deref().and_then(formats::parse_author);
+                // Fortune authors were parsed from their attribution line already; names from
+                // other formats get the same clean-up.
+                let author = match source.format {
+                    Format::Fortune => raw.author,
+                    _ => raw.author.as_deref().and_then(formats::parse_author),
+                };
                 if let Some(a) = &author {
                     *authors.entry(a.clone()).or_default() += 1;
                     stats.with_author += 1;
@@ -406,6 +411,36 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     Ok(out)
 }
 
+/// The dedupe set's keys are blake3 output already: hashing them again (SipHash, the
+/// default) would only cost time.
+#[derive(Default, Clone, Copy)]
+struct PrehashedKeys;
+
+impl std::hash::BuildHasher for PrehashedKeys {
+    type Hasher = Prehashed;
+    fn build_hasher(&self) -> Prehashed {
+        Prehashed(0)
+    }
+}
+
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
 fn describe(dropped: &BTreeMap<String, u64>) -> String {
     if dropped.is_empty() {
         return "none".into();
@@ -439,15 +474,21 @@ struct Row {
     split: &'static str,
 }
 
-/// Buffers one row group at a time and rolls over to a new shard every `shard_records`.
+/// Buffers one row group at a time and hands it to a writer thread, which compresses and
+/// writes while the next row group is parsed; rolls over to a new shard every
+/// `shard_records`. At most two row groups wait in the channel, so memory stays bounded.
 struct ShardWriter {
-    dir: PathBuf,
     shard_records: usize,
     row_group: usize,
-    writer: Option<ArrowWriter<File>>,
-    shards: usize,
     in_shard: usize,
     cols: Columns,
+    tx: Option<std::sync::mpsc::SyncSender<Chunk>>,
+    thread: Option<std::thread::JoinHandle<WriteResult<usize>>>,
+}
+
+enum Chunk {
+    Batch(RecordBatch),
+    EndShard,
 }
 
 #[derive(Default)]
@@ -466,14 +507,16 @@ type WriteResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 impl ShardWriter {
     fn new(dir: PathBuf, shard_records: usize, row_group: usize) -> Self {
+        let row_group = row_group.min(shard_records);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(2);
+        let thread = std::thread::spawn(move || write_shards(&dir, row_group, rx));
         ShardWriter {
-            dir,
             shard_records,
-            row_group: row_group.min(shard_records),
-            writer: None,
-            shards: 0,
+            row_group,
             in_shard: 0,
             cols: Columns::default(),
+            tx: Some(tx),
+            thread: Some(thread),
         }
     }
 
@@ -492,12 +535,36 @@ impl ShardWriter {
             self.flush()?;
         }
         if self.in_shard >= self.shard_records {
-            if let Some(w) = self.writer.take() {
-                w.close()?;
-            }
+            self.send(Chunk::EndShard)?;
             self.in_shard = 0;
         }
         Ok(())
+    }
+
+    fn send(&mut self, chunk: Chunk) -> WriteResult<()> {
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.send(chunk).is_ok())
+            .unwrap_or(false);
+        if sent {
+            Ok(())
+        } else {
+            // The writer thread stopped: its own error says why.
+            Err(self
+                .join()
+                .err()
+                .unwrap_or_else(|| "the shard writer stopped".into()))
+        }
+    }
+
+    fn join(&mut self) -> WriteResult<usize> {
+        self.tx = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err("the shard writer panicked".into()),
+            None => Err("the shard writer already stopped".into()),
+        }
     }
 
     fn flush(&mut self) -> WriteResult<()> {
@@ -516,35 +583,252 @@ impl ShardWriter {
         ];
         c.rows = 0;
         let batch = RecordBatch::try_new(crate::schema(), columns)?;
-        if self.writer.is_none() {
-            let path = self.dir.join(format!("part-{:05}.parquet", self.shards));
-            let props = WriterProperties::builder()
-                .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
-                .set_max_row_group_size(self.row_group)
-                .build();
-            self.writer = Some(ArrowWriter::try_new(
-                File::create(path)?,
-                crate::schema(),
-                Some(props),
-            )?);
-            self.shards += 1;
-        }
-        self.writer.as_mut().expect("just opened").write(&batch)?;
-        Ok(())
+        self.send(Chunk::Batch(batch))
     }
 
     fn finish(mut self) -> WriteResult<usize> {
         self.flush()?;
-        if let Some(w) = self.writer.take() {
-            w.close()?;
-        }
-        Ok(self.shards)
+        self.join()
     }
+}
+
+/// The writer thread: one `ArrowWriter` per shard. Text and ids are unique per row, so
+/// dictionary encoding and min/max statistics would cost time and buy nothing there.
+fn write_shards(
+    dir: &Path,
+    row_group: usize,
+    rx: std::sync::mpsc::Receiver<Chunk>,
+) -> WriteResult<usize> {
+    use parquet::file::properties::EnabledStatistics;
+    use parquet::schema::types::ColumnPath;
+    let mut writer: Option<ArrowWriter<File>> = None;
+    let mut shards = 0;
+    for chunk in rx {
+        match chunk {
+            Chunk::Batch(batch) => {
+                if writer.is_none() {
+                    let path = dir.join(format!("part-{shards:05}.parquet"));
+                    let mut props = WriterProperties::builder()
+                        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+                        .set_max_row_group_size(row_group);
+                    for col in ["id", "text"] {
+                        props = props
+                            .set_column_dictionary_enabled(ColumnPath::from(col), false)
+                            .set_column_statistics_enabled(
+                                ColumnPath::from(col),
+                                EnabledStatistics::None,
+                            );
+                    }
+                    writer = Some(ArrowWriter::try_new(
+                        File::create(path)?,
+                        crate::schema(),
+                        Some(props.build()),
+                    )?);
+                    shards += 1;
+                }
+                writer.as_mut().expect("just opened").write(&batch)?;
+            }
+            Chunk::EndShard => {
+                if let Some(w) = writer.take() {
+                    w.close()?;
+                }
+            }
+        }
+    }
+    if let Some(w) = writer.take() {
+        w.close()?;
+    }
+    Ok(shards)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::{run_stage, tempdir, write_fortunes};
+    use arrow::array::{Array, StringArray};
+
+    fn read_all(out: &Path) -> Vec<RecordBatch> {
+        let mut batches = Vec::new();
+        let mut files: Vec<_> = std::fs::read_dir(out.join("data"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        for f in files {
+            let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                File::open(f).unwrap(),
+            )
+            .unwrap()
+            .build()
+            .unwrap();
+            batches.extend(r.map(|b| b.unwrap()));
+        }
+        batches
+    }
+
+    fn col<'a>(b: &'a RecordBatch, name: &str) -> &'a StringArray {
+        b.column_by_name(name)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap()
+    }
+
+    #[test]
+    fn ingests_cleans_dedupes_and_counts() {
+        let d = tempdir("ingest");
+        write_fortunes(&d);
+        let params = serde_json::json!({"sources": [
+            {"path": "en.txt"}, {"path": "ru.txt"}, {"path": "bad.txt", "lang": "en"}
+        ]});
+        let (r, ev) = run_stage(&DESCRIPTOR, run, params, &d, &[]);
+        let out = r.unwrap();
+        let m = &out.metadata;
+        assert_eq!(m["records"], 7, "{m:?}");
+        assert_eq!(m["dropped"]["duplicate"], 1);
+        assert_eq!(m["dropped"]["too_short"], 1);
+        assert_eq!(m["dropped"]["invalid"], 1);
+        assert_eq!(m["per_language"]["ru"], 2);
+        // Detection may call a short English quote `other`; the fixed-language file is `en`.
+        let en = m["per_language"]["en"].as_u64().unwrap();
+        let other = m["per_language"]
+            .get("other")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        assert_eq!(en + other, 5, "{m:?}");
+        assert!(en >= 4, "{m:?}");
+        // `--Steve Martin` and `-- Steve  Martin` are one author.
+        assert_eq!(m["top_authors"][0], serde_json::json!(["Steve Martin", 2]));
+        assert!(ev.metrics.lock().unwrap().contains_key("ingest_mb_per_s"));
+        let batches = read_all(&d.join("out"));
+        let texts: Vec<String> = batches
+            .iter()
+            .flat_map(|b| (0..b.num_rows()).map(|i| col(b, "text").value(i).to_string()))
+            .collect();
+        assert!(texts.contains(&"A day without sunshine is like, you know, night.".to_string()));
+        assert!(
+            texts.iter().all(|t| !t.contains("--")),
+            "attributions are removed: {texts:?}"
+        );
+        let lang_detected = batches
+            .iter()
+            .any(|b| (0..b.num_rows()).any(|i| col(b, "lang").value(i) == "ru"));
+        assert!(lang_detected);
+        assert!(d.join("out/stats.json").exists());
+    }
+
+    #[test]
+    fn strict_mode_names_file_and_line() {
+        let d = tempdir("strict");
+        write_fortunes(&d);
+        let params = serde_json::json!({"sources": [{"path": "bad.txt"}], "strict": true});
+        let (r, _) = run_stage(&DESCRIPTOR, run, params, &d, &[]);
+        let err = r.unwrap_err().to_string();
+        assert!(err.contains("bad.txt:3: invalid UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn empty_result_and_missing_source_are_clear_errors() {
+        let d = tempdir("empty");
+        write_fortunes(&d);
+        let (r, _) = run_stage(
+            &DESCRIPTOR,
+            run,
+            serde_json::json!({"sources": [{"path": "ru.txt"}], "languages": ["en"]}),
+            &d,
+            &[],
+        );
+        let err = r.unwrap_err().to_string();
+        assert!(
+            err.contains("no records") && err.contains("2 language"),
+            "{err}"
+        );
+        let (r, _) = run_stage(
+            &DESCRIPTOR,
+            run,
+            serde_json::json!({"sources": [{"path": "nope/*.txt"}]}),
+            &d,
+            &[],
+        );
+        assert!(r.unwrap_err().to_string().contains("name no files"));
+        let (r, _) = run_stage(
+            &DESCRIPTOR,
+            run,
+            serde_json::json!({"sources": [{"path": "nope.txt"}]}),
+            &d,
+            &[],
+        );
+        assert!(r
+            .unwrap_err()
+            .to_string()
+            .contains("source `nope.txt` does not exist"));
+    }
+
+    #[test]
+    fn other_formats_and_shard_rollover() {
+        let d = tempdir("formats");
+        std::fs::write(d.join("a.jsonl"), "{\"body\": \"First JSON record here.\", \"who\": \"Ann\"}\nnot json\n{\"body\": \"Second JSON record here.\"}\n").unwrap();
+        std::fs::write(
+            d.join("b.txt"),
+            "Line one is a record.\nLine two is a record.\n\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("c.txt"),
+            "Paragraph one\nwraps here.\n\nParagraph two is here.\n",
+        )
+        .unwrap();
+        let params = serde_json::json!({"shard_records": 2, "row_group_records": 1, "sources": [
+            {"path": "a.jsonl", "format": "jsonl", "lang": "en", "fields": {"text": "body", "author": "who", "lang": "l"}},
+            {"path": "b.txt", "format": "lines", "lang": "en"},
+            {"path": "c.txt", "format": "paragraphs", "lang": "en"},
+        ]});
+        let (r, _) = run_stage(&DESCRIPTOR, run, params, &d, &[]);
+        let m = r.unwrap().metadata;
+        assert_eq!(m["records"], 6);
+        assert_eq!(m["dropped"]["invalid"], 1);
+        assert_eq!(m["shards"], 3);
+        let batches = read_all(&d.join("out"));
+        let texts: Vec<&str> = batches
+            .iter()
+            .flat_map(|b| (0..b.num_rows()).map(|i| col(b, "text").value(i)))
+            .collect();
+        assert!(texts.contains(&"Paragraph one wraps here."), "{texts:?}");
+        let authors: Vec<Option<&str>> = batches
+            .iter()
+            .flat_map(|b| {
+                let a = col(b, "author");
+                (0..b.num_rows())
+                    .map(|i| (!a.is_null(i)).then(|| a.value(i)))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(authors[0], Some("Ann"));
+        // Re-ingesting the output Parquet gives the same records.
+        let params = serde_json::json!({"sources": [{"path": "previous/data/*.parquet", "format": "parquet"}]});
+        let d2 = d.join("again");
+        std::fs::create_dir_all(&d2).unwrap();
+        std::fs::rename(d.join("out"), d2.join("previous")).unwrap();
+        let (r, _) = run_stage(&DESCRIPTOR, run, params, &d2, &[]);
+        assert_eq!(r.unwrap().metadata["records"], 6);
+    }
+
+    #[test]
+    fn output_is_byte_identical_across_runs() {
+        let d = tempdir("determinism");
+        write_fortunes(&d);
+        let params = serde_json::json!({"sources": [{"path": "*.txt"}]});
+        let (r, _) = run_stage(&DESCRIPTOR, run, params.clone(), &d, &[]);
+        r.unwrap();
+        let first = std::fs::read(d.join("out/data/part-00000.parquet")).unwrap();
+        let (r, _) = run_stage(&DESCRIPTOR, run, params, &d, &[]);
+        r.unwrap();
+        assert_eq!(
+            first,
+            std::fs::read(d.join("out/data/part-00000.parquet")).unwrap()
+        );
+    }
 
     #[test]
     fn split_is_stable_and_roughly_proportional() {

@@ -9,6 +9,8 @@ pub mod bpe;
 mod formats;
 pub mod ingest;
 mod lang;
+#[cfg(test)]
+mod testutil;
 
 use std::sync::Arc;
 
