@@ -21,6 +21,7 @@ use crate::report::Reporter;
 use crate::store::{
     hostname, unix_now, FileEntry, LockAttempt, LockInfo, Manifest, Producer, Store, StoreError,
 };
+use crate::tracking::{flatten_params, SystemSampler, Tracker};
 
 /// How long a lock holds without renewal; a holder renews it every third of this.
 const LOCK_LEASE: Duration = Duration::from_secs(30);
@@ -29,7 +30,14 @@ const LOCK_POLL: Duration = Duration::from_millis(200);
 const UPLOADS: usize = 8;
 
 pub struct ExecOptions {
+    /// From [`crate::record::new_run_id`]; names the run record and the tracking spool.
+    pub run_id: String,
     pub jobs: usize,
+    /// Where tracking records go (spooled, then delivered to MLflow when configured).
+    pub tracker: Arc<Tracker>,
+    pub experiment: String,
+    /// Seconds between system-metric samples.
+    pub system_metrics_every: Duration,
     /// Local scratch: stage working directories and materialised inputs.
     pub cache_dir: PathBuf,
     pub args: Vec<String>,
@@ -44,6 +52,8 @@ struct Shared {
     work_root: PathBuf,
     artifact_cache: PathBuf,
     jobs: Arc<Semaphore>,
+    tracker: Arc<Tracker>,
+    experiment: String,
 }
 
 /// Outcome of one stage task.
@@ -59,9 +69,10 @@ pub async fn execute(
     opts: ExecOptions,
     reporter: Arc<dyn Reporter>,
     cancel: CancelToken,
-) -> Result<RunRecord, StoreError> {
+) -> Result<(RunRecord, Option<StoreError>), StoreError> {
     let started = Utc::now();
-    let run_id = crate::record::new_run_id(started);
+    let run_id = opts.run_id.clone();
+    let tracker = Arc::clone(&opts.tracker);
     let shared = Arc::new(Shared {
         pipeline: Arc::clone(&pipeline),
         store: store.clone(),
@@ -71,6 +82,8 @@ pub async fn execute(
         artifact_cache: opts.cache_dir.join("artifacts"),
         run_id: run_id.clone(),
         jobs: Arc::new(Semaphore::new(opts.jobs.max(1))),
+        tracker: Arc::clone(&tracker),
+        experiment: opts.experiment.clone(),
     });
     let n = pipeline.stages.len();
     let mut manifests: Vec<Option<Manifest>> =
@@ -110,8 +123,17 @@ pub async fn execute(
     if anything_to_do {
         store.put_run(&run_id, &run).await?;
     }
+    let stop_delivery = Arc::new(tokio::sync::Notify::new());
+    let delivery = tracker.spawn_delivery(Arc::clone(&stop_delivery));
+    track_run_start(&shared, &run);
+    let sampler = spawn_sampler(
+        Arc::clone(&tracker),
+        run_id.clone(),
+        opts.system_metrics_every,
+    );
     for r in records.iter().filter(|r| r.status == StageStatus::Cached) {
         reporter.finished(r);
+        track_reused(&shared, r);
     }
 
     let forced: Vec<bool> = plan.stages.iter().map(|s| s.forced).collect();
@@ -165,6 +187,9 @@ pub async fn execute(
         manifests[i] = done.manifest;
         records[i] = done.record;
         reporter.finished(&records[i]);
+        if records[i].status == StageStatus::Cached {
+            track_reused(&shared, &records[i]);
+        }
         if matches!(
             records[i].status,
             StageStatus::Ran | StageStatus::Failed | StageStatus::Cancelled
@@ -208,11 +233,136 @@ pub async fn execute(
     } else {
         RunStatus::Succeeded
     };
-    store.put_run(&run_id, &run).await?;
+    // A store that failed mid-run may still be down: the summary is shown all the same.
+    let record_error = store.put_run(&run_id, &run).await.err();
     if run.status == RunStatus::Succeeded {
         let _ = std::fs::remove_dir_all(&shared.work_root);
     }
-    Ok(run)
+    sampler.abort();
+    track_run_end(&shared, &run, &opts.cache_dir);
+    stop_delivery.notify_one();
+    let _ = delivery.await;
+    let d = tracker.finish().await;
+    if let Some(problem) = d.problem {
+        reporter.note(&format!(
+            "tracking: {problem}; {} of {} records delivered, the rest wait in {} for `orchestrate sync`",
+            d.delivered,
+            d.records,
+            opts.cache_dir.join("spool").display()
+        ));
+    }
+    Ok((run, record_error))
+}
+
+fn mlflow_status(s: StageStatus) -> &'static str {
+    match s {
+        StageStatus::Ran | StageStatus::Cached => "FINISHED",
+        StageStatus::Cancelled => "KILLED",
+        _ => "FAILED",
+    }
+}
+
+fn stage_uid(run_id: &str, stage: &str) -> String {
+    format!("{run_id}/{stage}")
+}
+
+/// The parent MLflow run: the pipeline's params, flattened (`model.lr`), and where it came from.
+fn track_run_start(sh: &Shared, run: &RunRecord) {
+    let mut tags = BTreeMap::new();
+    tags.insert("orchestrate.run_id".to_string(), run.id.clone());
+    tags.insert("orchestrate.pipeline".to_string(), run.pipeline.clone());
+    tags.insert(
+        "orchestrate.pipeline_digest".to_string(),
+        run.pipeline_digest.clone(),
+    );
+    tags.insert("mlflow.source.name".to_string(), run.pipeline_path.clone());
+    if let Some(c) = &run.git_commit {
+        tags.insert("mlflow.source.git.commit".to_string(), c.clone());
+    }
+    sh.tracker
+        .start_run(&run.id, None, &sh.experiment, &run.id, tags);
+    let mut params = BTreeMap::new();
+    flatten_params("params", &sh.pipeline.params, &mut params);
+    for s in &sh.pipeline.stages {
+        flatten_params(&s.name, &s.params, &mut params);
+    }
+    sh.tracker.log(&run.id, params, BTreeMap::new());
+}
+
+fn stage_tags(r: &StageRecord) -> BTreeMap<String, String> {
+    let mut tags = BTreeMap::new();
+    tags.insert("orchestrate.stage".to_string(), r.stage.clone());
+    tags.insert("orchestrate.kind".to_string(), r.kind.clone());
+    tags.insert(
+        "orchestrate.status".to_string(),
+        r.status.as_str().to_string(),
+    );
+    if let Some(k) = &r.key {
+        tags.insert("orchestrate.cache_key".to_string(), k.0.clone());
+    }
+    if let Some(a) = &r.artifact {
+        tags.insert("orchestrate.artifact".to_string(), a.clone());
+    }
+    if let Some(e) = &r.error {
+        tags.insert(
+            "orchestrate.error".to_string(),
+            e.chars().take(4000).collect(),
+        );
+    }
+    tags
+}
+
+/// A child run for a stage whose artifact was reused, naming the run that produced it.
+fn track_reused(sh: &Shared, r: &StageRecord) {
+    let uid = stage_uid(&sh.run_id, &r.stage);
+    let mut tags = stage_tags(r);
+    tags.insert("orchestrate.reused".to_string(), "true".to_string());
+    if let Some(p) = &r.produced_by {
+        tags.insert("orchestrate.produced_by".to_string(), p.clone());
+    }
+    sh.tracker
+        .start_run(&uid, Some(&sh.run_id), &sh.experiment, &r.stage, tags);
+    if let Some(i) = sh.pipeline.stage_index(&r.stage) {
+        let mut params = BTreeMap::new();
+        flatten_params("", &sh.pipeline.stages[i].params, &mut params);
+        sh.tracker.log(&uid, params, BTreeMap::new());
+    }
+    sh.tracker.end_run(&uid, "FINISHED");
+}
+
+fn track_run_end(sh: &Shared, run: &RunRecord, cache_dir: &Path) {
+    let record = cache_dir.join("work").join(format!("{}.json", run.id));
+    if std::fs::create_dir_all(cache_dir.join("work")).is_ok()
+        && std::fs::write(&record, serde_json::to_vec_pretty(run).unwrap_or_default()).is_ok()
+    {
+        sh.tracker.artifact(&run.id, &record, "run.json");
+        let _ = std::fs::remove_file(&record);
+    }
+    let status = match run.status {
+        RunStatus::Succeeded => "FINISHED",
+        RunStatus::Cancelled => "KILLED",
+        _ => "FAILED",
+    };
+    sh.tracker.end_run(&run.id, status);
+}
+
+/// Host (and GPU) metrics on the parent run while the pipeline runs.
+fn spawn_sampler(
+    tracker: Arc<Tracker>,
+    run_id: String,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut sampler = SystemSampler::new();
+        let mut step = 0;
+        loop {
+            tokio::time::sleep(every).await;
+            for (name, value) in sampler.sample() {
+                tracker.metric(&run_id, &name, value, step);
+            }
+            step += 1;
+        }
+    })
 }
 
 async fn run_stage(
@@ -291,6 +441,24 @@ async fn run_stage(
             return finish(record, None);
         }
     }
+    let uid = stage_uid(&sh.run_id, &stage.name);
+    {
+        let mut tags = BTreeMap::new();
+        tags.insert("orchestrate.stage".to_string(), stage.name.clone());
+        tags.insert(
+            "orchestrate.kind".to_string(),
+            stage.kind.name().to_string(),
+        );
+        tags.insert("orchestrate.cache_key".to_string(), key.0.clone());
+        for (name, digests) in &parts.inputs {
+            tags.insert(format!("orchestrate.input.{name}"), digests.join(","));
+        }
+        sh.tracker
+            .start_run(&uid, Some(&sh.run_id), &sh.experiment, &stage.name, tags);
+        let mut params = BTreeMap::new();
+        flatten_params("", &stage.params, &mut params);
+        sh.tracker.log(&uid, params, BTreeMap::new());
+    }
     let heartbeat = {
         let store = sh.store.clone();
         let key = key.clone();
@@ -329,21 +497,24 @@ async fn run_stage(
     sh.store.release_lock(&key).await;
     record.attempts = attempt;
     record.metrics = metrics.lock().map(|m| m.clone()).unwrap_or_default();
-    match result {
+    let (record, manifest) = match result {
         Ok(m) => {
             record.status = StageStatus::Ran;
             record.artifact = Some(m.digest.clone());
-            finish(record, Some(m))
+            (record, Some(m))
         }
         Err(StageFailure::Cancelled) => {
             record.status = StageStatus::Cancelled;
-            finish(record, None)
+            (record, None)
         }
         Err(StageFailure::Failed(msg)) => {
             record.error = Some(msg);
-            finish(record, None)
+            (record, None)
         }
-    }
+    };
+    sh.tracker.log(&uid, BTreeMap::new(), stage_tags(&record));
+    sh.tracker.end_run(&uid, mlflow_status(record.status));
+    finish(record, manifest)
 }
 
 enum Acquired {
@@ -455,6 +626,9 @@ async fn produce(
         stage: stage.name.clone(),
         reporter: Arc::clone(&sh.reporter),
         metrics: Arc::clone(metrics),
+        tracker: Arc::clone(&sh.tracker),
+        uid: stage_uid(&sh.run_id, &stage.name),
+        steps: Mutex::new(BTreeMap::new()),
     };
     let kind = stage.kind;
     let params = stage.params.clone();
@@ -533,6 +707,13 @@ async fn produce(
         },
         key_parts: parts.clone(),
     };
+    let uid = stage_uid(&sh.run_id, &stage.name);
+    for name in stage.kind.descriptor().tracked_files {
+        let path = out.join(name);
+        if path.is_file() {
+            sh.tracker.artifact(&uid, &path, name);
+        }
+    }
     let committed = store.commit(&manifest).await?;
     if committed.digest != manifest.digest {
         sh.reporter.note(&format!(
@@ -607,6 +788,10 @@ struct Sink {
     stage: String,
     reporter: Arc<dyn Reporter>,
     metrics: Arc<Mutex<BTreeMap<String, f64>>>,
+    tracker: Arc<Tracker>,
+    uid: String,
+    /// Metrics logged without a step get 0, 1, 2, ... per name.
+    steps: Mutex<BTreeMap<String, i64>>,
 }
 
 impl EventSink for Sink {
@@ -618,9 +803,19 @@ impl EventSink for Sink {
         self.reporter.log(&self.stage, line);
     }
 
-    fn metric(&self, name: &str, value: f64, _step: Option<u64>) {
+    fn metric(&self, name: &str, value: f64, step: Option<u64>) {
         if let Ok(mut m) = self.metrics.lock() {
             m.insert(name.to_string(), value);
         }
+        let step = match step {
+            Some(s) => s as i64,
+            None => {
+                let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+                let n = steps.entry(name.to_string()).or_insert(0);
+                *n += 1;
+                *n - 1
+            }
+        };
+        self.tracker.metric(&self.uid, name, value, step);
     }
 }

@@ -13,4 +13,5 @@ pub mod record;
 pub mod report;
 pub mod spec;
 pub mod store;
+pub mod tracking;
 pub mod yaml;

@@ -13,6 +13,7 @@ use orchestrate::record::{RunRecord, RunStatus, StageStatus};
 use orchestrate::report::fmt_ms;
 use orchestrate::spec::PipelineSpec;
 use orchestrate::store::{Store, StoreError};
+use orchestrate::tracking::{MlflowClient, Tracker};
 use orchestrate_stage::CancelToken;
 
 const EXIT_CODES: &str = "\
@@ -178,6 +179,18 @@ enum Command {
         #[command(flatten)]
         store: StoreOnly,
     },
+    /// Deliver tracking records kept in the local spool to MLflow (idempotent).
+    Sync {
+        /// The pipeline whose spool (and `tracking.mlflow`) to use.
+        #[arg(long, value_name = "FILE")]
+        pipeline: Option<PathBuf>,
+        /// MLflow tracking URI; else the pipeline's, else MLFLOW_TRACKING_URI.
+        #[arg(long, value_name = "URL")]
+        mlflow: Option<String>,
+        /// The spool directory; else `.orchestrate/spool` beside the pipeline (or ORCHESTRATE_CACHE_DIR).
+        #[arg(long, value_name = "DIR")]
+        spool: Option<PathBuf>,
+    },
     /// Re-read every stored artifact and check its digests.
     Fsck {
         #[command(flatten)]
@@ -280,6 +293,15 @@ fn open_store_only(args: &StoreOnly) -> Result<Store, Failure> {
     }
 }
 
+/// `tracking.mlflow` from the pipeline, else `MLFLOW_TRACKING_URI`.
+fn mlflow_url(p: &Pipeline) -> Option<String> {
+    p.tracking
+        .mlflow
+        .clone()
+        .or_else(|| std::env::var("MLFLOW_TRACKING_URI").ok())
+        .filter(|u| !u.trim().is_empty())
+}
+
 fn cache_dir(p: &Pipeline) -> PathBuf {
     std::env::var_os("ORCHESTRATE_CACHE_DIR")
         .map(PathBuf::from)
@@ -335,18 +357,38 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let reporter: Arc<dyn orchestrate::report::Reporter> =
                 Arc::from(orchestrate::report::for_stderr(quiet));
             watch_signals(cancel.clone(), Arc::clone(&reporter));
+            let cache = cache_dir(&p);
+            let client = mlflow_url(&p).map(|u| MlflowClient::new(&u));
+            let run_id = orchestrate::record::new_run_id(chrono::Utc::now());
+            let tracker = Tracker::new(&cache.join("spool"), &run_id, client)
+                .map_err(|e| Failure::new(1, format!("error: {e}")))?;
             let opts = ExecOptions {
+                run_id,
                 jobs: jobs.unwrap_or_else(|| {
                     std::thread::available_parallelism()
                         .map(|n| n.get())
                         .unwrap_or(2)
                 }),
-                cache_dir: cache_dir(&p),
+                cache_dir: cache,
                 args: std::env::args().skip(1).collect(),
+                tracker,
+                experiment: p.tracking.experiment.clone(),
+                system_metrics_every: std::env::var("ORCHESTRATE_SYSTEM_METRICS_SECS")
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .map(Duration::from_secs_f64)
+                    .unwrap_or(Duration::from_secs(10)),
             };
-            let record = execute(Arc::clone(&p), store, plan, opts, reporter, cancel).await?;
+            let (record, record_error) =
+                execute(Arc::clone(&p), store, plan, opts, reporter, cancel).await?;
             print!("{}", summary(&record));
-            Ok(exit_code(&record))
+            match record_error {
+                Some(e) => Err(Failure::new(
+                    3,
+                    format!("error: the run record was not stored: {e}"),
+                )),
+                None => Ok(exit_code(&record)),
+            }
         }
         Command::Graph { pipeline, format } => {
             let p = load(&pipeline)?;
@@ -437,6 +479,44 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             }
             println!("unpinned {n} artifact{}", if n == 1 { "" } else { "s" });
             Ok(0)
+        }
+        Command::Sync {
+            pipeline,
+            mlflow,
+            spool,
+        } => {
+            let p = match &pipeline {
+                Some(file) => Some(load(&PipelineArgs {
+                    file: file.clone(),
+                    sets: Vec::new(),
+                })?),
+                None => None,
+            };
+            let url = mlflow
+                .or_else(|| p.as_ref().and_then(mlflow_url))
+                .or_else(|| std::env::var("MLFLOW_TRACKING_URI").ok().filter(|u| !u.is_empty()))
+                .ok_or_else(|| Failure::new(2, "error: no MLflow server: pass --mlflow URL, set tracking.mlflow, or MLFLOW_TRACKING_URI"))?;
+            let dir = spool.unwrap_or_else(|| match &p {
+                Some(p) => cache_dir(p).join("spool"),
+                None => std::env::var_os("ORCHESTRATE_CACHE_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from(".orchestrate"))
+                    .join("spool"),
+            });
+            let client = MlflowClient::new(&url);
+            match orchestrate::tracking::sync(&client, &dir).await {
+                Ok((files, sent)) => {
+                    println!(
+                        "delivered {sent} records from {files} spooled runs to {}",
+                        client.url()
+                    );
+                    Ok(0)
+                }
+                Err(e) => Err(Failure::new(
+                    1,
+                    format!("error: {e}; the records stay in {}", dir.display()),
+                )),
+            }
         }
         Command::Fsck { store, repair } => {
             let store = open_store_only(&store)?;

@@ -199,10 +199,16 @@ impl Store {
             {
                 b = b.with_region("us-east-1");
             }
+            let env_num = |name: &str, default: u64| {
+                std::env::var(name)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(default)
+            };
             let s3 = b
                 .with_retry(object_store::RetryConfig {
-                    max_retries: 5,
-                    retry_timeout: Duration::from_secs(60),
+                    max_retries: env_num("ORCHESTRATE_STORE_RETRIES", 5) as usize,
+                    retry_timeout: Duration::from_secs(env_num("ORCHESTRATE_STORE_RETRY_SECS", 60)),
                     backoff: Default::default(),
                 })
                 .build()
@@ -340,29 +346,39 @@ impl Store {
             .await
             .map_err(Self::backend("start upload of", path))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-        let mut f = tokio::fs::File::open(file)
-            .await
-            .map_err(|e| StoreError::io(format!("cannot read {}", file.display()), e))?;
-        let mut buf = vec![0u8; PART_SIZE];
-        loop {
-            let n = f
-                .read(&mut buf)
+        let result: Result<()> = async {
+            let mut f = tokio::fs::File::open(file)
                 .await
                 .map_err(|e| StoreError::io(format!("cannot read {}", file.display()), e))?;
-            if n == 0 {
-                break;
+            let mut buf = vec![0u8; PART_SIZE];
+            loop {
+                let n = f
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| StoreError::io(format!("cannot read {}", file.display()), e))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                writer
+                    .wait_for_capacity(4)
+                    .await
+                    .map_err(Self::backend("upload", path))?;
+                writer.write(&buf[..n]);
             }
-            writer
-                .wait_for_capacity(4)
-                .await
-                .map_err(Self::backend("upload", path))?;
-            writer.write(&buf[..n]);
         }
-        writer
-            .finish()
-            .await
-            .map_err(Self::backend("finish upload of", path))?;
-        Ok(())
+        .await;
+        match result {
+            Ok(()) => writer
+                .finish()
+                .await
+                .map(|_| ())
+                .map_err(Self::backend("finish upload of", path)),
+            Err(e) => {
+                // Parts already sent would otherwise linger (and be billed) on real S3.
+                let _ = writer.abort().await;
+                Err(e)
+            }
+        }
     }
 
     /// Copies a blob to `dest`, verifying its digest; a mismatch is an error naming the blob.

@@ -136,6 +136,8 @@ pub struct StageDescriptor {
     pub code_hash: &'static str,
     /// Checks a `with:` block and returns it canonical: defaults filled in, unknown keys rejected.
     pub canonical_params: fn(serde_json::Value) -> Result<serde_json::Value, ParamError>,
+    /// Output files worth uploading to the tracking server (small, human-readable).
+    pub tracked_files: &'static [&'static str],
     /// Local files the stage reads, named by its params (relative paths against the given
     /// pipeline directory); their contents join the cache key.
     pub file_deps: fn(&serde_json::Value, &Path) -> Vec<String>,

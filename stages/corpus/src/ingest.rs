@@ -97,6 +97,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     output: ArtifactKind::Corpus,
     device_dependent: false,
     code_hash: env!("STAGE_CODE_HASH"),
+    tracked_files: &["stats.json"],
     canonical_params: canonical,
     file_deps,
 };

@@ -39,6 +39,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     output: ArtifactKind::Files,
     device_dependent: false,
     code_hash: env!("STAGE_CODE_HASH"),
+    tracked_files: &[],
     canonical_params: canonical_params::<ShellParams>,
     file_deps: orchestrate_stage::no_file_deps,
 };

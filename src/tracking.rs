@@ -1,0 +1,932 @@
+//! Run tracking in MLflow, through a local spool so nothing is lost.
+//!
+//! Every record (a run started, params, metrics, tags, an artifact, a run ended) is first
+//! appended to `<cache>/spool/<run id>.jsonl`. A background task delivers the spool to the
+//! MLflow server in order and remembers, in `<run id>.state.json`, how far it got and which
+//! MLflow run each of our runs became. When no server is configured, or it is down or failing
+//! mid-run, the records wait in the spool and the run still succeeds; `orchestrate sync`
+//! delivers them later. Delivery is idempotent: runs are found again by their
+//! `orchestrate.uid` tag instead of being created twice, and a record is marked delivered
+//! only after the server accepted it.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// MLflow's log-batch limits.
+const MAX_METRICS: usize = 1000;
+const MAX_PARAMS: usize = 100;
+const MAX_TAGS: usize = 100;
+/// MLflow rejects longer param values.
+const MAX_PARAM_CHARS: usize = 6000;
+/// Buffered metrics are flushed to the spool at least this often.
+const METRIC_FLUSH: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Metric {
+    pub key: String,
+    pub value: f64,
+    pub timestamp: i64,
+    pub step: i64,
+}
+
+/// One spooled record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    StartRun {
+        uid: String,
+        parent: Option<String>,
+        experiment: String,
+        name: String,
+        start_ms: i64,
+        tags: BTreeMap<String, String>,
+    },
+    Log {
+        uid: String,
+        #[serde(default)]
+        metrics: Vec<Metric>,
+        #[serde(default)]
+        params: BTreeMap<String, String>,
+        #[serde(default)]
+        tags: BTreeMap<String, String>,
+    },
+    /// `file` is a copy inside the spool, so the record survives the stage's working directory.
+    Artifact {
+        uid: String,
+        file: String,
+        path: String,
+    },
+    EndRun {
+        uid: String,
+        status: String,
+        end_ms: i64,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Entry {
+    seq: u64,
+    #[serde(flatten)]
+    op: Op,
+}
+
+/// How far a spool file has been delivered.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct DeliveryState {
+    delivered: u64,
+    experiments: BTreeMap<String, String>,
+    /// Our run uid → (MLflow run id, experiment id, artifact root relative to the proxy).
+    runs: BTreeMap<String, (String, String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    #[error("MLflow at {url}: {reason}")]
+    Server { url: String, reason: String },
+    #[error("tracking spool {path}: {source}")]
+    Spool {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A small MLflow REST client: the calls run tracking needs, nothing else.
+#[derive(Clone)]
+pub struct MlflowClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for MlflowClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the credentials.
+        write!(f, "MlflowClient({})", self.base)
+    }
+}
+
+impl MlflowClient {
+    /// Reads credentials from `MLFLOW_TRACKING_TOKEN`, or `MLFLOW_TRACKING_USERNAME` and
+    /// `MLFLOW_TRACKING_PASSWORD`, as MLflow's own clients do.
+    pub fn new(url: &str) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Ok(token) = std::env::var("MLFLOW_TRACKING_TOKEN") {
+            if let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")) {
+                v.set_sensitive(true);
+                headers.insert(reqwest::header::AUTHORIZATION, v);
+            }
+        } else if let (Ok(user), Ok(pass)) = (
+            std::env::var("MLFLOW_TRACKING_USERNAME"),
+            std::env::var("MLFLOW_TRACKING_PASSWORD"),
+        ) {
+            use base64_lite::encode;
+            if let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!(
+                "Basic {}",
+                encode(&format!("{user}:{pass}"))
+            )) {
+                v.set_sensitive(true);
+                headers.insert(reqwest::header::AUTHORIZATION, v);
+            }
+        }
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("a TLS backend is compiled in");
+        MlflowClient {
+            base: url.trim_end_matches('/').to_string(),
+            http,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    fn err(&self, reason: impl Into<String>) -> TrackError {
+        TrackError::Server {
+            url: self.base.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Value, (Option<String>, TrackError)> {
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| (None, self.err(e.to_string())))?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(body)
+        } else {
+            let code = body["error_code"].as_str().map(str::to_string);
+            let msg = body["message"].as_str().unwrap_or("").to_string();
+            Err((code, self.err(format!("{status}: {msg}"))))
+        }
+    }
+
+    async fn post(&self, api: &str, body: Value) -> Result<Value, (Option<String>, TrackError)> {
+        self.send(
+            self.http
+                .post(format!("{}/api/2.0/mlflow/{api}", self.base))
+                .json(&body),
+        )
+        .await
+    }
+
+    pub async fn get(&self, api: &str, query: &[(&str, &str)]) -> Result<Value, TrackError> {
+        self.send(
+            self.http
+                .get(format!("{}/api/2.0/mlflow/{api}", self.base))
+                .query(query),
+        )
+        .await
+        .map_err(|(_, e)| e)
+    }
+
+    /// The experiment's id, created when missing.
+    pub async fn experiment_id(&self, name: &str) -> Result<String, TrackError> {
+        for _ in 0..2 {
+            match self
+                .get("experiments/get-by-name", &[("experiment_name", name)])
+                .await
+            {
+                Ok(v) => {
+                    if let Some(id) = v["experiment"]["experiment_id"].as_str() {
+                        return Ok(id.to_string());
+                    }
+                }
+                Err(TrackError::Server { reason, .. }) if reason.starts_with("404") => {}
+                Err(e) => return Err(e),
+            }
+            match self
+                .post("experiments/create", json!({ "name": name }))
+                .await
+            {
+                Ok(v) => {
+                    if let Some(id) = v["experiment_id"].as_str() {
+                        return Ok(id.to_string());
+                    }
+                }
+                // Created by someone else meanwhile: look it up again.
+                Err((Some(code), _)) if code == "RESOURCE_ALREADY_EXISTS" => {}
+                Err((_, e)) => return Err(e),
+            }
+        }
+        Err(self.err(format!("cannot create or find experiment `{name}`")))
+    }
+
+    async fn find_run(
+        &self,
+        experiment: &str,
+        uid: &str,
+    ) -> Result<Option<(String, String)>, TrackError> {
+        let filter = format!("tags.`orchestrate.uid` = '{uid}'");
+        let v = self
+            .post(
+                "runs/search",
+                json!({ "experiment_ids": [experiment], "filter": filter, "max_results": 1 }),
+            )
+            .await
+            .map_err(|(_, e)| e)?;
+        Ok(v["runs"][0]["info"]["run_id"].as_str().map(|id| {
+            let root = v["runs"][0]["info"]["artifact_uri"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            (id.to_string(), root)
+        }))
+    }
+
+    async fn create_run(
+        &self,
+        experiment: &str,
+        name: &str,
+        start_ms: i64,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(String, String), TrackError> {
+        let tags: Vec<Value> = tags
+            .iter()
+            .map(|(k, v)| json!({"key": k, "value": v}))
+            .collect();
+        let v = self
+            .post(
+                "runs/create",
+                json!({"experiment_id": experiment, "run_name": name, "start_time": start_ms, "tags": tags}),
+            )
+            .await
+            .map_err(|(_, e)| e)?;
+        let id = v["run"]["info"]["run_id"]
+            .as_str()
+            .ok_or_else(|| self.err("runs/create answered without a run id"))?;
+        let root = v["run"]["info"]["artifact_uri"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        Ok((id.to_string(), root))
+    }
+
+    async fn log_batch(
+        &self,
+        run_id: &str,
+        metrics: &[Metric],
+        params: &BTreeMap<String, String>,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(), TrackError> {
+        let kv = |m: &BTreeMap<String, String>| -> Vec<Value> {
+            m.iter()
+                .map(|(k, v)| json!({"key": k, "value": v}))
+                .collect()
+        };
+        let params = kv(params);
+        let tags = kv(tags);
+        for chunk in params.chunks(MAX_PARAMS) {
+            self.post("runs/log-batch", json!({"run_id": run_id, "params": chunk}))
+                .await
+                .map_err(|(_, e)| e)?;
+        }
+        for chunk in tags.chunks(MAX_TAGS) {
+            self.post("runs/log-batch", json!({"run_id": run_id, "tags": chunk}))
+                .await
+                .map_err(|(_, e)| e)?;
+        }
+        for chunk in metrics.chunks(MAX_METRICS) {
+            self.post(
+                "runs/log-batch",
+                json!({"run_id": run_id, "metrics": chunk}),
+            )
+            .await
+            .map_err(|(_, e)| e)?;
+        }
+        Ok(())
+    }
+
+    async fn update_run(&self, run_id: &str, status: &str, end_ms: i64) -> Result<(), TrackError> {
+        self.post(
+            "runs/update",
+            json!({"run_id": run_id, "status": status, "end_time": end_ms}),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|(_, e)| e)
+    }
+
+    /// Uploads through the server's artifact proxy (`mlflow-artifacts:` artifact roots).
+    async fn upload(
+        &self,
+        artifact_root: &str,
+        path: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), TrackError> {
+        let Some(rel) = artifact_root.strip_prefix("mlflow-artifacts:/") else {
+            return Err(self.err(format!(
+                "the run's artifact root `{artifact_root}` is not served through MLflow's artifact proxy; start the server with --artifacts-destination"
+            )));
+        };
+        let url = format!(
+            "{}/api/2.0/mlflow-artifacts/artifacts/{}/{}",
+            self.base,
+            rel.trim_matches('/'),
+            path
+        );
+        self.send(self.http.put(url).body(bytes))
+            .await
+            .map(|_| ())
+            .map_err(|(_, e)| e)
+    }
+}
+
+/// Base64 for a basic-auth header, without another dependency for twenty lines.
+mod base64_lite {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn encode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
+        for chunk in b.chunks(3) {
+            let n = (chunk[0] as u32) << 16
+                | (*chunk.get(1).unwrap_or(&0) as u32) << 8
+                | *chunk.get(2).unwrap_or(&0) as u32;
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn known_values() {
+        assert_eq!(encode("user:pass"), "dXNlcjpwYXNz");
+        assert_eq!(encode("ab"), "YWI=");
+    }
+}
+
+/// Appends records to one run's spool file.
+struct SpoolWriter {
+    path: PathBuf,
+    files: PathBuf,
+    next: u64,
+}
+
+impl SpoolWriter {
+    fn append(&mut self, op: Op) -> Result<(), TrackError> {
+        let entry = Entry { seq: self.next, op };
+        let mut line = serde_json::to_vec(&entry).expect("plain JSON");
+        line.push(b'\n');
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| spool_err(&self.path, e))?;
+        f.write_all(&line).map_err(|e| spool_err(&self.path, e))?;
+        self.next += 1;
+        Ok(())
+    }
+}
+
+fn spool_err(path: &Path, source: std::io::Error) -> TrackError {
+    TrackError::Spool {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The tracker of one orchestrate run.
+pub struct Tracker {
+    spool: Mutex<SpoolWriter>,
+    state_path: PathBuf,
+    /// Metrics wait here briefly so that a training loop's steps become one record, not many.
+    buffered: Mutex<BTreeMap<String, Vec<Metric>>>,
+    client: Option<MlflowClient>,
+    wake: tokio::sync::Notify,
+    /// The first delivery problem, reported once.
+    problem: Mutex<Option<String>>,
+}
+
+/// What reached the server.
+#[derive(Debug, Default, Serialize)]
+pub struct Delivery {
+    pub records: u64,
+    pub delivered: u64,
+    pub problem: Option<String>,
+}
+
+impl Tracker {
+    pub fn new(
+        spool_dir: &Path,
+        run_id: &str,
+        client: Option<MlflowClient>,
+    ) -> Result<Arc<Tracker>, TrackError> {
+        let files = spool_dir.join("files").join(run_id);
+        std::fs::create_dir_all(&files).map_err(|e| spool_err(&files, e))?;
+        Ok(Arc::new(Tracker {
+            spool: Mutex::new(SpoolWriter {
+                path: spool_dir.join(format!("{run_id}.jsonl")),
+                files,
+                next: 1,
+            }),
+            state_path: spool_dir.join(format!("{run_id}.state.json")),
+            buffered: Mutex::new(BTreeMap::new()),
+            client,
+            wake: tokio::sync::Notify::new(),
+            problem: Mutex::new(None),
+        }))
+    }
+
+    fn record(&self, op: Op) {
+        let result = self
+            .spool
+            .lock()
+            .map_err(|_| ())
+            .and_then(|mut s| s.append(op).map_err(|_| ()));
+        if result.is_err() {
+            self.note_problem("cannot write the tracking spool".into());
+        }
+        self.wake.notify_one();
+    }
+
+    fn note_problem(&self, p: String) {
+        if let Ok(mut slot) = self.problem.lock() {
+            slot.get_or_insert(p);
+        }
+    }
+
+    pub fn start_run(
+        &self,
+        uid: &str,
+        parent: Option<&str>,
+        experiment: &str,
+        name: &str,
+        tags: BTreeMap<String, String>,
+    ) {
+        self.record(Op::StartRun {
+            uid: uid.into(),
+            parent: parent.map(str::to_string),
+            experiment: experiment.into(),
+            name: name.into(),
+            start_ms: now_ms(),
+            tags,
+        });
+    }
+
+    pub fn log(&self, uid: &str, params: BTreeMap<String, String>, tags: BTreeMap<String, String>) {
+        let params = params
+            .into_iter()
+            .map(|(k, v)| {
+                let v = if v.chars().count() > MAX_PARAM_CHARS {
+                    v.chars()
+                        .take(MAX_PARAM_CHARS - 1)
+                        .chain(std::iter::once('…'))
+                        .collect()
+                } else {
+                    v
+                };
+                (k, v)
+            })
+            .collect();
+        self.record(Op::Log {
+            uid: uid.into(),
+            metrics: Vec::new(),
+            params,
+            tags,
+        });
+    }
+
+    pub fn metric(&self, uid: &str, key: &str, value: f64, step: i64) {
+        if let Ok(mut b) = self.buffered.lock() {
+            b.entry(uid.to_string()).or_default().push(Metric {
+                key: key.to_string(),
+                value,
+                timestamp: now_ms(),
+                step,
+            });
+        }
+    }
+
+    /// Moves buffered metrics into the spool.
+    pub fn flush_metrics(&self) {
+        let drained: BTreeMap<String, Vec<Metric>> = match self.buffered.lock() {
+            Ok(mut b) => std::mem::take(&mut *b),
+            Err(_) => return,
+        };
+        for (uid, metrics) in drained {
+            for chunk in metrics.chunks(MAX_METRICS) {
+                self.record(Op::Log {
+                    uid: uid.clone(),
+                    metrics: chunk.to_vec(),
+                    params: BTreeMap::new(),
+                    tags: BTreeMap::new(),
+                });
+            }
+        }
+    }
+
+    /// Copies `file` into the spool and records it for upload as `path`.
+    pub fn artifact(&self, uid: &str, file: &Path, path: &str) {
+        let copied = match self.spool.lock() {
+            Ok(s) => {
+                let name = format!("{}-{}", s.next, path.replace('/', "_"));
+                let dest = s.files.join(&name);
+                std::fs::copy(file, &dest).ok().map(|_| dest)
+            }
+            Err(_) => None,
+        };
+        match copied {
+            Some(dest) => self.record(Op::Artifact {
+                uid: uid.into(),
+                file: dest.display().to_string(),
+                path: path.into(),
+            }),
+            None => self.note_problem(format!(
+                "cannot copy {} into the tracking spool",
+                file.display()
+            )),
+        }
+    }
+
+    pub fn end_run(&self, uid: &str, status: &str) {
+        self.flush_metrics();
+        self.record(Op::EndRun {
+            uid: uid.into(),
+            status: status.into(),
+            end_ms: now_ms(),
+        });
+    }
+
+    /// Delivers in the background until `stop` fires, then once more.
+    pub fn spawn_delivery(
+        self: &Arc<Self>,
+        stop: Arc<tokio::sync::Notify>,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut backoff = Duration::ZERO;
+            loop {
+                tokio::select! {
+                    _ = stop.notified() => break,
+                    _ = tokio::time::sleep(METRIC_FLUSH.max(backoff)) => {}
+                    _ = me.wake.notified(), if backoff.is_zero() => {}
+                }
+                me.flush_metrics();
+                if me.client.is_some() {
+                    backoff = match me.deliver().await {
+                        Ok(_) => Duration::ZERO,
+                        // A server that is down is retried every few seconds, not hammered.
+                        Err(_) => Duration::from_secs(5),
+                    };
+                }
+            }
+        })
+    }
+
+    /// Flushes and makes a last delivery attempt.
+    pub async fn finish(&self) -> Delivery {
+        self.flush_metrics();
+        let records = self.spool.lock().map(|s| s.next - 1).unwrap_or(0);
+        let mut d = Delivery {
+            records,
+            ..Default::default()
+        };
+        if self.client.is_some() {
+            match self.deliver().await {
+                Ok(n) => d.delivered = n,
+                Err(e) => self.note_problem(e.to_string()),
+            }
+        }
+        d.problem = self.problem.lock().ok().and_then(|p| p.clone());
+        d
+    }
+
+    async fn deliver(&self) -> Result<u64, TrackError> {
+        let path = self
+            .spool
+            .lock()
+            .map(|s| s.path.clone())
+            .map_err(|_| spool_err(Path::new("spool"), std::io::Error::other("poisoned")))?;
+        let client = self.client.as_ref().expect("checked by the caller");
+        match deliver_file(client, &path, &self.state_path).await {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                self.note_problem(e.to_string());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Delivers a spool file from where its state says delivery stopped. Returns how many
+/// records have been delivered in all.
+pub async fn deliver_file(
+    client: &MlflowClient,
+    spool: &Path,
+    state_path: &Path,
+) -> Result<u64, TrackError> {
+    let mut state: DeliveryState = std::fs::read(state_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let text = match std::fs::read_to_string(spool) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(state.delivered),
+        Err(e) => return Err(spool_err(spool, e)),
+    };
+    for line in text.lines() {
+        // A torn last line (the process died while appending) is skipped, not fatal.
+        let Ok(entry) = serde_json::from_str::<Entry>(line) else {
+            continue;
+        };
+        if entry.seq <= state.delivered {
+            continue;
+        }
+        apply(client, &mut state, &entry.op).await?;
+        state.delivered = entry.seq;
+        let tmp = state_path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&state).expect("plain JSON"))
+            .map_err(|e| spool_err(&tmp, e))?;
+        std::fs::rename(&tmp, state_path).map_err(|e| spool_err(state_path, e))?;
+    }
+    Ok(state.delivered)
+}
+
+async fn apply(
+    client: &MlflowClient,
+    state: &mut DeliveryState,
+    op: &Op,
+) -> Result<(), TrackError> {
+    let run = |state: &DeliveryState, uid: &str| {
+        state
+            .runs
+            .get(uid)
+            .cloned()
+            .ok_or_else(|| client.err(format!("run `{uid}` was never started in the spool")))
+    };
+    match op {
+        Op::StartRun {
+            uid,
+            parent,
+            experiment,
+            name,
+            start_ms,
+            tags,
+        } => {
+            if state.runs.contains_key(uid) {
+                return Ok(());
+            }
+            let exp = match state.experiments.get(experiment) {
+                Some(id) => id.clone(),
+                None => {
+                    let id = client.experiment_id(experiment).await?;
+                    state.experiments.insert(experiment.clone(), id.clone());
+                    id
+                }
+            };
+            let mut tags = tags.clone();
+            tags.insert("orchestrate.uid".into(), uid.clone());
+            if let Some(p) = parent {
+                let (parent_id, ..) = run(state, p)?;
+                tags.insert("mlflow.parentRunId".into(), parent_id);
+            }
+            // Found again after a delivery that reached the server but not our state file.
+            let (id, root) = match client.find_run(&exp, uid).await? {
+                Some(found) => found,
+                None => client.create_run(&exp, name, *start_ms, &tags).await?,
+            };
+            state.runs.insert(uid.clone(), (id, exp, root));
+        }
+        Op::Log {
+            uid,
+            metrics,
+            params,
+            tags,
+        } => {
+            let (id, ..) = run(state, uid)?;
+            client.log_batch(&id, metrics, params, tags).await?;
+        }
+        Op::Artifact { uid, file, path } => {
+            let (_, _, root) = run(state, uid)?;
+            let bytes = std::fs::read(file).map_err(|e| spool_err(Path::new(file), e))?;
+            client.upload(&root, path, bytes).await?;
+        }
+        Op::EndRun {
+            uid,
+            status,
+            end_ms,
+        } => {
+            let (id, ..) = run(state, uid)?;
+            client.update_run(&id, status, *end_ms).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Delivers every spool file in `dir`. Returns (files, records delivered now).
+pub async fn sync(client: &MlflowClient, dir: &Path) -> Result<(usize, u64), TrackError> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(d) => d
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(spool_err(dir, e)),
+    };
+    files.sort();
+    let mut sent = 0;
+    for f in &files {
+        let state = f.with_extension("state.json");
+        let before: u64 = std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<DeliveryState>(&b).ok())
+            .map(|s| s.delivered)
+            .unwrap_or(0);
+        let after = deliver_file(client, f, &state).await?;
+        sent += after - before;
+    }
+    Ok((files.len(), sent))
+}
+
+/// Samples host metrics under MLflow's own system-metric names.
+pub struct SystemSampler {
+    last_cpu: Option<(u64, u64)>,
+    gpus: Option<nvml_wrapper::Nvml>,
+}
+
+impl SystemSampler {
+    pub fn new() -> Self {
+        SystemSampler {
+            last_cpu: read_cpu(),
+            // No GPU, or no driver library: no GPU metrics, and no error.
+            gpus: nvml_wrapper::Nvml::init().ok(),
+        }
+    }
+
+    pub fn sample(&mut self) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        if let (Some((busy0, total0)), Some((busy1, total1))) = (self.last_cpu, read_cpu()) {
+            if total1 > total0 {
+                out.push((
+                    "system/cpu_utilization_percentage".into(),
+                    100.0 * (busy1 - busy0) as f64 / (total1 - total0) as f64,
+                ));
+            }
+            self.last_cpu = Some((busy1, total1));
+        }
+        if let Some((total_kb, available_kb)) = read_meminfo() {
+            let used = total_kb.saturating_sub(available_kb) as f64;
+            out.push(("system/system_memory_usage_megabytes".into(), used / 1024.0));
+            out.push((
+                "system/system_memory_usage_percentage".into(),
+                100.0 * used / total_kb.max(1) as f64,
+            ));
+        }
+        if let Some(nvml) = &self.gpus {
+            let n = nvml.device_count().unwrap_or(0);
+            for i in 0..n {
+                let Ok(dev) = nvml.device_by_index(i) else {
+                    continue;
+                };
+                if let Ok(u) = dev.utilization_rates() {
+                    out.push((
+                        format!("system/gpu_{i}_utilization_percentage"),
+                        u.gpu as f64,
+                    ));
+                }
+                if let Ok(m) = dev.memory_info() {
+                    out.push((
+                        format!("system/gpu_{i}_memory_usage_megabytes"),
+                        m.used as f64 / 1048576.0,
+                    ));
+                    out.push((
+                        format!("system/gpu_{i}_memory_usage_percentage"),
+                        100.0 * m.used as f64 / m.total.max(1) as f64,
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Default for SystemSampler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// (busy, total) jiffies from the first line of /proc/stat.
+fn read_cpu() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let nums: Vec<u64> = text
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = nums.iter().sum();
+    let idle = nums.get(3).copied().unwrap_or(0) + nums.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+fn read_meminfo() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((field("MemTotal:")?, field("MemAvailable:")?))
+}
+
+/// `{"a": {"b": 1}}` under `p` → `p.a.b = "1"`, as MLflow params.
+pub fn flatten_params(prefix: &str, v: &Value, out: &mut BTreeMap<String, String>) {
+    match v {
+        Value::Object(map) if !map.is_empty() => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten_params(&key, v, out);
+            }
+        }
+        Value::String(s) => {
+            out.insert(prefix.to_string(), s.clone());
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_flatten_with_dots() {
+        let mut out = BTreeMap::new();
+        flatten_params(
+            "model",
+            &json!({"lr": 3e-4, "opt": {"beta": 0.9}, "name": "x"}),
+            &mut out,
+        );
+        assert_eq!(out["model.lr"], "0.0003");
+        assert_eq!(out["model.opt.beta"], "0.9");
+        assert_eq!(out["model.name"], "x");
+    }
+
+    #[tokio::test]
+    async fn spool_records_in_order_without_a_server() {
+        let dir = std::env::temp_dir().join(format!("spool-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let t = Tracker::new(&dir, "r1", None).unwrap();
+        t.start_run("r1", None, "exp", "run", BTreeMap::new());
+        t.metric("r1", "loss", 1.5, 0);
+        t.metric("r1", "loss", 1.2, 1);
+        t.end_run("r1", "FINISHED");
+        let d = t.finish().await;
+        assert_eq!(d.records, 3);
+        let text = std::fs::read_to_string(dir.join("r1.jsonl")).unwrap();
+        let ops: Vec<Entry> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(matches!(&ops[1].op, Op::Log { metrics, .. } if metrics.len() == 2));
+        assert_eq!(ops.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn system_metrics_use_mlflow_names() {
+        let mut s = SystemSampler::new();
+        std::thread::sleep(Duration::from_millis(50));
+        let names: Vec<String> = s.sample().into_iter().map(|(n, _)| n).collect();
+        assert!(
+            names.contains(&"system/system_memory_usage_megabytes".to_string()),
+            "{names:?}"
+        );
+    }
+}

@@ -1,0 +1,260 @@
+//! Tracking against a real MLflow server (started here from the `.ci/venv` virtualenv):
+//! parent and child runs, params, metric histories, artifacts; and a server that goes away
+//! mid-run, whose records wait in the spool until `orchestrate sync` delivers each once.
+
+mod common;
+#[path = "common/servers.rs"]
+mod servers;
+
+use common::Sandbox;
+use serde_json::json;
+use servers::{mlflow_api, Server};
+
+fn search(base: &str, exp: &str, filter: &str) -> Vec<serde_json::Value> {
+    let v = mlflow_api(
+        base,
+        "runs/search",
+        Some(json!({"experiment_ids": [exp], "filter": filter, "max_results": 100})),
+    );
+    v["runs"].as_array().cloned().unwrap_or_default()
+}
+
+fn tag<'a>(run: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    run["data"]["tags"]
+        .as_array()?
+        .iter()
+        .find(|t| t["key"] == key)?["value"]
+        .as_str()
+}
+
+fn param<'a>(run: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    run["data"]["params"]
+        .as_array()?
+        .iter()
+        .find(|t| t["key"] == key)?["value"]
+        .as_str()
+}
+
+#[cfg(feature = "corpus")]
+#[test]
+fn smoke_pipeline_is_browsable_in_mlflow() {
+    let Some(venv) = servers::venv() else { return };
+    let sb = Sandbox::new();
+    let mlflow = Server::mlflow(&venv, sb.path());
+    let file = format!("{}/pipelines/smoke.yaml", env!("CARGO_MANIFEST_DIR"));
+    let out = sb
+        .cmd(&["run", &file, "--store", "file://store"])
+        .env("MLFLOW_TRACKING_URI", &mlflow.url)
+        .env("ORCHESTRATE_CACHE_DIR", sb.path().join("cache"))
+        .env("ORCHESTRATE_SYSTEM_METRICS_SECS", "0.2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("tracking:"),
+        "delivery reported a problem: {stderr}"
+    );
+    let run_id = sb.last_run()["id"].as_str().unwrap().to_string();
+
+    let exp = mlflow_api(
+        &mlflow.url,
+        "experiments/get-by-name?experiment_name=smoke",
+        None,
+    );
+    let exp = exp["experiment"]["experiment_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let parents = search(
+        &mlflow.url,
+        &exp,
+        &format!("tags.`orchestrate.run_id` = '{run_id}'"),
+    );
+    assert_eq!(parents.len(), 1);
+    let parent = &parents[0];
+    assert_eq!(parent["info"]["status"], "FINISHED");
+    assert_eq!(param(parent, "tokenizer.vocab_size"), Some("1000"));
+    assert_eq!(param(parent, "corpus.split.val"), Some("0.05"));
+    assert!(tag(parent, "mlflow.source.git.commit").is_some());
+    let parent_id = parent["info"]["run_id"].as_str().unwrap();
+
+    let children = search(
+        &mlflow.url,
+        &exp,
+        &format!("tags.mlflow.parentRunId = '{parent_id}'"),
+    );
+    assert_eq!(children.len(), 2, "{children:?}");
+    let tok = children
+        .iter()
+        .find(|c| c["info"]["run_name"] == "tokenizer")
+        .unwrap();
+    assert_eq!(tag(tok, "orchestrate.status"), Some("ran"));
+    assert!(tag(tok, "orchestrate.cache_key").is_some());
+    assert!(tag(tok, "orchestrate.input.corpus")
+        .unwrap()
+        .starts_with("blake3:"));
+    assert_eq!(param(tok, "vocab_size"), Some("1000"));
+    let tok_id = tok["info"]["run_id"].as_str().unwrap();
+    let metrics = tok["data"]["metrics"].as_array().unwrap();
+    assert!(
+        metrics.iter().any(|m| m["key"] == "tokens_per_word_ru"),
+        "{metrics:?}"
+    );
+
+    // A metric history with steps: system metrics sampled every 0.2 s.
+    let hist = mlflow_api(
+        &mlflow.url,
+        &format!("metrics/get-history?run_id={parent_id}&metric_key=system/system_memory_usage_megabytes"),
+        None,
+    );
+    let steps: Vec<i64> = hist["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["step"].as_i64().unwrap())
+        .collect();
+    assert!(
+        steps.len() >= 2 && steps.windows(2).all(|w| w[0] < w[1]),
+        "{steps:?}"
+    );
+
+    let arts = mlflow_api(
+        &mlflow.url,
+        &format!("artifacts/list?run_id={tok_id}"),
+        None,
+    );
+    let names: Vec<&str> = arts["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"tokenizer.json") && names.contains(&"tokenizer_meta.json"),
+        "{names:?}"
+    );
+    let arts = mlflow_api(
+        &mlflow.url,
+        &format!("artifacts/list?run_id={parent_id}"),
+        None,
+    );
+    assert!(arts["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["path"] == "run.json"));
+
+    // A second run reuses both artifacts and says which run produced them.
+    let out = sb
+        .cmd(&["run", &file, "--store", "file://store"])
+        .env("MLFLOW_TRACKING_URI", &mlflow.url)
+        .env("ORCHESTRATE_CACHE_DIR", sb.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let second = sb.last_run()["id"].as_str().unwrap().to_string();
+    let p2 = &search(
+        &mlflow.url,
+        &exp,
+        &format!("tags.`orchestrate.run_id` = '{second}'"),
+    )[0];
+    let p2_id = p2["info"]["run_id"].as_str().unwrap();
+    let kids = search(
+        &mlflow.url,
+        &exp,
+        &format!("tags.mlflow.parentRunId = '{p2_id}'"),
+    );
+    assert_eq!(kids.len(), 2);
+    for k in &kids {
+        assert_eq!(tag(k, "orchestrate.reused"), Some("true"));
+        assert_eq!(tag(k, "orchestrate.produced_by"), Some(run_id.as_str()));
+    }
+}
+
+#[test]
+fn mlflow_down_mid_run_then_sync_delivers_every_record_once() {
+    let Some(venv) = servers::venv() else { return };
+    let sb = Sandbox::new();
+    let mut mlflow = Server::mlflow(&venv, sb.path());
+    sb.write(
+        "p.yaml",
+        &format!(
+            r#"
+name: outage
+storage: file://store
+tracking: {{ mlflow: "{}", experiment: outage }}
+stages:
+  first:
+    kind: shell
+    with: {{ run: "echo 1 > a; touch $PIPELINE_DIR/first-done; sleep 3", outputs: [a] }}
+  second:
+    kind: shell
+    inputs: [first]
+    with: {{ run: "cat $INPUT_FIRST/a > b", outputs: [b] }}
+"#,
+            mlflow.url
+        ),
+    );
+    let child = sb.spawn(&["run", "p.yaml"]);
+    assert!(sb.wait_for("first-done", 30));
+    mlflow.stop();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the run must succeed without its tracking server: {stderr}"
+    );
+    assert!(stderr.contains("orchestrate sync"), "{stderr}");
+
+    let run_id = sb.last_run()["id"].as_str().unwrap().to_string();
+    let spool = sb.path().join(format!(".orchestrate/spool/{run_id}.jsonl"));
+    let records = std::fs::read_to_string(&spool).unwrap().lines().count() as u64;
+    assert!(records >= 8, "{records} records spooled");
+
+    mlflow.start();
+    let sync = sb.run(&["sync", "--pipeline", "p.yaml"]);
+    assert_eq!(sync.code, 0, "{}", sync.stderr);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(spool.with_extension("state.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        state["delivered"].as_u64().unwrap(),
+        records,
+        "every record delivered"
+    );
+    // Again: nothing more to deliver, nothing duplicated.
+    let again = sb.run(&["sync", "--pipeline", "p.yaml"]);
+    assert!(
+        again.stdout.contains("delivered 0 records"),
+        "{}",
+        again.stdout
+    );
+
+    let exp = mlflow_api(
+        &mlflow.url,
+        "experiments/get-by-name?experiment_name=outage",
+        None,
+    );
+    let exp = exp["experiment"]["experiment_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let parents = search(
+        &mlflow.url,
+        &exp,
+        &format!("tags.`orchestrate.run_id` = '{run_id}'"),
+    );
+    assert_eq!(parents.len(), 1, "the parent run exists exactly once");
+    assert_eq!(parents[0]["info"]["status"], "FINISHED");
+    let parent_id = parents[0]["info"]["run_id"].as_str().unwrap();
+    let kids = search(
+        &mlflow.url,
+        &exp,
+        &format!("tags.mlflow.parentRunId = '{parent_id}'"),
+    );
+    assert_eq!(kids.len(), 2);
+    assert!(kids.iter().all(|k| k["info"]["status"] == "FINISHED"));
+    let all = search(&mlflow.url, &exp, "");
+    assert_eq!(all.len(), 3, "no run was created twice");
+}
