@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::StreamExt;
-use orchestrate_stage::{CancelToken, EventSink, InputArtifact, StageContext, StageError};
+use orchestrate_stage::{CancelToken, Checkpoints, EventSink, InputArtifact, StageContext, StageError};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -390,7 +390,7 @@ async fn run_stage(
         record.status = StageStatus::Cancelled;
         return finish(record, None);
     }
-    let parts = match key_parts(&sh.pipeline, i, |u| digests[u].clone()) {
+    let parts = match key_parts(&sh.pipeline, i, |u| digests[u].clone()).await {
         Ok(p) => p,
         Err(e) => {
             record.error = Some(e.to_string());
@@ -636,6 +636,14 @@ async fn produce(
     let name = stage.name.clone();
     let pipeline_dir = sh.pipeline.dir.clone();
     let (out2, scratch2) = (out.clone(), scratch.clone());
+    let checkpoints = StoreCheckpoints {
+        store: sh.store.clone(),
+        key: key.clone(),
+        dir: work.join("checkpoints"),
+        runtime: tokio::runtime::Handle::current(),
+        reporter: Arc::clone(&sh.reporter),
+        stage: stage.name.clone(),
+    };
     let result = tokio::task::spawn_blocking(move || {
         let ctx = StageContext {
             stage: &name,
@@ -647,6 +655,7 @@ async fn produce(
             device: &device,
             events: &sink,
             cancel: &token,
+            checkpoints: &checkpoints,
         };
         kind.run(&ctx)
     })
@@ -715,6 +724,7 @@ async fn produce(
         }
     }
     let committed = store.commit(&manifest).await?;
+    let _ = store.drop_checkpoints(key).await;
     if committed.digest != manifest.digest {
         sh.reporter.note(&format!(
             "stage `{}` is not deterministic: this run produced {}, but the store already holds {} for the same key; keeping the stored one",
@@ -782,6 +792,49 @@ fn list_files(root: &Path) -> std::io::Result<Vec<String>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Checkpoints in the artifact store under the cache key of the artifact being produced.
+/// Stages call it from their blocking thread, hence the runtime handle.
+struct StoreCheckpoints {
+    store: Store,
+    key: CacheKey,
+    dir: PathBuf,
+    runtime: tokio::runtime::Handle,
+    reporter: Arc<dyn Reporter>,
+    stage: String,
+}
+
+impl Checkpoints for StoreCheckpoints {
+    fn save(&self, step: u64, dir: &Path) -> Result<(), StageError> {
+        let fail = |e: &dyn std::fmt::Display| StageError::Failed(format!("cannot store checkpoint {step}: {e}"));
+        let files = list_files(dir).map_err(|e| fail(&e))?;
+        self.runtime.block_on(async {
+            let mut entries = Vec::new();
+            for rel in files {
+                entries.push(self.store.put_file(&dir.join(&rel), &rel).await.map_err(|e| fail(&e))?);
+            }
+            // The checkpoint's own record goes last: seen complete or not at all.
+            self.store.put_checkpoint(&self.key, step, &entries).await.map_err(|e| fail(&e))
+        })
+    }
+
+    fn latest(&self) -> Result<Option<(u64, PathBuf)>, StageError> {
+        let fail = |e: &dyn std::fmt::Display| StageError::Failed(format!("cannot read the last checkpoint: {e}"));
+        self.runtime.block_on(async {
+            let Some((step, files)) = self.store.latest_checkpoint(&self.key).await.map_err(|e| fail(&e))? else {
+                return Ok(None);
+            };
+            let dest = self.dir.join(format!("{step:012}"));
+            let _ = std::fs::remove_dir_all(&dest);
+            let what = format!("checkpoint {step} of stage `{}`", self.stage);
+            for f in &files {
+                self.store.get_file(f, &what, &dest.join(&f.path)).await.map_err(|e| fail(&e))?;
+            }
+            self.reporter.note(&format!("stage `{}`: resuming from the checkpoint at step {step}", self.stage));
+            Ok(Some((step, dest)))
+        })
+    }
 }
 
 struct Sink {

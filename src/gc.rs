@@ -47,7 +47,7 @@ pub async fn collect(
     let now = SystemTime::now();
     let young = |t: SystemTime| now.duration_since(t).map(|age| age < grace).unwrap_or(true);
 
-    let mut live_blobs: HashSet<String> = HashSet::new();
+    let mut live_blobs: HashSet<String> = store.checkpoint_blobs().await?.into_iter().collect();
     let mut kept_keys: HashSet<CacheKey> = HashSet::new();
     for (key, modified) in store.list_manifest_keys().await? {
         let m = store.manifest(&key).await.ok().flatten();

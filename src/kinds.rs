@@ -10,6 +10,8 @@ pub enum StageKind {
     Ingest,
     #[cfg(feature = "corpus")]
     Bpe,
+    #[cfg(feature = "model")]
+    Train,
 }
 
 impl StageKind {
@@ -19,6 +21,8 @@ impl StageKind {
         StageKind::Ingest,
         #[cfg(feature = "corpus")]
         StageKind::Bpe,
+        #[cfg(feature = "model")]
+        StageKind::Train,
     ];
 
     pub fn descriptor(self) -> &'static StageDescriptor {
@@ -28,6 +32,8 @@ impl StageKind {
             StageKind::Ingest => &orchestrate_corpus::ingest::DESCRIPTOR,
             #[cfg(feature = "corpus")]
             StageKind::Bpe => &orchestrate_corpus::bpe::DESCRIPTOR,
+            #[cfg(feature = "model")]
+            StageKind::Train => &orchestrate_model::train::DESCRIPTOR,
         }
     }
 
@@ -51,6 +57,8 @@ impl StageKind {
             StageKind::Ingest => orchestrate_corpus::ingest::run(ctx),
             #[cfg(feature = "corpus")]
             StageKind::Bpe => orchestrate_corpus::bpe::run(ctx),
+            #[cfg(feature = "model")]
+            StageKind::Train => orchestrate_model::train::run(ctx),
         }
     }
 }

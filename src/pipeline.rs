@@ -82,9 +82,9 @@ impl Device {
     }
 }
 
-/// No stage kind in this build computes on a GPU, so `auto` always means the CPU.
+/// `auto` picks CUDA only in a build with the CUDA backend, on a machine with an NVIDIA driver.
 fn cuda_usable() -> bool {
-    false
+    cfg!(feature = "cuda") && std::path::Path::new("/proc/driver/nvidia/version").exists()
 }
 
 #[derive(Clone, Debug)]

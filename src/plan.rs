@@ -154,7 +154,7 @@ impl Plan {
             }
             let parts = key_parts(p, i, |u| {
                 stages[u].manifest.as_ref().map(|m| m.digest.clone())
-            })?;
+            }).await?;
             let key = parts.key();
             let mut manifest = store.manifest(&key).await?;
             if let (true, Some(m)) = (sel.repair, &manifest) {
@@ -300,7 +300,7 @@ pub fn descendants(p: &Pipeline, start: usize) -> Vec<usize> {
 }
 
 /// Everything that determines stage `i`'s output, given its inputs' artifact digests.
-pub fn key_parts(
+pub async fn key_parts(
     p: &Pipeline,
     i: usize,
     digest_of: impl Fn(usize) -> Option<String>,
@@ -318,12 +318,20 @@ pub fn key_parts(
     }
     let mut files = BTreeMap::new();
     for f in &s.deps {
-        let path = p.dir.join(f);
-        let digest = file_digest(&path).map_err(|e| PlanError::Dependency {
+        let dependency = |reason: String, file: String| PlanError::Dependency {
             stage: s.name.clone(),
-            file: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+            file,
+            reason,
+        };
+        // Remote sources enter by listing (names, sizes, ETags), not by download.
+        let digest = if f.contains("://") {
+            crate::store::remote_fingerprint(f)
+                .await
+                .map_err(|e| dependency(e.to_string(), f.clone()))?
+        } else {
+            let path = p.dir.join(f);
+            file_digest(&path).map_err(|e| dependency(e.to_string(), path.display().to_string()))?
+        };
         files.insert(f.clone(), digest);
     }
     Ok(CacheKeyParts {

@@ -627,6 +627,50 @@ impl Store {
         let _ = self.inner.delete(&Self::lock_path(key)).await;
     }
 
+    // ---- checkpoints ----
+
+    /// Records a complete checkpoint (its blobs already stored) for `key` at `step`.
+    pub async fn put_checkpoint(&self, key: &CacheKey, step: u64, files: &[FileEntry]) -> Result<()> {
+        let p = ObjPath::from(format!("checkpoints/{key}/{step:012}.json"));
+        self.put_json(&p, &files, PutMode::Overwrite)
+            .await
+            .map_err(Self::backend("write", &p))
+    }
+
+    /// The newest checkpoint of `key`: its step and files.
+    pub async fn latest_checkpoint(&self, key: &CacheKey) -> Result<Option<(u64, Vec<FileEntry>)>> {
+        let metas = self.list_paths(&format!("checkpoints/{key}")).await?;
+        let newest = metas
+            .iter()
+            .filter_map(|m| {
+                let step: u64 = m.location.filename()?.strip_suffix(".json")?.parse().ok()?;
+                Some((step, m.location.clone()))
+            })
+            .max_by_key(|(step, _)| *step);
+        let Some((step, path)) = newest else { return Ok(None) };
+        Ok(self.get_json::<Vec<FileEntry>>(&path, "checkpoint").await?.map(|f| (step, f)))
+    }
+
+    /// Blobs that checkpoints of unfinished artifacts refer to: kept by `gc`, so that a killed
+    /// training can still resume.
+    pub async fn checkpoint_blobs(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for m in self.list_paths("checkpoints").await? {
+            if let Some(files) = self.get_json::<Vec<FileEntry>>(&m.location, "checkpoint").await? {
+                out.extend(files.into_iter().map(|f| f.digest));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes a finished artifact's checkpoints (their blobs go at the next `gc`).
+    pub async fn drop_checkpoints(&self, key: &CacheKey) -> Result<()> {
+        for m in self.list_paths(&format!("checkpoints/{key}")).await? {
+            let _ = self.inner.delete(&m.location).await;
+        }
+        Ok(())
+    }
+
     // ---- runs and pins ----
 
     pub async fn put_run<T: Serialize>(&self, id: &str, record: &T) -> Result<()> {
@@ -703,6 +747,37 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// A fingerprint of what is under an object-store URL (names, sizes, ETags), for cache keys
+/// of stages that read remote sources: a change there changes the key, nothing is downloaded.
+pub async fn remote_fingerprint(url: &str) -> Result<String> {
+    let rest = url
+        .strip_prefix("s3://")
+        .ok_or_else(|| StoreError::Open { url: url.to_string(), reason: "only s3:// sources are supported".into() })?;
+    let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+    let store = Store::open(&format!("s3://{bucket}"), Path::new("."))?;
+    let key = key.trim_matches('/');
+    let mut metas = if key.is_empty() { store.list_paths("").await? } else { store.list_paths(key).await? };
+    if metas.is_empty() && !key.is_empty() {
+        // Not a prefix: maybe one object.
+        let p = ObjPath::from(key);
+        match store.inner.head(&p).await {
+            Ok(m) => metas.push(m),
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::Open { url: url.to_string(), reason: "no such object or prefix".into() })
+            }
+            Err(e) => return Err(Store::backend("check", &p)(e)),
+        }
+    }
+    metas.sort_by(|a, b| a.location.cmp(&b.location));
+    let mut h = blake3::Hasher::new();
+    for m in &metas {
+        h.update(m.location.as_ref().as_bytes());
+        h.update(&m.size.to_le_bytes());
+        h.update(m.e_tag.as_deref().unwrap_or("").as_bytes());
+    }
+    Ok(format!("listing:{}", h.finalize().to_hex()))
 }
 
 pub fn unix_now() -> u64 {

@@ -231,3 +231,42 @@ fn s3_store_survives_a_server_cut_mid_upload() {
         String::from_utf8_lossy(&fsck.stdout)
     );
 }
+
+#[cfg(feature = "corpus")]
+#[test]
+fn ingest_reads_sources_from_s3_and_notices_when_they_change() {
+    let Some(venv) = servers::venv() else { return };
+    let moto = Server::moto(&venv);
+    assert_eq!(http("PUT", &format!("{}/corpus", moto.url), None).unwrap().0, 200);
+    let put = |key: &str, body: &str| {
+        let (code, text) = http("PUT", &format!("{}/corpus/{key}", moto.url), Some(body)).unwrap();
+        assert_eq!(code, 200, "{text}");
+    };
+    put("quotes/a.txt", "First remote quote, long enough.\n\t\t-- Ann Author\n%\nSecond remote quote is here.\n%\n");
+    put("quotes/b.txt", "Третья цитата из хранилища.\n%\n");
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        "name: remote\nstorage: file://store\nstages:\n  corpus:\n    kind: ingest\n    with: { sources: [{ path: \"s3://corpus/quotes\" }] }\n",
+    );
+    let cmd = |args: &[&str]| {
+        let mut c = sb.cmd(args);
+        c.env("AWS_ENDPOINT_URL", &moto.url)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1");
+        c.output().unwrap()
+    };
+    let out = cmd(&["run", "p.yaml"]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let key = sb.last_run()["stages"][0]["key"].as_str().unwrap().to_string();
+    let m: serde_json::Value = serde_json::from_str(&sb.read(&format!("store/manifests/{key}.json"))).unwrap();
+    assert_eq!(m["metadata"]["records"], 3, "{}", m["metadata"]);
+    assert_eq!(m["metadata"]["per_language"]["ru"], 1);
+    // Unchanged remote: cached. Changed: the plan says which source changed.
+    let plan = cmd(&["plan", "p.yaml"]);
+    assert!(String::from_utf8_lossy(&plan.stdout).contains("cached"));
+    put("quotes/b.txt", "Третья цитата из хранилища, исправленная.\n%\n");
+    let plan = String::from_utf8_lossy(&cmd(&["plan", "p.yaml"]).stdout).to_string();
+    assert!(plan.contains("will run") && plan.contains("file `s3://corpus/quotes` changed"), "{plan}");
+}

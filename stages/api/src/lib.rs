@@ -254,6 +254,30 @@ pub trait EventSink: Send + Sync {
     fn metric(&self, name: &str, value: f64, step: Option<u64>);
 }
 
+/// Where a long stage keeps checkpoints, so that a run killed at any point (SIGKILL
+/// included) resumes from the last one when rerun, on this machine or another that shares
+/// the artifact store. Checkpoints belong to the artifact being produced (its cache key):
+/// a stage with other params or inputs never sees them.
+pub trait Checkpoints: Send + Sync {
+    /// Stores every file in `dir` as the checkpoint for `step`; a later `latest` sees it only
+    /// once it is complete.
+    fn save(&self, step: u64, dir: &Path) -> Result<(), StageError>;
+    /// The newest complete checkpoint, materialised into a fresh local directory.
+    fn latest(&self) -> Result<Option<(u64, PathBuf)>, StageError>;
+}
+
+/// For contexts without a store (unit tests): keeps nothing.
+pub struct NoCheckpoints;
+
+impl Checkpoints for NoCheckpoints {
+    fn save(&self, _: u64, _: &Path) -> Result<(), StageError> {
+        Ok(())
+    }
+    fn latest(&self) -> Result<Option<(u64, PathBuf)>, StageError> {
+        Ok(None)
+    }
+}
+
 /// An upstream artifact, materialised as local files.
 #[derive(Clone, Debug)]
 pub struct InputArtifact {
@@ -282,6 +306,7 @@ pub struct StageContext<'a> {
     pub device: &'a str,
     pub events: &'a dyn EventSink,
     pub cancel: &'a CancelToken,
+    pub checkpoints: &'a dyn Checkpoints,
 }
 
 impl StageContext<'_> {

@@ -256,7 +256,7 @@ pub fn shard_files(corpus: &Path) -> Result<Vec<PathBuf>, StageError> {
 }
 
 /// Reads only the named columns of every shard, calling `f` per batch.
-fn scan(
+pub(crate) fn scan(
     shards: &[PathBuf],
     columns: &[&str],
     mut f: impl FnMut(&[Option<&StringArray>]) -> bool,

@@ -238,7 +238,16 @@ pub struct Stats {
 }
 
 pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
-    let p: IngestParams = ctx.params()?;
+    let mut p: IngestParams = ctx.params()?;
+    // Remote sources are downloaded to scratch first, then read like local ones.
+    for (i, s) in p.sources.iter_mut().enumerate() {
+        if crate::remote::is_remote(&s.path) {
+            let dest = ctx.scratch_dir.join(format!("source-{i}"));
+            let n = crate::remote::download(&s.path, &dest)?;
+            ctx.events.log(&format!("downloaded {n} objects from {}", s.path));
+            s.path = dest.display().to_string();
+        }
+    }
     let files = expand(&p, ctx.pipeline_dir).map_err(StageError::Failed)?;
     if files.is_empty() {
         return Err(StageError::Failed("the sources name no files".into()));

@@ -9,6 +9,7 @@ pub mod bpe;
 mod formats;
 pub mod ingest;
 mod lang;
+mod remote;
 #[cfg(test)]
 mod testutil;
 
@@ -41,3 +42,33 @@ pub fn schema() -> Arc<Schema> {
 
 /// Where an ingest artifact keeps its shards.
 pub const SHARD_DIR: &str = "data";
+
+/// One corpus record, as later stages read it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    pub text: String,
+    pub lang: String,
+    pub author: Option<String>,
+}
+
+/// The records of one split (`train`, `val`, `test`) of a corpus artifact, in shard order.
+pub fn read_split(corpus_dir: &std::path::Path, split: &str) -> Result<Vec<Record>, orchestrate_stage::StageError> {
+    use arrow::array::Array;
+    let shards = bpe::shard_files(corpus_dir)?;
+    let mut out = Vec::new();
+    bpe::scan(&shards, &["text", "lang", "author", "split"], |cols| {
+        if let (Some(t), Some(l), Some(a), Some(s)) = (cols[0], cols[1], cols[2], cols[3]) {
+            for i in 0..t.len() {
+                if s.value(i) == split {
+                    out.push(Record {
+                        text: t.value(i).to_string(),
+                        lang: l.value(i).to_string(),
+                        author: (!a.is_null(i)).then(|| a.value(i).to_string()),
+                    });
+                }
+            }
+        }
+        true
+    })?;
+    Ok(out)
+}

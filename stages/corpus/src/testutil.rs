@@ -71,6 +71,7 @@ pub fn run_stage(
         device: "cpu",
         events: &events,
         cancel: &cancel,
+        checkpoints: &orchestrate_stage::NoCheckpoints,
     };
     let r = run(&ctx);
     (r, events)

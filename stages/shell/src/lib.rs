@@ -259,6 +259,7 @@ mod tests {
             device: "cpu",
             events: &sink,
             cancel,
+            checkpoints: &orchestrate_stage::NoCheckpoints,
         };
         run(&ctx)
     }

@@ -1,0 +1,228 @@
+//! From corpus records to batches. An example is a record tokenised once; the split point
+//! between source (the prompt) and target (its continuation) is drawn per training step, so
+//! the model learns to continue from anywhere, and fixed at the middle for evaluation.
+//!
+//! Batches come from length buckets and are padded to a multiple of 16, so a whole run
+//! sees few distinct tensor shapes (each new shape costs a kernel compile on GPUs).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use orchestrate_stage::StageError;
+use tokenizers::Tokenizer;
+
+/// Special tokens the model relies on, resolved from the tokenizer.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Specials {
+    pub pad: u32,
+    pub bos: u32,
+    pub eos: u32,
+    pub langs: BTreeMap<String, u32>,
+    pub authors: BTreeMap<String, u32>,
+    pub other_author: u32,
+}
+
+impl Specials {
+    pub fn from_tokenizer(tok: &Tokenizer) -> Result<Specials, StageError> {
+        use orchestrate_corpus::bpe::{author_token, lang_token, BOS, EOS, LANGS, OTHER_AUTHOR, PAD};
+        let id = |t: &str| {
+            tok.token_to_id(t)
+                .ok_or_else(|| StageError::Failed(format!("the tokenizer has no `{t}` token: was it made by a `bpe` stage?")))
+        };
+        let mut langs = BTreeMap::new();
+        for l in LANGS {
+            langs.insert(l.to_string(), id(&lang_token(l))?);
+        }
+        let prefix = author_token("");
+        let prefix = &prefix[..prefix.len() - 1];
+        let authors = tok
+            .get_added_tokens_decoder()
+            .values()
+            .filter_map(|t| {
+                let name = t.content.strip_prefix(prefix)?.strip_suffix('>')?;
+                (name != "other").then(|| (name.to_string(), tok.token_to_id(&t.content).unwrap_or(0)))
+            })
+            .collect();
+        Ok(Specials {
+            pad: id(PAD)?,
+            bos: id(BOS)?,
+            eos: id(EOS)?,
+            langs,
+            authors,
+            other_author: id(OTHER_AUTHOR)?,
+        })
+    }
+
+    pub fn lang(&self, lang: &str) -> u32 {
+        self.langs.get(lang).or_else(|| self.langs.get("other")).copied().unwrap_or(self.pad)
+    }
+
+    pub fn author(&self, author: Option<&str>) -> u32 {
+        author.and_then(|a| self.authors.get(a)).copied().unwrap_or(self.other_author)
+    }
+}
+
+/// A tokenised record with its control tokens.
+#[derive(Clone, Debug)]
+pub struct Example {
+    pub control: [u32; 2],
+    pub ids: Vec<u32>,
+}
+
+pub fn load_examples(
+    corpus: &Path,
+    split: &str,
+    tok: &Tokenizer,
+    specials: &Specials,
+    max_len: usize,
+    limit: Option<usize>,
+) -> Result<Vec<Example>, StageError> {
+    let mut records = orchestrate_corpus::read_split(corpus, split)?;
+    if let Some(n) = limit {
+        records.truncate(n);
+    }
+    let texts: Vec<&str> = records.iter().map(|r| r.text.as_str()).collect();
+    let encoded = tok
+        .encode_batch(texts, false)
+        .map_err(|e| StageError::Failed(format!("tokenizing the {split} split: {e}")))?;
+    // Room for the two control tokens and bos/eos around the longest possible halves.
+    let keep = max_len.saturating_sub(3).max(2);
+    Ok(records
+        .iter()
+        .zip(encoded)
+        .filter(|(_, e)| e.get_ids().len() >= 2)
+        .map(|(r, e)| {
+            let mut ids = e.get_ids().to_vec();
+            ids.truncate(keep);
+            Example {
+                control: [specials.lang(&r.lang), specials.author(r.author.as_deref())],
+                ids,
+            }
+        })
+        .collect())
+}
+
+/// A padded batch, row-major, ready to become tensors.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub rows: usize,
+    pub src_len: usize,
+    pub tgt_len: usize,
+    pub src: Vec<i64>,
+    pub src_pad: Vec<bool>,
+    pub tgt_in: Vec<i64>,
+    pub tgt_out: Vec<i64>,
+    pub tgt_pad: Vec<bool>,
+    /// Non-padding target tokens: what the loss averages over.
+    pub tokens: usize,
+}
+
+fn round_up(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+
+/// Builds a batch; `split_at(i, len)` picks where example `i` is cut into prompt and target.
+pub fn make_batch(examples: &[&Example], specials: &Specials, mut split_at: impl FnMut(usize, usize) -> usize) -> Batch {
+    let pieces: Vec<(Vec<u32>, Vec<u32>)> = examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let k = split_at(i, e.ids.len()).clamp(1, e.ids.len() - 1);
+            let mut src = e.control.to_vec();
+            src.extend_from_slice(&e.ids[..k]);
+            (src, e.ids[k..].to_vec())
+        })
+        .collect();
+    let src_len = round_up(pieces.iter().map(|p| p.0.len()).max().unwrap_or(1), 16);
+    let tgt_len = round_up(pieces.iter().map(|p| p.1.len() + 1).max().unwrap_or(1), 16);
+    let rows = examples.len();
+    let pad = specials.pad as i64;
+    let mut b = Batch {
+        rows,
+        src_len,
+        tgt_len,
+        src: vec![pad; rows * src_len],
+        src_pad: vec![true; rows * src_len],
+        tgt_in: vec![pad; rows * tgt_len],
+        tgt_out: vec![pad; rows * tgt_len],
+        tgt_pad: vec![true; rows * tgt_len],
+        tokens: 0,
+    };
+    for (r, (src, tgt)) in pieces.iter().enumerate() {
+        for (j, &t) in src.iter().enumerate() {
+            b.src[r * src_len + j] = t as i64;
+            b.src_pad[r * src_len + j] = false;
+        }
+        // Input: bos + target; output: target + eos (teacher forcing, shifted by one).
+        let mut input = vec![specials.bos];
+        input.extend_from_slice(tgt);
+        let mut output = tgt.clone();
+        output.push(specials.eos);
+        for j in 0..output.len() {
+            b.tgt_in[r * tgt_len + j] = input[j] as i64;
+            b.tgt_out[r * tgt_len + j] = output[j] as i64;
+            b.tgt_pad[r * tgt_len + j] = false;
+        }
+        b.tokens += output.len();
+    }
+    b
+}
+
+/// SplitMix64: a tiny, well-mixed generator whose whole state is one number, so a training
+/// run's randomness is a pure function of (seed, step) and survives a restart exactly.
+pub fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The batches of one epoch: examples grouped by length (so padding stays small), shuffled
+/// within groups, cut into batches, and the batches shuffled; all from `seed` and `epoch`.
+pub fn epoch_plan(examples: &[Example], batch: usize, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    let key = |i: usize| mix(seed ^ mix(epoch) ^ (i as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+    order.sort_by_key(|&i| (examples[i].ids.len().div_ceil(32), key(i)));
+    let mut batches: Vec<Vec<usize>> = order.chunks(batch).map(<[usize]>::to_vec).collect();
+    batches.sort_by_key(|b| mix(key(b[0]) ^ 0xA5A5));
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specials() -> Specials {
+        Specials {
+            pad: 0,
+            bos: 1,
+            eos: 2,
+            langs: BTreeMap::new(),
+            authors: BTreeMap::new(),
+            other_author: 7,
+        }
+    }
+
+    #[test]
+    fn batch_shifts_targets_and_pads_to_sixteen() {
+        let e = Example { control: [4, 7], ids: vec![10, 11, 12, 13] };
+        let b = make_batch(&[&e], &specials(), |_, _| 2);
+        assert_eq!((b.src_len, b.tgt_len), (16, 16));
+        assert_eq!(&b.src[..4], &[4, 7, 10, 11]);
+        assert_eq!(&b.tgt_in[..3], &[1, 12, 13]);
+        assert_eq!(&b.tgt_out[..3], &[12, 13, 2]);
+        assert_eq!(b.tokens, 3);
+        assert!(b.tgt_pad[3] && !b.tgt_pad[2]);
+    }
+
+    #[test]
+    fn epoch_plan_is_a_deterministic_permutation() {
+        let ex: Vec<Example> = (0..50).map(|i| Example { control: [0, 0], ids: vec![1; 2 + i % 40] }).collect();
+        let a = epoch_plan(&ex, 8, 42, 0);
+        assert_eq!(a, epoch_plan(&ex, 8, 42, 0));
+        assert_ne!(a, epoch_plan(&ex, 8, 42, 1));
+        let mut all: Vec<usize> = a.concat();
+        all.sort();
+        assert_eq!(all, (0..50).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,496 @@
+//! The `train` stage: the encoder-decoder learns to continue a record from a prompt and its
+//! language and author tokens. Checkpoints (weights, optimiser state, step) go to the
+//! artifact store; everything random is a function of (seed, step), so a resumed run repeats
+//! exactly what the uninterrupted one would have done.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::backend::{Autodiff, Flex};
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use orchestrate_stage::{
+    canonical_params, ArtifactKind, InputDecl, Inputs, ParamError, ParamProblem, PathSegment, StageContext,
+    StageDescriptor, StageError, StageOutput,
+};
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::data::{self, Batch, Example, Specials};
+use crate::model::{masked_cross_entropy, ModelConfig, Seq2Seq};
+
+type Cpu = Flex;
+type Train = Autodiff<Cpu>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    /// d_model 256, 4+4 layers, ff 1024: about 8M parameters with an 8k vocabulary.
+    Mini,
+    /// The specification's 512-wide model: d_model 512, 6+6 layers, ff 2048.
+    Spec512,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainParams {
+    #[serde(default = "default_preset")]
+    pub preset: Preset,
+    /// Overrides of the preset; `null` keeps the preset's value.
+    #[serde(default)]
+    pub d_model: Option<usize>,
+    #[serde(default)]
+    pub n_heads: Option<usize>,
+    #[serde(default)]
+    pub enc_layers: Option<usize>,
+    #[serde(default)]
+    pub dec_layers: Option<usize>,
+    #[serde(default)]
+    pub d_ff: Option<usize>,
+    /// Must match the tokenizer when given; taken from it otherwise.
+    #[serde(default)]
+    pub vocab_size: Option<usize>,
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+    #[serde(default = "default_steps")]
+    pub steps: u64,
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Linear warm-up steps, then cosine decay to `lr * min_lr_ratio`.
+    #[serde(default = "default_warmup")]
+    pub warmup: u64,
+    #[serde(default = "default_min_lr_ratio")]
+    pub min_lr_ratio: f64,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// Gradient clipping by norm (per parameter tensor, as burn's AdamW applies it).
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: f64,
+    #[serde(default)]
+    pub label_smoothing: f64,
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    #[serde(default = "default_eval_every")]
+    pub eval_every: u64,
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Train on at most this many records (CI-sized runs).
+    #[serde(default)]
+    pub max_records: Option<usize>,
+}
+
+fn default_preset() -> Preset {
+    Preset::Mini
+}
+fn default_max_len() -> usize {
+    256
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_steps() -> u64 {
+    2000
+}
+fn default_batch() -> usize {
+    32
+}
+fn default_lr() -> f64 {
+    3e-4
+}
+fn default_warmup() -> u64 {
+    100
+}
+fn default_min_lr_ratio() -> f64 {
+    0.1
+}
+fn default_weight_decay() -> f64 {
+    0.01
+}
+fn default_grad_clip() -> f64 {
+    1.0
+}
+fn default_checkpoint_every() -> u64 {
+    200
+}
+fn default_eval_every() -> u64 {
+    100
+}
+fn default_eval_batches() -> usize {
+    20
+}
+fn default_log_every() -> u64 {
+    10
+}
+fn default_seed() -> u64 {
+    42
+}
+
+impl TrainParams {
+    /// The network this stage will build, before the vocabulary is known.
+    pub fn shape(&self) -> (usize, usize, usize, usize, usize) {
+        let (d, h, e, de, ff) = match self.preset {
+            Preset::Mini => (256, 8, 4, 4, 1024),
+            Preset::Spec512 => (512, 8, 6, 6, 2048),
+        };
+        (
+            self.d_model.unwrap_or(d),
+            self.n_heads.unwrap_or(h),
+            self.enc_layers.unwrap_or(e),
+            self.dec_layers.unwrap_or(de),
+            self.d_ff.unwrap_or(ff),
+        )
+    }
+
+    fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
+        let progress = ((step - self.warmup) as f64 / span).min(1.0);
+        let min = self.lr * self.min_lr_ratio;
+        min + (self.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
+    kind: "train",
+    about: "trains the encoder-decoder on the corpus with the tokenizer; checkpoints survive a kill",
+    inputs: Inputs::Typed(&[
+        InputDecl {
+            name: "corpus",
+            kind: ArtifactKind::Corpus,
+            many: false,
+            required: true,
+        },
+        InputDecl {
+            name: "tokenizer",
+            kind: ArtifactKind::Tokenizer,
+            many: false,
+            required: true,
+        },
+    ]),
+    output: ArtifactKind::Model,
+    device_dependent: true,
+    code_hash: env!("STAGE_CODE_HASH"),
+    tracked_files: &["model.json", "training.json"],
+    canonical_params: canonical,
+    file_deps: orchestrate_stage::no_file_deps,
+};
+
+fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
+    let v = canonical_params::<TrainParams>(v)?;
+    let p: TrainParams = serde_json::from_value(v.clone()).expect("just canonicalised");
+    let bad = |key: &str, msg: String| ParamError {
+        path: vec![PathSegment::Key(key.into())],
+        problem: ParamProblem::Invalid(msg),
+    };
+    let (d, h, e, de, ff) = p.shape();
+    if h == 0 || d % h != 0 {
+        return Err(bad("n_heads", format!("{h} heads do not divide d_model {d}")));
+    }
+    if e == 0 || de == 0 || ff == 0 {
+        return Err(bad("enc_layers", "layer counts and d_ff must be positive".into()));
+    }
+    if p.max_len < 8 {
+        return Err(bad("max_len", format!("max_len {} is too short (at least 8)", p.max_len)));
+    }
+    if p.steps == 0 || p.batch == 0 {
+        return Err(bad("steps", "steps and batch must be positive".into()));
+    }
+    if !(0.0..1.0).contains(&p.dropout) || !(0.0..1.0).contains(&p.label_smoothing) {
+        return Err(bad("dropout", "dropout and label_smoothing must be in [0, 1)".into()));
+    }
+    if p.lr <= 0.0 || p.lr > 1.0 {
+        return Err(bad("lr", format!("lr {} is outside (0, 1]", p.lr)));
+    }
+    Ok(v)
+}
+
+/// Training state saved with each checkpoint, beside the weights and optimiser records.
+#[derive(Serialize, Deserialize)]
+struct Progress {
+    step: u64,
+    tokens: u64,
+}
+
+pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
+    let p: TrainParams = ctx.params()?;
+    if ctx.device.starts_with("cuda") {
+        return Err(StageError::Failed(format!(
+            "device `{}` asked for, but this build has no CUDA backend (build with --features cuda)",
+            ctx.device
+        )));
+    }
+    let corpus = ctx.input("corpus")?;
+    let tok_dir = &ctx.input("tokenizer")?.dir;
+    let tokenizer = Tokenizer::from_file(tok_dir.join("tokenizer.json"))
+        .map_err(|e| StageError::Failed(format!("cannot load the tokenizer: {e}")))?;
+    let specials = Specials::from_tokenizer(&tokenizer)?;
+    let vocab = tokenizer.get_vocab_size(true);
+    if let Some(v) = p.vocab_size {
+        if v != vocab {
+            return Err(StageError::Failed(format!(
+                "with.vocab_size is {v}, but the tokenizer has {vocab} tokens: drop vocab_size or retrain the tokenizer"
+            )));
+        }
+    }
+    let (d_model, n_heads, enc_layers, dec_layers, d_ff) = p.shape();
+    let cfg = ModelConfig {
+        vocab_size: vocab,
+        d_model,
+        n_heads,
+        enc_layers,
+        dec_layers,
+        d_ff,
+        max_len: p.max_len,
+        dropout: p.dropout,
+    };
+
+    let train = data::load_examples(&corpus.dir, "train", &tokenizer, &specials, p.max_len, p.max_records)?;
+    let val = data::load_examples(&corpus.dir, "val", &tokenizer, &specials, p.max_len, p.max_records.map(|n| n / 10 + 1))?;
+    if train.is_empty() || val.is_empty() {
+        return Err(StageError::Failed(format!(
+            "not enough data: {} training and {} validation examples",
+            train.len(),
+            val.len()
+        )));
+    }
+    let unigram_ppl = unigram_perplexity(&train, &val, vocab, &specials);
+    let params = cfg.parameters();
+    ctx.events.log(&format!(
+        "{params} parameters ({d_model}d, {n_heads} heads, {enc_layers}+{dec_layers} layers, vocab {vocab}); {} train / {} val examples; unigram val perplexity {unigram_ppl:.1}",
+        train.len(),
+        val.len()
+    ));
+    ctx.events.metric("parameters", params as f64, None);
+    ctx.events.metric("unigram_val_perplexity", unigram_ppl, None);
+
+    let device = Default::default();
+    <Train as Backend>::seed(&device, p.seed);
+    let mut model: Seq2Seq<Train> = cfg.init(&device);
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(p.weight_decay as f32)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(p.grad_clip as f32)))
+        .init::<Train, Seq2Seq<Train>>();
+    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+    let mut progress = Progress { step: 0, tokens: 0 };
+    if let Some((step, dir)) = ctx.checkpoints.latest()? {
+        let fail = |e: &dyn std::fmt::Display| StageError::Failed(format!("cannot load checkpoint {step}: {e}"));
+        model = model.load_file(dir.join("model"), &recorder, &device).map_err(|e| fail(&e))?;
+        let record = recorder.load(dir.join("optimizer"), &device).map_err(|e| fail(&e))?;
+        optim = optim.load_record(record);
+        progress = serde_json::from_slice(&std::fs::read(dir.join("progress.json")).map_err(|e| fail(&e))?)
+            .map_err(|e| fail(&e))?;
+    }
+
+    let per_epoch = train.len().div_ceil(p.batch) as u64;
+    let mut plan_epoch = u64::MAX;
+    let mut plan = Vec::new();
+    let mut window = (Instant::now(), 0u64);
+    let mut last_val = f64::NAN;
+    let mut last_train = f64::NAN;
+    while progress.step < p.steps {
+        ctx.checkpoint()?;
+        let step = progress.step;
+        let epoch = step / per_epoch;
+        if epoch != plan_epoch {
+            plan = data::epoch_plan(&train, p.batch, p.seed, epoch);
+            plan_epoch = epoch;
+        }
+        let rows: Vec<&Example> = plan[(step % per_epoch) as usize].iter().map(|&i| &train[i]).collect();
+        let step_seed = data::mix(p.seed ^ data::mix(step + 1));
+        let batch = data::make_batch(&rows, &specials, |i, len| {
+            1 + (data::mix(step_seed ^ i as u64) % (len as u64 - 1)) as usize
+        });
+        // Dropout draws from the backend's generator: reseed it per step for exact resumes.
+        <Train as Backend>::seed(&device, step_seed);
+        let loss = batch_loss(&model, &batch, p.label_smoothing, &device);
+        let log_now = (step + 1) % p.log_every == 0 || step + 1 == p.steps;
+        if log_now {
+            last_train = loss.clone().into_scalar().elem::<f64>();
+        }
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let lr = p.lr_at(step);
+        model = optim.step(lr, model, grads);
+        progress.step += 1;
+        progress.tokens += batch.tokens as u64;
+        window.1 += batch.tokens as u64;
+        ctx.events.progress(progress.step, Some(p.steps), "steps");
+        if log_now {
+            let secs = window.0.elapsed().as_secs_f64().max(1e-9);
+            ctx.events.metric("train_loss", last_train, Some(progress.step));
+            ctx.events.metric("lr", lr, Some(progress.step));
+            ctx.events.metric("tokens_per_second", window.1 as f64 / secs, Some(progress.step));
+            window = (Instant::now(), 0);
+        }
+        if progress.step % p.eval_every == 0 || progress.step == p.steps {
+            last_val = evaluate(&model.valid(), &val, &specials, p.batch, p.eval_batches, &device);
+            ctx.events.metric("val_loss", last_val, Some(progress.step));
+            ctx.events.metric("val_perplexity", last_val.exp(), Some(progress.step));
+            ctx.events.log(&format!(
+                "step {}: train loss {last_train:.3}, val loss {last_val:.3} (perplexity {:.1}; unigram {unigram_ppl:.1})",
+                progress.step,
+                last_val.exp()
+            ));
+        }
+        if progress.step % p.checkpoint_every == 0 && progress.step < p.steps {
+            save_checkpoint(ctx, &model, &optim, &progress, &recorder)?;
+        }
+    }
+
+    let out = ctx.out_dir;
+    model
+        .valid()
+        .save_file(out.join("model"), &recorder)
+        .map_err(|e| StageError::Failed(format!("cannot save the model: {e}")))?;
+    std::fs::copy(tok_dir.join("tokenizer.json"), out.join("tokenizer.json"))
+        .map_err(|e| StageError::io("cannot copy the tokenizer", e))?;
+    let summary = serde_json::json!({
+        "preset": p.preset,
+        "config": cfg,
+        "parameters": params,
+        "specials": specials,
+        "tokenizer_digest": ctx.input("tokenizer")?.digest,
+    });
+    write_json(&out.join("model.json"), &summary)?;
+    let training = serde_json::json!({
+        "steps": progress.step,
+        "target_tokens": progress.tokens,
+        "train_loss": last_train,
+        "val_loss": last_val,
+        "val_perplexity": last_val.exp(),
+        "unigram_val_perplexity": unigram_ppl,
+    });
+    write_json(&out.join("training.json"), &training)?;
+    let mut output = StageOutput::default();
+    output.metadata.insert("parameters".into(), params.into());
+    output.metadata.insert("val_perplexity".into(), last_val.exp().into());
+    output.metadata.insert("unigram_val_perplexity".into(), unigram_ppl.into());
+    output.metadata.insert("config".into(), serde_json::to_value(&cfg).expect("plain JSON"));
+    Ok(output)
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), StageError> {
+    std::fs::write(path, serde_json::to_vec_pretty(v).expect("plain JSON"))
+        .map_err(|e| StageError::io(format!("cannot write {}", path.display()), e))
+}
+
+fn save_checkpoint<O: Optimizer<Seq2Seq<Train>, Train>>(
+    ctx: &StageContext<'_>,
+    model: &Seq2Seq<Train>,
+    optim: &O,
+    progress: &Progress,
+    recorder: &NamedMpkFileRecorder<FullPrecisionSettings>,
+) -> Result<(), StageError> {
+    let dir = ctx.scratch_dir.join(format!("checkpoint-{}", progress.step));
+    let fail = |e: &dyn std::fmt::Display| StageError::Failed(format!("cannot write checkpoint {}: {e}", progress.step));
+    std::fs::create_dir_all(&dir).map_err(|e| fail(&e))?;
+    model.clone().save_file(dir.join("model"), recorder).map_err(|e| fail(&e))?;
+    recorder.record(optim.to_record(), dir.join("optimizer")).map_err(|e| fail(&e))?;
+    std::fs::write(dir.join("progress.json"), serde_json::to_vec(progress).expect("plain JSON")).map_err(|e| fail(&e))?;
+    ctx.checkpoints.save(progress.step, &dir)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tensors<B: Backend>(b: &Batch, device: &B::Device) -> [Tensor<B, 2, Int>; 3] {
+    let int = |v: &Vec<i64>, len: usize| Tensor::<B, 2, Int>::from_data(TensorData::new(v.clone(), [b.rows, len]), device);
+    [int(&b.src, b.src_len), int(&b.tgt_in, b.tgt_len), int(&b.tgt_out, b.tgt_len)]
+}
+
+fn masks<B: Backend>(b: &Batch, device: &B::Device) -> [Tensor<B, 2, Bool>; 2] {
+    let m = |v: &Vec<bool>, len: usize| Tensor::<B, 2, Bool>::from_data(TensorData::new(v.clone(), [b.rows, len]), device);
+    [m(&b.src_pad, b.src_len), m(&b.tgt_pad, b.tgt_len)]
+}
+
+fn batch_loss<B: Backend>(model: &Seq2Seq<B>, b: &Batch, smoothing: f64, device: &B::Device) -> Tensor<B, 1> {
+    let [src, tgt_in, tgt_out] = tensors::<B>(b, device);
+    let [src_pad, tgt_pad] = masks::<B>(b, device);
+    let memory = model.encode(src, src_pad.clone());
+    let logits = model.decode(tgt_in, tgt_pad.clone(), memory, src_pad);
+    masked_cross_entropy(logits, tgt_out, tgt_pad, b.tokens, smoothing)
+}
+
+/// Mean loss per target token on the validation examples, split at their middle.
+pub fn evaluate<B: Backend>(
+    model: &Seq2Seq<B>,
+    val: &[Example],
+    specials: &Specials,
+    batch: usize,
+    max_batches: usize,
+    device: &B::Device,
+) -> f64 {
+    let mut total = 0.0;
+    let mut tokens = 0usize;
+    for chunk in val.chunks(batch).take(max_batches) {
+        let rows: Vec<&Example> = chunk.iter().collect();
+        let b = data::make_batch(&rows, specials, |_, len| len / 2);
+        let loss = batch_loss(model, &b, 0.0, device).into_scalar().elem::<f64>();
+        total += loss * b.tokens as f64;
+        tokens += b.tokens;
+    }
+    total / tokens.max(1) as f64
+}
+
+/// The perplexity a model that knows only token frequencies would have on the same
+/// validation targets: the bar a trained model must clear by far.
+fn unigram_perplexity(train: &[Example], val: &[Example], vocab: usize, specials: &Specials) -> f64 {
+    let mut counts = vec![1.0f64; vocab];
+    for e in train {
+        for &t in &e.ids {
+            counts[t as usize] += 1.0;
+        }
+        counts[specials.eos as usize] += 1.0;
+    }
+    let total: f64 = counts.iter().sum();
+    let mut nll = 0.0;
+    let mut n = 0usize;
+    for e in val {
+        let k = e.ids.len() / 2;
+        for &t in e.ids[k..].iter().chain(std::iter::once(&specials.eos)) {
+            nll -= (counts[t as usize] / total).ln();
+            n += 1;
+        }
+    }
+    (nll / n.max(1) as f64).exp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_and_parameter_counts() {
+        let p: TrainParams = serde_json::from_value(canonical(serde_json::json!({})).unwrap()).unwrap();
+        assert_eq!(p.shape(), (256, 8, 4, 4, 1024));
+        let cfg = ModelConfig { vocab_size: 8000, d_model: 256, n_heads: 8, enc_layers: 4, dec_layers: 4, d_ff: 1024, max_len: 256, dropout: 0.1 };
+        let n = cfg.parameters();
+        assert!((8_000_000..10_000_000).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn heads_must_divide_d_model() {
+        let e = canonical(serde_json::json!({"d_model": 100, "n_heads": 8})).unwrap_err();
+        assert!(matches!(e.problem, ParamProblem::Invalid(m) if m.contains("do not divide")));
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let p: TrainParams = serde_json::from_value(canonical(serde_json::json!({"steps": 100, "warmup": 10, "lr": 1e-3})).unwrap()).unwrap();
+        assert!(p.lr_at(0) < p.lr_at(9));
+        assert!((p.lr_at(9) - 1e-3).abs() < 1e-12);
+        assert!(p.lr_at(50) < p.lr_at(10));
+        assert!((p.lr_at(99) - 1e-4).abs() < 2e-5);
+    }
+}
