@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::StreamExt;
-use orchestrate_stage::{CancelToken, Checkpoints, EventSink, InputArtifact, StageContext, StageError};
+use orchestrate_stage::{
+    CancelToken, Checkpoints, EventSink, InputArtifact, StageContext, StageError,
+};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -807,31 +809,54 @@ struct StoreCheckpoints {
 
 impl Checkpoints for StoreCheckpoints {
     fn save(&self, step: u64, dir: &Path) -> Result<(), StageError> {
-        let fail = |e: &dyn std::fmt::Display| StageError::Failed(format!("cannot store checkpoint {step}: {e}"));
+        let fail = |e: &dyn std::fmt::Display| {
+            StageError::Failed(format!("cannot store checkpoint {step}: {e}"))
+        };
         let files = list_files(dir).map_err(|e| fail(&e))?;
         self.runtime.block_on(async {
             let mut entries = Vec::new();
             for rel in files {
-                entries.push(self.store.put_file(&dir.join(&rel), &rel).await.map_err(|e| fail(&e))?);
+                entries.push(
+                    self.store
+                        .put_file(&dir.join(&rel), &rel)
+                        .await
+                        .map_err(|e| fail(&e))?,
+                );
             }
             // The checkpoint's own record goes last: seen complete or not at all.
-            self.store.put_checkpoint(&self.key, step, &entries).await.map_err(|e| fail(&e))
+            self.store
+                .put_checkpoint(&self.key, step, &entries)
+                .await
+                .map_err(|e| fail(&e))
         })
     }
 
     fn latest(&self) -> Result<Option<(u64, PathBuf)>, StageError> {
-        let fail = |e: &dyn std::fmt::Display| StageError::Failed(format!("cannot read the last checkpoint: {e}"));
+        let fail = |e: &dyn std::fmt::Display| {
+            StageError::Failed(format!("cannot read the last checkpoint: {e}"))
+        };
         self.runtime.block_on(async {
-            let Some((step, files)) = self.store.latest_checkpoint(&self.key).await.map_err(|e| fail(&e))? else {
+            let Some((step, files)) = self
+                .store
+                .latest_checkpoint(&self.key)
+                .await
+                .map_err(|e| fail(&e))?
+            else {
                 return Ok(None);
             };
             let dest = self.dir.join(format!("{step:012}"));
             let _ = std::fs::remove_dir_all(&dest);
             let what = format!("checkpoint {step} of stage `{}`", self.stage);
             for f in &files {
-                self.store.get_file(f, &what, &dest.join(&f.path)).await.map_err(|e| fail(&e))?;
+                self.store
+                    .get_file(f, &what, &dest.join(&f.path))
+                    .await
+                    .map_err(|e| fail(&e))?;
             }
-            self.reporter.note(&format!("stage `{}`: resuming from the checkpoint at step {step}", self.stage));
+            self.reporter.note(&format!(
+                "stage `{}`: resuming from the checkpoint at step {step}",
+                self.stage
+            ));
             Ok(Some((step, dest)))
         })
     }

@@ -154,7 +154,8 @@ impl Plan {
             }
             let parts = key_parts(p, i, |u| {
                 stages[u].manifest.as_ref().map(|m| m.digest.clone())
-            }).await?;
+            })
+            .await?;
             let key = parts.key();
             let mut manifest = store.manifest(&key).await?;
             if let (true, Some(m)) = (sel.repair, &manifest) {

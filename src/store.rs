@@ -630,7 +630,12 @@ impl Store {
     // ---- checkpoints ----
 
     /// Records a complete checkpoint (its blobs already stored) for `key` at `step`.
-    pub async fn put_checkpoint(&self, key: &CacheKey, step: u64, files: &[FileEntry]) -> Result<()> {
+    pub async fn put_checkpoint(
+        &self,
+        key: &CacheKey,
+        step: u64,
+        files: &[FileEntry],
+    ) -> Result<()> {
         let p = ObjPath::from(format!("checkpoints/{key}/{step:012}.json"));
         self.put_json(&p, &files, PutMode::Overwrite)
             .await
@@ -647,8 +652,13 @@ impl Store {
                 Some((step, m.location.clone()))
             })
             .max_by_key(|(step, _)| *step);
-        let Some((step, path)) = newest else { return Ok(None) };
-        Ok(self.get_json::<Vec<FileEntry>>(&path, "checkpoint").await?.map(|f| (step, f)))
+        let Some((step, path)) = newest else {
+            return Ok(None);
+        };
+        Ok(self
+            .get_json::<Vec<FileEntry>>(&path, "checkpoint")
+            .await?
+            .map(|f| (step, f)))
     }
 
     /// Blobs that checkpoints of unfinished artifacts refer to: kept by `gc`, so that a killed
@@ -656,7 +666,10 @@ impl Store {
     pub async fn checkpoint_blobs(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
         for m in self.list_paths("checkpoints").await? {
-            if let Some(files) = self.get_json::<Vec<FileEntry>>(&m.location, "checkpoint").await? {
+            if let Some(files) = self
+                .get_json::<Vec<FileEntry>>(&m.location, "checkpoint")
+                .await?
+            {
                 out.extend(files.into_iter().map(|f| f.digest));
             }
         }
@@ -752,20 +765,28 @@ impl Store {
 /// A fingerprint of what is under an object-store URL (names, sizes, ETags), for cache keys
 /// of stages that read remote sources: a change there changes the key, nothing is downloaded.
 pub async fn remote_fingerprint(url: &str) -> Result<String> {
-    let rest = url
-        .strip_prefix("s3://")
-        .ok_or_else(|| StoreError::Open { url: url.to_string(), reason: "only s3:// sources are supported".into() })?;
+    let rest = url.strip_prefix("s3://").ok_or_else(|| StoreError::Open {
+        url: url.to_string(),
+        reason: "only s3:// sources are supported".into(),
+    })?;
     let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
     let store = Store::open(&format!("s3://{bucket}"), Path::new("."))?;
     let key = key.trim_matches('/');
-    let mut metas = if key.is_empty() { store.list_paths("").await? } else { store.list_paths(key).await? };
+    let mut metas = if key.is_empty() {
+        store.list_paths("").await?
+    } else {
+        store.list_paths(key).await?
+    };
     if metas.is_empty() && !key.is_empty() {
         // Not a prefix: maybe one object.
         let p = ObjPath::from(key);
         match store.inner.head(&p).await {
             Ok(m) => metas.push(m),
             Err(object_store::Error::NotFound { .. }) => {
-                return Err(StoreError::Open { url: url.to_string(), reason: "no such object or prefix".into() })
+                return Err(StoreError::Open {
+                    url: url.to_string(),
+                    reason: "no such object or prefix".into(),
+                })
             }
             Err(e) => return Err(Store::backend("check", &p)(e)),
         }

@@ -75,6 +75,7 @@ fn smoke_pipeline_is_browsable_in_mlflow() {
     let parent = &parents[0];
     assert_eq!(parent["info"]["status"], "FINISHED");
     assert_eq!(param(parent, "tokenizer.vocab_size"), Some("1000"));
+    assert_eq!(param(parent, "model.steps"), Some("30"));
     assert_eq!(param(parent, "corpus.split.val"), Some("0.05"));
     assert!(tag(parent, "mlflow.source.git.commit").is_some());
     let parent_id = parent["info"]["run_id"].as_str().unwrap();
@@ -84,7 +85,7 @@ fn smoke_pipeline_is_browsable_in_mlflow() {
         &exp,
         &format!("tags.mlflow.parentRunId = '{parent_id}'"),
     );
-    assert_eq!(children.len(), 2, "{children:?}");
+    assert_eq!(children.len(), 3, "{children:?}");
     let tok = children
         .iter()
         .find(|c| c["info"]["run_name"] == "tokenizer")
@@ -165,7 +166,7 @@ fn smoke_pipeline_is_browsable_in_mlflow() {
         &exp,
         &format!("tags.mlflow.parentRunId = '{p2_id}'"),
     );
-    assert_eq!(kids.len(), 2);
+    assert_eq!(kids.len(), 3);
     for k in &kids {
         assert_eq!(tag(k, "orchestrate.reused"), Some("true"));
         assert_eq!(tag(k, "orchestrate.produced_by"), Some(run_id.as_str()));

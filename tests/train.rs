@@ -50,12 +50,21 @@ stages:
 
 fn run(sb: &Sandbox, args: &[&str]) -> common::Ran {
     // One thread: floating-point reductions then happen in one order, run after run.
-    sb.cmd(args).env("RAYON_NUM_THREADS", "1").output().unwrap().into()
+    sb.cmd(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap()
+        .into()
 }
 
 fn artifact(sb: &Sandbox, stage: &str) -> String {
     let run = sb.last_run();
-    run["stages"].as_array().unwrap().iter().find(|s| s["stage"] == stage).unwrap()["artifact"]
+    run["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == stage)
+        .unwrap()["artifact"]
         .as_str()
         .unwrap()
         .to_string()
@@ -64,7 +73,10 @@ fn artifact(sb: &Sandbox, stage: &str) -> String {
 /// `train_loss` values by step, from the tracking spool.
 fn losses(sb: &Sandbox) -> Vec<(i64, f64)> {
     let mut out = Vec::new();
-    for f in std::fs::read_dir(sb.path().join(".orchestrate/spool")).unwrap().flatten() {
+    for f in std::fs::read_dir(sb.path().join(".orchestrate/spool"))
+        .unwrap()
+        .flatten()
+    {
         if f.path().extension().is_some_and(|e| e == "jsonl") {
             for line in std::fs::read_to_string(f.path()).unwrap().lines() {
                 let v: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -99,25 +111,44 @@ fn a_tiny_model_learns_and_a_killed_run_resumes_bit_identically() {
         .unwrap(),
     )
     .unwrap();
-    let files: Vec<&str> = m["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
-    assert_eq!(files, vec!["model.json", "model.mpk", "tokenizer.json", "training.json"]);
+    let files: Vec<&str> = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        files,
+        vec!["model.json", "model.mpk", "tokenizer.json", "training.json"]
+    );
     assert_eq!(m["kind"], "Model");
 
     // Killed with SIGKILL after its second checkpoint, then rerun.
     let b = Sandbox::new();
     b.write("p.yaml", &pipeline(40, ""));
-    let mut child = b.cmd(&["run", "p.yaml"]).env("RAYON_NUM_THREADS", "1").spawn().unwrap();
+    let mut child = b
+        .cmd(&["run", "p.yaml"])
+        .env("RAYON_NUM_THREADS", "1")
+        .spawn()
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     let checkpoint = loop {
         let found = std::fs::read_dir(b.path().join("store/checkpoints"))
             .ok()
             .and_then(|d| d.flatten().next())
             .and_then(|k| std::fs::read_dir(k.path()).ok())
-            .and_then(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).find(|n| n.starts_with("000000000020")));
+            .and_then(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .find(|n| n.starts_with("000000000020"))
+            });
         if let Some(f) = found {
             break f;
         }
-        assert!(std::time::Instant::now() < deadline, "no checkpoint at step 20");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint at step 20"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     child.kill().unwrap();
@@ -125,26 +156,52 @@ fn a_tiny_model_learns_and_a_killed_run_resumes_bit_identically() {
     assert!(checkpoint.ends_with(".json"));
     let r = run(&b, &["run", "p.yaml"]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
-    assert!(r.stderr.contains("resuming from the checkpoint at step"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("resuming from the checkpoint at step"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(stage_status(&b.last_run(), "corpus"), "cached");
-    assert_eq!(artifact(&b, "model"), whole, "resumed weights differ from uninterrupted ones");
+    assert_eq!(
+        artifact(&b, "model"),
+        whole,
+        "resumed weights differ from uninterrupted ones"
+    );
     // Committed: its checkpoints are gone.
-    let left = std::fs::read_dir(b.path().join("store/checkpoints")).map(|d| d.flatten().flat_map(|k| std::fs::read_dir(k.path()).into_iter().flatten()).count()).unwrap_or(0);
+    let left = std::fs::read_dir(b.path().join("store/checkpoints"))
+        .map(|d| {
+            d.flatten()
+                .flat_map(|k| std::fs::read_dir(k.path()).into_iter().flatten())
+                .count()
+        })
+        .unwrap_or(0);
     assert_eq!(left, 0);
 }
 
 #[test]
 fn bad_configurations_fail_before_training() {
     let sb = Sandbox::new();
-    sb.write("p.yaml", &pipeline(40, "").replace("n_heads: 2", "n_heads: 3"));
+    sb.write(
+        "p.yaml",
+        &pipeline(40, "").replace("n_heads: 2", "n_heads: 3"),
+    );
     let r = run(&sb, &["validate", "p.yaml"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("3 heads do not divide d_model 32"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("3 heads do not divide d_model 32"),
+        "{}",
+        r.stderr
+    );
 
     sb.write("p.yaml", &pipeline(40, "vocab_size: 999"));
     let t0 = std::time::Instant::now();
     let r = run(&sb, &["run", "p.yaml"]);
     assert_eq!(r.code, 1);
-    assert!(r.stdout.contains("with.vocab_size is 999, but the tokenizer has"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("with.vocab_size is 999, but the tokenizer has"),
+        "{}",
+        r.stdout
+    );
     assert!(t0.elapsed() < std::time::Duration::from_secs(120));
 }

@@ -152,17 +152,20 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
 
 /// The source files, so their contents join the cache key: edit a corpus file, re-ingest.
 fn file_deps(v: &serde_json::Value, dir: &Path) -> Vec<String> {
-    let Ok(p) = serde_json::from_value::<IngestParams>(v.clone()) else {
+    let Ok(mut p) = serde_json::from_value::<IngestParams>(v.clone()) else {
         return Vec::new();
     };
-    expand(&p, dir)
-        .map(|files| {
-            files
-                .into_iter()
-                .map(|(f, _)| f.display().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
+    // Remote sources are named by URL; the orchestrator fingerprints their listing.
+    let (remote, local): (Vec<Source>, Vec<Source>) = p
+        .sources
+        .drain(..)
+        .partition(|s| crate::remote::is_remote(&s.path));
+    p.sources = local;
+    let mut deps: Vec<String> = remote.into_iter().map(|s| s.path).collect();
+    if let Ok(files) = expand(&p, dir) {
+        deps.extend(files.into_iter().map(|(f, _)| f.display().to_string()));
+    }
+    deps
 }
 
 /// Every input file with the source it came from, in a stable order, each file once.
@@ -244,7 +247,8 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         if crate::remote::is_remote(&s.path) {
             let dest = ctx.scratch_dir.join(format!("source-{i}"));
             let n = crate::remote::download(&s.path, &dest)?;
-            ctx.events.log(&format!("downloaded {n} objects from {}", s.path));
+            ctx.events
+                .log(&format!("downloaded {n} objects from {}", s.path));
             s.path = dest.display().to_string();
         }
     }

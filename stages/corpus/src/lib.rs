@@ -52,7 +52,10 @@ pub struct Record {
 }
 
 /// The records of one split (`train`, `val`, `test`) of a corpus artifact, in shard order.
-pub fn read_split(corpus_dir: &std::path::Path, split: &str) -> Result<Vec<Record>, orchestrate_stage::StageError> {
+pub fn read_split(
+    corpus_dir: &std::path::Path,
+    split: &str,
+) -> Result<Vec<Record>, orchestrate_stage::StageError> {
     use arrow::array::Array;
     let shards = bpe::shard_files(corpus_dir)?;
     let mut out = Vec::new();

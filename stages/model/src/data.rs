@@ -24,10 +24,15 @@ pub struct Specials {
 
 impl Specials {
     pub fn from_tokenizer(tok: &Tokenizer) -> Result<Specials, StageError> {
-        use orchestrate_corpus::bpe::{author_token, lang_token, BOS, EOS, LANGS, OTHER_AUTHOR, PAD};
+        use orchestrate_corpus::bpe::{
+            author_token, lang_token, BOS, EOS, LANGS, OTHER_AUTHOR, PAD,
+        };
         let id = |t: &str| {
-            tok.token_to_id(t)
-                .ok_or_else(|| StageError::Failed(format!("the tokenizer has no `{t}` token: was it made by a `bpe` stage?")))
+            tok.token_to_id(t).ok_or_else(|| {
+                StageError::Failed(format!(
+                    "the tokenizer has no `{t}` token: was it made by a `bpe` stage?"
+                ))
+            })
         };
         let mut langs = BTreeMap::new();
         for l in LANGS {
@@ -40,7 +45,8 @@ impl Specials {
             .values()
             .filter_map(|t| {
                 let name = t.content.strip_prefix(prefix)?.strip_suffix('>')?;
-                (name != "other").then(|| (name.to_string(), tok.token_to_id(&t.content).unwrap_or(0)))
+                (name != "other")
+                    .then(|| (name.to_string(), tok.token_to_id(&t.content).unwrap_or(0)))
             })
             .collect();
         Ok(Specials {
@@ -54,11 +60,18 @@ impl Specials {
     }
 
     pub fn lang(&self, lang: &str) -> u32 {
-        self.langs.get(lang).or_else(|| self.langs.get("other")).copied().unwrap_or(self.pad)
+        self.langs
+            .get(lang)
+            .or_else(|| self.langs.get("other"))
+            .copied()
+            .unwrap_or(self.pad)
     }
 
     pub fn author(&self, author: Option<&str>) -> u32 {
-        author.and_then(|a| self.authors.get(a)).copied().unwrap_or(self.other_author)
+        author
+            .and_then(|a| self.authors.get(a))
+            .copied()
+            .unwrap_or(self.other_author)
     }
 }
 
@@ -122,7 +135,11 @@ fn round_up(n: usize, to: usize) -> usize {
 }
 
 /// Builds a batch; `split_at(i, len)` picks where example `i` is cut into prompt and target.
-pub fn make_batch(examples: &[&Example], specials: &Specials, mut split_at: impl FnMut(usize, usize) -> usize) -> Batch {
+pub fn make_batch(
+    examples: &[&Example],
+    specials: &Specials,
+    mut split_at: impl FnMut(usize, usize) -> usize,
+) -> Batch {
     let pieces: Vec<(Vec<u32>, Vec<u32>)> = examples
         .iter()
         .enumerate()
@@ -205,7 +222,10 @@ mod tests {
 
     #[test]
     fn batch_shifts_targets_and_pads_to_sixteen() {
-        let e = Example { control: [4, 7], ids: vec![10, 11, 12, 13] };
+        let e = Example {
+            control: [4, 7],
+            ids: vec![10, 11, 12, 13],
+        };
         let b = make_batch(&[&e], &specials(), |_, _| 2);
         assert_eq!((b.src_len, b.tgt_len), (16, 16));
         assert_eq!(&b.src[..4], &[4, 7, 10, 11]);
@@ -217,7 +237,12 @@ mod tests {
 
     #[test]
     fn epoch_plan_is_a_deterministic_permutation() {
-        let ex: Vec<Example> = (0..50).map(|i| Example { control: [0, 0], ids: vec![1; 2 + i % 40] }).collect();
+        let ex: Vec<Example> = (0..50)
+            .map(|i| Example {
+                control: [0, 0],
+                ids: vec![1; 2 + i % 40],
+            })
+            .collect();
         let a = epoch_plan(&ex, 8, 42, 0);
         assert_eq!(a, epoch_plan(&ex, 8, 42, 0));
         assert_ne!(a, epoch_plan(&ex, 8, 42, 1));

@@ -28,18 +28,25 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Seq2Seq<B> {
-        let init = Initializer::Normal { mean: 0.0, std: 0.02 };
-        let enc = TransformerEncoderConfig::new(self.d_model, self.d_ff, self.n_heads, self.enc_layers)
-            .with_dropout(self.dropout)
-            .with_norm_first(true);
-        let dec = TransformerDecoderConfig::new(self.d_model, self.d_ff, self.n_heads, self.dec_layers)
-            .with_dropout(self.dropout)
-            .with_norm_first(true);
+        let init = Initializer::Normal {
+            mean: 0.0,
+            std: 0.02,
+        };
+        let enc =
+            TransformerEncoderConfig::new(self.d_model, self.d_ff, self.n_heads, self.enc_layers)
+                .with_dropout(self.dropout)
+                .with_norm_first(true);
+        let dec =
+            TransformerDecoderConfig::new(self.d_model, self.d_ff, self.n_heads, self.dec_layers)
+                .with_dropout(self.dropout)
+                .with_norm_first(true);
         let model = Seq2Seq {
             embed: EmbeddingConfig::new(self.vocab_size, self.d_model)
                 .with_initializer(init.clone())
                 .init(device),
-            pos: EmbeddingConfig::new(self.max_len, self.d_model).with_initializer(init).init(device),
+            pos: EmbeddingConfig::new(self.max_len, self.d_model)
+                .with_initializer(init)
+                .init(device),
             encoder: enc.init(device),
             decoder: dec.init(device),
             enc_norm: LayerNormConfig::new(self.d_model).init(device),
@@ -78,12 +85,18 @@ impl<B: Backend> ModuleMapper<B> for StableIds {
         Param::from_mapped_value(self.next(), tensor, mapper)
     }
 
-    fn map_int<const D: usize>(&mut self, param: Param<Tensor<B, D, Int>>) -> Param<Tensor<B, D, Int>> {
+    fn map_int<const D: usize>(
+        &mut self,
+        param: Param<Tensor<B, D, Int>>,
+    ) -> Param<Tensor<B, D, Int>> {
         let (_, tensor, mapper) = param.consume();
         Param::from_mapped_value(self.next(), tensor, mapper)
     }
 
-    fn map_bool<const D: usize>(&mut self, param: Param<Tensor<B, D, Bool>>) -> Param<Tensor<B, D, Bool>> {
+    fn map_bool<const D: usize>(
+        &mut self,
+        param: Param<Tensor<B, D, Bool>>,
+    ) -> Param<Tensor<B, D, Bool>> {
         let (_, tensor, mapper) = param.consume();
         Param::from_mapped_value(self.next(), tensor, mapper)
     }
@@ -104,14 +117,19 @@ impl<B: Backend> Seq2Seq<B> {
         let [b, t] = tokens.dims();
         let device = tokens.device();
         let d = self.embed.weight.dims()[1];
-        let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device).reshape([1, t]).repeat_dim(0, b);
+        let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device)
+            .reshape([1, t])
+            .repeat_dim(0, b);
         self.embed.forward(tokens) * (d as f64).sqrt() + self.pos.forward(positions)
     }
 
     /// `src_pad` is true at padding.
     pub fn encode(&self, src: Tensor<B, 2, Int>, src_pad: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
         let x = self.embed(src);
-        self.enc_norm.forward(self.encoder.forward(TransformerEncoderInput::new(x).mask_pad(src_pad)))
+        self.enc_norm.forward(
+            self.encoder
+                .forward(TransformerEncoderInput::new(x).mask_pad(src_pad)),
+        )
     }
 
     /// Logits `[batch, target, vocab]` for every target position.
@@ -137,7 +155,9 @@ impl<B: Backend> Seq2Seq<B> {
         let [b, t, d] = h.dims();
         let w = self.embed.weight.val();
         let vocab = w.dims()[0];
-        h.reshape([b * t, d]).matmul(w.transpose()).reshape([b, t, vocab])
+        h.reshape([b * t, d])
+            .matmul(w.transpose())
+            .reshape([b, t, vocab])
     }
 }
 
@@ -153,7 +173,11 @@ pub fn masked_cross_entropy<B: Backend>(
 ) -> Tensor<B, 1> {
     let [b, t, _] = logits.dims();
     let logp = burn::tensor::activation::log_softmax(logits, 2);
-    let nll = logp.clone().gather(2, targets.reshape([b, t, 1])).reshape([b, t]).neg();
+    let nll = logp
+        .clone()
+        .gather(2, targets.reshape([b, t, 1]))
+        .reshape([b, t])
+        .neg();
     let per_token = if smoothing > 0.0 {
         let uniform = logp.mean_dim(2).reshape([b, t]).neg();
         nll * (1.0 - smoothing) + uniform * smoothing

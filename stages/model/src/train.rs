@@ -13,8 +13,8 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use orchestrate_stage::{
-    canonical_params, ArtifactKind, InputDecl, Inputs, ParamError, ParamProblem, PathSegment, StageContext,
-    StageDescriptor, StageError, StageOutput,
+    canonical_params, ArtifactKind, InputDecl, Inputs, ParamError, ParamProblem, PathSegment,
+    StageContext, StageDescriptor, StageError, StageOutput,
 };
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
@@ -165,7 +165,8 @@ impl TrainParams {
 
 pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     kind: "train",
-    about: "trains the encoder-decoder on the corpus with the tokenizer; checkpoints survive a kill",
+    about:
+        "trains the encoder-decoder on the corpus with the tokenizer; checkpoints survive a kill",
     inputs: Inputs::Typed(&[
         InputDecl {
             name: "corpus",
@@ -197,19 +198,40 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     };
     let (d, h, e, de, ff) = p.shape();
     if h == 0 || d % h != 0 {
-        return Err(bad("n_heads", format!("{h} heads do not divide d_model {d}")));
+        return Err(bad(
+            "n_heads",
+            format!("{h} heads do not divide d_model {d}"),
+        ));
     }
     if e == 0 || de == 0 || ff == 0 {
-        return Err(bad("enc_layers", "layer counts and d_ff must be positive".into()));
+        return Err(bad(
+            "enc_layers",
+            "layer counts and d_ff must be positive".into(),
+        ));
     }
     if p.max_len < 8 {
-        return Err(bad("max_len", format!("max_len {} is too short (at least 8)", p.max_len)));
+        return Err(bad(
+            "max_len",
+            format!("max_len {} is too short (at least 8)", p.max_len),
+        ));
     }
     if p.steps == 0 || p.batch == 0 {
         return Err(bad("steps", "steps and batch must be positive".into()));
     }
+    for (key, v) in [
+        ("checkpoint_every", p.checkpoint_every),
+        ("eval_every", p.eval_every),
+        ("log_every", p.log_every),
+    ] {
+        if v == 0 {
+            return Err(bad(key, format!("{key} must be at least 1")));
+        }
+    }
     if !(0.0..1.0).contains(&p.dropout) || !(0.0..1.0).contains(&p.label_smoothing) {
-        return Err(bad("dropout", "dropout and label_smoothing must be in [0, 1)".into()));
+        return Err(bad(
+            "dropout",
+            "dropout and label_smoothing must be in [0, 1)".into(),
+        ));
     }
     if p.lr <= 0.0 || p.lr > 1.0 {
         return Err(bad("lr", format!("lr {} is outside (0, 1]", p.lr)));
@@ -257,8 +279,22 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         dropout: p.dropout,
     };
 
-    let train = data::load_examples(&corpus.dir, "train", &tokenizer, &specials, p.max_len, p.max_records)?;
-    let val = data::load_examples(&corpus.dir, "val", &tokenizer, &specials, p.max_len, p.max_records.map(|n| n / 10 + 1))?;
+    let train = data::load_examples(
+        &corpus.dir,
+        "train",
+        &tokenizer,
+        &specials,
+        p.max_len,
+        p.max_records,
+    )?;
+    let val = data::load_examples(
+        &corpus.dir,
+        "val",
+        &tokenizer,
+        &specials,
+        p.max_len,
+        p.max_records.map(|n| n / 10 + 1),
+    )?;
     if train.is_empty() || val.is_empty() {
         return Err(StageError::Failed(format!(
             "not enough data: {} training and {} validation examples",
@@ -274,7 +310,8 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         val.len()
     ));
     ctx.events.metric("parameters", params as f64, None);
-    ctx.events.metric("unigram_val_perplexity", unigram_ppl, None);
+    ctx.events
+        .metric("unigram_val_perplexity", unigram_ppl, None);
 
     let device = Default::default();
     <Train as Backend>::seed(&device, p.seed);
@@ -286,12 +323,20 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
     let mut progress = Progress { step: 0, tokens: 0 };
     if let Some((step, dir)) = ctx.checkpoints.latest()? {
-        let fail = |e: &dyn std::fmt::Display| StageError::Failed(format!("cannot load checkpoint {step}: {e}"));
-        model = model.load_file(dir.join("model"), &recorder, &device).map_err(|e| fail(&e))?;
-        let record = recorder.load(dir.join("optimizer"), &device).map_err(|e| fail(&e))?;
-        optim = optim.load_record(record);
-        progress = serde_json::from_slice(&std::fs::read(dir.join("progress.json")).map_err(|e| fail(&e))?)
+        let fail = |e: &dyn std::fmt::Display| {
+            StageError::Failed(format!("cannot load checkpoint {step}: {e}"))
+        };
+        model = model
+            .load_file(dir.join("model"), &recorder, &device)
             .map_err(|e| fail(&e))?;
+        let record = recorder
+            .load(dir.join("optimizer"), &device)
+            .map_err(|e| fail(&e))?;
+        optim = optim.load_record(record);
+        progress = serde_json::from_slice(
+            &std::fs::read(dir.join("progress.json")).map_err(|e| fail(&e))?,
+        )
+        .map_err(|e| fail(&e))?;
     }
 
     let per_epoch = train.len().div_ceil(p.batch) as u64;
@@ -308,7 +353,10 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
             plan = data::epoch_plan(&train, p.batch, p.seed, epoch);
             plan_epoch = epoch;
         }
-        let rows: Vec<&Example> = plan[(step % per_epoch) as usize].iter().map(|&i| &train[i]).collect();
+        let rows: Vec<&Example> = plan[(step % per_epoch) as usize]
+            .iter()
+            .map(|&i| &train[i])
+            .collect();
         let step_seed = data::mix(p.seed ^ data::mix(step + 1));
         let batch = data::make_batch(&rows, &specials, |i, len| {
             1 + (data::mix(step_seed ^ i as u64) % (len as u64 - 1)) as usize
@@ -316,7 +364,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         // Dropout draws from the backend's generator: reseed it per step for exact resumes.
         <Train as Backend>::seed(&device, step_seed);
         let loss = batch_loss(&model, &batch, p.label_smoothing, &device);
-        let log_now = (step + 1) % p.log_every == 0 || step + 1 == p.steps;
+        let log_now = (step + 1).is_multiple_of(p.log_every) || step + 1 == p.steps;
         if log_now {
             last_train = loss.clone().into_scalar().elem::<f64>();
         }
@@ -329,22 +377,35 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         ctx.events.progress(progress.step, Some(p.steps), "steps");
         if log_now {
             let secs = window.0.elapsed().as_secs_f64().max(1e-9);
-            ctx.events.metric("train_loss", last_train, Some(progress.step));
+            ctx.events
+                .metric("train_loss", last_train, Some(progress.step));
             ctx.events.metric("lr", lr, Some(progress.step));
-            ctx.events.metric("tokens_per_second", window.1 as f64 / secs, Some(progress.step));
+            ctx.events.metric(
+                "tokens_per_second",
+                window.1 as f64 / secs,
+                Some(progress.step),
+            );
             window = (Instant::now(), 0);
         }
-        if progress.step % p.eval_every == 0 || progress.step == p.steps {
-            last_val = evaluate(&model.valid(), &val, &specials, p.batch, p.eval_batches, &device);
+        if progress.step.is_multiple_of(p.eval_every) || progress.step == p.steps {
+            last_val = evaluate(
+                &model.valid(),
+                &val,
+                &specials,
+                p.batch,
+                p.eval_batches,
+                &device,
+            );
             ctx.events.metric("val_loss", last_val, Some(progress.step));
-            ctx.events.metric("val_perplexity", last_val.exp(), Some(progress.step));
+            ctx.events
+                .metric("val_perplexity", last_val.exp(), Some(progress.step));
             ctx.events.log(&format!(
                 "step {}: train loss {last_train:.3}, val loss {last_val:.3} (perplexity {:.1}; unigram {unigram_ppl:.1})",
                 progress.step,
                 last_val.exp()
             ));
         }
-        if progress.step % p.checkpoint_every == 0 && progress.step < p.steps {
+        if progress.step.is_multiple_of(p.checkpoint_every) && progress.step < p.steps {
             save_checkpoint(ctx, &model, &optim, &progress, &recorder)?;
         }
     }
@@ -375,9 +436,16 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     write_json(&out.join("training.json"), &training)?;
     let mut output = StageOutput::default();
     output.metadata.insert("parameters".into(), params.into());
-    output.metadata.insert("val_perplexity".into(), last_val.exp().into());
-    output.metadata.insert("unigram_val_perplexity".into(), unigram_ppl.into());
-    output.metadata.insert("config".into(), serde_json::to_value(&cfg).expect("plain JSON"));
+    output
+        .metadata
+        .insert("val_perplexity".into(), last_val.exp().into());
+    output
+        .metadata
+        .insert("unigram_val_perplexity".into(), unigram_ppl.into());
+    output.metadata.insert(
+        "config".into(),
+        serde_json::to_value(&cfg).expect("plain JSON"),
+    );
     Ok(output)
 }
 
@@ -393,28 +461,54 @@ fn save_checkpoint<O: Optimizer<Seq2Seq<Train>, Train>>(
     progress: &Progress,
     recorder: &NamedMpkFileRecorder<FullPrecisionSettings>,
 ) -> Result<(), StageError> {
-    let dir = ctx.scratch_dir.join(format!("checkpoint-{}", progress.step));
-    let fail = |e: &dyn std::fmt::Display| StageError::Failed(format!("cannot write checkpoint {}: {e}", progress.step));
+    let dir = ctx
+        .scratch_dir
+        .join(format!("checkpoint-{}", progress.step));
+    let fail = |e: &dyn std::fmt::Display| {
+        StageError::Failed(format!("cannot write checkpoint {}: {e}", progress.step))
+    };
     std::fs::create_dir_all(&dir).map_err(|e| fail(&e))?;
-    model.clone().save_file(dir.join("model"), recorder).map_err(|e| fail(&e))?;
-    recorder.record(optim.to_record(), dir.join("optimizer")).map_err(|e| fail(&e))?;
-    std::fs::write(dir.join("progress.json"), serde_json::to_vec(progress).expect("plain JSON")).map_err(|e| fail(&e))?;
+    model
+        .clone()
+        .save_file(dir.join("model"), recorder)
+        .map_err(|e| fail(&e))?;
+    recorder
+        .record(optim.to_record(), dir.join("optimizer"))
+        .map_err(|e| fail(&e))?;
+    std::fs::write(
+        dir.join("progress.json"),
+        serde_json::to_vec(progress).expect("plain JSON"),
+    )
+    .map_err(|e| fail(&e))?;
     ctx.checkpoints.save(progress.step, &dir)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
 fn tensors<B: Backend>(b: &Batch, device: &B::Device) -> [Tensor<B, 2, Int>; 3] {
-    let int = |v: &Vec<i64>, len: usize| Tensor::<B, 2, Int>::from_data(TensorData::new(v.clone(), [b.rows, len]), device);
-    [int(&b.src, b.src_len), int(&b.tgt_in, b.tgt_len), int(&b.tgt_out, b.tgt_len)]
+    let int = |v: &Vec<i64>, len: usize| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(v.clone(), [b.rows, len]), device)
+    };
+    [
+        int(&b.src, b.src_len),
+        int(&b.tgt_in, b.tgt_len),
+        int(&b.tgt_out, b.tgt_len),
+    ]
 }
 
 fn masks<B: Backend>(b: &Batch, device: &B::Device) -> [Tensor<B, 2, Bool>; 2] {
-    let m = |v: &Vec<bool>, len: usize| Tensor::<B, 2, Bool>::from_data(TensorData::new(v.clone(), [b.rows, len]), device);
+    let m = |v: &Vec<bool>, len: usize| {
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(v.clone(), [b.rows, len]), device)
+    };
     [m(&b.src_pad, b.src_len), m(&b.tgt_pad, b.tgt_len)]
 }
 
-fn batch_loss<B: Backend>(model: &Seq2Seq<B>, b: &Batch, smoothing: f64, device: &B::Device) -> Tensor<B, 1> {
+fn batch_loss<B: Backend>(
+    model: &Seq2Seq<B>,
+    b: &Batch,
+    smoothing: f64,
+    device: &B::Device,
+) -> Tensor<B, 1> {
     let [src, tgt_in, tgt_out] = tensors::<B>(b, device);
     let [src_pad, tgt_pad] = masks::<B>(b, device);
     let memory = model.encode(src, src_pad.clone());
@@ -436,7 +530,9 @@ pub fn evaluate<B: Backend>(
     for chunk in val.chunks(batch).take(max_batches) {
         let rows: Vec<&Example> = chunk.iter().collect();
         let b = data::make_batch(&rows, specials, |_, len| len / 2);
-        let loss = batch_loss(model, &b, 0.0, device).into_scalar().elem::<f64>();
+        let loss = batch_loss(model, &b, 0.0, device)
+            .into_scalar()
+            .elem::<f64>();
         total += loss * b.tokens as f64;
         tokens += b.tokens;
     }
@@ -445,7 +541,12 @@ pub fn evaluate<B: Backend>(
 
 /// The perplexity a model that knows only token frequencies would have on the same
 /// validation targets: the bar a trained model must clear by far.
-fn unigram_perplexity(train: &[Example], val: &[Example], vocab: usize, specials: &Specials) -> f64 {
+fn unigram_perplexity(
+    train: &[Example],
+    val: &[Example],
+    vocab: usize,
+    specials: &Specials,
+) -> f64 {
     let mut counts = vec![1.0f64; vocab];
     for e in train {
         for &t in &e.ids {
@@ -472,9 +573,19 @@ mod tests {
 
     #[test]
     fn presets_and_parameter_counts() {
-        let p: TrainParams = serde_json::from_value(canonical(serde_json::json!({})).unwrap()).unwrap();
+        let p: TrainParams =
+            serde_json::from_value(canonical(serde_json::json!({})).unwrap()).unwrap();
         assert_eq!(p.shape(), (256, 8, 4, 4, 1024));
-        let cfg = ModelConfig { vocab_size: 8000, d_model: 256, n_heads: 8, enc_layers: 4, dec_layers: 4, d_ff: 1024, max_len: 256, dropout: 0.1 };
+        let cfg = ModelConfig {
+            vocab_size: 8000,
+            d_model: 256,
+            n_heads: 8,
+            enc_layers: 4,
+            dec_layers: 4,
+            d_ff: 1024,
+            max_len: 256,
+            dropout: 0.1,
+        };
         let n = cfg.parameters();
         assert!((8_000_000..10_000_000).contains(&n), "{n}");
     }
@@ -487,7 +598,10 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays() {
-        let p: TrainParams = serde_json::from_value(canonical(serde_json::json!({"steps": 100, "warmup": 10, "lr": 1e-3})).unwrap()).unwrap();
+        let p: TrainParams = serde_json::from_value(
+            canonical(serde_json::json!({"steps": 100, "warmup": 10, "lr": 1e-3})).unwrap(),
+        )
+        .unwrap();
         assert!(p.lr_at(0) < p.lr_at(9));
         assert!((p.lr_at(9) - 1e-3).abs() < 1e-12);
         assert!(p.lr_at(50) < p.lr_at(10));
