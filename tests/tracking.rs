@@ -10,6 +10,23 @@ use common::Sandbox;
 use serde_json::json;
 use servers::{mlflow_api, Server};
 
+/// Runs one boto3 S3 client call against moto and prints its result.
+fn s3(venv: &std::path::Path, endpoint: &str, call: &str) -> String {
+    let script = format!(
+        "import boto3, sys\nc = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\nprint(c.{call})\n"
+    );
+    let out = std::process::Command::new(venv.join("bin/python"))
+        .args(["-c", &script, endpoint])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn search(base: &str, exp: &str, filter: &str) -> Vec<serde_json::Value> {
     let v = mlflow_api(
         base,
@@ -37,25 +54,40 @@ fn param<'a>(run: &'a serde_json::Value, key: &str) -> Option<&'a str> {
 
 #[cfg(feature = "corpus")]
 #[test]
-fn smoke_pipeline_is_browsable_in_mlflow() {
+fn smoke_pipeline_on_s3_is_browsable_in_mlflow() {
     let Some(venv) = servers::venv() else { return };
     let sb = Sandbox::new();
     let mlflow = Server::mlflow(&venv, sb.path());
+    let moto = Server::moto(&venv);
+    s3(&venv, &moto.url, "create_bucket(Bucket='shared')");
     let file = format!("{}/pipelines/smoke.yaml", env!("CARGO_MANIFEST_DIR"));
-    let out = sb
-        .cmd(&["run", &file, "--store", "file://store"])
-        .env("MLFLOW_TRACKING_URI", &mlflow.url)
-        .env("ORCHESTRATE_CACHE_DIR", sb.path().join("cache"))
-        .env("ORCHESTRATE_SYSTEM_METRICS_SECS", "0.2")
-        .output()
-        .unwrap();
+    let run = |extra_env: &[(&str, &str)]| {
+        let mut c = sb.cmd(&["run", &file, "--store", "s3://shared/team"]);
+        c.env("MLFLOW_TRACKING_URI", &mlflow.url)
+            .env("ORCHESTRATE_CACHE_DIR", sb.path().join("cache"))
+            .env("AWS_ENDPOINT_URL", &moto.url)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "us-east-1")
+            .envs(extra_env.iter().copied());
+        c.output().unwrap()
+    };
+    let out = run(&[("ORCHESTRATE_SYSTEM_METRICS_SECS", "0.2")]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
         !stderr.contains("tracking:"),
         "delivery reported a problem: {stderr}"
     );
-    let run_id = sb.last_run()["id"].as_str().unwrap().to_string();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let run_id = stdout.split_whitespace().nth(1).unwrap().to_string();
+    // The artifacts are in the bucket: one manifest per stage.
+    let listed = s3(
+        &venv,
+        &moto.url,
+        "list_objects_v2(Bucket='shared', Prefix='team/manifests/')['KeyCount']",
+    );
+    assert_eq!(listed.trim(), "3", "{stdout}");
 
     let exp = mlflow_api(
         &mlflow.url,
@@ -146,15 +178,14 @@ fn smoke_pipeline_is_browsable_in_mlflow() {
         .iter()
         .any(|f| f["path"] == "run.json"));
 
-    // A second run reuses both artifacts and says which run produced them.
-    let out = sb
-        .cmd(&["run", &file, "--store", "file://store"])
-        .env("MLFLOW_TRACKING_URI", &mlflow.url)
-        .env("ORCHESTRATE_CACHE_DIR", sb.path().join("cache"))
-        .output()
-        .unwrap();
+    // A second run reuses every artifact and says which run produced it.
+    let out = run(&[]);
     assert!(out.status.success());
-    let second = sb.last_run()["id"].as_str().unwrap().to_string();
+    let second = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
     let p2 = &search(
         &mlflow.url,
         &exp,
