@@ -727,6 +727,23 @@ async fn produce(
     }
     let committed = store.commit(&manifest).await?;
     let _ = store.drop_checkpoints(key).await;
+    if let Some(r) = sh
+        .pipeline
+        .tracking
+        .register
+        .as_ref()
+        .filter(|r| r.stage == stage.name)
+    {
+        // The whole artifact goes up under `model/`, and a new version points at it.
+        for f in &committed.files {
+            let path = out.join(&f.path);
+            if path.is_file() {
+                sh.tracker
+                    .artifact(&uid, &path, &format!("model/{}", f.path));
+            }
+        }
+        sh.tracker.register_model(&uid, &r.name, "model");
+    }
     if committed.digest != manifest.digest {
         sh.reporter.note(&format!(
             "stage `{}` is not deterministic: this run produced {}, but the store already holds {} for the same key; keeping the stored one",

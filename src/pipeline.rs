@@ -25,7 +25,8 @@ const STAGE_KEYS: [&str; 7] = [
     "timeout",
     "deps",
 ];
-const TRACKING_KEYS: [&str; 2] = ["mlflow", "experiment"];
+const TRACKING_KEYS: [&str; 3] = ["mlflow", "experiment", "register"];
+const REGISTER_KEYS: [&str; 2] = ["stage", "name"];
 const RESOURCE_KEYS: [&str; 2] = ["device", "devices"];
 
 #[derive(Clone, Debug, Serialize)]
@@ -33,6 +34,16 @@ pub struct Tracking {
     /// MLflow tracking URI; `None` keeps records locally.
     pub mlflow: Option<String>,
     pub experiment: String,
+    /// Register each new artifact of this stage as a version of this registered model.
+    pub register: Option<Register>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Register {
+    pub stage: String,
+    pub name: String,
+    #[serde(skip)]
+    span: Span,
 }
 
 /// Where a stage runs. `Auto` is resolved when the stage's cache key is computed.
@@ -293,6 +304,29 @@ impl PipelineSpec {
             );
         }
 
+        if let Some(r) = &tracking.register {
+            match names.iter().position(|n| *n == r.stage) {
+                None => v.diags.push(
+                    Diagnostic::new(
+                        format!("`tracking.register` names unknown stage `{}`", r.stage),
+                        r.span,
+                    )
+                    .hint_opt(suggest(&r.stage, &names)),
+                ),
+                Some(i) => {
+                    if let Some(s) = &stages[i] {
+                        let out = s.kind.descriptor().output;
+                        if !matches!(out, ArtifactKind::Model | ArtifactKind::Deployment) {
+                            v.diags.push(Diagnostic::new(
+                                format!("`tracking.register` needs a stage producing a Model, but `{}` produces {out}", r.stage),
+                                r.span,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+
         if stage_entries.is_empty() && root.get("stages").is_some() {
             v.diags.push(Diagnostic::new(
                 "the pipeline has no stages",
@@ -402,6 +436,7 @@ impl Validator {
         let mut t = Tracking {
             mlflow: None,
             experiment: pipeline.to_string(),
+            register: None,
         };
         let Some(node) = node else { return t };
         if !matches!(node.value, Value::Map(_)) {
@@ -420,6 +455,35 @@ impl Validator {
         if let Some(n) = node.get("experiment") {
             if let Some(s) = self.string(n, "tracking.experiment") {
                 t.experiment = s;
+            }
+        }
+        if let Some(n) = node.get("register") {
+            if matches!(n.value, Value::Map(_)) {
+                self.unknown_keys(n, &REGISTER_KEYS, "in `tracking.register`");
+                let stage = n
+                    .get("stage")
+                    .and_then(|s| self.string(s, "tracking.register.stage"));
+                let span = n.get("stage").map(|s| s.span).unwrap_or(n.span);
+                let name = n
+                    .get("name")
+                    .and_then(|s| self.string(s, "tracking.register.name"))
+                    .unwrap_or_else(|| pipeline.to_string());
+                match stage {
+                    Some(stage) => t.register = Some(Register { stage, name, span }),
+                    None => self.diags.push(
+                        Diagnostic::new("`tracking.register` needs `stage`", n.span).hint(
+                            "for example `register: { stage: model, name: prometheus-mini }`",
+                        ),
+                    ),
+                }
+            } else {
+                self.diags.push(Diagnostic::new(
+                    format!(
+                        "`tracking.register` must be a mapping, found {}",
+                        n.type_name()
+                    ),
+                    n.span,
+                ));
             }
         }
         t

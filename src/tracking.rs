@@ -67,6 +67,12 @@ pub enum Op {
         status: String,
         end_ms: i64,
     },
+    /// A new version of registered model `name`, from the artifacts under `path` in run `uid`.
+    RegisterModel {
+        uid: String,
+        name: String,
+        path: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -322,6 +328,35 @@ impl MlflowClient {
         .map_err(|(_, e)| e)
     }
 
+    /// A version of `name` from the run's artifacts at `source`, created once per run.
+    async fn register(&self, name: &str, source: &str, run_id: &str) -> Result<(), TrackError> {
+        match self
+            .post("registered-models/create", json!({ "name": name }))
+            .await
+        {
+            Ok(_) => {}
+            Err((Some(code), _)) if code == "RESOURCE_ALREADY_EXISTS" => {}
+            Err((_, e)) => return Err(e),
+        }
+        let filter = format!("name = '{name}' and run_id = '{run_id}'");
+        let found = self
+            .get("model-versions/search", &[("filter", filter.as_str())])
+            .await?;
+        if found["model_versions"]
+            .as_array()
+            .is_some_and(|v| !v.is_empty())
+        {
+            return Ok(());
+        }
+        self.post(
+            "model-versions/create",
+            json!({ "name": name, "source": source, "run_id": run_id }),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|(_, e)| e)
+    }
+
     /// Uploads through the server's artifact proxy (`mlflow-artifacts:` artifact roots).
     async fn upload(
         &self,
@@ -563,6 +598,15 @@ impl Tracker {
         }
     }
 
+    /// Records a new version of registered model `name` from the run's artifacts at `path`.
+    pub fn register_model(&self, uid: &str, name: &str, path: &str) {
+        self.record(Op::RegisterModel {
+            uid: uid.into(),
+            name: name.into(),
+            path: path.into(),
+        });
+    }
+
     pub fn end_run(&self, uid: &str, status: &str) {
         self.flush_metrics();
         self.record(Op::EndRun {
@@ -733,6 +777,12 @@ async fn apply(
         } => {
             let (id, ..) = run(state, uid)?;
             client.update_run(&id, status, *end_ms).await?;
+        }
+        Op::RegisterModel { uid, name, path } => {
+            let (id, _, root) = run(state, uid)?;
+            client
+                .register(name, &format!("{}/{path}", root.trim_end_matches('/')), &id)
+                .await?;
         }
     }
     Ok(())

@@ -178,6 +178,37 @@ fn smoke_pipeline_on_s3_is_browsable_in_mlflow() {
         .iter()
         .any(|f| f["path"] == "run.json"));
 
+    // The trained model is a registered model version, its files under the run's `model/`.
+    let model_run = children
+        .iter()
+        .find(|c| c["info"]["run_name"] == "model")
+        .unwrap();
+    let model_run_id = model_run["info"]["run_id"].as_str().unwrap().to_string();
+    let versions = mlflow_api(
+        &mlflow.url,
+        "model-versions/search?filter=name%3D%27prometheus-smoke%27",
+        None,
+    );
+    let versions = versions["model_versions"].as_array().unwrap().clone();
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    assert_eq!(versions[0]["run_id"], model_run_id.as_str());
+    assert!(versions[0]["source"].as_str().unwrap().ends_with("/model"));
+    let files = mlflow_api(
+        &mlflow.url,
+        &format!("artifacts/list?run_id={model_run_id}&path=model"),
+        None,
+    );
+    let names: Vec<&str> = files["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"model/model.mpk") && names.contains(&"model/model.json"),
+        "{names:?}"
+    );
+
     // A second run reuses every artifact and says which run produced it.
     let out = run(&[]);
     assert!(out.status.success());
@@ -198,6 +229,16 @@ fn smoke_pipeline_on_s3_is_browsable_in_mlflow() {
         &format!("tags.mlflow.parentRunId = '{p2_id}'"),
     );
     assert_eq!(kids.len(), 3);
+    let versions = mlflow_api(
+        &mlflow.url,
+        "model-versions/search?filter=name%3D%27prometheus-smoke%27",
+        None,
+    );
+    assert_eq!(
+        versions["model_versions"].as_array().unwrap().len(),
+        1,
+        "a reused model is not registered again"
+    );
     for k in &kids {
         assert_eq!(tag(k, "orchestrate.reused"), Some("true"));
         assert_eq!(tag(k, "orchestrate.produced_by"), Some(run_id.as_str()));
