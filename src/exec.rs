@@ -742,6 +742,10 @@ async fn produce(
                     .artifact(&uid, &path, &format!("model/{}", f.path));
             }
         }
+        let card = work.join("MODEL_CARD.md");
+        if std::fs::write(&card, model_card(&sh.pipeline, stage, &committed)).is_ok() {
+            sh.tracker.artifact(&uid, &card, "model/MODEL_CARD.md");
+        }
         sh.tracker.register_model(&uid, &r.name, "model");
     }
     if committed.digest != manifest.digest {
@@ -754,6 +758,32 @@ async fn produce(
     }
     let _ = std::fs::remove_dir_all(&work);
     Ok(committed)
+}
+
+/// A short model card for a registered model: where it came from and what it measured.
+fn model_card(p: &Pipeline, stage: &crate::pipeline::Stage, m: &Manifest) -> String {
+    let mut card = format!(
+        "# {} / {}\n\nProduced by stage `{}` (kind `{}`) of pipeline `{}` in run `{}`.\n\n",
+        p.name,
+        stage.name,
+        stage.name,
+        stage.kind.name(),
+        p.name,
+        m.producer.run_id
+    );
+    card.push_str(&format!(
+        "- artifact digest: `{}`\n- cache key: `{}`\n",
+        m.digest, m.key
+    ));
+    for (name, digests) in &m.key_parts.inputs {
+        card.push_str(&format!("- input `{name}`: `{}`\n", digests.join("`, `")));
+    }
+    card.push_str("\n## Parameters\n\n```json\n");
+    card.push_str(&serde_json::to_string_pretty(&stage.params).unwrap_or_default());
+    card.push_str("\n```\n\n## Results\n\n```json\n");
+    card.push_str(&serde_json::to_string_pretty(&m.metadata).unwrap_or_default());
+    card.push_str("\n```\n\nData: Debian's `fortunes` and `fortunes-ru` quotations (see the corpus artifact's statistics).\n");
+    card
 }
 
 /// An artifact's files in the local cache, downloaded and verified on first use. Inputs are

@@ -136,7 +136,7 @@ stages:
     kind: shell
     inputs: [first]
     with:
-      run: head -c 40000000 /dev/urandom > big.bin; cat $INPUT_FIRST/small.txt > copy.txt; touch $PIPELINE_DIR/big-written
+      run: head -c 40000000 /dev/urandom > big.bin; cat $INPUT_FIRST/small.txt > copy.txt; touch $PIPELINE_DIR/big-written; sleep 1
       outputs: [big.bin, copy.txt]
   last:
     kind: shell

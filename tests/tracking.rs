@@ -208,6 +208,7 @@ fn smoke_pipeline_on_s3_is_browsable_in_mlflow() {
         names.contains(&"model/model.mpk") && names.contains(&"model/model.json"),
         "{names:?}"
     );
+    assert!(names.contains(&"model/MODEL_CARD.md"), "{names:?}");
 
     // A second run reuses every artifact and says which run produced it.
     let out = run(&[]);
@@ -260,7 +261,7 @@ tracking: {{ mlflow: "{}", experiment: outage }}
 stages:
   first:
     kind: shell
-    with: {{ run: "echo 1 > a; touch $PIPELINE_DIR/first-done; sleep 3", outputs: [a] }}
+    with: {{ run: "echo 1 > a; touch $PIPELINE_DIR/first-done; sleep 6", outputs: [a] }}
   second:
     kind: shell
     inputs: [first]
