@@ -243,19 +243,11 @@ fn ingest_reads_sources_from_s3_and_notices_when_they_change() {
             .0,
         200
     );
-    // Objects go in through boto3 (moto's own dependency), as any S3 client would put them.
     let put = |key: &str, body: &str| {
-        let script = "import boto3, sys\n\
-s3 = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\n\
-s3.put_object(Bucket='corpus', Key=sys.argv[2], Body=sys.argv[3].encode())\n";
-        let out = std::process::Command::new(venv.join("bin/python"))
-            .args(["-c", script, &moto.url, key, body])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        servers::s3(
+            &venv,
+            &moto.url,
+            &format!("put_object(Bucket='corpus', Key={key:?}, Body={body:?}.encode())"),
         );
     };
     put(

@@ -8,24 +8,7 @@ mod servers;
 
 use common::Sandbox;
 use serde_json::json;
-use servers::{mlflow_api, Server};
-
-/// Runs one boto3 S3 client call against moto and prints its result.
-fn s3(venv: &std::path::Path, endpoint: &str, call: &str) -> String {
-    let script = format!(
-        "import boto3, sys\nc = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\nprint(c.{call})\n"
-    );
-    let out = std::process::Command::new(venv.join("bin/python"))
-        .args(["-c", &script, endpoint])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use servers::{mlflow_api, s3, Server};
 
 fn search(base: &str, exp: &str, filter: &str) -> Vec<serde_json::Value> {
     let v = mlflow_api(

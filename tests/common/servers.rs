@@ -211,3 +211,21 @@ pub fn mlflow_api(base: &str, api: &str, body: Option<serde_json::Value>) -> ser
     assert_eq!(code, 200, "{api}: {text}");
     serde_json::from_str(&text).unwrap()
 }
+
+/// Runs one boto3 S3 client call (moto's own dependency, so any S3 client's behaviour)
+/// against `endpoint` and returns what it printed.
+pub fn s3(venv: &Path, endpoint: &str, call: &str) -> String {
+    let script = format!(
+        "import boto3, sys\nc = boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='test', aws_secret_access_key='test', region_name='us-east-1')\nprint(c.{call})\n"
+    );
+    let out = Command::new(venv.join("bin/python"))
+        .args(["-c", &script, endpoint])
+        .output()
+        .expect("the virtualenv's python runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
