@@ -139,6 +139,12 @@ pub async fn execute(
     }
 
     let forced: Vec<bool> = plan.stages.iter().map(|s| s.forced).collect();
+    // A stage the plan found ready has the same inputs now: its key parts carry over.
+    let planned: Vec<Option<crate::key::CacheKeyParts>> = plan
+        .stages
+        .iter()
+        .map(|s| s.parts.clone().filter(|_| s.status == Status::WillRun))
+        .collect();
     let mut launched = vec![false; n];
     let mut tasks: JoinSet<(usize, Done)> = JoinSet::new();
     loop {
@@ -169,8 +175,9 @@ pub async fn execute(
                 .collect();
             let sh = Arc::clone(&shared);
             let force = forced[i];
+            let parts = planned[i].clone();
             tasks.spawn(async move {
-                let done = run_stage(&sh, i, inputs, digests, force).await;
+                let done = run_stage(&sh, i, inputs, digests, parts, force).await;
                 (i, done)
             });
         }
@@ -372,6 +379,7 @@ async fn run_stage(
     i: usize,
     inputs: BTreeMap<String, Vec<Manifest>>,
     digests: Vec<Option<String>>,
+    planned: Option<crate::key::CacheKeyParts>,
     forced: bool,
 ) -> Done {
     let stage = &sh.pipeline.stages[i];
@@ -392,7 +400,11 @@ async fn run_stage(
         record.status = StageStatus::Cancelled;
         return finish(record, None);
     }
-    let parts = match key_parts(&sh.pipeline, i, |u| digests[u].clone()).await {
+    let computed = match planned {
+        Some(p) => Ok(p),
+        None => key_parts(&sh.pipeline, i, |u| digests[u].clone()).await,
+    };
+    let parts = match computed {
         Ok(p) => p,
         Err(e) => {
             record.error = Some(e.to_string());

@@ -67,8 +67,8 @@ impl CacheKeyParts {
         }
         let mut old = BTreeMap::new();
         let mut new = BTreeMap::new();
-        flatten(&format!("{stage}.with"), &before.params, &mut old);
-        flatten(&format!("{stage}.with"), &self.params, &mut new);
+        flatten_params(&format!("{stage}.with"), &before.params, &mut old);
+        flatten_params(&format!("{stage}.with"), &self.params, &mut new);
         for (path, v) in &new {
             match old.get(path) {
                 Some(o) if o == v => {}
@@ -114,12 +114,18 @@ impl CacheKeyParts {
     }
 }
 
-/// `{"a": {"b": 1}}` under `p` → `p.a.b = 1`; values shown as compact JSON (strings unquoted).
-fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+/// `{"a": {"b": 1}}` under `p` → `p.a.b = 1` (no prefix when `p` is empty); values as
+/// compact JSON, strings unquoted. Used for plan's "why" and for MLflow params alike.
+pub fn flatten_params(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
     match v {
         serde_json::Value::Object(map) if !map.is_empty() => {
             for (k, v) in map {
-                flatten(&format!("{prefix}.{k}"), v, out);
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten_params(&key, v, out);
             }
         }
         serde_json::Value::String(s) => {

@@ -64,6 +64,10 @@ pub struct StagePlan {
     pub artifact: Option<String>,
     #[serde(skip)]
     pub manifest: Option<Manifest>,
+    /// The key's parts, when the plan could compute them (not blocked): the executor reuses
+    /// them rather than hashing the stage's files (or listing its remote sources) again.
+    #[serde(skip)]
+    pub parts: Option<CacheKeyParts>,
     #[serde(skip)]
     pub forced: bool,
     #[serde(skip)]
@@ -134,6 +138,7 @@ impl Plan {
                 waits_for: Vec::new(),
                 artifact: None,
                 manifest: None,
+                parts: None,
                 forced: forced[i],
                 selected: selected[i],
             });
@@ -171,6 +176,7 @@ impl Plan {
             }
             let plan = &mut stages[i];
             plan.key = Some(key.clone());
+            plan.parts = Some(parts.clone());
             if !selected[i] {
                 plan.artifact = manifest.as_ref().map(|m| m.digest.clone());
                 plan.manifest = manifest;
