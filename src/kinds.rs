@@ -12,6 +12,10 @@ pub enum StageKind {
     Bpe,
     #[cfg(feature = "model")]
     Train,
+    #[cfg(feature = "model")]
+    Quantize,
+    #[cfg(feature = "model")]
+    Evaluate,
 }
 
 impl StageKind {
@@ -23,6 +27,10 @@ impl StageKind {
         StageKind::Bpe,
         #[cfg(feature = "model")]
         StageKind::Train,
+        #[cfg(feature = "model")]
+        StageKind::Quantize,
+        #[cfg(feature = "model")]
+        StageKind::Evaluate,
     ];
 
     pub fn descriptor(self) -> &'static StageDescriptor {
@@ -34,6 +42,10 @@ impl StageKind {
             StageKind::Bpe => &orchestrate_corpus::bpe::DESCRIPTOR,
             #[cfg(feature = "model")]
             StageKind::Train => &orchestrate_model::train::DESCRIPTOR,
+            #[cfg(feature = "model")]
+            StageKind::Quantize => &orchestrate_model::quantize::DESCRIPTOR,
+            #[cfg(feature = "model")]
+            StageKind::Evaluate => &orchestrate_model::evaluate::DESCRIPTOR,
         }
     }
 
@@ -59,6 +71,10 @@ impl StageKind {
             StageKind::Bpe => orchestrate_corpus::bpe::run(ctx),
             #[cfg(feature = "model")]
             StageKind::Train => orchestrate_model::train::run(ctx),
+            #[cfg(feature = "model")]
+            StageKind::Quantize => orchestrate_model::quantize::run(ctx),
+            #[cfg(feature = "model")]
+            StageKind::Evaluate => orchestrate_model::evaluate::run(ctx),
         }
     }
 }

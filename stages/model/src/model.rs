@@ -104,15 +104,37 @@ impl<B: Backend> ModuleMapper<B> for StableIds {
 
 #[derive(Module, Debug)]
 pub struct Seq2Seq<B: Backend> {
-    embed: Embedding<B>,
-    pos: Embedding<B>,
-    encoder: TransformerEncoder<B>,
-    decoder: TransformerDecoder<B>,
-    enc_norm: LayerNorm<B>,
-    dec_norm: LayerNorm<B>,
+    pub(crate) embed: Embedding<B>,
+    pub(crate) pos: Embedding<B>,
+    pub(crate) encoder: TransformerEncoder<B>,
+    pub(crate) decoder: TransformerDecoder<B>,
+    pub(crate) enc_norm: LayerNorm<B>,
+    pub(crate) dec_norm: LayerNorm<B>,
 }
 
 impl<B: Backend> Seq2Seq<B> {
+    pub fn d_model(&self) -> usize {
+        self.embed.weight.dims()[1]
+    }
+
+    pub fn n_heads(&self) -> usize {
+        self.decoder.n_heads
+    }
+
+    /// Longest source or target the position table covers.
+    pub fn max_len(&self) -> usize {
+        self.pos.weight.dims()[0]
+    }
+
+    /// Embeddings of one token per row, all at target position `pos`.
+    pub(crate) fn embed_at(&self, tokens: Tensor<B, 2, Int>, pos: usize) -> Tensor<B, 3> {
+        let d = self.d_model();
+        let device = tokens.device();
+        let position =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(vec![pos as i64], [1, 1]), &device);
+        self.embed.forward(tokens) * (d as f64).sqrt() + self.pos.forward(position)
+    }
+
     fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, t] = tokens.dims();
         let device = tokens.device();

@@ -1,0 +1,652 @@
+//! The `evaluate` stage: every model given, on the corpus's test split, per language:
+//! perplexity and token accuracy (teacher forcing, split at the middle as in training's
+//! validation), chrF of greedy continuations of fixed prompts, latency of 50 new tokens at
+//! batch 1 (p50 / p95) and throughput at batch 1 and 16. Writes JSON, Markdown and a PNG
+//! chart, and applies the gate from YAML: a variant that fails it fails the stage, naming
+//! the variant, the metric and both values, so nothing downstream (deploy) runs.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use burn::backend::Flex;
+use burn::prelude::*;
+use orchestrate_stage::{
+    canonical_params, ArtifactKind, InputDecl, Inputs, ParamError, StageContext, StageDescriptor,
+    StageError, StageOutput,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::artifact::{self, LoadedModel};
+use crate::data::{self, Example, Specials};
+use crate::generate::{self, Next, Row, Sampling};
+
+type Cpu = Flex;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gate {
+    /// Largest relative perplexity increase over the baseline model (0.05 = 5%).
+    #[serde(default)]
+    pub max_ppl_increase: Option<f64>,
+    /// Largest p95 latency of 50 new tokens at batch 1, in milliseconds.
+    #[serde(default)]
+    pub max_p95_ms: Option<f64>,
+    /// Largest test perplexity, for every model.
+    #[serde(default)]
+    pub max_ppl: Option<f64>,
+    /// Smallest chrF of the fixed prompts, for every model.
+    #[serde(default)]
+    pub min_chrf: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateParams {
+    /// The input stage others are compared with; the first model listed by default.
+    #[serde(default)]
+    pub baseline: Option<String>,
+    /// Test records per language for perplexity and accuracy (all when absent).
+    #[serde(default)]
+    pub max_records: Option<usize>,
+    /// Fixed prompts per language for chrF.
+    #[serde(default = "default_prompts")]
+    pub prompts: usize,
+    /// New tokens per latency run.
+    #[serde(default = "default_new_tokens")]
+    pub new_tokens: usize,
+    /// Timed runs at batch 1 (after two untimed ones).
+    #[serde(default = "default_latency_runs")]
+    pub latency_runs: usize,
+    /// Rows of the throughput batch.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    #[serde(default)]
+    pub gate: Gate,
+}
+
+fn default_prompts() -> usize {
+    16
+}
+fn default_new_tokens() -> usize {
+    50
+}
+fn default_latency_runs() -> usize {
+    20
+}
+fn default_batch() -> usize {
+    16
+}
+
+pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
+    kind: "evaluate",
+    about: "measures models on the test split (perplexity, accuracy, chrF, latency) and gates them",
+    inputs: Inputs::Typed(&[
+        InputDecl {
+            name: "corpus",
+            kind: ArtifactKind::Corpus,
+            many: false,
+            required: true,
+        },
+        InputDecl {
+            name: "tokenizer",
+            kind: ArtifactKind::Tokenizer,
+            many: false,
+            required: false,
+        },
+        InputDecl {
+            name: "models",
+            kind: ArtifactKind::Model,
+            many: true,
+            required: true,
+        },
+    ]),
+    output: ArtifactKind::EvalReport,
+    // Latencies depend on the machine, but the cache key does not pretend to pin them.
+    device_dependent: true,
+    code_hash: env!("STAGE_CODE_HASH"),
+    tracked_files: &["report.json", "report.md", "chart.png"],
+    canonical_params: canonical,
+    file_deps: orchestrate_stage::no_file_deps,
+};
+
+fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
+    canonical_params::<EvaluateParams>(v)
+}
+
+/// Measurements of one model on one language.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LangScores {
+    pub records: usize,
+    pub tokens: usize,
+    pub perplexity: f64,
+    pub token_accuracy: f64,
+    pub chrf: f64,
+    pub prompts: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VariantReport {
+    pub name: String,
+    pub quantization: String,
+    pub artifact_bytes: u64,
+    pub stored_param_bytes: u64,
+    pub resident_param_bytes: u64,
+    pub load_ms: f64,
+    pub perplexity: f64,
+    pub token_accuracy: f64,
+    pub chrf: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p95_ms: f64,
+    pub tokens_per_second_batch1: f64,
+    pub tokens_per_second_batch: f64,
+    pub languages: BTreeMap<String, LangScores>,
+    /// Relative to the baseline (0 for the baseline itself).
+    pub ppl_increase: f64,
+}
+
+pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
+    let p: EvaluateParams = ctx.params()?;
+    let corpus = ctx.input("corpus")?;
+    let models = ctx
+        .inputs
+        .get("models")
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| StageError::Failed("input `models` names no model".into()))?;
+    let baseline = match &p.baseline {
+        Some(b) => models.iter().position(|m| &m.stage == b).ok_or_else(|| {
+            let names: Vec<&str> = models.iter().map(|m| m.stage.as_str()).collect();
+            StageError::Failed(format!(
+                "with.baseline is `{b}`, which is not among the models ({})",
+                names.join(", ")
+            ))
+        })?,
+        None => 0,
+    };
+    let device = Default::default();
+    let mut reports = Vec::new();
+    // The models carry their tokenizer; a `tokenizer` input, when given, must be theirs.
+    let mut digest = ctx
+        .inputs
+        .get("tokenizer")
+        .and_then(|t| t.first())
+        .map(|t| t.digest.clone());
+    for m in models {
+        ctx.checkpoint()?;
+        let lm = artifact::load::<Cpu>(&m.dir, &device)?;
+        // Every model must read the same tokens, or their perplexities are not comparable.
+        match &digest {
+            None => digest = Some(lm.card.tokenizer_digest.clone()),
+            Some(d) if *d != lm.card.tokenizer_digest => {
+                return Err(StageError::Failed(format!(
+                    "model `{}` was trained with another tokenizer than the other inputs: their scores would not compare",
+                    m.stage
+                )))
+            }
+            Some(_) => {}
+        }
+        let examples = data::load_examples(
+            &corpus.dir,
+            "test",
+            &lm.tokenizer,
+            &lm.card.specials,
+            lm.card.config.max_len,
+            None,
+        )?;
+        if examples.is_empty() {
+            return Err(StageError::Failed(
+                "the corpus's test split is empty".into(),
+            ));
+        }
+        ctx.events.log(&format!(
+            "evaluating `{}` ({})",
+            m.stage,
+            lm.card.quantization.as_str()
+        ));
+        let r = evaluate_model(ctx, &m.stage, &lm, &examples, &p, &device)?;
+        reports.push(r);
+    }
+    let base_ppl = reports[baseline].perplexity;
+    for r in &mut reports {
+        r.ppl_increase = r.perplexity / base_ppl - 1.0;
+        for (name, v) in [
+            ("perplexity", r.perplexity),
+            ("ppl_increase", r.ppl_increase),
+            ("token_accuracy", r.token_accuracy),
+            ("chrf", r.chrf),
+            ("latency_p50_ms", r.latency_p50_ms),
+            ("latency_p95_ms", r.latency_p95_ms),
+            ("tokens_per_second_batch1", r.tokens_per_second_batch1),
+            ("tokens_per_second_batch", r.tokens_per_second_batch),
+            ("artifact_bytes", r.artifact_bytes as f64),
+        ] {
+            ctx.events.metric(&format!("{}.{name}", r.name), v, None);
+        }
+    }
+    let out = ctx.out_dir;
+    let json = serde_json::json!({
+        "baseline": reports[baseline].name,
+        "batch": p.batch,
+        "new_tokens": p.new_tokens,
+        "gate": p.gate,
+        "variants": reports,
+    });
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_vec_pretty(&json).expect("plain JSON"),
+    )
+    .map_err(|e| StageError::io("cannot write report.json", e))?;
+    let md = markdown(&reports, &reports[baseline].name, p.batch);
+    std::fs::write(out.join("report.md"), &md)
+        .map_err(|e| StageError::io("cannot write report.md", e))?;
+    crate::chart::draw(&out.join("chart.png"), &reports).map_err(StageError::Failed)?;
+    for line in md.lines() {
+        ctx.events.log(line);
+    }
+    gate(&p.gate, &reports, baseline)?;
+    let mut output = StageOutput::default();
+    output
+        .metadata
+        .insert("baseline".into(), reports[baseline].name.clone().into());
+    for r in &reports {
+        output.metadata.insert(
+            r.name.clone(),
+            serde_json::json!({"perplexity": r.perplexity, "chrf": r.chrf, "latency_p95_ms": r.latency_p95_ms, "artifact_bytes": r.artifact_bytes}),
+        );
+    }
+    Ok(output)
+}
+
+/// The first failure of the gate, as the error the pipeline stops with.
+pub fn gate(g: &Gate, reports: &[VariantReport], baseline: usize) -> Result<(), StageError> {
+    let base = &reports[baseline];
+    for (i, r) in reports.iter().enumerate() {
+        let fail = |metric: &str, value: f64, op: &str, limit: &str, bound: f64, extra: String| {
+            Err(StageError::Gate(format!(
+                "variant `{}`: {metric} {value:.4} {op} {limit} {bound}{extra}",
+                r.name
+            )))
+        };
+        if let Some(max) = g.max_ppl_increase {
+            if i != baseline && r.ppl_increase > max {
+                return fail(
+                    "ppl_increase",
+                    r.ppl_increase,
+                    "exceeds",
+                    "max_ppl_increase",
+                    max,
+                    format!(
+                        " (perplexity {:.3} against baseline `{}` {:.3})",
+                        r.perplexity, base.name, base.perplexity
+                    ),
+                );
+            }
+        }
+        if let Some(max) = g.max_ppl {
+            if r.perplexity > max {
+                return fail(
+                    "perplexity",
+                    r.perplexity,
+                    "exceeds",
+                    "max_ppl",
+                    max,
+                    String::new(),
+                );
+            }
+        }
+        if let Some(max) = g.max_p95_ms {
+            if r.latency_p95_ms > max {
+                return fail(
+                    "latency_p95_ms",
+                    r.latency_p95_ms,
+                    "exceeds",
+                    "max_p95_ms",
+                    max,
+                    String::new(),
+                );
+            }
+        }
+        if let Some(min) = g.min_chrf {
+            if r.chrf < min {
+                return fail("chrf", r.chrf, "is below", "min_chrf", min, String::new());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn lang_names(s: &Specials) -> BTreeMap<u32, String> {
+    s.langs.iter().map(|(k, v)| (*v, k.clone())).collect()
+}
+
+fn evaluate_model<B: Backend>(
+    ctx: &StageContext<'_>,
+    name: &str,
+    lm: &LoadedModel<B>,
+    examples: &[Example],
+    p: &EvaluateParams,
+    device: &B::Device,
+) -> Result<VariantReport, StageError> {
+    let specials = &lm.card.specials;
+    let names = lang_names(specials);
+    let mut by_lang: BTreeMap<String, Vec<&Example>> = BTreeMap::new();
+    for e in examples {
+        let lang = names
+            .get(&e.control[0])
+            .cloned()
+            .unwrap_or_else(|| "other".into());
+        by_lang.entry(lang).or_default().push(e);
+    }
+    let mut languages = BTreeMap::new();
+    let (mut nll_all, mut right_all, mut tokens_all) = (0.0, 0usize, 0usize);
+    let (mut chrf_sum, mut chrf_n) = (0.0, 0usize);
+    for (lang, mut rows) in by_lang {
+        if let Some(n) = p.max_records {
+            rows.truncate(n);
+        }
+        let (mut nll, mut right, mut tokens) = (0.0, 0usize, 0usize);
+        for chunk in rows.chunks(32) {
+            ctx.checkpoint()?;
+            let b = data::make_batch(chunk, specials, |_, len| len / 2);
+            let (n, r) = teacher_forced(&lm.model, &b, device);
+            nll += n;
+            right += r;
+            tokens += b.tokens;
+        }
+        // Fixed prompts: the first records of the split, cut at their middle.
+        let prompts: Vec<&Example> = rows.iter().take(p.prompts).copied().collect();
+        let gen_rows: Vec<Row> = prompts
+            .iter()
+            .map(|e| {
+                let k = e.ids.len() / 2;
+                let mut src = e.control.to_vec();
+                src.extend_from_slice(&e.ids[..k]);
+                Row {
+                    src,
+                    sampling: Sampling::default(),
+                    max_new_tokens: (e.ids.len() - k + 1).min(p.new_tokens.max(1) * 4),
+                    ignore_eos: false,
+                }
+            })
+            .collect();
+        let outs = generate::generate(&lm.model, specials, &gen_rows, device, |_, _| {
+            Next::Continue
+        });
+        let mut chrf_lang = 0.0;
+        for (e, (ids, _)) in prompts.iter().zip(&outs) {
+            let k = e.ids.len() / 2;
+            let reference = lm.tokenizer.decode(&e.ids[k..], true).unwrap_or_default();
+            let ids: Vec<u32> = ids.iter().copied().filter(|t| *t != specials.eos).collect();
+            let hyp = lm.tokenizer.decode(&ids, true).unwrap_or_default();
+            chrf_lang += chrf(&hyp, &reference);
+        }
+        chrf_sum += chrf_lang;
+        chrf_n += prompts.len();
+        languages.insert(
+            lang,
+            LangScores {
+                records: rows.len(),
+                tokens,
+                perplexity: (nll / tokens.max(1) as f64).exp(),
+                token_accuracy: right as f64 / tokens.max(1) as f64,
+                chrf: chrf_lang / prompts.len().max(1) as f64,
+                prompts: prompts.len(),
+            },
+        );
+        nll_all += nll;
+        right_all += right;
+        tokens_all += tokens;
+    }
+
+    // Latency: a fixed-length continuation of one prompt, after two untimed runs.
+    let prompt = &examples[0];
+    let src: Vec<u32> = prompt
+        .control
+        .iter()
+        .chain(&prompt.ids[..prompt.ids.len() / 2])
+        .copied()
+        .collect();
+    let fixed = |src: Vec<u32>| Row {
+        src,
+        sampling: Sampling::default(),
+        max_new_tokens: p.new_tokens,
+        ignore_eos: true,
+    };
+    let mut times = Vec::new();
+    for i in 0..p.latency_runs + 2 {
+        ctx.checkpoint()?;
+        let t = Instant::now();
+        generate::generate(
+            &lm.model,
+            specials,
+            &[fixed(src.clone())],
+            device,
+            |_, _| Next::Continue,
+        );
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    let batch_rows: Vec<Row> = examples
+        .iter()
+        .cycle()
+        .take(p.batch)
+        .map(|e| {
+            fixed(
+                e.control
+                    .iter()
+                    .chain(&e.ids[..e.ids.len() / 2])
+                    .copied()
+                    .collect(),
+            )
+        })
+        .collect();
+    let t = Instant::now();
+    generate::generate(&lm.model, specials, &batch_rows, device, |_, _| {
+        Next::Continue
+    });
+    let batch_secs = t.elapsed().as_secs_f64();
+    Ok(VariantReport {
+        name: name.to_string(),
+        quantization: lm.card.quantization.as_str().to_string(),
+        artifact_bytes: lm.artifact_bytes,
+        stored_param_bytes: lm.stored_param_bytes,
+        resident_param_bytes: lm.resident_param_bytes,
+        load_ms: lm.load_ms,
+        perplexity: (nll_all / tokens_all.max(1) as f64).exp(),
+        token_accuracy: right_all as f64 / tokens_all.max(1) as f64,
+        chrf: chrf_sum / chrf_n.max(1) as f64,
+        latency_p50_ms: quantile(&times, 0.5),
+        latency_p95_ms: quantile(&times, 0.95),
+        tokens_per_second_batch1: p.new_tokens as f64 / (mean / 1e3).max(1e-9),
+        tokens_per_second_batch: (p.batch * p.new_tokens) as f64 / batch_secs.max(1e-9),
+        languages,
+        ppl_increase: 0.0,
+    })
+}
+
+/// Summed negative log-likelihood and correctly predicted tokens of one batch.
+fn teacher_forced<B: Backend>(
+    model: &crate::model::Seq2Seq<B>,
+    b: &data::Batch,
+    device: &B::Device,
+) -> (f64, usize) {
+    let int = |v: &Vec<i64>, len: usize| {
+        Tensor::<B, 2, Int>::from_data(TensorData::new(v.clone(), [b.rows, len]), device)
+    };
+    let mask = |v: &Vec<bool>, len: usize| {
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(v.clone(), [b.rows, len]), device)
+    };
+    let src_pad = mask(&b.src_pad, b.src_len);
+    let tgt_pad = mask(&b.tgt_pad, b.tgt_len);
+    let memory = model.encode(int(&b.src, b.src_len), src_pad.clone());
+    let logits = model.decode(int(&b.tgt_in, b.tgt_len), tgt_pad.clone(), memory, src_pad);
+    let targets = int(&b.tgt_out, b.tgt_len);
+    let [rows, t, _] = logits.dims();
+    let logp = burn::tensor::activation::log_softmax(logits, 2);
+    let nll = logp
+        .clone()
+        .gather(2, targets.clone().reshape([rows, t, 1]))
+        .reshape([rows, t])
+        .neg()
+        .mask_fill(tgt_pad.clone(), 0.0)
+        .sum()
+        .into_scalar()
+        .elem::<f64>();
+    let right = logp
+        .argmax(2)
+        .reshape([rows, t])
+        .equal(targets)
+        .int()
+        .mask_fill(tgt_pad, 0)
+        .sum()
+        .into_scalar()
+        .elem::<i64>();
+    (nll, right as usize)
+}
+
+/// Linear-interpolated quantile of sorted values.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let pos = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
+/// chrF (Popović 2015) as sacreBLEU computes it by default: character 1- to 6-grams with
+/// whitespace removed, precision and recall averaged over n, F-score with beta 2, 0-100.
+pub fn chrf(hypothesis: &str, reference: &str) -> f64 {
+    let h: Vec<char> = hypothesis.chars().filter(|c| !c.is_whitespace()).collect();
+    let r: Vec<char> = reference.chars().filter(|c| !c.is_whitespace()).collect();
+    fn grams(s: &[char], n: usize) -> std::collections::HashMap<&[char], usize> {
+        let mut m = std::collections::HashMap::new();
+        for w in s.windows(n) {
+            *m.entry(w).or_default() += 1;
+        }
+        m
+    }
+    let (mut p_sum, mut r_sum, mut orders) = (0.0, 0.0, 0usize);
+    for n in 1..=6 {
+        let (hg, rg) = (grams(&h, n), grams(&r, n));
+        let (ht, rt): (usize, usize) = (hg.values().sum(), rg.values().sum());
+        if ht == 0 || rt == 0 {
+            continue;
+        }
+        let matched: usize = hg
+            .iter()
+            .map(|(g, c)| (*c).min(*rg.get(g).unwrap_or(&0)))
+            .sum();
+        p_sum += matched as f64 / ht as f64;
+        r_sum += matched as f64 / rt as f64;
+        orders += 1;
+    }
+    if orders == 0 {
+        return 0.0;
+    }
+    let (p, r) = (p_sum / orders as f64, r_sum / orders as f64);
+    if p + r == 0.0 {
+        return 0.0;
+    }
+    let beta2 = 4.0;
+    100.0 * (1.0 + beta2) * p * r / (beta2 * p + r)
+}
+
+fn markdown(reports: &[VariantReport], baseline: &str, batch: usize) -> String {
+    let mut s = format!(
+        "| variant | scheme | artifact MB | perplexity | vs `{baseline}` | token acc. | chrF | p50 ms | p95 ms | tok/s b=1 | tok/s b={batch} |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for r in reports {
+        s += &format!(
+            "| {} | {} | {:.2} | {:.2} | {:+.2}% | {:.3} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} |\n",
+            r.name,
+            r.quantization,
+            r.artifact_bytes as f64 / 1e6,
+            r.perplexity,
+            100.0 * r.ppl_increase,
+            r.token_accuracy,
+            r.chrf,
+            r.latency_p50_ms,
+            r.latency_p95_ms,
+            r.tokens_per_second_batch1,
+            r.tokens_per_second_batch
+        );
+    }
+    s += "\n| variant | language | records | perplexity | token acc. | chrF |\n|---|---|---:|---:|---:|---:|\n";
+    for r in reports {
+        for (lang, l) in &r.languages {
+            s += &format!(
+                "| {} | {lang} | {} | {:.2} | {:.3} | {:.1} |\n",
+                r.name, l.records, l.perplexity, l.token_accuracy, l.chrf
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chrf_is_100_for_a_match_and_low_for_nonsense() {
+        assert!((chrf("the cat sat", "the cat sat") - 100.0).abs() < 1e-9);
+        assert!(chrf("xyz qqq", "the cat sat") < 10.0);
+        let partial = chrf("the cat", "the cat sat");
+        assert!(partial > 30.0 && partial < 100.0, "{partial}");
+    }
+
+    #[test]
+    fn quantiles_interpolate() {
+        let v = [1.0, 2.0, 3.0, 4.0, 5.0];
+        assert_eq!(quantile(&v, 0.5), 3.0);
+        assert!((quantile(&v, 0.95) - 4.8).abs() < 1e-9);
+    }
+
+    fn report(name: &str, ppl: f64, p95: f64) -> VariantReport {
+        VariantReport {
+            name: name.into(),
+            quantization: "fp32".into(),
+            artifact_bytes: 0,
+            stored_param_bytes: 0,
+            resident_param_bytes: 0,
+            load_ms: 0.0,
+            perplexity: ppl,
+            token_accuracy: 0.0,
+            chrf: 10.0,
+            latency_p50_ms: p95,
+            latency_p95_ms: p95,
+            tokens_per_second_batch1: 0.0,
+            tokens_per_second_batch: 0.0,
+            languages: BTreeMap::new(),
+            ppl_increase: ppl / 100.0 - 1.0,
+        }
+    }
+
+    #[test]
+    fn the_gate_names_variant_metric_and_both_values() {
+        let g = Gate {
+            max_ppl_increase: Some(0.05),
+            max_p95_ms: Some(100.0),
+            ..Gate::default()
+        };
+        let ok = [report("model", 100.0, 50.0), report("int8", 101.0, 60.0)];
+        assert!(gate(&g, &ok, 0).is_ok());
+        let bad = [report("model", 100.0, 50.0), report("int8", 110.0, 60.0)];
+        let e = gate(&g, &bad, 0).unwrap_err().to_string();
+        assert!(
+            e.contains("variant `int8`")
+                && e.contains("ppl_increase 0.1000")
+                && e.contains("max_ppl_increase 0.05"),
+            "{e}"
+        );
+        let slow = [report("model", 100.0, 150.0)];
+        let e = gate(&g, &slow, 0).unwrap_err().to_string();
+        assert!(
+            e.contains("latency_p95_ms 150.0000 exceeds max_p95_ms 100"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,524 @@
+//! Generation: the encoder runs once per request; the decoder keeps, per layer, key/value
+//! buffers of a fixed capacity that each step writes one position into, and attends over
+//! the whole buffer with the unwritten positions masked. Every step therefore has the same
+//! tensor shapes (on a GPU: kernels compiled once, not once per length), and no step
+//! recomputes the prefix.
+//!
+//! Requests are decoded together as one batch of rows; a row that finishes (end of text,
+//! a stop, its token budget, or a caller that went away) leaves the batch, which shrinks.
+
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+
+use crate::data::Specials;
+use crate::model::Seq2Seq;
+
+/// burn's attention masks with this value rather than -inf; the same here keeps cached and
+/// uncached decoding numerically alike.
+const MASKED: f32 = -1.0e4;
+
+/// How one row picks its next token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    /// Above 1 discourages tokens already generated (as in the CTRL paper and TGI).
+    pub repetition_penalty: Option<f32>,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            repetition_penalty: None,
+            seed: 0,
+        }
+    }
+}
+
+impl Sampling {
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+}
+
+/// One row of a generation batch.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// Encoder input: control tokens then the prompt.
+    pub src: Vec<u32>,
+    pub sampling: Sampling,
+    pub max_new_tokens: usize,
+    /// Keep going past end-of-text (latency measurements want a fixed length).
+    pub ignore_eos: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finish {
+    /// The token budget ran out.
+    Length,
+    /// The model produced end-of-text.
+    EosToken,
+    /// The caller stopped it (a stop sequence matched).
+    StopSequence,
+    /// The caller is gone (a client that disconnected).
+    Cancelled,
+}
+
+/// What the caller says after seeing a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    Continue,
+    Stop(Finish),
+}
+
+/// A generated token as the caller sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Token {
+    pub id: u32,
+    /// Natural log of the model's probability of this token (before sampling filters).
+    pub logprob: f32,
+    /// The step (0-based) within this row.
+    pub index: usize,
+}
+
+struct LayerCache<B: Backend> {
+    self_k: Tensor<B, 4>,
+    self_v: Tensor<B, 4>,
+    cross_k: Tensor<B, 4>,
+    cross_v: Tensor<B, 4>,
+}
+
+/// The rows' state between steps.
+struct State<B: Backend> {
+    layers: Vec<LayerCache<B>>,
+    /// `[rows, 1, 1, src]`, true at source padding.
+    src_pad: Tensor<B, 4, Bool>,
+}
+
+impl<B: Backend> State<B> {
+    /// Keeps only the rows at `keep` (indices into the current rows).
+    fn retain(self, keep: &[usize], device: &B::Device) -> Self {
+        let idx = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(keep.iter().map(|&i| i as i64).collect(), [keep.len()]),
+            device,
+        );
+        State {
+            layers: self
+                .layers
+                .into_iter()
+                .map(|l| LayerCache {
+                    self_k: l.self_k.select(0, idx.clone()),
+                    self_v: l.self_v.select(0, idx.clone()),
+                    cross_k: l.cross_k.select(0, idx.clone()),
+                    cross_v: l.cross_v.select(0, idx.clone()),
+                })
+                .collect(),
+            src_pad: self.src_pad.select(0, idx),
+        }
+    }
+}
+
+fn heads<B: Backend>(x: Tensor<B, 3>, n_heads: usize) -> Tensor<B, 4> {
+    let [b, t, d] = x.dims();
+    x.reshape([b, t, n_heads, d / n_heads]).swap_dims(1, 2)
+}
+
+fn merge<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, h, t, dk] = x.dims();
+    x.swap_dims(1, 2).reshape([b, t, h * dk])
+}
+
+/// Source ids of a batch, right-padded to a multiple of 16 (few distinct shapes).
+pub fn pad_sources<B: Backend>(
+    srcs: &[&[u32]],
+    pad: u32,
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Bool>) {
+    let len = srcs.iter().map(|s| s.len()).max().unwrap_or(1).div_ceil(16) * 16;
+    let mut ids = vec![pad as i64; srcs.len() * len];
+    let mut mask = vec![true; srcs.len() * len];
+    for (r, s) in srcs.iter().enumerate() {
+        for (j, &t) in s.iter().enumerate() {
+            ids[r * len + j] = t as i64;
+            mask[r * len + j] = false;
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(ids, [srcs.len(), len]), device),
+        Tensor::from_data(TensorData::new(mask, [srcs.len(), len]), device),
+    )
+}
+
+impl<B: Backend> Seq2Seq<B> {
+    fn start(&self, srcs: &[&[u32]], pad: u32, capacity: usize, device: &B::Device) -> State<B> {
+        let (src, src_pad) = pad_sources::<B>(srcs, pad, device);
+        let memory = self.encode(src, src_pad.clone());
+        let [rows, s] = src_pad.dims();
+        let heads_n = self.n_heads();
+        let d = self.d_model();
+        let layers = self
+            .decoder
+            .layers
+            .iter()
+            .map(|l| LayerCache {
+                self_k: Tensor::zeros([rows, heads_n, capacity, d / heads_n], device),
+                self_v: Tensor::zeros([rows, heads_n, capacity, d / heads_n], device),
+                cross_k: heads(l.cross_attn.key.forward(memory.clone()), heads_n),
+                cross_v: heads(l.cross_attn.value.forward(memory.clone()), heads_n),
+            })
+            .collect();
+        State {
+            layers,
+            src_pad: src_pad.reshape([rows, 1, 1, s]),
+        }
+    }
+
+    /// One decoder step for every row at position `pos`: logits `[rows, vocab]`.
+    fn step(&self, state: &mut State<B>, tokens: &[u32], pos: usize) -> Tensor<B, 2> {
+        let device = state.src_pad.device();
+        let rows = tokens.len();
+        let h = self.n_heads();
+        let d = self.d_model();
+        let dk = d / h;
+        let scale = (dk as f32).sqrt();
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(tokens.iter().map(|&t| t as i64).collect(), [rows, 1]),
+            &device,
+        );
+        let mut x = self.embed_at(ids, pos);
+        let capacity = state.layers[0].self_k.dims()[2];
+        // Positions after `pos` are not written yet: masked for every row alike.
+        let future = Tensor::<B, 1, Int>::arange(0..capacity as i64, &device)
+            .greater_elem(pos as i64)
+            .reshape([1, 1, 1, capacity]);
+        for (layer, cache) in self.decoder.layers.iter().zip(state.layers.iter_mut()) {
+            // Self-attention over the buffer, after writing this position into it.
+            let hidden = layer.norm_3.forward(x.clone());
+            let q = heads(layer.self_attn.query.forward(hidden.clone()), h);
+            let k = heads(layer.self_attn.key.forward(hidden.clone()), h);
+            let v = heads(layer.self_attn.value.forward(hidden), h);
+            let slot = [0..rows, 0..h, pos..pos + 1, 0..dk];
+            cache.self_k = cache.self_k.clone().slice_assign(slot.clone(), k);
+            cache.self_v = cache.self_v.clone().slice_assign(slot, v);
+            let scores = q
+                .matmul(cache.self_k.clone().swap_dims(2, 3))
+                .div_scalar(scale)
+                .mask_fill(future.clone().expand([rows, h, 1, capacity]), MASKED);
+            let ctx = merge(softmax(scores, 3).matmul(cache.self_v.clone()));
+            x = x + layer.self_attn.output.forward(ctx);
+
+            // Cross-attention over the encoder's keys and values, computed once.
+            let hidden = layer.norm_1.forward(x.clone());
+            let q = heads(layer.cross_attn.query.forward(hidden), h);
+            let s = cache.cross_k.dims()[2];
+            let scores = q
+                .matmul(cache.cross_k.clone().swap_dims(2, 3))
+                .div_scalar(scale)
+                .mask_fill(state.src_pad.clone().expand([rows, h, 1, s]), MASKED);
+            let ctx = merge(softmax(scores, 3).matmul(cache.cross_v.clone()));
+            x = x + layer.cross_attn.output.forward(ctx);
+
+            let hidden = layer.norm_2.forward(x.clone());
+            x = x + layer.pwff.forward(hidden);
+        }
+        let logits = self.project(self.dec_norm.forward(x));
+        let vocab = logits.dims()[2];
+        logits.reshape([rows, vocab])
+    }
+}
+
+/// Generates for every row together. `on_token(row, token)` sees each token as it is made
+/// and may stop that row; returns each row's tokens and why it finished.
+pub fn generate<B: Backend>(
+    model: &Seq2Seq<B>,
+    specials: &Specials,
+    rows: &[Row],
+    device: &B::Device,
+    mut on_token: impl FnMut(usize, Token) -> Next,
+) -> Vec<(Vec<u32>, Finish)> {
+    let mut out: Vec<(Vec<u32>, Finish)> =
+        rows.iter().map(|_| (Vec::new(), Finish::Length)).collect();
+    if rows.is_empty() {
+        return out;
+    }
+    let max_len = model.max_len();
+    let budget = |r: &Row| r.max_new_tokens.min(max_len).max(1);
+    let capacity = rows.iter().map(budget).max().unwrap_or(1);
+    let srcs: Vec<&[u32]> = rows
+        .iter()
+        .map(|r| &r.src[..r.src.len().min(max_len)])
+        .collect();
+    let mut state = model.start(&srcs, specials.pad, capacity, device);
+    let mut rngs: Vec<u64> = rows.iter().map(|r| r.sampling.seed).collect();
+    // Indices into `rows` of the rows still in the batch, in batch order.
+    let mut live: Vec<usize> = (0..rows.len()).collect();
+    let mut last: Vec<u32> = vec![specials.bos; rows.len()];
+    for pos in 0..capacity {
+        let tokens: Vec<u32> = live.iter().map(|&r| last[r]).collect();
+        let logits = model.step(&mut state, &tokens, pos);
+        let vocab = logits.dims()[1];
+        let flat: Vec<f32> = logits
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("float logits");
+        let mut keep = Vec::with_capacity(live.len());
+        for (i, &r) in live.iter().enumerate() {
+            let row = &rows[r];
+            let scores = &flat[i * vocab..(i + 1) * vocab];
+            let (id, logprob) = pick(scores, &out[r].0, &row.sampling, &mut rngs[r]);
+            out[r].0.push(id);
+            last[r] = id;
+            let token = Token {
+                id,
+                logprob,
+                index: pos,
+            };
+            let mut finish = match on_token(r, token) {
+                Next::Stop(f) => Some(f),
+                Next::Continue => None,
+            };
+            if finish.is_none() && id == specials.eos && !row.ignore_eos {
+                finish = Some(Finish::EosToken);
+            }
+            if finish.is_none() && out[r].0.len() >= budget(row) {
+                finish = Some(Finish::Length);
+            }
+            match finish {
+                Some(f) => out[r].1 = f,
+                None => keep.push(i),
+            }
+        }
+        if keep.is_empty() {
+            break;
+        }
+        if keep.len() < live.len() {
+            state = state.retain(&keep, device);
+            live = keep.iter().map(|&i| live[i]).collect();
+        }
+    }
+    out
+}
+
+/// Greedy decoding that reruns the decoder over the whole prefix at every step: what
+/// generation costs without a cache. Kept to measure the cache against.
+pub fn generate_uncached<B: Backend>(
+    model: &Seq2Seq<B>,
+    specials: &Specials,
+    src: &[u32],
+    new_tokens: usize,
+    device: &B::Device,
+) -> Vec<u32> {
+    let (src, src_pad) = pad_sources::<B>(&[src], specials.pad, device);
+    let memory = model.encode(src, src_pad.clone());
+    let mut prefix = vec![specials.bos as i64];
+    let mut out = Vec::new();
+    for _ in 0..new_tokens.min(model.max_len()) {
+        let t = prefix.len();
+        let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(prefix.clone(), [1, t]), device);
+        let pad = Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![false; t], [1, t]), device);
+        let logits = model.decode(tgt, pad, memory.clone(), src_pad.clone());
+        let vocab = logits.dims()[2];
+        let last = logits
+            .slice([0..1, t - 1..t, 0..vocab])
+            .reshape([vocab])
+            .argmax(0)
+            .into_scalar()
+            .elem::<i64>();
+        out.push(last as u32);
+        prefix.push(last);
+    }
+    out
+}
+
+/// Log-softmax of one row.
+fn log_softmax(scores: &[f32]) -> Vec<f32> {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = scores.iter().map(|s| (s - max).exp()).sum();
+    let log_z = max + sum.ln();
+    scores.iter().map(|s| s - log_z).collect()
+}
+
+/// The next token of one row and its log-probability under the model.
+fn pick(scores: &[f32], generated: &[u32], s: &Sampling, rng: &mut u64) -> (u32, f32) {
+    let logp = log_softmax(scores);
+    let mut adjusted = scores.to_vec();
+    if let Some(penalty) = s.repetition_penalty.filter(|p| *p != 1.0) {
+        for &t in generated {
+            let v = &mut adjusted[t as usize];
+            *v = if *v > 0.0 { *v / penalty } else { *v * penalty };
+        }
+    }
+    let id = if s.is_greedy() {
+        argmax(&adjusted)
+    } else {
+        sample(&adjusted, s, rng)
+    };
+    (id as u32, logp[id])
+}
+
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Temperature, then top-k, then top-p (nucleus), then a draw from a generator whose whole
+/// state is one number per row: the same seed gives the same text.
+fn sample(scores: &[f32], s: &Sampling, rng: &mut u64) -> usize {
+    let mut cand: Vec<(usize, f32)> = scores
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| (i, x / s.temperature))
+        .collect();
+    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if let Some(k) = s.top_k.filter(|k| *k > 0) {
+        cand.truncate(k);
+    }
+    let max = cand[0].1;
+    let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
+    let total: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(top_p) = s.top_p.filter(|p| *p > 0.0 && *p < 1.0) {
+        let mut acc = 0.0;
+        let mut n = 0;
+        for p in &probs {
+            acc += p;
+            n += 1;
+            if acc >= top_p {
+                break;
+            }
+        }
+        probs.truncate(n);
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    *rng = crate::data::mix(*rng);
+    let u = (*rng >> 40) as f32 / (1u64 << 24) as f32;
+    let mut acc = 0.0;
+    for (i, p) in probs.iter().enumerate() {
+        acc += p;
+        if u < acc {
+            return cand[i].0;
+        }
+    }
+    cand[probs.len() - 1].0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelConfig;
+    use burn::backend::Flex;
+    use std::collections::BTreeMap;
+
+    fn tiny() -> (Seq2Seq<Flex>, Specials) {
+        let cfg = ModelConfig {
+            vocab_size: 40,
+            d_model: 32,
+            n_heads: 4,
+            enc_layers: 2,
+            dec_layers: 2,
+            d_ff: 64,
+            max_len: 32,
+            dropout: 0.0,
+        };
+        let specials = Specials {
+            pad: 0,
+            bos: 1,
+            eos: 2,
+            langs: BTreeMap::new(),
+            authors: BTreeMap::new(),
+            other_author: 3,
+        };
+        <Flex as Backend>::seed(&Default::default(), 7);
+        (cfg.init(&Default::default()), specials)
+    }
+
+    fn greedy(src: Vec<u32>, n: usize) -> Row {
+        Row {
+            src,
+            sampling: Sampling::default(),
+            max_new_tokens: n,
+            ignore_eos: true,
+        }
+    }
+
+    #[test]
+    fn cached_decoding_matches_recomputing_the_prefix() {
+        let (model, sp) = tiny();
+        let device = Default::default();
+        let src = vec![5, 6, 7, 8, 9];
+        let cached = generate(&model, &sp, &[greedy(src.clone(), 20)], &device, |_, _| {
+            Next::Continue
+        });
+        let uncached = generate_uncached(&model, &sp, &src, 20, &device);
+        assert_eq!(cached[0].0, uncached);
+        assert_eq!(cached[0].1, Finish::Length);
+    }
+
+    #[test]
+    fn a_batch_of_different_prompts_decodes_like_each_alone() {
+        let (model, sp) = tiny();
+        let device = Default::default();
+        let rows = vec![
+            greedy(vec![5, 6], 12),
+            greedy(
+                vec![
+                    9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+                ],
+                7,
+            ),
+            greedy(vec![30], 12),
+        ];
+        let together = generate(&model, &sp, &rows, &device, |_, _| Next::Continue);
+        for (i, row) in rows.iter().enumerate() {
+            let alone = generate(&model, &sp, std::slice::from_ref(row), &device, |_, _| {
+                Next::Continue
+            });
+            assert_eq!(together[i].0, alone[0].0, "row {i}");
+        }
+        assert_eq!(together[1].0.len(), 7);
+    }
+
+    #[test]
+    fn sampling_is_reproducible_with_a_seed_and_stops_when_told() {
+        let (model, sp) = tiny();
+        let device = Default::default();
+        let row = |seed| Row {
+            src: vec![5, 6, 7],
+            sampling: Sampling {
+                temperature: 1.5,
+                top_k: Some(20),
+                top_p: Some(0.9),
+                repetition_penalty: Some(1.3),
+                seed,
+            },
+            max_new_tokens: 16,
+            ignore_eos: true,
+        };
+        let run = |seed| generate(&model, &sp, &[row(seed)], &device, |_, _| Next::Continue);
+        assert_eq!(run(1)[0].0, run(1)[0].0);
+        assert!((0..5).any(|s| run(s + 2)[0].0 != run(1)[0].0));
+        let stopped = generate(&model, &sp, &[row(1)], &device, |_, t| {
+            if t.index == 3 {
+                Next::Stop(Finish::StopSequence)
+            } else {
+                Next::Continue
+            }
+        });
+        assert_eq!(stopped[0].0.len(), 4);
+        assert_eq!(stopped[0].1, Finish::StopSequence);
+    }
+}

@@ -1,0 +1,124 @@
+//! The `quantize` stage: a Model in, the same model with smaller weights out. See `weights`
+//! for the formats and for what each costs at run time.
+
+use burn::backend::Flex;
+use orchestrate_stage::{
+    canonical_params, ArtifactKind, InputDecl, Inputs, ParamError, ParamProblem, PathSegment,
+    StageContext, StageDescriptor, StageError, StageOutput,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::artifact::{self, CARD, SAFETENSORS, TOKENIZER};
+use crate::weights::{self, Scheme};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizeParams {
+    /// `int8`, `fp16` or `bf16` (`fp32` rewrites the weights unchanged, as a reference).
+    pub scheme: Scheme,
+    /// Values per int8 scale.
+    #[serde(default = "default_block")]
+    pub block: usize,
+}
+
+fn default_block() -> usize {
+    64
+}
+
+pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
+    kind: "quantize",
+    about: "stores a model's weights as int8 (per block), fp16 or bf16",
+    inputs: Inputs::Typed(&[InputDecl {
+        name: "model",
+        kind: ArtifactKind::Model,
+        many: false,
+        required: true,
+    }]),
+    output: ArtifactKind::Model,
+    device_dependent: false,
+    code_hash: env!("STAGE_CODE_HASH"),
+    tracked_files: &["quantization.json"],
+    canonical_params: canonical,
+    file_deps: orchestrate_stage::no_file_deps,
+};
+
+fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
+    let v = canonical_params::<QuantizeParams>(v)?;
+    let p: QuantizeParams = serde_json::from_value(v.clone()).expect("just canonicalised");
+    if !(8..=4096).contains(&p.block) || !p.block.is_power_of_two() {
+        return Err(ParamError {
+            path: vec![PathSegment::Key("block".into())],
+            problem: ParamProblem::Invalid(format!(
+                "block {} must be a power of two from 8 to 4096",
+                p.block
+            )),
+        });
+    }
+    Ok(v)
+}
+
+pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
+    let p: QuantizeParams = ctx.params()?;
+    let input = ctx.input("model")?;
+    let device = Default::default();
+    let source = artifact::load::<Flex>(&input.dir, &device)?;
+    if source.card.quantization != Scheme::Fp32 {
+        return Err(StageError::Failed(format!(
+            "input `model` (stage `{}`) is already quantized ({}): quantize the trained model instead",
+            input.stage,
+            source.card.quantization.as_str()
+        )));
+    }
+    ctx.checkpoint()?;
+    let tensors = weights::export(&source.model);
+    let out = ctx.out_dir;
+    let bytes = weights::save(&out.join(SAFETENSORS), &tensors, p.scheme, p.block)
+        .map_err(StageError::Failed)?;
+    std::fs::copy(input.dir.join(TOKENIZER), out.join(TOKENIZER))
+        .map_err(|e| StageError::io("cannot copy the tokenizer", e))?;
+    let mut card = source.card.clone();
+    card.quantization = p.scheme;
+    write(
+        &out.join(CARD),
+        &serde_json::to_value(&card).expect("plain JSON"),
+    )?;
+
+    // Load it back: proves the artifact works, and measures what a consumer will pay.
+    let back = artifact::load::<Flex>(out, &device)?;
+    let ratio = bytes as f64 / source.artifact_bytes.max(1) as f64;
+    let report = serde_json::json!({
+        "scheme": p.scheme,
+        "block": p.block,
+        "artifact_bytes": bytes,
+        "source_artifact_bytes": source.artifact_bytes,
+        "size_ratio": ratio,
+        "stored_param_bytes": back.stored_param_bytes,
+        "resident_param_bytes": back.resident_param_bytes,
+        "load_ms": back.load_ms,
+        "source_load_ms": source.load_ms,
+    });
+    write(&out.join("quantization.json"), &report)?;
+    ctx.events.log(&format!(
+        "{}: {} bytes ({:.1}% of fp32's {}), parameters {} bytes stored, {} in memory, loads in {:.0} ms",
+        p.scheme.as_str(),
+        bytes,
+        100.0 * ratio,
+        source.artifact_bytes,
+        back.stored_param_bytes,
+        back.resident_param_bytes,
+        back.load_ms
+    ));
+    ctx.events.metric("artifact_bytes", bytes as f64, None);
+    ctx.events.metric("size_ratio", ratio, None);
+    ctx.events.metric("load_ms", back.load_ms, None);
+    let mut output = StageOutput::default();
+    if let serde_json::Value::Object(m) = report {
+        output.metadata = m;
+    }
+    Ok(output)
+}
+
+fn write(path: &std::path::Path, v: &serde_json::Value) -> Result<(), StageError> {
+    std::fs::write(path, serde_json::to_vec_pretty(v).expect("plain JSON"))
+        .map_err(|e| StageError::io(format!("cannot write {}", path.display()), e))
+}

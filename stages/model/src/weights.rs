@@ -1,0 +1,350 @@
+//! Weights as files: every float parameter of the network in module order, written to a
+//! safetensors file (readable by any safetensors tool) in one of four precisions.
+//!
+//! `int8` stores each weight matrix as signed bytes in blocks of `block` consecutive values,
+//! each block with its own f32 scale (symmetric: `x ≈ q * scale`, `q` in -127..=127), so
+//! an outlier spoils only its block. Vectors (biases, norms) stay f32: they are a few
+//! kilobytes and quantizing them costs accuracy for nothing.
+//!
+//! At load every variant becomes f32 again: burn 0.21 has no int8 or half-precision matrix
+//! product on the CPU that beats its f32 one, so the saving is on disk and in transfer, not
+//! in arithmetic. The README says so too.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::prelude::*;
+use half::{bf16, f16};
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::model::Seq2Seq;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheme {
+    Fp32,
+    Fp16,
+    Bf16,
+    Int8,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Fp32 => "fp32",
+            Scheme::Fp16 => "fp16",
+            Scheme::Bf16 => "bf16",
+            Scheme::Int8 => "int8",
+        }
+    }
+}
+
+/// One parameter tensor, host side.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+struct Collect(Vec<HostTensor>);
+
+impl<B: Backend> ModuleVisitor<B> for Collect {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let t = param.val();
+        let shape = t.dims().to_vec();
+        let values = t
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("float parameters");
+        self.0.push(HostTensor { shape, values });
+    }
+}
+
+struct Replace<'a> {
+    tensors: std::slice::Iter<'a, HostTensor>,
+    error: Option<String>,
+}
+
+impl<B: Backend> ModuleMapper<B> for Replace<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let want = tensor.dims().to_vec();
+        let next = self.tensors.next();
+        match next {
+            Some(h) if h.shape == want => {
+                let device = tensor.device();
+                let t =
+                    Tensor::from_data(TensorData::new(h.values.clone(), h.shape.clone()), &device);
+                Param::from_mapped_value(id, t, mapper)
+            }
+            other => {
+                self.error.get_or_insert_with(|| match other {
+                    Some(h) => format!(
+                        "a weight has shape {:?} where the model expects {want:?}",
+                        h.shape
+                    ),
+                    None => "the weights file has fewer tensors than the model".into(),
+                });
+                Param::from_mapped_value(id, tensor, mapper)
+            }
+        }
+    }
+}
+
+/// Every float parameter, in module order.
+pub fn export<B: Backend>(model: &Seq2Seq<B>) -> Vec<HostTensor> {
+    let mut c = Collect(Vec::new());
+    model.visit(&mut c);
+    c.0
+}
+
+/// The model with its parameters replaced by `tensors` (module order).
+pub fn import<B: Backend>(model: Seq2Seq<B>, tensors: &[HostTensor]) -> Result<Seq2Seq<B>, String> {
+    let mut r = Replace {
+        tensors: tensors.iter(),
+        error: None,
+    };
+    let model = model.map(&mut r);
+    if let Some(e) = r.error {
+        return Err(e);
+    }
+    if r.tensors.next().is_some() {
+        return Err("the weights file has more tensors than the model".into());
+    }
+    Ok(model)
+}
+
+/// Symmetric int8 in blocks: the codes and one scale per block.
+pub fn quantize_blocks(values: &[f32], block: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut codes = Vec::with_capacity(values.len());
+    let mut scales = Vec::with_capacity(values.len().div_ceil(block));
+    for chunk in values.chunks(block) {
+        let max = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+        scales.push(scale);
+        codes.extend(
+            chunk
+                .iter()
+                .map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8),
+        );
+    }
+    (codes, scales)
+}
+
+pub fn dequantize_blocks(codes: &[i8], scales: &[f32], block: usize) -> Vec<f32> {
+    codes
+        .chunks(block)
+        .zip(scales)
+        .flat_map(|(c, s)| c.iter().map(move |q| *q as f32 * s))
+        .collect()
+}
+
+fn name(i: usize) -> String {
+    format!("p{i:04}")
+}
+
+/// Writes `tensors` to `path` in `scheme`; returns the file's size in bytes.
+pub fn save(
+    path: &Path,
+    tensors: &[HostTensor],
+    scheme: Scheme,
+    block: usize,
+) -> Result<u64, String> {
+    // Owned byte buffers first; the views borrow them.
+    let mut blobs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        let matrix = t.shape.len() >= 2;
+        match scheme {
+            Scheme::Int8 if matrix => {
+                let (codes, scales) = quantize_blocks(&t.values, block);
+                let bytes = codes.iter().map(|c| *c as u8).collect();
+                blobs.push((name(i), Dtype::I8, t.shape.clone(), bytes));
+                let n = scales.len();
+                let bytes = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+                blobs.push((format!("{}.scale", name(i)), Dtype::F32, vec![n], bytes));
+            }
+            Scheme::Fp16 => {
+                let bytes = t
+                    .values
+                    .iter()
+                    .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+                    .collect();
+                blobs.push((name(i), Dtype::F16, t.shape.clone(), bytes));
+            }
+            Scheme::Bf16 => {
+                let bytes = t
+                    .values
+                    .iter()
+                    .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                    .collect();
+                blobs.push((name(i), Dtype::BF16, t.shape.clone(), bytes));
+            }
+            Scheme::Fp32 | Scheme::Int8 => {
+                let bytes = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                blobs.push((name(i), Dtype::F32, t.shape.clone(), bytes));
+            }
+        }
+    }
+    let views = blobs
+        .iter()
+        .map(|(n, d, s, b)| {
+            Ok((
+                n.clone(),
+                TensorView::new(*d, s.clone(), b).map_err(|e| e.to_string())?,
+            ))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let meta = HashMap::from([
+        ("format".to_string(), "orchestrate-weights".to_string()),
+        ("scheme".to_string(), scheme.as_str().to_string()),
+        ("block".to_string(), block.to_string()),
+        ("tensors".to_string(), tensors.len().to_string()),
+    ]);
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())?;
+    std::fs::write(path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(bytes.len() as u64)
+}
+
+/// What `load` found in a weights file.
+pub struct Loaded {
+    pub tensors: Vec<HostTensor>,
+    pub scheme: Scheme,
+    /// Bytes the parameters take as stored (codes, scales, halves).
+    pub stored_bytes: u64,
+}
+
+pub fn load(path: &Path) -> Result<Loaded, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let (_, meta) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let info = meta.metadata().clone().unwrap_or_default();
+    let get = |k: &str| {
+        info.get(k).cloned().ok_or_else(|| {
+            format!(
+                "{}: no `{k}` in the header: not an orchestrate weights file",
+                path.display()
+            )
+        })
+    };
+    let scheme: Scheme = serde_json::from_value(serde_json::Value::String(get("scheme")?))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let block: usize = get("block")?
+        .parse()
+        .map_err(|_| format!("{}: bad block size", path.display()))?;
+    let count: usize = get("tensors")?
+        .parse()
+        .map_err(|_| format!("{}: bad tensor count", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut tensors = Vec::with_capacity(count);
+    let mut stored = 0u64;
+    for i in 0..count {
+        let view = st
+            .tensor(&name(i))
+            .map_err(|e| format!("{}: tensor {i}: {e}", path.display()))?;
+        let shape = view.shape().to_vec();
+        let data = view.data();
+        stored += data.len() as u64;
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::I8 => {
+                let scales = st
+                    .tensor(&format!("{}.scale", name(i)))
+                    .map_err(|e| format!("{}: scales of tensor {i}: {e}", path.display()))?;
+                stored += scales.data().len() as u64;
+                let scales: Vec<f32> = scales
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                let codes: Vec<i8> = data.iter().map(|b| *b as i8).collect();
+                if scales.len() != codes.len().div_ceil(block) {
+                    return Err(format!(
+                        "{}: tensor {i} has {} scales for {} values",
+                        path.display(),
+                        scales.len(),
+                        codes.len()
+                    ));
+                }
+                dequantize_blocks(&codes, &scales, block)
+            }
+            other => {
+                return Err(format!(
+                    "{}: tensor {i} has unsupported type {other:?}",
+                    path.display()
+                ))
+            }
+        };
+        tensors.push(HostTensor { shape, values });
+    }
+    Ok(Loaded {
+        tensors,
+        scheme,
+        stored_bytes: stored,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int8_blocks_round_trip_within_half_a_step() {
+        let v: Vec<f32> = (0..200)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let (codes, scales) = quantize_blocks(&v, 64);
+        assert_eq!(scales.len(), 4);
+        let back = dequantize_blocks(&codes, &scales, 64);
+        for (i, (a, b)) in v.iter().zip(&back).enumerate() {
+            assert!(
+                (a - b).abs() <= scales[i / 64] / 2.0 + 1e-6,
+                "{i}: {a} vs {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_scheme_saves_and_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = vec![
+            HostTensor {
+                shape: vec![4, 32],
+                values: (0..128).map(|i| i as f32 / 100.0 - 0.6).collect(),
+            },
+            HostTensor {
+                shape: vec![32],
+                values: vec![1.0; 32],
+            },
+        ];
+        let mut sizes = HashMap::new();
+        for scheme in [Scheme::Fp32, Scheme::Fp16, Scheme::Bf16, Scheme::Int8] {
+            let path = dir.path().join(format!("{}.safetensors", scheme.as_str()));
+            sizes.insert(scheme.as_str(), save(&path, &tensors, scheme, 32).unwrap());
+            let back = load(&path).unwrap();
+            assert_eq!(back.scheme, scheme);
+            assert_eq!(back.tensors.len(), 2);
+            assert_eq!(
+                back.tensors[1], tensors[1],
+                "vectors survive every scheme exactly"
+            );
+            for (a, b) in tensors[0].values.iter().zip(&back.tensors[0].values) {
+                assert!((a - b).abs() < 0.01, "{scheme:?}: {a} vs {b}");
+            }
+        }
+        assert!(sizes["int8"] < sizes["fp16"] && sizes["fp16"] < sizes["fp32"]);
+    }
+}
