@@ -801,16 +801,23 @@ fn model_card(p: &Pipeline, stage: &crate::pipeline::Stage, m: &Manifest) -> Str
 /// An artifact's files in the local cache, downloaded and verified on first use. Inputs are
 /// shared between stages and runs: stages must treat them as read-only.
 async fn materialize(sh: &Shared, m: &Manifest) -> Result<PathBuf, StoreError> {
+    materialize_in(&sh.store, &sh.artifact_cache, m).await
+}
+
+/// `m`'s files under `cache/<digest>/`, downloaded and verified unless already there.
+pub async fn materialize_in(
+    store: &Store,
+    cache: &Path,
+    m: &Manifest,
+) -> Result<PathBuf, StoreError> {
     let hex = m.digest.strip_prefix("blake3:").unwrap_or(&m.digest);
-    let dir = sh.artifact_cache.join(hex);
+    let dir = cache.join(hex);
     if dir.is_dir() {
         return Ok(dir);
     }
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let tmp = sh
-        .artifact_cache
-        .join(format!("{hex}.partial-{}-{n}", std::process::id()));
+    let tmp = cache.join(format!("{hex}.partial-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| StoreError::Io {
         context: format!("cannot create {}", tmp.display()),
@@ -818,7 +825,7 @@ async fn materialize(sh: &Shared, m: &Manifest) -> Result<PathBuf, StoreError> {
     })?;
     let what = format!("the artifact of stage `{}`", m.stage);
     for f in &m.files {
-        if let Err(e) = sh.store.get_file(f, &what, &tmp.join(&f.path)).await {
+        if let Err(e) = store.get_file(f, &what, &tmp.join(&f.path)).await {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }

@@ -16,6 +16,8 @@ pub enum StageKind {
     Quantize,
     #[cfg(feature = "model")]
     Evaluate,
+    #[cfg(feature = "model")]
+    Deploy,
 }
 
 impl StageKind {
@@ -31,6 +33,8 @@ impl StageKind {
         StageKind::Quantize,
         #[cfg(feature = "model")]
         StageKind::Evaluate,
+        #[cfg(feature = "model")]
+        StageKind::Deploy,
     ];
 
     pub fn descriptor(self) -> &'static StageDescriptor {
@@ -46,6 +50,8 @@ impl StageKind {
             StageKind::Quantize => &orchestrate_model::quantize::DESCRIPTOR,
             #[cfg(feature = "model")]
             StageKind::Evaluate => &orchestrate_model::evaluate::DESCRIPTOR,
+            #[cfg(feature = "model")]
+            StageKind::Deploy => &orchestrate_serve::deploy::DESCRIPTOR,
         }
     }
 
@@ -75,6 +81,8 @@ impl StageKind {
             StageKind::Quantize => orchestrate_model::quantize::run(ctx),
             #[cfg(feature = "model")]
             StageKind::Evaluate => orchestrate_model::evaluate::run(ctx),
+            #[cfg(feature = "model")]
+            StageKind::Deploy => orchestrate_serve::deploy::run(ctx),
         }
     }
 }

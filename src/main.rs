@@ -127,6 +127,36 @@ enum Command {
         /// Only the closing summary, no progress.
         #[arg(long, short = 'q')]
         quiet: bool,
+        /// Do not serve the deployed model after the run (CI); the deploy stage still
+        /// smoke-tests a live server.
+        #[arg(long)]
+        no_serve: bool,
+    },
+    /// Serve a model: a Deployment or Model artifact directory, or `[STORE_URL#]STAGE` for the
+    /// artifact of STAGE in the newest run that produced it.
+    #[cfg(feature = "model")]
+    Serve {
+        model: String,
+        #[command(flatten)]
+        store: StoreOnly,
+        /// Address to listen on (default: the deployment's, else 127.0.0.1).
+        #[arg(long)]
+        host: Option<String>,
+        /// Port (default: the deployment's, else 8080; 0 picks a free one).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Require this key (`Authorization: Bearer KEY` or `X-API-Key`).
+        #[arg(long, env = "ORCHESTRATE_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Requests decoded together at most.
+        #[arg(long)]
+        max_batch: Option<usize>,
+        /// Requests that may wait; beyond it the answer is 429 with Retry-After.
+        #[arg(long)]
+        queue: Option<usize>,
+        /// Allow browsers from this origin (repeatable); CORS is off otherwise.
+        #[arg(long = "cors-origin", value_name = "ORIGIN")]
+        cors_origins: Vec<String>,
     },
     /// Print the stage graph.
     Graph {
@@ -349,6 +379,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             select,
             jobs,
             quiet,
+            no_serve,
         } => {
             let p = Arc::new(load(&pipeline)?);
             let store = open_store(&p, &store)?;
@@ -379,16 +410,59 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                     .map(Duration::from_secs_f64)
                     .unwrap_or(Duration::from_secs(10)),
             };
+            let serve_store = store.clone();
             let (record, record_error) =
                 execute(Arc::clone(&p), store, plan, opts, reporter, cancel).await?;
             print!("{}", summary(&record));
-            match record_error {
-                Some(e) => Err(Failure::new(
+            if let Some(e) = record_error {
+                return Err(Failure::new(
                     3,
                     format!("error: the run record was not stored: {e}"),
-                )),
-                None => Ok(exit_code(&record)),
+                ));
             }
+            let code = exit_code(&record);
+            #[cfg(feature = "model")]
+            if code == 0 && !no_serve {
+                if let Some(dir) = deployed_dir(&serve_store, &record, &cache_dir(&p)).await? {
+                    return serve_dir(&dir, ServeOverrides::default()).await;
+                }
+            }
+            #[cfg(not(feature = "model"))]
+            let _ = (no_serve, serve_store);
+            Ok(code)
+        }
+        #[cfg(feature = "model")]
+        Command::Serve {
+            model,
+            store,
+            host,
+            port,
+            api_key,
+            max_batch,
+            queue,
+            cors_origins,
+        } => {
+            let overrides = ServeOverrides {
+                host,
+                port,
+                api_key,
+                max_batch,
+                queue,
+                cors_origins,
+            };
+            let dir = Path::new(&model);
+            if dir.is_dir() {
+                return serve_dir(dir, overrides).await;
+            }
+            let (store, stage) = match model.split_once('#') {
+                Some((url, stage)) => (Store::open(url, Path::new("."))?, stage.to_string()),
+                None => (open_store_only(&store)?, model.clone()),
+            };
+            let cache = std::env::var_os("ORCHESTRATE_CACHE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(".orchestrate"));
+            let dir = stage_artifact(&store, &stage, &cache).await?;
+            serve_dir(&dir, overrides).await
         }
         Command::Graph { pipeline, format } => {
             let p = load(&pipeline)?;
@@ -573,6 +647,129 @@ fn watch_signals(cancel: CancelToken, reporter: Arc<dyn orchestrate::report::Rep
             }
         }
     });
+}
+
+#[cfg(feature = "model")]
+#[derive(Default)]
+struct ServeOverrides {
+    host: Option<String>,
+    port: Option<u16>,
+    api_key: Option<String>,
+    max_batch: Option<usize>,
+    queue: Option<usize>,
+    cors_origins: Vec<String>,
+}
+
+/// The artifact of the first `deploy` stage of a finished run, materialised locally.
+#[cfg(feature = "model")]
+async fn deployed_dir(
+    store: &Store,
+    record: &RunRecord,
+    cache: &Path,
+) -> Result<Option<PathBuf>, Failure> {
+    let Some(stage) = record
+        .stages
+        .iter()
+        .find(|s| s.kind == "deploy" && matches!(s.status, StageStatus::Ran | StageStatus::Cached))
+    else {
+        return Ok(None);
+    };
+    let Some(key) = &stage.key else {
+        return Ok(None);
+    };
+    let m = store.manifest(key).await?.ok_or_else(|| {
+        Failure::new(
+            3,
+            format!(
+                "error: the artifact of `{}` is not in the store",
+                stage.stage
+            ),
+        )
+    })?;
+    Ok(Some(
+        orchestrate::exec::materialize_in(store, &cache.join("artifacts"), &m).await?,
+    ))
+}
+
+/// The artifact of `stage` in the newest run that produced or reused it.
+#[cfg(feature = "model")]
+async fn stage_artifact(store: &Store, stage: &str, cache: &Path) -> Result<PathBuf, Failure> {
+    let ids = store.list_run_ids().await?;
+    for id in ids.iter().rev() {
+        let Some(record) = store.get_run::<RunRecord>(id).await? else {
+            continue;
+        };
+        let found = record.stages.iter().find(|s| {
+            s.stage == stage && matches!(s.status, StageStatus::Ran | StageStatus::Cached)
+        });
+        if let Some(key) = found.and_then(|s| s.key.as_ref()) {
+            if let Some(m) = store.manifest(key).await? {
+                return Ok(
+                    orchestrate::exec::materialize_in(store, &cache.join("artifacts"), &m).await?,
+                );
+            }
+        }
+    }
+    Err(Failure::new(
+        2,
+        format!(
+            "error: no run in {} produced a stage `{stage}`; give a directory, `STAGE` with --pipeline/--store, or `URL#STAGE`",
+            store.url()
+        ),
+    ))
+}
+
+/// Serves until Ctrl-C or SIGTERM, then drains the requests in flight.
+#[cfg(feature = "model")]
+async fn serve_dir(dir: &Path, o: ServeOverrides) -> Result<u8, Failure> {
+    let (model_dir, mut opts) = orchestrate_serve::deploy::resolve(dir)
+        .map_err(|e| Failure::new(2, format!("error: {e}")))?;
+    if let Some(h) = o.host {
+        opts.host = h;
+    }
+    if let Some(p) = o.port {
+        opts.port = p;
+    }
+    if o.api_key.is_some() {
+        opts.api_key = o.api_key.filter(|k| !k.is_empty());
+    }
+    if let Some(b) = o.max_batch {
+        opts.max_batch = b;
+    }
+    if let Some(q) = o.queue {
+        opts.queue = q;
+    }
+    if !o.cors_origins.is_empty() {
+        opts.cors_origins = Some(o.cors_origins);
+    }
+    let name = opts.name.clone();
+    let shutdown = async {
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("stopping: finishing the requests in flight");
+    };
+    orchestrate_serve::serve(
+        &model_dir,
+        &opts,
+        |addr| {
+            eprintln!(
+                "serving `{name}` at http://{addr} (API docs: http://{addr}/docs); Ctrl-C stops"
+            );
+        },
+        shutdown,
+    )
+    .await
+    .map_err(|e| Failure::new(1, format!("error: {e}")))?;
+    Ok(0)
 }
 
 fn exit_code(r: &RunRecord) -> u8 {

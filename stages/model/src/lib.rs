@@ -10,3 +10,4 @@ pub mod model;
 pub mod quantize;
 pub mod train;
 pub mod weights;
+pub use tokenizers::Tokenizer;

@@ -1,0 +1,352 @@
+//! The `deploy` stage: packs the chosen model with its serving configuration into a
+//! Deployment artifact, after starting a real server on a loopback port and checking it
+//! answers every API family. `orchestrate run` then serves the deployment (until Ctrl-C)
+//! unless told `--no-serve`; `orchestrate serve` serves it any time later.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use orchestrate_stage::{
+    canonical_params, ArtifactKind, InputDecl, Inputs, ParamError, StageContext, StageDescriptor,
+    StageError, StageOutput,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::ServeOptions;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployParams {
+    /// Name clients see; the model input's stage name when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    #[serde(default)]
+    pub max_new_tokens: Option<usize>,
+    /// Environment variable holding the API key (never the key itself: artifacts are shared).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    #[serde(default)]
+    pub cors_origins: Option<Vec<String>>,
+    #[serde(default = "default_prompt")]
+    pub smoke_prompt: String,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    8080
+}
+fn default_max_batch() -> usize {
+    32
+}
+fn default_queue() -> usize {
+    256
+}
+fn default_prompt() -> String {
+    "The best way to predict the future".into()
+}
+
+pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
+    kind: "deploy",
+    about: "packs a model for serving after smoke-testing a live server on it",
+    inputs: Inputs::Typed(&[
+        InputDecl {
+            name: "model",
+            kind: ArtifactKind::Model,
+            many: false,
+            required: true,
+        },
+        InputDecl {
+            name: "report",
+            kind: ArtifactKind::EvalReport,
+            many: false,
+            required: false,
+        },
+    ]),
+    output: ArtifactKind::Deployment,
+    device_dependent: false,
+    code_hash: env!("STAGE_CODE_HASH"),
+    tracked_files: &["deployment.json"],
+    canonical_params: canonical,
+    file_deps: orchestrate_stage::no_file_deps,
+};
+
+fn canonical(v: Value) -> Result<Value, ParamError> {
+    canonical_params::<DeployParams>(v)
+}
+
+pub const DEPLOYMENT: &str = "deployment.json";
+pub const MODEL_DIR: &str = "model";
+
+/// `deployment.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Deployment {
+    pub name: String,
+    pub model_stage: String,
+    pub model_digest: String,
+    pub params: DeployParams,
+    pub smoke: Value,
+}
+
+impl Deployment {
+    pub fn options(&self) -> ServeOptions {
+        let p = &self.params;
+        ServeOptions {
+            host: p.host.clone(),
+            port: p.port,
+            name: self.name.clone(),
+            digest: self.model_digest.clone(),
+            max_batch: p.max_batch,
+            queue: p.queue,
+            max_new_tokens: p.max_new_tokens,
+            api_key: p
+                .api_key_env
+                .as_ref()
+                .and_then(|v| std::env::var(v).ok())
+                .filter(|k| !k.is_empty()),
+            cors_origins: p.cors_origins.clone(),
+            ..ServeOptions::default()
+        }
+    }
+}
+
+/// A directory holding either a Deployment (deployment.json + model/) or a bare Model.
+pub fn resolve(dir: &Path) -> Result<(PathBuf, ServeOptions), String> {
+    let d = dir.join(DEPLOYMENT);
+    if d.exists() {
+        let bytes = std::fs::read(&d).map_err(|e| format!("cannot read {}: {e}", d.display()))?;
+        let dep: Deployment =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", d.display()))?;
+        return Ok((dir.join(MODEL_DIR), dep.options()));
+    }
+    if dir.join(orchestrate_model::artifact::CARD).exists() {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        return Ok((
+            dir.to_path_buf(),
+            ServeOptions {
+                name,
+                ..ServeOptions::default()
+            },
+        ));
+    }
+    Err(format!(
+        "{} holds neither a deployment ({DEPLOYMENT}) nor a model ({})",
+        dir.display(),
+        orchestrate_model::artifact::CARD
+    ))
+}
+
+pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
+    let p: DeployParams = ctx.params()?;
+    let model = ctx.input("model")?;
+    let name = p.name.clone().unwrap_or_else(|| model.stage.clone());
+    let out_model = ctx.out_dir.join(MODEL_DIR);
+    std::fs::create_dir_all(&out_model).map_err(|e| StageError::io("cannot create model/", e))?;
+    for entry in
+        std::fs::read_dir(&model.dir).map_err(|e| StageError::io("cannot list the model", e))?
+    {
+        let entry = entry.map_err(|e| StageError::io("cannot list the model", e))?;
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), out_model.join(entry.file_name()))
+                .map_err(|e| StageError::io("cannot copy the model", e))?;
+        }
+    }
+    let mut dep = Deployment {
+        name: name.clone(),
+        model_stage: model.stage.clone(),
+        model_digest: model.digest.clone(),
+        params: p.clone(),
+        smoke: Value::Null,
+    };
+    let mut opts = dep.options();
+    // The smoke server listens on a free loopback port, never the configured one.
+    opts.host = "127.0.0.1".into();
+    opts.port = 0;
+    opts.api_key = None;
+    ctx.events
+        .log(&format!("smoke-testing `{name}` on a loopback server"));
+    let dir = out_model.clone();
+    let prompt = p.smoke_prompt.clone();
+    // A runtime of its own, on a thread of its own: this stage runs on a blocking thread of
+    // the orchestrator's runtime, where a nested runtime may not block.
+    let smoke = std::thread::spawn(move || -> Result<Value, String> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(smoke_test(&dir, &opts, &prompt))
+    })
+    .join()
+    .map_err(|_| StageError::Failed("the smoke test thread panicked".into()))?
+    .map_err(|e| StageError::Failed(format!("smoke test failed: {e}")))?;
+    for (k, v) in smoke.as_object().into_iter().flatten() {
+        if let Some(x) = v.as_f64() {
+            ctx.events.metric(&format!("smoke.{k}"), x, None);
+        }
+    }
+    dep.smoke = smoke.clone();
+    std::fs::write(
+        ctx.out_dir.join(DEPLOYMENT),
+        serde_json::to_vec_pretty(&dep).expect("plain JSON"),
+    )
+    .map_err(|e| StageError::io("cannot write deployment.json", e))?;
+    let mut output = StageOutput::default();
+    output.metadata.insert("name".into(), name.into());
+    output
+        .metadata
+        .insert("model_stage".into(), model.stage.clone().into());
+    output.metadata.insert("smoke".into(), smoke);
+    output
+        .metadata
+        .insert("url".into(), format!("http://{}:{}", p.host, p.port).into());
+    Ok(output)
+}
+
+async fn smoke_test(dir: &Path, opts: &ServeOptions, prompt: &str) -> Result<Value, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let dir = dir.to_path_buf();
+    let opts = opts.clone();
+    let server = tokio::spawn(async move {
+        crate::serve(
+            &dir,
+            &opts,
+            |addr| {
+                let _ = tx.send(addr);
+            },
+            async {
+                let _ = stop_rx.await;
+            },
+        )
+        .await
+    });
+    let addr = match rx.await {
+        Ok(a) => a,
+        Err(_) => {
+            return Err(server
+                .await
+                .map_err(|e| e.to_string())?
+                .err()
+                .unwrap_or_default())
+        }
+    };
+    let result = checks(&format!("http://{addr}"), prompt).await;
+    let _ = stop_tx.send(());
+    server.await.map_err(|e| e.to_string())??;
+    result
+}
+
+async fn checks(base: &str, prompt: &str) -> Result<Value, String> {
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let http = http.clone();
+        let url = format!("{base}{path}");
+        async move {
+            let r = http
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| format!("GET {url}: {e}"))?;
+            let status = r.status();
+            let text = r.text().await.map_err(|e| format!("GET {url}: {e}"))?;
+            if !status.is_success() {
+                return Err(format!("GET {url}: {status}: {text}"));
+            }
+            Ok(text)
+        }
+    };
+    let post = |path: &str, body: Value| {
+        let http = http.clone();
+        let url = format!("{base}{path}");
+        async move {
+            let r = http
+                .post(&url)
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| format!("POST {url}: {e}"))?;
+            let status = r.status().as_u16();
+            let text = r.text().await.map_err(|e| format!("POST {url}: {e}"))?;
+            Ok::<_, String>((status, text))
+        }
+    };
+    get("/health").await?;
+    let info: Value =
+        serde_json::from_str(&get("/info").await?).map_err(|e| format!("/info: {e}"))?;
+    let t = Instant::now();
+    let (status, text) = post(
+        "/generate",
+        json!({"inputs": prompt, "parameters": {"max_new_tokens": 16, "details": true}}),
+    )
+    .await?;
+    let generate_ms = t.elapsed().as_secs_f64() * 1e3;
+    if status != 200 {
+        return Err(format!("/generate answered {status}: {text}"));
+    }
+    let gen: Value = serde_json::from_str(&text).map_err(|e| format!("/generate: {e}"))?;
+    let tokens = gen["details"]["generated_tokens"].as_u64().unwrap_or(0);
+    if tokens == 0 {
+        return Err(format!("/generate generated nothing: {text}"));
+    }
+    let (status, text) = post(
+        "/generate_stream",
+        json!({"inputs": prompt, "parameters": {"max_new_tokens": 8}}),
+    )
+    .await?;
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .collect();
+    let last: Value = events
+        .last()
+        .and_then(|l| serde_json::from_str(l.trim()).ok())
+        .unwrap_or(Value::Null);
+    if status != 200 || last["generated_text"].is_null() {
+        return Err(format!(
+            "/generate_stream answered {status} without a final event: {text}"
+        ));
+    }
+    let (status, text) = post(
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 8, "temperature": 0}),
+    )
+    .await?;
+    if status != 200 || !text.contains("\"text_completion\"") {
+        return Err(format!("/v1/completions answered {status}: {text}"));
+    }
+    let (status, text) = post(
+        "/generate",
+        json!({"inputs": prompt, "parameters": {"temperature": -1}}),
+    )
+    .await?;
+    if status != 422 || !text.contains("parameters.temperature") {
+        return Err(format!(
+            "a bad temperature should be a 422 naming the field, got {status}: {text}"
+        ));
+    }
+    let metrics = get("/metrics").await?;
+    if !metrics.contains("orchestrate_generated_tokens_total") {
+        return Err("/metrics lacks orchestrate_generated_tokens_total".into());
+    }
+    Ok(json!({
+        "model_id": info["model_id"],
+        "generate_ms": generate_ms,
+        "generated_tokens": tokens,
+        "stream_events": events.len(),
+        "sample": gen["generated_text"],
+    }))
+}

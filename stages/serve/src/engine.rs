@@ -1,0 +1,194 @@
+//! The decoding engine: one thread owns the model and runs batches. Requests wait in a
+//! bounded queue; each wave takes every waiting request (up to `max_batch`) and decodes
+//! them together, one batched decoder step per token. A request whose client went away
+//! (its event receiver dropped) leaves the batch at the next step.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use burn::backend::Flex;
+use orchestrate_model::artifact::LoadedModel;
+use orchestrate_model::generate::{self, Finish, Next, Row, Token};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+
+pub type Cpu = Flex;
+
+/// What a request's handler hears from the engine.
+#[derive(Debug)]
+pub enum Event {
+    Token {
+        token: Token,
+        text: String,
+        special: bool,
+    },
+    Done {
+        finish: Finish,
+        tokens: Vec<u32>,
+        text: String,
+    },
+}
+
+pub struct Job {
+    pub row: Row,
+    pub stop: Vec<String>,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub queued: Instant,
+}
+
+/// The handle request handlers hold.
+#[derive(Clone)]
+pub struct Engine {
+    queue: mpsc::Sender<Job>,
+    waiting: Arc<AtomicUsize>,
+}
+
+#[derive(Debug)]
+pub enum Refused {
+    /// The queue is full: the client should retry later.
+    Busy,
+    /// The engine thread is gone (it only stops at shutdown).
+    Stopped,
+}
+
+impl Engine {
+    /// Starts the engine thread; it stops when every `Engine` handle is dropped.
+    pub fn start(
+        model: LoadedModel<Cpu>,
+        max_batch: usize,
+        queue: usize,
+        metrics: Arc<Metrics>,
+    ) -> Engine {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let w = waiting.clone();
+        std::thread::Builder::new()
+            .name("decoder".into())
+            .spawn(move || run(model, rx, max_batch.max(1), w, metrics))
+            .expect("spawn the decoder thread");
+        Engine { queue: tx, waiting }
+    }
+
+    pub fn submit(&self, job: Job) -> Result<(), Refused> {
+        match self.queue.try_send(job) {
+            Ok(()) => {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(Refused::Busy),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Refused::Stopped),
+        }
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+}
+
+fn run(
+    lm: LoadedModel<Cpu>,
+    mut rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    waiting: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+) {
+    let device = Default::default();
+    let specials = lm.card.specials.clone();
+    while let Some(first) = rx.blocking_recv() {
+        let mut jobs = vec![first];
+        // A moment for requests that arrived together to share this wave.
+        let gather_until = Instant::now() + Duration::from_millis(2);
+        while jobs.len() < max_batch {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) if Instant::now() < gather_until => {
+                    std::thread::sleep(Duration::from_micros(200))
+                }
+                Err(_) => break,
+            }
+        }
+        waiting.fetch_sub(jobs.len(), Ordering::SeqCst);
+        metrics.queue_depth(waiting.load(Ordering::SeqCst));
+        metrics.batch(jobs.len());
+        // Rows whose client is already gone are not decoded at all.
+        jobs.retain(|j| !j.events.is_closed());
+        if jobs.is_empty() {
+            continue;
+        }
+        let rows: Vec<Row> = jobs.iter().map(|j| j.row.clone()).collect();
+        let mut generated: Vec<Vec<u32>> = vec![Vec::new(); jobs.len()];
+        let mut texts: Vec<String> = vec![String::new(); jobs.len()];
+        let started = Instant::now();
+        let results = generate::generate(&lm.model, &specials, &rows, &device, |i, token| {
+            let job = &jobs[i];
+            if token.index == 0 {
+                metrics.first_token(job.queued.elapsed());
+            }
+            metrics.tokens(1);
+            let special =
+                token.id == specials.eos || token.id == specials.pad || token.id == specials.bos;
+            generated[i].push(token.id);
+            // The text so far, decoded whole: byte-level pieces only make characters together.
+            let full = decode(&lm, &generated[i]);
+            let piece = full.get(texts[i].len()..).unwrap_or("").to_string();
+            texts[i] = full;
+            let sent = job.events.send(Event::Token {
+                token,
+                text: if special { String::new() } else { piece },
+                special,
+            });
+            if sent.is_err() {
+                return Next::Stop(Finish::Cancelled);
+            }
+            if job
+                .stop
+                .iter()
+                .any(|s| !s.is_empty() && texts[i].contains(s.as_str()))
+            {
+                return Next::Stop(Finish::StopSequence);
+            }
+            Next::Continue
+        });
+        metrics.wave(started.elapsed());
+        for ((job, (tokens, finish)), text) in jobs.iter().zip(results).zip(texts) {
+            let text = match finish {
+                Finish::StopSequence => cut_at_stop(&text, &job.stop),
+                _ => text,
+            };
+            let _ = job.events.send(Event::Done {
+                finish,
+                tokens,
+                text,
+            });
+        }
+    }
+}
+
+fn decode(lm: &LoadedModel<Cpu>, ids: &[u32]) -> String {
+    lm.tokenizer.decode(ids, true).unwrap_or_default()
+}
+
+/// The text up to (without) the first stop sequence it contains.
+pub fn cut_at_stop(text: &str, stops: &[String]) -> String {
+    let cut = stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+        .unwrap_or(text.len());
+    text[..cut].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_cut_before_the_earliest_stop() {
+        let stops = vec!["\n".to_string(), "lo".to_string()];
+        assert_eq!(cut_at_stop("hello\nworld", &stops), "hel");
+        assert_eq!(cut_at_stop("abc", &stops), "abc");
+    }
+}

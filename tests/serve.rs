@@ -1,0 +1,638 @@
+//! The REST API. A small model is trained once on part of the real corpus and deployed with
+//! `run --no-serve` (which smoke-tests a live server); the router is then driven without a
+//! socket for every route and every error class, and `orchestrate serve` once over TCP.
+#![cfg(feature = "model")]
+
+mod common;
+#[path = "common/servers.rs"]
+mod servers;
+use common::{stage_status, Sandbox};
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use orchestrate_serve::ServeOptions;
+use serde_json::Value;
+use tower::ServiceExt;
+
+const PIPELINE: &str = r#"
+name: served
+storage: file://store
+stages:
+  corpus:
+    kind: ingest
+    with:
+      sources:
+        - { path: "/usr/share/games/fortunes/p*", lang: en }
+        - { path: "/usr/share/games/fortunes/ru/[a-c]*", lang: ru }
+      split: { val: 0.05, test: 0.05 }
+  tokenizer:
+    kind: bpe
+    inputs: { corpus: corpus }
+    with: { vocab_size: 400, author_tokens: 8 }
+  model:
+    kind: train
+    inputs: { corpus: corpus, tokenizer: tokenizer }
+    resources: { device: cpu }
+    with:
+      d_model: 32
+      n_heads: 2
+      enc_layers: 1
+      dec_layers: 1
+      d_ff: 64
+      max_len: 256
+      batch: 8
+      steps: 10
+      warmup: 2
+      eval_every: 10
+      eval_batches: 1
+      max_records: 300
+  deploy:
+    kind: deploy
+    inputs: { model: model }
+    with: { name: tiny, port: 0 }
+"#;
+
+/// The sandbox with the pipeline run once, and the deploy artifact's directory.
+fn deployed() -> &'static (Sandbox, PathBuf) {
+    static ONCE: OnceLock<(Sandbox, PathBuf)> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let sb = Sandbox::new();
+        sb.write("p.yaml", PIPELINE);
+        let r = sb.run(&["run", "p.yaml", "--no-serve"]);
+        assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+        let dir = sb
+            .path()
+            .join(".orchestrate/artifacts")
+            .read_dir()
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("deployment.json").exists())
+            .unwrap_or_else(|| copy_artifact(&sb, "deploy"));
+        (sb, dir)
+    })
+}
+
+/// An artifact's files rebuilt from the store's manifest and blobs.
+fn copy_artifact(sb: &Sandbox, stage: &str) -> PathBuf {
+    let run = sb.last_run();
+    let key = run["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == stage)
+        .unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let m: Value = serde_json::from_str(&sb.read(&format!("store/manifests/{key}.json"))).unwrap();
+    let out = sb.path().join(format!("copy-{stage}"));
+    for f in m["files"].as_array().unwrap() {
+        let hex = f["digest"].as_str().unwrap().trim_start_matches("blake3:");
+        let dest = out.join(f["path"].as_str().unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(
+            sb.path().join(format!("store/blobs/{}/{hex}", &hex[..2])),
+            dest,
+        )
+        .unwrap();
+    }
+    out
+}
+
+fn app(opts: ServeOptions) -> axum::Router {
+    let (_, dir) = deployed();
+    orchestrate_serve::app(&dir.join("model"), &opts).unwrap()
+}
+
+fn opts() -> ServeOptions {
+    ServeOptions {
+        name: "tiny".into(),
+        max_new_tokens: Some(200),
+        ..ServeOptions::default()
+    }
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (StatusCode, Vec<(String, String)>, String) {
+    call_with(app, method, path, body, &[]).await
+}
+
+async fn call_with(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Vec<(String, String)>, String) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(
+            body.map(|b| Body::from(b.to_string()))
+                .unwrap_or_else(Body::empty),
+        )
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let hs = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, hs, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn j(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_smoke_tested_a_live_server() {
+    let (sb, dir) = deployed();
+    assert_eq!(stage_status(&sb.last_run(), "deploy"), "ran");
+    let d: Value = j(&std::fs::read_to_string(dir.join("deployment.json")).unwrap());
+    assert_eq!(d["name"], "tiny");
+    assert!(d["smoke"]["generated_tokens"].as_u64().unwrap() > 0, "{d}");
+    assert!(d["smoke"]["stream_events"].as_u64().unwrap() > 0, "{d}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_answers() {
+    let app = app(opts());
+    let (s, _, b) = call(&app, "GET", "/health", None).await;
+    assert_eq!((s, j(&b)["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let (s, _, b) = call(&app, "GET", "/info", None).await;
+    let info = j(&b);
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(info["model_id"], "tiny");
+    assert_eq!(info["max_input_tokens"], 256);
+
+    let (s, _, b) = call(&app, "POST", "/generate", Some(r#"{"inputs": "A fool and his money", "parameters": {"max_new_tokens": 12, "details": true, "author": "Nobody Known"}}"#)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let g = j(&b);
+    let d = &g["details"];
+    assert!(
+        ["length", "eos_token"].contains(&d["finish_reason"].as_str().unwrap()),
+        "{g}"
+    );
+    let n = d["generated_tokens"].as_u64().unwrap();
+    assert!((1..=12).contains(&n));
+    assert_eq!(d["tokens"].as_array().unwrap().len() as u64, n);
+    assert!(d["tokens"][0]["logprob"].as_f64().unwrap() <= 0.0);
+    assert!(
+        d["prefill"].as_array().unwrap().len() >= 3,
+        "control tokens and the prompt: {g}"
+    );
+    assert!(
+        g["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("`Nobody Known`"),
+        "an unknown author is said: {g}"
+    );
+    assert!(g["generated_text"].is_string());
+
+    // Greedy is deterministic; sampling with a seed is too.
+    let body = r#"{"inputs": "Life is", "parameters": {"max_new_tokens": 10, "do_sample": true, "temperature": 0.9, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.2, "seed": 7, "details": true}}"#;
+    let a = j(&call(&app, "POST", "/generate", Some(body)).await.2);
+    let b2 = j(&call(&app, "POST", "/generate", Some(body)).await.2);
+    assert_eq!(a["generated_text"], b2["generated_text"]);
+    assert_eq!(a["details"]["seed"], 7);
+
+    let (s, _, b) = call(
+        &app,
+        "POST",
+        "/",
+        Some(r#"{"inputs": "Жизнь", "parameters": {"max_new_tokens": 4}}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(j(&b)[0]["generated_text"].is_string(), "{b}");
+
+    let (s, hs, b) = call(
+        &app,
+        "POST",
+        "/generate_stream",
+        Some(r#"{"inputs": "Never", "parameters": {"max_new_tokens": 6, "details": true}}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(hs
+        .iter()
+        .any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream")));
+    let events: Vec<Value> = sse_data(&b).iter().map(|d| j(d)).collect();
+    assert!(!events.is_empty(), "{b}");
+    let last = events.last().unwrap();
+    assert!(
+        last["generated_text"].is_string()
+            && last["details"]["generated_tokens"].as_u64().unwrap() >= 1,
+        "{b}"
+    );
+    assert!(events[..events.len() - 1]
+        .iter()
+        .all(|e| e["generated_text"].is_null() && e["token"]["id"].is_u64()));
+    let streamed: String = events
+        .iter()
+        .map(|e| e["token"]["text"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        streamed,
+        last["generated_text"].as_str().unwrap(),
+        "the pieces add up to the text"
+    );
+
+    let (s, _, b) = call(
+        &app,
+        "POST",
+        "/",
+        Some(r#"{"inputs": "Never", "stream": true, "parameters": {"max_new_tokens": 3}}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!sse_data(&b).is_empty());
+
+    let (s, _, b) = call(
+        &app,
+        "POST",
+        "/tokenize",
+        Some(r#"{"inputs": "hello world"}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let toks = j(&b);
+    assert!(
+        toks.as_array().unwrap().len() >= 2 && toks[0]["start"] == 0,
+        "{b}"
+    );
+
+    let (s, _, b) = call(&app, "GET", "/v1/models", None).await;
+    assert_eq!(
+        (s, j(&b)["data"][0]["id"].as_str()),
+        (StatusCode::OK, Some("tiny"))
+    );
+    let (s, _, b) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some(r#"{"model": "tiny", "prompt": "Time", "max_tokens": 5, "temperature": 0}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let c = j(&b);
+    assert_eq!(c["object"], "text_completion");
+    assert!(["stop", "length"].contains(&c["choices"][0]["finish_reason"].as_str().unwrap()));
+    assert!(c["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+    let (s, _, b) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some(r#"{"prompt": "Time", "max_tokens": 5, "stream": true, "seed": 1}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let data = sse_data(&b);
+    assert_eq!(data.last().unwrap(), "[DONE]", "{b}");
+    assert!(j(&data[data.len() - 2])["choices"][0]["finish_reason"].is_string());
+    let (s, _, b) = call(&app, "POST", "/v1/chat/completions", Some(r#"{"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "Love is"}], "max_tokens": 5, "temperature": 0}"#)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(j(&b)["choices"][0]["message"]["role"], "assistant");
+    let (s, _, b) = call(&app, "POST", "/v1/chat/completions", Some(r#"{"messages": [{"role": "user", "content": "Love"}], "max_tokens": 3, "stream": true}"#)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(sse_data(&b).last().unwrap(), "[DONE]");
+
+    let (s, _, b) = call(&app, "GET", "/metrics", None).await;
+    assert_eq!(s, StatusCode::OK);
+    for family in [
+        "orchestrate_http_requests_total{route=\"/generate\",status=\"200\"}",
+        "orchestrate_http_request_duration_seconds_bucket",
+        "orchestrate_time_to_first_token_seconds_count",
+        "orchestrate_generated_tokens_total",
+        "orchestrate_queue_depth",
+        "orchestrate_batch_size_count",
+        "orchestrate_model_info{model=\"tiny\"",
+    ] {
+        assert!(b.contains(family), "{family} missing from\n{b}");
+    }
+    let (s, _, b) = call(&app, "GET", "/docs", None).await;
+    assert!(s == StatusCode::OK && b.contains("/openapi.json") && !b.contains("https://"));
+    let (s, _, b) = call(&app, "GET", "/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(j(&b)["paths"]["/generate_stream"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_class_is_json_and_names_the_field() {
+    let app = app(ServeOptions {
+        max_new_tokens: Some(40),
+        max_input_tokens: Some(20),
+        max_body_bytes: 2000,
+        ..opts()
+    });
+    let cases: &[(&str, &str, u16, &str)] = &[
+        (
+            "/generate",
+            r#"{"inputs": "x", "parameters": {"temperature": -1}}"#,
+            422,
+            "parameters.temperature",
+        ),
+        (
+            "/generate",
+            r#"{"inputs": "x", "parameters": {"temperature": "hot"}}"#,
+            422,
+            "parameters.temperature",
+        ),
+        (
+            "/generate",
+            r#"{"inputs": "x", "parameters": {"max_new_tokens": 41}}"#,
+            422,
+            "parameters.max_new_tokens",
+        ),
+        (
+            "/generate",
+            r#"{"inputs": "x", "parameters": {"max_new_tokens": 0}}"#,
+            422,
+            "parameters.max_new_tokens",
+        ),
+        (
+            "/generate",
+            r#"{"inputs": "x", "parameters": {"top_p": 1.5}}"#,
+            422,
+            "parameters.top_p",
+        ),
+        (
+            "/generate",
+            r#"{"inputs": "x", "parameters": {"top_k": 0}}"#,
+            422,
+            "parameters.top_k",
+        ),
+        (
+            "/generate",
+            r#"{"inputs": "x", "parameters": {"repetition_penalty": 0}}"#,
+            422,
+            "parameters.repetition_penalty",
+        ),
+        (
+            "/generate",
+            r#"{"inputs": "x", "parameters": {"lang": "fr"}}"#,
+            422,
+            "parameters.lang",
+        ),
+        (
+            "/generate",
+            r#"{"inputs": "x", "parameters": {"best_of": 2}}"#,
+            422,
+            "parameters.best_of",
+        ),
+        ("/generate", r#"{"parameters": {}}"#, 422, "body"),
+        ("/generate", r#"{"inputs": 5}"#, 422, "inputs"),
+        ("/generate", r#"{"inputs": "x""#, 400, ""),
+        ("/generate", "not json at all", 400, ""),
+        (
+            "/generate_stream",
+            r#"{"inputs": "x", "parameters": {"top_p": -1}}"#,
+            422,
+            "parameters.top_p",
+        ),
+        ("/v1/completions", r#"{"prompt": "x", "n": 2}"#, 422, "n"),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": 999}"#,
+            422,
+            "max_new_tokens",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": ["a", "b"]}"#,
+            422,
+            "prompt",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "system", "content": "x"}]}"#,
+            422,
+            "messages",
+        ),
+        ("/tokenize", r#"{}"#, 422, "body"),
+    ];
+    for (path, body, status, field) in cases {
+        let (s, _, b) = call(&app, "POST", path, Some(body)).await;
+        assert_eq!(s.as_u16(), *status, "{path} {body}: {b}");
+        let v = j(&b);
+        let (msg, f) = if path.starts_with("/v1/") {
+            (v["error"]["message"].as_str(), v["error"]["param"].as_str())
+        } else {
+            (v["error"].as_str(), v["field"].as_str())
+        };
+        assert!(msg.is_some_and(|m| !m.is_empty()), "{path} {body}: {b}");
+        if !field.is_empty() {
+            assert!(
+                f.is_some_and(|f| f.contains(field)),
+                "{path} {body}: field {f:?} in {b}"
+            );
+        }
+    }
+    // Too long a prompt: 413 naming it; too big a body: 413.
+    let long = format!(r#"{{"inputs": "{}"}}"#, "word ".repeat(100));
+    let (s, _, b) = call(&app, "POST", "/generate", Some(&long)).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{b}");
+    assert_eq!(j(&b)["field"], "inputs");
+    let huge = format!(r#"{{"inputs": "{}"}}"#, "x".repeat(5000));
+    let (s, _, b) = call(&app, "POST", "/generate", Some(&huge)).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{b}");
+    assert_eq!(j(&b)["field"], "body");
+    let (s, _, b) = call(&app, "GET", "/nope", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(j(&b)["error"].is_string());
+    let (s, _, _) = call(&app, "GET", "/generate", None).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_and_cors() {
+    let app = app(ServeOptions {
+        api_key: Some("s3cret".into()),
+        cors_origins: Some(vec!["https://ui.example".into()]),
+        ..opts()
+    });
+    let body = r#"{"inputs": "x", "parameters": {"max_new_tokens": 2}}"#;
+    let (s, _, b) = call(&app, "POST", "/generate", Some(body)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
+    let (s, _, _) = call_with(
+        &app,
+        "POST",
+        "/generate",
+        Some(body),
+        &[("authorization", "Bearer wrong")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, _) = call_with(
+        &app,
+        "POST",
+        "/generate",
+        Some(body),
+        &[("authorization", "Bearer s3cret")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, b) = call_with(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some(r#"{"prompt": "x"}"#),
+        &[("x-api-key", "nope")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(
+        j(&b)["error"]["message"].is_string(),
+        "OpenAI's error shape under /v1: {b}"
+    );
+    let (s, _, _) = call(&app, "GET", "/health", None).await;
+    assert_eq!(s, StatusCode::OK, "probes need no key");
+    let (_, hs, _) = call_with(
+        &app,
+        "GET",
+        "/health",
+        None,
+        &[("origin", "https://ui.example")],
+    )
+    .await;
+    assert!(hs
+        .iter()
+        .any(|(k, v)| k == "access-control-allow-origin" && v == "https://ui.example"));
+
+    // Without configuration, no CORS headers at all.
+    let plain = self::app(opts());
+    let (_, hs, _) = call_with(
+        &plain,
+        "GET",
+        "/health",
+        None,
+        &[("origin", "https://ui.example")],
+    )
+    .await;
+    assert!(!hs.iter().any(|(k, _)| k.starts_with("access-control")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_queue_answers_429_and_a_gone_client_frees_its_slot() {
+    let app = app(ServeOptions {
+        max_batch: 1,
+        queue: 1,
+        ..opts()
+    });
+    let body = r#"{"inputs": "x", "parameters": {"max_new_tokens": 200, "details": true}}"#;
+    let calls: Vec<_> = (0..8)
+        .map(|_| call(&app, "POST", "/generate", Some(body)))
+        .collect();
+    let results = futures::future::join_all(calls).await;
+    let busy: Vec<_> = results
+        .iter()
+        .filter(|r| r.0 == StatusCode::TOO_MANY_REQUESTS)
+        .collect();
+    assert!(
+        !busy.is_empty(),
+        "{:?}",
+        results.iter().map(|r| r.0).collect::<Vec<_>>()
+    );
+    assert!(busy[0]
+        .1
+        .iter()
+        .any(|(k, v)| k == "retry-after" && v == "1"));
+    assert_eq!(j(&busy[0].2)["error_type"], "overloaded");
+    assert!(results
+        .iter()
+        .all(|r| r.0 == StatusCode::OK || r.0 == StatusCode::TOO_MANY_REQUESTS));
+
+    // A stream read for one event and dropped: the decoder stops that row early.
+    let tokens = |m: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix("orchestrate_generated_tokens_total "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = tokens(&call(&app, "GET", "/metrics", None).await.2);
+    let req = Request::builder()
+        .method("POST")
+        .uri("/generate_stream")
+        .header("content-type", "application/json")
+        .body(Body::from(
+            r#"{"inputs": "x", "parameters": {"max_new_tokens": 200}}"#,
+        ))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert!(first.is_data());
+    drop(body);
+    // The next request is served (the slot is free) and the dropped row stopped early.
+    let (s, _, _) = call(
+        &app,
+        "POST",
+        "/generate",
+        Some(r#"{"inputs": "y", "parameters": {"max_new_tokens": 1}}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let after = tokens(&call(&app, "GET", "/metrics", None).await.2);
+    assert!(
+        after - before < 150.0,
+        "the abandoned stream went on: {before} → {after}"
+    );
+}
+
+#[test]
+fn orchestrate_serve_listens_and_stops_gracefully_on_sigterm() {
+    let (sb, _) = deployed();
+    let mut child = sb
+        .cmd(&["serve", "deploy", "--pipeline", "p.yaml", "--port", "0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("the server says where it listens")
+            .unwrap();
+        if let Some(rest) = line.split("at http://").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap());
+        }
+    };
+    let (status, body) = servers::http(
+        "POST",
+        &format!("{url}/generate"),
+        Some(r#"{"inputs": "Hello", "parameters": {"max_new_tokens": 3}}"#),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(j(&body)["generated_text"].is_string());
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let code = child.wait().unwrap();
+    assert_eq!(code.code(), Some(0));
+}
