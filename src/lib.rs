@@ -3,6 +3,7 @@
 
 pub mod diag;
 pub mod exec;
+pub mod export;
 pub mod gc;
 pub mod graph;
 pub mod key;

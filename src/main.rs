@@ -79,6 +79,27 @@ impl SelectArgs {
     }
 }
 
+#[derive(Subcommand)]
+enum ExportTarget {
+    /// An Argo Workflows manifest (YAML): one template per stage, the DAG's dependencies,
+    /// GPU requests from `resources`, the S3 store and MLflow from the configuration.
+    Argo {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The container image with `orchestrate` (deploy/Dockerfile, or Dockerfile.cuda).
+        #[arg(long, default_value = "orchestrate:latest")]
+        image: String,
+        /// Kubernetes secret with AWS_* credentials (and MLFLOW_TRACKING_TOKEN).
+        #[arg(long, default_value = "orchestrate-credentials")]
+        secret: String,
+        /// Write here instead of standard output.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum GraphFormat {
     Dot,
@@ -157,6 +178,22 @@ enum Command {
         /// Allow browsers from this origin (repeatable); CORS is off otherwise.
         #[arg(long = "cors-origin", value_name = "ORIGIN")]
         cors_origins: Vec<String>,
+    },
+    /// Export the pipeline for another orchestrator.
+    Export {
+        #[command(subcommand)]
+        target: ExportTarget,
+    },
+    /// Re-execute stages into a scratch store and compare their artifacts' digests with the
+    /// stored ones, naming every stage that is not deterministic (exit 1 when one is not).
+    Verify {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Compare only this stage (repeatable; its upstream stages run too).
+        #[arg(long, value_name = "STAGE")]
+        stage: Vec<String>,
     },
     /// Print the stage graph.
     Graph {
@@ -464,6 +501,45 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let dir = stage_artifact(&store, &stage, &cache).await?;
             serve_dir(&dir, overrides).await
         }
+        Command::Export {
+            target:
+                ExportTarget::Argo {
+                    pipeline,
+                    store,
+                    image,
+                    secret,
+                    output,
+                },
+        } => {
+            let p = load(&pipeline)?;
+            let source = std::fs::read_to_string(&pipeline.file).map_err(|e| {
+                Failure::new(
+                    2,
+                    format!("error: cannot read {}: {e}", pipeline.file.display()),
+                )
+            })?;
+            let opts = orchestrate::export::ArgoOptions {
+                image,
+                store: store.store,
+                secret,
+                mlflow: mlflow_url(&p),
+            };
+            let wf = orchestrate::export::argo(&p, &source, &opts)
+                .map_err(|e| Failure::new(2, format!("error: {e}")))?;
+            let text = orchestrate::export::to_yaml(&wf);
+            match output {
+                Some(f) => std::fs::write(&f, text).map_err(|e| {
+                    Failure::new(1, format!("error: cannot write {}: {e}", f.display()))
+                })?,
+                None => print!("{text}"),
+            }
+            Ok(0)
+        }
+        Command::Verify {
+            pipeline,
+            store,
+            stage,
+        } => verify(&pipeline, &store, &stage).await,
         Command::Graph { pipeline, format } => {
             let p = load(&pipeline)?;
             print!(
@@ -770,6 +846,123 @@ async fn serve_dir(dir: &Path, o: ServeOverrides) -> Result<u8, Failure> {
     .await
     .map_err(|e| Failure::new(1, format!("error: {e}")))?;
     Ok(0)
+}
+
+/// Runs the whole pipeline again into a scratch store (its own cache, no tracking) and
+/// compares each stage's artifact digest with the one stored for the same stage.
+async fn verify(
+    pipeline: &PipelineArgs,
+    store: &StoreArgs,
+    only: &[String],
+) -> Result<u8, Failure> {
+    let p = load(pipeline)?;
+    for s in only {
+        if p.stage_index(s).is_none() {
+            return Err(Failure::new(
+                2,
+                format!("error: no stage `{s}` in {}", p.path.display()),
+            ));
+        }
+    }
+    let stored = open_store(&p, store)?;
+    let plan = Plan::build(&p, &stored, &Default::default()).await?;
+    let scratch = std::env::temp_dir().join(format!("orchestrate-verify-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).map_err(|e| {
+        Failure::new(
+            1,
+            format!("error: cannot create {}: {e}", scratch.display()),
+        )
+    })?;
+    let exe = std::env::current_exe().map_err(|e| Failure::new(1, format!("error: {e}")))?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("run").arg(&pipeline.file);
+    for s in &pipeline.sets {
+        cmd.arg("--set").arg(s);
+    }
+    let scratch_url = format!("file://{}", scratch.join("store").display());
+    cmd.args(["--store", &scratch_url, "--no-serve", "--quiet"])
+        .env("ORCHESTRATE_CACHE_DIR", scratch.join("cache"))
+        .env("MLFLOW_TRACKING_URI", "")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    eprintln!(
+        "verify: re-executing every stage into {}",
+        scratch.display()
+    );
+    let status = cmd
+        .status()
+        .await
+        .map_err(|e| Failure::new(1, format!("error: cannot start the re-execution: {e}")))?;
+    let again = Store::open(&scratch_url, Path::new("."))?;
+    let id = again.list_run_ids().await?.pop();
+    let record: Option<RunRecord> = match id {
+        Some(id) => again.get_run(&id).await?,
+        None => None,
+    };
+    let Some(record) = record.filter(|_| status.success()) else {
+        let _ = std::fs::remove_dir_all(&scratch);
+        return Err(Failure::new(
+            1,
+            format!("error: the re-execution failed ({status})"),
+        ));
+    };
+    let mut differ = Vec::new();
+    println!(
+        "{:<16} {:<12} {:<16} {:<16}",
+        "stage", "result", "stored", "re-executed"
+    );
+    for sp in &plan.stages {
+        if !only.is_empty() && !only.contains(&sp.stage) {
+            continue;
+        }
+        let original = match (&sp.status, &sp.key) {
+            (orchestrate::plan::Status::Cached, Some(k)) => {
+                stored.manifest(k).await?.map(|m| m.digest)
+            }
+            _ => None,
+        };
+        let redone = record
+            .stages
+            .iter()
+            .find(|s| s.stage == sp.stage)
+            .and_then(|s| s.artifact.clone());
+        let short = |d: &Option<String>| {
+            d.as_deref()
+                .map(orchestrate::plan::short_digest)
+                .unwrap_or_else(|| "-".into())
+        };
+        let verdict = match (&original, &redone) {
+            (Some(a), Some(b)) if a == b => "identical",
+            (Some(_), Some(_)) => {
+                differ.push(sp.stage.clone());
+                "DIFFERS"
+            }
+            (None, _) => "not stored",
+            (_, None) => "not re-run",
+        };
+        println!(
+            "{:<16} {:<12} {:<16} {:<16}",
+            sp.stage,
+            verdict,
+            short(&original),
+            short(&redone)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    if differ.is_empty() {
+        Ok(0)
+    } else {
+        eprintln!(
+            "not deterministic: {} (same inputs and parameters, different bytes)",
+            differ
+                .iter()
+                .map(|s| format!("`{s}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(1)
+    }
 }
 
 fn exit_code(r: &RunRecord) -> u8 {

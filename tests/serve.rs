@@ -636,3 +636,33 @@ fn orchestrate_serve_listens_and_stops_gracefully_on_sigterm() {
     let code = child.wait().unwrap();
     assert_eq!(code.code(), Some(0));
 }
+
+/// Every query of the Grafana dashboard names a metric a live server exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_queries_only_metrics_the_server_exports() {
+    let Some(venv) = servers::venv() else { return };
+    let app = app(opts());
+    let (s, _, _) = call(
+        &app,
+        "POST",
+        "/generate",
+        Some(r#"{"inputs": "x", "parameters": {"max_new_tokens": 2}}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, _, metrics) = call(&app, "GET", "/metrics", None).await;
+    let file = deployed().0.path().join("metrics.prom");
+    std::fs::write(&file, metrics).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(venv.join("bin/python"))
+        .arg(root.join("tests/deploy_files/check.py"))
+        .args(["dashboard", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -45,7 +45,7 @@ fn smoke_pipeline_on_s3_is_browsable_in_mlflow() {
     s3(&venv, &moto.url, "create_bucket(Bucket='shared')");
     let file = format!("{}/pipelines/smoke.yaml", env!("CARGO_MANIFEST_DIR"));
     let run = |extra_env: &[(&str, &str)]| {
-        let mut c = sb.cmd(&["run", &file, "--store", "s3://shared/team"]);
+        let mut c = sb.cmd(&["run", &file, "--store", "s3://shared/team", "--no-serve"]);
         c.env("MLFLOW_TRACKING_URI", &mlflow.url)
             .env("ORCHESTRATE_CACHE_DIR", sb.path().join("cache"))
             .env("AWS_ENDPOINT_URL", &moto.url)
@@ -70,7 +70,7 @@ fn smoke_pipeline_on_s3_is_browsable_in_mlflow() {
         &moto.url,
         "list_objects_v2(Bucket='shared', Prefix='team/manifests/')['KeyCount']",
     );
-    assert_eq!(listed.trim(), "3", "{stdout}");
+    assert_eq!(listed.trim(), "6", "{stdout}");
 
     let exp = mlflow_api(
         &mlflow.url,
@@ -100,7 +100,7 @@ fn smoke_pipeline_on_s3_is_browsable_in_mlflow() {
         &exp,
         &format!("tags.mlflow.parentRunId = '{parent_id}'"),
     );
-    assert_eq!(children.len(), 3, "{children:?}");
+    assert_eq!(children.len(), 6, "{children:?}");
     let tok = children
         .iter()
         .find(|c| c["info"]["run_name"] == "tokenizer")
@@ -161,10 +161,38 @@ fn smoke_pipeline_on_s3_is_browsable_in_mlflow() {
         .iter()
         .any(|f| f["path"] == "run.json"));
 
-    // The trained model is a registered model version, its files under the run's `model/`.
+    // The evaluation's report, table and chart went up through the artifact proxy.
+    let eval_run = children
+        .iter()
+        .find(|c| c["info"]["run_name"] == "evaluation")
+        .unwrap();
+    let arts = mlflow_api(
+        &mlflow.url,
+        &format!(
+            "artifacts/list?run_id={}",
+            eval_run["info"]["run_id"].as_str().unwrap()
+        ),
+        None,
+    );
+    let names: Vec<&str> = arts["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    for want in ["report.json", "report.md", "chart.png"] {
+        assert!(names.contains(&want), "{want} not in {names:?}");
+    }
+    assert!(eval_run["data"]["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["key"] == "int8.perplexity"));
+
+    // The deployed model is a registered model version, its files under the run's `model/`.
     let model_run = children
         .iter()
-        .find(|c| c["info"]["run_name"] == "model")
+        .find(|c| c["info"]["run_name"] == "deploy")
         .unwrap();
     let model_run_id = model_run["info"]["run_id"].as_str().unwrap().to_string();
     let versions = mlflow_api(
@@ -188,7 +216,7 @@ fn smoke_pipeline_on_s3_is_browsable_in_mlflow() {
         .map(|f| f["path"].as_str().unwrap())
         .collect();
     assert!(
-        names.contains(&"model/model.mpk") && names.contains(&"model/model.json"),
+        names.contains(&"model/deployment.json") && names.contains(&"model/model"),
         "{names:?}"
     );
     assert!(names.contains(&"model/MODEL_CARD.md"), "{names:?}");
@@ -212,7 +240,7 @@ fn smoke_pipeline_on_s3_is_browsable_in_mlflow() {
         &exp,
         &format!("tags.mlflow.parentRunId = '{p2_id}'"),
     );
-    assert_eq!(kids.len(), 3);
+    assert_eq!(kids.len(), 6);
     let versions = mlflow_api(
         &mlflow.url,
         "model-versions/search?filter=name%3D%27prometheus-smoke%27",

@@ -42,8 +42,13 @@ const COLORS: [RGBColor; 6] = [
 ];
 
 fn span(values: impl Iterator<Item = f64> + Clone) -> std::ops::Range<f64> {
-    let lo = values.clone().fold(f64::INFINITY, f64::min);
-    let hi = values.fold(f64::NEG_INFINITY, f64::max);
+    let lo = values
+        .clone()
+        .filter(|v| v.is_finite())
+        .fold(f64::INFINITY, f64::min);
+    let hi = values
+        .filter(|v| v.is_finite())
+        .fold(f64::NEG_INFINITY, f64::max);
     if !lo.is_finite() || !hi.is_finite() {
         return 0.0..1.0;
     }
@@ -88,6 +93,9 @@ pub fn draw(path: &Path, reports: &[VariantReport]) -> Result<(), String> {
         for (i, r) in reports.iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
             let at = (x_of(r), r.perplexity);
+            if !at.0.is_finite() {
+                continue; // latency not measured (timings: false)
+            }
             chart
                 .draw_series(std::iter::once(Circle::new(at, 7, color.filled())))
                 .map_err(|e| err(&e))?;

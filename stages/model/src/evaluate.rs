@@ -62,6 +62,17 @@ pub struct EvaluateParams {
     pub batch: usize,
     #[serde(default)]
     pub gate: Gate,
+    /// Measure latency and throughput. Off, the report holds only what is reproducible
+    /// byte for byte (CI retraining compares digests), and `max_p95_ms` cannot be gated.
+    #[serde(default = "yes")]
+    pub timings: bool,
+    /// CPU threads (all when absent); `1` makes perplexities reproducible to the last bit.
+    #[serde(default)]
+    pub threads: Option<usize>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_prompts() -> usize {
@@ -110,7 +121,17 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
 };
 
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
-    canonical_params::<EvaluateParams>(v)
+    let v = canonical_params::<EvaluateParams>(v)?;
+    let p: EvaluateParams = serde_json::from_value(v.clone()).expect("just canonicalised");
+    if !p.timings && p.gate.max_p95_ms.is_some() {
+        return Err(ParamError {
+            path: vec![orchestrate_stage::PathSegment::Key("gate".into())],
+            problem: orchestrate_stage::ParamProblem::Invalid(
+                "gate.max_p95_ms needs timings: true".into(),
+            ),
+        });
+    }
+    Ok(v)
 }
 
 /// Measurements of one model on one language.
@@ -146,6 +167,17 @@ pub struct VariantReport {
 
 pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     let p: EvaluateParams = ctx.params()?;
+    match p.threads {
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build()
+            .map_err(|e| StageError::Failed(format!("cannot start {n} threads: {e}")))?
+            .install(|| evaluate_all(ctx, p)),
+        None => evaluate_all(ctx, p),
+    }
+}
+
+fn evaluate_all(ctx: &StageContext<'_>, p: EvaluateParams) -> Result<StageOutput, StageError> {
     let corpus = ctx.input("corpus")?;
     let models = ctx
         .inputs
@@ -397,6 +429,27 @@ fn evaluate_model<B: Backend>(
         tokens_all += tokens;
     }
 
+    let mut report = VariantReport {
+        name: name.to_string(),
+        quantization: lm.card.quantization.as_str().to_string(),
+        artifact_bytes: lm.artifact_bytes,
+        stored_param_bytes: lm.stored_param_bytes,
+        resident_param_bytes: lm.resident_param_bytes,
+        load_ms: f64::NAN,
+        perplexity: (nll_all / tokens_all.max(1) as f64).exp(),
+        token_accuracy: right_all as f64 / tokens_all.max(1) as f64,
+        chrf: chrf_sum / chrf_n.max(1) as f64,
+        latency_p50_ms: f64::NAN,
+        latency_p95_ms: f64::NAN,
+        tokens_per_second_batch1: f64::NAN,
+        tokens_per_second_batch: f64::NAN,
+        languages,
+        ppl_increase: 0.0,
+    };
+    if !p.timings {
+        return Ok(report);
+    }
+    report.load_ms = lm.load_ms;
     // Latency: a fixed-length continuation of one prompt, after two untimed runs.
     let prompt = &examples[0];
     let src: Vec<u32> = prompt
@@ -447,23 +500,11 @@ fn evaluate_model<B: Backend>(
         Next::Continue
     });
     let batch_secs = t.elapsed().as_secs_f64();
-    Ok(VariantReport {
-        name: name.to_string(),
-        quantization: lm.card.quantization.as_str().to_string(),
-        artifact_bytes: lm.artifact_bytes,
-        stored_param_bytes: lm.stored_param_bytes,
-        resident_param_bytes: lm.resident_param_bytes,
-        load_ms: lm.load_ms,
-        perplexity: (nll_all / tokens_all.max(1) as f64).exp(),
-        token_accuracy: right_all as f64 / tokens_all.max(1) as f64,
-        chrf: chrf_sum / chrf_n.max(1) as f64,
-        latency_p50_ms: quantile(&times, 0.5),
-        latency_p95_ms: quantile(&times, 0.95),
-        tokens_per_second_batch1: p.new_tokens as f64 / (mean / 1e3).max(1e-9),
-        tokens_per_second_batch: (p.batch * p.new_tokens) as f64 / batch_secs.max(1e-9),
-        languages,
-        ppl_increase: 0.0,
-    })
+    report.latency_p50_ms = quantile(&times, 0.5);
+    report.latency_p95_ms = quantile(&times, 0.95);
+    report.tokens_per_second_batch1 = p.new_tokens as f64 / (mean / 1e3).max(1e-9);
+    report.tokens_per_second_batch = (p.batch * p.new_tokens) as f64 / batch_secs.max(1e-9);
+    Ok(report)
 }
 
 /// Summed negative log-likelihood and correctly predicted tokens of one batch.

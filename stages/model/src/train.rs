@@ -88,6 +88,10 @@ pub struct TrainParams {
     /// Train on at most this many records (CI-sized runs).
     #[serde(default)]
     pub max_records: Option<usize>,
+    /// CPU threads for tensor work (all cores when absent). `1` makes a CPU run
+    /// bit-reproducible: floating-point sums then happen in one order, run after run.
+    #[serde(default)]
+    pub threads: Option<usize>,
 }
 
 fn default_preset() -> Preset {
@@ -248,6 +252,17 @@ struct Progress {
 
 pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     let p: TrainParams = ctx.params()?;
+    match p.threads {
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build()
+            .map_err(|e| StageError::Failed(format!("cannot start {n} threads: {e}")))?
+            .install(|| train(ctx, p)),
+        None => train(ctx, p),
+    }
+}
+
+fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageError> {
     if ctx.device.starts_with("cuda") {
         return Err(StageError::Failed(format!(
             "device `{}` asked for, but this build has no CUDA backend (build with --features cuda)",

@@ -1,0 +1,135 @@
+//! `orchestrate export argo`: the pipeline as an Argo Workflow. One template per stage runs
+//! `orchestrate run FILE --only STAGE` in the image; the DAG's edges become task
+//! dependencies; a stage on `cuda` asks for a GPU. Stages hand artifacts to each other
+//! through the shared store (which must therefore be remote, e.g. S3), exactly as two
+//! laptops sharing a store would, so a task whose artifact is stored does no work.
+
+use serde_json::{json, Value};
+
+use crate::pipeline::{Device, Pipeline};
+
+pub struct ArgoOptions {
+    pub image: String,
+    /// Overrides the pipeline's `storage`.
+    pub store: Option<String>,
+    /// Kubernetes secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optionally
+    /// AWS_ENDPOINT_URL, AWS_REGION, MLFLOW_TRACKING_TOKEN).
+    pub secret: String,
+    pub mlflow: Option<String>,
+}
+
+/// Where the pipeline file sits inside every task's container.
+const PIPELINE_PATH: &str = "/work/pipeline.yaml";
+
+pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String> {
+    let store = o.store.clone().unwrap_or_else(|| p.storage.clone());
+    if !store.starts_with("s3://") {
+        return Err(format!(
+            "the store is `{store}`, but tasks on different nodes must share it: give an s3:// store (--store or `storage:`)"
+        ));
+    }
+    let mut env = vec![json!({"name": "ORCHESTRATE_STORE", "value": store})];
+    if let Some(m) = &o.mlflow {
+        env.push(json!({"name": "MLFLOW_TRACKING_URI", "value": m}));
+    }
+    for key in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ENDPOINT_URL",
+        "AWS_REGION",
+        "MLFLOW_TRACKING_TOKEN",
+    ] {
+        env.push(json!({
+            "name": key,
+            "valueFrom": {"secretKeyRef": {"name": o.secret, "key": key, "optional": true}}
+        }));
+    }
+    let mut tasks = Vec::new();
+    let mut templates = Vec::new();
+    for &i in &p.order {
+        let s = &p.stages[i];
+        let name = task_name(&s.name);
+        let mut deps: Vec<String> = p
+            .upstream(i)
+            .iter()
+            .map(|&u| task_name(&p.stages[u].name))
+            .collect();
+        deps.sort();
+        deps.dedup();
+        let mut task = json!({"name": name, "template": name});
+        if !deps.is_empty() {
+            task["dependencies"] = json!(deps);
+        }
+        tasks.push(task);
+        let mut container = json!({
+            "image": o.image,
+            "command": ["orchestrate"],
+            "args": ["run", PIPELINE_PATH, "--only", s.name, "--no-serve", "--quiet"],
+            "env": env,
+        });
+        if let Device::Cuda(_) = s.device {
+            // One GPU per task: the scheduler picks which; `cuda:N` indices are node-local.
+            container["resources"] = json!({"limits": {"nvidia.com/gpu": "1"}});
+        }
+        templates.push(json!({
+            "name": name,
+            "metadata": {"labels": {"orchestrate.stage": s.name, "orchestrate.kind": s.kind.name()}},
+            "retryStrategy": {"limit": (s.retries).to_string()},
+            "inputs": {"artifacts": [{"name": "pipeline", "path": PIPELINE_PATH, "raw": {"data": source}}]},
+            "container": container,
+        }));
+    }
+    templates.insert(0, json!({"name": "pipeline", "dag": {"tasks": tasks}}));
+    Ok(json!({
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {
+            "generateName": format!("{}-", task_name(&p.name)),
+            "labels": {"orchestrate.pipeline": task_name(&p.name)},
+        },
+        "spec": {"entrypoint": "pipeline", "templates": templates},
+    }))
+}
+
+/// Kubernetes names: lower case, digits and `-`.
+fn task_name(s: &str) -> String {
+    let n: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    n.trim_matches('-').to_string()
+}
+
+/// JSON to YAML text (block style), through yaml-rust2's emitter.
+pub fn to_yaml(v: &Value) -> String {
+    fn conv(v: &Value) -> yaml_rust2::Yaml {
+        use yaml_rust2::Yaml;
+        match v {
+            Value::Null => Yaml::Null,
+            Value::Bool(b) => Yaml::Boolean(*b),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => Yaml::Integer(i),
+                None => Yaml::Real(n.to_string()),
+            },
+            Value::String(s) => Yaml::String(s.clone()),
+            Value::Array(a) => Yaml::Array(a.iter().map(conv).collect()),
+            Value::Object(o) => Yaml::Hash(
+                o.iter()
+                    .map(|(k, v)| (Yaml::String(k.clone()), conv(v)))
+                    .collect(),
+            ),
+        }
+    }
+    let mut out = String::new();
+    let mut e = yaml_rust2::YamlEmitter::new(&mut out);
+    e.multiline_strings(true);
+    let _ = e.dump(&conv(v));
+    out.push('\n');
+    out
+}
