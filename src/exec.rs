@@ -948,6 +948,10 @@ impl EventSink for Sink {
     }
 
     fn metric(&self, name: &str, value: f64, step: Option<u64>) {
+        // JSON and MLflow have no NaN or infinity: a value that is not a number is not one.
+        if !value.is_finite() {
+            return;
+        }
         if let Ok(mut m) = self.metrics.lock() {
             m.insert(name.to_string(), value);
         }

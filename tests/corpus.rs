@@ -20,7 +20,7 @@ fn run_pipeline(sb: &Sandbox, name: &str, extra: &[&str]) -> common::Ran {
     let file = format!("{}/pipelines/{name}", env!("CARGO_MANIFEST_DIR"));
     let store = format!("file://{}/store", sb.path().display());
     let cache = sb.path().join("cache");
-    let mut args = vec!["run", &file, "--store", &store];
+    let mut args = vec!["run", &file, "--store", &store, "--no-serve"];
     args.extend_from_slice(extra);
     sb.cmd(&args)
         .env("ORCHESTRATE_CACHE_DIR", &cache)

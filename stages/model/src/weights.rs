@@ -142,6 +142,8 @@ pub fn dequantize_blocks(codes: &[i8], scales: &[f32], block: usize) -> Vec<f32>
         .collect()
 }
 
+const META_KEY: &str = "orchestrate";
+
 fn name(i: usize) -> String {
     format!("p{i:04}")
 }
@@ -197,12 +199,15 @@ pub fn save(
             ))
         })
         .collect::<Result<Vec<_>, String>>()?;
-    let meta = HashMap::from([
-        ("format".to_string(), "orchestrate-weights".to_string()),
-        ("scheme".to_string(), scheme.as_str().to_string()),
-        ("block".to_string(), block.to_string()),
-        ("tensors".to_string(), tensors.len().to_string()),
-    ]);
+    // One metadata entry: safetensors keeps metadata in a HashMap, whose order (and so the
+    // file's bytes) would change from run to run with several.
+    let header = serde_json::json!({
+        "format": "orchestrate-weights",
+        "scheme": scheme.as_str(),
+        "block": block,
+        "tensors": tensors.len(),
+    });
+    let meta = HashMap::from([(META_KEY.to_string(), header.to_string())]);
     let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())?;
     std::fs::write(path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(bytes.len() as u64)
@@ -220,23 +225,25 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let (_, meta) =
         SafeTensors::read_metadata(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    let info = meta.metadata().clone().unwrap_or_default();
-    let get = |k: &str| {
-        info.get(k).cloned().ok_or_else(|| {
-            format!(
-                "{}: no `{k}` in the header: not an orchestrate weights file",
-                path.display()
-            )
-        })
+    let not_ours = || {
+        format!(
+            "{}: not an orchestrate weights file (no `{META_KEY}` header)",
+            path.display()
+        )
     };
-    let scheme: Scheme = serde_json::from_value(serde_json::Value::String(get("scheme")?))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let block: usize = get("block")?
-        .parse()
-        .map_err(|_| format!("{}: bad block size", path.display()))?;
-    let count: usize = get("tensors")?
-        .parse()
-        .map_err(|_| format!("{}: bad tensor count", path.display()))?;
+    let header: serde_json::Value = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(META_KEY))
+        .and_then(|h| serde_json::from_str(h).ok())
+        .ok_or_else(not_ours)?;
+    let scheme: Scheme = serde_json::from_value(header["scheme"].clone())
+        .map_err(|e| format!("{}: scheme: {e}", path.display()))?;
+    let block = header["block"]
+        .as_u64()
+        .filter(|b| *b > 0)
+        .ok_or_else(not_ours)? as usize;
+    let count = header["tensors"].as_u64().ok_or_else(not_ours)? as usize;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut tensors = Vec::with_capacity(count);
     let mut stored = 0u64;

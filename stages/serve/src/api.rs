@@ -521,19 +521,24 @@ fn openai_finish(f: Finish) -> &'static str {
 }
 
 impl AppState {
-    fn details(&self, prep: &Prepared, c: &Collected) -> Value {
-        let prefill: Vec<Value> = prep
-            .prompt_ids
+    fn details(
+        &self,
+        prompt_ids: &[u32],
+        warnings: &[String],
+        seed: Option<u64>,
+        c: &Collected,
+    ) -> Value {
+        let prefill: Vec<Value> = prompt_ids
             .iter()
             .map(|id| json!({"id": id, "text": self.model.tokenizer.id_to_token(*id).unwrap_or_default(), "logprob": null}))
             .collect();
         json!({
             "finish_reason": tgi_finish(c.finish),
             "generated_tokens": c.count,
-            "seed": prep.seed,
+            "seed": seed,
             "prefill": prefill,
             "tokens": c.tokens,
-            "warnings": prep.warnings,
+            "warnings": warnings,
         })
     }
 }
@@ -544,7 +549,7 @@ async fn run_tgi(s: &Shared, req: GenerateRequest) -> Result<Value, ApiError> {
     let c = collect(rx).await?;
     let mut v = json!({"generated_text": c.text});
     if req.parameters.details {
-        v["details"] = s.details(&prep, &c);
+        v["details"] = s.details(&prep.prompt_ids, &prep.warnings, prep.seed, &c);
     }
     if !prep.warnings.is_empty() {
         v["warnings"] = json!(prep.warnings);
@@ -604,64 +609,46 @@ fn stream_tgi(s: &Shared, req: GenerateRequest) -> Result<Response, ApiError> {
                     return None;
                 }
                 // Each token is held back one event, so the last one can carry the summary.
-                loop {
-                    match rx.recv().await {
-                        Some(Event::Token {
-                            token,
-                            text,
-                            special,
-                        }) => {
-                            let t = json!({"id": token.id, "text": text, "logprob": token.logprob, "special": special});
-                            toks.push(t.clone());
-                            let out = pending.map(|p| SseEvent::default().data(p.to_string()));
-                            let next = json!({"index": token.index + 1, "token": t, "generated_text": null, "details": null});
-                            match out {
-                                Some(ev) => return Some((ev, (rx, toks, Some(next), false))),
-                                None => {
-                                    return Some((
-                                        SseEvent::default().comment("start"),
-                                        (rx, toks, Some(next), false),
-                                    ))
-                                }
+                match rx.recv().await? {
+                    Event::Token {
+                        token,
+                        text,
+                        special,
+                    } => {
+                        let t = json!({"id": token.id, "text": text, "logprob": token.logprob, "special": special});
+                        toks.push(t.clone());
+                        let next = json!({"index": token.index + 1, "token": t, "generated_text": null, "details": null});
+                        let ev = match pending {
+                            Some(p) => SseEvent::default().data(p.to_string()),
+                            None => SseEvent::default().comment("start"),
+                        };
+                        Some((ev, (rx, toks, Some(next), false)))
+                    }
+                    Event::Done {
+                        finish,
+                        tokens,
+                        text,
+                    } => {
+                        let mut last = pending.unwrap_or_else(|| json!({"index": 0, "token": null, "generated_text": null, "details": null}));
+                        last["generated_text"] = json!(text);
+                        if want_details {
+                            let c = Collected {
+                                text,
+                                finish,
+                                tokens: Vec::new(),
+                                count: tokens.len(),
+                            };
+                            let mut d = state.details(&prompt_ids, &warnings, prep_seed, &c);
+                            if let Some(o) = d.as_object_mut() {
+                                o.remove("tokens");
+                                o.remove("prefill");
                             }
+                            last["details"] = d;
                         }
-                        Some(Event::Done {
-                            finish,
-                            tokens,
-                            text,
-                        }) => {
-                            let mut last = pending.unwrap_or_else(|| json!({"index": 0, "token": null, "generated_text": null, "details": null}));
-                            last["generated_text"] = json!(text);
-                            if want_details {
-                                let prep = Prepared {
-                                    row: Row {
-                                        src: vec![],
-                                        sampling: Sampling::default(),
-                                        max_new_tokens: 0,
-                                        ignore_eos: false,
-                                    },
-                                    stop: vec![],
-                                    prompt_ids: prompt_ids.clone(),
-                                    warnings: warnings.clone(),
-                                    seed: prep_seed,
-                                };
-                                let c = Collected {
-                                    text,
-                                    finish,
-                                    tokens: toks.clone(),
-                                    count: tokens.len(),
-                                };
-                                let mut d = state.details(&prep, &c);
-                                d.as_object_mut().map(|o| o.remove("tokens"));
-                                d.as_object_mut().map(|o| o.remove("prefill"));
-                                last["details"] = d;
-                            }
-                            return Some((
-                                SseEvent::default().data(last.to_string()),
-                                (rx, toks, None, true),
-                            ));
-                        }
-                        None => return None,
+                        Some((
+                            SseEvent::default().data(last.to_string()),
+                            (rx, toks, None, true),
+                        ))
                     }
                 }
             }
@@ -839,7 +826,8 @@ struct OpenAiCall {
     chat: bool,
 }
 
-fn openai_params(
+/// The sampling fields OpenAI's two routes share.
+struct OpenAiKnobs {
     max_tokens: Option<i64>,
     temperature: Option<f64>,
     top_p: Option<f64>,
@@ -848,19 +836,21 @@ fn openai_params(
     seed: Option<u64>,
     author: Option<String>,
     lang: Option<String>,
-) -> Result<Parameters, ApiError> {
-    if n.is_some_and(|n| n != 1) {
+}
+
+fn openai_params(k: OpenAiKnobs) -> Result<Parameters, ApiError> {
+    if k.n.is_some_and(|n| n != 1) {
         return Err(ApiError::validation("n", "only n = 1 is supported").flavour(Flavour::OpenAi));
     }
     Ok(Parameters {
-        max_new_tokens: Some(max_tokens.unwrap_or(16)),
+        max_new_tokens: Some(k.max_tokens.unwrap_or(16)),
         // OpenAI's default temperature is 1: sampling unless the client asks for 0.
-        temperature: Some(temperature.unwrap_or(1.0)),
-        top_p,
-        seed,
-        stop: stop.map(OneOrMany::into_vec).unwrap_or_default(),
-        author,
-        lang,
+        temperature: Some(k.temperature.unwrap_or(1.0)),
+        top_p: k.top_p,
+        seed: k.seed,
+        stop: k.stop.map(OneOrMany::into_vec).unwrap_or_default(),
+        author: k.author,
+        lang: k.lang,
         ..Parameters::default()
     })
 }
@@ -878,16 +868,16 @@ async fn completions(
                 .flavour(Flavour::OpenAi),
         );
     }
-    let params = openai_params(
-        r.max_tokens,
-        r.temperature,
-        r.top_p,
-        r.n,
-        r.stop,
-        r.seed,
-        r.author,
-        r.lang,
-    )?;
+    let params = openai_params(OpenAiKnobs {
+        max_tokens: r.max_tokens,
+        temperature: r.temperature,
+        top_p: r.top_p,
+        n: r.n,
+        stop: r.stop,
+        seed: r.seed,
+        author: r.author,
+        lang: r.lang,
+    })?;
     openai_call(
         &s,
         OpenAiCall {
@@ -917,16 +907,16 @@ async fn chat(
         .ok_or_else(|| {
             ApiError::validation("messages", "no message with role `user`").flavour(Flavour::OpenAi)
         })?;
-    let params = openai_params(
-        r.max_completion_tokens.or(r.max_tokens),
-        r.temperature,
-        r.top_p,
-        r.n,
-        r.stop,
-        r.seed,
-        r.author,
-        r.lang,
-    )?;
+    let params = openai_params(OpenAiKnobs {
+        max_tokens: r.max_completion_tokens.or(r.max_tokens),
+        temperature: r.temperature,
+        top_p: r.top_p,
+        n: r.n,
+        stop: r.stop,
+        seed: r.seed,
+        author: r.author,
+        lang: r.lang,
+    })?;
     openai_call(
         &s,
         OpenAiCall {

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Load test of `orchestrate serve` with the `mini` model on CPU, loopback only, bounded in
+# time and requests: 1, 32 and 128 closed-loop clients asking for 50 new tokens each.
+# Writes bench/results/serve.md. No peer server runs here (TGI and vLLM need a GPU or
+# images this machine cannot fetch), so the comparison is with one client.
+#
+#   bash bench/serve.sh [SECONDS_PER_LEVEL]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-60}
+cargo build --release --locked -q
+cargo build --release --locked -q -p orchestrate-serve --example load
+export ORCHESTRATE_CACHE_DIR=$(pwd)/bench/.cache
+target/release/orchestrate run bench/pipelines/serve-mini.yaml --no-serve --quiet >/dev/null
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+target/release/orchestrate serve deploy --pipeline bench/pipelines/serve-mini.yaml --port "$port" 2>bench/.serve.log &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break; sleep 0.2; done
+results=()
+for clients in 1 32 128; do
+    results+=("$(target/release/examples/load "http://127.0.0.1:$port" "$clients" "$secs" 50 20000)")
+done
+kill -TERM $server; wait $server || true
+python3 - "${results[@]}" <<'PY' | tee bench/results/serve.md
+import json, sys, datetime, subprocess
+rows = [json.loads(a) for a in sys.argv[1:]]
+cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+print(f"`orchestrate serve`, `mini` (8.3M parameters, fp32), POST /generate with 50 new tokens, closed-loop clients on loopback ({datetime.date.today()}, {cpu}, {cores} cores, CPU)\n")
+print("| clients | seconds | requests | errors | req/s | tokens/s | p50 ms | p95 ms | p99 ms | tokens/s vs 1 client |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+base = rows[0]["tokens_per_s"]
+for r in rows:
+    print(f"| {r['clients']} | {r['seconds']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['latency_ms_p50']:.0f} | {r['latency_ms_p95']:.0f} | {r['latency_ms_p99']:.0f} | {r['tokens_per_s'] / base:.1f}x |")
+PY
