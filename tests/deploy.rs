@@ -102,13 +102,14 @@ fn argo_export_validates_against_argos_schema() {
         "model",
         "int8",
         "fp16",
+        "dynamic",
         "evaluation",
         "deploy",
     ] {
         assert!(wf.contains(&format!("name: {stage}\n")), "{stage}:\n{wf}");
     }
     assert!(wf.contains("s3://team/cache"));
-    assert_eq!(wf.matches("- \"--only\"").count(), 7, "{wf}");
+    assert_eq!(wf.matches("- \"--only\"").count(), 8, "{wf}");
     if let Some((code, out)) = check(&["argo", sb.path().join("wf.yaml").to_str().unwrap()]) {
         assert_eq!(code, 0, "{out}\n{wf}");
     }

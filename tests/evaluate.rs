@@ -52,9 +52,13 @@ stages:
     kind: quantize
     inputs: { model: model }
     with: { scheme: bf16 }
+  dyn:
+    kind: quantize
+    inputs: { model: model }
+    with: { scheme: dynamic, block: 32 }
   evaluation:
     kind: evaluate
-    inputs: { corpus: corpus, tokenizer: tokenizer, models: [model, int8, fp16, bf16] }
+    inputs: { corpus: corpus, tokenizer: tokenizer, models: [model, int8, fp16, bf16, dyn] }
     with:
       max_records: 40
       prompts: 4
@@ -114,7 +118,23 @@ fn quantized_variants_are_smaller_measured_and_gated() {
         .iter()
         .map(|v| v["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["model", "int8", "fp16", "bf16"]);
+    assert_eq!(names, ["model", "int8", "fp16", "bf16", "dyn"]);
+    let ppl = |i: usize| variants[i]["perplexity"].as_f64().unwrap();
+    // `dynamic` keeps its weight matrices int8 in memory; the others hold f32.
+    let resident = |i: usize| variants[i]["resident_param_bytes"].as_f64().unwrap();
+    assert!(
+        resident(4) < 0.4 * resident(0),
+        "{} vs {}",
+        resident(4),
+        resident(0)
+    );
+    assert_eq!(resident(1), resident(0));
+    assert!(
+        (ppl(4) / ppl(0) - 1.0).abs() < 0.05,
+        "dynamic {} vs {}",
+        ppl(4),
+        ppl(0)
+    );
     for v in variants {
         let ppl = v["perplexity"].as_f64().unwrap();
         assert!(ppl.is_finite() && ppl > 1.0, "{v}");
@@ -124,7 +144,6 @@ fn quantized_variants_are_smaller_measured_and_gated() {
         assert_eq!(langs, ["en", "ru"], "{v}");
     }
     // Half precision barely moves perplexity; int8 moves it a little.
-    let ppl = |i: usize| variants[i]["perplexity"].as_f64().unwrap();
     assert!(
         (ppl(2) / ppl(0) - 1.0).abs() < 0.005,
         "fp16 {} vs {}",

@@ -50,7 +50,8 @@ pub struct LoadedModel<B: Backend> {
     pub artifact_bytes: u64,
     /// Bytes of the parameters as stored (int8 codes and scales, halves, floats).
     pub stored_param_bytes: u64,
-    /// Bytes the parameters take in memory once loaded (f32 for every scheme, see `weights`).
+    /// Bytes the parameters take in memory once loaded: f32, except the `dynamic` scheme's
+    /// int8 weight matrices (see `weights`).
     pub resident_param_bytes: u64,
     pub load_ms: f64,
 }
@@ -81,23 +82,27 @@ pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<LoadedModel<B>
         ));
     }
     let fresh: Seq2Seq<B> = card.config.init(device);
-    let (model, artifact_bytes, stored) = if dir.join(SAFETENSORS).exists() {
+    let (model, artifact_bytes, stored, int8_block) = if dir.join(SAFETENSORS).exists() {
         let path = dir.join(SAFETENSORS);
         let loaded = weights::load(&path).map_err(|e| fail(dir, e))?;
         let model = weights::import(fresh, &loaded.tensors).map_err(|e| fail(dir, e))?;
-        (model, file_len(&path), loaded.stored_bytes)
+        let (model, kept) = match loaded.scheme {
+            Scheme::Dynamic => (
+                weights::keep_int8(model, loaded.block).map_err(|e| fail(dir, e))?,
+                Some(loaded.block),
+            ),
+            _ => (model, None),
+        };
+        (model, file_len(&path), loaded.stored_bytes, kept)
     } else {
         let path = dir.join(BURN_WEIGHTS);
         let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
         let model = fresh
             .load_file(dir.join("model"), &recorder, device)
             .map_err(|e| fail(dir, format!("cannot load {BURN_WEIGHTS}: {e}")))?;
-        (model, file_len(&path), 4 * card.parameters as u64)
+        (model, file_len(&path), 4 * card.parameters as u64, None)
     };
-    let resident = weights::export(&model)
-        .iter()
-        .map(|t| 4 * t.values.len() as u64)
-        .sum();
+    let resident = weights::resident_bytes(&model, int8_block);
     Ok(LoadedModel {
         model,
         card,

@@ -521,4 +521,19 @@ mod tests {
         assert_eq!(stopped[0].0.len(), 4);
         assert_eq!(stopped[0].1, Finish::StopSequence);
     }
+
+    #[test]
+    fn int8_weight_matrices_generate_like_f32() {
+        let (model, sp) = tiny();
+        let device = Default::default();
+        let q = crate::weights::keep_int8(model.clone(), 32).unwrap();
+        let src = vec![5, 6, 7, 8, 9];
+        let a = generate(&model, &sp, &[greedy(src.clone(), 10)], &device, |_, _| {
+            Next::Continue
+        });
+        let b = generate(&q, &sp, &[greedy(src, 10)], &device, |_, _| Next::Continue);
+        assert_eq!(b[0].0.len(), 10);
+        // A random tiny model's logits are nearly flat, so only the first token is compared.
+        assert_eq!(a[0].0[0], b[0].0[0]);
+    }
 }

@@ -14,7 +14,8 @@ use crate::weights::{self, Scheme};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizeParams {
-    /// `int8`, `fp16` or `bf16` (`fp32` rewrites the weights unchanged, as a reference).
+    /// `int8`, `dynamic`, `fp16` or `bf16` (`fp32` rewrites the weights unchanged, as a
+    /// reference).
     pub scheme: Scheme,
     /// Values per int8 scale.
     #[serde(default = "default_block")]
@@ -45,12 +46,22 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     let v = canonical_params::<QuantizeParams>(v)?;
     let p: QuantizeParams = serde_json::from_value(v.clone()).expect("just canonicalised");
-    if !(8..=4096).contains(&p.block) || !p.block.is_power_of_two() {
+    let most = if p.scheme == Scheme::Dynamic {
+        128
+    } else {
+        4096
+    };
+    if !(8..=most).contains(&p.block) || !p.block.is_power_of_two() {
         return Err(ParamError {
             path: vec![PathSegment::Key("block".into())],
             problem: ParamProblem::Invalid(format!(
-                "block {} must be a power of two from 8 to 4096",
-                p.block
+                "block {} must be a power of two from 8 to {most}{}",
+                p.block,
+                if most == 128 {
+                    " for `dynamic` (burn's int8 tensors)"
+                } else {
+                    ""
+                }
             )),
         });
     }

@@ -28,6 +28,9 @@ pub enum Scheme {
     Fp16,
     Bf16,
     Int8,
+    /// Stored as `Int8`; at load the weight matrices stay int8 in memory as burn quantized
+    /// tensors, dequantized block by block inside each product (activations stay f32).
+    Dynamic,
 }
 
 impl Scheme {
@@ -37,6 +40,7 @@ impl Scheme {
             Scheme::Fp16 => "fp16",
             Scheme::Bf16 => "bf16",
             Scheme::Int8 => "int8",
+            Scheme::Dynamic => "dynamic",
         }
     }
 }
@@ -92,6 +96,61 @@ impl<B: Backend> ModuleMapper<B> for Replace<'_> {
             }
         }
     }
+}
+
+/// Keeps every weight matrix as a burn quantized tensor (symmetric int8 in blocks of
+/// `block`); vectors stay f32, as in the file.
+struct QuantizeMatrices(burn::tensor::quantization::QuantScheme);
+
+impl<B: Backend> ModuleMapper<B> for QuantizeMatrices {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        use burn::tensor::quantization::{compute_q_params, compute_range, Calibration};
+        if D < 2 {
+            return param;
+        }
+        let (id, tensor, mapper) = param.consume();
+        let range = compute_range(&self.0, &tensor, &Calibration::MinMax);
+        let q = tensor.quantize(&self.0, compute_q_params(&self.0, range));
+        Param::from_mapped_value(id, q, mapper)
+    }
+}
+
+/// The model with its weight matrices held as int8 blocks in memory (the `dynamic` scheme).
+pub fn keep_int8<B: Backend>(model: Seq2Seq<B>, block: usize) -> Result<Seq2Seq<B>, String> {
+    use burn::tensor::quantization::{BlockSize, QuantLevel, QuantParam, QuantScheme, QuantValue};
+    let block = u8::try_from(block)
+        .map_err(|_| format!("block {block} is over 128, the most burn's int8 tensors take"))?;
+    let scheme = QuantScheme::default()
+        .with_value(QuantValue::Q8S)
+        .with_level(QuantLevel::Block(BlockSize::new([block])))
+        .with_param(QuantParam::F32);
+    Ok(model.map(&mut QuantizeMatrices(scheme)))
+}
+
+struct Sizes {
+    block: Option<usize>,
+    bytes: u64,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Sizes {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let n: usize = param.shape().num_elements();
+        self.bytes += match self.block {
+            Some(b) if D >= 2 => (n + 4 * n.div_ceil(b)) as u64,
+            _ => 4 * n as u64,
+        };
+    }
+}
+
+/// Bytes the parameters take in memory: f32, or int8 blocks plus scales for the matrices
+/// when `int8_block` is given.
+pub fn resident_bytes<B: Backend>(model: &Seq2Seq<B>, int8_block: Option<usize>) -> u64 {
+    let mut s = Sizes {
+        block: int8_block,
+        bytes: 0,
+    };
+    model.visit(&mut s);
+    s.bytes
 }
 
 /// Every float parameter, in module order.
@@ -160,7 +219,7 @@ pub fn save(
     for (i, t) in tensors.iter().enumerate() {
         let matrix = t.shape.len() >= 2;
         match scheme {
-            Scheme::Int8 if matrix => {
+            Scheme::Int8 | Scheme::Dynamic if matrix => {
                 let (codes, scales) = quantize_blocks(&t.values, block);
                 let bytes = codes.iter().map(|c| *c as u8).collect();
                 blobs.push((name(i), Dtype::I8, t.shape.clone(), bytes));
@@ -184,7 +243,7 @@ pub fn save(
                     .collect();
                 blobs.push((name(i), Dtype::BF16, t.shape.clone(), bytes));
             }
-            Scheme::Fp32 | Scheme::Int8 => {
+            Scheme::Fp32 | Scheme::Int8 | Scheme::Dynamic => {
                 let bytes = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
                 blobs.push((name(i), Dtype::F32, t.shape.clone(), bytes));
             }
@@ -217,6 +276,8 @@ pub fn save(
 pub struct Loaded {
     pub tensors: Vec<HostTensor>,
     pub scheme: Scheme,
+    /// Values per int8 scale.
+    pub block: usize,
     /// Bytes the parameters take as stored (codes, scales, halves).
     pub stored_bytes: u64,
 }
@@ -300,6 +361,7 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
     Ok(Loaded {
         tensors,
         scheme,
+        block,
         stored_bytes: stored,
     })
 }
@@ -329,8 +391,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tensors = vec![
             HostTensor {
-                shape: vec![4, 32],
-                values: (0..128).map(|i| i as f32 / 100.0 - 0.6).collect(),
+                shape: vec![64, 64],
+                values: (0..4096).map(|i| (i % 128) as f32 / 100.0 - 0.6).collect(),
             },
             HostTensor {
                 shape: vec![32],
@@ -338,7 +400,13 @@ mod tests {
             },
         ];
         let mut sizes = HashMap::new();
-        for scheme in [Scheme::Fp32, Scheme::Fp16, Scheme::Bf16, Scheme::Int8] {
+        for scheme in [
+            Scheme::Fp32,
+            Scheme::Fp16,
+            Scheme::Bf16,
+            Scheme::Int8,
+            Scheme::Dynamic,
+        ] {
             let path = dir.path().join(format!("{}.safetensors", scheme.as_str()));
             sizes.insert(scheme.as_str(), save(&path, &tensors, scheme, 32).unwrap());
             let back = load(&path).unwrap();
