@@ -16,12 +16,18 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 target/release/orchestrate serve deploy --pipeline bench/pipelines/serve-mini.yaml --port "$port" 2>bench/.serve.log &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break; sleep 0.2; done
+up=
+for _ in $(seq 150); do
+    if curl -fs "http://127.0.0.1:$port/health" >/dev/null 2>&1; then up=1; break; fi
+    kill -0 $server 2>/dev/null || break
+    sleep 0.2
+done
+[ -n "$up" ] || { echo "the server did not start:" >&2; cat bench/.serve.log >&2; exit 1; }
 results=()
 for clients in 1 32 128; do
     results+=("$(target/release/examples/load "http://127.0.0.1:$port" "$clients" "$secs" 50 20000)")
 done
-kill -TERM $server; wait $server || true
+kill -TERM $server 2>/dev/null || true; wait $server || true
 python3 - "${results[@]}" <<'PY' | tee bench/results/serve.md
 import json, sys, datetime, subprocess
 rows = [json.loads(a) for a in sys.argv[1:]]

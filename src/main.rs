@@ -487,8 +487,13 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 queue,
                 cors_origins,
             };
+            // A directory holding an artifact; otherwise a stage (`deploy` may also be the
+            // name of a plain directory, as in this repository).
             let dir = Path::new(&model);
-            if dir.is_dir() {
+            let holds_artifact = dir.join(orchestrate_serve::deploy::DEPLOYMENT).is_file()
+                || dir.join(orchestrate_model::artifact::CARD).is_file();
+            let stage_given = store.pipeline.is_some() || store.store.store.is_some();
+            if dir.is_dir() && (holds_artifact || !stage_given) {
                 return serve_dir(dir, overrides).await;
             }
             let (store, stage) = match model.split_once('#') {

@@ -194,6 +194,7 @@ impl<B: Backend> Seq2Seq<B> {
         );
         let mut x = self.embed_at(ids, pos);
         let capacity = state.layers[0].self_k.dims()[2];
+        let placeholder = Tensor::<B, 4>::zeros([1, 1, 1, 1], &device);
         // Positions after `pos` are not written yet: masked for every row alike.
         let future = Tensor::<B, 1, Int>::arange(0..capacity as i64, &device)
             .greater_elem(pos as i64)
@@ -205,8 +206,11 @@ impl<B: Backend> Seq2Seq<B> {
             let k = heads(layer.self_attn.key.forward(hidden.clone()), h);
             let v = heads(layer.self_attn.value.forward(hidden), h);
             let slot = [0..rows, 0..h, pos..pos + 1, 0..dk];
-            cache.self_k = cache.self_k.clone().slice_assign(slot.clone(), k);
-            cache.self_v = cache.self_v.clone().slice_assign(slot, v);
+            // Moved out, not cloned: a buffer nobody else holds can be written in place.
+            let self_k = std::mem::replace(&mut cache.self_k, placeholder.clone());
+            cache.self_k = self_k.slice_assign(slot.clone(), k);
+            let self_v = std::mem::replace(&mut cache.self_v, placeholder.clone());
+            cache.self_v = self_v.slice_assign(slot, v);
             let scores = q
                 .matmul(cache.self_k.clone().swap_dims(2, 3))
                 .div_scalar(scale)
@@ -338,30 +342,35 @@ pub fn generate_uncached<B: Backend>(
     out
 }
 
-/// Log-softmax of one row.
-fn log_softmax(scores: &[f32]) -> Vec<f32> {
+/// log Σ exp(scores), computed stably.
+fn log_sum_exp(scores: &[f32]) -> f32 {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f32 = scores.iter().map(|s| (s - max).exp()).sum();
-    let log_z = max + sum.ln();
-    scores.iter().map(|s| s - log_z).collect()
+    max + sum.ln()
 }
 
 /// The next token of one row and its log-probability under the model.
 fn pick(scores: &[f32], generated: &[u32], s: &Sampling, rng: &mut u64) -> (u32, f32) {
-    let logp = log_softmax(scores);
-    let mut adjusted = scores.to_vec();
-    if let Some(penalty) = s.repetition_penalty.filter(|p| *p != 1.0) {
-        for &t in generated {
-            let v = &mut adjusted[t as usize];
-            *v = if *v > 0.0 { *v / penalty } else { *v * penalty };
+    let log_z = log_sum_exp(scores);
+    let penalized: Vec<f32>;
+    let view = match s.repetition_penalty.filter(|p| *p != 1.0) {
+        Some(penalty) if !generated.is_empty() => {
+            let mut v = scores.to_vec();
+            for &t in generated {
+                let x = &mut v[t as usize];
+                *x = if *x > 0.0 { *x / penalty } else { *x * penalty };
+            }
+            penalized = v;
+            &penalized[..]
         }
-    }
-    let id = if s.is_greedy() {
-        argmax(&adjusted)
-    } else {
-        sample(&adjusted, s, rng)
+        _ => scores,
     };
-    (id as u32, logp[id])
+    let id = if s.is_greedy() {
+        argmax(view)
+    } else {
+        sample(view, s, rng)
+    };
+    (id as u32, scores[id] - log_z)
 }
 
 fn argmax(v: &[f32]) -> usize {

@@ -7,8 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::backend::{Autodiff, Flex};
-use burn::grad_clipping::GradientClippingConfig;
-use burn::module::{AutodiffModule, Module};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
@@ -70,7 +69,8 @@ pub struct TrainParams {
     pub min_lr_ratio: f64,
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
-    /// Gradient clipping by norm (per parameter tensor, as burn's AdamW applies it).
+    /// Gradient clipping: the global norm over every parameter's gradient is scaled down to
+    /// at most this (0 turns it off). The norm is logged as `grad_norm`.
     #[serde(default = "default_grad_clip")]
     pub grad_clip: f64,
     #[serde(default)]
@@ -331,9 +331,9 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
     let device = Default::default();
     <Train as Backend>::seed(&device, p.seed);
     let mut model: Seq2Seq<Train> = cfg.init(&device);
+    // burn's own clipping is per parameter tensor; clipping is global here (clip_global).
     let mut optim = AdamWConfig::new()
         .with_weight_decay(p.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(p.grad_clip as f32)))
         .init::<Train, Seq2Seq<Train>>();
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
     let mut progress = Progress { step: 0, tokens: 0 };
@@ -384,6 +384,7 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
             last_train = loss.clone().into_scalar().elem::<f64>();
         }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let (grads, grad_norm) = clip_global(&model, grads, p.grad_clip);
         let lr = p.lr_at(step);
         model = optim.step(lr, model, grads);
         progress.step += 1;
@@ -395,6 +396,8 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
             ctx.events
                 .metric("train_loss", last_train, Some(progress.step));
             ctx.events.metric("lr", lr, Some(progress.step));
+            ctx.events
+                .metric("grad_norm", grad_norm, Some(progress.step));
             ctx.events.metric(
                 "tokens_per_second",
                 window.1 as f64 / secs,
@@ -462,6 +465,51 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
         serde_json::to_value(&cfg).expect("plain JSON"),
     );
     Ok(output)
+}
+
+/// Sums squared gradients over every parameter (first pass), then scales them (second).
+struct GradPass<'a> {
+    grads: &'a mut GradientsParams,
+    scale: Option<f64>,
+    sum_sq: f64,
+}
+
+impl ModuleVisitor<Train> for GradPass<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Train, D>>) {
+        match self.scale {
+            None => {
+                if let Some(g) = self.grads.get::<Cpu, D>(param.id) {
+                    self.sum_sq += g.powi_scalar(2).sum().into_scalar().elem::<f64>();
+                }
+            }
+            Some(k) => {
+                if let Some(g) = self.grads.remove::<Cpu, D>(param.id) {
+                    self.grads.register(param.id, g.mul_scalar(k));
+                }
+            }
+        }
+    }
+}
+
+/// Clipping by the global norm (what PyTorch's `clip_grad_norm_` does): one direction for
+/// the whole update, unlike clipping each tensor on its own. Returns the norm before.
+fn clip_global(
+    model: &Seq2Seq<Train>,
+    mut grads: GradientsParams,
+    max: f64,
+) -> (GradientsParams, f64) {
+    let mut pass = GradPass {
+        grads: &mut grads,
+        scale: None,
+        sum_sq: 0.0,
+    };
+    model.visit(&mut pass);
+    let norm = pass.sum_sq.sqrt();
+    if max > 0.0 && norm > max {
+        pass.scale = Some(max / (norm + 1e-6));
+        model.visit(&mut pass);
+    }
+    (grads, norm)
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), StageError> {
