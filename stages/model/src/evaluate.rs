@@ -167,14 +167,7 @@ pub struct VariantReport {
 
 pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     let p: EvaluateParams = ctx.params()?;
-    match p.threads {
-        Some(n) => rayon::ThreadPoolBuilder::new()
-            .num_threads(n.max(1))
-            .build()
-            .map_err(|e| StageError::Failed(format!("cannot start {n} threads: {e}")))?
-            .install(|| evaluate_all(ctx, p)),
-        None => evaluate_all(ctx, p),
-    }
+    crate::with_threads(p.threads, || evaluate_all(ctx, p))
 }
 
 fn evaluate_all(ctx: &StageContext<'_>, p: EvaluateParams) -> Result<StageOutput, StageError> {

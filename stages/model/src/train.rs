@@ -252,14 +252,7 @@ struct Progress {
 
 pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     let p: TrainParams = ctx.params()?;
-    match p.threads {
-        Some(n) => rayon::ThreadPoolBuilder::new()
-            .num_threads(n.max(1))
-            .build()
-            .map_err(|e| StageError::Failed(format!("cannot start {n} threads: {e}")))?
-            .install(|| train(ctx, p)),
-        None => train(ctx, p),
-    }
+    crate::with_threads(p.threads, || train(ctx, p))
 }
 
 fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageError> {
