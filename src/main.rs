@@ -741,6 +741,27 @@ struct ServeOverrides {
     cors_origins: Vec<String>,
 }
 
+/// A finished stage's artifact, materialised under `cache`; `None` when none is stored.
+#[cfg(feature = "model")]
+async fn stored_artifact(
+    store: &Store,
+    stage: &orchestrate::record::StageRecord,
+    cache: &Path,
+) -> Result<Option<PathBuf>, Failure> {
+    if !matches!(stage.status, StageStatus::Ran | StageStatus::Cached) {
+        return Ok(None);
+    }
+    let Some(key) = &stage.key else {
+        return Ok(None);
+    };
+    match store.manifest(key).await? {
+        Some(m) => Ok(Some(
+            orchestrate::exec::materialize_in(store, &cache.join("artifacts"), &m).await?,
+        )),
+        None => Ok(None),
+    }
+}
+
 /// The artifact of the first `deploy` stage of a finished run, materialised locally.
 #[cfg(feature = "model")]
 async fn deployed_dir(
@@ -748,28 +769,23 @@ async fn deployed_dir(
     record: &RunRecord,
     cache: &Path,
 ) -> Result<Option<PathBuf>, Failure> {
-    let Some(stage) = record
-        .stages
-        .iter()
-        .find(|s| s.kind == "deploy" && matches!(s.status, StageStatus::Ran | StageStatus::Cached))
-    else {
+    let Some(stage) = record.stages.iter().find(|s| {
+        s.kind == "deploy"
+            && s.key.is_some()
+            && matches!(s.status, StageStatus::Ran | StageStatus::Cached)
+    }) else {
         return Ok(None);
     };
-    let Some(key) = &stage.key else {
-        return Ok(None);
-    };
-    let m = store.manifest(key).await?.ok_or_else(|| {
-        Failure::new(
+    match stored_artifact(store, stage, cache).await? {
+        Some(dir) => Ok(Some(dir)),
+        None => Err(Failure::new(
             3,
             format!(
                 "error: the artifact of `{}` is not in the store",
                 stage.stage
             ),
-        )
-    })?;
-    Ok(Some(
-        orchestrate::exec::materialize_in(store, &cache.join("artifacts"), &m).await?,
-    ))
+        )),
+    }
 }
 
 /// The artifact of `stage` in the newest run that produced or reused it.
@@ -780,14 +796,9 @@ async fn stage_artifact(store: &Store, stage: &str, cache: &Path) -> Result<Path
         let Some(record) = store.get_run::<RunRecord>(id).await? else {
             continue;
         };
-        let found = record.stages.iter().find(|s| {
-            s.stage == stage && matches!(s.status, StageStatus::Ran | StageStatus::Cached)
-        });
-        if let Some(key) = found.and_then(|s| s.key.as_ref()) {
-            if let Some(m) = store.manifest(key).await? {
-                return Ok(
-                    orchestrate::exec::materialize_in(store, &cache.join("artifacts"), &m).await?,
-                );
+        if let Some(s) = record.stages.iter().find(|s| s.stage == stage) {
+            if let Some(dir) = stored_artifact(store, s, cache).await? {
+                return Ok(dir);
             }
         }
     }

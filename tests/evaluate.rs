@@ -68,22 +68,8 @@ stages:
       gate: { max_ppl_increase: 0.5 }
 "#;
 
-fn manifest(sb: &Sandbox, stage: &str) -> serde_json::Value {
-    let run = sb.last_run();
-    let key = run["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["stage"] == stage)
-        .unwrap()["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    serde_json::from_str(&sb.read(&format!("store/manifests/{key}.json"))).unwrap()
-}
-
 fn file(sb: &Sandbox, stage: &str, name: &str) -> (Vec<u8>, u64) {
-    let m = manifest(sb, stage);
+    let m = sb.stage_manifest(stage);
     let f = m["files"]
         .as_array()
         .unwrap()

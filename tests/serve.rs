@@ -79,17 +79,7 @@ fn deployed() -> &'static (Sandbox, PathBuf) {
 
 /// An artifact's files rebuilt from the store's manifest and blobs.
 fn copy_artifact(sb: &Sandbox, stage: &str) -> PathBuf {
-    let run = sb.last_run();
-    let key = run["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["stage"] == stage)
-        .unwrap()["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let m: Value = serde_json::from_str(&sb.read(&format!("store/manifests/{key}.json"))).unwrap();
+    let m = sb.stage_manifest(stage);
     let out = sb.path().join(format!("copy-{stage}"));
     for f in m["files"].as_array().unwrap() {
         let hex = f["digest"].as_str().unwrap().trim_start_matches("blake3:");

@@ -89,6 +89,21 @@ impl Sandbox {
         self.runs().pop().expect("a run record")
     }
 
+    /// The manifest of `stage`'s artifact in the last run (store at `store/`).
+    pub fn stage_manifest(&self, stage: &str) -> serde_json::Value {
+        let run = self.last_run();
+        let key = run["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == stage)
+            .unwrap_or_else(|| panic!("no stage `{stage}` in the last run"))["key"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        serde_json::from_str(&self.read(&format!("store/manifests/{key}.json"))).unwrap()
+    }
+
     pub fn manifests(&self) -> usize {
         std::fs::read_dir(self.path().join("store/manifests"))
             .map(|d| d.count())

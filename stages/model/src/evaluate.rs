@@ -195,6 +195,7 @@ fn evaluate_all(ctx: &StageContext<'_>, p: EvaluateParams) -> Result<StageOutput
         .get("tokenizer")
         .and_then(|t| t.first())
         .map(|t| t.digest.clone());
+    let mut examples: Option<(usize, Vec<Example>)> = None;
     for m in models {
         ctx.checkpoint()?;
         let lm = artifact::load::<Cpu>(&m.dir, &device)?;
@@ -209,25 +210,35 @@ fn evaluate_all(ctx: &StageContext<'_>, p: EvaluateParams) -> Result<StageOutput
             }
             Some(_) => {}
         }
-        let examples = data::load_examples(
-            &corpus.dir,
-            "test",
-            &lm.tokenizer,
-            &lm.card.specials,
-            lm.card.config.max_len,
-            None,
-        )?;
-        if examples.is_empty() {
-            return Err(StageError::Failed(
-                "the corpus's test split is empty".into(),
-            ));
+        // The models share one tokenizer (checked above): the split is tokenized once, and
+        // again only for a model with another length limit.
+        let max_len = lm.card.config.max_len;
+        if examples.as_ref().is_none_or(|(len, _)| *len != max_len) {
+            let loaded = data::load_examples(
+                &corpus.dir,
+                "test",
+                &lm.tokenizer,
+                &lm.card.specials,
+                max_len,
+                None,
+            )?;
+            if loaded.is_empty() {
+                return Err(StageError::Failed(
+                    "the corpus's test split is empty".into(),
+                ));
+            }
+            examples = Some((max_len, loaded));
         }
+        let examples = examples
+            .as_ref()
+            .map(|(_, e)| e.as_slice())
+            .unwrap_or_default();
         ctx.events.log(&format!(
             "evaluating `{}` ({})",
             m.stage,
             lm.card.quantization.as_str()
         ));
-        let r = evaluate_model(ctx, &m.stage, &lm, &examples, &p, &device)?;
+        let r = evaluate_model(ctx, &m.stage, &lm, examples, &p, &device)?;
         reports.push(r);
     }
     let base_ppl = reports[baseline].perplexity;
@@ -506,17 +517,10 @@ fn teacher_forced<B: Backend>(
     b: &data::Batch,
     device: &B::Device,
 ) -> (f64, usize) {
-    let int = |v: &Vec<i64>, len: usize| {
-        Tensor::<B, 2, Int>::from_data(TensorData::new(v.clone(), [b.rows, len]), device)
-    };
-    let mask = |v: &Vec<bool>, len: usize| {
-        Tensor::<B, 2, Bool>::from_data(TensorData::new(v.clone(), [b.rows, len]), device)
-    };
-    let src_pad = mask(&b.src_pad, b.src_len);
-    let tgt_pad = mask(&b.tgt_pad, b.tgt_len);
-    let memory = model.encode(int(&b.src, b.src_len), src_pad.clone());
-    let logits = model.decode(int(&b.tgt_in, b.tgt_len), tgt_pad.clone(), memory, src_pad);
-    let targets = int(&b.tgt_out, b.tgt_len);
+    let [src, tgt_in, targets] = crate::train::tensors::<B>(b, device);
+    let [src_pad, tgt_pad] = crate::train::masks::<B>(b, device);
+    let memory = model.encode(src, src_pad.clone());
+    let logits = model.decode(tgt_in, tgt_pad.clone(), memory, src_pad);
     let [rows, t, _] = logits.dims();
     let logp = burn::tensor::activation::log_softmax(logits, 2);
     let nll = logp

@@ -541,7 +541,8 @@ fn save_checkpoint<O: Optimizer<Seq2Seq<Train>, Train>>(
     Ok(())
 }
 
-fn tensors<B: Backend>(b: &Batch, device: &B::Device) -> [Tensor<B, 2, Int>; 3] {
+/// A batch's token ids as tensors: source, decoder input, decoder target.
+pub(crate) fn tensors<B: Backend>(b: &Batch, device: &B::Device) -> [Tensor<B, 2, Int>; 3] {
     let int = |v: &Vec<i64>, len: usize| {
         Tensor::<B, 2, Int>::from_data(TensorData::new(v.clone(), [b.rows, len]), device)
     };
@@ -552,7 +553,8 @@ fn tensors<B: Backend>(b: &Batch, device: &B::Device) -> [Tensor<B, 2, Int>; 3] 
     ]
 }
 
-fn masks<B: Backend>(b: &Batch, device: &B::Device) -> [Tensor<B, 2, Bool>; 2] {
+/// A batch's padding masks (true at padding): source, target.
+pub(crate) fn masks<B: Backend>(b: &Batch, device: &B::Device) -> [Tensor<B, 2, Bool>; 2] {
     let m = |v: &Vec<bool>, len: usize| {
         Tensor::<B, 2, Bool>::from_data(TensorData::new(v.clone(), [b.rows, len]), device)
     };

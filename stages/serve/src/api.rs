@@ -265,7 +265,6 @@ pub struct GenerateRequest {
 struct Prepared {
     row: Row,
     stop: Vec<String>,
-    prompt_ids: Vec<u32>,
     warnings: Vec<String>,
     seed: Option<u64>,
 }
@@ -407,13 +406,12 @@ impl AppState {
         };
         Ok(Prepared {
             row: Row {
-                src: prompt_ids.clone(),
+                src: prompt_ids,
                 sampling,
                 max_new_tokens: max_new as usize,
                 ignore_eos: false,
             },
             stop: p.stop.clone(),
-            prompt_ids,
             warnings,
             seed,
         })
@@ -549,7 +547,7 @@ async fn run_tgi(s: &Shared, req: GenerateRequest) -> Result<Value, ApiError> {
     let c = collect(rx).await?;
     let mut v = json!({"generated_text": c.text});
     if req.parameters.details {
-        v["details"] = s.details(&prep.prompt_ids, &prep.warnings, prep.seed, &c);
+        v["details"] = s.details(&prep.row.src, &prep.warnings, prep.seed, &c);
     }
     if !prep.warnings.is_empty() {
         v["warnings"] = json!(prep.warnings);
@@ -602,7 +600,7 @@ fn stream_tgi(s: &Shared, req: GenerateRequest) -> Result<Response, ApiError> {
         move |(mut rx, mut toks, pending, done)| {
             let state = state.clone();
             let prep_seed = prep.seed;
-            let prompt_ids = prep.prompt_ids.clone();
+            let prompt_ids = prep.row.src.clone();
             let warnings = prep.warnings.clone();
             async move {
                 if done {
@@ -937,7 +935,7 @@ async fn openai_call(s: &Shared, call: OpenAiCall) -> Result<Response, ApiError>
     let id = format!("cmpl-{:016x}", fresh_seed());
     let model = s.model.name.clone();
     let created = created();
-    let prompt_tokens = prep.prompt_ids.len();
+    let prompt_tokens = prep.row.src.len();
     if !call.stream {
         let c = collect(rx).await?;
         let choice = if call.chat {

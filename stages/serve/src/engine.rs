@@ -110,7 +110,6 @@ fn run(
             }
         }
         waiting.fetch_sub(jobs.len(), Ordering::SeqCst);
-        metrics.queue_depth(waiting.load(Ordering::SeqCst));
         metrics.batch(jobs.len());
         // Rows whose client is already gone are not decoded at all.
         jobs.retain(|j| !j.events.is_closed());

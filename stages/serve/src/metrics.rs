@@ -61,7 +61,6 @@ struct State {
     ttft: Histogram,
     batch: Histogram,
     tokens: u64,
-    queue_depth: usize,
     wave_seconds: f64,
 }
 
@@ -114,10 +113,6 @@ impl Metrics {
 
     pub fn batch(&self, rows: usize) {
         self.with(|s| s.batch.observe(BATCH_BUCKETS, rows as f64));
-    }
-
-    pub fn queue_depth(&self, n: usize) {
-        self.with(|s| s.queue_depth = n);
     }
 
     pub fn wave(&self, took: Duration) {
