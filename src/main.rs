@@ -178,6 +178,9 @@ enum Command {
         /// Allow browsers from this origin (repeatable); CORS is off otherwise.
         #[arg(long = "cors-origin", value_name = "ORIGIN")]
         cors_origins: Vec<String>,
+        /// Where the model runs: cpu, cuda, cuda:N (CUDA needs a `--features cuda` build).
+        #[arg(long, env = "ORCHESTRATE_DEVICE")]
+        device: Option<String>,
     },
     /// Export the pipeline for another orchestrator.
     Export {
@@ -478,6 +481,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             max_batch,
             queue,
             cors_origins,
+            device,
         } => {
             let overrides = ServeOverrides {
                 host,
@@ -486,6 +490,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 max_batch,
                 queue,
                 cors_origins,
+                device,
             };
             // A directory holding an artifact; otherwise a stage (`deploy` may also be the
             // name of a plain directory, as in this repository).
@@ -739,6 +744,7 @@ struct ServeOverrides {
     max_batch: Option<usize>,
     queue: Option<usize>,
     cors_origins: Vec<String>,
+    device: Option<String>,
 }
 
 /// A finished stage's artifact, materialised under `cache`; `None` when none is stored.
@@ -830,6 +836,9 @@ async fn serve_dir(dir: &Path, o: ServeOverrides) -> Result<u8, Failure> {
     }
     if let Some(q) = o.queue {
         opts.queue = q;
+    }
+    if let Some(d) = o.device {
+        opts.device = d;
     }
     if !o.cors_origins.is_empty() {
         opts.cors_origins = Some(o.cors_origins);

@@ -8,19 +8,17 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use burn::backend::Flex;
 use burn::prelude::*;
 use orchestrate_stage::{
-    canonical_params, ArtifactKind, InputDecl, Inputs, ParamError, StageContext, StageDescriptor,
-    StageError, StageOutput,
+    canonical_params, ArtifactKind, InputArtifact, InputDecl, Inputs, ParamError, StageContext,
+    StageDescriptor, StageError, StageOutput,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::{self, LoadedModel};
+use crate::compute::{self, Compute, OnDevice};
 use crate::data::{self, Example, Specials};
 use crate::generate::{self, Next, Row, Sampling};
-
-type Cpu = Flex;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -187,60 +185,14 @@ fn evaluate_all(ctx: &StageContext<'_>, p: EvaluateParams) -> Result<StageOutput
         })?,
         None => 0,
     };
-    let device = Default::default();
-    let mut reports = Vec::new();
-    // The models carry their tokenizer; a `tokenizer` input, when given, must be theirs.
-    let mut digest = ctx
-        .inputs
-        .get("tokenizer")
-        .and_then(|t| t.first())
-        .map(|t| t.digest.clone());
-    let mut examples: Option<(usize, Vec<Example>)> = None;
-    for m in models {
-        ctx.checkpoint()?;
-        let lm = artifact::load::<Cpu>(&m.dir, &device)?;
-        // Every model must read the same tokens, or their perplexities are not comparable.
-        match &digest {
-            None => digest = Some(lm.card.tokenizer_digest.clone()),
-            Some(d) if *d != lm.card.tokenizer_digest => {
-                return Err(StageError::Failed(format!(
-                    "model `{}` was trained with another tokenizer than the other inputs: their scores would not compare",
-                    m.stage
-                )))
-            }
-            Some(_) => {}
-        }
-        // The models share one tokenizer (checked above): the split is tokenized once, and
-        // again only for a model with another length limit.
-        let max_len = lm.card.config.max_len;
-        if examples.as_ref().is_none_or(|(len, _)| *len != max_len) {
-            let loaded = data::load_examples(
-                &corpus.dir,
-                "test",
-                &lm.tokenizer,
-                &lm.card.specials,
-                max_len,
-                None,
-            )?;
-            if loaded.is_empty() {
-                return Err(StageError::Failed(
-                    "the corpus's test split is empty".into(),
-                ));
-            }
-            examples = Some((max_len, loaded));
-        }
-        let examples = examples
-            .as_ref()
-            .map(|(_, e)| e.as_slice())
-            .unwrap_or_default();
-        ctx.events.log(&format!(
-            "evaluating `{}` ({})",
-            m.stage,
-            lm.card.quantization.as_str()
-        ));
-        let r = evaluate_model(ctx, &m.stage, &lm, examples, &p, &device)?;
-        reports.push(r);
-    }
+    let compute = Compute::parse(ctx.device)?;
+    let job = Score {
+        ctx,
+        p: &p,
+        models,
+        corpus_dir: &corpus.dir,
+    };
+    let mut reports = compute::run_on(compute, job)??;
     let base_ppl = reports[baseline].perplexity;
     for r in &mut reports {
         r.ppl_increase = r.perplexity / base_ppl - 1.0;
@@ -290,6 +242,86 @@ fn evaluate_all(ctx: &StageContext<'_>, p: EvaluateParams) -> Result<StageOutput
         );
     }
     Ok(output)
+}
+
+/// What scoring the models needs, handed to whichever backend the device picks.
+struct Score<'a> {
+    ctx: &'a StageContext<'a>,
+    p: &'a EvaluateParams,
+    models: &'a [InputArtifact],
+    corpus_dir: &'a std::path::Path,
+}
+
+impl OnDevice for Score<'_> {
+    type Output = Result<Vec<VariantReport>, StageError>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        score::<B>(self, &device)
+    }
+}
+
+/// Loads and scores each model in turn (one in memory at a time).
+fn score<B: Backend>(job: Score<'_>, device: &B::Device) -> Result<Vec<VariantReport>, StageError> {
+    let Score {
+        ctx,
+        p,
+        models,
+        corpus_dir,
+    } = job;
+    let mut reports = Vec::new();
+    // The models carry their tokenizer; a `tokenizer` input, when given, must be theirs.
+    let mut digest = ctx
+        .inputs
+        .get("tokenizer")
+        .and_then(|t| t.first())
+        .map(|t| t.digest.clone());
+    let mut examples: Option<(usize, Vec<Example>)> = None;
+    for m in models {
+        ctx.checkpoint()?;
+        let lm = artifact::load::<B>(&m.dir, device)?;
+        // Every model must read the same tokens, or their perplexities are not comparable.
+        match &digest {
+            None => digest = Some(lm.card.tokenizer_digest.clone()),
+            Some(d) if *d != lm.card.tokenizer_digest => {
+                return Err(StageError::Failed(format!(
+                    "model `{}` was trained with another tokenizer than the other inputs: their scores would not compare",
+                    m.stage
+                )))
+            }
+            Some(_) => {}
+        }
+        // The models share one tokenizer (checked above): the split is tokenized once, and
+        // again only for a model with another length limit.
+        let max_len = lm.card.config.max_len;
+        if examples.as_ref().is_none_or(|(len, _)| *len != max_len) {
+            let loaded = data::load_examples(
+                corpus_dir,
+                "test",
+                &lm.tokenizer,
+                &lm.card.specials,
+                max_len,
+                None,
+            )?;
+            if loaded.is_empty() {
+                return Err(StageError::Failed(
+                    "the corpus's test split is empty".into(),
+                ));
+            }
+            examples = Some((max_len, loaded));
+        }
+        let examples = examples
+            .as_ref()
+            .map(|(_, e)| e.as_slice())
+            .unwrap_or_default();
+        ctx.events.log(&format!(
+            "evaluating `{}` ({})",
+            m.stage,
+            lm.card.quantization.as_str()
+        ));
+        let r = evaluate_model(ctx, &m.stage, &lm, examples, p, device)?;
+        reports.push(r);
+    }
+    Ok(reports)
 }
 
 /// The first failure of the gate, as the error the pipeline stops with.

@@ -4,6 +4,7 @@
 
 pub mod artifact;
 mod chart;
+pub mod compute;
 pub mod data;
 pub mod evaluate;
 pub mod generate;

@@ -10,6 +10,7 @@ use burn::nn::transformer::{
 };
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use serde::{Deserialize, Serialize};
 
 /// Everything needed to rebuild the network; stored beside the weights.
@@ -99,6 +100,18 @@ impl<B: Backend> ModuleMapper<B> for StableIds {
     ) -> Param<Tensor<B, D, Bool>> {
         let (_, tensor, mapper) = param.consume();
         Param::from_mapped_value(self.next(), tensor, mapper)
+    }
+}
+
+/// Casts every float parameter to a dtype, keeping its id. Under autodiff the cast is a
+/// recorded operation: a loss computed with the cast copy sends its gradients back to the
+/// original (f32) parameters, which is what mixed-precision training needs.
+pub struct CastParams(pub FloatDType);
+
+impl<B: Backend> ModuleMapper<B> for CastParams {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        Param::from_mapped_value(id, tensor.cast(self.0), mapper)
     }
 }
 

@@ -6,11 +6,14 @@
 use std::path::Path;
 use std::time::Instant;
 
-use burn::backend::{Autodiff, Flex};
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, FloatDType};
 use orchestrate_stage::{
     canonical_params, ArtifactKind, InputDecl, Inputs, ParamError, ParamProblem, PathSegment,
     StageContext, StageDescriptor, StageError, StageOutput,
@@ -18,11 +21,9 @@ use orchestrate_stage::{
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use crate::compute::{self, Compute, OnDevice};
 use crate::data::{self, Batch, Example, Specials};
-use crate::model::{masked_cross_entropy, ModelConfig, Seq2Seq};
-
-type Cpu = Flex;
-type Train = Autodiff<Cpu>;
+use crate::model::{masked_cross_entropy, CastParams, ModelConfig, Seq2Seq};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -31,6 +32,17 @@ pub enum Preset {
     Mini,
     /// The specification's 512-wide model: d_model 512, 6+6 layers, ff 2048.
     Spec512,
+}
+
+/// The number format of the forward and backward passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    Fp32,
+    /// Mixed precision: parameters and optimiser state stay f32 (the master weights); each
+    /// step computes in bf16 through a cast that autodiff records, so gradients arrive in
+    /// f32; the loss (log-softmax over the vocabulary) is computed in f32.
+    Bf16,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -92,6 +104,17 @@ pub struct TrainParams {
     /// bit-reproducible: floating-point sums then happen in one order, run after run.
     #[serde(default)]
     pub threads: Option<usize>,
+    #[serde(default = "default_precision")]
+    pub precision: Precision,
+    /// Activation (gradient) checkpointing: the backward pass recomputes cheap activations
+    /// instead of keeping them from the forward pass (burn's balanced strategy), trading
+    /// compute for memory. Results are the same.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+}
+
+fn default_precision() -> Precision {
+    Precision::Fp32
 }
 
 fn default_preset() -> Preset {
@@ -256,11 +279,10 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
 }
 
 fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageError> {
-    if ctx.device.starts_with("cuda") {
-        return Err(StageError::Failed(format!(
-            "device `{}` asked for, but this build has no CUDA backend (build with --features cuda)",
-            ctx.device
-        )));
+    // Refuse an unusable device before reading a byte of data.
+    let compute = Compute::parse(ctx.device)?;
+    if let Compute::Cuda(n) = compute {
+        compute::cuda_preflight(n).map_err(StageError::Failed)?;
     }
     let corpus = ctx.input("corpus")?;
     let tok_dir = &ctx.input("tokenizer")?.dir;
@@ -321,13 +343,108 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
     ctx.events
         .metric("unigram_val_perplexity", unigram_ppl, None);
 
-    let device = Default::default();
-    <Train as Backend>::seed(&device, p.seed);
-    let mut model: Seq2Seq<Train> = cfg.init(&device);
+    ctx.events.log(&format!(
+        "training on {compute} ({:?}{})",
+        p.precision,
+        if p.gradient_checkpointing {
+            ", gradient checkpointing"
+        } else {
+            ""
+        }
+    ));
+    let job = Fit {
+        ctx,
+        p: &p,
+        cfg: &cfg,
+        train: &train,
+        val: &val,
+        specials: &specials,
+        unigram_ppl,
+    };
+    let done = compute::run_on(compute, job)??;
+
+    let out = ctx.out_dir;
+    std::fs::copy(tok_dir.join("tokenizer.json"), out.join("tokenizer.json"))
+        .map_err(|e| StageError::io("cannot copy the tokenizer", e))?;
+    let summary = serde_json::json!({
+        "preset": p.preset,
+        "config": cfg,
+        "parameters": params,
+        "specials": specials,
+        "tokenizer_digest": ctx.input("tokenizer")?.digest,
+    });
+    write_json(&out.join("model.json"), &summary)?;
+    let training = serde_json::json!({
+        "steps": done.progress.step,
+        "target_tokens": done.progress.tokens,
+        "train_loss": done.train_loss,
+        "val_loss": done.val_loss,
+        "val_perplexity": done.val_loss.exp(),
+        "unigram_val_perplexity": unigram_ppl,
+    });
+    write_json(&out.join("training.json"), &training)?;
+    let mut output = StageOutput::default();
+    output.metadata.insert("parameters".into(), params.into());
+    output
+        .metadata
+        .insert("val_perplexity".into(), done.val_loss.exp().into());
+    output
+        .metadata
+        .insert("unigram_val_perplexity".into(), unigram_ppl.into());
+    output.metadata.insert(
+        "config".into(),
+        serde_json::to_value(&cfg).expect("plain JSON"),
+    );
+    Ok(output)
+}
+
+/// The training loop's inputs, handed to whichever backend the device picks.
+struct Fit<'a> {
+    ctx: &'a StageContext<'a>,
+    p: &'a TrainParams,
+    cfg: &'a ModelConfig,
+    train: &'a [Example],
+    val: &'a [Example],
+    specials: &'a Specials,
+    unigram_ppl: f64,
+}
+
+/// Where the loop ended; the weights are in the output directory already.
+struct Done {
+    progress: Progress,
+    train_loss: f64,
+    val_loss: f64,
+}
+
+impl OnDevice for Fit<'_> {
+    type Output = Result<Done, StageError>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        if self.p.gradient_checkpointing {
+            fit::<Autodiff<B, BalancedCheckpointing>>(self, device)
+        } else {
+            fit::<Autodiff<B>>(self, device)
+        }
+    }
+}
+
+fn fit<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, StageError> {
+    let Fit {
+        ctx,
+        p,
+        cfg,
+        train,
+        val,
+        specials,
+        unigram_ppl,
+    } = job;
+    let specials = specials.clone();
+    <A as Backend>::seed(&device, p.seed);
+    let mut model: Seq2Seq<A> = cfg.init(&device);
     // burn's own clipping is per parameter tensor; clipping is global here (clip_global).
     let mut optim = AdamWConfig::new()
         .with_weight_decay(p.weight_decay as f32)
-        .init::<Train, Seq2Seq<Train>>();
+        .init::<A, Seq2Seq<A>>();
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
     let mut progress = Progress { step: 0, tokens: 0 };
     if let Some((step, dir)) = ctx.checkpoints.latest()? {
@@ -370,16 +487,15 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
             1 + (data::mix(step_seed ^ i as u64) % (len as u64 - 1)) as usize
         });
         // Dropout draws from the backend's generator: reseed it per step for exact resumes.
-        <Train as Backend>::seed(&device, step_seed);
-        let loss = batch_loss(&model, &batch, p.label_smoothing, &device);
+        <A as Backend>::seed(&device, step_seed);
+        let lr = p.lr_at(step);
+        let (next, loss, grad_norm) = train_step(model, &mut optim, &batch, p, lr, &device);
+        model = next;
         let log_now = (step + 1).is_multiple_of(p.log_every) || step + 1 == p.steps;
         if log_now {
-            last_train = loss.clone().into_scalar().elem::<f64>();
+            // Reading the loss waits for the device: only on the steps that log it.
+            last_train = loss.into_scalar().elem::<f64>();
         }
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let (grads, grad_norm) = clip_global(&model, grads, p.grad_clip);
-        let lr = p.lr_at(step);
-        model = optim.step(lr, model, grads);
         progress.step += 1;
         progress.tokens += batch.tokens as u64;
         window.1 += batch.tokens as u64;
@@ -421,43 +537,41 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
         }
     }
 
-    let out = ctx.out_dir;
     model
         .valid()
-        .save_file(out.join("model"), &recorder)
+        .save_file(ctx.out_dir.join("model"), &recorder)
         .map_err(|e| StageError::Failed(format!("cannot save the model: {e}")))?;
-    std::fs::copy(tok_dir.join("tokenizer.json"), out.join("tokenizer.json"))
-        .map_err(|e| StageError::io("cannot copy the tokenizer", e))?;
-    let summary = serde_json::json!({
-        "preset": p.preset,
-        "config": cfg,
-        "parameters": params,
-        "specials": specials,
-        "tokenizer_digest": ctx.input("tokenizer")?.digest,
-    });
-    write_json(&out.join("model.json"), &summary)?;
-    let training = serde_json::json!({
-        "steps": progress.step,
-        "target_tokens": progress.tokens,
-        "train_loss": last_train,
-        "val_loss": last_val,
-        "val_perplexity": last_val.exp(),
-        "unigram_val_perplexity": unigram_ppl,
-    });
-    write_json(&out.join("training.json"), &training)?;
-    let mut output = StageOutput::default();
-    output.metadata.insert("parameters".into(), params.into());
-    output
-        .metadata
-        .insert("val_perplexity".into(), last_val.exp().into());
-    output
-        .metadata
-        .insert("unigram_val_perplexity".into(), unigram_ppl.into());
-    output.metadata.insert(
-        "config".into(),
-        serde_json::to_value(&cfg).expect("plain JSON"),
-    );
-    Ok(output)
+    Ok(Done {
+        progress,
+        train_loss: last_train,
+        val_loss: last_val,
+    })
+}
+
+/// One optimiser step on `batch`: the forward pass (in `p.precision`), backward, clipping
+/// by the global norm, AdamW at `lr`. Returns the new model, the batch's loss (not yet read
+/// back from the device) and the gradient norm before clipping.
+fn train_step<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
+    model: Seq2Seq<A>,
+    optim: &mut O,
+    batch: &Batch,
+    p: &TrainParams,
+    lr: f64,
+    device: &A::Device,
+) -> (Seq2Seq<A>, Tensor<A, 1>, f64) {
+    let loss = match p.precision {
+        Precision::Fp32 => batch_loss(&model, batch, p.label_smoothing, device),
+        Precision::Bf16 => batch_loss(
+            &model.clone().map(&mut CastParams(FloatDType::BF16)),
+            batch,
+            p.label_smoothing,
+            device,
+        ),
+    };
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let (grads, grad_norm) = clip_global(&model, grads, p.grad_clip);
+    let model = optim.step(lr, model, grads);
+    (model, loss.detach(), grad_norm)
 }
 
 /// Sums squared gradients over every parameter (first pass), then scales them (second).
@@ -467,16 +581,16 @@ struct GradPass<'a> {
     sum_sq: f64,
 }
 
-impl ModuleVisitor<Train> for GradPass<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Train, D>>) {
+impl<A: AutodiffBackend> ModuleVisitor<A> for GradPass<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
         match self.scale {
             None => {
-                if let Some(g) = self.grads.get::<Cpu, D>(param.id) {
+                if let Some(g) = self.grads.get::<A::InnerBackend, D>(param.id) {
                     self.sum_sq += g.powi_scalar(2).sum().into_scalar().elem::<f64>();
                 }
             }
             Some(k) => {
-                if let Some(g) = self.grads.remove::<Cpu, D>(param.id) {
+                if let Some(g) = self.grads.remove::<A::InnerBackend, D>(param.id) {
                     self.grads.register(param.id, g.mul_scalar(k));
                 }
             }
@@ -486,8 +600,8 @@ impl ModuleVisitor<Train> for GradPass<'_> {
 
 /// Clipping by the global norm (what PyTorch's `clip_grad_norm_` does): one direction for
 /// the whole update, unlike clipping each tensor on its own. Returns the norm before.
-fn clip_global(
-    model: &Seq2Seq<Train>,
+fn clip_global<A: AutodiffBackend>(
+    model: &Seq2Seq<A>,
     mut grads: GradientsParams,
     max: f64,
 ) -> (GradientsParams, f64) {
@@ -510,9 +624,9 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), StageError> {
         .map_err(|e| StageError::io(format!("cannot write {}", path.display()), e))
 }
 
-fn save_checkpoint<O: Optimizer<Seq2Seq<Train>, Train>>(
+fn save_checkpoint<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     ctx: &StageContext<'_>,
-    model: &Seq2Seq<Train>,
+    model: &Seq2Seq<A>,
     optim: &O,
     progress: &Progress,
     recorder: &NamedMpkFileRecorder<FullPrecisionSettings>,
@@ -570,7 +684,11 @@ fn batch_loss<B: Backend>(
     let [src, tgt_in, tgt_out] = tensors::<B>(b, device);
     let [src_pad, tgt_pad] = masks::<B>(b, device);
     let memory = model.encode(src, src_pad.clone());
-    let logits = model.decode(tgt_in, tgt_pad.clone(), memory, src_pad);
+    let mut logits = model.decode(tgt_in, tgt_pad.clone(), memory, src_pad);
+    // Mixed precision computes the network in bf16; the log-softmax over 8k logits stays f32.
+    if logits.dtype() != DType::F32 {
+        logits = logits.cast(FloatDType::F32);
+    }
     masked_cross_entropy(logits, tgt_out, tgt_pad, b.tokens, smoothing)
 }
 
@@ -646,6 +764,90 @@ mod tests {
         };
         let n = cfg.parameters();
         assert!((8_000_000..10_000_000).contains(&n), "{n}");
+    }
+
+    /// The backend's generator (dropout) is global: tests that reseed it take turns.
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Losses of `n` steps on one repeated batch of a tiny model, under `A`.
+    fn losses<A: AutodiffBackend>(p: &TrainParams, n: usize) -> Vec<f32> {
+        let _turn = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+        let device = Default::default();
+        <A as Backend>::seed(&device, 3);
+        let cfg = ModelConfig {
+            vocab_size: 48,
+            d_model: 32,
+            n_heads: 4,
+            enc_layers: 2,
+            dec_layers: 2,
+            d_ff: 64,
+            max_len: 32,
+            dropout: 0.1,
+        };
+        let mut model: Seq2Seq<A> = cfg.init(&device);
+        let mut optim = AdamWConfig::new().init::<A, Seq2Seq<A>>();
+        let specials = Specials {
+            pad: 0,
+            bos: 1,
+            eos: 2,
+            langs: Default::default(),
+            authors: Default::default(),
+            other_author: 3,
+        };
+        let examples: Vec<Example> = (0..8u32)
+            .map(|i| Example {
+                control: [4, 5],
+                ids: (0..12).map(|j| 6 + (i * 7 + j * 3) % 40).collect(),
+            })
+            .collect();
+        let rows: Vec<&Example> = examples.iter().collect();
+        let batch = data::make_batch(&rows, &specials, |_, len| len / 2);
+        (0..n)
+            .map(|step| {
+                <A as Backend>::seed(&device, step as u64);
+                let (next, loss, _) =
+                    train_step(model.clone(), &mut optim, &batch, p, 3e-3, &device);
+                model = next;
+                loss.into_scalar().elem::<f32>()
+            })
+            .collect()
+    }
+
+    fn params(extra: serde_json::Value) -> TrainParams {
+        serde_json::from_value(canonical(extra).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn gradient_checkpointing_changes_memory_not_results() {
+        use burn::backend::Flex;
+        let p = params(serde_json::json!({}));
+        let (plain, recomputed) = crate::with_threads(Some(1), || {
+            Ok((
+                losses::<Autodiff<Flex>>(&p, 6),
+                losses::<Autodiff<Flex, BalancedCheckpointing>>(&p, 6),
+            ))
+        })
+        .unwrap();
+        assert!(plain[5] < plain[0], "{plain:?}");
+        assert_eq!(plain, recomputed);
+    }
+
+    #[test]
+    fn mixed_precision_bf16_learns_like_fp32() {
+        use burn::backend::Flex;
+        let fp32 = losses::<Autodiff<Flex>>(&params(serde_json::json!({})), 12);
+        let bf16 = losses::<Autodiff<Flex>>(&params(serde_json::json!({"precision": "bf16"})), 12);
+        // Same initial weights: the first losses differ only by bf16 rounding.
+        assert!(
+            (bf16[0] - fp32[0]).abs() / fp32[0] < 0.02,
+            "{bf16:?} vs {fp32:?}"
+        );
+        assert!(bf16[11] < bf16[0] * 0.9, "bf16 did not learn: {bf16:?}");
+        assert!(
+            (bf16[11] - fp32[11]).abs() / fp32[11] < 0.05,
+            "{bf16:?} vs {fp32:?}"
+        );
+        assert_ne!(bf16, fp32, "bf16 computed in f32 after all");
     }
 
     #[test]

@@ -690,7 +690,7 @@ async fn info(State(s): State<Shared>) -> Json<Value> {
         "model_id": m.name,
         "model_sha": m.digest,
         "model_dtype": m.card.quantization.as_str(),
-        "model_device_type": "cpu",
+        "model_device_type": m.device,
         "model_pipeline_tag": "text2text-generation",
         "max_concurrent_requests": l.queue,
         "max_best_of": 1,

@@ -7,14 +7,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use burn::backend::Flex;
+use burn::prelude::Backend;
 use orchestrate_model::artifact::LoadedModel;
 use orchestrate_model::generate::{self, Finish, Next, Row, Token};
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-
-pub type Cpu = Flex;
 
 /// What a request's handler hears from the engine.
 #[derive(Debug)]
@@ -55,8 +53,9 @@ pub enum Refused {
 
 impl Engine {
     /// Starts the engine thread; it stops when every `Engine` handle is dropped.
-    pub fn start(
-        model: LoadedModel<Cpu>,
+    pub fn start<B: Backend>(
+        model: LoadedModel<B>,
+        device: B::Device,
         max_batch: usize,
         queue: usize,
         metrics: Arc<Metrics>,
@@ -66,7 +65,7 @@ impl Engine {
         let w = waiting.clone();
         std::thread::Builder::new()
             .name("decoder".into())
-            .spawn(move || run(model, rx, max_batch.max(1), w, metrics))
+            .spawn(move || run(model, device, rx, max_batch.max(1), w, metrics))
             .expect("spawn the decoder thread");
         Engine { queue: tx, waiting }
     }
@@ -87,14 +86,14 @@ impl Engine {
     }
 }
 
-fn run(
-    lm: LoadedModel<Cpu>,
+fn run<B: Backend>(
+    lm: LoadedModel<B>,
+    device: B::Device,
     mut rx: mpsc::Receiver<Job>,
     max_batch: usize,
     waiting: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
 ) {
-    let device = Default::default();
     let specials = lm.card.specials.clone();
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
@@ -165,7 +164,7 @@ fn run(
     }
 }
 
-fn decode(lm: &LoadedModel<Cpu>, ids: &[u32]) -> String {
+fn decode<B: Backend>(lm: &LoadedModel<B>, ids: &[u32]) -> String {
     lm.tokenizer.decode(ids, true).unwrap_or_default()
 }
 

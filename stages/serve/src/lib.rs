@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use burn::prelude::Backend;
 use orchestrate_model::artifact::{self, ModelCard};
+use orchestrate_model::compute::{self, Compute, OnDevice};
 use orchestrate_model::Tokenizer;
 
 pub use api::Limits;
@@ -23,6 +25,8 @@ pub struct ServedModel {
     pub created: u64,
     pub card: ModelCard,
     pub tokenizer: Tokenizer,
+    /// `cpu` or `cuda` (TGI's `model_device_type`).
+    pub device: &'static str,
 }
 
 #[derive(Clone, Debug)]
@@ -40,6 +44,8 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     pub api_key: Option<String>,
     pub cors_origins: Option<Vec<String>>,
+    /// Where the model runs: `cpu`, `cuda`, `cuda:N` (a build with the `cuda` feature).
+    pub device: String,
 }
 
 impl Default for ServeOptions {
@@ -56,39 +62,16 @@ impl Default for ServeOptions {
             max_body_bytes: 64 * 1024,
             api_key: None,
             cors_origins: None,
+            device: "cpu".into(),
         }
     }
 }
 
 /// Loads the model in `dir` and builds the router (no socket yet: tests drive it directly).
 pub fn app(dir: &Path, opts: &ServeOptions) -> Result<axum::Router, String> {
-    let device = Default::default();
-    let lm = artifact::load::<engine::Cpu>(dir, &device).map_err(|e| e.to_string())?;
-    let max_len = lm.card.config.max_len;
-    let limits = Limits {
-        max_input_tokens: opts.max_input_tokens.unwrap_or(max_len).min(max_len),
-        max_new_tokens: opts.max_new_tokens.unwrap_or(max_len).min(max_len),
-        max_body_bytes: opts.max_body_bytes,
-        max_stop_sequences: 4,
-        max_batch: opts.max_batch,
-        queue: opts.queue,
-    };
-    let metrics = Arc::new(metrics::Metrics::new(metrics::ModelInfo {
-        model: opts.name.clone(),
-        quantization: lm.card.quantization.as_str().to_string(),
-        parameters: lm.card.parameters,
-    }));
-    let model = Arc::new(ServedModel {
-        name: opts.name.clone(),
-        digest: opts.digest.clone(),
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        card: lm.card.clone(),
-        tokenizer: lm.tokenizer.clone(),
-    });
-    let engine = engine::Engine::start(lm, opts.max_batch, opts.queue, metrics.clone());
+    let compute = Compute::parse(&opts.device).map_err(|e| e.to_string())?;
+    let (engine, metrics, model, limits) =
+        compute::run_on(compute, Load { dir, opts, compute }).map_err(|e| e.to_string())??;
     let state = Arc::new(api::AppState {
         engine,
         metrics,
@@ -100,6 +83,56 @@ pub fn app(dir: &Path, opts: &ServeOptions) -> Result<axum::Router, String> {
             .map(|k| *blake3::hash(k.as_bytes()).as_bytes()),
     });
     Ok(api::router(state, opts.cors_origins.clone()))
+}
+
+/// Loading the weights onto the device and starting the decoder thread there.
+struct Load<'a> {
+    dir: &'a Path,
+    opts: &'a ServeOptions,
+    compute: Compute,
+}
+
+type Started = (
+    engine::Engine,
+    Arc<metrics::Metrics>,
+    Arc<ServedModel>,
+    Limits,
+);
+
+impl OnDevice for Load<'_> {
+    type Output = Result<Started, String>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let Load { dir, opts, compute } = self;
+        let lm = artifact::load::<B>(dir, &device).map_err(|e| e.to_string())?;
+        let max_len = lm.card.config.max_len;
+        let limits = Limits {
+            max_input_tokens: opts.max_input_tokens.unwrap_or(max_len).min(max_len),
+            max_new_tokens: opts.max_new_tokens.unwrap_or(max_len).min(max_len),
+            max_body_bytes: opts.max_body_bytes,
+            max_stop_sequences: 4,
+            max_batch: opts.max_batch,
+            queue: opts.queue,
+        };
+        let metrics = Arc::new(metrics::Metrics::new(metrics::ModelInfo {
+            model: opts.name.clone(),
+            quantization: lm.card.quantization.as_str().to_string(),
+            parameters: lm.card.parameters,
+        }));
+        let model = Arc::new(ServedModel {
+            name: opts.name.clone(),
+            digest: opts.digest.clone(),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            card: lm.card.clone(),
+            tokenizer: lm.tokenizer.clone(),
+            device: if compute.is_cuda() { "cuda" } else { "cpu" },
+        });
+        let engine = engine::Engine::start(lm, device, opts.max_batch, opts.queue, metrics.clone());
+        Ok((engine, metrics, model, limits))
+    }
 }
 
 /// Binds, calls `ready` with the address, and serves until `shutdown` resolves; requests in

@@ -1,0 +1,212 @@
+//! Where the tensors live. Stages are written once, generic over burn's `Backend`; this
+//! module turns a stage's device (`cpu`, `cuda`, `cuda:N`, from `resources.device`) into a
+//! concrete backend: burn's flex CPU backend, or burn's CUDA backend in builds with the
+//! `cuda` feature. Before the first CUDA call it checks what that backend needs at run time
+//! (the driver, NVRTC, the CUDA headers it compiles kernels against), because the libraries
+//! underneath panic, or hang on a missing header, where a user deserves a sentence.
+
+use burn::backend::Flex;
+use burn::prelude::Backend;
+use orchestrate_stage::StageError;
+
+/// A device a stage was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compute {
+    Cpu,
+    /// An NVIDIA GPU by its CUDA ordinal.
+    Cuda(usize),
+}
+
+impl Compute {
+    /// `cpu`, `cuda` (GPU 0), `cuda:N`; `auto` has been resolved by the engine already,
+    /// but is accepted for callers outside it (it means CUDA where this build and machine
+    /// can use it).
+    pub fn parse(device: &str) -> Result<Self, StageError> {
+        match device {
+            "cpu" | "" => Ok(Compute::Cpu),
+            "cuda" => Ok(Compute::Cuda(0)),
+            "auto" => Ok(if cfg!(feature = "cuda") && cuda_preflight(0).is_ok() {
+                Compute::Cuda(0)
+            } else {
+                Compute::Cpu
+            }),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Compute::Cuda)
+                .ok_or_else(|| {
+                    StageError::Failed(format!(
+                        "unknown device `{other}`: expected cpu, cuda, cuda:N or auto"
+                    ))
+                }),
+        }
+    }
+
+    pub fn is_cuda(self) -> bool {
+        matches!(self, Compute::Cuda(_))
+    }
+}
+
+impl std::fmt::Display for Compute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Compute::Cpu => f.write_str("cpu"),
+            Compute::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Work written once for any backend; [`run_on`] picks the backend.
+pub trait OnDevice {
+    type Output;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
+}
+
+/// The CPU backend: burn's flex (pure Rust, threads through rayon, SIMD, AVX-512 matmul
+/// kernels picked at run time), the fastest of burn 0.21's CPU backends that builds on a
+/// plain Debian machine (see the README).
+pub type Cpu = Flex;
+
+/// Runs `job` on `compute`'s backend, after checking that the device can be used.
+pub fn run_on<J: OnDevice>(compute: Compute, job: J) -> Result<J::Output, StageError> {
+    match compute {
+        Compute::Cpu => Ok(job.run::<Cpu>(Default::default())),
+        Compute::Cuda(n) => {
+            cuda_preflight(n).map_err(StageError::Failed)?;
+            run_cuda(n, job)
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda<J: OnDevice>(n: usize, job: J) -> Result<J::Output, StageError> {
+    use burn::backend::cuda::CudaDevice;
+    Ok(job.run::<burn::backend::Cuda>(CudaDevice::new(n)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda<J: OnDevice>(_n: usize, _job: J) -> Result<J::Output, StageError> {
+    unreachable!("cuda_preflight refuses every GPU in a build without the cuda feature")
+}
+
+/// Why device `n` cannot run burn's CUDA backend, or `Ok`. Checks, in order: that this
+/// build has the backend, the NVIDIA driver library, that GPU `n` exists, NVRTC (cubecl
+/// compiles every kernel with it at run time) and the CUDA headers those kernels include
+/// (`CUDA_PATH`, else /usr/local/cuda).
+pub fn cuda_preflight(n: usize) -> Result<(), String> {
+    if !cfg!(feature = "cuda") {
+        return Err(format!(
+            "device cuda:{n} asked for, but this build has no CUDA backend: build with `cargo build --release --features cuda`, or set resources.device: cpu"
+        ));
+    }
+    preflight_libraries(n)
+}
+
+/// The toolkit directory whose headers NVRTC compiles kernels against.
+pub fn cuda_root() -> std::path::PathBuf {
+    std::env::var_os("CUDA_PATH")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/usr/local/cuda".into())
+}
+
+/// The headers cubecl's kernels include; missing ones fail at the first kernel compile.
+fn check_headers() -> Result<(), String> {
+    let root = cuda_root();
+    let include = root.join("include");
+    let missing: Vec<&str> = ["cuda.h", "cuda_fp16.h", "cuda_bf16.h"]
+        .into_iter()
+        .filter(|h| !include.join(h).is_file())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let from = if std::env::var_os("CUDA_PATH").is_some() {
+        "CUDA_PATH"
+    } else {
+        "the default, CUDA_PATH being unset"
+    };
+    Err(format!(
+        "CUDA headers missing: {} not in {} ({from}); install the CUDA toolkit headers (Debian: nvidia-cuda-toolkit, or NVIDIA's cuda-nvrtc-dev and cuda-cudart-dev) and set CUDA_PATH to the toolkit directory",
+        missing.join(", "),
+        include.display()
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn preflight_libraries(n: usize) -> Result<(), String> {
+    // Loading a library we only probe is cheap, and keeps cudarc from panicking on it later.
+    let load = |names: Vec<String>, what: &str, hint: &str| -> Result<(), String> {
+        for name in &names {
+            // SAFETY: these are NVIDIA's own libraries; loading one runs only its initialisers.
+            if unsafe { libloading::Library::new(name) }.is_ok() {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "{what} not found (tried {}); {hint}",
+            names.join(", ")
+        ))
+    };
+    load(
+        cudarc::get_lib_name_candidates("cuda"),
+        "the NVIDIA driver library (libcuda)",
+        "is the NVIDIA driver installed, and (in a container) is the GPU passed through?",
+    )?;
+    let count = cudarc::driver::result::init()
+        .and_then(|_| cudarc::driver::result::device::get_count())
+        .map_err(|e| format!("the NVIDIA driver cannot start: {e}"))?;
+    if n >= count as usize {
+        return Err(format!(
+            "device cuda:{n} asked for, but this machine has {count} GPU(s) (cuda:0..cuda:{})",
+            count.max(1) - 1
+        ));
+    }
+    load(
+        cudarc::get_lib_name_candidates("nvrtc"),
+        "NVRTC (libnvrtc), which compiles the GPU kernels at run time,",
+        "install it (NVIDIA's cuda-nvrtc package) and add its directory to LD_LIBRARY_PATH",
+    )?;
+    check_headers()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn preflight_libraries(_n: usize) -> Result<(), String> {
+    check_headers()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names() {
+        assert_eq!(Compute::parse("cpu").unwrap(), Compute::Cpu);
+        assert_eq!(Compute::parse("cuda").unwrap(), Compute::Cuda(0));
+        assert_eq!(Compute::parse("cuda:3").unwrap(), Compute::Cuda(3));
+        assert_eq!(Compute::Cuda(3).to_string(), "cuda:3");
+        let e = Compute::parse("gpu").unwrap_err().to_string();
+        assert!(e.contains("unknown device `gpu`"), "{e}");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn a_cpu_build_refuses_a_gpu_with_the_fix() {
+        let e = cuda_preflight(0).unwrap_err();
+        assert!(e.contains("--features cuda"), "{e}");
+        assert_eq!(Compute::parse("auto").unwrap(), Compute::Cpu);
+    }
+
+    #[test]
+    fn missing_headers_are_named_with_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("include")).unwrap();
+        std::fs::write(dir.path().join("include/cuda.h"), "").unwrap();
+        // SAFETY: no other test in this crate reads or writes CUDA_PATH.
+        unsafe { std::env::set_var("CUDA_PATH", dir.path()) };
+        let e = check_headers().unwrap_err();
+        unsafe { std::env::remove_var("CUDA_PATH") };
+        assert!(e.contains("cuda_fp16.h, cuda_bf16.h not in"), "{e}");
+        assert!(e.contains("(CUDA_PATH)"), "{e}");
+    }
+}
