@@ -204,4 +204,32 @@ fn bad_configurations_fail_before_training() {
         r.stdout
     );
     assert!(t0.elapsed() < std::time::Duration::from_secs(120));
+
+    // Several GPUs for a stage on the CPU.
+    sb.write("p.yaml", &pipeline(40, "devices: [0, 1]"));
+    let r = run(&sb, &["run", "p.yaml"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stdout
+            .contains("with.devices lists GPUs, but the stage runs on the CPU"),
+        "{}",
+        r.stdout
+    );
+
+    // A GPU in a build without the CUDA backend: the fix, not a panic.
+    if !cfg!(feature = "cuda") {
+        sb.write(
+            "p.yaml",
+            &pipeline(40, "").replace("device: cpu", "device: \"cuda:1\""),
+        );
+        let r = run(&sb, &["run", "p.yaml"]);
+        assert_eq!(r.code, 1);
+        assert!(
+            r.stdout.contains(
+                "device cuda:1 asked for, but this build has no CUDA backend: build with `cargo build --release --features cuda`"
+            ),
+            "{}",
+            r.stdout
+        );
+    }
 }

@@ -130,6 +130,23 @@ pub struct Batch {
     pub tokens: usize,
 }
 
+/// `examples` cut into `n` batches of near-equal rows (data-parallel shards), each split
+/// where `split_at(i, len)` says for its `i`-th row of the whole list.
+pub fn shards(
+    examples: &[&Example],
+    n: usize,
+    specials: &Specials,
+    mut split_at: impl FnMut(usize, usize) -> usize,
+) -> Vec<Batch> {
+    let n = n.clamp(1, examples.len().max(1));
+    let per = examples.len().div_ceil(n);
+    examples
+        .chunks(per.max(1))
+        .enumerate()
+        .map(|(c, rows)| make_batch(rows, specials, |i, len| split_at(c * per + i, len)))
+        .collect()
+}
+
 fn round_up(n: usize, to: usize) -> usize {
     n.div_ceil(to) * to
 }

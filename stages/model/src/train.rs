@@ -9,7 +9,7 @@ use std::time::Instant;
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
@@ -111,6 +111,11 @@ pub struct TrainParams {
     /// compute for memory. Results are the same.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// GPUs that train together, by CUDA ordinal (`[0, 1]`): data parallel, each takes a
+    /// share of every batch and the gradients are summed on the first, which holds the
+    /// optimiser. Needs `resources.device: cuda`; absent means the stage's one device.
+    #[serde(default)]
+    pub devices: Option<Vec<usize>>,
 }
 
 fn default_precision() -> Precision {
@@ -260,6 +265,25 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
             "dropout and label_smoothing must be in [0, 1)".into(),
         ));
     }
+    if let Some(devices) = &p.devices {
+        let mut seen = std::collections::BTreeSet::new();
+        if devices.is_empty() || !devices.iter().all(|d| seen.insert(*d)) {
+            return Err(bad(
+                "devices",
+                "devices must list distinct GPU ordinals, at least one".into(),
+            ));
+        }
+        if devices.len() > p.batch {
+            return Err(bad(
+                "devices",
+                format!(
+                    "{} devices cannot share batches of {}",
+                    devices.len(),
+                    p.batch
+                ),
+            ));
+        }
+    }
     if p.lr <= 0.0 || p.lr > 1.0 {
         return Err(bad("lr", format!("lr {} is outside (0, 1]", p.lr)));
     }
@@ -280,8 +304,26 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
 
 fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageError> {
     // Refuse an unusable device before reading a byte of data.
-    let compute = Compute::parse(ctx.device)?;
-    if let Compute::Cuda(n) = compute {
+    let mut compute = Compute::parse(ctx.device)?;
+    match (&p.devices, compute) {
+        (Some(_), Compute::Cpu) => return Err(StageError::Failed(
+            "with.devices lists GPUs, but the stage runs on the CPU: set resources.device: cuda"
+                .into(),
+        )),
+        // The first listed GPU holds the model and the optimiser.
+        (Some(devices), Compute::Cuda(_)) => compute = Compute::Cuda(devices[0]),
+        (None, _) => {}
+    }
+    for n in p
+        .devices
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .chain(match compute {
+            Compute::Cuda(n) => Some(n),
+            Compute::Cpu => None,
+        })
+    {
         compute::cuda_preflight(n).map_err(StageError::Failed)?;
     }
     let corpus = ctx.input("corpus")?;
@@ -439,6 +481,17 @@ fn fit<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, Stag
         unigram_ppl,
     } = job;
     let specials = specials.clone();
+    let replicas: Vec<A::Device> = match &p.devices {
+        Some(ordinals) => ordinals
+            .iter()
+            .map(|&n| {
+                let mut id = device.to_id();
+                id.index_id = n as u16;
+                A::Device::from_id(id)
+            })
+            .collect(),
+        None => vec![device.clone()],
+    };
     <A as Backend>::seed(&device, p.seed);
     let mut model: Seq2Seq<A> = cfg.init(&device);
     // burn's own clipping is per parameter tensor; clipping is global here (clip_global).
@@ -483,13 +536,14 @@ fn fit<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, Stag
             .map(|&i| &train[i])
             .collect();
         let step_seed = data::mix(p.seed ^ data::mix(step + 1));
-        let batch = data::make_batch(&rows, &specials, |i, len| {
+        let shards = data::shards(&rows, replicas.len(), &specials, |i, len| {
             1 + (data::mix(step_seed ^ i as u64) % (len as u64 - 1)) as usize
         });
         // Dropout draws from the backend's generator: reseed it per step for exact resumes.
         <A as Backend>::seed(&device, step_seed);
         let lr = p.lr_at(step);
-        let (next, loss, grad_norm) = train_step(model, &mut optim, &batch, p, lr, &device);
+        let (next, loss, grad_norm) = train_step(model, &mut optim, &shards, p, lr, &replicas);
+        let batch_tokens: usize = shards.iter().map(|b| b.tokens).sum();
         model = next;
         let log_now = (step + 1).is_multiple_of(p.log_every) || step + 1 == p.steps;
         if log_now {
@@ -497,8 +551,8 @@ fn fit<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, Stag
             last_train = loss.into_scalar().elem::<f64>();
         }
         progress.step += 1;
-        progress.tokens += batch.tokens as u64;
-        window.1 += batch.tokens as u64;
+        progress.tokens += batch_tokens as u64;
+        window.1 += batch_tokens as u64;
         ctx.events.progress(progress.step, Some(p.steps), "steps");
         if log_now {
             let secs = window.0.elapsed().as_secs_f64().max(1e-9);
@@ -548,30 +602,71 @@ fn fit<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, Stag
     })
 }
 
-/// One optimiser step on `batch`: the forward pass (in `p.precision`), backward, clipping
-/// by the global norm, AdamW at `lr`. Returns the new model, the batch's loss (not yet read
-/// back from the device) and the gradient norm before clipping.
+/// One optimiser step on a batch split into `shards`, one per device in `devices` (the
+/// first holds the model and the optimiser): the forward pass (in `p.precision`) and
+/// backward on each device at once, the gradients summed on the first, clipping by the
+/// global norm, AdamW at `lr`. Each shard's loss is divided by the whole batch's token
+/// count, so the summed gradients are the whole batch's. Returns the new model, the
+/// batch's loss (not yet read back from the device) and the gradient norm before clipping.
 fn train_step<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     model: Seq2Seq<A>,
     optim: &mut O,
-    batch: &Batch,
+    shards: &[Batch],
     p: &TrainParams,
     lr: f64,
-    device: &A::Device,
+    devices: &[A::Device],
 ) -> (Seq2Seq<A>, Tensor<A, 1>, f64) {
-    let loss = match p.precision {
-        Precision::Fp32 => batch_loss(&model, batch, p.label_smoothing, device),
-        Precision::Bf16 => batch_loss(
-            &model.clone().map(&mut CastParams(FloatDType::BF16)),
-            batch,
-            p.label_smoothing,
-            device,
-        ),
+    let main = &devices[0];
+    let tokens: usize = shards.iter().map(|b| b.tokens).sum();
+    let shard_grads = |replica: &Seq2Seq<A>, shard: &Batch, device: &A::Device| {
+        let loss = match p.precision {
+            Precision::Fp32 => batch_loss(replica, shard, tokens, p.label_smoothing, device),
+            Precision::Bf16 => batch_loss(
+                &replica.clone().map(&mut CastParams(FloatDType::BF16)),
+                shard,
+                tokens,
+                p.label_smoothing,
+                device,
+            ),
+        };
+        let grads = GradientsParams::from_grads(loss.backward(), replica);
+        (grads, loss.detach())
     };
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let (grads, loss) = if shards.len() == 1 {
+        shard_grads(&model, &shards[0], main)
+    } else {
+        let parts: Vec<(GradientsParams, Tensor<A, 1>)> = std::thread::scope(|s| {
+            let running: Vec<_> = shards
+                .iter()
+                .zip(devices)
+                .map(|(shard, device)| {
+                    let replica = model.clone().fork(device);
+                    let shard_grads = &shard_grads;
+                    s.spawn(move || {
+                        let (grads, loss) = shard_grads(&replica, shard, device);
+                        (grads.to_device(main, &replica), loss.to_device(main))
+                    })
+                })
+                .collect();
+            running
+                .into_iter()
+                .map(|h| h.join().expect("a training shard panicked"))
+                .collect()
+        });
+        let mut sum = GradientsAccumulator::<Seq2Seq<A>>::new();
+        let mut loss = None;
+        for (g, l) in parts {
+            sum.accumulate(&model, g);
+            loss = Some(match loss {
+                None => l,
+                Some(total) => total + l,
+            });
+        }
+        (sum.grads(), loss.expect("at least one shard"))
+    };
     let (grads, grad_norm) = clip_global(&model, grads, p.grad_clip);
     let model = optim.step(lr, model, grads);
-    (model, loss.detach(), grad_norm)
+    (model, loss, grad_norm)
 }
 
 /// Sums squared gradients over every parameter (first pass), then scales them (second).
@@ -675,9 +770,12 @@ pub(crate) fn masks<B: Backend>(b: &Batch, device: &B::Device) -> [Tensor<B, 2, 
     [m(&b.src_pad, b.src_len), m(&b.tgt_pad, b.tgt_len)]
 }
 
+/// The loss summed over `b`'s target tokens, divided by `denominator` (the token count of
+/// the whole batch `b` is part of).
 fn batch_loss<B: Backend>(
     model: &Seq2Seq<B>,
     b: &Batch,
+    denominator: usize,
     smoothing: f64,
     device: &B::Device,
 ) -> Tensor<B, 1> {
@@ -689,7 +787,7 @@ fn batch_loss<B: Backend>(
     if logits.dtype() != DType::F32 {
         logits = logits.cast(FloatDType::F32);
     }
-    masked_cross_entropy(logits, tgt_out, tgt_pad, b.tokens, smoothing)
+    masked_cross_entropy(logits, tgt_out, tgt_pad, denominator, smoothing)
 }
 
 /// Mean loss per target token on the validation examples, split at their middle.
@@ -706,7 +804,7 @@ pub fn evaluate<B: Backend>(
     for chunk in val.chunks(batch).take(max_batches) {
         let rows: Vec<&Example> = chunk.iter().collect();
         let b = data::make_batch(&rows, specials, |_, len| len / 2);
-        let loss = batch_loss(model, &b, 0.0, device)
+        let loss = batch_loss(model, &b, b.tokens, 0.0, device)
             .into_scalar()
             .elem::<f64>();
         total += loss * b.tokens as f64;
@@ -770,7 +868,7 @@ mod tests {
     static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     /// Losses of `n` steps on one repeated batch of a tiny model, under `A`.
-    fn losses<A: AutodiffBackend>(p: &TrainParams, n: usize) -> Vec<f32> {
+    fn losses<A: AutodiffBackend>(p: &TrainParams, n: usize, shards: usize) -> Vec<f32> {
         let _turn = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
         let device = Default::default();
         <A as Backend>::seed(&device, 3);
@@ -782,7 +880,7 @@ mod tests {
             dec_layers: 2,
             d_ff: 64,
             max_len: 32,
-            dropout: 0.1,
+            dropout: p.dropout,
         };
         let mut model: Seq2Seq<A> = cfg.init(&device);
         let mut optim = AdamWConfig::new().init::<A, Seq2Seq<A>>();
@@ -801,12 +899,13 @@ mod tests {
             })
             .collect();
         let rows: Vec<&Example> = examples.iter().collect();
-        let batch = data::make_batch(&rows, &specials, |_, len| len / 2);
+        let devices = vec![device.clone(); shards];
+        let batch = data::shards(&rows, shards, &specials, |_, len| len / 2);
         (0..n)
             .map(|step| {
                 <A as Backend>::seed(&device, step as u64);
                 let (next, loss, _) =
-                    train_step(model.clone(), &mut optim, &batch, p, 3e-3, &device);
+                    train_step(model.clone(), &mut optim, &batch, p, 3e-3, &devices);
                 model = next;
                 loss.into_scalar().elem::<f32>()
             })
@@ -823,8 +922,8 @@ mod tests {
         let p = params(serde_json::json!({}));
         let (plain, recomputed) = crate::with_threads(Some(1), || {
             Ok((
-                losses::<Autodiff<Flex>>(&p, 6),
-                losses::<Autodiff<Flex, BalancedCheckpointing>>(&p, 6),
+                losses::<Autodiff<Flex>>(&p, 6, 1),
+                losses::<Autodiff<Flex, BalancedCheckpointing>>(&p, 6, 1),
             ))
         })
         .unwrap();
@@ -833,10 +932,25 @@ mod tests {
     }
 
     #[test]
+    fn data_parallel_shards_sum_to_the_whole_batch() {
+        use burn::backend::Flex;
+        // Two replicas (here both on the CPU) each take half of every batch; without
+        // dropout the steps must match one device's up to float rounding.
+        let p = params(serde_json::json!({"dropout": 0.0}));
+        let one = losses::<Autodiff<Flex>>(&p, 5, 1);
+        let two = losses::<Autodiff<Flex>>(&p, 5, 2);
+        for (a, b) in one.iter().zip(&two) {
+            assert!((a - b).abs() < 1e-4 * a.abs(), "{one:?} vs {two:?}");
+        }
+        assert!(one[4] < one[0]);
+    }
+
+    #[test]
     fn mixed_precision_bf16_learns_like_fp32() {
         use burn::backend::Flex;
-        let fp32 = losses::<Autodiff<Flex>>(&params(serde_json::json!({})), 12);
-        let bf16 = losses::<Autodiff<Flex>>(&params(serde_json::json!({"precision": "bf16"})), 12);
+        let fp32 = losses::<Autodiff<Flex>>(&params(serde_json::json!({})), 12, 1);
+        let bf16 =
+            losses::<Autodiff<Flex>>(&params(serde_json::json!({"precision": "bf16"})), 12, 1);
         // Same initial weights: the first losses differ only by bf16 rounding.
         assert!(
             (bf16[0] - fp32[0]).abs() / fp32[0] < 0.02,
