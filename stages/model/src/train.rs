@@ -528,7 +528,7 @@ fn fit<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, Stag
         let step = progress.step;
         let epoch = step / per_epoch;
         if epoch != plan_epoch {
-            plan = data::epoch_plan(&train, p.batch, p.seed, epoch);
+            plan = data::epoch_plan(train, p.batch, p.seed, epoch);
             plan_epoch = epoch;
         }
         let rows: Vec<&Example> = plan[(step % per_epoch) as usize]
@@ -571,7 +571,7 @@ fn fit<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, Stag
         if progress.step.is_multiple_of(p.eval_every) || progress.step == p.steps {
             last_val = evaluate(
                 &model.valid(),
-                &val,
+                val,
                 &specials,
                 p.batch,
                 p.eval_batches,
