@@ -1,24 +1,71 @@
-//! Training throughput of the encoder-decoder at fixed shapes, for bench/train.sh: the same
-//! shapes as ../shared/bench/torch_seq2seq_baseline.py (batch 32, source 128, target 128,
-//! vocab 8000), random tokens, the stage's own model, loss and optimiser.
+//! Training throughput of the encoder-decoder at fixed shapes, for bench/train.sh and
+//! bench/gpu.sh: the same shapes as ../shared/bench/torch_seq2seq_baseline.py (batch 32,
+//! source 128, target 128, vocab 8000), random tokens, the stage's own model, loss and
+//! optimiser.
 //!
 //!     cargo run --release -p orchestrate-model --example train_bench -- mini 3
+//!     cargo run --release -p orchestrate-model --features cuda --example train_bench -- \
+//!         spec512 20 --device cuda --bf16 --checkpointing
 //!
-//! Prints one JSON line.
+//! Prints one JSON line: the first step's time (warm-up: on CUDA, kernel compilation and
+//! autotuning), then the mean step after it.
 
-use burn::backend::{Autodiff, Flex};
-use burn::grad_clipping::GradientClippingConfig;
+use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use burn::backend::Autodiff;
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
-use orchestrate_model::model::{masked_cross_entropy, ModelConfig};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, FloatDType};
+use orchestrate_model::compute::{self, Compute, OnDevice};
+use orchestrate_model::model::{masked_cross_entropy, CastParams, ModelConfig, Seq2Seq};
 
-type Train = Autodiff<Flex>;
+struct Bench {
+    preset: String,
+    steps: usize,
+    bf16: bool,
+    checkpointing: bool,
+    device: Compute,
+}
+
+impl OnDevice for Bench {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) {
+        if self.checkpointing {
+            bench::<Autodiff<B, BalancedCheckpointing>>(self, device)
+        } else {
+            bench::<Autodiff<B>>(self, device)
+        }
+    }
+}
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let preset = args.get(1).map(String::as_str).unwrap_or("mini");
-    let steps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
-    let (d, h, layers, ff) = match preset {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let value = |f: &str| {
+        args.iter()
+            .position(|a| a == f)
+            .and_then(|i| args.get(i + 1))
+    };
+    let device = Compute::parse(value("--device").map(String::as_str).unwrap_or("cpu"))
+        .unwrap_or_else(|e| {
+            eprintln!("{e}");
+            std::process::exit(2)
+        });
+    let job = Bench {
+        preset: args.first().cloned().unwrap_or_else(|| "mini".into()),
+        steps: args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3),
+        bf16: flag("--bf16"),
+        checkpointing: flag("--checkpointing"),
+        device,
+    };
+    if let Err(e) = compute::run_on(device, job) {
+        eprintln!("{e}");
+        std::process::exit(1);
+    }
+}
+
+fn bench<A: AutodiffBackend>(job: Bench, device: A::Device) {
+    let (d, h, layers, ff) = match job.preset.as_str() {
         "spec512" => (512, 8, 6, 2048),
         _ => (256, 8, 4, 1024),
     };
@@ -33,12 +80,9 @@ fn main() {
         max_len: 512,
         dropout: 0.1,
     };
-    let device = Default::default();
-    <Train as Backend>::seed(&device, 0);
-    let mut model = cfg.init::<Train>(&device);
-    let mut optim = AdamWConfig::new()
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(1.0)))
-        .init();
+    <A as Backend>::seed(&device, 0);
+    let mut model: Seq2Seq<A> = cfg.init(&device);
+    let mut optim = AdamWConfig::new().init();
     let mut state = 1u64;
     let mut tokens = |n: usize| -> Vec<i64> {
         (0..n)
@@ -50,34 +94,35 @@ fn main() {
             })
             .collect()
     };
-    let src = Tensor::<Train, 2, Int>::from_data(
-        TensorData::new(tokens(batch * src_len), [batch, src_len]),
-        &device,
-    );
-    let tgt_in = Tensor::<Train, 2, Int>::from_data(
-        TensorData::new(tokens(batch * tgt_len), [batch, tgt_len]),
-        &device,
-    );
-    let tgt_out = Tensor::<Train, 2, Int>::from_data(
-        TensorData::new(tokens(batch * tgt_len), [batch, tgt_len]),
-        &device,
-    );
-    let no_pad_src = Tensor::<Train, 2, Bool>::from_data(
-        TensorData::new(vec![false; batch * src_len], [batch, src_len]),
-        &device,
-    );
-    let no_pad_tgt = Tensor::<Train, 2, Bool>::from_data(
-        TensorData::new(vec![false; batch * tgt_len], [batch, tgt_len]),
-        &device,
-    );
+    let ids = |v: Vec<i64>, len: usize| {
+        Tensor::<A, 2, Int>::from_data(TensorData::new(v, [batch, len]), &device)
+    };
+    let src = ids(tokens(batch * src_len), src_len);
+    let tgt_in = ids(tokens(batch * tgt_len), tgt_len);
+    let tgt_out = ids(tokens(batch * tgt_len), tgt_len);
+    let no_pad = |len: usize| {
+        Tensor::<A, 2, Bool>::from_data(
+            TensorData::new(vec![false; batch * len], [batch, len]),
+            &device,
+        )
+    };
+    let (no_pad_src, no_pad_tgt) = (no_pad(src_len), no_pad(tgt_len));
     let mut step = || {
-        let memory = model.encode(src.clone(), no_pad_src.clone());
-        let logits = model.decode(
+        let net = if job.bf16 {
+            model.clone().map(&mut CastParams(FloatDType::BF16))
+        } else {
+            model.clone()
+        };
+        let memory = net.encode(src.clone(), no_pad_src.clone());
+        let mut logits = net.decode(
             tgt_in.clone(),
             no_pad_tgt.clone(),
             memory,
             no_pad_src.clone(),
         );
+        if logits.dtype() != DType::F32 {
+            logits = logits.cast(FloatDType::F32);
+        }
         let loss = masked_cross_entropy(
             logits,
             tgt_out.clone(),
@@ -87,20 +132,37 @@ fn main() {
         );
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(3e-4, model.clone(), grads);
+        // Reading the loss waits for the device to finish the step.
         loss.into_scalar().elem::<f32>()
     };
-    step(); // warm-up
     let t = std::time::Instant::now();
-    for _ in 0..steps {
+    step();
+    let warmup = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    for _ in 0..job.steps {
         step();
     }
-    let dt = t.elapsed().as_secs_f64() / steps as f64;
+    let dt = t.elapsed().as_secs_f64() / job.steps.max(1) as f64;
     let toks = batch * (src_len + tgt_len);
+    // Model FLOPs per step: 6 per parameter per token (forward 2, backward 4) for the
+    // weight matmuls, plus attention's score and value products.
+    let params = cfg.parameters() as f64;
+    let attn = 6.0
+        * 2.0
+        * batch as f64
+        * (d as f64)
+        * (layers as f64 * (src_len * src_len + tgt_len * tgt_len + tgt_len * src_len) as f64);
+    let flops = 6.0 * params * toks as f64 + attn;
     println!(
-        "{{\"kind\": \"train\", \"engine\": \"burn-flex\", \"model\": \"{preset}\", \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"threads\": {}}}",
+        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"threads\": {}}}",
+        job.device,
+        job.preset,
+        if job.bf16 { "bf16" } else { "fp32" },
+        job.checkpointing,
         cfg.parameters(),
         dt * 1e3,
         toks as f64 / dt,
+        flops / dt / 1e12,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
 }

@@ -81,7 +81,51 @@ pub fn run_on<J: OnDevice>(compute: Compute, job: J) -> Result<J::Output, StageE
 #[cfg(feature = "cuda")]
 fn run_cuda<J: OnDevice>(n: usize, job: J) -> Result<J::Output, StageError> {
     use burn::backend::cuda::CudaDevice;
+    static CACHE: std::sync::Once = std::sync::Once::new();
+    CACHE.call_once(persistent_kernel_cache);
     Ok(job.run::<burn::backend::Cuda>(CudaDevice::new(n)))
+}
+
+/// Where compiled GPU kernels (PTX) and autotune results are kept between runs:
+/// `ORCHESTRATE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/orchestrate/kernels`, else
+/// `~/.cache/orchestrate/kernels`. `off` keeps them in memory only.
+pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
+    match std::env::var_os("ORCHESTRATE_KERNEL_CACHE") {
+        Some(v) if v == "off" => None,
+        Some(v) if !v.is_empty() => Some(v.into()),
+        _ => std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+            .map(|c| c.join("orchestrate").join("kernels")),
+    }
+}
+
+/// CubeCL compiles every kernel with NVRTC and autotunes matmuls the first time it meets
+/// them, which cost minutes per run; by default it keeps the compiled kernels in memory
+/// only and the autotune results under a `target/` it looks for above the working
+/// directory. Both go to [`kernel_cache_dir`] instead, so a second run starts warm. A
+/// `cubecl.toml` or `burn.toml` in the working directory is the user's choice and wins.
+#[cfg(feature = "cuda")]
+fn persistent_kernel_cache() {
+    use cubecl_runtime::config::cache::CacheConfig;
+    use cubecl_runtime::config::{CubeClRuntimeConfig, RuntimeConfig};
+    let own_config = ["cubecl.toml", "CubeCL.toml", "burn.toml", "Burn.toml"]
+        .iter()
+        .any(|f| std::path::Path::new(f).exists());
+    let Some(dir) = kernel_cache_dir() else {
+        return;
+    };
+    if own_config || CubeClRuntimeConfig::storage().lock().is_some() {
+        return;
+    }
+    if std::fs::create_dir_all(&dir).is_err() {
+        return; // An unwritable cache directory costs speed, not correctness.
+    }
+    let mut config = CubeClRuntimeConfig::default();
+    config.compilation.cache = Some(CacheConfig::File(dir.clone()));
+    config.autotune.cache = CacheConfig::File(dir);
+    CubeClRuntimeConfig::set(config);
 }
 
 #[cfg(not(feature = "cuda"))]
