@@ -130,9 +130,10 @@ fn heads<B: Backend>(x: Tensor<B, 3>, n_heads: usize) -> Tensor<B, 4> {
     x.reshape([b, t, n_heads, d / n_heads]).swap_dims(1, 2)
 }
 
-fn merge<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
-    let [b, h, t, dk] = x.dims();
-    x.swap_dims(1, 2).reshape([b, t, h * dk])
+/// `[rows, d]` (one position per row) to `[rows, heads, 1, d / heads]`.
+fn one_position<B: Backend>(x: Tensor<B, 2>, n_heads: usize) -> Tensor<B, 4> {
+    let [rows, d] = x.dims();
+    x.reshape([rows, n_heads, 1, d / n_heads])
 }
 
 /// Source ids of a batch, right-padded to a multiple of 16 (few distinct shapes).
@@ -192,7 +193,11 @@ impl<B: Backend> Seq2Seq<B> {
             TensorData::new(tokens.iter().map(|&t| t as i64).collect(), [rows, 1]),
             &device,
         );
-        let mut x = self.embed_at(ids, pos);
+        // One row per request, kept 2-D: a `[rows, d] x [d, n]` product is one matrix
+        // multiplication that reads each weight once for all rows. (A `[rows, 1, d]` input
+        // makes burn broadcast the weight into `rows` separate products, repacking it for
+        // every row: batching then saved almost nothing.)
+        let mut x = self.embed_at(ids, pos).reshape([rows, d]);
         let capacity = state.layers[0].self_k.dims()[2];
         let placeholder = Tensor::<B, 4>::zeros([1, 1, 1, 1], &device);
         // Positions after `pos` are not written yet: masked for every row alike.
@@ -202,9 +207,9 @@ impl<B: Backend> Seq2Seq<B> {
         for (layer, cache) in self.decoder.layers.iter().zip(state.layers.iter_mut()) {
             // Self-attention over the buffer, after writing this position into it.
             let hidden = layer.norm_3.forward(x.clone());
-            let q = heads(layer.self_attn.query.forward(hidden.clone()), h);
-            let k = heads(layer.self_attn.key.forward(hidden.clone()), h);
-            let v = heads(layer.self_attn.value.forward(hidden), h);
+            let q = one_position(layer.self_attn.query.forward(hidden.clone()), h);
+            let k = one_position(layer.self_attn.key.forward(hidden.clone()), h);
+            let v = one_position(layer.self_attn.value.forward(hidden), h);
             let slot = [0..rows, 0..h, pos..pos + 1, 0..dk];
             // Moved out, not cloned: a buffer nobody else holds can be written in place.
             let self_k = std::mem::replace(&mut cache.self_k, placeholder.clone());
@@ -215,24 +220,28 @@ impl<B: Backend> Seq2Seq<B> {
                 .matmul(cache.self_k.clone().swap_dims(2, 3))
                 .div_scalar(scale)
                 .mask_fill(future.clone().expand([rows, h, 1, capacity]), MASKED);
-            let ctx = merge(softmax(scores, 3).matmul(cache.self_v.clone()));
+            let ctx = softmax(scores, 3)
+                .matmul(cache.self_v.clone())
+                .reshape([rows, d]);
             x = x + layer.self_attn.output.forward(ctx);
 
             // Cross-attention over the encoder's keys and values, computed once.
             let hidden = layer.norm_1.forward(x.clone());
-            let q = heads(layer.cross_attn.query.forward(hidden), h);
+            let q = one_position(layer.cross_attn.query.forward(hidden), h);
             let s = cache.cross_k.dims()[2];
             let scores = q
                 .matmul(cache.cross_k.clone().swap_dims(2, 3))
                 .div_scalar(scale)
                 .mask_fill(state.src_pad.clone().expand([rows, h, 1, s]), MASKED);
-            let ctx = merge(softmax(scores, 3).matmul(cache.cross_v.clone()));
+            let ctx = softmax(scores, 3)
+                .matmul(cache.cross_v.clone())
+                .reshape([rows, d]);
             x = x + layer.cross_attn.output.forward(ctx);
 
             let hidden = layer.norm_2.forward(x.clone());
             x = x + layer.pwff.forward(hidden);
         }
-        let logits = self.project(self.dec_norm.forward(x));
+        let logits = self.project(self.dec_norm.forward(x).reshape([rows, 1, d]));
         let vocab = logits.dims()[2];
         logits.reshape([rows, vocab])
     }

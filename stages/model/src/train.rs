@@ -864,14 +864,20 @@ mod tests {
         assert!((8_000_000..10_000_000).contains(&n), "{n}");
     }
 
-    /// The backend's generator (dropout) is global: tests that reseed it take turns.
-    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    /// Marks every float parameter as one autodiff computes gradients for.
+    struct Trainable;
 
-    /// Losses of `n` steps on one repeated batch of a tiny model, under `A`.
-    fn losses<A: AutodiffBackend>(p: &TrainParams, n: usize, shards: usize) -> Vec<f32> {
-        let _turn = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
-        let device = Default::default();
-        <A as Backend>::seed(&device, 3);
+    impl<A: AutodiffBackend> burn::module::ModuleMapper<A> for Trainable {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<A, D>>) -> Param<Tensor<A, D>> {
+            let (id, tensor, mapper) = p.consume();
+            Param::from_mapped_value(id, tensor.require_grad(), mapper)
+        }
+    }
+
+    /// A tiny model on the CPU backend, built once per test so that every run compared
+    /// starts from the same weights (the backend's generator is global: tests running at
+    /// the same time draw from it too).
+    fn tiny(p: &TrainParams) -> Seq2Seq<burn::backend::Flex> {
         let cfg = ModelConfig {
             vocab_size: 48,
             d_model: 32,
@@ -882,7 +888,19 @@ mod tests {
             max_len: 32,
             dropout: p.dropout,
         };
-        let mut model: Seq2Seq<A> = cfg.init(&device);
+        cfg.init(&Default::default())
+    }
+
+    /// Losses of `n` steps on one repeated batch, from `start`'s weights, under `A`,
+    /// the batch cut into `shards` (each on a replica of the model).
+    fn losses<A: AutodiffBackend<InnerBackend = burn::backend::Flex>>(
+        start: &Seq2Seq<burn::backend::Flex>,
+        p: &TrainParams,
+        n: usize,
+        shards: usize,
+    ) -> Vec<f32> {
+        let device = Default::default();
+        let mut model = Seq2Seq::<A>::from_inner(start.clone()).map(&mut Trainable);
         let mut optim = AdamWConfig::new().init::<A, Seq2Seq<A>>();
         let specials = Specials {
             pad: 0,
@@ -899,11 +917,10 @@ mod tests {
             })
             .collect();
         let rows: Vec<&Example> = examples.iter().collect();
-        let devices = vec![device.clone(); shards];
+        let devices = vec![device; shards];
         let batch = data::shards(&rows, shards, &specials, |_, len| len / 2);
         (0..n)
-            .map(|step| {
-                <A as Backend>::seed(&device, step as u64);
+            .map(|_| {
                 let (next, loss, _) =
                     train_step(model.clone(), &mut optim, &batch, p, 3e-3, &devices);
                 model = next;
@@ -919,11 +936,13 @@ mod tests {
     #[test]
     fn gradient_checkpointing_changes_memory_not_results() {
         use burn::backend::Flex;
-        let p = params(serde_json::json!({}));
+        // Without dropout: other tests draw from the global generator at the same time.
+        let p = params(serde_json::json!({"dropout": 0.0}));
+        let start = tiny(&p);
         let (plain, recomputed) = crate::with_threads(Some(1), || {
             Ok((
-                losses::<Autodiff<Flex>>(&p, 6, 1),
-                losses::<Autodiff<Flex, BalancedCheckpointing>>(&p, 6, 1),
+                losses::<Autodiff<Flex>>(&start, &p, 6, 1),
+                losses::<Autodiff<Flex, BalancedCheckpointing>>(&start, &p, 6, 1),
             ))
         })
         .unwrap();
@@ -937,8 +956,9 @@ mod tests {
         // Two replicas (here both on the CPU) each take half of every batch; without
         // dropout the steps must match one device's up to float rounding.
         let p = params(serde_json::json!({"dropout": 0.0}));
-        let one = losses::<Autodiff<Flex>>(&p, 5, 1);
-        let two = losses::<Autodiff<Flex>>(&p, 5, 2);
+        let start = tiny(&p);
+        let one = losses::<Autodiff<Flex>>(&start, &p, 5, 1);
+        let two = losses::<Autodiff<Flex>>(&start, &p, 5, 2);
         for (a, b) in one.iter().zip(&two) {
             assert!((a - b).abs() < 1e-4 * a.abs(), "{one:?} vs {two:?}");
         }
@@ -948,9 +968,11 @@ mod tests {
     #[test]
     fn mixed_precision_bf16_learns_like_fp32() {
         use burn::backend::Flex;
-        let fp32 = losses::<Autodiff<Flex>>(&params(serde_json::json!({})), 12, 1);
-        let bf16 =
-            losses::<Autodiff<Flex>>(&params(serde_json::json!({"precision": "bf16"})), 12, 1);
+        let fp32 = params(serde_json::json!({"dropout": 0.0}));
+        let bf16 = params(serde_json::json!({"dropout": 0.0, "precision": "bf16"}));
+        let start = tiny(&fp32);
+        let fp32 = losses::<Autodiff<Flex>>(&start, &fp32, 12, 1);
+        let bf16 = losses::<Autodiff<Flex>>(&start, &bf16, 12, 1);
         // Same initial weights: the first losses differ only by bf16 rounding.
         assert!(
             (bf16[0] - fp32[0]).abs() / fp32[0] < 0.02,

@@ -118,6 +118,7 @@ fn run<B: Backend>(
         let rows: Vec<Row> = jobs.iter().map(|j| j.row.clone()).collect();
         let mut generated: Vec<Vec<u32>> = vec![Vec::new(); jobs.len()];
         let mut texts: Vec<String> = vec![String::new(); jobs.len()];
+        let mut detok: Vec<Detokenizer> = vec![Detokenizer::default(); jobs.len()];
         let started = Instant::now();
         let results = generate::generate(&lm.model, &specials, &rows, &device, |i, token| {
             let job = &jobs[i];
@@ -128,10 +129,9 @@ fn run<B: Backend>(
             let special =
                 token.id == specials.eos || token.id == specials.pad || token.id == specials.bos;
             generated[i].push(token.id);
-            // The text so far, decoded whole: byte-level pieces only make characters together.
-            let full = decode(&lm, &generated[i]);
-            let piece = full.get(texts[i].len()..).unwrap_or("").to_string();
-            texts[i] = full;
+            let piece = detok[i].next(&lm.tokenizer, &generated[i]);
+            texts[i].push_str(&piece);
+            let piece_len = piece.len();
             let sent = job.events.send(Event::Token {
                 token,
                 text: if special { String::new() } else { piece },
@@ -140,17 +140,26 @@ fn run<B: Backend>(
             if sent.is_err() {
                 return Next::Stop(Finish::Cancelled);
             }
+            // Only the text the new piece can have completed a stop sequence in.
+            let longest = job.stop.iter().map(String::len).max().unwrap_or(0);
+            let mut from = texts[i].len().saturating_sub(piece_len + longest);
+            while !texts[i].is_char_boundary(from) {
+                from -= 1;
+            }
+            let tail = &texts[i][from..];
             if job
                 .stop
                 .iter()
-                .any(|s| !s.is_empty() && texts[i].contains(s.as_str()))
+                .any(|s| !s.is_empty() && tail.contains(s.as_str()))
             {
                 return Next::Stop(Finish::StopSequence);
             }
             Next::Continue
         });
         metrics.wave(started.elapsed());
-        for ((job, (tokens, finish)), text) in jobs.iter().zip(results).zip(texts) {
+        for ((job, (tokens, finish)), streamed) in jobs.iter().zip(results).zip(texts) {
+            // Decoded whole once: it includes bytes still waiting to complete a character.
+            let text = lm.tokenizer.decode(&tokens, true).unwrap_or(streamed);
             let text = match finish {
                 Finish::StopSequence => cut_at_stop(&text, &job.stop),
                 _ => text,
@@ -164,8 +173,34 @@ fn run<B: Backend>(
     }
 }
 
-fn decode<B: Backend>(lm: &LoadedModel<B>, ids: &[u32]) -> String {
-    lm.tokenizer.decode(ids, true).unwrap_or_default()
+/// Streams text token by token without decoding the whole text each time (that is
+/// quadratic in the length). Byte-level tokens make characters only together, so each step
+/// decodes a short window: from one piece back (`prefix`) to what was already sent (`read`)
+/// and to the end, and sends the difference once it ends in a whole character.
+#[derive(Clone, Default)]
+struct Detokenizer {
+    prefix: usize,
+    read: usize,
+}
+
+impl Detokenizer {
+    fn next(&mut self, tok: &orchestrate_model::Tokenizer, ids: &[u32]) -> String {
+        let decode = |ids: &[u32]| tok.decode(ids, true).unwrap_or_default();
+        let before = decode(&ids[self.prefix..self.read]);
+        let now = decode(&ids[self.prefix..]);
+        if now.ends_with('\u{FFFD}') {
+            return String::new(); // a character still incomplete: wait for its next byte
+        }
+        match now.get(before.len()..) {
+            Some(piece) if now.starts_with(&before) => {
+                let piece = piece.to_string();
+                self.prefix = self.read;
+                self.read = ids.len();
+                piece
+            }
+            _ => String::new(),
+        }
+    }
 }
 
 /// The text up to (without) the first stop sequence it contains.
