@@ -1,15 +1,18 @@
-//! The encoder-decoder. Pre-norm transformer layers (burn's), learned positions, one token
+//! The encoder-decoder. Pre-norm transformer layers (burn's modules, this crate's forward
+//! pass), learned positions, one token
 //! embedding shared by encoder, decoder and the output projection (weight tying: it is what
 //! brings the `mini` preset near the specification's 8M parameters).
 
 use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::nn::attention::generate_autoregressive_mask;
+use burn::nn::attention::MultiHeadAttention;
 use burn::nn::transformer::{
-    TransformerDecoder, TransformerDecoderConfig, TransformerDecoderInput, TransformerEncoder,
-    TransformerEncoderConfig, TransformerEncoderInput,
+    PositionWiseFeedForward, TransformerDecoder, TransformerDecoderConfig, TransformerEncoder,
+    TransformerEncoderConfig,
 };
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear};
 use burn::prelude::*;
+use burn::tensor::activation::softmax;
 use burn::tensor::FloatDType;
 use serde::{Deserialize, Serialize};
 
@@ -159,12 +162,19 @@ impl<B: Backend> Seq2Seq<B> {
     }
 
     /// `src_pad` is true at padding.
+    ///
+    /// The layers are burn's (their parameters, their order: pre-norm, `norm_2` before
+    /// attention), the forward pass is this crate's: see [`linear`] for why.
     pub fn encode(&self, src: Tensor<B, 2, Int>, src_pad: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
-        let x = self.embed(src);
-        self.enc_norm.forward(
-            self.encoder
-                .forward(TransformerEncoderInput::new(x).mask_pad(src_pad)),
-        )
+        let mut x = self.embed(src);
+        for layer in &self.encoder.layers {
+            let h = layer.norm_2.forward(x.clone());
+            let a = attention(&layer.mha, h.clone(), h, src_pad.clone(), None);
+            x = x + layer.dropout.forward(a);
+            let h = layer.norm_1.forward(x.clone());
+            x = x + layer.dropout.forward(feed_forward(&layer.pwff, h));
+        }
+        self.enc_norm.forward(x)
     }
 
     /// Logits `[batch, target, vocab]` for every target position.
@@ -175,14 +185,27 @@ impl<B: Backend> Seq2Seq<B> {
         memory: Tensor<B, 3>,
         src_pad: Tensor<B, 2, Bool>,
     ) -> Tensor<B, 3> {
-        let [b, t] = tgt.dims();
-        let causal = generate_autoregressive_mask::<B>(b, t, &tgt.device());
-        let input = TransformerDecoderInput::new(self.embed(tgt), memory)
-            .target_mask_pad(tgt_pad)
-            .target_mask_attn(causal)
-            .memory_mask_pad(src_pad);
-        let h = self.dec_norm.forward(self.decoder.forward(input));
-        self.project(h)
+        let [_, t] = tgt.dims();
+        // Position i may not see j > i; the same for every row.
+        let causal = generate_autoregressive_mask::<B>(1, t, &tgt.device());
+        let mut x = self.embed(tgt);
+        for layer in &self.decoder.layers {
+            let h = layer.norm_3.forward(x.clone());
+            let a = attention(
+                &layer.self_attn,
+                h.clone(),
+                h,
+                tgt_pad.clone(),
+                Some(causal.clone()),
+            );
+            x = x + layer.dropout.forward(a);
+            let h = layer.norm_1.forward(x.clone());
+            let a = attention(&layer.cross_attn, h, memory.clone(), src_pad.clone(), None);
+            x = x + layer.dropout.forward(a);
+            let h = layer.norm_2.forward(x.clone());
+            x = x + layer.dropout.forward(feed_forward(&layer.pwff, h));
+        }
+        self.project(self.dec_norm.forward(x))
     }
 
     /// Hidden states to vocabulary logits through the (tied) embedding matrix.
@@ -194,6 +217,53 @@ impl<B: Backend> Seq2Seq<B> {
             .matmul(w.transpose())
             .reshape([b, t, vocab])
     }
+}
+
+/// A linear layer over the last dimension of `[batch, time, d]`, with batch and time
+/// flattened into one dimension of rows. burn's `Linear` on a 3-D input runs one matrix
+/// product per batch row (repacking the weight for each) and, in training, computes the
+/// weight's gradient as one product per row summed through a `[batch, d_in, d_out]`
+/// temporary; on rows it is one product each way.
+fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, t, d] = x.dims();
+    let y = layer.forward(x.reshape([b * t, d]));
+    let n = y.dims()[1];
+    y.reshape([b, t, n])
+}
+
+/// Multi-head attention with burn's parameters: `query_in` attends over `kv_in`; `pad`
+/// `[batch, kv]` and `causal` `[1, query, kv]` are true where attention is not allowed.
+/// Dropout applies to the attention weights after the softmax, as in PyTorch (burn's
+/// own layer drops raw scores before it).
+fn attention<B: Backend>(
+    mha: &MultiHeadAttention<B>,
+    query_in: Tensor<B, 3>,
+    kv_in: Tensor<B, 3>,
+    pad: Tensor<B, 2, Bool>,
+    causal: Option<Tensor<B, 3, Bool>>,
+) -> Tensor<B, 3> {
+    let [b, t, d] = query_in.dims();
+    let s = kv_in.dims()[1];
+    let (h, dk) = (mha.n_heads, mha.d_k);
+    let split = |x: Tensor<B, 3>, len: usize| x.reshape([b, len, h, dk]).swap_dims(1, 2);
+    let q = split(linear(&mha.query, query_in), t);
+    let k = split(linear(&mha.key, kv_in.clone()), s);
+    let v = split(linear(&mha.value, kv_in), s);
+    let mut scores = q
+        .matmul(k.swap_dims(2, 3))
+        .div_scalar((dk as f32).sqrt())
+        .mask_fill(pad.reshape([b, 1, 1, s]), mha.min_float);
+    if let Some(c) = causal {
+        scores = scores.mask_fill(c.reshape([1, 1, t, s]), mha.min_float);
+    }
+    let weights = mha.dropout.forward(softmax(scores, 3));
+    let context = weights.matmul(v).swap_dims(1, 2).reshape([b, t, d]);
+    linear(&mha.output, context)
+}
+
+fn feed_forward<B: Backend>(ff: &PositionWiseFeedForward<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let inner = ff.activation.forward(linear(&ff.linear_inner, x));
+    linear(&ff.linear_outer, ff.dropout.forward(inner))
 }
 
 /// Mean token cross-entropy over the non-padding targets, with optional label smoothing.
