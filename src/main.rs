@@ -181,6 +181,9 @@ enum Command {
         /// Where the model runs: cpu, cuda, cuda:N (CUDA needs a `--features cuda` build).
         #[arg(long, env = "ORCHESTRATE_DEVICE")]
         device: Option<String>,
+        /// Decoder workers decoding waves side by side (default: one per core on the CPU).
+        #[arg(long)]
+        workers: Option<usize>,
     },
     /// Export the pipeline for another orchestrator.
     Export {
@@ -482,6 +485,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             queue,
             cors_origins,
             device,
+            workers,
         } => {
             let overrides = ServeOverrides {
                 host,
@@ -491,6 +495,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 queue,
                 cors_origins,
                 device,
+                workers,
             };
             // A directory holding an artifact; otherwise a stage (`deploy` may also be the
             // name of a plain directory, as in this repository).
@@ -745,6 +750,7 @@ struct ServeOverrides {
     queue: Option<usize>,
     cors_origins: Vec<String>,
     device: Option<String>,
+    workers: Option<usize>,
 }
 
 /// A finished stage's artifact, materialised under `cache`; `None` when none is stored.
@@ -839,6 +845,9 @@ async fn serve_dir(dir: &Path, o: ServeOverrides) -> Result<u8, Failure> {
     }
     if let Some(d) = o.device {
         opts.device = d;
+    }
+    if let Some(w) = o.workers {
+        opts.workers = w;
     }
     if !o.cors_origins.is_empty() {
         opts.cors_origins = Some(o.cors_origins);

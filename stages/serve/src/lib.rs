@@ -46,6 +46,9 @@ pub struct ServeOptions {
     pub cors_origins: Option<Vec<String>>,
     /// Where the model runs: `cpu`, `cuda`, `cuda:N` (a build with the `cuda` feature).
     pub device: String,
+    /// Decoder workers, each decoding its own waves (see `engine`); 0: one per CPU core
+    /// on the CPU, one on a GPU.
+    pub workers: usize,
 }
 
 impl Default for ServeOptions {
@@ -63,6 +66,7 @@ impl Default for ServeOptions {
             api_key: None,
             cors_origins: None,
             device: "cpu".into(),
+            workers: 0,
         }
     }
 }
@@ -130,7 +134,19 @@ impl OnDevice for Load<'_> {
             tokenizer: lm.tokenizer.clone(),
             device: if compute.is_cuda() { "cuda" } else { "cpu" },
         });
-        let engine = engine::Engine::start(lm, device, opts.max_batch, opts.queue, metrics.clone());
+        let workers = match (opts.workers, compute) {
+            (0, Compute::Cpu) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            (0, Compute::Cuda(_)) => 1,
+            (n, _) => n,
+        };
+        let engine = engine::Engine::start(
+            lm,
+            device,
+            workers,
+            opts.max_batch,
+            opts.queue,
+            metrics.clone(),
+        )?;
         Ok((engine, metrics, model, limits))
     }
 }
