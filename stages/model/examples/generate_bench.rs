@@ -34,14 +34,7 @@ fn main() {
     let device = Default::default();
     <Flex as Backend>::seed(&device, 1);
     let model = cfg.init::<Flex>(&device);
-    let specials = Specials {
-        pad: 0,
-        bos: 1,
-        eos: 2,
-        langs: BTreeMap::new(),
-        authors: BTreeMap::new(),
-        other_author: 3,
-    };
+    let specials = Specials::minimal();
     let (prompt, new) = (32usize, 50usize);
     let src = |i: usize| -> Vec<u32> {
         (0..prompt)

@@ -23,6 +23,19 @@ pub struct Specials {
 }
 
 impl Specials {
+    /// Ids 0-3 for padding, begin, end and the other-author token, and no language or
+    /// author tokens: for tests and benchmarks on generated token ids.
+    pub fn minimal() -> Specials {
+        Specials {
+            pad: 0,
+            bos: 1,
+            eos: 2,
+            langs: BTreeMap::new(),
+            authors: BTreeMap::new(),
+            other_author: 3,
+        }
+    }
+
     pub fn from_tokenizer(tok: &Tokenizer) -> Result<Specials, StageError> {
         use orchestrate_corpus::bpe::{
             author_token, lang_token, BOS, EOS, LANGS, OTHER_AUTHOR, PAD,

@@ -452,14 +452,7 @@ mod tests {
             max_len: 32,
             dropout: 0.0,
         };
-        let specials = Specials {
-            pad: 0,
-            bos: 1,
-            eos: 2,
-            langs: BTreeMap::new(),
-            authors: BTreeMap::new(),
-            other_author: 3,
-        };
+        let specials = Specials::minimal();
         <Flex as Backend>::seed(&Default::default(), 7);
         (cfg.init(&Default::default()), specials)
     }

@@ -304,28 +304,21 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
 
 fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageError> {
     // Refuse an unusable device before reading a byte of data.
-    let mut compute = Compute::parse(ctx.device)?;
-    match (&p.devices, compute) {
+    let parsed = Compute::parse(ctx.device)?;
+    // The GPUs this run uses; the first holds the model and the optimiser.
+    let gpus: Vec<usize> = match (&p.devices, parsed) {
         (Some(_), Compute::Cpu) => return Err(StageError::Failed(
             "with.devices lists GPUs, but the stage runs on the CPU: set resources.device: cuda"
                 .into(),
         )),
-        // The first listed GPU holds the model and the optimiser.
-        (Some(devices), Compute::Cuda(_)) => compute = Compute::Cuda(devices[0]),
-        (None, _) => {}
-    }
-    for n in p
-        .devices
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .chain(match compute {
-            Compute::Cuda(n) => Some(n),
-            Compute::Cpu => None,
-        })
-    {
+        (Some(devices), Compute::Cuda(_)) => devices.clone(),
+        (None, Compute::Cuda(n)) => vec![n],
+        (None, Compute::Cpu) => Vec::new(),
+    };
+    for &n in &gpus {
         compute::cuda_preflight(n).map_err(StageError::Failed)?;
     }
+    let compute = gpus.first().map_or(Compute::Cpu, |&n| Compute::Cuda(n));
     let corpus = ctx.input("corpus")?;
     let tok_dir = &ctx.input("tokenizer")?.dir;
     let tokenizer = Tokenizer::from_file(tok_dir.join("tokenizer.json"))
@@ -902,14 +895,7 @@ mod tests {
         let device = Default::default();
         let mut model = Seq2Seq::<A>::from_inner(start.clone()).map(&mut Trainable);
         let mut optim = AdamWConfig::new().init::<A, Seq2Seq<A>>();
-        let specials = Specials {
-            pad: 0,
-            bos: 1,
-            eos: 2,
-            langs: Default::default(),
-            authors: Default::default(),
-            other_author: 3,
-        };
+        let specials = Specials::minimal();
         let examples: Vec<Example> = (0..8u32)
             .map(|i| Example {
                 control: [4, 5],

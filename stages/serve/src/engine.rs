@@ -157,7 +157,7 @@ fn run<B: Backend>(
     waiting: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
 ) {
-    let specials = lm.specials.clone();
+    let specials = &lm.specials;
     while let Some(mut jobs) = gather(&rx, max_batch) {
         waiting.fetch_sub(jobs.len(), Ordering::SeqCst);
         metrics.batch(jobs.len());
@@ -171,7 +171,7 @@ fn run<B: Backend>(
         let mut texts: Vec<String> = vec![String::new(); jobs.len()];
         let mut detok: Vec<Detokenizer> = vec![Detokenizer::default(); jobs.len()];
         let started = Instant::now();
-        let results = generate::generate(&lm.model, &specials, &rows, &device, |i, token| {
+        let results = generate::generate(&lm.model, specials, &rows, &device, |i, token| {
             let job = &jobs[i];
             if token.index == 0 {
                 metrics.first_token(job.queued.elapsed());
