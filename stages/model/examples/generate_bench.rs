@@ -7,7 +7,6 @@
 //!
 //! Prints one JSON line per measurement.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use burn::backend::Flex;

@@ -439,7 +439,6 @@ mod tests {
     use super::*;
     use crate::model::ModelConfig;
     use burn::backend::Flex;
-    use std::collections::BTreeMap;
 
     fn tiny() -> (Seq2Seq<Flex>, Specials) {
         let cfg = ModelConfig {
