@@ -1,17 +1,19 @@
 //! Generation: the encoder runs once per request; the decoder keeps, per layer, key/value
 //! buffers of a fixed capacity that each step writes one position into, and attends over
-//! the whole buffer with the unwritten positions masked. Every step therefore has the same
-//! tensor shapes (on a GPU: kernels compiled once, not once per length), and no step
-//! recomputes the prefix.
+//! the whole buffer with the unwritten positions masked. Shapes change only when a row
+//! joins or leaves (on a GPU: few kernel compiles), and no step recomputes the prefix.
 //!
-//! Requests are decoded together as one batch of rows; a row that finishes (end of text,
-//! a stop, its token budget, or a caller that went away) leaves the batch, which shrinks.
+//! A [`Batch`] decodes its rows together, one step for all of them, each row at its own
+//! position: rows join between steps (continuous batching: a server admits new requests
+//! without waiting for the longest one in flight) and leave when they finish (end of text,
+//! a stop, their token budget, or a caller that went away). [`generate`] runs one batch of
+//! rows to the end.
 
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
 use crate::data::Specials;
-use crate::model::Seq2Seq;
+use crate::model::{linear, linear_rows, Seq2Seq};
 
 /// burn's attention masks with this value rather than -inf; the same here keeps cached and
 /// uncached decoding numerically alike.
@@ -123,6 +125,72 @@ impl<B: Backend> State<B> {
             src_pad: self.src_pad.select(0, idx),
         }
     }
+
+    fn capacity(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.self_k.dims()[2])
+    }
+
+    /// Appends `other`'s rows after this state's, first widening whichever has the smaller
+    /// key/value capacity or the shorter source (zeros, masked as padding).
+    fn append(self, other: State<B>) -> Self {
+        let capacity = self.capacity().max(other.capacity());
+        let src = self.src_pad.dims()[3].max(other.src_pad.dims()[3]);
+        let (a, b) = (self.widen(capacity, src), other.widen(capacity, src));
+        State {
+            layers: a
+                .layers
+                .into_iter()
+                .zip(b.layers)
+                .map(|(x, y)| LayerCache {
+                    self_k: Tensor::cat(vec![x.self_k, y.self_k], 0),
+                    self_v: Tensor::cat(vec![x.self_v, y.self_v], 0),
+                    cross_k: Tensor::cat(vec![x.cross_k, y.cross_k], 0),
+                    cross_v: Tensor::cat(vec![x.cross_v, y.cross_v], 0),
+                })
+                .collect(),
+            src_pad: Tensor::cat(vec![a.src_pad, b.src_pad], 0),
+        }
+    }
+
+    fn widen(self, capacity: usize, src: usize) -> Self {
+        let [rows, _, _, s] = self.src_pad.dims();
+        let src_pad = if s < src {
+            let device = self.src_pad.device();
+            let pad = Tensor::<B, 4, Int>::ones([rows, 1, 1, src - s], &device).equal_elem(1);
+            Tensor::cat(vec![self.src_pad, pad], 3)
+        } else {
+            self.src_pad
+        };
+        State {
+            layers: self
+                .layers
+                .into_iter()
+                .map(|l| LayerCache {
+                    self_k: pad_dim2(l.self_k, capacity),
+                    self_v: pad_dim2(l.self_v, capacity),
+                    cross_k: pad_dim2(l.cross_k, src),
+                    cross_v: pad_dim2(l.cross_v, src),
+                })
+                .collect(),
+            src_pad,
+        }
+    }
+}
+
+/// `[rows, heads, n, dk]` with zeros appended along the positions up to `to`.
+fn pad_dim2<B: Backend>(x: Tensor<B, 4>, to: usize) -> Tensor<B, 4> {
+    let [rows, h, n, dk] = x.dims();
+    if n >= to {
+        return x;
+    }
+    let zeros = Tensor::zeros([rows, h, to - n, dk], &x.device());
+    Tensor::cat(vec![x, zeros], 2)
+}
+
+/// Key/value capacity for rows of these budgets: rounded up to 16 positions (few distinct
+/// shapes as rows come and go), within the position table.
+fn capacity_for(budget: usize, max_len: usize) -> usize {
+    (budget.div_ceil(16) * 16).min(max_len).max(budget)
 }
 
 fn heads<B: Backend>(x: Tensor<B, 3>, n_heads: usize) -> Tensor<B, 4> {
@@ -134,6 +202,80 @@ fn heads<B: Backend>(x: Tensor<B, 3>, n_heads: usize) -> Tensor<B, 4> {
 fn one_position<B: Backend>(x: Tensor<B, 2>, n_heads: usize) -> Tensor<B, 4> {
     let [rows, d] = x.dims();
     x.reshape([rows, n_heads, 1, d / n_heads])
+}
+
+/// Writes `value` `[rows, heads, 1, dk]` into `buffer` `[rows, heads, capacity, dk]`, row
+/// `r` at position `positions[r]`.
+///
+/// On the CPU backend this writes the rows in place. burn-flex 0.21's `slice_assign` copies
+/// the whole destination on every call (it takes a second handle on the buffer before its
+/// copy-on-write check, so the buffer always looks shared): at 32 rows that was 13 MB of
+/// copying per decoding step, 14% of the step. Other backends use `slice_assign`.
+fn write_position<B: Backend>(
+    buffer: Tensor<B, 4>,
+    positions: &[usize],
+    value: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    use burn::tensor::TensorPrimitive;
+    use burn_flex::FlexTensor;
+    use std::any::Any;
+
+    let [rows, h, _, dk] = value.dims();
+    let mut buf = buffer.into_primitive().tensor();
+    let val = value.into_primitive().tensor();
+    let written = match (
+        (&mut buf as &mut dyn Any).downcast_mut::<FlexTensor>(),
+        (&val as &dyn Any).downcast_ref::<FlexTensor>(),
+    ) {
+        (Some(dst), Some(src)) => write_position_flex(dst, positions, src, h, dk),
+        _ => false,
+    };
+    let mut buffer = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(buf));
+    if written {
+        return buffer;
+    }
+    let value = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(val));
+    match positions.first() {
+        Some(&p) if positions.iter().all(|&q| q == p) => {
+            buffer.slice_assign([0..rows, 0..h, p..p + 1, 0..dk], value)
+        }
+        _ => {
+            for (r, &p) in positions.iter().enumerate() {
+                let row = value.clone().slice([r..r + 1, 0..h, 0..1, 0..dk]);
+                buffer = buffer.slice_assign([r..r + 1, 0..h, p..p + 1, 0..dk], row);
+            }
+            buffer
+        }
+    }
+}
+
+/// The in-place write for [`write_position`]; false (nothing written) when the buffer is
+/// shared, strided or not f32, so the caller falls back to `slice_assign`.
+fn write_position_flex(
+    dst: &mut burn_flex::FlexTensor,
+    positions: &[usize],
+    src: &burn_flex::FlexTensor,
+    h: usize,
+    dk: usize,
+) -> bool {
+    let f32_dtype = burn::tensor::DType::F32;
+    if dst.dtype() != f32_dtype || src.dtype() != f32_dtype || !dst.is_contiguous() {
+        return false;
+    }
+    if dst.layout().start_offset() != 0 || dst.layout().num_elements() * 4 != dst.bytes().len() {
+        return false;
+    }
+    let capacity = dst.layout().shape()[2];
+    let src = src.to_contiguous();
+    let from = &src.storage::<f32>()[src.layout().start_offset()..][..positions.len() * h * dk];
+    let Some(to) = dst.try_storage_mut::<f32>() else {
+        return false;
+    };
+    for (lane, values) in from.chunks_exact(dk).enumerate() {
+        let at = (lane * capacity + positions[lane / h]) * dk;
+        to[at..at + dk].copy_from_slice(values);
+    }
+    true
 }
 
 /// Source ids of a batch, right-padded to a multiple of 16 (few distinct shapes).
@@ -171,8 +313,8 @@ impl<B: Backend> Seq2Seq<B> {
             .map(|l| LayerCache {
                 self_k: Tensor::zeros([rows, heads_n, capacity, d / heads_n], device),
                 self_v: Tensor::zeros([rows, heads_n, capacity, d / heads_n], device),
-                cross_k: heads(l.cross_attn.key.forward(memory.clone()), heads_n),
-                cross_v: heads(l.cross_attn.value.forward(memory.clone()), heads_n),
+                cross_k: heads(linear(&l.cross_attn.key, memory.clone()), heads_n),
+                cross_v: heads(linear(&l.cross_attn.value, memory.clone()), heads_n),
             })
             .collect();
         State {
@@ -181,8 +323,9 @@ impl<B: Backend> Seq2Seq<B> {
         }
     }
 
-    /// One decoder step for every row at position `pos`: logits `[rows, vocab]`.
-    fn step(&self, state: &mut State<B>, tokens: &[u32], pos: usize) -> Tensor<B, 2> {
+    /// One decoder step for every row, row `r` at position `positions[r]`: logits
+    /// `[rows, vocab]`.
+    fn step(&self, state: &mut State<B>, tokens: &[u32], positions: &[usize]) -> Tensor<B, 2> {
         let device = state.src_pad.device();
         let rows = tokens.len();
         let h = self.n_heads();
@@ -197,37 +340,42 @@ impl<B: Backend> Seq2Seq<B> {
         // multiplication that reads each weight once for all rows. (A `[rows, 1, d]` input
         // makes burn broadcast the weight into `rows` separate products, repacking it for
         // every row: batching then saved almost nothing.)
-        let mut x = self.embed_at(ids, pos).reshape([rows, d]);
-        let capacity = state.layers[0].self_k.dims()[2];
+        let mut x = self.embed_at(ids, positions).reshape([rows, d]);
+        let capacity = state.capacity();
         let placeholder = Tensor::<B, 4>::zeros([1, 1, 1, 1], &device);
-        // Positions after `pos` are not written yet: masked for every row alike.
-        let future = Tensor::<B, 1, Int>::arange(0..capacity as i64, &device)
-            .greater_elem(pos as i64)
-            .reshape([1, 1, 1, capacity]);
+        // A row's positions after its own are not written yet: masked.
+        let future: Vec<bool> = positions
+            .iter()
+            .flat_map(|&p| (0..capacity).map(move |j| j > p))
+            .collect();
+        let future = Tensor::<B, 4, Bool>::from_data(
+            TensorData::new(future, [rows, 1, 1, capacity]),
+            &device,
+        )
+        .expand([rows, h, 1, capacity]);
         for (layer, cache) in self.decoder.layers.iter().zip(state.layers.iter_mut()) {
             // Self-attention over the buffer, after writing this position into it.
             let hidden = layer.norm_3.forward(x.clone());
-            let q = one_position(layer.self_attn.query.forward(hidden.clone()), h);
-            let k = one_position(layer.self_attn.key.forward(hidden.clone()), h);
-            let v = one_position(layer.self_attn.value.forward(hidden), h);
-            let slot = [0..rows, 0..h, pos..pos + 1, 0..dk];
+            let q = one_position(linear_rows(&layer.self_attn.query, hidden.clone()), h);
+            let k = one_position(linear_rows(&layer.self_attn.key, hidden.clone()), h);
+            let v = one_position(linear_rows(&layer.self_attn.value, hidden), h);
             // Moved out, not cloned: a buffer nobody else holds can be written in place.
             let self_k = std::mem::replace(&mut cache.self_k, placeholder.clone());
-            cache.self_k = self_k.slice_assign(slot.clone(), k);
+            cache.self_k = write_position(self_k, positions, k);
             let self_v = std::mem::replace(&mut cache.self_v, placeholder.clone());
-            cache.self_v = self_v.slice_assign(slot, v);
+            cache.self_v = write_position(self_v, positions, v);
             let scores = q
                 .matmul(cache.self_k.clone().swap_dims(2, 3))
                 .div_scalar(scale)
-                .mask_fill(future.clone().expand([rows, h, 1, capacity]), MASKED);
+                .mask_fill(future.clone(), MASKED);
             let ctx = softmax(scores, 3)
                 .matmul(cache.self_v.clone())
                 .reshape([rows, d]);
-            x = x + layer.self_attn.output.forward(ctx);
+            x = x + linear_rows(&layer.self_attn.output, ctx);
 
             // Cross-attention over the encoder's keys and values, computed once.
             let hidden = layer.norm_1.forward(x.clone());
-            let q = one_position(layer.cross_attn.query.forward(hidden), h);
+            let q = one_position(linear_rows(&layer.cross_attn.query, hidden), h);
             let s = cache.cross_k.dims()[2];
             let scores = q
                 .matmul(cache.cross_k.clone().swap_dims(2, 3))
@@ -236,14 +384,164 @@ impl<B: Backend> Seq2Seq<B> {
             let ctx = softmax(scores, 3)
                 .matmul(cache.cross_v.clone())
                 .reshape([rows, d]);
-            x = x + layer.cross_attn.output.forward(ctx);
+            x = x + linear_rows(&layer.cross_attn.output, ctx);
 
             let hidden = layer.norm_2.forward(x.clone());
-            x = x + layer.pwff.forward(hidden);
+            let inner = layer
+                .pwff
+                .activation
+                .forward(linear_rows(&layer.pwff.linear_inner, hidden));
+            x = x + linear_rows(&layer.pwff.linear_outer, inner);
         }
         let logits = self.project(self.dec_norm.forward(x).reshape([rows, 1, d]));
         let vocab = logits.dims()[2];
         logits.reshape([rows, vocab])
+    }
+}
+
+/// A row in a [`Batch`]: the caller's key, the request, what it has generated so far.
+struct Live {
+    key: usize,
+    row: Row,
+    out: Vec<u32>,
+    last: u32,
+    rng: u64,
+}
+
+/// Rows decoded together, one step at a time; rows may join between steps.
+pub struct Batch<'m, B: Backend> {
+    model: &'m Seq2Seq<B>,
+    specials: &'m Specials,
+    device: B::Device,
+    /// None while the batch is empty.
+    state: Option<State<B>>,
+    /// In the state's row order.
+    live: Vec<Live>,
+}
+
+/// A row that finished: its key, its tokens, and why.
+pub type Finished = (usize, Vec<u32>, Finish);
+
+impl<'m, B: Backend> Batch<'m, B> {
+    pub fn new(model: &'m Seq2Seq<B>, specials: &'m Specials, device: &B::Device) -> Self {
+        Batch {
+            model,
+            specials,
+            device: device.clone(),
+            state: None,
+            live: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    fn budget(&self, row: &Row) -> usize {
+        row.max_new_tokens.min(self.model.max_len()).max(1)
+    }
+
+    /// Adds rows, each under a key the caller chooses (it comes back with every token).
+    /// Their sources go through the encoder now, together; their first token comes with
+    /// the next [`step`](Self::step).
+    pub fn admit(&mut self, rows: Vec<(usize, Row)>) {
+        if rows.is_empty() {
+            return;
+        }
+        let max_len = self.model.max_len();
+        let budget = self
+            .live
+            .iter()
+            .map(|l| &l.row)
+            .chain(rows.iter().map(|(_, r)| r))
+            .map(|r| self.budget(r))
+            .max()
+            .unwrap_or(1);
+        let capacity = capacity_for(budget, max_len);
+        let srcs: Vec<&[u32]> = rows
+            .iter()
+            .map(|(_, r)| &r.src[..r.src.len().min(max_len)])
+            .collect();
+        let fresh = self
+            .model
+            .start(&srcs, self.specials.pad, capacity, &self.device);
+        self.state = Some(match self.state.take() {
+            Some(state) => state.append(fresh),
+            None => fresh,
+        });
+        self.live.extend(rows.into_iter().map(|(key, row)| Live {
+            key,
+            rng: row.sampling.seed,
+            row,
+            out: Vec::new(),
+            last: self.specials.bos,
+        }));
+    }
+
+    /// One token for every row. `on_token(key, token)` sees each token as it is made and
+    /// may stop that row; returns the rows that finished at this step (they have left).
+    pub fn step(&mut self, mut on_token: impl FnMut(usize, Token) -> Next) -> Vec<Finished> {
+        let Some(state) = self.state.as_mut() else {
+            return Vec::new();
+        };
+        let tokens: Vec<u32> = self.live.iter().map(|l| l.last).collect();
+        let positions: Vec<usize> = self.live.iter().map(|l| l.out.len()).collect();
+        let logits = self.model.step(state, &tokens, &positions);
+        let vocab = logits.dims()[1];
+        let flat: Vec<f32> = logits
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("float logits");
+        let mut keep = Vec::with_capacity(self.live.len());
+        let mut done = Vec::new();
+        for (i, live) in self.live.iter_mut().enumerate() {
+            let scores = &flat[i * vocab..(i + 1) * vocab];
+            let (id, logprob) = pick(scores, &live.out, &live.row.sampling, &mut live.rng);
+            let token = Token {
+                id,
+                logprob,
+                index: live.out.len(),
+            };
+            live.out.push(id);
+            live.last = id;
+            let mut finish = match on_token(live.key, token) {
+                Next::Stop(f) => Some(f),
+                Next::Continue => None,
+            };
+            if finish.is_none() && id == self.specials.eos && !live.row.ignore_eos {
+                finish = Some(Finish::EosToken);
+            }
+            let budget = live.row.max_new_tokens.min(self.model.max_len()).max(1);
+            if finish.is_none() && live.out.len() >= budget {
+                finish = Some(Finish::Length);
+            }
+            match finish {
+                Some(f) => done.push((i, f)),
+                None => keep.push(i),
+            }
+        }
+        if keep.is_empty() {
+            self.state = None;
+        } else if keep.len() < self.live.len() {
+            self.state = self.state.take().map(|s| s.retain(&keep, &self.device));
+        }
+        let mut finished = Vec::with_capacity(done.len());
+        let mut slots: Vec<Option<Live>> = std::mem::take(&mut self.live)
+            .into_iter()
+            .map(Some)
+            .collect();
+        for (i, f) in done {
+            if let Some(l) = slots[i].take() {
+                finished.push((l.key, l.out, f));
+            }
+        }
+        self.live = slots.into_iter().flatten().collect();
+        finished
     }
 }
 
@@ -258,63 +556,11 @@ pub fn generate<B: Backend>(
 ) -> Vec<(Vec<u32>, Finish)> {
     let mut out: Vec<(Vec<u32>, Finish)> =
         rows.iter().map(|_| (Vec::new(), Finish::Length)).collect();
-    if rows.is_empty() {
-        return out;
-    }
-    let max_len = model.max_len();
-    let budget = |r: &Row| r.max_new_tokens.min(max_len).max(1);
-    let capacity = rows.iter().map(budget).max().unwrap_or(1);
-    let srcs: Vec<&[u32]> = rows
-        .iter()
-        .map(|r| &r.src[..r.src.len().min(max_len)])
-        .collect();
-    let mut state = model.start(&srcs, specials.pad, capacity, device);
-    let mut rngs: Vec<u64> = rows.iter().map(|r| r.sampling.seed).collect();
-    // Indices into `rows` of the rows still in the batch, in batch order.
-    let mut live: Vec<usize> = (0..rows.len()).collect();
-    let mut last: Vec<u32> = vec![specials.bos; rows.len()];
-    for pos in 0..capacity {
-        let tokens: Vec<u32> = live.iter().map(|&r| last[r]).collect();
-        let logits = model.step(&mut state, &tokens, pos);
-        let vocab = logits.dims()[1];
-        let flat: Vec<f32> = logits
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("float logits");
-        let mut keep = Vec::with_capacity(live.len());
-        for (i, &r) in live.iter().enumerate() {
-            let row = &rows[r];
-            let scores = &flat[i * vocab..(i + 1) * vocab];
-            let (id, logprob) = pick(scores, &out[r].0, &row.sampling, &mut rngs[r]);
-            out[r].0.push(id);
-            last[r] = id;
-            let token = Token {
-                id,
-                logprob,
-                index: pos,
-            };
-            let mut finish = match on_token(r, token) {
-                Next::Stop(f) => Some(f),
-                Next::Continue => None,
-            };
-            if finish.is_none() && id == specials.eos && !row.ignore_eos {
-                finish = Some(Finish::EosToken);
-            }
-            if finish.is_none() && out[r].0.len() >= budget(row) {
-                finish = Some(Finish::Length);
-            }
-            match finish {
-                Some(f) => out[r].1 = f,
-                None => keep.push(i),
-            }
-        }
-        if keep.is_empty() {
-            break;
-        }
-        if keep.len() < live.len() {
-            state = state.retain(&keep, device);
-            live = keep.iter().map(|&i| live[i]).collect();
+    let mut batch = Batch::new(model, specials, device);
+    batch.admit(rows.iter().cloned().enumerate().collect());
+    while !batch.is_empty() {
+        for (key, tokens, finish) in batch.step(&mut on_token) {
+            out[key] = (tokens, finish);
         }
     }
     out
@@ -337,10 +583,13 @@ pub fn generate_uncached<B: Backend>(
         let t = prefix.len();
         let tgt = Tensor::<B, 2, Int>::from_data(TensorData::new(prefix.clone(), [1, t]), device);
         let pad = Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![false; t], [1, t]), device);
-        let logits = model.decode(tgt, pad, memory.clone(), src_pad.clone());
+        // Only the last position's logits are needed (as in the PyTorch reference's loop):
+        // projecting every position would charge this baseline for work it need not do.
+        let hidden = model.decode_hidden(tgt, pad, memory.clone(), src_pad.clone());
+        let d = hidden.dims()[2];
+        let logits = model.project(hidden.slice([0..1, t - 1..t, 0..d]));
         let vocab = logits.dims()[2];
         let last = logits
-            .slice([0..1, t - 1..t, 0..vocab])
             .reshape([vocab])
             .argmax(0)
             .into_scalar()
@@ -500,6 +749,43 @@ mod tests {
             assert_eq!(together[i].0, alone[0].0, "row {i}");
         }
         assert_eq!(together[1].0.len(), 7);
+    }
+
+    #[test]
+    fn rows_that_join_a_running_batch_decode_like_each_alone() {
+        let (model, sp) = tiny();
+        let device = Default::default();
+        let first = greedy(vec![5, 6], 9);
+        // Longer source and budget than the running row: the batch widens both.
+        let second = greedy((9..28).collect(), 20);
+        let third = greedy(vec![30, 31, 32], 4);
+        let mut batch = Batch::new(&model, &sp, &device);
+        let mut got: Vec<Vec<u32>> = vec![Vec::new(); 3];
+        let mut finished = Vec::new();
+        batch.admit(vec![(0, first.clone())]);
+        for step in 0..30 {
+            if step == 3 {
+                batch.admit(vec![(1, second.clone())]);
+            }
+            if step == 5 {
+                batch.admit(vec![(2, third.clone())]);
+            }
+            finished.extend(batch.step(|key, token| {
+                got[key].push(token.id);
+                Next::Continue
+            }));
+        }
+        assert!(batch.is_empty());
+        assert_eq!(finished.len(), 3);
+        for (key, row) in [first, second, third].iter().enumerate() {
+            let alone = generate(&model, &sp, std::slice::from_ref(row), &device, |_, _| {
+                Next::Continue
+            });
+            assert_eq!(got[key], alone[0].0, "row {key}");
+            let (_, tokens, finish) = finished.iter().find(|f| f.0 == key).unwrap();
+            assert_eq!(tokens, &alone[0].0);
+            assert_eq!(*finish, Finish::Length);
+        }
     }
 
     #[test]

@@ -142,12 +142,13 @@ impl<B: Backend> Seq2Seq<B> {
         self.pos.weight.dims()[0]
     }
 
-    /// Embeddings of one token per row, all at target position `pos`.
-    pub(crate) fn embed_at(&self, tokens: Tensor<B, 2, Int>, pos: usize) -> Tensor<B, 3> {
+    /// Embeddings of one token per row, row `r` at target position `positions[r]`.
+    pub(crate) fn embed_at(&self, tokens: Tensor<B, 2, Int>, positions: &[usize]) -> Tensor<B, 3> {
         let d = self.d_model();
         let device = tokens.device();
+        let at: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
         let position =
-            Tensor::<B, 2, Int>::from_data(TensorData::new(vec![pos as i64], [1, 1]), &device);
+            Tensor::<B, 2, Int>::from_data(TensorData::new(at, [positions.len(), 1]), &device);
         self.embed.forward(tokens) * (d as f64).sqrt() + self.pos.forward(position)
     }
 
@@ -185,6 +186,18 @@ impl<B: Backend> Seq2Seq<B> {
         memory: Tensor<B, 3>,
         src_pad: Tensor<B, 2, Bool>,
     ) -> Tensor<B, 3> {
+        self.project(self.decode_hidden(tgt, tgt_pad, memory, src_pad))
+    }
+
+    /// The decoder's final hidden states `[batch, target, d_model]`, before the projection
+    /// to the vocabulary (generation projects only the positions it needs).
+    pub fn decode_hidden(
+        &self,
+        tgt: Tensor<B, 2, Int>,
+        tgt_pad: Tensor<B, 2, Bool>,
+        memory: Tensor<B, 3>,
+        src_pad: Tensor<B, 2, Bool>,
+    ) -> Tensor<B, 3> {
         let [_, t] = tgt.dims();
         // Position i may not see j > i; the same for every row.
         let causal = generate_autoregressive_mask::<B>(1, t, &tgt.device());
@@ -205,7 +218,7 @@ impl<B: Backend> Seq2Seq<B> {
             let h = layer.norm_2.forward(x.clone());
             x = x + layer.dropout.forward(feed_forward(&layer.pwff, h));
         }
-        self.project(self.dec_norm.forward(x))
+        self.dec_norm.forward(x)
     }
 
     /// Hidden states to vocabulary logits through the (tied) embedding matrix.
@@ -224,11 +237,20 @@ impl<B: Backend> Seq2Seq<B> {
 /// product per batch row (repacking the weight for each) and, in training, computes the
 /// weight's gradient as one product per row summed through a `[batch, d_in, d_out]`
 /// temporary; on rows it is one product each way.
-fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+pub(crate) fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, t, d] = x.dims();
-    let y = layer.forward(x.reshape([b * t, d]));
+    let y = linear_rows(layer, x.reshape([b * t, d]));
     let n = y.dims()[1];
     y.reshape([b, t, n])
+}
+
+/// A linear layer over rows `[rows, d_in]`.
+pub(crate) fn linear_rows<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let y = x.matmul(layer.weight.val());
+    match &layer.bias {
+        Some(bias) => y + bias.val().unsqueeze(),
+        None => y,
+    }
 }
 
 /// Multi-head attention with burn's parameters: `query_in` attends over `kv_in`; `pad`

@@ -1,8 +1,10 @@
-//! The decoding engine: one thread owns the model and runs batches. Requests wait in a
-//! bounded queue; each wave takes every waiting request (up to `max_batch`) and decodes
-//! them together, one batched decoder step per token. A request whose client went away
-//! (its event receiver dropped) leaves the batch at the next step.
+//! The decoding engine: decoder threads own the model and run batches. Requests wait in a
+//! bounded queue; a worker keeps one running batch and, before every decoding step, admits
+//! whatever is waiting into it (up to its share of `max_batch`): continuous batching, so a
+//! new request starts at the next step instead of waiting for the longest one in flight. A
+//! request whose client went away (its event receiver dropped) leaves at the next step.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 use burn::prelude::Backend;
 use orchestrate_model::artifact::LoadedModel;
 use orchestrate_model::data::Specials;
-use orchestrate_model::generate::{self, Finish, Next, Row, Token};
+use orchestrate_model::generate::{Batch, Finish, Next, Row, Token};
 use orchestrate_model::model::Seq2Seq;
 use orchestrate_model::Tokenizer;
 use tokio::sync::mpsc;
@@ -56,12 +58,12 @@ pub enum Refused {
 
 impl Engine {
     /// Starts `workers` decoder threads sharing one queue; they stop when every `Engine`
-    /// handle is dropped. Each worker decodes its own waves on one core (a rayon pool of
-    /// one thread): at these sizes one core per wave beats two cores sharing every small
-    /// operation (measured: a 32-row wave took 637 ms on one thread, 689 ms on two), so
-    /// on a CPU the cores serve more rows by decoding different waves side by side. A
-    /// worker takes at most `max_batch / workers` rows per wave, leaving the rest to the
-    /// next idle worker.
+    /// handle is dropped and what they hold is finished. Each worker decodes its own batch
+    /// on one core (a rayon pool of one thread): at these sizes one core per batch beats
+    /// two cores sharing every small operation (measured: 32 rows took 637 ms on one
+    /// thread, 689 ms on two), so on a CPU the cores serve more rows by decoding different
+    /// batches side by side. A worker holds at most `max_batch / workers` rows, leaving the
+    /// rest to the next worker with room.
     pub fn start<B: Backend>(
         lm: LoadedModel<B>,
         device: B::Device,
@@ -74,7 +76,7 @@ impl Engine {
         let rx = Arc::new(std::sync::Mutex::new(rx));
         let waiting = Arc::new(AtomicUsize::new(0));
         let workers = workers.max(1);
-        let wave = max_batch.max(1).div_ceil(workers);
+        let share = max_batch.max(1).div_ceil(workers);
         for n in 0..workers {
             let decoder = Decoder {
                 model: lm.model.clone(),
@@ -97,7 +99,7 @@ impl Engine {
             std::thread::Builder::new()
                 .name(format!("decoder-{n}"))
                 .spawn(move || {
-                    let work = || run(decoder, device, rx, wave, waiting, metrics);
+                    let work = || run(decoder, device, rx, share, waiting, metrics);
                     match pool {
                         Some(pool) => pool.install(work),
                         None => work(),
@@ -131,13 +133,14 @@ struct Decoder<B: Backend> {
     specials: Specials,
 }
 
-/// The next wave: the first waiting job, then whatever arrives within 2 ms, up to
-/// `max_batch`. Holding the queue meanwhile keeps the other workers out of this wave.
-fn gather(rx: &std::sync::Mutex<mpsc::Receiver<Job>>, max_batch: usize) -> Option<Vec<Job>> {
+/// Jobs for an idle worker: the first waiting job, then whatever arrives within 2 ms, up to
+/// `room`. Holding the queue meanwhile keeps the other workers out of this group. None once
+/// the queue is closed and empty (shutdown).
+fn gather(rx: &std::sync::Mutex<mpsc::Receiver<Job>>, room: usize) -> Option<Vec<Job>> {
     let mut rx = rx.lock().unwrap_or_else(|e| e.into_inner());
     let mut jobs = vec![rx.blocking_recv()?];
     let gather_until = Instant::now() + Duration::from_millis(2);
-    while jobs.len() < max_batch {
+    while jobs.len() < room {
         match rx.try_recv() {
             Ok(j) => jobs.push(j),
             Err(_) if Instant::now() < gather_until => {
@@ -149,6 +152,29 @@ fn gather(rx: &std::sync::Mutex<mpsc::Receiver<Job>>, max_batch: usize) -> Optio
     Some(jobs)
 }
 
+/// Jobs waiting now, up to `room`, for a worker with a batch running: it never waits. If an
+/// idle worker holds the queue (it is waiting for the next job), that worker takes it.
+fn waiting_now(rx: &std::sync::Mutex<mpsc::Receiver<Job>>, room: usize) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    if let Ok(mut rx) = rx.try_lock() {
+        while jobs.len() < room {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+    }
+    jobs
+}
+
+/// A request in a worker's batch: its job and what has been streamed so far.
+struct Slot {
+    job: Job,
+    generated: Vec<u32>,
+    text: String,
+    detok: Detokenizer,
+}
+
 fn run<B: Backend>(
     lm: Decoder<B>,
     device: B::Device,
@@ -158,32 +184,56 @@ fn run<B: Backend>(
     metrics: Arc<Metrics>,
 ) {
     let specials = &lm.specials;
-    while let Some(mut jobs) = gather(&rx, max_batch) {
+    let mut batch = Batch::new(&lm.model, specials, &device);
+    let mut slots: HashMap<usize, Slot> = HashMap::new();
+    let mut next_key = 0usize;
+    loop {
+        let jobs = if batch.is_empty() {
+            match gather(&rx, max_batch) {
+                Some(jobs) => jobs,
+                None => break,
+            }
+        } else {
+            waiting_now(&rx, max_batch.saturating_sub(batch.len()))
+        };
         waiting.fetch_sub(jobs.len(), Ordering::SeqCst);
-        metrics.batch(jobs.len());
+        let mut rows = Vec::with_capacity(jobs.len());
         // Rows whose client is already gone are not decoded at all.
-        jobs.retain(|j| !j.events.is_closed());
-        if jobs.is_empty() {
+        for job in jobs.into_iter().filter(|j| !j.events.is_closed()) {
+            let key = next_key;
+            next_key += 1;
+            rows.push((key, job.row.clone()));
+            slots.insert(
+                key,
+                Slot {
+                    job,
+                    generated: Vec::new(),
+                    text: String::new(),
+                    detok: Detokenizer::default(),
+                },
+            );
+        }
+        batch.admit(rows);
+        if batch.is_empty() {
             continue;
         }
-        let rows: Vec<Row> = jobs.iter().map(|j| j.row.clone()).collect();
-        let mut generated: Vec<Vec<u32>> = vec![Vec::new(); jobs.len()];
-        let mut texts: Vec<String> = vec![String::new(); jobs.len()];
-        let mut detok: Vec<Detokenizer> = vec![Detokenizer::default(); jobs.len()];
+        metrics.batch(batch.len());
         let started = Instant::now();
-        let results = generate::generate(&lm.model, specials, &rows, &device, |i, token| {
-            let job = &jobs[i];
+        let finished = batch.step(|key, token| {
+            let Some(slot) = slots.get_mut(&key) else {
+                return Next::Stop(Finish::Cancelled);
+            };
             if token.index == 0 {
-                metrics.first_token(job.queued.elapsed());
+                metrics.first_token(slot.job.queued.elapsed());
             }
             metrics.tokens(1);
             let special =
                 token.id == specials.eos || token.id == specials.pad || token.id == specials.bos;
-            generated[i].push(token.id);
-            let piece = detok[i].next(&lm.tokenizer, &generated[i]);
-            texts[i].push_str(&piece);
+            slot.generated.push(token.id);
+            let piece = slot.detok.next(&lm.tokenizer, &slot.generated);
+            slot.text.push_str(&piece);
             let piece_len = piece.len();
-            let sent = job.events.send(Event::Token {
+            let sent = slot.job.events.send(Event::Token {
                 token,
                 text: if special { String::new() } else { piece },
                 special,
@@ -192,14 +242,14 @@ fn run<B: Backend>(
                 return Next::Stop(Finish::Cancelled);
             }
             // Only the text the new piece can have completed a stop sequence in.
-            let longest = job.stop.iter().map(String::len).max().unwrap_or(0);
-            let mut from = texts[i].len().saturating_sub(piece_len + longest);
-            while !texts[i].is_char_boundary(from) {
+            let stop = &slot.job.stop;
+            let longest = stop.iter().map(String::len).max().unwrap_or(0);
+            let mut from = slot.text.len().saturating_sub(piece_len + longest);
+            while !slot.text.is_char_boundary(from) {
                 from -= 1;
             }
-            let tail = &texts[i][from..];
-            if job
-                .stop
+            let tail = &slot.text[from..];
+            if stop
                 .iter()
                 .any(|s| !s.is_empty() && tail.contains(s.as_str()))
             {
@@ -207,15 +257,18 @@ fn run<B: Backend>(
             }
             Next::Continue
         });
-        metrics.wave(started.elapsed());
-        for ((job, (tokens, finish)), streamed) in jobs.iter().zip(results).zip(texts) {
+        metrics.decode_step(started.elapsed());
+        for (key, tokens, finish) in finished {
+            let Some(slot) = slots.remove(&key) else {
+                continue;
+            };
             // Decoded whole once: it includes bytes still waiting to complete a character.
-            let text = lm.tokenizer.decode(&tokens, true).unwrap_or(streamed);
+            let text = lm.tokenizer.decode(&tokens, true).unwrap_or(slot.text);
             let text = match finish {
-                Finish::StopSequence => cut_at_stop(&text, &job.stop),
+                Finish::StopSequence => cut_at_stop(&text, &slot.job.stop),
                 _ => text,
             };
-            let _ = job.events.send(Event::Done {
+            let _ = slot.job.events.send(Event::Done {
                 finish,
                 tokens,
                 text,

@@ -46,7 +46,7 @@ pub struct ServeOptions {
     pub cors_origins: Option<Vec<String>>,
     /// Where the model runs: `cpu`, `cuda`, `cuda:N` (a build with the `cuda` feature).
     pub device: String,
-    /// Decoder workers, each decoding its own waves (see `engine`); 0: one per CPU core
+    /// Decoder workers, each decoding its own batch (see `engine`); 0: one per CPU core
     /// on the CPU, one on a GPU.
     pub workers: usize,
 }

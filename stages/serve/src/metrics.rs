@@ -61,7 +61,7 @@ struct State {
     ttft: Histogram,
     batch: Histogram,
     tokens: u64,
-    wave_seconds: f64,
+    decode_seconds: f64,
 }
 
 /// Static facts about the served model, exported as `orchestrate_model_info`.
@@ -115,8 +115,8 @@ impl Metrics {
         self.with(|s| s.batch.observe(BATCH_BUCKETS, rows as f64));
     }
 
-    pub fn wave(&self, took: Duration) {
-        self.with(|s| s.wave_seconds += took.as_secs_f64());
+    pub fn decode_step(&self, took: Duration) {
+        self.with(|s| s.decode_seconds += took.as_secs_f64());
     }
 
     pub fn render(&self, queue_depth: usize) -> String {
@@ -176,7 +176,7 @@ impl Metrics {
             "counter",
             "Time the decoder spent in batches.",
         );
-        let _ = writeln!(out, "orchestrate_decode_seconds_total {}", s.wave_seconds);
+        let _ = writeln!(out, "orchestrate_decode_seconds_total {}", s.decode_seconds);
         head(
             &mut out,
             "orchestrate_queue_depth",
@@ -188,7 +188,7 @@ impl Metrics {
             &mut out,
             "orchestrate_batch_size",
             "histogram",
-            "Rows per decoding batch.",
+            "Rows per decoding step.",
         );
         s.batch
             .render(&mut out, "orchestrate_batch_size", "", BATCH_BUCKETS);
