@@ -100,8 +100,12 @@ struct LayerCache<B: Backend> {
 /// The rows' state between steps.
 struct State<B: Backend> {
     layers: Vec<LayerCache<B>>,
-    /// `[rows, 1, 1, src]`, true at source padding.
-    src_pad: Tensor<B, 4, Bool>,
+    /// Source positions the cross-attention buffers hold (rows' sources, right-padded).
+    /// The masks are rebuilt from each row's length at every step rather than kept as
+    /// bool tensors: burn-flex stores bool tensors made different ways with different
+    /// dtypes and refuses to concatenate them.
+    src_len: usize,
+    device: B::Device,
 }
 
 impl<B: Backend> State<B> {
@@ -122,7 +126,8 @@ impl<B: Backend> State<B> {
                     cross_v: l.cross_v.select(0, idx.clone()),
                 })
                 .collect(),
-            src_pad: self.src_pad.select(0, idx),
+            src_len: self.src_len,
+            device: self.device,
         }
     }
 
@@ -134,7 +139,7 @@ impl<B: Backend> State<B> {
     /// key/value capacity or the shorter source (zeros, masked as padding).
     fn append(self, other: State<B>) -> Self {
         let capacity = self.capacity().max(other.capacity());
-        let src = self.src_pad.dims()[3].max(other.src_pad.dims()[3]);
+        let src = self.src_len.max(other.src_len);
         let (a, b) = (self.widen(capacity, src), other.widen(capacity, src));
         State {
             layers: a
@@ -148,19 +153,12 @@ impl<B: Backend> State<B> {
                     cross_v: Tensor::cat(vec![x.cross_v, y.cross_v], 0),
                 })
                 .collect(),
-            src_pad: Tensor::cat(vec![a.src_pad, b.src_pad], 0),
+            src_len: src,
+            device: a.device,
         }
     }
 
     fn widen(self, capacity: usize, src: usize) -> Self {
-        let [rows, _, _, s] = self.src_pad.dims();
-        let src_pad = if s < src {
-            let device = self.src_pad.device();
-            let pad = Tensor::<B, 4, Int>::ones([rows, 1, 1, src - s], &device).equal_elem(1);
-            Tensor::cat(vec![self.src_pad, pad], 3)
-        } else {
-            self.src_pad
-        };
         State {
             layers: self
                 .layers
@@ -172,7 +170,8 @@ impl<B: Backend> State<B> {
                     cross_v: pad_dim2(l.cross_v, src),
                 })
                 .collect(),
-            src_pad,
+            src_len: src,
+            device: self.device,
         }
     }
 }
@@ -319,14 +318,21 @@ impl<B: Backend> Seq2Seq<B> {
             .collect();
         State {
             layers,
-            src_pad: src_pad.reshape([rows, 1, 1, s]),
+            src_len: s,
+            device: device.clone(),
         }
     }
 
-    /// One decoder step for every row, row `r` at position `positions[r]`: logits
-    /// `[rows, vocab]`.
-    fn step(&self, state: &mut State<B>, tokens: &[u32], positions: &[usize]) -> Tensor<B, 2> {
-        let device = state.src_pad.device();
+    /// One decoder step for every row, row `r` at position `positions[r]` with a source of
+    /// `src_lens[r]` tokens: logits `[rows, vocab]`.
+    fn step(
+        &self,
+        state: &mut State<B>,
+        tokens: &[u32],
+        positions: &[usize],
+        src_lens: &[usize],
+    ) -> Tensor<B, 2> {
+        let device = state.device.clone();
         let rows = tokens.len();
         let h = self.n_heads();
         let d = self.d_model();
@@ -353,6 +359,14 @@ impl<B: Backend> Seq2Seq<B> {
             &device,
         )
         .expand([rows, h, 1, capacity]);
+        let s = state.src_len;
+        let src_pad: Vec<bool> = src_lens
+            .iter()
+            .flat_map(|&n| (0..s).map(move |j| j >= n))
+            .collect();
+        let src_pad =
+            Tensor::<B, 4, Bool>::from_data(TensorData::new(src_pad, [rows, 1, 1, s]), &device)
+                .expand([rows, h, 1, s]);
         for (layer, cache) in self.decoder.layers.iter().zip(state.layers.iter_mut()) {
             // Self-attention over the buffer, after writing this position into it.
             let hidden = layer.norm_3.forward(x.clone());
@@ -376,11 +390,10 @@ impl<B: Backend> Seq2Seq<B> {
             // Cross-attention over the encoder's keys and values, computed once.
             let hidden = layer.norm_1.forward(x.clone());
             let q = one_position(linear_rows(&layer.cross_attn.query, hidden), h);
-            let s = cache.cross_k.dims()[2];
             let scores = q
                 .matmul(cache.cross_k.clone().swap_dims(2, 3))
                 .div_scalar(scale)
-                .mask_fill(state.src_pad.clone().expand([rows, h, 1, s]), MASKED);
+                .mask_fill(src_pad.clone(), MASKED);
             let ctx = softmax(scores, 3)
                 .matmul(cache.cross_v.clone())
                 .reshape([rows, d]);
@@ -490,7 +503,13 @@ impl<'m, B: Backend> Batch<'m, B> {
         };
         let tokens: Vec<u32> = self.live.iter().map(|l| l.last).collect();
         let positions: Vec<usize> = self.live.iter().map(|l| l.out.len()).collect();
-        let logits = self.model.step(state, &tokens, &positions);
+        let max_len = self.model.max_len();
+        let src_lens: Vec<usize> = self
+            .live
+            .iter()
+            .map(|l| l.row.src.len().min(max_len))
+            .collect();
+        let logits = self.model.step(state, &tokens, &positions, &src_lens);
         let vocab = logits.dims()[1];
         let flat: Vec<f32> = logits
             .into_data()
@@ -759,8 +778,10 @@ mod tests {
         // Longer source and budget than the running row: the batch widens both.
         let second = greedy((9..28).collect(), 20);
         let third = greedy(vec![30, 31, 32], 4);
+        // Joins after the first and third have left (rows kept by selection, then appended).
+        let fourth = greedy(vec![7, 8, 9, 10], 6);
         let mut batch = Batch::new(&model, &sp, &device);
-        let mut got: Vec<Vec<u32>> = vec![Vec::new(); 3];
+        let mut got: Vec<Vec<u32>> = vec![Vec::new(); 4];
         let mut finished = Vec::new();
         batch.admit(vec![(0, first.clone())]);
         for step in 0..30 {
@@ -770,14 +791,18 @@ mod tests {
             if step == 5 {
                 batch.admit(vec![(2, third.clone())]);
             }
+            if step == 12 {
+                assert_eq!(batch.len(), 1);
+                batch.admit(vec![(3, fourth.clone())]);
+            }
             finished.extend(batch.step(|key, token| {
                 got[key].push(token.id);
                 Next::Continue
             }));
         }
         assert!(batch.is_empty());
-        assert_eq!(finished.len(), 3);
-        for (key, row) in [first, second, third].iter().enumerate() {
+        assert_eq!(finished.len(), 4);
+        for (key, row) in [first, second, third, fourth].iter().enumerate() {
             let alone = generate(&model, &sp, std::slice::from_ref(row), &device, |_, _| {
                 Next::Continue
             });

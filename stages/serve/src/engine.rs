@@ -213,51 +213,75 @@ fn run<B: Backend>(
                 },
             );
         }
-        batch.admit(rows);
-        if batch.is_empty() {
-            continue;
-        }
-        metrics.batch(batch.len());
-        let started = Instant::now();
-        let finished = batch.step(|key, token| {
-            let Some(slot) = slots.get_mut(&key) else {
-                return Next::Stop(Finish::Cancelled);
-            };
-            if token.index == 0 {
-                metrics.first_token(slot.job.queued.elapsed());
+        // A failing step (a bug, not an input: inputs are checked before they queue) must
+        // not take the worker down with it and leave the queue unserved: its requests are
+        // answered 503 (their event channels close) and the worker starts a new batch.
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            batch.admit(rows);
+            if batch.is_empty() {
+                return Vec::new();
             }
-            metrics.tokens(1);
-            let special =
-                token.id == specials.eos || token.id == specials.pad || token.id == specials.bos;
-            slot.generated.push(token.id);
-            let piece = slot.detok.next(&lm.tokenizer, &slot.generated);
-            slot.text.push_str(&piece);
-            let piece_len = piece.len();
-            let sent = slot.job.events.send(Event::Token {
-                token,
-                text: if special { String::new() } else { piece },
-                special,
+            metrics.batch(batch.len());
+            let started = Instant::now();
+            let finished = batch.step(|key, token| {
+                let Some(slot) = slots.get_mut(&key) else {
+                    return Next::Stop(Finish::Cancelled);
+                };
+                if token.index == 0 {
+                    metrics.first_token(slot.job.queued.elapsed());
+                }
+                metrics.tokens(1);
+                let special = token.id == specials.eos
+                    || token.id == specials.pad
+                    || token.id == specials.bos;
+                slot.generated.push(token.id);
+                let piece = slot.detok.next(&lm.tokenizer, &slot.generated);
+                slot.text.push_str(&piece);
+                let piece_len = piece.len();
+                let sent = slot.job.events.send(Event::Token {
+                    token,
+                    text: if special { String::new() } else { piece },
+                    special,
+                });
+                if sent.is_err() {
+                    return Next::Stop(Finish::Cancelled);
+                }
+                // Only the text the new piece can have completed a stop sequence in.
+                let stop = &slot.job.stop;
+                let longest = stop.iter().map(String::len).max().unwrap_or(0);
+                let mut from = slot.text.len().saturating_sub(piece_len + longest);
+                while !slot.text.is_char_boundary(from) {
+                    from -= 1;
+                }
+                let tail = &slot.text[from..];
+                if stop
+                    .iter()
+                    .any(|s| !s.is_empty() && tail.contains(s.as_str()))
+                {
+                    return Next::Stop(Finish::StopSequence);
+                }
+                Next::Continue
             });
-            if sent.is_err() {
-                return Next::Stop(Finish::Cancelled);
+            metrics.decode_step(started.elapsed());
+            finished
+        }));
+        let finished = match stepped {
+            Ok(finished) => finished,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("unknown");
+                eprintln!(
+                    "error: a decoding step failed ({what}); its {} requests are answered 503",
+                    slots.len()
+                );
+                slots.clear();
+                batch = Batch::new(&lm.model, specials, &device);
+                continue;
             }
-            // Only the text the new piece can have completed a stop sequence in.
-            let stop = &slot.job.stop;
-            let longest = stop.iter().map(String::len).max().unwrap_or(0);
-            let mut from = slot.text.len().saturating_sub(piece_len + longest);
-            while !slot.text.is_char_boundary(from) {
-                from -= 1;
-            }
-            let tail = &slot.text[from..];
-            if stop
-                .iter()
-                .any(|s| !s.is_empty() && tail.contains(s.as_str()))
-            {
-                return Next::Stop(Finish::StopSequence);
-            }
-            Next::Continue
-        });
-        metrics.decode_step(started.elapsed());
+        };
         for (key, tokens, finish) in finished {
             let Some(slot) = slots.remove(&key) else {
                 continue;
