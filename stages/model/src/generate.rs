@@ -331,6 +331,7 @@ impl<B: Backend> Seq2Seq<B> {
         tokens: &[u32],
         positions: &[usize],
         src_lens: &[usize],
+        projection: &Tensor<B, 2>,
     ) -> Tensor<B, 2> {
         let device = state.device.clone();
         let rows = tokens.len();
@@ -406,9 +407,7 @@ impl<B: Backend> Seq2Seq<B> {
                 .forward(linear_rows(&layer.pwff.linear_inner, hidden));
             x = x + linear_rows(&layer.pwff.linear_outer, inner);
         }
-        let logits = self.project(self.dec_norm.forward(x).reshape([rows, 1, d]));
-        let vocab = logits.dims()[2];
-        logits.reshape([rows, vocab])
+        self.dec_norm.forward(x).matmul(projection.clone())
     }
 }
 
@@ -430,6 +429,10 @@ pub struct Batch<'m, B: Backend> {
     state: Option<State<B>>,
     /// In the state's row order.
     live: Vec<Live>,
+    /// The tied output projection `[d_model, vocab]`, transposed once into its own
+    /// contiguous buffer: a product with the embedding's transposed view reads it strided,
+    /// and measured 1.4x (1 row) to 1.5x (16 rows) slower on the CPU.
+    projection: Tensor<B, 2>,
 }
 
 /// A row that finished: its key, its tokens, and why.
@@ -437,12 +440,15 @@ pub type Finished = (usize, Vec<u32>, Finish);
 
 impl<'m, B: Backend> Batch<'m, B> {
     pub fn new(model: &'m Seq2Seq<B>, specials: &'m Specials, device: &B::Device) -> Self {
+        let projection =
+            Tensor::from_data(model.embed.weight.val().transpose().into_data(), device);
         Batch {
             model,
             specials,
             device: device.clone(),
             state: None,
             live: Vec::new(),
+            projection,
         }
     }
 
@@ -509,7 +515,9 @@ impl<'m, B: Backend> Batch<'m, B> {
             .iter()
             .map(|l| l.row.src.len().min(max_len))
             .collect();
-        let logits = self.model.step(state, &tokens, &positions, &src_lens);
+        let logits = self
+            .model
+            .step(state, &tokens, &positions, &src_lens, &self.projection);
         let vocab = logits.dims()[1];
         let flat: Vec<f32> = logits
             .into_data()
