@@ -10,10 +10,12 @@ use burn::nn::transformer::{
     PositionWiseFeedForward, TransformerDecoder, TransformerDecoderConfig, TransformerEncoder,
     TransformerEncoderConfig,
 };
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{
+    Dropout, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear,
+};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
-use burn::tensor::FloatDType;
+use burn::tensor::{Distribution, FloatDType};
 use serde::{Deserialize, Serialize};
 
 /// Everything needed to rebuild the network; stored beside the weights.
@@ -171,9 +173,9 @@ impl<B: Backend> Seq2Seq<B> {
         for layer in &self.encoder.layers {
             let h = layer.norm_2.forward(x.clone());
             let a = attention(&layer.mha, h.clone(), h, src_pad.clone(), None);
-            x = x + layer.dropout.forward(a);
+            x = x + dropout(&layer.dropout, a);
             let h = layer.norm_1.forward(x.clone());
-            x = x + layer.dropout.forward(feed_forward(&layer.pwff, h));
+            x = x + dropout(&layer.dropout, feed_forward(&layer.pwff, h));
         }
         self.enc_norm.forward(x)
     }
@@ -211,12 +213,12 @@ impl<B: Backend> Seq2Seq<B> {
                 tgt_pad.clone(),
                 Some(causal.clone()),
             );
-            x = x + layer.dropout.forward(a);
+            x = x + dropout(&layer.dropout, a);
             let h = layer.norm_1.forward(x.clone());
             let a = attention(&layer.cross_attn, h, memory.clone(), src_pad.clone(), None);
-            x = x + layer.dropout.forward(a);
+            x = x + dropout(&layer.dropout, a);
             let h = layer.norm_2.forward(x.clone());
-            x = x + layer.dropout.forward(feed_forward(&layer.pwff, h));
+            x = x + dropout(&layer.dropout, feed_forward(&layer.pwff, h));
         }
         self.dec_norm.forward(x)
     }
@@ -278,14 +280,78 @@ fn attention<B: Backend>(
     if let Some(c) = causal {
         scores = scores.mask_fill(c.reshape([1, 1, t, s]), mha.min_float);
     }
-    let weights = mha.dropout.forward(softmax(scores, 3));
+    let weights = dropout(&mha.dropout, softmax(scores, 3));
     let context = weights.matmul(v).swap_dims(1, 2).reshape([b, t, d]);
     linear(&mha.output, context)
 }
 
 fn feed_forward<B: Backend>(ff: &PositionWiseFeedForward<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let inner = ff.activation.forward(linear(&ff.linear_inner, x));
-    linear(&ff.linear_outer, ff.dropout.forward(inner))
+    linear(&ff.linear_outer, dropout(&ff.dropout, inner))
+}
+
+/// Dropout, as burn's (identity outside training), with the CPU's masks made differently.
+///
+/// burn draws every mask value from one ChaCha generator on one thread, then multiplies
+/// twice (mask, then 1/keep): about 15% of a `mini` training step on the CPU, whose
+/// attention weights alone take 50M mask values per step. Here, on the CPU backend, one
+/// draw from burn's generator keys the mask (so masks stay a function of the seed and the
+/// step, which resumed runs rely on), the values come from a counter-based generator in
+/// chunks on every core (the same values whatever the thread count), already scaled, and
+/// the input is multiplied once. Other backends keep burn's dropout.
+fn dropout<B: Backend, const D: usize>(layer: &Dropout, x: Tensor<B, D>) -> Tensor<B, D> {
+    let device = x.device();
+    if !B::ad_enabled(&device) || layer.prob == 0.0 {
+        return x;
+    }
+    if !on_cpu::<B>() || x.dtype() != burn::tensor::DType::F32 {
+        return layer.forward(x);
+    }
+    let draw =
+        Tensor::<B, 1, Int>::random([2], Distribution::Uniform(0.0, 1_073_741_824.0), &device)
+            .into_data();
+    let key = draw
+        .iter::<i64>()
+        .fold(0u64, |k, v| crate::data::mix(k ^ v as u64));
+    let shape = x.shape();
+    let mask = keep_mask(shape.num_elements(), 1.0 - layer.prob, key);
+    x * Tensor::<B, D>::from_data(TensorData::new(mask, shape), &device)
+}
+
+/// Whether `B` is the CPU backend (flex), alone or under autodiff.
+fn on_cpu<B: Backend>() -> bool {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    use burn::backend::{Autodiff, Flex};
+    use std::any::TypeId;
+    let b = TypeId::of::<B>();
+    b == TypeId::of::<Flex>()
+        || b == TypeId::of::<Autodiff<Flex>>()
+        || b == TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>()
+}
+
+/// `n` values, each `1 / keep` with probability `keep`, else 0; a function of `key` alone.
+fn keep_mask(n: usize, keep: f64, key: u64) -> Vec<f32> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    let scale = (1.0 / keep) as f32;
+    // Kept when a uniform 32-bit draw falls below keep * 2^32.
+    let below = (keep * 4_294_967_296.0) as u64;
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut state = crate::data::mix(key ^ crate::data::mix(c as u64));
+            for pair in chunk.chunks_mut(2) {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let r = crate::data::mix(state);
+                for (j, m) in pair.iter_mut().enumerate() {
+                    if (r >> (32 * j)) & 0xFFFF_FFFF < below {
+                        *m = scale;
+                    }
+                }
+            }
+        });
+    mask
 }
 
 /// Mean token cross-entropy over the non-padding targets, with optional label smoothing.
@@ -312,4 +378,20 @@ pub fn masked_cross_entropy<B: Backend>(
         nll
     };
     per_token.mask_fill(pad, 0.0).sum() / (real_tokens.max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_masks_keep_the_asked_share_scaled_and_repeat_for_a_key() {
+        let n = 1_000_003;
+        let a = keep_mask(n, 0.9, 42);
+        let kept = a.iter().filter(|&&m| m != 0.0).count() as f64 / n as f64;
+        assert!((kept - 0.9).abs() < 0.002, "kept {kept}");
+        assert!(a.iter().all(|&m| m == 0.0 || (m - 1.0 / 0.9).abs() < 1e-6));
+        assert_eq!(a, keep_mask(n, 0.9, 42));
+        assert_ne!(a, keep_mask(n, 0.9, 43));
+    }
 }
