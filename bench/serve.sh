@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Load test of `orchestrate serve` with the `mini` model on CPU, loopback only, bounded in
-# time and requests: 1, 32 and 128 closed-loop clients asking for 50 new tokens each.
+# time and requests: 1, 32 and 128 closed-loop clients asking for 50 new tokens each. The
+# levels alternate in ROUNDS rounds (each level SECONDS_PER_LEVEL / ROUNDS at a time), so a
+# slow spell of a shared machine lands on every level rather than on one.
 # Writes bench/results/serve.md. No peer server runs here (TGI and vLLM need a GPU or
 # images this machine cannot fetch), so the comparison is with one client.
 #
-#   bash bench/serve.sh [SECONDS_PER_LEVEL]
+#   bash bench/serve.sh [SECONDS_PER_LEVEL] [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}
+rounds=${2:-3}
 cargo build --release --locked -q
 cargo build --release --locked -q -p orchestrate-serve --example load
 export ORCHESTRATE_CACHE_DIR=$(pwd)/bench/.cache
@@ -24,8 +27,10 @@ for _ in $(seq 150); do
 done
 [ -n "$up" ] || { echo "the server did not start:" >&2; cat bench/.serve.log >&2; exit 1; }
 results=()
-for clients in 1 32 128; do
-    results+=("$(target/release/examples/load "http://127.0.0.1:$port" "$clients" "$secs" 50 20000)")
+for round in $(seq "$rounds"); do
+    for clients in 1 32 128; do
+        results+=("$(target/release/examples/load "http://127.0.0.1:$port" "$clients" "$((secs / rounds))" 50 20000)")
+    done
 done
 kill -TERM $server 2>/dev/null || true; wait $server || true
 python3 - "${results[@]}" <<'PY' | tee bench/results/serve.md
@@ -35,7 +40,21 @@ cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.starts
 cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
 print(f"`orchestrate serve`, `mini` (8.3M parameters, fp32), POST /generate with 50 new tokens, closed-loop clients on loopback ({datetime.date.today()}, {cpu}, {cores} cores, CPU)\n")
 print("| clients | seconds | requests | errors | req/s | tokens/s | p50 ms | p95 ms | p99 ms | tokens/s vs 1 client |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-base = rows[0]["tokens_per_s"]
-for r in rows:
-    print(f"| {r['clients']} | {r['seconds']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['latency_ms_p50']:.0f} | {r['latency_ms_p95']:.0f} | {r['latency_ms_p99']:.0f} | {r['tokens_per_s'] / base:.1f}x |")
+levels = sorted({r["clients"] for r in rows})
+def total(c, key):
+    return sum(r[key] for r in rows if r["clients"] == c)
+def tokens(c):
+    return sum(r["tokens_per_s"] * r["seconds"] for r in rows if r["clients"] == c)
+def median(c, key):
+    v = sorted(r[key] for r in rows if r["clients"] == c)
+    return v[len(v) // 2]
+base = tokens(levels[0]) / total(levels[0], "seconds")
+for c in levels:
+    secs = total(c, "seconds")
+    print(f"| {c} | {secs:.1f} | {total(c, 'requests')} | {total(c, 'errors')} | {total(c, 'requests') / secs:.1f} | {tokens(c) / secs:.0f} | {median(c, 'latency_ms_p50'):.0f} | {median(c, 'latency_ms_p95'):.0f} | {median(c, 'latency_ms_p99'):.0f} | {tokens(c) / secs / base:.1f}x |")
+ones = [r for r in rows if r["clients"] == 1]
+for c in levels[1:]:
+    per_round = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(ones, [r for r in rows if r["clients"] == c])]
+    print(f"\n{c} clients vs 1, round by round: " + ", ".join(f"{x:.1f}x" for x in per_round), end="")
+print(f"\n\nLevels alternate in {len(ones)} rounds; latencies are the median of the rounds' percentiles.")
 PY
