@@ -131,6 +131,38 @@ impl<B: Backend> State<B> {
         }
     }
 
+    fn rows(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.cross_k.dims()[0])
+    }
+
+    /// Writes `fresh`'s first `holes.len()` rows' cross-attention keys and values into the
+    /// rows at `holes` (which the caller has made wide enough).
+    fn fill(self, holes: &[usize], fresh: &State<B>) -> Self {
+        if holes.is_empty() {
+            return self;
+        }
+        let at: Vec<(usize, usize)> = holes.iter().map(|&r| (r, 0)).collect();
+        let first = |x: &Tensor<B, 4>| {
+            let [_, h, s, dk] = x.dims();
+            x.clone().slice([0..holes.len(), 0..h, 0..s, 0..dk])
+        };
+        State {
+            layers: self
+                .layers
+                .into_iter()
+                .zip(&fresh.layers)
+                .map(|(l, f)| LayerCache {
+                    self_k: l.self_k,
+                    self_v: l.self_v,
+                    cross_k: write_rows(l.cross_k, &at, first(&f.cross_k)),
+                    cross_v: write_rows(l.cross_v, &at, first(&f.cross_v)),
+                })
+                .collect(),
+            src_len: self.src_len,
+            device: self.device,
+        }
+    }
+
     fn capacity(&self) -> usize {
         self.layers.first().map_or(0, |l| l.self_k.dims()[2])
     }
@@ -203,30 +235,30 @@ fn one_position<B: Backend>(x: Tensor<B, 2>, n_heads: usize) -> Tensor<B, 4> {
     x.reshape([rows, n_heads, 1, d / n_heads])
 }
 
-/// Writes `value` `[rows, heads, 1, dk]` into `buffer` `[rows, heads, capacity, dk]`, row
-/// `r` at position `positions[r]`.
+/// Writes `value` `[n, heads, len, dk]` into `buffer` `[rows, heads, capacity, dk]`: row `i`
+/// of `value` into row `at[i].0` of the buffer, from position `at[i].1` on.
 ///
-/// On the CPU backend this writes the rows in place. burn-flex 0.21's `slice_assign` copies
-/// the whole destination on every call (it takes a second handle on the buffer before its
+/// On the CPU backend this writes in place. burn-flex 0.21's `slice_assign` copies the whole
+/// destination on every call (it takes a second handle on the buffer before its
 /// copy-on-write check, so the buffer always looks shared): at 32 rows that was 13 MB of
 /// copying per decoding step, 14% of the step. Other backends use `slice_assign`.
-fn write_position<B: Backend>(
+fn write_rows<B: Backend>(
     buffer: Tensor<B, 4>,
-    positions: &[usize],
+    at: &[(usize, usize)],
     value: Tensor<B, 4>,
 ) -> Tensor<B, 4> {
     use burn::tensor::TensorPrimitive;
     use burn_flex::FlexTensor;
     use std::any::Any;
 
-    let [rows, h, _, dk] = value.dims();
+    let [_, h, len, dk] = value.dims();
     let mut buf = buffer.into_primitive().tensor();
     let val = value.into_primitive().tensor();
     let written = match (
         (&mut buf as &mut dyn Any).downcast_mut::<FlexTensor>(),
         (&val as &dyn Any).downcast_ref::<FlexTensor>(),
     ) {
-        (Some(dst), Some(src)) => write_position_flex(dst, positions, src, h, dk),
+        (Some(dst), Some(src)) => write_rows_flex(dst, at, src),
         _ => false,
     };
     let mut buffer = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(buf));
@@ -234,28 +266,24 @@ fn write_position<B: Backend>(
         return buffer;
     }
     let value = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(val));
-    match positions.first() {
-        Some(&p) if positions.iter().all(|&q| q == p) => {
-            buffer.slice_assign([0..rows, 0..h, p..p + 1, 0..dk], value)
-        }
-        _ => {
-            for (r, &p) in positions.iter().enumerate() {
-                let row = value.clone().slice([r..r + 1, 0..h, 0..1, 0..dk]);
-                buffer = buffer.slice_assign([r..r + 1, 0..h, p..p + 1, 0..dk], row);
-            }
-            buffer
-        }
+    let (rows, start) = (at.iter().map(|a| a.0), at.first().map_or(0, |a| a.1));
+    let in_order = rows.clone().eq(0..at.len()) && at.iter().all(|a| a.1 == start);
+    if in_order && at.len() == buffer.dims()[0] {
+        return buffer.slice_assign([0..at.len(), 0..h, start..start + len, 0..dk], value);
     }
+    for (i, &(r, p)) in at.iter().enumerate() {
+        let row = value.clone().slice([i..i + 1, 0..h, 0..len, 0..dk]);
+        buffer = buffer.slice_assign([r..r + 1, 0..h, p..p + len, 0..dk], row);
+    }
+    buffer
 }
 
-/// The in-place write for [`write_position`]; false (nothing written) when the buffer is
-/// shared, strided or not f32, so the caller falls back to `slice_assign`.
-fn write_position_flex(
+/// The in-place write for [`write_rows`]; false (nothing written) when the buffer is shared,
+/// strided or not f32, so the caller falls back to `slice_assign`.
+fn write_rows_flex(
     dst: &mut burn_flex::FlexTensor,
-    positions: &[usize],
+    at: &[(usize, usize)],
     src: &burn_flex::FlexTensor,
-    h: usize,
-    dk: usize,
 ) -> bool {
     let f32_dtype = burn::tensor::DType::F32;
     if dst.dtype() != f32_dtype || src.dtype() != f32_dtype || !dst.is_contiguous() {
@@ -264,15 +292,18 @@ fn write_position_flex(
     if dst.layout().start_offset() != 0 || dst.layout().num_elements() * 4 != dst.bytes().len() {
         return false;
     }
-    let capacity = dst.layout().shape()[2];
+    let (h, capacity) = (dst.layout().shape()[1], dst.layout().shape()[2]);
+    let [n, _, len, dk] = [0, 1, 2, 3].map(|i| src.layout().shape()[i]);
     let src = src.to_contiguous();
-    let from = &src.storage::<f32>()[src.layout().start_offset()..][..positions.len() * h * dk];
+    let from = &src.storage::<f32>()[src.layout().start_offset()..][..n * h * len * dk];
     let Some(to) = dst.try_storage_mut::<f32>() else {
         return false;
     };
-    for (lane, values) in from.chunks_exact(dk).enumerate() {
-        let at = (lane * capacity + positions[lane / h]) * dk;
-        to[at..at + dk].copy_from_slice(values);
+    // One lane is one (row, head): `len` positions of `dk` values, contiguous on both sides.
+    for (lane, values) in from.chunks_exact(len * dk).enumerate() {
+        let (r, p) = at[lane / h];
+        let at = ((r * h + lane % h) * capacity + p) * dk;
+        to[at..at + len * dk].copy_from_slice(values);
     }
     true
 }
@@ -350,6 +381,8 @@ impl<B: Backend> Seq2Seq<B> {
         let mut x = self.embed_at(ids, positions).reshape([rows, d]);
         let capacity = state.capacity();
         let placeholder = Tensor::<B, 4>::zeros([1, 1, 1, 1], &device);
+        // Row r's new key and value go to its own position.
+        let at: Vec<(usize, usize)> = positions.iter().copied().enumerate().collect();
         // A row's positions after its own are not written yet: masked.
         let future: Vec<bool> = positions
             .iter()
@@ -376,9 +409,9 @@ impl<B: Backend> Seq2Seq<B> {
             let v = one_position(linear_rows(&layer.self_attn.value, hidden), h);
             // Moved out, not cloned: a buffer nobody else holds can be written in place.
             let self_k = std::mem::replace(&mut cache.self_k, placeholder.clone());
-            cache.self_k = write_position(self_k, positions, k);
+            cache.self_k = write_rows(self_k, &at, k);
             let self_v = std::mem::replace(&mut cache.self_v, placeholder.clone());
-            cache.self_v = write_position(self_v, positions, v);
+            cache.self_v = write_rows(self_v, &at, v);
             let scores = q
                 .matmul(cache.self_k.clone().swap_dims(2, 3))
                 .div_scalar(scale)
@@ -421,14 +454,21 @@ struct Live {
 }
 
 /// Rows decoded together, one step at a time; rows may join between steps.
+///
+/// The state's rows are slots. A finished row leaves a hole rather than being cut out at
+/// once, and the next rows to join go into the holes (their cross-attention keys and
+/// values written in place; the self-attention buffers need no clearing, since a row only
+/// attends to positions it has written itself): under a steady stream of requests the
+/// cache is neither copied to remove rows nor to add them. Holes nobody fills are closed
+/// up before the next step.
 pub struct Batch<'m, B: Backend> {
     model: &'m Seq2Seq<B>,
     specials: &'m Specials,
     device: B::Device,
     /// None while the batch is empty.
     state: Option<State<B>>,
-    /// In the state's row order.
-    live: Vec<Live>,
+    /// One per row of the state, in its order; None is a hole.
+    slots: Vec<Option<Live>>,
     /// The tied output projection `[d_model, vocab]`, transposed once into its own
     /// contiguous buffer: a product with the embedding's transposed view reads it strided,
     /// and measured 1.4x (1 row) to 1.5x (16 rows) slower on the CPU.
@@ -447,17 +487,18 @@ impl<'m, B: Backend> Batch<'m, B> {
             specials,
             device: device.clone(),
             state: None,
-            live: Vec::new(),
+            slots: Vec::new(),
             projection,
         }
     }
 
+    /// Rows decoding (holes not counted).
     pub fn len(&self) -> usize {
-        self.live.len()
+        self.slots.iter().flatten().count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.live.is_empty()
+        self.len() == 0
     }
 
     fn budget(&self, row: &Row) -> usize {
@@ -473,48 +514,81 @@ impl<'m, B: Backend> Batch<'m, B> {
         }
         let max_len = self.model.max_len();
         let budget = self
-            .live
+            .slots
             .iter()
+            .flatten()
             .map(|l| &l.row)
             .chain(rows.iter().map(|(_, r)| r))
             .map(|r| self.budget(r))
             .max()
             .unwrap_or(1);
-        let capacity = capacity_for(budget, max_len);
         let srcs: Vec<&[u32]> = rows
             .iter()
             .map(|(_, r)| &r.src[..r.src.len().min(max_len)])
             .collect();
-        let fresh = self
-            .model
-            .start(&srcs, self.specials.pad, capacity, &self.device);
-        self.state = Some(match self.state.take() {
-            Some(state) => state.append(fresh),
-            None => fresh,
-        });
-        self.live.extend(rows.into_iter().map(|(key, row)| Live {
+        let fresh = self.model.start(
+            &srcs,
+            self.specials.pad,
+            capacity_for(budget, max_len),
+            &self.device,
+        );
+        let mut incoming = rows.into_iter().map(|(key, row)| Live {
             key,
             rng: row.sampling.seed,
             row,
             out: Vec::new(),
             last: self.specials.bos,
-        }));
+        });
+        let Some(state) = self.state.take() else {
+            self.state = Some(fresh);
+            self.slots = incoming.map(Some).collect();
+            return;
+        };
+        let holes: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].is_none())
+            .collect();
+        let n = fresh.rows();
+        let filled = holes.len().min(n);
+        let (capacity, src) = (
+            state.capacity().max(fresh.capacity()),
+            state.src_len.max(fresh.src_len),
+        );
+        let state = state.widen(capacity, src);
+        let state = state.fill(&holes[..filled], &fresh);
+        let state = if filled < n {
+            let rest: Vec<usize> = (filled..n).collect();
+            state.append(fresh.retain(&rest, &self.device))
+        } else {
+            state
+        };
+        for &hole in &holes[..filled] {
+            self.slots[hole] = incoming.next();
+        }
+        self.slots.extend(incoming.map(Some));
+        self.state = Some(state);
     }
 
     /// One token for every row. `on_token(key, token)` sees each token as it is made and
     /// may stop that row; returns the rows that finished at this step (they have left).
     pub fn step(&mut self, mut on_token: impl FnMut(usize, Token) -> Next) -> Vec<Finished> {
+        if self.slots.iter().any(Option::is_none) {
+            let keep: Vec<usize> = (0..self.slots.len())
+                .filter(|&i| self.slots[i].is_some())
+                .collect();
+            self.state = match keep.is_empty() {
+                true => None,
+                false => self.state.take().map(|s| s.retain(&keep, &self.device)),
+            };
+            self.slots.retain(Option::is_some);
+        }
         let Some(state) = self.state.as_mut() else {
             return Vec::new();
         };
-        let tokens: Vec<u32> = self.live.iter().map(|l| l.last).collect();
-        let positions: Vec<usize> = self.live.iter().map(|l| l.out.len()).collect();
+        let live: Vec<&Live> = self.slots.iter().flatten().collect();
+        let tokens: Vec<u32> = live.iter().map(|l| l.last).collect();
+        let positions: Vec<usize> = live.iter().map(|l| l.out.len()).collect();
         let max_len = self.model.max_len();
-        let src_lens: Vec<usize> = self
-            .live
-            .iter()
-            .map(|l| l.row.src.len().min(max_len))
-            .collect();
+        let src_lens: Vec<usize> = live.iter().map(|l| l.row.src.len().min(max_len)).collect();
         let logits = self
             .model
             .step(state, &tokens, &positions, &src_lens, &self.projection);
@@ -524,9 +598,9 @@ impl<'m, B: Backend> Batch<'m, B> {
             .convert::<f32>()
             .to_vec()
             .expect("float logits");
-        let mut keep = Vec::with_capacity(self.live.len());
-        let mut done = Vec::new();
-        for (i, live) in self.live.iter_mut().enumerate() {
+        let mut finished = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let Some(live) = slot else { continue };
             let scores = &flat[i * vocab..(i + 1) * vocab];
             let (id, logprob) = pick(scores, &live.out, &live.row.sampling, &mut live.rng);
             let token = Token {
@@ -543,31 +617,20 @@ impl<'m, B: Backend> Batch<'m, B> {
             if finish.is_none() && id == self.specials.eos && !live.row.ignore_eos {
                 finish = Some(Finish::EosToken);
             }
-            let budget = live.row.max_new_tokens.min(self.model.max_len()).max(1);
+            let budget = live.row.max_new_tokens.min(max_len).max(1);
             if finish.is_none() && live.out.len() >= budget {
                 finish = Some(Finish::Length);
             }
-            match finish {
-                Some(f) => done.push((i, f)),
-                None => keep.push(i),
+            if let Some(f) = finish {
+                if let Some(l) = slot.take() {
+                    finished.push((l.key, l.out, f));
+                }
             }
         }
-        if keep.is_empty() {
+        if self.slots.iter().all(Option::is_none) {
             self.state = None;
-        } else if keep.len() < self.live.len() {
-            self.state = self.state.take().map(|s| s.retain(&keep, &self.device));
+            self.slots.clear();
         }
-        let mut finished = Vec::with_capacity(done.len());
-        let mut slots: Vec<Option<Live>> = std::mem::take(&mut self.live)
-            .into_iter()
-            .map(Some)
-            .collect();
-        for (i, f) in done {
-            if let Some(l) = slots[i].take() {
-                finished.push((l.key, l.out, f));
-            }
-        }
-        self.live = slots.into_iter().flatten().collect();
         finished
     }
 }
@@ -778,30 +841,32 @@ mod tests {
         assert_eq!(together[1].0.len(), 7);
     }
 
-    #[test]
-    fn rows_that_join_a_running_batch_decode_like_each_alone() {
-        let (model, sp) = tiny();
-        let device = Default::default();
-        let first = greedy(vec![5, 6], 9);
-        // Longer source and budget than the running row: the batch widens both.
-        let second = greedy((9..28).collect(), 20);
-        let third = greedy(vec![30, 31, 32], 4);
-        // Joins after the first and third have left (rows kept by selection, then appended).
-        let fourth = greedy(vec![7, 8, 9, 10], 6);
-        let mut batch = Batch::new(&model, &sp, &device);
-        let mut got: Vec<Vec<u32>> = vec![Vec::new(); 4];
+    /// Rows join a running batch at different steps: appended (with a longer source and
+    /// budget than the row in it, so the buffers widen) and into holes finished rows left.
+    fn rows_join_a_running_batch_and_decode_like_each_alone<B: Backend>(model: &Seq2Seq<B>) {
+        let sp = Specials::minimal();
+        let device = model.embed.weight.device();
+        let rows = [
+            greedy(vec![5, 6], 9),
+            // Longer source and budget than the running row: the batch widens both.
+            greedy((9..28).collect(), 20),
+            greedy(vec![30, 31, 32], 4),
+            // Joins into the hole row 4 left.
+            greedy(vec![7, 8, 9, 10], 6),
+            // Joins at the step after rows 0 and 2 finished, into row 0's hole; row 2's
+            // hole is closed up. Its source is cut to the position table (32).
+            greedy((1..40).collect(), 5),
+        ];
+        let joins = [(0, 0), (3, 1), (5, 2), (9, 4), (14, 3)];
+        let mut batch = Batch::new(model, &sp, &device);
+        let mut got: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
         let mut finished = Vec::new();
-        batch.admit(vec![(0, first.clone())]);
-        for step in 0..30 {
-            if step == 3 {
-                batch.admit(vec![(1, second.clone())]);
+        for step in 0..40 {
+            for &(_, r) in joins.iter().filter(|j| j.0 == step) {
+                batch.admit(vec![(r, rows[r].clone())]);
             }
-            if step == 5 {
-                batch.admit(vec![(2, third.clone())]);
-            }
-            if step == 12 {
-                assert_eq!(batch.len(), 1);
-                batch.admit(vec![(3, fourth.clone())]);
+            if step == 9 {
+                assert_eq!(batch.len(), 2); // rows 1 and 4
             }
             finished.extend(batch.step(|key, token| {
                 got[key].push(token.id);
@@ -809,9 +874,9 @@ mod tests {
             }));
         }
         assert!(batch.is_empty());
-        assert_eq!(finished.len(), 4);
-        for (key, row) in [first, second, third, fourth].iter().enumerate() {
-            let alone = generate(&model, &sp, std::slice::from_ref(row), &device, |_, _| {
+        assert_eq!(finished.len(), rows.len());
+        for (key, row) in rows.iter().enumerate() {
+            let alone = generate(model, &sp, std::slice::from_ref(row), &device, |_, _| {
                 Next::Continue
             });
             assert_eq!(got[key], alone[0].0, "row {key}");
@@ -819,6 +884,21 @@ mod tests {
             assert_eq!(tokens, &alone[0].0);
             assert_eq!(*finish, Finish::Length);
         }
+    }
+
+    #[test]
+    fn rows_that_join_a_running_batch_decode_like_each_alone() {
+        rows_join_a_running_batch_and_decode_like_each_alone(&tiny().0);
+    }
+
+    #[test]
+    fn rows_that_join_decode_like_each_alone_through_the_generic_writes() {
+        // The autodiff backend's tensors are not the CPU backend's, so the key/value writes
+        // take the portable `slice_assign` path that GPU backends use.
+        use burn::backend::Autodiff;
+        use burn::module::AutodiffModule;
+        let model = Seq2Seq::<Autodiff<Flex>>::from_inner(tiny().0);
+        rows_join_a_running_batch_and_decode_like_each_alone(&model);
     }
 
     #[test]
