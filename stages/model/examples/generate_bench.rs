@@ -29,6 +29,7 @@ fn main() {
         d_ff: 1024,
         max_len: 256,
         dropout: 0.0,
+        activation: orchestrate_model::model::Activation::Relu,
     };
     let device = Default::default();
     <Flex as Backend>::seed(&device, 1);

@@ -79,6 +79,7 @@ fn bench<A: AutodiffBackend>(job: Bench, device: A::Device) {
         d_ff: ff,
         max_len: 512,
         dropout: 0.1,
+        activation: orchestrate_model::model::Activation::Relu,
     };
     <A as Backend>::seed(&device, 0);
     let mut model: Seq2Seq<A> = cfg.init(&device);

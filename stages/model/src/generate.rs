@@ -789,6 +789,7 @@ mod tests {
             d_ff: 64,
             max_len: 32,
             dropout: 0.0,
+            activation: crate::model::Activation::Relu,
         };
         let specials = Specials::minimal();
         <Flex as Backend>::seed(&Default::default(), 7);

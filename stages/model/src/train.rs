@@ -23,7 +23,7 @@ use tokenizers::Tokenizer;
 
 use crate::compute::{self, Compute, OnDevice};
 use crate::data::{self, Batch, Example, Specials};
-use crate::model::{masked_cross_entropy, CastParams, ModelConfig, Seq2Seq};
+use crate::model::{masked_cross_entropy, Activation, CastParams, ModelConfig, Seq2Seq};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -68,6 +68,9 @@ pub struct TrainParams {
     pub max_len: usize,
     #[serde(default = "default_dropout")]
     pub dropout: f64,
+    /// `relu` (as PyTorch's `nn.Transformer`) or `gelu`.
+    #[serde(default = "default_activation")]
+    pub activation: Activation,
     #[serde(default = "default_steps")]
     pub steps: u64,
     #[serde(default = "default_batch")]
@@ -116,6 +119,10 @@ pub struct TrainParams {
     /// optimiser. Needs `resources.device: cuda`; absent means the stage's one device.
     #[serde(default)]
     pub devices: Option<Vec<usize>>,
+}
+
+fn default_activation() -> Activation {
+    Activation::Relu
 }
 
 fn default_precision() -> Precision {
@@ -342,6 +349,7 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
         d_ff,
         max_len: p.max_len,
         dropout: p.dropout,
+        activation: p.activation,
     };
 
     let train = data::load_examples(
@@ -852,6 +860,7 @@ mod tests {
             d_ff: 1024,
             max_len: 256,
             dropout: 0.1,
+            activation: Activation::Relu,
         };
         let n = cfg.parameters();
         assert!((8_000_000..10_000_000).contains(&n), "{n}");
@@ -880,6 +889,7 @@ mod tests {
             d_ff: 64,
             max_len: 32,
             dropout: p.dropout,
+            activation: p.activation,
         };
         cfg.init(&Default::default())
     }
