@@ -294,6 +294,10 @@ fn write_rows_flex(
     }
     let (h, capacity) = (dst.layout().shape()[1], dst.layout().shape()[2]);
     let [n, _, len, dk] = [0, 1, 2, 3].map(|i| src.layout().shape()[i]);
+    let fits = |&(r, p): &(usize, usize)| r < dst.layout().shape()[0] && p + len <= capacity;
+    if at.len() != n || !at.iter().all(fits) {
+        return false;
+    }
     let src = src.to_contiguous();
     let from = &src.storage::<f32>()[src.layout().start_offset()..][..n * h * len * dk];
     let Some(to) = dst.try_storage_mut::<f32>() else {
