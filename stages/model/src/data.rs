@@ -241,12 +241,8 @@ mod tests {
 
     fn specials() -> Specials {
         Specials {
-            pad: 0,
-            bos: 1,
-            eos: 2,
-            langs: BTreeMap::new(),
-            authors: BTreeMap::new(),
             other_author: 7,
+            ..Specials::minimal()
         }
     }
 

@@ -218,6 +218,11 @@ fn pad_dim2<B: Backend>(x: Tensor<B, 4>, to: usize) -> Tensor<B, 4> {
     Tensor::cat(vec![x, zeros], 2)
 }
 
+/// The tokens a row may generate: its own limit, within the position table, at least one.
+fn budget(row: &Row, max_len: usize) -> usize {
+    row.max_new_tokens.min(max_len).max(1)
+}
+
 /// Key/value capacity for rows of these budgets: rounded up to 16 positions (few distinct
 /// shapes as rows come and go), within the position table.
 fn capacity_for(budget: usize, max_len: usize) -> usize {
@@ -266,8 +271,9 @@ fn write_rows<B: Backend>(
         return buffer;
     }
     let value = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(val));
-    let (rows, start) = (at.iter().map(|a| a.0), at.first().map_or(0, |a| a.1));
-    let in_order = rows.clone().eq(0..at.len()) && at.iter().all(|a| a.1 == start);
+    // Every row, in order, at one position: one write.
+    let start = at.first().map_or(0, |a| a.1);
+    let in_order = at.iter().enumerate().all(|(i, &a)| a == (i, start));
     if in_order && at.len() == buffer.dims()[0] {
         return buffer.slice_assign([0..at.len(), 0..h, start..start + len, 0..dk], value);
     }
@@ -505,10 +511,6 @@ impl<'m, B: Backend> Batch<'m, B> {
         self.len() == 0
     }
 
-    fn budget(&self, row: &Row) -> usize {
-        row.max_new_tokens.min(self.model.max_len()).max(1)
-    }
-
     /// Adds rows, each under a key the caller chooses (it comes back with every token).
     /// Their sources go through the encoder now, together; their first token comes with
     /// the next [`step`](Self::step).
@@ -517,13 +519,13 @@ impl<'m, B: Backend> Batch<'m, B> {
             return;
         }
         let max_len = self.model.max_len();
-        let budget = self
+        let longest = self
             .slots
             .iter()
             .flatten()
             .map(|l| &l.row)
             .chain(rows.iter().map(|(_, r)| r))
-            .map(|r| self.budget(r))
+            .map(|r| budget(r, max_len))
             .max()
             .unwrap_or(1);
         let srcs: Vec<&[u32]> = rows
@@ -533,7 +535,7 @@ impl<'m, B: Backend> Batch<'m, B> {
         let fresh = self.model.start(
             &srcs,
             self.specials.pad,
-            capacity_for(budget, max_len),
+            capacity_for(longest, max_len),
             &self.device,
         );
         let mut incoming = rows.into_iter().map(|(key, row)| Live {
@@ -621,8 +623,7 @@ impl<'m, B: Backend> Batch<'m, B> {
             if finish.is_none() && id == self.specials.eos && !live.row.ignore_eos {
                 finish = Some(Finish::EosToken);
             }
-            let budget = live.row.max_new_tokens.min(max_len).max(1);
-            if finish.is_none() && live.out.len() >= budget {
+            if finish.is_none() && live.out.len() >= budget(&live.row, max_len) {
                 finish = Some(Finish::Length);
             }
             if let Some(f) = finish {
