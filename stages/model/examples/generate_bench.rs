@@ -4,22 +4,52 @@
 //! Random weights: latency does not depend on what the model learned (end-of-text ignored).
 //!
 //!     cargo run --release -p orchestrate-model --example generate_bench -- [RUNS]
+//!     cargo run --release -p orchestrate-model --features cuda --example generate_bench -- \
+//!         20 --device cuda
 //!
 //! Prints one JSON line per measurement.
 
 use std::time::Instant;
 
-use burn::backend::Flex;
 use burn::prelude::*;
+use orchestrate_model::compute::{self, Compute, OnDevice};
 use orchestrate_model::data::Specials;
 use orchestrate_model::generate::{generate, generate_uncached, Next, Row, Sampling};
 use orchestrate_model::model::ModelConfig;
 
+struct Bench {
+    runs: usize,
+    engine: String,
+}
+
 fn main() {
-    let runs: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runs = args.first().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let device = args
+        .iter()
+        .position(|a| a == "--device")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+        .unwrap_or("cpu");
+    let compute = Compute::parse(device).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(2)
+    });
+    let engine = if compute.is_cuda() { "burn-cuda" } else { "burn-flex" }.to_string();
+    if let Err(e) = compute::run_on(compute, Bench { runs, engine }) {
+        eprintln!("{e}");
+        std::process::exit(1);
+    }
+}
+
+impl OnDevice for Bench {
+    type Output = ();
+    fn run<B: Backend>(self, device: B::Device) {
+        bench::<B>(self.runs, &self.engine, &device)
+    }
+}
+
+fn bench<B: Backend>(runs: usize, engine: &str, device: &B::Device) {
     let cfg = ModelConfig {
         vocab_size: 8000,
         d_model: 256,
@@ -31,9 +61,8 @@ fn main() {
         dropout: 0.0,
         activation: orchestrate_model::model::Activation::Relu,
     };
-    let device = Default::default();
-    <Flex as Backend>::seed(&device, 1);
-    let model = cfg.init::<Flex>(&device);
+    B::seed(device, 1);
+    let model = cfg.init::<B>(device);
     let specials = Specials::minimal();
     let (prompt, new) = (32usize, 50usize);
     let src = |i: usize| -> Vec<u32> {
@@ -61,7 +90,7 @@ fn main() {
     };
     let report = |mode: &str, batch: usize, (p50, p95): (f64, f64)| {
         println!(
-            "{{\"kind\": \"generate\", \"engine\": \"burn-flex\", \"mode\": \"{mode}\", \"batch\": {batch}, \"prompt\": {prompt}, \"new_tokens\": {new}, \"latency_ms_p50\": {p50:.2}, \"latency_ms_p95\": {p95:.2}, \"tokens_per_s\": {:.0}}}",
+            "{{\"kind\": \"generate\", \"engine\": \"{engine}\", \"mode\": \"{mode}\", \"batch\": {batch}, \"prompt\": {prompt}, \"new_tokens\": {new}, \"latency_ms_p50\": {p50:.2}, \"latency_ms_p95\": {p95:.2}, \"tokens_per_s\": {:.0}}}",
             batch as f64 * new as f64 / (p50 / 1e3)
         );
     };
@@ -73,10 +102,10 @@ fn main() {
         t.elapsed().as_secs_f64() * 1e3
     };
     let cached = || {
-        generate(&model, &specials, &[row(0)], &device, |_, _| Next::Continue);
+        generate(&model, &specials, &[row(0)], device, |_, _| Next::Continue);
     };
     let uncached = || {
-        generate_uncached(&model, &specials, &src(0), new, &device);
+        generate_uncached(&model, &specials, &src(0), new, device);
     };
     cached();
     uncached();
@@ -99,7 +128,7 @@ fn main() {
         "kv_cache",
         32,
         time(&|| {
-            generate(&model, &specials, &rows, &device, |_, _| Next::Continue);
+            generate(&model, &specials, &rows, device, |_, _| Next::Continue);
         }),
     );
 }
