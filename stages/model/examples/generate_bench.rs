@@ -35,7 +35,12 @@ fn main() {
         eprintln!("{e}");
         std::process::exit(2)
     });
-    let engine = if compute.is_cuda() { "burn-cuda" } else { "burn-flex" }.to_string();
+    let engine = if compute.is_cuda() {
+        "burn-cuda"
+    } else {
+        "burn-flex"
+    }
+    .to_string();
     if let Err(e) = compute::run_on(compute, Bench { runs, engine }) {
         eprintln!("{e}");
         std::process::exit(1);

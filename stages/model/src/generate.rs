@@ -13,7 +13,7 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
 use crate::data::Specials;
-use crate::model::{linear, linear_rows, Seq2Seq};
+use crate::model::{linear, linear_rows, matmul, Seq2Seq};
 
 /// burn's attention masks with this value rather than -inf; the same here keeps cached and
 /// uncached decoding numerically alike.
@@ -426,9 +426,7 @@ impl<B: Backend> Seq2Seq<B> {
                 .matmul(cache.self_k.clone().swap_dims(2, 3))
                 .div_scalar(scale)
                 .mask_fill(future.clone(), MASKED);
-            let ctx = softmax(scores, 3)
-                .matmul(cache.self_v.clone())
-                .reshape([rows, d]);
+            let ctx = matmul(softmax(scores, 3), cache.self_v.clone()).reshape([rows, d]);
             x = x + linear_rows(&layer.self_attn.output, ctx);
 
             // Cross-attention over the encoder's keys and values, computed once.
@@ -438,9 +436,7 @@ impl<B: Backend> Seq2Seq<B> {
                 .matmul(cache.cross_k.clone().swap_dims(2, 3))
                 .div_scalar(scale)
                 .mask_fill(src_pad.clone(), MASKED);
-            let ctx = softmax(scores, 3)
-                .matmul(cache.cross_v.clone())
-                .reshape([rows, d]);
+            let ctx = matmul(softmax(scores, 3), cache.cross_v.clone()).reshape([rows, d]);
             x = x + linear_rows(&layer.cross_attn.output, ctx);
 
             let hidden = layer.norm_2.forward(x.clone());
@@ -450,7 +446,7 @@ impl<B: Backend> Seq2Seq<B> {
                 .forward(linear_rows(&layer.pwff.linear_inner, hidden));
             x = x + linear_rows(&layer.pwff.linear_outer, inner);
         }
-        self.dec_norm.forward(x).matmul(projection.clone())
+        matmul(self.dec_norm.forward(x), projection.clone())
     }
 }
 

@@ -277,7 +277,7 @@ pub(crate) fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B
 
 /// A linear layer over rows `[rows, d_in]`.
 pub(crate) fn linear_rows<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let y = x.matmul(layer.weight.val());
+    let y = matmul(x, layer.weight.val());
     match &layer.bias {
         Some(bias) => y + bias.val().unsqueeze(),
         None => y,
@@ -310,7 +310,7 @@ fn attention<B: Backend>(
         scores = scores.mask_fill(c.reshape([1, 1, t, s]), mha.min_float);
     }
     let weights = dropout(&mha.dropout, softmax(scores, 3));
-    let context = weights.matmul(v).swap_dims(1, 2).reshape([b, t, d]);
+    let context = matmul(weights, v).swap_dims(1, 2).reshape([b, t, d]);
     linear(&mha.output, context)
 }
 
@@ -345,6 +345,32 @@ fn dropout<B: Backend, const D: usize>(layer: &Dropout, x: Tensor<B, D>) -> Tens
     let shape = x.shape();
     let mask = keep_mask(shape.num_elements(), 1.0 - layer.prob, key);
     x * Tensor::<B, D>::from_data(TensorData::new(mask, shape), &device)
+}
+
+/// `lhs.matmul(rhs)`, steering clear of a cubecl 0.10 bug on GPU backends. A product with a
+/// single `lhs` row and a row-major `rhs` (in decoding: every linear layer at batch 1, and
+/// attention weights times values at any batch) can be handed by the autotuner to its
+/// vector-matrix kernel, which then refuses that layout and panics ("Vecmat plane parallel
+/// only supports col major rhs"); seen on an H100. Such a product gets a duplicate second row
+/// there, which makes it an ordinary matrix product. The CPU backend runs it as it is.
+pub(crate) fn matmul<B: Backend, const D: usize>(
+    lhs: Tensor<B, D>,
+    rhs: Tensor<B, D>,
+) -> Tensor<B, D> {
+    if lhs.dims()[D - 2] != 1 || on_cpu::<B>() {
+        return lhs.matmul(rhs);
+    }
+    matmul_two_rows(lhs, rhs)
+}
+
+/// A one-row product computed as a two-row one (the row twice), keeping the first row.
+fn matmul_two_rows<B: Backend, const D: usize>(
+    lhs: Tensor<B, D>,
+    rhs: Tensor<B, D>,
+) -> Tensor<B, D> {
+    Tensor::cat(vec![lhs.clone(), lhs], D - 2)
+        .matmul(rhs)
+        .narrow(D - 2, 0, 1)
 }
 
 /// Whether `B` is the CPU backend (flex), alone or under autodiff.
@@ -412,6 +438,30 @@ pub fn masked_cross_entropy<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_one_row_product_through_two_rows_is_the_same_product() {
+        use burn::backend::Flex;
+        let device = Default::default();
+        let values =
+            |n: usize| -> Vec<f32> { (0..n).map(|i| (i % 13) as f32 * 0.25 - 1.5).collect() };
+        // Linear layers' shape: one row times a row-major weight.
+        let x = Tensor::<Flex, 2>::from_data(TensorData::new(values(8), [1, 8]), &device);
+        let w = Tensor::<Flex, 2>::from_data(TensorData::new(values(8 * 5), [8, 5]), &device);
+        let (a, b) = (x.clone().matmul(w.clone()), matmul_two_rows(x, w));
+        assert_eq!(b.dims(), [1, 5]);
+        a.into_data().assert_eq(&b.into_data(), true);
+        // Attention's shape: per (row, head), one query's weights times the values.
+        let p =
+            Tensor::<Flex, 4>::from_data(TensorData::new(values(2 * 3 * 6), [2, 3, 1, 6]), &device);
+        let v = Tensor::<Flex, 4>::from_data(
+            TensorData::new(values(2 * 3 * 6 * 4), [2, 3, 6, 4]),
+            &device,
+        );
+        let (a, b) = (p.clone().matmul(v.clone()), matmul_two_rows(p, v));
+        assert_eq!(b.dims(), [2, 3, 1, 4]);
+        a.into_data().assert_eq(&b.into_data(), true);
+    }
 
     #[test]
     fn dropout_masks_keep_the_asked_share_scaled_and_repeat_for_a_key() {
