@@ -13,14 +13,17 @@
 # pipeline.log, serve.log and gpu.md; bench/results/gpu.md is written from them
 # (`python3 bench/gpu_report.py PEAK DIR...` merges the results of several calls).
 #
-# What runs, in order: (1) training throughput of `mini`, fp32, with the kernel cache cold,
-# then again warm (the warm-up the issue asks to be under 10 s on a second run); (2) the
-# PyTorch reference on the same GPU (fp32 eager, bf16 autocast, bf16 compiled; greedy
-# generation at batch 1 and 32); (3) our generation with the key/value cache against
-# recomputing the prefix; (4) `mini` in bf16 and bf16 + gradient checkpointing; (5) `spec512`
-# fp32 and bf16, and PyTorch's `seed-512`; (6) the whole pipeline (pipelines/full.yaml, the
-# real corpus, `device: auto` picking the GPU for training, evaluation on the GPU, 300 training
-# steps) through `orchestrate run`, then `orchestrate serve --device cuda` on what it deployed.
+# What runs: (1) cold: each of our checks (`mini` and `spec512` training in fp32 and bf16,
+# generation with the key/value cache against recomputing the prefix) once, side by side,
+# each compiling and autotuning into its own kernel cache: their warm-ups; (2) warm: each
+# again, alone, from its cache (the warm-up a second run pays, which the train issue asks to
+# be under 10 s, and the throughput), `mini` bf16 also with gradient checkpointing; (3) the
+# PyTorch reference on the same GPU (fp32 eager, bf16 autocast, bf16 compiled unless
+# TORCH_COMPILE=0; greedy generation for `mini`); (4) the whole pipeline (pipelines/full.yaml,
+# the real corpus, `device: auto` picking the GPU for training, evaluation on the GPU, 300
+# training steps) through `orchestrate run`, then `orchestrate serve --device cuda` on what it
+# deployed. A first version ran everything one at a time: a fresh machine spent 172 s on
+# `mini`'s cold warm-up alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=bench/bin

@@ -112,6 +112,11 @@ fn bench<B: Backend>(runs: usize, engine: &str, device: &B::Device) {
     let uncached = || {
         generate_uncached(&model, &specials, &src(0), new, device);
     };
+    if std::env::var_os("ONLY_CACHED").is_some() {
+        // For a profiler: the cached batch-1 loop alone.
+        report("kv_cache", 1, time(&cached));
+        return;
+    }
     cached();
     uncached();
     let (mut kv, mut rc, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
