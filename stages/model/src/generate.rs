@@ -13,11 +13,7 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
 use crate::data::Specials;
-use crate::model::{linear, linear_rows, matmul, Seq2Seq};
-
-/// burn's attention masks with this value rather than -inf; the same here keeps cached and
-/// uncached decoding numerically alike.
-const MASKED: f32 = -1.0e4;
+use crate::model::{linear, linear_rows, matmul, Seq2Seq, MASK_BIAS as MASKED};
 
 /// How one row picks its next token.
 #[derive(Clone, Debug, PartialEq)]

@@ -7,6 +7,7 @@ mod chart;
 pub mod compute;
 pub mod data;
 pub mod evaluate;
+mod fused;
 pub mod generate;
 pub mod model;
 pub mod quantize;
