@@ -4,9 +4,17 @@
 //! attention scores, the broadcasts through a slow strided path in burn-flex), although flex
 //! has a fused softmax. Here the forward pass is flex's fused kernel, and the backward pass
 //! the softmax's own Jacobian product, `dx = y * (dy - sum(dy * y))`, from the saved output.
-//! Other backends (CUDA, where burn fuses element-wise work itself) keep burn's softmax.
+//! The same for the loss: a log-softmax over the vocabulary (8,000 values per target token,
+//! the largest tensors of a step) followed by a gather is, under autodiff, a dozen passes
+//! over the logits forward and backward; here it is one step that computes each token's
+//! cross-entropy from its row's log-sum-exp, and whose backward writes
+//! `softmax - target distribution` in one pass.
+//! Other backends (CUDA, where burn fuses element-wise work itself) keep burn's operations.
 
 use std::any::{Any, TypeId};
+use std::sync::Arc;
+
+use rayon::prelude::*;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{
@@ -19,6 +27,7 @@ use burn::prelude::*;
 use burn::tensor::activation;
 use burn::tensor::ops::{ActivationOps, FloatTensor, FloatTensorOps};
 use burn::tensor::TensorPrimitive;
+use burn_flex::FlexTensor;
 
 /// burn-autodiff's float tensor (its type is not exported by name).
 type AutodiffTensor = FloatTensor<Autodiff<Flex>>;
@@ -70,10 +79,7 @@ impl Backward<Flex, 1> for SoftmaxBackward {
     }
 }
 
-fn fused_softmax<C: CheckpointStrategy>(
-    x: AutodiffTensor,
-    dim: usize,
-) -> AutodiffTensor {
+fn fused_softmax<C: CheckpointStrategy>(x: AutodiffTensor, dim: usize) -> AutodiffTensor {
     // Compute-bound: the output is kept for the backward pass rather than recomputed, under
     // gradient checkpointing too (it is the state).
     let prep = SoftmaxBackward { dim }
@@ -86,6 +92,172 @@ fn fused_softmax<C: CheckpointStrategy>(
             prep.finish(y.clone(), y)
         }
         OpsKind::UnTracked(prep) => prep.finish(Flex::softmax(x.primitive, dim)),
+    }
+}
+
+/// Which fused path `B` can take.
+enum Path {
+    /// Plain flex (evaluation): the forward pass alone.
+    Forward,
+    Autodiff {
+        balanced: bool,
+    },
+}
+
+fn path<B: Backend>() -> Option<Path> {
+    let b = TypeId::of::<B>();
+    if b == TypeId::of::<Flex>() {
+        Some(Path::Forward)
+    } else if b == TypeId::of::<Autodiff<Flex>>() {
+        Some(Path::Autodiff { balanced: false })
+    } else if b == TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>() {
+        Some(Path::Autodiff { balanced: true })
+    } else {
+        None
+    }
+}
+
+/// Moves a float primitive of `B` to the concrete type `T` (`B` checked by the caller).
+fn to_concrete<B: Backend, T: 'static>(x: Tensor<B, 3>) -> T {
+    let mut primitive = Some(x.into_primitive().tensor());
+    (&mut primitive as &mut dyn Any)
+        .downcast_mut::<Option<T>>()
+        .and_then(Option::take)
+        .expect("a float primitive of the backend checked")
+}
+
+fn from_concrete<B: Backend, T: 'static, const D: usize>(x: T) -> Tensor<B, D> {
+    let x: Box<dyn Any> = Box::new(x);
+    let x = *x
+        .downcast::<FloatTensor<B>>()
+        .unwrap_or_else(|_| unreachable!("the backend's float primitive"));
+    Tensor::from_primitive(TensorPrimitive::Float(x))
+}
+
+/// Each target token's cross-entropy `[batch, target]` from `logits` `[batch, target,
+/// vocab]`, with label smoothing `smoothing` (the target's share `1 - smoothing`, the rest
+/// spread evenly): `lse - (1 - s) * x[target] - s * mean(x)`. None where the fused path
+/// does not apply (another backend, not f32); the caller then composes burn's operations.
+pub fn cross_entropy<B: Backend>(
+    logits: &Tensor<B, 3>,
+    targets: &Tensor<B, 2, Int>,
+    smoothing: f64,
+) -> Option<Tensor<B, 2>> {
+    let path = path::<B>()?;
+    if logits.dtype() != burn::tensor::DType::F32 {
+        return None;
+    }
+    let [b, t, _] = logits.dims();
+    let targets: Arc<Vec<i64>> = Arc::new(targets.to_data().iter::<i64>().collect());
+    let smoothing = smoothing as f32;
+    Some(match path {
+        Path::Forward => {
+            let x: FlexTensor = to_concrete::<B, _>(logits.clone());
+            let (loss, _) = ce_forward(&x.to_contiguous(), &targets, smoothing);
+            from_concrete::<B, _, 2>(ce_tensor(loss, [b, t]))
+        }
+        Path::Autodiff { balanced } => {
+            let x: AutodiffTensor = to_concrete::<B, _>(logits.clone());
+            let out = if balanced {
+                fused_ce::<BalancedCheckpointing>(x, targets, smoothing, [b, t])
+            } else {
+                fused_ce::<NoCheckpointing>(x, targets, smoothing, [b, t])
+            };
+            from_concrete::<B, _, 2>(out)
+        }
+    })
+}
+
+fn ce_tensor(values: Vec<f32>, shape: [usize; 2]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+/// Per row of a contiguous `[.., vocab]` tensor: the loss and the log-sum-exp.
+fn ce_forward(x: &FlexTensor, targets: &[i64], smoothing: f32) -> (Vec<f32>, Vec<f32>) {
+    let vocab = *x
+        .layout()
+        .shape()
+        .last()
+        .expect("logits have a vocabulary dimension");
+    let rows: Vec<(f32, f32)> = x.storage::<f32>()[..targets.len() * vocab]
+        .par_chunks(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &target)| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+            let lse = max + sum.ln();
+            let mean = row.iter().sum::<f32>() / vocab as f32;
+            let nll = lse - row[target as usize];
+            ((1.0 - smoothing) * nll + smoothing * (lse - mean), lse)
+        })
+        .collect();
+    rows.into_iter().unzip()
+}
+
+#[derive(Clone, Debug)]
+struct CeState {
+    logits: FlexTensor,
+    targets: Arc<Vec<i64>>,
+    lse: Arc<Vec<f32>>,
+    smoothing: f32,
+}
+
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl Backward<Flex, 1> for CrossEntropyBackward {
+    type State = CeState;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let s = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |dy| {
+            let shape = s.logits.layout().shape().clone();
+            let vocab = shape[shape.num_dims() - 1];
+            let dy = dy.to_contiguous();
+            let dy = dy.storage::<f32>();
+            let spread = s.smoothing / vocab as f32;
+            let keep = 1.0 - s.smoothing;
+            let mut dx = vec![0f32; s.targets.len() * vocab];
+            // d loss / d x_j = softmax_j - (1 - s) [j = target] - s / vocab, times the
+            // token's incoming gradient.
+            dx.par_chunks_mut(vocab)
+                .zip(s.logits.storage::<f32>().par_chunks(vocab))
+                .enumerate()
+                .for_each(|(r, (out, row))| {
+                    let (g, lse) = (dy[r], s.lse[r]);
+                    for (o, &v) in out.iter_mut().zip(row) {
+                        *o = g * ((v - lse).exp() - spread);
+                    }
+                    out[s.targets[r] as usize] -= g * keep;
+                });
+            FlexTensor::from_data(TensorData::new(dx, shape))
+        });
+    }
+}
+
+fn fused_ce<C: CheckpointStrategy>(
+    x: AutodiffTensor,
+    targets: Arc<Vec<i64>>,
+    smoothing: f32,
+    shape: [usize; 2],
+) -> AutodiffTensor {
+    let prep = CrossEntropyBackward
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful();
+    let logits = x.primitive.to_contiguous();
+    let (loss, lse) = ce_forward(&logits, &targets, smoothing);
+    match prep {
+        OpsKind::Tracked(prep) => {
+            let state = CeState {
+                logits,
+                targets,
+                lse: Arc::new(lse),
+                smoothing,
+            };
+            prep.finish(state, ce_tensor(loss, shape))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(ce_tensor(loss, shape)),
     }
 }
 
@@ -111,6 +283,45 @@ mod tests {
             &x.grad(&g_burn).unwrap().to_data(),
             burn::tensor::Tolerance::absolute(1e-6),
         );
+    }
+
+    /// The fused cross-entropy against log-softmax and gather, value and gradient.
+    fn check_ce<A: burn::tensor::backend::AutodiffBackend>(smoothing: f64) {
+        let device = Default::default();
+        A::seed(&device, 3);
+        let (b, t, v) = (2, 3, 11);
+        let x = Tensor::<A, 3>::random([b, t, v], Distribution::Normal(0.0, 3.0), &device)
+            .require_grad();
+        let targets = Tensor::<A, 2, Int>::from_data(
+            TensorData::new(vec![0i64, 4, 10, 7, 7, 1], [b, t]),
+            &device,
+        );
+        let w = Tensor::<A, 2>::random([b, t], Distribution::Default, &device);
+        let ours = cross_entropy(&x, &targets, smoothing).expect("the fused path applies");
+        let logp = activation::log_softmax(x.clone(), 2);
+        let nll = logp
+            .clone()
+            .gather(2, targets.reshape([b, t, 1]))
+            .reshape([b, t])
+            .neg();
+        let uniform = logp.mean_dim(2).reshape([b, t]).neg();
+        let burns = nll * (1.0 - smoothing) + uniform * smoothing;
+        let tol = burn::tensor::Tolerance::absolute(1e-5);
+        ours.to_data()
+            .assert_approx_eq::<f32>(&burns.to_data(), tol);
+        let g_ours = (ours * w.clone()).sum().backward();
+        let g_burn = (burns * w).sum().backward();
+        x.grad(&g_ours)
+            .unwrap()
+            .to_data()
+            .assert_approx_eq::<f32>(&x.grad(&g_burn).unwrap().to_data(), tol);
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_burns_value_and_gradient() {
+        check_ce::<Autodiff<Flex>>(0.0);
+        check_ce::<Autodiff<Flex>>(0.1);
+        check_ce::<Autodiff<Flex, BalancedCheckpointing>>(0.1);
     }
 
     #[test]

@@ -436,18 +436,23 @@ pub fn masked_cross_entropy<B: Backend>(
     real_tokens: usize,
     smoothing: f64,
 ) -> Tensor<B, 1> {
-    let [b, t, _] = logits.dims();
-    let logp = burn::tensor::activation::log_softmax(logits, 2);
-    let nll = logp
-        .clone()
-        .gather(2, targets.reshape([b, t, 1]))
-        .reshape([b, t])
-        .neg();
-    let per_token = if smoothing > 0.0 {
-        let uniform = logp.mean_dim(2).reshape([b, t]).neg();
-        nll * (1.0 - smoothing) + uniform * smoothing
-    } else {
-        nll
+    let per_token = match crate::fused::cross_entropy(&logits, &targets, smoothing) {
+        Some(per_token) => per_token,
+        None => {
+            let [b, t, _] = logits.dims();
+            let logp = burn::tensor::activation::log_softmax(logits, 2);
+            let nll = logp
+                .clone()
+                .gather(2, targets.reshape([b, t, 1]))
+                .reshape([b, t])
+                .neg();
+            if smoothing > 0.0 {
+                let uniform = logp.mean_dim(2).reshape([b, t]).neg();
+                nll * (1.0 - smoothing) + uniform * smoothing
+            } else {
+                nll
+            }
+        }
     };
     per_token.mask_fill(pad, 0.0).sum() / (real_tokens.max(1) as f64)
 }
