@@ -17,6 +17,8 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution, FloatDType};
 use serde::{Deserialize, Serialize};
 
+use crate::fused::layer_norm;
+
 /// Everything needed to rebuild the network; stored beside the weights.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -200,13 +202,13 @@ impl<B: Backend> Seq2Seq<B> {
         let mut x = self.embed(src);
         let src_bias = pad_bias(src_pad, x.dtype());
         for layer in &self.encoder.layers {
-            let h = layer.norm_2.forward(x.clone());
+            let h = layer_norm(&layer.norm_2, x.clone());
             let a = attention(&layer.mha, h.clone(), h, src_bias.clone());
             x = x + dropout(&layer.dropout, a);
-            let h = layer.norm_1.forward(x.clone());
+            let h = layer_norm(&layer.norm_1, x.clone());
             x = x + dropout(&layer.dropout, feed_forward(&layer.pwff, h));
         }
-        self.enc_norm.forward(x)
+        layer_norm(&self.enc_norm, x)
     }
 
     /// Logits `[batch, target, vocab]` for every target position.
@@ -237,16 +239,16 @@ impl<B: Backend> Seq2Seq<B> {
         let self_bias = pad_bias(tgt_pad, dtype) + bias(causal.reshape([1, 1, t, t]), dtype);
         let src_bias = pad_bias(src_pad, dtype);
         for layer in &self.decoder.layers {
-            let h = layer.norm_3.forward(x.clone());
+            let h = layer_norm(&layer.norm_3, x.clone());
             let a = attention(&layer.self_attn, h.clone(), h, self_bias.clone());
             x = x + dropout(&layer.dropout, a);
-            let h = layer.norm_1.forward(x.clone());
+            let h = layer_norm(&layer.norm_1, x.clone());
             let a = attention(&layer.cross_attn, h, memory.clone(), src_bias.clone());
             x = x + dropout(&layer.dropout, a);
-            let h = layer.norm_2.forward(x.clone());
+            let h = layer_norm(&layer.norm_2, x.clone());
             x = x + dropout(&layer.dropout, feed_forward(&layer.pwff, h));
         }
-        self.dec_norm.forward(x)
+        layer_norm(&self.dec_norm, x)
     }
 
     /// Hidden states to vocabulary logits through the (tied) embedding matrix.
