@@ -10,7 +10,10 @@
 //! cross-entropy from its row's log-sum-exp, and whose backward writes
 //! `softmax - target distribution` in one pass.
 //! And layer normalisation (22 per step for `mini`), nine operations under autodiff, is one
-//! step with the textbook backward.
+//! step with the textbook backward. And the attention heads' reordering (`[b, t, h, dk]` to
+//! `[b, h, t, dk]` and back), which burn-flex copies element by element wherever it needs
+//! the result contiguous (the backward pass of every head split), is a copy of `dk`-value
+//! runs each way.
 //! Other backends (CUDA, where burn fuses element-wise work itself) keep burn's operations.
 
 use std::any::{Any, TypeId};
@@ -428,6 +431,77 @@ fn fused_norm<C: CheckpointStrategy>(
     }
 }
 
+/// `[b, m, n, dk]` to `[b, n, m, dk]` (`x.swap_dims(1, 2)`), contiguous.
+pub fn swap_middle<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let Some(Path::Autodiff { balanced }) = path::<B>() else {
+        return x.swap_dims(1, 2);
+    };
+    if x.dtype() != burn::tensor::DType::F32 {
+        return x.swap_dims(1, 2);
+    }
+    let [b, m, n, dk] = x.dims();
+    let mut primitive = Some(x.into_primitive().tensor());
+    let x = (&mut primitive as &mut dyn Any)
+        .downcast_mut::<Option<AutodiffTensor>>()
+        .and_then(Option::take)
+        .expect("a float primitive of the backend checked");
+    let dims = [b, m, n, dk];
+    let y = if balanced {
+        fused_swap::<BalancedCheckpointing>(x, dims)
+    } else {
+        fused_swap::<NoCheckpointing>(x, dims)
+    };
+    let y: Box<dyn Any> = Box::new(y);
+    let y = *y
+        .downcast::<FloatTensor<B>>()
+        .unwrap_or_else(|_| unreachable!("the backend's float primitive"));
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// The reordering itself, on a contiguous `[b, m, n, dk]` tensor.
+fn swap_copy(x: &FlexTensor, [b, m, n, dk]: [usize; 4]) -> FlexTensor {
+    let x = x.to_contiguous();
+    let src = &x.storage::<f32>()[..b * m * n * dk];
+    let mut dst = vec![0f32; src.len()];
+    dst.par_chunks_mut(m * n * dk)
+        .zip(src.par_chunks(m * n * dk))
+        .for_each(|(dst, src)| {
+            for i in 0..m {
+                for j in 0..n {
+                    dst[(j * m + i) * dk..][..dk].copy_from_slice(&src[(i * n + j) * dk..][..dk]);
+                }
+            }
+        });
+    FlexTensor::from_data(TensorData::new(dst, [b, n, m, dk]))
+}
+
+#[derive(Debug)]
+struct SwapBackward;
+
+impl Backward<Flex, 1> for SwapBackward {
+    /// The input's dimensions.
+    type State = [usize; 4];
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [b, m, n, dk] = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |dy| {
+            swap_copy(&dy, [b, n, m, dk])
+        });
+    }
+}
+
+fn fused_swap<C: CheckpointStrategy>(x: AutodiffTensor, dims: [usize; 4]) -> AutodiffTensor {
+    let prep = SwapBackward
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful();
+    let y = swap_copy(&x.primitive, dims);
+    match prep {
+        OpsKind::Tracked(prep) => prep.finish(dims, y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,6 +619,28 @@ mod tests {
     fn fused_layer_norm_matches_burns_value_and_gradients() {
         check_norm::<Autodiff<Flex>>();
         check_norm::<Autodiff<Flex, BalancedCheckpointing>>();
+    }
+
+    fn check_swap<A: burn::tensor::backend::AutodiffBackend>() {
+        let device = Default::default();
+        A::seed(&device, 9);
+        let x = Tensor::<A, 4>::random([2, 5, 3, 4], Distribution::Default, &device).require_grad();
+        let w = Tensor::<A, 4>::random([2, 3, 5, 4], Distribution::Default, &device);
+        let ours = swap_middle(x.clone());
+        let burns = x.clone().swap_dims(1, 2);
+        ours.to_data().assert_eq(&burns.to_data(), true);
+        let g_ours = (ours * w.clone()).sum().backward();
+        let g_burn = (burns * w).sum().backward();
+        x.grad(&g_ours)
+            .unwrap()
+            .to_data()
+            .assert_eq(&x.grad(&g_burn).unwrap().to_data(), true);
+    }
+
+    #[test]
+    fn fused_head_reordering_matches_swap_dims() {
+        check_swap::<Autodiff<Flex>>();
+        check_swap::<Autodiff<Flex, BalancedCheckpointing>>();
     }
 
     #[test]

@@ -323,13 +323,13 @@ fn attention<B: Backend>(
     let [b, t, d] = query_in.dims();
     let s = kv_in.dims()[1];
     let (h, dk) = (mha.n_heads, mha.d_k);
-    let split = |x: Tensor<B, 3>, len: usize| x.reshape([b, len, h, dk]).swap_dims(1, 2);
+    let split = |x: Tensor<B, 3>, len: usize| crate::fused::swap_middle(x.reshape([b, len, h, dk]));
     let q = split(linear(&mha.query, query_in), t);
     let k = split(linear(&mha.key, kv_in.clone()), s);
     let v = split(linear(&mha.value, kv_in), s);
     let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dk as f32).sqrt()) + bias;
     let weights = dropout(&mha.dropout, crate::fused::softmax(scores));
-    let context = matmul(weights, v).swap_dims(1, 2).reshape([b, t, d]);
+    let context = crate::fused::swap_middle(matmul(weights, v)).reshape([b, t, d]);
     linear(&mha.output, context)
 }
 
