@@ -40,29 +40,19 @@ type AutodiffTensor = FloatTensor<Autodiff<Flex>>;
 /// Softmax over the last dimension.
 pub fn softmax<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let dim = D - 1;
-    let b = TypeId::of::<B>();
-    let plain = b == TypeId::of::<Autodiff<Flex>>();
-    let balanced = b == TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>();
-    if !(plain || balanced) || x.dtype() != burn::tensor::DType::F32 {
+    let Some(Path::Autodiff { balanced }) = path::<B>() else {
+        return activation::softmax(x, dim);
+    };
+    if x.dtype() != burn::tensor::DType::F32 {
         return activation::softmax(x, dim);
     }
-    // `B` is one of the two types above, so its float primitive is `AutodiffTensor`:
-    // moved through `Any` to the concrete type and back.
-    let mut primitive = Some(x.into_primitive().tensor());
-    let input = (&mut primitive as &mut dyn Any)
-        .downcast_mut::<Option<AutodiffTensor>>()
-        .and_then(Option::take)
-        .expect("the float primitive of Autodiff<Flex> is AutodiffTensor");
-    let output = if plain {
-        fused_softmax::<NoCheckpointing>(input, dim)
-    } else {
+    let input: AutodiffTensor = to_concrete(x);
+    let output = if balanced {
         fused_softmax::<BalancedCheckpointing>(input, dim)
+    } else {
+        fused_softmax::<NoCheckpointing>(input, dim)
     };
-    let output: Box<dyn Any> = Box::new(output);
-    let output = *output
-        .downcast::<FloatTensor<B>>()
-        .unwrap_or_else(|_| unreachable!("same type as the input primitive"));
-    Tensor::from_primitive(TensorPrimitive::Float(output))
+    from_concrete(output)
 }
 
 /// The softmax's backward step; its state is the forward output `y`.
@@ -122,8 +112,9 @@ fn path<B: Backend>() -> Option<Path> {
     }
 }
 
-/// Moves a float primitive of `B` to the concrete type `T` (`B` checked by the caller).
-fn to_concrete<B: Backend, T: 'static>(x: Tensor<B, 3>) -> T {
+/// Moves a float primitive of `B` to the concrete type `T`, through `Any`: the caller has
+/// checked (with [`path`]) that `B`'s float primitive is `T`.
+fn to_concrete<B: Backend, T: 'static, const D: usize>(x: Tensor<B, D>) -> T {
     let mut primitive = Some(x.into_primitive().tensor());
     (&mut primitive as &mut dyn Any)
         .downcast_mut::<Option<T>>()
@@ -131,6 +122,7 @@ fn to_concrete<B: Backend, T: 'static>(x: Tensor<B, 3>) -> T {
         .expect("a float primitive of the backend checked")
 }
 
+/// The way back from [`to_concrete`].
 fn from_concrete<B: Backend, T: 'static, const D: usize>(x: T) -> Tensor<B, D> {
     let x: Box<dyn Any> = Box::new(x);
     let x = *x
@@ -157,12 +149,12 @@ pub fn cross_entropy<B: Backend>(
     let smoothing = smoothing as f32;
     Some(match path {
         Path::Forward => {
-            let x: FlexTensor = to_concrete::<B, _>(logits.clone());
+            let x: FlexTensor = to_concrete(logits.clone());
             let (loss, _) = ce_forward(&x.to_contiguous(), &targets, smoothing);
             from_concrete::<B, _, 2>(ce_tensor(loss, [b, t]))
         }
         Path::Autodiff { balanced } => {
-            let x: AutodiffTensor = to_concrete::<B, _>(logits.clone());
+            let x: AutodiffTensor = to_concrete(logits.clone());
             let out = if balanced {
                 fused_ce::<BalancedCheckpointing>(x, targets, smoothing, [b, t])
             } else {
@@ -286,16 +278,12 @@ pub fn layer_norm<B: Backend, const D: usize>(
         return norm.forward(x);
     }
     let shape = x.shape();
-    let concrete = |t: Tensor<B, 1>| -> AutodiffTensor {
-        let mut primitive = Some(t.into_primitive().tensor());
-        (&mut primitive as &mut dyn Any)
-            .downcast_mut::<Option<AutodiffTensor>>()
-            .and_then(Option::take)
-            .expect("a float primitive of the backend checked")
-    };
-    let gamma = concrete(norm.gamma.val());
-    let beta = norm.beta.as_ref().map(|b| concrete(b.val()));
-    let x = concrete(x.reshape([shape.num_elements()]));
+    let gamma: AutodiffTensor = to_concrete(norm.gamma.val());
+    let beta = norm
+        .beta
+        .as_ref()
+        .map(|b| to_concrete::<B, AutodiffTensor, 1>(b.val()));
+    let x: AutodiffTensor = to_concrete(x.reshape([shape.num_elements()]));
     let y = if balanced {
         fused_norm::<BalancedCheckpointing>(x, gamma, beta)
     } else {
@@ -439,23 +427,14 @@ pub fn swap_middle<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     if x.dtype() != burn::tensor::DType::F32 {
         return x.swap_dims(1, 2);
     }
-    let [b, m, n, dk] = x.dims();
-    let mut primitive = Some(x.into_primitive().tensor());
-    let x = (&mut primitive as &mut dyn Any)
-        .downcast_mut::<Option<AutodiffTensor>>()
-        .and_then(Option::take)
-        .expect("a float primitive of the backend checked");
-    let dims = [b, m, n, dk];
+    let dims = x.dims();
+    let x: AutodiffTensor = to_concrete(x);
     let y = if balanced {
         fused_swap::<BalancedCheckpointing>(x, dims)
     } else {
         fused_swap::<NoCheckpointing>(x, dims)
     };
-    let y: Box<dyn Any> = Box::new(y);
-    let y = *y
-        .downcast::<FloatTensor<B>>()
-        .unwrap_or_else(|_| unreachable!("the backend's float primitive"));
-    Tensor::from_primitive(TensorPrimitive::Float(y))
+    from_concrete(y)
 }
 
 /// The reordering itself, on a contiguous `[b, m, n, dk]` tensor.
