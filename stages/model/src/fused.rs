@@ -112,6 +112,11 @@ fn path<B: Backend>() -> Option<Path> {
     }
 }
 
+/// Whether `B` is the CPU backend (flex), alone or under autodiff.
+pub(crate) fn on_cpu<B: Backend>() -> bool {
+    path::<B>().is_some()
+}
+
 /// Moves a float primitive of `B` to the concrete type `T`, through `Any`: the caller has
 /// checked (with [`path`]) that `B`'s float primitive is `T`.
 fn to_concrete<B: Backend, T: 'static, const D: usize>(x: Tensor<B, D>) -> T {

@@ -13,7 +13,7 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
 use crate::data::Specials;
-use crate::model::{linear, linear_rows, matmul, Seq2Seq, MASK_BIAS as MASKED};
+use crate::model::{bias, linear, linear_rows, matmul, Seq2Seq};
 
 /// How one row picks its next token.
 #[derive(Clone, Debug, PartialEq)]
@@ -394,19 +394,24 @@ impl<B: Backend> Seq2Seq<B> {
             .iter()
             .flat_map(|&p| (0..capacity).map(move |j| j > p))
             .collect();
-        let future = Tensor::<B, 4, Bool>::from_data(
-            TensorData::new(future, [rows, 1, 1, capacity]),
-            &device,
-        )
-        .expand([rows, h, 1, capacity]);
+        let dtype = x.dtype();
+        // As scores' biases, like the uncached forward pass (broadcast over the heads).
+        let future = bias(
+            Tensor::<B, 4, Bool>::from_data(
+                TensorData::new(future, [rows, 1, 1, capacity]),
+                &device,
+            ),
+            dtype,
+        );
         let s = state.src_len;
         let src_pad: Vec<bool> = src_lens
             .iter()
             .flat_map(|&n| (0..s).map(move |j| j >= n))
             .collect();
-        let src_pad =
-            Tensor::<B, 4, Bool>::from_data(TensorData::new(src_pad, [rows, 1, 1, s]), &device)
-                .expand([rows, h, 1, s]);
+        let src_pad = bias(
+            Tensor::<B, 4, Bool>::from_data(TensorData::new(src_pad, [rows, 1, 1, s]), &device),
+            dtype,
+        );
         for (layer, cache) in self.decoder.layers.iter().zip(state.layers.iter_mut()) {
             // Self-attention over the buffer, after writing this position into it.
             let hidden = layer.norm_3.forward(x.clone());
@@ -421,7 +426,7 @@ impl<B: Backend> Seq2Seq<B> {
             let scores = q
                 .matmul(cache.self_k.clone().swap_dims(2, 3))
                 .div_scalar(scale)
-                .mask_fill(future.clone(), MASKED);
+                + future.clone();
             let ctx = matmul(softmax(scores, 3), cache.self_v.clone()).reshape([rows, d]);
             x = x + linear_rows(&layer.self_attn.output, ctx);
 
@@ -431,7 +436,7 @@ impl<B: Backend> Seq2Seq<B> {
             let scores = q
                 .matmul(cache.cross_k.clone().swap_dims(2, 3))
                 .div_scalar(scale)
-                .mask_fill(src_pad.clone(), MASKED);
+                + src_pad.clone();
             let ctx = matmul(softmax(scores, 3), cache.cross_v.clone()).reshape([rows, d]);
             x = x + linear_rows(&layer.cross_attn.output, ctx);
 

@@ -17,7 +17,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution, FloatDType};
 use serde::{Deserialize, Serialize};
 
-use crate::fused::layer_norm;
+use crate::fused::{layer_norm, on_cpu};
 
 /// Everything needed to rebuild the network; stored beside the weights.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -284,10 +284,10 @@ pub(crate) fn linear_rows<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Ten
 }
 
 /// What masking adds to an attention score where attention is not allowed (the value burn
-/// masks with, rather than -inf; `generate`'s decoding step fills masked scores with it, so
-/// cached and uncached decoding stay numerically alike): its weight after the softmax is
-/// exactly 0 in f32.
-pub(crate) const MASK_BIAS: f32 = -1.0e4;
+/// masks with, rather than -inf; `generate`'s decoding step adds the same biases, so cached
+/// and uncached decoding stay numerically alike): its weight after the softmax is exactly 0
+/// in f32.
+const MASK_BIAS: f32 = -1.0e4;
 
 /// A mask (true: not allowed) as scores' bias: 0 where allowed, [`MASK_BIAS`] where not.
 /// Adding a bias instead of filling the masked scores makes masking free in the backward
@@ -295,7 +295,7 @@ pub(crate) const MASK_BIAS: f32 = -1.0e4;
 /// burn-flex's `mask_fill` materialised the broadcast mask element by element in every
 /// layer: 3% of a CPU training step.
 /// `dtype`: the scores' (bf16 under mixed precision).
-fn bias<B: Backend>(mask: Tensor<B, 4, Bool>, dtype: DType) -> Tensor<B, 4> {
+pub(crate) fn bias<B: Backend>(mask: Tensor<B, 4, Bool>, dtype: DType) -> Tensor<B, 4> {
     let zeros = Tensor::<B, 4>::zeros(mask.dims(), &mask.device());
     let zeros = match dtype {
         DType::F32 => zeros,
@@ -390,17 +390,6 @@ fn matmul_two_rows<B: Backend, const D: usize>(
     Tensor::cat(vec![lhs.clone(), lhs], D - 2)
         .matmul(rhs)
         .narrow(D - 2, 0, 1)
-}
-
-/// Whether `B` is the CPU backend (flex), alone or under autodiff.
-fn on_cpu<B: Backend>() -> bool {
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-    use burn::backend::{Autodiff, Flex};
-    use std::any::TypeId;
-    let b = TypeId::of::<B>();
-    b == TypeId::of::<Flex>()
-        || b == TypeId::of::<Autodiff<Flex>>()
-        || b == TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>()
 }
 
 /// `n` values, each `1 / keep` with probability `keep`, else 0; a function of `key` alone.
