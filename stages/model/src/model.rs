@@ -17,7 +17,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution, FloatDType};
 use serde::{Deserialize, Serialize};
 
-use crate::fused::{layer_norm, on_cpu};
+use crate::fused::{layer_norm, on_cpu, KeepMask};
 
 /// Everything needed to rebuild the network; stored beside the weights.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -256,8 +256,9 @@ impl<B: Backend> Seq2Seq<B> {
         let [b, t, d] = h.dims();
         let w = self.embed.weight.val();
         let vocab = w.dims()[0];
-        h.reshape([b * t, d])
-            .matmul(w.transpose())
+        let rows = h.reshape([b * t, d]);
+        crate::fused::product(&rows, &w, true, None)
+            .unwrap_or_else(|| rows.matmul(w.transpose()))
             .reshape([b, t, vocab])
     }
 }
@@ -276,6 +277,10 @@ pub(crate) fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B
 
 /// A linear layer over rows `[rows, d_in]`.
 pub(crate) fn linear_rows<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let bias = layer.bias.as_ref().map(|b| b.val());
+    if let Some(y) = crate::fused::product(&x, &layer.weight.val(), false, bias.as_ref()) {
+        return y;
+    }
     let y = matmul(x, layer.weight.val());
     match &layer.bias {
         Some(bias) => y + bias.val().unsqueeze(),
@@ -327,8 +332,17 @@ fn attention<B: Backend>(
     let q = split(linear(&mha.query, query_in), t);
     let k = split(linear(&mha.key, kv_in.clone()), s);
     let v = split(linear(&mha.value, kv_in), s);
-    let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dk as f32).sqrt()) + bias;
-    let weights = dropout(&mha.dropout, crate::fused::softmax(scores));
+    let scores = q.matmul(k.swap_dims(2, 3));
+    let root = (dk as f32).sqrt();
+    let device = scores.device();
+    let keep = || cpu_keep_mask::<B>(&mha.dropout, &device);
+    let weights = match crate::fused::attention_weights(scores, root, &bias, keep) {
+        Ok(weights) => weights,
+        Err(scores) => dropout(
+            &mha.dropout,
+            burn::tensor::activation::softmax(scores.div_scalar(root) + bias, 3),
+        ),
+    };
     let context = crate::fused::swap_middle(matmul(weights, v)).reshape([b, t, d]);
     linear(&mha.output, context)
 }
@@ -343,10 +357,9 @@ fn feed_forward<B: Backend>(ff: &PositionWiseFeedForward<B>, x: Tensor<B, 3>) ->
 /// burn draws every mask value from one ChaCha generator on one thread, then multiplies
 /// twice (mask, then 1/keep): about 15% of a `mini` training step on the CPU, whose
 /// attention weights alone take 50M mask values per step. Here, on the CPU backend, one
-/// draw from burn's generator keys the mask (so masks stay a function of the seed and the
-/// step, which resumed runs rely on), the values come from a counter-based generator in
-/// chunks on every core (the same values whatever the thread count), already scaled, and
-/// the input is multiplied once. Other backends keep burn's dropout.
+/// draw from burn's generator keys a [`KeepMask`], a hash of each value's index made on
+/// every core as the input is multiplied, and again in the backward pass; no mask tensor
+/// is drawn or stored. Other backends keep burn's dropout.
 fn dropout<B: Backend, const D: usize>(layer: &Dropout, x: Tensor<B, D>) -> Tensor<B, D> {
     let device = x.device();
     if !B::ad_enabled(&device) || layer.prob == 0.0 {
@@ -355,15 +368,26 @@ fn dropout<B: Backend, const D: usize>(layer: &Dropout, x: Tensor<B, D>) -> Tens
     if !on_cpu::<B>() || x.dtype() != burn::tensor::DType::F32 {
         return layer.forward(x);
     }
+    match cpu_keep_mask::<B>(layer, &device) {
+        Some(mask) => crate::fused::dropout(x, mask),
+        None => x,
+    }
+}
+
+/// The CPU dropout's mask (see [`crate::fused::KeepMask`]), or None where dropout does
+/// nothing (not training, probability 0). Its key is one draw from burn's generator, so
+/// masks stay a function of the seed and the step, which resumed runs rely on.
+fn cpu_keep_mask<B: Backend>(layer: &Dropout, device: &B::Device) -> Option<KeepMask> {
+    if !B::ad_enabled(device) || layer.prob == 0.0 {
+        return None;
+    }
     let draw =
-        Tensor::<B, 1, Int>::random([2], Distribution::Uniform(0.0, 1_073_741_824.0), &device)
+        Tensor::<B, 1, Int>::random([2], Distribution::Uniform(0.0, 1_073_741_824.0), device)
             .into_data();
     let key = draw
         .iter::<i64>()
         .fold(0u64, |k, v| crate::data::mix(k ^ v as u64));
-    let shape = x.shape();
-    let mask = keep_mask(shape.num_elements(), 1.0 - layer.prob, key);
-    x * Tensor::<B, D>::from_data(TensorData::new(mask, shape), &device)
+    Some(KeepMask::new(key, 1.0 - layer.prob))
 }
 
 /// `lhs.matmul(rhs)`, steering clear of a cubecl 0.10 bug on GPU backends. A product with a
@@ -390,31 +414,6 @@ fn matmul_two_rows<B: Backend, const D: usize>(
     Tensor::cat(vec![lhs.clone(), lhs], D - 2)
         .matmul(rhs)
         .narrow(D - 2, 0, 1)
-}
-
-/// `n` values, each `1 / keep` with probability `keep`, else 0; a function of `key` alone.
-fn keep_mask(n: usize, keep: f64, key: u64) -> Vec<f32> {
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 14;
-    let scale = (1.0 / keep) as f32;
-    // Kept when a uniform 32-bit draw falls below keep * 2^32.
-    let below = (keep * 4_294_967_296.0) as u64;
-    let mut mask = vec![0f32; n];
-    mask.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            let mut state = crate::data::mix(key ^ crate::data::mix(c as u64));
-            for pair in chunk.chunks_mut(2) {
-                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let r = crate::data::mix(state);
-                for (j, m) in pair.iter_mut().enumerate() {
-                    if (r >> (32 * j)) & 0xFFFF_FFFF < below {
-                        *m = scale;
-                    }
-                }
-            }
-        });
-    mask
 }
 
 /// Mean token cross-entropy over the non-padding targets, with optional label smoothing.
@@ -479,11 +478,13 @@ mod tests {
     #[test]
     fn dropout_masks_keep_the_asked_share_scaled_and_repeat_for_a_key() {
         let n = 1_000_003;
-        let a = keep_mask(n, 0.9, 42);
+        let a = KeepMask::new(42, 0.9).values(n);
         let kept = a.iter().filter(|&&m| m != 0.0).count() as f64 / n as f64;
         assert!((kept - 0.9).abs() < 0.002, "kept {kept}");
         assert!(a.iter().all(|&m| m == 0.0 || (m - 1.0 / 0.9).abs() < 1e-6));
-        assert_eq!(a, keep_mask(n, 0.9, 42));
-        assert_ne!(a, keep_mask(n, 0.9, 43));
+        assert_eq!(a, KeepMask::new(42, 0.9).values(n));
+        assert_ne!(a, KeepMask::new(43, 0.9).values(n));
+        // Keys differing in their high half alone give other masks too.
+        assert_ne!(a, KeepMask::new(42 | 1 << 40, 0.9).values(n));
     }
 }
