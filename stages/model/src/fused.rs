@@ -1,19 +1,24 @@
 //! Operations that burn's autodiff backend splits into several, given one step of their own
-//! on the CPU. Under `Autodiff`, burn 0.21 computes a softmax as five operations (max,
-//! subtract, exp, sum, divide, each with its own backward and its own pass over the
-//! attention scores, the broadcasts through a slow strided path in burn-flex), although flex
-//! has a fused softmax. Here the forward pass is flex's fused kernel, and the backward pass
-//! the softmax's own Jacobian product, `dx = y * (dy - sum(dy * y))`, from the saved output.
-//! The same for the loss: a log-softmax over the vocabulary (8,000 values per target token,
-//! the largest tensors of a step) followed by a gather is, under autodiff, a dozen passes
-//! over the logits forward and backward; here it is one step that computes each token's
-//! cross-entropy from its row's log-sum-exp, and whose backward writes
-//! `softmax - target distribution` in one pass.
-//! And layer normalisation (22 per step for `mini`), nine operations under autodiff, is one
-//! step with the textbook backward. And the attention heads' reordering (`[b, t, h, dk]` to
-//! `[b, h, t, dk]` and back), which burn-flex copies element by element wherever it needs
-//! the result contiguous (the backward pass of every head split), is a copy of `dk`-value
-//! runs each way.
+//! on the CPU (burn 0.21 lets a model generic over `Backend` register no backward step of
+//! its own for one backend, so each is recognised by type and moved to the concrete
+//! `Autodiff<Flex>` tensor through `Any`):
+//! - multi-head attention's core: per (batch, head), the products through strides over the
+//!   heads as the projections lay them out (burn's composition copies them into
+//!   `[batch, heads, time, dk]` and back, which burn-flex does element by element), the
+//!   scale, mask bias, softmax and dropout on the scores while they are in cache; burn's
+//!   autodiff composes a softmax of five operations, each a pass of its own.
+//! - the products of linear layers and of the output projection, with the bias as the
+//!   product's starting value and outputs in buffers of their own (burn-flex allocates each
+//!   product's output as bytes and copies it into an aligned buffer).
+//! - the loss: a log-softmax over the vocabulary (8,000 values per target token, the
+//!   largest tensors of a step) followed by a gather is, under autodiff, a dozen passes
+//!   over the logits; here one step computes each token's cross-entropy from its row's
+//!   log-sum-exp, and its backward writes `softmax - target distribution` in one pass.
+//! - layer normalisation (22 per step for `mini`), nine operations under autodiff, is one
+//!   step with the textbook backward.
+//! - dropout, with a mask made from a hash of each value's index where it is applied,
+//!   forward and backward, and never stored.
+//!
 //! Other backends (CUDA, where burn fuses element-wise work itself) keep burn's operations.
 
 use std::any::{Any, TypeId};
@@ -36,67 +41,98 @@ use burn_flex::FlexTensor;
 /// burn-autodiff's float tensor (its type is not exported by name).
 type AutodiffTensor = FloatTensor<Autodiff<Flex>>;
 
-/// The attention weights `dropout(softmax(scores / root + bias))` over the last dimension,
-/// as one step: `scores` `[batch, heads, query, key]`, `bias` `[batch or 1, 1, query or 1,
-/// key]` (broadcast over the rest, as an addition would), `keep` the dropout's keep mask
-/// (None: no dropout), asked for only on the fused path. Under
-/// burn's own operations this is five passes forward (the bias through burn-flex's strided
-/// broadcast, element by element), and seven backward. Here it is one pass each way: the
-/// backward's `dx = y * (g - sum(g * y)) / root` with `g = dy * mask`, from the saved
-/// softmax `y`. `Err(scores)` where the step does not apply (another backend, not f32); the
-/// caller then composes burn's operations.
-pub fn attention_weights<B: Backend>(
-    scores: Tensor<B, 4>,
+/// Multi-head attention's core, `context = dropout(softmax(q k^T / root + bias)) v` for
+/// every head, as one step on the CPU. `q` `[batch, query, d]`, `k` and `v` `[batch, key,
+/// d]` are the projections as the linear layers write them (heads side by side in `d`);
+/// `bias` `[batch or 1, 1, query or 1, key]`; `keep` the dropout's mask (None: no dropout),
+/// asked for only on the fused path. Each (batch, head) pair is one task: its products read
+/// and write the heads in place through strides (burn's composition copies every head
+/// split into `[batch, heads, time, dk]` and back, forward and backward), and its scores
+/// are softmaxed while they are in cache. Backward, from the saved softmax:
+/// `dP = G V^T`, `dZ = y * (dP * mask - sum(dP * mask * y)) / root`, `dQ = dZ K`,
+/// `dK = dZ^T Q`, `dV = P^T G`. `Err` gives the inputs back where the step does not apply
+/// (another backend, not f32); the caller then composes burn's operations.
+#[allow(clippy::type_complexity)]
+pub fn attention<B: Backend>(
+    [q, k, v]: [Tensor<B, 3>; 3],
+    heads: usize,
     root: f32,
     bias: &Tensor<B, 4>,
     keep: impl FnOnce() -> Option<KeepMask>,
-) -> Result<Tensor<B, 4>, Tensor<B, 4>> {
+) -> Result<Tensor<B, 3>, [Tensor<B, 3>; 3]> {
     let Some(path) = path::<B>() else {
-        return Err(scores);
+        return Err([q, k, v]);
     };
-    if scores.dtype() != DType::F32 || bias.dtype() != DType::F32 {
-        return Err(scores);
-    }
-    let [b, h, t, s] = scores.dims();
+    let [b, t, d] = q.dims();
+    let [kb, s, kd] = k.dims();
     let [bb, one, bt, bs] = bias.dims();
-    if !((bb == b || bb == 1) && one == 1 && (bt == t || bt == 1) && bs == s) {
-        return Err(scores);
+    let fits = kb == b
+        && kd == d
+        && v.dims() == [b, s, d]
+        && d % heads == 0
+        && (bb == b || bb == 1)
+        && one == 1
+        && (bt == t || bt == 1)
+        && bs == s;
+    let f32s = [q.dtype(), k.dtype(), v.dtype(), bias.dtype()]
+        .iter()
+        .all(|&dtype| dtype == DType::F32);
+    if !fits || !f32s {
+        return Err([q, k, v]);
     }
-    let rows = Rows {
-        heads: h,
+    let geometry = Heads {
+        batch: b,
+        heads,
         query: t,
         key: s,
-        bias_per_batch: bb > 1,
-        bias_per_query: bt > 1,
+        dk: d / heads,
+        root,
+        bias: Rows {
+            heads,
+            query: t,
+            bias_per_batch: bb > 1,
+            bias_per_query: bt > 1,
+        },
     };
     Ok(match path {
         Path::Forward => {
-            let x: FlexTensor = to_concrete(scores);
+            let [q, k, v] = [q, k, v].map(|x| to_concrete::<B, FlexTensor, 3>(x).to_contiguous());
             let bias: FlexTensor = to_concrete(bias.clone());
-            let (y, _) = weights_forward(x, &bias.to_contiguous(), root, None, rows);
-            from_concrete(y)
+            let saved = geometry.forward([&q, &k, &v], &bias.to_contiguous(), None);
+            from_concrete(saved.context)
         }
         Path::Autodiff { balanced } => {
-            let x: AutodiffTensor = to_concrete(scores);
+            let inputs = [q, k, v].map(to_concrete::<B, AutodiffTensor, 3>);
             let bias: AutodiffTensor = to_concrete(bias.clone());
             let bias = bias.primitive.to_contiguous();
             let mask = keep();
             let out = if balanced {
-                fused_weights::<BalancedCheckpointing>(x, &bias, root, mask, rows)
+                fused_attention::<BalancedCheckpointing>(inputs, &bias, mask, geometry)
             } else {
-                fused_weights::<NoCheckpointing>(x, &bias, root, mask, rows)
+                fused_attention::<NoCheckpointing>(inputs, &bias, mask, geometry)
             };
             from_concrete(out)
         }
     })
 }
 
-/// How the rows of the scores map to rows of the bias.
+/// The shapes of one attention: `batch * heads` independent products.
+#[derive(Clone, Copy, Debug)]
+struct Heads {
+    batch: usize,
+    heads: usize,
+    query: usize,
+    key: usize,
+    dk: usize,
+    root: f32,
+    bias: Rows,
+}
+
+/// How the rows of the scores (`[batch, heads, query]` flattened) map to rows of the bias.
 #[derive(Clone, Copy, Debug)]
 struct Rows {
     heads: usize,
     query: usize,
-    key: usize,
     bias_per_batch: bool,
     bias_per_query: bool,
 }
@@ -118,132 +154,270 @@ impl Rows {
     }
 }
 
-/// Rows per parallel task: enough work to amortise the task, rows stay independent.
-const ROWS_PER_TASK: usize = 64;
+/// What the forward pass computes and the backward pass needs.
+struct Attended {
+    context: FlexTensor,
+    /// The softmax, `[batch, heads, query, key]`.
+    y: Vec<f32>,
+    /// The weights applied to `v` (`y` times the dropout mask); None when there is no mask.
+    p: Option<Vec<f32>>,
+}
 
-/// `x` contiguous from offset 0 and held by this step alone, so that it can be overwritten.
-fn owned(x: FlexTensor) -> FlexTensor {
-    let n = x.layout().num_elements();
-    let mut x = if x.layout().contiguous_offsets() == Some((0, n)) {
-        x
-    } else {
-        x.to_contiguous()
-    };
-    if x.try_storage_mut::<f32>().is_none() {
-        let copy = x.storage::<f32>()[..n].to_vec();
-        x = FlexTensor::from_data(TensorData::new(copy, x.layout().shape().clone()));
+/// A base pointer shared by the tasks of one step, each of which writes only its own head's
+/// columns of its own batch row.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: the tasks given one `Shared` write disjoint elements (see its uses).
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Heads {
+    fn d(&self) -> usize {
+        self.heads * self.dk
     }
-    x
-}
 
-/// The softmax `y` (overwriting the scores) and, with a mask, the output `y * mask`.
-fn weights_forward(
-    x: FlexTensor,
-    bias: &FlexTensor,
-    root: f32,
-    mask: Option<KeepMask>,
-    rows: Rows,
-) -> (FlexTensor, Option<FlexTensor>) {
-    let mut y = owned(x);
-    let s = rows.key;
-    let n = y.layout().num_elements();
-    let bias = bias.storage::<f32>();
-    let values = &mut y.try_storage_mut::<f32>().expect("owned")[..n];
-    values
-        .par_chunks_mut(ROWS_PER_TASK * s)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            for (i, row) in chunk.chunks_mut(s).enumerate() {
-                let add = &bias[rows.bias_row(task * ROWS_PER_TASK + i) * s..][..s];
-                let mut max = f32::NEG_INFINITY;
-                for (v, &a) in row.iter_mut().zip(add) {
-                    *v = *v / root + a;
-                    max = max.max(*v);
-                }
-                let mut sum = 0.0;
-                for v in row.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|v| *v *= inv);
+    /// Head `hh` of batch row `bi` of a `[batch, len, d]` tensor: `len` rows of `dk`.
+    fn head<'a>(&self, x: &'a [f32], len: usize, bi: usize, hh: usize) -> Operand<'a> {
+        Operand {
+            values: &x[bi * len * self.d() + hh * self.dk..],
+            rs: self.d() as isize,
+            cs: 1,
+        }
+    }
+
+    /// `dst`'s head `hh` of batch row `bi` (`len` rows of `dk`, row stride `d`) `= lhs · rhs`.
+    ///
+    /// # Safety
+    /// `dst` is a `[batch, len, d]` buffer, and no other task writes this (bi, hh) head.
+    unsafe fn product_into_head(
+        &self,
+        dst: Shared,
+        len: usize,
+        (bi, hh): (usize, usize),
+        inner: usize,
+        lhs: Operand,
+        rhs: Operand,
+    ) {
+        let offset = bi * len * self.d() + hh * self.dk;
+        // SAFETY: the head's elements lie inside the buffer; the caller owns them alone.
+        unsafe {
+            gemm::gemm(
+                len,
+                self.dk,
+                inner,
+                dst.0.add(offset),
+                1,
+                self.d() as isize,
+                false,
+                lhs.values.as_ptr(),
+                lhs.cs,
+                lhs.rs,
+                rhs.values.as_ptr(),
+                rhs.cs,
+                rhs.rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
+
+    fn forward(
+        &self,
+        [q, k, v]: [&FlexTensor; 3],
+        bias: &FlexTensor,
+        mask: Option<KeepMask>,
+    ) -> Attended {
+        let (t, s, d) = (self.query, self.key, self.d());
+        let (qs, ks, vs) = (q.storage::<f32>(), k.storage::<f32>(), v.storage::<f32>());
+        let bias = bias.storage::<f32>();
+        let slices = self.batch * self.heads;
+        let mut y = vec![0f32; slices * t * s];
+        let mut p = mask.map(|_| vec![0f32; slices * t * s]);
+        let mut context = vec![0f32; self.batch * t * d];
+        let out = Shared(context.as_mut_ptr());
+        let task = |slice: usize, scores: &mut [f32], dropped: Option<&mut [f32]>| {
+            let (bi, hh) = (slice / self.heads, slice % self.heads);
+            let qh = self.head(qs, t, bi, hh);
+            let kh = self.head(ks, s, bi, hh);
+            gemm_into(scores, false, [t, self.dk, s], qh, kh.transpose());
+            for (ti, row) in scores.chunks_mut(s).enumerate() {
+                let add = &bias[self.bias.bias_row(slice * t + ti) * s..][..s];
+                softmax_row(row, add, self.root);
             }
-        });
-    let dropped = mask.map(|mask| {
-        let mut out = y.storage::<f32>()[..n].to_vec();
-        mask.apply(&mut out);
-        FlexTensor::from_data(TensorData::new(out, y.layout().shape().clone()))
-    });
-    (y, dropped)
+            let weights: &[f32] = match (dropped, mask) {
+                (Some(dropped), Some(mask)) => {
+                    dropped.copy_from_slice(scores);
+                    mask.apply_from(slice * t * s, dropped);
+                    dropped
+                }
+                _ => scores,
+            };
+            let pw = Operand {
+                values: weights,
+                rs: s as isize,
+                cs: 1,
+            };
+            let vh = self.head(vs, s, bi, hh);
+            // SAFETY: this task alone writes head (bi, hh) of the context.
+            unsafe { self.product_into_head(out, t, (bi, hh), s, pw, vh) };
+        };
+        match &mut p {
+            Some(p) => y
+                .par_chunks_mut(t * s)
+                .zip(p.par_chunks_mut(t * s))
+                .enumerate()
+                .for_each(|(slice, (scores, dropped))| task(slice, scores, Some(dropped))),
+            None => y
+                .par_chunks_mut(t * s)
+                .enumerate()
+                .for_each(|(slice, scores)| task(slice, scores, None)),
+        }
+        let context = FlexTensor::from_data(TensorData::new(context, [self.batch, t, d]));
+        Attended { context, y, p }
+    }
 }
 
-/// The attention weights' saved state: the softmax and the dropout mask.
+/// `row = softmax(row / root + add)`, in place.
+fn softmax_row(row: &mut [f32], add: &[f32], root: f32) {
+    let mut max = f32::NEG_INFINITY;
+    for (v, &a) in row.iter_mut().zip(add) {
+        *v = *v / root + a;
+        max = max.max(*v);
+    }
+    let mut sum = 0.0;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
 #[derive(Clone, Debug)]
-struct WeightsState {
-    y: FlexTensor,
+struct AttentionState {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    y: Arc<Vec<f32>>,
+    p: Option<Arc<Vec<f32>>>,
     mask: Option<KeepMask>,
-    root: f32,
-    key: usize,
+    geometry: Heads,
 }
 
 #[derive(Debug)]
-struct WeightsBackward;
+struct AttentionBackward;
 
-impl Backward<Flex, 1> for WeightsBackward {
-    type State = WeightsState;
+impl Backward<Flex, 3> for AttentionBackward {
+    type State = AttentionState;
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [q_node, k_node, v_node] = ops.parents;
+        let g = grads.consume::<Flex>(&ops.node).to_contiguous();
         let st = ops.state;
-        unary::<Flex, _>(ops.parents, ops.node, grads, |dy| {
-            let mut dx = owned(dy);
-            let s = st.key;
-            let n = dx.layout().num_elements();
-            let ys = &st.y.storage::<f32>()[..n];
-            let g = &mut dx.try_storage_mut::<f32>().expect("owned")[..n];
-            if let Some(mask) = st.mask {
-                mask.apply(g);
-            }
-            g.par_chunks_mut(ROWS_PER_TASK * s)
-                .zip(ys.par_chunks(ROWS_PER_TASK * s))
-                .for_each(|(g, y)| {
-                    for (g, y) in g.chunks_mut(s).zip(y.chunks(s)) {
-                        let dot: f32 = g.iter().zip(y).map(|(&g, &y)| g * y).sum();
-                        for (g, &y) in g.iter_mut().zip(y) {
-                            *g = y * (*g - dot) / st.root;
-                        }
+        let h = st.geometry;
+        let (t, s, d) = (h.query, h.key, h.d());
+        let (qs, ks, vs, gs) = (
+            st.q.storage::<f32>(),
+            st.k.storage::<f32>(),
+            st.v.storage::<f32>(),
+            g.storage::<f32>(),
+        );
+        let p = st.p.as_deref().unwrap_or(&st.y);
+        let mut dq = vec![0f32; h.batch * t * d];
+        let mut dk = vec![0f32; h.batch * s * d];
+        let mut dv = vec![0f32; h.batch * s * d];
+        let (dq_out, dk_out, dv_out) = (
+            Shared(dq.as_mut_ptr()),
+            Shared(dk.as_mut_ptr()),
+            Shared(dv.as_mut_ptr()),
+        );
+        (0..h.batch * h.heads).into_par_iter().for_each_init(
+            || vec![0f32; t * s],
+            |dz, slice| {
+                let (bi, hh) = (slice / h.heads, slice % h.heads);
+                let at = slice * t * s;
+                let (y, p) = (&st.y[at..][..t * s], &p[at..][..t * s]);
+                let gh = h.head(gs, t, bi, hh);
+                let (qh, kh, vh) = (
+                    h.head(qs, t, bi, hh),
+                    h.head(ks, s, bi, hh),
+                    h.head(vs, s, bi, hh),
+                );
+                // dV = P^T G
+                let pt = Operand {
+                    values: p,
+                    rs: 1,
+                    cs: s as isize,
+                };
+                // SAFETY: each task writes only its own (bi, hh) head of dq, dk and dv.
+                unsafe { h.product_into_head(dv_out, s, (bi, hh), t, pt, gh) };
+                // dP = G V^T, then the softmax's (and dropout's, and scale's) backward.
+                gemm_into(dz, false, [t, h.dk, s], gh, vh.transpose());
+                if let Some(mask) = st.mask {
+                    mask.apply_from(at, dz);
+                }
+                for (g, y) in dz.chunks_mut(s).zip(y.chunks(s)) {
+                    let dot: f32 = g.iter().zip(y).map(|(&g, &y)| g * y).sum();
+                    for (g, &y) in g.iter_mut().zip(y) {
+                        *g = y * (*g - dot) / h.root;
                     }
-                });
-            dx
-        });
+                }
+                let z = Operand {
+                    values: dz,
+                    rs: s as isize,
+                    cs: 1,
+                };
+                unsafe {
+                    h.product_into_head(dq_out, t, (bi, hh), s, z, kh);
+                    h.product_into_head(dk_out, s, (bi, hh), t, z.transpose(), qh);
+                }
+            },
+        );
+        for (node, grad, len) in [(q_node, dq, t), (k_node, dk, s), (v_node, dv, s)] {
+            if let Some(node) = node {
+                let grad = FlexTensor::from_data(TensorData::new(grad, [h.batch, len, d]));
+                grads.register::<Flex>(node.id, grad);
+            }
+        }
     }
 }
 
-fn fused_weights<C: CheckpointStrategy>(
-    x: AutodiffTensor,
+fn fused_attention<C: CheckpointStrategy>(
+    [q, k, v]: [AutodiffTensor; 3],
     bias: &FlexTensor,
-    root: f32,
     mask: Option<KeepMask>,
-    rows: Rows,
+    geometry: Heads,
 ) -> AutodiffTensor {
+    let (qc, kc, vc) = (
+        q.primitive.to_contiguous(),
+        k.primitive.to_contiguous(),
+        v.primitive.to_contiguous(),
+    );
+    let Attended { context, y, p } = geometry.forward([&qc, &kc, &vc], bias, mask);
     // Compute-bound: the softmax is kept for the backward pass rather than recomputed, under
     // gradient checkpointing too (it is the state).
-    let prep = WeightsBackward
-        .prepare::<C>([x.node.clone()])
+    let prep = AttentionBackward
+        .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
         .compute_bound()
         .stateful();
-    let (y, dropped) = weights_forward(x.primitive, bias, root, mask, rows);
-    let out = dropped.unwrap_or_else(|| y.clone());
     match prep {
         OpsKind::Tracked(prep) => {
-            let state = WeightsState {
-                y,
+            let state = AttentionState {
+                q: qc,
+                k: kc,
+                v: vc,
+                y: Arc::new(y),
+                p: p.map(Arc::new),
                 mask,
-                root,
-                key: rows.key,
+                geometry,
             };
-            prep.finish(state, out)
+            prep.finish(state, context)
         }
-        OpsKind::UnTracked(prep) => prep.finish(out),
+        OpsKind::UnTracked(prep) => prep.finish(context),
     }
 }
 
@@ -300,6 +474,13 @@ impl KeepMask {
             });
     }
 
+    /// `values[j] *= factor(offset + j)`, on this thread.
+    fn apply_from(&self, offset: usize, values: &mut [f32]) {
+        for (j, v) in values.iter_mut().enumerate() {
+            *v *= self.at(offset + j);
+        }
+    }
+
     /// The mask itself, for tests and for backends that multiply by a tensor.
     pub fn values(&self, n: usize) -> Vec<f32> {
         let mut values = vec![1.0; n];
@@ -335,6 +516,21 @@ fn masked(x: FlexTensor, mask: KeepMask) -> FlexTensor {
     let mut x = owned(x);
     let n = x.layout().num_elements();
     mask.apply(&mut x.try_storage_mut::<f32>().expect("owned")[..n]);
+    x
+}
+
+/// `x` contiguous from offset 0 and held by this step alone, so that it can be overwritten.
+fn owned(x: FlexTensor) -> FlexTensor {
+    let n = x.layout().num_elements();
+    let mut x = if x.layout().contiguous_offsets() == Some((0, n)) {
+        x
+    } else {
+        x.to_contiguous()
+    };
+    if x.try_storage_mut::<f32>().is_none() {
+        let copy = x.storage::<f32>()[..n].to_vec();
+        x = FlexTensor::from_data(TensorData::new(copy, x.layout().shape().clone()));
+    }
     x
 }
 
@@ -954,123 +1150,90 @@ fn fused_norm<C: CheckpointStrategy>(
     }
 }
 
-/// `[b, m, n, dk]` to `[b, n, m, dk]` (`x.swap_dims(1, 2)`), contiguous.
-pub fn swap_middle<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let Some(Path::Autodiff { balanced }) = path::<B>() else {
-        return x.swap_dims(1, 2);
-    };
-    if x.dtype() != burn::tensor::DType::F32 {
-        return x.swap_dims(1, 2);
-    }
-    let dims = x.dims();
-    let x: AutodiffTensor = to_concrete(x);
-    let y = if balanced {
-        fused_swap::<BalancedCheckpointing>(x, dims)
-    } else {
-        fused_swap::<NoCheckpointing>(x, dims)
-    };
-    from_concrete(y)
-}
-
-/// The reordering itself, on a contiguous `[b, m, n, dk]` tensor.
-fn swap_copy(x: &FlexTensor, [b, m, n, dk]: [usize; 4]) -> FlexTensor {
-    let x = x.to_contiguous();
-    let src = &x.storage::<f32>()[..b * m * n * dk];
-    let mut dst = vec![0f32; src.len()];
-    dst.par_chunks_mut(m * n * dk)
-        .zip(src.par_chunks(m * n * dk))
-        .for_each(|(dst, src)| {
-            for i in 0..m {
-                for j in 0..n {
-                    dst[(j * m + i) * dk..][..dk].copy_from_slice(&src[(i * n + j) * dk..][..dk]);
-                }
-            }
-        });
-    FlexTensor::from_data(TensorData::new(dst, [b, n, m, dk]))
-}
-
-#[derive(Debug)]
-struct SwapBackward;
-
-impl Backward<Flex, 1> for SwapBackward {
-    /// The input's dimensions.
-    type State = [usize; 4];
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [b, m, n, dk] = ops.state;
-        unary::<Flex, _>(ops.parents, ops.node, grads, |dy| {
-            swap_copy(&dy, [b, n, m, dk])
-        });
-    }
-}
-
-fn fused_swap<C: CheckpointStrategy>(x: AutodiffTensor, dims: [usize; 4]) -> AutodiffTensor {
-    let prep = SwapBackward
-        .prepare::<C>([x.node.clone()])
-        .compute_bound()
-        .stateful();
-    let y = swap_copy(&x.primitive, dims);
-    match prep {
-        OpsKind::Tracked(prep) => prep.finish(dims, y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::tensor::activation;
     use burn::tensor::Distribution;
 
-    /// The fused attention weights' value and gradient against burn's operations, for each
-    /// way the bias broadcasts, with and without a dropout mask.
-    fn check_weights<A: burn::tensor::backend::AutodiffBackend>(bias_dims: [usize; 4], drop: bool) {
+    /// burn's composition of multi-head attention's core, the reference for the fused step.
+    fn reference<B: Backend>(
+        [q, k, v]: [Tensor<B, 3>; 3],
+        heads: usize,
+        root: f32,
+        bias: Tensor<B, 4>,
+        mask: Option<KeepMask>,
+    ) -> Tensor<B, 3> {
+        let [b, t, d] = q.dims();
+        let s = k.dims()[1];
+        let split = |x: Tensor<B, 3>, len| x.reshape([b, len, heads, d / heads]).swap_dims(1, 2);
+        let scores = split(q, t).matmul(split(k, s).swap_dims(2, 3));
+        let mut weights = activation::softmax(scores.div_scalar(root) + bias, 3);
+        if let Some(mask) = mask {
+            let values = TensorData::new(mask.values(b * heads * t * s), [b, heads, t, s]);
+            weights = weights * Tensor::from_data(values, &Default::default());
+        }
+        weights
+            .matmul(split(v, s))
+            .swap_dims(1, 2)
+            .reshape([b, t, d])
+    }
+
+    /// The fused attention core's value and the gradients of q, k and v against burn's
+    /// operations, for each way the bias broadcasts, with and without dropout, self- and
+    /// cross-attention lengths.
+    fn check_attention<A: burn::tensor::backend::AutodiffBackend>(
+        bias_dims: [usize; 4],
+        drop: bool,
+    ) {
         let device = Default::default();
         A::seed(&device, 7);
-        let dims = [2, 3, 5, 7];
-        let n = dims.iter().product();
-        let x =
-            Tensor::<A, 4>::random(dims, Distribution::Normal(0.0, 2.0), &device).require_grad();
-        let w = Tensor::<A, 4>::random(dims, Distribution::Default, &device);
+        let (b, t, s, heads, dk) = (2, 5, bias_dims[3], 3, 4);
+        let d = heads * dk;
+        let random = |len| {
+            Tensor::<A, 3>::random([b, len, d], Distribution::Normal(0.0, 1.5), &device)
+                .require_grad()
+        };
+        let inputs = [random(t), random(s), random(s)];
+        let probe = Tensor::<A, 3>::random([b, t, d], Distribution::Default, &device);
         let bias = Tensor::<A, 4>::random(bias_dims, Distribution::Normal(0.0, 3.0), &device);
-        let mask = KeepMask::new(11, 2.0 / 3.0);
-        let root = 2.5;
-        let ours = attention_weights(x.clone(), root, &bias, || drop.then_some(mask))
+        let mask = drop.then(|| KeepMask::new(11, 2.0 / 3.0));
+        let root = 2.0;
+        let ours = attention(inputs.clone(), heads, root, &bias, || mask)
             .unwrap_or_else(|_| panic!("the fused path applies"));
-        let mut burns = activation::softmax(x.clone().div_scalar(root) + bias, 3);
-        if drop {
-            let mask = TensorData::new(mask.values(n), dims);
-            burns = burns * Tensor::from_data(mask, &device);
-        }
-        let tol = burn::tensor::Tolerance::absolute(1e-6);
+        let burns = reference(inputs.clone(), heads, root, bias, mask);
+        let tol = burn::tensor::Tolerance::absolute(1e-5);
         ours.to_data()
             .assert_approx_eq::<f32>(&burns.to_data(), tol);
-        let g_ours = (ours * w.clone()).sum().backward();
-        let g_burn = (burns * w).sum().backward();
-        x.grad(&g_ours)
-            .unwrap()
-            .to_data()
-            .assert_approx_eq::<f32>(&x.grad(&g_burn).unwrap().to_data(), tol);
+        let g_ours = (ours * probe.clone()).sum().backward();
+        let g_burn = (burns * probe).sum().backward();
+        for x in &inputs {
+            x.grad(&g_ours)
+                .unwrap()
+                .to_data()
+                .assert_approx_eq::<f32>(&x.grad(&g_burn).unwrap().to_data(), tol);
+        }
     }
 
     #[test]
-    fn fused_attention_weights_match_burns_value_and_gradient() {
-        for bias in [[2, 1, 1, 7], [1, 1, 5, 7], [2, 1, 5, 7]] {
-            check_weights::<Autodiff<Flex>>(bias, false);
-            check_weights::<Autodiff<Flex>>(bias, true);
-            check_weights::<Autodiff<Flex, BalancedCheckpointing>>(bias, true);
+    fn fused_attention_matches_burns_value_and_gradients() {
+        for bias in [[2, 1, 1, 5], [1, 1, 5, 5], [2, 1, 5, 5], [2, 1, 1, 7]] {
+            check_attention::<Autodiff<Flex>>(bias, false);
+            check_attention::<Autodiff<Flex>>(bias, true);
+            check_attention::<Autodiff<Flex, BalancedCheckpointing>>(bias, true);
         }
     }
 
     /// Evaluation (plain flex, no autodiff) takes the forward pass alone.
     #[test]
-    fn fused_attention_weights_forward_matches_burns() {
+    fn fused_attention_forward_matches_burns() {
         let device = Default::default();
-        let x = Tensor::<Flex, 4>::random([2, 3, 5, 7], Distribution::Normal(0.0, 2.0), &device);
-        let bias = Tensor::<Flex, 4>::random([2, 1, 5, 7], Distribution::Default, &device);
-        let ours = attention_weights(x.clone(), 1.5, &bias, || unreachable!("no dropout"))
+        let random = |len| Tensor::<Flex, 3>::random([2, len, 8], Distribution::Default, &device);
+        let inputs = [random(3), random(6), random(6)];
+        let bias = Tensor::<Flex, 4>::random([2, 1, 1, 6], Distribution::Default, &device);
+        let ours = attention(inputs.clone(), 2, 1.5, &bias, || unreachable!("no dropout"))
             .unwrap_or_else(|_| panic!("the fused path applies"));
-        let burns = activation::softmax(x.div_scalar(1.5) + bias, 3);
+        let burns = reference(inputs, 2, 1.5, bias, None);
         ours.to_data()
             .assert_approx_eq::<f32>(&burns.to_data(), burn::tensor::Tolerance::absolute(1e-6));
     }
@@ -1229,27 +1392,5 @@ mod tests {
             &x.matmul(w.transpose()).to_data(),
             burn::tensor::Tolerance::absolute(1e-5),
         );
-    }
-
-    fn check_swap<A: burn::tensor::backend::AutodiffBackend>() {
-        let device = Default::default();
-        A::seed(&device, 9);
-        let x = Tensor::<A, 4>::random([2, 5, 3, 4], Distribution::Default, &device).require_grad();
-        let w = Tensor::<A, 4>::random([2, 3, 5, 4], Distribution::Default, &device);
-        let ours = swap_middle(x.clone());
-        let burns = x.clone().swap_dims(1, 2);
-        ours.to_data().assert_eq(&burns.to_data(), true);
-        let g_ours = (ours * w.clone()).sum().backward();
-        let g_burn = (burns * w).sum().backward();
-        x.grad(&g_ours)
-            .unwrap()
-            .to_data()
-            .assert_eq(&x.grad(&g_burn).unwrap().to_data(), true);
-    }
-
-    #[test]
-    fn fused_head_reordering_matches_swap_dims() {
-        check_swap::<Autodiff<Flex>>();
-        check_swap::<Autodiff<Flex, BalancedCheckpointing>>();
     }
 }

@@ -328,22 +328,24 @@ fn attention<B: Backend>(
     let [b, t, d] = query_in.dims();
     let s = kv_in.dims()[1];
     let (h, dk) = (mha.n_heads, mha.d_k);
-    let split = |x: Tensor<B, 3>, len: usize| crate::fused::swap_middle(x.reshape([b, len, h, dk]));
-    let q = split(linear(&mha.query, query_in), t);
-    let k = split(linear(&mha.key, kv_in.clone()), s);
-    let v = split(linear(&mha.value, kv_in), s);
-    let scores = q.matmul(k.swap_dims(2, 3));
+    let q = linear(&mha.query, query_in);
+    let k = linear(&mha.key, kv_in.clone());
+    let v = linear(&mha.value, kv_in);
     let root = (dk as f32).sqrt();
-    let device = scores.device();
+    let device = q.device();
     let keep = || cpu_keep_mask::<B>(&mha.dropout, &device);
-    let weights = match crate::fused::attention_weights(scores, root, &bias, keep) {
-        Ok(weights) => weights,
-        Err(scores) => dropout(
-            &mha.dropout,
-            burn::tensor::activation::softmax(scores.div_scalar(root) + bias, 3),
-        ),
+    let context = match crate::fused::attention([q, k, v], h, root, &bias, keep) {
+        Ok(context) => context,
+        Err([q, k, v]) => {
+            let split = |x: Tensor<B, 3>, len: usize| x.reshape([b, len, h, dk]).swap_dims(1, 2);
+            let scores = split(q, t).matmul(split(k, s).swap_dims(2, 3));
+            let scores = scores.div_scalar(root) + bias;
+            let weights = dropout(&mha.dropout, burn::tensor::activation::softmax(scores, 3));
+            matmul(weights, split(v, s))
+                .swap_dims(1, 2)
+                .reshape([b, t, d])
+        }
     };
-    let context = crate::fused::swap_middle(matmul(weights, v)).reshape([b, t, d]);
     linear(&mha.output, context)
 }
 
