@@ -38,6 +38,8 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, TensorPrimitive};
 use burn_flex::FlexTensor;
 
+use crate::rowmath;
+
 /// burn-autodiff's float tensor (its type is not exported by name).
 type AutodiffTensor = FloatTensor<Autodiff<Flex>>;
 
@@ -246,7 +248,7 @@ impl Heads {
             gemm_into(scores, false, [t, self.dk, s], qh, kh.transpose());
             for (ti, row) in scores.chunks_mut(s).enumerate() {
                 let add = &bias[self.bias.bias_row(slice * t + ti) * s..][..s];
-                softmax_row(row, add, self.root);
+                rowmath::softmax(row, add, 1.0 / self.root);
             }
             let weights: &[f32] = match (dropped, mask) {
                 (Some(dropped), Some(mask)) => {
@@ -279,22 +281,6 @@ impl Heads {
         let context = FlexTensor::from_data(TensorData::new(context, [self.batch, t, d]));
         Attended { context, y, p }
     }
-}
-
-/// `row = softmax(row / root + add)`, in place.
-fn softmax_row(row: &mut [f32], add: &[f32], root: f32) {
-    let mut max = f32::NEG_INFINITY;
-    for (v, &a) in row.iter_mut().zip(add) {
-        *v = *v / root + a;
-        max = max.max(*v);
-    }
-    let mut sum = 0.0;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
 }
 
 #[derive(Clone, Debug)]
@@ -360,10 +346,11 @@ impl Backward<Flex, 3> for AttentionBackward {
                 if let Some(mask) = st.mask {
                     mask.apply_from(at, dz);
                 }
+                let scale = 1.0 / h.root;
                 for (g, y) in dz.chunks_mut(s).zip(y.chunks(s)) {
-                    let dot: f32 = g.iter().zip(y).map(|(&g, &y)| g * y).sum();
+                    let dot = rowmath::dot(g, y);
                     for (g, &y) in g.iter_mut().zip(y) {
-                        *g = y * (*g - dot) / h.root;
+                        *g = y * (*g - dot) * scale;
                     }
                 }
                 let z = Operand {
@@ -910,11 +897,9 @@ fn ce_forward(x: &FlexTensor, targets: &[i64], smoothing: f32) -> (Vec<f32>, Vec
     let rows: Vec<(f32, f32)> = x.storage::<f32>()[..targets.len() * vocab]
         .par_chunks(vocab)
         .zip(targets.par_iter())
-        .map(|(row, &target)| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
-            let lse = max + sum.ln();
-            let mean = row.iter().sum::<f32>() / vocab as f32;
+        .map_init(Vec::new, |scratch, (row, &target)| {
+            let lse = rowmath::log_sum_exp(row, scratch);
+            let mean = rowmath::sum(row) / vocab as f32;
             let nll = lse - row[target as usize];
             ((1.0 - smoothing) * nll + smoothing * (lse - mean), lse)
         })
@@ -954,7 +939,7 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
                 .for_each(|(r, (out, row))| {
                     let (g, lse) = (dy[r], s.lse[r]);
                     for (o, &v) in out.iter_mut().zip(row) {
-                        *o = g * ((v - lse).exp() - spread);
+                        *o = g * (rowmath::exp(v - lse) - spread);
                     }
                     out[s.targets[r] as usize] -= g * keep;
                 });

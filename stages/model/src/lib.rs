@@ -11,6 +11,7 @@ mod fused;
 pub mod generate;
 pub mod model;
 pub mod quantize;
+mod rowmath;
 pub mod train;
 pub mod weights;
 pub use tokenizers::Tokenizer;
