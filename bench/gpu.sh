@@ -36,7 +36,8 @@ if [ "${1:-}" = "--build" ]; then
     mkdir -p "$bin"
     # Stripped and xz-packed (the three binaries: 170 MB stripped, 27 MB packed), because
     # what travels to a lent GPU machine is limited to 64 MiB.
-    rm -rf "$bin" && mkdir -p "$bin"
+    # (A kernel cache an earlier call brought back, kernels.tgz, stays.)
+    find "$bin" -mindepth 1 ! -name kernels.tgz -delete
     for b in examples/train_bench examples/generate_bench orchestrate; do
         strip -o "$bin/$(basename "$b")-cuda" "target/release/$b"
         xz -T2 -9 "$bin/$(basename "$b")-cuda"
@@ -68,13 +69,13 @@ deadline=$((SECONDS + budget))
 res=${RESULTS:-bench/results/gpu}
 mkdir -p "$res"
 # ONLY: the checks to run (default all): mini-fp32 mini-bf16 spec512-fp32 spec512-bf16
-# generate torch-mini torch-spec512 pipeline. TORCH_COMPILE=0 skips torch.compile (its
+# generate generate-cached torch-mini torch-spec512 profile pipeline. TORCH_COMPILE=0 skips torch.compile (its
 # compilation takes a minute or more per preset).
-only=${ONLY:-mini-fp32 mini-bf16 spec512-fp32 spec512-bf16 generate torch-mini torch-spec512 pipeline}
+only=${ONLY:-mini-fp32 mini-bf16 spec512-fp32 spec512-bf16 generate torch-mini torch-spec512 profile pipeline}
 want() { [[ " $only " == *" $1 "* ]]; }
 # Kernel caches: one per check, so the cold runs can go side by side; seeded from
 # bench/bin/kernels.tgz (a cache an earlier call brought back) where there is one.
-caches=$(mktemp -d)
+caches=${CACHES:-$(mktemp -d)}
 
 # `within LIMIT cmd...`: runs cmd for at most LIMIT seconds, less if the deadline is nearer;
 # skips it when under 20 s are left.
@@ -98,6 +99,9 @@ check() {
     spec512-fp32) echo "$bin/train_bench-cuda spec512 $2 --device cuda" ;;
     spec512-bf16) echo "$bin/train_bench-cuda spec512 $2 --device cuda --bf16" ;;
     generate) echo "$bin/generate_bench-cuda $2 --device cuda" ;;
+    # The cached batch-1 loop alone: a handful of kernel shapes, where recomputing the
+    # prefix compiles one set per prefix length (50), more than one call has time for.
+    generate-cached) echo "env ONLY_CACHED=1 $bin/generate_bench-cuda $2 --device cuda" ;;
     esac
 }
 
@@ -139,7 +143,7 @@ cat "$res/machine.txt"
 # kernels into its own cache (on one check at a time this took 172 s for `mini` fp32).
 # Their step times overlap each other's compilation: only the warm-up is read from here.
 names=()
-for c in mini-fp32 mini-bf16 spec512-fp32 spec512-bf16 generate; do
+for c in mini-fp32 mini-bf16 spec512-fp32 spec512-bf16 generate generate-cached; do
     want "$c" || continue
     names+=("$c")
     mkdir -p "$caches/$c"
@@ -154,12 +158,25 @@ for c in "${names[@]}"; do
     ours "$c-warm" "$c" 90 "$c" 20
     [ "$c" = mini-bf16 ] && ours mini-bf16-ckpt-warm "$c" 90 mini-bf16-ckpt 20
 done
+# Where a warm `mini` fp32 step's GPU time goes: CubeCL's own per-kernel timings (each
+# kernel timed alone, so the step runs slower; the table is written at every sync, the last
+# one is kept), beside the step's unprofiled wall time from phase 2.
+if want profile && want mini-fp32; then
+    within 120 env ORCHESTRATE_KERNEL_CACHE="$caches/mini-fp32" CUBECL_DEBUG_LOG="$caches/profile.log" \
+        CUBECL_DEBUG_OPTION=profile $(check mini-fp32 4) >/dev/null 2>>"$res/stderr.txt"
+    # The last table: from its last header line to the end.
+    awk '/Name/ {n = NR} {line[NR] = $0} END {for (i = n; i <= NR; i++) print line[i]}' \
+        "$caches/profile.log" >"$res/profile.txt" 2>/dev/null
+fi
 want torch-mini && torch_run mini-8m 150
 want torch-spec512 && torch_run seed-512 150
 
 # The product itself: the real corpus through every stage, training on the GPU.
 if want pipeline && [ -d "$bin/fortunes" ] && ((deadline - SECONDS > 60)); then
     mkdir -p /usr/share/games && rm -rf /usr/share/games/fortunes && cp -r "$bin/fortunes" /usr/share/games/fortunes
+    # The training bench's kernel cache (same model, same operations): fewer cold compiles.
+    export ORCHESTRATE_KERNEL_CACHE="$caches/mini-fp32"
+    mkdir -p "$ORCHESTRATE_KERNEL_CACHE"
     within 600 "$bin/orchestrate-cuda" run pipelines/full.yaml --no-serve \
         --set model.with.steps=300 --set model.with.eval_every=100 --set model.with.checkpoint_every=100 \
         --set evaluation.resources.device=cuda >"$res/pipeline.log" 2>&1

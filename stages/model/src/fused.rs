@@ -173,6 +173,18 @@ struct Shared(*mut f32);
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
+impl Shared {
+    /// The address `offset` values on (through a method, so closures capture the whole
+    /// `Shared`, not its raw pointer).
+    ///
+    /// # Safety
+    /// `offset` lies inside the buffer.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: the caller's promise.
+        unsafe { self.0.add(offset) }
+    }
+}
+
 impl Heads {
     fn d(&self) -> usize {
         self.heads * self.dk
@@ -201,27 +213,16 @@ impl Heads {
         rhs: Operand,
     ) {
         let offset = bi * len * self.d() + hh * self.dk;
+        let shape = [len, inner, self.dk];
         // SAFETY: the head's elements lie inside the buffer; the caller owns them alone.
         unsafe {
-            gemm::gemm(
-                len,
-                self.dk,
-                inner,
-                dst.0.add(offset),
-                1,
-                self.d() as isize,
+            gemm_raw(
+                dst.at(offset),
+                self.d(),
                 false,
-                lhs.values.as_ptr(),
-                lhs.cs,
-                lhs.rs,
-                rhs.values.as_ptr(),
-                rhs.cs,
-                rhs.rs,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
+                shape,
+                lhs,
+                rhs,
                 gemm::Parallelism::None,
             );
         }
@@ -236,26 +237,49 @@ impl Heads {
         let (t, s, d) = (self.query, self.key, self.d());
         let (qs, ks, vs) = (q.storage::<f32>(), k.storage::<f32>(), v.storage::<f32>());
         let bias = bias.storage::<f32>();
-        let slices = self.batch * self.heads;
-        let mut y = vec![0f32; slices * t * s];
-        let mut p = mask.map(|_| vec![0f32; slices * t * s]);
-        let mut context = vec![0f32; self.batch * t * d];
+        let (slices, area) = (self.batch * self.heads, t * s);
+        // Every value of these is written below, once, by the task of its (batch, head).
+        let mut y: Vec<f32> = Vec::with_capacity(slices * area);
+        let mut p: Option<Vec<f32>> = mask.map(|_| Vec::with_capacity(slices * area));
+        let mut context: Vec<f32> = Vec::with_capacity(self.batch * t * d);
+        let (ys, ps) = (
+            Shared(y.as_mut_ptr()),
+            p.as_mut().map(|p| Shared(p.as_mut_ptr())),
+        );
         let out = Shared(context.as_mut_ptr());
-        let task = |slice: usize, scores: &mut [f32], dropped: Option<&mut [f32]>| {
+        (0..slices).into_par_iter().for_each(|slice| {
             let (bi, hh) = (slice / self.heads, slice % self.heads);
             let qh = self.head(qs, t, bi, hh);
             let kh = self.head(ks, s, bi, hh);
-            gemm_into(scores, false, [t, self.dk, s], qh, kh.transpose());
+            // SAFETY: this task alone touches slice `slice` of `y`, written whole here
+            // before it is read.
+            let scores = unsafe {
+                let at = ys.at(slice * area);
+                let shape = [t, self.dk, s];
+                gemm_raw(
+                    at,
+                    s,
+                    false,
+                    shape,
+                    qh,
+                    kh.transpose(),
+                    gemm::Parallelism::None,
+                );
+                std::slice::from_raw_parts_mut(at, area)
+            };
             for (ti, row) in scores.chunks_mut(s).enumerate() {
                 let add = &bias[self.bias.bias_row(slice * t + ti) * s..][..s];
                 rowmath::softmax(row, add, 1.0 / self.root);
             }
-            let weights: &[f32] = match (dropped, mask) {
-                (Some(dropped), Some(mask)) => {
-                    dropped.copy_from_slice(scores);
-                    mask.apply_from(slice * t * s, dropped);
+            let weights: &[f32] = match (ps, mask) {
+                // SAFETY: as for `y`, this task's slice of `p`, written whole first.
+                (Some(ps), Some(mask)) => unsafe {
+                    let at = ps.at(slice * area);
+                    std::ptr::copy_nonoverlapping(scores.as_ptr(), at, area);
+                    let dropped = std::slice::from_raw_parts_mut(at, area);
+                    mask.apply_from(slice * area, dropped);
                     dropped
-                }
+                },
                 _ => scores,
             };
             let pw = Operand {
@@ -266,17 +290,14 @@ impl Heads {
             let vh = self.head(vs, s, bi, hh);
             // SAFETY: this task alone writes head (bi, hh) of the context.
             unsafe { self.product_into_head(out, t, (bi, hh), s, pw, vh) };
-        };
-        match &mut p {
-            Some(p) => y
-                .par_chunks_mut(t * s)
-                .zip(p.par_chunks_mut(t * s))
-                .enumerate()
-                .for_each(|(slice, (scores, dropped))| task(slice, scores, Some(dropped))),
-            None => y
-                .par_chunks_mut(t * s)
-                .enumerate()
-                .for_each(|(slice, scores)| task(slice, scores, None)),
+        });
+        // SAFETY: every slice of `y` and `p`, and every head of the context, was written.
+        unsafe {
+            y.set_len(slices * area);
+            context.set_len(self.batch * t * d);
+            if let Some(p) = &mut p {
+                p.set_len(slices * area);
+            }
         }
         let context = FlexTensor::from_data(TensorData::new(context, [self.batch, t, d]));
         Attended { context, y, p }
@@ -313,9 +334,10 @@ impl Backward<Flex, 3> for AttentionBackward {
             g.storage::<f32>(),
         );
         let p = st.p.as_deref().unwrap_or(&st.y);
-        let mut dq = vec![0f32; h.batch * t * d];
-        let mut dk = vec![0f32; h.batch * s * d];
-        let mut dv = vec![0f32; h.batch * s * d];
+        // Every head of these is written below, once, by its task.
+        let mut dq: Vec<f32> = Vec::with_capacity(h.batch * t * d);
+        let mut dk: Vec<f32> = Vec::with_capacity(h.batch * s * d);
+        let mut dv: Vec<f32> = Vec::with_capacity(h.batch * s * d);
         let (dq_out, dk_out, dv_out) = (
             Shared(dq.as_mut_ptr()),
             Shared(dk.as_mut_ptr()),
@@ -364,6 +386,12 @@ impl Backward<Flex, 3> for AttentionBackward {
                 }
             },
         );
+        // SAFETY: the (batch, head) tasks wrote every head of the three.
+        unsafe {
+            dq.set_len(h.batch * t * d);
+            dk.set_len(h.batch * s * d);
+            dv.set_len(h.batch * s * d);
+        }
         for (node, grad, len) in [(q_node, dq, t), (k_node, dk, s), (v_node, dv, s)] {
             if let Some(node) = node {
                 let grad = FlexTensor::from_data(TensorData::new(grad, [h.batch, len, d]));
@@ -609,14 +637,23 @@ struct Product {
 
 /// A row-major matrix operand: its start and its (row, column) strides.
 #[derive(Clone, Copy)]
-struct Operand<'a> {
+pub(crate) struct Operand<'a> {
     values: &'a [f32],
     rs: isize,
     cs: isize,
 }
 
-impl Operand<'_> {
-    fn transpose(self) -> Self {
+impl<'a> Operand<'a> {
+    /// Contiguous rows of `width` values.
+    pub(crate) fn rows(values: &'a [f32], width: usize) -> Self {
+        Self {
+            values,
+            rs: width as isize,
+            cs: 1,
+        }
+    }
+
+    pub(crate) fn transpose(self) -> Self {
         Self {
             rs: self.cs,
             cs: self.rs,
@@ -625,26 +662,30 @@ impl Operand<'_> {
     }
 }
 
-/// `dst [m, n] (row-major) = (dst if accumulate) + lhs [m, k] · rhs [k, n]`.
-fn gemm_into(dst: &mut [f32], accumulate: bool, [m, k, n]: [usize; 3], lhs: Operand, rhs: Operand) {
-    assert!(dst.len() >= m * n, "product output too small");
-    // Small products are not worth waking the other cores (burn-flex draws the same line).
-    let parallelism = if m * n * k >= 1 << 21 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the operands hold every element their shape and strides address (checked by
-    // the callers' shapes: contiguous `[m, k]`, `[k, n]` or `[n, k]` tensors), and `dst`
-    // holds `m * n` values and is not aliased.
+/// `dst [m, n] (row stride dst_rs) = (dst if accumulate) + lhs [m, k] · rhs [k, n]`. Without
+/// `accumulate` the product never reads `dst` (it may be uninitialised).
+///
+/// # Safety
+/// The operands hold every element their shape and strides address, `dst` every element
+/// of `m` rows of `n` at stride `dst_rs`, and nothing else accesses those meanwhile.
+unsafe fn gemm_raw(
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    [m, k, n]: [usize; 3],
+    lhs: Operand,
+    rhs: Operand,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: the caller's promise.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.values.as_ptr(),
             lhs.cs,
@@ -660,6 +701,78 @@ fn gemm_into(dst: &mut [f32], accumulate: bool, [m, k, n]: [usize; 3], lhs: Oper
             parallelism,
         );
     }
+}
+
+/// How many cores a product of this size gets: small ones are not worth waking the other
+/// cores for (burn-flex draws the same line).
+fn cores_for(m: usize, k: usize, n: usize) -> gemm::Parallelism {
+    if m * n * k >= 1 << 21 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `dst [m, n] (row-major) = (dst if accumulate) + lhs [m, k] · rhs [k, n]`, operands taken
+/// from contiguous tensors of those shapes.
+fn gemm_into(dst: &mut [f32], accumulate: bool, [m, k, n]: [usize; 3], lhs: Operand, rhs: Operand) {
+    assert!(dst.len() >= m * n, "product output too small");
+    // SAFETY: `dst` holds `m * n` values and is borrowed mutably; the callers' operands are
+    // whole `[m, k]` / `[k, n]` tensors (or their transposes).
+    unsafe {
+        gemm_raw(
+            dst.as_mut_ptr(),
+            n,
+            accumulate,
+            [m, k, n],
+            lhs,
+            rhs,
+            cores_for(m, k, n),
+        )
+    }
+}
+
+/// [`gemm_into`] for decoding: a few rows times a weight matrix is bound by reading the
+/// weights, and waking other threads for it costs more than it saves (measured: twice as
+/// slow at batch 1); only from 8 rows on do the cores share the product.
+pub(crate) fn gemm_rows(
+    dst: &mut [f32],
+    accumulate: bool,
+    [m, k, n]: [usize; 3],
+    lhs: Operand,
+    rhs: Operand,
+) {
+    assert!(dst.len() >= m * n, "product output too small");
+    let cores = if m < 8 {
+        gemm::Parallelism::None
+    } else {
+        cores_for(m, k, n)
+    };
+    // SAFETY: as in `gemm_into`.
+    unsafe { gemm_raw(dst.as_mut_ptr(), n, accumulate, [m, k, n], lhs, rhs, cores) }
+}
+
+/// A new product `lhs [m, k] · rhs [k, n]`, without zeroing its buffer first.
+fn product_of([m, k, n]: [usize; 3], lhs: Operand, rhs: Operand) -> Vec<f32> {
+    // SAFETY: a product that does not accumulate writes each of the m * n values.
+    unsafe {
+        written(m * n, |dst| {
+            gemm_raw(dst.at(0), n, false, [m, k, n], lhs, rhs, cores_for(m, k, n))
+        })
+    }
+}
+
+/// `n` values set by `write` through the pointer it is given, with no zeroing pass first
+/// (on the thread that allocates, before any parallel work: measurable on every output).
+///
+/// # Safety
+/// `write` writes all `n` values.
+unsafe fn written(n: usize, write: impl FnOnce(Shared)) -> Vec<f32> {
+    let mut values = Vec::with_capacity(n);
+    write(Shared(values.as_mut_ptr()));
+    // SAFETY: the caller's promise: every value was written.
+    unsafe { values.set_len(n) };
+    values
 }
 
 impl Product {
@@ -689,19 +802,18 @@ impl Product {
     /// `x · w + bias` from contiguous operands.
     fn forward(&self, x: &FlexTensor, w: &FlexTensor, bias: Option<&FlexTensor>) -> FlexTensor {
         let Self { m, k, n, .. } = *self;
-        let mut y = vec![0f32; m * n];
-        if let Some(bias) = bias {
-            let bias = &bias.storage::<f32>()[..n];
-            y.par_chunks_mut(n)
-                .for_each(|row| row.copy_from_slice(bias));
-        }
-        gemm_into(
-            &mut y,
-            bias.is_some(),
-            [m, k, n],
-            self.rows(x, k),
-            self.weight(w),
-        );
+        let (xs, ws) = (self.rows(x, k), self.weight(w));
+        let y = match bias {
+            None => product_of([m, k, n], xs, ws),
+            Some(bias) => {
+                let bias = &bias.storage::<f32>()[..n];
+                let mut y = vec![0f32; m * n];
+                y.par_chunks_mut(n)
+                    .for_each(|row| row.copy_from_slice(bias));
+                gemm_into(&mut y, true, [m, k, n], xs, ws);
+                y
+            }
+        };
         FlexTensor::from_data(TensorData::new(y, [m, n]))
     }
 }
@@ -751,19 +863,15 @@ impl Backward<Flex, 3> for ProductBackward {
         if let Some(node) = w_node {
             // The stored weight's gradient: `x^T · dy` `[k, n]`, or `dy^T · x` `[n, k]`.
             let xs = shape.rows(&x, k);
-            let mut dw = vec![0f32; k * n];
-            let stored = if transposed {
-                gemm_into(&mut dw, false, [n, m, k], g.transpose(), xs);
-                [n, k]
+            let (dw, stored) = if transposed {
+                (product_of([n, m, k], g.transpose(), xs), [n, k])
             } else {
-                gemm_into(&mut dw, false, [k, m, n], xs.transpose(), g);
-                [k, n]
+                (product_of([k, m, n], xs.transpose(), g), [k, n])
             };
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dw, stored)));
         }
         if let Some(node) = x_node {
-            let mut dx = vec![0f32; m * k];
-            gemm_into(&mut dx, false, [m, n, k], g, shape.weight(&w).transpose());
+            let dx = product_of([m, n, k], g, shape.weight(&w).transpose());
             grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(dx, [m, k])));
         }
     }
@@ -775,19 +883,22 @@ fn fused_product<C: CheckpointStrategy>(
     bias: Option<AutodiffTensor>,
     shape: Product,
 ) -> AutodiffTensor {
-    let n = shape.n;
-    let bias = bias.unwrap_or_else(|| {
-        // No bias: an untracked zero parent keeps the step's arity fixed (its gradient is
-        // never computed: untracked parents have no node).
-        let zeros = Tensor::<Autodiff<Flex>, 1>::zeros([n], &Default::default());
-        zeros.into_primitive().tensor()
-    });
     let xc = x.primitive.to_contiguous();
     let wc = w.primitive.to_contiguous();
-    let bc = bias.primitive.to_contiguous();
-    let y = shape.forward(&xc, &wc, Some(&bc));
+    let bc = bias.as_ref().map(|b| b.primitive.to_contiguous());
+    let y = shape.forward(&xc, &wc, bc.as_ref());
+    // No bias: an untracked zero parent keeps the step's arity fixed (untracked parents
+    // have no node, so its gradient is never computed).
+    let bias_node = match bias {
+        Some(b) => b.node,
+        None => {
+            let zeros = Tensor::<Autodiff<Flex>, 1>::zeros([shape.n], &Default::default());
+            let zeros: AutodiffTensor = zeros.into_primitive().tensor();
+            zeros.node
+        }
+    };
     let prep = ProductBackward
-        .prepare::<C>([x.node.clone(), w.node.clone(), bias.node.clone()])
+        .prepare::<C>([x.node.clone(), w.node.clone(), bias_node])
         .compute_bound()
         .stateful();
     match prep {
@@ -832,7 +943,7 @@ pub(crate) fn on_cpu<B: Backend>() -> bool {
 
 /// Moves a float primitive of `B` to the concrete type `T`, through `Any`: the caller has
 /// checked (with [`path`]) that `B`'s float primitive is `T`.
-fn to_concrete<B: Backend, T: 'static, const D: usize>(x: Tensor<B, D>) -> T {
+pub(crate) fn to_concrete<B: Backend, T: 'static, const D: usize>(x: Tensor<B, D>) -> T {
     let mut primitive = Some(x.into_primitive().tensor());
     (&mut primitive as &mut dyn Any)
         .downcast_mut::<Option<T>>()
@@ -841,7 +952,7 @@ fn to_concrete<B: Backend, T: 'static, const D: usize>(x: Tensor<B, D>) -> T {
 }
 
 /// The way back from [`to_concrete`].
-fn from_concrete<B: Backend, T: 'static, const D: usize>(x: T) -> Tensor<B, D> {
+pub(crate) fn from_concrete<B: Backend, T: 'static, const D: usize>(x: T) -> Tensor<B, D> {
     let x: Box<dyn Any> = Box::new(x);
     let x = *x
         .downcast::<FloatTensor<B>>()
@@ -976,7 +1087,7 @@ fn fused_ce<C: CheckpointStrategy>(
 
 /// burn's layer-norm epsilon (the default of every norm the model builds; its field is
 /// private, the test below checks that the fused norm matches burn's).
-const LAYER_NORM_EPS: f32 = 1e-5;
+pub(crate) const LAYER_NORM_EPS: f32 = 1e-5;
 
 /// Rows per block of the parameter-gradient sums: blocks are summed in parallel, then in
 /// order, so the result does not depend on how threads split the work.

@@ -12,7 +12,11 @@
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
+use burn_flex::FlexTensor;
+
 use crate::data::Specials;
+use crate::decode_cpu;
+use crate::fused::{from_concrete, to_concrete};
 use crate::model::{bias, linear, linear_rows, matmul, Seq2Seq};
 
 /// How one row picks its next token.
@@ -449,6 +453,59 @@ impl<B: Backend> Seq2Seq<B> {
         }
         matmul(self.dec_norm.forward(x), projection.clone())
     }
+
+    /// [`step`](Self::step) on the CPU in plain loops ([`decode_cpu`]), from the decoder's
+    /// weights taken out once per batch.
+    fn step_cpu(
+        &self,
+        weights: &decode_cpu::Weights,
+        state: &mut State<B>,
+        tokens: &[u32],
+        positions: &[usize],
+        src_lens: &[usize],
+    ) -> Tensor<B, 2> {
+        let device = state.device.clone();
+        let rows = tokens.len();
+        // The buffers move out of the state and back, so that the keys and values are
+        // written in place (a buffer held twice would be copied first).
+        let placeholder = Tensor::<B, 4>::zeros([1, 1, 1, 1], &device);
+        let take = |t: &mut Tensor<B, 4>| -> FlexTensor {
+            let t: FlexTensor = to_concrete(std::mem::replace(t, placeholder.clone()));
+            decode_cpu::dense(t)
+        };
+        let mut owned: Vec<[FlexTensor; 4]> = state
+            .layers
+            .iter_mut()
+            .map(|l| {
+                [
+                    take(&mut l.self_k),
+                    take(&mut l.self_v),
+                    take(&mut l.cross_k),
+                    take(&mut l.cross_v),
+                ]
+            })
+            .collect();
+        let logits = {
+            let mut buffers: Vec<decode_cpu::Buffers> = owned
+                .iter_mut()
+                .map(|[k, v, ck, cv]| decode_cpu::Buffers {
+                    self_k: k,
+                    self_v: v,
+                    cross_k: ck,
+                    cross_v: cv,
+                })
+                .collect();
+            decode_cpu::step(weights, &mut buffers, tokens, positions, src_lens)
+        };
+        for (l, [k, v, ck, cv]) in state.layers.iter_mut().zip(owned) {
+            l.self_k = from_concrete(k);
+            l.self_v = from_concrete(v);
+            l.cross_k = from_concrete(ck);
+            l.cross_v = from_concrete(cv);
+        }
+        let vocab = logits.len() / rows;
+        Tensor::from_data(TensorData::new(logits, [rows, vocab]), &device)
+    }
 }
 
 /// A row in a [`Batch`]: the caller's key, the request, what it has generated so far.
@@ -476,10 +533,18 @@ pub struct Batch<'m, B: Backend> {
     state: Option<State<B>>,
     /// One per row of the state, in its order; None is a hole.
     slots: Vec<Option<Live>>,
-    /// The tied output projection `[d_model, vocab]`, transposed once into its own
-    /// contiguous buffer: a product with the embedding's transposed view reads it strided,
-    /// and measured 1.4x (1 row) to 1.5x (16 rows) slower on the CPU.
-    projection: Tensor<B, 2>,
+    stepper: Stepper<B>,
+}
+
+/// How a batch computes its decoding steps.
+enum Stepper<B: Backend> {
+    /// The CPU's own step, from the decoder's weights (f32 flex models with ReLU layers).
+    Cpu(Box<decode_cpu::Weights>),
+    /// burn's operations, with the tied output projection `[d_model, vocab]` transposed
+    /// once into its own contiguous buffer: burn's product with the embedding's transposed
+    /// view reads it strided, and measured 1.4x (1 row) to 1.5x (16 rows) slower on the
+    /// CPU.
+    Generic(Tensor<B, 2>),
 }
 
 /// A row that finished: its key, its tokens, and why.
@@ -487,15 +552,20 @@ pub type Finished = (usize, Vec<u32>, Finish);
 
 impl<'m, B: Backend> Batch<'m, B> {
     pub fn new(model: &'m Seq2Seq<B>, specials: &'m Specials, device: &B::Device) -> Self {
-        let projection =
-            Tensor::from_data(model.embed.weight.val().transpose().into_data(), device);
+        let stepper = match decode_cpu::Weights::of(model) {
+            Some(weights) => Stepper::Cpu(Box::new(weights)),
+            None => Stepper::Generic(Tensor::from_data(
+                model.embed.weight.val().transpose().into_data(),
+                device,
+            )),
+        };
         Batch {
             model,
             specials,
             device: device.clone(),
             state: None,
             slots: Vec::new(),
-            projection,
+            stepper,
         }
     }
 
@@ -592,9 +662,14 @@ impl<'m, B: Backend> Batch<'m, B> {
         let positions: Vec<usize> = live.iter().map(|l| l.out.len()).collect();
         let max_len = self.model.max_len();
         let src_lens: Vec<usize> = live.iter().map(|l| l.row.src.len().min(max_len)).collect();
-        let logits = self
-            .model
-            .step(state, &tokens, &positions, &src_lens, &self.projection);
+        let logits = match &self.stepper {
+            Stepper::Cpu(weights) => {
+                (self.model).step_cpu(weights, state, &tokens, &positions, &src_lens)
+            }
+            Stepper::Generic(projection) => {
+                (self.model).step(state, &tokens, &positions, &src_lens, projection)
+            }
+        };
         let vocab = logits.dims()[1];
         let flat: Vec<f32> = logits
             .into_data()
@@ -902,6 +977,29 @@ mod tests {
         use burn::module::AutodiffModule;
         let model = Seq2Seq::<Autodiff<Flex>>::from_inner(tiny().0);
         rows_join_a_running_batch_and_decode_like_each_alone(&model);
+    }
+
+    #[test]
+    fn the_cpu_step_decodes_like_burns_operations() {
+        // On the autodiff backend (not flex itself) a batch takes the generic step.
+        use burn::backend::Autodiff;
+        use burn::module::AutodiffModule;
+        let (model, sp) = tiny();
+        let generic = Seq2Seq::<Autodiff<Flex>>::from_inner(model.clone());
+        let rows: Vec<Row> = [
+            vec![5, 6, 7, 8, 9],
+            vec![11, 3],
+            vec![20, 21, 22, 23, 24, 25, 26],
+        ]
+        .into_iter()
+        .map(|src| greedy(src, 20))
+        .collect();
+        let device = Default::default();
+        let ours = generate(&model, &sp, &rows, &device, |_, _| Next::Continue);
+        let burns = generate(&generic, &sp, &rows, &device, |_, _| Next::Continue);
+        assert!(decode_cpu::Weights::of(&model).is_some());
+        assert!(decode_cpu::Weights::of(&generic).is_none());
+        assert_eq!(ours, burns);
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod artifact;
 mod chart;
 pub mod compute;
 pub mod data;
+mod decode_cpu;
 pub mod evaluate;
 mod fused;
 pub mod generate;
