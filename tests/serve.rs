@@ -43,7 +43,9 @@ stages:
       enc_layers: 1
       dec_layers: 1
       d_ff: 64
-      max_len: 256
+      # Long enough that an abandoned stream (below) can be seen to stop early: this
+      # model decodes a token in microseconds.
+      max_len: 2048
       batch: 8
       steps: 10
       warmup: 2
@@ -177,7 +179,7 @@ async fn every_route_answers() {
     let info = j(&b);
     assert_eq!(s, StatusCode::OK);
     assert_eq!(info["model_id"], "tiny");
-    assert_eq!(info["max_input_tokens"], 256);
+    assert_eq!(info["max_input_tokens"], 2048);
 
     let (s, _, b) = call(&app, "POST", "/generate", Some(r#"{"inputs": "A fool and his money", "parameters": {"max_new_tokens": 12, "details": true, "author": "Nobody Known"}}"#)).await;
     assert_eq!(s, StatusCode::OK, "{b}");
@@ -532,6 +534,7 @@ async fn a_full_queue_answers_429_and_a_gone_client_frees_its_slot() {
     let app = app(ServeOptions {
         max_batch: 1,
         queue: 1,
+        max_new_tokens: Some(2000),
         ..opts()
     });
     let body = r#"{"inputs": "x", "parameters": {"max_new_tokens": 200, "details": true}}"#;
@@ -571,7 +574,7 @@ async fn a_full_queue_answers_429_and_a_gone_client_frees_its_slot() {
         .uri("/generate_stream")
         .header("content-type", "application/json")
         .body(Body::from(
-            r#"{"inputs": "x", "parameters": {"max_new_tokens": 200}}"#,
+            r#"{"inputs": "x", "parameters": {"max_new_tokens": 2000}}"#,
         ))
         .unwrap();
     let resp = app.clone().oneshot(req).await.unwrap();
@@ -589,8 +592,10 @@ async fn a_full_queue_answers_429_and_a_gone_client_frees_its_slot() {
     .await;
     assert_eq!(s, StatusCode::OK);
     let after = tokens(&call(&app, "GET", "/metrics", None).await.2);
+    // The decoder runs ahead of the reader (a few hundred tokens of this tiny model before
+    // the drop reaches it), but not to the end of the 2000 it was asked for.
     assert!(
-        after - before < 150.0,
+        after - before < 1000.0,
         "the abandoned stream went on: {before} → {after}"
     );
 }
