@@ -181,6 +181,12 @@ async fn every_route_answers() {
     assert_eq!(info["model_id"], "tiny");
     assert_eq!(info["max_input_tokens"], 2048);
 
+    // `ignore_eos` (vLLM's parameter, for benchmarks): every token asked for, whatever comes.
+    let (s, _, b) = call(&app, "POST", "/generate", Some(r#"{"inputs": "x", "parameters": {"max_new_tokens": 20, "details": true, "ignore_eos": true}}"#)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(j(&b)["details"]["generated_tokens"], 20, "{b}");
+    assert_eq!(j(&b)["details"]["finish_reason"], "length", "{b}");
+
     let (s, _, b) = call(&app, "POST", "/generate", Some(r#"{"inputs": "A fool and his money", "parameters": {"max_new_tokens": 12, "details": true, "author": "Nobody Known"}}"#)).await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let g = j(&b);

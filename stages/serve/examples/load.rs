@@ -57,7 +57,7 @@ async fn main() {
             while Instant::now() < deadline && sent.fetch_add(1, Ordering::SeqCst) < max_requests {
                 let body = serde_json::json!({
                     "inputs": prompts[i % prompts.len()],
-                    "parameters": {"max_new_tokens": max_new, "details": true}
+                    "parameters": {"max_new_tokens": max_new, "details": true, "ignore_eos": true}
                 });
                 i += clients;
                 let t = Instant::now();

@@ -250,6 +250,9 @@ pub struct Parameters {
     pub best_of: Option<i64>,
     pub author: Option<String>,
     pub lang: Option<String>,
+    /// Decode all `max_new_tokens` even past the end-of-text token (as vLLM's parameter of
+    /// that name): for benchmarks that need a fixed length.
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -409,7 +412,7 @@ impl AppState {
                 src: prompt_ids,
                 sampling,
                 max_new_tokens: max_new as usize,
-                ignore_eos: false,
+                ignore_eos: p.ignore_eos,
             },
             stop: p.stop.clone(),
             warnings,

@@ -30,6 +30,7 @@ pub fn openapi() -> Value {
             "stop": {"type": "array", "items": {"type": "string"}},
             "details": {"type": "boolean"},
             "do_sample": {"type": "boolean"},
+            "ignore_eos": {"type": "boolean", "default": false, "description": "decode all max_new_tokens, past the end-of-text token (for benchmarks)"},
             "author": {"type": "string", "description": "author control token; unknown authors fall back to `other` (the reply says so)"},
             "lang": {"type": "string", "enum": ["en", "ru"], "description": "language control token; guessed from the script when absent"}
         }
