@@ -1,6 +1,8 @@
 //! One decoding step for every row of a batch, on the CPU, in plain loops over the weights
 //! and the key/value buffers (the generic step in `generate.rs` is the reference; the tests
-//! there decode through both and compare).
+//! there decode through both and compare tokens). Its logits equal the generic step's up to
+//! rounding (sums in another order, Cephes' exponential, a two-pass norm), so tokens agree
+//! except where two logits tie within a few units in the last place.
 //!
 //! At batch 1 a step is bound by reading the weights (22 MB for `mini`, at most about
 //! 27 GB/s on one core here), and the generic step added about 40% on top: some fifty burn
@@ -70,11 +72,14 @@ fn flex<B: Backend, const D: usize>(x: Tensor<B, D>) -> Option<FlexTensor> {
         return None;
     }
     let primitive: Box<dyn Any> = Box::new(x.into_primitive().tensor());
-    primitive.downcast::<FlexTensor>().ok().map(|t| dense(*t))
+    primitive
+        .downcast::<FlexTensor>()
+        .ok()
+        .map(|t| from_start(*t))
 }
 
 /// `x` contiguous from the start of its buffer (copied only where it is not).
-pub(crate) fn dense(x: FlexTensor) -> FlexTensor {
+pub(crate) fn from_start(x: FlexTensor) -> FlexTensor {
     let n = x.layout().num_elements();
     if x.layout().contiguous_offsets() == Some((0, n)) {
         x
@@ -241,6 +246,11 @@ pub(crate) fn step(
             buf.self_v.storage_mut::<f32>(),
         );
         for (r, &p) in positions.iter().enumerate() {
+            // Beyond the buffer, a write would land in the next row's keys.
+            assert!(
+                p < capacity,
+                "position {p} beyond the key/value buffer ({capacity})"
+            );
             for head in 0..h {
                 let at = ((r * h + head) * capacity + p) * dk;
                 let from = r * d + head * dk;
@@ -279,7 +289,9 @@ pub(crate) fn step(
                     &q[at..at + dk],
                     &keys[lane..],
                     &values[lane..],
-                    len.min(s),
+                    // No source positions at all: burn's step masks every one, which
+                    // shifts them all alike and so attends over all of them.
+                    if len == 0 { s } else { len.min(s) },
                     scale,
                     &mut scores,
                     &mut context[at..at + dk],

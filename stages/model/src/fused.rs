@@ -68,7 +68,11 @@ pub fn attention<B: Backend>(
     let [b, t, d] = q.dims();
     let [kb, s, kd] = k.dims();
     let [bb, one, bt, bs] = bias.dims();
-    let fits = kb == b
+    let fits = b > 0
+        && t > 0
+        && s > 0
+        && heads > 0
+        && kb == b
         && kd == d
         && v.dims() == [b, s, d]
         && d % heads == 0
@@ -165,8 +169,8 @@ struct Attended {
     p: Option<Vec<f32>>,
 }
 
-/// A base pointer shared by the tasks of one step, each of which writes only its own head's
-/// columns of its own batch row.
+/// A base pointer shared by the tasks of one step, each of which writes only its own part:
+/// its (batch, head) slice of the scores, or its head's columns of its batch row.
 #[derive(Clone, Copy)]
 struct Shared(*mut f32);
 // SAFETY: the tasks given one `Shared` write disjoint elements (see its uses).
@@ -212,6 +216,8 @@ impl Heads {
         lhs: Operand,
         rhs: Operand,
     ) {
+        lhs.check(len, inner);
+        rhs.check(inner, self.dk);
         let offset = bi * len * self.d() + hh * self.dk;
         let shape = [len, inner, self.dk];
         // SAFETY: the head's elements lie inside the buffer; the caller owns them alone.
@@ -644,6 +650,17 @@ pub(crate) struct Operand<'a> {
 }
 
 impl<'a> Operand<'a> {
+    /// Panics unless the operand holds every element of a `rows` x `cols` matrix at its
+    /// strides: what makes the products below safe to call with any operands.
+    fn check(&self, rows: usize, cols: usize) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        assert!(self.rs >= 0 && self.cs >= 0, "negative strides");
+        let last = (rows - 1) * self.rs as usize + (cols - 1) * self.cs as usize;
+        assert!(last < self.values.len(), "a product's operand is too short");
+    }
+
     /// Contiguous rows of `width` values.
     pub(crate) fn rows(values: &'a [f32], width: usize) -> Self {
         Self {
@@ -713,12 +730,13 @@ fn cores_for(m: usize, k: usize, n: usize) -> gemm::Parallelism {
     }
 }
 
-/// `dst [m, n] (row-major) = (dst if accumulate) + lhs [m, k] · rhs [k, n]`, operands taken
-/// from contiguous tensors of those shapes.
+/// `dst [m, n] (row-major) = (dst if accumulate) + lhs [m, k] · rhs [k, n]`.
 fn gemm_into(dst: &mut [f32], accumulate: bool, [m, k, n]: [usize; 3], lhs: Operand, rhs: Operand) {
     assert!(dst.len() >= m * n, "product output too small");
-    // SAFETY: `dst` holds `m * n` values and is borrowed mutably; the callers' operands are
-    // whole `[m, k]` / `[k, n]` tensors (or their transposes).
+    lhs.check(m, k);
+    rhs.check(k, n);
+    // SAFETY: `dst` holds `m * n` values and is borrowed mutably; the operands were checked
+    // to cover their shapes.
     unsafe {
         gemm_raw(
             dst.as_mut_ptr(),
@@ -743,6 +761,8 @@ pub(crate) fn gemm_rows(
     rhs: Operand,
 ) {
     assert!(dst.len() >= m * n, "product output too small");
+    lhs.check(m, k);
+    rhs.check(k, n);
     let cores = if m < 8 {
         gemm::Parallelism::None
     } else {
@@ -754,6 +774,8 @@ pub(crate) fn gemm_rows(
 
 /// A new product `lhs [m, k] · rhs [k, n]`, without zeroing its buffer first.
 fn product_of([m, k, n]: [usize; 3], lhs: Operand, rhs: Operand) -> Vec<f32> {
+    lhs.check(m, k);
+    rhs.check(k, n);
     // SAFETY: a product that does not accumulate writes each of the m * n values.
     unsafe {
         written(m * n, |dst| {

@@ -289,9 +289,9 @@ pub(crate) fn linear_rows<B: Backend>(layer: &Linear<B>, x: Tensor<B, 2>) -> Ten
 }
 
 /// What masking adds to an attention score where attention is not allowed (the value burn
-/// masks with, rather than -inf; `generate`'s decoding step adds the same biases, so cached
-/// and uncached decoding stay numerically alike): its weight after the softmax is exactly 0
-/// in f32.
+/// masks with, rather than -inf; `generate`'s generic decoding step adds the same biases, and
+/// the CPU's leaves those positions out, which comes to the same): its weight after the
+/// softmax is exactly 0 in f32.
 const MASK_BIAS: f32 = -1.0e4;
 
 /// A mask (true: not allowed) as scores' bias: 0 where allowed, [`MASK_BIAS`] where not.

@@ -4,8 +4,9 @@
 //! running float sum has to add in order, one value at a time). Every result depends only
 //! on the values, never on threads or vector width: the lanes are a fixed order of adds.
 
-/// Values below this have an exponential under f32's smallest normal: taken as 0, so that
-/// masked attention scores (biased by -1e4) weigh exactly nothing, as with `expf`.
+/// Values below this have an exponential at or under f32's smallest normal (e^-87.34):
+/// taken as 0, so that masked attention scores (biased by -1e4) weigh exactly nothing, as
+/// with `expf`.
 const EXP_LOW: f32 = -87.3;
 /// Above this the exponential overflows f32.
 const EXP_HIGH: f32 = 88.7;
