@@ -13,8 +13,6 @@
 //! over a few hundred values in cache. Used for f32 weights and ReLU feed-forward layers
 //! (the models `train` makes); others keep the generic step.
 
-use std::any::Any;
-
 use burn::module::Param;
 use burn::nn::activation::Activation;
 use burn::nn::{LayerNorm, Linear};
@@ -22,7 +20,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use burn_flex::FlexTensor;
 
-use crate::fused::{gemm_rows, Operand, LAYER_NORM_EPS};
+use crate::fused::{from_start, gemm_into, try_concrete, Operand, LAYER_NORM_EPS};
 use crate::model::Seq2Seq;
 use crate::rowmath;
 
@@ -71,40 +69,27 @@ fn flex<B: Backend, const D: usize>(x: Tensor<B, D>) -> Option<FlexTensor> {
     if x.dtype() != DType::F32 {
         return None;
     }
-    let primitive: Box<dyn Any> = Box::new(x.into_primitive().tensor());
-    primitive
-        .downcast::<FlexTensor>()
-        .ok()
-        .map(|t| from_start(*t))
-}
-
-/// `x` contiguous from the start of its buffer (copied only where it is not).
-pub(crate) fn from_start(x: FlexTensor) -> FlexTensor {
-    let n = x.layout().num_elements();
-    if x.layout().contiguous_offsets() == Some((0, n)) {
-        x
-    } else {
-        let c = x.to_contiguous();
-        let values = c.storage::<f32>()[c.layout().start_offset()..][..n].to_vec();
-        FlexTensor::from_data(TensorData::new(values, x.layout().shape().clone()))
-    }
+    try_concrete::<B, FlexTensor, D>(x).map(from_start)
 }
 
 fn param<B: Backend, const D: usize>(p: &Param<Tensor<B, D>>) -> Option<FlexTensor> {
     flex(p.val())
 }
 
+/// An optional parameter (a bias): Some(None) when absent, None when present but not flex's.
+fn optional<B: Backend>(p: &Option<Param<Tensor<B, 1>>>) -> Option<Option<FlexTensor>> {
+    match p {
+        Some(p) => param(p).map(Some),
+        None => Some(None),
+    }
+}
+
 impl Dense {
     fn of<B: Backend>(l: &Linear<B>) -> Option<Self> {
-        let d_out = l.weight.dims()[1];
-        let b = match &l.bias {
-            Some(b) => Some(param(b)?),
-            None => None,
-        };
         Some(Dense {
             w: param(&l.weight)?,
-            b,
-            d_out,
+            b: optional(&l.bias)?,
+            d_out: l.weight.dims()[1],
         })
     }
 
@@ -118,20 +103,16 @@ impl Dense {
         };
         let lhs = Operand::rows(x, d_in);
         let rhs = Operand::rows(&self.w.storage::<f32>()[..d_in * n], n);
-        gemm_rows(&mut y, true, [rows, d_in, n], lhs, rhs);
+        gemm_into(&mut y, true, [rows, d_in, n], lhs, rhs);
         y
     }
 }
 
 impl Norm {
     fn of<B: Backend>(n: &LayerNorm<B>) -> Option<Self> {
-        let beta = match &n.beta {
-            Some(b) => Some(param(b)?),
-            None => None,
-        };
         Some(Norm {
             gamma: param(&n.gamma)?,
-            beta,
+            beta: optional(&n.beta)?,
         })
     }
 
@@ -310,7 +291,7 @@ pub(crate) fn step(
     let mut logits = vec![0f32; rows * vocab];
     let lhs = Operand::rows(&hidden, d);
     let rhs = Operand::rows(&w.embedding.storage::<f32>()[..vocab * d], d).transpose();
-    gemm_rows(&mut logits, false, [rows, d, vocab], lhs, rhs);
+    gemm_into(&mut logits, false, [rows, d, vocab], lhs, rhs);
     logits
 }
 

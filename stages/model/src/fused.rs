@@ -93,12 +93,8 @@ pub fn attention<B: Backend>(
         key: s,
         dk: d / heads,
         root,
-        bias: Rows {
-            heads,
-            query: t,
-            bias_per_batch: bb > 1,
-            bias_per_query: bt > 1,
-        },
+        bias_per_batch: bb > 1,
+        bias_per_query: bt > 1,
     };
     Ok(match path {
         Path::Forward => {
@@ -131,33 +127,9 @@ struct Heads {
     key: usize,
     dk: usize,
     root: f32,
-    bias: Rows,
-}
-
-/// How the rows of the scores (`[batch, heads, query]` flattened) map to rows of the bias.
-#[derive(Clone, Copy, Debug)]
-struct Rows {
-    heads: usize,
-    query: usize,
+    /// The bias has a row per batch row / per query position (else one, broadcast).
     bias_per_batch: bool,
     bias_per_query: bool,
-}
-
-impl Rows {
-    /// The bias row added to scores row `r`.
-    fn bias_row(&self, r: usize) -> usize {
-        let batch = if self.bias_per_batch {
-            r / (self.heads * self.query)
-        } else {
-            0
-        };
-        let query = if self.bias_per_query {
-            r % self.query
-        } else {
-            0
-        };
-        batch * if self.bias_per_query { self.query } else { 1 } + query
-    }
 }
 
 /// What the forward pass computes and the backward pass needs.
@@ -190,6 +162,16 @@ impl Shared {
 }
 
 impl Heads {
+    /// The bias row added to query `ti`'s scores in batch row `bi`.
+    fn bias_row(&self, bi: usize, ti: usize) -> usize {
+        let batch = if self.bias_per_batch { bi } else { 0 };
+        if self.bias_per_query {
+            batch * self.query + ti
+        } else {
+            batch
+        }
+    }
+
     fn d(&self) -> usize {
         self.heads * self.dk
     }
@@ -274,7 +256,7 @@ impl Heads {
                 std::slice::from_raw_parts_mut(at, area)
             };
             for (ti, row) in scores.chunks_mut(s).enumerate() {
-                let add = &bias[self.bias.bias_row(slice * t + ti) * s..][..s];
+                let add = &bias[self.bias_row(bi, ti) * s..][..s];
                 rowmath::softmax(row, add, 1.0 / self.root);
             }
             let weights: &[f32] = match (ps, mask) {
@@ -540,15 +522,22 @@ fn masked(x: FlexTensor, mask: KeepMask) -> FlexTensor {
     x
 }
 
+/// `x` contiguous from the start of its buffer (copied only where it is not).
+pub(crate) fn from_start(x: FlexTensor) -> FlexTensor {
+    let n = x.layout().num_elements();
+    if x.layout().contiguous_offsets() == Some((0, n)) {
+        return x;
+    }
+    let c = x.to_contiguous();
+    let values = c.storage::<f32>()[c.layout().start_offset()..][..n].to_vec();
+    FlexTensor::from_data(TensorData::new(values, x.layout().shape().clone()))
+}
+
 /// `x` contiguous from offset 0 and held by this step alone, so that it can be overwritten.
 fn owned(x: FlexTensor) -> FlexTensor {
-    let n = x.layout().num_elements();
-    let mut x = if x.layout().contiguous_offsets() == Some((0, n)) {
-        x
-    } else {
-        x.to_contiguous()
-    };
+    let mut x = from_start(x);
     if x.try_storage_mut::<f32>().is_none() {
+        let n = x.layout().num_elements();
         let copy = x.storage::<f32>()[..n].to_vec();
         x = FlexTensor::from_data(TensorData::new(copy, x.layout().shape().clone()));
     }
@@ -721,9 +710,11 @@ unsafe fn gemm_raw(
 }
 
 /// How many cores a product of this size gets: small ones are not worth waking the other
-/// cores for (burn-flex draws the same line).
+/// cores for (burn-flex draws the same line), nor are products of a few rows (decoding),
+/// which are bound by reading the weights: waking a second core for those cost more than it
+/// saved (measured: twice as slow at batch 1).
 fn cores_for(m: usize, k: usize, n: usize) -> gemm::Parallelism {
-    if m * n * k >= 1 << 21 {
+    if m >= 8 && m * n * k >= 1 << 21 {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
@@ -731,7 +722,13 @@ fn cores_for(m: usize, k: usize, n: usize) -> gemm::Parallelism {
 }
 
 /// `dst [m, n] (row-major) = (dst if accumulate) + lhs [m, k] · rhs [k, n]`.
-fn gemm_into(dst: &mut [f32], accumulate: bool, [m, k, n]: [usize; 3], lhs: Operand, rhs: Operand) {
+pub(crate) fn gemm_into(
+    dst: &mut [f32],
+    accumulate: bool,
+    [m, k, n]: [usize; 3],
+    lhs: Operand,
+    rhs: Operand,
+) {
     assert!(dst.len() >= m * n, "product output too small");
     lhs.check(m, k);
     rhs.check(k, n);
@@ -748,28 +745,6 @@ fn gemm_into(dst: &mut [f32], accumulate: bool, [m, k, n]: [usize; 3], lhs: Oper
             cores_for(m, k, n),
         )
     }
-}
-
-/// [`gemm_into`] for decoding: a few rows times a weight matrix is bound by reading the
-/// weights, and waking other threads for it costs more than it saves (measured: twice as
-/// slow at batch 1); only from 8 rows on do the cores share the product.
-pub(crate) fn gemm_rows(
-    dst: &mut [f32],
-    accumulate: bool,
-    [m, k, n]: [usize; 3],
-    lhs: Operand,
-    rhs: Operand,
-) {
-    assert!(dst.len() >= m * n, "product output too small");
-    lhs.check(m, k);
-    rhs.check(k, n);
-    let cores = if m < 8 {
-        gemm::Parallelism::None
-    } else {
-        cores_for(m, k, n)
-    };
-    // SAFETY: as in `gemm_into`.
-    unsafe { gemm_raw(dst.as_mut_ptr(), n, accumulate, [m, k, n], lhs, rhs, cores) }
 }
 
 /// A new product `lhs [m, k] · rhs [k, n]`, without zeroing its buffer first.
@@ -814,11 +789,7 @@ impl Product {
     }
 
     fn rows<'a>(&self, x: &'a FlexTensor, width: usize) -> Operand<'a> {
-        Operand {
-            values: &x.storage::<f32>()[..self.m * width],
-            rs: width as isize,
-            cs: 1,
-        }
+        Operand::rows(&x.storage::<f32>()[..self.m * width], width)
     }
 
     /// `x · w + bias` from contiguous operands.
@@ -966,11 +937,15 @@ pub(crate) fn on_cpu<B: Backend>() -> bool {
 /// Moves a float primitive of `B` to the concrete type `T`, through `Any`: the caller has
 /// checked (with [`path`]) that `B`'s float primitive is `T`.
 pub(crate) fn to_concrete<B: Backend, T: 'static, const D: usize>(x: Tensor<B, D>) -> T {
+    try_concrete(x).expect("a float primitive of the backend checked")
+}
+
+/// [`to_concrete`] where `B`'s float primitive may not be `T`: None then.
+pub(crate) fn try_concrete<B: Backend, T: 'static, const D: usize>(x: Tensor<B, D>) -> Option<T> {
     let mut primitive = Some(x.into_primitive().tensor());
     (&mut primitive as &mut dyn Any)
         .downcast_mut::<Option<T>>()
         .and_then(Option::take)
-        .expect("a float primitive of the backend checked")
 }
 
 /// The way back from [`to_concrete`].
@@ -1030,8 +1005,8 @@ fn ce_forward(x: &FlexTensor, targets: &[i64], smoothing: f32) -> (Vec<f32>, Vec
     let rows: Vec<(f32, f32)> = x.storage::<f32>()[..targets.len() * vocab]
         .par_chunks(vocab)
         .zip(targets.par_iter())
-        .map_init(Vec::new, |scratch, (row, &target)| {
-            let lse = rowmath::log_sum_exp(row, scratch);
+        .map(|(row, &target)| {
+            let lse = rowmath::log_sum_exp(row);
             let mean = rowmath::sum(row) / vocab as f32;
             let nll = lse - row[target as usize];
             ((1.0 - smoothing) * nll + smoothing * (lse - mean), lse)

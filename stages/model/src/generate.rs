@@ -471,7 +471,7 @@ impl<B: Backend> Seq2Seq<B> {
         let placeholder = Tensor::<B, 4>::zeros([1, 1, 1, 1], &device);
         let take = |t: &mut Tensor<B, 4>| -> FlexTensor {
             let t: FlexTensor = to_concrete(std::mem::replace(t, placeholder.clone()));
-            decode_cpu::from_start(t)
+            crate::fused::from_start(t)
         };
         let mut owned: Vec<[FlexTensor; 4]> = state
             .layers
