@@ -19,10 +19,11 @@
 # again, alone, from its cache (the warm-up a second run pays, which the train issue asks to
 # be under 10 s, and the throughput), `mini` bf16 also with gradient checkpointing; (3) the
 # PyTorch reference on the same GPU (fp32 eager, bf16 autocast, bf16 compiled unless
-# TORCH_COMPILE=0; greedy generation for `mini`); (4) the whole pipeline (pipelines/full.yaml,
-# the real corpus, `device: auto` picking the GPU for training, evaluation on the GPU, 300
-# training steps) through `orchestrate run`, then `orchestrate serve --device cuda` on what it
-# deployed. A first version ran everything one at a time: a fresh machine spent 172 s on
+# TORCH_COMPILE=0; greedy generation for `mini`); beside them from the start, (4) `pipeline`:
+# the whole pipeline (pipelines/full.yaml, the real corpus, `device: auto` picking the GPU for
+# training, 300 steps) through `orchestrate run`, and (5) `quantized`: every quantized
+# variant evaluated on the GPU and served from it (and from the CPU, to compare their
+# tokens). A first version ran everything one at a time: a fresh machine spent 172 s on
 # `mini`'s cold warm-up alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,9 +70,9 @@ deadline=$((SECONDS + budget))
 res=${RESULTS:-bench/results/gpu}
 mkdir -p "$res"
 # ONLY: the checks to run (default all): mini-fp32 mini-bf16 spec512-fp32 spec512-bf16
-# generate generate-cached torch-mini torch-spec512 profile pipeline. TORCH_COMPILE=0 skips torch.compile (its
+# generate generate-cached torch-mini torch-spec512 profile pipeline quantized. TORCH_COMPILE=0 skips torch.compile (its
 # compilation takes a minute or more per preset).
-only=${ONLY:-mini-fp32 mini-bf16 spec512-fp32 spec512-bf16 generate torch-mini torch-spec512 profile pipeline}
+only=${ONLY:-mini-fp32 mini-bf16 spec512-fp32 spec512-bf16 generate torch-mini torch-spec512 profile pipeline quantized}
 want() { [[ " $only " == *" $1 "* ]]; }
 # Kernel caches: one per check, so the cold runs can go side by side; seeded from
 # bench/bin/kernels.tgz (a cache an earlier call brought back) where there is one.
@@ -139,6 +140,70 @@ if '$model' == 'mini-8m':
 } >"$res/machine.txt" 2>&1
 cat "$res/machine.txt"
 
+# The real corpus where `pipelines/full.yaml` reads it.
+if [ -d "$bin/fortunes" ]; then
+    mkdir -p /usr/share/games && rm -rf /usr/share/games/fortunes && cp -r "$bin/fortunes" /usr/share/games/fortunes
+fi
+
+# `quantized`: each variant of a model (fp32, int8, fp16, dynamic) evaluated and served on
+# the GPU. The pipeline trains a short model on the CPU (the GPU's compile time is the
+# `pipeline` check's subject, not this one's), quantizes it, evaluates every variant on
+# CUDA (fewer records and timed runs than the default: kernels compile per shape), then each
+# variant is served with `--device cuda` and with `--device cpu` for one greedy generation
+# with token ids and log-probabilities (quantized.jsonl), so the two devices can be compared.
+quantized_check() {
+    local store=file:///tmp/orchestrate-quantized port=8100
+    ORCHESTRATE_KERNEL_CACHE="$caches/quantized" within 420 "$bin/orchestrate-cuda" run pipelines/full.yaml \
+        --no-serve --store "$store" --set model.resources.device=cpu --set model.with.steps=60 \
+        --set model.with.eval_every=30 --set model.with.checkpoint_every=60 \
+        --set evaluation.resources.device=cuda --set evaluation.with.max_records=64 \
+        --set evaluation.with.latency_runs=5 --set evaluation.with.prompts=4 \
+        --set evaluation.with.gate.max_ppl_increase=1.0 >"$res/quantized.log" 2>&1
+    echo "pipeline exit $?" >>"$res/quantized.log"
+    for variant in model int8 fp16 dynamic; do
+        for device in cuda cpu; do
+            port=$((port + 1))
+            ORCHESTRATE_KERNEL_CACHE="$caches/quantized" "$bin/orchestrate-cuda" serve "$variant" --store "$store" \
+                --device "$device" --port "$port" >>"$res/quantized.log" 2>&1 &
+            local pid=$! started=$SECONDS
+            for _ in $(seq 120); do
+                curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+                kill -0 "$pid" 2>/dev/null || break # it exited: its error is in the log
+                sleep 0.5
+            done
+            local answer
+            answer=$(within 120 curl -s -X POST "http://127.0.0.1:$port/generate" -H 'content-type: application/json' \
+                -d '{"inputs": "The meaning of life is", "parameters": {"max_new_tokens": 16, "ignore_eos": true, "details": true}}')
+            echo "{\"variant\": \"$variant\", \"device\": \"$device\", \"seconds\": $((SECONDS - started)), \"answer\": ${answer:-null}}" >>"$res/quantized.jsonl"
+            kill "$pid" 2>/dev/null
+            wait "$pid" 2>/dev/null
+        done
+    done
+}
+
+# `pipeline`: the product itself, the real corpus through every stage with training on the
+# GPU (`device: auto`; 300 steps), evaluation on the CPU.
+pipeline_check() {
+    ORCHESTRATE_KERNEL_CACHE="$caches/pipeline" within 600 "$bin/orchestrate-cuda" run pipelines/full.yaml \
+        --no-serve --store file:///tmp/orchestrate-pipeline \
+        --set model.with.steps=300 --set model.with.eval_every=100 --set model.with.checkpoint_every=100 \
+        --set evaluation.resources.device=cpu >"$res/pipeline.log" 2>&1
+    echo "pipeline exit $?" >>"$res/pipeline.log"
+}
+
+# The two pipeline checks start first and run beside the benches: most of their time is
+# CPU work (stages on the CPU, NVRTC compiling kernels) on a machine with cores to spare.
+# Each has its own kernel cache, seeded like the benches' (same model, same operations).
+for c in pipeline quantized; do
+    mkdir -p "$caches/$c"
+    [ -f "$bin/kernels.tgz" ] && tar -xzf "$bin/kernels.tgz" -C "$caches/$c" --strip-components=1
+done
+background=()
+if [ -d "$bin/fortunes" ]; then
+    want quantized && { quantized_check & background+=($!); }
+    want pipeline && { pipeline_check & background+=($!); }
+fi
+
 # Phase 1, cold: every selected check once, side by side, each compiling and autotuning its
 # kernels into its own cache (on one check at a time this took 172 s for `mini` fp32).
 # Their step times overlap each other's compilation: only the warm-up is read from here.
@@ -159,45 +224,17 @@ for c in "${names[@]}"; do
     [ "$c" = mini-bf16 ] && ours mini-bf16-ckpt-warm "$c" 90 mini-bf16-ckpt 20
 done
 # Where a warm `mini` fp32 step's GPU time goes: CubeCL's own per-kernel timings (each
-# kernel timed alone, so the step runs slower; the table is written at every sync, the last
-# one is kept), beside the step's unprofiled wall time from phase 2.
+# kernel timed alone, so the step runs slower), beside the step's unprofiled wall time from phase 2.
 if want profile && want mini-fp32; then
     within 120 env ORCHESTRATE_KERNEL_CACHE="$caches/mini-fp32" CUBECL_DEBUG_LOG="$caches/profile.log" \
         CUBECL_DEBUG_OPTION=profile $(check mini-fp32 4) >/dev/null 2>>"$res/stderr.txt"
-    # The last table: from its last header line to the end.
-    awk '/Name/ {n = NR} {line[NR] = $0} END {for (i = n; i <= NR; i++) print line[i]}' \
-        "$caches/profile.log" >"$res/profile.txt" 2>/dev/null
+    # Its format is CubeCL's own: keep the end of the log (the last tables written).
+    tail -n 300 "$caches/profile.log" >"$res/profile.txt" 2>/dev/null
 fi
 want torch-mini && torch_run mini-8m 150
 want torch-spec512 && torch_run seed-512 150
 
-# The product itself: the real corpus through every stage, training on the GPU.
-if want pipeline && [ -d "$bin/fortunes" ] && ((deadline - SECONDS > 60)); then
-    mkdir -p /usr/share/games && rm -rf /usr/share/games/fortunes && cp -r "$bin/fortunes" /usr/share/games/fortunes
-    # The training bench's kernel cache (same model, same operations): fewer cold compiles.
-    export ORCHESTRATE_KERNEL_CACHE="$caches/mini-fp32"
-    mkdir -p "$ORCHESTRATE_KERNEL_CACHE"
-    within 600 "$bin/orchestrate-cuda" run pipelines/full.yaml --no-serve \
-        --set model.with.steps=300 --set model.with.eval_every=100 --set model.with.checkpoint_every=100 \
-        --set evaluation.resources.device=cuda >"$res/pipeline.log" 2>&1
-    echo "pipeline exit $?" >>"$res/pipeline.log"
-    # Serving the deployed model from the GPU: a generation, and NVML's GPU gauges.
-    if ((deadline - SECONDS > 30)); then
-        "$bin/orchestrate-cuda" serve deploy --pipeline pipelines/full.yaml --device cuda --port 8090 \
-            >"$res/serve.log" 2>&1 &
-        pid=$!
-        for _ in $(seq 60); do curl -sf http://127.0.0.1:8090/health >/dev/null && break; sleep 1; done
-        {
-            curl -s http://127.0.0.1:8090/info
-            echo
-            curl -s -X POST http://127.0.0.1:8090/generate -H 'content-type: application/json' \
-                -d '{"inputs": "The meaning of life is", "parameters": {"max_new_tokens": 30}}'
-            echo
-            curl -s http://127.0.0.1:8090/metrics | grep -E '^orchestrate_(gpu|generated)'
-        } >>"$res/serve.log" 2>&1
-        kill $pid
-    fi
-fi
+for pid in "${background[@]}"; do wait "$pid"; done
 
 python3 bench/gpu_report.py "$peak" "$res" | tee "$res/gpu.md"
 mkdir -p bench/results && cp "$res/gpu.md" bench/results/gpu.md

@@ -140,10 +140,18 @@ fn bench<A: AutodiffBackend>(job: Bench, device: A::Device) {
     step();
     let warmup = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
+    let cpu_before = process_cpu_seconds();
     for _ in 0..job.steps {
         step();
     }
     let dt = t.elapsed().as_secs_f64() / job.steps.max(1) as f64;
+    // The host's share: on a GPU, CPU time per step near the step's wall time (one thread
+    // busy) means the step waits on the host (graph building, fusion, launches), not on the
+    // GPU's kernels.
+    let host_ms = match (cpu_before, process_cpu_seconds()) {
+        (Some(a), Some(b)) => format!("{:.1}", (b - a) * 1e3 / job.steps.max(1) as f64),
+        _ => "null".into(),
+    };
     let toks = batch * (src_len + tgt_len);
     // Model FLOPs per step: 6 per parameter per token (forward 2, backward 4) for the
     // weight matmuls, plus attention's score and value products.
@@ -155,7 +163,7 @@ fn bench<A: AutodiffBackend>(job: Bench, device: A::Device) {
         * (layers as f64 * (src_len * src_len + tgt_len * tgt_len + tgt_len * src_len) as f64);
     let flops = 6.0 * params * toks as f64 + attn;
     println!(
-        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"threads\": {}}}",
+        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"threads\": {}}}",
         job.device,
         job.preset,
         if job.bf16 { "bf16" } else { "fp32" },
@@ -166,4 +174,15 @@ fn bench<A: AutodiffBackend>(job: Bench, device: A::Device) {
         flops / dt / 1e12,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
+}
+
+/// User plus system CPU time of this process so far (Linux's /proc; None elsewhere).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses; utime and
+    // stime are the 14th and 15th fields, in clock ticks (100 per second on Linux).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    Some((ticks(11)? + ticks(12)?) / 100.0)
 }

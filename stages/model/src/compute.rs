@@ -122,7 +122,10 @@ fn persistent_kernel_cache() {
     if std::fs::create_dir_all(&dir).is_err() {
         return; // An unwritable cache directory costs speed, not correctness.
     }
-    let mut config = CubeClRuntimeConfig::default();
+    // CubeCL's own environment variables (CUBECL_DEBUG_LOG, CUBECL_DEBUG_OPTION=profile,
+    // CUBECL_AUTOTUNE_LEVEL) apply only to the configuration it builds itself; a config set
+    // here must take them explicitly, or profiling and autotune levels silently do nothing.
+    let mut config = CubeClRuntimeConfig::default().override_from_env();
     config.compilation.cache = Some(CacheConfig::File(dir.clone()));
     config.autotune.cache = CacheConfig::File(dir);
     CubeClRuntimeConfig::set(config);

@@ -2,8 +2,8 @@
 //! between source (the prompt) and target (its continuation) is drawn per training step, so
 //! the model learns to continue from anywhere, and fixed at the middle for evaluation.
 //!
-//! Batches come from length buckets and are padded to a multiple of 16, so a whole run
-//! sees few distinct tensor shapes (each new shape costs a kernel compile on GPUs).
+//! Batches come from length buckets and are padded (see [`Padding`]), so a whole run sees
+//! few distinct tensor shapes (each new shape costs kernel compiles on GPUs).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -143,12 +143,45 @@ pub struct Batch {
     pub tokens: usize,
 }
 
+/// How far a batch's source and target lengths are padded.
+///
+/// On the CPU every padded position costs compute, so lengths round up to a multiple of 16
+/// (at most 15 wasted positions). On a GPU the cost is the other way round: compute is cheap
+/// but every new tensor shape makes CubeCL compile and autotune kernels (seconds per shape,
+/// measured: ~6 s per training step that met a new shape on an H100), so lengths round up
+/// to a power of two: the real corpus's batches then take about half a dozen shapes instead
+/// of a few dozen, at up to twice the padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Padding {
+    Multiple16,
+    PowerOfTwo,
+}
+
+impl Padding {
+    /// The padding for where the model runs.
+    pub fn for_compute(compute: crate::compute::Compute) -> Padding {
+        match compute {
+            crate::compute::Compute::Cpu => Padding::Multiple16,
+            crate::compute::Compute::Cuda(_) => Padding::PowerOfTwo,
+        }
+    }
+
+    /// `n` positions padded; never below 16.
+    pub fn pad(self, n: usize) -> usize {
+        match self {
+            Padding::Multiple16 => round_up(n.max(1), 16),
+            Padding::PowerOfTwo => n.max(16).next_power_of_two(),
+        }
+    }
+}
+
 /// `examples` cut into `n` batches of near-equal rows (data-parallel shards), each split
 /// where `split_at(i, len)` says for its `i`-th row of the whole list.
 pub fn shards(
     examples: &[&Example],
     n: usize,
     specials: &Specials,
+    padding: Padding,
     mut split_at: impl FnMut(usize, usize) -> usize,
 ) -> Vec<Batch> {
     let n = n.clamp(1, examples.len().max(1));
@@ -156,7 +189,7 @@ pub fn shards(
     examples
         .chunks(per.max(1))
         .enumerate()
-        .map(|(c, rows)| make_batch(rows, specials, |i, len| split_at(c * per + i, len)))
+        .map(|(c, rows)| make_batch(rows, specials, padding, |i, len| split_at(c * per + i, len)))
         .collect()
 }
 
@@ -168,6 +201,7 @@ fn round_up(n: usize, to: usize) -> usize {
 pub fn make_batch(
     examples: &[&Example],
     specials: &Specials,
+    padding: Padding,
     mut split_at: impl FnMut(usize, usize) -> usize,
 ) -> Batch {
     let pieces: Vec<(Vec<u32>, Vec<u32>)> = examples
@@ -180,8 +214,8 @@ pub fn make_batch(
             (src, e.ids[k..].to_vec())
         })
         .collect();
-    let src_len = round_up(pieces.iter().map(|p| p.0.len()).max().unwrap_or(1), 16);
-    let tgt_len = round_up(pieces.iter().map(|p| p.1.len() + 1).max().unwrap_or(1), 16);
+    let src_len = padding.pad(pieces.iter().map(|p| p.0.len()).max().unwrap_or(1));
+    let tgt_len = padding.pad(pieces.iter().map(|p| p.1.len() + 1).max().unwrap_or(1));
     let rows = examples.len();
     let pad = specials.pad as i64;
     let mut b = Batch {
@@ -252,13 +286,37 @@ mod tests {
             control: [4, 7],
             ids: vec![10, 11, 12, 13],
         };
-        let b = make_batch(&[&e], &specials(), |_, _| 2);
+        let b = make_batch(&[&e], &specials(), Padding::Multiple16, |_, _| 2);
         assert_eq!((b.src_len, b.tgt_len), (16, 16));
         assert_eq!(&b.src[..4], &[4, 7, 10, 11]);
         assert_eq!(&b.tgt_in[..3], &[1, 12, 13]);
         assert_eq!(&b.tgt_out[..3], &[12, 13, 2]);
         assert_eq!(b.tokens, 3);
         assert!(b.tgt_pad[3] && !b.tgt_pad[2]);
+    }
+
+    #[test]
+    fn gpu_padding_takes_powers_of_two() {
+        let e = Example {
+            control: [4, 7],
+            ids: (10..50).collect(),
+        };
+        // Source: 2 control tokens + 30 ids; target: 10 ids + eos.
+        let cpu = make_batch(&[&e], &specials(), Padding::Multiple16, |_, _| 30);
+        let gpu = make_batch(&[&e], &specials(), Padding::PowerOfTwo, |_, _| 30);
+        assert_eq!((cpu.src_len, cpu.tgt_len), (32, 16));
+        assert_eq!((gpu.src_len, gpu.tgt_len), (32, 16));
+        let gpu = make_batch(&[&e], &specials(), Padding::PowerOfTwo, |_, _| 31);
+        assert_eq!(gpu.src_len, 64);
+        assert_eq!(gpu.tokens, cpu.tokens - 1);
+        assert_eq!(
+            (1..=256)
+                .map(|n| Padding::PowerOfTwo.pad(n))
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            5
+        );
+        assert_eq!(Padding::Multiple16.pad(0), 16);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::artifact::{self, LoadedModel};
 use crate::compute::{self, Compute, OnDevice};
-use crate::data::{self, Example, Specials};
+use crate::data::{self, Example, Padding, Specials};
 use crate::generate::{self, Next, Row, Sampling};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -191,6 +191,7 @@ fn evaluate_all(ctx: &StageContext<'_>, p: EvaluateParams) -> Result<StageOutput
         p: &p,
         models,
         corpus_dir: &corpus.dir,
+        padding: Padding::for_compute(compute),
     };
     let mut reports = compute::run_on(compute, job)??;
     let base_ppl = reports[baseline].perplexity;
@@ -250,6 +251,7 @@ struct Score<'a> {
     p: &'a EvaluateParams,
     models: &'a [InputArtifact],
     corpus_dir: &'a std::path::Path,
+    padding: Padding,
 }
 
 impl OnDevice for Score<'_> {
@@ -267,6 +269,7 @@ fn score<B: Backend>(job: Score<'_>, device: &B::Device) -> Result<Vec<VariantRe
         p,
         models,
         corpus_dir,
+        padding,
     } = job;
     let mut reports = Vec::new();
     // The models carry their tokenizer; a `tokenizer` input, when given, must be theirs.
@@ -318,7 +321,7 @@ fn score<B: Backend>(job: Score<'_>, device: &B::Device) -> Result<Vec<VariantRe
             m.stage,
             lm.card.quantization.as_str()
         ));
-        let r = evaluate_model(ctx, &m.stage, &lm, examples, p, device)?;
+        let r = evaluate_model(ctx, &m.stage, &lm, examples, p, padding, device)?;
         reports.push(r);
     }
     Ok(reports)
@@ -392,6 +395,7 @@ fn evaluate_model<B: Backend>(
     lm: &LoadedModel<B>,
     examples: &[Example],
     p: &EvaluateParams,
+    padding: Padding,
     device: &B::Device,
 ) -> Result<VariantReport, StageError> {
     let specials = &lm.card.specials;
@@ -414,7 +418,7 @@ fn evaluate_model<B: Backend>(
         let (mut nll, mut right, mut tokens) = (0.0, 0usize, 0usize);
         for chunk in rows.chunks(32) {
             ctx.checkpoint()?;
-            let b = data::make_batch(chunk, specials, |_, len| len / 2);
+            let b = data::make_batch(chunk, specials, padding, |_, len| len / 2);
             let (n, r) = teacher_forced(&lm.model, &b, device);
             nll += n;
             right += r;

@@ -547,6 +547,24 @@ enum Stepper<B: Backend> {
     Generic(Tensor<B, 2>),
 }
 
+/// The tied output projection `[d, vocab]`, row-major, for the generic decoding step (a
+/// copy: a product with a transposed view is slower on every backend).
+///
+/// A quantized embedding (the `dynamic` scheme) is dequantized first on GPU backends:
+/// cubecl 0.10 reads a transposed quantized tensor back in its stored packing (int8 values
+/// four to a word, scales per block along the untransposed rows), which made a `dynamic`
+/// model on an H100 decode one token over and over while its teacher-forced perplexity
+/// (products straight from the quantized weights) matched the CPU's. flex reads it back
+/// correctly, so the CPU keeps the projection in int8.
+fn generic_projection<B: Backend>(model: &Seq2Seq<B>, device: &B::Device) -> Tensor<B, 2> {
+    let w = model.embed.weight.val();
+    let w = match w.dtype() {
+        burn::tensor::DType::QFloat(_) if !crate::fused::on_cpu::<B>() => w.dequantize(),
+        _ => w,
+    };
+    Tensor::from_data(w.transpose().into_data(), device)
+}
+
 /// A row that finished: its key, its tokens, and why.
 pub type Finished = (usize, Vec<u32>, Finish);
 
@@ -554,10 +572,7 @@ impl<'m, B: Backend> Batch<'m, B> {
     pub fn new(model: &'m Seq2Seq<B>, specials: &'m Specials, device: &B::Device) -> Self {
         let stepper = match decode_cpu::Weights::of(model) {
             Some(weights) => Stepper::Cpu(Box::new(weights)),
-            None => Stepper::Generic(Tensor::from_data(
-                model.embed.weight.val().transpose().into_data(),
-                device,
-            )),
+            None => Stepper::Generic(generic_projection(model, device)),
         };
         Batch {
             model,

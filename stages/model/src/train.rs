@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::compute::{self, Compute, OnDevice};
-use crate::data::{self, Batch, Example, Specials};
+use crate::data::{self, Batch, Example, Padding, Specials};
 use crate::model::{masked_cross_entropy, Activation, CastParams, ModelConfig, Seq2Seq};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -403,6 +403,7 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
         val: &val,
         specials: &specials,
         unigram_ppl,
+        padding: Padding::for_compute(compute),
     };
     let done = compute::run_on(compute, job)??;
 
@@ -450,6 +451,7 @@ struct Fit<'a> {
     val: &'a [Example],
     specials: &'a Specials,
     unigram_ppl: f64,
+    padding: Padding,
 }
 
 /// Where the loop ended; the weights are in the output directory already.
@@ -480,6 +482,7 @@ fn fit<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, Stag
         val,
         specials,
         unigram_ppl,
+        padding,
     } = job;
     let specials = specials.clone();
     let replicas: Vec<A::Device> = match &p.devices {
@@ -537,7 +540,7 @@ fn fit<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, Stag
             .map(|&i| &train[i])
             .collect();
         let step_seed = data::mix(p.seed ^ data::mix(step + 1));
-        let shards = data::shards(&rows, replicas.len(), &specials, |i, len| {
+        let shards = data::shards(&rows, replicas.len(), &specials, padding, |i, len| {
             1 + (data::mix(step_seed ^ i as u64) % (len as u64 - 1)) as usize
         });
         // Dropout draws from the backend's generator: reseed it per step for exact resumes.
@@ -576,6 +579,7 @@ fn fit<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, Stag
                 &specials,
                 p.batch,
                 p.eval_batches,
+                padding,
                 &device,
             );
             ctx.events.metric("val_loss", last_val, Some(progress.step));
@@ -798,13 +802,14 @@ pub fn evaluate<B: Backend>(
     specials: &Specials,
     batch: usize,
     max_batches: usize,
+    padding: Padding,
     device: &B::Device,
 ) -> f64 {
     let mut total = 0.0;
     let mut tokens = 0usize;
     for chunk in val.chunks(batch).take(max_batches) {
         let rows: Vec<&Example> = chunk.iter().collect();
-        let b = data::make_batch(&rows, specials, |_, len| len / 2);
+        let b = data::make_batch(&rows, specials, padding, |_, len| len / 2);
         let loss = batch_loss(model, &b, b.tokens, 0.0, device)
             .into_scalar()
             .elem::<f64>();
@@ -914,7 +919,9 @@ mod tests {
             .collect();
         let rows: Vec<&Example> = examples.iter().collect();
         let devices = vec![device; shards];
-        let batch = data::shards(&rows, shards, &specials, |_, len| len / 2);
+        let batch = data::shards(&rows, shards, &specials, Padding::Multiple16, |_, len| {
+            len / 2
+        });
         (0..n)
             .map(|_| {
                 let (next, loss, _) =
