@@ -208,14 +208,17 @@ fi
 # kernels into its own cache (on one check at a time this took 172 s for `mini` fp32).
 # Their step times overlap each other's compilation: only the warm-up is read from here.
 names=()
+cold=()
 for c in mini-fp32 mini-bf16 spec512-fp32 spec512-bf16 generate generate-cached; do
     want "$c" || continue
     names+=("$c")
     mkdir -p "$caches/$c"
     [ -f "$bin/kernels.tgz" ] && tar -xzf "$bin/kernels.tgz" -C "$caches/$c" --strip-components=1
     ours "$c-cold" "$c" "${COLD_LIMIT:-240}" "$c" 2 &
+    cold+=($!)
 done
-wait
+# (Only the cold runs: a bare `wait` would also wait for the pipeline checks.)
+for pid in "${cold[@]}"; do wait "$pid"; done
 
 # Phase 2, quiet: each again from its now warm cache, alone on the GPU: the warm-up a second
 # run pays, and the throughput.
@@ -234,7 +237,7 @@ fi
 want torch-mini && torch_run mini-8m 150
 want torch-spec512 && torch_run seed-512 150
 
-for pid in "${background[@]}"; do wait "$pid"; done
+for pid in "${background[@]}"; do wait "$pid" 2>/dev/null; done
 
 python3 bench/gpu_report.py "$peak" "$res" | tee "$res/gpu.md"
 mkdir -p bench/results && cp "$res/gpu.md" bench/results/gpu.md
