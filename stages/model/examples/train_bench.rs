@@ -16,8 +16,10 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType};
+use orchestrate_model::adamw::FlatAdamW;
 use orchestrate_model::compute::{self, Compute, OnDevice};
 use orchestrate_model::model::{masked_cross_entropy, CastParams, ModelConfig, Seq2Seq};
+use orchestrate_model::train;
 
 struct Bench {
     preset: String,
@@ -64,7 +66,22 @@ fn main() {
     }
 }
 
+/// With the stage's optimiser for the backend: one AdamW over all parameters at once on
+/// GPUs, burn's per tensor on the CPU (the same values either way).
 fn bench<A: AutodiffBackend>(job: Bench, device: A::Device) {
+    // AdamWConfig's default weight decay, 1e-4, for both.
+    if train::uses_flat_adamw::<A>() {
+        bench_with(job, device, FlatAdamW::new(1e-4))
+    } else {
+        bench_with(job, device, AdamWConfig::new().init())
+    }
+}
+
+fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
+    job: Bench,
+    device: A::Device,
+    mut optim: O,
+) {
     let (d, h, layers, ff) = match job.preset.as_str() {
         "spec512" => (512, 8, 6, 2048),
         _ => (256, 8, 4, 1024),
@@ -83,7 +100,6 @@ fn bench<A: AutodiffBackend>(job: Bench, device: A::Device) {
     };
     <A as Backend>::seed(&device, 0);
     let mut model: Seq2Seq<A> = cfg.init(&device);
-    let mut optim = AdamWConfig::new().init();
     let mut state = 1u64;
     let mut tokens = |n: usize| -> Vec<i64> {
         (0..n)

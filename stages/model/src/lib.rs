@@ -2,6 +2,7 @@
 //! `deploy` and `orchestrate serve` share, all on one network definition. burn lives only
 //! here and in the crates that depend on this one.
 
+pub mod adamw;
 pub mod artifact;
 mod chart;
 pub mod compute;

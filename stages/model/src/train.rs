@@ -21,6 +21,7 @@ use orchestrate_stage::{
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use crate::adamw::FlatAdamW;
 use crate::compute::{self, Compute, OnDevice};
 use crate::data::{self, Batch, Example, Padding, Specials};
 use crate::model::{masked_cross_entropy, Activation, CastParams, ModelConfig, Seq2Seq};
@@ -466,14 +467,37 @@ impl OnDevice for Fit<'_> {
 
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         if self.p.gradient_checkpointing {
-            fit::<Autodiff<B, BalancedCheckpointing>>(self, device)
+            fit_on::<Autodiff<B, BalancedCheckpointing>>(self, device)
         } else {
-            fit::<Autodiff<B>>(self, device)
+            fit_on::<Autodiff<B>>(self, device)
         }
     }
 }
 
-fn fit<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, StageError> {
+/// Whether training on `B` updates its parameters with [`FlatAdamW`] (GPU backends) rather
+/// than burn's AdamW (the CPU); both compute the same values (see `adamw`).
+pub fn uses_flat_adamw<B: Backend>() -> bool {
+    !crate::fused::on_cpu::<B>()
+}
+
+fn fit_on<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, StageError> {
+    // burn's own clipping is per parameter tensor; clipping is global here (clip_global).
+    let decay = job.p.weight_decay as f32;
+    if uses_flat_adamw::<A>() {
+        fit(job, device, FlatAdamW::<A>::new(decay))
+    } else {
+        let optim = AdamWConfig::new()
+            .with_weight_decay(decay)
+            .init::<A, Seq2Seq<A>>();
+        fit(job, device, optim)
+    }
+}
+
+fn fit<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
+    job: Fit<'_>,
+    device: A::Device,
+    mut optim: O,
+) -> Result<Done, StageError> {
     let Fit {
         ctx,
         p,
@@ -498,10 +522,6 @@ fn fit<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, Stag
     };
     <A as Backend>::seed(&device, p.seed);
     let mut model: Seq2Seq<A> = cfg.init(&device);
-    // burn's own clipping is per parameter tensor; clipping is global here (clip_global).
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(p.weight_decay as f32)
-        .init::<A, Seq2Seq<A>>();
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
     let mut progress = Progress { step: 0, tokens: 0 };
     if let Some((step, dir)) = ctx.checkpoints.latest()? {
@@ -674,19 +694,21 @@ fn train_step<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     (model, loss, grad_norm)
 }
 
-/// Sums squared gradients over every parameter (first pass), then scales them (second).
-struct GradPass<'a> {
+/// Squared gradient sums per parameter (first pass), then the gradients scaled (second).
+struct GradPass<'a, B: Backend> {
     grads: &'a mut GradientsParams,
     scale: Option<f64>,
-    sum_sq: f64,
+    /// One sum per parameter, left on the device: reading each back would wait for the
+    /// device once per parameter (174 waits per step for `mini` on a GPU).
+    sums: Vec<Tensor<B, 1>>,
 }
 
-impl<A: AutodiffBackend> ModuleVisitor<A> for GradPass<'_> {
+impl<A: AutodiffBackend> ModuleVisitor<A> for GradPass<'_, A::InnerBackend> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
         match self.scale {
             None => {
                 if let Some(g) = self.grads.get::<A::InnerBackend, D>(param.id) {
-                    self.sum_sq += g.powi_scalar(2).sum().into_scalar().elem::<f64>();
+                    self.sums.push(g.powi_scalar(2).sum());
                 }
             }
             Some(k) => {
@@ -708,10 +730,18 @@ fn clip_global<A: AutodiffBackend>(
     let mut pass = GradPass {
         grads: &mut grads,
         scale: None,
-        sum_sq: 0.0,
+        sums: Vec::new(),
     };
     model.visit(&mut pass);
-    let norm = pass.sum_sq.sqrt();
+    // One read for all the sums, added in f64 in the parameters' order.
+    let sum_sq: f64 = match pass.sums.len() {
+        0 => 0.0,
+        _ => Tensor::cat(std::mem::take(&mut pass.sums), 0)
+            .into_data()
+            .iter::<f64>()
+            .sum(),
+    };
+    let norm = sum_sq.sqrt();
     if max > 0.0 && norm > max {
         pass.scale = Some(max / (norm + 1e-6));
         model.visit(&mut pass);
