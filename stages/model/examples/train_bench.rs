@@ -71,9 +71,9 @@ fn main() {
 fn bench<A: AutodiffBackend>(job: Bench, device: A::Device) {
     // AdamWConfig's default weight decay, 1e-4, for both.
     if train::uses_flat_adamw::<A>() {
-        bench_with(job, device, FlatAdamW::new(1e-4))
+        bench_with(job, device, FlatAdamW::<A>::new(1e-4))
     } else {
-        bench_with(job, device, AdamWConfig::new().init())
+        bench_with(job, device, AdamWConfig::new().init::<A, Seq2Seq<A>>())
     }
 }
 
