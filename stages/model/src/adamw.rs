@@ -285,11 +285,22 @@ mod tests {
     }
 
     #[test]
-    fn a_run_resumed_from_its_record_ends_the_same() {
+    fn a_run_resumed_from_its_checkpointed_record_ends_the_same() {
+        use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
         let whole = train(tiny(), &mut FlatAdamW::new(0.01), 0..3);
         let mut first = FlatAdamW::new(0.01);
         let halfway = train(tiny(), &mut first, 0..1);
-        let mut second = FlatAdamW::new(0.01).load_record(first.to_record());
+        // Through a file, as `train` checkpoints it.
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+        let path = dir.path().join("optimizer");
+        recorder
+            .record(first.to_record(), path.clone())
+            .expect("the record saves");
+        let record = recorder
+            .load(path, &Default::default())
+            .expect("the record loads");
+        let mut second = FlatAdamW::new(0.01).load_record(record);
         let resumed = train(halfway, &mut second, 1..3);
         let (a, b) = (values(&whole), values(&resumed));
         let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
