@@ -1,0 +1,239 @@
+//! Each fused step against burn's composition: values and gradients.
+
+use super::*;
+use burn::tensor::activation;
+use burn::tensor::Distribution;
+
+/// burn's composition of multi-head attention's core, the reference for the fused step.
+fn reference<B: Backend>(
+    [q, k, v]: [Tensor<B, 3>; 3],
+    heads: usize,
+    root: f32,
+    bias: Tensor<B, 4>,
+    mask: Option<KeepMask>,
+) -> Tensor<B, 3> {
+    let [b, t, d] = q.dims();
+    let s = k.dims()[1];
+    let split = |x: Tensor<B, 3>, len| x.reshape([b, len, heads, d / heads]).swap_dims(1, 2);
+    let scores = split(q, t).matmul(split(k, s).swap_dims(2, 3));
+    let mut weights = activation::softmax(scores.div_scalar(root) + bias, 3);
+    if let Some(mask) = mask {
+        let values = TensorData::new(mask.values(b * heads * t * s), [b, heads, t, s]);
+        weights = weights * Tensor::from_data(values, &Default::default());
+    }
+    weights
+        .matmul(split(v, s))
+        .swap_dims(1, 2)
+        .reshape([b, t, d])
+}
+
+/// The fused attention core's value and the gradients of q, k and v against burn's
+/// operations, for each way the bias broadcasts, with and without dropout, self- and
+/// cross-attention lengths.
+fn check_attention<A: burn::tensor::backend::AutodiffBackend>(bias_dims: [usize; 4], drop: bool) {
+    let device = Default::default();
+    A::seed(&device, 7);
+    let (b, t, s, heads, dk) = (2, 5, bias_dims[3], 3, 4);
+    let d = heads * dk;
+    let random = |len| {
+        Tensor::<A, 3>::random([b, len, d], Distribution::Normal(0.0, 1.5), &device).require_grad()
+    };
+    let inputs = [random(t), random(s), random(s)];
+    let probe = Tensor::<A, 3>::random([b, t, d], Distribution::Default, &device);
+    let bias = Tensor::<A, 4>::random(bias_dims, Distribution::Normal(0.0, 3.0), &device);
+    let mask = drop.then(|| KeepMask::new(11, 2.0 / 3.0));
+    let root = 2.0;
+    let ours = attention(inputs.clone(), heads, root, &bias, || mask)
+        .unwrap_or_else(|_| panic!("the fused path applies"));
+    let burns = reference(inputs.clone(), heads, root, bias, mask);
+    let tol = burn::tensor::Tolerance::absolute(1e-5);
+    ours.to_data()
+        .assert_approx_eq::<f32>(&burns.to_data(), tol);
+    let g_ours = (ours * probe.clone()).sum().backward();
+    let g_burn = (burns * probe).sum().backward();
+    for x in &inputs {
+        x.grad(&g_ours)
+            .unwrap()
+            .to_data()
+            .assert_approx_eq::<f32>(&x.grad(&g_burn).unwrap().to_data(), tol);
+    }
+}
+
+#[test]
+fn fused_attention_matches_burns_value_and_gradients() {
+    for bias in [[2, 1, 1, 5], [1, 1, 5, 5], [2, 1, 5, 5], [2, 1, 1, 7]] {
+        check_attention::<Autodiff<Flex>>(bias, false);
+        check_attention::<Autodiff<Flex>>(bias, true);
+        check_attention::<Autodiff<Flex, BalancedCheckpointing>>(bias, true);
+    }
+}
+
+/// Evaluation (plain flex, no autodiff) takes the forward pass alone.
+#[test]
+fn fused_attention_forward_matches_burns() {
+    let device = Default::default();
+    let random = |len| Tensor::<Flex, 3>::random([2, len, 8], Distribution::Default, &device);
+    let inputs = [random(3), random(6), random(6)];
+    let bias = Tensor::<Flex, 4>::random([2, 1, 1, 6], Distribution::Default, &device);
+    let ours = attention(inputs.clone(), 2, 1.5, &bias, || unreachable!("no dropout"))
+        .unwrap_or_else(|_| panic!("the fused path applies"));
+    let burns = reference(inputs, 2, 1.5, bias, None);
+    ours.to_data()
+        .assert_approx_eq::<f32>(&burns.to_data(), burn::tensor::Tolerance::absolute(1e-6));
+}
+
+/// The fused cross-entropy against log-softmax and gather, value and gradient.
+fn check_ce<A: burn::tensor::backend::AutodiffBackend>(smoothing: f64) {
+    let device = Default::default();
+    A::seed(&device, 3);
+    let (b, t, v) = (2, 3, 11);
+    let x =
+        Tensor::<A, 3>::random([b, t, v], Distribution::Normal(0.0, 3.0), &device).require_grad();
+    let targets = Tensor::<A, 2, Int>::from_data(
+        TensorData::new(vec![0i64, 4, 10, 7, 7, 1], [b, t]),
+        &device,
+    );
+    let w = Tensor::<A, 2>::random([b, t], Distribution::Default, &device);
+    let ours = cross_entropy(&x, &targets, smoothing).expect("the fused path applies");
+    let logp = activation::log_softmax(x.clone(), 2);
+    let nll = logp
+        .clone()
+        .gather(2, targets.reshape([b, t, 1]))
+        .reshape([b, t])
+        .neg();
+    let uniform = logp.mean_dim(2).reshape([b, t]).neg();
+    let burns = nll * (1.0 - smoothing) + uniform * smoothing;
+    let tol = burn::tensor::Tolerance::absolute(1e-5);
+    ours.to_data()
+        .assert_approx_eq::<f32>(&burns.to_data(), tol);
+    let g_ours = (ours * w.clone()).sum().backward();
+    let g_burn = (burns * w).sum().backward();
+    x.grad(&g_ours)
+        .unwrap()
+        .to_data()
+        .assert_approx_eq::<f32>(&x.grad(&g_burn).unwrap().to_data(), tol);
+}
+
+#[test]
+fn fused_cross_entropy_matches_burns_value_and_gradient() {
+    check_ce::<Autodiff<Flex>>(0.0);
+    check_ce::<Autodiff<Flex>>(0.1);
+    check_ce::<Autodiff<Flex, BalancedCheckpointing>>(0.1);
+}
+
+/// The fused layer norm against burn's, value and the three gradients.
+fn check_norm<A: burn::tensor::backend::AutodiffBackend>() {
+    let device = Default::default();
+    A::seed(&device, 5);
+    // 150 rows: more than two blocks of the parameter sums, the last one short.
+    let norm = burn::nn::LayerNormConfig::new(16).init::<A>(&device);
+    let norm = norm.map(&mut RandomiseNorm);
+    let x =
+        Tensor::<A, 3>::random([3, 50, 16], Distribution::Normal(1.0, 2.0), &device).require_grad();
+    let w = Tensor::<A, 3>::random([3, 50, 16], Distribution::Default, &device);
+    let ours = layer_norm(&norm, x.clone());
+    let burns = norm.forward(x.clone());
+    let tol = burn::tensor::Tolerance::absolute(1e-5);
+    ours.to_data()
+        .assert_approx_eq::<f32>(&burns.to_data(), tol);
+    let g_ours = (ours * w.clone()).sum().backward();
+    let g_burn = (burns * w).sum().backward();
+    let grad = |g: &<A as burn::tensor::backend::AutodiffBackend>::Gradients| {
+        [
+            x.grad(g).unwrap().into_data(),
+            norm.gamma.val().grad(g).unwrap().into_data(),
+            norm.beta
+                .as_ref()
+                .unwrap()
+                .val()
+                .grad(g)
+                .unwrap()
+                .into_data(),
+        ]
+    };
+    for (a, b) in grad(&g_ours).iter().zip(grad(&g_burn).iter()) {
+        a.assert_approx_eq::<f32>(b, burn::tensor::Tolerance::absolute(1e-4));
+    }
+}
+
+/// Non-trivial scale and bias, so that their gradients and use are checked.
+struct RandomiseNorm;
+impl<B: Backend> burn::module::ModuleMapper<B> for RandomiseNorm {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<Tensor<B, D>>,
+    ) -> burn::module::Param<Tensor<B, D>> {
+        let (id, t, mapper) = param.consume();
+        let t = (t.clone() + Tensor::random(t.shape(), Distribution::Default, &t.device()))
+            .detach()
+            .require_grad();
+        burn::module::Param::from_mapped_value(id, t, mapper)
+    }
+}
+
+#[test]
+fn fused_layer_norm_matches_burns_value_and_gradients() {
+    check_norm::<Autodiff<Flex>>();
+    check_norm::<Autodiff<Flex, BalancedCheckpointing>>();
+}
+
+/// The fused product against burn's matmul (and broadcast bias), value and the three
+/// gradients, for a weight used as stored and transposed.
+fn check_product<A: burn::tensor::backend::AutodiffBackend>(transposed: bool, biased: bool) {
+    let device = Default::default();
+    A::seed(&device, 13);
+    let (m, k, n) = (37, 19, 23);
+    let x = Tensor::<A, 2>::random([m, k], Distribution::Default, &device).require_grad();
+    let dims = if transposed { [n, k] } else { [k, n] };
+    let w = Tensor::<A, 2>::random(dims, Distribution::Default, &device).require_grad();
+    let b = Tensor::<A, 1>::random([n], Distribution::Default, &device).require_grad();
+    let probe = Tensor::<A, 2>::random([m, n], Distribution::Default, &device);
+    let bias = biased.then(|| b.clone());
+    let ours = product(&x, &w, transposed, bias.as_ref()).expect("the fused path applies");
+    let weight = if transposed {
+        w.clone().transpose()
+    } else {
+        w.clone()
+    };
+    let mut burns = x.clone().matmul(weight);
+    if biased {
+        burns = burns + b.clone().unsqueeze();
+    }
+    let tol = burn::tensor::Tolerance::absolute(1e-5);
+    ours.to_data()
+        .assert_approx_eq::<f32>(&burns.to_data(), tol);
+    let g_ours = (ours * probe.clone()).sum().backward();
+    let g_burn = (burns * probe).sum().backward();
+    let data = |t: Option<Tensor<A::InnerBackend, 2>>| t.map(|t| t.into_data());
+    for (ours, burns) in [
+        (data(x.grad(&g_ours)), data(x.grad(&g_burn))),
+        (data(w.grad(&g_ours)), data(w.grad(&g_burn))),
+        (
+            b.grad(&g_ours).map(|t| t.into_data()),
+            b.grad(&g_burn).map(|t| t.into_data()),
+        ),
+    ] {
+        assert_eq!(ours.is_some(), burns.is_some());
+        if let (Some(ours), Some(burns)) = (ours, burns) {
+            ours.assert_approx_eq::<f32>(&burns, tol);
+        }
+    }
+    assert_eq!(b.grad(&g_ours).is_some(), biased);
+}
+
+#[test]
+fn fused_product_matches_burns_value_and_gradients() {
+    for (transposed, biased) in [(false, true), (false, false), (true, false)] {
+        check_product::<Autodiff<Flex>>(transposed, biased);
+        check_product::<Autodiff<Flex, BalancedCheckpointing>>(transposed, biased);
+    }
+    // Evaluation: the forward pass alone.
+    let device = Default::default();
+    let x = Tensor::<Flex, 2>::random([5, 3], Distribution::Default, &device);
+    let w = Tensor::<Flex, 2>::random([4, 3], Distribution::Default, &device);
+    let ours = product(&x, &w, true, None).expect("the fused path applies");
+    ours.to_data().assert_approx_eq::<f32>(
+        &x.matmul(w.transpose()).to_data(),
+        burn::tensor::Tolerance::absolute(1e-5),
+    );
+}
