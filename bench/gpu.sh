@@ -149,10 +149,10 @@ fi
 # the GPU. The pipeline trains a short model on the CPU (the GPU's compile time is the
 # `pipeline` check's subject, not this one's), quantizes it, evaluates every variant on
 # CUDA (fewer records and timed runs than the default: kernels compile per shape), then each
-# variant is served with `--device cuda` and with `--device cpu` for one greedy generation
-# with token ids and log-probabilities (quantized.jsonl), so the two devices can be compared.
+# variant is served from the GPU and from the CPU by bench/serve_devices.sh (greedy
+# generations with token ids and log-probabilities side by side, in quantized-VARIANT/).
 quantized_check() {
-    local store=file:///tmp/orchestrate-quantized port=8100
+    local store=file:///tmp/orchestrate-quantized
     ORCHESTRATE_KERNEL_CACHE="$caches/quantized" within 420 "$bin/orchestrate-cuda" run pipelines/full.yaml \
         --no-serve --store "$store" --set model.resources.device=cpu --set model.with.steps=60 \
         --set model.with.eval_every=30 --set model.with.checkpoint_every=60 \
@@ -161,23 +161,8 @@ quantized_check() {
         --set evaluation.with.gate.max_ppl_increase=1.0 >"$res/quantized.log" 2>&1
     echo "pipeline exit $?" >>"$res/quantized.log"
     for variant in model int8 fp16 dynamic; do
-        for device in cuda cpu; do
-            port=$((port + 1))
-            ORCHESTRATE_KERNEL_CACHE="$caches/quantized" "$bin/orchestrate-cuda" serve "$variant" --store "$store" \
-                --device "$device" --port "$port" >>"$res/quantized.log" 2>&1 &
-            local pid=$! started=$SECONDS
-            for _ in $(seq 120); do
-                curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
-                kill -0 "$pid" 2>/dev/null || break # it exited: its error is in the log
-                sleep 0.5
-            done
-            local answer
-            answer=$(within 120 curl -s -X POST "http://127.0.0.1:$port/generate" -H 'content-type: application/json' \
-                -d '{"inputs": "The meaning of life is", "parameters": {"max_new_tokens": 16, "ignore_eos": true, "details": true}}')
-            echo "{\"variant\": \"$variant\", \"device\": \"$device\", \"seconds\": $((SECONDS - started)), \"answer\": ${answer:-null}}" >>"$res/quantized.jsonl"
-            kill "$pid" 2>/dev/null
-            wait "$pid" 2>/dev/null
-        done
+        ORCHESTRATE_KERNEL_CACHE="$caches/quantized" within 240 bash bench/serve_devices.sh \
+            "$store#$variant" "$bin/orchestrate-cuda" "$res/quantized-$variant" >>"$res/quantized.log" 2>&1
     done
 }
 

@@ -240,21 +240,17 @@ pub(crate) fn step(
             }
         }
         let (keys, values) = (buf.self_k.storage::<f32>(), buf.self_v.storage::<f32>());
-        for (r, &p) in positions.iter().enumerate() {
-            for head in 0..h {
-                let lane = (r * h + head) * capacity * dk;
-                let at = r * d + head * dk;
-                attend_head(
-                    &q[at..at + dk],
-                    &keys[lane..],
-                    &values[lane..],
-                    p + 1,
-                    scale,
-                    &mut scores,
-                    &mut context[at..at + dk],
-                );
-            }
-        }
+        let lens: Vec<usize> = positions.iter().map(|&p| p + 1).collect();
+        let span = [h, capacity, dk];
+        attend_rows(
+            &q,
+            [keys, values],
+            span,
+            &lens,
+            scale,
+            &mut scores,
+            &mut context,
+        );
         add(&mut x, &layer.self_out.apply(&context, rows));
 
         // Cross-attention over the source's keys and values (computed once, at admission).
@@ -262,23 +258,22 @@ pub(crate) fn step(
         let q = layer.cross_query.apply(&hidden, rows);
         let s = buf.cross_k.layout().shape()[2];
         let (keys, values) = (buf.cross_k.storage::<f32>(), buf.cross_v.storage::<f32>());
-        for (r, &len) in src_lens.iter().enumerate() {
-            for head in 0..h {
-                let lane = (r * h + head) * s * dk;
-                let at = r * d + head * dk;
-                attend_head(
-                    &q[at..at + dk],
-                    &keys[lane..],
-                    &values[lane..],
-                    // No source positions at all: burn's step masks every one, which
-                    // shifts them all alike and so attends over all of them.
-                    if len == 0 { s } else { len.min(s) },
-                    scale,
-                    &mut scores,
-                    &mut context[at..at + dk],
-                );
-            }
-        }
+        // No source positions at all: burn's step masks every one, which shifts them all
+        // alike and so attends over all of them.
+        let lens: Vec<usize> = src_lens
+            .iter()
+            .map(|&len| if len == 0 { s } else { len.min(s) })
+            .collect();
+        let span = [h, s, dk];
+        attend_rows(
+            &q,
+            [keys, values],
+            span,
+            &lens,
+            scale,
+            &mut scores,
+            &mut context,
+        );
         add(&mut x, &layer.cross_out.apply(&context, rows));
 
         let hidden = layer.ff_norm.apply(&x, d);
@@ -301,6 +296,35 @@ fn add(x: &mut [f32], y: &[f32]) {
 
 /// One head of one row: `q` `[dk]` over the first `len` positions of `keys` / `values`
 /// (`[positions, dk]` from their start), into `out` `[dk]`.
+/// Every row's every head attending over the first `lens[r]` of its `[h, positions, dk]`
+/// lane of `keys`/`values` (`span` = `[h, positions, dk]`), into `context` `[rows, h * dk]`.
+fn attend_rows(
+    q: &[f32],
+    [keys, values]: [&[f32]; 2],
+    [h, positions, dk]: [usize; 3],
+    lens: &[usize],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    context: &mut [f32],
+) {
+    let d = h * dk;
+    for (r, &len) in lens.iter().enumerate() {
+        for head in 0..h {
+            let lane = (r * h + head) * positions * dk;
+            let at = r * d + head * dk;
+            attend_head(
+                &q[at..at + dk],
+                &keys[lane..],
+                &values[lane..],
+                len,
+                scale,
+                scores,
+                &mut context[at..at + dk],
+            );
+        }
+    }
+}
+
 fn attend_head(
     q: &[f32],
     keys: &[f32],
