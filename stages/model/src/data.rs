@@ -152,26 +152,47 @@ pub struct Batch {
 /// to a power of two: the real corpus's batches then take about half a dozen shapes instead
 /// of a few dozen, at up to twice the padding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Padding {
+pub enum Rounding {
     Multiple16,
     PowerOfTwo,
 }
 
-impl Padding {
-    /// The padding for where the model runs.
-    pub fn for_compute(compute: crate::compute::Compute) -> Padding {
+impl Rounding {
+    /// The rounding for where the model runs.
+    pub fn for_compute(compute: crate::compute::Compute) -> Rounding {
         match compute {
-            crate::compute::Compute::Cpu => Padding::Multiple16,
-            crate::compute::Compute::Cuda(_) => Padding::PowerOfTwo,
+            crate::compute::Compute::Cpu => Rounding::Multiple16,
+            crate::compute::Compute::Cuda(_) => Rounding::PowerOfTwo,
         }
     }
 
-    /// `n` positions padded; never below 16.
-    pub fn pad(self, n: usize) -> usize {
-        match self {
-            Padding::Multiple16 => round_up(n.max(1), 16),
-            Padding::PowerOfTwo => n.max(16).next_power_of_two(),
+    /// Padding for a model whose position table has `max_len` rows.
+    pub fn within(self, max_len: usize) -> Padding {
+        Padding {
+            rounding: self,
+            max_len,
         }
+    }
+}
+
+/// A [`Rounding`] that never pads past the model's position table: a `max_len` that is not
+/// a multiple of 16 (or a power of two on a GPU) would otherwise give the longest batches
+/// positions the table does not have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Padding {
+    pub rounding: Rounding,
+    pub max_len: usize,
+}
+
+impl Padding {
+    /// `n` positions padded: rounded up (never below 16), but not past `max_len` (nor
+    /// below `n`: sequences are cut to fit the table before they get here).
+    pub fn pad(self, n: usize) -> usize {
+        let rounded = match self.rounding {
+            Rounding::Multiple16 => round_up(n.max(1), 16),
+            Rounding::PowerOfTwo => n.max(16).next_power_of_two(),
+        };
+        rounded.min(self.max_len).max(n)
     }
 }
 
@@ -273,6 +294,15 @@ pub fn epoch_plan(examples: &[Example], batch: usize, seed: u64, epoch: u64) -> 
 mod tests {
     use super::*;
 
+    const CPU: Padding = Padding {
+        rounding: Rounding::Multiple16,
+        max_len: 256,
+    };
+    const GPU: Padding = Padding {
+        rounding: Rounding::PowerOfTwo,
+        max_len: 256,
+    };
+
     fn specials() -> Specials {
         Specials {
             other_author: 7,
@@ -286,7 +316,7 @@ mod tests {
             control: [4, 7],
             ids: vec![10, 11, 12, 13],
         };
-        let b = make_batch(&[&e], &specials(), Padding::Multiple16, |_, _| 2);
+        let b = make_batch(&[&e], &specials(), CPU, |_, _| 2);
         assert_eq!((b.src_len, b.tgt_len), (16, 16));
         assert_eq!(&b.src[..4], &[4, 7, 10, 11]);
         assert_eq!(&b.tgt_in[..3], &[1, 12, 13]);
@@ -302,21 +332,40 @@ mod tests {
             ids: (10..50).collect(),
         };
         // Source: 2 control tokens + 30 ids; target: 10 ids + eos.
-        let cpu = make_batch(&[&e], &specials(), Padding::Multiple16, |_, _| 30);
-        let gpu = make_batch(&[&e], &specials(), Padding::PowerOfTwo, |_, _| 30);
+        let cpu = make_batch(&[&e], &specials(), CPU, |_, _| 30);
+        let gpu = make_batch(&[&e], &specials(), GPU, |_, _| 30);
         assert_eq!((cpu.src_len, cpu.tgt_len), (32, 16));
         assert_eq!((gpu.src_len, gpu.tgt_len), (32, 16));
-        let gpu = make_batch(&[&e], &specials(), Padding::PowerOfTwo, |_, _| 31);
+        let gpu = make_batch(&[&e], &specials(), GPU, |_, _| 31);
         assert_eq!(gpu.src_len, 64);
         assert_eq!(gpu.tokens, cpu.tokens - 1);
         assert_eq!(
             (1..=256)
-                .map(|n| Padding::PowerOfTwo.pad(n))
+                .map(|n| GPU.pad(n))
                 .collect::<std::collections::BTreeSet<_>>()
                 .len(),
             5
         );
-        assert_eq!(Padding::Multiple16.pad(0), 16);
+        assert_eq!(CPU.pad(0), 16);
+    }
+
+    #[test]
+    fn padding_stays_within_the_position_table() {
+        // The longest example a 250-position model takes: 247 ids (room for the control
+        // tokens, bos and eos). Rounded up, its source would need 256 positions.
+        let e = Example {
+            control: [4, 7],
+            ids: (0..247).map(|i| 10 + i % 30).collect(),
+        };
+        for rounding in [Rounding::Multiple16, Rounding::PowerOfTwo] {
+            let b = make_batch(&[&e], &specials(), rounding.within(250), |_, _| 240);
+            // Source: 2 control tokens + 240 ids; target: 7 ids + eos.
+            assert_eq!((b.src_len, b.tgt_len), (250, 16), "{rounding:?}");
+        }
+        assert_eq!(Rounding::Multiple16.within(250).pad(242), 250);
+        assert_eq!(Rounding::PowerOfTwo.within(300).pad(290), 300);
+        assert_eq!(Rounding::PowerOfTwo.within(8).pad(6), 8);
+        assert_eq!(Rounding::Multiple16.within(256).pad(200), 208);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::artifact::{self, LoadedModel};
 use crate::compute::{self, Compute, OnDevice};
-use crate::data::{self, Example, Padding, Specials};
+use crate::data::{self, Example, Padding, Rounding, Specials};
 use crate::generate::{self, Next, Row, Sampling};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -191,7 +191,7 @@ fn evaluate_all(ctx: &StageContext<'_>, p: EvaluateParams) -> Result<StageOutput
         p: &p,
         models,
         corpus_dir: &corpus.dir,
-        padding: Padding::for_compute(compute),
+        rounding: Rounding::for_compute(compute),
     };
     let mut reports = compute::run_on(compute, job)??;
     let base_ppl = reports[baseline].perplexity;
@@ -251,7 +251,7 @@ struct Score<'a> {
     p: &'a EvaluateParams,
     models: &'a [InputArtifact],
     corpus_dir: &'a std::path::Path,
-    padding: Padding,
+    rounding: Rounding,
 }
 
 impl OnDevice for Score<'_> {
@@ -269,7 +269,7 @@ fn score<B: Backend>(job: Score<'_>, device: &B::Device) -> Result<Vec<VariantRe
         p,
         models,
         corpus_dir,
-        padding,
+        rounding,
     } = job;
     let mut reports = Vec::new();
     // The models carry their tokenizer; a `tokenizer` input, when given, must be theirs.
@@ -321,6 +321,7 @@ fn score<B: Backend>(job: Score<'_>, device: &B::Device) -> Result<Vec<VariantRe
             m.stage,
             lm.card.quantization.as_str()
         ));
+        let padding = rounding.within(max_len);
         let r = evaluate_model(ctx, &m.stage, &lm, examples, p, padding, device)?;
         reports.push(r);
     }

@@ -185,13 +185,14 @@ impl<B: Backend> Seq2Seq<B> {
     }
 
     fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let [b, t] = tokens.dims();
-        let device = tokens.device();
-        let d = self.embed.weight.dims()[1];
-        let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device)
-            .reshape([1, t])
-            .repeat_dim(0, b);
-        self.embed.forward(tokens) * (d as f64).sqrt() + self.pos.forward(positions)
+        let t = tokens.dims()[1];
+        let d = self.d_model();
+        // Positions 0..t, the same in every row: the table's first rows, added by
+        // broadcasting. A lookup by position ids would cost training a scatter of the
+        // gradient into the table (see `token_lookup` for what that costs on a GPU); this
+        // costs a sum over the rows.
+        let positions = self.pos.weight.val().narrow(0, 0, t).unsqueeze::<3>();
+        token_lookup(&self.embed, tokens) * (d as f64).sqrt() + positions
     }
 
     /// `src_pad` is true at padding.
@@ -261,6 +262,49 @@ impl<B: Backend> Seq2Seq<B> {
             .unwrap_or_else(|| rows.matmul(w.transpose()))
             .reshape([b, t, vocab])
     }
+}
+
+/// Token embeddings `[batch, time, d]` of `tokens` `[batch, time]`.
+///
+/// Training on a GPU takes another route than burn's `Embedding`. Its gradient is a
+/// select-add of the `batch * time` output rows into the table, and CubeCL's kernel for that
+/// runs one thread per column (256 for `mini`), each walking all rows in turn: ~1 ms a
+/// launch on an H100, measured at a quarter of a step's kernel time. Here the lookup is a
+/// gather from the table seen `lanes` times side by side (a broadcast view, nothing copied),
+/// row `i * lanes + l` read through copy `l`. Its gradient is a scatter-add whose kernel
+/// runs one thread per (copy, column), each walking `1/lanes` of the rows, and then a sum
+/// over the copies: the same values, added in another order. The CPU (its own fused
+/// steps) and inference (no gradient) keep burn's lookup.
+fn token_lookup<B: Backend>(embed: &Embedding<B>, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    if on_cpu::<B>() || !B::ad_enabled(&tokens.device()) {
+        return embed.forward(tokens);
+    }
+    lanes_lookup(embed.weight.val(), tokens)
+}
+
+/// [`token_lookup`]'s gather through side-by-side copies of `table` `[vocab, d]`.
+fn lanes_lookup<B: Backend>(table: Tensor<B, 2>, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    let [b, t] = tokens.dims();
+    let [v, d] = table.dims();
+    let lanes = scatter_lanes(b * t, v * d);
+    let ids = tokens.reshape([b * t / lanes, lanes, 1]).repeat_dim(2, d);
+    table
+        .reshape([v, 1, d])
+        .expand([v, lanes, d])
+        .gather(0, ids)
+        .reshape([b, t, d])
+}
+
+/// How many copies of a table of `table` values a lookup of `rows` rows scatters its
+/// gradient into: a power of two up to 16 that divides `rows`, with the copies together at
+/// most 2^25 values (128 MiB in f32: `mini`'s table 16 times, `spec512`'s 8 times), so
+/// zeroing and summing them stays far cheaper than the walk they shorten.
+fn scatter_lanes(rows: usize, table: usize) -> usize {
+    let mut lanes = 1;
+    while lanes < 16 && rows.is_multiple_of(2 * lanes) && table * 2 * lanes <= 1 << 25 {
+        lanes *= 2;
+    }
+    lanes
 }
 
 /// A linear layer over the last dimension of `[batch, time, d]`, with batch and time
@@ -475,6 +519,48 @@ mod tests {
         let (a, b) = (p.clone().matmul(v.clone()), matmul_two_rows(p, v));
         assert_eq!(b.dims(), [2, 3, 1, 4]);
         a.into_data().assert_eq(&b.into_data(), true);
+    }
+
+    #[test]
+    fn a_lookup_through_copies_has_burns_values_and_gradient() {
+        use burn::backend::{Autodiff, Flex};
+        use burn::tensor::Tolerance;
+        type A = Autodiff<Flex>;
+        let device = Default::default();
+        // 32 lookups, ids repeating, of an 11-row table: 16 copies.
+        let (v, d, b, t) = (11, 6, 4, 8);
+        assert_eq!(scatter_lanes(b * t, v * d), 16);
+        let table: Vec<f32> = (0..v * d)
+            .map(|i| (i * 7 % 13) as f32 * 0.1 - 0.6)
+            .collect();
+        let ids: Vec<i64> = (0..b * t).map(|i| ((i * 5 + 3) % v) as i64).collect();
+        let upstream: Vec<f32> = (0..b * t * d).map(|i| (i * 3 % 17) as f32 * 0.05).collect();
+        let run = |lanes: bool| {
+            let table = Tensor::<A, 2>::from_data(TensorData::new(table.clone(), [v, d]), &device)
+                .require_grad();
+            let tokens =
+                Tensor::<A, 2, Int>::from_data(TensorData::new(ids.clone(), [b, t]), &device);
+            let out = match lanes {
+                true => lanes_lookup(table.clone(), tokens),
+                false => burn::tensor::module::embedding(table.clone(), tokens),
+            };
+            let w =
+                Tensor::<A, 3>::from_data(TensorData::new(upstream.clone(), [b, t, d]), &device);
+            let grads = (out.clone() * w).sum().backward();
+            (out.into_data(), table.grad(&grads).unwrap().into_data())
+        };
+        let ((out, grad), (lanes_out, lanes_grad)) = (run(false), run(true));
+        out.assert_eq(&lanes_out, true);
+        grad.assert_approx_eq::<f32>(&lanes_grad, Tolerance::default());
+    }
+
+    #[test]
+    fn scatter_lanes_divide_the_rows_within_the_memory_bound() {
+        assert_eq!(scatter_lanes(32 * 128, 8000 * 256), 16);
+        assert_eq!(scatter_lanes(32 * 128, 8000 * 512), 8);
+        assert_eq!(scatter_lanes(3 * 16, 8000 * 256), 16);
+        assert_eq!(scatter_lanes(12, 100), 4);
+        assert_eq!(scatter_lanes(7, 100), 1);
     }
 
     #[test]

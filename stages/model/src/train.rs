@@ -23,7 +23,7 @@ use tokenizers::Tokenizer;
 
 use crate::adamw::FlatAdamW;
 use crate::compute::{self, Compute, OnDevice};
-use crate::data::{self, Batch, Example, Padding, Specials};
+use crate::data::{self, Batch, Example, Padding, Rounding, Specials};
 use crate::model::{masked_cross_entropy, Activation, CastParams, ModelConfig, Seq2Seq};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -404,7 +404,7 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
         val: &val,
         specials: &specials,
         unigram_ppl,
-        padding: Padding::for_compute(compute),
+        padding: Rounding::for_compute(compute).within(cfg.max_len),
     };
     let done = compute::run_on(compute, job)??;
 
@@ -949,9 +949,8 @@ mod tests {
             .collect();
         let rows: Vec<&Example> = examples.iter().collect();
         let devices = vec![device; shards];
-        let batch = data::shards(&rows, shards, &specials, Padding::Multiple16, |_, len| {
-            len / 2
-        });
+        let padding = Rounding::Multiple16.within(32);
+        let batch = data::shards(&rows, shards, &specials, padding, |_, len| len / 2);
         (0..n)
             .map(|_| {
                 let (next, loss, _) =
