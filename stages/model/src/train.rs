@@ -1019,6 +1019,40 @@ mod tests {
     }
 
     #[test]
+    fn the_longest_examples_fit_a_position_table_of_any_length() {
+        use burn::backend::Flex;
+        // 24 positions: not a multiple of 16 (nor a power of two); the longest example it
+        // takes, cut as `load_examples` cuts them, padded as on the CPU and on a GPU.
+        let cfg = ModelConfig {
+            vocab_size: 48,
+            d_model: 16,
+            n_heads: 2,
+            enc_layers: 1,
+            dec_layers: 1,
+            d_ff: 32,
+            max_len: 24,
+            dropout: 0.0,
+            activation: Activation::Relu,
+        };
+        let model: Seq2Seq<Flex> = cfg.init(&Default::default());
+        let e = Example {
+            control: [4, 5],
+            ids: (0..cfg.max_len as u32 - 3).map(|i| 6 + i % 40).collect(),
+        };
+        for rounding in [Rounding::Multiple16, Rounding::PowerOfTwo] {
+            let padding = rounding.within(cfg.max_len);
+            for split in [1, e.ids.len() - 1] {
+                let b = data::make_batch(&[&e], &Specials::minimal(), padding, |_, _| split);
+                let loss = batch_loss(&model, &b, b.tokens, 0.0, &Default::default());
+                assert!(
+                    loss.into_scalar().is_finite(),
+                    "{rounding:?}, split {split}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn heads_must_divide_d_model() {
         let e = canonical(serde_json::json!({"d_model": 100, "n_heads": 8})).unwrap_err();
         assert!(matches!(e.problem, ParamProblem::Invalid(m) if m.contains("do not divide")));
