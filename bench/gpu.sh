@@ -49,20 +49,9 @@ if [ "${1:-}" = "--build" ]; then
     exit 0
 fi
 
-# Unpack what --build packed (Python's lzma and tarfile: no xz needed on the GPU machine).
-python3 - "$bin" <<'PY'
-import lzma, os, pathlib, shutil, sys, tarfile
-bin = pathlib.Path(sys.argv[1])
-for packed in bin.glob("*-cuda.xz"):
-    out = packed.with_suffix("")
-    if not out.exists():
-        with lzma.open(packed) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.chmod(out, 0o755)
-if (bin / "fortunes.tar.xz").exists() and not (bin / "fortunes").exists():
-    with tarfile.open(bin / "fortunes.tar.xz") as t:
-        t.extractall(bin)
-PY
+# shellcheck source=bench/gpu_lib.sh
+source bench/gpu_lib.sh
+unpack_bin "$bin"
 
 budget=${1:-450}
 peak=${2:-989}
@@ -140,11 +129,6 @@ if '$model' == 'mini-8m':
 } >"$res/machine.txt" 2>&1
 cat "$res/machine.txt"
 
-# The real corpus where `pipelines/full.yaml` reads it.
-if [ -d "$bin/fortunes" ]; then
-    mkdir -p /usr/share/games && rm -rf /usr/share/games/fortunes && cp -r "$bin/fortunes" /usr/share/games/fortunes
-fi
-
 # `quantized`: each variant of a model (fp32, int8, fp16, dynamic) evaluated and served on
 # the GPU. The pipeline trains a short model on the CPU (the GPU's compile time is the
 # `pipeline` check's subject, not this one's), quantizes it, evaluates every variant on
@@ -166,13 +150,10 @@ quantized_check() {
     done
 }
 
-# `pipeline`: the product itself, the real corpus through every stage with training on the
-# GPU (`device: auto`; 300 steps), evaluation on the CPU.
+# `pipeline`: the real pipeline training on the GPU (bench/gpu_lib.sh's gpu_pipeline).
 pipeline_check() {
-    ORCHESTRATE_KERNEL_CACHE="$caches/pipeline" within 600 "$bin/orchestrate-cuda" run pipelines/full.yaml \
-        --no-serve --store file:///tmp/orchestrate-pipeline \
-        --set model.with.steps=300 --set model.with.eval_every=100 --set model.with.checkpoint_every=100 \
-        --set evaluation.resources.device=cpu >"$res/pipeline.log" 2>&1
+    gpu_pipeline "$bin/orchestrate-cuda" "$caches/pipeline" file:///tmp/orchestrate-pipeline \
+        within 600 >"$res/pipeline.log" 2>&1
     echo "pipeline exit $?" >>"$res/pipeline.log"
 }
 

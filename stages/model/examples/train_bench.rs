@@ -12,11 +12,11 @@
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType};
-use orchestrate_model::adamw::FlatAdamW;
+use orchestrate_model::adamw::{AdamWSettings, FlatAdamW};
 use orchestrate_model::compute::{self, Compute, OnDevice};
 use orchestrate_model::model::{masked_cross_entropy, CastParams, ModelConfig, Seq2Seq};
 use orchestrate_model::train;
@@ -70,10 +70,11 @@ fn main() {
 /// GPUs, burn's per tensor on the CPU (the same values either way).
 fn bench<A: AutodiffBackend>(job: Bench, device: A::Device) {
     // AdamWConfig's default weight decay, 1e-4, for both.
+    let settings = AdamWSettings::with_weight_decay(1e-4);
     if train::uses_flat_adamw::<A>() {
-        bench_with(job, device, FlatAdamW::<A>::new(1e-4))
+        bench_with(job, device, FlatAdamW::<A>::new(settings))
     } else {
-        bench_with(job, device, AdamWConfig::new().init::<A, Seq2Seq<A>>())
+        bench_with(job, device, settings.burn().init::<A, Seq2Seq<A>>())
     }
 }
 

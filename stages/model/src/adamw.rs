@@ -19,7 +19,7 @@
 
 use burn::module::ParamId;
 use burn::module::{ModuleMapper, ModuleVisitor, Param};
-use burn::optim::{GradientsParams, MultiGradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsParams, MultiGradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
@@ -28,24 +28,48 @@ use crate::model::Seq2Seq;
 /// First and second moments over every parameter end to end, and the step count.
 type Moments<B> = (Tensor<B, 1>, Tensor<B, 1>, usize);
 
-#[derive(Clone)]
-pub struct FlatAdamW<A: AutodiffBackend> {
-    beta_1: f32,
-    beta_2: f32,
-    epsilon: f32,
-    weight_decay: f32,
-    moments: Option<Moments<A::InnerBackend>>,
+/// AdamW's hyperparameters, one value for both optimisers (burn's for the CPU,
+/// [`FlatAdamW`] for GPUs), so that they cannot drift apart.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWSettings {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    pub weight_decay: f32,
 }
 
-impl<A: AutodiffBackend> FlatAdamW<A> {
+impl AdamWSettings {
     /// burn's `AdamWConfig` defaults (betas 0.9 and 0.999, epsilon 1e-5) with this weight
     /// decay.
-    pub fn new(weight_decay: f32) -> Self {
-        FlatAdamW {
+    pub fn with_weight_decay(weight_decay: f32) -> Self {
+        AdamWSettings {
             beta_1: 0.9,
             beta_2: 0.999,
             epsilon: 1e-5,
             weight_decay,
+        }
+    }
+
+    /// burn's AdamW with these settings.
+    pub fn burn(self) -> AdamWConfig {
+        AdamWConfig::new()
+            .with_beta_1(self.beta_1)
+            .with_beta_2(self.beta_2)
+            .with_epsilon(self.epsilon)
+            .with_weight_decay(self.weight_decay)
+    }
+}
+
+#[derive(Clone)]
+pub struct FlatAdamW<A: AutodiffBackend> {
+    settings: AdamWSettings,
+    moments: Option<Moments<A::InnerBackend>>,
+}
+
+impl<A: AutodiffBackend> FlatAdamW<A> {
+    pub fn new(settings: AdamWSettings) -> Self {
+        FlatAdamW {
+            settings,
             moments: None,
         }
     }
@@ -173,13 +197,17 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
         let p = Tensor::cat(params, 0);
         let g = Tensor::cat(gradients, 0);
         // burn's AdaptiveMomentumW::transform, then AdamW::step, on the whole vector.
-        let (factor_1, factor_2) = (1.0 - self.beta_1, 1.0 - self.beta_2);
+        let AdamWSettings {
+            beta_1,
+            beta_2,
+            epsilon,
+            weight_decay,
+        } = self.settings;
+        let (factor_1, factor_2) = (1.0 - beta_1, 1.0 - beta_2);
         let (m, v, time) = match self.moments.take() {
             Some((m, v, time)) => (
-                m.mul_scalar(self.beta_1)
-                    .add(g.clone().mul_scalar(factor_1)),
-                v.mul_scalar(self.beta_2)
-                    .add(g.square().mul_scalar(factor_2)),
+                m.mul_scalar(beta_1).add(g.clone().mul_scalar(factor_1)),
+                v.mul_scalar(beta_2).add(g.square().mul_scalar(factor_2)),
                 time + 1,
             ),
             None => (
@@ -189,10 +217,10 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
             ),
         };
         let t = time as i32;
-        let m_hat = m.clone().div_scalar(1f32 - self.beta_1.powi(t));
-        let v_hat = v.clone().div_scalar(1f32 - self.beta_2.powi(t));
-        let delta = m_hat.div(v_hat.sqrt().add_scalar(self.epsilon));
-        let decay = lr * self.weight_decay as f64;
+        let m_hat = m.clone().div_scalar(1f32 - beta_1.powi(t));
+        let v_hat = v.clone().div_scalar(1f32 - beta_2.powi(t));
+        let delta = m_hat.div(v_hat.sqrt().add_scalar(epsilon));
+        let decay = lr * weight_decay as f64;
         let decayed = if decay == 0.0 {
             p
         } else {
@@ -212,7 +240,6 @@ mod tests {
     use super::*;
     use crate::model::{Activation, ModelConfig};
     use burn::backend::{Autodiff, Flex};
-    use burn::optim::AdamWConfig;
 
     type A = Autodiff<Flex>;
 
@@ -274,9 +301,15 @@ mod tests {
 
     #[test]
     fn updates_like_burns_adamw_to_the_bit() {
-        let mut burns = AdamWConfig::new().with_weight_decay(0.01).init();
-        let theirs = train(tiny(), &mut burns, 0..3);
-        let ours = train(tiny(), &mut FlatAdamW::new(0.01), 0..3);
+        // Other values than burn's defaults, so that a setting either side ignores shows.
+        let settings = AdamWSettings {
+            beta_1: 0.8,
+            beta_2: 0.99,
+            epsilon: 1e-6,
+            weight_decay: 0.01,
+        };
+        let theirs = train(tiny(), &mut settings.burn().init(), 0..3);
+        let ours = train(tiny(), &mut FlatAdamW::new(settings), 0..3);
         let (a, b) = (values(&theirs), values(&ours));
         assert_eq!(a.len(), b.len());
         assert_ne!(a, values(&tiny()), "training moved nothing");
@@ -287,8 +320,12 @@ mod tests {
     #[test]
     fn a_run_resumed_from_its_checkpointed_record_ends_the_same() {
         use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
-        let whole = train(tiny(), &mut FlatAdamW::new(0.01), 0..3);
-        let mut first = FlatAdamW::new(0.01);
+        let whole = train(
+            tiny(),
+            &mut FlatAdamW::new(AdamWSettings::with_weight_decay(0.01)),
+            0..3,
+        );
+        let mut first = FlatAdamW::new(AdamWSettings::with_weight_decay(0.01));
         let halfway = train(tiny(), &mut first, 0..1);
         // Through a file, as `train` checkpoints it.
         let dir = tempfile::tempdir().expect("a temporary directory");
@@ -300,7 +337,7 @@ mod tests {
         let record = recorder
             .load(path, &Default::default())
             .expect("the record loads");
-        let mut second = FlatAdamW::new(0.01).load_record(record);
+        let mut second = FlatAdamW::new(AdamWSettings::with_weight_decay(0.01)).load_record(record);
         let resumed = train(halfway, &mut second, 1..3);
         let (a, b) = (values(&whole), values(&resumed));
         let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();

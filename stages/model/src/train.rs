@@ -9,7 +9,7 @@ use std::time::Instant;
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
@@ -21,7 +21,7 @@ use orchestrate_stage::{
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::adamw::FlatAdamW;
+use crate::adamw::{AdamWSettings, FlatAdamW};
 use crate::compute::{self, Compute, OnDevice};
 use crate::data::{self, Batch, Example, Padding, Rounding, Specials};
 use crate::model::{masked_cross_entropy, Activation, CastParams, ModelConfig, Seq2Seq};
@@ -482,14 +482,11 @@ pub fn uses_flat_adamw<B: Backend>() -> bool {
 
 fn fit_on<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, StageError> {
     // burn's own clipping is per parameter tensor; clipping is global here (clip_global).
-    let decay = job.p.weight_decay as f32;
+    let settings = AdamWSettings::with_weight_decay(job.p.weight_decay as f32);
     if uses_flat_adamw::<A>() {
-        fit(job, device, FlatAdamW::<A>::new(decay))
+        fit(job, device, FlatAdamW::<A>::new(settings))
     } else {
-        let optim = AdamWConfig::new()
-            .with_weight_decay(decay)
-            .init::<A, Seq2Seq<A>>();
-        fit(job, device, optim)
+        fit(job, device, settings.burn().init::<A, Seq2Seq<A>>())
     }
 }
 
@@ -939,7 +936,7 @@ mod tests {
     ) -> Vec<f32> {
         let device = Default::default();
         let mut model = Seq2Seq::<A>::from_inner(start.clone()).map(&mut Trainable);
-        let mut optim = AdamWConfig::new().init::<A, Seq2Seq<A>>();
+        let mut optim = burn::optim::AdamWConfig::new().init::<A, Seq2Seq<A>>();
         let specials = Specials::minimal();
         let examples: Vec<Example> = (0..8u32)
             .map(|i| Example {
