@@ -872,7 +872,13 @@ mod tests {
     use burn::backend::Flex;
 
     fn tiny() -> (Seq2Seq<Flex>, Specials) {
-        let cfg = ModelConfig {
+        let specials = Specials::minimal();
+        <Flex as Backend>::seed(&Default::default(), 7);
+        (tiny_config().init(&Default::default()), specials)
+    }
+
+    fn tiny_config() -> ModelConfig {
+        ModelConfig {
             vocab_size: 40,
             d_model: 32,
             n_heads: 4,
@@ -882,10 +888,7 @@ mod tests {
             max_len: 32,
             dropout: 0.0,
             activation: crate::model::Activation::Relu,
-        };
-        let specials = Specials::minimal();
-        <Flex as Backend>::seed(&Default::default(), 7);
-        (cfg.init(&Default::default()), specials)
+        }
     }
 
     fn greedy(src: Vec<u32>, n: usize) -> Row {
@@ -1015,6 +1018,39 @@ mod tests {
         assert!(decode_cpu::Weights::of(&model).is_some());
         assert!(decode_cpu::Weights::of(&generic).is_none());
         assert_eq!(ours, burns);
+    }
+
+    /// GPU backends' decoding (the generic step, cache writes, the projection's copy) on a
+    /// real CubeCL backend: burn's wgpu one, on whatever Vulkan device the machine has (in
+    /// CI, Mesa's lavapipe). Greedy tokens as the CPU's, log-probabilities within rounding.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn a_cubecl_backend_decodes_like_the_cpu() {
+        use burn::backend::wgpu::{Wgpu, WgpuDevice};
+        let (model, sp) = tiny();
+        let device = WgpuDevice::default();
+        let gpu = crate::weights::import(
+            tiny_config().init::<Wgpu>(&device),
+            &crate::weights::export(&model),
+        )
+        .expect("the same shapes");
+        let rows: Vec<Row> = [vec![5, 6, 7, 8, 9], vec![11, 3]]
+            .into_iter()
+            .map(|src| greedy(src, 12))
+            .collect();
+        let mut logprobs = [Vec::new(), Vec::new()];
+        let on_cpu = generate(&model, &sp, &rows, &Default::default(), |_, t| {
+            logprobs[0].push(t.logprob);
+            Next::Continue
+        });
+        let on_gpu = generate(&gpu, &sp, &rows, &device, |_, t| {
+            logprobs[1].push(t.logprob);
+            Next::Continue
+        });
+        assert_eq!(on_cpu, on_gpu);
+        for (a, b) in logprobs[0].iter().zip(&logprobs[1]) {
+            assert!((a - b).abs() < 1e-3, "{logprobs:?}");
+        }
     }
 
     #[test]

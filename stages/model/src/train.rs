@@ -908,11 +908,8 @@ mod tests {
         }
     }
 
-    /// A tiny model on the CPU backend, built once per test so that every run compared
-    /// starts from the same weights (the backend's generator is global: tests running at
-    /// the same time draw from it too).
-    fn tiny(p: &TrainParams) -> Seq2Seq<burn::backend::Flex> {
-        let cfg = ModelConfig {
+    fn tiny_config(p: &TrainParams) -> ModelConfig {
+        ModelConfig {
             vocab_size: 48,
             d_model: 32,
             n_heads: 4,
@@ -922,21 +919,41 @@ mod tests {
             max_len: 32,
             dropout: p.dropout,
             activation: p.activation,
-        };
-        cfg.init(&Default::default())
+        }
+    }
+
+    /// A tiny model on the CPU backend, built once per test so that every run compared
+    /// starts from the same weights (the backend's generator is global: tests running at
+    /// the same time draw from it too).
+    fn tiny(p: &TrainParams) -> Seq2Seq<burn::backend::Flex> {
+        tiny_config(p).init(&Default::default())
     }
 
     /// Losses of `n` steps on one repeated batch, from `start`'s weights, under `A`,
-    /// the batch cut into `shards` (each on a replica of the model).
+    /// the batch cut into `shards` (each on a replica of the model), with burn's AdamW.
     fn losses<A: AutodiffBackend<InnerBackend = burn::backend::Flex>>(
         start: &Seq2Seq<burn::backend::Flex>,
         p: &TrainParams,
         n: usize,
         shards: usize,
     ) -> Vec<f32> {
-        let device = Default::default();
-        let mut model = Seq2Seq::<A>::from_inner(start.clone()).map(&mut Trainable);
-        let mut optim = burn::optim::AdamWConfig::new().init::<A, Seq2Seq<A>>();
+        let model = Seq2Seq::<A>::from_inner(start.clone());
+        let optim = burn::optim::AdamWConfig::new().init::<A, Seq2Seq<A>>();
+        let devices = vec![Default::default(); shards];
+        steps(model, optim, p, n, &devices, Rounding::Multiple16)
+    }
+
+    /// Losses of `n` steps of `optim` on one repeated batch, cut into one shard per device,
+    /// padded as `rounding` pads.
+    fn steps<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
+        model: Seq2Seq<A>,
+        mut optim: O,
+        p: &TrainParams,
+        n: usize,
+        devices: &[A::Device],
+        rounding: Rounding,
+    ) -> Vec<f32> {
+        let mut model = model.map(&mut Trainable);
         let specials = Specials::minimal();
         let examples: Vec<Example> = (0..8u32)
             .map(|i| Example {
@@ -945,17 +962,52 @@ mod tests {
             })
             .collect();
         let rows: Vec<&Example> = examples.iter().collect();
-        let devices = vec![device; shards];
-        let padding = Rounding::Multiple16.within(32);
-        let batch = data::shards(&rows, shards, &specials, padding, |_, len| len / 2);
+        let padding = rounding.within(32);
+        let batch = data::shards(&rows, devices.len(), &specials, padding, |_, len| len / 2);
         (0..n)
             .map(|_| {
                 let (next, loss, _) =
-                    train_step(model.clone(), &mut optim, &batch, p, 3e-3, &devices);
+                    train_step(model.clone(), &mut optim, &batch, p, 3e-3, devices);
                 model = next;
                 loss.into_scalar().elem::<f32>()
             })
             .collect()
+    }
+
+    /// The path every GPU takes (burn's operations where the CPU has fused ones, the token
+    /// lookup through copies, FlatAdamW, power-of-two padding) on a real CubeCL backend:
+    /// burn's wgpu one, on whatever Vulkan device the machine has (in CI, Mesa's lavapipe,
+    /// a Vulkan GPU in software). Its losses follow the CPU's step for step.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn training_on_a_cubecl_backend_follows_the_cpu() {
+        use burn::backend::wgpu::{Wgpu, WgpuDevice};
+        use burn::backend::{Autodiff, Flex};
+        let p = params(serde_json::json!({"dropout": 0.0}));
+        let start = tiny(&p);
+        let cpu = losses::<Autodiff<Flex>>(&start, &p, 4, 1);
+        let device = WgpuDevice::default();
+        let copy = crate::weights::import(
+            tiny_config(&p).init::<Wgpu>(&device),
+            &crate::weights::export(&start),
+        )
+        .expect("the same shapes");
+        type A = Autodiff<Wgpu>;
+        assert!(uses_flat_adamw::<A>());
+        // `losses` runs burn's AdamWConfig::new(): its default weight decay is 1e-4.
+        let settings = AdamWSettings::with_weight_decay(1e-4);
+        let gpu = steps(
+            Seq2Seq::<A>::from_inner(copy),
+            FlatAdamW::<A>::new(settings),
+            &p,
+            4,
+            &[device],
+            Rounding::PowerOfTwo,
+        );
+        for (a, b) in cpu.iter().zip(&gpu) {
+            assert!((a - b).abs() < 1e-3 * a.abs(), "cpu {cpu:?} vs gpu {gpu:?}");
+        }
+        assert!(gpu[3] < gpu[0], "{gpu:?}");
     }
 
     fn params(extra: serde_json::Value) -> TrainParams {
