@@ -6,6 +6,8 @@
 //!     cargo run --release -p orchestrate-model --example train_bench -- mini 3
 //!     cargo run --release -p orchestrate-model --features cuda --example train_bench -- \
 //!         spec512 20 --device cuda --bf16 --checkpointing
+//!     cargo run --release -p orchestrate-model --features wgpu --example train_bench -- \
+//!         narrow 50 --device wgpu      # the host's share of a GPU step, on any Vulkan device
 //!
 //! Prints one JSON line: the first step's time (warm-up: on CUDA, kernel compilation and
 //! autotuning), then the mean step after it.
@@ -22,11 +24,12 @@ use orchestrate_model::model::{masked_cross_entropy, CastParams, ModelConfig, Se
 use orchestrate_model::train;
 
 struct Bench {
+    /// The device as the JSON line names it.
+    label: String,
     preset: String,
     steps: usize,
     bf16: bool,
     checkpointing: bool,
-    device: Compute,
 }
 
 impl OnDevice for Bench {
@@ -48,22 +51,44 @@ fn main() {
             .position(|a| a == f)
             .and_then(|i| args.get(i + 1))
     };
-    let device = Compute::parse(value("--device").map(String::as_str).unwrap_or("cpu"))
-        .unwrap_or_else(|e| {
-            eprintln!("{e}");
-            std::process::exit(2)
-        });
+    let asked = value("--device").map(String::as_str).unwrap_or("cpu");
+    let device = Compute::parse(if asked == "wgpu" { "cpu" } else { asked }).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(2)
+    });
     let job = Bench {
+        label: match asked {
+            "wgpu" => asked.to_string(),
+            _ => device.to_string(),
+        },
         preset: args.first().cloned().unwrap_or_else(|| "mini".into()),
         steps: args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3),
         bf16: flag("--bf16"),
         checkpointing: flag("--checkpointing"),
-        device,
     };
+    if asked == "wgpu" {
+        return on_wgpu(job);
+    }
     if let Err(e) = compute::run_on(device, job) {
         eprintln!("{e}");
         std::process::exit(1);
     }
+}
+
+/// `--device wgpu`: burn's wgpu backend on the machine's Vulkan device (the `wgpu`
+/// feature). With the `narrow` preset on Mesa's software device (lavapipe) this is a
+/// laboratory for the host's share of a GPU step: the same burn-autodiff, burn-fusion and
+/// CubeCL work per operation as on CUDA, at widths where the kernels cost little.
+#[cfg(feature = "wgpu")]
+fn on_wgpu(job: Bench) {
+    use burn::backend::wgpu::{Wgpu, WgpuDevice};
+    job.run::<Wgpu>(WgpuDevice::default())
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn on_wgpu(_job: Bench) {
+    eprintln!("--device wgpu needs the wgpu feature: --features wgpu");
+    std::process::exit(2)
 }
 
 /// With the stage's optimiser for the backend: one AdamW over all parameters at once on
@@ -85,9 +110,15 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
 ) {
     let (d, h, layers, ff) = match job.preset.as_str() {
         "spec512" => (512, 8, 6, 2048),
+        "narrow" => (64, 8, 4, 256),
         _ => (256, 8, 4, 1024),
     };
-    let (batch, src_len, tgt_len, vocab) = (32, 128, 128, 8000);
+    // `narrow`: `mini`'s layers and operations at widths where kernels cost next to
+    // nothing, to measure what each operation costs the host.
+    let (batch, src_len, tgt_len, vocab) = match job.preset.as_str() {
+        "narrow" => (4, 16, 16, 512),
+        _ => (32, 128, 128, 8000),
+    };
     let cfg = ModelConfig {
         vocab_size: vocab,
         d_model: d,
@@ -150,16 +181,22 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
         );
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(3e-4, model.clone(), grads);
-        // Reading the loss waits for the device to finish the step.
-        loss.into_scalar().elem::<f32>()
+        loss
     };
+    // Reading a loss waits for the device to finish its step: after the first step (its
+    // time is the warm-up) and after the last, as the PyTorch reference synchronises, so
+    // that the host may run ahead of the device in between.
     let t = std::time::Instant::now();
-    step();
+    step().into_scalar().elem::<f32>();
     let warmup = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
     let cpu_before = process_cpu_seconds();
+    let mut last = None;
     for _ in 0..job.steps {
-        step();
+        last = Some(step());
+    }
+    if let Some(loss) = last {
+        loss.into_scalar().elem::<f32>();
     }
     let dt = t.elapsed().as_secs_f64() / job.steps.max(1) as f64;
     // The host's share: on a GPU, CPU time per step near the step's wall time (one thread
@@ -181,7 +218,7 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     let flops = 6.0 * params * toks as f64 + attn;
     println!(
         "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"threads\": {}}}",
-        job.device,
+        job.label,
         job.preset,
         if job.bf16 { "bf16" } else { "fp32" },
         job.checkpointing,

@@ -60,10 +60,25 @@ impl AdamWSettings {
     }
 }
 
+/// The parameters as the last step left them, end to end: each parameter of the model it
+/// returned is a slice of `flat` (see [`Scatter`]).
+#[derive(Clone)]
+struct Master<B: Backend> {
+    flat: Tensor<B, 1>,
+    /// Which parameters, in order, and their sizes.
+    layout: Vec<(ParamId, usize)>,
+}
+
+/// See the module's documentation. It must be the only writer of the parameters between
+/// its steps, as it is in training: it keeps the vector of the parameters it last wrote
+/// and, when the same parameters come back, updates that instead of laying them end to
+/// end again (174 copies a step for `mini`). A model changed otherwise (loaded from a
+/// file, say) wants a fresh `FlatAdamW` or one given a record.
 #[derive(Clone)]
 pub struct FlatAdamW<A: AutodiffBackend> {
     settings: AdamWSettings,
     moments: Option<Moments<A::InnerBackend>>,
+    master: Option<Master<A::InnerBackend>>,
 }
 
 impl<A: AutodiffBackend> FlatAdamW<A> {
@@ -71,13 +86,14 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
         FlatAdamW {
             settings,
             moments: None,
+            master: None,
         }
     }
 }
 
 /// Gradients from one device, or from several (burn's multi-device training, summed on the
 /// parameter's device).
-enum Grads {
+pub enum Grads {
     One(GradientsParams),
     Several(MultiGradientsParams),
 }
@@ -100,6 +116,7 @@ struct Gather<'a, A: AutodiffBackend> {
     grads: &'a mut Grads,
     params: Vec<Tensor<A::InnerBackend, 1>>,
     gradients: Vec<Tensor<A::InnerBackend, 1>>,
+    layout: Vec<(ParamId, usize)>,
 }
 
 impl<A: AutodiffBackend> ModuleVisitor<A> for Gather<'_, A> {
@@ -112,6 +129,7 @@ impl<A: AutodiffBackend> ModuleVisitor<A> for Gather<'_, A> {
             .unwrap_or_else(|| value.zeros_like());
         self.params.push(value.reshape([n]));
         self.gradients.push(grad.reshape([n]));
+        self.layout.push((param.id, n));
     }
 }
 
@@ -154,7 +172,7 @@ impl<A: AutodiffBackend> Optimizer<Seq2Seq<A>, A> for FlatAdamW<A> {
     type Record = Option<(Tensor<A, 1>, Tensor<A, 1>, usize)>;
 
     fn step(&mut self, lr: f64, module: Seq2Seq<A>, grads: GradientsParams) -> Seq2Seq<A> {
-        self.update(lr, module, Grads::One(grads))
+        self.update(lr, module, Grads::One(grads), None).0
     }
 
     fn step_multi(
@@ -163,7 +181,7 @@ impl<A: AutodiffBackend> Optimizer<Seq2Seq<A>, A> for FlatAdamW<A> {
         module: Seq2Seq<A>,
         grads: MultiGradientsParams,
     ) -> Seq2Seq<A> {
-        self.update(lr, module, Grads::Several(grads))
+        self.update(lr, module, Grads::Several(grads), None).0
     }
 
     fn to_record(&self) -> Self::Record {
@@ -178,24 +196,55 @@ impl<A: AutodiffBackend> Optimizer<Seq2Seq<A>, A> for FlatAdamW<A> {
 
     fn load_record(mut self, record: Self::Record) -> Self {
         self.moments = record.map(|(m, v, t)| (m.inner(), v.inner(), t));
+        self.master = None;
         self
     }
 }
 
 impl<A: AutodiffBackend> FlatAdamW<A> {
-    fn update(&mut self, lr: f64, module: Seq2Seq<A>, mut grads: Grads) -> Seq2Seq<A> {
+    /// One step; with `clip`, the gradients are first clipped to that global norm (none
+    /// where it is 0) and the norm before clipping is returned, left on the device.
+    pub fn update(
+        &mut self,
+        lr: f64,
+        module: Seq2Seq<A>,
+        mut grads: Grads,
+        clip: Option<f64>,
+    ) -> (Seq2Seq<A>, Option<Tensor<A::InnerBackend, 1>>) {
         let mut gather = Gather::<A> {
             grads: &mut grads,
             params: Vec::new(),
             gradients: Vec::new(),
+            layout: Vec::new(),
         };
         module.visit(&mut gather);
-        let (params, gradients) = (gather.params, gather.gradients);
+        let Gather {
+            params,
+            gradients,
+            layout,
+            ..
+        } = gather;
         if params.is_empty() {
-            return module;
+            return (module, None);
         }
-        let p = Tensor::cat(params, 0);
-        let g = Tensor::cat(gradients, 0);
+        let p = match self.master.take() {
+            Some(master) if master.layout == layout => master.flat,
+            _ => Tensor::cat(params, 0),
+        };
+        let mut g = Tensor::cat(gradients, 0);
+        let mut norm = None;
+        if let Some(max) = clip {
+            let n = g.clone().powi_scalar(2).sum().sqrt();
+            if max > 0.0 {
+                // As `train::clip_global` does on the host (scaled by max / (norm + 1e-6)
+                // where the norm exceeds max), decided on the device: reading the norm
+                // back would make every step wait for the device to finish the last.
+                let scale = n.clone().add_scalar(1e-6).recip().mul_scalar(max);
+                let scale = scale.mask_fill(n.clone().lower_equal_elem(max), 1.0);
+                g = g * scale;
+            }
+            norm = Some(n);
+        }
         // burn's AdaptiveMomentumW::transform, then AdamW::step, on the whole vector.
         let AdamWSettings {
             beta_1,
@@ -228,10 +277,15 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
         };
         let updated = decayed - delta.mul_scalar(lr);
         self.moments = Some((m, v, time));
-        module.map(&mut Scatter::<A> {
+        self.master = Some(Master {
+            flat: updated.clone(),
+            layout,
+        });
+        let module = module.map(&mut Scatter::<A> {
             flat: updated,
             offset: 0,
-        })
+        });
+        (module, norm)
     }
 }
 

@@ -9,7 +9,8 @@ use std::time::Instant;
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
-use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
@@ -21,7 +22,7 @@ use orchestrate_stage::{
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::adamw::{AdamWSettings, FlatAdamW};
+use crate::adamw::{AdamWSettings, FlatAdamW, Grads};
 use crate::compute::{self, Compute, OnDevice};
 use crate::data::{self, Batch, Example, Padding, Rounding, Specials};
 use crate::model::{masked_cross_entropy, Activation, CastParams, ModelConfig, Seq2Seq};
@@ -490,7 +491,7 @@ fn fit_on<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, S
     }
 }
 
-fn fit<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
+fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
     job: Fit<'_>,
     device: A::Device,
     mut optim: O,
@@ -581,7 +582,7 @@ fn fit<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
                 .metric("train_loss", last_train, Some(progress.step));
             ctx.events.metric("lr", lr, Some(progress.step));
             ctx.events
-                .metric("grad_norm", grad_norm, Some(progress.step));
+                .metric("grad_norm", grad_norm.read(), Some(progress.step));
             ctx.events.metric(
                 "tokens_per_second",
                 window.1 as f64 / secs,
@@ -629,15 +630,15 @@ fn fit<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
 /// backward on each device at once, the gradients summed on the first, clipping by the
 /// global norm, AdamW at `lr`. Each shard's loss is divided by the whole batch's token
 /// count, so the summed gradients are the whole batch's. Returns the new model, the
-/// batch's loss (not yet read back from the device) and the gradient norm before clipping.
-fn train_step<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
+/// batch's loss and the gradient norm before clipping (neither read back from the device).
+fn train_step<A: AutodiffBackend, O: ClippedStep<A>>(
     model: Seq2Seq<A>,
     optim: &mut O,
     shards: &[Batch],
     p: &TrainParams,
     lr: f64,
     devices: &[A::Device],
-) -> (Seq2Seq<A>, Tensor<A, 1>, f64) {
+) -> (Seq2Seq<A>, Tensor<A, 1>, GradNorm<A::InnerBackend>) {
     let main = &devices[0];
     let tokens: usize = shards.iter().map(|b| b.tokens).sum();
     let shard_grads = |replica: &Seq2Seq<A>, shard: &Batch, device: &A::Device| {
@@ -686,9 +687,68 @@ fn train_step<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
         }
         (sum.grads(), loss.expect("at least one shard"))
     };
-    let (grads, grad_norm) = clip_global(&model, grads, p.grad_clip);
-    let model = optim.step(lr, model, grads);
+    let (model, grad_norm) = optim.clipped_step(lr, model, grads, p.grad_clip);
     (model, loss, grad_norm)
+}
+
+/// The gradients' global norm before clipping: computed on the host (the CPU's, an f64 sum
+/// in the parameters' order) or left on the device (GPUs: reading it back waits for the
+/// step to finish, so training reads it on the steps it logs).
+pub enum GradNorm<B: Backend> {
+    Host(f64),
+    Device(Tensor<B, 1>),
+}
+
+impl<B: Backend> GradNorm<B> {
+    pub fn read(self) -> f64 {
+        match self {
+            GradNorm::Host(norm) => norm,
+            GradNorm::Device(norm) => norm.into_scalar().elem::<f64>(),
+        }
+    }
+}
+
+/// An optimiser step after clipping the gradients by their global norm (what PyTorch's
+/// `clip_grad_norm_` does: one direction for the whole update, unlike burn's clipping of
+/// each tensor on its own); `max` 0 clips nothing.
+pub trait ClippedStep<A: AutodiffBackend>: Optimizer<Seq2Seq<A>, A> {
+    fn clipped_step(
+        &mut self,
+        lr: f64,
+        model: Seq2Seq<A>,
+        grads: GradientsParams,
+        max: f64,
+    ) -> (Seq2Seq<A>, GradNorm<A::InnerBackend>);
+}
+
+/// burn's AdamW (the CPU's): clipped on the host by [`clip_global`].
+impl<A: AutodiffBackend> ClippedStep<A> for OptimizerAdaptor<AdamW, Seq2Seq<A>, A> {
+    fn clipped_step(
+        &mut self,
+        lr: f64,
+        model: Seq2Seq<A>,
+        grads: GradientsParams,
+        max: f64,
+    ) -> (Seq2Seq<A>, GradNorm<A::InnerBackend>) {
+        let (grads, norm) = clip_global(&model, grads, max);
+        (self.step(lr, model, grads), GradNorm::Host(norm))
+    }
+}
+
+/// GPUs': clipped on the device, over the gradients laid end to end (one sum, one scale).
+impl<A: AutodiffBackend> ClippedStep<A> for FlatAdamW<A> {
+    fn clipped_step(
+        &mut self,
+        lr: f64,
+        model: Seq2Seq<A>,
+        grads: GradientsParams,
+        max: f64,
+    ) -> (Seq2Seq<A>, GradNorm<A::InnerBackend>) {
+        match self.update(lr, model, Grads::One(grads), Some(max)) {
+            (model, Some(norm)) => (model, GradNorm::Device(norm)),
+            (model, None) => (model, GradNorm::Host(0.0)),
+        }
+    }
 }
 
 /// Squared gradient sums per parameter (first pass), then the gradients scaled (second).
@@ -945,7 +1005,7 @@ mod tests {
 
     /// Losses of `n` steps of `optim` on one repeated batch, cut into one shard per device,
     /// padded as `rounding` pads.
-    fn steps<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
+    fn steps<A: AutodiffBackend, O: ClippedStep<A>>(
         model: Seq2Seq<A>,
         mut optim: O,
         p: &TrainParams,
@@ -974,6 +1034,41 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn clipping_on_the_device_steps_like_clipping_on_the_host() {
+        use burn::backend::{Autodiff, Flex};
+        type A = Autodiff<Flex>;
+        // burn's AdamW after `clip_global` (host, f64) against FlatAdamW clipping its flat
+        // gradient (device, f32), with a norm the gradients exceed, and without clipping.
+        let mut runs = Vec::new();
+        for clip in [0.05, 0.0] {
+            let p = params(serde_json::json!({"dropout": 0.0, "grad_clip": clip}));
+            let start = tiny(&p);
+            let host = losses::<A>(&start, &p, 5, 1);
+            let settings = AdamWSettings::with_weight_decay(1e-4);
+            let model = Seq2Seq::<A>::from_inner(start.clone());
+            let device = steps(
+                model,
+                FlatAdamW::<A>::new(settings),
+                &p,
+                5,
+                &[Default::default()],
+                Rounding::Multiple16,
+            );
+            for (a, b) in host.iter().zip(&device) {
+                assert!(
+                    (a - b).abs() < 1e-5 * a.abs(),
+                    "clip {clip}: {host:?} vs {device:?}"
+                );
+            }
+            runs.push(host);
+        }
+        assert_ne!(
+            runs[0], runs[1],
+            "the gradients never exceeded the clipping norm"
+        );
+    }
+
     /// The path every GPU takes (burn's operations where the CPU has fused ones, the token
     /// lookup through copies, FlatAdamW, power-of-two padding) on a real CubeCL backend:
     /// burn's wgpu one, on whatever Vulkan device the machine has (in CI, Mesa's lavapipe,
@@ -983,7 +1078,9 @@ mod tests {
     fn training_on_a_cubecl_backend_follows_the_cpu() {
         use burn::backend::wgpu::{Wgpu, WgpuDevice};
         use burn::backend::{Autodiff, Flex};
-        let p = params(serde_json::json!({"dropout": 0.0}));
+        // A clipping norm the gradients exceed, so both clip (the CPU on the host, the
+        // GPU path on the device).
+        let p = params(serde_json::json!({"dropout": 0.0, "grad_clip": 0.05}));
         let start = tiny(&p);
         let cpu = losses::<Autodiff<Flex>>(&start, &p, 4, 1);
         let device = WgpuDevice::default();
