@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Training throughput, the `train` stage's model in burn (flex CPU backend) beside the PyTorch
 # reference ../shared/bench/torch_seq2seq_baseline.py, same shapes (batch 32, source 128,
-# target 128, vocab 8000), same machine, one run. Writes bench/results/train.md.
+# target 128, vocab 8000), same machine, in alternating rounds. Writes bench/results/train.md.
 #
 #   bash bench/train.sh [STEPS] [ROUNDS]   # makes bench/.venv-torch with torch on first use
 #
@@ -20,14 +20,18 @@ if [ -z "$TORCH_PY" ]; then
 fi
 cargo build --release --locked -q -p orchestrate-model --example train_bench
 runs=$(mktemp)
-trap 'rm -f "$runs"' EXIT
+trap 'rm -f "$runs" "$runs.err"' EXIT
 for round in $(seq "$rounds"); do
     for preset in mini spec512; do
         peer=$([ "$preset" = mini ] && echo mini-8m || echo seed-512)
         echo "round $round: $preset" >&2
         target/release/examples/train_bench "$preset" "$steps" >> "$runs"
-        "$TORCH_PY" ../shared/bench/torch_seq2seq_baseline.py --steps "$steps" --models "$peer" 2>/dev/null \
-            | grep '"kind": "train"' | grep -v '"amp": true' >> "$runs"
+        if ! "$TORCH_PY" ../shared/bench/torch_seq2seq_baseline.py --steps "$steps" --models "$peer" \
+            2>"$runs.err" | grep '"kind": "train"' | grep -v '"amp": true' >> "$runs"; then
+            echo "the PyTorch reference gave no result for $peer:" >&2
+            tail -5 "$runs.err" >&2
+            exit 1
+        fi
     done
 done
 mkdir -p bench/results

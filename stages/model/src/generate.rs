@@ -322,9 +322,12 @@ fn write_rows_flex(
 pub fn pad_sources<B: Backend>(
     srcs: &[&[u32]],
     pad: u32,
+    max_len: usize,
     device: &B::Device,
 ) -> (Tensor<B, 2, Int>, Tensor<B, 2, Bool>) {
-    let len = srcs.iter().map(|s| s.len()).max().unwrap_or(1).div_ceil(16) * 16;
+    let longest = srcs.iter().map(|s| s.len()).max().unwrap_or(1);
+    // Rounded up to 16, but not past the position table (sources are cut to it).
+    let len = (longest.div_ceil(16) * 16).min(max_len).max(longest);
     let mut ids = vec![pad as i64; srcs.len() * len];
     let mut mask = vec![true; srcs.len() * len];
     for (r, s) in srcs.iter().enumerate() {
@@ -341,7 +344,7 @@ pub fn pad_sources<B: Backend>(
 
 impl<B: Backend> Seq2Seq<B> {
     fn start(&self, srcs: &[&[u32]], pad: u32, capacity: usize, device: &B::Device) -> State<B> {
-        let (src, src_pad) = pad_sources::<B>(srcs, pad, device);
+        let (src, src_pad) = pad_sources::<B>(srcs, pad, self.max_len(), device);
         let memory = self.encode(src, src_pad.clone());
         let [rows, s] = src_pad.dims();
         let heads_n = self.n_heads();
@@ -757,7 +760,9 @@ pub fn generate_uncached<B: Backend>(
     new_tokens: usize,
     device: &B::Device,
 ) -> Vec<u32> {
-    let (src, src_pad) = pad_sources::<B>(&[src], specials.pad, device);
+    // Cut to the position table, as the cached path cuts its rows.
+    let src = &src[..src.len().min(model.max_len())];
+    let (src, src_pad) = pad_sources::<B>(&[src], specials.pad, model.max_len(), device);
     let memory = model.encode(src, src_pad.clone());
     let mut prefix = vec![specials.bos as i64];
     let mut out = Vec::new();
@@ -1051,6 +1056,30 @@ mod tests {
         for (a, b) in logprobs[0].iter().zip(&logprobs[1]) {
             assert!((a - b).abs() < 1e-3, "{logprobs:?}");
         }
+    }
+
+    #[test]
+    fn a_prompt_longer_than_the_position_table_is_cut_to_it() {
+        // 24 positions, not a multiple of the sources' padding (16): a 30-token prompt is
+        // cut to 24 and padded no further, on the CPU step, the generic one and the
+        // uncached loop alike.
+        use burn::backend::Autodiff;
+        use burn::module::AutodiffModule;
+        let model: Seq2Seq<Flex> = ModelConfig {
+            max_len: 24,
+            ..tiny_config()
+        }
+        .init(&Default::default());
+        let generic = Seq2Seq::<Autodiff<Flex>>::from_inner(model.clone());
+        let sp = Specials::minimal();
+        let src: Vec<u32> = (0..30).map(|i| 5 + i % 30).collect();
+        let device = Default::default();
+        let rows = [greedy(src.clone(), 8)];
+        let cached = generate(&model, &sp, &rows, &device, |_, _| Next::Continue);
+        let through_burn = generate(&generic, &sp, &rows, &device, |_, _| Next::Continue);
+        let uncached = generate_uncached(&model, &sp, &src, 8, &device);
+        assert_eq!(cached, through_burn);
+        assert_eq!(cached[0].0, uncached);
     }
 
     #[test]

@@ -1035,38 +1035,65 @@ mod tests {
     }
 
     #[test]
-    fn clipping_on_the_device_steps_like_clipping_on_the_host() {
+    fn clipping_on_the_device_scales_like_clipping_on_the_host() {
         use burn::backend::{Autodiff, Flex};
         type A = Autodiff<Flex>;
-        // burn's AdamW after `clip_global` (host, f64) against FlatAdamW clipping its flat
-        // gradient (device, f32), with a norm the gradients exceed, and without clipping.
-        let mut runs = Vec::new();
-        for clip in [0.05, 0.0] {
-            let p = params(serde_json::json!({"dropout": 0.0, "grad_clip": clip}));
-            let start = tiny(&p);
-            let host = losses::<A>(&start, &p, 5, 1);
-            let settings = AdamWSettings::with_weight_decay(1e-4);
-            let model = Seq2Seq::<A>::from_inner(start.clone());
-            let device = steps(
-                model,
-                FlatAdamW::<A>::new(settings),
-                &p,
-                5,
-                &[Default::default()],
-                Rounding::Multiple16,
-            );
-            for (a, b) in host.iter().zip(&device) {
-                assert!(
-                    (a - b).abs() < 1e-5 * a.abs(),
-                    "clip {clip}: {host:?} vs {device:?}"
-                );
-            }
-            runs.push(host);
-        }
-        assert_ne!(
-            runs[0], runs[1],
-            "the gradients never exceeded the clipping norm"
+        type I = Flex;
+        // One batch's gradients, clipped to a norm they exceed: on the host by
+        // `clip_global`, on the device by FlatAdamW, whose first moment after one step is
+        // (1 - beta_1) times the gradients it used, laid end to end.
+        let max = 0.05;
+        let p = params(serde_json::json!({"dropout": 0.0, "grad_clip": max}));
+        let model = Seq2Seq::<A>::from_inner(tiny(&p)).map(&mut Trainable);
+        let examples: Vec<Example> = (0..4u32)
+            .map(|i| Example {
+                control: [4, 5],
+                ids: (0..12).map(|j| 6 + (i * 7 + j * 3) % 40).collect(),
+            })
+            .collect();
+        let rows: Vec<&Example> = examples.iter().collect();
+        let padding = Rounding::Multiple16.within(32);
+        let batch = data::make_batch(&rows, &Specials::minimal(), padding, |_, len| len / 2);
+        let grads = || {
+            let loss = batch_loss(&model, &batch, batch.tokens, 0.0, &Default::default());
+            GradientsParams::from_grads(loss.backward(), &model)
+        };
+        let (mut clipped, host_norm) = clip_global(&model, grads(), max);
+        assert!(host_norm > 10.0 * max, "nothing to clip: norm {host_norm}");
+
+        let settings = AdamWSettings::with_weight_decay(1e-4);
+        let mut flat = FlatAdamW::<A>::new(settings);
+        let (_, norm) = flat.clipped_step(1e-3, model.clone(), grads(), max);
+        let norm = norm.read();
+        assert!(
+            (norm - host_norm).abs() < 1e-5 * host_norm,
+            "{norm} vs {host_norm}"
         );
+
+        // The host's clipped gradients in the model's order, as FlatAdamW lays them out.
+        struct Flatten<'a>(&'a mut GradientsParams, Vec<f32>);
+        impl ModuleVisitor<A> for Flatten<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
+                let g = self
+                    .0
+                    .remove::<I, D>(param.id)
+                    .expect("every parameter has one");
+                self.1.extend(g.into_data().iter::<f32>());
+            }
+        }
+        let mut host = Flatten(&mut clipped, Vec::new());
+        model.visit(&mut host);
+        let (m, _, _) = flat.to_record().expect("moments after a step");
+        let m: Vec<f32> = m.into_data().iter::<f32>().collect();
+        assert_eq!(m.len(), host.1.len());
+        let scale = (1.0 - settings.beta_1) as f64;
+        let worst = m
+            .iter()
+            .zip(&host.1)
+            .map(|(&m, &g)| (m as f64 - scale * g as f64).abs())
+            .fold(0.0, f64::max);
+        let largest = host.1.iter().map(|g| g.abs()).fold(0.0, f32::max) as f64;
+        assert!(worst < 1e-5 * scale * largest, "moments off by {worst}");
     }
 
     /// The path every GPU takes (burn's operations where the CPU has fused ones, the token
