@@ -185,14 +185,22 @@ impl<B: Backend> Seq2Seq<B> {
     }
 
     fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let t = tokens.dims()[1];
+        let [b, t] = tokens.dims();
         let d = self.d_model();
+        let words = token_lookup(&self.embed, tokens) * (d as f64).sqrt();
+        if on_cpu::<B>() {
+            // Positions looked up by id, as before the GPU's way below (its CPU step was
+            // not faster, and CPU results stay as they were, bit for bit).
+            let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &self.pos.weight.device())
+                .reshape([1, t])
+                .repeat_dim(0, b);
+            return words + self.pos.forward(positions);
+        }
         // Positions 0..t, the same in every row: the table's first rows, added by
-        // broadcasting. A lookup by position ids would cost training a scatter of the
-        // gradient into the table (see `token_lookup` for what that costs on a GPU); this
-        // costs a sum over the rows.
-        let positions = self.pos.weight.val().narrow(0, 0, t).unsqueeze::<3>();
-        token_lookup(&self.embed, tokens) * (d as f64).sqrt() + positions
+        // broadcasting. A lookup by position ids would cost GPU training a scatter of the
+        // gradient into the table (see `token_lookup` for what that costs); this costs a
+        // sum over the rows.
+        words + self.pos.weight.val().narrow(0, 0, t).unsqueeze::<3>()
     }
 
     /// `src_pad` is true at padding.
