@@ -1003,6 +1003,16 @@ mod tests {
         steps(model, optim, p, n, &devices, Rounding::Multiple16)
     }
 
+    /// `n` training examples of 12 ids each, for the tiny models' vocabulary.
+    fn examples(n: u32) -> Vec<Example> {
+        (0..n)
+            .map(|i| Example {
+                control: [4, 5],
+                ids: (0..12).map(|j| 6 + (i * 7 + j * 3) % 40).collect(),
+            })
+            .collect()
+    }
+
     /// Losses of `n` steps of `optim` on one repeated batch, cut into one shard per device,
     /// padded as `rounding` pads.
     fn steps<A: AutodiffBackend, O: ClippedStep<A>>(
@@ -1015,12 +1025,7 @@ mod tests {
     ) -> Vec<f32> {
         let mut model = model.map(&mut Trainable);
         let specials = Specials::minimal();
-        let examples: Vec<Example> = (0..8u32)
-            .map(|i| Example {
-                control: [4, 5],
-                ids: (0..12).map(|j| 6 + (i * 7 + j * 3) % 40).collect(),
-            })
-            .collect();
+        let examples = examples(8);
         let rows: Vec<&Example> = examples.iter().collect();
         let padding = rounding.within(32);
         let batch = data::shards(&rows, devices.len(), &specials, padding, |_, len| len / 2);
@@ -1045,12 +1050,7 @@ mod tests {
         let max = 0.05;
         let p = params(serde_json::json!({"dropout": 0.0, "grad_clip": max}));
         let model = Seq2Seq::<A>::from_inner(tiny(&p)).map(&mut Trainable);
-        let examples: Vec<Example> = (0..4u32)
-            .map(|i| Example {
-                control: [4, 5],
-                ids: (0..12).map(|j| 6 + (i * 7 + j * 3) % 40).collect(),
-            })
-            .collect();
+        let examples = examples(4);
         let rows: Vec<&Example> = examples.iter().collect();
         let padding = Rounding::Multiple16.within(32);
         let batch = data::make_batch(&rows, &Specials::minimal(), padding, |_, len| len / 2);
