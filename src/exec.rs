@@ -671,7 +671,11 @@ async fn produce(
             cancel: &token,
             checkpoints: &checkpoints,
         };
-        kind.run(&ctx)
+        let output = kind.run(&ctx);
+        // The stage's large buffers will not come back: return them to the system rather
+        // than hold them while later stages run or the process idles.
+        orchestrate_alloc::release_cache();
+        output
     })
     .await;
     if let Some(t) = timer {

@@ -22,6 +22,10 @@ struct Bench {
     engine: String,
 }
 
+/// The allocator `orchestrate serve` runs with.
+#[global_allocator]
+static ALLOC: orchestrate_alloc::Global = orchestrate_alloc::Global;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let runs = args.first().and_then(|s| s.parse().ok()).unwrap_or(20);

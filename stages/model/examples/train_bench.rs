@@ -8,6 +8,8 @@
 //!         spec512 20 --device cuda --bf16 --checkpointing
 //!     cargo run --release -p orchestrate-model --features wgpu --example train_bench -- \
 //!         narrow 50 --device wgpu      # the host's share of a GPU step, on any Vulkan device
+//!     cargo run --release -p orchestrate-model --example train_bench -- mini 3 --system-alloc
+//!                                      # glibc's allocator instead of orchestrate's
 //!
 //! Prints one JSON line: the first step's time (warm-up: on CUDA, kernel compilation and
 //! autotuning), then the mean step after it.
@@ -22,6 +24,10 @@ use orchestrate_model::adamw::{AdamWSettings, FlatAdamW};
 use orchestrate_model::compute::{self, Compute, OnDevice};
 use orchestrate_model::model::{masked_cross_entropy, CastParams, ModelConfig, Seq2Seq};
 use orchestrate_model::train;
+
+/// The allocator `orchestrate` trains with; `--system-alloc` measures glibc's instead.
+#[global_allocator]
+static ALLOC: orchestrate_alloc::Global = orchestrate_alloc::Global;
 
 struct Bench {
     /// The device as the JSON line names it.
@@ -46,6 +52,10 @@ impl OnDevice for Bench {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |f: &str| args.iter().any(|a| a == f);
+    if flag("--system-alloc") && !orchestrate_alloc::TENSOR_ALLOC.system_only() {
+        eprintln!("--system-alloc: a large block was allocated before the switch");
+        std::process::exit(2);
+    }
     let value = |f: &str| {
         args.iter()
             .position(|a| a == f)
@@ -217,7 +227,7 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
         * (layers as f64 * (src_len * src_len + tgt_len * tgt_len + tgt_len * src_len) as f64);
     let flops = 6.0 * params * toks as f64 + attn;
     println!(
-        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"threads\": {}}}",
+        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"threads\": {}, \"allocator\": \"{}\", \"blocks_mapped\": {}, \"bytes_cached\": {}}}",
         job.label,
         job.preset,
         if job.bf16 { "bf16" } else { "fp32" },
@@ -226,7 +236,10 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
         dt * 1e3,
         toks as f64 / dt,
         flops / dt / 1e12,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        if orchestrate_alloc::TENSOR_ALLOC.is_system_only() { "system" } else { "orchestrate" },
+        orchestrate_alloc::TENSOR_ALLOC.mapped_blocks(),
+        orchestrate_alloc::TENSOR_ALLOC.cached_bytes()
     );
 }
 
