@@ -281,12 +281,8 @@ impl TensorAlloc {
                 .min_by_key(|&i| c.blocks[i].1);
             if let Some(i) = larger {
                 let (addr, l) = c.remove(i);
-                let tail = (addr + len, l - len);
-                if c.len < SLOTS {
-                    c.push(tail);
-                } else {
-                    evicted.push(tail);
-                }
+                // The removal made room for the tail.
+                c.push((addr + len, l - len));
                 return Some(addr as *mut u8);
             }
             // A miss grows the process unless cached blocks go: keep cached and live bytes
@@ -612,6 +608,29 @@ mod tests {
             a.dealloc(p, layout(500));
             a.release_cache();
         }
+    }
+
+    #[test]
+    fn threads_sharing_the_cache_never_share_a_block() {
+        static SHARED: TensorAlloc = TensorAlloc::new();
+        std::thread::scope(|scope| {
+            for t in 0..4u8 {
+                scope.spawn(move || unsafe {
+                    for round in 0..50 {
+                        // Sizes that differ by thread and round: exact reuse, splits, misses.
+                        let size = (2 + (t as usize + round) % 5) * MIB;
+                        let p = SHARED.alloc(layout(size));
+                        p.write_bytes(t, size);
+                        std::thread::yield_now();
+                        let mine = std::slice::from_raw_parts(p, size);
+                        assert!(mine.iter().all(|&b| b == t), "thread {t} round {round}");
+                        SHARED.dealloc(p, layout(size));
+                    }
+                });
+            }
+        });
+        SHARED.release_cache();
+        assert_eq!(SHARED.cached_bytes(), 0);
     }
 
     #[test]
