@@ -26,7 +26,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::UnsafeCell;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 
 /// The size of a transparent huge page on x86-64 and aarch64 (4 KiB base pages): blocks this
 /// large and larger are served here.
@@ -68,6 +68,19 @@ pub fn release_cache() {
     TENSOR_ALLOC.release_cache()
 }
 
+/// Who serves large blocks: decided once, by the first large request or by
+/// [`TensorAlloc::system_only`], and never changed (a block must be freed by whoever
+/// allocated it).
+const UNDECIDED: u8 = 0;
+const OURS: u8 = 1;
+const SYSTEM: u8 = 2;
+
+/// Spins on a held lock before yielding the core to its holder.
+const SPINS_BEFORE_YIELD: u32 = 100;
+
+/// Blocks unmapped per hold of the lock (their list lives on the stack).
+const EVICT_BATCH: usize = 16;
+
 /// See the crate's documentation.
 pub struct TensorAlloc {
     /// A spin lock around `cache`: held for a scan of at most [`SLOTS`] entries, and the
@@ -76,9 +89,9 @@ pub struct TensorAlloc {
     cache: UnsafeCell<Cache>,
     /// Bytes of freed blocks kept at most beyond the peak rule; [`UNSET`] until first used.
     cache_cap: AtomicUsize,
-    /// Set by [`TensorAlloc::system_only`]: everything goes to the system allocator.
-    system_only: AtomicBool,
-    /// Blocks mapped so far; [`TensorAlloc::system_only`] may only switch before the first.
+    /// [`UNDECIDED`], [`OURS`] or [`SYSTEM`].
+    mode: AtomicU8,
+    /// Large blocks mapped from the kernel so far.
     mapped: AtomicUsize,
     /// Blocks handed out so far, for choosing their offsets.
     handed_out: AtomicUsize,
@@ -107,42 +120,61 @@ impl Cache {
         block
     }
 
-    fn pop_oldest(&mut self) -> (usize, usize) {
-        self.remove(0)
-    }
-
-    /// Adds a block as the newest; the caller makes room first.
-    fn push(&mut self, block: (usize, usize)) {
-        self.blocks[self.len] = block;
+    /// Puts a block `i`th oldest; the caller makes room first.
+    fn insert(&mut self, i: usize, block: (usize, usize)) {
+        self.blocks.copy_within(i..self.len, i + 1);
+        self.blocks[i] = block;
         self.len += 1;
         self.bytes += block.1;
+    }
+
+    /// Moves up to [`EVICT_BATCH`] of the oldest blocks to `out` while `over` says the
+    /// cache is too large; whether it no longer is.
+    fn evict(&mut self, out: &mut Evicted, over: impl Fn(&Cache) -> bool) -> bool {
+        while self.len > 0 && over(self) {
+            if out.len == EVICT_BATCH {
+                return false;
+            }
+            out.blocks[out.len] = self.remove(0);
+            out.len += 1;
+        }
+        true
+    }
+
+    /// Whether cached and live bytes together are past the peak of live ones.
+    fn past_peak(&self) -> bool {
+        self.bytes + self.live > self.peak
     }
 }
 
 /// Blocks taken out of the cache under its lock, to unmap after releasing it.
 struct Evicted {
-    blocks: [(usize, usize); SLOTS],
+    blocks: [(usize, usize); EVICT_BATCH],
     len: usize,
 }
 
 impl Evicted {
     fn new() -> Self {
         Self {
-            blocks: [(0, 0); SLOTS],
+            blocks: [(0, 0); EVICT_BATCH],
             len: 0,
         }
     }
 
-    fn push(&mut self, block: (usize, usize)) {
-        self.blocks[self.len] = block;
-        self.len += 1;
-    }
-
-    fn unmap(&self) {
+    /// Unmaps the blocks and empties the list.
+    fn unmap(&mut self) {
         for &(addr, len) in &self.blocks[..self.len] {
             unmap(addr as *mut u8, len);
         }
+        self.len = 0;
     }
+}
+
+/// What a lookup in the cache found.
+enum Lookup {
+    Hit(*mut u8),
+    /// Not in the cache; `true` when the peak rule holds again (else evict more).
+    Miss(bool),
 }
 
 impl Default for TensorAlloc {
@@ -170,32 +202,24 @@ impl TensorAlloc {
                 peak: 0,
             }),
             cache_cap: AtomicUsize::new(bytes),
-            system_only: AtomicBool::new(false),
+            mode: AtomicU8::new(UNDECIDED),
             mapped: AtomicUsize::new(0),
             handed_out: AtomicUsize::new(0),
         }
     }
 
-    /// Sends every later request to the system allocator, for measuring what this one
-    /// saves. Only possible before the first large block (a block mapped here must be freed
-    /// here): returns whether it switched.
+    /// Sends every request to the system allocator, for measuring what this one saves.
+    /// Only possible before the first large request (a block must be freed by whoever
+    /// allocated it): returns whether it switched.
     pub fn system_only(&self) -> bool {
-        if self.mapped.load(Ordering::SeqCst) > 0 {
-            return false;
-        }
-        self.system_only.store(true, Ordering::SeqCst);
-        // A block mapped between the check and the store would be freed to the wrong
-        // allocator: undo the switch if one was.
-        if self.mapped.load(Ordering::SeqCst) > 0 {
-            self.system_only.store(false, Ordering::SeqCst);
-            return false;
-        }
-        true
+        self.mode
+            .compare_exchange(UNDECIDED, SYSTEM, Ordering::SeqCst, Ordering::SeqCst)
+            .map_or_else(|now| now == SYSTEM, |_| true)
     }
 
     /// Whether [`TensorAlloc::system_only`] switched.
     pub fn is_system_only(&self) -> bool {
-        self.system_only.load(Ordering::Relaxed)
+        self.mode.load(Ordering::Relaxed) == SYSTEM
     }
 
     /// Large blocks mapped from the kernel so far (a cache miss each).
@@ -209,9 +233,19 @@ impl TensorAlloc {
     }
 
     /// The length this allocator maps for `layout`, or `None` for the system allocator.
+    /// The first large request decides that this allocator serves them.
     fn block_len(&self, layout: Layout) -> Option<usize> {
-        let large = layout.size() >= HUGE_PAGE && layout.align() <= ALIGN;
-        if !large || self.system_only.load(Ordering::Relaxed) {
+        if layout.size() < HUGE_PAGE || layout.align() > ALIGN {
+            return None;
+        }
+        let mode = match self.mode.load(Ordering::Relaxed) {
+            UNDECIDED => self
+                .mode
+                .compare_exchange(UNDECIDED, OURS, Ordering::SeqCst, Ordering::SeqCst)
+                .map_or_else(|now| now, |_| OURS),
+            decided => decided,
+        };
+        if mode != OURS {
             return None;
         }
         layout
@@ -237,12 +271,22 @@ impl TensorAlloc {
     }
 
     fn with_cache<T>(&self, f: impl FnOnce(&mut Cache) -> T) -> T {
+        let mut spins = 0;
         while self
             .locked
             .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
-            std::hint::spin_loop();
+            // Wait on a plain read; past a few spins the holder may have been preempted
+            // (more threads than cores): give it the core.
+            while self.locked.load(Ordering::Relaxed) {
+                spins += 1;
+                if spins < SPINS_BEFORE_YIELD {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
         }
         // SAFETY: the lock is held, so this is the only reference to the cache.
         let out = f(unsafe { &mut *self.cache.get() });
@@ -265,40 +309,57 @@ impl TensorAlloc {
     /// (`false`: zeroed by the kernel). Null when the kernel refuses even after the cache
     /// is released.
     fn obtain(&self, len: usize) -> (*mut u8, bool) {
+        // A split's tail shorter than this can serve no request: not worth keeping.
+        let smallest = (HUGE_PAGE + COLORS * COLOR_STEP).next_multiple_of(GRANULE);
         let mut evicted = Evicted::new();
-        let cached = self.with_cache(|c| {
+        let found = self.with_cache(|c| {
             c.live += len;
             c.peak = c.peak.max(c.live);
             // Newest first: the block freed last is the likeliest still in the CPU's caches.
             if let Some(i) = c.blocks[..c.len].iter().rposition(|&(_, l)| l == len) {
-                let (addr, _) = c.remove(i);
-                return Some(addr as *mut u8);
+                return Lookup::Hit(c.remove(i).0 as *mut u8);
             }
-            // Else the smallest larger block, split: its tail stays cached. Shapes that
-            // differ from step to step (bucketed lengths) reuse each other's blocks.
+            // Else the smallest larger block, split: its tail stays cached, as old as the
+            // block was. Shapes that differ from step to step (bucketed lengths) reuse each
+            // other's blocks.
             let larger = (0..c.len)
                 .filter(|&i| c.blocks[i].1 > len)
                 .min_by_key(|&i| c.blocks[i].1);
             if let Some(i) = larger {
                 let (addr, l) = c.remove(i);
-                // The removal made room for the tail.
-                c.push((addr + len, l - len));
-                return Some(addr as *mut u8);
+                let tail = (addr + len, l - len);
+                if tail.1 >= smallest {
+                    c.insert(i, tail);
+                } else {
+                    evicted.blocks[0] = tail;
+                    evicted.len = 1;
+                }
+                return Lookup::Hit(addr as *mut u8);
             }
             // A miss grows the process unless cached blocks go: keep cached and live bytes
             // within the peak of live ones.
-            while c.len > 0 && c.bytes + c.live > c.peak {
-                evicted.push(c.pop_oldest());
-            }
-            None
+            Lookup::Miss(c.evict(&mut evicted, Cache::past_peak))
         });
         evicted.unmap();
-        if let Some(p) = cached {
-            return (p, true);
+        match found {
+            Lookup::Hit(p) => return (p, true),
+            Lookup::Miss(mut done) => {
+                while !done {
+                    done = self.with_cache(|c| c.evict(&mut evicted, Cache::past_peak));
+                    evicted.unmap();
+                }
+            }
         }
         let mut p = map(len);
         if p.is_null() {
+            // Out of memory: give back every cached block and try once more, without this
+            // request counted as live meanwhile.
+            self.with_cache(|c| c.live -= len);
             self.release_cache();
+            self.with_cache(|c| {
+                c.live += len;
+                c.peak = c.peak.max(c.live);
+            });
             p = map(len);
         }
         if p.is_null() {
@@ -314,39 +375,57 @@ impl TensorAlloc {
     fn put(&self, addr: *mut u8, len: usize) {
         let cap = self.cache_cap();
         let mut evicted = Evicted::new();
-        let kept = self.with_cache(|c| {
-            c.live -= len;
-            if len > cap {
-                return false;
+        let over = |c: &Cache| c.len == SLOTS || c.bytes + len > cap;
+        let mut first = true;
+        loop {
+            let kept = self.with_cache(|c| {
+                if first {
+                    c.live -= len;
+                }
+                if len > cap {
+                    return Some(false);
+                }
+                if !c.evict(&mut evicted, over) {
+                    return None;
+                }
+                let newest = c.len;
+                c.insert(newest, (addr as usize, len));
+                Some(true)
+            });
+            first = false;
+            evicted.unmap();
+            match kept {
+                Some(true) => return,
+                Some(false) => return unmap(addr, len),
+                None => continue,
             }
-            while c.len == SLOTS || c.bytes + len > cap {
-                evicted.push(c.pop_oldest());
-            }
-            c.push((addr as usize, len));
-            true
-        });
-        evicted.unmap();
-        if !kept {
-            unmap(addr, len);
         }
     }
 
     /// Returns every cached block to the kernel.
     pub fn release_cache(&self) {
         let mut evicted = Evicted::new();
-        self.with_cache(|c| {
-            while c.len > 0 {
-                evicted.push(c.pop_oldest());
+        loop {
+            let done = self.with_cache(|c| {
+                let done = c.evict(&mut evicted, |_| true);
+                if done {
+                    // The next phase sets its own peak.
+                    c.peak = c.live;
+                }
+                done
+            });
+            evicted.unmap();
+            if done {
+                return;
             }
-            // The next phase sets its own peak.
-            c.peak = c.live;
-        });
-        evicted.unmap();
+        }
     }
 }
 
 /// `ORCHESTRATE_ALLOC_CACHE_MB` in bytes, if set to a number. Read with `getenv`, which does
-/// not allocate (this runs inside the allocator).
+/// not allocate (this runs inside the allocator); it bypasses std's lock on the environment,
+/// so it is read once, at the first large free, and setting it from inside the program is
+/// not supported.
 fn configured_cache_bytes() -> Option<usize> {
     // SAFETY: a NUL-terminated name; the value, if any, is a NUL-terminated string that
     // nothing here modifies.
@@ -408,8 +487,14 @@ fn unmap(addr: *mut u8, len: usize) {
     unsafe { libc::munmap(addr as *mut libc::c_void, len) };
 }
 
-// SAFETY: large blocks are whole private mappings aligned to 2 MiB (at least any alignment
-// they are asked for), handed out to one owner at a time; everything else is `System`'s.
+// Every block starts at a multiple of `GRANULE` (a mapping's 2 MiB boundary, or a split at a
+// multiple of `GRANULE` into one) and the caller's bytes a multiple of `COLOR_STEP` past it,
+// so at least `ALIGN`-aligned.
+const _: () = assert!(GRANULE.is_multiple_of(ALIGN) && COLOR_STEP.is_multiple_of(ALIGN));
+
+// SAFETY: large blocks are disjoint ranges of private mappings, aligned to `ALIGN` (above,
+// the most they are asked for), each handed out to one owner at a time; everything else is
+// `System`'s.
 unsafe impl GlobalAlloc for TensorAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         match self.block_len(layout) {
@@ -508,33 +593,42 @@ mod tests {
     fn a_freed_block_serves_the_next_request_of_its_size() {
         let a = TensorAlloc::new();
         unsafe {
-            let p = a.alloc(layout(5 * MIB));
+            let p = a.alloc(layout(9 * MIB));
             assert_eq!(
                 base_of(p) as usize % HUGE_PAGE,
                 0,
                 "a mapping starts on a huge page"
             );
             assert_eq!(p as usize % 64, 0);
-            p.write_bytes(7, 5 * MIB);
-            a.dealloc(p, layout(5 * MIB));
-            assert_eq!(a.cached_bytes(), block(5 * MIB), "kept");
+            p.write_bytes(7, 9 * MIB);
+            a.dealloc(p, layout(9 * MIB));
+            assert_eq!(a.cached_bytes(), block(9 * MIB), "kept");
             // A zeroed request of the same size gets the block back, without the 7s.
-            let q = a.alloc_zeroed(layout(5 * MIB));
+            let q = a.alloc_zeroed(layout(9 * MIB));
             assert_eq!(base_of(q), base_of(p));
             assert_ne!(q, p, "at another offset");
             assert_eq!(a.cached_bytes(), 0);
-            assert!(std::slice::from_raw_parts(q, 5 * MIB)
+            assert!(std::slice::from_raw_parts(q, 9 * MIB)
                 .iter()
                 .all(|&b| b == 0));
-            a.dealloc(q, layout(5 * MIB));
+            a.dealloc(q, layout(9 * MIB));
             // A smaller request splits the block: its head, the tail stays cached.
             let r = a.alloc(layout(3 * MIB));
             assert_eq!(base_of(r), base_of(p));
-            assert_eq!(a.cached_bytes(), block(5 * MIB) - block(3 * MIB));
+            assert_eq!(a.cached_bytes(), block(9 * MIB) - block(3 * MIB));
             a.dealloc(r, layout(3 * MIB));
-            assert_eq!(a.cached_bytes(), block(5 * MIB));
+            assert_eq!(a.cached_bytes(), block(9 * MIB));
             a.release_cache();
             assert_eq!(a.cached_bytes(), 0);
+
+            // A tail shorter than any block this allocator hands out is returned at once.
+            let p = a.alloc(layout(5 * MIB));
+            a.dealloc(p, layout(5 * MIB));
+            let r = a.alloc(layout(3 * MIB));
+            assert_eq!(base_of(r), base_of(p));
+            assert_eq!(a.cached_bytes(), 0, "the 2 MiB tail can serve nothing");
+            a.dealloc(r, layout(3 * MIB));
+            a.release_cache();
         }
     }
 
@@ -585,6 +679,30 @@ mod tests {
             a.release_cache();
             assert_eq!(a.cached_bytes(), 0);
         }
+    }
+
+    #[test]
+    fn evictions_larger_than_one_batch_all_happen() {
+        let a = TensorAlloc::new();
+        let n = 3 * EVICT_BATCH / 2;
+        let cache_n_blocks = || unsafe {
+            let blocks: Vec<*mut u8> = (0..n).map(|_| a.alloc(layout(2 * MIB))).collect();
+            for &p in &blocks {
+                a.dealloc(p, layout(2 * MIB));
+            }
+            assert_eq!(a.cached_bytes(), n * block(2 * MIB));
+        };
+        cache_n_blocks();
+        a.release_cache();
+        assert_eq!(a.cached_bytes(), 0);
+        cache_n_blocks();
+        unsafe {
+            // Larger than the peak so far and than any cached block: all of them go.
+            let big = a.alloc(layout(n * block(2 * MIB)));
+            assert_eq!(a.cached_bytes(), 0);
+            a.dealloc(big, layout(n * block(2 * MIB)));
+        }
+        a.release_cache();
     }
 
     #[test]
