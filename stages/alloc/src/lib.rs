@@ -46,8 +46,8 @@ const SLOTS: usize = 512;
 /// The caller's bytes start at one of `COLORS` offsets into a block, `COLOR_STEP` apart
 /// (a cache line past a page), so that buffers used together (a product's operands and
 /// output) do not all map to the same cache sets: with every buffer at a 2 MiB boundary a
-/// `spec512` step was ~5% slower than glibc's, with offsets on par (0.96x-1.06x). The word before
-/// caller's bytes holds the block's start.
+/// `spec512` step was ~5% slower than glibc's, with offsets on par (0.96x-1.06x). The
+/// word before the caller's bytes holds the block's start.
 const COLOR_STEP: usize = 4096 + 64;
 const COLORS: usize = 16;
 
