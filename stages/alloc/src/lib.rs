@@ -135,8 +135,7 @@ impl Cache {
             if out.len == EVICT_BATCH {
                 return false;
             }
-            out.blocks[out.len] = self.remove(0);
-            out.len += 1;
+            out.push(self.remove(0));
         }
         true
     }
@@ -161,6 +160,12 @@ impl Evicted {
         }
     }
 
+    /// Adds a block; the caller knows there is room.
+    fn push(&mut self, block: (usize, usize)) {
+        self.blocks[self.len] = block;
+        self.len += 1;
+    }
+
     /// Unmaps the blocks and empties the list.
     fn unmap(&mut self) {
         for &(addr, len) in &self.blocks[..self.len] {
@@ -168,13 +173,6 @@ impl Evicted {
         }
         self.len = 0;
     }
-}
-
-/// What a lookup in the cache found.
-enum Lookup {
-    Hit(*mut u8),
-    /// Not in the cache; `true` when the peak rule holds again (else evict more).
-    Miss(bool),
 }
 
 impl Default for TensorAlloc {
@@ -312,59 +310,50 @@ impl TensorAlloc {
         // A split's tail shorter than this can serve no request: not worth keeping.
         let smallest = (HUGE_PAGE + COLORS * COLOR_STEP).next_multiple_of(GRANULE);
         let mut evicted = Evicted::new();
-        let found = self.with_cache(|c| {
+        let cached = self.with_cache(|c| {
             c.live += len;
             c.peak = c.peak.max(c.live);
             // Newest first: the block freed last is the likeliest still in the CPU's caches.
             if let Some(i) = c.blocks[..c.len].iter().rposition(|&(_, l)| l == len) {
-                return Lookup::Hit(c.remove(i).0 as *mut u8);
+                return Some(c.remove(i).0 as *mut u8);
             }
             // Else the smallest larger block, split: its tail stays cached, as old as the
             // block was. Shapes that differ from step to step (bucketed lengths) reuse each
             // other's blocks.
-            let larger = (0..c.len)
+            let i = (0..c.len)
                 .filter(|&i| c.blocks[i].1 > len)
-                .min_by_key(|&i| c.blocks[i].1);
-            if let Some(i) = larger {
-                let (addr, l) = c.remove(i);
-                let tail = (addr + len, l - len);
-                if tail.1 >= smallest {
-                    c.insert(i, tail);
-                } else {
-                    evicted.blocks[0] = tail;
-                    evicted.len = 1;
-                }
-                return Lookup::Hit(addr as *mut u8);
+                .min_by_key(|&i| c.blocks[i].1)?;
+            let (addr, l) = c.remove(i);
+            let tail = (addr + len, l - len);
+            if tail.1 >= smallest {
+                c.insert(i, tail);
+            } else {
+                evicted.push(tail);
             }
-            // A miss grows the process unless cached blocks go: keep cached and live bytes
-            // within the peak of live ones.
-            Lookup::Miss(c.evict(&mut evicted, Cache::past_peak))
+            Some(addr as *mut u8)
         });
         evicted.unmap();
-        match found {
-            Lookup::Hit(p) => return (p, true),
-            Lookup::Miss(mut done) => {
-                while !done {
-                    done = self.with_cache(|c| c.evict(&mut evicted, Cache::past_peak));
-                    evicted.unmap();
-                }
-            }
+        if let Some(p) = cached {
+            return (p, true);
         }
+        // A miss grows the process unless cached blocks go: keep cached and live bytes
+        // within the peak of live ones.
+        self.drain(|c, evicted| c.evict(evicted, Cache::past_peak));
         let mut p = map(len);
         if p.is_null() {
-            // Out of memory: give back every cached block and try once more, without this
-            // request counted as live meanwhile.
+            // Out of memory: give back every cached block, without this request counted as
+            // live meanwhile, and try once more.
             self.with_cache(|c| c.live -= len);
             self.release_cache();
-            self.with_cache(|c| {
-                c.live += len;
-                c.peak = c.peak.max(c.live);
-            });
             p = map(len);
+            if !p.is_null() {
+                self.with_cache(|c| {
+                    c.live += len;
+                    c.peak = c.peak.max(c.live);
+                });
+            }
         }
-        if p.is_null() {
-            self.with_cache(|c| c.live -= len);
-        } else {
+        if !p.is_null() {
             self.mapped.fetch_add(1, Ordering::SeqCst);
         }
         (p, false)
@@ -374,46 +363,44 @@ impl TensorAlloc {
     /// keep.
     fn put(&self, addr: *mut u8, len: usize) {
         let cap = self.cache_cap();
-        let mut evicted = Evicted::new();
         let over = |c: &Cache| c.len == SLOTS || c.bytes + len > cap;
-        let mut first = true;
-        loop {
-            let kept = self.with_cache(|c| {
-                if first {
-                    c.live -= len;
-                }
+        let mut freed = false;
+        self.drain(|c, evicted| {
+            if !std::mem::replace(&mut freed, true) {
+                c.live -= len;
                 if len > cap {
-                    return Some(false);
+                    // The first hold: `evicted` is empty.
+                    evicted.push((addr as usize, len));
+                    return true;
                 }
-                if !c.evict(&mut evicted, over) {
-                    return None;
-                }
-                let newest = c.len;
-                c.insert(newest, (addr as usize, len));
-                Some(true)
-            });
-            first = false;
-            evicted.unmap();
-            match kept {
-                Some(true) => return,
-                Some(false) => return unmap(addr, len),
-                None => continue,
             }
-        }
+            if !c.evict(evicted, over) {
+                return false;
+            }
+            let newest = c.len;
+            c.insert(newest, (addr as usize, len));
+            true
+        });
     }
 
     /// Returns every cached block to the kernel.
     pub fn release_cache(&self) {
+        self.drain(|c, evicted| {
+            let done = c.evict(evicted, |_| true);
+            if done {
+                // The next phase sets its own peak.
+                c.peak = c.live;
+            }
+            done
+        });
+    }
+
+    /// Runs `step` under the lock until it says it is done, unmapping what it evicted
+    /// after each hold (a hold evicts at most [`EVICT_BATCH`] blocks).
+    fn drain(&self, mut step: impl FnMut(&mut Cache, &mut Evicted) -> bool) {
         let mut evicted = Evicted::new();
         loop {
-            let done = self.with_cache(|c| {
-                let done = c.evict(&mut evicted, |_| true);
-                if done {
-                    // The next phase sets its own peak.
-                    c.peak = c.live;
-                }
-                done
-            });
+            let done = self.with_cache(|c| step(c, &mut evicted));
             evicted.unmap();
             if done {
                 return;
