@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Kernel launches per GPU training step, by kernel, without a GPU: the `train` stage's model
+# at `narrow` widths (train_bench, batch 4, source 16, target 16, vocab 512, `mini`'s layers
+# and operations) on burn's wgpu backend over Mesa's software Vulkan device (lavapipe),
+# with CubeCL's profile log. The same burn-autodiff, burn-fusion and CubeCL code decides
+# the launches as on CUDA, so the count is what a GPU step's host pays for, launch by
+# launch (on an H100 the host, not the GPU, sets the pace of a `mini` step). Two runs
+# (2 and 6 timed steps) cancel the set-up and warm-up launches: per step = difference / 4.
+# Writes bench/results/launches.md.
+#
+#   bash bench/launches.sh           # needs mesa-vulkan-drivers (lavapipe); ~15 min to build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+compgen -G "/usr/share/vulkan/icd.d/lvp_icd.*.json" >/dev/null || {
+    echo "no lavapipe: apt-get install mesa-vulkan-drivers" >&2
+    exit 1
+}
+cargo build --release --locked -q -p orchestrate-model --features wgpu --example train_bench
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+# Mesa's Vulkan loader complains on every start without one (a machine with no login session).
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$logs}
+for steps in 2 6; do
+    echo "narrow, $steps steps on wgpu (lavapipe)" >&2
+    CUBECL_DEBUG_LOG="$logs/$steps.log" CUBECL_DEBUG_OPTION=profile \
+        target/release/examples/train_bench narrow "$steps" --device wgpu > /dev/null
+done
+mkdir -p bench/results
+python3 - "$logs/2.log" "$logs/6.log" "$(git rev-parse --short HEAD)" <<'PY' | tee bench/results/launches.md
+import collections, datetime, sys
+def launches(path):
+    # A launch is one profile line: "| <time> | <kernel> | WgpuRuntime".
+    return [l.split("|")[2].strip() for l in open(path) if l.rstrip().endswith("| WgpuRuntime")]
+short, long_ = launches(sys.argv[1]), launches(sys.argv[2])
+per_step = (len(long_) - len(short)) / 4
+# The last four steps of the longer run, kernel by kernel.
+last = collections.Counter(long_[len(long_) - (len(long_) - len(short)):])
+print(f"Kernel launches per `narrow` training step on burn's wgpu backend (lavapipe), "
+      f"{datetime.date.today()}, commit {sys.argv[3]}: **{per_step:,.0f}**\n")
+print("| kernel | launches per step |\n|---|---:|")
+for name, n in last.most_common():
+    print(f"| {name} | {n / 4:,.1f} |")
+PY
