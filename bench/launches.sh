@@ -34,12 +34,12 @@ def launches(path):
 short, long_ = launches(sys.argv[1]), launches(sys.argv[2])
 per_step = (len(long_) - len(short)) / 4
 # Kernel by kernel, the same difference.
-last = collections.Counter(long_)
-last.subtract(collections.Counter(short))
+per_kernel = collections.Counter(long_)
+per_kernel.subtract(collections.Counter(short))
 print(f"Kernel launches per `narrow` training step on burn's wgpu backend (lavapipe), "
       f"{datetime.date.today()}, commit {sys.argv[3]}: **{per_step:,.0f}**\n")
 print("| kernel | launches per step |\n|---|---:|")
-for name, n in last.most_common():
+for name, n in per_kernel.most_common():
     if n:
         print(f"| {name} | {n / 4:,.1f} |")
 PY
