@@ -5,7 +5,8 @@
 # with CubeCL's profile log. The same burn-autodiff, burn-fusion and CubeCL code decides
 # the launches as on CUDA, so the count is what a GPU step's host pays for, launch by
 # launch (on an H100 the host, not the GPU, sets the pace of a `mini` step). Two runs
-# (2 and 6 timed steps) cancel the set-up and warm-up launches: per step = difference / 4.
+# (SHORT and LONG timed steps) cancel the set-up and warm-up launches: per step =
+# difference / (LONG - SHORT).
 # Writes bench/results/launches.md.
 #
 #   bash bench/launches.sh           # needs mesa-vulkan-drivers (lavapipe); ~15 min to build
@@ -16,30 +17,32 @@ compgen -G "/usr/share/vulkan/icd.d/lvp_icd.*.json" >/dev/null || {
     exit 1
 }
 cargo build --release --locked -q -p orchestrate-model --features wgpu --example train_bench
+short=2 long=6
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 # Mesa's Vulkan loader complains on every start without one (a machine with no login session).
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$logs}
-for steps in 2 6; do
+for steps in $short $long; do
     echo "narrow, $steps steps on wgpu (lavapipe)" >&2
     CUBECL_DEBUG_LOG="$logs/$steps.log" CUBECL_DEBUG_OPTION=profile \
         target/release/examples/train_bench narrow "$steps" --device wgpu > /dev/null
 done
 mkdir -p bench/results
-python3 - "$logs/2.log" "$logs/6.log" "$(git rev-parse --short HEAD)" <<'PY' | tee bench/results/launches.md
+python3 - "$logs/$short.log" "$logs/$long.log" $((long - short)) "$(git rev-parse --short HEAD)" <<'PY' | tee bench/results/launches.md
 import collections, datetime, sys
 def launches(path):
     # A launch is one profile line: "| <time> | <kernel> | WgpuRuntime".
     return [l.split("|")[2].strip() for l in open(path) if l.rstrip().endswith("| WgpuRuntime")]
 short, long_ = launches(sys.argv[1]), launches(sys.argv[2])
-per_step = (len(long_) - len(short)) / 4
+steps = int(sys.argv[3])
+per_step = (len(long_) - len(short)) / steps
 # Kernel by kernel, the same difference.
 per_kernel = collections.Counter(long_)
 per_kernel.subtract(collections.Counter(short))
 print(f"Kernel launches per `narrow` training step on burn's wgpu backend (lavapipe), "
-      f"{datetime.date.today()}, commit {sys.argv[3]}: **{per_step:,.0f}**\n")
+      f"{datetime.date.today()}, commit {sys.argv[4]}: **{per_step:,.0f}**\n")
 print("| kernel | launches per step |\n|---|---:|")
 for name, n in per_kernel.most_common():
     if n:
-        print(f"| {name} | {n / 4:,.1f} |")
+        print(f"| {name} | {n / steps:,.1f} |")
 PY
