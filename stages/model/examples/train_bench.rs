@@ -10,6 +10,9 @@
 //!         narrow 50 --device wgpu      # the host's share of a GPU step, on any Vulkan device
 //!     cargo run --release -p orchestrate-model --example train_bench -- mini 3 --system-alloc
 //!                                      # glibc's allocator instead of orchestrate's
+//!     ORCHESTRATE_GPU_PATH=copies,master train_bench mini 30 --device cuda --sync-each-step
+//!                                      # the GPU path without two of its choices, waiting
+//!                                      # for every step (see orchestrate_model::gpu_path)
 //!
 //! Prints one JSON line: the first step's time (warm-up: on CUDA, kernel compilation and
 //! autotuning), then the mean step after it.
@@ -36,6 +39,9 @@ struct Bench {
     steps: usize,
     bf16: bool,
     checkpointing: bool,
+    /// Read each step's loss back (a wait for the device every step), as this bench did
+    /// before 2026-11-27: to compare with results from then.
+    sync_each_step: bool,
 }
 
 impl OnDevice for Bench {
@@ -75,6 +81,7 @@ fn main() {
         steps: args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3),
         bf16: flag("--bf16"),
         checkpointing: flag("--checkpointing"),
+        sync_each_step: flag("--sync-each-step"),
     };
     if asked == "wgpu" {
         return on_wgpu(job);
@@ -201,9 +208,16 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     let warmup = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
     let cpu_before = process_cpu_seconds();
+    let threads_before = thread_cpu_seconds();
     let mut last = None;
     for _ in 0..job.steps {
-        last = Some(step());
+        let loss = step();
+        last = if job.sync_each_step {
+            loss.into_scalar().elem::<f32>();
+            None
+        } else {
+            Some(loss)
+        };
     }
     if let Some(loss) = last {
         loss.into_scalar().elem::<f32>();
@@ -216,6 +230,27 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
         (Some(a), Some(b)) => format!("{:.1}", (b - a) * 1e3 / job.steps.max(1) as f64),
         _ => "null".into(),
     };
+    // The same by thread name: on wgpu over lavapipe its kernels run on Mesa's own threads
+    // (llvmpipe-N, lavapipe queue), so the other threads' time is the host's share alone.
+    let by_thread = thread_cpu_seconds()
+        .map(|after| {
+            let mut per: Vec<(String, f64)> = after
+                .into_iter()
+                .map(|(name, t)| {
+                    let before = threads_before.as_ref().and_then(|b| b.get(&name)).copied();
+                    let ms = (t - before.unwrap_or(0.0)) * 1e3 / job.steps.max(1) as f64;
+                    (name, ms)
+                })
+                .filter(|(_, ms)| *ms >= 0.05)
+                .collect();
+            per.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let fields: Vec<String> = per
+                .iter()
+                .map(|(name, ms)| format!("\"{}\": {ms:.1}", name.replace(['"', '\\'], "_")))
+                .collect();
+            format!("{{{}}}", fields.join(", "))
+        })
+        .unwrap_or_else(|| "null".into());
     let toks = batch * (src_len + tgt_len);
     // Model FLOPs per step: 6 per parameter per token (forward 2, backward 4) for the
     // weight matmuls, plus attention's score and value products.
@@ -227,11 +262,13 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
         * (layers as f64 * (src_len * src_len + tgt_len * tgt_len + tgt_len * src_len) as f64);
     let flops = 6.0 * params * toks as f64 + attn;
     println!(
-        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"threads\": {}, \"allocator\": \"{}\", \"blocks_mapped\": {}, \"bytes_cached\": {}}}",
+        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"sync_each_step\": {}, \"gpu_path_off\": \"{}\", \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"cpu_ms_per_step_by_thread\": {by_thread}, \"threads\": {}, \"allocator\": \"{}\", \"blocks_mapped\": {}, \"bytes_cached\": {}}}",
         job.label,
         job.preset,
         if job.bf16 { "bf16" } else { "fp32" },
         job.checkpointing,
+        job.sync_each_step,
+        std::env::var("ORCHESTRATE_GPU_PATH").unwrap_or_default().replace(['"', '\\'], "_"),
         cfg.parameters(),
         dt * 1e3,
         toks as f64 / dt,
@@ -243,13 +280,37 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     );
 }
 
-/// User plus system CPU time of this process so far (Linux's /proc; None elsewhere).
-fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+/// User plus system CPU time of each live thread of this process so far, summed by thread
+/// name (Linux's /proc; None elsewhere). Threads that ended are not counted.
+fn thread_cpu_seconds() -> Option<std::collections::BTreeMap<String, f64>> {
+    let mut by_name = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let path = task.path();
+        let Some(seconds) = std::fs::read_to_string(path.join("stat"))
+            .ok()
+            .and_then(|stat| cpu_seconds(&stat))
+        else {
+            continue;
+        };
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        // Numbered pools (llvmpipe-0, llvmpipe-1, ...) count as one.
+        let name = name.trim().trim_end_matches(|c: char| c.is_ascii_digit());
+        *by_name.entry(name.to_string()).or_insert(0.0) += seconds;
+    }
+    Some(by_name)
+}
+
+/// utime + stime of a /proc stat line, in seconds.
+fn cpu_seconds(stat: &str) -> Option<f64> {
     // Fields after the command name (which may hold spaces) in parentheses; utime and
     // stime are the 14th and 15th fields, in clock ticks (100 per second on Linux).
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split(' ').collect();
     let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
     Some((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// User plus system CPU time of this process so far (Linux's /proc; None elsewhere).
+fn process_cpu_seconds() -> Option<f64> {
+    cpu_seconds(&std::fs::read_to_string("/proc/self/stat").ok()?)
 }

@@ -228,7 +228,9 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
             return (module, None);
         }
         let p = match self.master.take() {
-            Some(master) if master.layout == layout => master.flat,
+            Some(master) if master.layout == layout && crate::gpu_path::gpu_path().master => {
+                master.flat
+            }
             _ => Tensor::cat(params, 0),
         };
         let mut g = Tensor::cat(gradients, 0);
