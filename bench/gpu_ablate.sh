@@ -56,7 +56,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"
 python3 - "$log" <<'PY' | tee "$OUT/ablate.md"
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-torch = [r["tokens_per_s"] for r in rows if r.get("engine") == "torch" or ("tokens_per_s" in r and "variant" not in r)]
+# PyTorch's lines are the timed ones without a variant.
+torch = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and "variant" not in r]
 by = {}
 for r in rows:
     if "variant" in r:

@@ -4,7 +4,7 @@
 # and operations) on burn's wgpu backend over Mesa's software Vulkan device (lavapipe),
 # with CubeCL's profile log. The same burn-autodiff, burn-fusion and CubeCL code decides
 # the launches as on CUDA, so the count is what a GPU step's host pays for, launch by
-# launch (on an H100 the host, not the GPU, sets the pace of a `mini` step). Two runs
+# launch. Two runs
 # (SHORT and LONG timed steps) cancel the set-up and warm-up launches: per step =
 # difference / (LONG - SHORT). Then the same with each of the GPU path's choices turned off.
 # Writes bench/results/launches.md.

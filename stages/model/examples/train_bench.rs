@@ -230,8 +230,9 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
         (Some(a), Some(b)) => format!("{:.1}", (b - a) * 1e3 / job.steps.max(1) as f64),
         _ => "null".into(),
     };
-    // The same by thread name: on wgpu over lavapipe its kernels run on Mesa's own threads
-    // (llvmpipe-N, lavapipe queue), so the other threads' time is the host's share alone.
+    // The same by thread name. CubeCL runs each device on threads of its own (`DSU-…`,
+    // `DSD-…`) that busy-wait on each other, so a thread's time is work and waiting; on
+    // lavapipe `DSD` also runs the kernels.
     let by_thread = thread_cpu_seconds()
         .map(|after| {
             let mut per: Vec<(String, f64)> = after
@@ -268,7 +269,7 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
         if job.bf16 { "bf16" } else { "fp32" },
         job.checkpointing,
         job.sync_each_step,
-        std::env::var("ORCHESTRATE_GPU_PATH").unwrap_or_default().replace(['"', '\\'], "_"),
+        orchestrate_model::gpu_path::gpu_path().off(),
         cfg.parameters(),
         dt * 1e3,
         toks as f64 / dt,

@@ -23,13 +23,16 @@ pub struct GpuPath {
 }
 
 impl GpuPath {
+    /// Every choice on: the default.
+    pub const ALL: GpuPath = GpuPath {
+        copies: true,
+        broadcast: true,
+        master: true,
+    };
+
     /// Every choice on but those `off` names; an unknown name is an error naming it.
     pub fn parse(off: &str) -> Result<GpuPath, String> {
-        let mut path = GpuPath {
-            copies: true,
-            broadcast: true,
-            master: true,
-        };
+        let mut path = GpuPath::ALL;
         for name in off.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             match name {
                 "copies" => path.copies = false,
@@ -45,6 +48,17 @@ impl GpuPath {
         }
         Ok(path)
     }
+
+    /// The names of the choices turned off, comma-separated, as `parse` reads them.
+    pub fn off(&self) -> String {
+        let all = [
+            ("copies", self.copies),
+            ("broadcast", self.broadcast),
+            ("master", self.master),
+        ];
+        let off: Vec<&str> = all.iter().filter(|(_, on)| !on).map(|(n, _)| *n).collect();
+        off.join(",")
+    }
 }
 
 /// The process's switches, from `ORCHESTRATE_GPU_PATH`. An unknown name there is reported
@@ -56,7 +70,7 @@ pub fn gpu_path() -> GpuPath {
         let off = std::env::var("ORCHESTRATE_GPU_PATH").unwrap_or_default();
         GpuPath::parse(&off).unwrap_or_else(|e| {
             eprintln!("{e}; ignored");
-            GpuPath::parse("").expect("no names")
+            GpuPath::ALL
         })
     })
 }
@@ -67,8 +81,7 @@ mod tests {
 
     #[test]
     fn names_turn_choices_off_and_unknown_ones_are_named() {
-        let all = GpuPath::parse("").unwrap();
-        assert!(all.copies && all.broadcast && all.master);
+        assert_eq!(GpuPath::parse("").unwrap(), GpuPath::ALL);
         let some = GpuPath::parse(" copies,master ").unwrap();
         assert_eq!(
             some,
@@ -78,6 +91,7 @@ mod tests {
                 master: false
             }
         );
+        assert_eq!(GpuPath::parse(&some.off()).unwrap(), some);
         let err = GpuPath::parse("copies,fast").unwrap_err();
         assert!(err.contains("`fast`"), "{err}");
     }
