@@ -1,0 +1,92 @@
+"""The Markdown report of bench/gpu_table.sh: `python3 bench/gpu_table.py PEAK table.jsonl
+machine.txt`. Ratios are per round (ours and PyTorch measured in the same round, minutes
+apart on the same GPU), then the median over rounds."""
+import json
+import statistics
+import sys
+
+peak = float(sys.argv[1])
+rows = [json.loads(line) for line in open(sys.argv[2]) if line.startswith("{")]
+machine = open(sys.argv[3]).read().strip().splitlines()
+
+TORCH_NAMES = {"mini-8m": "mini", "seed-512": "spec512"}
+ours = [r for r in rows if r.get("engine") == "burn" and "tokens_per_s" in r]
+torch = [r for r in rows if r.get("engine") == "torch" and r.get("kind") == "train" and "tokens_per_s" in r]
+version = next((r["torch"] for r in rows if r.get("kind") == "version"), "?")
+failed = [r for r in rows if "exit" in r or r.get("skipped")]
+
+
+def med(xs):
+    return statistics.median(xs) if xs else None
+
+
+# FLOPs per token of each preset, from our runs (the same count for both engines: 6 per
+# parameter per token plus attention's products; the model is the same shape).
+flops_per_token = {r["model"]: r["model_tflops_per_s"] * 1e12 / r["tokens_per_s"] for r in ours}
+
+
+def torch_runs(model, amp):
+    return {r["round"]: r for r in torch if TORCH_NAMES.get(r["model"]) == model and r["amp"] == amp}
+
+
+def ours_runs(variant):
+    return {r["round"]: r for r in ours if r["variant"] == variant and r["round"] != "cold"}
+
+
+def ratio(mine, ref):
+    """Median over rounds of ours / PyTorch within a round."""
+    per = [mine[k]["tokens_per_s"] / ref[k]["tokens_per_s"] for k in mine if k in ref]
+    return f"{med(per):.2f}x" if per else ""
+
+
+def mfu(model, tokens_per_s):
+    f = flops_per_token.get(model)
+    return f"{100 * f * tokens_per_s / 1e12 / peak:.1f}%" if f else ""
+
+
+print(f"GPU: {machine[0] if machine else '?'}; host: {', '.join(machine[1:])}; PyTorch {version}.")
+print(f"\nTraining, batch 32, source 128 + target 128, vocab 8000; tokens/s per round; MFU "
+      f"against {peak:.0f} TFLOP/s (dense bf16), one FLOP count for both engines. Ratios: "
+      "ours over PyTorch in the same round, median over rounds. Warm-up: the first step of a "
+      "run whose kernels are cached (median); cold: the first step with an empty cache, the "
+      "four cold runs side by side.\n")
+print("| model | engine | precision | tokens/s (each round) | median | step ms | MFU | "
+      "vs PyTorch fp32 eager | vs PyTorch bf16 eager | warm-up s | cold warm-up s |")
+print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+for model in ("mini", "spec512"):
+    ref32, ref16 = torch_runs(model, False), torch_runs(model, True)
+    for precision in ("fp32", "bf16"):
+        variant = "all" if (model, precision) == ("mini", "fp32") else f"{model}-{precision}"
+        runs = ours_runs(variant)
+        cold = next((r for r in ours if r["round"] == "cold" and r["variant"] == f"{model}-{precision}"), None)
+        tps = [r["tokens_per_s"] for r in runs.values()]
+        m = med(tps)
+        each = ", ".join(f"{t:,.0f}" for t in tps) or "no run"
+        print(f"| {model} | burn 0.21 cuda (ours) | {precision} | {each} | {m or 0:,.0f} | "
+              f"{med([r['step_ms'] for r in runs.values()]) or 0:.1f} | {mfu(model, m) if m else ''} | "
+              f"{ratio(runs, ref32)} | {ratio(runs, ref16)} | "
+              f"{med([r['warmup_s'] for r in runs.values()]) or 0:.2f} | "
+              f"{cold['warmup_s'] if cold else 'did not finish'} |")
+    for amp, ref in ((False, ref32), (True, ref16)):
+        tps = [r["tokens_per_s"] for r in ref.values()]
+        m = med(tps)
+        each = ", ".join(f"{t:,.0f}" for t in tps) or "no run"
+        print(f"| {model} | PyTorch {version} | {'bf16 autocast eager' if amp else 'fp32 eager'} | "
+              f"{each} | {m or 0:,.0f} | {med([r['step_ms'] for r in ref.values()]) or 0:.1f} | "
+              f"{mfu(model, m) if m else ''} | | | | |")
+
+print("\n`mini` fp32 with the GPU path's choices turned off (ORCHESTRATE_GPU_PATH), waiting on "
+      "every step (`--sync-each-step`), or on glibc's allocator (`--system-alloc`):\n")
+print("| variant | tokens/s (each round) | median | vs PyTorch fp32 eager | host CPU ms / step |")
+print("|---|---|---:|---:|---:|")
+ref32 = torch_runs("mini", False)
+for variant in ("all", "no-copies", "no-broadcast", "no-master", "none", "all-sync", "none-sync",
+                "all-system-alloc"):
+    runs = ours_runs(variant)
+    tps = [r["tokens_per_s"] for r in runs.values()]
+    host = med([r["host_cpu_ms_per_step"] or 0 for r in runs.values()])
+    print(f"| {variant} | {', '.join(f'{t:,.0f}' for t in tps) or 'no run'} | {med(tps) or 0:,.0f} | "
+          f"{ratio(runs, ref32)} | {host or 0:.0f} |")
+for r in failed:
+    what = "skipped (deadline)" if r.get("skipped") else f"exit {r['exit']} (124: time limit)"
+    print(f"\n- round {r['round']}, {r['variant']}: {what}")

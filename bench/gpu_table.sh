@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The train issue's GPU table in one call of a lent GPU machine: training tokens/s, model
+# FLOPs utilisation and warm-up for both presets, fp32 and bf16, beside PyTorch eager fp32
+# and bf16 autocast on the same GPU; and, in the same rounds, `mini` fp32 with each of the
+# GPU path's choices turned off (ORCHESTRATE_GPU_PATH, stages/model/src/gpu_path.rs), all
+# off, waiting on every step, and with glibc's allocator, which say which choice pays.
+#
+#   bash bench/gpu.sh --build    # or only train_bench, see bench/gpu_ablate.sh's header
+#   bash bench/gpu_table.sh [SECONDS] [PEAK_TFLOPS]   # on the GPU machine, bench/bin carried
+#
+# Phase 1 compiles and autotunes each of the four (preset, precision) pairs side by side,
+# each into its own kernel cache (untimed: a fresh machine spends about three minutes on
+# `mini` alone; their first-step times are the cold warm-ups, inflated by running together).
+# Phase 2 runs every check again from those caches, one at a time, in alternating rounds
+# until the deadline (default 540 s from the start), PyTorch once per round; a warm run's
+# first step is the warm-up a second run pays. Results in $OUT (default
+# bench/results/gpu-table): table.jsonl, table.md (bench/gpu_table.py), machine.txt,
+# stderr.txt, and each kernel cache as k-NAME.tgz (unpack into /tmp/k/NAME to seed a later
+# call). Runs cut off by the deadline are written as skipped, not lost.
+set -u
+cd "$(dirname "$0")/.."
+budget=${1:-540}
+peak=${2:-989}
+deadline=$((SECONDS + budget))
+OUT=${OUT:-bench/results/gpu-table}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+bin=bench/bin
+# shellcheck source=bench/gpu_lib.sh
+source bench/gpu_lib.sh
+unpack_bin "$bin"
+log=$OUT/table.jsonl
+: >"$log"
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    lscpu | sed -n 's/^Model name: *//p'
+    echo "$(nproc) CPU threads"
+} >"$OUT/machine.txt" 2>&1
+for c in mini-fp32 spec512-fp32 mini-bf16 spec512-bf16; do
+    mkdir -p "/tmp/k/$c"
+    [ -f "$bin/k-$c.tgz" ] && tar -xzf "$bin/k-$c.tgz" -C "/tmp/k/$c"
+done
+
+# tag KEY=VALUE...: adds the fields to every JSON line on stdin.
+tag() {
+    python3 -c '
+import json, sys
+extra = dict(a.split("=", 1) for a in sys.argv[1:])
+for line in sys.stdin:
+    if line.startswith("{"):
+        d = json.loads(line)
+        d.update(extra)
+        print(json.dumps(d), flush=True)
+' "$@"
+}
+
+# ours ROUND VARIANT CACHE LIMIT OFF ARGS...: one train_bench run, at most LIMIT seconds
+# (less if the deadline is nearer; skipped under 15 s), its JSON line tagged and appended.
+ours() {
+    local round=$1 variant=$2 cache=$3 limit=$4 off=$5 left=$((deadline - SECONDS))
+    shift 5
+    if ((left < 15)); then
+        echo "{\"round\": \"$round\", \"variant\": \"$variant\", \"skipped\": true}" >>"$log"
+        return
+    fi
+    ((limit > left)) && limit=$left
+    local out rc
+    out=$(ORCHESTRATE_KERNEL_CACHE=/tmp/k/$cache ORCHESTRATE_GPU_PATH=$off \
+        timeout "$limit" $bin/train_bench-cuda "$@" --device cuda 2>>"$OUT/stderr.txt")
+    rc=$?
+    if [ $rc -eq 0 ] && [ -n "$out" ]; then
+        echo "$out" | tag round="$round" variant="$variant" engine=burn >>"$log"
+    else
+        echo "{\"round\": \"$round\", \"variant\": \"$variant\", \"exit\": $rc}" >>"$log"
+    fi
+}
+
+# Phase 1: cold, side by side.
+ours cold mini-fp32 mini-fp32 270 "" mini 3 &
+ours cold spec512-fp32 spec512-fp32 270 "" spec512 3 &
+ours cold mini-bf16 mini-bf16 270 "" mini 3 --bf16 &
+ours cold spec512-bf16 spec512-bf16 270 "" spec512 3 --bf16 &
+wait
+
+# Phase 2: warm, one at a time, alternating, 30 timed steps each.
+reserve=25 # seconds kept for packing the kernel caches
+for r in 1 2 3; do
+    ((deadline - SECONDS < 60 + reserve)) && break
+    deadline=$((deadline - reserve))
+    ours $r all mini-fp32 60 "" mini 30
+    ours $r spec512-fp32 spec512-fp32 60 "" spec512 30
+    ours $r mini-bf16 mini-bf16 60 "" mini 30 --bf16
+    ours $r spec512-bf16 spec512-bf16 60 "" spec512 30 --bf16
+    ours $r no-copies mini-fp32 60 copies mini 30
+    ours $r no-broadcast mini-fp32 60 broadcast mini 30
+    ours $r no-master mini-fp32 60 master mini 30
+    ours $r none mini-fp32 60 copies,broadcast,master mini 30
+    ours $r all-sync mini-fp32 60 "" mini 30 --sync-each-step
+    ours $r none-sync mini-fp32 60 copies,broadcast,master mini 30 --sync-each-step
+    ours $r all-system-alloc mini-fp32 60 "" mini 30 --system-alloc
+    left=$((deadline - SECONDS))
+    if ((left > 20)); then
+        (cd $bin && timeout $((left < 120 ? left : 120)) python3 -c "
+import json, torch_seq2seq_baseline as t
+print(json.dumps(dict(kind='version', torch=t.torch.__version__)), flush=True)
+for name in ('mini-8m', 'seed-512'):
+    for amp in (False, True):
+        t.train_bench(name, 32, 128, 128, 30, amp, False)
+" 2>>"$OUT/stderr.txt") | tag round=$r engine=torch >>"$log"
+    fi
+    deadline=$((deadline + reserve))
+done
+
+for c in mini-fp32 spec512-fp32 mini-bf16 spec512-bf16; do
+    tar -czf "$OUT/k-$c.tgz" -C "/tmp/k/$c" .
+done
+python3 bench/gpu_table.py "$peak" "$log" "$OUT/machine.txt" | tee "$OUT/table.md"
