@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The train issue's GPU table in one call of a lent GPU machine: training tokens/s, model
 # FLOPs utilisation and warm-up for both presets, fp32 and bf16, beside PyTorch eager fp32
-# and bf16 autocast on the same GPU; and, in the same rounds, `mini` fp32 with each of the
-# GPU path's choices turned off (ORCHESTRATE_GPU_PATH, stages/model/src/gpu_path.rs), all
-# off, waiting on every step, and with glibc's allocator, which say which choice pays.
+# and bf16 autocast on the same GPU; and, in the same rounds, `mini` fp32 with the host
+# running ahead of the device (`--run-ahead`) and on glibc's allocator (`--system-alloc`),
+# the two choices the GPU path still makes without a measured reason.
 #
-#   bash bench/gpu.sh --build    # or only train_bench, see bench/gpu_ablate.sh's header
+#   cargo build --release --locked -p orchestrate-model --features cuda --example train_bench
+#   mkdir -p bench/bin && cp ../shared/bench/torch_seq2seq_baseline.py bench/bin/ &&
+#     strip -o /tmp/tb target/release/examples/train_bench && xz -1 -c /tmp/tb > bench/bin/train_bench-cuda.xz
 #   bash bench/gpu_table.sh [SECONDS] [PEAK_TFLOPS]   # on the GPU machine, bench/bin carried
 #
 # Phase 1 compiles and autotunes each of the four (preset, precision) pairs side by side,
@@ -16,7 +18,8 @@
 # first step is the warm-up a second run pays. Results in $OUT (default
 # bench/results/gpu-table): table.jsonl, table.md (bench/gpu_table.py), machine.txt,
 # stderr.txt, and each kernel cache as k-NAME.tgz (unpack into /tmp/k/NAME to seed a later
-# call). Runs cut off by the deadline are written as skipped, not lost.
+# call; k-*.tgz in bench/bin are unpacked there first). Runs cut off by the deadline are
+# written as skipped, not lost. On 2026-11-27 the first call took 438 s on a fresh H100.
 set -u
 cd "$(dirname "$0")/.."
 budget=${1:-540}
@@ -54,18 +57,18 @@ for line in sys.stdin:
 ' "$@"
 }
 
-# ours ROUND VARIANT CACHE LIMIT OFF ARGS...: one train_bench run, at most LIMIT seconds
-# (less if the deadline is nearer; skipped under 15 s), its JSON line tagged and appended.
+# ours ROUND VARIANT CACHE LIMIT ARGS...: one train_bench run, at most LIMIT seconds (less
+# if the deadline is nearer; skipped under 15 s), its JSON line tagged and appended.
 ours() {
-    local round=$1 variant=$2 cache=$3 limit=$4 off=$5 left=$((deadline - SECONDS))
-    shift 5
+    local round=$1 variant=$2 cache=$3 limit=$4 left=$((deadline - SECONDS))
+    shift 4
     if ((left < 15)); then
         echo "{\"round\": \"$round\", \"variant\": \"$variant\", \"skipped\": true}" >>"$log"
         return
     fi
     ((limit > left)) && limit=$left
     local out rc
-    out=$(ORCHESTRATE_KERNEL_CACHE=/tmp/k/$cache ORCHESTRATE_GPU_PATH=$off \
+    out=$(ORCHESTRATE_KERNEL_CACHE=/tmp/k/$cache \
         timeout "$limit" $bin/train_bench-cuda "$@" --device cuda 2>>"$OUT/stderr.txt")
     rc=$?
     if [ $rc -eq 0 ] && [ -n "$out" ]; then
@@ -76,10 +79,10 @@ ours() {
 }
 
 # Phase 1: cold, side by side.
-ours cold mini-fp32 mini-fp32 270 "" mini 3 &
-ours cold spec512-fp32 spec512-fp32 270 "" spec512 3 &
-ours cold mini-bf16 mini-bf16 270 "" mini 3 --bf16 &
-ours cold spec512-bf16 spec512-bf16 270 "" spec512 3 --bf16 &
+ours cold mini-fp32 mini-fp32 270 mini 3 &
+ours cold spec512-fp32 spec512-fp32 270 spec512 3 &
+ours cold mini-bf16 mini-bf16 270 mini 3 --bf16 &
+ours cold spec512-bf16 spec512-bf16 270 spec512 3 --bf16 &
 wait
 
 # Phase 2: warm, one at a time, alternating, 30 timed steps each.
@@ -87,17 +90,12 @@ reserve=25 # seconds kept for packing the kernel caches
 for r in 1 2 3; do
     ((deadline - SECONDS < 60 + reserve)) && break
     deadline=$((deadline - reserve))
-    ours $r all mini-fp32 60 "" mini 30
-    ours $r spec512-fp32 spec512-fp32 60 "" spec512 30
-    ours $r mini-bf16 mini-bf16 60 "" mini 30 --bf16
-    ours $r spec512-bf16 spec512-bf16 60 "" spec512 30 --bf16
-    ours $r no-copies mini-fp32 60 copies mini 30
-    ours $r no-broadcast mini-fp32 60 broadcast mini 30
-    ours $r no-master mini-fp32 60 master mini 30
-    ours $r none mini-fp32 60 copies,broadcast,master mini 30
-    ours $r all-sync mini-fp32 60 "" mini 30 --sync-each-step
-    ours $r none-sync mini-fp32 60 copies,broadcast,master mini 30 --sync-each-step
-    ours $r all-system-alloc mini-fp32 60 "" mini 30 --system-alloc
+    ours $r all mini-fp32 60 mini 30
+    ours $r spec512-fp32 spec512-fp32 60 spec512 30
+    ours $r mini-bf16 mini-bf16 60 mini 30 --bf16
+    ours $r spec512-bf16 spec512-bf16 60 spec512 30 --bf16
+    ours $r run-ahead mini-fp32 60 mini 30 --run-ahead
+    ours $r system-alloc mini-fp32 60 mini 30 --system-alloc
     left=$((deadline - SECONDS))
     if ((left > 20)); then
         (cd $bin && timeout $((left < 120 ? left : 120)) python3 -c "

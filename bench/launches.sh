@@ -6,8 +6,7 @@
 # the launches as on CUDA, so the count is what a GPU step's host pays for, launch by
 # launch. Two runs
 # (SHORT and LONG timed steps) cancel the set-up and warm-up launches: per step =
-# difference / (LONG - SHORT). Then the same with each of the GPU path's choices turned off.
-# Writes bench/results/launches.md.
+# difference / (LONG - SHORT). Writes bench/results/launches.md.
 #
 #   bash bench/launches.sh           # needs mesa-vulkan-drivers (lavapipe); ~15 min to build
 set -euo pipefail
@@ -22,39 +21,25 @@ logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 # Mesa's Vulkan loader complains on every start without one (a machine with no login session).
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$logs}
-# Every choice of the GPU path on (stages/model/src/gpu_path.rs), then each turned off.
-variants=("" copies broadcast master)
-for off in "${variants[@]}"; do
-    for steps in $short $long; do
-        echo "narrow, $steps steps on wgpu (lavapipe), off: ${off:-none}" >&2
-        ORCHESTRATE_GPU_PATH=$off CUBECL_DEBUG_LOG="$logs/$off-$steps.log" \
-            CUBECL_DEBUG_OPTION=profile \
-            target/release/examples/train_bench narrow "$steps" --device wgpu > /dev/null
-    done
+for steps in $short $long; do
+    echo "narrow, $steps steps on wgpu (lavapipe)" >&2
+    CUBECL_DEBUG_LOG="$logs/$steps.log" CUBECL_DEBUG_OPTION=profile \
+        target/release/examples/train_bench narrow "$steps" --device wgpu > /dev/null
 done
 mkdir -p bench/results
-python3 - "$logs" $short $long "$(git rev-parse --short HEAD)" "${variants[@]}" <<'PY' | tee bench/results/launches.md
+python3 - "$logs" $short $long "$(git rev-parse --short HEAD)" <<'PY' | tee bench/results/launches.md
 import collections, datetime, sys
-logs, short, long_, commit, variants = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:]
-def launches(off, steps):
+logs, short, long_, commit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+def launches(steps):
     # A launch is one profile line: "| <time> | <kernel> | WgpuRuntime".
-    path = f"{logs}/{off}-{steps}.log"
+    path = f"{logs}/{steps}.log"
     return [l.split("|")[2].strip() for l in open(path) if l.rstrip().endswith("| WgpuRuntime")]
-def per_kernel(off):
-    counts = collections.Counter(launches(off, long_))
-    counts.subtract(collections.Counter(launches(off, short)))
-    return {name: n / (long_ - short) for name, n in counts.items() if n}
-all_on = per_kernel("")
+counts = collections.Counter(launches(long_))
+counts.subtract(collections.Counter(launches(short)))
+per_step = {name: n / (long_ - short) for name, n in counts.items() if n}
 print(f"Kernel launches per `narrow` training step on burn's wgpu backend (lavapipe), "
-      f"{datetime.date.today()}, commit {commit}: **{sum(all_on.values()):,.0f}**\n")
+      f"{datetime.date.today()}, commit {commit}: **{sum(per_step.values()):,.0f}**\n")
 print("| kernel | launches per step |\n|---|---:|")
-for name, n in sorted(all_on.items(), key=lambda kv: -kv[1]):
+for name, n in sorted(per_step.items(), key=lambda kv: -kv[1]):
     print(f"| {name} | {n:,.1f} |")
-print("\nWith one of the GPU path's choices turned off (`ORCHESTRATE_GPU_PATH`):\n")
-print("| turned off | launches per step | difference, by kernel |\n|---|---:|---|")
-for off in variants:
-    counts = per_kernel(off)
-    diff = {k: counts.get(k, 0) - all_on.get(k, 0) for k in set(counts) | set(all_on)}
-    shown = ", ".join(f"{k} {v:+,.1f}" for k, v in sorted(diff.items()) if v)
-    print(f"| {off or 'nothing'} | {sum(counts.values()):,.0f} | {shown} |")
 PY

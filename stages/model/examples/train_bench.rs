@@ -10,9 +10,9 @@
 //!         narrow 50 --device wgpu      # the host's share of a GPU step, on any Vulkan device
 //!     cargo run --release -p orchestrate-model --example train_bench -- mini 3 --system-alloc
 //!                                      # glibc's allocator instead of orchestrate's
-//!     ORCHESTRATE_GPU_PATH=copies,master train_bench mini 30 --device cuda --sync-each-step
-//!                                      # the GPU path without two of its choices, waiting
-//!                                      # for every step (see orchestrate_model::gpu_path)
+//!     train_bench mini 30 --device cuda --run-ahead
+//!                                      # read only the last step's loss: the host may run
+//!                                      # ahead of the device (slower on an H100, see below)
 //!
 //! Prints one JSON line: the first step's time (warm-up: on CUDA, kernel compilation and
 //! autotuning), then the mean step after it.
@@ -39,9 +39,9 @@ struct Bench {
     steps: usize,
     bf16: bool,
     checkpointing: bool,
-    /// Read each step's loss back (a wait for the device every step), as this bench did
-    /// before 2026-11-27: to compare with results from then.
-    sync_each_step: bool,
+    /// Read only the first and the last step's loss back, so that the host may run ahead
+    /// of the device in between; by default every step's is read, as training does.
+    run_ahead: bool,
 }
 
 impl OnDevice for Bench {
@@ -81,7 +81,7 @@ fn main() {
         steps: args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3),
         bf16: flag("--bf16"),
         checkpointing: flag("--checkpointing"),
-        sync_each_step: flag("--sync-each-step"),
+        run_ahead: flag("--run-ahead"),
     };
     if asked == "wgpu" {
         return on_wgpu(job);
@@ -200,9 +200,10 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
         model = optim.step(3e-4, model.clone(), grads);
         loss
     };
-    // Reading a loss waits for the device to finish its step: after the first step (its
-    // time is the warm-up) and after the last, as the PyTorch reference synchronises, so
-    // that the host may run ahead of the device in between.
+    // Reading a loss waits for the device to finish its step: after every step, as
+    // `train` does (on an H100 that was faster than letting the host run ahead, see
+    // train.rs), or with --run-ahead after the first (its time is the warm-up) and the
+    // last only, as the PyTorch reference synchronises.
     let t = std::time::Instant::now();
     step().into_scalar().elem::<f32>();
     let warmup = t.elapsed().as_secs_f64();
@@ -212,11 +213,11 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     let mut last = None;
     for _ in 0..job.steps {
         let loss = step();
-        last = if job.sync_each_step {
+        last = if job.run_ahead {
+            Some(loss)
+        } else {
             loss.into_scalar().elem::<f32>();
             None
-        } else {
-            Some(loss)
         };
     }
     if let Some(loss) = last {
@@ -263,13 +264,12 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
         * (layers as f64 * (src_len * src_len + tgt_len * tgt_len + tgt_len * src_len) as f64);
     let flops = 6.0 * params * toks as f64 + attn;
     println!(
-        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"sync_each_step\": {}, \"gpu_path_off\": \"{}\", \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"cpu_ms_per_step_by_thread\": {by_thread}, \"threads\": {}, \"allocator\": \"{}\", \"blocks_mapped\": {}, \"bytes_cached\": {}}}",
+        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"run_ahead\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"cpu_ms_per_step_by_thread\": {by_thread}, \"threads\": {}, \"allocator\": \"{}\", \"blocks_mapped\": {}, \"bytes_cached\": {}}}",
         job.label,
         job.preset,
         if job.bf16 { "bf16" } else { "fp32" },
         job.checkpointing,
-        job.sync_each_step,
-        orchestrate_model::gpu_path::gpu_path().off(),
+        job.run_ahead,
         cfg.parameters(),
         dt * 1e3,
         toks as f64 / dt,

@@ -60,25 +60,12 @@ impl AdamWSettings {
     }
 }
 
-/// The parameters as the last step left them, end to end: each parameter of the model it
-/// returned is a slice of `flat` (see [`Scatter`]).
-#[derive(Clone)]
-struct Master<B: Backend> {
-    flat: Tensor<B, 1>,
-    /// Which parameters, in order, and their sizes.
-    layout: Vec<(ParamId, usize)>,
-}
-
-/// See the module's documentation. It must be the only writer of the parameters between
-/// its steps, as it is in training: it keeps the vector of the parameters it last wrote
-/// and, when the same parameters come back, updates that instead of laying them end to
-/// end again (174 copies a step for `mini`). A model changed otherwise (loaded from a
-/// file, say) wants a fresh `FlatAdamW` or one given a record.
+/// See the module's documentation. It keeps only the moments between steps, so the
+/// parameters it is given may have been changed in between (loaded from a file, say).
 #[derive(Clone)]
 pub struct FlatAdamW<A: AutodiffBackend> {
     settings: AdamWSettings,
     moments: Option<Moments<A::InnerBackend>>,
-    master: Option<Master<A::InnerBackend>>,
 }
 
 impl<A: AutodiffBackend> FlatAdamW<A> {
@@ -86,7 +73,6 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
         FlatAdamW {
             settings,
             moments: None,
-            master: None,
         }
     }
 }
@@ -116,7 +102,6 @@ struct Gather<'a, A: AutodiffBackend> {
     grads: &'a mut Grads,
     params: Vec<Tensor<A::InnerBackend, 1>>,
     gradients: Vec<Tensor<A::InnerBackend, 1>>,
-    layout: Vec<(ParamId, usize)>,
 }
 
 impl<A: AutodiffBackend> ModuleVisitor<A> for Gather<'_, A> {
@@ -129,7 +114,6 @@ impl<A: AutodiffBackend> ModuleVisitor<A> for Gather<'_, A> {
             .unwrap_or_else(|| value.zeros_like());
         self.params.push(value.reshape([n]));
         self.gradients.push(grad.reshape([n]));
-        self.layout.push((param.id, n));
     }
 }
 
@@ -196,7 +180,6 @@ impl<A: AutodiffBackend> Optimizer<Seq2Seq<A>, A> for FlatAdamW<A> {
 
     fn load_record(mut self, record: Self::Record) -> Self {
         self.moments = record.map(|(m, v, t)| (m.inner(), v.inner(), t));
-        self.master = None;
         self
     }
 }
@@ -215,24 +198,19 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
             grads: &mut grads,
             params: Vec::new(),
             gradients: Vec::new(),
-            layout: Vec::new(),
         };
         module.visit(&mut gather);
         let Gather {
-            params,
-            gradients,
-            layout,
-            ..
+            params, gradients, ..
         } = gather;
         if params.is_empty() {
             return (module, None);
         }
-        let p = match self.master.take() {
-            Some(master) if master.layout == layout && crate::gpu_path::gpu_path().master => {
-                master.flat
-            }
-            _ => Tensor::cat(params, 0),
-        };
+        // The parameters are laid end to end again every step. Keeping last step's vector
+        // and updating it in place of this copy (174 fewer copies a `mini` step) was tried
+        // and measured slower on an H100: 151k against 217k tokens/s over five alternating
+        // rounds (bench/results/gpu-table, 2026-11-27).
+        let p = Tensor::cat(params, 0);
         let mut g = Tensor::cat(gradients, 0);
         let mut norm = None;
         if let Some(max) = clip {
@@ -279,10 +257,6 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
         };
         let updated = decayed - delta.mul_scalar(lr);
         self.moments = Some((m, v, time));
-        self.master = Some(Master {
-            flat: updated.clone(),
-            layout,
-        });
         let module = module.map(&mut Scatter::<A> {
             flat: updated,
             offset: 0,

@@ -11,7 +11,6 @@ mod decode_cpu;
 pub mod evaluate;
 mod fused;
 pub mod generate;
-pub mod gpu_path;
 pub mod model;
 pub mod quantize;
 mod rowmath;

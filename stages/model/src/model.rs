@@ -18,7 +18,6 @@ use burn::tensor::{DType, Distribution, FloatDType};
 use serde::{Deserialize, Serialize};
 
 use crate::fused::{layer_norm, on_cpu, KeepMask};
-use crate::gpu_path::gpu_path;
 
 /// Everything needed to rebuild the network; stored beside the weights.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -189,7 +188,7 @@ impl<B: Backend> Seq2Seq<B> {
         let [b, t] = tokens.dims();
         let d = self.d_model();
         let words = token_lookup(&self.embed, tokens) * (d as f64).sqrt();
-        if on_cpu::<B>() || !gpu_path().broadcast {
+        if on_cpu::<B>() {
             // Positions looked up by id, as before the GPU's way below (its CPU step was
             // not faster, and CPU results stay as they were, bit for bit).
             let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &self.pos.weight.device())
@@ -285,7 +284,7 @@ impl<B: Backend> Seq2Seq<B> {
 /// over the copies: the same values, added in another order. The CPU (its own fused
 /// steps) and inference (no gradient) keep burn's lookup.
 fn token_lookup<B: Backend>(embed: &Embedding<B>, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-    if on_cpu::<B>() || !B::ad_enabled(&tokens.device()) || !gpu_path().copies {
+    if on_cpu::<B>() || !B::ad_enabled(&tokens.device()) {
         return embed.forward(tokens);
     }
     lanes_lookup(embed.weight.val(), tokens)

@@ -568,10 +568,12 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
         let batch_tokens: usize = shards.iter().map(|b| b.tokens).sum();
         model = next;
         let log_now = (step + 1).is_multiple_of(p.log_every) || step + 1 == p.steps;
-        if log_now {
-            // Reading the loss waits for the device: only on the steps that log it.
-            last_train = loss.into_scalar().elem::<f64>();
-        }
+        // Reading the loss waits for the device to finish the step, and it is read every
+        // step: on an H100, waiting only on logging steps (the host running ahead of the
+        // device) trained `mini` 12-32% slower in three calls of alternating runs
+        // (bench/results/gpu-table, 2026-11-27). Why is not measured; a likely reason is that
+        // CubeCL's device threads busy-wait on a queue that a host running ahead keeps full.
+        last_train = loss.into_scalar().elem::<f64>();
         progress.step += 1;
         progress.tokens += batch_tokens as u64;
         window.1 += batch_tokens as u64;
