@@ -208,8 +208,9 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
         }
         // The parameters are laid end to end again every step. Keeping last step's vector
         // and updating it in place of this copy (174 fewer copies a `mini` step) was tried
-        // and measured slower on an H100: 151k against 217k tokens/s over five alternating
-        // rounds (bench/results/gpu-table, 2026-11-27).
+        // and measured slower on an H100 (medians of five alternating rounds, 2026-11-27,
+        // bench/results/gpu.md): 151k against 179k tokens/s, and 171k against 217k with
+        // the loss read every step.
         let p = Tensor::cat(params, 0);
         let mut g = Tensor::cat(gradients, 0);
         let mut norm = None;
