@@ -11,6 +11,10 @@ machine = open(sys.argv[3]).read().strip().splitlines()
 
 TORCH_NAMES = {"mini-8m": "mini", "seed-512": "spec512"}
 ours = [r for r in rows if r.get("engine") == "burn" and "tokens_per_s" in r]
+for r in ours:
+    # The 2026-11-27 calls named the warm `mini` fp32 run `all` (every GPU choice on).
+    if r["variant"] == "all":
+        r["variant"] = "mini-fp32"
 torch = [r for r in rows if r.get("engine") == "torch" and r.get("kind") == "train" and "tokens_per_s" in r]
 version = next((r["torch"] for r in rows if r.get("kind") == "version"), "?")
 failed = [r for r in rows if "exit" in r or r.get("skipped")]
@@ -56,9 +60,9 @@ print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
 for model in ("mini", "spec512"):
     ref32, ref16 = torch_runs(model, False), torch_runs(model, True)
     for precision in ("fp32", "bf16"):
-        variant = "all" if (model, precision) == ("mini", "fp32") else f"{model}-{precision}"
+        variant = f"{model}-{precision}"
         runs = ours_runs(variant)
-        cold = next((r for r in ours if r["round"] == "cold" and r["variant"] == f"{model}-{precision}"), None)
+        cold = next((r for r in ours if r["round"] == "cold" and r["variant"] == variant), None)
         tps = [r["tokens_per_s"] for r in runs.values()]
         m = med(tps)
         each = ", ".join(f"{t:,.0f}" for t in tps) or "no run"
@@ -75,10 +79,10 @@ for model in ("mini", "spec512"):
               f"{each} | {m or 0:,.0f} | {med([r['step_ms'] for r in ref.values()]) or 0:.1f} | "
               f"{mfu(model, m) if m else ''} | | | | |")
 
-# The other `mini` fp32 runs: each variant the rounds ran beside the default (`all`).
+# The other `mini` fp32 runs: each variant the rounds ran beside the default (`mini-fp32`).
 presets = {f"{m}-{p}" for m in ("mini", "spec512") for p in ("fp32", "bf16")}
-variants = ["all"] + [v for v in dict.fromkeys(r["variant"] for r in ours) if v != "all" and v not in presets]
-print("\n`mini` fp32, the default (`all`) and the variants run beside it in the same rounds "
+variants = ["mini-fp32"] + [v for v in dict.fromkeys(r["variant"] for r in ours) if v not in presets]
+print("\n`mini` fp32, the default (`mini-fp32`) and the variants run beside it in the same rounds "
       "(2026-11-27's first calls: the GPU path's choices turned off through a variable since "
       "removed; now `run-ahead`, the host not waiting for each step, and `system-alloc`, "
       "glibc's allocator):\n")

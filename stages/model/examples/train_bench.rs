@@ -11,7 +11,7 @@
 //!     cargo run --release -p orchestrate-model --example train_bench -- mini 3 --system-alloc
 //!                                      # glibc's allocator instead of orchestrate's
 //!     train_bench mini 30 --device cuda --run-ahead
-//!                                      # read only the last step's loss: the host may run
+//!                                      # read only the first and last losses: the host may run
 //!                                      # ahead of the device (slower on an H100, see below)
 //!
 //! Prints one JSON line: the first step's time (warm-up: on CUDA, kernel compilation and

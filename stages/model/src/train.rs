@@ -571,7 +571,7 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
         // Reading the loss waits for the device to finish the step, and it is read every
         // step: on an H100, waiting only on logging steps (the host running ahead of the
         // device) trained `mini` 12-32% slower in three calls of alternating runs
-        // (bench/results/gpu-table, 2026-11-27). Why is not measured; a likely reason is that
+        // (bench/results/gpu.md, 2026-11-27). Why is not measured; a likely reason is that
         // CubeCL's device threads busy-wait on a queue that a host running ahead keeps full.
         last_train = loss.into_scalar().elem::<f64>();
         progress.step += 1;
