@@ -84,17 +84,20 @@ presets = {f"{m}-{p}" for m in ("mini", "spec512") for p in ("fp32", "bf16")}
 variants = ["mini-fp32"] + [v for v in dict.fromkeys(r["variant"] for r in ours) if v not in presets]
 print("\n`mini` fp32, the default (`mini-fp32`) and the variants run beside it in the same rounds "
       "(2026-11-27's first calls: the GPU path's choices turned off through a variable since "
-      "removed; now `run-ahead`, the host not waiting for each step, and `system-alloc`, "
-      "glibc's allocator):\n")
-print("| variant | tokens/s (each round) | median | vs PyTorch fp32 eager | host CPU ms / step |")
-print("|---|---|---:|---:|---:|")
+      "removed, then `run-ahead`, the host not waiting for each step, and `system-alloc`, "
+      "glibc's allocator; since the evening of 2026-11-27 `no-fusion`, burn-fusion off):\n")
+print("| variant | tokens/s (each round) | median | vs `mini-fp32` | vs PyTorch fp32 eager | "
+      "host CPU ms / step |")
+print("|---|---|---:|---:|---:|---:|")
 ref32 = torch_runs("mini", False)
+default = ours_runs("mini-fp32")
 for variant in variants:
     runs = ours_runs(variant)
     tps = [r["tokens_per_s"] for r in runs.values()]
     host = med([r["host_cpu_ms_per_step"] or 0 for r in runs.values()])
     print(f"| {variant} | {', '.join(f'{t:,.0f}' for t in tps) or 'no run'} | {med(tps) or 0:,.0f} | "
-          f"{ratio(runs, ref32)} | {host or 0:.0f} |")
+          f"{ratio(runs, default) if variant != 'mini-fp32' else ''} | {ratio(runs, ref32)} | "
+          f"{host or 0:.0f} |")
 for r in failed:
     what = "skipped (deadline)" if r.get("skipped") else f"exit {r['exit']} (124: time limit)"
     print(f"\n- round {r['round']}, {r['variant']}: {what}")

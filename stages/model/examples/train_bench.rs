@@ -10,6 +10,8 @@
 //!         narrow 50 --device wgpu      # the host's share of a GPU step, on any Vulkan device
 //!     cargo run --release -p orchestrate-model --example train_bench -- mini 3 --system-alloc
 //!                                      # glibc's allocator instead of orchestrate's
+//!     train_bench mini 30 --device cuda --no-fusion
+//!                                      # burn-fusion off: every operation its own kernel
 //!     train_bench mini 30 --device cuda --run-ahead
 //!                                      # read only the first and last losses: the host may run
 //!                                      # ahead of the device (slower on an H100, see below)
@@ -42,6 +44,8 @@ struct Bench {
     /// Read only the first and the last step's loss back, so that the host may run ahead
     /// of the device in between; by default every step's is read, as training does.
     run_ahead: bool,
+    /// burn-fusion on (burn's default for GPU backends); `--no-fusion` turns it off.
+    fusion: bool,
 }
 
 impl OnDevice for Bench {
@@ -82,11 +86,16 @@ fn main() {
         bf16: flag("--bf16"),
         checkpointing: flag("--checkpointing"),
         run_ahead: flag("--run-ahead"),
+        fusion: !flag("--no-fusion"),
     };
     if asked == "wgpu" {
         return on_wgpu(job);
     }
-    if let Err(e) = compute::run_on(device, job) {
+    let ran = match job.fusion {
+        true => compute::run_on(device, job),
+        false => compute::run_on_unfused(device, job),
+    };
+    if let Err(e) = ran {
         eprintln!("{e}");
         std::process::exit(1);
     }
@@ -98,8 +107,11 @@ fn main() {
 /// CubeCL work per operation as on CUDA, at widths where the kernels cost little.
 #[cfg(feature = "wgpu")]
 fn on_wgpu(job: Bench) {
-    use burn::backend::wgpu::{Wgpu, WgpuDevice};
-    job.run::<Wgpu>(WgpuDevice::default())
+    use burn::backend::wgpu::{CubeBackend, Wgpu, WgpuDevice, WgpuRuntime};
+    match job.fusion {
+        true => job.run::<Wgpu>(WgpuDevice::default()),
+        false => job.run::<CubeBackend<WgpuRuntime, f32, i32, u32>>(WgpuDevice::default()),
+    }
 }
 
 #[cfg(not(feature = "wgpu"))]
@@ -264,12 +276,13 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
         * (layers as f64 * (src_len * src_len + tgt_len * tgt_len + tgt_len * src_len) as f64);
     let flops = 6.0 * params * toks as f64 + attn;
     println!(
-        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"run_ahead\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"cpu_ms_per_step_by_thread\": {by_thread}, \"threads\": {}, \"allocator\": \"{}\", \"blocks_mapped\": {}, \"bytes_cached\": {}}}",
+        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"run_ahead\": {}, \"fusion\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"cpu_ms_per_step_by_thread\": {by_thread}, \"threads\": {}, \"allocator\": \"{}\", \"blocks_mapped\": {}, \"bytes_cached\": {}}}",
         job.label,
         job.preset,
         if job.bf16 { "bf16" } else { "fp32" },
         job.checkpointing,
         job.run_ahead,
+        job.fusion,
         cfg.parameters(),
         dt * 1e3,
         toks as f64 / dt,

@@ -80,10 +80,49 @@ pub fn run_on<J: OnDevice>(compute: Compute, job: J) -> Result<J::Output, StageE
 
 #[cfg(feature = "cuda")]
 fn run_cuda<J: OnDevice>(n: usize, job: J) -> Result<J::Output, StageError> {
-    use burn::backend::cuda::CudaDevice;
-    static CACHE: std::sync::Once = std::sync::Once::new();
-    CACHE.call_once(persistent_kernel_cache);
-    Ok(job.run::<burn::backend::Cuda>(CudaDevice::new(n)))
+    kernel_cache_once();
+    Ok(job.run::<burn::backend::Cuda>(burn::backend::cuda::CudaDevice::new(n)))
+}
+
+/// [`run_on`] for a GPU with burn-fusion off: every tensor operation its own kernel launch,
+/// and none of burn-fusion's host work (recording each operation, searching the stream for
+/// runs to fuse). A measurement for `train_bench --no-fusion`, which tells whether that
+/// host work or the launches it saves weigh more in a step; training keeps burn's default.
+pub fn run_on_unfused<J: OnDevice>(compute: Compute, job: J) -> Result<J::Output, StageError> {
+    let Compute::Cuda(n) = compute else {
+        return Err(StageError::Failed(
+            "burn-fusion is a GPU backends' layer: the CPU has none to turn off".into(),
+        ));
+    };
+    cuda_preflight(n).map_err(StageError::Failed)?;
+    run_cuda_unfused(n, job)
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda_unfused<J: OnDevice>(n: usize, job: J) -> Result<J::Output, StageError> {
+    type Unfused = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+    kernel_cache_once();
+    Ok(job.run::<Unfused>(burn::backend::cuda::CudaDevice::new(n)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda_unfused<J: OnDevice>(_n: usize, _job: J) -> Result<J::Output, StageError> {
+    unreachable!("cuda_preflight refuses every GPU in a build without the cuda feature")
+}
+
+/// Whether NCCL's library loads: burn 0.21 copies tensors between CUDA devices with it,
+/// loading it at its first use and panicking where it is missing. Always false without the
+/// cuda feature.
+pub fn nccl_loads() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        cudarc::get_lib_name_candidates("nccl").iter().any(|name| {
+            // SAFETY: NVIDIA's own library; loading it runs only its initialisers.
+            unsafe { libloading::Library::new(name) }.is_ok()
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
 }
 
 /// Where compiled GPU kernels (PTX) and autotune results are kept between runs:
@@ -99,6 +138,13 @@ pub fn kernel_cache_dir() -> Option<std::path::PathBuf> {
             .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
             .map(|c| c.join("orchestrate").join("kernels")),
     }
+}
+
+/// [`persistent_kernel_cache`], once per process (CubeCL's configuration is set once).
+#[cfg(feature = "cuda")]
+fn kernel_cache_once() {
+    static CACHE: std::sync::Once = std::sync::Once::new();
+    CACHE.call_once(persistent_kernel_cache);
 }
 
 /// CubeCL compiles every kernel with NVRTC and autotunes matmuls the first time it meets

@@ -518,6 +518,14 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
             .collect(),
         None => vec![device.clone()],
     };
+    let transfer = Transfer::between(&replicas);
+    if replicas.len() > 1 {
+        ctx.events.log(&format!(
+            "data parallel over {} GPUs; {}",
+            replicas.len(),
+            transfer.describe()
+        ));
+    }
     <A as Backend>::seed(&device, p.seed);
     let mut model: Seq2Seq<A> = cfg.init(&device);
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
@@ -564,7 +572,8 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
         // Dropout draws from the backend's generator: reseed it per step for exact resumes.
         <A as Backend>::seed(&device, step_seed);
         let lr = p.lr_at(step);
-        let (next, loss, grad_norm) = train_step(model, &mut optim, &shards, p, lr, &replicas);
+        let (next, loss, grad_norm) =
+            train_step(model, &mut optim, &shards, p, lr, &replicas, transfer);
         let batch_tokens: usize = shards.iter().map(|b| b.tokens).sum();
         model = next;
         let log_now = (step + 1).is_multiple_of(p.log_every) || step + 1 == p.steps;
@@ -633,6 +642,7 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
 /// global norm, AdamW at `lr`. Each shard's loss is divided by the whole batch's token
 /// count, so the summed gradients are the whole batch's. Returns the new model, the
 /// batch's loss and the gradient norm before clipping (neither read back from the device).
+/// Weights, gradients and losses cross between devices as `transfer` says.
 fn train_step<A: AutodiffBackend, O: ClippedStep<A>>(
     model: Seq2Seq<A>,
     optim: &mut O,
@@ -640,6 +650,7 @@ fn train_step<A: AutodiffBackend, O: ClippedStep<A>>(
     p: &TrainParams,
     lr: f64,
     devices: &[A::Device],
+    transfer: Transfer,
 ) -> (Seq2Seq<A>, Tensor<A, 1>, GradNorm<A::InnerBackend>) {
     let main = &devices[0];
     let tokens: usize = shards.iter().map(|b| b.tokens).sum();
@@ -665,11 +676,14 @@ fn train_step<A: AutodiffBackend, O: ClippedStep<A>>(
                 .iter()
                 .zip(devices)
                 .map(|(shard, device)| {
-                    let replica = model.clone().fork(device);
+                    let replica = transfer.fork(&model, device);
                     let shard_grads = &shard_grads;
                     s.spawn(move || {
                         let (grads, loss) = shard_grads(&replica, shard, device);
-                        (grads.to_device(main, &replica), loss.to_device(main))
+                        (
+                            transfer.grads(grads, &replica, main),
+                            transfer.tensor(loss, main),
+                        )
                     })
                 })
                 .collect();
@@ -691,6 +705,142 @@ fn train_step<A: AutodiffBackend, O: ClippedStep<A>>(
     };
     let (model, grad_norm) = optim.clipped_step(lr, model, grads, p.grad_clip);
     (model, loss, grad_norm)
+}
+
+/// How weights, gradients and losses cross between the devices of data-parallel training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transfer {
+    /// burn's device-to-device copy. On CUDA, burn 0.21 makes it with NCCL's send and
+    /// receive (libnccl, loaded when first used: a machine without it panics there), so it
+    /// is chosen only where libnccl loads.
+    Direct,
+    /// Read into host memory and written to the other device: two copies over the bus
+    /// instead of one, but it needs no NCCL and works on every backend (burn 0.21's wgpu
+    /// backend has no device-to-device copy at all). The two-device test runs this path.
+    ViaHost,
+}
+
+impl Transfer {
+    /// Direct between GPUs where libnccl loads, else through the host. One device moves
+    /// nothing either way.
+    fn between<D>(devices: &[D]) -> Self {
+        if devices.len() > 1 && compute::nccl_loads() {
+            Transfer::Direct
+        } else {
+            Transfer::ViaHost
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Transfer::Direct => "gradients move between GPUs through NCCL",
+            Transfer::ViaHost => {
+                "gradients move between GPUs through host memory (libnccl not found; install NVIDIA's NCCL, e.g. Debian's libnccl2, for direct copies)"
+            }
+        }
+    }
+
+    /// A replica of `model` on `device`, its parameters trainable leaves with `model`'s ids
+    /// (so that its gradients can be summed with the first device's).
+    fn fork<A: AutodiffBackend>(self, model: &Seq2Seq<A>, device: &A::Device) -> Seq2Seq<A> {
+        match self {
+            Transfer::Direct => model.clone().fork(device),
+            Transfer::ViaHost => model.clone().map(&mut ForkViaHost::<A>(device.clone())),
+        }
+    }
+
+    /// `grads` of `replica`'s parameters, moved to `device`.
+    fn grads<A: AutodiffBackend>(
+        self,
+        mut grads: GradientsParams,
+        replica: &Seq2Seq<A>,
+        device: &A::Device,
+    ) -> GradientsParams {
+        match self {
+            Transfer::Direct => grads.to_device(device, replica),
+            Transfer::ViaHost => {
+                replica.visit(&mut GradsViaHost::<A> {
+                    grads: &mut grads,
+                    device: device.clone(),
+                });
+                grads
+            }
+        }
+    }
+
+    fn tensor<B: Backend, const D: usize>(
+        self,
+        t: Tensor<B, D>,
+        device: &B::Device,
+    ) -> Tensor<B, D> {
+        match self {
+            Transfer::Direct => t.to_device(device),
+            Transfer::ViaHost => via_host(t, device),
+        }
+    }
+}
+
+/// `t` on `device`, read into host memory and written there (unchanged where it is there).
+fn via_host<B: Backend, const D: usize>(t: Tensor<B, D>, device: &B::Device) -> Tensor<B, D> {
+    if &t.device() == device {
+        return t;
+    }
+    Tensor::from_data(t.into_data(), device)
+}
+
+/// burn's `Module::fork` through host memory: each parameter copied to the device as a new
+/// leaf with the same id, trainable where the original is.
+struct ForkViaHost<A: AutodiffBackend>(A::Device);
+
+impl<A: AutodiffBackend> burn::module::ModuleMapper<A> for ForkViaHost<A> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<A, D>>) -> Param<Tensor<A, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let trainable = tensor.is_require_grad();
+        let mut copy = via_host(tensor.detach(), &self.0);
+        if trainable {
+            copy = copy.require_grad();
+        }
+        Param::from_mapped_value(id, copy, mapper)
+    }
+
+    fn map_int<const D: usize>(
+        &mut self,
+        param: Param<Tensor<A, D, Int>>,
+    ) -> Param<Tensor<A, D, Int>> {
+        let (id, tensor, mapper) = param.consume();
+        let copy = match tensor.device() == self.0 {
+            true => tensor,
+            false => Tensor::from_data(tensor.into_data(), &self.0),
+        };
+        Param::from_mapped_value(id, copy, mapper)
+    }
+
+    fn map_bool<const D: usize>(
+        &mut self,
+        param: Param<Tensor<A, D, Bool>>,
+    ) -> Param<Tensor<A, D, Bool>> {
+        let (id, tensor, mapper) = param.consume();
+        let copy = match tensor.device() == self.0 {
+            true => tensor,
+            false => Tensor::from_data(tensor.into_data(), &self.0),
+        };
+        Param::from_mapped_value(id, copy, mapper)
+    }
+}
+
+/// `GradientsParams::to_device` through host memory.
+struct GradsViaHost<'a, A: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    device: A::Device,
+}
+
+impl<A: AutodiffBackend> ModuleVisitor<A> for GradsViaHost<'_, A> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
+        if let Some(g) = self.grads.remove::<A::InnerBackend, D>(param.id) {
+            let moved = via_host(g, &self.device);
+            self.grads.register::<A::InnerBackend, D>(param.id, moved);
+        }
+    }
 }
 
 /// The gradients' global norm before clipping: computed on the host (the CPU's, an f64 sum
@@ -1002,7 +1152,17 @@ mod tests {
         let model = Seq2Seq::<A>::from_inner(start.clone());
         let optim = burn::optim::AdamWConfig::new().init::<A, Seq2Seq<A>>();
         let devices = vec![Default::default(); shards];
-        steps(model, optim, p, n, &devices, Rounding::Multiple16)
+        // Through the host, as GPUs without NCCL move them (on one device: nothing moves,
+        // but the replicas are made as there).
+        steps(
+            model,
+            optim,
+            p,
+            n,
+            &devices,
+            Rounding::Multiple16,
+            Transfer::ViaHost,
+        )
     }
 
     /// `n` training examples of 12 ids each, for the tiny models' vocabulary.
@@ -1016,7 +1176,7 @@ mod tests {
     }
 
     /// Losses of `n` steps of `optim` on one repeated batch, cut into one shard per device,
-    /// padded as `rounding` pads.
+    /// padded as `rounding` pads, moved between devices as `transfer` says.
     fn steps<A: AutodiffBackend, O: ClippedStep<A>>(
         model: Seq2Seq<A>,
         mut optim: O,
@@ -1024,6 +1184,7 @@ mod tests {
         n: usize,
         devices: &[A::Device],
         rounding: Rounding,
+        transfer: Transfer,
     ) -> Vec<f32> {
         let mut model = model.map(&mut Trainable);
         let specials = Specials::minimal();
@@ -1033,8 +1194,15 @@ mod tests {
         let batch = data::shards(&rows, devices.len(), &specials, padding, |_, len| len / 2);
         (0..n)
             .map(|_| {
-                let (next, loss, _) =
-                    train_step(model.clone(), &mut optim, &batch, p, 3e-3, devices);
+                let (next, loss, _) = train_step(
+                    model.clone(),
+                    &mut optim,
+                    &batch,
+                    p,
+                    3e-3,
+                    devices,
+                    transfer,
+                );
                 model = next;
                 loss.into_scalar().elem::<f32>()
             })
@@ -1129,11 +1297,55 @@ mod tests {
             4,
             &[device],
             Rounding::PowerOfTwo,
+            Transfer::ViaHost,
         );
         for (a, b) in cpu.iter().zip(&gpu) {
             assert!((a - b).abs() < 1e-3 * a.abs(), "cpu {cpu:?} vs gpu {gpu:?}");
         }
         assert!(gpu[3] < gpu[0], "{gpu:?}");
+    }
+
+    /// Data parallelism on two CubeCL devices, what `devices: [0, 1]` does on two GPUs
+    /// without NCCL: the model copied onto the second device, each device's half of the
+    /// batch through forward and backward at once, the second's gradients and loss moved to
+    /// the first through host memory, summed, and one FlatAdamW step there. wgpu's
+    /// `DefaultDevice` and `Cpu` are two devices to CubeCL (a server, a memory pool and a
+    /// queue each) even where both are lavapipe, as in CI, so every tensor crossing between
+    /// them is a real transfer. (burn's own `to_device` between them panics: burn 0.21's
+    /// wgpu backend has no device-to-device copy, which is how this path was found.) The
+    /// losses follow one CPU's over the whole batch.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn data_parallel_training_on_two_cubecl_devices_follows_one_cpu() {
+        use burn::backend::wgpu::{Wgpu, WgpuDevice};
+        use burn::backend::{Autodiff, Flex};
+        let p = params(serde_json::json!({"dropout": 0.0, "grad_clip": 0.05}));
+        let start = tiny(&p);
+        let cpu = losses::<Autodiff<Flex>>(&start, &p, 4, 1);
+        let devices = [WgpuDevice::DefaultDevice, WgpuDevice::Cpu];
+        let copy = crate::weights::import(
+            tiny_config(&p).init::<Wgpu>(&devices[0]),
+            &crate::weights::export(&start),
+        )
+        .expect("the same shapes");
+        type A = Autodiff<Wgpu>;
+        let settings = AdamWSettings::with_weight_decay(1e-4);
+        let two = steps(
+            Seq2Seq::<A>::from_inner(copy),
+            FlatAdamW::<A>::new(settings),
+            &p,
+            4,
+            &devices,
+            Rounding::PowerOfTwo,
+            Transfer::ViaHost,
+        );
+        for (a, b) in cpu.iter().zip(&two) {
+            assert!(
+                (a - b).abs() < 1e-3 * a.abs(),
+                "cpu {cpu:?} vs two devices {two:?}"
+            );
+        }
+        assert!(two[3] < two[0], "{two:?}");
     }
 
     fn params(extra: serde_json::Value) -> TrainParams {
