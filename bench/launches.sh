@@ -9,6 +9,7 @@
 # difference / (LONG - SHORT). Writes bench/results/launches.md.
 #
 #   bash bench/launches.sh           # needs mesa-vulkan-drivers (lavapipe); ~15 min to build
+#   bash bench/launches.sh --no-fusion   # burn-fusion off: bench/results/launches-no-fusion.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 compgen -G "/usr/share/vulkan/icd.d/lvp_icd.*.json" >/dev/null || {
@@ -17,19 +18,29 @@ compgen -G "/usr/share/vulkan/icd.d/lvp_icd.*.json" >/dev/null || {
 }
 cargo build --release --locked -q -p orchestrate-model --features wgpu --example train_bench
 short=2 long=6
+variant=${1:-}
+case "$variant" in
+'') results=bench/results/launches.md ;;
+--no-fusion) results=bench/results/launches-no-fusion.md ;;
+*)
+    echo "usage: bash bench/launches.sh [--no-fusion]" >&2
+    exit 2
+    ;;
+esac
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 # Mesa's Vulkan loader complains on every start without one (a machine with no login session).
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$logs}
 for steps in $short $long; do
-    echo "narrow, $steps steps on wgpu (lavapipe)" >&2
+    echo "narrow, $steps steps on wgpu (lavapipe) $variant" >&2
     CUBECL_DEBUG_LOG="$logs/$steps.log" CUBECL_DEBUG_OPTION=profile \
-        target/release/examples/train_bench narrow "$steps" --device wgpu > /dev/null
+        target/release/examples/train_bench narrow "$steps" --device wgpu $variant > /dev/null
 done
 mkdir -p bench/results
-python3 - "$logs" $short $long "$(git rev-parse --short HEAD)" <<'PY' | tee bench/results/launches.md
+python3 - "$logs" $short $long "$(git rev-parse --short HEAD)" "$variant" <<'PY' | tee "$results"
 import collections, datetime, sys
 logs, short, long_, commit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+variant = f" ({sys.argv[5]})" if sys.argv[5] else ""
 def launches(steps):
     # A launch is one profile line: "| <time> | <kernel> | WgpuRuntime".
     path = f"{logs}/{steps}.log"
@@ -37,7 +48,7 @@ def launches(steps):
 counts = collections.Counter(launches(long_))
 counts.subtract(collections.Counter(launches(short)))
 per_step = {name: n / (long_ - short) for name, n in counts.items() if n}
-print(f"Kernel launches per `narrow` training step on burn's wgpu backend (lavapipe), "
+print(f"Kernel launches per `narrow` training step{variant} on burn's wgpu backend (lavapipe), "
       f"{datetime.date.today()}, commit {commit}: **{sum(per_step.values()):,.0f}**\n")
 print("| kernel | launches per step |\n|---|---:|")
 for name, n in sorted(per_step.items(), key=lambda kv: -kv[1]):

@@ -743,10 +743,16 @@ impl Transfer {
     /// A replica of `model` on `device`, its parameters trainable leaves with `model`'s ids
     /// (so that its gradients can be summed with the first device's).
     fn fork<A: AutodiffBackend>(self, model: &Seq2Seq<A>, device: &A::Device) -> Seq2Seq<A> {
-        match self {
-            Transfer::Direct => model.clone().fork(device),
-            Transfer::ViaHost => model.clone().map(&mut ForkViaHost::<A>(device.clone())),
+        let here = model.embed.weight.val().device();
+        if self == Transfer::Direct || &here == device {
+            return model.clone().fork(device);
         }
+        // The parameters end to end, in one read and one write: tensor by tensor, the host
+        // would wait on the device once per parameter (174 times for `mini`).
+        let mut params = Vec::new();
+        model.visit(&mut Flatten::<A>(&mut params));
+        let flat = via_host(Tensor::cat(params, 0), device);
+        model.clone().map(&mut Unflatten::<A> { flat, offset: 0 })
     }
 
     /// `grads` of `replica`'s parameters, moved to `device`.
@@ -756,16 +762,31 @@ impl Transfer {
         replica: &Seq2Seq<A>,
         device: &A::Device,
     ) -> GradientsParams {
-        match self {
-            Transfer::Direct => grads.to_device(device, replica),
-            Transfer::ViaHost => {
-                replica.visit(&mut GradsViaHost::<A> {
-                    grads: &mut grads,
-                    device: device.clone(),
-                });
-                grads
-            }
+        if self == Transfer::Direct {
+            return grads.to_device(device, replica);
         }
+        if &replica.embed.weight.val().device() == device {
+            return grads;
+        }
+        // As `fork`: all of them in one piece.
+        let mut taken = TakeGrads::<A> {
+            grads: &mut grads,
+            flat: Vec::new(),
+            ids: Vec::new(),
+        };
+        replica.visit(&mut taken);
+        let TakeGrads { flat, ids, .. } = taken;
+        if flat.is_empty() {
+            return grads;
+        }
+        let flat = via_host(Tensor::cat(flat, 0), device);
+        replica.visit(&mut PutGrads::<A> {
+            grads: &mut grads,
+            flat,
+            ids,
+            offset: 0,
+        });
+        grads
     }
 
     fn tensor<B: Backend, const D: usize>(
@@ -788,58 +809,76 @@ fn via_host<B: Backend, const D: usize>(t: Tensor<B, D>, device: &B::Device) -> 
     Tensor::from_data(t.into_data(), device)
 }
 
-/// burn's `Module::fork` through host memory: each parameter copied to the device as a new
-/// leaf with the same id, trainable where the original is.
-struct ForkViaHost<A: AutodiffBackend>(A::Device);
+/// Every float parameter's value, flattened, in visiting order.
+struct Flatten<'a, A: AutodiffBackend>(&'a mut Vec<Tensor<A::InnerBackend, 1>>);
 
-impl<A: AutodiffBackend> burn::module::ModuleMapper<A> for ForkViaHost<A> {
+impl<A: AutodiffBackend> ModuleVisitor<A> for Flatten<'_, A> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
+        let value = param.val().inner();
+        let n = value.shape().num_elements();
+        self.0.push(value.reshape([n]));
+    }
+}
+
+/// Each float parameter replaced by its slice of `flat` (on another device), in visiting
+/// order: a new leaf with the same id, trainable where the original is. (The model has no
+/// integer or boolean parameters to move.)
+struct Unflatten<A: AutodiffBackend> {
+    flat: Tensor<A::InnerBackend, 1>,
+    offset: usize,
+}
+
+impl<A: AutodiffBackend> burn::module::ModuleMapper<A> for Unflatten<A> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<A, D>>) -> Param<Tensor<A, D>> {
         let (id, tensor, mapper) = param.consume();
-        let trainable = tensor.is_require_grad();
-        let mut copy = via_host(tensor.detach(), &self.0);
-        if trainable {
+        let shape = tensor.shape();
+        let n = shape.num_elements();
+        let piece = self.flat.clone().slice(self.offset..self.offset + n);
+        self.offset += n;
+        let mut copy = Tensor::<A, D>::from_inner(piece.reshape(shape));
+        if tensor.is_require_grad() {
             copy = copy.require_grad();
         }
         Param::from_mapped_value(id, copy, mapper)
     }
-
-    fn map_int<const D: usize>(
-        &mut self,
-        param: Param<Tensor<A, D, Int>>,
-    ) -> Param<Tensor<A, D, Int>> {
-        let (id, tensor, mapper) = param.consume();
-        let copy = match tensor.device() == self.0 {
-            true => tensor,
-            false => Tensor::from_data(tensor.into_data(), &self.0),
-        };
-        Param::from_mapped_value(id, copy, mapper)
-    }
-
-    fn map_bool<const D: usize>(
-        &mut self,
-        param: Param<Tensor<A, D, Bool>>,
-    ) -> Param<Tensor<A, D, Bool>> {
-        let (id, tensor, mapper) = param.consume();
-        let copy = match tensor.device() == self.0 {
-            true => tensor,
-            false => Tensor::from_data(tensor.into_data(), &self.0),
-        };
-        Param::from_mapped_value(id, copy, mapper)
-    }
 }
 
-/// `GradientsParams::to_device` through host memory.
-struct GradsViaHost<'a, A: AutodiffBackend> {
+/// Takes every float parameter's gradient out of `grads`, flattened, in visiting order.
+struct TakeGrads<'a, A: AutodiffBackend> {
     grads: &'a mut GradientsParams,
-    device: A::Device,
+    flat: Vec<Tensor<A::InnerBackend, 1>>,
+    ids: Vec<burn::module::ParamId>,
 }
 
-impl<A: AutodiffBackend> ModuleVisitor<A> for GradsViaHost<'_, A> {
+impl<A: AutodiffBackend> ModuleVisitor<A> for TakeGrads<'_, A> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
         if let Some(g) = self.grads.remove::<A::InnerBackend, D>(param.id) {
-            let moved = via_host(g, &self.device);
-            self.grads.register::<A::InnerBackend, D>(param.id, moved);
+            let n = g.shape().num_elements();
+            self.flat.push(g.reshape([n]));
+            self.ids.push(param.id);
         }
+    }
+}
+
+/// Registers the gradients [`TakeGrads`] took, each its slice of `flat`, in the same order.
+struct PutGrads<'a, A: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    flat: Tensor<A::InnerBackend, 1>,
+    ids: Vec<burn::module::ParamId>,
+    offset: usize,
+}
+
+impl<A: AutodiffBackend> ModuleVisitor<A> for PutGrads<'_, A> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
+        if !self.ids.contains(&param.id) {
+            return;
+        }
+        let shape = param.val().shape();
+        let n = shape.num_elements();
+        let piece = self.flat.clone().slice(self.offset..self.offset + n);
+        self.offset += n;
+        self.grads
+            .register::<A::InnerBackend, D>(param.id, piece.reshape(shape));
     }
 }
 
