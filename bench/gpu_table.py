@@ -53,7 +53,7 @@ print(f"\nTraining, batch 32, source 128 + target 128, vocab 8000; tokens/s per 
       f"against {peak:.0f} TFLOP/s (dense bf16), one FLOP count for both engines. Ratios: "
       "ours over PyTorch in the same round, median over rounds. Warm-up: the first step of a "
       "run whose kernels are cached (median); cold: the first step with an empty cache, the "
-      "four cold runs side by side.\n")
+      "cold runs side by side (the four (preset, precision) pairs, and `no-fusion` from its first call on).\n")
 print("| model | engine | precision | tokens/s (each round) | median | step ms | MFU | "
       "vs PyTorch fp32 eager | vs PyTorch bf16 eager | warm-up s | cold warm-up s |")
 print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
