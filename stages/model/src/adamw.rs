@@ -117,10 +117,18 @@ impl<A: AutodiffBackend> ModuleVisitor<A> for Gather<'_, A> {
     }
 }
 
-/// Each parameter's slice of the updated vector, in the same order.
-struct Scatter<A: AutodiffBackend> {
+/// Each parameter's slice of `flat` (the updated vector; or, for data parallelism, the
+/// parameters laid end to end and moved to another device), in the same order: a new leaf
+/// with the same id, trainable where the original is.
+pub(crate) struct Scatter<A: AutodiffBackend> {
     flat: Tensor<A::InnerBackend, 1>,
     offset: usize,
+}
+
+impl<A: AutodiffBackend> Scatter<A> {
+    pub(crate) fn new(flat: Tensor<A::InnerBackend, 1>) -> Self {
+        Scatter { flat, offset: 0 }
+    }
 }
 
 impl<A: AutodiffBackend> ModuleMapper<A> for Scatter<A> {
@@ -258,10 +266,7 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
         };
         let updated = decayed - delta.mul_scalar(lr);
         self.moments = Some((m, v, time));
-        let module = module.map(&mut Scatter::<A> {
-            flat: updated,
-            offset: 0,
-        });
+        let module = module.map(&mut Scatter::<A>::new(updated));
         (module, norm)
     }
 }

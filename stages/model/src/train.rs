@@ -22,7 +22,7 @@ use orchestrate_stage::{
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::adamw::{AdamWSettings, FlatAdamW, Grads};
+use crate::adamw::{AdamWSettings, FlatAdamW, Grads, Scatter};
 use crate::compute::{self, Compute, OnDevice};
 use crate::data::{self, Batch, Example, Padding, Rounding, Specials};
 use crate::model::{masked_cross_entropy, Activation, CastParams, ModelConfig, Seq2Seq};
@@ -752,7 +752,7 @@ impl Transfer {
         let mut params = Vec::new();
         model.visit(&mut Flatten::<A>(&mut params));
         let flat = via_host(Tensor::cat(params, 0), device);
-        model.clone().map(&mut Unflatten::<A> { flat, offset: 0 })
+        model.clone().map(&mut Scatter::<A>::new(flat))
     }
 
     /// `grads` of `replica`'s parameters, moved to `device`.
@@ -784,6 +784,7 @@ impl Transfer {
             grads: &mut grads,
             flat,
             ids,
+            next: 0,
             offset: 0,
         });
         grads
@@ -820,29 +821,6 @@ impl<A: AutodiffBackend> ModuleVisitor<A> for Flatten<'_, A> {
     }
 }
 
-/// Each float parameter replaced by its slice of `flat` (on another device), in visiting
-/// order: a new leaf with the same id, trainable where the original is. (The model has no
-/// integer or boolean parameters to move.)
-struct Unflatten<A: AutodiffBackend> {
-    flat: Tensor<A::InnerBackend, 1>,
-    offset: usize,
-}
-
-impl<A: AutodiffBackend> burn::module::ModuleMapper<A> for Unflatten<A> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<A, D>>) -> Param<Tensor<A, D>> {
-        let (id, tensor, mapper) = param.consume();
-        let shape = tensor.shape();
-        let n = shape.num_elements();
-        let piece = self.flat.clone().slice(self.offset..self.offset + n);
-        self.offset += n;
-        let mut copy = Tensor::<A, D>::from_inner(piece.reshape(shape));
-        if tensor.is_require_grad() {
-            copy = copy.require_grad();
-        }
-        Param::from_mapped_value(id, copy, mapper)
-    }
-}
-
 /// Takes every float parameter's gradient out of `grads`, flattened, in visiting order.
 struct TakeGrads<'a, A: AutodiffBackend> {
     grads: &'a mut GradientsParams,
@@ -860,19 +838,22 @@ impl<A: AutodiffBackend> ModuleVisitor<A> for TakeGrads<'_, A> {
     }
 }
 
-/// Registers the gradients [`TakeGrads`] took, each its slice of `flat`, in the same order.
+/// Registers the gradients [`TakeGrads`] took, each its slice of `flat`, in the same order
+/// (the same module visited again: `ids[next]` is the next parameter that had one).
 struct PutGrads<'a, A: AutodiffBackend> {
     grads: &'a mut GradientsParams,
     flat: Tensor<A::InnerBackend, 1>,
     ids: Vec<burn::module::ParamId>,
+    next: usize,
     offset: usize,
 }
 
 impl<A: AutodiffBackend> ModuleVisitor<A> for PutGrads<'_, A> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
-        if !self.ids.contains(&param.id) {
+        if self.ids.get(self.next) != Some(&param.id) {
             return;
         }
+        self.next += 1;
         let shape = param.val().shape();
         let n = shape.num_elements();
         let piece = self.flat.clone().slice(self.offset..self.offset + n);
@@ -1305,6 +1286,38 @@ mod tests {
         assert!(worst < 1e-5 * scale * largest, "moments off by {worst}");
     }
 
+    /// 4 steps' losses of the tiny model from the same weights: on the CPU (burn's AdamW,
+    /// the whole batch on one device), and on wgpu over `devices` (FlatAdamW, one shard per
+    /// device, through host memory).
+    #[cfg(feature = "wgpu")]
+    fn cpu_and_wgpu_losses(
+        p: &TrainParams,
+        devices: &[burn::backend::wgpu::WgpuDevice],
+    ) -> (Vec<f32>, Vec<f32>) {
+        use burn::backend::wgpu::Wgpu;
+        use burn::backend::{Autodiff, Flex};
+        type A = Autodiff<Wgpu>;
+        let start = tiny(p);
+        let cpu = losses::<Autodiff<Flex>>(&start, p, 4, 1);
+        let copy = crate::weights::import(
+            tiny_config(p).init::<Wgpu>(&devices[0]),
+            &crate::weights::export(&start),
+        )
+        .expect("the same shapes");
+        // `losses` runs burn's AdamWConfig::new(): its default weight decay is 1e-4.
+        let settings = AdamWSettings::with_weight_decay(1e-4);
+        let gpu = steps(
+            Seq2Seq::<A>::from_inner(copy),
+            FlatAdamW::<A>::new(settings),
+            p,
+            4,
+            devices,
+            Rounding::PowerOfTwo,
+            Transfer::ViaHost,
+        );
+        (cpu, gpu)
+    }
+
     /// The path every GPU takes (burn's operations where the CPU has fused ones, the token
     /// lookup through copies, FlatAdamW, power-of-two padding) on a real CubeCL backend:
     /// burn's wgpu one, on whatever Vulkan device the machine has (in CI, Mesa's lavapipe,
@@ -1313,31 +1326,11 @@ mod tests {
     #[test]
     fn training_on_a_cubecl_backend_follows_the_cpu() {
         use burn::backend::wgpu::{Wgpu, WgpuDevice};
-        use burn::backend::{Autodiff, Flex};
         // A clipping norm the gradients exceed, so both clip (the CPU on the host, the
         // GPU path on the device).
         let p = params(serde_json::json!({"dropout": 0.0, "grad_clip": 0.05}));
-        let start = tiny(&p);
-        let cpu = losses::<Autodiff<Flex>>(&start, &p, 4, 1);
-        let device = WgpuDevice::default();
-        let copy = crate::weights::import(
-            tiny_config(&p).init::<Wgpu>(&device),
-            &crate::weights::export(&start),
-        )
-        .expect("the same shapes");
-        type A = Autodiff<Wgpu>;
-        assert!(uses_flat_adamw::<A>());
-        // `losses` runs burn's AdamWConfig::new(): its default weight decay is 1e-4.
-        let settings = AdamWSettings::with_weight_decay(1e-4);
-        let gpu = steps(
-            Seq2Seq::<A>::from_inner(copy),
-            FlatAdamW::<A>::new(settings),
-            &p,
-            4,
-            &[device],
-            Rounding::PowerOfTwo,
-            Transfer::ViaHost,
-        );
+        assert!(uses_flat_adamw::<Autodiff<Wgpu>>());
+        let (cpu, gpu) = cpu_and_wgpu_losses(&p, &[WgpuDevice::default()]);
         for (a, b) in cpu.iter().zip(&gpu) {
             assert!((a - b).abs() < 1e-3 * a.abs(), "cpu {cpu:?} vs gpu {gpu:?}");
         }
@@ -1356,28 +1349,9 @@ mod tests {
     #[cfg(feature = "wgpu")]
     #[test]
     fn data_parallel_training_on_two_cubecl_devices_follows_one_cpu() {
-        use burn::backend::wgpu::{Wgpu, WgpuDevice};
-        use burn::backend::{Autodiff, Flex};
+        use burn::backend::wgpu::WgpuDevice;
         let p = params(serde_json::json!({"dropout": 0.0, "grad_clip": 0.05}));
-        let start = tiny(&p);
-        let cpu = losses::<Autodiff<Flex>>(&start, &p, 4, 1);
-        let devices = [WgpuDevice::DefaultDevice, WgpuDevice::Cpu];
-        let copy = crate::weights::import(
-            tiny_config(&p).init::<Wgpu>(&devices[0]),
-            &crate::weights::export(&start),
-        )
-        .expect("the same shapes");
-        type A = Autodiff<Wgpu>;
-        let settings = AdamWSettings::with_weight_decay(1e-4);
-        let two = steps(
-            Seq2Seq::<A>::from_inner(copy),
-            FlatAdamW::<A>::new(settings),
-            &p,
-            4,
-            &devices,
-            Rounding::PowerOfTwo,
-            Transfer::ViaHost,
-        );
+        let (cpu, two) = cpu_and_wgpu_losses(&p, &[WgpuDevice::DefaultDevice, WgpuDevice::Cpu]);
         for (a, b) in cpu.iter().zip(&two) {
             assert!(
                 (a - b).abs() < 1e-3 * a.abs(),
