@@ -53,7 +53,7 @@ print(f"\nTraining, batch 32, source 128 + target 128, vocab 8000; tokens/s per 
       f"against {peak:.0f} TFLOP/s (dense bf16), one FLOP count for both engines. Ratios: "
       "ours over PyTorch in the same round, median over rounds. Warm-up: the first step of a "
       "run whose kernels are cached (median); cold: the first step with an empty cache, the "
-      "cold runs side by side (the four (preset, precision) pairs, and `no-fusion` from its first call on).\n")
+      "cold runs side by side (the four (preset, precision) pairs, `no-fusion` and `burn-steps` from their first calls on).\n")
 print("| model | engine | precision | tokens/s (each round) | median | step ms | MFU | "
       "vs PyTorch fp32 eager | vs PyTorch bf16 eager | warm-up s | cold warm-up s |")
 print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -85,7 +85,8 @@ variants = ["mini-fp32"] + [v for v in dict.fromkeys(r["variant"] for r in ours)
 print("\n`mini` fp32, the default (`mini-fp32`) and the variants run beside it in the same rounds "
       "(2026-11-27's first calls: the GPU path's choices turned off through a variable since "
       "removed, then `run-ahead`, the host not waiting for each step, and `system-alloc`, "
-      "glibc's allocator; since the evening of 2026-11-27 `no-fusion`, burn-fusion off):\n")
+      "glibc's allocator; since the evening of 2026-11-27 `no-fusion`, burn-fusion off; since "
+      "2026-11-28 `burn-steps`, layer norm, softmax and loss composed by burn):\n")
 print("| variant | tokens/s (each round) | median | vs `mini-fp32` | vs PyTorch fp32 eager | "
       "host CPU ms / step |")
 print("|---|---|---:|---:|---:|---:|")

@@ -2,17 +2,19 @@
 # The train issue's GPU table in one call of a lent GPU machine: training tokens/s, model
 # FLOPs utilisation and warm-up for both presets, fp32 and bf16, beside PyTorch eager fp32
 # and bf16 autocast on the same GPU; and, in the same rounds, `mini` fp32 with burn-fusion
-# off (`--no-fusion`: every operation its own kernel, none of burn-fusion's host work), the
-# open question about where a step's host time goes. (`--run-ahead` and `--system-alloc`,
-# run here on 2026-11-27, were settled then: bench/results/gpu.md.)
+# off (`--no-fusion`: every operation its own kernel, none of burn-fusion's host work) and
+# with layer norm, attention's softmax and the loss as burn composes them (`--burn-steps`,
+# against the default's single steps of `fused::gpu`): the open questions about where a
+# step's host time goes. (`--run-ahead` and `--system-alloc`, run here on 2026-11-27, were
+# settled then: bench/results/gpu.md.)
 #
 #   cargo build --release --locked -p orchestrate-model --features cuda --example train_bench
 #   mkdir -p bench/bin && cp ../shared/bench/torch_seq2seq_baseline.py bench/bin/ &&
 #     strip -o /tmp/tb target/release/examples/train_bench && xz -1 -c /tmp/tb > bench/bin/train_bench-cuda.xz
 #   bash bench/gpu_table.sh [SECONDS] [PEAK_TFLOPS]   # on the GPU machine, bench/bin carried
 #
-# Phase 1 compiles and autotunes each of the four (preset, precision) pairs and the
-# unfused `mini` side by side,
+# Phase 1 compiles and autotunes each of the four (preset, precision) pairs and the two
+# `mini` variants side by side,
 # each into its own kernel cache (untimed: a fresh machine spends about three minutes on
 # `mini` alone; their first-step times are the cold warm-ups, inflated by running together).
 # Phase 2 runs every check again from those caches, one at a time, in alternating rounds
@@ -42,7 +44,7 @@ log=$OUT/table.jsonl
     echo "$(nproc) CPU threads"
 } >"$OUT/machine.txt" 2>&1
 # One kernel cache per (preset, precision), named as the run that fills it.
-caches="mini-fp32 spec512-fp32 mini-bf16 spec512-bf16 no-fusion"
+caches="mini-fp32 spec512-fp32 mini-bf16 spec512-bf16 no-fusion burn-steps"
 for c in $caches; do
     mkdir -p "/tmp/k/$c"
     [ -f "$bin/k-$c.tgz" ] && tar -xzf "$bin/k-$c.tgz" -C "/tmp/k/$c"
@@ -88,6 +90,7 @@ ours cold spec512-fp32 spec512-fp32 270 spec512 3 &
 ours cold mini-bf16 mini-bf16 270 mini 3 --bf16 &
 ours cold spec512-bf16 spec512-bf16 270 spec512 3 --bf16 &
 ours cold no-fusion no-fusion 270 mini 3 --no-fusion &
+ours cold burn-steps burn-steps 270 mini 3 --burn-steps &
 wait
 
 # Phase 2: warm, one at a time, alternating, 30 timed steps each; the last 25 s of the
@@ -100,6 +103,7 @@ for r in 1 2 3; do
     ours $r mini-bf16 mini-bf16 60 mini 30 --bf16
     ours $r spec512-bf16 spec512-bf16 60 spec512 30 --bf16
     ours $r no-fusion no-fusion 60 mini 30 --no-fusion
+    ours $r burn-steps burn-steps 60 mini 30 --burn-steps
     left=$((deadline - SECONDS))
     if ((left > 20)); then
         (cd $bin && timeout $((left < 120 ? left : 120)) python3 -c "

@@ -10,6 +10,8 @@
 #
 #   bash bench/launches.sh           # needs mesa-vulkan-drivers (lavapipe); ~15 min to build
 #   bash bench/launches.sh --no-fusion   # burn-fusion off: bench/results/launches-no-fusion.md
+#   bash bench/launches.sh --burn-steps  # layer norm, softmax and loss as burn composes them:
+#                                        # bench/results/launches-burn-steps.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 compgen -G "/usr/share/vulkan/icd.d/lvp_icd.*.json" >/dev/null || {
@@ -22,8 +24,9 @@ variant=${1:-}
 case "$variant" in
 '') results=bench/results/launches.md ;;
 --no-fusion) results=bench/results/launches-no-fusion.md ;;
+--burn-steps) results=bench/results/launches-burn-steps.md ;;
 *)
-    echo "usage: bash bench/launches.sh [--no-fusion]" >&2
+    echo "usage: bash bench/launches.sh [--no-fusion | --burn-steps]" >&2
     exit 2
     ;;
 esac

@@ -12,6 +12,9 @@
 //!                                      # glibc's allocator instead of orchestrate's
 //!     train_bench mini 30 --device cuda --no-fusion
 //!                                      # burn-fusion off: every operation its own kernel
+//!     train_bench mini 30 --device cuda --burn-steps
+//!                                      # layer norm, attention's softmax and the loss
+//!                                      # composed by burn, not one step each (fused::gpu)
 //!     train_bench mini 30 --device cuda --run-ahead
 //!                                      # read only the first and last losses: the host may run
 //!                                      # ahead of the device (slower on an H100, see below)
@@ -46,6 +49,8 @@ struct Bench {
     run_ahead: bool,
     /// burn-fusion on (burn's default for GPU backends); `--no-fusion` turns it off.
     fusion: bool,
+    /// `--burn-steps`: burn's compositions where GPUs take `fused::gpu`'s single steps.
+    burn_steps: bool,
 }
 
 impl OnDevice for Bench {
@@ -87,7 +92,9 @@ fn main() {
         checkpointing: flag("--checkpointing"),
         run_ahead: flag("--run-ahead"),
         fusion: !flag("--no-fusion"),
+        burn_steps: flag("--burn-steps"),
     };
+    orchestrate_model::model::use_burn_steps(job.burn_steps);
     if asked == "wgpu" {
         return on_wgpu(job);
     }
@@ -276,13 +283,14 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
         * (layers as f64 * (src_len * src_len + tgt_len * tgt_len + tgt_len * src_len) as f64);
     let flops = 6.0 * params * toks as f64 + attn;
     println!(
-        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"run_ahead\": {}, \"fusion\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"cpu_ms_per_step_by_thread\": {by_thread}, \"threads\": {}, \"allocator\": \"{}\", \"blocks_mapped\": {}, \"bytes_cached\": {}}}",
+        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"run_ahead\": {}, \"fusion\": {}, \"burn_steps\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"cpu_ms_per_step_by_thread\": {by_thread}, \"threads\": {}, \"allocator\": \"{}\", \"blocks_mapped\": {}, \"bytes_cached\": {}}}",
         job.label,
         job.preset,
         if job.bf16 { "bf16" } else { "fp32" },
         job.checkpointing,
         job.run_ahead,
         job.fusion,
+        job.burn_steps,
         cfg.parameters(),
         dt * 1e3,
         toks as f64 / dt,

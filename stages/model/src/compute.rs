@@ -98,11 +98,14 @@ pub fn run_on_unfused<J: OnDevice>(compute: Compute, job: J) -> Result<J::Output
     run_cuda_unfused(n, job)
 }
 
+/// burn's CUDA backend without burn-fusion (burn re-exports the fused type alone).
+#[cfg(feature = "cuda")]
+pub(crate) type UnfusedCuda = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
 #[cfg(feature = "cuda")]
 fn run_cuda_unfused<J: OnDevice>(n: usize, job: J) -> Result<J::Output, StageError> {
-    type Unfused = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
     kernel_cache_once();
-    Ok(job.run::<Unfused>(burn::backend::cuda::CudaDevice::new(n)))
+    Ok(job.run::<UnfusedCuda>(burn::backend::cuda::CudaDevice::new(n)))
 }
 
 #[cfg(not(feature = "cuda"))]

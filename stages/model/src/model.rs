@@ -17,6 +17,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution, FloatDType};
 use serde::{Deserialize, Serialize};
 
+pub use crate::fused::gpu::use_burn_steps;
 use crate::fused::{layer_norm, on_cpu, KeepMask};
 
 /// Everything needed to rebuild the network; stored beside the weights.
@@ -391,8 +392,8 @@ fn attention<B: Backend>(
         Err([q, k, v]) => {
             let split = |x: Tensor<B, 3>, len: usize| x.reshape([b, len, h, dk]).swap_dims(1, 2);
             let scores = split(q, t).matmul(split(k, s).swap_dims(2, 3));
-            let scores = scores.div_scalar(root) + bias;
-            let weights = dropout(&mha.dropout, burn::tensor::activation::softmax(scores, 3));
+            let weights = crate::fused::gpu::attention_weights(scores, root, bias);
+            let weights = dropout(&mha.dropout, weights);
             matmul(weights, split(v, s))
                 .swap_dims(1, 2)
                 .reshape([b, t, d])

@@ -4,14 +4,26 @@ use super::*;
 
 /// Each target token's cross-entropy `[batch, target]` from `logits` `[batch, target,
 /// vocab]`, with label smoothing `smoothing` (the target's share `1 - smoothing`, the rest
-/// spread evenly): `lse - (1 - s) * x[target] - s * mean(x)`. None where the fused path
-/// does not apply (another backend, not f32); the caller then composes burn's operations.
+/// spread evenly): `lse - (1 - s) * x[target] - s * mean(x)`. One step of flex's on the
+/// CPU, one of the inner backend's operations under autodiff on a GPU
+/// ([`gpu::CrossEntropy`]). None where neither applies (inference on a GPU, not f32 on the
+/// CPU); the caller then composes burn's operations.
 pub fn cross_entropy<B: Backend>(
     logits: &Tensor<B, 3>,
     targets: &Tensor<B, 2, Int>,
     smoothing: f64,
 ) -> Option<Tensor<B, 2>> {
-    let path = path::<B>()?;
+    let Some(path) = path::<B>() else {
+        let [b, t, _] = logits.dims();
+        let step = gpu::CrossEntropy {
+            logits: logits.clone(),
+            targets: targets.clone().reshape([b, t, 1]),
+            smoothing: smoothing as f32,
+        };
+        return gpu::on_gpu_autodiff::<B, _>(step)
+            .ok()
+            .map(|loss| loss.reshape([b, t]));
+    };
     if logits.dtype() != burn::tensor::DType::F32 {
         return None;
     }

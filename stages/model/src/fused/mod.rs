@@ -19,9 +19,12 @@
 //! - dropout, with a mask made from a hash of each value's index where it is applied,
 //!   forward and backward, and never stored.
 //!
-//! Other backends (CUDA, where burn fuses element-wise work itself) keep burn's operations.
+//! GPU backends (CUDA, where burn fuses element-wise work itself) keep burn's operations,
+//! except that under autodiff layer norm, attention's softmax and the loss are one step
+//! each there too, composed of the inner backend's operations (`gpu`): fewer operations
+//! for the host to record and launch, which is what limits a GPU step.
 //!
-//! One file per step (`attention`, `product`, `loss`, `norm`, `dropout`; their tests against
+//! One file per step (`attention`, `product`, `loss`, `norm`, `dropout`, `gpu`; their tests against
 //! burn's compositions in `tests`); here what they share: which backend takes the fused
 //! path, moving tensors to and from flex's concrete type, and output buffers written by
 //! several tasks at once.
@@ -50,6 +53,7 @@ type AutodiffTensor = FloatTensor<Autodiff<Flex>>;
 
 mod attention;
 mod dropout;
+pub(crate) mod gpu;
 mod loss;
 mod norm;
 mod product;

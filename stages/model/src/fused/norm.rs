@@ -10,13 +10,14 @@ pub(crate) const LAYER_NORM_EPS: f32 = 1e-5;
 /// order, so the result does not depend on how threads split the work.
 pub(crate) const NORM_BLOCK: usize = 64;
 
-/// `norm.forward(x)`, as one fused step under autodiff on the CPU.
+/// `norm.forward(x)`, as one fused step under autodiff on the CPU, and as one step composed
+/// of the inner backend's operations under autodiff on a GPU ([`gpu::Norm`]).
 pub fn layer_norm<B: Backend, const D: usize>(
     norm: &burn::nn::LayerNorm<B>,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
     let Some(Path::Autodiff { balanced }) = path::<B>() else {
-        return norm.forward(x);
+        return gpu_layer_norm(norm, x);
     };
     if x.dtype() != burn::tensor::DType::F32 || norm.gamma.val().dtype() != x.dtype() {
         return norm.forward(x);
@@ -34,6 +35,26 @@ pub fn layer_norm<B: Backend, const D: usize>(
         fused_norm::<NoCheckpointing>(x, gamma, beta)
     };
     from_concrete::<B, _, 1>(y).reshape(shape)
+}
+
+/// [`gpu::Norm`] where it applies (a GPU backend under autodiff, a norm with a bias),
+/// burn's norm elsewhere.
+fn gpu_layer_norm<B: Backend, const D: usize>(
+    norm: &burn::nn::LayerNorm<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let (Some(beta), true) = (&norm.beta, x.shape().num_elements() > 0) else {
+        return norm.forward(x);
+    };
+    let step = gpu::Norm {
+        x,
+        gamma: norm.gamma.val(),
+        beta: beta.val(),
+    };
+    match gpu::on_gpu_autodiff::<B, _>(step) {
+        Ok(y) => y,
+        Err(step) => norm.forward(step.x),
+    }
 }
 
 #[derive(Clone, Debug)]

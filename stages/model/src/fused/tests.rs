@@ -237,3 +237,68 @@ fn fused_product_matches_burns_value_and_gradients() {
         burn::tensor::Tolerance::absolute(1e-5),
     );
 }
+
+/// The GPU backends' single steps (`gpu`) against burn's compositions on burn's wgpu
+/// backend (lavapipe in CI): the same checks as the CPU's steps, after checking that the
+/// steps apply there at all (a silent fallback to burn's composition would pass them).
+#[cfg(feature = "wgpu")]
+mod on_wgpu {
+    use super::*;
+    use burn::backend::Wgpu;
+
+    struct Applies;
+    impl gpu::Step for Applies {
+        type Out = ();
+        fn on<I: Backend, C: CheckpointStrategy>(self) {}
+    }
+
+    fn applies<A: Backend>() {
+        assert!(gpu::on_gpu_autodiff::<A, _>(Applies).is_ok());
+    }
+
+    /// Attention's weights against burn's softmax of the scaled, biased scores, value and
+    /// gradient, for each way the bias broadcasts.
+    fn check_softmax<A: burn::tensor::backend::AutodiffBackend>(bias_dims: [usize; 4]) {
+        applies::<A>();
+        let device = Default::default();
+        A::seed(&device, 9);
+        let [b, _, t, s] = [2, 3, 5, bias_dims[3]];
+        let scores = Tensor::<A, 4>::random([b, 3, t, s], Distribution::Normal(0.0, 4.0), &device)
+            .require_grad();
+        let bias = Tensor::<A, 4>::random(bias_dims, Distribution::Normal(0.0, 3.0), &device);
+        let probe = Tensor::<A, 4>::random([b, 3, t, s], Distribution::Default, &device);
+        let ours = gpu::attention_weights(scores.clone(), 2.0, bias.clone());
+        let burns = activation::softmax(scores.clone().div_scalar(2.0) + bias, 3);
+        let tol = burn::tensor::Tolerance::absolute(1e-5);
+        ours.to_data()
+            .assert_approx_eq::<f32>(&burns.to_data(), tol);
+        let g_ours = (ours * probe.clone()).sum().backward();
+        let g_burn = (burns * probe).sum().backward();
+        scores
+            .grad(&g_ours)
+            .unwrap()
+            .to_data()
+            .assert_approx_eq::<f32>(&scores.grad(&g_burn).unwrap().to_data(), tol);
+    }
+
+    #[test]
+    fn gpu_steps_match_burns_value_and_gradients() {
+        applies::<Autodiff<Wgpu>>();
+        check_norm::<Autodiff<Wgpu>>();
+        check_norm::<Autodiff<Wgpu, BalancedCheckpointing>>();
+        check_ce::<Autodiff<Wgpu>>(0.0);
+        check_ce::<Autodiff<Wgpu>>(0.1);
+        check_ce::<Autodiff<Wgpu, BalancedCheckpointing>>(0.1);
+        for bias in [[2, 1, 1, 5], [1, 1, 5, 5], [2, 1, 5, 5], [2, 1, 1, 7]] {
+            check_softmax::<Autodiff<Wgpu>>(bias);
+        }
+        check_softmax::<Autodiff<Wgpu, BalancedCheckpointing>>([2, 1, 1, 5]);
+    }
+
+    /// Inference (no autodiff) and the CPU keep their own paths.
+    #[test]
+    fn gpu_steps_apply_to_gpu_training_only() {
+        assert!(gpu::on_gpu_autodiff::<Wgpu, _>(Applies).is_err());
+        assert!(gpu::on_gpu_autodiff::<Autodiff<Flex>, _>(Applies).is_err());
+    }
+}

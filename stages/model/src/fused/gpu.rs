@@ -1,0 +1,293 @@
+//! Layer normalisation, attention's softmax and the loss as one autodiff step each on the
+//! GPU backends (CUDA; wgpu, which runs the same code in tests), computed with the inner
+//! backend's tensor operations (burn-fusion fuses them as it fuses any) and a hand-written
+//! backward.
+//!
+//! Why: on a GPU the host limits a training step. On an H100 the process's main thread
+//! spent 37–41 ms of CPU in a 50 ms `mini` step (`bench/results/gpu.md`), recording
+//! operations for burn-autodiff and burn-fusion and launching kernels, while the GPU
+//! waited. burn 0.21 composes these three from several operations, each an autodiff node
+//! of its own with its own backward: layer norm (22 in a `mini` step) is nine nodes, and
+//! its derived backward some twenty operations, against the textbook backward's ten; the
+//! loss's backward goes through a scatter into a zero tensor of the logits' size. Here
+//! each is one node, and the backward is the closed form the CPU's steps also use.
+//!
+//! `train_bench --burn-steps` keeps burn's compositions instead, so that one binary
+//! measures both side by side.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::tensor::ops::IntTensor;
+use burn::tensor::IndexingUpdateOp;
+
+use super::*;
+
+/// Set by [`use_burn_steps`]: burn's compositions on every backend.
+static BURN_STEPS: AtomicBool = AtomicBool::new(false);
+
+/// Whether GPU backends compose layer norm, softmax and the loss from burn's operations
+/// (true) or take this module's single steps (false, the default). A measurement switch.
+pub fn use_burn_steps(on: bool) {
+    BURN_STEPS.store(on, Ordering::Relaxed);
+}
+
+/// A step written once for every autodiff backend `Autodiff<I, C>`.
+pub(crate) trait Step {
+    type Out;
+    fn on<I: Backend, C: CheckpointStrategy>(self) -> Self::Out;
+}
+
+/// Runs `step` where `B` is one of this build's GPU backends under autodiff; gives it back
+/// where it is not (the CPU has its own steps; inference has no autodiff).
+pub(crate) fn on_gpu_autodiff<B: Backend, S: Step>(step: S) -> Result<S::Out, S> {
+    if BURN_STEPS.load(Ordering::Relaxed) {
+        return Err(step);
+    }
+    #[allow(unused_macros)]
+    macro_rules! try_inner {
+        ($inner:ty) => {
+            if TypeId::of::<B>() == TypeId::of::<Autodiff<$inner>>() {
+                return Ok(step.on::<$inner, NoCheckpointing>());
+            }
+            if TypeId::of::<B>() == TypeId::of::<Autodiff<$inner, BalancedCheckpointing>>() {
+                return Ok(step.on::<$inner, BalancedCheckpointing>());
+            }
+        };
+    }
+    #[cfg(feature = "cuda")]
+    {
+        try_inner!(burn::backend::Cuda);
+        try_inner!(crate::compute::UnfusedCuda);
+    }
+    #[cfg(feature = "wgpu")]
+    {
+        use burn::backend::wgpu::{CubeBackend, WgpuRuntime};
+        try_inner!(burn::backend::Wgpu);
+        try_inner!(CubeBackend<WgpuRuntime, f32, i32, u32>);
+    }
+    Err(step)
+}
+
+/// A float primitive of `I` as a tensor.
+fn tensor<I: Backend, const D: usize>(x: FloatTensor<I>) -> Tensor<I, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(x))
+}
+
+fn primitive<I: Backend, const D: usize>(x: Tensor<I, D>) -> FloatTensor<I> {
+    x.into_primitive().tensor()
+}
+
+/// An int tensor of `B` as the inner backend's (autodiff passes int tensors through
+/// unchanged, so `B`'s int primitive is `I`'s).
+fn inner_int<B: Backend, I: Backend, const D: usize>(x: Tensor<B, D, Int>) -> Tensor<I, D, Int> {
+    let x: Box<dyn Any> = Box::new(x.into_primitive());
+    let x = *x
+        .downcast::<IntTensor<I>>()
+        .unwrap_or_else(|_| unreachable!("autodiff's int primitive is its inner backend's"));
+    Tensor::from_primitive(x)
+}
+
+/// `norm.forward(x)` over the last dimension of `x`, as one step with the textbook
+/// backward. `x` keeps its shape: burn-fusion ends a run of fused operations at a reshape
+/// of the tensor it is fusing, and seeing `x` as rows split the norm into a kernel per
+/// operation (lavapipe's launch count, `bench/launches.sh`).
+pub(crate) struct Norm<B: Backend, const D: usize> {
+    pub(crate) x: Tensor<B, D>,
+    pub(crate) gamma: Tensor<B, 1>,
+    pub(crate) beta: Tensor<B, 1>,
+}
+
+impl<B: Backend, const D: usize> Step for Norm<B, D> {
+    type Out = Tensor<B, D>;
+
+    fn on<I: Backend, C: CheckpointStrategy>(self) -> Tensor<B, D> {
+        let x: FloatTensor<Autodiff<I, C>> = to_concrete(self.x);
+        let gamma: FloatTensor<Autodiff<I, C>> = to_concrete(self.gamma);
+        let beta: FloatTensor<Autodiff<I, C>> = to_concrete(self.beta);
+        let (g, b) = (
+            tensor::<I, 1>(gamma.primitive),
+            tensor::<I, 1>(beta.primitive),
+        );
+        let x_in = tensor::<I, D>(x.primitive);
+        let centered = x_in.clone() - x_in.mean_dim(D - 1);
+        let rstd = centered
+            .clone()
+            .square()
+            .mean_dim(D - 1)
+            .add_scalar(LAYER_NORM_EPS)
+            .sqrt()
+            .recip();
+        let normalized = centered * rstd.clone();
+        let y = normalized.clone() * g.clone().unsqueeze() + b.unsqueeze();
+        let prep =
+            Backward::<I, 3>::prepare::<C>(NormBackward::<D>, [x.node, gamma.node, beta.node])
+                .compute_bound()
+                .stateful();
+        let y = match prep {
+            OpsKind::Tracked(prep) => {
+                let state = [normalized, rstd].map(primitive);
+                prep.finish((state, primitive(g)), primitive(y))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(primitive(y)),
+        };
+        from_concrete::<B, _, D>(y)
+    }
+}
+
+#[derive(Debug)]
+struct NormBackward<const D: usize>;
+
+impl<I: Backend, const D: usize> Backward<I, 3> for NormBackward<D> {
+    /// `(x - mean) * rstd` `[.., d]` and `rstd` `[.., 1]`; gamma `[d]`.
+    type State = ([FloatTensor<I>; 2], FloatTensor<I>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ([normalized, rstd], gamma) = ops.state;
+        let [x_node, gamma_node, beta_node] = ops.parents;
+        let dy = tensor::<I, D>(grads.consume::<I>(&ops.node));
+        let normalized = tensor::<I, D>(normalized);
+        let d = normalized.dims()[D - 1];
+        // Summed over every dimension but the last, as `[d]`.
+        let per_feature =
+            |t: Tensor<I, D>| (0..D - 1).fold(t, |t, dim| t.sum_dim(dim)).reshape([d]);
+        if let Some(node) = x_node {
+            let g = dy.clone() * tensor::<I, 1>(gamma).unsqueeze();
+            let m1 = g.clone().mean_dim(D - 1);
+            let m2 = (g.clone() * normalized.clone()).mean_dim(D - 1);
+            let dx = (g - m1 - normalized.clone() * m2) * tensor::<I, D>(rstd);
+            grads.register::<I>(node.id, primitive(dx));
+        }
+        if let Some(node) = gamma_node {
+            let dg = per_feature(dy.clone() * normalized);
+            grads.register::<I>(node.id, primitive(dg));
+        }
+        if let Some(node) = beta_node {
+            grads.register::<I>(node.id, primitive(per_feature(dy)));
+        }
+    }
+}
+
+/// Attention's weights `softmax(scores / root + bias)` over the last dimension: one
+/// [`Softmax`] step under autodiff on a GPU, burn's operations elsewhere.
+pub fn attention_weights<B: Backend>(
+    scores: Tensor<B, 4>,
+    root: f32,
+    bias: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    match on_gpu_autodiff::<B, _>(Softmax { scores, root, bias }) {
+        Ok(weights) => weights,
+        Err(Softmax { scores, root, bias }) => {
+            burn::tensor::activation::softmax(scores.div_scalar(root) + bias, 3)
+        }
+    }
+}
+
+/// Attention's weights as one step. `bias` (masking) is a constant: no gradient flows
+/// into it.
+pub(crate) struct Softmax<B: Backend> {
+    pub(crate) scores: Tensor<B, 4>,
+    pub(crate) root: f32,
+    pub(crate) bias: Tensor<B, 4>,
+}
+
+impl<B: Backend> Step for Softmax<B> {
+    type Out = Tensor<B, 4>;
+
+    fn on<I: Backend, C: CheckpointStrategy>(self) -> Tensor<B, 4> {
+        let scores: FloatTensor<Autodiff<I, C>> = to_concrete(self.scores);
+        let bias: FloatTensor<Autodiff<I, C>> = to_concrete(self.bias);
+        let z =
+            tensor::<I, 4>(scores.primitive).div_scalar(self.root) + tensor::<I, 4>(bias.primitive);
+        let e = (z.clone() - z.max_dim(3)).exp();
+        let y = e.clone() / e.sum_dim(3);
+        let prep = Backward::<I, 1>::prepare::<C>(SoftmaxBackward, [scores.node])
+            .compute_bound()
+            .stateful();
+        let y = match prep {
+            OpsKind::Tracked(prep) => prep.finish((primitive(y.clone()), self.root), primitive(y)),
+            OpsKind::UnTracked(prep) => prep.finish(primitive(y)),
+        };
+        from_concrete::<B, _, 4>(y)
+    }
+}
+
+#[derive(Debug)]
+struct SoftmaxBackward;
+
+impl<I: Backend> Backward<I, 1> for SoftmaxBackward {
+    /// The weights `[batch, heads, query, key]` and the scale's root.
+    type State = (FloatTensor<I>, f32);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (y, root) = ops.state;
+        unary::<I, _>(ops.parents, ops.node, grads, |dy| {
+            let (y, dy) = (tensor::<I, 4>(y), tensor::<I, 4>(dy));
+            let dot = (dy.clone() * y.clone()).sum_dim(3);
+            primitive((y * (dy - dot)).div_scalar(root))
+        });
+    }
+}
+
+/// Each token's cross-entropy `[batch, time, 1]` from `logits` `[batch, time, vocab]` and
+/// `targets` `[batch, time, 1]`, with label smoothing: `lse - (1 - s) * x[target] - s *
+/// mean(x)`. The logits keep their shape (see [`Norm`] on reshapes).
+pub(crate) struct CrossEntropy<B: Backend> {
+    pub(crate) logits: Tensor<B, 3>,
+    pub(crate) targets: Tensor<B, 3, Int>,
+    pub(crate) smoothing: f32,
+}
+
+impl<B: Backend> Step for CrossEntropy<B> {
+    type Out = Tensor<B, 3>;
+
+    fn on<I: Backend, C: CheckpointStrategy>(self) -> Tensor<B, 3> {
+        let s = self.smoothing;
+        let logits: FloatTensor<Autodiff<I, C>> = to_concrete(self.logits);
+        let targets = inner_int::<B, I, 3>(self.targets);
+        let x = tensor::<I, 3>(logits.primitive);
+        let max = x.clone().max_dim(2);
+        let lse = (x.clone() - max.clone()).exp().sum_dim(2).log() + max;
+        let picked = x.clone().gather(2, targets.clone());
+        let mut loss = lse.clone() - picked.mul_scalar(1.0 - s);
+        if s > 0.0 {
+            loss = loss - x.clone().mean_dim(2).mul_scalar(s);
+        }
+        let prep = Backward::<I, 1>::prepare::<C>(CrossEntropyBackward, [logits.node])
+            .compute_bound()
+            .stateful();
+        let loss = match prep {
+            OpsKind::Tracked(prep) => {
+                let state = ([primitive(x), primitive(lse)], targets.into_primitive(), s);
+                prep.finish(state, primitive(loss))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(primitive(loss)),
+        };
+        from_concrete::<B, _, 3>(loss)
+    }
+}
+
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl<I: Backend> Backward<I, 1> for CrossEntropyBackward {
+    /// The logits `[batch, time, vocab]` and their log-sum-exp `[batch, time, 1]`, the
+    /// targets `[batch, time, 1]`, the smoothing.
+    type State = ([FloatTensor<I>; 2], IntTensor<I>, f32);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ([x, lse], targets, s) = ops.state;
+        unary::<I, _>(ops.parents, ops.node, grads, |dy| {
+            let (x, lse, dy) = (tensor::<I, 3>(x), tensor::<I, 3>(lse), tensor::<I, 3>(dy));
+            let vocab = x.dims()[2];
+            // softmax - s / vocab everywhere, then - (1 - s) at each token's target.
+            let dx = (x - lse).exp().sub_scalar(s / vocab as f32) * dy.clone();
+            let at_target = dy.mul_scalar(s - 1.0);
+            primitive(dx.scatter(
+                2,
+                Tensor::from_primitive(targets),
+                at_target,
+                IndexingUpdateOp::Add,
+            ))
+        });
+    }
+}
