@@ -86,7 +86,7 @@ print("\n`mini` fp32, the default (`mini-fp32`) and the variants run beside it i
       "(2026-11-27's first calls: the GPU path's choices turned off through a variable since "
       "removed, then `run-ahead`, the host not waiting for each step, and `system-alloc`, "
       "glibc's allocator; since the evening of 2026-11-27 `no-fusion`, burn-fusion off; since "
-      "2026-11-28 `burn-steps`, layer norm, softmax and loss composed by burn):\n")
+      "2026-11-28 `burn-steps`, layer norm, softmax, dropout and loss composed by burn):\n")
 print("| variant | tokens/s (each round) | median | vs `mini-fp32` | vs PyTorch fp32 eager | "
       "host CPU ms / step |")
 print("|---|---|---:|---:|---:|---:|")

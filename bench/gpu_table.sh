@@ -3,7 +3,7 @@
 # FLOPs utilisation and warm-up for both presets, fp32 and bf16, beside PyTorch eager fp32
 # and bf16 autocast on the same GPU; and, in the same rounds, `mini` fp32 with burn-fusion
 # off (`--no-fusion`: every operation its own kernel, none of burn-fusion's host work) and
-# with layer norm, attention's softmax and the loss as burn composes them (`--burn-steps`,
+# with layer norm, attention's softmax, dropout and the loss as burn composes them (`--burn-steps`,
 # against the default's single steps of `fused::gpu`): the open questions about where a
 # step's host time goes. (`--run-ahead` and `--system-alloc`, run here on 2026-11-27, were
 # settled then: bench/results/gpu.md.)

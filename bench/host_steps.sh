@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The host's share of a GPU training step, with and without `fused::gpu`'s single steps
-# (layer norm, attention's softmax, the loss), measured without a GPU: `train_bench narrow`
+# (layer norm, attention's softmax, dropout, the loss), measured without a GPU: `train_bench narrow`
 # on burn's wgpu backend over Mesa's software Vulkan device (lavapipe), ROUNDS rounds
 # alternating the two so that the machine's noise falls on both. The main thread records
 # every operation for burn-autodiff and burn-fusion and launches the kernels, as on CUDA;

@@ -10,7 +10,7 @@
 #
 #   bash bench/launches.sh           # needs mesa-vulkan-drivers (lavapipe); ~15 min to build
 #   bash bench/launches.sh --no-fusion   # burn-fusion off: bench/results/launches-no-fusion.md
-#   bash bench/launches.sh --burn-steps  # layer norm, softmax and loss as burn composes them:
+#   bash bench/launches.sh --burn-steps  # layer norm, softmax, dropout, loss as burn composes:
 #                                        # bench/results/launches-burn-steps.md
 set -euo pipefail
 cd "$(dirname "$0")/.."

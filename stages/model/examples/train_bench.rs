@@ -13,8 +13,9 @@
 //!     train_bench mini 30 --device cuda --no-fusion
 //!                                      # burn-fusion off: every operation its own kernel
 //!     train_bench mini 30 --device cuda --burn-steps
-//!                                      # layer norm, attention's softmax and the loss
-//!                                      # composed by burn, not one step each (fused::gpu)
+//!                                      # layer norm, attention's softmax, dropout and
+//!                                      # the loss composed by burn, not one step each
+//!                                      # (fused::gpu)
 //!     train_bench mini 30 --device cuda --run-ahead
 //!                                      # read only the first and last losses: the host may run
 //!                                      # ahead of the device (slower on an H100, see below)

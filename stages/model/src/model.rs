@@ -420,7 +420,10 @@ fn dropout<B: Backend, const D: usize>(layer: &Dropout, x: Tensor<B, D>) -> Tens
     if !B::ad_enabled(&device) || layer.prob == 0.0 {
         return x;
     }
-    if !on_cpu::<B>() || x.dtype() != burn::tensor::DType::F32 {
+    if !on_cpu::<B>() {
+        return crate::fused::gpu::dropout(layer, x);
+    }
+    if x.dtype() != burn::tensor::DType::F32 {
         return layer.forward(x);
     }
     match cpu_keep_mask::<B>(layer, &device) {

@@ -1,12 +1,12 @@
-//! Layer normalisation, attention's softmax and the loss as one autodiff step each on the
-//! GPU backends (CUDA; wgpu, which runs the same code in tests), computed with the inner
-//! backend's tensor operations (burn-fusion fuses them as it fuses any) and a hand-written
-//! backward.
+//! Layer normalisation, attention's softmax, dropout and the loss as one autodiff step each
+//! on the GPU backends (CUDA; wgpu, which runs the same code in tests), computed with the
+//! inner backend's tensor operations (burn-fusion fuses them as it fuses any) and a
+//! hand-written backward.
 //!
 //! Why: on a GPU the host limits a training step. On an H100 the process's main thread
 //! spent 37–41 ms of CPU in a 50 ms `mini` step (`bench/results/gpu.md`), recording
 //! operations for burn-autodiff and burn-fusion and launching kernels, while the GPU
-//! waited. burn 0.21 composes these three from several operations, each an autodiff node
+//! waited. burn 0.21 composes these four from several operations, each an autodiff node
 //! of its own with its own backward: layer norm (22 in a `mini` step) is nine nodes, and
 //! its derived backward some twenty operations, against the textbook backward's ten; the
 //! loss's backward goes through a scatter into a zero tensor of the logits' size. Here
@@ -18,15 +18,16 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::ops::IntTensor;
-use burn::tensor::IndexingUpdateOp;
+use burn::tensor::{Distribution, IndexingUpdateOp};
 
 use super::*;
 
 /// Set by [`use_burn_steps`]: burn's compositions on every backend.
 static BURN_STEPS: AtomicBool = AtomicBool::new(false);
 
-/// Whether GPU backends compose layer norm, softmax and the loss from burn's operations
-/// (true) or take this module's single steps (false, the default). A measurement switch.
+/// Whether GPU backends compose layer norm, softmax, dropout and the loss from burn's
+/// operations (true) or take this module's single steps (false, the default). A
+/// measurement switch.
 pub fn use_burn_steps(on: bool) {
     BURN_STEPS.store(on, Ordering::Relaxed);
 }
@@ -88,9 +89,7 @@ fn inner_int<B: Backend, I: Backend, const D: usize>(x: Tensor<B, D, Int>) -> Te
 }
 
 /// `norm.forward(x)` over the last dimension of `x`, as one step with the textbook
-/// backward. `x` keeps its shape: burn-fusion ends a run of fused operations at a reshape
-/// of the tensor it is fusing, and seeing `x` as rows split the norm into a kernel per
-/// operation (lavapipe's launch count, `bench/launches.sh`).
+/// backward.
 pub(crate) struct Norm<B: Backend, const D: usize> {
     pub(crate) x: Tensor<B, D>,
     pub(crate) gamma: Tensor<B, 1>,
@@ -104,10 +103,9 @@ impl<B: Backend, const D: usize> Step for Norm<B, D> {
         let x: FloatTensor<Autodiff<I, C>> = to_concrete(self.x);
         let gamma: FloatTensor<Autodiff<I, C>> = to_concrete(self.gamma);
         let beta: FloatTensor<Autodiff<I, C>> = to_concrete(self.beta);
-        let (g, b) = (
-            tensor::<I, 1>(gamma.primitive),
-            tensor::<I, 1>(beta.primitive),
-        );
+        // Scale and shift seen as `[1, .., 1, d]` once, for the forward and the backward.
+        let g: Tensor<I, D> = tensor::<I, 1>(gamma.primitive).unsqueeze();
+        let b: Tensor<I, D> = tensor::<I, 1>(beta.primitive).unsqueeze();
         let x_in = tensor::<I, D>(x.primitive);
         let centered = x_in.clone() - x_in.mean_dim(D - 1);
         let rstd = centered
@@ -118,7 +116,7 @@ impl<B: Backend, const D: usize> Step for Norm<B, D> {
             .sqrt()
             .recip();
         let normalized = centered * rstd.clone();
-        let y = normalized.clone() * g.clone().unsqueeze() + b.unsqueeze();
+        let y = normalized.clone() * g.clone() + b;
         let prep =
             Backward::<I, 3>::prepare::<C>(NormBackward::<D>, [x.node, gamma.node, beta.node])
                 .compute_bound()
@@ -138,7 +136,7 @@ impl<B: Backend, const D: usize> Step for Norm<B, D> {
 struct NormBackward<const D: usize>;
 
 impl<I: Backend, const D: usize> Backward<I, 3> for NormBackward<D> {
-    /// `(x - mean) * rstd` `[.., d]` and `rstd` `[.., 1]`; gamma `[d]`.
+    /// `(x - mean) * rstd` `[.., d]` and `rstd` `[.., 1]`; gamma `[1, .., 1, d]`.
     type State = ([FloatTensor<I>; 2], FloatTensor<I>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -150,19 +148,25 @@ impl<I: Backend, const D: usize> Backward<I, 3> for NormBackward<D> {
         // Summed over every dimension but the last, as `[d]`.
         let per_feature =
             |t: Tensor<I, D>| (0..D - 1).fold(t, |t, dim| t.sum_dim(dim)).reshape([d]);
-        if let Some(node) = x_node {
-            let g = dy.clone() * tensor::<I, 1>(gamma).unsqueeze();
-            let m1 = g.clone().mean_dim(D - 1);
-            let m2 = (g.clone() * normalized.clone()).mean_dim(D - 1);
-            let dx = (g - m1 - normalized.clone() * m2) * tensor::<I, D>(rstd);
-            grads.register::<I>(node.id, primitive(dx));
-        }
+        // The element-wise products first, then every reduction, then the rest: burn-fusion
+        // fuses runs of element-wise operations, and a reduction between two ends a run.
+        let g = dy.clone() * tensor::<I, D>(gamma);
+        let g_normalized = g.clone() * normalized.clone();
+        let dy_normalized = gamma_node
+            .is_some()
+            .then(|| dy.clone() * normalized.clone());
         if let Some(node) = gamma_node {
-            let dg = per_feature(dy.clone() * normalized);
+            let dg = per_feature(dy_normalized.expect("made for gamma's gradient"));
             grads.register::<I>(node.id, primitive(dg));
         }
         if let Some(node) = beta_node {
             grads.register::<I>(node.id, primitive(per_feature(dy)));
+        }
+        if let Some(node) = x_node {
+            let m1 = g.clone().mean_dim(D - 1);
+            let m2 = g_normalized.mean_dim(D - 1);
+            let dx = (g - m1 - normalized * m2) * tensor::<I, D>(rstd);
+            grads.register::<I>(node.id, primitive(dx));
         }
     }
 }
@@ -230,7 +234,7 @@ impl<I: Backend> Backward<I, 1> for SoftmaxBackward {
 
 /// Each token's cross-entropy `[batch, time, 1]` from `logits` `[batch, time, vocab]` and
 /// `targets` `[batch, time, 1]`, with label smoothing: `lse - (1 - s) * x[target] - s *
-/// mean(x)`. The logits keep their shape (see [`Norm`] on reshapes).
+/// mean(x)`.
 pub(crate) struct CrossEntropy<B: Backend> {
     pub(crate) logits: Tensor<B, 3>,
     pub(crate) targets: Tensor<B, 3, Int>,
@@ -288,6 +292,67 @@ impl<I: Backend> Backward<I, 1> for CrossEntropyBackward {
                 at_target,
                 IndexingUpdateOp::Add,
             ))
+        });
+    }
+}
+
+/// Dropout of `x` with probability `prob` in training: one [`Dropout`] step under autodiff
+/// on a GPU (burn's is two nodes, a product by the mask and one by `1 / keep`), burn's
+/// layer elsewhere.
+pub fn dropout<B: Backend, const D: usize>(
+    layer: &burn::nn::Dropout,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    match on_gpu_autodiff::<B, _>(Dropout {
+        x,
+        prob: layer.prob,
+    }) {
+        Ok(y) => y,
+        Err(Dropout { x, .. }) => layer.forward(x),
+    }
+}
+
+/// `x * mask / keep`, the mask drawn from the backend's generator as burn's layer draws it,
+/// and the same operations as burn's layer, forward and backward: burn-fusion fuses them
+/// with their neighbours as it did (a mask scaled beforehand, kept for the backward, came
+/// to 120 more launches a `narrow` step on lavapipe).
+pub(crate) struct Dropout<B: Backend, const D: usize> {
+    pub(crate) x: Tensor<B, D>,
+    pub(crate) prob: f64,
+}
+
+impl<B: Backend, const D: usize> Step for Dropout<B, D> {
+    type Out = Tensor<B, D>;
+
+    fn on<I: Backend, C: CheckpointStrategy>(self) -> Tensor<B, D> {
+        let x: FloatTensor<Autodiff<I, C>> = to_concrete(self.x);
+        let scale = 1.0 / (1.0 - self.prob);
+        let x_in = tensor::<I, D>(x.primitive);
+        let mask = x_in.random_like(Distribution::Bernoulli(1.0 - self.prob));
+        let y = (x_in * mask.clone()).mul_scalar(scale);
+        // Kept, never recomputed: a second draw would be another mask.
+        let prep = Backward::<I, 1>::prepare::<C>(DropoutBackward::<D>, [x.node])
+            .compute_bound()
+            .stateful();
+        let y = match prep {
+            OpsKind::Tracked(prep) => prep.finish((primitive(mask), scale), primitive(y)),
+            OpsKind::UnTracked(prep) => prep.finish(primitive(y)),
+        };
+        from_concrete::<B, _, D>(y)
+    }
+}
+
+#[derive(Debug)]
+struct DropoutBackward<const D: usize>;
+
+impl<I: Backend, const D: usize> Backward<I, 1> for DropoutBackward<D> {
+    /// The mask (1 kept, 0 dropped) and `1 / keep`.
+    type State = (FloatTensor<I>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (mask, scale) = ops.state;
+        unary::<I, _>(ops.parents, ops.node, grads, |dy| {
+            primitive((tensor::<I, D>(dy) * tensor::<I, D>(mask)).mul_scalar(scale))
         });
     }
 }

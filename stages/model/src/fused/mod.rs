@@ -20,8 +20,8 @@
 //!   forward and backward, and never stored.
 //!
 //! GPU backends (CUDA, where burn fuses element-wise work itself) keep burn's operations,
-//! except that under autodiff layer norm, attention's softmax and the loss are one step
-//! each there too, composed of the inner backend's operations (`gpu`): fewer operations
+//! except that under autodiff layer norm, attention's softmax, dropout and the loss are
+//! one step each there too, composed of the inner backend's operations (`gpu`): fewer operations
 //! for the host to record and launch, which is what limits a GPU step.
 //!
 //! One file per step (`attention`, `product`, `loss`, `norm`, `dropout`, `gpu`; their tests against

@@ -281,8 +281,43 @@ mod on_wgpu {
             .assert_approx_eq::<f32>(&scores.grad(&g_burn).unwrap().to_data(), tol);
     }
 
+    /// Dropout against burn's layer from the same seed: the same mask, drawn the same way.
+    fn check_dropout<A: burn::tensor::backend::AutodiffBackend>() {
+        applies::<A>();
+        let device = Default::default();
+        let layer = burn::nn::DropoutConfig::new(0.25).init();
+        let x = Tensor::<A, 3>::random([3, 7, 16], Distribution::Default, &device).require_grad();
+        let probe = Tensor::<A, 3>::random([3, 7, 16], Distribution::Default, &device);
+        A::seed(&device, 13);
+        let ours = gpu::dropout(&layer, x.clone());
+        // Read before seeding again: burn-fusion may run a queued draw after a later seed.
+        let ours_values = ours.to_data();
+        A::seed(&device, 13);
+        let burns = layer.forward(x.clone());
+        let tol = burn::tensor::Tolerance::absolute(1e-6);
+        ours_values.assert_approx_eq::<f32>(&burns.to_data(), tol);
+        let dropped = ours
+            .clone()
+            .equal_elem(0.0)
+            .int()
+            .sum()
+            .into_scalar()
+            .elem::<i64>();
+        assert!(
+            (40..=130).contains(&dropped),
+            "{dropped} of 336 dropped at p = 0.25"
+        );
+        let g_ours = (ours * probe.clone()).sum().backward();
+        let g_burn = (burns * probe).sum().backward();
+        x.grad(&g_ours)
+            .unwrap()
+            .to_data()
+            .assert_approx_eq::<f32>(&x.grad(&g_burn).unwrap().to_data(), tol);
+    }
+
     #[test]
     fn gpu_steps_match_burns_value_and_gradients() {
+        check_dropout::<Autodiff<Wgpu>>();
         applies::<Autodiff<Wgpu>>();
         check_norm::<Autodiff<Wgpu>>();
         check_norm::<Autodiff<Wgpu, BalancedCheckpointing>>();
