@@ -7,10 +7,11 @@
 //! spent 37–41 ms of CPU in a 50 ms `mini` step (`bench/results/gpu.md`), recording
 //! operations for burn-autodiff and burn-fusion and launching kernels, while the GPU
 //! waited. burn 0.21 composes these four from several operations, each an autodiff node
-//! of its own with its own backward: layer norm (22 in a `mini` step) is nine nodes, and
-//! its derived backward some twenty operations, against the textbook backward's ten; the
-//! loss's backward goes through a scatter into a zero tensor of the logits' size. Here
-//! each is one node, and the backward is the closed form the CPU's steps also use.
+//! of its own with its own backward: layer norm (22 in a `mini` step) is about ten nodes,
+//! and on lavapipe its derived backward launched about twice the kernels of the closed
+//! form here (17 against 8); the loss's backward goes through a scatter into a zero tensor
+//! of the logits' size. Here each is one node, and the backward is the closed form the
+//! CPU's steps also use.
 //!
 //! `train_bench --burn-steps` keeps burn's compositions instead, so that one binary
 //! measures both side by side.
