@@ -79,6 +79,25 @@ fn primitive<I: Backend, const D: usize>(x: Tensor<I, D>) -> FloatTensor<I> {
     x.into_primitive().tensor()
 }
 
+/// A step's output, recorded with its backward and `state` where a parent needs a gradient
+/// (the state is made only then), without them otherwise.
+fn finish<BO, I, S, C, const N: usize>(
+    prep: OpsKind<BO, I, S, C, N>,
+    state: impl FnOnce() -> S,
+    output: FloatTensor<I>,
+) -> FloatTensor<Autodiff<I, C>>
+where
+    BO: Backward<I, N, State = S>,
+    I: Backend,
+    S: Clone + Send + std::fmt::Debug + 'static,
+    C: CheckpointStrategy,
+{
+    match prep {
+        OpsKind::Tracked(prep) => prep.finish(state(), output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
+    }
+}
+
 /// An int tensor of `B` as the inner backend's (autodiff passes int tensors through
 /// unchanged, so `B`'s int primitive is `I`'s).
 fn inner_int<B: Backend, I: Backend, const D: usize>(x: Tensor<B, D, Int>) -> Tensor<I, D, Int> {
@@ -122,13 +141,11 @@ impl<B: Backend, const D: usize> Step for Norm<B, D> {
             Backward::<I, 3>::prepare::<C>(NormBackward::<D>, [x.node, gamma.node, beta.node])
                 .compute_bound()
                 .stateful();
-        let y = match prep {
-            OpsKind::Tracked(prep) => {
-                let state = [normalized, rstd].map(primitive);
-                prep.finish((state, primitive(g)), primitive(y))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(primitive(y)),
-        };
+        let y = finish(
+            prep,
+            || ([normalized, rstd].map(primitive), primitive(g)),
+            primitive(y),
+        );
         from_concrete::<B, _, D>(y)
     }
 }
@@ -208,10 +225,11 @@ impl<B: Backend> Step for Softmax<B> {
         let prep = Backward::<I, 1>::prepare::<C>(SoftmaxBackward, [scores.node])
             .compute_bound()
             .stateful();
-        let y = match prep {
-            OpsKind::Tracked(prep) => prep.finish((primitive(y.clone()), self.root), primitive(y)),
-            OpsKind::UnTracked(prep) => prep.finish(primitive(y)),
-        };
+        let y = finish(
+            prep,
+            || (primitive(y.clone()), self.root),
+            primitive(y.clone()),
+        );
         from_concrete::<B, _, 4>(y)
     }
 }
@@ -260,14 +278,8 @@ impl<B: Backend> Step for CrossEntropy<B> {
         let prep = Backward::<I, 1>::prepare::<C>(CrossEntropyBackward, [logits.node])
             .compute_bound()
             .stateful();
-        let loss = match prep {
-            OpsKind::Tracked(prep) => {
-                let state = ([primitive(x), primitive(lse)], targets.into_primitive(), s);
-                prep.finish(state, primitive(loss))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(primitive(loss)),
-        };
-        from_concrete::<B, _, 3>(loss)
+        let state = || ([primitive(x), primitive(lse)], targets.into_primitive(), s);
+        from_concrete::<B, _, 3>(finish(prep, state, primitive(loss)))
     }
 }
 
@@ -335,11 +347,7 @@ impl<B: Backend, const D: usize> Step for Dropout<B, D> {
         let prep = Backward::<I, 1>::prepare::<C>(DropoutBackward::<D>, [x.node])
             .compute_bound()
             .stateful();
-        let y = match prep {
-            OpsKind::Tracked(prep) => prep.finish((primitive(mask), scale), primitive(y)),
-            OpsKind::UnTracked(prep) => prep.finish(primitive(y)),
-        };
-        from_concrete::<B, _, D>(y)
+        from_concrete::<B, _, D>(finish(prep, || (primitive(mask), scale), primitive(y)))
     }
 }
 
