@@ -1,56 +1,96 @@
 #!/usr/bin/env bash
-# The host's share of a GPU training step, with and without `fused::gpu`'s single steps
-# (layer norm, attention's softmax, dropout, the loss), measured without a GPU: `train_bench narrow`
+# The host's work per GPU training step, with and without `fused::gpu`'s single steps (layer
+# norm, attention's softmax, dropout, the loss), measured without a GPU: `train_bench narrow`
 # on burn's wgpu backend over Mesa's software Vulkan device (lavapipe), ROUNDS rounds
-# alternating the two so that the machine's noise falls on both. The main thread records
-# every operation for burn-autodiff and burn-fusion and launches the kernels, as on CUDA;
-# lavapipe runs the kernels on other threads of the same CPU, so step times here also
-# include the kernels' work, and the main thread's CPU time is the number to compare.
+# alternating the two so that the machine's noise falls on both.
+#
+# A thread's CPU time is not its work. CubeCL 0.10 runs each device on threads of its own
+# that pass work along queues and busy-wait on each other (spinning, then yielding):
+#   - the main thread builds the autodiff graph, runs the backward pass and records every
+#     operation;
+#   - `DSU-*` is burn-fusion's server: it fuses the recorded operations and plans kernels;
+#   - `DSD-*` is CubeCL's device server: it allocates and launches the kernels (on lavapipe
+#     it also runs them, as JIT code).
+# A thread waiting for the next one spins inside CubeCL's channel, so every thread burns
+# about the step's wall time whatever it does. `perf record` samples the timed steps only
+# (`train_bench --perf-ctl`), and each sample is sorted by the function it landed in:
+#   - waiting: CubeCL's channel loops (`ChannelDeviceHandle::submit_inner`,
+#     `custom_channel::Server::start`) and `sched_yield`;
+#   - kernel mode: the Linux kernel (mostly the scheduling behind those yields);
+#   - lavapipe's kernels: JIT code (the GPU's share, which a GPU would run instead);
+#   - work: everything else.
 # Writes bench/results/host_steps.md.
 #
-#   bash bench/host_steps.sh [ROUNDS] [STEPS]    # needs mesa-vulkan-drivers; 3 rounds of 20
+#   bash bench/host_steps.sh [ROUNDS] [STEPS]    # needs mesa-vulkan-drivers and linux-perf
 set -euo pipefail
 cd "$(dirname "$0")/.."
 compgen -G "/usr/share/vulkan/icd.d/lvp_icd.*.json" >/dev/null || {
     echo "no lavapipe: apt-get install mesa-vulkan-drivers" >&2
     exit 1
 }
+perf record -e cpu-clock -o /dev/null -- true 2>/dev/null || {
+    echo "perf cannot sample here: apt-get install linux-perf (and perf_event_paranoid <= 2)" >&2
+    exit 1
+}
 rounds=${1:-3} steps=${2:-20}
 cargo build --release --locked -q -p orchestrate-model --features wgpu --example train_bench
-runs=$(mktemp)
-trap 'rm -f "$runs"' EXIT
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+mkfifo "$work/ctl" "$work/ack"
+# Held open both ways here, so that neither perf nor train_bench blocks opening them.
+exec {ctl_fd}<>"$work/ctl" {ack_fd}<>"$work/ack"
 for round in $(seq "$rounds"); do
     for variant in own --burn-steps; do
         echo "round $round: narrow, $steps steps on wgpu, $variant" >&2
         flag=$([ "$variant" = own ] || echo "$variant")
-        target/release/examples/train_bench narrow "$steps" --device wgpu $flag |
-            sed "s/^{/{\"round\": $round, /" >> "$runs"
+        data="$work/$round$variant.data"
+        perf record -q -e cpu-clock -F 999 -D -1 --control "fifo:$work/ctl,$work/ack" \
+            -o "$data" -- target/release/examples/train_bench narrow "$steps" --device wgpu \
+            --perf-ctl "$work/ctl,$work/ack" $flag > "$work/run.json"
+        perf script -i "$data" -F comm,period,ip,sym,dso 2>/dev/null |
+            python3 bench/host_samples.py "$round" "$steps" "$work/run.json" >> "$work/rows.jsonl"
     done
 done
+exec {ctl_fd}>&- {ack_fd}>&-
 mkdir -p bench/results
-python3 - "$runs" "$(git rev-parse --short HEAD)" "$(lscpu | sed -n 's/^Model name: *//p')" \
-    "$(nproc)" <<'PY' | tee bench/results/host_steps.md
+python3 - "$work/rows.jsonl" "$(git rev-parse --short HEAD)" \
+    "$(lscpu | sed -n 's/^Model name: *//p')" "$(nproc)" <<'PY' | tee bench/results/host_steps.md
 import datetime, json, statistics, sys
-runs = [json.loads(l) for l in open(sys.argv[1])]
+rows = [json.loads(l) for l in open(sys.argv[1])]
 print(f"Host work per `narrow` training step on burn's wgpu backend (lavapipe), "
-      f"{datetime.date.today()}, commit {sys.argv[2]}, {sys.argv[3]} ({sys.argv[4]} threads)\n")
-print("| round | steps | step ms | main thread CPU ms | all threads CPU ms |")
-print("|---:|---|---:|---:|---:|")
-def main_ms(r):
-    by = r["cpu_ms_per_step_by_thread"]
-    return by.get("main", by.get("train_bench", max(by.values())))
-rows = {}
-for r in runs:
-    kind = "burn's compositions" if r["burn_steps"] else "one step each (fused::gpu)"
-    rows.setdefault(kind, []).append(r)
-    print(f"| {r['round']} | {kind} | {r['step_ms']:.1f} | {main_ms(r):.1f} | "
-          f"{r['host_cpu_ms_per_step']:.1f} |")
-ours, burns = rows["one step each (fused::gpu)"], rows["burn's compositions"]
+      f"{datetime.date.today()}, commit {sys.argv[2]}, {sys.argv[3]} ({sys.argv[4]} threads); "
+      f"`perf record` samples of the timed steps, sorted as bench/host_steps.sh says\n")
+kinds = {False: "one step each (fused::gpu)", True: "burn's compositions (--burn-steps)"}
+roles = ["main", "fusion", "device"]
+print("| round | variant | step ms | thread | CPU ms | work | waiting | kernel mode | lavapipe's kernels |")
+print("|---:|---|---:|---|---:|---:|---:|---:|---:|")
+for r in rows:
+    for role in roles:
+        t = r["threads"].get(role)
+        if t:
+            print(f"| {r['round']} | {kinds[r['burn_steps']]} | {r['step_ms']:.1f} | {role} | "
+                  f"{t['cpu']:.1f} | {t['work']:.1f} | {t['waiting']:.1f} | {t['kernel']:.1f} | "
+                  f"{t['jit']:.1f} |")
+def host_work(r):
+    return sum(t["work"] for t in r["threads"].values())
 med = lambda rs, f: statistics.median(f(r) for r in rs)
-print(f"\nMedians, one step each against burn's compositions: main thread CPU "
-      f"{med(ours, main_ms):.1f} / {med(burns, main_ms):.1f} ms "
-      f"({med(ours, main_ms) / med(burns, main_ms):.2f}x), step "
-      f"{med(ours, lambda r: r['step_ms']):.1f} / {med(burns, lambda r: r['step_ms']):.1f} ms "
-      f"({med(ours, lambda r: r['step_ms']) / med(burns, lambda r: r['step_ms']):.2f}x).")
+print("\nMedians over the rounds, ms per step (work: the three threads' work, not their "
+      "waiting; lavapipe's kernels apart):\n")
+print("| variant | step | main work | fusion work | device work | host work | lavapipe's kernels |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+by = {}
+for r in rows:
+    by.setdefault(r["burn_steps"], []).append(r)
+for steps_kind, rs in sorted(by.items()):
+    role = lambda name, field: (lambda r: r["threads"].get(name, {}).get(field, 0.0))
+    print(f"| {kinds[steps_kind]} | {med(rs, lambda r: r['step_ms']):.1f} | "
+          f"{med(rs, role('main', 'work')):.1f} | {med(rs, role('fusion', 'work')):.1f} | "
+          f"{med(rs, role('device', 'work')):.1f} | {med(rs, host_work):.1f} | "
+          f"{med(rs, lambda r: sum(t['jit'] for t in r['threads'].values())):.1f} |")
+if len(by) == 2:
+    ours, burns = by[False], by[True]
+    print(f"\nOne step each against burn's compositions: host work "
+          f"{med(ours, host_work) / med(burns, host_work):.2f}x, step "
+          f"{med(ours, lambda r: r['step_ms']) / med(burns, lambda r: r['step_ms']):.2f}x.")
 PY

@@ -19,6 +19,9 @@
 //!     train_bench mini 30 --device cuda --run-ahead
 //!                                      # read only the first and last losses: the host may run
 //!                                      # ahead of the device (slower on an H100, see below)
+//!     train_bench narrow 20 --device wgpu --perf-ctl CTL,ACK
+//!                                      # `perf record --control fifo:CTL,ACK -D -1` samples
+//!                                      # the timed steps only (bench/host_steps.sh)
 //!
 //! Prints one JSON line: the first step's time (warm-up: on CUDA, kernel compilation and
 //! autotuning), then the mean step after it.
@@ -52,6 +55,8 @@ struct Bench {
     fusion: bool,
     /// `--burn-steps`: burn's compositions where GPUs take `fused::gpu`'s single steps.
     burn_steps: bool,
+    /// `--perf-ctl CTL,ACK`: perf's control and acknowledgement FIFOs.
+    perf_ctl: Option<String>,
 }
 
 impl OnDevice for Bench {
@@ -94,6 +99,7 @@ fn main() {
         run_ahead: flag("--run-ahead"),
         fusion: !flag("--no-fusion"),
         burn_steps: flag("--burn-steps"),
+        perf_ctl: value("--perf-ctl").cloned(),
     };
     orchestrate_model::model::use_burn_steps(job.burn_steps);
     if asked == "wgpu" {
@@ -227,6 +233,10 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     let t = std::time::Instant::now();
     step().into_scalar().elem::<f32>();
     let warmup = t.elapsed().as_secs_f64();
+    let mut perf = job.perf_ctl.as_deref().map(PerfWindow::open);
+    if let Some(perf) = perf.as_mut() {
+        perf.command("enable");
+    }
     let t = std::time::Instant::now();
     let cpu_before = process_cpu_seconds();
     let threads_before = thread_cpu_seconds();
@@ -244,6 +254,9 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
         loss.into_scalar().elem::<f32>();
     }
     let dt = t.elapsed().as_secs_f64() / job.steps.max(1) as f64;
+    if let Some(perf) = perf.as_mut() {
+        perf.command("disable");
+    }
     // The host's share: on a GPU, CPU time per step near the step's wall time (one thread
     // busy) means the step waits on the host (graph building, fusion, launches), not on the
     // GPU's kernels.
@@ -305,6 +318,49 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
 
 /// User plus system CPU time of each live thread of this process so far, summed by thread
 /// name (Linux's /proc; None elsewhere). Threads that ended are not counted.
+/// `perf record --control fifo:CTL,ACK` started with its events off (`-D -1`): turned on
+/// for the timed steps only, so that a profile holds neither the warm-up (kernel
+/// compilation, autotuning) nor the set-up, and its samples divide by the steps.
+struct PerfWindow {
+    ctl: std::fs::File,
+    ack: std::io::BufReader<std::fs::File>,
+}
+
+impl PerfWindow {
+    fn open(fifos: &str) -> Self {
+        let fail = |what: &str, e: std::io::Error| -> ! {
+            eprintln!("--perf-ctl {fifos}: {what}: {e}");
+            std::process::exit(2)
+        };
+        let Some((ctl, ack)) = fifos.split_once(',') else {
+            eprintln!("--perf-ctl takes two FIFOs, CTL,ACK (perf's --control fifo:CTL,ACK)");
+            std::process::exit(2)
+        };
+        let ctl = std::fs::OpenOptions::new()
+            .write(true)
+            .open(ctl)
+            .unwrap_or_else(|e| fail(ctl, e));
+        let ack = std::fs::File::open(ack).unwrap_or_else(|e| fail(ack, e));
+        PerfWindow {
+            ctl,
+            ack: std::io::BufReader::new(ack),
+        }
+    }
+
+    /// Sends `enable` or `disable` and waits for perf to acknowledge it: the events are on
+    /// (or off) when this returns.
+    fn command(&mut self, what: &str) {
+        use std::io::{BufRead, Write};
+        let sent = writeln!(self.ctl, "{what}");
+        let mut reply = String::new();
+        let acked = sent.and_then(|_| self.ack.read_line(&mut reply));
+        if let Err(e) = acked {
+            eprintln!("--perf-ctl: perf did not take `{what}`: {e}");
+            std::process::exit(2)
+        }
+    }
+}
+
 fn thread_cpu_seconds() -> Option<std::collections::BTreeMap<String, f64>> {
     let mut by_name = std::collections::BTreeMap::new();
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {

@@ -1,0 +1,77 @@
+"""Sorts `perf script -F comm,period,ip,sym,dso` samples of train_bench's timed steps by thread
+and by what the thread was doing (see bench/host_steps.sh), in ms per step; prints one JSON
+line with train_bench's own result.
+
+    perf script -i DATA -F comm,period,ip,sym,dso | python3 bench/host_samples.py ROUND STEPS RUN.json
+"""
+
+import json
+import re
+import sys
+
+# "<comm> <period ns> <address> <symbol> (<dso>)"; the symbol may hold spaces, the comm does
+# not.
+SAMPLE = re.compile(r"^\s*(\S+)\s+(\d+)\s+[0-9a-f]+\s+(.*?)\s*\((.*)\)\s*$")
+
+# CubeCL 0.10's channel between a device's threads: the client's loop while the queue is
+# full and the server's loop while it is empty; and the yields they make.
+WAITING = ("ChannelDeviceHandle<S>::submit_inner", "custom_channel::Server::start", "sched_yield")
+
+
+def role(comm: str) -> str:
+    if comm.startswith("DSU-"):
+        return "fusion"
+    if comm.startswith("DSD-"):
+        return "device"
+    if comm.startswith("train_bench"):
+        return "main"
+    return "other"
+
+
+def kind(dso: str, sym: str) -> str:
+    # lavapipe's compiled kernels: anonymous executable memory, which perf names after the
+    # process's (absent) JIT map or as "[JIT]".
+    if dso.startswith("[JIT]") or re.search(r"perf-\d+\.map$", dso) or dso == "//anon":
+        return "jit"
+    if any(w in sym for w in WAITING):
+        return "waiting"
+    if dso.startswith("[kernel"):
+        return "kernel"
+    return "work"
+
+
+def main() -> None:
+    round_, steps, run_json = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    run = json.loads(open(run_json).read().strip().splitlines()[-1])
+    threads: dict[str, dict[str, float]] = {}
+    unparsed = 0
+    for line in sys.stdin:
+        m = SAMPLE.match(line)
+        if not m:
+            unparsed += 1
+            continue
+        comm, period, sym, dso = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+        t = threads.setdefault(
+            role(comm), {"cpu": 0.0, "work": 0.0, "waiting": 0.0, "kernel": 0.0, "jit": 0.0}
+        )
+        ms = period / 1e6 / steps
+        t["cpu"] += ms
+        t[kind(dso, sym)] += ms
+    if not threads:
+        sys.exit("host_samples.py: no samples (did perf sample the timed steps?)")
+    print(
+        json.dumps(
+            {
+                "round": round_,
+                "steps": steps,
+                "burn_steps": run["burn_steps"],
+                "step_ms": run["step_ms"],
+                "threads": threads,
+                "unparsed_lines": unparsed,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
