@@ -2,7 +2,8 @@
 and by what the thread was doing (see bench/host_steps.sh), in ms per step; prints one JSON
 line with train_bench's own result.
 
-    perf script -i DATA -F comm,period,ip,sym,dso | python3 bench/host_samples.py ROUND STEPS RUN.json
+    perf script -i DATA -F comm,period,ip,sym,dso |
+        python3 bench/host_samples.py ROUND STEPS RUN.json VARIANT
 """
 
 import json
@@ -41,7 +42,7 @@ def kind(dso: str, sym: str) -> str:
 
 
 def main() -> None:
-    round_, steps, run_json = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    round_, steps, run_json, variant = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     run = json.loads(open(run_json).read().strip().splitlines()[-1])
     threads: dict[str, dict[str, float]] = {}
     unparsed = 0
@@ -64,7 +65,7 @@ def main() -> None:
             {
                 "round": round_,
                 "steps": steps,
-                "burn_steps": run["burn_steps"],
+                "variant": variant,
                 "step_ms": run["step_ms"],
                 "threads": threads,
                 "unparsed_lines": unparsed,

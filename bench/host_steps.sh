@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The host's work per GPU training step, with and without `fused::gpu`'s single steps (layer
-# norm, attention's softmax, dropout, the loss), measured without a GPU: `train_bench narrow`
-# on burn's wgpu backend over Mesa's software Vulkan device (lavapipe), ROUNDS rounds
-# alternating the two so that the machine's noise falls on both.
+# The host's work per GPU training step, measured without a GPU: `train_bench narrow` on
+# burn's wgpu backend over Mesa's software Vulkan device (lavapipe), the default against
+# one variant, ROUNDS rounds alternating the two so that the machine's noise falls on both:
+#   --burn-steps  layer norm, attention's softmax, dropout and the loss as burn composes them
+#                 (the default takes `fused::gpu`'s single steps): host_steps.md
+#   --no-fusion   burn-fusion off, every operation its own kernel: host_steps-no-fusion.md
 #
 # A thread's CPU time is not its work. CubeCL 0.10 runs each device on threads of its own
 # that pass work along queues and busy-wait on each other (spinning, then yielding):
@@ -21,7 +23,8 @@
 #   - work: everything else.
 # Writes bench/results/host_steps.md.
 #
-#   bash bench/host_steps.sh [ROUNDS] [STEPS]    # needs mesa-vulkan-drivers and linux-perf
+#   bash bench/host_steps.sh [ROUNDS] [STEPS] [VARIANT]   # 3 rounds of 20, --burn-steps;
+#                                                         # needs mesa-vulkan-drivers, linux-perf
 set -euo pipefail
 cd "$(dirname "$0")/.."
 compgen -G "/usr/share/vulkan/icd.d/lvp_icd.*.json" >/dev/null || {
@@ -32,7 +35,15 @@ perf record -e cpu-clock -o /dev/null -- true 2>/dev/null || {
     echo "perf cannot sample here: apt-get install linux-perf (and perf_event_paranoid <= 2)" >&2
     exit 1
 }
-rounds=${1:-3} steps=${2:-20}
+rounds=${1:-3} steps=${2:-20} variant=${3:---burn-steps}
+case "$variant" in
+--burn-steps) results=bench/results/host_steps.md ;;
+--no-fusion) results=bench/results/host_steps-no-fusion.md ;;
+*)
+    echo "usage: bash bench/host_steps.sh [ROUNDS] [STEPS] [--burn-steps | --no-fusion]" >&2
+    exit 2
+    ;;
+esac
 cargo build --release --locked -q -p orchestrate-model --features wgpu --example train_bench
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -41,27 +52,29 @@ mkfifo "$work/ctl" "$work/ack"
 # Held open both ways here, so that neither perf nor train_bench blocks opening them.
 exec {ctl_fd}<>"$work/ctl" {ack_fd}<>"$work/ack"
 for round in $(seq "$rounds"); do
-    for variant in own --burn-steps; do
-        echo "round $round: narrow, $steps steps on wgpu, $variant" >&2
-        flag=$([ "$variant" = own ] || echo "$variant")
-        data="$work/$round$variant.data"
+    for flag in "" "$variant"; do
+        echo "round $round: narrow, $steps steps on wgpu, ${flag:-default}" >&2
+        data="$work/$round${flag:-default}.data"
         perf record -q -e cpu-clock -F 999 -D -1 --control "fifo:$work/ctl,$work/ack" \
             -o "$data" -- target/release/examples/train_bench narrow "$steps" --device wgpu \
             --perf-ctl "$work/ctl,$work/ack" $flag > "$work/run.json"
         perf script -i "$data" -F comm,period,ip,sym,dso 2>/dev/null |
-            python3 bench/host_samples.py "$round" "$steps" "$work/run.json" >> "$work/rows.jsonl"
+            python3 bench/host_samples.py "$round" "$steps" "$work/run.json" "${flag:-default}" \
+                >> "$work/rows.jsonl"
     done
 done
 exec {ctl_fd}>&- {ack_fd}>&-
 mkdir -p bench/results
 python3 - "$work/rows.jsonl" "$(git rev-parse --short HEAD)" \
-    "$(lscpu | sed -n 's/^Model name: *//p')" "$(nproc)" <<'PY' | tee bench/results/host_steps.md
+    "$(lscpu | sed -n 's/^Model name: *//p')" "$(nproc)" "$variant" <<'PY' | tee "$results"
 import datetime, json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 print(f"Host work per `narrow` training step on burn's wgpu backend (lavapipe), "
       f"{datetime.date.today()}, commit {sys.argv[2]}, {sys.argv[3]} ({sys.argv[4]} threads); "
       f"`perf record` samples of the timed steps, sorted as bench/host_steps.sh says\n")
-kinds = {False: "one step each (fused::gpu)", True: "burn's compositions (--burn-steps)"}
+kinds = {"default": "default (fused::gpu, burn-fusion)",
+         "--burn-steps": "burn's compositions (--burn-steps)",
+         "--no-fusion": "burn-fusion off (--no-fusion)"}
 roles = ["main", "fusion", "device"]
 print("| round | variant | step ms | thread | CPU ms | work | waiting | kernel mode | lavapipe's kernels |")
 print("|---:|---|---:|---|---:|---:|---:|---:|---:|")
@@ -69,7 +82,7 @@ for r in rows:
     for role in roles:
         t = r["threads"].get(role)
         if t:
-            print(f"| {r['round']} | {kinds[r['burn_steps']]} | {r['step_ms']:.1f} | {role} | "
+            print(f"| {r['round']} | {kinds[r['variant']]} | {r['step_ms']:.1f} | {role} | "
                   f"{t['cpu']:.1f} | {t['work']:.1f} | {t['waiting']:.1f} | {t['kernel']:.1f} | "
                   f"{t['jit']:.1f} |")
 def host_work(r):
@@ -81,16 +94,17 @@ print("| variant | step | main work | fusion work | device work | host work | la
 print("|---|---:|---:|---:|---:|---:|---:|")
 by = {}
 for r in rows:
-    by.setdefault(r["burn_steps"], []).append(r)
-for steps_kind, rs in sorted(by.items()):
+    by.setdefault(r["variant"], []).append(r)
+for steps_kind, rs in by.items():
     role = lambda name, field: (lambda r: r["threads"].get(name, {}).get(field, 0.0))
     print(f"| {kinds[steps_kind]} | {med(rs, lambda r: r['step_ms']):.1f} | "
           f"{med(rs, role('main', 'work')):.1f} | {med(rs, role('fusion', 'work')):.1f} | "
           f"{med(rs, role('device', 'work')):.1f} | {med(rs, host_work):.1f} | "
           f"{med(rs, lambda r: sum(t['jit'] for t in r['threads'].values())):.1f} |")
-if len(by) == 2:
-    ours, burns = by[False], by[True]
-    print(f"\nOne step each against burn's compositions: host work "
+variant = sys.argv[5]
+if "default" in by and variant in by:
+    ours, burns = by["default"], by[variant]
+    print(f"\nThe default against {variant}: host work "
           f"{med(ours, host_work) / med(burns, host_work):.2f}x, step "
           f"{med(ours, lambda r: r['step_ms']) / med(burns, lambda r: r['step_ms']):.2f}x.")
 PY
