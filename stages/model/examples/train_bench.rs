@@ -257,9 +257,9 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     if let Some(perf) = perf.as_mut() {
         perf.command("disable");
     }
-    // The host's share: on a GPU, CPU time per step near the step's wall time (one thread
-    // busy) means the step waits on the host (graph building, fusion, launches), not on the
-    // GPU's kernels.
+    // The process's CPU time per step. Not the host's work: CubeCL's device threads
+    // busy-wait on each other, so each busy thread burns about the step's wall time
+    // (bench/host_steps.sh samples the work apart from the waiting, with --perf-ctl).
     let host_ms = match (cpu_before, process_cpu_seconds()) {
         (Some(a), Some(b)) => format!("{:.1}", (b - a) * 1e3 / job.steps.max(1) as f64),
         _ => "null".into(),
@@ -316,8 +316,6 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     );
 }
 
-/// User plus system CPU time of each live thread of this process so far, summed by thread
-/// name (Linux's /proc; None elsewhere). Threads that ended are not counted.
 /// `perf record --control fifo:CTL,ACK` started with its events off (`-D -1`): turned on
 /// for the timed steps only, so that a profile holds neither the warm-up (kernel
 /// compilation, autotuning) nor the set-up, and its samples divide by the steps.
@@ -361,6 +359,8 @@ impl PerfWindow {
     }
 }
 
+/// User plus system CPU time of each live thread of this process so far, summed by thread
+/// name (Linux's /proc; None elsewhere). Threads that ended are not counted.
 fn thread_cpu_seconds() -> Option<std::collections::BTreeMap<String, f64>> {
     let mut by_name = std::collections::BTreeMap::new();
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {

@@ -6,12 +6,12 @@
 //! Why: every operation costs the host work (autodiff records it, burn-fusion fuses it,
 //! CubeCL launches it) and the GPU a launch. burn 0.21 composes these four from several
 //! operations, each an autodiff node of its own with its own backward: layer norm (22 in a
-//! `mini` step) is about ten nodes, and on lavapipe its derived backward launched about twice the kernels of the closed
-//! form here (17 against 8); the loss's backward goes through a scatter into a zero tensor
-//! of the logits' size. Here each is one node, and the backward is the closed form the
-//! CPU's steps also use. On lavapipe a `narrow` step launches 1,274 kernels against 1,610,
-//! and the host's work (perf samples, busy-waiting left out: `bench/host_steps.sh`) is
-//! 0.69x burn's compositions'.
+//! `mini` step) is about ten nodes, and on lavapipe its derived backward launched about
+//! twice the kernels of the closed form here (17 against 8); the loss's backward goes
+//! through a scatter into a zero tensor of the logits' size. Here each is one node, and the
+//! backward is the closed form the CPU's steps also use. On lavapipe a `narrow` step
+//! launches 1,274 kernels against 1,610, and the host's work (perf samples, busy-waiting
+//! left out: `bench/host_steps.sh`) is 0.69x burn's compositions'.
 //!
 //! `train_bench --burn-steps` keeps burn's compositions instead, so that one binary
 //! measures both side by side.
