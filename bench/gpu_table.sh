@@ -19,8 +19,10 @@
 # `mini` alone; their first-step times are the cold warm-ups, inflated by running together).
 # Phase 2 runs every check again from those caches, one at a time, in alternating rounds
 # until the deadline (default 540 s from the start), PyTorch once per round; a warm run's
-# first step is the warm-up a second run pays. Results in $OUT (default
-# bench/results/gpu-table): table.jsonl, table.md (bench/gpu_table.py), machine.txt,
+# first step is the warm-up a second run pays. Between the phases, a profiled `mini` fp32
+# step gives the GPU's kernel time by kernel (kernels.md, bench/kernel_time.py). Results in
+# $OUT (default bench/results/gpu-table): table.jsonl, table.md (bench/gpu_table.py),
+# kernels.md, machine.txt,
 # stderr.txt, and each kernel cache as k-NAME.tgz (unpack into /tmp/k/NAME to seed a later
 # call; k-*.tgz in bench/bin are unpacked there first). Runs cut off by the deadline are
 # written as skipped, not lost. On 2026-11-27 the first call took 438 s on a fresh H100.
@@ -92,6 +94,22 @@ ours cold spec512-bf16 spec512-bf16 270 spec512 3 --bf16 &
 ours cold no-fusion no-fusion 270 mini 3 --no-fusion &
 ours cold burn-steps burn-steps 270 mini 3 --burn-steps &
 wait
+
+# Where a warm `mini` fp32 step's GPU time goes, by kernel: CubeCL's profile log of runs 2
+# and 5 steps long from the now warm cache (bench/kernel_time.py counts the last 3 steps).
+# Each kernel is timed alone, so these steps run slower than unprofiled ones.
+profiled() {
+    local steps=$1 left=$((deadline - SECONDS - 25))
+    ((left < 20)) && return 1
+    ORCHESTRATE_KERNEL_CACHE=/tmp/k/mini-fp32 CUBECL_DEBUG_LOG="/tmp/k/profile-$steps.log" \
+        CUBECL_DEBUG_OPTION=profile timeout $((left < 60 ? left : 60)) \
+        $bin/train_bench-cuda mini "$steps" --device cuda >/dev/null 2>>"$OUT/stderr.txt"
+}
+if profiled 2 && profiled 5; then
+    python3 bench/kernel_time.py /tmp/k/profile-2.log /tmp/k/profile-5.log 2 5 \
+        "GPU kernels per profiled \`mini\` fp32 step ($(head -n 1 "$OUT/machine.txt"))" \
+        >"$OUT/kernels.md" 2>>"$OUT/stderr.txt"
+fi
 
 # Phase 2: warm, one at a time, alternating, 30 timed steps each; the last 25 s of the
 # budget are kept for packing the kernel caches.

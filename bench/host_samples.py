@@ -60,6 +60,11 @@ def main() -> None:
         t[kind(dso, sym)] += ms
     if not threads:
         sys.exit("host_samples.py: no samples (did perf sample the timed steps?)")
+    # Time each thread was ready to run but had no core (train_bench reads /proc's
+    # schedstat): more busy threads than cores shows here.
+    for name, ms in (run.get("runqueue_ms_per_step_by_thread") or {}).items():
+        if role(name) in threads:
+            threads[role(name)]["runqueue"] = threads[role(name)].get("runqueue", 0.0) + ms
     print(
         json.dumps(
             {

@@ -21,6 +21,9 @@
 #   - kernel mode: the Linux kernel (mostly the scheduling behind those yields);
 #   - lavapipe's kernels: JIT code (the GPU's share, which a GPU would run instead);
 #   - work: everything else.
+# And, from /proc's schedstat, the time each thread was ready to run but had no core: on a
+# machine with fewer cores than busy threads, a thread doing the device's work waits
+# there, and step times stop comparing between variants with different thread counts.
 # Writes bench/results/host_steps.md.
 #
 #   bash bench/host_steps.sh [ROUNDS] [STEPS] [VARIANT]   # 3 rounds of 20, --burn-steps;
@@ -76,15 +79,15 @@ kinds = {"default": "default (fused::gpu, burn-fusion)",
          "--burn-steps": "burn's compositions (--burn-steps)",
          "--no-fusion": "burn-fusion off (--no-fusion)"}
 roles = ["main", "fusion", "device"]
-print("| round | variant | step ms | thread | CPU ms | work | waiting | kernel mode | lavapipe's kernels |")
-print("|---:|---|---:|---|---:|---:|---:|---:|---:|")
+print("| round | variant | step ms | thread | CPU ms | work | waiting | kernel mode | lavapipe's kernels | ready, no core |")
+print("|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     for role in roles:
         t = r["threads"].get(role)
         if t:
             print(f"| {r['round']} | {kinds[r['variant']]} | {r['step_ms']:.1f} | {role} | "
                   f"{t['cpu']:.1f} | {t['work']:.1f} | {t['waiting']:.1f} | {t['kernel']:.1f} | "
-                  f"{t['jit']:.1f} |")
+                  f"{t['jit']:.1f} | {t.get('runqueue', float('nan')):.1f} |")
 def host_work(r):
     return sum(t["work"] for t in r["threads"].values())
 med = lambda rs, f: statistics.median(f(r) for r in rs)

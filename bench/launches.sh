@@ -4,9 +4,9 @@
 # and operations) on burn's wgpu backend over Mesa's software Vulkan device (lavapipe),
 # with CubeCL's profile log. The same burn-autodiff, burn-fusion and CubeCL code decides
 # the launches as on CUDA, so the count is what a GPU step's host pays for, launch by
-# launch. Two runs
-# (SHORT and LONG timed steps) cancel the set-up and warm-up launches: per step =
-# difference / (LONG - SHORT). Writes bench/results/launches.md.
+# launch. Two runs (SHORT and LONG timed steps) cancel the set-up and warm-up launches:
+# per step = difference / (LONG - SHORT) (bench/kernel_time.py, which also sums
+# lavapipe's time per kernel: a CPU's, not a GPU's). Writes bench/results/launches.md.
 #
 #   bash bench/launches.sh           # needs mesa-vulkan-drivers (lavapipe); ~15 min to build
 #   bash bench/launches.sh --no-fusion   # burn-fusion off: bench/results/launches-no-fusion.md
@@ -40,20 +40,6 @@ for steps in $short $long; do
         target/release/examples/train_bench narrow "$steps" --device wgpu $variant > /dev/null
 done
 mkdir -p bench/results
-python3 - "$logs" $short $long "$(git rev-parse --short HEAD)" "$variant" <<'PY' | tee "$results"
-import collections, datetime, sys
-logs, short, long_, commit = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-variant = f" ({sys.argv[5]})" if sys.argv[5] else ""
-def launches(steps):
-    # A launch is one profile line: "| <time> | <kernel> | WgpuRuntime".
-    path = f"{logs}/{steps}.log"
-    return [l.split("|")[2].strip() for l in open(path) if l.rstrip().endswith("| WgpuRuntime")]
-counts = collections.Counter(launches(long_))
-counts.subtract(collections.Counter(launches(short)))
-per_step = {name: n / (long_ - short) for name, n in counts.items() if n}
-print(f"Kernel launches per `narrow` training step{variant} on burn's wgpu backend (lavapipe), "
-      f"{datetime.date.today()}, commit {commit}: **{sum(per_step.values()):,.0f}**\n")
-print("| kernel | launches per step |\n|---|---:|")
-for name, n in sorted(per_step.items(), key=lambda kv: -kv[1]):
-    print(f"| {name} | {n:,.1f} |")
-PY
+python3 bench/kernel_time.py "$logs/$short.log" "$logs/$long.log" $short $long \
+    "Kernel launches per \`narrow\` training step${variant:+ ($variant)} on burn's wgpu backend (lavapipe), $(date +%F), commit $(git rev-parse --short HEAD)" |
+    tee "$results"

@@ -239,7 +239,8 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     }
     let t = std::time::Instant::now();
     let cpu_before = process_cpu_seconds();
-    let threads_before = thread_cpu_seconds();
+    let threads_before = thread_seconds(cpu_seconds);
+    let runqueue_before = thread_seconds(runqueue_seconds);
     let mut last = None;
     for _ in 0..job.steps {
         let loss = step();
@@ -266,26 +267,13 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     };
     // The same by thread name. CubeCL runs each device on threads of its own (`DSU-…`,
     // `DSD-…`) that busy-wait on each other, so a thread's time is work and waiting; on
-    // lavapipe `DSD` also runs the kernels.
-    let by_thread = thread_cpu_seconds()
-        .map(|after| {
-            let mut per: Vec<(String, f64)> = after
-                .into_iter()
-                .map(|(name, t)| {
-                    let before = threads_before.as_ref().and_then(|b| b.get(&name)).copied();
-                    let ms = (t - before.unwrap_or(0.0)) * 1e3 / job.steps.max(1) as f64;
-                    (name, ms)
-                })
-                .filter(|(_, ms)| *ms >= 0.05)
-                .collect();
-            per.sort_by(|a, b| b.1.total_cmp(&a.1));
-            let fields: Vec<String> = per
-                .iter()
-                .map(|(name, ms)| format!("\"{}\": {ms:.1}", name.replace(['"', '\\'], "_")))
-                .collect();
-            format!("{{{}}}", fields.join(", "))
-        })
-        .unwrap_or_else(|| "null".into());
+    // lavapipe `DSD` also runs the kernels. And the time each thread was ready to run but
+    // waited for a core: more busy threads than cores (this project's 2-core VM) shows
+    // there, not in the CPU time.
+    let steps = job.steps.max(1) as f64;
+    let by_thread = per_step_by_thread(threads_before, thread_seconds(cpu_seconds), steps);
+    let runqueue_by_thread =
+        per_step_by_thread(runqueue_before, thread_seconds(runqueue_seconds), steps);
     let toks = batch * (src_len + tgt_len);
     // Model FLOPs per step: 6 per parameter per token (forward 2, backward 4) for the
     // weight matmuls, plus attention's score and value products.
@@ -297,7 +285,7 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
         * (layers as f64 * (src_len * src_len + tgt_len * tgt_len + tgt_len * src_len) as f64);
     let flops = 6.0 * params * toks as f64 + attn;
     println!(
-        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"run_ahead\": {}, \"fusion\": {}, \"burn_steps\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"cpu_ms_per_step_by_thread\": {by_thread}, \"threads\": {}, \"allocator\": \"{}\", \"blocks_mapped\": {}, \"bytes_cached\": {}}}",
+        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"run_ahead\": {}, \"fusion\": {}, \"burn_steps\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"cpu_ms_per_step_by_thread\": {by_thread}, \"runqueue_ms_per_step_by_thread\": {runqueue_by_thread}, \"threads\": {}, \"allocator\": \"{}\", \"blocks_mapped\": {}, \"bytes_cached\": {}}}",
         job.label,
         job.preset,
         if job.bf16 { "bf16" } else { "fp32" },
@@ -359,16 +347,16 @@ impl PerfWindow {
     }
 }
 
-/// User plus system CPU time of each live thread of this process so far, summed by thread
-/// name (Linux's /proc; None elsewhere). Threads that ended are not counted.
-fn thread_cpu_seconds() -> Option<std::collections::BTreeMap<String, f64>> {
+/// A time of each live thread of this process so far, read by `seconds` from the thread's
+/// /proc directory and summed by thread name (Linux; None elsewhere). Threads that ended
+/// are not counted.
+fn thread_seconds(
+    seconds: fn(&std::path::Path) -> Option<f64>,
+) -> Option<std::collections::BTreeMap<String, f64>> {
     let mut by_name = std::collections::BTreeMap::new();
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let path = task.path();
-        let Some(seconds) = std::fs::read_to_string(path.join("stat"))
-            .ok()
-            .and_then(|stat| cpu_seconds(&stat))
-        else {
+        let Some(seconds) = seconds(&path) else {
             continue;
         };
         let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
@@ -379,8 +367,47 @@ fn thread_cpu_seconds() -> Option<std::collections::BTreeMap<String, f64>> {
     Some(by_name)
 }
 
+/// Milliseconds per step by thread name between two readings of [`thread_seconds`], as a
+/// JSON object, largest first ("null" where /proc could not be read).
+fn per_step_by_thread(
+    before: Option<std::collections::BTreeMap<String, f64>>,
+    after: Option<std::collections::BTreeMap<String, f64>>,
+    steps: f64,
+) -> String {
+    let Some(after) = after else {
+        return "null".into();
+    };
+    let mut per: Vec<(String, f64)> = after
+        .into_iter()
+        .map(|(name, t)| {
+            let before = before.as_ref().and_then(|b| b.get(&name)).copied();
+            (name, (t - before.unwrap_or(0.0)) * 1e3 / steps)
+        })
+        .filter(|(_, ms)| *ms >= 0.05)
+        .collect();
+    per.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let fields: Vec<String> = per
+        .iter()
+        .map(|(name, ms)| format!("\"{}\": {ms:.1}", name.replace(['"', '\\'], "_")))
+        .collect();
+    format!("{{{}}}", fields.join(", "))
+}
+
+/// A thread's user plus system CPU time, from its /proc stat.
+fn cpu_seconds(task: &std::path::Path) -> Option<f64> {
+    stat_cpu_seconds(&std::fs::read_to_string(task.join("stat")).ok()?)
+}
+
+/// The time a thread spent runnable but waiting for a core (the second field of its
+/// /proc schedstat, in nanoseconds).
+fn runqueue_seconds(task: &std::path::Path) -> Option<f64> {
+    let schedstat = std::fs::read_to_string(task.join("schedstat")).ok()?;
+    let ns: f64 = schedstat.split_whitespace().nth(1)?.parse().ok()?;
+    Some(ns / 1e9)
+}
+
 /// utime + stime of a /proc stat line, in seconds.
-fn cpu_seconds(stat: &str) -> Option<f64> {
+fn stat_cpu_seconds(stat: &str) -> Option<f64> {
     // Fields after the command name (which may hold spaces) in parentheses; utime and
     // stime are the 14th and 15th fields, in clock ticks (100 per second on Linux).
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -391,5 +418,5 @@ fn cpu_seconds(stat: &str) -> Option<f64> {
 
 /// User plus system CPU time of this process so far (Linux's /proc; None elsewhere).
 fn process_cpu_seconds() -> Option<f64> {
-    cpu_seconds(&std::fs::read_to_string("/proc/self/stat").ok()?)
+    stat_cpu_seconds(&std::fs::read_to_string("/proc/self/stat").ok()?)
 }
