@@ -11,8 +11,10 @@
 #   - the main thread builds the autodiff graph, runs the backward pass and records every
 #     operation;
 #   - `DSU-*` is burn-fusion's server: it fuses the recorded operations and plans kernels;
-#   - `DSD-*` is CubeCL's device server: it allocates and launches the kernels (on lavapipe
-#     it also runs them, as JIT code).
+#   - `DSD-*` is CubeCL's device server: it allocates and launches the kernels; the threads
+#     it starts inherit its name: on lavapipe the driver's queue and its kernel workers
+#     (two here), shown as `lavapipe` (their work is the driver's; their kernels, JIT code,
+#     apart).
 # A thread waiting for the next one spins inside CubeCL's channel, so every thread burns
 # about the step's wall time whatever it does. `perf record` samples the timed steps only
 # (`train_bench --perf-ctl`), and each sample is sorted by the function it landed in:
@@ -61,7 +63,7 @@ for round in $(seq "$rounds"); do
         perf record -q -e cpu-clock -F 999 -D -1 --control "fifo:$work/ctl,$work/ack" \
             -o "$data" -- target/release/examples/train_bench narrow "$steps" --device wgpu \
             --perf-ctl "$work/ctl,$work/ack" $flag > "$work/run.json"
-        perf script -i "$data" -F comm,period,ip,sym,dso 2>/dev/null |
+        perf script -i "$data" -F comm,tid,period,ip,sym,dso 2>/dev/null |
             python3 bench/host_samples.py "$round" "$steps" "$work/run.json" "${flag:-default}" \
                 >> "$work/rows.jsonl"
     done
@@ -78,23 +80,29 @@ print(f"Host work per `narrow` training step on burn's wgpu backend (lavapipe), 
 kinds = {"default": "default (fused::gpu, burn-fusion)",
          "--burn-steps": "burn's compositions (--burn-steps)",
          "--no-fusion": "burn-fusion off (--no-fusion)"}
-roles = ["main", "fusion", "device"]
+roles = ["main", "fusion", "device", "lavapipe"]
 print("| round | variant | step ms | thread | CPU ms | work | waiting | kernel mode | lavapipe's kernels | ready, no core |")
 print("|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
+def ready(role, t):
+    # /proc names the device server and lavapipe's threads alike: one sum, on lavapipe's row.
+    if "runqueue" in t:
+        return f"{t['runqueue']:.1f}"
+    return "with lavapipe's" if role == "device" else ""
 for r in rows:
     for role in roles:
         t = r["threads"].get(role)
         if t:
             print(f"| {r['round']} | {kinds[r['variant']]} | {r['step_ms']:.1f} | {role} | "
                   f"{t['cpu']:.1f} | {t['work']:.1f} | {t['waiting']:.1f} | {t['kernel']:.1f} | "
-                  f"{t['jit']:.1f} | {t.get('runqueue', float('nan')):.1f} |")
+                  f"{t['jit']:.1f} | {ready(role, t)} |")
 def host_work(r):
-    return sum(t["work"] for t in r["threads"].values())
+    return sum(t["work"] for name, t in r["threads"].items() if name != "lavapipe")
 med = lambda rs, f: statistics.median(f(r) for r in rs)
-print("\nMedians over the rounds, ms per step (work: the three threads' work, not their "
-      "waiting; lavapipe's kernels apart):\n")
-print("| variant | step | main work | fusion work | device work | host work | lavapipe's kernels |")
-print("|---|---:|---:|---:|---:|---:|---:|")
+print("\nMedians over the rounds, ms per step (host work: the main thread's, the fusion "
+      "server's and the device server's, not their waiting; lavapipe's driver and kernels "
+      "apart):\n")
+print("| variant | step | main work | fusion work | device work | host work | lavapipe's driver | lavapipe's kernels |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 by = {}
 for r in rows:
     by.setdefault(r["variant"], []).append(r)
@@ -103,6 +111,7 @@ for steps_kind, rs in by.items():
     print(f"| {kinds[steps_kind]} | {med(rs, lambda r: r['step_ms']):.1f} | "
           f"{med(rs, role('main', 'work')):.1f} | {med(rs, role('fusion', 'work')):.1f} | "
           f"{med(rs, role('device', 'work')):.1f} | {med(rs, host_work):.1f} | "
+          f"{med(rs, role('lavapipe', 'work')):.1f} | "
           f"{med(rs, lambda r: sum(t['jit'] for t in r['threads'].values())):.1f} |")
 variant = sys.argv[5]
 if "default" in by and variant in by:

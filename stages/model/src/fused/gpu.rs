@@ -11,7 +11,7 @@
 //! through a scatter into a zero tensor of the logits' size. Here each is one node, and the
 //! backward is the closed form the CPU's steps also use. On lavapipe a `narrow` step
 //! launches 1,274 kernels against 1,610, and the host's work (perf samples, busy-waiting
-//! left out: `bench/host_steps.sh`) is 0.69x burn's compositions'.
+//! left out: `bench/host_steps.sh`) is 0.72x burn's compositions'.
 //!
 //! `train_bench --burn-steps` keeps burn's compositions instead, so that one binary
 //! measures both side by side.
