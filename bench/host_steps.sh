@@ -106,12 +106,12 @@ print("|---|---:|---:|---:|---:|---:|---:|---:|")
 by = {}
 for r in rows:
     by.setdefault(r["variant"], []).append(r)
-for steps_kind, rs in by.items():
-    role = lambda name, field: (lambda r: r["threads"].get(name, {}).get(field, 0.0))
-    print(f"| {kinds[steps_kind]} | {med(rs, lambda r: r['step_ms']):.1f} | "
-          f"{med(rs, role('main', 'work')):.1f} | {med(rs, role('fusion', 'work')):.1f} | "
-          f"{med(rs, role('device', 'work')):.1f} | {med(rs, host_work):.1f} | "
-          f"{med(rs, role('lavapipe', 'work')):.1f} | "
+for kind, rs in by.items():
+    work_of = lambda name: (lambda r: r["threads"].get(name, {}).get("work", 0.0))
+    print(f"| {kinds[kind]} | {med(rs, lambda r: r['step_ms']):.1f} | "
+          f"{med(rs, work_of('main')):.1f} | {med(rs, work_of('fusion')):.1f} | "
+          f"{med(rs, work_of('device')):.1f} | {med(rs, host_work):.1f} | "
+          f"{med(rs, work_of('lavapipe')):.1f} | "
           f"{med(rs, lambda r: sum(t['jit'] for t in r['threads'].values())):.1f} |")
 variant = sys.argv[5]
 if "default" in by and variant in by:
