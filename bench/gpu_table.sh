@@ -95,11 +95,14 @@ ours cold no-fusion no-fusion 270 mini 3 --no-fusion &
 ours cold burn-steps burn-steps 270 mini 3 --burn-steps &
 wait
 
+# From here on, the last 25 s of the budget are kept for packing the kernel caches.
+deadline=$((deadline - 25))
+
 # Where a warm `mini` fp32 step's GPU time goes, by kernel: CubeCL's profile log of runs 2
 # and 5 steps long from the now warm cache (bench/kernel_time.py counts the last 3 steps).
 # Each kernel is timed alone, so these steps run slower than unprofiled ones.
 profiled() {
-    local steps=$1 left=$((deadline - SECONDS - 25))
+    local steps=$1 left=$((deadline - SECONDS))
     ((left < 20)) && return 1
     ORCHESTRATE_KERNEL_CACHE=/tmp/k/mini-fp32 CUBECL_DEBUG_LOG="/tmp/k/profile-$steps.log" \
         CUBECL_DEBUG_OPTION=profile timeout $((left < 60 ? left : 60)) \
@@ -111,9 +114,7 @@ if profiled 2 && profiled 5; then
         >"$OUT/kernels.md" 2>>"$OUT/stderr.txt"
 fi
 
-# Phase 2: warm, one at a time, alternating, 30 timed steps each; the last 25 s of the
-# budget are kept for packing the kernel caches.
-deadline=$((deadline - 25))
+# Phase 2: warm, one at a time, alternating, 30 timed steps each.
 for r in 1 2 3; do
     ((deadline - SECONDS < 60)) && break
     ours $r mini-fp32 mini-fp32 60 mini 30

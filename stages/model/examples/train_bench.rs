@@ -239,8 +239,7 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     }
     let t = std::time::Instant::now();
     let cpu_before = process_cpu_seconds();
-    let threads_before = thread_seconds(cpu_seconds);
-    let runqueue_before = thread_seconds(runqueue_seconds);
+    let threads_before = thread_times();
     let mut last = None;
     for _ in 0..job.steps {
         let loss = step();
@@ -254,7 +253,8 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     if let Some(loss) = last {
         loss.into_scalar().elem::<f32>();
     }
-    let dt = t.elapsed().as_secs_f64() / job.steps.max(1) as f64;
+    let steps = job.steps.max(1) as f64;
+    let dt = t.elapsed().as_secs_f64() / steps;
     if let Some(perf) = perf.as_mut() {
         perf.command("disable");
     }
@@ -262,7 +262,7 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     // busy-wait on each other, so each busy thread burns about the step's wall time
     // (bench/host_steps.sh samples the work apart from the waiting, with --perf-ctl).
     let host_ms = match (cpu_before, process_cpu_seconds()) {
-        (Some(a), Some(b)) => format!("{:.1}", (b - a) * 1e3 / job.steps.max(1) as f64),
+        (Some(a), Some(b)) => format!("{:.1}", (b - a) * 1e3 / steps),
         _ => "null".into(),
     };
     // The same by thread name. CubeCL runs each device on threads of its own (`DSU-…`,
@@ -270,10 +270,10 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     // lavapipe `DSD` also runs the kernels. And the time each thread was ready to run but
     // waited for a core: more busy threads than cores (this project's 2-core VM) shows
     // there, not in the CPU time.
-    let steps = job.steps.max(1) as f64;
-    let by_thread = per_step_by_thread(threads_before, thread_seconds(cpu_seconds), steps);
+    let threads_after = thread_times();
+    let by_thread = per_step_by_thread(&threads_before, &threads_after, steps, |t| t.cpu);
     let runqueue_by_thread =
-        per_step_by_thread(runqueue_before, thread_seconds(runqueue_seconds), steps);
+        per_step_by_thread(&threads_before, &threads_after, steps, |t| t.runqueue);
     let toks = batch * (src_len + tgt_len);
     // Model FLOPs per step: 6 per parameter per token (forward 2, backward 4) for the
     // weight matmuls, plus attention's score and value products.
@@ -347,41 +347,56 @@ impl PerfWindow {
     }
 }
 
-/// A time of each live thread of this process so far, read by `seconds` from the thread's
-/// /proc directory and summed by thread name (Linux; None elsewhere). Threads that ended
-/// are not counted.
-fn thread_seconds(
-    seconds: fn(&std::path::Path) -> Option<f64>,
-) -> Option<std::collections::BTreeMap<String, f64>> {
+/// A thread's times so far, in seconds.
+#[derive(Clone, Copy, Default)]
+struct ThreadTimes {
+    /// User plus system CPU time (its /proc stat).
+    cpu: f64,
+    /// Time runnable but waiting for a core (the second field of its /proc schedstat, in
+    /// nanoseconds there).
+    runqueue: f64,
+}
+
+/// The times of each live thread of this process so far, summed by thread name (Linux's
+/// /proc; None elsewhere). Threads that ended are not counted.
+fn thread_times() -> Option<std::collections::BTreeMap<String, ThreadTimes>> {
     let mut by_name = std::collections::BTreeMap::new();
     for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
         let path = task.path();
-        let Some(seconds) = seconds(&path) else {
+        let read = |file: &str| std::fs::read_to_string(path.join(file)).ok();
+        let Some(cpu) = read("stat").and_then(|stat| cpu_seconds(&stat)) else {
             continue;
         };
-        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let runqueue = read("schedstat")
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map_or(0.0, |ns| ns / 1e9);
+        let name = read("comm").unwrap_or_default();
         // Numbered pools (llvmpipe-0, llvmpipe-1, ...) count as one.
         let name = name.trim().trim_end_matches(|c: char| c.is_ascii_digit());
-        *by_name.entry(name.to_string()).or_insert(0.0) += seconds;
+        let sum: &mut ThreadTimes = by_name.entry(name.to_string()).or_default();
+        sum.cpu += cpu;
+        sum.runqueue += runqueue;
     }
     Some(by_name)
 }
 
-/// Milliseconds per step by thread name between two readings of [`thread_seconds`], as a
-/// JSON object, largest first ("null" where /proc could not be read).
+/// Milliseconds per step by thread name of one of the [`ThreadTimes`] between two readings
+/// of [`thread_times`], as a JSON object, largest first ("null" where /proc could not be
+/// read).
 fn per_step_by_thread(
-    before: Option<std::collections::BTreeMap<String, f64>>,
-    after: Option<std::collections::BTreeMap<String, f64>>,
+    before: &Option<std::collections::BTreeMap<String, ThreadTimes>>,
+    after: &Option<std::collections::BTreeMap<String, ThreadTimes>>,
     steps: f64,
+    field: fn(&ThreadTimes) -> f64,
 ) -> String {
     let Some(after) = after else {
         return "null".into();
     };
-    let mut per: Vec<(String, f64)> = after
-        .into_iter()
+    let mut per: Vec<(&String, f64)> = after
+        .iter()
         .map(|(name, t)| {
-            let before = before.as_ref().and_then(|b| b.get(&name)).copied();
-            (name, (t - before.unwrap_or(0.0)) * 1e3 / steps)
+            let before = before.as_ref().and_then(|b| b.get(name)).map_or(0.0, field);
+            (name, (field(t) - before) * 1e3 / steps)
         })
         .filter(|(_, ms)| *ms >= 0.05)
         .collect();
@@ -393,21 +408,8 @@ fn per_step_by_thread(
     format!("{{{}}}", fields.join(", "))
 }
 
-/// A thread's user plus system CPU time, from its /proc stat.
-fn cpu_seconds(task: &std::path::Path) -> Option<f64> {
-    stat_cpu_seconds(&std::fs::read_to_string(task.join("stat")).ok()?)
-}
-
-/// The time a thread spent runnable but waiting for a core (the second field of its
-/// /proc schedstat, in nanoseconds).
-fn runqueue_seconds(task: &std::path::Path) -> Option<f64> {
-    let schedstat = std::fs::read_to_string(task.join("schedstat")).ok()?;
-    let ns: f64 = schedstat.split_whitespace().nth(1)?.parse().ok()?;
-    Some(ns / 1e9)
-}
-
 /// utime + stime of a /proc stat line, in seconds.
-fn stat_cpu_seconds(stat: &str) -> Option<f64> {
+fn cpu_seconds(stat: &str) -> Option<f64> {
     // Fields after the command name (which may hold spaces) in parentheses; utime and
     // stime are the 14th and 15th fields, in clock ticks (100 per second on Linux).
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -418,5 +420,5 @@ fn stat_cpu_seconds(stat: &str) -> Option<f64> {
 
 /// User plus system CPU time of this process so far (Linux's /proc; None elsewhere).
 fn process_cpu_seconds() -> Option<f64> {
-    stat_cpu_seconds(&std::fs::read_to_string("/proc/self/stat").ok()?)
+    cpu_seconds(&std::fs::read_to_string("/proc/self/stat").ok()?)
 }
