@@ -12,6 +12,9 @@
 #   bash bench/launches.sh --no-fusion   # burn-fusion off: bench/results/launches-no-fusion.md
 #   bash bench/launches.sh --burn-steps  # layer norm, softmax, dropout, loss as burn composes:
 #                                        # bench/results/launches-burn-steps.md
+#   bash bench/launches.sh --f16         # mixed precision (f16: lavapipe has no bf16), the
+#                                        # parameters cast at once by FlatAdamW
+#   bash bench/launches.sh --f16 --cast-each  # ... each cast by autodiff
 set -euo pipefail
 cd "$(dirname "$0")/.."
 compgen -G "/usr/share/vulkan/icd.d/lvp_icd.*.json" >/dev/null || {
@@ -20,16 +23,19 @@ compgen -G "/usr/share/vulkan/icd.d/lvp_icd.*.json" >/dev/null || {
 }
 cargo build --release --locked -q -p orchestrate-model --features wgpu --example train_bench
 short=2 long=6
-variant=${1:-}
-case "$variant" in
-'') results=bench/results/launches.md ;;
---no-fusion) results=bench/results/launches-no-fusion.md ;;
---burn-steps) results=bench/results/launches-burn-steps.md ;;
-*)
-    echo "usage: bash bench/launches.sh [--no-fusion | --burn-steps]" >&2
-    exit 2
-    ;;
-esac
+# Each flag is train_bench's and names the results file: launches-f16-cast-each.md.
+variant="$*"
+results=bench/results/launches
+for flag in "$@"; do
+    case "$flag" in
+    --no-fusion | --burn-steps | --f16 | --cast-each) results+="-${flag#--}" ;;
+    *)
+        echo "usage: bash bench/launches.sh [--no-fusion] [--burn-steps] [--f16 [--cast-each]]" >&2
+        exit 2
+        ;;
+    esac
+done
+results+=.md
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 # Mesa's Vulkan loader complains on every start without one (a machine with no login session).

@@ -19,6 +19,12 @@
 //!     train_bench mini 30 --device cuda --run-ahead
 //!                                      # read only the first and last losses: the host may run
 //!                                      # ahead of the device (slower on an H100, see below)
+//!     train_bench mini 30 --device cuda --bf16 --cast-each
+//!                                      # mixed precision with each parameter cast by
+//!                                      # autodiff, not all at once by FlatAdamW
+//!     train_bench narrow 6 --device wgpu --f16
+//!                                      # mixed precision in f16 (lavapipe has no bf16): its
+//!                                      # launches, bench/launches.sh --f16
 //!     train_bench narrow 20 --device wgpu --perf-ctl CTL,ACK
 //!                                      # `perf record --control fifo:CTL,ACK -D -1` samples
 //!                                      # the timed steps only (bench/host_steps.sh)
@@ -28,7 +34,7 @@
 
 use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use burn::backend::Autodiff;
-use burn::optim::{GradientsParams, Optimizer};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType};
@@ -46,7 +52,11 @@ struct Bench {
     label: String,
     preset: String,
     steps: usize,
-    bf16: bool,
+    /// `--bf16` (`--f16`): mixed precision, f32 master weights, computing in that dtype.
+    half: Option<FloatDType>,
+    /// `--cast-each`: with `half`, each parameter cast by autodiff (`CastParams`) rather
+    /// than all at once by the optimiser (`ClippedStep::compute_copy`).
+    cast_each: bool,
     checkpointing: bool,
     /// Read only the first and the last step's loss back, so that the host may run ahead
     /// of the device in between; by default every step's is read, as training does.
@@ -94,7 +104,14 @@ fn main() {
         },
         preset: args.first().cloned().unwrap_or_else(|| "mini".into()),
         steps: args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3),
-        bf16: flag("--bf16"),
+        half: if flag("--bf16") {
+            Some(FloatDType::BF16)
+        } else if flag("--f16") {
+            Some(FloatDType::F16)
+        } else {
+            None
+        },
+        cast_each: flag("--cast-each"),
         checkpointing: flag("--checkpointing"),
         run_ahead: flag("--run-ahead"),
         fusion: !flag("--no-fusion"),
@@ -146,7 +163,7 @@ fn bench<A: AutodiffBackend>(job: Bench, device: A::Device) {
     }
 }
 
-fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
+fn bench_with<A: AutodiffBackend, O: train::ClippedStep<A>>(
     job: Bench,
     device: A::Device,
     mut optim: O,
@@ -200,10 +217,16 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
     };
     let (no_pad_src, no_pad_tgt) = (no_pad(src_len), no_pad(tgt_len));
     let mut step = || {
-        let net = if job.bf16 {
-            model.clone().map(&mut CastParams(FloatDType::BF16))
-        } else {
-            model.clone()
+        // The network the loss is computed with, and the leaves its gradients go to, as
+        // `train` makes them.
+        let copy = match job.half {
+            Some(dtype) if !job.cast_each => optim.compute_copy(&model, dtype),
+            _ => None,
+        };
+        let (net, leaves) = match (copy, job.half) {
+            (Some(copy), _) => (copy.clone(), copy),
+            (None, Some(dtype)) => (model.clone().map(&mut CastParams(dtype)), model.clone()),
+            (None, None) => (model.clone(), model.clone()),
         };
         let memory = net.encode(src.clone(), no_pad_src.clone());
         let mut logits = net.decode(
@@ -222,7 +245,7 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
             batch * tgt_len,
             0.0,
         );
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = GradientsParams::from_grads(loss.backward(), &leaves);
         model = optim.step(3e-4, model.clone(), grads);
         loss
     };
@@ -288,7 +311,13 @@ fn bench_with<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
         "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"run_ahead\": {}, \"fusion\": {}, \"burn_steps\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"cpu_ms_per_step_by_thread\": {by_thread}, \"runqueue_ms_per_step_by_thread\": {runqueue_by_thread}, \"threads\": {}, \"allocator\": \"{}\", \"blocks_mapped\": {}, \"bytes_cached\": {}}}",
         job.label,
         job.preset,
-        if job.bf16 { "bf16" } else { "fp32" },
+        match (job.half, job.cast_each) {
+            (None, _) => "fp32",
+            (Some(FloatDType::BF16), false) => "bf16",
+            (Some(FloatDType::BF16), true) => "bf16-cast-each",
+            (Some(_), false) => "f16",
+            (Some(_), true) => "f16-cast-each",
+        },
         job.checkpointing,
         job.run_ahead,
         job.fusion,

@@ -16,12 +16,18 @@
 //!
 //! The CPU keeps burn's optimiser: there each operation costs its arithmetic, not a launch
 //! (and this one would copy every parameter out of the updated vector, see `Scatter`).
+//!
+//! Mixed precision: [`FlatAdamW::cast_copy`] gives the network to compute a step with, its
+//! parameters cast in one operation from the master vector the last update produced, not
+//! one cast per parameter forward and one per gradient backward (348 launches a `mini`
+//! step, the first suspect for bf16 training slower than f32 on an H100, `gpu.md`).
 
 use burn::module::ParamId;
 use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, MultiGradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::FloatDType;
 
 use crate::model::Seq2Seq;
 
@@ -66,6 +72,12 @@ impl AdamWSettings {
 pub struct FlatAdamW<A: AutodiffBackend> {
     settings: AdamWSettings,
     moments: Option<Moments<A::InnerBackend>>,
+    /// The dtype steps compute in, once [`FlatAdamW::cast_copy`] has asked for one: each
+    /// update then also casts the parameters it produced to it, into `cast`.
+    compute: Option<FloatDType>,
+    /// The last update's parameters end to end, in `compute`'s dtype; taken by the next
+    /// `cast_copy`.
+    cast: Option<Tensor<A::InnerBackend, 1>>,
 }
 
 impl<A: AutodiffBackend> FlatAdamW<A> {
@@ -73,7 +85,44 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
         FlatAdamW {
             settings,
             moments: None,
+            compute: None,
+            cast: None,
         }
+    }
+
+    /// The network to compute a step in `dtype` with: `model`'s parameters as new trainable
+    /// leaves in `dtype`, with the same ids, cut from one vector. Take the step's gradients
+    /// from it (`GradientsParams::from_grads(loss.backward(), &copy)`): they arrive in
+    /// `dtype`, and [`FlatAdamW::update`] lays them end to end and casts them back to the
+    /// master parameters' dtype in one operation.
+    ///
+    /// After the first step the vector is the cast the last update made of its own output,
+    /// so `model` must be the model that update returned (as in a training loop; `new` and
+    /// `load_record` start afresh). Otherwise, and on the first step, `model`'s parameters
+    /// are laid end to end and cast here.
+    pub fn cast_copy(&mut self, model: &Seq2Seq<A>, dtype: FloatDType) -> Seq2Seq<A> {
+        self.compute = Some(dtype);
+        let count = model.num_params();
+        let flat = match self.cast.take() {
+            Some(flat) if flat.dims()[0] == count && flat.dtype() == dtype.into() => flat,
+            _ => {
+                let mut params = Vec::new();
+                model.visit(&mut Flatten::<A>(&mut params));
+                Tensor::cat(params, 0).cast(dtype)
+            }
+        };
+        model.clone().map(&mut Scatter::<A>::new(flat))
+    }
+}
+
+/// Every float parameter's value, flattened, in visiting order.
+pub(crate) struct Flatten<'a, A: AutodiffBackend>(pub(crate) &'a mut Vec<Tensor<A::InnerBackend, 1>>);
+
+impl<A: AutodiffBackend> ModuleVisitor<A> for Flatten<'_, A> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
+        let value = param.val().inner();
+        let n = value.shape().num_elements();
+        self.0.push(value.reshape([n]));
     }
 }
 
@@ -97,11 +146,12 @@ impl Grads {
     }
 }
 
-/// Every parameter and its gradient, flattened, in the model's visiting order.
+/// Every parameter and its gradient (where it has one), flattened, in the model's visiting
+/// order.
 struct Gather<'a, A: AutodiffBackend> {
     grads: &'a mut Grads,
     params: Vec<Tensor<A::InnerBackend, 1>>,
-    gradients: Vec<Tensor<A::InnerBackend, 1>>,
+    gradients: Vec<Option<Tensor<A::InnerBackend, 1>>>,
 }
 
 impl<A: AutodiffBackend> ModuleVisitor<A> for Gather<'_, A> {
@@ -110,10 +160,36 @@ impl<A: AutodiffBackend> ModuleVisitor<A> for Gather<'_, A> {
         let n = value.shape().num_elements();
         let grad = self
             .grads
-            .remove::<A::InnerBackend, D>(param.id, &value.device())
-            .unwrap_or_else(|| value.zeros_like());
+            .remove::<A::InnerBackend, D>(param.id, &value.device());
         self.params.push(value.reshape([n]));
-        self.gradients.push(grad.reshape([n]));
+        self.gradients.push(grad.map(|g| g.reshape([n])));
+    }
+}
+
+/// The gradients end to end in the parameters' dtype, a zero one for each parameter without
+/// one. Gradients taken from a [`FlatAdamW::cast_copy`] arrive in its dtype: they are laid
+/// end to end in it and cast once.
+fn flat_gradients<B: Backend>(
+    params: &[Tensor<B, 1>],
+    gradients: Vec<Option<Tensor<B, 1>>>,
+) -> Tensor<B, 1> {
+    let master = params[0].dtype();
+    let dtype = gradients
+        .iter()
+        .flatten()
+        .map(|g| g.dtype())
+        .next()
+        .unwrap_or(master);
+    let pieces = gradients
+        .into_iter()
+        .zip(params)
+        .map(|(g, p)| g.unwrap_or_else(|| p.zeros_like().cast(FloatDType::from(dtype))))
+        .collect();
+    let flat = Tensor::cat(pieces, 0);
+    if dtype == master {
+        flat
+    } else {
+        flat.cast(FloatDType::from(master))
     }
 }
 
@@ -188,6 +264,7 @@ impl<A: AutodiffBackend> Optimizer<Seq2Seq<A>, A> for FlatAdamW<A> {
 
     fn load_record(mut self, record: Self::Record) -> Self {
         self.moments = record.map(|(m, v, t)| (m.inner(), v.inner(), t));
+        self.cast = None;
         self
     }
 }
@@ -219,8 +296,8 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
         // and measured slower on an H100 (medians of five alternating rounds, 2026-11-27,
         // bench/results/gpu.md): 151k against 179k tokens/s, and 171k against 217k with
         // the loss read every step.
+        let mut g = flat_gradients(&params, gradients);
         let p = Tensor::cat(params, 0);
-        let mut g = Tensor::cat(gradients, 0);
         let mut norm = None;
         if let Some(max) = clip {
             let n = g.clone().powi_scalar(2).sum().sqrt();
@@ -266,6 +343,8 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
         };
         let updated = decayed - delta.mul_scalar(lr);
         self.moments = Some((m, v, time));
+        // burn-fusion computes the cast in the update's own kernel.
+        self.cast = self.compute.map(|dtype| updated.clone().cast(dtype));
         let module = module.map(&mut Scatter::<A>::new(updated));
         (module, norm)
     }
@@ -300,23 +379,51 @@ mod tests {
         cfg.init(&device)
     }
 
-    /// Training steps `steps` of a tiny model, the loss a plain function of its output.
+    /// Step `step`'s loss, a plain function of the output (in f32 whatever `net` computes
+    /// in).
+    fn loss(net: &Seq2Seq<A>, step: i64) -> Tensor<A, 1> {
+        let device = Default::default();
+        let ids = |v: Vec<i64>| Tensor::<A, 2, Int>::from_data(TensorData::new(v, [2, 4]), &device);
+        let no_pad =
+            Tensor::<A, 2, Bool>::from_data(TensorData::new(vec![false; 8], [2, 4]), &device);
+        let src = ids((0..8).map(|i| 4 + (i * 3 + step) % 30).collect());
+        let tgt = ids((0..8).map(|i| 5 + (i * 7 + step) % 30).collect());
+        let memory = net.encode(src, no_pad.clone());
+        let logits = net.decode(tgt, no_pad.clone(), memory, no_pad);
+        logits.cast(FloatDType::F32).powi_scalar(2).mean()
+    }
+
+    /// Training steps `steps` of a tiny model.
     fn train<O: Optimizer<Seq2Seq<A>, A>>(
         mut model: Seq2Seq<A>,
         optim: &mut O,
         steps: std::ops::Range<i64>,
     ) -> Seq2Seq<A> {
-        let device = Default::default();
-        let ids = |v: Vec<i64>| Tensor::<A, 2, Int>::from_data(TensorData::new(v, [2, 4]), &device);
-        let no_pad =
-            Tensor::<A, 2, Bool>::from_data(TensorData::new(vec![false; 8], [2, 4]), &device);
         for step in steps {
-            let src = ids((0..8).map(|i| 4 + (i * 3 + step) % 30).collect());
-            let tgt = ids((0..8).map(|i| 5 + (i * 7 + step) % 30).collect());
-            let memory = model.encode(src, no_pad.clone());
-            let logits = model.decode(tgt, no_pad.clone(), memory, no_pad.clone());
-            let loss = logits.powi_scalar(2).mean();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let grads = GradientsParams::from_grads(loss(&model, step).backward(), &model);
+            model = optim.step(1e-2, model, grads);
+        }
+        model
+    }
+
+    /// Training steps `steps` computing in bf16: through the optimiser's copy, or
+    /// (`cast_each`) each parameter cast by autodiff, as the CPU trains.
+    fn train_bf16(
+        mut model: Seq2Seq<A>,
+        optim: &mut FlatAdamW<A>,
+        steps: std::ops::Range<i64>,
+        cast_each: bool,
+    ) -> Seq2Seq<A> {
+        let bf16 = FloatDType::BF16;
+        for step in steps {
+            let (net, leaves) = if cast_each {
+                let net = model.clone().map(&mut crate::model::CastParams(bf16));
+                (net, model.clone())
+            } else {
+                let copy = optim.cast_copy(&model, bf16);
+                (copy.clone(), copy)
+            };
+            let grads = GradientsParams::from_grads(loss(&net, step).backward(), &leaves);
             model = optim.step(1e-2, model, grads);
         }
         model
@@ -351,6 +458,28 @@ mod tests {
         assert_ne!(a, values(&tiny()), "training moved nothing");
         let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
         assert_eq!(differ, 0, "{differ} of {} parameters differ", a.len());
+    }
+
+    #[test]
+    fn computing_in_bf16_through_one_cast_updates_like_casting_each_parameter() {
+        let settings = AdamWSettings::with_weight_decay(0.01);
+        let each = train_bf16(tiny(), &mut FlatAdamW::new(settings), 0..3, true);
+        let mut optim = FlatAdamW::new(settings);
+        let once = train_bf16(tiny(), &mut optim, 0..3, false);
+        let (a, b) = (values(&each), values(&once));
+        let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        assert_eq!(differ, 0, "{differ} of {} parameters differ", a.len());
+        assert_ne!(
+            b,
+            values(&train(tiny(), &mut FlatAdamW::new(settings), 0..3)),
+            "computed in f32 after all"
+        );
+        // The master parameters stay f32; the copy for the next step is bf16, the update's.
+        let copy = optim.cast_copy(&once, FloatDType::BF16);
+        assert_eq!(once.embed.weight.val().dtype(), DType::F32);
+        assert_eq!(copy.embed.weight.val().dtype(), DType::BF16);
+        let rounded = once.embed.weight.val().cast(FloatDType::BF16).into_data();
+        assert_eq!(copy.embed.weight.val().into_data(), rounded);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use orchestrate_stage::{
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::adamw::{AdamWSettings, FlatAdamW, Grads, Scatter};
+use crate::adamw::{AdamWSettings, FlatAdamW, Flatten, Grads, Scatter};
 use crate::compute::{self, Compute, OnDevice};
 use crate::data::{self, Batch, Example, Padding, Rounding, Specials};
 use crate::model::{masked_cross_entropy, Activation, CastParams, ModelConfig, Seq2Seq};
@@ -42,8 +42,10 @@ pub enum Preset {
 pub enum Precision {
     Fp32,
     /// Mixed precision: parameters and optimiser state stay f32 (the master weights); each
-    /// step computes in bf16 through a cast that autodiff records, so gradients arrive in
-    /// f32; the loss (log-softmax over the vocabulary) is computed in f32.
+    /// step computes in bf16 and the loss (log-softmax over the vocabulary) in f32. On the
+    /// CPU and across several GPUs each parameter is cast by autodiff (its gradient arrives
+    /// in f32); on one GPU the optimiser casts them all at once and the bf16 gradients
+    /// back (`FlatAdamW::cast_copy`).
     Bf16,
 }
 
@@ -654,22 +656,28 @@ fn train_step<A: AutodiffBackend, O: ClippedStep<A>>(
 ) -> (Seq2Seq<A>, Tensor<A, 1>, GradNorm<A::InnerBackend>) {
     let main = &devices[0];
     let tokens: usize = shards.iter().map(|b| b.tokens).sum();
-    let shard_grads = |replica: &Seq2Seq<A>, shard: &Batch, device: &A::Device| {
-        let loss = match p.precision {
-            Precision::Fp32 => batch_loss(replica, shard, tokens, p.label_smoothing, device),
-            Precision::Bf16 => batch_loss(
-                &replica.clone().map(&mut CastParams(FloatDType::BF16)),
-                shard,
-                tokens,
-                p.label_smoothing,
-                device,
+    // Mixed precision on one device: the optimiser's copy of the parameters in bf16, where
+    // it makes one (FlatAdamW: one cast for all of them).
+    let copy = match p.precision {
+        Precision::Bf16 if shards.len() == 1 => optim.compute_copy(&model, FloatDType::BF16),
+        _ => None,
+    };
+    let shard_grads = |replica: &Seq2Seq<A>, copy: Option<Seq2Seq<A>>, shard, device| {
+        // The network the loss is computed with, and the leaves its gradients go to.
+        let (net, leaves) = match (copy, p.precision) {
+            (Some(copy), _) => (copy.clone(), copy),
+            (None, Precision::Fp32) => (replica.clone(), replica.clone()),
+            (None, Precision::Bf16) => (
+                replica.clone().map(&mut CastParams(FloatDType::BF16)),
+                replica.clone(),
             ),
         };
-        let grads = GradientsParams::from_grads(loss.backward(), replica);
+        let loss = batch_loss(&net, shard, tokens, p.label_smoothing, device);
+        let grads = GradientsParams::from_grads(loss.backward(), &leaves);
         (grads, loss.detach())
     };
     let (grads, loss) = if shards.len() == 1 {
-        shard_grads(&model, &shards[0], main)
+        shard_grads(&model, copy, &shards[0], main)
     } else {
         let parts: Vec<(GradientsParams, Tensor<A, 1>)> = std::thread::scope(|s| {
             let running: Vec<_> = shards
@@ -679,7 +687,7 @@ fn train_step<A: AutodiffBackend, O: ClippedStep<A>>(
                     let replica = transfer.fork(&model, device);
                     let shard_grads = &shard_grads;
                     s.spawn(move || {
-                        let (grads, loss) = shard_grads(&replica, shard, device);
+                        let (grads, loss) = shard_grads(&replica, None, shard, device);
                         (
                             transfer.grads(grads, &replica, main),
                             transfer.tensor(loss, main),
@@ -810,17 +818,6 @@ fn via_host<B: Backend, const D: usize>(t: Tensor<B, D>, device: &B::Device) -> 
     Tensor::from_data(t.into_data(), device)
 }
 
-/// Every float parameter's value, flattened, in visiting order.
-struct Flatten<'a, A: AutodiffBackend>(&'a mut Vec<Tensor<A::InnerBackend, 1>>);
-
-impl<A: AutodiffBackend> ModuleVisitor<A> for Flatten<'_, A> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
-        let value = param.val().inner();
-        let n = value.shape().num_elements();
-        self.0.push(value.reshape([n]));
-    }
-}
-
 /// Takes every float parameter's gradient out of `grads`, flattened, in visiting order.
 struct TakeGrads<'a, A: AutodiffBackend> {
     grads: &'a mut GradientsParams,
@@ -891,6 +888,13 @@ pub trait ClippedStep<A: AutodiffBackend>: Optimizer<Seq2Seq<A>, A> {
         grads: GradientsParams,
         max: f64,
     ) -> (Seq2Seq<A>, GradNorm<A::InnerBackend>);
+
+    /// A copy of `model` to compute the next step in `dtype` with, its parameters new
+    /// leaves whose gradients this optimiser takes as they are; or None, where each
+    /// parameter is cast by autodiff (`CastParams`) and the gradients go to `model`'s.
+    fn compute_copy(&mut self, _model: &Seq2Seq<A>, _dtype: FloatDType) -> Option<Seq2Seq<A>> {
+        None
+    }
 }
 
 /// burn's AdamW (the CPU's): clipped on the host by [`clip_global`].
@@ -920,6 +924,10 @@ impl<A: AutodiffBackend> ClippedStep<A> for FlatAdamW<A> {
             (model, Some(norm)) => (model, GradNorm::Device(norm)),
             (model, None) => (model, GradNorm::Host(0.0)),
         }
+    }
+
+    fn compute_copy(&mut self, model: &Seq2Seq<A>, dtype: FloatDType) -> Option<Seq2Seq<A>> {
+        Some(self.cast_copy(model, dtype))
     }
 }
 

@@ -163,9 +163,10 @@ impl<I: Backend, const D: usize> Backward<I, 3> for NormBackward<D> {
         let dy = tensor::<I, D>(grads.consume::<I>(&ops.node));
         let normalized = tensor::<I, D>(normalized);
         let d = normalized.dims()[D - 1];
-        // Summed over every dimension but the last, as `[d]`.
-        let per_feature =
-            |t: Tensor<I, D>| (0..D - 1).fold(t, |t, dim| t.sum_dim(dim)).reshape([d]);
+        // Summed over every dimension but the last, as `[d]`: one reduction over the rows
+        // (a sum per leading dimension, as burn's broadcast backward sums, launches D - 1).
+        let rows = normalized.shape().num_elements() / d;
+        let per_feature = |t: Tensor<I, D>| t.reshape([rows, d]).sum_dim(0).reshape([d]);
         // The element-wise products first, then every reduction, then the rest: burn-fusion
         // fuses runs of element-wise operations, and a reduction between two ends a run.
         let g = dy.clone() * tensor::<I, D>(gamma);
