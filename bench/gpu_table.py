@@ -53,7 +53,7 @@ print(f"\nTraining, batch 32, source 128 + target 128, vocab 8000; tokens/s per 
       f"against {peak:.0f} TFLOP/s (dense bf16), one FLOP count for both engines. Ratios: "
       "ours over PyTorch in the same round, median over rounds. Warm-up: the first step of a "
       "run whose kernels are cached (median); cold: the first step with an empty cache, the "
-      "cold runs side by side (the four (preset, precision) pairs, `no-fusion` and `burn-steps` from their first calls on).\n")
+      "cold runs side by side (the four (preset, precision) pairs, the `mini` variants from their first calls on).\n")
 print("| model | engine | precision | tokens/s (each round) | median | step ms | MFU | "
       "vs PyTorch fp32 eager | vs PyTorch bf16 eager | warm-up s | cold warm-up s |")
 print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -79,14 +79,16 @@ for model in ("mini", "spec512"):
               f"{each} | {m or 0:,.0f} | {med([r['step_ms'] for r in ref.values()]) or 0:.1f} | "
               f"{mfu(model, m) if m else ''} | | | | |")
 
-# The other `mini` fp32 runs: each variant the rounds ran beside the default (`mini-fp32`).
+# The other `mini` runs: each variant the rounds ran beside the default (`mini-fp32`).
 presets = {f"{m}-{p}" for m in ("mini", "spec512") for p in ("fp32", "bf16")}
 variants = ["mini-fp32"] + [v for v in dict.fromkeys(r["variant"] for r in ours) if v not in presets]
 print("\n`mini` fp32, the default (`mini-fp32`) and the variants run beside it in the same rounds "
       "(2026-11-27's first calls: the GPU path's choices turned off through a variable since "
       "removed, then `run-ahead`, the host not waiting for each step, and `system-alloc`, "
       "glibc's allocator; since the evening of 2026-11-27 `no-fusion`, burn-fusion off; since "
-      "2026-11-28 `burn-steps`, layer norm, softmax, dropout and loss composed by burn):\n")
+      "2026-11-28 `burn-steps`, layer norm, softmax, dropout and loss composed by burn; since "
+      "2026-12-06 `bf16-cast-each`, bf16 with each parameter cast by autodiff rather than all "
+      "at once by the optimiser, to set beside `mini-bf16` above):\n")
 print("| variant | tokens/s (each round) | median | vs `mini-fp32` | vs PyTorch fp32 eager | "
       "host CPU ms / step |")
 print("|---|---|---:|---:|---:|---:|")

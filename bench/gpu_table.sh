@@ -4,8 +4,9 @@
 # and bf16 autocast on the same GPU; and, in the same rounds, `mini` fp32 with burn-fusion
 # off (`--no-fusion`: every operation its own kernel, none of burn-fusion's host work) and
 # with layer norm, attention's softmax, dropout and the loss as burn composes them (`--burn-steps`,
-# against the default's single steps of `fused::gpu`): the open questions about where a
-# step's host time goes. (`--run-ahead` and `--system-alloc`, run here on 2026-11-27, were
+# against the default's single steps of `fused::gpu`), and `mini` bf16 with each parameter
+# cast by autodiff (`--cast-each`, against the default's one cast by FlatAdamW): the open
+# questions about where a step's time goes. (`--run-ahead` and `--system-alloc`, run here on 2026-11-27, were
 # settled then: bench/results/gpu.md.)
 #
 #   cargo build --release --locked -p orchestrate-model --features cuda --example train_bench
@@ -13,7 +14,7 @@
 #     strip -o /tmp/tb target/release/examples/train_bench && xz -1 -c /tmp/tb > bench/bin/train_bench-cuda.xz
 #   bash bench/gpu_table.sh [SECONDS] [PEAK_TFLOPS]   # on the GPU machine, bench/bin carried
 #
-# Phase 1 compiles and autotunes each of the four (preset, precision) pairs and the two
+# Phase 1 compiles and autotunes each of the four (preset, precision) pairs and the three
 # `mini` variants side by side,
 # each into its own kernel cache (untimed: a fresh machine spends about three minutes on
 # `mini` alone; their first-step times are the cold warm-ups, inflated by running together).
@@ -46,7 +47,7 @@ log=$OUT/table.jsonl
     echo "$(nproc) CPU threads"
 } >"$OUT/machine.txt" 2>&1
 # One kernel cache per (preset, precision), named as the run that fills it.
-caches="mini-fp32 spec512-fp32 mini-bf16 spec512-bf16 no-fusion burn-steps"
+caches="mini-fp32 spec512-fp32 mini-bf16 spec512-bf16 no-fusion burn-steps bf16-cast-each"
 for c in $caches; do
     mkdir -p "/tmp/k/$c"
     [ -f "$bin/k-$c.tgz" ] && tar -xzf "$bin/k-$c.tgz" -C "/tmp/k/$c"
@@ -93,6 +94,7 @@ ours cold mini-bf16 mini-bf16 270 mini 3 --bf16 &
 ours cold spec512-bf16 spec512-bf16 270 spec512 3 --bf16 &
 ours cold no-fusion no-fusion 270 mini 3 --no-fusion &
 ours cold burn-steps burn-steps 270 mini 3 --burn-steps &
+ours cold bf16-cast-each bf16-cast-each 270 mini 3 --bf16 --cast-each &
 wait
 
 # From here on, the last 25 s of the budget are kept for packing the kernel caches.
@@ -123,6 +125,7 @@ for r in 1 2 3; do
     ours $r spec512-bf16 spec512-bf16 60 spec512 30 --bf16
     ours $r no-fusion no-fusion 60 mini 30 --no-fusion
     ours $r burn-steps burn-steps 60 mini 30 --burn-steps
+    ours $r bf16-cast-each bf16-cast-each 60 mini 30 --bf16 --cast-each
     left=$((deadline - SECONDS))
     if ((left > 20)); then
         (cd $bin && timeout $((left < 120 ? left : 120)) python3 -c "

@@ -5,6 +5,10 @@
 #   --burn-steps  layer norm, attention's softmax, dropout and the loss as burn composes them
 #                 (the default takes `fused::gpu`'s single steps): host_steps.md
 #   --no-fusion   burn-fusion off, every operation its own kernel: host_steps-no-fusion.md
+#   --cast-each   with BASE --f16 (mixed precision; lavapipe has no bf16): each parameter cast
+#                 by autodiff, where the default casts them all at once (FlatAdamW):
+#                 host_steps-f16-cast-each.md
+# BASE flags go to both runs.
 #
 # A thread's CPU time is not its work. CubeCL 0.10 runs each device on threads of its own
 # that pass work along queues and busy-wait on each other (spinning, then yielding):
@@ -28,8 +32,9 @@
 # there, and step times stop comparing between variants with different thread counts.
 # Writes bench/results/host_steps.md.
 #
-#   bash bench/host_steps.sh [ROUNDS] [STEPS] [VARIANT]   # 3 rounds of 20, --burn-steps;
+#   bash bench/host_steps.sh [ROUNDS] [STEPS] [VARIANT] [BASE]  # 3 rounds of 20, --burn-steps;
 #                                                         # needs mesa-vulkan-drivers, linux-perf
+#   bash bench/host_steps.sh 3 20 --cast-each --f16
 set -euo pipefail
 cd "$(dirname "$0")/.."
 compgen -G "/usr/share/vulkan/icd.d/lvp_icd.*.json" >/dev/null || {
@@ -40,15 +45,18 @@ perf record -e cpu-clock -o /dev/null -- true 2>/dev/null || {
     echo "perf cannot sample here: apt-get install linux-perf (and perf_event_paranoid <= 2)" >&2
     exit 1
 }
-rounds=${1:-3} steps=${2:-20} variant=${3:---burn-steps}
-case "$variant" in
---burn-steps) results=bench/results/host_steps.md ;;
---no-fusion) results=bench/results/host_steps-no-fusion.md ;;
+rounds=${1:-3} steps=${2:-20} variant=${3:---burn-steps} base=${4:-}
+case "$variant $base" in
+"--burn-steps " | "--no-fusion " | "--cast-each --f16") ;;
 *)
-    echo "usage: bash bench/host_steps.sh [ROUNDS] [STEPS] [--burn-steps | --no-fusion]" >&2
+    echo "usage: bash bench/host_steps.sh [ROUNDS] [STEPS] [--burn-steps | --no-fusion | --cast-each --f16]" >&2
     exit 2
     ;;
 esac
+# host_steps.md (--burn-steps), host_steps-no-fusion.md, host_steps-f16-cast-each.md
+results=bench/results/host_steps${base:+-${base#--}}
+[ "$variant" = --burn-steps ] || results+="-${variant#--}"
+results+=.md
 cargo build --release --locked -q -p orchestrate-model --features wgpu --example train_bench
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -58,11 +66,11 @@ mkfifo "$work/ctl" "$work/ack"
 exec {ctl_fd}<>"$work/ctl" {ack_fd}<>"$work/ack"
 for round in $(seq "$rounds"); do
     for flag in "" "$variant"; do
-        echo "round $round: narrow, $steps steps on wgpu, ${flag:-default}" >&2
+        echo "round $round: narrow, $steps steps on wgpu, $base ${flag:-default}" >&2
         data="$work/$round${flag:-default}.data"
         perf record -q -e cpu-clock -F 999 -D -1 --control "fifo:$work/ctl,$work/ack" \
             -o "$data" -- target/release/examples/train_bench narrow "$steps" --device wgpu \
-            --perf-ctl "$work/ctl,$work/ack" $flag > "$work/run.json"
+            --perf-ctl "$work/ctl,$work/ack" $base $flag > "$work/run.json"
         perf script -i "$data" -F comm,tid,period,ip,sym,dso 2>/dev/null |
             python3 bench/host_samples.py "$round" "$steps" "$work/run.json" "${flag:-default}" \
                 >> "$work/rows.jsonl"
@@ -71,15 +79,19 @@ done
 exec {ctl_fd}>&- {ack_fd}>&-
 mkdir -p bench/results
 python3 - "$work/rows.jsonl" "$(git rev-parse --short HEAD)" \
-    "$(lscpu | sed -n 's/^Model name: *//p')" "$(nproc)" "$variant" <<'PY' | tee "$results"
+    "$(lscpu | sed -n 's/^Model name: *//p')" "$(nproc)" "$variant" "$base" <<'PY' | tee "$results"
 import datetime, json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print(f"Host work per `narrow` training step on burn's wgpu backend (lavapipe), "
+base = f" {sys.argv[6]}" if sys.argv[6] else ""
+print(f"Host work per `narrow`{base} training step on burn's wgpu backend (lavapipe), "
       f"{datetime.date.today()}, commit {sys.argv[2]}, {sys.argv[3]} ({sys.argv[4]} threads); "
       f"`perf record` samples of the timed steps, sorted as bench/host_steps.sh says\n")
 kinds = {"default": "default (fused::gpu, burn-fusion)",
          "--burn-steps": "burn's compositions (--burn-steps)",
-         "--no-fusion": "burn-fusion off (--no-fusion)"}
+         "--no-fusion": "burn-fusion off (--no-fusion)",
+         "--cast-each": "each parameter cast by autodiff (--cast-each)"}
+if base:
+    kinds["default"] = "default (all parameters cast at once, FlatAdamW)"
 roles = ["main", "fusion", "device", "lavapipe"]
 print("| round | variant | step ms | thread | CPU ms | work | waiting | kernel mode | lavapipe's kernels | ready, no core |")
 print("|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")

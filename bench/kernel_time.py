@@ -54,6 +54,13 @@ def main() -> None:
     total_n = sum(r[1] for r in rows)
     total_t = sum(r[2] for r in rows)
     print(f"{title}: **{total_n:,.0f}** launches, **{total_t:,.2f} ms** of kernel time per step\n")
+    # Every step launches the same kernels, so each count per step is whole, unless the
+    # runs differed (burn-fusion's choices vary a little between runs) or a log was cut
+    # short: said beside the table, not hidden in it.
+    ragged = [n for n, c, _ in rows if abs(c - round(c)) > 1e-9]
+    if ragged:
+        print(f"Counts not whole per step for {', '.join(ragged)}: the two runs launched "
+              "differently (or a log was cut short); read this table with care.\n")
     print("| kernel | launches per step | ms per step | share | µs per launch |")
     print("|---|---:|---:|---:|---:|")
     for name, n, t in rows:

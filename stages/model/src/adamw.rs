@@ -116,7 +116,9 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
 }
 
 /// Every float parameter's value, flattened, in visiting order.
-pub(crate) struct Flatten<'a, A: AutodiffBackend>(pub(crate) &'a mut Vec<Tensor<A::InnerBackend, 1>>);
+pub(crate) struct Flatten<'a, A: AutodiffBackend>(
+    pub(crate) &'a mut Vec<Tensor<A::InnerBackend, 1>>,
+);
 
 impl<A: AutodiffBackend> ModuleVisitor<A> for Flatten<'_, A> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
