@@ -225,8 +225,9 @@ impl<A: AutodiffBackend> ModuleMapper<A> for Scatter<A> {
         // would take burn's operations, whose sums round differently). GPU kernels read
         // slices at any offset as fast.
         let piece = if crate::fused::on_cpu::<A>() {
-            let device = piece.device();
-            Tensor::from_data(piece.into_data(), &device)
+            let (device, dtype) = (piece.device(), piece.dtype());
+            // In the piece's dtype (from the device alone it would be the default, f32).
+            Tensor::from_data(piece.into_data(), (&device, dtype))
         } else {
             piece
         };
@@ -478,8 +479,8 @@ mod tests {
         );
         // The master parameters stay f32; the copy for the next step is bf16, the update's.
         let copy = optim.cast_copy(&once, FloatDType::BF16);
-        assert_eq!(once.embed.weight.val().dtype(), DType::F32);
-        assert_eq!(copy.embed.weight.val().dtype(), DType::BF16);
+        assert_eq!(once.embed.weight.val().dtype(), burn::tensor::DType::F32);
+        assert_eq!(copy.embed.weight.val().dtype(), burn::tensor::DType::BF16);
         let rounded = once.embed.weight.val().cast(FloatDType::BF16).into_data();
         assert_eq!(copy.embed.weight.val().into_data(), rounded);
     }
