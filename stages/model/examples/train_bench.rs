@@ -40,7 +40,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType};
 use orchestrate_model::adamw::{AdamWSettings, FlatAdamW};
 use orchestrate_model::compute::{self, Compute, OnDevice};
-use orchestrate_model::model::{masked_cross_entropy, CastParams, ModelConfig, Seq2Seq};
+use orchestrate_model::model::{masked_cross_entropy, ModelConfig, Seq2Seq};
 use orchestrate_model::train;
 
 /// The allocator `orchestrate` trains with; `--system-alloc` measures glibc's instead.
@@ -218,16 +218,9 @@ fn bench_with<A: AutodiffBackend, O: train::ClippedStep<A>>(
     let (no_pad_src, no_pad_tgt) = (no_pad(src_len), no_pad(tgt_len));
     let mut step = || {
         // The network the loss is computed with, and the leaves its gradients go to, as
-        // `train` makes them.
-        let copy = match job.half {
-            Some(dtype) if !job.cast_each => optim.compute_copy(&model, dtype),
-            _ => None,
-        };
-        let (net, leaves) = match (copy, job.half) {
-            (Some(copy), _) => (copy.clone(), copy),
-            (None, Some(dtype)) => (model.clone().map(&mut CastParams(dtype)), model.clone()),
-            (None, None) => (model.clone(), model.clone()),
-        };
+        // `train` makes them (`--cast-each`: as it does across several devices).
+        let copier = (!job.cast_each).then_some(&mut optim);
+        let (net, leaves) = train::step_network(&model, job.half, copier);
         let memory = net.encode(src.clone(), no_pad_src.clone());
         let mut logits = net.decode(
             tgt_in.clone(),

@@ -19,8 +19,9 @@
 //!
 //! Mixed precision: [`FlatAdamW::cast_copy`] gives the network to compute a step with, its
 //! parameters cast in one operation from the master vector the last update produced, not
-//! one cast per parameter forward and one per gradient backward (348 launches a `mini`
-//! step, the first suspect for bf16 training slower than f32 on an H100, `gpu.md`).
+//! one cast per parameter forward and one per gradient backward: 348 operations a `mini`
+//! step that autodiff, burn-fusion and CubeCL each handle, the first suspect for bf16
+//! training slower than f32 on an H100 (`bench/results/gpu.md`).
 
 use burn::module::ParamId;
 use burn::module::{ModuleMapper, ModuleVisitor, Param};
@@ -346,7 +347,8 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
         };
         let updated = decayed - delta.mul_scalar(lr);
         self.moments = Some((m, v, time));
-        // burn-fusion computes the cast in the update's own kernel.
+        // An element-wise operation after the update's: burn-fusion can fold it into the
+        // same kernel.
         self.cast = self.compute.map(|dtype| updated.clone().cast(dtype));
         let module = module.map(&mut Scatter::<A>::new(updated));
         (module, norm)

@@ -656,28 +656,19 @@ fn train_step<A: AutodiffBackend, O: ClippedStep<A>>(
 ) -> (Seq2Seq<A>, Tensor<A, 1>, GradNorm<A::InnerBackend>) {
     let main = &devices[0];
     let tokens: usize = shards.iter().map(|b| b.tokens).sum();
-    // Mixed precision on one device: the optimiser's copy of the parameters in bf16, where
-    // it makes one (FlatAdamW: one cast for all of them).
-    let copy = match p.precision {
-        Precision::Bf16 if shards.len() == 1 => optim.compute_copy(&model, FloatDType::BF16),
-        _ => None,
-    };
-    let shard_grads = |replica: &Seq2Seq<A>, copy: Option<Seq2Seq<A>>, shard, device| {
-        // The network the loss is computed with, and the leaves its gradients go to.
-        let (net, leaves) = match (copy, p.precision) {
-            (Some(copy), _) => (copy.clone(), copy),
-            (None, Precision::Fp32) => (replica.clone(), replica.clone()),
-            (None, Precision::Bf16) => (
-                replica.clone().map(&mut CastParams(FloatDType::BF16)),
-                replica.clone(),
-            ),
-        };
+    let half = (p.precision == Precision::Bf16).then_some(FloatDType::BF16);
+    let shard_grads = |(net, leaves): (Seq2Seq<A>, Seq2Seq<A>), shard, device| {
         let loss = batch_loss(&net, shard, tokens, p.label_smoothing, device);
         let grads = GradientsParams::from_grads(loss.backward(), &leaves);
         (grads, loss.detach())
     };
     let (grads, loss) = if shards.len() == 1 {
-        shard_grads(&model, copy, &shards[0], main)
+        // Mixed precision from the optimiser's copy where it makes one (FlatAdamW).
+        shard_grads(
+            step_network(&model, half, Some(&mut *optim)),
+            &shards[0],
+            main,
+        )
     } else {
         let parts: Vec<(GradientsParams, Tensor<A, 1>)> = std::thread::scope(|s| {
             let running: Vec<_> = shards
@@ -687,7 +678,8 @@ fn train_step<A: AutodiffBackend, O: ClippedStep<A>>(
                     let replica = transfer.fork(&model, device);
                     let shard_grads = &shard_grads;
                     s.spawn(move || {
-                        let (grads, loss) = shard_grads(&replica, None, shard, device);
+                        let net = step_network::<A, O>(&replica, half, None);
+                        let (grads, loss) = shard_grads(net, shard, device);
                         (
                             transfer.grads(grads, &replica, main),
                             transfer.tensor(loss, main),
@@ -713,6 +705,24 @@ fn train_step<A: AutodiffBackend, O: ClippedStep<A>>(
     };
     let (model, grad_norm) = optim.clipped_step(lr, model, grads, p.grad_clip);
     (model, loss, grad_norm)
+}
+
+/// The network a step computes its loss with, and the module whose parameters its gradients
+/// go to: `model` itself in f32; in `half` precision (mixed), `optim`'s copy where it offers
+/// one (`ClippedStep::compute_copy`: FlatAdamW casts every parameter at once), else each
+/// parameter cast by autodiff (`CastParams`), its gradient going to `model`'s.
+pub fn step_network<A: AutodiffBackend, O: ClippedStep<A>>(
+    model: &Seq2Seq<A>,
+    half: Option<FloatDType>,
+    optim: Option<&mut O>,
+) -> (Seq2Seq<A>, Seq2Seq<A>) {
+    let Some(dtype) = half else {
+        return (model.clone(), model.clone());
+    };
+    match optim.and_then(|o| o.compute_copy(model, dtype)) {
+        Some(copy) => (copy.clone(), copy),
+        None => (model.clone().map(&mut CastParams(dtype)), model.clone()),
+    }
 }
 
 /// How weights, gradients and losses cross between the devices of data-parallel training.
