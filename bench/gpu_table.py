@@ -101,6 +101,12 @@ for variant in variants:
     print(f"| {variant} | {', '.join(f'{t:,.0f}' for t in tps) or 'no run'} | {med(tps) or 0:,.0f} | "
           f"{ratio(runs, default) if variant != 'mini-fp32' else ''} | {ratio(runs, ref32)} | "
           f"{host or 0:.0f} |")
+# Mixed precision's two ways, same rounds: FlatAdamW's one cast (`mini-bf16`, the default)
+# against each parameter cast by autodiff (`bf16-cast-each`).
+one_cast, each = ours_runs("mini-bf16"), ours_runs("bf16-cast-each")
+if one_cast and each:
+    print(f"\n`mini` bf16 with the parameters cast at once (the default) against each cast by "
+          f"autodiff: {ratio(one_cast, each)} (median over rounds of their ratio).")
 for r in failed:
     what = "skipped (deadline)" if r.get("skipped") else f"exit {r['exit']} (124: time limit)"
     print(f"\n- round {r['round']}, {r['variant']}: {what}")
