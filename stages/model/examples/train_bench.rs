@@ -291,6 +291,18 @@ fn bench_with<A: AutodiffBackend, O: train::ClippedStep<A>>(
     let runqueue_by_thread =
         per_step_by_thread(&threads_before, &threads_after, steps, |t| t.runqueue);
     let toks = batch * (src_len + tgt_len);
+    let precision = match job.half {
+        None => "fp32".to_string(),
+        Some(dtype) => {
+            let name = if dtype == FloatDType::BF16 {
+                "bf16"
+            } else {
+                "f16"
+            };
+            let how = if job.cast_each { "-cast-each" } else { "" };
+            format!("{name}{how}")
+        }
+    };
     // Model FLOPs per step: 6 per parameter per token (forward 2, backward 4) for the
     // weight matmuls, plus attention's score and value products.
     let params = cfg.parameters() as f64;
@@ -304,13 +316,7 @@ fn bench_with<A: AutodiffBackend, O: train::ClippedStep<A>>(
         "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"run_ahead\": {}, \"fusion\": {}, \"burn_steps\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"cpu_ms_per_step_by_thread\": {by_thread}, \"runqueue_ms_per_step_by_thread\": {runqueue_by_thread}, \"threads\": {}, \"allocator\": \"{}\", \"blocks_mapped\": {}, \"bytes_cached\": {}}}",
         job.label,
         job.preset,
-        match (job.half, job.cast_each) {
-            (None, _) => "fp32",
-            (Some(FloatDType::BF16), false) => "bf16",
-            (Some(FloatDType::BF16), true) => "bf16-cast-each",
-            (Some(_), false) => "f16",
-            (Some(_), true) => "f16-cast-each",
-        },
+        precision,
         job.checkpointing,
         job.run_ahead,
         job.fusion,

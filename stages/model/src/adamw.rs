@@ -360,28 +360,33 @@ mod tests {
     use super::*;
     use crate::model::{Activation, ModelConfig};
     use burn::backend::{Autodiff, Flex};
+    use burn::module::AutodiffModule;
 
     type A = Autodiff<Flex>;
 
-    /// The same initial model in every test: burn's generator is one for the process, so
-    /// seeding and drawing the weights must not interleave with another test's.
+    /// The same initial model in every test, drawn once. burn's generator is one for the
+    /// process, and other modules' tests seed it and draw from it in parallel: a model
+    /// drawn per call could take another test's seed between `seed` and `init`, and two
+    /// "identical" starts would differ.
     fn tiny() -> Seq2Seq<A> {
-        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        let cfg = ModelConfig {
-            vocab_size: 40,
-            d_model: 16,
-            n_heads: 2,
-            enc_layers: 1,
-            dec_layers: 1,
-            d_ff: 32,
-            max_len: 16,
-            dropout: 0.0,
-            activation: Activation::Relu,
-        };
-        let device = Default::default();
-        <A as Backend>::seed(&device, 7);
-        cfg.init(&device)
+        static DRAWN: std::sync::OnceLock<Seq2Seq<Flex>> = std::sync::OnceLock::new();
+        let start = DRAWN.get_or_init(|| {
+            let cfg = ModelConfig {
+                vocab_size: 40,
+                d_model: 16,
+                n_heads: 2,
+                enc_layers: 1,
+                dec_layers: 1,
+                d_ff: 32,
+                max_len: 16,
+                dropout: 0.0,
+                activation: Activation::Relu,
+            };
+            let device = Default::default();
+            <Flex as Backend>::seed(&device, 7);
+            cfg.init(&device)
+        });
+        Seq2Seq::from_inner(start.clone()).map(&mut crate::model::Trainable)
     }
 
     /// Step `step`'s loss, a plain function of the output (in f32 whatever `net` computes
@@ -419,15 +424,9 @@ mod tests {
         steps: std::ops::Range<i64>,
         cast_each: bool,
     ) -> Seq2Seq<A> {
-        let bf16 = FloatDType::BF16;
         for step in steps {
-            let (net, leaves) = if cast_each {
-                let net = model.clone().map(&mut crate::model::CastParams(bf16));
-                (net, model.clone())
-            } else {
-                let copy = optim.cast_copy(&model, bf16);
-                (copy.clone(), copy)
-            };
+            let copier = (!cast_each).then_some(&mut *optim);
+            let (net, leaves) = crate::train::step_network(&model, Some(FloatDType::BF16), copier);
             let grads = GradientsParams::from_grads(loss(&net, step).backward(), &leaves);
             model = optim.step(1e-2, model, grads);
         }

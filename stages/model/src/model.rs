@@ -139,6 +139,19 @@ impl<B: Backend> ModuleMapper<B> for StableIds {
     }
 }
 
+/// Marks every float parameter as one autodiff computes gradients for (a model brought
+/// under autodiff with `from_inner` has none).
+#[cfg(test)]
+pub(crate) struct Trainable;
+
+#[cfg(test)]
+impl<B: burn::tensor::backend::AutodiffBackend> ModuleMapper<B> for Trainable {
+    fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = p.consume();
+        Param::from_mapped_value(id, tensor.require_grad(), mapper)
+    }
+}
+
 /// Casts every float parameter to a dtype, keeping its id. Under autodiff the cast is a
 /// recorded operation: a loss computed with the cast copy sends its gradients back to the
 /// original (f32) parameters, which is what mixed-precision training needs.

@@ -1128,6 +1128,7 @@ fn unigram_perplexity(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Trainable;
 
     #[test]
     fn presets_and_parameter_counts() {
@@ -1147,16 +1148,6 @@ mod tests {
         };
         let n = cfg.parameters();
         assert!((8_000_000..10_000_000).contains(&n), "{n}");
-    }
-
-    /// Marks every float parameter as one autodiff computes gradients for.
-    struct Trainable;
-
-    impl<A: AutodiffBackend> burn::module::ModuleMapper<A> for Trainable {
-        fn map_float<const D: usize>(&mut self, p: Param<Tensor<A, D>>) -> Param<Tensor<A, D>> {
-            let (id, tensor, mapper) = p.consume();
-            Param::from_mapped_value(id, tensor.require_grad(), mapper)
-        }
     }
 
     fn tiny_config(p: &TrainParams) -> ModelConfig {
