@@ -402,15 +402,19 @@ fn attention<B: Backend>(
     let keep = || cpu_keep_mask::<B>(&mha.dropout, &device);
     let context = match crate::fused::attention([q, k, v], h, root, &bias, keep) {
         Ok(context) => context,
-        Err([q, k, v]) => {
-            let split = |x: Tensor<B, 3>, len: usize| x.reshape([b, len, h, dk]).swap_dims(1, 2);
-            let scores = split(q, t).matmul(split(k, s).swap_dims(2, 3));
-            let weights = crate::fused::gpu::attention_weights(scores, root, bias);
-            let weights = dropout(&mha.dropout, weights);
-            matmul(weights, split(v, s))
-                .swap_dims(1, 2)
-                .reshape([b, t, d])
-        }
+        Err(qkv) => match crate::fused::gpu::attention_core(qkv, h, root, bias, mha.dropout.prob) {
+            Ok(context) => context,
+            Err(([q, k, v], bias)) => {
+                let split =
+                    |x: Tensor<B, 3>, len: usize| x.reshape([b, len, h, dk]).swap_dims(1, 2);
+                let scores = split(q, t).matmul(split(k, s).swap_dims(2, 3));
+                let weights = crate::fused::gpu::attention_weights(scores, root, bias);
+                let weights = dropout(&mha.dropout, weights);
+                matmul(weights, split(v, s))
+                    .swap_dims(1, 2)
+                    .reshape([b, t, d])
+            }
+        },
     };
     linear(&mha.output, context)
 }

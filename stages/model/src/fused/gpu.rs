@@ -252,6 +252,165 @@ impl<I: Backend> Backward<I, 1> for SoftmaxBackward {
     }
 }
 
+/// Multi-head attention's core on `q` `[batch, query, d]`, `k` and `v` `[batch, key, d]`:
+/// one [`AttentionCore`] step under autodiff on a GPU; given back where it does not apply
+/// (another backend, or a length under two: cubecl 0.10's one-row products, see
+/// `model::matmul`).
+pub(crate) fn attention_core<B: Backend>(
+    qkv: [Tensor<B, 3>; 3],
+    heads: usize,
+    root: f32,
+    bias: Tensor<B, 4>,
+    dropout: f64,
+) -> Result<Tensor<B, 3>, ([Tensor<B, 3>; 3], Tensor<B, 4>)> {
+    let (t, s) = (qkv[0].dims()[1], qkv[1].dims()[1]);
+    if t < 2 || s < 2 {
+        return Err((qkv, bias));
+    }
+    let step = AttentionCore {
+        qkv,
+        heads,
+        root,
+        bias,
+        dropout,
+    };
+    on_gpu_autodiff::<B, _>(step).map_err(|step| (step.qkv, step.bias))
+}
+
+/// `softmax(q k^T / root + bias)`, dropped out with probability `dropout`, times `v`, per
+/// head, as one step: the heads are laid out `[batch, heads, time, dk]` once each way.
+///
+/// Why: composed of burn's operations, each product's operand is a strided view of the
+/// projection (`[batch, time, heads, dk]` seen with heads and time swapped), which CubeCL's
+/// products take only after copying it, and autodiff keeps the views, not the copies, for
+/// the backward, whose products copy them again: twelve copies per attention and step, 144
+/// in a `mini` step. Here the copies the products read are the ones kept, and every
+/// backward product reads contiguous operands: eight copies. Softmax and dropout are this
+/// step's too (one node instead of about ten).
+pub(crate) struct AttentionCore<B: Backend> {
+    pub(crate) qkv: [Tensor<B, 3>; 3],
+    pub(crate) heads: usize,
+    pub(crate) root: f32,
+    /// `[batch or 1, 1, query or 1, key]`, a constant: no gradient flows into it.
+    pub(crate) bias: Tensor<B, 4>,
+    pub(crate) dropout: f64,
+}
+
+/// `x` `[batch, len, heads * dk]` as `[batch, heads, len, dk]`, contiguous: the reshape
+/// through `[batch * heads, len, dk]` cannot be a view of the swapped dimensions, so it
+/// lays them out.
+fn split_heads<I: Backend>(x: Tensor<I, 3>, heads: usize) -> Tensor<I, 4> {
+    let [b, len, d] = x.dims();
+    let dk = d / heads;
+    x.reshape([b, len, heads, dk])
+        .swap_dims(1, 2)
+        .reshape([b * heads, len, dk])
+        .reshape([b, heads, len, dk])
+}
+
+/// The way back from [`split_heads`]: `[batch, heads, len, dk]` as `[batch, len, d]`.
+fn merge_heads<I: Backend>(x: Tensor<I, 4>) -> Tensor<I, 3> {
+    let [b, heads, len, dk] = x.dims();
+    x.swap_dims(1, 2).reshape([b, len, heads * dk])
+}
+
+impl<B: Backend> Step for AttentionCore<B> {
+    type Out = Tensor<B, 3>;
+
+    fn on<I: Backend, C: CheckpointStrategy>(self) -> Tensor<B, 3> {
+        let [q, k, v]: [FloatTensor<Autodiff<I, C>>; 3] = self.qkv.map(to_concrete);
+        let bias: FloatTensor<Autodiff<I, C>> = to_concrete(self.bias);
+        let h = self.heads;
+        let [qh, kh, vh] =
+            [&q, &k, &v].map(|x| split_heads(tensor::<I, 3>(x.primitive.clone()), h));
+        let z = qh
+            .clone()
+            .matmul(kh.clone().swap_dims(2, 3))
+            .div_scalar(self.root)
+            + tensor::<I, 4>(bias.primitive);
+        let e = (z.clone() - z.max_dim(3)).exp();
+        let weights = e.clone() / e.sum_dim(3);
+        let keep = (self.dropout > 0.0).then(|| {
+            let mask = weights.random_like(Distribution::Bernoulli(1.0 - self.dropout));
+            (mask, 1.0 / (1.0 - self.dropout))
+        });
+        let dropped = match &keep {
+            Some((mask, scale)) => (weights.clone() * mask.clone()).mul_scalar(*scale),
+            None => weights.clone(),
+        };
+        let context = merge_heads(dropped.matmul(vh.clone()));
+        let prep = Backward::<I, 3>::prepare::<C>(AttentionBackward, [q.node, k.node, v.node])
+            .compute_bound()
+            .stateful();
+        let state = || AttentionState {
+            heads: [qh, kh, vh].map(primitive),
+            weights: primitive(weights),
+            keep: keep.map(|(mask, scale)| (primitive(mask), scale)),
+            root: self.root,
+        };
+        from_concrete::<B, _, 3>(finish(prep, state, primitive(context)))
+    }
+}
+
+/// What [`AttentionBackward`] needs from the forward pass.
+#[derive(Clone, Debug)]
+struct AttentionState<I: Backend> {
+    /// q, k and v, each `[batch, heads, time, dk]`.
+    heads: [FloatTensor<I>; 3],
+    /// The softmax's output `[batch, heads, query, key]`, before dropout.
+    weights: FloatTensor<I>,
+    /// Dropout's mask (1 kept, 0 dropped) and `1 / keep`.
+    keep: Option<(FloatTensor<I>, f64)>,
+    root: f32,
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<I: Backend> Backward<I, 3> for AttentionBackward {
+    type State = AttentionState<I>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let AttentionState {
+            heads: [qh, kh, vh],
+            weights,
+            keep,
+            root,
+        } = ops.state;
+        let [q_node, k_node, v_node] = ops.parents;
+        let (qh, kh, vh) = (tensor::<I, 4>(qh), tensor::<I, 4>(kh), tensor::<I, 4>(vh));
+        let weights = tensor::<I, 4>(weights);
+        let n_heads = qh.dims()[1];
+        let d_context = split_heads(tensor::<I, 3>(grads.consume::<I>(&ops.node)), n_heads);
+        let keep = keep.map(|(mask, scale)| (tensor::<I, 4>(mask), scale));
+        let drop = |x: Tensor<I, 4>| match &keep {
+            Some((mask, scale)) => (x * mask.clone()).mul_scalar(*scale),
+            None => x,
+        };
+        if let Some(node) = v_node {
+            let dv = drop(weights.clone())
+                .swap_dims(2, 3)
+                .matmul(d_context.clone());
+            grads.register::<I>(node.id, primitive(merge_heads(dv)));
+        }
+        if q_node.is_none() && k_node.is_none() {
+            return;
+        }
+        // Through the dropout, then the softmax (its textbook backward) and the scale.
+        let d_weights = drop(d_context.matmul(vh.swap_dims(2, 3)));
+        let dot = (d_weights.clone() * weights.clone()).sum_dim(3);
+        let dz = (weights * (d_weights - dot)).div_scalar(root);
+        if let Some(node) = q_node {
+            let dq = dz.clone().matmul(kh);
+            grads.register::<I>(node.id, primitive(merge_heads(dq)));
+        }
+        if let Some(node) = k_node {
+            let dk = dz.swap_dims(2, 3).matmul(qh);
+            grads.register::<I>(node.id, primitive(merge_heads(dk)));
+        }
+    }
+}
+
 /// Each token's cross-entropy `[batch, time, 1]` from `logits` `[batch, time, vocab]` and
 /// `targets` `[batch, time, 1]`, with label smoothing: `lse - (1 - s) * x[target] - s *
 /// mean(x)`.
