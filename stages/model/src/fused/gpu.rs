@@ -33,6 +33,16 @@ pub fn use_burn_steps(on: bool) {
     BURN_STEPS.store(on, Ordering::Relaxed);
 }
 
+/// Cleared by [`use_attention_core`]: attention's core composed of burn's products on
+/// strided views, with the softmax and dropout steps, as before [`AttentionCore`].
+static ATTENTION_CORE: AtomicBool = AtomicBool::new(true);
+
+/// Whether GPU backends take attention's core as one step ([`AttentionCore`], true, the
+/// default) or compose it (false). A measurement switch, as [`use_burn_steps`] is.
+pub fn use_attention_core(on: bool) {
+    ATTENTION_CORE.store(on, Ordering::Relaxed);
+}
+
 /// A step written once for every autodiff backend `Autodiff<I, C>`.
 pub(crate) trait Step {
     type Out;
@@ -262,11 +272,8 @@ pub(crate) fn attention_core<B: Backend>(
     root: f32,
     bias: Tensor<B, 4>,
     dropout: f64,
-) -> Result<Tensor<B, 3>, ([Tensor<B, 3>; 3], Tensor<B, 4>)> {
+) -> Result<Tensor<B, 3>, AttentionCore<B>> {
     let (t, s) = (qkv[0].dims()[1], qkv[1].dims()[1]);
-    if t < 2 || s < 2 {
-        return Err((qkv, bias));
-    }
     let step = AttentionCore {
         qkv,
         heads,
@@ -274,7 +281,10 @@ pub(crate) fn attention_core<B: Backend>(
         bias,
         dropout,
     };
-    on_gpu_autodiff::<B, _>(step).map_err(|step| (step.qkv, step.bias))
+    if t < 2 || s < 2 || !ATTENTION_CORE.load(Ordering::Relaxed) {
+        return Err(step);
+    }
+    on_gpu_autodiff::<B, _>(step)
 }
 
 /// `softmax(q k^T / root + bias)`, dropped out with probability `dropout`, times `v`, per
@@ -296,22 +306,25 @@ pub(crate) struct AttentionCore<B: Backend> {
     pub(crate) dropout: f64,
 }
 
-/// `x` `[batch, len, heads * dk]` as `[batch, heads, len, dk]`, contiguous: the reshape
-/// through `[batch * heads, len, dk]` cannot be a view of the swapped dimensions, so it
-/// lays them out.
-fn split_heads<I: Backend>(x: Tensor<I, 3>, heads: usize) -> Tensor<I, 4> {
+/// `x` `[batch, len, heads * dk]` as `[batch, heads, len, dk]`, laid out anew, times
+/// `scale`: an element-wise product of the view with the heads and time swapped writes its
+/// output contiguous, so the product is the copy (a reshape of the view, copying too,
+/// measured one kernel more per attention on lavapipe, burn-fusion splitting the softmax
+/// after it).
+fn split_heads<I: Backend>(x: Tensor<I, 3>, heads: usize, scale: f32) -> Tensor<I, 4> {
     let [b, len, d] = x.dims();
-    let dk = d / heads;
-    x.reshape([b, len, heads, dk])
+    x.reshape([b, len, heads, d / heads])
         .swap_dims(1, 2)
-        .reshape([b * heads, len, dk])
-        .reshape([b, heads, len, dk])
+        .mul_scalar(scale)
 }
 
-/// The way back from [`split_heads`]: `[batch, heads, len, dk]` as `[batch, len, d]`.
-fn merge_heads<I: Backend>(x: Tensor<I, 4>) -> Tensor<I, 3> {
+/// The way back from [`split_heads`]: `[batch, heads, len, dk]` as `[batch, len, d]`, times
+/// `scale`.
+fn merge_heads<I: Backend>(x: Tensor<I, 4>, scale: f32) -> Tensor<I, 3> {
     let [b, heads, len, dk] = x.dims();
-    x.swap_dims(1, 2).reshape([b, len, heads * dk])
+    x.swap_dims(1, 2)
+        .mul_scalar(scale)
+        .reshape([b, len, heads * dk])
 }
 
 impl<B: Backend> Step for AttentionCore<B> {
@@ -321,31 +334,29 @@ impl<B: Backend> Step for AttentionCore<B> {
         let [q, k, v]: [FloatTensor<Autodiff<I, C>>; 3] = self.qkv.map(to_concrete);
         let bias: FloatTensor<Autodiff<I, C>> = to_concrete(self.bias);
         let h = self.heads;
-        let [qh, kh, vh] =
-            [&q, &k, &v].map(|x| split_heads(tensor::<I, 3>(x.primitive.clone()), h));
-        let z = qh
-            .clone()
-            .matmul(kh.clone().swap_dims(2, 3))
-            .div_scalar(self.root)
-            + tensor::<I, 4>(bias.primitive);
+        let heads = |x: &FloatTensor<Autodiff<I, C>>, scale| {
+            split_heads(tensor::<I, 3>(x.primitive.clone()), h, scale)
+        };
+        // q scaled by 1 / root as it is laid out: the scores need no pass of their own.
+        let (qs, kh, vh) = (heads(&q, self.root.recip()), heads(&k, 1.0), heads(&v, 1.0));
+        let z = qs.clone().matmul(kh.clone().swap_dims(2, 3)) + tensor::<I, 4>(bias.primitive);
         let e = (z.clone() - z.max_dim(3)).exp();
         let weights = e.clone() / e.sum_dim(3);
         let keep = (self.dropout > 0.0).then(|| {
             let mask = weights.random_like(Distribution::Bernoulli(1.0 - self.dropout));
-            (mask, 1.0 / (1.0 - self.dropout))
+            let scale = 1.0 / (1.0 - self.dropout);
+            let dropped = (weights.clone() * mask.clone()).mul_scalar(scale);
+            (mask, scale, dropped)
         });
-        let dropped = match &keep {
-            Some((mask, scale)) => (weights.clone() * mask.clone()).mul_scalar(*scale),
-            None => weights.clone(),
-        };
-        let context = merge_heads(dropped.matmul(vh.clone()));
+        let dropped = keep.as_ref().map_or(&weights, |(_, _, dropped)| dropped);
+        let context = merge_heads(dropped.clone().matmul(vh.clone()), 1.0);
         let prep = Backward::<I, 3>::prepare::<C>(AttentionBackward, [q.node, k.node, v.node])
             .compute_bound()
             .stateful();
         let state = || AttentionState {
-            heads: [qh, kh, vh].map(primitive),
+            heads: [qs, kh, vh].map(primitive),
+            keep: keep.map(|(mask, scale, dropped)| (primitive(mask), scale, primitive(dropped))),
             weights: primitive(weights),
-            keep: keep.map(|(mask, scale)| (primitive(mask), scale)),
             root: self.root,
         };
         from_concrete::<B, _, 3>(finish(prep, state, primitive(context)))
@@ -355,12 +366,13 @@ impl<B: Backend> Step for AttentionCore<B> {
 /// What [`AttentionBackward`] needs from the forward pass.
 #[derive(Clone, Debug)]
 struct AttentionState<I: Backend> {
-    /// q, k and v, each `[batch, heads, time, dk]`.
+    /// q / root, k and v, each `[batch, heads, time, dk]`.
     heads: [FloatTensor<I>; 3],
     /// The softmax's output `[batch, heads, query, key]`, before dropout.
     weights: FloatTensor<I>,
-    /// Dropout's mask (1 kept, 0 dropped) and `1 / keep`.
-    keep: Option<(FloatTensor<I>, f64)>,
+    /// Dropout's mask (1 kept, 0 dropped), `1 / keep`, and the weights after dropout (kept,
+    /// as a product's operand is, rather than made again in the backward pass).
+    keep: Option<(FloatTensor<I>, f64, FloatTensor<I>)>,
     root: f32,
 }
 
@@ -372,41 +384,42 @@ impl<I: Backend> Backward<I, 3> for AttentionBackward {
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let AttentionState {
-            heads: [qh, kh, vh],
+            heads: [qs, kh, vh],
             weights,
             keep,
             root,
         } = ops.state;
         let [q_node, k_node, v_node] = ops.parents;
-        let (qh, kh, vh) = (tensor::<I, 4>(qh), tensor::<I, 4>(kh), tensor::<I, 4>(vh));
+        let (qs, kh, vh) = (tensor::<I, 4>(qs), tensor::<I, 4>(kh), tensor::<I, 4>(vh));
         let weights = tensor::<I, 4>(weights);
-        let n_heads = qh.dims()[1];
-        let d_context = split_heads(tensor::<I, 3>(grads.consume::<I>(&ops.node)), n_heads);
-        let keep = keep.map(|(mask, scale)| (tensor::<I, 4>(mask), scale));
-        let drop = |x: Tensor<I, 4>| match &keep {
-            Some((mask, scale)) => (x * mask.clone()).mul_scalar(*scale),
-            None => x,
+        let n_heads = qs.dims()[1];
+        let d_context = split_heads(tensor::<I, 3>(grads.consume::<I>(&ops.node)), n_heads, 1.0);
+        let (keep, dropped) = match keep {
+            Some((mask, scale, dropped)) => (Some((tensor::<I, 4>(mask), scale)), tensor(dropped)),
+            None => (None, weights.clone()),
         };
         if let Some(node) = v_node {
-            let dv = drop(weights.clone())
-                .swap_dims(2, 3)
-                .matmul(d_context.clone());
-            grads.register::<I>(node.id, primitive(merge_heads(dv)));
+            let dv = dropped.swap_dims(2, 3).matmul(d_context.clone());
+            grads.register::<I>(node.id, primitive(merge_heads(dv, 1.0)));
         }
         if q_node.is_none() && k_node.is_none() {
             return;
         }
-        // Through the dropout, then the softmax (its textbook backward) and the scale.
-        let d_weights = drop(d_context.matmul(vh.swap_dims(2, 3)));
+        // Through the dropout, then the softmax (its textbook backward): the gradient of
+        // the scores `q k^T / root + bias`.
+        let mut d_weights = d_context.matmul(vh.swap_dims(2, 3));
+        if let Some((mask, scale)) = keep {
+            d_weights = (d_weights * mask).mul_scalar(scale);
+        }
         let dot = (d_weights.clone() * weights.clone()).sum_dim(3);
-        let dz = (weights * (d_weights - dot)).div_scalar(root);
+        let dz = weights * (d_weights - dot);
         if let Some(node) = q_node {
             let dq = dz.clone().matmul(kh);
-            grads.register::<I>(node.id, primitive(merge_heads(dq)));
+            grads.register::<I>(node.id, primitive(merge_heads(dq, root.recip())));
         }
         if let Some(node) = k_node {
-            let dk = dz.swap_dims(2, 3).matmul(qh);
-            grads.register::<I>(node.id, primitive(merge_heads(dk)));
+            let dk = dz.swap_dims(2, 3).matmul(qs);
+            grads.register::<I>(node.id, primitive(merge_heads(dk, 1.0)));
         }
     }
 }
