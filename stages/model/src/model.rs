@@ -17,7 +17,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution, FloatDType};
 use serde::{Deserialize, Serialize};
 
-pub use crate::fused::gpu::{use_attention_core, use_burn_steps};
+pub use crate::fused::gpu::use_burn_steps;
 use crate::fused::{layer_norm, on_cpu, KeepMask};
 
 /// Everything needed to rebuild the network; stored beside the weights.
@@ -402,23 +402,15 @@ fn attention<B: Backend>(
     let keep = || cpu_keep_mask::<B>(&mha.dropout, &device);
     let context = match crate::fused::attention([q, k, v], h, root, &bias, keep) {
         Ok(context) => context,
-        Err(qkv) => match crate::fused::gpu::attention_core(qkv, h, root, bias, mha.dropout.prob) {
-            Ok(context) => context,
-            Err(crate::fused::gpu::AttentionCore {
-                qkv: [q, k, v],
-                bias,
-                ..
-            }) => {
-                let split =
-                    |x: Tensor<B, 3>, len: usize| x.reshape([b, len, h, dk]).swap_dims(1, 2);
-                let scores = split(q, t).matmul(split(k, s).swap_dims(2, 3));
-                let weights = crate::fused::gpu::attention_weights(scores, root, bias);
-                let weights = dropout(&mha.dropout, weights);
-                matmul(weights, split(v, s))
-                    .swap_dims(1, 2)
-                    .reshape([b, t, d])
-            }
-        },
+        Err([q, k, v]) => {
+            let split = |x: Tensor<B, 3>, len: usize| x.reshape([b, len, h, dk]).swap_dims(1, 2);
+            let scores = split(q, t).matmul(split(k, s).swap_dims(2, 3));
+            let weights = crate::fused::gpu::attention_weights(scores, root, bias);
+            let weights = dropout(&mha.dropout, weights);
+            matmul(weights, split(v, s))
+                .swap_dims(1, 2)
+                .reshape([b, t, d])
+        }
     };
     linear(&mha.output, context)
 }

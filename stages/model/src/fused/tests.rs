@@ -309,73 +309,6 @@ mod on_wgpu {
             .assert_approx_eq::<f32>(&(probe * kept).div_scalar(0.75).inner().to_data(), tol);
     }
 
-    /// Attention's core against burn's composition, value and the gradients of q, k and v,
-    /// with dropout `drop`. v's rows are unit vectors (each head's `dk` is the key length),
-    /// so each head's output is its weights after dropout: the mask the step drew is read
-    /// from it and handed to the composition.
-    fn check_attention_core<A: burn::tensor::backend::AutodiffBackend>(
-        bias_dims: [usize; 4],
-        drop: f64,
-    ) {
-        applies::<A>();
-        let device = Default::default();
-        let (b, t, s, heads) = (2, 5, bias_dims[3], 3);
-        let d = heads * s;
-        let random = |len| {
-            Tensor::<A, 3>::random([b, len, d], Distribution::Normal(0.0, 1.5), &device)
-                .require_grad()
-        };
-        let (q, k) = (random(t), random(s));
-        let units: Vec<f32> = (0..b * s * d)
-            .map(|i| f32::from((i / d) % s == i % d % s))
-            .collect();
-        let v =
-            Tensor::<A, 3>::from_data(TensorData::new(units, [b, s, d]), &device).require_grad();
-        let probe = Tensor::<A, 3>::random([b, t, d], Distribution::Default, &device);
-        let bias = Tensor::<A, 4>::random(bias_dims, Distribution::Normal(0.0, 3.0), &device);
-        let inputs = [q, k, v];
-        let ours = gpu::attention_core(inputs.clone(), heads, 2.0, bias.clone(), drop)
-            .unwrap_or_else(|_| panic!("the GPU step applies"));
-        let split = |x: Tensor<A, 3>| {
-            let len = x.dims()[1];
-            x.reshape([b, len, heads, s]).swap_dims(1, 2)
-        };
-        let kept = split(ours.clone().detach()).not_equal_elem(0.0).float();
-        let [q, k, v] = inputs.clone().map(split);
-        let weights = activation::softmax(q.matmul(k.swap_dims(2, 3)).div_scalar(2.0) + bias, 3);
-        let burns = (weights * kept.clone())
-            .div_scalar(1.0 - drop)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([b, t, d]);
-        let tol = burn::tensor::Tolerance::absolute(1e-5);
-        ours.to_data()
-            .assert_approx_eq::<f32>(&burns.to_data(), tol);
-        let all = (b * heads * t * s) as f64;
-        let dropped = all - kept.sum().into_scalar().elem::<f64>();
-        assert!(
-            (dropped - all * drop).abs() <= 0.15 * all,
-            "{dropped} of {all} weights dropped at p = {drop}"
-        );
-        let g_ours = (ours * probe.clone()).sum().backward();
-        let g_burn = (burns * probe).sum().backward();
-        for x in &inputs {
-            x.grad(&g_ours)
-                .unwrap()
-                .to_data()
-                .assert_approx_eq::<f32>(&x.grad(&g_burn).unwrap().to_data(), tol);
-        }
-    }
-
-    /// A length under two is given back (cubecl 0.10's one-row products).
-    #[test]
-    fn attention_core_leaves_one_row_products_to_burn() {
-        let device = Default::default();
-        let x = |len| Tensor::<Autodiff<Wgpu>, 3>::zeros([2, len, 6], &device);
-        let bias = Tensor::<Autodiff<Wgpu>, 4>::zeros([2, 1, 1, 4], &device);
-        assert!(gpu::attention_core([x(1), x(4), x(4)], 2, 1.0, bias, 0.1).is_err());
-    }
-
     #[test]
     fn gpu_steps_match_burns_value_and_gradients() {
         check_dropout::<Autodiff<Wgpu>>();
@@ -389,11 +322,6 @@ mod on_wgpu {
             check_softmax::<Autodiff<Wgpu>>(bias);
         }
         check_softmax::<Autodiff<Wgpu, BalancedCheckpointing>>([2, 1, 1, 5]);
-        for bias in [[2, 1, 1, 5], [1, 1, 5, 5], [2, 1, 5, 5], [2, 1, 1, 7]] {
-            check_attention_core::<Autodiff<Wgpu>>(bias, 0.0);
-            check_attention_core::<Autodiff<Wgpu>>(bias, 0.3);
-        }
-        check_attention_core::<Autodiff<Wgpu, BalancedCheckpointing>>([2, 1, 5, 5], 0.3);
     }
 
     /// Inference (no autodiff) and the CPU keep their own paths.
