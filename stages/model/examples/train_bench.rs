@@ -291,17 +291,11 @@ fn bench_with<A: AutodiffBackend, O: train::ClippedStep<A>>(
     let runqueue_by_thread =
         per_step_by_thread(&threads_before, &threads_after, steps, |t| t.runqueue);
     let toks = batch * (src_len + tgt_len);
+    let how = if job.cast_each { "-cast-each" } else { "" };
     let precision = match job.half {
         None => "fp32".to_string(),
-        Some(dtype) => {
-            let name = if dtype == FloatDType::BF16 {
-                "bf16"
-            } else {
-                "f16"
-            };
-            let how = if job.cast_each { "-cast-each" } else { "" };
-            format!("{name}{how}")
-        }
+        Some(FloatDType::BF16) => format!("bf16{how}"),
+        Some(_) => format!("f16{how}"),
     };
     // Model FLOPs per step: 6 per parameter per token (forward 2, backward 4) for the
     // weight matmuls, plus attention's score and value products.

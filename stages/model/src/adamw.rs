@@ -226,9 +226,8 @@ impl<A: AutodiffBackend> ModuleMapper<A> for Scatter<A> {
         // would take burn's operations, whose sums round differently). GPU kernels read
         // slices at any offset as fast.
         let piece = if crate::fused::on_cpu::<A>() {
-            let (device, dtype) = (piece.device(), piece.dtype());
-            // In the piece's dtype (from the device alone it would be the default, f32).
-            Tensor::from_data(piece.into_data(), (&device, dtype))
+            let device = piece.device();
+            crate::train::host_copy(piece, &device)
         } else {
             piece
         };

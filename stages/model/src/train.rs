@@ -825,6 +825,16 @@ fn via_host<B: Backend, const D: usize>(t: Tensor<B, D>, device: &B::Device) -> 
     if &t.device() == device {
         return t;
     }
+    host_copy(t, device)
+}
+
+/// A copy of `t` in a buffer of its own on `device`, through host memory, in `t`'s dtype
+/// (`Tensor::from_data` given the device alone writes the default dtype, f32: a bf16
+/// tensor would silently widen).
+pub(crate) fn host_copy<B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+    device: &B::Device,
+) -> Tensor<B, D> {
     let dtype = t.dtype();
     Tensor::from_data(t.into_data(), (device, dtype))
 }
