@@ -5,6 +5,9 @@
 #   --burn-steps  layer norm, attention's softmax, dropout and the loss as burn composes them
 #                 (the default takes `fused::gpu`'s single steps): host_steps.md
 #   --no-fusion   burn-fusion off, every operation its own kernel: host_steps-no-fusion.md
+#   --burn-cat    FlatAdamW lays parameters and gradients end to end with burn's cat, a
+#                 kernel per piece (the default: `end_to_end`'s one kernel):
+#                 host_steps-burn-cat.md
 #   --cast-each   with BASE --f16 (mixed precision; lavapipe has no bf16): each parameter cast
 #                 by autodiff, where the default casts them all at once (FlatAdamW):
 #                 host_steps-f16-cast-each.md
@@ -47,13 +50,14 @@ perf record -e cpu-clock -o /dev/null -- true 2>/dev/null || {
 }
 rounds=${1:-3} steps=${2:-20} variant=${3:---burn-steps} base=${4:-}
 case "$variant $base" in
-"--burn-steps " | "--no-fusion " | "--cast-each --f16") ;;
+"--burn-steps " | "--no-fusion " | "--burn-cat " | "--cast-each --f16") ;;
 *)
-    echo "usage: bash bench/host_steps.sh [ROUNDS] [STEPS] [--burn-steps | --no-fusion | --cast-each --f16]" >&2
+    echo "usage: bash bench/host_steps.sh [ROUNDS] [STEPS] [--burn-steps | --no-fusion | --burn-cat | --cast-each --f16]" >&2
     exit 2
     ;;
 esac
-# host_steps.md (--burn-steps), host_steps-no-fusion.md, host_steps-f16-cast-each.md
+# host_steps.md (--burn-steps), host_steps-no-fusion.md, host_steps-burn-cat.md,
+# host_steps-f16-cast-each.md
 results=bench/results/host_steps${base:+-${base#--}}
 [ "$variant" = --burn-steps ] || results+="-${variant#--}"
 results+=.md
@@ -89,6 +93,7 @@ print(f"Host work per `narrow`{base} training step on burn's wgpu backend (lavap
 kinds = {"default": "default (fused::gpu, burn-fusion)",
          "--burn-steps": "burn's compositions (--burn-steps)",
          "--no-fusion": "burn-fusion off (--no-fusion)",
+         "--burn-cat": "burn's cat, a kernel per piece (--burn-cat)",
          "--cast-each": "each parameter cast by autodiff (--cast-each)"}
 if base:
     kinds["default"] = "default (all parameters cast at once, FlatAdamW)"

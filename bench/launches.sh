@@ -12,6 +12,8 @@
 #   bash bench/launches.sh --no-fusion   # burn-fusion off: bench/results/launches-no-fusion.md
 #   bash bench/launches.sh --burn-steps  # layer norm, softmax, dropout, loss as burn composes:
 #                                        # bench/results/launches-burn-steps.md
+#   bash bench/launches.sh --burn-cat    # FlatAdamW's vectors laid end to end by burn's cat,
+#                                        # a kernel per piece: launches-burn-cat.md
 #   bash bench/launches.sh --f16         # mixed precision (f16: lavapipe has no bf16), the
 #                                        # parameters cast at once by FlatAdamW
 #   bash bench/launches.sh --f16 --cast-each  # ... each cast by autodiff
@@ -28,9 +30,9 @@ variant="$*"
 results=bench/results/launches
 for flag in "$@"; do
     case "$flag" in
-    --no-fusion | --burn-steps | --f16 | --cast-each) results+="-${flag#--}" ;;
+    --no-fusion | --burn-steps | --burn-cat | --f16 | --cast-each) results+="-${flag#--}" ;;
     *)
-        echo "usage: bash bench/launches.sh [--no-fusion] [--burn-steps] [--f16 [--cast-each]]" >&2
+        echo "usage: bash bench/launches.sh [--no-fusion] [--burn-steps] [--burn-cat] [--f16 [--cast-each]]" >&2
         exit 2
         ;;
     esac

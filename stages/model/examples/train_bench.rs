@@ -16,6 +16,10 @@
 //!                                      # layer norm, attention's softmax, dropout and
 //!                                      # the loss composed by burn, not one step each
 //!                                      # (fused::gpu)
+//!     train_bench mini 30 --device cuda --burn-cat
+//!                                      # FlatAdamW lays parameters and gradients end to
+//!                                      # end with burn's cat (a kernel per piece), not
+//!                                      # end_to_end's one kernel
 //!     train_bench mini 30 --device cuda --run-ahead
 //!                                      # read only the first and last losses: the host may run
 //!                                      # ahead of the device (slower on an H100, see below)
@@ -65,6 +69,8 @@ struct Bench {
     fusion: bool,
     /// `--burn-steps`: burn's compositions where GPUs take `fused::gpu`'s single steps.
     burn_steps: bool,
+    /// `--burn-cat`: burn's cat where GPUs take `end_to_end`'s kernel.
+    burn_cat: bool,
     /// `--perf-ctl CTL,ACK`: perf's control and acknowledgement FIFOs.
     perf_ctl: Option<String>,
 }
@@ -116,9 +122,11 @@ fn main() {
         run_ahead: flag("--run-ahead"),
         fusion: !flag("--no-fusion"),
         burn_steps: flag("--burn-steps"),
+        burn_cat: flag("--burn-cat"),
         perf_ctl: value("--perf-ctl").cloned(),
     };
     orchestrate_model::model::use_burn_steps(job.burn_steps);
+    orchestrate_model::end_to_end::use_burn_cat(job.burn_cat);
     if asked == "wgpu" {
         return on_wgpu(job);
     }
@@ -307,7 +315,7 @@ fn bench_with<A: AutodiffBackend, O: train::ClippedStep<A>>(
         * (layers as f64 * (src_len * src_len + tgt_len * tgt_len + tgt_len * src_len) as f64);
     let flops = 6.0 * params * toks as f64 + attn;
     println!(
-        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"run_ahead\": {}, \"fusion\": {}, \"burn_steps\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"cpu_ms_per_step_by_thread\": {by_thread}, \"runqueue_ms_per_step_by_thread\": {runqueue_by_thread}, \"threads\": {}, \"allocator\": \"{}\", \"blocks_mapped\": {}, \"bytes_cached\": {}}}",
+        "{{\"kind\": \"train\", \"engine\": \"burn\", \"device\": \"{}\", \"model\": \"{}\", \"precision\": \"{}\", \"checkpointing\": {}, \"run_ahead\": {}, \"fusion\": {}, \"burn_steps\": {}, \"burn_cat\": {}, \"params\": {}, \"batch\": {batch}, \"src\": {src_len}, \"tgt\": {tgt_len}, \"warmup_s\": {warmup:.2}, \"step_ms\": {:.1}, \"tokens_per_s\": {:.0}, \"model_tflops_per_s\": {:.3}, \"host_cpu_ms_per_step\": {host_ms}, \"cpu_ms_per_step_by_thread\": {by_thread}, \"runqueue_ms_per_step_by_thread\": {runqueue_by_thread}, \"threads\": {}, \"allocator\": \"{}\", \"blocks_mapped\": {}, \"bytes_cached\": {}}}",
         job.label,
         job.preset,
         precision,
@@ -315,6 +323,7 @@ fn bench_with<A: AutodiffBackend, O: train::ClippedStep<A>>(
         job.run_ahead,
         job.fusion,
         job.burn_steps,
+        job.burn_cat,
         cfg.parameters(),
         dt * 1e3,
         toks as f64 / dt,

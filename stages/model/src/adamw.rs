@@ -4,9 +4,9 @@
 //! each of `mini`'s 174 tensors, some two thousand operations per step that burn's autodiff,
 //! fusion and CubeCL launch paths each handle on the host, which is what paces a GPU step
 //! (measured on an H100: the process's CPU time 2.0–2.4x the step's wall time). This one
-//! lays the parameters and gradients end to end in one vector each and runs the same
-//! arithmetic once over them (what PyTorch's `AdamW(fused=True)` does on CUDA), then hands
-//! each parameter its slice back.
+//! lays the parameters and gradients end to end in one vector each (one kernel each on GPU
+//! backends: `end_to_end`) and runs the same arithmetic once over them (what PyTorch's
+//! `AdamW(fused=True)` does on CUDA), then hands each parameter its slice back.
 //!
 //! The arithmetic is burn's `AdamW` (0.21) operation for operation, element by element, so
 //! the parameters it produces are bit-identical to burn's (a test checks it on the CPU).
@@ -30,6 +30,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::FloatDType;
 
+use crate::end_to_end::lay_end_to_end;
 use crate::model::Seq2Seq;
 
 /// First and second moments over every parameter end to end, and the step count.
@@ -109,7 +110,7 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
             _ => {
                 let mut params = Vec::new();
                 model.visit(&mut Flatten::<A>(&mut params));
-                Tensor::cat(params, 0).cast(dtype)
+                lay_end_to_end(params).cast(dtype)
             }
         };
         model.clone().map(&mut Scatter::<A>::new(flat))
@@ -188,7 +189,7 @@ fn flat_gradients<B: Backend>(
         .zip(params)
         .map(|(g, p)| g.unwrap_or_else(|| p.zeros_like().cast(FloatDType::from(dtype))))
         .collect();
-    let flat = Tensor::cat(pieces, 0);
+    let flat = lay_end_to_end(pieces);
     if dtype == master {
         flat
     } else {
@@ -300,7 +301,7 @@ impl<A: AutodiffBackend> FlatAdamW<A> {
         // bench/results/gpu.md): 151k against 179k tokens/s, and 171k against 217k with
         // the loss read every step.
         let mut g = flat_gradients(&params, gradients);
-        let p = Tensor::cat(params, 0);
+        let p = lay_end_to_end(params);
         let mut norm = None;
         if let Some(max) = clip {
             let n = g.clone().powi_scalar(2).sum().sqrt();

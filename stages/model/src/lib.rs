@@ -8,6 +8,7 @@ mod chart;
 pub mod compute;
 pub mod data;
 mod decode_cpu;
+pub mod end_to_end;
 pub mod evaluate;
 mod fused;
 pub mod generate;

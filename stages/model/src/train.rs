@@ -25,6 +25,7 @@ use tokenizers::Tokenizer;
 use crate::adamw::{AdamWSettings, FlatAdamW, Flatten, Grads, Scatter};
 use crate::compute::{self, Compute, OnDevice};
 use crate::data::{self, Batch, Example, Padding, Rounding, Specials};
+use crate::end_to_end::lay_end_to_end;
 use crate::model::{masked_cross_entropy, Activation, CastParams, ModelConfig, Seq2Seq};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -769,7 +770,7 @@ impl Transfer {
         // would wait on the device once per parameter (174 times for `mini`).
         let mut params = Vec::new();
         model.visit(&mut Flatten::<A>(&mut params));
-        let flat = via_host(Tensor::cat(params, 0), device);
+        let flat = via_host(lay_end_to_end(params), device);
         model.clone().map(&mut Scatter::<A>::new(flat))
     }
 
@@ -797,7 +798,7 @@ impl Transfer {
         if flat.is_empty() {
             return grads;
         }
-        let flat = via_host(Tensor::cat(flat, 0), device);
+        let flat = via_host(lay_end_to_end(flat), device);
         replica.visit(&mut PutGrads::<A> {
             grads: &mut grads,
             flat,
