@@ -88,7 +88,8 @@ print("\n`mini` fp32, the default (`mini-fp32`) and the variants run beside it i
       "glibc's allocator; since the evening of 2026-11-27 `no-fusion`, burn-fusion off; since "
       "2026-11-28 `burn-steps`, layer norm, softmax, dropout and loss composed by burn; since "
       "2026-12-06 `bf16-cast-each`, bf16 with each parameter cast by autodiff rather than all "
-      "at once by the optimiser, to set beside `mini-bf16` above):\n")
+      "at once by the optimiser, to set beside `mini-bf16` above, and `burn-cat`, FlatAdamW's "
+      "vectors laid end to end by burn's cat, a kernel per piece, not `end_to_end`'s one):\n")
 print("| variant | tokens/s (each round) | median | vs `mini-fp32` | vs PyTorch fp32 eager | "
       "host CPU ms / step |")
 print("|---|---|---:|---:|---:|---:|")

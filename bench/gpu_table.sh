@@ -5,8 +5,10 @@
 # off (`--no-fusion`: every operation its own kernel, none of burn-fusion's host work) and
 # with layer norm, attention's softmax, dropout and the loss as burn composes them (`--burn-steps`,
 # against the default's single steps of `fused::gpu`), and `mini` bf16 with each parameter
-# cast by autodiff (`--cast-each`, against the default's one cast by FlatAdamW): the open
-# questions about where a step's time goes. (`--run-ahead` and `--system-alloc`, run here on 2026-11-27, were
+# cast by autodiff (`--cast-each`, against the default's one cast by FlatAdamW), and `mini`
+# fp32 with FlatAdamW's vectors laid end to end by burn's cat (`--burn-cat`, a kernel per
+# piece, against `end_to_end`'s one kernel): the open questions about where a step's time
+# goes. (`--run-ahead` and `--system-alloc`, run here on 2026-11-27, were
 # settled then: bench/results/gpu.md.)
 #
 #   cargo build --release --locked -p orchestrate-model --features cuda --example train_bench
@@ -14,7 +16,7 @@
 #     strip -o /tmp/tb target/release/examples/train_bench && xz -1 -c /tmp/tb > bench/bin/train_bench-cuda.xz
 #   bash bench/gpu_table.sh [SECONDS] [PEAK_TFLOPS]   # on the GPU machine, bench/bin carried
 #
-# Phase 1 compiles and autotunes each of the four (preset, precision) pairs and the three
+# Phase 1 compiles and autotunes each of the four (preset, precision) pairs and the four
 # `mini` variants side by side,
 # each into its own kernel cache (untimed: a fresh machine spends about three minutes on
 # `mini` alone; their first-step times are the cold warm-ups, inflated by running together).
@@ -47,7 +49,7 @@ log=$OUT/table.jsonl
     echo "$(nproc) CPU threads"
 } >"$OUT/machine.txt" 2>&1
 # One kernel cache per (preset, precision), named as the run that fills it.
-caches="mini-fp32 spec512-fp32 mini-bf16 spec512-bf16 no-fusion burn-steps bf16-cast-each"
+caches="mini-fp32 spec512-fp32 mini-bf16 spec512-bf16 no-fusion burn-steps bf16-cast-each burn-cat"
 for c in $caches; do
     mkdir -p "/tmp/k/$c"
     [ -f "$bin/k-$c.tgz" ] && tar -xzf "$bin/k-$c.tgz" -C "/tmp/k/$c"
@@ -95,6 +97,7 @@ ours cold spec512-bf16 spec512-bf16 270 spec512 3 --bf16 &
 ours cold no-fusion no-fusion 270 mini 3 --no-fusion &
 ours cold burn-steps burn-steps 270 mini 3 --burn-steps &
 ours cold bf16-cast-each bf16-cast-each 270 mini 3 --bf16 --cast-each &
+ours cold burn-cat burn-cat 270 mini 3 --burn-cat &
 wait
 
 # From here on, the last 25 s of the budget are kept for packing the kernel caches.
@@ -126,6 +129,7 @@ for r in 1 2 3; do
     ours $r no-fusion no-fusion 60 mini 30 --no-fusion
     ours $r burn-steps burn-steps 60 mini 30 --burn-steps
     ours $r bf16-cast-each bf16-cast-each 60 mini 30 --bf16 --cast-each
+    ours $r burn-cat burn-cat 60 mini 30 --burn-cat
     left=$((deadline - SECONDS))
     if ((left > 20)); then
         (cd $bin && timeout $((left < 120 ? left : 120)) python3 -c "
