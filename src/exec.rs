@@ -428,6 +428,7 @@ async fn run_stage(
             Ok(None) => {}
             Err(e) => {
                 record.error = Some(e.to_string());
+                record.store_error = true;
                 return finish(record, None);
             }
         }
@@ -452,6 +453,7 @@ async fn run_stage(
         }
         Err(e) => {
             record.error = Some(e.to_string());
+            record.store_error = true;
             return finish(record, None);
         }
     }
@@ -491,7 +493,7 @@ async fn run_stage(
         attempt += 1;
         let r = produce(sh, i, &inputs, &key, &parts, attempt, &metrics).await;
         match r {
-            Err(StageFailure::Failed(msg))
+            Err(StageFailure::Failed(msg) | StageFailure::Store(msg))
                 if attempt <= stage.retries && !sh.cancel.is_cancelled() =>
             {
                 let wait = Duration::from_millis(500 * (1 << (attempt - 1).min(6)));
@@ -523,6 +525,11 @@ async fn run_stage(
         }
         Err(StageFailure::Failed(msg)) => {
             record.error = Some(msg);
+            (record, None)
+        }
+        Err(StageFailure::Store(msg)) => {
+            record.error = Some(msg);
+            record.store_error = true;
             (record, None)
         }
     };
@@ -582,11 +589,13 @@ async fn acquire(
 enum StageFailure {
     Cancelled,
     Failed(String),
+    /// The artifact store failed the stage (reading its inputs, storing its output).
+    Store(String),
 }
 
 impl From<StoreError> for StageFailure {
     fn from(e: StoreError) -> Self {
-        StageFailure::Failed(e.to_string())
+        StageFailure::Store(e.to_string())
     }
 }
 

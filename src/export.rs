@@ -16,6 +16,9 @@ pub struct ArgoOptions {
     /// AWS_ENDPOINT_URL, AWS_REGION, MLFLOW_TRACKING_TOKEN).
     pub secret: String,
     pub mlflow: Option<String>,
+    /// The command line's `--set PATH=VALUE` overrides, which every task's run repeats
+    /// (the pipeline file travels as written).
+    pub sets: Vec<String>,
 }
 
 /// Where the pipeline file sits inside every task's container.
@@ -61,10 +64,15 @@ pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String
             task["dependencies"] = json!(deps);
         }
         tasks.push(task);
+        let mut args = vec!["run", PIPELINE_PATH, "--only", s.name.as_str()];
+        for set in &o.sets {
+            args.extend(["--set", set.as_str()]);
+        }
+        args.extend(["--no-serve", "--quiet"]);
         let mut container = json!({
             "image": o.image,
             "command": ["orchestrate"],
-            "args": ["run", PIPELINE_PATH, "--only", s.name, "--no-serve", "--quiet"],
+            "args": args,
             "env": env,
         });
         if let Device::Cuda(_) = s.device {

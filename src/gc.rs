@@ -50,9 +50,11 @@ pub async fn collect(
     let mut live_blobs: HashSet<String> = store.checkpoint_blobs().await?.into_iter().collect();
     let mut kept_keys: HashSet<CacheKey> = HashSet::new();
     for (key, modified) in store.list_manifest_keys().await? {
-        let m = store.manifest(&key).await.ok().flatten();
         if keep.contains(&key) || young(modified) {
-            if let Some(m) = m {
+            // A kept artifact's files must be known before any blob goes: a manifest that
+            // cannot be read (the store unreachable, or the manifest corrupt) stops the
+            // collection rather than letting its files be taken for garbage.
+            if let Some(m) = store.manifest(&key).await? {
                 live_blobs.extend(m.files.iter().map(|f| f.digest.clone()));
             }
             kept_keys.insert(key);

@@ -356,6 +356,22 @@ fn open_store(p: &Pipeline, args: &StoreArgs) -> Result<Store, Failure> {
     }
 }
 
+/// With `--pipeline`, that pipeline's `name`: a store may hold the runs of several
+/// pipelines (this repository's three share `artifacts/`), and `runs`, `show last` and
+/// `serve STAGE` then look at that pipeline's alone.
+fn pipeline_name(args: &StoreOnly) -> Result<Option<String>, Failure> {
+    args.pipeline
+        .as_ref()
+        .map(|file| {
+            load(&PipelineArgs {
+                file: file.clone(),
+                sets: Vec::new(),
+            })
+            .map(|p| p.name.clone())
+        })
+        .transpose()
+}
+
 fn open_store_only(args: &StoreOnly) -> Result<Store, Failure> {
     if let Some(url) = &args.store.store {
         return Ok(Store::open(url, Path::new("."))?);
@@ -370,6 +386,28 @@ fn open_store_only(args: &StoreOnly) -> Result<Store, Failure> {
         }
         None => Ok(Store::open("file://artifacts", Path::new("."))?),
     }
+}
+
+/// How often a run samples the machine's CPU, memory and GPUs: every 10 s, or
+/// `ORCHESTRATE_SYSTEM_METRICS_SECS`, which must be a positive number of seconds.
+fn system_metrics_every() -> Result<Duration, Failure> {
+    const VAR: &str = "ORCHESTRATE_SYSTEM_METRICS_SECS";
+    let Some(value) = std::env::var_os(VAR) else {
+        return Ok(Duration::from_secs(10));
+    };
+    let value = value.to_string_lossy();
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| {
+            Failure::new(
+                2,
+                format!("error: {VAR} must be a positive number of seconds, got `{value}`"),
+            )
+        })
 }
 
 /// `tracking.mlflow` from the pipeline, else `MLFLOW_TRACKING_URI`.
@@ -453,11 +491,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 args: std::env::args().skip(1).collect(),
                 tracker,
                 experiment: p.tracking.experiment.clone(),
-                system_metrics_every: std::env::var("ORCHESTRATE_SYSTEM_METRICS_SECS")
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .map(Duration::from_secs_f64)
-                    .unwrap_or(Duration::from_secs(10)),
+                system_metrics_every: system_metrics_every()?,
             };
             let serve_store = store.clone();
             let (record, record_error) =
@@ -508,10 +542,10 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let dir = Path::new(&model);
             let holds_artifact = dir.join(orchestrate_serve::deploy::DEPLOYMENT).is_file()
                 || dir.join(orchestrate_model::artifact::CARD).is_file();
-            let stage_given = store.pipeline.is_some() || store.store.store.is_some();
-            if dir.is_dir() && (holds_artifact || !stage_given) {
+            if holds_artifact {
                 return serve_dir(dir, overrides).await;
             }
+            let pipeline = pipeline_name(&store)?;
             let (store, stage) = match model.split_once('#') {
                 Some((url, stage)) => (Store::open(url, Path::new("."))?, stage.to_string()),
                 None => (open_store_only(&store)?, model.clone()),
@@ -519,7 +553,16 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let cache = std::env::var_os("ORCHESTRATE_CACHE_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(".orchestrate"));
-            let dir = stage_artifact(&store, &stage, &cache).await?;
+            let found = stage_artifact(&store, &stage, pipeline.as_deref(), &cache).await;
+            // Neither an artifact directory nor a stage in the store: say both.
+            let dir = match found {
+                Err(e) if e.code == 2 && dir.is_dir() => {
+                    return serve_dir(dir, overrides)
+                        .await
+                        .map_err(|d| Failure::new(2, format!("{}\n{}", d.message, e.message)))
+                }
+                found => found?,
+            };
             serve_dir(&dir, overrides).await
         }
         Command::Export {
@@ -544,6 +587,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 store: store.store,
                 secret,
                 mlflow: mlflow_url(&p),
+                sets: pipeline.sets.clone(),
             };
             let wf = orchestrate::export::argo(&p, &source, &opts)
                 .map_err(|e| Failure::new(2, format!("error: {e}")))?;
@@ -573,12 +617,18 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Runs { store, limit, json } => {
+            let name = pipeline_name(&store)?;
             let store = open_store_only(&store)?;
             let ids = store.list_run_ids().await?;
             let mut runs = Vec::new();
-            for id in ids.iter().rev().take(limit) {
+            for id in ids.iter().rev() {
+                if runs.len() == limit {
+                    break;
+                }
                 if let Some(r) = store.get_run::<RunRecord>(id).await? {
-                    runs.push(r);
+                    if name.as_ref().is_none_or(|n| *n == r.pipeline) {
+                        runs.push(r);
+                    }
                 }
             }
             if json {
@@ -592,8 +642,9 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Show { run, store, json } => {
+            let name = pipeline_name(&store)?;
             let store = open_store_only(&store)?;
-            let id = resolve_run(&store, &run).await?;
+            let id = resolve_run(&store, &run, name.as_deref()).await?;
             let record: RunRecord = store
                 .get_run(&id)
                 .await?
@@ -629,8 +680,9 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Pin { run_or_key, store } => {
+            let name = pipeline_name(&store)?;
             let store = open_store_only(&store)?;
-            let keys = keys_for(&store, &run_or_key).await?;
+            let keys = keys_for(&store, &run_or_key, name.as_deref()).await?;
             for k in &keys {
                 store.pin(k, &run_or_key).await?;
             }
@@ -642,8 +694,9 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Unpin { run_or_key, store } => {
+            let name = pipeline_name(&store)?;
             let store = open_store_only(&store)?;
-            let keys = keys_for(&store, &run_or_key).await?;
+            let keys = keys_for(&store, &run_or_key, name.as_deref()).await?;
             let mut n = 0;
             for k in &keys {
                 n += usize::from(store.unpin(k).await?);
@@ -694,8 +747,21 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let mut bad = 0;
             let keys = store.list_manifest_keys().await?;
             for (key, _) in &keys {
-                let Some(m) = store.manifest(key).await? else {
-                    continue;
+                let m = match store.manifest(key).await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => continue,
+                    // The manifest itself is unreadable (bad JSON, or a digest that does not
+                    // match its file list): the artifact it describes cannot be trusted.
+                    Err(e @ orchestrate::store::StoreError::Decode { .. }) => {
+                        bad += 1;
+                        println!("corrupt: manifest of key {}: {e}", key.short());
+                        if repair {
+                            store.delete_manifest(key).await?;
+                            println!("  removed; the next run rebuilds it");
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
                 };
                 let problems = store.verify(&m).await?;
                 if !problems.is_empty() {
@@ -808,22 +874,33 @@ async fn deployed_dir(
 
 /// The artifact of `stage` in the newest run that produced or reused it.
 #[cfg(feature = "model")]
-async fn stage_artifact(store: &Store, stage: &str, cache: &Path) -> Result<PathBuf, Failure> {
+async fn stage_artifact(
+    store: &Store,
+    stage: &str,
+    pipeline: Option<&str>,
+    cache: &Path,
+) -> Result<PathBuf, Failure> {
     let ids = store.list_run_ids().await?;
     for id in ids.iter().rev() {
         let Some(record) = store.get_run::<RunRecord>(id).await? else {
             continue;
         };
+        if pipeline.is_some_and(|p| p != record.pipeline) {
+            continue;
+        }
         if let Some(s) = record.stages.iter().find(|s| s.stage == stage) {
             if let Some(dir) = stored_artifact(store, s, cache).await? {
                 return Ok(dir);
             }
         }
     }
+    let of = pipeline
+        .map(|p| format!(" of pipeline `{p}`"))
+        .unwrap_or_default();
     Err(Failure::new(
         2,
         format!(
-            "error: no run in {} produced a stage `{stage}`; give a directory, `STAGE` with --pipeline/--store, or `URL#STAGE`",
+            "error: no run{of} in {} produced a stage `{stage}`; give a directory, `STAGE` with --pipeline/--store, or `URL#STAGE`",
             store.url()
         ),
     ))
@@ -841,7 +918,18 @@ async fn serve_dir(dir: &Path, o: ServeOverrides) -> Result<u8, Failure> {
         opts.port = p;
     }
     if o.api_key.is_some() {
+        // Given on the command line, even empty (no key, on purpose), it overrides the
+        // deployment's variable.
         opts.api_key = o.api_key.filter(|k| !k.is_empty());
+        opts.key_from = None;
+    }
+    if let (None, Some(var)) = (&opts.api_key, &opts.key_from) {
+        return Err(Failure::new(
+            2,
+            format!(
+                "error: the deployment takes its API key from ${var} (its `api_key_env`), which is unset or empty; set it, or give --api-key KEY (--api-key '' serves without one)"
+            ),
+        ));
     }
     if let Some(b) = o.max_batch {
         opts.max_batch = b;
@@ -856,6 +944,13 @@ async fn serve_dir(dir: &Path, o: ServeOverrides) -> Result<u8, Failure> {
         opts.workers = w;
     }
     if !o.cors_origins.is_empty() {
+        if let Some(problem) = o
+            .cors_origins
+            .iter()
+            .find_map(|origin| orchestrate_serve::api::cors_origin_problem(origin))
+        {
+            return Err(Failure::new(2, format!("error: --cors-origin: {problem}")));
+        }
         opts.cors_origins = Some(o.cors_origins);
     }
     let name = opts.name.clone();
@@ -1017,8 +1112,14 @@ fn exit_code(r: &RunRecord) -> u8 {
                         .as_deref()
                         .is_some_and(|e| e.starts_with("quality gate failed"))
             });
+            let store = r
+                .stages
+                .iter()
+                .any(|s| s.status == StageStatus::Failed && s.store_error);
             if gate {
                 4
+            } else if store {
+                3
             } else {
                 1
             }
@@ -1151,13 +1252,27 @@ fn show(r: &RunRecord) -> String {
     out
 }
 
-async fn resolve_run(store: &Store, run: &str) -> Result<String, Failure> {
+/// A run by id prefix, or `last`: the newest run (of `pipeline`, where given).
+async fn resolve_run(store: &Store, run: &str, pipeline: Option<&str>) -> Result<String, Failure> {
     let ids = store.list_run_ids().await?;
     if run == "last" {
-        return ids
-            .last()
-            .cloned()
-            .ok_or_else(|| Failure::new(2, "error: the store has no runs yet"));
+        let Some(pipeline) = pipeline else {
+            return ids
+                .last()
+                .cloned()
+                .ok_or_else(|| Failure::new(2, "error: the store has no runs yet"));
+        };
+        for id in ids.iter().rev() {
+            if let Some(r) = store.get_run::<RunRecord>(id).await? {
+                if r.pipeline == pipeline {
+                    return Ok(id.clone());
+                }
+            }
+        }
+        return Err(Failure::new(
+            2,
+            format!("error: the store has no runs of pipeline `{pipeline}` yet"),
+        ));
     }
     let matches: Vec<&String> = ids.iter().filter(|id| id.starts_with(run)).collect();
     match matches.as_slice() {
@@ -1179,12 +1294,13 @@ async fn resolve_run(store: &Store, run: &str) -> Result<String, Failure> {
 async fn keys_for(
     store: &Store,
     run_or_key: &str,
+    pipeline: Option<&str>,
 ) -> Result<Vec<orchestrate::key::CacheKey>, Failure> {
     let key = orchestrate::key::CacheKey(run_or_key.to_string());
     if run_or_key.len() == 64 && store.manifest(&key).await?.is_some() {
         return Ok(vec![key]);
     }
-    let id = resolve_run(store, run_or_key).await?;
+    let id = resolve_run(store, run_or_key, pipeline).await?;
     let record: RunRecord = store
         .get_run(&id)
         .await?

@@ -27,6 +27,7 @@ const STAGE_KEYS: [&str; 7] = [
 ];
 const TRACKING_KEYS: [&str; 3] = ["mlflow", "experiment", "register"];
 const REGISTER_KEYS: [&str; 2] = ["stage", "name"];
+// `devices` is known here only to be refused with a hint (see `resources`).
 const RESOURCE_KEYS: [&str; 2] = ["device", "devices"];
 
 #[derive(Clone, Debug, Serialize)]
@@ -815,14 +816,16 @@ impl Validator {
             &RESOURCE_KEYS,
             &format!("in `resources` of stage `{stage}`"),
         );
+        // Several GPUs are the train stage's own parameter (`with.devices`): accepted here,
+        // they would be ignored without a word.
         if let Some(d) = node.get("devices") {
-            let ok = matches!(&d.value, Value::Seq(items) if items.iter().all(|i| matches!(i.value, Value::Int(n) if n >= 0)));
-            if !ok {
-                self.diags.push(
-                    Diagnostic::new("`devices` must be a list of GPU indices", d.span)
-                        .hint("for example `devices: [0, 1]`"),
-                );
-            }
+            self.diags.push(
+                Diagnostic::new(
+                    format!("`devices` is not a resource: stage `{stage}` would ignore it here"),
+                    d.span,
+                )
+                .hint("several GPUs are the train stage's `with: { devices: [0, 1] }`, beside `resources: { device: cuda }`"),
+            );
         }
         match node.get("device") {
             None => Some(Device::Auto),
@@ -938,7 +941,10 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "h" => n * 3600.0,
         _ => return None,
     };
-    (secs > 0.0).then(|| Duration::from_secs_f64(secs))
+    // `try_from`: a number too large for a Duration is an invalid value, not a panic.
+    (secs > 0.0)
+        .then(|| Duration::try_from_secs_f64(secs).ok())
+        .flatten()
 }
 
 /// Each elementary cycle through a strongly connected component, as stage indices with the

@@ -64,6 +64,10 @@ pub struct StageRecord {
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The failure was the artifact store's (unreachable, unreadable, a corrupt input),
+    /// not the stage's work: the run exits 3, not 1.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub store_error: bool,
     /// Last value of each metric the stage reported.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, f64>,
@@ -83,6 +87,7 @@ impl StageRecord {
             produced_by: None,
             attempts: 0,
             error: None,
+            store_error: false,
             metrics: BTreeMap::new(),
         }
     }

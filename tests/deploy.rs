@@ -125,6 +125,13 @@ fn argo_export_validates_against_argos_schema() {
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("nvidia.com/gpu: \"1\""), "{}", r.stdout);
+    // ... and every task runs with the override, not the file as written.
+    assert_eq!(
+        r.stdout.matches("- model.resources.device=cuda\n").count(),
+        8,
+        "{}",
+        r.stdout
+    );
     // A local store cannot be shared by pods.
     let r = sb.run(&[
         "export",

@@ -39,6 +39,7 @@ broken!(duplicate_stage_name, "duplicate_stage");
 broken!(wrong_value_type, "wrong_type");
 broken!(missing_required_param, "missing_param");
 broken!(every_problem_at_once, "many_at_once");
+broken!(devices_outside_train_and_a_huge_timeout, "resources");
 broken!(
     bad_set_path,
     "ok",

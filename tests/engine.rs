@@ -237,7 +237,11 @@ fn a_flipped_byte_in_a_blob_is_detected_named_and_repaired() {
     // A stage reading it on a machine without a local copy fails and names the blob.
     std::fs::remove_dir_all(sb.path().join(".orchestrate/artifacts")).unwrap();
     let r = sb.run(&["run", "p.yaml", "--force", "left"]);
-    assert_eq!(r.code, 1);
+    assert_eq!(
+        r.code, 3,
+        "the store's failure, not the stage's: {}",
+        r.stdout
+    );
     assert!(
         r.stdout.contains("corrupt blob") && r.stdout.contains(&blob_hex),
         "{}",
@@ -427,6 +431,75 @@ fn gc_keeps_what_kept_and_pinned_runs_use() {
         plan.stdout
     );
     assert_eq!(sb.run(&["fsck", "--store", "file://store"]).code, 0);
+}
+
+#[test]
+fn a_kept_artifact_with_an_unreadable_manifest_stops_gc_and_fsck_repairs_it() {
+    let sb = diamond("0");
+    assert_eq!(sb.run(&["run", "p.yaml"]).code, 0);
+    let key = sb.stage_manifest("left")["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blobs = || {
+        std::fs::read_dir(sb.path().join("store/blobs"))
+            .unwrap()
+            .count()
+    };
+    let before = blobs();
+    // The manifest's file list edited: its digest no longer matches.
+    let path = format!("store/manifests/{key}.json");
+    let mut manifest: serde_json::Value = serde_json::from_str(&sb.read(&path)).unwrap();
+    manifest["files"][0]["size"] = serde_json::json!(12345);
+    sb.write(&path, &manifest.to_string());
+    let r = sb.run(&["gc", "--store", "file://store", "--grace", "0"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("manifest"), "{}", r.stderr);
+    assert_eq!(
+        blobs(),
+        before,
+        "gc deleted files while a kept manifest was unreadable"
+    );
+    let f = sb.run(&["fsck", "--store", "file://store"]);
+    assert_eq!(f.code, 3, "{}", f.stderr);
+    assert!(
+        f.stdout.contains("corrupt: manifest of key"),
+        "{}",
+        f.stdout
+    );
+    assert_eq!(
+        sb.run(&["fsck", "--store", "file://store", "--repair"])
+            .code,
+        0
+    );
+    assert_eq!(sb.run(&["fsck", "--store", "file://store"]).code, 0);
+    let plan = sb.run(&["plan", "p.yaml"]);
+    assert!(
+        plan.stdout.contains("left   shell  will run"),
+        "{}",
+        plan.stdout
+    );
+}
+
+#[test]
+fn runs_and_show_look_at_the_pipeline_given() {
+    let sb = diamond("0");
+    assert_eq!(sb.run(&["run", "p.yaml"]).code, 0);
+    sb.write(
+        "other.yaml",
+        &sb.read("p.yaml").replacen("name: ", "name: other-", 1),
+    );
+    assert_eq!(sb.run(&["run", "other.yaml"]).code, 0);
+    let runs = sb.run(&["runs", "--pipeline", "p.yaml", "--json"]);
+    let runs: serde_json::Value = serde_json::from_str(&runs.stdout).unwrap();
+    assert_eq!(runs.as_array().unwrap().len(), 1, "{runs}");
+    let show = sb.run(&["show", "last", "--pipeline", "p.yaml", "--json"]);
+    let shown: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(shown["id"], runs[0]["id"]);
+    assert_ne!(shown["pipeline"], sb.last_run()["pipeline"]);
+    let all = sb.run(&["runs", "--store", "file://store", "--json"]);
+    let all: serde_json::Value = serde_json::from_str(&all.stdout).unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 2);
 }
 
 #[test]

@@ -302,6 +302,17 @@ async fn every_route_answers() {
     assert_eq!(c["object"], "text_completion");
     assert!(["stop", "length"].contains(&c["choices"][0]["finish_reason"].as_str().unwrap()));
     assert!(c["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+    // Temperature 0 is greedy even beside top_p or top_k (as OpenAI's clients send it):
+    // the same text as plain greedy decoding, every time.
+    let greedy = c["choices"][0]["text"].clone();
+    for extra in [r#""top_p": 0.5"#, r#""top_k": 3"#] {
+        let body = format!(
+            r#"{{"model": "tiny", "prompt": "Time", "max_tokens": 5, "temperature": 0, {extra}}}"#
+        );
+        let (s, _, b) = call(&app, "POST", "/v1/completions", Some(&body)).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        assert_eq!(j(&b)["choices"][0]["text"], greedy, "{extra}");
+    }
     let (s, _, b) = call(
         &app,
         "POST",
@@ -521,6 +532,57 @@ async fn api_key_and_cors() {
     assert!(hs
         .iter()
         .any(|(k, v)| k == "access-control-allow-origin" && v == "https://ui.example"));
+
+    // A browser's preflight for a request with X-API-Key, which the README offers.
+    let (_, hs, _) = call_with(
+        &app,
+        "OPTIONS",
+        "/generate",
+        None,
+        &[
+            ("origin", "https://ui.example"),
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "x-api-key,content-type"),
+        ],
+    )
+    .await;
+    assert!(
+        hs.iter()
+            .any(|(k, v)| k == "access-control-allow-headers" && v.contains("x-api-key")),
+        "{hs:?}"
+    );
+
+    // `*`: any origin (tower-http panics on `*` in a list of origins).
+    let any = self::app(ServeOptions {
+        cors_origins: Some(vec!["*".into()]),
+        ..opts()
+    });
+    let (_, hs, _) = call_with(
+        &any,
+        "GET",
+        "/health",
+        None,
+        &[("origin", "https://elsewhere.example")],
+    )
+    .await;
+    assert!(hs
+        .iter()
+        .any(|(k, v)| k == "access-control-allow-origin" && v == "*"));
+    for bad in [
+        "ui.example",
+        "https://ui.example/",
+        "https://ui.example/app",
+    ] {
+        let problem = orchestrate_serve::api::cors_origin_problem(bad);
+        assert!(
+            problem.as_deref().is_some_and(|p| p.contains(bad)),
+            "{bad}: {problem:?}"
+        );
+    }
+    assert_eq!(
+        orchestrate_serve::api::cors_origin_problem("http://127.0.0.1:3000"),
+        None
+    );
 
     // Without configuration, no CORS headers at all.
     let plain = self::app(opts());

@@ -65,7 +65,7 @@ pub fn lay_end_to_end<B: Backend>(pieces: Vec<Tensor<B, 1>>) -> Tensor<B, 1> {
 
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod cube {
-    use burn::tensor::ops::FloatTensor;
+    use burn::tensor::ops::{FloatTensor, FloatTensorOps};
     use burn::tensor::{DType, Shape};
     use burn_cubecl::element::{BoolElement, FloatElement, IntElement};
     use burn_cubecl::kernel::into_contiguous;
@@ -118,7 +118,8 @@ mod cube {
                 DType::F32 => launch::<f32, R>(pieces, &output),
                 DType::BF16 => launch::<half::bf16, R>(pieces, &output),
                 DType::F16 => launch::<half::f16, R>(pieces, &output),
-                other => unreachable!("a float parameter or gradient in {other:?}"),
+                // No parameter of this crate's comes in another dtype; burn's way serves.
+                _ => return Self::float_cat(pieces, 0),
             }
             output
         }
@@ -129,32 +130,33 @@ mod cube {
     fn launch<E: Numeric, R: CubeRuntime>(pieces: Vec<CubeTensor<R>>, output: &CubeTensor<R>) {
         let client = &output.client;
         // One binding is the output's; CubeCL's count leaves room for the backend's own.
+        // (lavapipe allows some thirty; CUDA, a `mini` step's 174 pieces at once.)
         let group = (client.properties().hardware.max_bindings as usize)
             .saturating_sub(1)
             .clamp(1, 256);
-        let largest = pieces.iter().map(|p| p.meta.num_elements()).max();
-        // Enough units for the largest piece to take a few strides, not one per element:
-        // the smaller pieces leave most units idle.
-        let units = largest.unwrap_or(1).div_ceil(4).max(1);
-        let cube_dim = CubeDim::new(client, units);
-        let cube_count = calculate_cube_count_elemwise(client, units, cube_dim);
         let mut start = 0;
         let mut pieces = pieces.into_iter().peekable();
         while pieces.peek().is_some() {
             let mut args = SequenceArg::<R, Tensor<E>>::new();
-            let mut length = 0;
+            let (mut length, mut largest) = (0, 1);
             for piece in pieces.by_ref().take(group) {
                 let piece = if piece.is_contiguous() {
                     piece
                 } else {
                     into_contiguous(piece)
                 };
-                length += piece.meta.num_elements();
+                let n = piece.meta.num_elements();
+                (length, largest) = (length + n, largest.max(n));
                 args.push(piece.into_tensor_arg());
             }
+            // Enough units for the group's largest piece to take a few strides, not one
+            // per element: its smaller pieces leave most units idle.
+            let units = largest.div_ceil(4);
+            let cube_dim = CubeDim::new(client, units);
+            let cube_count = calculate_cube_count_elemwise(client, units, cube_dim);
             end_to_end_kernel::launch::<E, R>(
                 client,
-                cube_count.clone(),
+                cube_count,
                 cube_dim,
                 args,
                 output.clone().into_tensor_arg(),

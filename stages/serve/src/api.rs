@@ -129,15 +129,49 @@ pub fn router(state: Shared, cors: Option<Vec<String>>) -> Router {
         .with_state(state);
     if let Some(origins) = cors {
         use tower_http::cors::{AllowOrigin, CorsLayer};
-        let origins: Vec<HeaderValue> = origins.iter().filter_map(|o| o.parse().ok()).collect();
+        // `*` is any origin; tower-http refuses it inside a list (a panic), and the others
+        // have been checked by `cors_origin_problem` where they were given.
+        let allow = if origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(origins.iter().filter_map(|o| o.parse::<HeaderValue>().ok()))
+        };
         app = app.layer(
             CorsLayer::new()
-                .allow_origin(AllowOrigin::list(origins))
+                .allow_origin(allow)
                 .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
-                .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION]),
+                .allow_headers([
+                    header::CONTENT_TYPE,
+                    header::AUTHORIZATION,
+                    header::HeaderName::from_static("x-api-key"),
+                ]),
         );
     }
     app
+}
+
+/// What is wrong with `origin` as a CORS origin, if anything: browsers send
+/// `scheme://host[:port]`, with no path and no trailing slash, and an origin written
+/// otherwise would never match (before this check it was dropped without a word).
+pub fn cors_origin_problem(origin: &str) -> Option<String> {
+    if origin == "*" {
+        return None;
+    }
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"));
+    match rest {
+        None => Some(format!(
+            "`{origin}` is not an origin: expected `*` or scheme://host[:port], e.g. https://example.com"
+        )),
+        Some(host) if host.is_empty() || host.contains(['/', '?', '#', ' ']) => Some(format!(
+            "`{origin}` is not an origin: scheme://host[:port] with no path or trailing slash"
+        )),
+        Some(_) if origin.parse::<HeaderValue>().is_err() => {
+            Some(format!("`{origin}` cannot be sent in an HTTP header"))
+        }
+        Some(_) => None,
+    }
 }
 
 /// Per-route request counts and latencies (to the response head; a stream's body follows).
@@ -388,10 +422,13 @@ impl AppState {
                 p.author.as_deref().unwrap_or_default()
             ));
         }
-        let sample = p.do_sample
-            || p.top_k.is_some()
-            || p.top_p.is_some_and(|t| t < 1.0)
-            || p.temperature.map_or(sampling_default, |t| t > 0.0);
+        // A temperature of 0 is the limit of sampling: the likeliest token, whatever else is
+        // asked (OpenAI's clients send `temperature: 0` beside their usual `top_p`).
+        let sample = p.temperature != Some(0.0)
+            && (p.do_sample
+                || p.top_k.is_some()
+                || p.top_p.is_some_and(|t| t < 1.0)
+                || p.temperature.map_or(sampling_default, |t| t > 0.0));
         let seed = sample.then(|| p.seed.unwrap_or_else(fresh_seed));
         let sampling = if sample {
             Sampling {

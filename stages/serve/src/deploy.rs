@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use orchestrate_stage::{
-    canonical_params, ArtifactKind, InputDecl, Inputs, ParamError, StageContext, StageDescriptor,
-    StageError, StageOutput,
+    canonical_params, ArtifactKind, InputDecl, Inputs, ParamError, ParamProblem, PathSegment,
+    StageContext, StageDescriptor, StageError, StageOutput,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -82,7 +82,23 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
 };
 
 fn canonical(v: Value) -> Result<Value, ParamError> {
-    canonical_params::<DeployParams>(v)
+    let v = canonical_params::<DeployParams>(v)?;
+    let p: DeployParams = serde_json::from_value(v.clone()).map_err(|e| ParamError {
+        path: Vec::new(),
+        problem: ParamProblem::Invalid(e.to_string()),
+    })?;
+    for (i, origin) in p.cors_origins.iter().flatten().enumerate() {
+        if let Some(problem) = crate::api::cors_origin_problem(origin) {
+            return Err(ParamError {
+                path: vec![
+                    PathSegment::Key("cors_origins".into()),
+                    PathSegment::Index(i),
+                ],
+                problem: ParamProblem::Invalid(problem),
+            });
+        }
+    }
+    Ok(v)
 }
 
 pub const DEPLOYMENT: &str = "deployment.json";
@@ -114,6 +130,7 @@ impl Deployment {
                 .as_ref()
                 .and_then(|v| std::env::var(v).ok())
                 .filter(|k| !k.is_empty()),
+            key_from: p.api_key_env.clone(),
             cors_origins: p.cors_origins.clone(),
             ..ServeOptions::default()
         }
@@ -176,6 +193,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     opts.host = "127.0.0.1".into();
     opts.port = 0;
     opts.api_key = None;
+    opts.key_from = None;
     ctx.events
         .log(&format!("smoke-testing `{name}` on a loopback server"));
     let dir = out_model.clone();

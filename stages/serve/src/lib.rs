@@ -43,6 +43,10 @@ pub struct ServeOptions {
     pub max_new_tokens: Option<usize>,
     pub max_body_bytes: usize,
     pub api_key: Option<String>,
+    /// The environment variable a deployment takes `api_key` from (its `api_key_env`):
+    /// where it is set and `api_key` is still None, the variable was unset or empty, and
+    /// `orchestrate serve` refuses to start open to anyone rather than quietly.
+    pub key_from: Option<String>,
     pub cors_origins: Option<Vec<String>>,
     /// Where the model runs: `cpu`, `cuda`, `cuda:N` (a build with the `cuda` feature).
     pub device: String,
@@ -64,6 +68,7 @@ impl Default for ServeOptions {
             max_new_tokens: None,
             max_body_bytes: 64 * 1024,
             api_key: None,
+            key_from: None,
             cors_origins: None,
             device: "cpu".into(),
             workers: 0,
