@@ -700,6 +700,68 @@ fn orchestrate_serve_listens_and_stops_gracefully_on_sigterm() {
     assert_eq!(code.code(), Some(0));
 }
 
+/// `orchestrate serve ARGS` that must refuse to start: its exit code and stderr (a server
+/// that starts anyway is killed after 60 s and fails the test).
+fn refused(sb: &Sandbox, args: &[&str]) -> (Option<i32>, String) {
+    let mut child = sb
+        .cmd(args)
+        .env_remove("ORCHESTRATE_API_KEY")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("`orchestrate {}` started serving", args.join(" "));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn serve_refuses_a_missing_key_and_a_bad_origin_before_listening() {
+    let (sb, dir) = deployed();
+    // The deployment, asking for its key from a variable nobody set.
+    let keyed = sb.path().join("keyed");
+    std::fs::create_dir_all(keyed.join("model")).unwrap();
+    for entry in std::fs::read_dir(dir.join("model")).unwrap().flatten() {
+        std::fs::copy(entry.path(), keyed.join("model").join(entry.file_name())).unwrap();
+    }
+    let mut deployment: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("deployment.json")).unwrap())
+            .unwrap();
+    deployment["params"]["api_key_env"] = "ORCHESTRATE_TEST_UNSET_KEY".into();
+    std::fs::write(keyed.join("deployment.json"), deployment.to_string()).unwrap();
+    let keyed = keyed.to_str().unwrap();
+    let (code, err) = refused(sb, &["serve", keyed, "--port", "0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("$ORCHESTRATE_TEST_UNSET_KEY"), "{err}");
+    let (code, err) = refused(
+        sb,
+        &[
+            "serve",
+            keyed,
+            "--port",
+            "0",
+            "--api-key",
+            "k",
+            "--cors-origin",
+            "ui.example/",
+        ],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--cors-origin") && err.contains("ui.example/"),
+        "{err}"
+    );
+}
+
 /// Every query of the Grafana dashboard names a metric a live server exports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_queries_only_metrics_the_server_exports() {
