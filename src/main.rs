@@ -542,7 +542,13 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let dir = Path::new(&model);
             let holds_artifact = dir.join(orchestrate_serve::deploy::DEPLOYMENT).is_file()
                 || dir.join(orchestrate_model::artifact::CARD).is_file();
-            if holds_artifact {
+            // Without a store named, the default one is looked in only where it exists
+            // (opening it would create it).
+            let store_given = store.pipeline.is_some()
+                || store.store.store.is_some()
+                || model.contains('#')
+                || Path::new("artifacts").is_dir();
+            if holds_artifact || !store_given {
                 return serve_dir(dir, overrides).await;
             }
             let pipeline = pipeline_name(&store)?;
