@@ -284,7 +284,10 @@ pub fn split_attribution(record: &str) -> (String, Option<String>) {
         return (String::new(), None);
     };
     let first_candidate = last.saturating_sub(2);
-    for i in first_candidate..=last {
+    // The last dash line of the last three: a fortune may quote a dash line of its own
+    // just above its attribution ("-- he hates all creative people equally." then
+    // "-- Robert Heinlein").
+    for i in (first_candidate..=last).rev() {
         let t = lines[i].trim_start();
         let rest = t
             .strip_prefix("--")
@@ -377,6 +380,15 @@ mod tests {
         assert_eq!(a.as_deref(), Some("Евгений Кащеев"));
         assert_eq!(parse_author("--Mark Twain"), parse_author("-- Mark  Twain"));
         assert_ne!(parse_author("-- M. Twain"), parse_author("-- Mark Twain"));
+        // A dash line of the quote's own just above the attribution stays in the text.
+        let (t, a) = split_attribution(
+            "Heinlein on critics:\n-- he hates all creative people equally.\n\t\t-- Robert Heinlein\n",
+        );
+        assert_eq!(
+            t,
+            "Heinlein on critics:\n-- he hates all creative people equally."
+        );
+        assert_eq!(a.as_deref(), Some("Robert Heinlein"));
         let (t, a) = split_attribution("No author here.\n");
         assert_eq!((t.as_str(), a), ("No author here.\n", None));
     }

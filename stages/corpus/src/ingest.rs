@@ -141,11 +141,13 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
             ),
         ));
     }
-    if p.shard_records == 0 || p.row_group_records == 0 {
-        return Err(invalid(
-            &["shard_records"],
-            "shard and row group sizes must be positive".into(),
-        ));
+    for (key, n) in [
+        ("shard_records", p.shard_records),
+        ("row_group_records", p.row_group_records),
+    ] {
+        if n == 0 {
+            return Err(invalid(&[key], format!("{key} must be at least 1")));
+        }
     }
     Ok(v)
 }
@@ -197,6 +199,15 @@ pub fn expand(p: &IngestParams, dir: &Path) -> Result<Vec<(PathBuf, usize)>, Str
         // Debian's fortune directories hold `.dat` indexes beside each file: not text.
         if s.format == Format::Fortune {
             files.retain(|f| f.extension().is_none_or(|e| e != "dat"));
+        }
+        // A source that names nothing is a mistake (a package not installed, a typo), not
+        // a smaller corpus: a model trained without it would not say so.
+        if files.is_empty() {
+            return Err(format!(
+                "source `{}` matches no file (looked for {})",
+                s.path,
+                path.display()
+            ));
         }
         for f in files {
             let canon = f.canonicalize().unwrap_or_else(|_| f.clone());
@@ -765,7 +776,23 @@ mod tests {
             &d,
             &[],
         );
-        assert!(r.unwrap_err().to_string().contains("name no files"));
+        assert!(r
+            .unwrap_err()
+            .to_string()
+            .contains("source `nope/*.txt` matches no file"));
+        // One source of two matching nothing (a package not installed) is an error too,
+        // not a corpus without it.
+        let (r, _) = run_stage(
+            &DESCRIPTOR,
+            run,
+            serde_json::json!({"sources": [{"path": "ru.txt"}, {"path": "missing/*"}]}),
+            &d,
+            &[],
+        );
+        assert!(r
+            .unwrap_err()
+            .to_string()
+            .contains("source `missing/*` matches no file"));
         let (r, _) = run_stage(
             &DESCRIPTOR,
             run,

@@ -121,13 +121,29 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     let v = canonical_params::<EvaluateParams>(v)?;
     let p: EvaluateParams = serde_json::from_value(v.clone()).expect("just canonicalised");
+    let invalid = |key: &str, msg: String| ParamError {
+        path: vec![orchestrate_stage::PathSegment::Key(key.into())],
+        problem: orchestrate_stage::ParamProblem::Invalid(msg),
+    };
     if !p.timings && p.gate.max_p95_ms.is_some() {
-        return Err(ParamError {
-            path: vec![orchestrate_stage::PathSegment::Key("gate".into())],
-            problem: orchestrate_stage::ParamProblem::Invalid(
-                "gate.max_p95_ms needs timings: true".into(),
-            ),
-        });
+        return Err(invalid(
+            "gate",
+            "gate.max_p95_ms needs timings: true".into(),
+        ));
+    }
+    // Zero would measure nothing and report a number anyway (perplexity 1 over no
+    // records, a p95 of no runs), which a gate would then pass.
+    for (key, value) in [
+        ("max_records", p.max_records.unwrap_or(1)),
+        ("prompts", p.prompts),
+        ("new_tokens", p.new_tokens),
+        ("latency_runs", p.latency_runs),
+        ("batch", p.batch),
+        ("threads", p.threads.unwrap_or(1)),
+    ] {
+        if value == 0 {
+            return Err(invalid(key, format!("`{key}` must be at least 1")));
+        }
     }
     Ok(v)
 }
@@ -329,6 +345,10 @@ fn score<B: Backend>(job: Score<'_>, device: &B::Device) -> Result<Vec<VariantRe
 }
 
 /// The first failure of the gate, as the error the pipeline stops with.
+///
+/// Each bound is written as "within it or fail", so that a value that is not a number (a
+/// diverged model's perplexity) fails every bound it meets instead of passing them all.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 pub fn gate(g: &Gate, reports: &[VariantReport], baseline: usize) -> Result<(), StageError> {
     let base = &reports[baseline];
     for (i, r) in reports.iter().enumerate() {
@@ -339,7 +359,7 @@ pub fn gate(g: &Gate, reports: &[VariantReport], baseline: usize) -> Result<(), 
             )))
         };
         if let Some(max) = g.max_ppl_increase {
-            if i != baseline && r.ppl_increase > max {
+            if i != baseline && !(r.ppl_increase <= max) {
                 return fail(
                     "ppl_increase",
                     r.ppl_increase,
@@ -354,7 +374,7 @@ pub fn gate(g: &Gate, reports: &[VariantReport], baseline: usize) -> Result<(), 
             }
         }
         if let Some(max) = g.max_ppl {
-            if r.perplexity > max {
+            if !(r.perplexity <= max) {
                 return fail(
                     "perplexity",
                     r.perplexity,
@@ -366,7 +386,7 @@ pub fn gate(g: &Gate, reports: &[VariantReport], baseline: usize) -> Result<(), 
             }
         }
         if let Some(max) = g.max_p95_ms {
-            if r.latency_p95_ms > max {
+            if !(r.latency_p95_ms <= max) {
                 return fail(
                     "latency_p95_ms",
                     r.latency_p95_ms,
@@ -378,7 +398,7 @@ pub fn gate(g: &Gate, reports: &[VariantReport], baseline: usize) -> Result<(), 
             }
         }
         if let Some(min) = g.min_chrf {
-            if r.chrf < min {
+            if !(r.chrf >= min) {
                 return fail("chrf", r.chrf, "is below", "min_chrf", min, String::new());
             }
         }
@@ -723,5 +743,41 @@ mod tests {
             e.contains("latency_p95_ms 150.0000 exceeds max_p95_ms 100"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_value_that_is_not_a_number_fails_the_gate() {
+        // A diverged model: every comparison with NaN is false, so "value > max" would
+        // have passed it.
+        let g = Gate {
+            max_ppl: Some(1000.0),
+            min_chrf: Some(1.0),
+            ..Gate::default()
+        };
+        let diverged = [report("model", f64::NAN, 50.0)];
+        let e = gate(&g, &diverged, 0).unwrap_err().to_string();
+        assert!(e.contains("perplexity NaN exceeds max_ppl 1000"), "{e}");
+        let mut no_chrf = report("model", 100.0, 50.0);
+        no_chrf.chrf = f64::NAN;
+        assert!(gate(&g, &[no_chrf], 0).is_err());
+    }
+
+    #[test]
+    fn parameters_that_would_measure_nothing_are_refused() {
+        for key in [
+            "max_records",
+            "prompts",
+            "new_tokens",
+            "latency_runs",
+            "batch",
+        ] {
+            let e = canonical(serde_json::json!({ key: 0 })).unwrap_err();
+            assert_eq!(
+                e.path,
+                vec![orchestrate_stage::PathSegment::Key(key.into())],
+                "{key}"
+            );
+        }
+        assert!(canonical(serde_json::json!({})).is_ok());
     }
 }

@@ -240,17 +240,27 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         path: vec![PathSegment::Key(key.into())],
         problem: ParamProblem::Invalid(msg),
     };
+    // Each problem is reported at the key that holds it, so that `validate` underlines it.
     let (d, h, e, de, ff) = p.shape();
-    if h == 0 || d % h != 0 {
+    for (key, value) in [
+        ("d_model", d),
+        ("n_heads", h),
+        ("enc_layers", e),
+        ("dec_layers", de),
+        ("d_ff", ff),
+        ("batch", p.batch),
+        ("eval_batches", p.eval_batches),
+        ("threads", p.threads.unwrap_or(1)),
+        ("max_records", p.max_records.unwrap_or(1)),
+    ] {
+        if value == 0 {
+            return Err(bad(key, format!("{key} must be at least 1")));
+        }
+    }
+    if d % h != 0 {
         return Err(bad(
             "n_heads",
             format!("{h} heads do not divide d_model {d}"),
-        ));
-    }
-    if e == 0 || de == 0 || ff == 0 {
-        return Err(bad(
-            "enc_layers",
-            "layer counts and d_ff must be positive".into(),
         ));
     }
     if p.max_len < 8 {
@@ -259,10 +269,8 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
             format!("max_len {} is too short (at least 8)", p.max_len),
         ));
     }
-    if p.steps == 0 || p.batch == 0 {
-        return Err(bad("steps", "steps and batch must be positive".into()));
-    }
     for (key, v) in [
+        ("steps", p.steps),
         ("checkpoint_every", p.checkpoint_every),
         ("eval_every", p.eval_every),
         ("log_every", p.log_every),
@@ -271,10 +279,34 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
             return Err(bad(key, format!("{key} must be at least 1")));
         }
     }
-    if !(0.0..1.0).contains(&p.dropout) || !(0.0..1.0).contains(&p.label_smoothing) {
+    // Written as "inside the range or refuse": a value that is not a number fails too.
+    for (key, v, lo, hi, range) in [
+        ("dropout", p.dropout, 0.0, 1.0, "[0, 1)"),
+        ("label_smoothing", p.label_smoothing, 0.0, 1.0, "[0, 1)"),
+    ] {
+        if !(v >= lo && v < hi) {
+            return Err(bad(key, format!("{key} {v} is outside {range}")));
+        }
+    }
+    for (key, v, range) in [
+        (
+            "min_lr_ratio",
+            p.min_lr_ratio,
+            "[0, 1]: the schedule's floor, as a share of lr",
+        ),
+        ("weight_decay", p.weight_decay, "[0, 1]"),
+    ] {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(bad(key, format!("{key} {v} is outside {range}")));
+        }
+    }
+    if !(p.grad_clip >= 0.0 && p.grad_clip.is_finite()) {
         return Err(bad(
-            "dropout",
-            "dropout and label_smoothing must be in [0, 1)".into(),
+            "grad_clip",
+            format!(
+                "grad_clip {} must be a norm ≥ 0 (0: no clipping)",
+                p.grad_clip
+            ),
         ));
     }
     if let Some(devices) = &p.devices {
@@ -296,7 +328,7 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
             ));
         }
     }
-    if p.lr <= 0.0 || p.lr > 1.0 {
+    if !(p.lr > 0.0 && p.lr <= 1.0) {
         return Err(bad("lr", format!("lr {} is outside (0, 1]", p.lr)));
     }
     Ok(v)
@@ -586,6 +618,14 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
         // (bench/results/gpu.md, 2026-11-27). Why is not measured; a likely reason is that
         // CubeCL's device threads busy-wait on a queue that a host running ahead keeps full.
         last_train = loss.into_scalar().elem::<f64>();
+        // A diverged run stops here, not after its remaining steps with a model that an
+        // evaluation would score as NaN.
+        if !last_train.is_finite() {
+            return Err(StageError::Failed(format!(
+                "training diverged at step {}: the loss is {last_train} (lr {lr:.3e}); lower `lr`, lengthen `warmup` or keep `grad_clip` on",
+                progress.step + 1
+            )));
+        }
         progress.step += 1;
         progress.tokens += batch_tokens as u64;
         window.1 += batch_tokens as u64;
@@ -1500,6 +1540,28 @@ mod tests {
     fn heads_must_divide_d_model() {
         let e = canonical(serde_json::json!({"d_model": 100, "n_heads": 8})).unwrap_err();
         assert!(matches!(e.problem, ParamProblem::Invalid(m) if m.contains("do not divide")));
+    }
+
+    #[test]
+    fn each_bad_value_is_reported_at_its_own_key() {
+        for (params, key) in [
+            (serde_json::json!({"batch": 0}), "batch"),
+            (serde_json::json!({"d_model": 0}), "d_model"),
+            (serde_json::json!({"d_ff": 0}), "d_ff"),
+            (serde_json::json!({"dec_layers": 0}), "dec_layers"),
+            (
+                serde_json::json!({"label_smoothing": 1.0}),
+                "label_smoothing",
+            ),
+            (serde_json::json!({"eval_batches": 0}), "eval_batches"),
+            (serde_json::json!({"min_lr_ratio": -0.5}), "min_lr_ratio"),
+            (serde_json::json!({"weight_decay": -0.01}), "weight_decay"),
+            (serde_json::json!({"grad_clip": -1.0}), "grad_clip"),
+            (serde_json::json!({"threads": 0}), "threads"),
+        ] {
+            let e = canonical(params.clone()).unwrap_err();
+            assert_eq!(e.path, vec![PathSegment::Key(key.into())], "{params}: {e}");
+        }
     }
 
     #[test]
