@@ -98,6 +98,25 @@ pub fn run_on_unfused<J: OnDevice>(compute: Compute, job: J) -> Result<J::Output
     run_cuda_unfused(n, job)
 }
 
+/// Expands `$step!(B)` for each GPU backend of this build, in one list: CUDA and wgpu,
+/// each with burn-fusion and without. The code that takes its own path on GPU backends
+/// (`fused::gpu`, `end_to_end`) recognises them by type through it.
+macro_rules! for_each_gpu_backend {
+    ($step:ident) => {
+        #[cfg(feature = "cuda")]
+        {
+            $step!(burn::backend::Cuda);
+            $step!($crate::compute::UnfusedCuda);
+        }
+        #[cfg(feature = "wgpu")]
+        {
+            $step!(burn::backend::Wgpu);
+            $step!(burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>);
+        }
+    };
+}
+pub(crate) use for_each_gpu_backend;
+
 /// burn's CUDA backend without burn-fusion (burn re-exports the fused type alone).
 #[cfg(feature = "cuda")]
 pub(crate) type UnfusedCuda = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;

@@ -48,18 +48,8 @@ pub fn lay_end_to_end<B: Backend>(pieces: Vec<Tensor<B, 1>>) -> Tensor<B, 1> {
             }
         };
     }
-    #[cfg(feature = "cuda")]
-    {
-        try_backend!(burn::backend::Cuda);
-        try_backend!(crate::compute::UnfusedCuda);
-    }
-    #[cfg(feature = "wgpu")]
-    {
-        use burn::backend::wgpu::{CubeBackend, WgpuRuntime};
-        try_backend!(burn::backend::Wgpu);
-        try_backend!(CubeBackend<WgpuRuntime, f32, i32, u32>);
-    }
-    let _ = TypeId::of::<B>;
+    crate::compute::for_each_gpu_backend!(try_backend);
+    let _ = TypeId::of::<B>; // used only by GPU builds
     Tensor::cat(pieces, 0)
 }
 

@@ -16,6 +16,9 @@
 //! `train_bench --burn-steps` keeps burn's compositions instead, so that one binary
 //! measures both side by side.
 
+// A build with no GPU backend (the CPU-only main job) has no type to take these steps.
+#![cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::ops::IntTensor;
@@ -41,6 +44,10 @@ pub(crate) trait Step {
 
 /// Runs `step` where `B` is one of this build's GPU backends under autodiff; gives it back
 /// where it is not (the CPU has its own steps; inference has no autodiff).
+#[cfg_attr(
+    not(any(feature = "cuda", feature = "wgpu")),
+    allow(clippy::extra_unused_type_parameters)
+)]
 pub(crate) fn on_gpu_autodiff<B: Backend, S: Step>(step: S) -> Result<S::Out, S> {
     if BURN_STEPS.load(Ordering::Relaxed) {
         return Err(step);
@@ -56,17 +63,7 @@ pub(crate) fn on_gpu_autodiff<B: Backend, S: Step>(step: S) -> Result<S::Out, S>
             }
         };
     }
-    #[cfg(feature = "cuda")]
-    {
-        try_inner!(burn::backend::Cuda);
-        try_inner!(crate::compute::UnfusedCuda);
-    }
-    #[cfg(feature = "wgpu")]
-    {
-        use burn::backend::wgpu::{CubeBackend, WgpuRuntime};
-        try_inner!(burn::backend::Wgpu);
-        try_inner!(CubeBackend<WgpuRuntime, f32, i32, u32>);
-    }
+    crate::compute::for_each_gpu_backend!(try_inner);
     Err(step)
 }
 
