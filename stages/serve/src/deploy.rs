@@ -374,3 +374,26 @@ async fn checks(base: &str, prompt: &str) -> Result<Value, String> {
         "sample": gen["generated_text"],
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_cors_origin_is_refused_at_its_index() {
+        let e =
+            canonical(json!({"cors_origins": ["https://ui.example", "ui.example/"]})).unwrap_err();
+        assert_eq!(
+            e.path,
+            vec![
+                PathSegment::Key("cors_origins".into()),
+                PathSegment::Index(1)
+            ]
+        );
+        assert!(
+            e.to_string().contains("`ui.example/` is not an origin"),
+            "{e}"
+        );
+        assert!(canonical(json!({"cors_origins": ["*", "http://127.0.0.1:3000"]})).is_ok());
+    }
+}
