@@ -376,16 +376,29 @@ fn open_store_only(args: &StoreOnly) -> Result<Store, Failure> {
     if let Some(url) = &args.store.store {
         return Ok(Store::open(url, Path::new("."))?);
     }
-    match &args.pipeline {
-        Some(file) => {
-            let p = load(&PipelineArgs {
+    open_store_of(args).map(|(store, _)| store)
+}
+
+/// The store, and with `--pipeline` that pipeline's `name` (see [`pipeline_name`]), from
+/// one reading of the pipeline file.
+fn open_store_of(args: &StoreOnly) -> Result<(Store, Option<String>), Failure> {
+    let p = args
+        .pipeline
+        .as_ref()
+        .map(|file| {
+            load(&PipelineArgs {
                 file: file.clone(),
                 sets: Vec::new(),
-            })?;
-            open_store(&p, &args.store)
-        }
-        None => Ok(Store::open("file://artifacts", Path::new("."))?),
-    }
+            })
+        })
+        .transpose()?;
+    let name = p.as_ref().map(|p| p.name.clone());
+    let store = match (&args.store.store, &p) {
+        (Some(url), _) => Store::open(url, Path::new("."))?,
+        (None, Some(p)) => open_store(p, &args.store)?,
+        (None, None) => Store::open("file://artifacts", Path::new("."))?,
+    };
+    Ok((store, name))
 }
 
 /// How often a run samples the machine's CPU, memory and GPUs: every 10 s, or
@@ -551,10 +564,16 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             if holds_artifact || !store_given {
                 return serve_dir(dir, overrides).await;
             }
-            let pipeline = pipeline_name(&store)?;
-            let (store, stage) = match model.split_once('#') {
-                Some((url, stage)) => (Store::open(url, Path::new("."))?, stage.to_string()),
-                None => (open_store_only(&store)?, model.clone()),
+            let (store, stage, pipeline) = match model.split_once('#') {
+                Some((url, stage)) => (
+                    Store::open(url, Path::new("."))?,
+                    stage.to_string(),
+                    pipeline_name(&store)?,
+                ),
+                None => {
+                    let (opened, name) = open_store_of(&store)?;
+                    (opened, model.clone(), name)
+                }
             };
             let cache = std::env::var_os("ORCHESTRATE_CACHE_DIR")
                 .map(PathBuf::from)
@@ -623,8 +642,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Runs { store, limit, json } => {
-            let name = pipeline_name(&store)?;
-            let store = open_store_only(&store)?;
+            let (store, name) = open_store_of(&store)?;
             let ids = store.list_run_ids().await?;
             let mut runs = Vec::new();
             for id in ids.iter().rev() {
@@ -648,8 +666,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Show { run, store, json } => {
-            let name = pipeline_name(&store)?;
-            let store = open_store_only(&store)?;
+            let (store, name) = open_store_of(&store)?;
             let id = resolve_run(&store, &run, name.as_deref()).await?;
             let record: RunRecord = store
                 .get_run(&id)
@@ -686,8 +703,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Pin { run_or_key, store } => {
-            let name = pipeline_name(&store)?;
-            let store = open_store_only(&store)?;
+            let (store, name) = open_store_of(&store)?;
             let keys = keys_for(&store, &run_or_key, name.as_deref()).await?;
             for k in &keys {
                 store.pin(k, &run_or_key).await?;
@@ -700,8 +716,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Unpin { run_or_key, store } => {
-            let name = pipeline_name(&store)?;
-            let store = open_store_only(&store)?;
+            let (store, name) = open_store_of(&store)?;
             let keys = keys_for(&store, &run_or_key, name.as_deref()).await?;
             let mut n = 0;
             for k in &keys {
