@@ -276,6 +276,43 @@ impl PipelineSpec {
             }
         }
 
+        // A consumer that needs a part of its input (evaluate the test split) is refused
+        // now, at the producer's param that leaves the part empty, rather than after every
+        // stage before it has run.
+        for stage in stages.iter().flatten() {
+            let Inputs::Typed(decls) = stage.kind.descriptor().inputs else {
+                continue;
+            };
+            for binding in &stage.inputs {
+                let Some(decl) = decls.iter().find(|d| d.name == binding.name) else {
+                    continue;
+                };
+                for &producer in &binding.stages {
+                    let Some(p) = &stages[producer] else { continue };
+                    for part in decl.reads {
+                        let Some(path) = (p.kind.descriptor().empty_part)(&p.params, part) else {
+                            continue;
+                        };
+                        let (key, node) = &stage_entries[producer];
+                        let e = ParamError {
+                            path,
+                            problem: ParamProblem::Invalid(format!(
+                                "it leaves the {part} split empty, which stage `{}` needs (its input `{}`)",
+                                stage.name, binding.name
+                            )),
+                        };
+                        let empty = Node::new(Value::Map(Vec::new()), key.span);
+                        let with = node.get("with").unwrap_or(&empty);
+                        let anchor = with_anchor(key, node);
+                        v.diags
+                            .push(param_diagnostic(&p.name, p.kind, with, anchor, &e).hint(
+                                format!("give the {part} split a fraction above 0, such as 0.02"),
+                            ));
+                    }
+                }
+            }
+        }
+
         let mut graph = DiGraph::new();
         for i in 0..stages.len() {
             graph.add_node(i);
@@ -544,15 +581,8 @@ impl Validator {
         let (bindings, inputs_ok) =
             self.inputs(name, node.get("inputs"), kind, names, key.span, &mut spans);
         let inputs = inputs_ok.then(|| bindings.clone());
-        let with_span = match &node.value {
-            Value::Map(entries) => entries
-                .iter()
-                .find(|(k, _)| k.name == "with")
-                .map(|(k, _)| k.span),
-            _ => None,
-        };
         let params = match kind {
-            Some(kind) => self.params(name, kind, node.get("with"), with_span.unwrap_or(key.span)),
+            Some(kind) => self.params(name, kind, node.get("with"), with_anchor(key, node)),
             None => None,
         };
         let device = self.device(name, node.get("resources"));
@@ -841,6 +871,19 @@ impl Validator {
             },
         }
     }
+}
+
+/// Where a problem with a stage's `with:` block as a whole is shown: its `with` key, or the
+/// stage name when there is no `with`.
+fn with_anchor(key: &Key, node: &Node) -> Span {
+    match &node.value {
+        Value::Map(entries) => entries
+            .iter()
+            .find(|(k, _)| k.name == "with")
+            .map(|(k, _)| k.span),
+        _ => None,
+    }
+    .unwrap_or(key.span)
 }
 
 /// Turns a stage's parameter error into a diagnostic pointing at the offending value.

@@ -40,6 +40,7 @@ broken!(wrong_value_type, "wrong_type");
 broken!(missing_required_param, "missing_param");
 broken!(every_problem_at_once, "many_at_once");
 broken!(devices_outside_train_and_a_huge_timeout, "resources");
+broken!(a_split_that_a_later_stage_needs_is_empty, "empty_split");
 broken!(
     bad_set_path,
     "ok",

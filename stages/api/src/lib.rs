@@ -74,6 +74,10 @@ pub struct InputDecl {
     /// Whether the input takes a list of stages (`models: [model, int8]`).
     pub many: bool,
     pub required: bool,
+    /// The parts of the input artifact the stage cannot do without (a Corpus's splits:
+    /// `"val"`, `"test"`). A producer whose params leave one of them empty is refused when
+    /// the pipeline is validated, not after the hours of work before the consumer runs.
+    pub reads: &'static [&'static str],
 }
 
 /// Which inputs a stage kind accepts.
@@ -141,6 +145,9 @@ pub struct StageDescriptor {
     /// Local files the stage reads, named by its params (relative paths against the given
     /// pipeline directory); their contents join the cache key.
     pub file_deps: fn(&serde_json::Value, &Path) -> Vec<String>,
+    /// Given canonical params and a part of the output (see [`InputDecl::reads`]): the
+    /// param that leaves that part empty, if these params do.
+    pub empty_part: fn(&serde_json::Value, &str) -> Option<Vec<PathSegment>>,
 }
 
 impl fmt::Debug for StageDescriptor {
@@ -149,6 +156,11 @@ impl fmt::Debug for StageDescriptor {
             .field("kind", &self.kind)
             .finish()
     }
+}
+
+/// For stages whose params never leave a part of their output empty.
+pub fn no_empty_parts(_: &serde_json::Value, _: &str) -> Option<Vec<PathSegment>> {
+    None
 }
 
 /// For stages that read no files beyond their inputs.

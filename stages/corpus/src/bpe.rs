@@ -70,6 +70,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
         kind: ArtifactKind::Corpus,
         many: false,
         required: true,
+        reads: &[],
     }]),
     output: ArtifactKind::Tokenizer,
     device_dependent: false,
@@ -77,6 +78,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     tracked_files: &["tokenizer.json", "tokenizer_meta.json"],
     canonical_params: canonical,
     file_deps: orchestrate_stage::no_file_deps,
+    empty_part: orchestrate_stage::no_empty_parts,
 };
 
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {

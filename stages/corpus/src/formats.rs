@@ -59,76 +59,138 @@ pub enum RawItem {
         line: usize,
         reason: String,
     },
+    /// A record over the byte cap given to [`read`]: dropped as too long without ever being
+    /// held whole, so a file with no separator costs the cap in memory, not its size.
+    TooLong {
+        line: usize,
+    },
 }
 
 type Sink<'a> = &'a mut dyn FnMut(RawItem, u64) -> Result<(), StageError>;
 
-/// Reads `path` in `format`, calling `sink(item, bytes_consumed_so_far)`.
+/// Reads `path` in `format`, calling `sink(item, bytes_consumed_so_far)`. A text record (or
+/// JSON line) of more than `max_record_bytes` raw bytes comes as [`RawItem::TooLong`].
+/// Parquet rows come whole: the reader holds a batch of them in memory anyway.
 pub fn read(
     path: &Path,
     format: Format,
     fields: &Fields,
+    max_record_bytes: usize,
     sink: Sink<'_>,
 ) -> Result<(), StageError> {
     let open = || {
         File::open(path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e))
     };
     match format {
-        Format::Fortune => read_separated(BufReader::new(open()?), |line| line == b"%", sink),
+        Format::Fortune => read_separated(
+            BufReader::new(open()?),
+            |line| line == b"%",
+            max_record_bytes,
+            sink,
+        ),
         Format::Paragraphs => read_separated(
             BufReader::new(open()?),
             |line| line.iter().all(u8::is_ascii_whitespace),
+            max_record_bytes,
             sink,
         ),
-        Format::Lines => read_lines(BufReader::new(open()?), sink),
-        Format::Jsonl => read_jsonl(BufReader::new(open()?), fields, sink),
+        Format::Lines => read_lines(BufReader::new(open()?), max_record_bytes, sink),
+        Format::Jsonl => read_jsonl(BufReader::new(open()?), fields, max_record_bytes, sink),
         Format::Parquet => read_parquet(open()?, path, fields, sink),
     }
 }
 
+/// One line read by [`next_line`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// The whole line is in the buffer.
+    Whole,
+    /// The line was longer than the cap: the buffer holds its first `cap` bytes.
+    Cut,
+}
+
+/// Reads the next line into `buf`, without its line break, keeping at most `cap` bytes of
+/// it: the rest is read and dropped, so a file without line breaks is never held whole.
+/// `None` at the end of the input.
 fn next_line<R: BufRead>(
     r: &mut R,
     buf: &mut Vec<u8>,
     consumed: &mut u64,
-    path_hint: &str,
-) -> Result<bool, StageError> {
+    cap: usize,
+) -> Result<Option<Line>, StageError> {
     buf.clear();
-    let n = r
-        .read_until(b'\n', buf)
-        .map_err(|e| StageError::io(format!("cannot read {path_hint}"), e))?;
-    *consumed += n as u64;
+    let mut read_any = false;
+    let mut line = Line::Whole;
+    loop {
+        let chunk = r
+            .fill_buf()
+            .map_err(|e| StageError::io("cannot read source", e))?;
+        if chunk.is_empty() {
+            break;
+        }
+        read_any = true;
+        let (take, ends) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        let room = cap.saturating_sub(buf.len());
+        if take > room {
+            line = Line::Cut;
+        }
+        buf.extend_from_slice(&chunk[..take.min(room)]);
+        r.consume(take);
+        *consumed += take as u64;
+        if ends {
+            break;
+        }
+    }
+    if !read_any {
+        return Ok(None);
+    }
     while buf.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
         buf.pop();
     }
-    Ok(n > 0)
+    Ok(Some(line))
 }
 
 fn read_separated<R: BufRead>(
     mut r: R,
     is_separator: impl Fn(&[u8]) -> bool,
+    cap: usize,
     sink: Sink<'_>,
 ) -> Result<(), StageError> {
     let mut record: Vec<u8> = Vec::new();
+    // Whether the record being read went over the cap: its lines are then skipped, not kept.
+    let mut too_long = false;
     let mut line = Vec::new();
     let mut consumed = 0u64;
     let mut line_no = 0usize;
     let mut start = 1usize;
     loop {
-        let more = next_line(&mut r, &mut line, &mut consumed, "source")?;
-        if more {
+        let read = next_line(&mut r, &mut line, &mut consumed, cap.saturating_add(1))?;
+        if read.is_some() {
             line_no += 1;
         }
-        if !more || is_separator(&line) {
-            if !record.is_empty() {
+        if read.is_none() || (read == Some(Line::Whole) && is_separator(&line)) {
+            if too_long {
+                sink(RawItem::TooLong { line: start }, consumed)?;
+            } else if !record.is_empty() {
                 emit(std::mem::take(&mut record), start, consumed, sink)?;
             }
+            record.clear();
+            too_long = false;
             start = line_no + 1;
-            if !more {
+            if read.is_none() {
                 return Ok(());
             }
-        } else {
-            record.extend_from_slice(&line);
-            record.push(b'\n');
+        } else if !too_long {
+            if record.len() + line.len() + 1 > cap {
+                too_long = true;
+                record = Vec::new();
+            } else {
+                record.extend_from_slice(&line);
+                record.push(b'\n');
+            }
         }
     }
 }
@@ -156,13 +218,15 @@ fn emit(bytes: Vec<u8>, line: usize, consumed: u64, sink: Sink<'_>) -> Result<()
     }
 }
 
-fn read_lines<R: BufRead>(mut r: R, sink: Sink<'_>) -> Result<(), StageError> {
+fn read_lines<R: BufRead>(mut r: R, cap: usize, sink: Sink<'_>) -> Result<(), StageError> {
     let mut line = Vec::new();
     let mut consumed = 0;
     let mut n = 0;
-    while next_line(&mut r, &mut line, &mut consumed, "source")? {
+    while let Some(read) = next_line(&mut r, &mut line, &mut consumed, cap)? {
         n += 1;
-        if !line.iter().all(u8::is_ascii_whitespace) {
+        if read == Line::Cut {
+            sink(RawItem::TooLong { line: n }, consumed)?;
+        } else if !line.iter().all(u8::is_ascii_whitespace) {
             let bytes = std::mem::take(&mut line);
             match String::from_utf8(bytes) {
                 Ok(text) => sink(
@@ -186,12 +250,21 @@ fn read_lines<R: BufRead>(mut r: R, sink: Sink<'_>) -> Result<(), StageError> {
     Ok(())
 }
 
-fn read_jsonl<R: BufRead>(mut r: R, fields: &Fields, sink: Sink<'_>) -> Result<(), StageError> {
+fn read_jsonl<R: BufRead>(
+    mut r: R,
+    fields: &Fields,
+    cap: usize,
+    sink: Sink<'_>,
+) -> Result<(), StageError> {
     let mut line = Vec::new();
     let mut consumed = 0;
     let mut n = 0;
-    while next_line(&mut r, &mut line, &mut consumed, "source")? {
+    while let Some(read) = next_line(&mut r, &mut line, &mut consumed, cap)? {
         n += 1;
+        if read == Line::Cut {
+            sink(RawItem::TooLong { line: n }, consumed)?;
+            continue;
+        }
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
@@ -410,10 +483,11 @@ mod tests {
     fn fortune_records_split_on_percent_lines_with_line_numbers() {
         let data = b"one\n  -- Al\n%\ntwo\n%\n\xff\xfe\n%\nthree\n";
         let mut got = Vec::new();
-        read_separated(&data[..], |l| l == b"%", &mut |item, _| {
+        read_separated(&data[..], |l| l == b"%", 1 << 20, &mut |item, _| {
             got.push(match item {
                 RawItem::Record(r) => format!("{}:{:?}", r.text.trim(), r.author),
                 RawItem::Invalid { line, .. } => format!("{line}:invalid"),
+                RawItem::TooLong { line } => format!("{line}:too long"),
             });
             Ok(())
         })
@@ -421,6 +495,66 @@ mod tests {
         assert_eq!(
             got,
             vec!["one:Some(\"Al\")", "two:None", "6:invalid", "three:None"]
+        );
+    }
+
+    /// What each reader gives for `data` with a cap of `cap` bytes, one string per item.
+    fn items(format: Format, data: &[u8], cap: usize) -> Vec<String> {
+        let mut got = Vec::new();
+        let mut sink = |item: RawItem, _: u64| {
+            got.push(match item {
+                RawItem::Record(r) => r.text.trim().to_string(),
+                RawItem::Invalid { line, .. } => format!("{line}:invalid"),
+                RawItem::TooLong { line } => format!("{line}:too long"),
+            });
+            Ok(())
+        };
+        let fields = Fields::default();
+        match format {
+            Format::Fortune => read_separated(data, |l| l == b"%", cap, &mut sink),
+            Format::Lines => read_lines(data, cap, &mut sink),
+            Format::Jsonl => read_jsonl(data, &fields, cap, &mut sink),
+            _ => unreachable!("a text format"),
+        }
+        .unwrap();
+        got
+    }
+
+    #[test]
+    fn records_over_the_cap_are_dropped_without_being_held() {
+        // A long record between short ones, of many lines and of one line with no break.
+        let many_lines = format!("a\n%\n{}%\nb\n", "xxxxxxxxx\n".repeat(10));
+        assert_eq!(
+            items(Format::Fortune, many_lines.as_bytes(), 50),
+            vec!["a", "3:too long", "b"]
+        );
+        let one_line = format!("a\n%\n{}\n%\nb", "x".repeat(100));
+        assert_eq!(
+            items(Format::Fortune, one_line.as_bytes(), 50),
+            vec!["a", "3:too long", "b"]
+        );
+        // Exactly at the cap is kept: 49 bytes and the line break.
+        let at_cap = format!("{}\n%\n", "y".repeat(49));
+        assert_eq!(
+            items(Format::Fortune, at_cap.as_bytes(), 50),
+            vec!["y".repeat(49)]
+        );
+        // A separator after a cut line still ends the record.
+        assert_eq!(
+            items(
+                Format::Lines,
+                format!("a\n{}\nb\n", "x".repeat(100)).as_bytes(),
+                50
+            ),
+            vec!["a", "2:too long", "b"]
+        );
+        let jsonl = format!(
+            "{{\"text\": \"{}\"}}\n{{\"text\": \"c\"}}\n",
+            "x".repeat(100)
+        );
+        assert_eq!(
+            items(Format::Jsonl, jsonl.as_bytes(), 50),
+            vec!["1:too long", "c"]
         );
     }
 }

@@ -77,6 +77,13 @@ pub struct IngestParams {
     pub row_group_records: usize,
 }
 
+/// The raw size past which a record cannot fit `max_chars` after clean-up, in any but
+/// pathological text: 4 bytes per UTF-8 character, and as much again for the whitespace and
+/// line breaks that clean-up collapses. Such a record is dropped unread (`too_long`).
+fn max_record_bytes(max_chars: usize) -> usize {
+    max_chars.saturating_mul(8).max(64 << 10)
+}
+
 fn default_min_chars() -> usize {
     8
 }
@@ -100,6 +107,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     tracked_files: &["stats.json"],
     canonical_params: canonical,
     file_deps,
+    empty_part,
 };
 
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
@@ -150,6 +158,23 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         }
     }
     Ok(v)
+}
+
+/// A split whose fraction is zero holds no record: a consumer that needs it (train's
+/// validation, evaluate's test) is refused at validation, pointing here.
+fn empty_part(v: &serde_json::Value, part: &str) -> Option<Vec<PathSegment>> {
+    let p: IngestParams = serde_json::from_value(v.clone()).ok()?;
+    let fraction = match part {
+        "val" => p.split.val,
+        "test" => p.split.test,
+        _ => return None,
+    };
+    (fraction <= 0.0).then(|| {
+        ["split", part]
+            .iter()
+            .map(|k| PathSegment::Key(k.to_string()))
+            .collect()
+    })
 }
 
 /// The source files, so their contents join the cache key: edit a corpus file, re-ingest.
@@ -293,6 +318,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
             file,
             source.format,
             &source.fields,
+            max_record_bytes(p.max_chars),
             &mut |item, consumed| {
                 if consumed - last_progress > (1 << 20) {
                     ctx.events
@@ -309,6 +335,10 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
                             )));
                         }
                         *stats.dropped.entry("invalid".into()).or_default() += 1;
+                        return Ok(());
+                    }
+                    RawItem::TooLong { .. } => {
+                        *stats.dropped.entry("too_long".into()).or_default() += 1;
                         return Ok(());
                     }
                     RawItem::Record(r) => r,

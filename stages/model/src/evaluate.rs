@@ -95,18 +95,21 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
             kind: ArtifactKind::Corpus,
             many: false,
             required: true,
+            reads: &["test"],
         },
         InputDecl {
             name: "tokenizer",
             kind: ArtifactKind::Tokenizer,
             many: false,
             required: false,
+            reads: &[],
         },
         InputDecl {
             name: "models",
             kind: ArtifactKind::Model,
             many: true,
             required: true,
+            reads: &[],
         },
     ]),
     output: ArtifactKind::EvalReport,
@@ -116,6 +119,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     tracked_files: &["report.json", "report.md", "chart.png"],
     canonical_params: canonical,
     file_deps: orchestrate_stage::no_file_deps,
+    empty_part: orchestrate_stage::no_empty_parts,
 };
 
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {

@@ -34,6 +34,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
         kind: ArtifactKind::Model,
         many: false,
         required: true,
+        reads: &[],
     }]),
     output: ArtifactKind::Model,
     device_dependent: false,
@@ -41,6 +42,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     tracked_files: &["quantization.json"],
     canonical_params: canonical,
     file_deps: orchestrate_stage::no_file_deps,
+    empty_part: orchestrate_stage::no_empty_parts,
 };
 
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {

@@ -217,12 +217,14 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
             kind: ArtifactKind::Corpus,
             many: false,
             required: true,
+            reads: &["val"],
         },
         InputDecl {
             name: "tokenizer",
             kind: ArtifactKind::Tokenizer,
             many: false,
             required: true,
+            reads: &[],
         },
     ]),
     output: ArtifactKind::Model,
@@ -231,6 +233,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     tracked_files: &["model.json", "training.json"],
     canonical_params: canonical,
     file_deps: orchestrate_stage::no_file_deps,
+    empty_part: orchestrate_stage::no_empty_parts,
 };
 
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {

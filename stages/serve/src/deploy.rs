@@ -65,12 +65,14 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
             kind: ArtifactKind::Model,
             many: false,
             required: true,
+            reads: &[],
         },
         InputDecl {
             name: "report",
             kind: ArtifactKind::EvalReport,
             many: false,
             required: false,
+            reads: &[],
         },
     ]),
     output: ArtifactKind::Deployment,
@@ -79,6 +81,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     tracked_files: &["deployment.json"],
     canonical_params: canonical,
     file_deps: orchestrate_stage::no_file_deps,
+    empty_part: orchestrate_stage::no_empty_parts,
 };
 
 fn canonical(v: Value) -> Result<Value, ParamError> {

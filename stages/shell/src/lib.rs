@@ -42,6 +42,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     tracked_files: &[],
     canonical_params: canonical_params::<ShellParams>,
     file_deps: orchestrate_stage::no_file_deps,
+    empty_part: orchestrate_stage::no_empty_parts,
 };
 
 /// How long a cancelled command gets between SIGTERM and SIGKILL.
