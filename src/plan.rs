@@ -339,7 +339,7 @@ pub async fn key_parts(
             let path = p.dir.join(f);
             file_digest(&path).map_err(|e| dependency(e.to_string(), path.display().to_string()))?
         };
-        files.insert(f.clone(), digest);
+        files.insert(dependency_name(&p.dir, f), digest);
     }
     Ok(CacheKeyParts {
         format: KEY_FORMAT,
@@ -350,6 +350,17 @@ pub async fn key_parts(
         files,
         device: d.device_dependent.then(|| s.device.class().to_string()),
     })
+}
+
+/// The name a file dependency enters the key under. Stages name the files they read by
+/// joined path (the pipeline's folder and the source as written); inside that folder the name
+/// is relative to it, so two checkouts of one repository, on two machines sharing a store,
+/// give the same key. Files outside it (`/usr/share/games/fortunes`) keep their path.
+fn dependency_name(dir: &std::path::Path, f: &str) -> String {
+    match std::path::Path::new(f).strip_prefix(dir) {
+        Ok(relative) => relative.display().to_string(),
+        Err(_) => f.to_string(),
+    }
 }
 
 /// Why stage `i` must run: its key compared with the nearest key it had before.

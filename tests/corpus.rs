@@ -101,3 +101,44 @@ fn smoke_pipeline_runs() {
         1000
     );
 }
+
+/// A team shares one store from checkouts in different folders: an ingest stage reading a
+/// file inside the repository must have one key in all of them, or the cache never hits.
+#[test]
+fn two_checkouts_in_different_folders_share_the_cache() {
+    let sb = Sandbox::new();
+    let store = format!("file://{}/store", sb.path().display());
+    let pipeline = format!(
+        "name: shared\nstorage: {store}\nstages:\n  corpus:\n    kind: ingest\n    with:\n      sources: [{{ path: ../datasets/quotes.txt, format: lines, lang: en }}]\n      split: {{ val: 0.2, test: 0.2 }}\n"
+    );
+    let quotes: String = (0..50)
+        .map(|i| format!("Quote number {i} says something worth keeping.\n"))
+        .collect();
+    for checkout in ["alice/repo", "bob/work/repo"] {
+        sb.write(&format!("{checkout}/pipelines/p.yaml"), &pipeline);
+        sb.write(&format!("{checkout}/datasets/quotes.txt"), &quotes);
+    }
+    let run = |checkout: &str| -> common::Ran {
+        let file = format!("{checkout}/pipelines/p.yaml");
+        sb.cmd(&["run", &file, "--no-serve"])
+            .env("ORCHESTRATE_CACHE_DIR", sb.path().join("cache"))
+            .env("MLFLOW_TRACKING_URI", "")
+            .output()
+            .unwrap()
+            .into()
+    };
+    let first = run("alice/repo");
+    assert_eq!(first.code, 0, "{}\n{}", first.stdout, first.stderr);
+    assert_eq!(stage_status(&sb.last_run(), "corpus"), "ran");
+    let second = run("bob/work/repo");
+    assert_eq!(second.code, 0, "{}\n{}", second.stdout, second.stderr);
+    assert_eq!(stage_status(&sb.last_run(), "corpus"), "cached");
+    // The file's contents still count: an edit in one checkout reruns there.
+    sb.write(
+        "bob/work/repo/datasets/quotes.txt",
+        &quotes.replace("worth", "not worth"),
+    );
+    let third = run("bob/work/repo");
+    assert_eq!(third.code, 0, "{}\n{}", third.stdout, third.stderr);
+    assert_eq!(stage_status(&sb.last_run(), "corpus"), "ran");
+}

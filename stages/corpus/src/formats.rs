@@ -61,9 +61,7 @@ pub enum RawItem {
     },
     /// A record over the byte cap given to [`read`]: dropped as too long without ever being
     /// held whole, so a file with no separator costs the cap in memory, not its size.
-    TooLong {
-        line: usize,
-    },
+    TooLong,
 }
 
 type Sink<'a> = &'a mut dyn FnMut(RawItem, u64) -> Result<(), StageError>;
@@ -173,7 +171,7 @@ fn read_separated<R: BufRead>(
         }
         if read.is_none() || (read == Some(Line::Whole) && is_separator(&line)) {
             if too_long {
-                sink(RawItem::TooLong { line: start }, consumed)?;
+                sink(RawItem::TooLong, consumed)?;
             } else if !record.is_empty() {
                 emit(std::mem::take(&mut record), start, consumed, sink)?;
             }
@@ -225,7 +223,7 @@ fn read_lines<R: BufRead>(mut r: R, cap: usize, sink: Sink<'_>) -> Result<(), St
     while let Some(read) = next_line(&mut r, &mut line, &mut consumed, cap)? {
         n += 1;
         if read == Line::Cut {
-            sink(RawItem::TooLong { line: n }, consumed)?;
+            sink(RawItem::TooLong, consumed)?;
         } else if !line.iter().all(u8::is_ascii_whitespace) {
             let bytes = std::mem::take(&mut line);
             match String::from_utf8(bytes) {
@@ -262,7 +260,7 @@ fn read_jsonl<R: BufRead>(
     while let Some(read) = next_line(&mut r, &mut line, &mut consumed, cap)? {
         n += 1;
         if read == Line::Cut {
-            sink(RawItem::TooLong { line: n }, consumed)?;
+            sink(RawItem::TooLong, consumed)?;
             continue;
         }
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -487,7 +485,7 @@ mod tests {
             got.push(match item {
                 RawItem::Record(r) => format!("{}:{:?}", r.text.trim(), r.author),
                 RawItem::Invalid { line, .. } => format!("{line}:invalid"),
-                RawItem::TooLong { line } => format!("{line}:too long"),
+                RawItem::TooLong => "too long".to_string(),
             });
             Ok(())
         })
@@ -505,7 +503,7 @@ mod tests {
             got.push(match item {
                 RawItem::Record(r) => r.text.trim().to_string(),
                 RawItem::Invalid { line, .. } => format!("{line}:invalid"),
-                RawItem::TooLong { line } => format!("{line}:too long"),
+                RawItem::TooLong => "too long".to_string(),
             });
             Ok(())
         };
@@ -526,12 +524,12 @@ mod tests {
         let many_lines = format!("a\n%\n{}%\nb\n", "xxxxxxxxx\n".repeat(10));
         assert_eq!(
             items(Format::Fortune, many_lines.as_bytes(), 50),
-            vec!["a", "3:too long", "b"]
+            vec!["a", "too long", "b"]
         );
         let one_line = format!("a\n%\n{}\n%\nb", "x".repeat(100));
         assert_eq!(
             items(Format::Fortune, one_line.as_bytes(), 50),
-            vec!["a", "3:too long", "b"]
+            vec!["a", "too long", "b"]
         );
         // Exactly at the cap is kept: 49 bytes and the line break.
         let at_cap = format!("{}\n%\n", "y".repeat(49));
@@ -546,7 +544,7 @@ mod tests {
                 format!("a\n{}\nb\n", "x".repeat(100)).as_bytes(),
                 50
             ),
-            vec!["a", "2:too long", "b"]
+            vec!["a", "too long", "b"]
         );
         let jsonl = format!(
             "{{\"text\": \"{}\"}}\n{{\"text\": \"c\"}}\n",
@@ -554,7 +552,7 @@ mod tests {
         );
         assert_eq!(
             items(Format::Jsonl, jsonl.as_bytes(), 50),
-            vec!["1:too long", "c"]
+            vec!["too long", "c"]
         );
     }
 }

@@ -337,7 +337,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
                         *stats.dropped.entry("invalid".into()).or_default() += 1;
                         return Ok(());
                     }
-                    RawItem::TooLong { .. } => {
+                    RawItem::TooLong => {
                         *stats.dropped.entry("too_long".into()).or_default() += 1;
                         return Ok(());
                     }
