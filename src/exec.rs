@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use chrono::Utc;
 use futures::StreamExt;
@@ -812,12 +812,19 @@ fn model_card(p: &Pipeline, stage: &crate::pipeline::Stage, m: &Manifest) -> Str
 }
 
 /// An artifact's files in the local cache, downloaded and verified on first use. Inputs are
-/// shared between stages and runs: stages must treat them as read-only.
+/// shared between stages and runs: stages must treat them as read-only (their files are
+/// made so, and a change is caught on the next use, see [`materialize_in`]).
 async fn materialize(sh: &Shared, m: &Manifest) -> Result<PathBuf, StoreError> {
     materialize_in(&sh.store, &sh.artifact_cache, m).await
 }
 
-/// `m`'s files under `cache/<digest>/`, downloaded and verified unless already there.
+/// `m`'s files under `cache/<digest>/files/`, downloaded and verified unless already there.
+///
+/// Beside `files/` lies `stamp`: each file's size and modification time when it was
+/// written. A stage that wrote into its input (a shell command can; root ignores read-only
+/// bits) changes one of them, and the next use sets the folder aside and downloads the
+/// artifact again, rather than handing the changed files to a stage whose key names the
+/// stored ones. One `stat` per file, not a hash: reuse stays free.
 pub async fn materialize_in(
     store: &Store,
     cache: &Path,
@@ -825,29 +832,84 @@ pub async fn materialize_in(
 ) -> Result<PathBuf, StoreError> {
     let hex = m.digest.strip_prefix("blake3:").unwrap_or(&m.digest);
     let dir = cache.join(hex);
-    if dir.is_dir() {
-        return Ok(dir);
-    }
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let tmp = cache.join(format!("{hex}.partial-{}-{n}", std::process::id()));
+    let unique = || {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}", std::process::id())
+    };
+    if dir.is_dir() {
+        let written = std::fs::read_to_string(dir.join("stamp")).ok();
+        if written.is_some() && written == stamp(&dir.join("files"), m) {
+            return Ok(dir.join("files"));
+        }
+        // Changed since written, or left by an older version without a stamp: set it
+        // aside (a stage still reading it keeps its open files) and download again.
+        let aside = cache.join(format!("{hex}.stale-{}", unique()));
+        if std::fs::rename(&dir, &aside).is_ok() {
+            let _ = std::fs::remove_dir_all(&aside);
+        }
+    }
+    let tmp = cache.join(format!("{hex}.partial-{}", unique()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| StoreError::Io {
-        context: format!("cannot create {}", tmp.display()),
+    let io = |what: &Path, e: std::io::Error| StoreError::Io {
+        context: format!("cannot write {}", what.display()),
         source: e,
-    })?;
+    };
+    std::fs::create_dir_all(tmp.join("files")).map_err(|e| io(&tmp, e))?;
     let what = format!("the artifact of stage `{}`", m.stage);
     for f in &m.files {
-        if let Err(e) = store.get_file(f, &what, &tmp.join(&f.path)).await {
+        let path = tmp.join("files").join(&f.path);
+        let got = match store.get_file(f, &what, &path).await {
+            Ok(()) => read_only(&path).map_err(|e| io(&path, e)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = got {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
+    }
+    // Renames keep modification times, so the stamp taken here holds for `dir`.
+    let stamped = match stamp(&tmp.join("files"), m) {
+        Some(text) => std::fs::write(tmp.join("stamp"), text).map_err(|e| io(&tmp, e)),
+        None => Ok(()),
+    };
+    if let Err(e) = stamped {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
     }
     if std::fs::rename(&tmp, &dir).is_err() {
         // Another stage materialised it first; theirs is identical.
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    Ok(dir)
+    Ok(dir.join("files"))
+}
+
+/// Each of `m`'s files under `files`: its size and modification time, one line each.
+/// `None` when one is missing or unreadable.
+fn stamp(files: &Path, m: &Manifest) -> Option<String> {
+    let mut out = String::new();
+    for f in &m.files {
+        let meta = std::fs::metadata(files.join(&f.path)).ok()?;
+        let modified = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
+        if meta.len() != f.size {
+            return None;
+        }
+        out.push_str(&format!(
+            "{} {} {}\n",
+            meta.len(),
+            modified.as_nanos(),
+            f.path
+        ));
+    }
+    Some(out)
+}
+
+/// Takes the write bits off a downloaded input file: a stage that tries to change its input
+/// gets an error where it would otherwise change every later stage's input silently.
+fn read_only(path: &Path) -> std::io::Result<()> {
+    let mut perms = std::fs::metadata(path)?.permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(path, perms)
 }
 
 /// Files under `root`, relative and `/`-separated, sorted.
