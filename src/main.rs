@@ -750,12 +750,32 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             });
             let client = MlflowClient::new(&url);
             match orchestrate::tracking::sync(&client, &dir).await {
-                Ok((files, sent)) => {
+                Ok(s) => {
                     println!(
-                        "delivered {sent} records from {files} spooled runs to {}",
+                        "delivered {} records from {} spooled runs to {}",
+                        s.sent,
+                        s.files,
                         client.url()
                     );
-                    Ok(0)
+                    for r in &s.rejected {
+                        eprintln!("warning: {r}");
+                    }
+                    for (file, e) in &s.stopped {
+                        eprintln!("error: {}: {e}", file.display());
+                    }
+                    if s.stopped.is_empty() {
+                        Ok(0)
+                    } else {
+                        Err(Failure::new(
+                            1,
+                            format!(
+                                "error: {} of {} spooled runs stopped short; their records stay in {} for the next sync",
+                                s.stopped.len(),
+                                s.files,
+                                dir.display()
+                            ),
+                        ))
+                    }
                 }
                 Err(e) => Err(Failure::new(
                     1,

@@ -75,6 +75,19 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// What the record does, for messages: `start of run …`, `artifact stats.json`.
+    fn name(&self) -> String {
+        match self {
+            Op::StartRun { name, .. } => format!("the start of run `{name}`"),
+            Op::Log { .. } => "a batch of metrics, params and tags".into(),
+            Op::Artifact { path, .. } => format!("artifact `{path}`"),
+            Op::EndRun { status, .. } => format!("the run's end ({status})"),
+            Op::RegisterModel { name, .. } => format!("a version of model `{name}`"),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Entry {
     seq: u64,
@@ -95,12 +108,32 @@ struct DeliveryState {
 pub enum TrackError {
     #[error("MLflow at {url}: {reason}")]
     Server { url: String, reason: String },
+    /// The server refused this one request for what it holds (a 400, 404, 413 or 422): sending
+    /// it again cannot succeed, so delivery notes it and goes on with the next record.
+    #[error("MLflow at {url} refused a record: {reason}")]
+    Rejected { url: String, reason: String },
     #[error("tracking spool {path}: {source}")]
     Spool {
         path: String,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// `key` as MLflow accepts it: at most 250 characters of letters, digits and `_-. :/`, the
+/// rest replaced by `_`. Pipeline params are free-form YAML keys (`batch(size)`), and one
+/// refused key would lose the whole batch it came in.
+fn mlflow_key(key: &str) -> String {
+    key.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_-. :/".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(250)
+        .collect()
 }
 
 /// A small MLflow REST client: the calls run tracking needs, nothing else.
@@ -178,7 +211,18 @@ impl MlflowClient {
         } else {
             let code = body["error_code"].as_str().map(str::to_string);
             let msg = body["message"].as_str().unwrap_or("").to_string();
-            Err((code, self.err(format!("{status}: {msg}"))))
+            let reason = format!("{status}: {msg}");
+            // Authentication (401, 403), throttling (429) and server errors may pass later;
+            // these say the record itself is wrong.
+            let e = if matches!(status.as_u16(), 400 | 404 | 413 | 422) {
+                TrackError::Rejected {
+                    url: self.base.clone(),
+                    reason,
+                }
+            } else {
+                self.err(reason)
+            };
+            Err((code, e))
         }
     }
 
@@ -213,7 +257,7 @@ impl MlflowClient {
                         return Ok(id.to_string());
                     }
                 }
-                Err(TrackError::Server { reason, .. }) if reason.starts_with("404") => {}
+                Err(TrackError::Rejected { reason, .. }) if reason.starts_with("404") => {}
                 Err(e) => return Err(e),
             }
             match self
@@ -292,11 +336,18 @@ impl MlflowClient {
     ) -> Result<(), TrackError> {
         let kv = |m: &BTreeMap<String, String>| -> Vec<Value> {
             m.iter()
-                .map(|(k, v)| json!({"key": k, "value": v}))
+                .map(|(k, v)| json!({"key": mlflow_key(k), "value": v}))
                 .collect()
         };
         let params = kv(params);
         let tags = kv(tags);
+        let metrics: Vec<Metric> = metrics
+            .iter()
+            .map(|m| Metric {
+                key: mlflow_key(&m.key),
+                ..m.clone()
+            })
+            .collect();
         for chunk in params.chunks(MAX_PARAMS) {
             self.post("runs/log-batch", json!({"run_id": run_id, "params": chunk}))
                 .await
@@ -668,7 +719,12 @@ impl Tracker {
             .map_err(|_| spool_err(Path::new("spool"), std::io::Error::other("poisoned")))?;
         let client = self.client.as_ref().expect("checked by the caller");
         match deliver_file(client, &path, &self.state_path).await {
-            Ok(n) => Ok(n),
+            Ok(d) => {
+                for r in d.rejected {
+                    self.note_problem(r);
+                }
+                Ok(d.total)
+            }
             Err(e) => {
                 self.note_problem(e.to_string());
                 Err(e)
@@ -677,22 +733,37 @@ impl Tracker {
     }
 }
 
-/// Delivers a spool file from where its state says delivery stopped. Returns how many
-/// records have been delivered in all.
+/// What one delivery of a spool file did.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    /// Records delivered (or refused) in all, this time and before.
+    pub total: u64,
+    /// The records the server refused this time, each described: they are passed over so
+    /// that the records after them, and other runs' spools, still arrive.
+    pub rejected: Vec<String>,
+}
+
+/// Delivers a spool file from where its state says delivery stopped.
 pub async fn deliver_file(
     client: &MlflowClient,
     spool: &Path,
     state_path: &Path,
-) -> Result<u64, TrackError> {
+) -> Result<Delivered, TrackError> {
     let mut state: DeliveryState = std::fs::read(state_path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
     let text = match std::fs::read_to_string(spool) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(state.delivered),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Delivered {
+                total: state.delivered,
+                rejected: Vec::new(),
+            })
+        }
         Err(e) => return Err(spool_err(spool, e)),
     };
+    let mut rejected = Vec::new();
     for line in text.lines() {
         // A torn last line (the process died while appending) is skipped, not fatal.
         let Ok(entry) = serde_json::from_str::<Entry>(line) else {
@@ -701,14 +772,26 @@ pub async fn deliver_file(
         if entry.seq <= state.delivered {
             continue;
         }
-        apply(client, &mut state, &entry.op).await?;
+        match apply(client, &mut state, &entry.op).await {
+            Ok(()) => {}
+            Err(TrackError::Rejected { reason, .. }) => rejected.push(format!(
+                "{}, record {}: {} refused ({reason}); passed over",
+                spool.display(),
+                entry.seq,
+                entry.op.name()
+            )),
+            Err(e) => return Err(e),
+        }
         state.delivered = entry.seq;
         let tmp = state_path.with_extension("json.tmp");
         std::fs::write(&tmp, serde_json::to_vec(&state).expect("plain JSON"))
             .map_err(|e| spool_err(&tmp, e))?;
         std::fs::rename(&tmp, state_path).map_err(|e| spool_err(state_path, e))?;
     }
-    Ok(state.delivered)
+    Ok(Delivered {
+        total: state.delivered,
+        rejected,
+    })
 }
 
 async fn apply(
@@ -721,7 +804,11 @@ async fn apply(
             .runs
             .get(uid)
             .cloned()
-            .ok_or_else(|| client.err(format!("run `{uid}` was never started in the spool")))
+            // Its start was refused (or never spooled): what belongs to it cannot land either.
+            .ok_or_else(|| TrackError::Rejected {
+                url: client.base.clone(),
+                reason: format!("run `{uid}` was never started on the server"),
+            })
     };
     match op {
         Op::StartRun {
@@ -788,8 +875,21 @@ async fn apply(
     Ok(())
 }
 
-/// Delivers every spool file in `dir`. Returns (files, records delivered now).
-pub async fn sync(client: &MlflowClient, dir: &Path) -> Result<(usize, u64), TrackError> {
+/// What `sync` did over a spool directory.
+#[derive(Debug, Default)]
+pub struct Synced {
+    pub files: usize,
+    /// Records delivered now.
+    pub sent: u64,
+    /// Records the server refused, each described with its file.
+    pub rejected: Vec<String>,
+    /// Files whose delivery stopped (the server down, say), each with why: the others were
+    /// still delivered, and these resume where they stopped next time.
+    pub stopped: Vec<(PathBuf, TrackError)>,
+}
+
+/// Delivers every spool file in `dir`, each as far as it goes.
+pub async fn sync(client: &MlflowClient, dir: &Path) -> Result<Synced, TrackError> {
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(d) => d
             .flatten()
@@ -800,7 +900,10 @@ pub async fn sync(client: &MlflowClient, dir: &Path) -> Result<(usize, u64), Tra
         Err(e) => return Err(spool_err(dir, e)),
     };
     files.sort();
-    let mut sent = 0;
+    let mut out = Synced {
+        files: files.len(),
+        ..Default::default()
+    };
     for f in &files {
         let state = f.with_extension("state.json");
         let before: u64 = std::fs::read(&state)
@@ -808,10 +911,15 @@ pub async fn sync(client: &MlflowClient, dir: &Path) -> Result<(usize, u64), Tra
             .and_then(|b| serde_json::from_slice::<DeliveryState>(&b).ok())
             .map(|s| s.delivered)
             .unwrap_or(0);
-        let after = deliver_file(client, f, &state).await?;
-        sent += after - before;
+        match deliver_file(client, f, &state).await {
+            Ok(d) => {
+                out.sent += d.total - before;
+                out.rejected.extend(d.rejected);
+            }
+            Err(e) => out.stopped.push((f.clone(), e)),
+        }
     }
-    Ok((files.len(), sent))
+    Ok(out)
 }
 
 /// Samples host metrics under MLflow's own system-metric names.

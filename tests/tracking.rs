@@ -343,3 +343,97 @@ stages:
     let all = search(&mlflow.url, &exp, "");
     assert_eq!(all.len(), 3, "no run was created twice");
 }
+
+/// Pipeline params are free-form YAML keys; MLflow's are not. A key it would refuse is
+/// renamed, not allowed to lose the whole batch it came in (and every record after it).
+#[test]
+fn keys_mlflow_refuses_are_renamed_and_a_refused_record_blocks_nothing() {
+    let Some(venv) = servers::venv() else { return };
+    let sb = Sandbox::new();
+    let mlflow = Server::mlflow(&venv, sb.path());
+    sb.write(
+        "p.yaml",
+        &format!(
+            r#"
+name: oddkeys
+storage: file://store
+tracking: {{ mlflow: "{}", experiment: oddkeys }}
+params: {{ "batch(size)": 8 }}
+stages:
+  only:
+    kind: shell
+    with: {{ run: "echo hi > a", outputs: [a] }}
+"#,
+            mlflow.url
+        ),
+    );
+    let r = sb.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("tracking:"), "{}", r.stderr);
+    let exp = mlflow_api(
+        &mlflow.url,
+        "experiments/get-by-name?experiment_name=oddkeys",
+        None,
+    );
+    let exp = exp["experiment"]["experiment_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let run_id = sb.last_run()["id"].as_str().unwrap().to_string();
+    let parents = search(
+        &mlflow.url,
+        &exp,
+        &format!("tags.`orchestrate.run_id` = '{run_id}'"),
+    );
+    assert_eq!(parents.len(), 1);
+    assert_eq!(parents[0]["info"]["status"], "FINISHED");
+    assert_eq!(param(&parents[0], "params.batch_size_"), Some("8"));
+
+    // A spool with a record the server refuses (a param logged again with another value),
+    // then more records and a second spool: sync passes over the one record, names it, and
+    // delivers the rest.
+    let spool = sb.path().join("spool");
+    let start = |uid: &str| {
+        json!({"seq": 1, "op": "start_run", "uid": uid, "parent": null, "experiment": "oddkeys",
+               "name": uid, "start_ms": 1, "tags": {}})
+    };
+    let log = |uid: &str, seq: u64, value: &str| json!({"seq": seq, "op": "log", "uid": uid, "params": {"x": value}});
+    let end = |uid: &str, seq: u64| json!({"seq": seq, "op": "end_run", "uid": uid, "status": "FINISHED", "end_ms": 2});
+    sb.write(
+        "spool/a.jsonl",
+        &format!(
+            "{}\n{}\n{}\n{}\n",
+            start("refused"),
+            log("refused", 2, "1"),
+            log("refused", 3, "2"),
+            end("refused", 4)
+        ),
+    );
+    sb.write(
+        "spool/b.jsonl",
+        &format!("{}\n{}\n", start("fine"), end("fine", 2)),
+    );
+    let spool_dir = spool.display().to_string();
+    let sync = sb.run(&["sync", "--mlflow", &mlflow.url, "--spool", &spool_dir]);
+    assert_eq!(sync.code, 0, "{}", sync.stderr);
+    assert!(
+        sync.stdout.contains("delivered 6 records"),
+        "{}",
+        sync.stdout
+    );
+    assert!(
+        sync.stderr
+            .contains("a.jsonl, record 3: a batch of metrics, params and tags refused (400"),
+        "{}",
+        sync.stderr
+    );
+    for name in ["refused", "fine"] {
+        let runs = search(
+            &mlflow.url,
+            &exp,
+            &format!("attributes.run_name = '{name}'"),
+        );
+        assert_eq!(runs.len(), 1, "{name}");
+        assert_eq!(runs[0]["info"]["status"], "FINISHED", "{name}");
+    }
+}
