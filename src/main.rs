@@ -158,6 +158,10 @@ enum Command {
         /// smoke-tests a live server.
         #[arg(long)]
         no_serve: bool,
+        /// Send nothing to MLflow, whatever `tracking.mlflow` and MLFLOW_TRACKING_URI say:
+        /// records stay in the local spool (a later `sync` would deliver them).
+        #[arg(long)]
+        no_tracking: bool,
     },
     /// Serve a model: a Deployment or Model artifact directory, or `[STORE_URL#]STAGE` for the
     /// artifact of STAGE in the newest run that produced it.
@@ -480,6 +484,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             jobs,
             quiet,
             no_serve,
+            no_tracking,
         } => {
             let p = Arc::new(load(&pipeline)?);
             let store = open_store(&p, &store)?;
@@ -489,7 +494,9 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 Arc::from(orchestrate::report::for_stderr(quiet));
             watch_signals(cancel.clone(), Arc::clone(&reporter));
             let cache = cache_dir(&p);
-            let client = mlflow_url(&p).map(|u| MlflowClient::new(&u));
+            let client = mlflow_url(&p)
+                .filter(|_| !no_tracking)
+                .map(|u| MlflowClient::new(&u));
             let run_id = orchestrate::record::new_run_id(chrono::Utc::now());
             let tracker = Tracker::new(&cache.join("spool"), &run_id, client)
                 .map_err(|e| Failure::new(1, format!("error: {e}")))?;
@@ -1057,11 +1064,18 @@ async fn verify(
         cmd.arg("--set").arg(s);
     }
     let scratch_url = format!("file://{}", scratch.join("store").display());
-    cmd.args(["--store", &scratch_url, "--no-serve", "--quiet"])
-        .env("ORCHESTRATE_CACHE_DIR", scratch.join("cache"))
-        .env("MLFLOW_TRACKING_URI", "")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null());
+    // No tracking: the pipeline's own `tracking.mlflow` would otherwise record (and
+    // register) the scratch re-execution as if it were a run.
+    cmd.args([
+        "--store",
+        &scratch_url,
+        "--no-serve",
+        "--quiet",
+        "--no-tracking",
+    ])
+    .env("ORCHESTRATE_CACHE_DIR", scratch.join("cache"))
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null());
     eprintln!(
         "verify: re-executing every stage into {}",
         scratch.display()

@@ -388,6 +388,15 @@ stages:
     assert_eq!(parents.len(), 1);
     assert_eq!(parents[0]["info"]["status"], "FINISHED");
     assert_eq!(param(&parents[0], "params.batch_size_"), Some("8"));
+    // `verify` re-executes into a scratch store: that is not a run, and MLflow (named in
+    // the pipeline itself here) must not be told of one.
+    let verify = sb.run(&["verify", "p.yaml"]);
+    assert_eq!(verify.code, 0, "{}", verify.stderr);
+    assert_eq!(
+        search(&mlflow.url, &exp, "").len(),
+        2,
+        "a parent and its one stage"
+    );
 
     // A spool with a record the server refuses (a param logged again with another value),
     // then more records and a second spool: sync passes over the one record, names it, and
