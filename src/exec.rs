@@ -620,11 +620,18 @@ async fn produce(
     }
     let mut bound: BTreeMap<String, Vec<InputArtifact>> = BTreeMap::new();
     for (name, ms) in inputs {
+        let binding = stage.inputs.iter().find(|b| &b.name == name);
         let mut v = Vec::new();
-        for m in ms {
+        for (j, m) in ms.iter().enumerate() {
             let dir = materialize(sh, m).await?;
+            // This pipeline's name for the producer: a manifest holds the name of whichever
+            // stage (in whichever pipeline) first produced the artifact.
+            let producer = binding
+                .and_then(|b| b.stages.get(j))
+                .map(|&u| sh.pipeline.stages[u].name.clone())
+                .unwrap_or_else(|| m.stage.clone());
             v.push(InputArtifact {
-                stage: m.stage.clone(),
+                stage: producer,
                 kind: m.kind,
                 dir,
                 digest: m.digest.clone(),

@@ -26,6 +26,19 @@ pub struct CacheKeyParts {
     pub files: BTreeMap<String, String>,
     /// `cpu` or `cuda` for stages whose results depend on it; `None` otherwise.
     pub device: Option<String>,
+    /// The stage's own name and, per input, its producers' names: only for kinds whose
+    /// output shows them (`StageKind::names_reach_output`). Left out of the hashed JSON when
+    /// absent, so the keys of every other kind are what they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<StageNames>,
+}
+
+/// The names a stage's output can show.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageNames {
+    pub stage: String,
+    /// Input name → the producing stages' names, in the order written.
+    pub inputs: BTreeMap<String, Vec<String>>,
 }
 
 /// The hex blake3 of a key's parts.
@@ -103,6 +116,14 @@ impl CacheKeyParts {
                 (None, None) => {}
             }
         }
+        if self.names != before.names {
+            let name = |n: &Option<StageNames>| n.as_ref().map(|n| n.stage.clone());
+            if name(&self.names) != name(&before.names) {
+                why.push("stage renamed (its output shows its name)".to_string());
+            } else {
+                why.push("an input's stage renamed (the output shows its name)".to_string());
+            }
+        }
         if self.device != before.device {
             why.push(format!(
                 "device changed: {} → {}",
@@ -158,6 +179,7 @@ mod tests {
             inputs: BTreeMap::from([("a".to_string(), vec!["blake3:aa".to_string()])]),
             files: BTreeMap::new(),
             device: None,
+            names: None,
         }
     }
 

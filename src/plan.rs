@@ -349,6 +349,17 @@ pub async fn key_parts(
         inputs,
         files,
         device: d.device_dependent.then(|| s.device.class().to_string()),
+        names: s.kind.names_reach_output().then(|| crate::key::StageNames {
+            stage: s.name.clone(),
+            inputs: s
+                .inputs
+                .iter()
+                .map(|b| {
+                    let producers = b.stages.iter().map(|&u| p.stages[u].name.clone());
+                    (b.name.clone(), producers.collect())
+                })
+                .collect(),
+        }),
     })
 }
 

@@ -591,3 +591,45 @@ stages:
     let x = &sb.stage_manifest("a")["files"][0]["digest"];
     assert_eq!(z, x, "c was given a changed copy of a's output");
 }
+
+/// A shell command sees its stage's name (`$STAGE`), so the name is part of its key: two
+/// stages alike but for their names are two artifacts, and a rename reruns the stage.
+/// Stages that never show a name (ingest, bpe, train, quantize) keep their keys.
+#[test]
+fn a_name_the_output_shows_is_part_of_the_key() {
+    let sb = Sandbox::new();
+    let pipeline = r#"
+name: names
+storage: file://store
+stages:
+  first:
+    kind: shell
+    with: { run: echo $STAGE > n, outputs: [n] }
+  second:
+    kind: shell
+    with: { run: echo $STAGE > n, outputs: [n] }
+"#;
+    sb.write("p.yaml", pipeline);
+    let r = sb.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let run = sb.last_run();
+    assert_eq!(stage_status(&run, "first"), "ran");
+    assert_eq!(stage_status(&run, "second"), "ran");
+    let digest = |stage: &str| sb.stage_manifest(stage)["files"][0]["digest"].clone();
+    assert_ne!(digest("first"), digest("second"));
+
+    sb.write("p.yaml", &pipeline.replace("second:", "renamed:"));
+    let plan = sb.run(&["plan", "p.yaml"]);
+    assert!(
+        plan.stdout
+            .lines()
+            .any(|l| l.starts_with("renamed") && l.contains("will run")),
+        "{}\n{}",
+        plan.stdout,
+        plan.stderr
+    );
+    let r = sb.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(stage_status(&sb.last_run(), "first"), "cached");
+    assert_eq!(stage_status(&sb.last_run(), "renamed"), "ran");
+}
