@@ -1,24 +1,80 @@
-//! Used from a stage crate's `build.rs`: hashes the crate's own source so that editing a
-//! stage invalidates that stage's cached artifacts, and only those.
+//! Used from a stage crate's `build.rs`: hashes what a stage's results are built from, so
+//! that editing a stage invalidates that stage's cached artifacts, and only those.
 //!
-//! The hash covers `Cargo.toml` (dependency versions change results too) and every file under
-//! `src/`, walked in sorted order with paths relative to the crate, so it is the same on every
-//! machine and checkout location.
+//! The hash covers the crate's `Cargo.toml` and every file under `src/`; the same for every
+//! crate of the workspace it depends on (train reads the corpus crate's Parquet reader); and
+//! the exact version and checksum, from `Cargo.lock`, of every registry crate it depends on,
+//! directly or not (a `cargo update` of burn can change the numbers). Paths are relative to
+//! each crate, walked in sorted order, so the hash is the same on every machine and checkout
+//! location.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
 /// Hashes the crate at `CARGO_MANIFEST_DIR`, exports the result as the `STAGE_CODE_HASH`
-/// environment variable for `env!`, and asks cargo to rerun when the source changes.
+/// environment variable for `env!`, and asks cargo to rerun when any hashed input changes.
 pub fn emit() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets this"));
-    let hash = hash_crate(&root).expect("the stage crate's own source is readable");
-    println!("cargo:rustc-env=STAGE_CODE_HASH={hash}");
-    println!("cargo:rerun-if-changed=src");
-    println!("cargo:rerun-if-changed=Cargo.toml");
+    let name = std::env::var("CARGO_PKG_NAME").expect("cargo sets this");
+    let stage = hash_stage(&root, &name).expect("the stage's sources and Cargo.lock are readable");
+    println!("cargo:rustc-env=STAGE_CODE_HASH={}", stage.hash);
+    for path in stage.watched {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
 }
 
-/// The hex blake3 of the crate's `Cargo.toml` and `src/` tree.
+/// A stage's code hash and the paths it was computed from.
+pub struct StageHash {
+    pub hash: String,
+    pub watched: Vec<PathBuf>,
+}
+
+/// The hash of crate `name` at `root` with everything it depends on (see the module doc).
+/// Without a `Cargo.lock` above `root` (a crate built outside its workspace) only the crate's
+/// own source counts.
+pub fn hash_stage(root: &Path, name: &str) -> std::io::Result<StageHash> {
+    let Some(workspace) = root.ancestors().find(|d| d.join("Cargo.lock").is_file()) else {
+        return Ok(StageHash {
+            hash: hash_crate(root)?,
+            watched: vec![root.join("src"), root.join("Cargo.toml")],
+        });
+    };
+    let lock = fs::read_to_string(workspace.join("Cargo.lock"))?;
+    let packages = parse_lock(&lock);
+    let members = workspace_members(workspace)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut watched = vec![workspace.join("Cargo.lock")];
+    for id in closure(&packages, name) {
+        let p = &packages[id];
+        match (&p.checksum, members.get(&p.name)) {
+            // A crate of this workspace: its source, as for the stage's own.
+            (None, Some(dir)) => {
+                hasher.update(format!("{}\0{}\0", p.name, hash_crate(dir)?).as_bytes());
+                watched.extend([dir.join("src"), dir.join("Cargo.toml")]);
+            }
+            // From a registry or git: its exact version and checksum (or source) say it all.
+            _ => {
+                hasher.update(
+                    format!(
+                        "{}\0{}\0{}\0{}\0",
+                        p.name,
+                        p.version,
+                        p.source.as_deref().unwrap_or(""),
+                        p.checksum.as_deref().unwrap_or("")
+                    )
+                    .as_bytes(),
+                );
+            }
+        }
+    }
+    Ok(StageHash {
+        hash: hasher.finalize().to_hex()[..16].to_string(),
+        watched,
+    })
+}
+
+/// The hex blake3 of one crate's `Cargo.toml` and `src/` tree.
 pub fn hash_crate(root: &Path) -> std::io::Result<String> {
     let mut files = vec![PathBuf::from("Cargo.toml")];
     collect(root, Path::new("src"), &mut files)?;
@@ -35,6 +91,111 @@ pub fn hash_crate(root: &Path) -> std::io::Result<String> {
         hasher.update(&text);
     }
     Ok(hasher.finalize().to_hex()[..16].to_string())
+}
+
+/// One `[[package]]` of a `Cargo.lock`.
+#[derive(Debug, Default)]
+struct LockedPackage {
+    name: String,
+    version: String,
+    source: Option<String>,
+    checksum: Option<String>,
+    /// As written: `name`, or `name version` where several versions are locked.
+    dependencies: Vec<String>,
+}
+
+/// The packages of a `Cargo.lock` (version 3 or 4), read line by line: its format is
+/// regular enough that a TOML parser would only add a dependency to every stage's build.
+fn parse_lock(text: &str) -> Vec<LockedPackage> {
+    let mut out: Vec<LockedPackage> = Vec::new();
+    let mut in_deps = false;
+    let quoted = |v: &str| v.trim().trim_matches('"').to_string();
+    for line in text.lines() {
+        let line = line.trim();
+        if line == "[[package]]" {
+            out.push(LockedPackage::default());
+            in_deps = false;
+            continue;
+        }
+        let Some(p) = out.last_mut() else { continue };
+        if in_deps {
+            if line.starts_with(']') {
+                in_deps = false;
+            } else {
+                p.dependencies.push(quoted(line.trim_end_matches(',')));
+            }
+            continue;
+        }
+        match line.split_once(" = ") {
+            Some(("name", v)) => p.name = quoted(v),
+            Some(("version", v)) => p.version = quoted(v),
+            Some(("source", v)) => p.source = Some(quoted(v)),
+            Some(("checksum", v)) => p.checksum = Some(quoted(v)),
+            Some(("dependencies", v)) => {
+                let v = v.trim();
+                if v.starts_with('[') && v.ends_with(']') {
+                    let inner = &v[1..v.len() - 1];
+                    p.dependencies
+                        .extend(inner.split(',').map(quoted).filter(|d| !d.is_empty()));
+                } else {
+                    in_deps = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Indices of `name` and everything it depends on, directly or not, sorted by name and
+/// version (build and dev dependencies included: the lock file does not tell them apart).
+fn closure(packages: &[LockedPackage], name: &str) -> Vec<usize> {
+    let find = |dep: &str| -> Option<usize> {
+        let mut parts = dep.split(' ');
+        let n = parts.next()?;
+        let version = parts.next();
+        packages
+            .iter()
+            .position(|p| p.name == n && version.is_none_or(|v| p.version == v))
+    };
+    let mut seen = BTreeSet::new();
+    let mut todo: Vec<usize> = find(name).into_iter().collect();
+    while let Some(i) = todo.pop() {
+        if seen.insert(i) {
+            todo.extend(packages[i].dependencies.iter().filter_map(|d| find(d)));
+        }
+    }
+    let mut out: Vec<usize> = seen.into_iter().collect();
+    out.sort_by(|&a, &b| {
+        (&packages[a].name, &packages[a].version).cmp(&(&packages[b].name, &packages[b].version))
+    });
+    out
+}
+
+/// The workspace's crates, name → folder, from the root `Cargo.toml`'s `members`.
+fn workspace_members(workspace: &Path) -> std::io::Result<BTreeMap<String, PathBuf>> {
+    let text = fs::read_to_string(workspace.join("Cargo.toml"))?;
+    let mut out = BTreeMap::new();
+    let Some(start) = text.find("members") else {
+        return Ok(out);
+    };
+    let list = &text[start..];
+    let list = &list[list.find('[').unwrap_or(0) + 1..list.find(']').unwrap_or(0)];
+    for member in list.split(',').map(|m| m.trim().trim_matches('"')) {
+        if member.is_empty() {
+            continue;
+        }
+        let dir = workspace.join(member);
+        let manifest = fs::read_to_string(dir.join("Cargo.toml"))?;
+        let name = manifest
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("name = "))
+            .map(|v| v.trim().trim_matches('"').to_string());
+        if let Some(name) = name {
+            out.insert(name, dir);
+        }
+    }
+    Ok(out)
 }
 
 fn collect(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -67,6 +228,81 @@ mod tests {
         assert_eq!(hash_crate(&a).unwrap(), hash_crate(&b).unwrap());
         fs::write(b.join("src/sub/x.rs"), "fn y() {}").unwrap();
         assert_ne!(hash_crate(&a).unwrap(), hash_crate(&b).unwrap());
+    }
+
+    #[test]
+    fn the_lock_file_is_read_with_its_closure() {
+        let lock = r#"
+version = 4
+
+[[package]]
+name = "a"
+version = "0.1.0"
+dependencies = [
+ "b",
+ "c 2.0.0",
+]
+
+[[package]]
+name = "b"
+version = "1.0.0"
+source = "registry+https://github.com/rust-lang/crates.io-index"
+checksum = "bb"
+
+[[package]]
+name = "c"
+version = "1.0.0"
+source = "registry+https://github.com/rust-lang/crates.io-index"
+checksum = "c1"
+
+[[package]]
+name = "c"
+version = "2.0.0"
+source = "registry+https://github.com/rust-lang/crates.io-index"
+checksum = "c2"
+dependencies = ["b"]
+
+[[package]]
+name = "unrelated"
+version = "1.0.0"
+"#;
+        let packages = parse_lock(lock);
+        assert_eq!(packages.len(), 5);
+        let names: Vec<String> = closure(&packages, "a")
+            .into_iter()
+            .map(|i| format!("{} {}", packages[i].name, packages[i].version))
+            .collect();
+        assert_eq!(names, vec!["a 0.1.0", "b 1.0.0", "c 2.0.0"]);
+        assert_eq!(packages[2].checksum.as_deref(), Some("c1"));
+    }
+
+    #[test]
+    fn a_dependency_version_or_a_workspace_crate_changes_the_hash() {
+        let ws = tempdir("ws");
+        let write = |rel: &str, text: &str| {
+            let p = ws.join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, text).unwrap();
+        };
+        write("Cargo.toml", "[workspace]\nmembers = [\"st\", \"lib\"]\n");
+        write("st/Cargo.toml", "[package]\nname = \"st\"\n");
+        write("st/src/lib.rs", "fn st() {}");
+        write("lib/Cargo.toml", "[package]\nname = \"lib\"\n");
+        write("lib/src/lib.rs", "fn lib() {}");
+        let lock = |v: &str| {
+            format!(
+                "[[package]]\nname = \"st\"\nversion = \"0.1.0\"\ndependencies = [\n \"lib\",\n \"burn\",\n]\n\n[[package]]\nname = \"lib\"\nversion = \"0.1.0\"\n\n[[package]]\nname = \"burn\"\nversion = \"{v}\"\nsource = \"registry+x\"\nchecksum = \"{v}\"\n"
+            )
+        };
+        write("Cargo.lock", &lock("0.21.0"));
+        let h = || hash_stage(&ws.join("st"), "st").unwrap().hash;
+        let first = h();
+        assert_eq!(first, h());
+        write("Cargo.lock", &lock("0.21.1"));
+        let updated = h();
+        assert_ne!(first, updated, "a new burn");
+        write("lib/src/lib.rs", "fn lib() { /* changed */ }");
+        assert_ne!(updated, h(), "a changed workspace crate the stage uses");
     }
 
     fn tempdir(tag: &str) -> PathBuf {
