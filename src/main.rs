@@ -764,6 +764,18 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                         s.files,
                         client.url()
                     );
+                    if s.killed > 0 {
+                        println!(
+                            "ended {} MLflow runs as KILLED: their orchestrate process died before ending them",
+                            s.killed
+                        );
+                    }
+                    if s.running > 0 {
+                        println!(
+                            "passed over {} spools of runs still running: they deliver their own",
+                            s.running
+                        );
+                    }
                     for r in &s.rejected {
                         eprintln!("warning: {r}");
                     }
@@ -854,6 +866,8 @@ fn watch_signals(cancel: CancelToken, reporter: Arc<dyn orchestrate::report::Rep
                 );
                 cancel.cancel();
             } else {
+                reporter
+                    .note("quit: MLflow runs left open are ended as KILLED by `orchestrate sync`");
                 std::process::exit(130);
             }
         }

@@ -485,6 +485,65 @@ impl SpoolWriter {
     }
 }
 
+fn open_lock(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+}
+
+/// Ends, as `KILLED`, every run a spool started and never ended: its process is gone (a
+/// second Ctrl-C, SIGKILL, a crash), and MLflow would otherwise show it running for good.
+/// Returns how many were closed.
+fn close_abandoned(spool: &Path) -> Result<usize, TrackError> {
+    let text = match std::fs::read_to_string(spool) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(spool_err(spool, e)),
+    };
+    let mut open: Vec<String> = Vec::new();
+    let mut last = 0;
+    for entry in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Entry>(l).ok())
+    {
+        last = last.max(entry.seq);
+        match entry.op {
+            Op::StartRun { uid, .. } => open.push(uid),
+            Op::EndRun { uid, .. } => open.retain(|u| *u != uid),
+            _ => {}
+        }
+    }
+    if open.is_empty() {
+        return Ok(0);
+    }
+    // Children before their parent, as a live run ends them.
+    open.reverse();
+    let mut lines = Vec::new();
+    if !text.is_empty() && !text.ends_with('\n') {
+        lines.push(b'\n'); // after a torn last line, which delivery skips
+    }
+    for (i, uid) in open.iter().enumerate() {
+        let entry = Entry {
+            seq: last + 1 + i as u64,
+            op: Op::EndRun {
+                uid: uid.clone(),
+                status: "KILLED".into(),
+                end_ms: now_ms(),
+            },
+        };
+        lines.extend(serde_json::to_vec(&entry).expect("plain JSON"));
+        lines.push(b'\n');
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(spool)
+        .map_err(|e| spool_err(spool, e))?;
+    f.write_all(&lines).map_err(|e| spool_err(spool, e))?;
+    Ok(open.len())
+}
+
 fn spool_err(path: &Path, source: std::io::Error) -> TrackError {
     TrackError::Spool {
         path: path.display().to_string(),
@@ -506,6 +565,10 @@ pub struct Tracker {
     wake: tokio::sync::Notify,
     /// The first delivery problem, reported once.
     problem: Mutex<Option<String>>,
+    /// An exclusive lock on the spool's `.lock` file for as long as the run lives; the
+    /// system drops it when the process ends, however it ends. `sync` passes over a spool
+    /// whose lock is held (its run delivers it) and closes the runs of one whose is not.
+    _alive: Option<std::fs::File>,
 }
 
 /// What reached the server.
@@ -524,6 +587,11 @@ impl Tracker {
     ) -> Result<Arc<Tracker>, TrackError> {
         let files = spool_dir.join("files").join(run_id);
         std::fs::create_dir_all(&files).map_err(|e| spool_err(&files, e))?;
+        let lock_path = spool_dir.join(format!("{run_id}.lock"));
+        let alive = open_lock(&lock_path).map_err(|e| spool_err(&lock_path, e))?;
+        // A new run id: nobody else can hold it, except a `sync` in the very same instant,
+        // which finds nothing to deliver yet and lets go.
+        alive.lock().map_err(|e| spool_err(&lock_path, e))?;
         Ok(Arc::new(Tracker {
             spool: Mutex::new(SpoolWriter {
                 path: spool_dir.join(format!("{run_id}.jsonl")),
@@ -535,6 +603,7 @@ impl Tracker {
             client,
             wake: tokio::sync::Notify::new(),
             problem: Mutex::new(None),
+            _alive: Some(alive),
         }))
     }
 
@@ -886,6 +955,10 @@ pub struct Synced {
     /// Files whose delivery stopped (the server down, say), each with why: the others were
     /// still delivered, and these resume where they stopped next time.
     pub stopped: Vec<(PathBuf, TrackError)>,
+    /// Spools of runs still running, passed over: their own process delivers them.
+    pub running: usize,
+    /// Runs whose process died before ending them, now ended as `KILLED`.
+    pub killed: usize,
 }
 
 /// Delivers every spool file in `dir`, each as far as it goes.
@@ -905,6 +978,33 @@ pub async fn sync(client: &MlflowClient, dir: &Path) -> Result<Synced, TrackErro
         ..Default::default()
     };
     for f in &files {
+        // One deliverer per spool at a time: its run while it lives, else one `sync`.
+        let lock_path = f.with_extension("lock");
+        let lock = match open_lock(&lock_path) {
+            Ok(l) => l,
+            Err(e) => {
+                out.stopped.push((f.clone(), spool_err(&lock_path, e)));
+                continue;
+            }
+        };
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                out.running += 1;
+                continue;
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                out.stopped.push((f.clone(), spool_err(&lock_path, e)));
+                continue;
+            }
+        }
+        match close_abandoned(f) {
+            Ok(n) => out.killed += n,
+            Err(e) => {
+                out.stopped.push((f.clone(), e));
+                continue;
+            }
+        }
         let state = f.with_extension("state.json");
         let before: u64 = std::fs::read(&state)
             .ok()

@@ -446,3 +446,66 @@ stages:
         assert_eq!(runs[0]["info"]["status"], "FINISHED", "{name}");
     }
 }
+
+/// A run's MLflow runs are ended however its process ends. Killed outright (SIGKILL, or a
+/// second Ctrl-C), it cannot end them itself: the next `sync` ends them as KILLED. While it
+/// lives, `sync` leaves its spool alone, so the two never deliver a record twice.
+#[test]
+fn sync_leaves_a_live_run_alone_and_ends_a_killed_one() {
+    let Some(venv) = servers::venv() else { return };
+    let sb = Sandbox::new();
+    let mlflow = Server::mlflow(&venv, sb.path());
+    sb.write(
+        "p.yaml",
+        &format!(
+            r#"
+name: killed
+storage: file://store
+tracking: {{ mlflow: "{}", experiment: killed }}
+stages:
+  slow:
+    kind: shell
+    with: {{ run: "touch $PIPELINE_DIR/started; sleep 20; echo 1 > a", outputs: [a] }}
+"#,
+            mlflow.url
+        ),
+    );
+    let mut child = sb.spawn(&["run", "p.yaml"]);
+    assert!(sb.wait_for("started", 30));
+    let live = sb.run(&["sync", "--pipeline", "p.yaml"]);
+    assert_eq!(live.code, 0, "{}", live.stderr);
+    assert!(
+        live.stdout
+            .contains("passed over 1 spools of runs still running"),
+        "{}",
+        live.stdout
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let after = sb.run(&["sync", "--pipeline", "p.yaml"]);
+    assert_eq!(after.code, 0, "{}", after.stderr);
+    assert!(
+        after.stdout.contains("ended 2 MLflow runs as KILLED"),
+        "{}",
+        after.stdout
+    );
+    let exp = mlflow_api(
+        &mlflow.url,
+        "experiments/get-by-name?experiment_name=killed",
+        None,
+    );
+    let exp = exp["experiment"]["experiment_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let runs = search(&mlflow.url, &exp, "");
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(
+        runs.iter().all(|r| r["info"]["status"] == "KILLED"),
+        "{runs:?}"
+    );
+    // Once ended, they stay so: another sync adds nothing.
+    let again = sb.run(&["sync", "--pipeline", "p.yaml"]);
+    assert!(!again.stdout.contains("KILLED"), "{}", again.stdout);
+}
