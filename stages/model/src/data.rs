@@ -93,6 +93,9 @@ impl Specials {
 pub struct Example {
     pub control: [u32; 2],
     pub ids: Vec<u32>,
+    /// The record went on past `ids` (cut to fit `max_len`): its target ends without eos,
+    /// or the model would learn to stop wherever a long record happened to be cut.
+    pub truncated: bool,
 }
 
 pub fn load_examples(
@@ -119,10 +122,12 @@ pub fn load_examples(
         .filter(|(_, e)| e.get_ids().len() >= 2)
         .map(|(r, e)| {
             let mut ids = e.get_ids().to_vec();
+            let truncated = ids.len() > keep;
             ids.truncate(keep);
             Example {
                 control: [specials.lang(&r.lang), specials.author(r.author.as_deref())],
                 ids,
+                truncated,
             }
         })
         .collect())
@@ -225,14 +230,14 @@ pub fn make_batch(
     padding: Padding,
     mut split_at: impl FnMut(usize, usize) -> usize,
 ) -> Batch {
-    let pieces: Vec<(Vec<u32>, Vec<u32>)> = examples
+    let pieces: Vec<(Vec<u32>, Vec<u32>, bool)> = examples
         .iter()
         .enumerate()
         .map(|(i, e)| {
             let k = split_at(i, e.ids.len()).clamp(1, e.ids.len() - 1);
             let mut src = e.control.to_vec();
             src.extend_from_slice(&e.ids[..k]);
-            (src, e.ids[k..].to_vec())
+            (src, e.ids[k..].to_vec(), e.truncated)
         })
         .collect();
     let src_len = padding.pad(pieces.iter().map(|p| p.0.len()).max().unwrap_or(1));
@@ -250,16 +255,21 @@ pub fn make_batch(
         tgt_pad: vec![true; rows * tgt_len],
         tokens: 0,
     };
-    for (r, (src, tgt)) in pieces.iter().enumerate() {
+    for (r, (src, tgt, truncated)) in pieces.iter().enumerate() {
         for (j, &t) in src.iter().enumerate() {
             b.src[r * src_len + j] = t as i64;
             b.src_pad[r * src_len + j] = false;
         }
-        // Input: bos + target; output: target + eos (teacher forcing, shifted by one).
+        // Input: bos + target; output: target + eos (teacher forcing, shifted by one). A cut
+        // record's target has no end to predict: its last token is predicted, not followed.
         let mut input = vec![specials.bos];
-        input.extend_from_slice(tgt);
         let mut output = tgt.clone();
-        output.push(specials.eos);
+        if *truncated {
+            input.extend_from_slice(&tgt[..tgt.len() - 1]);
+        } else {
+            input.extend_from_slice(tgt);
+            output.push(specials.eos);
+        }
         for j in 0..output.len() {
             b.tgt_in[r * tgt_len + j] = input[j] as i64;
             b.tgt_out[r * tgt_len + j] = output[j] as i64;
@@ -315,6 +325,7 @@ mod tests {
         let e = Example {
             control: [4, 7],
             ids: vec![10, 11, 12, 13],
+            truncated: false,
         };
         let b = make_batch(&[&e], &specials(), CPU, |_, _| 2);
         assert_eq!((b.src_len, b.tgt_len), (16, 16));
@@ -326,10 +337,25 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_record_has_no_eos_to_learn() {
+        let e = Example {
+            control: [4, 7],
+            ids: vec![10, 11, 12, 13],
+            truncated: true,
+        };
+        let b = make_batch(&[&e], &specials(), CPU, |_, _| 2);
+        assert_eq!(&b.tgt_in[..2], &[1, 12]);
+        assert_eq!(&b.tgt_out[..2], &[12, 13]);
+        assert_eq!(b.tokens, 2);
+        assert!(b.tgt_pad[2] && !b.tgt_pad[1]);
+    }
+
+    #[test]
     fn gpu_padding_takes_powers_of_two() {
         let e = Example {
             control: [4, 7],
             ids: (10..50).collect(),
+            truncated: false,
         };
         // Source: 2 control tokens + 30 ids; target: 10 ids + eos.
         let cpu = make_batch(&[&e], &specials(), CPU, |_, _| 30);
@@ -356,6 +382,7 @@ mod tests {
         let e = Example {
             control: [4, 7],
             ids: (0..247).map(|i| 10 + i % 30).collect(),
+            truncated: false,
         };
         for rounding in [Rounding::Multiple16, Rounding::PowerOfTwo] {
             let b = make_batch(&[&e], &specials(), rounding.within(250), |_, _| 240);
@@ -374,6 +401,7 @@ mod tests {
             .map(|i| Example {
                 control: [0, 0],
                 ids: vec![1; 2 + i % 40],
+                truncated: false,
             })
             .collect();
         let a = epoch_plan(&ex, 8, 42, 0);

@@ -1255,6 +1255,7 @@ mod tests {
             .map(|i| Example {
                 control: [4, 5],
                 ids: (0..12).map(|j| 6 + (i * 7 + j * 3) % 40).collect(),
+                truncated: false,
             })
             .collect()
     }
@@ -1525,6 +1526,7 @@ mod tests {
         let e = Example {
             control: [4, 5],
             ids: (0..cfg.max_len as u32 - 3).map(|i| 6 + i % 40).collect(),
+            truncated: false,
         };
         for rounding in [Rounding::Multiple16, Rounding::PowerOfTwo] {
             let padding = rounding.within(cfg.max_len);
