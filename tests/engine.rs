@@ -633,3 +633,44 @@ stages:
     assert_eq!(stage_status(&sb.last_run(), "first"), "cached");
     assert_eq!(stage_status(&sb.last_run(), "renamed"), "ran");
 }
+
+/// Killed outright, the orchestrator can signal nobody. What its command started must not
+/// live on (writing into a working directory the next run reuses): the kernel ends `sh`,
+/// and a guardian in the command's process group ends the rest.
+#[test]
+fn sigkill_takes_down_what_the_command_started() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        r#"
+name: orphans
+storage: file://store
+stages:
+  busy:
+    kind: shell
+    with:
+      run: sleep 60 & echo $! > $PIPELINE_DIR/orphan; sleep 60; echo done > a
+      outputs: [a]
+"#,
+    );
+    let mut child = sb.spawn(&["run", "p.yaml"]);
+    assert!(sb.wait_for("orphan", 20), "the stage never started");
+    std::thread::sleep(Duration::from_millis(100));
+    let pid = sb.read("orphan").trim().to_string();
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+    };
+    assert!(alive(), "the background process should be running");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !alive(),
+        "process {pid}, started by the command, outlived the orchestrator"
+    );
+}

@@ -73,11 +73,14 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
             .collect();
         cmd.env(var, dirs.join(":"));
     }
-    // SAFETY: prctl is async-signal-safe. It makes the kernel kill the command if the
-    // orchestrator dies (even by SIGKILL), so no orphan keeps writing after a crash.
+    // SAFETY: runs in the forked child before `exec`, where only async-signal-safe calls
+    // are allowed: prctl, and `guard_group`'s (see there). PDEATHSIG makes the kernel kill
+    // `sh` if the orchestrator dies, even by SIGKILL; the guardian then takes down what `sh`
+    // started, which PDEATHSIG alone would leave running.
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            guard_group();
             Ok(())
         });
     }
@@ -181,6 +184,56 @@ fn flush_lines(ctx: &StageContext<'_>, tail: &Mutex<Vec<String>>, sent: usize) -
         ctx.events.log(line);
     }
     t.len()
+}
+
+/// Forks, from the child about to become `sh`, a guardian that sits in the command's process
+/// group and kills the whole group when `sh` ends. Killed outright, the orchestrator can
+/// signal nobody: the kernel kills `sh` (PDEATHSIG), but the processes `sh` started would
+/// live on, writing into a working directory the next run reuses. The guardian outlives
+/// `sh` by the kernel's notice (PDEATHSIG again, on `sh`), kills the group and exits. A
+/// group-wide SIGTERM (a cancelled stage) ends the guardian quietly, leaving the grace
+/// period to the orchestrator, which is alive to enforce it. If the fork fails there is
+/// simply no guardian.
+///
+/// # Safety
+/// Only between fork and exec: it calls fork, close_range, signal, prctl, getppid, pause,
+/// kill and _exit, all async-signal-safe.
+unsafe fn guard_group() {
+    // SAFETY: the caller's contract; every call below is async-signal-safe.
+    unsafe {
+        let sh = libc::getpid();
+        if libc::fork() != 0 {
+            return; // `sh` goes on to exec; or the fork failed: no guardian
+        }
+        // No inherited descriptor may keep the command's pipes (or anything else) open.
+        if libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) != 0 {
+            for fd in 0..1024 {
+                libc::close(fd);
+            }
+        }
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(
+            libc::SIGUSR2,
+            kill_own_group as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGUSR2);
+        // `sh` may have ended before the line above: then no signal will come.
+        if libc::getppid() != sh {
+            kill_own_group(0);
+        }
+        loop {
+            libc::pause();
+        }
+    }
+}
+
+extern "C" fn kill_own_group(_: libc::c_int) {
+    // SAFETY: kill(0, …) signals the caller's process group, the guardian's own included;
+    // _exit covers the moment before the signal lands.
+    unsafe {
+        libc::kill(0, libc::SIGKILL);
+        libc::_exit(0);
+    }
 }
 
 fn signal_group(pgid: i32, sig: i32) {
