@@ -751,14 +751,33 @@ async fn produce(
         key_parts: parts.clone(),
     };
     let uid = stage_uid(&sh.run_id, &stage.name);
+    let committed = store.commit(&manifest).await?;
+    let _ = store.drop_checkpoints(key).await;
+    if committed.digest != manifest.digest {
+        sh.reporter.note(&format!(
+            "stage `{}` is not deterministic: this run produced {}, but the store already holds {} for the same key; keeping the stored one",
+            stage.name,
+            crate::plan::short_digest(&manifest.digest),
+            crate::plan::short_digest(&committed.digest)
+        ));
+    }
+    // MLflow is shown the files the store keeps. When another run committed this key first
+    // (a stage that is not deterministic), those are its files, not this run's.
+    let kept = if committed.digest == manifest.digest {
+        Some(out.clone())
+    } else {
+        materialize(sh, &committed).await.ok()
+    };
+    let Some(kept) = kept else {
+        let _ = std::fs::remove_dir_all(&work);
+        return Ok(committed);
+    };
     for name in stage.kind.descriptor().tracked_files {
-        let path = out.join(name);
+        let path = kept.join(name);
         if path.is_file() {
             sh.tracker.artifact(&uid, &path, name);
         }
     }
-    let committed = store.commit(&manifest).await?;
-    let _ = store.drop_checkpoints(key).await;
     if let Some(r) = sh
         .pipeline
         .tracking
@@ -768,7 +787,7 @@ async fn produce(
     {
         // The whole artifact goes up under `model/`, and a new version points at it.
         for f in &committed.files {
-            let path = out.join(&f.path);
+            let path = kept.join(&f.path);
             if path.is_file() {
                 sh.tracker
                     .artifact(&uid, &path, &format!("model/{}", f.path));
@@ -779,14 +798,6 @@ async fn produce(
             sh.tracker.artifact(&uid, &card, "model/MODEL_CARD.md");
         }
         sh.tracker.register_model(&uid, &r.name, "model");
-    }
-    if committed.digest != manifest.digest {
-        sh.reporter.note(&format!(
-            "stage `{}` is not deterministic: this run produced {}, but the store already holds {} for the same key; keeping the stored one",
-            stage.name,
-            crate::plan::short_digest(&manifest.digest),
-            crate::plan::short_digest(&committed.digest)
-        ));
     }
     let _ = std::fs::remove_dir_all(&work);
     Ok(committed)
