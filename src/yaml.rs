@@ -128,9 +128,10 @@ pub fn parse(text: &str, source: SourceId) -> Result<(Node, Vec<Diagnostic>), Di
         anchors: HashMap::new(),
         root: None,
         diags: Vec::new(),
+        documents: 0,
     };
     let mut parser = Parser::new_from_str(text);
-    parser.load(&mut builder, false).map_err(|e| {
+    parser.load(&mut builder, true).map_err(|e| {
         let m = e.marker();
         Diagnostic::new(
             format!("invalid YAML: {}", e.info()),
@@ -166,6 +167,8 @@ struct Builder<'a> {
     anchors: HashMap<usize, Node>,
     root: Option<Node>,
     diags: Vec<Diagnostic>,
+    /// Documents begun so far: the second is an error, not silently ignored.
+    documents: usize,
 }
 
 impl Builder<'_> {
@@ -239,6 +242,23 @@ impl Builder<'_> {
 
 impl MarkedEventReceiver for Builder<'_> {
     fn on_event(&mut self, ev: Event, mark: Marker) {
+        if matches!(ev, Event::DocumentStart) {
+            self.documents += 1;
+            if self.documents == 2 {
+                self.diags.push(
+                    Diagnostic::new(
+                        "a second YAML document: a pipeline file holds exactly one",
+                        self.span(mark, 3),
+                    )
+                    .hint(
+                        "remove the `---` line and what follows, or move it to a file of its own",
+                    ),
+                );
+            }
+        }
+        if self.documents > 1 {
+            return; // reported once above; its contents would only add noise
+        }
         match ev {
             Event::Scalar(text, style, anchor, _tag) => {
                 let len = self.scalar_len(mark, &text, style);
@@ -293,6 +313,18 @@ mod tests {
         let (n, d) = parse(text, SourceId(0)).unwrap();
         assert!(d.is_empty(), "{d:?}");
         n
+    }
+
+    #[test]
+    fn a_second_document_is_an_error_at_its_start() {
+        let (root, d) = parse("a: 1\n---\nb: 2\n", SourceId(0)).unwrap();
+        assert_eq!(root.get("a").map(|n| &n.value), Some(&Value::Int(1)));
+        assert!(root.get("b").is_none());
+        assert_eq!(d.len(), 1, "{d:?}");
+        let at = d[0].span.expect("a position");
+        assert_eq!((at.line, at.col), (2, 1));
+        // One document, with or without its markers, is fine.
+        assert_eq!(parse("---\na: 1\n...\n", SourceId(0)).unwrap().1.len(), 0);
     }
 
     #[test]
