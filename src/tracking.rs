@@ -485,6 +485,30 @@ impl SpoolWriter {
     }
 }
 
+/// Whether a flattened param (`deploy.with.env.API_TOKEN`) names a secret by its last part:
+/// MLflow shows params to everyone who can read the experiment, so such values go as `***`.
+fn names_a_secret(param: &str) -> bool {
+    let last = param
+        .rsplit('.')
+        .next()
+        .unwrap_or(param)
+        .to_ascii_lowercase();
+    let words: Vec<&str> = last.split(['_', '-']).collect();
+    let alone = [
+        "secret",
+        "token",
+        "password",
+        "passwd",
+        "credential",
+        "credentials",
+        "apikey",
+    ];
+    words.iter().any(|w| alone.contains(w))
+        || words
+            .windows(2)
+            .any(|p| p[1] == "key" && ["api", "access", "private"].contains(&p[0]))
+}
+
 fn open_lock(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new()
         .create(true)
@@ -647,7 +671,9 @@ impl Tracker {
         let params = params
             .into_iter()
             .map(|(k, v)| {
-                let v = if v.chars().count() > MAX_PARAM_CHARS {
+                let v = if names_a_secret(&k) {
+                    "***".to_string()
+                } else if v.chars().count() > MAX_PARAM_CHARS {
                     v.chars()
                         .take(MAX_PARAM_CHARS - 1)
                         .chain(std::iter::once('…'))
@@ -1123,6 +1149,18 @@ pub use crate::key::flatten_params;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_are_recognised_by_their_names() {
+        assert!(names_a_secret("fetch.with.env.AWS_SECRET_ACCESS_KEY"));
+        assert!(names_a_secret("fetch.with.env.HF_TOKEN"));
+        assert!(names_a_secret("params.db_password"));
+        assert!(!names_a_secret("tokenizer.with.vocab_size"));
+        assert!(!names_a_secret("model.with.max_len"));
+        assert!(!names_a_secret("evaluation.with.max_tokens_per_s"));
+        assert!(!names_a_secret("tokenizer.with.author_tokens"));
+        assert!(names_a_secret("serve.with.env.OPENAI_API_KEY"));
+    }
 
     #[test]
     fn params_flatten_with_dots() {
