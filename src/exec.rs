@@ -25,8 +25,13 @@ use crate::store::{
 };
 use crate::tracking::{flatten_params, SystemSampler, Tracker};
 
-/// How long a lock holds without renewal; a holder renews it every third of this.
-const LOCK_LEASE: Duration = Duration::from_secs(30);
+/// How long a lock holds without renewal. A holder renews it every `LOCK_RENEW`; the lease
+/// outlasts a renewal that the store's client retries for its whole default window (60 s,
+/// `ORCHESTRATE_STORE_RETRY_SECS`), so a slow store does not hand a live lock to another run.
+/// A holder that died on this machine is seen at once (its process is gone); elsewhere, when
+/// the lease runs out.
+const LOCK_LEASE: Duration = Duration::from_secs(120);
+const LOCK_RENEW: Duration = Duration::from_secs(20);
 const LOCK_POLL: Duration = Duration::from_millis(200);
 /// Concurrent blob uploads per stage.
 const UPLOADS: usize = 8;
@@ -439,6 +444,7 @@ async fn run_stage(
         stage: stage.name.clone(),
         host: hostname(),
         pid: std::process::id(),
+        pid_ns: crate::store::pid_namespace(),
         expires_at: unix_now() + LOCK_LEASE.as_secs(),
     };
     match acquire(sh, &key, &lock, forced).await {
@@ -481,9 +487,11 @@ async fn run_stage(
         let mut lock = lock.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(LOCK_LEASE / 3).await;
+                tokio::time::sleep(LOCK_RENEW).await;
                 lock.expires_at = unix_now() + LOCK_LEASE.as_secs();
-                let _ = store.renew_lock(&key, &lock).await;
+                if let Ok(false) = store.renew_lock(&key, &lock).await {
+                    break; // taken over: renewing would take it back from its holder
+                }
             }
         })
     };
@@ -510,7 +518,7 @@ async fn run_stage(
         }
     };
     heartbeat.abort();
-    sh.store.release_lock(&key).await;
+    sh.store.release_lock(&key, &lock).await;
     record.attempts = attempt;
     record.metrics = metrics.lock().map(|m| m.clone()).unwrap_or_default();
     let (record, manifest) = match result {
@@ -558,7 +566,7 @@ async fn acquire(
                 // The previous holder may have committed just before releasing.
                 if !forced {
                     if let Some(m) = sh.store.manifest(key).await? {
-                        sh.store.release_lock(key).await;
+                        sh.store.release_lock(key, lock).await;
                         return Ok(Acquired::ProducedElsewhere(Box::new(m)));
                     }
                 }

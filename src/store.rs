@@ -132,18 +132,50 @@ pub struct LockInfo {
     pub stage: String,
     pub host: String,
     pub pid: u32,
+    /// The holder's PID namespace (`pid:[4026531836]`): containers may share a host name,
+    /// and a PID means something only within its namespace.
+    #[serde(default)]
+    pub pid_ns: String,
     /// Unix seconds.
     pub expires_at: u64,
 }
 
 impl LockInfo {
-    /// A lock is stale after its lease, or at once when its holder ran on this host and is gone.
+    /// A lock is stale after its lease, or at once when its holder ran on this host, in this
+    /// PID namespace, and is gone.
     pub fn is_stale(&self) -> bool {
         if unix_now() > self.expires_at {
             return true;
         }
-        self.host == hostname() && !Path::new(&format!("/proc/{}", self.pid)).exists()
+        self.host == hostname()
+            && !self.pid_ns.is_empty()
+            && self.pid_ns == pid_namespace()
+            && !Path::new(&format!("/proc/{}", self.pid)).exists()
     }
+
+    /// Whether `other` is this same holder's lock (at any lease).
+    pub fn same_holder(&self, other: &LockInfo) -> bool {
+        (
+            &self.run_id,
+            &self.stage,
+            &self.host,
+            self.pid,
+            &self.pid_ns,
+        ) == (
+            &other.run_id,
+            &other.stage,
+            &other.host,
+            other.pid,
+            &other.pid_ns,
+        )
+    }
+}
+
+/// This process's PID namespace, as `/proc/self/ns/pid` names it; empty where unknown.
+pub fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
 }
 
 pub enum LockAttempt {
@@ -615,16 +647,29 @@ impl Store {
         }
     }
 
-    /// Extends our lease.
-    pub async fn renew_lock(&self, key: &CacheKey, info: &LockInfo) -> Result<()> {
+    /// Extends our lease, if the lock is still ours. `Ok(false)`: it is not (our lease ran
+    /// out, say while the store was unreachable, and another run took the key over); the
+    /// lock is left to its new holder, and the create-only commit settles who stores what.
+    pub async fn renew_lock(&self, key: &CacheKey, info: &LockInfo) -> Result<bool> {
         let path = Self::lock_path(key);
+        match self.get_json::<LockInfo>(&path, "lock").await? {
+            Some(current) if current.same_holder(info) => {}
+            _ => return Ok(false),
+        }
         self.put_json(&path, info, PutMode::Overwrite)
             .await
-            .map_err(Self::backend("renew lock", &path))
+            .map_err(Self::backend("renew lock", &path))?;
+        Ok(true)
     }
 
-    pub async fn release_lock(&self, key: &CacheKey) {
-        let _ = self.inner.delete(&Self::lock_path(key)).await;
+    /// Gives up our lock; one that is no longer ours is left alone.
+    pub async fn release_lock(&self, key: &CacheKey, info: &LockInfo) {
+        let path = Self::lock_path(key);
+        if let Ok(Some(current)) = self.get_json::<LockInfo>(&path, "lock").await {
+            if current.same_holder(info) {
+                let _ = self.inner.delete(&path).await;
+            }
+        }
     }
 
     // ---- checkpoints ----
@@ -862,6 +907,7 @@ mod tests {
             stage: "s".into(),
             host: hostname(),
             pid: std::process::id(),
+            pid_ns: pid_namespace(),
             expires_at: unix_now() + 60,
         };
         assert!(matches!(
@@ -875,16 +921,43 @@ mod tests {
         assert!(
             matches!(store.try_lock(&key, &other).await.unwrap(), LockAttempt::HeldBy(h) if h.run_id == "r1")
         );
-        store.release_lock(&key).await;
-        // A holder on this host whose process is gone is stale at once.
+        // Only the holder renews or releases.
+        assert!(!store.renew_lock(&key, &other).await.unwrap());
+        store.release_lock(&key, &other).await;
+        assert!(matches!(
+            store.try_lock(&key, &other).await.unwrap(),
+            LockAttempt::HeldBy(_)
+        ));
+        assert!(store.renew_lock(&key, &me).await.unwrap());
+        store.release_lock(&key, &me).await;
+
+        // A holder on this host whose process is gone is stale at once...
         let dead = LockInfo {
             pid: u32::MAX - 1,
             ..me.clone()
         };
-        store.renew_lock(&key, &dead).await.unwrap();
+        assert!(matches!(
+            store.try_lock(&key, &dead).await.unwrap(),
+            LockAttempt::Acquired
+        ));
         assert!(matches!(
             store.try_lock(&key, &other).await.unwrap(),
             LockAttempt::Acquired
+        ));
+        store.release_lock(&key, &other).await;
+        // ...but not one in another PID namespace (a container with the same host name),
+        // whose PIDs mean nothing here: it holds until its lease runs out.
+        let elsewhere = LockInfo {
+            pid_ns: "pid:[1]".into(),
+            ..dead.clone()
+        };
+        assert!(matches!(
+            store.try_lock(&key, &elsewhere).await.unwrap(),
+            LockAttempt::Acquired
+        ));
+        assert!(matches!(
+            store.try_lock(&key, &other).await.unwrap(),
+            LockAttempt::HeldBy(_)
         ));
     }
 }
