@@ -414,10 +414,10 @@ async fn every_error_class_is_json_and_names_the_field() {
             422,
             "parameters.best_of",
         ),
-        ("/generate", r#"{"parameters": {}}"#, 422, "body"),
+        ("/generate", r#"{"parameters": {}}"#, 422, "inputs"),
         ("/generate", r#"{"inputs": 5}"#, 422, "inputs"),
-        ("/generate", r#"{"inputs": "x""#, 400, ""),
-        ("/generate", "not json at all", 400, ""),
+        ("/generate", r#"{"inputs": "x""#, 400, "body"),
+        ("/generate", "not json at all", 400, "body"),
         (
             "/generate_stream",
             r#"{"inputs": "x", "parameters": {"top_p": -1}}"#,
@@ -429,7 +429,7 @@ async fn every_error_class_is_json_and_names_the_field() {
             "/v1/completions",
             r#"{"prompt": "x", "max_tokens": 999}"#,
             422,
-            "max_new_tokens",
+            "max_tokens",
         ),
         (
             "/v1/completions",
@@ -443,7 +443,7 @@ async fn every_error_class_is_json_and_names_the_field() {
             422,
             "messages",
         ),
-        ("/tokenize", r#"{}"#, 422, "body"),
+        ("/tokenize", r#"{}"#, 422, "inputs"),
     ];
     for (path, body, status, field) in cases {
         let (s, _, b) = call(&app, "POST", path, Some(body)).await;

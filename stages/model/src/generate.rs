@@ -19,10 +19,15 @@ use crate::decode_cpu;
 use crate::fused::{from_concrete, to_concrete};
 use crate::model::{bias, linear, linear_rows, matmul, Seq2Seq};
 
+/// Temperatures below this decode greedily. Sampling at 1e-4 already picks the likeliest
+/// token unless another is within about a thousandth of a nat of it, and far smaller ones
+/// (down to f32's subnormals, 1e-45) once overflowed the scaled scores to inf/NaN.
+pub const MIN_TEMPERATURE: f32 = 1e-4;
+
 /// How one row picks its next token.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampling {
-    /// 0 means greedy.
+    /// Below [`MIN_TEMPERATURE`] (0 included) means greedy.
     pub temperature: f32,
     pub top_k: Option<usize>,
     pub top_p: Option<f32>,
@@ -45,7 +50,7 @@ impl Default for Sampling {
 
 impl Sampling {
     pub fn is_greedy(&self) -> bool {
-        self.temperature <= 0.0
+        self.temperature.is_nan() || self.temperature < MIN_TEMPERATURE
     }
 }
 
@@ -58,6 +63,14 @@ pub struct Row {
     pub max_new_tokens: usize,
     /// Keep going past end-of-text (latency measurements want a fixed length).
     pub ignore_eos: bool,
+}
+
+impl Row {
+    /// The tokens this row may generate: its own limit, within a position table of
+    /// `max_len`, at least one. Its last token is the one at index `budget - 1`.
+    pub fn budget(&self, max_len: usize) -> usize {
+        self.max_new_tokens.min(max_len).max(1)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -216,11 +229,6 @@ fn pad_dim2<B: Backend>(x: Tensor<B, 4>, to: usize) -> Tensor<B, 4> {
     }
     let zeros = Tensor::zeros([rows, h, to - n, dk], &x.device());
     Tensor::cat(vec![x, zeros], 2)
-}
-
-/// The tokens a row may generate: its own limit, within the position table, at least one.
-fn budget(row: &Row, max_len: usize) -> usize {
-    row.max_new_tokens.min(max_len).max(1)
 }
 
 /// Key/value capacity for rows of these budgets: rounded up to 16 positions (few distinct
@@ -610,7 +618,7 @@ impl<'m, B: Backend> Batch<'m, B> {
             .flatten()
             .map(|l| &l.row)
             .chain(rows.iter().map(|(_, r)| r))
-            .map(|r| budget(r, max_len))
+            .map(|r| r.budget(max_len))
             .max()
             .unwrap_or(1);
         let srcs: Vec<&[u32]> = rows
@@ -713,7 +721,7 @@ impl<'m, B: Backend> Batch<'m, B> {
             if finish.is_none() && id == self.specials.eos && !live.row.ignore_eos {
                 finish = Some(Finish::EosToken);
             }
-            if finish.is_none() && live.out.len() >= budget(&live.row, max_len) {
+            if finish.is_none() && live.out.len() >= live.row.budget(max_len) {
                 finish = Some(Finish::Length);
             }
             if let Some(f) = finish {
@@ -801,7 +809,10 @@ fn pick(scores: &[f32], generated: &[u32], s: &Sampling, rng: &mut u64) -> (u32,
     let view = match s.repetition_penalty.filter(|p| *p != 1.0) {
         Some(penalty) if !generated.is_empty() => {
             let mut v = scores.to_vec();
-            for &t in generated {
+            // Once per distinct token, however often it occurred (as TGI and transformers
+            // do): compounding per occurrence would push a token seen n times by penalty^n.
+            let mut seen = std::collections::HashSet::new();
+            for &t in generated.iter().filter(|&&t| seen.insert(t)) {
                 let x = &mut v[t as usize];
                 *x = if *x > 0.0 { *x / penalty } else { *x * penalty };
             }
@@ -831,17 +842,18 @@ fn argmax(v: &[f32]) -> usize {
 /// Temperature, then top-k, then top-p (nucleus), then a draw from a generator whose whole
 /// state is one number per row: the same seed gives the same text.
 fn sample(scores: &[f32], s: &Sampling, rng: &mut u64) -> usize {
-    let mut cand: Vec<(usize, f32)> = scores
-        .iter()
-        .enumerate()
-        .map(|(i, &x)| (i, x / s.temperature))
-        .collect();
+    let mut cand: Vec<(usize, f32)> = scores.iter().copied().enumerate().collect();
     cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     if let Some(k) = s.top_k.filter(|k| *k > 0) {
         cand.truncate(k);
     }
+    // The best score is subtracted before dividing by the temperature, not after: every
+    // scaled score is then ≤ 0 (at worst -inf, a probability of 0), never inf - inf = NaN.
     let max = cand[0].1;
-    let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
+    let mut probs: Vec<f32> = cand
+        .iter()
+        .map(|c| ((c.1 - max) / s.temperature).exp())
+        .collect();
     let total: f32 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if let Some(top_p) = s.top_p.filter(|p| *p > 0.0 && *p < 1.0) {
@@ -1110,6 +1122,48 @@ mod tests {
         });
         assert_eq!(stopped[0].0.len(), 4);
         assert_eq!(stopped[0].1, Finish::StopSequence);
+    }
+
+    #[test]
+    fn the_repetition_penalty_counts_each_token_once() {
+        // Penalised once, token 0 (2.0 / 1.5 = 1.33) still beats token 1 (1.2); penalised
+        // per occurrence it would fall to 0.89 and lose.
+        let s = Sampling {
+            repetition_penalty: Some(1.5),
+            ..Sampling::default()
+        };
+        let scores = [2.0, 1.2, -1.0];
+        assert_eq!(pick(&scores, &[0, 0, 0], &s, &mut 0).0, 0);
+        // A negative score is multiplied, also once: -0.5 * 1.5 = -0.75 beats -1.0.
+        let scores = [-1.0, -0.5];
+        assert_eq!(pick(&scores, &[1, 1, 1, 1], &s, &mut 0).0, 1);
+    }
+
+    #[test]
+    fn a_tiny_temperature_picks_the_likeliest_token() {
+        let scores = [0.5, 3.0, 1.0, -2.0];
+        for temperature in [1e-45, 1e-30, 1e-5, 0.0, f32::NAN] {
+            let s = Sampling {
+                temperature,
+                seed: 9,
+                ..Sampling::default()
+            };
+            assert!(s.is_greedy(), "{temperature}");
+            assert_eq!(pick(&scores, &[], &s, &mut 9).0, 1, "{temperature}");
+        }
+        // Sampling itself never sees inf - inf, whatever the temperature it is given.
+        let s = Sampling {
+            temperature: 1e-45,
+            ..Sampling::default()
+        };
+        for seed in 0..20 {
+            assert_eq!(sample(&scores, &s, &mut { seed }), 1);
+        }
+        assert!(!Sampling {
+            temperature: MIN_TEMPERATURE,
+            ..Sampling::default()
+        }
+        .is_greedy());
     }
 
     #[test]

@@ -82,6 +82,11 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
             source.card.quantization.as_str()
         )));
     }
+    if p.scheme == Scheme::Dynamic {
+        // Refused before anything is written: loading it back would fail the same way.
+        weights::check_int8_block(&source.model, p.block)
+            .map_err(|e| StageError::Failed(format!("`dynamic`: {e}")))?;
+    }
     ctx.checkpoint()?;
     let tensors = weights::export(&source.model);
     let out = ctx.out_dir;

@@ -67,12 +67,35 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
     }
 }
 
+/// Where a visitor or mapper is in the module tree: `decoder.layers.0.ff.linear1.weight`.
+#[derive(Default)]
+struct ModulePath(Vec<String>);
+
+impl ModulePath {
+    fn enter(&mut self, name: &str) {
+        self.0.push(name.to_string());
+    }
+    fn exit(&mut self) {
+        self.0.pop();
+    }
+    fn name(&self) -> String {
+        self.0.join(".")
+    }
+}
+
 struct Replace<'a> {
     tensors: std::slice::Iter<'a, HostTensor>,
+    path: ModulePath,
     error: Option<String>,
 }
 
 impl<B: Backend> ModuleMapper<B> for Replace<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let (id, tensor, mapper) = param.consume();
         let want = tensor.dims().to_vec();
@@ -87,7 +110,8 @@ impl<B: Backend> ModuleMapper<B> for Replace<'_> {
             other => {
                 self.error.get_or_insert_with(|| match other {
                     Some(h) => format!(
-                        "a weight has shape {:?} where the model expects {want:?}",
+                        "`{}` has shape {:?} in the weights where the model's config makes it {want:?}",
+                        self.path.name(),
                         h.shape
                     ),
                     None => "the weights file has fewer tensors than the model".into(),
@@ -96,6 +120,70 @@ impl<B: Backend> ModuleMapper<B> for Replace<'_> {
             }
         }
     }
+}
+
+/// Every float parameter's name and shape, in module order.
+#[derive(Default)]
+struct Shapes {
+    path: ModulePath,
+    found: Vec<(String, Vec<usize>)>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Shapes {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.found.push((self.path.name(), param.shape().to_vec()));
+    }
+}
+
+fn shapes<B: Backend>(model: &Seq2Seq<B>) -> Vec<(String, Vec<usize>)> {
+    let mut s = Shapes::default();
+    model.visit(&mut s);
+    s.found
+}
+
+/// Whether `loaded` has the shapes of `configured` (a model built from the config that
+/// claims to describe it). burn's record loading takes a stored tensor of any shape, so
+/// without this a `model.json` whose sizes differ from its weights loads, and reports
+/// sizes the network does not have.
+pub fn check_shapes<B: Backend>(
+    configured: &Seq2Seq<B>,
+    loaded: &Seq2Seq<B>,
+) -> Result<(), String> {
+    for ((name, want), (_, got)) in shapes(configured).iter().zip(shapes(loaded).iter()) {
+        if want != got {
+            return Err(format!(
+                "`{name}` has shape {got:?} in the weights where the model's config makes it {want:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `dynamic`'s int8 blocks of `block` values fit every weight matrix: burn's
+/// quantized tensors take blocks along a matrix's rows, so `block` must divide its width
+/// (a block wider than a row, or one that straddles two, panics inside burn).
+pub fn check_int8_block<B: Backend>(model: &Seq2Seq<B>, block: usize) -> Result<(), String> {
+    if block == 0 || block > 128 {
+        return Err(format!(
+            "block {block} must be from 1 to 128, the most burn's int8 tensors take"
+        ));
+    }
+    for (name, shape) in shapes(model) {
+        let width = shape.last().copied().unwrap_or(0);
+        if shape.len() >= 2 && width % block != 0 {
+            return Err(format!(
+                "int8 blocks of {block} values must divide every weight matrix's rows, but \
+                 `{name}` ({shape:?}) has rows of {width}: choose a block that divides {width}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Keeps every weight matrix as a burn quantized tensor (symmetric int8 in blocks of
@@ -118,8 +206,8 @@ impl<B: Backend> ModuleMapper<B> for QuantizeMatrices {
 /// The model with its weight matrices held as int8 blocks in memory (the `dynamic` scheme).
 pub fn keep_int8<B: Backend>(model: Seq2Seq<B>, block: usize) -> Result<Seq2Seq<B>, String> {
     use burn::tensor::quantization::{BlockSize, QuantLevel, QuantParam, QuantScheme, QuantValue};
-    let block = u8::try_from(block)
-        .map_err(|_| format!("block {block} is over 128, the most burn's int8 tensors take"))?;
+    check_int8_block(&model, block)?;
+    let block = u8::try_from(block).expect("checked: at most 128");
     let scheme = QuantScheme::default()
         .with_value(QuantValue::Q8S)
         .with_level(QuantLevel::Block(BlockSize::new([block])))
@@ -164,6 +252,7 @@ pub fn export<B: Backend>(model: &Seq2Seq<B>) -> Vec<HostTensor> {
 pub fn import<B: Backend>(model: Seq2Seq<B>, tensors: &[HostTensor]) -> Result<Seq2Seq<B>, String> {
     let mut r = Replace {
         tensors: tensors.iter(),
+        path: ModulePath::default(),
         error: None,
     };
     let model = model.map(&mut r);
@@ -369,6 +458,66 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tiny(d_ff: usize) -> Seq2Seq<burn::backend::Flex> {
+        crate::model::ModelConfig {
+            vocab_size: 40,
+            d_model: 32,
+            n_heads: 4,
+            enc_layers: 1,
+            dec_layers: 1,
+            d_ff,
+            max_len: 16,
+            dropout: 0.0,
+            activation: crate::model::Activation::Relu,
+        }
+        .init(&Default::default())
+    }
+
+    #[test]
+    fn a_dynamic_block_that_does_not_divide_a_row_is_an_error_not_a_panic() {
+        // Rows of 32 (d_model) and 64 (d_ff): 64 is wider than some, 48 straddles rows.
+        for block in [64, 48] {
+            let Err(e) = keep_int8(tiny(64), block) else {
+                panic!("block {block} was taken")
+            };
+            assert!(
+                e.contains(&format!("blocks of {block} values"))
+                    && e.contains("rows of 32")
+                    && e.contains("`embed.weight` ([40, 32])"),
+                "{e}"
+            );
+        }
+        assert!(check_int8_block(&tiny(64), 256)
+            .unwrap_err()
+            .contains("128"));
+        assert!(keep_int8(tiny(64), 32).is_ok());
+        // `int8` keeps its blocks in the file only, over the flat values: any block works.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let tensors = export(&tiny(64));
+        save(&path, &tensors, Scheme::Int8, 4096).unwrap();
+        assert_eq!(load(&path).unwrap().tensors.len(), tensors.len());
+    }
+
+    #[test]
+    fn weights_of_other_sizes_than_the_config_are_named() {
+        let e = check_shapes(&tiny(128), &tiny(64)).unwrap_err();
+        assert!(
+            e.contains("`encoder.layers.0.")
+                && e.contains("[32, 64] in the weights")
+                && e.contains("makes it [32, 128]"),
+            "{e}"
+        );
+        assert!(check_shapes(&tiny(64), &tiny(64)).is_ok());
+        let Err(e) = import(tiny(128), &export(&tiny(64))) else {
+            panic!("imported")
+        };
+        assert!(
+            e.contains("`encoder.layers.0.") && e.contains("[32, 128]"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn int8_blocks_round_trip_within_half_a_step() {

@@ -17,7 +17,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
-use orchestrate_model::generate::{Finish, Row, Sampling};
+use orchestrate_model::generate::{Finish, Row, Sampling, MIN_TEMPERATURE};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -253,20 +253,35 @@ fn parse<T: DeserializeOwned>(
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let mut err = if inner.is_syntax() || inner.is_eof() {
-            ApiError::new(
+        let err = if inner.is_syntax() || inner.is_eof() {
+            // The message says where: "... at line 1 column 12".
+            let mut err = ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "validation",
                 format!("body is not valid JSON: {inner}"),
-            )
+            );
+            err.field = Some("body".into());
+            err
         } else {
-            ApiError::validation(if path == "." { "body" } else { &path }, inner.to_string())
+            ApiError::validation(&error_field(&path, &inner), inner.to_string())
         };
-        if err.field.is_none() && path != "." {
-            err.field = Some(path);
-        }
         err.flavour(f)
     })
+}
+
+/// The field a deserialization error is about. A missing field is named only in serde's
+/// message (`missing field `inputs``); the path is then the object that lacks it.
+fn error_field(path: &str, e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|m| m.split('`').next());
+    match (path, missing) {
+        (".", Some(field)) => field.to_string(),
+        (_, Some(field)) => format!("{path}.{field}"),
+        (".", None) => "body".into(),
+        (_, None) => path.to_string(),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -298,6 +313,23 @@ pub struct GenerateRequest {
     pub stream: bool,
 }
 
+/// What a route calls the fields `prepare` checks, for its errors to name.
+#[derive(Clone, Copy)]
+struct Names {
+    /// Before each parameter's name: `parameters.` (TGI) or nothing (OpenAI).
+    prefix: &'static str,
+    /// The token budget: `max_new_tokens`, `max_tokens` or `max_completion_tokens`.
+    max_new_tokens: &'static str,
+    /// The text: `inputs`, `prompt` or `messages`.
+    prompt: &'static str,
+}
+
+const TGI_NAMES: Names = Names {
+    prefix: "parameters.",
+    max_new_tokens: "max_new_tokens",
+    prompt: "inputs",
+};
+
 /// A validated request, ready for the engine.
 struct Prepared {
     row: Row,
@@ -319,29 +351,31 @@ impl AppState {
         &self,
         prompt: &str,
         p: &Parameters,
-        prefix: &str,
+        names: Names,
         sampling_default: bool,
     ) -> Result<Prepared, ApiError> {
-        let field = |name: &str| format!("{prefix}{name}");
+        let field = |name: &str| format!("{}{name}", names.prefix);
         let l = &self.limits;
         let max_new = p.max_new_tokens.unwrap_or(50.min(l.max_new_tokens as i64));
         if max_new < 1 {
             return Err(ApiError::validation(
-                &field("max_new_tokens"),
+                &field(names.max_new_tokens),
                 format!("must be at least 1, got {max_new}"),
             ));
         }
         if max_new as usize > l.max_new_tokens {
             return Err(ApiError::validation(
-                &field("max_new_tokens"),
+                &field(names.max_new_tokens),
                 format!("{max_new} is over the limit of {}", l.max_new_tokens),
             ));
         }
+        // Decoding is in f32: a value finite in JSON's f64 but not in f32 (1e300) would
+        // reach it as inf.
         if let Some(t) = p.temperature {
-            if !t.is_finite() || t < 0.0 {
+            if !t.is_finite() || t < 0.0 || !(t as f32).is_finite() {
                 return Err(ApiError::validation(
                     &field("temperature"),
-                    format!("must be a finite number ≥ 0, got {t}"),
+                    format!("must be a number from 0 to {:e}, got {t}", f32::MAX),
                 ));
             }
         }
@@ -362,10 +396,15 @@ impl AppState {
             }
         }
         if let Some(r) = p.repetition_penalty {
-            if !r.is_finite() || r <= 0.0 {
+            // Scores are divided by it: it must not be 0 (or a subnormal) in f32 either.
+            if !r.is_finite() || !(r as f32).is_normal() || r <= 0.0 {
                 return Err(ApiError::validation(
                     &field("repetition_penalty"),
-                    format!("must be > 0, got {r}"),
+                    format!(
+                        "must be a number from {:e} to {:e}, got {r}",
+                        f32::MIN_POSITIVE,
+                        f32::MAX
+                    ),
                 ));
             }
         }
@@ -400,14 +439,10 @@ impl AppState {
             &lang,
             p.author.as_deref(),
         )
-        .map_err(|e| ApiError::validation("inputs", format!("cannot tokenize: {e}")))?;
+        .map_err(|e| ApiError::validation(names.prompt, format!("cannot tokenize: {e}")))?;
         if prompt_ids.len() > l.max_input_tokens {
             return Err(ApiError::too_large(
-                if prefix.is_empty() {
-                    "prompt"
-                } else {
-                    "inputs"
-                },
+                names.prompt,
                 format!(
                     "the prompt is {} tokens with its control tokens; the limit is {}",
                     prompt_ids.len(),
@@ -423,8 +458,10 @@ impl AppState {
             ));
         }
         // A temperature of 0 is the limit of sampling: the likeliest token, whatever else is
-        // asked (OpenAI's clients send `temperature: 0` beside their usual `top_p`).
-        let sample = p.temperature != Some(0.0)
+        // asked (OpenAI's clients send `temperature: 0` beside their usual `top_p`). So is
+        // one below `MIN_TEMPERATURE`, where sampling would pick the likeliest token anyway.
+        let cold = p.temperature.is_some_and(|t| (t as f32) < MIN_TEMPERATURE);
+        let sample = !cold
             && (p.do_sample
                 || p.top_k.is_some()
                 || p.top_p.is_some_and(|t| t < 1.0)
@@ -568,7 +605,8 @@ impl AppState {
     ) -> Value {
         let prefill: Vec<Value> = prompt_ids
             .iter()
-            .map(|id| json!({"id": id, "text": self.model.tokenizer.id_to_token(*id).unwrap_or_default(), "logprob": null}))
+            // Decoded, not the vocabulary's byte-level symbol (`Ġis` for " is").
+            .map(|id| json!({"id": id, "text": self.model.tokenizer.decode(&[*id], false).unwrap_or_default(), "logprob": null}))
             .collect();
         json!({
             "finish_reason": tgi_finish(c.finish),
@@ -582,7 +620,7 @@ impl AppState {
 }
 
 async fn run_tgi(s: &Shared, req: GenerateRequest) -> Result<Value, ApiError> {
-    let prep = s.prepare(&req.inputs, &req.parameters, "parameters.", false)?;
+    let prep = s.prepare(&req.inputs, &req.parameters, TGI_NAMES, false)?;
     let rx = s.submit(&prep, Flavour::Tgi)?;
     let c = collect(rx).await?;
     let mut v = json!({"generated_text": c.text});
@@ -629,9 +667,10 @@ fn sse(events: impl Stream<Item = SseEvent> + Send + 'static) -> Response {
         .into_response()
 }
 
-/// One event per token; the last also carries `generated_text` and `details`.
+/// One event per token; the last also carries `generated_text`, `details` (when asked)
+/// and `warnings` (when there are any), as `/generate`'s reply does.
 fn stream_tgi(s: &Shared, req: GenerateRequest) -> Result<Response, ApiError> {
-    let prep = s.prepare(&req.inputs, &req.parameters, "parameters.", false)?;
+    let prep = s.prepare(&req.inputs, &req.parameters, TGI_NAMES, false)?;
     let rx = s.submit(&prep, Flavour::Tgi)?;
     let state = s.clone();
     let want_details = req.parameters.details;
@@ -669,6 +708,9 @@ fn stream_tgi(s: &Shared, req: GenerateRequest) -> Result<Response, ApiError> {
                     } => {
                         let mut last = pending.unwrap_or_else(|| json!({"index": 0, "token": null, "generated_text": null, "details": null}));
                         last["generated_text"] = json!(text);
+                        if !warnings.is_empty() {
+                            last["warnings"] = json!(warnings);
+                        }
                         if want_details {
                             let c = Collected {
                                 text,
@@ -860,6 +902,7 @@ struct ChatRequest {
 struct OpenAiCall {
     prompt: String,
     params: Parameters,
+    names: Names,
     stream: bool,
     chat: bool,
 }
@@ -876,12 +919,13 @@ struct OpenAiKnobs {
     lang: Option<String>,
 }
 
-fn openai_params(k: OpenAiKnobs) -> Result<Parameters, ApiError> {
+/// `limit`: the server's `max_new_tokens`, which OpenAI's default of 16 must not pass.
+fn openai_params(k: OpenAiKnobs, limit: usize) -> Result<Parameters, ApiError> {
     if k.n.is_some_and(|n| n != 1) {
         return Err(ApiError::validation("n", "only n = 1 is supported").flavour(Flavour::OpenAi));
     }
     Ok(Parameters {
-        max_new_tokens: Some(k.max_tokens.unwrap_or(16)),
+        max_new_tokens: Some(k.max_tokens.unwrap_or(16.min(limit as i64))),
         // OpenAI's default temperature is 1: sampling unless the client asks for 0.
         temperature: Some(k.temperature.unwrap_or(1.0)),
         top_p: k.top_p,
@@ -906,21 +950,29 @@ async fn completions(
                 .flavour(Flavour::OpenAi),
         );
     }
-    let params = openai_params(OpenAiKnobs {
-        max_tokens: r.max_tokens,
-        temperature: r.temperature,
-        top_p: r.top_p,
-        n: r.n,
-        stop: r.stop,
-        seed: r.seed,
-        author: r.author,
-        lang: r.lang,
-    })?;
+    let params = openai_params(
+        OpenAiKnobs {
+            max_tokens: r.max_tokens,
+            temperature: r.temperature,
+            top_p: r.top_p,
+            n: r.n,
+            stop: r.stop,
+            seed: r.seed,
+            author: r.author,
+            lang: r.lang,
+        },
+        s.limits.max_new_tokens,
+    )?;
     openai_call(
         &s,
         OpenAiCall {
             prompt: prompts.into_iter().next().unwrap_or_default(),
             params,
+            names: Names {
+                prefix: "",
+                max_new_tokens: "max_tokens",
+                prompt: "prompt",
+            },
             stream: r.stream,
             chat: false,
         },
@@ -945,21 +997,33 @@ async fn chat(
         .ok_or_else(|| {
             ApiError::validation("messages", "no message with role `user`").flavour(Flavour::OpenAi)
         })?;
-    let params = openai_params(OpenAiKnobs {
-        max_tokens: r.max_completion_tokens.or(r.max_tokens),
-        temperature: r.temperature,
-        top_p: r.top_p,
-        n: r.n,
-        stop: r.stop,
-        seed: r.seed,
-        author: r.author,
-        lang: r.lang,
-    })?;
+    let names = Names {
+        prefix: "",
+        max_new_tokens: match r.max_completion_tokens {
+            Some(_) => "max_completion_tokens",
+            None => "max_tokens",
+        },
+        prompt: "messages",
+    };
+    let params = openai_params(
+        OpenAiKnobs {
+            max_tokens: r.max_completion_tokens.or(r.max_tokens),
+            temperature: r.temperature,
+            top_p: r.top_p,
+            n: r.n,
+            stop: r.stop,
+            seed: r.seed,
+            author: r.author,
+            lang: r.lang,
+        },
+        s.limits.max_new_tokens,
+    )?;
     openai_call(
         &s,
         OpenAiCall {
             prompt,
             params,
+            names,
             stream: r.stream,
             chat: true,
         },
@@ -969,7 +1033,7 @@ async fn chat(
 
 async fn openai_call(s: &Shared, call: OpenAiCall) -> Result<Response, ApiError> {
     let prep = s
-        .prepare(&call.prompt, &call.params, "", true)
+        .prepare(&call.prompt, &call.params, call.names, true)
         .map_err(|e| e.flavour(Flavour::OpenAi))?;
     let rx = s.submit(&prep, Flavour::OpenAi)?;
     let id = format!("cmpl-{:016x}", fresh_seed());
@@ -1002,6 +1066,7 @@ async fn openai_call(s: &Shared, call: OpenAiCall) -> Result<Response, ApiError>
         "text_completion"
     };
     let chat = call.chat;
+    let warnings = prep.warnings;
     let chunk = move |piece: Option<&str>, finish: Option<&str>| {
         let choice = if chat {
             let delta = match piece {
@@ -1017,6 +1082,7 @@ async fn openai_call(s: &Shared, call: OpenAiCall) -> Result<Response, ApiError>
     // Phases: 0 streaming tokens, 1 the closing chunk was sent (OpenAI's `[DONE]` next), 2 over.
     let events = stream::unfold((rx, 0u8), move |(mut rx, phase)| {
         let chunk = chunk.clone();
+        let warnings = warnings.clone();
         async move {
             match phase {
                 1 => return Some((SseEvent::default().data("[DONE]"), (rx, 2))),
@@ -1024,15 +1090,18 @@ async fn openai_call(s: &Shared, call: OpenAiCall) -> Result<Response, ApiError>
                 _ => {}
             }
             match rx.recv().await {
-                Some(Event::Token { text, special, .. }) => {
-                    let piece = if special { "" } else { text.as_str() };
-                    Some((
-                        SseEvent::default().data(chunk(Some(piece), None).to_string()),
-                        (rx, 0),
-                    ))
-                }
+                // A special token's text is empty, unless it is the last and carries text
+                // held back for the stop sequences (see `engine`).
+                Some(Event::Token { text, .. }) => Some((
+                    SseEvent::default().data(chunk(Some(&text), None).to_string()),
+                    (rx, 0),
+                )),
                 Some(Event::Done { finish, .. }) => {
-                    let last = chunk(None, Some(openai_finish(finish)));
+                    let mut last = chunk(None, Some(openai_finish(finish)));
+                    // As the reply without `stream` carries them.
+                    if !warnings.is_empty() {
+                        last["warnings"] = json!(warnings);
+                    }
                     Some((SseEvent::default().data(last.to_string()), (rx, 1)))
                 }
                 None => None,
@@ -1040,4 +1109,280 @@ async fn openai_call(s: &Shared, call: OpenAiCall) -> Result<Response, ApiError>
         }
     });
     Ok(sse(events))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{events, options, Server};
+    use crate::ServeOptions;
+
+    fn parse_error<T: DeserializeOwned + std::fmt::Debug>(body: &str, f: Flavour) -> ApiError {
+        parse::<T>(Ok(Bytes::from(body.to_string())), f).unwrap_err()
+    }
+
+    #[test]
+    fn a_body_error_names_the_field_at_fault() {
+        let e = parse_error::<GenerateRequest>(r#"{"parameters": {}}"#, Flavour::Tgi);
+        assert_eq!(
+            (e.status, e.field.as_deref()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("inputs"))
+        );
+        let e = parse_error::<ChatRequest>(r#"{"messages": [{"role": "user"}]}"#, Flavour::OpenAi);
+        assert_eq!(e.field.as_deref(), Some("messages[0].content"));
+        assert!(e.openai);
+        let e = parse_error::<GenerateRequest>(
+            r#"{"inputs": "a", "parameters": {"top_k": "x"}}"#,
+            Flavour::Tgi,
+        );
+        assert_eq!(e.field.as_deref(), Some("parameters.top_k"));
+        // Not JSON at all: the body, and where it broke.
+        let e = parse_error::<GenerateRequest>(r#"{"inputs": "a",, }"#, Flavour::Tgi);
+        assert_eq!(
+            (e.status, e.field.as_deref()),
+            (StatusCode::BAD_REQUEST, Some("body"))
+        );
+        assert!(e.message.contains("line 1 column 16"), "{}", e.message);
+        let e = parse_error::<GenerateRequest>(r#"{"inputs": "a""#, Flavour::Tgi);
+        assert_eq!(e.field.as_deref(), Some("body"));
+    }
+
+    #[test]
+    fn openai_s_default_of_16_tokens_keeps_within_the_server_s_limit() {
+        let knobs = || OpenAiKnobs {
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            n: None,
+            stop: None,
+            seed: None,
+            author: None,
+            lang: None,
+        };
+        assert_eq!(openai_params(knobs(), 8).unwrap().max_new_tokens, Some(8));
+        assert_eq!(
+            openai_params(knobs(), 200).unwrap().max_new_tokens,
+            Some(16)
+        );
+    }
+
+    #[tokio::test]
+    async fn openai_routes_name_their_own_fields_and_default_within_the_limit() {
+        let s = Server::start(ServeOptions {
+            max_new_tokens: Some(4),
+            ..options()
+        })
+        .await;
+        let v = s.ok("/v1/completions", json!({"prompt": "it is"})).await;
+        assert!(
+            v["usage"]["completion_tokens"].as_u64().unwrap() <= 4,
+            "{v}"
+        );
+        let v = s
+            .ok(
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "user", "content": "it"}]}),
+            )
+            .await;
+        assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+        for (path, body, param) in [
+            (
+                "/v1/completions",
+                json!({"prompt": "a", "max_tokens": 5}),
+                "max_tokens",
+            ),
+            (
+                "/v1/completions",
+                json!({"prompt": "a", "max_tokens": 0}),
+                "max_tokens",
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 9}),
+                "max_tokens",
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 9}),
+                "max_completion_tokens",
+            ),
+            ("/v1/completions", json!({"max_tokens": 1}), "prompt"),
+        ] {
+            let (status, text) = s.post(path, body).await;
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                (status, v["error"]["param"].as_str()),
+                (422, Some(param)),
+                "{text}"
+            );
+        }
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn temperatures_and_penalties_beyond_f32_are_refused_and_tiny_ones_are_greedy() {
+        let s = Server::start(options()).await;
+        for (param, value) in [
+            ("temperature", 1e300),
+            ("repetition_penalty", 1e300),
+            ("repetition_penalty", 1e-300),
+        ] {
+            let body = json!({"inputs": "it is", "parameters": {param: value}});
+            let (status, text) = s.post("/generate", body).await;
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let field = format!("parameters.{param}");
+            assert_eq!(
+                (status, v["field"].as_str()),
+                (422, Some(field.as_str())),
+                "{text}"
+            );
+        }
+        let (status, text) = s
+            .post(
+                "/v1/completions",
+                json!({"prompt": "a", "temperature": 1e39}),
+            )
+            .await;
+        assert!(
+            status == 422 && text.contains(r#""param":"temperature""#),
+            "{text}"
+        );
+        let generate = |temperature: f64| {
+            json!({"inputs": "it is", "parameters": {"temperature": temperature,
+                "max_new_tokens": 12, "ignore_eos": true, "details": true}})
+        };
+        let greedy = s.ok("/generate", generate(0.0)).await;
+        for t in [1e-45, 1e-300, 1e-5] {
+            let v = s.ok("/generate", generate(t)).await;
+            assert_eq!(v["generated_text"], greedy["generated_text"], "{t}");
+            assert_eq!(v["details"]["tokens"], greedy["details"]["tokens"], "{t}");
+            assert!(v["details"]["seed"].is_null(), "greedy: {v}");
+        }
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn every_stream_warns_of_an_unknown_author() {
+        let s = Server::start(options()).await;
+        let warned = |v: &Value| {
+            v["warnings"][0]
+                .as_str()
+                .is_some_and(|w| w.contains("author `nobody`"))
+        };
+        for details in [false, true] {
+            let (status, text) = s
+                .post(
+                    "/generate_stream",
+                    json!({"inputs": "it", "parameters": {"author": "nobody", "details": details,
+                        "max_new_tokens": 3}}),
+                )
+                .await;
+            let evs = events(&text);
+            assert!(status == 200 && warned(evs.last().unwrap()), "{text}");
+        }
+        for (path, body) in [
+            ("/v1/completions", json!({"prompt": "it"})),
+            (
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "user", "content": "it"}]}),
+            ),
+        ] {
+            let mut body = body;
+            body["author"] = json!("nobody");
+            body["max_tokens"] = json!(3);
+            body["stream"] = json!(true);
+            let (status, text) = s.post(path, body.clone()).await;
+            let evs = events(&text);
+            assert!(
+                status == 200 && warned(evs.last().unwrap()),
+                "{path}: {text}"
+            );
+            body["stream"] = json!(false);
+            assert!(warned(&s.ok(path, body.clone()).await), "{path}");
+            // A known author: no warnings at all.
+            body["author"] = json!("twain");
+            body["stream"] = json!(true);
+            let (_, text) = s.post(path, body).await;
+            assert!(
+                events(&text).iter().all(|e| e.get("warnings").is_none()),
+                "{text}"
+            );
+        }
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn prefill_shows_text_and_a_prompt_cannot_name_control_tokens() {
+        let s = Server::start(options()).await;
+        let v = s
+            .ok(
+                "/generate",
+                json!({"inputs": " is<eos>", "parameters": {"details": true, "max_new_tokens": 1,
+                    "author": "twain"}}),
+            )
+            .await;
+        let texts: Vec<&str> = v["details"]["prefill"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                "<lang:en>",
+                "<author:twain>",
+                " is",
+                "<",
+                "e",
+                "o",
+                "s",
+                ">"
+            ]
+        );
+        let (_, text) = s.post("/tokenize", json!({"inputs": "<eos>"})).await;
+        let toks: Vec<Value> = serde_json::from_str(&text).unwrap();
+        assert_eq!(toks.len(), 5, "{text}");
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_stream_s_tokens_add_up_to_its_generated_text() {
+        let s = Server::start(options()).await;
+        let params = json!({"max_new_tokens": 40, "ignore_eos": true, "details": true});
+        let free = s
+            .ok(
+                "/generate",
+                json!({"inputs": "it is", "parameters": params}),
+            )
+            .await;
+        let text = free["generated_text"].as_str().unwrap().to_string();
+        let chars: Vec<char> = text.chars().collect();
+        assert!(chars.len() >= 6, "the test needs some text: {free}");
+        // A stop sequence from the middle of what the model says without one.
+        let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+        let cut = &text[..text.find(&stop).unwrap()];
+        for stops in [vec![], vec![stop.clone()]] {
+            let mut params = params.clone();
+            params["stop"] = json!(stops);
+            let body = json!({"inputs": "it is", "parameters": params});
+            let (status, body) = s.post("/generate_stream", body).await;
+            assert_eq!(status, 200);
+            let evs = events(&body);
+            let streamed: String = evs
+                .iter()
+                .filter(|e| !e["token"]["special"].as_bool().unwrap())
+                .map(|e| e["token"]["text"].as_str().unwrap())
+                .collect();
+            let last = evs.last().unwrap();
+            let generated = last["generated_text"].as_str().unwrap();
+            assert_eq!(streamed, generated, "{body}");
+            let want = if stops.is_empty() { text.as_str() } else { cut };
+            assert_eq!(generated, want, "stop {stop:?}");
+            // The same request answered whole says the same.
+            let body = json!({"inputs": "it is", "parameters": params});
+            assert_eq!(s.ok("/generate", body).await["generated_text"], want);
+        }
+        s.stop().await;
+    }
 }

@@ -90,6 +90,16 @@ fn canonical(v: Value) -> Result<Value, ParamError> {
         path: Vec::new(),
         problem: ParamProblem::Invalid(e.to_string()),
     })?;
+    // A server that may generate nothing could never pass its own smoke test: say so here,
+    // before training, not after.
+    if p.max_new_tokens == Some(0) {
+        return Err(ParamError {
+            path: vec![PathSegment::Key("max_new_tokens".into())],
+            problem: ParamProblem::Invalid(
+                "at least 1 is needed (leave it out for the model's own limit)".into(),
+            ),
+        });
+    }
     for (i, origin) in p.cors_origins.iter().flatten().enumerate() {
         if let Some(problem) = crate::api::cors_origin_problem(origin) {
             return Err(ParamError {
@@ -314,10 +324,16 @@ async fn checks(base: &str, prompt: &str) -> Result<Value, String> {
     get("/health").await?;
     let info: Value =
         serde_json::from_str(&get("/info").await?).map_err(|e| format!("/info: {e}"))?;
+    // Within the server's `max_new_tokens` (a deployment may set fewer than asked below).
+    let limit = info["max_total_tokens"]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(info["max_input_tokens"].as_u64().unwrap_or(0));
+    let tokens_at_most = |n: u64| n.min(limit).max(1);
     let t = Instant::now();
     let (status, text) = post(
         "/generate",
-        json!({"inputs": prompt, "parameters": {"max_new_tokens": 16, "details": true}}),
+        json!({"inputs": prompt, "parameters": {"max_new_tokens": tokens_at_most(16), "details": true}}),
     )
     .await?;
     let generate_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -331,7 +347,7 @@ async fn checks(base: &str, prompt: &str) -> Result<Value, String> {
     }
     let (status, text) = post(
         "/generate_stream",
-        json!({"inputs": prompt, "parameters": {"max_new_tokens": 8}}),
+        json!({"inputs": prompt, "parameters": {"max_new_tokens": tokens_at_most(8)}}),
     )
     .await?;
     let events: Vec<&str> = text
@@ -349,7 +365,7 @@ async fn checks(base: &str, prompt: &str) -> Result<Value, String> {
     }
     let (status, text) = post(
         "/v1/completions",
-        json!({"prompt": prompt, "max_tokens": 8, "temperature": 0}),
+        json!({"prompt": prompt, "max_tokens": tokens_at_most(8), "temperature": 0}),
     )
     .await?;
     if status != 200 || !text.contains("\"text_completion\"") {
@@ -398,5 +414,24 @@ mod tests {
             "{e}"
         );
         assert!(canonical(json!({"cors_origins": ["*", "http://127.0.0.1:3000"]})).is_ok());
+    }
+
+    #[test]
+    fn a_server_that_may_generate_nothing_is_refused() {
+        let e = canonical(json!({"max_new_tokens": 0})).unwrap_err();
+        assert_eq!(e.path, vec![PathSegment::Key("max_new_tokens".into())]);
+        assert!(canonical(json!({"max_new_tokens": 1})).is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deployment_allowing_fewer_than_16_new_tokens_passes_its_smoke_test() {
+        let opts = ServeOptions {
+            max_new_tokens: Some(3),
+            ..crate::testkit::options()
+        };
+        let smoke = smoke_test(crate::testkit::model_dir(), &opts, "it is")
+            .await
+            .unwrap();
+        assert_eq!(smoke["generated_tokens"], 3, "{smoke}");
     }
 }

@@ -22,7 +22,7 @@ pub fn openapi() -> Value {
         "type": "object",
         "properties": {
             "max_new_tokens": {"type": "integer", "minimum": 1, "default": 50},
-            "temperature": {"type": "number", "minimum": 0, "description": "0 or absent: greedy (unless do_sample)"},
+            "temperature": {"type": "number", "minimum": 0, "description": "0 or absent: greedy (unless do_sample); below 1e-4: greedy"},
             "top_k": {"type": "integer", "minimum": 1},
             "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
             "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
@@ -37,7 +37,7 @@ pub fn openapi() -> Value {
     });
     let generate = json!({"type": "object", "required": ["inputs"], "properties": {"inputs": {"type": "string"}, "parameters": params, "stream": {"type": "boolean"}}});
     let completion = json!({"type": "object", "required": ["prompt"], "properties": {
-        "model": {"type": "string"}, "prompt": {"type": "string"}, "max_tokens": {"type": "integer", "default": 16},
+        "model": {"type": "string"}, "prompt": {"type": "string"}, "max_tokens": {"type": "integer", "default": 16, "description": "default 16, or the server's max_new_tokens when lower"},
         "temperature": {"type": "number", "default": 1}, "top_p": {"type": "number"}, "stream": {"type": "boolean"},
         "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}, "seed": {"type": "integer"},
         "author": {"type": "string"}, "lang": {"type": "string"}}});
@@ -54,7 +54,7 @@ pub fn openapi() -> Value {
         "paths": {
             "/generate": {"post": {"summary": "Generate (TGI)", "requestBody": body(generate.clone()), "responses": ok("generated_text, and details when asked", "application/json")}},
             "/": {"post": {"summary": "Generate (TGI compat route): the reply in a JSON array, or a stream when stream is true", "requestBody": body(generate.clone()), "responses": ok("[{generated_text}]", "application/json")}},
-            "/generate_stream": {"post": {"summary": "Generate as server-sent events: one per token; the last carries generated_text and details", "requestBody": body(generate), "responses": ok("event stream", "text/event-stream")}},
+            "/generate_stream": {"post": {"summary": "Generate as server-sent events: one per token; the last carries generated_text, details (when asked) and warnings (when any)", "requestBody": body(generate), "responses": ok("event stream", "text/event-stream")}},
             "/tokenize": {"post": {"summary": "Tokens of a text with their offsets", "requestBody": body(json!({"type": "object", "required": ["inputs"], "properties": {"inputs": {"type": "string"}}})), "responses": ok("[{id, text, start, stop}]", "application/json")}},
             "/health": {"get": {"summary": "200 when the model is loaded", "responses": {"200": {"description": "ok"}}}},
             "/info": {"get": {"summary": "Model and server facts (TGI's Info, plus languages and authors)", "responses": {"200": {"description": "info"}}}},

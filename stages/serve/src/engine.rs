@@ -111,14 +111,16 @@ impl Engine {
     }
 
     pub fn submit(&self, job: Job) -> Result<(), Refused> {
-        match self.queue.try_send(job) {
-            Ok(()) => {
-                self.waiting.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => Err(Refused::Busy),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Refused::Stopped),
-        }
+        // Counted before it is queued: a worker may take the job (and uncount it) before
+        // `try_send` has even returned, and an unsigned count taken below zero wraps.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let refused = match self.queue.try_send(job) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Refused::Busy,
+            Err(mpsc::error::TrySendError::Closed(_)) => Refused::Stopped,
+        };
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        Err(refused)
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -170,9 +172,7 @@ fn waiting_now(rx: &std::sync::Mutex<mpsc::Receiver<Job>>, room: usize) -> Vec<J
 /// A request in a worker's batch: its job and what has been streamed so far.
 struct Slot {
     job: Job,
-    generated: Vec<u32>,
-    text: String,
-    detok: Detokenizer,
+    stream: TextStream,
 }
 
 fn run<B: Backend>(
@@ -184,6 +184,7 @@ fn run<B: Backend>(
     metrics: Arc<Metrics>,
 ) {
     let specials = &lm.specials;
+    let max_len = lm.model.max_len();
     let mut batch = Batch::new(&lm.model, specials, &device);
     let mut slots: HashMap<usize, Slot> = HashMap::new();
     let mut next_key = 0usize;
@@ -207,9 +208,7 @@ fn run<B: Backend>(
                 key,
                 Slot {
                     job,
-                    generated: Vec::new(),
-                    text: String::new(),
-                    detok: Detokenizer::default(),
+                    stream: TextStream::default(),
                 },
             );
         }
@@ -231,33 +230,29 @@ fn run<B: Backend>(
                     metrics.first_token(slot.job.queued.elapsed());
                 }
                 metrics.tokens(1);
-                let special = token.id == specials.eos
+                // As `Batch::step` decides after this: the row's budget, or end of text.
+                let row = &slot.job.row;
+                let last = token.index + 1 >= row.budget(max_len)
+                    || (token.id == specials.eos && !row.ignore_eos);
+                let (text, stopped) =
+                    slot.stream
+                        .push(&lm.tokenizer, token.id, &slot.job.stop, last);
+                // Special tokens decode to nothing, but the last one carries the text held
+                // back for the stop sequences: it is not shown as special then, or clients
+                // that skip special tokens' text would lose it.
+                let special = (token.id == specials.eos
                     || token.id == specials.pad
-                    || token.id == specials.bos;
-                slot.generated.push(token.id);
-                let piece = slot.detok.next(&lm.tokenizer, &slot.generated);
-                slot.text.push_str(&piece);
-                let piece_len = piece.len();
+                    || token.id == specials.bos)
+                    && text.is_empty();
                 let sent = slot.job.events.send(Event::Token {
                     token,
-                    text: if special { String::new() } else { piece },
+                    text,
                     special,
                 });
                 if sent.is_err() {
                     return Next::Stop(Finish::Cancelled);
                 }
-                // Only the text the new piece can have completed a stop sequence in.
-                let stop = &slot.job.stop;
-                let longest = stop.iter().map(String::len).max().unwrap_or(0);
-                let mut from = slot.text.len().saturating_sub(piece_len + longest);
-                while !slot.text.is_char_boundary(from) {
-                    from -= 1;
-                }
-                let tail = &slot.text[from..];
-                if stop
-                    .iter()
-                    .any(|s| !s.is_empty() && tail.contains(s.as_str()))
-                {
+                if stopped {
                     return Next::Stop(Finish::StopSequence);
                 }
                 Next::Continue
@@ -286,16 +281,12 @@ fn run<B: Backend>(
             let Some(slot) = slots.remove(&key) else {
                 continue;
             };
-            // Decoded whole once: it includes bytes still waiting to complete a character.
-            let text = lm.tokenizer.decode(&tokens, true).unwrap_or(slot.text);
-            let text = match finish {
-                Finish::StopSequence => cut_at_stop(&text, &slot.job.stop),
-                _ => text,
-            };
+            // The text the tokens' events add up to (cut before a stop sequence), so a
+            // stream and its final `generated_text` agree to the byte.
             let _ = slot.job.events.send(Event::Done {
                 finish,
                 tokens,
-                text,
+                text: slot.stream.text,
             });
         }
     }
@@ -312,11 +303,14 @@ struct Detokenizer {
 }
 
 impl Detokenizer {
-    fn next(&mut self, tok: &Tokenizer, ids: &[u32]) -> String {
+    /// The text `ids`' last token completes. After the `last` token nothing can complete
+    /// a character still waiting for its bytes: it comes out as U+FFFD, as the whole
+    /// text decodes.
+    fn next(&mut self, tok: &Tokenizer, ids: &[u32], last: bool) -> String {
         let decode = |ids: &[u32]| tok.decode(ids, true).unwrap_or_default();
         let before = decode(&ids[self.prefix..self.read]);
         let now = decode(&ids[self.prefix..]);
-        if now.ends_with('\u{FFFD}') {
+        if now.ends_with('\u{FFFD}') && !last {
             return String::new(); // a character still incomplete: wait for its next byte
         }
         match now.get(before.len()..) {
@@ -331,25 +325,187 @@ impl Detokenizer {
     }
 }
 
-/// The text up to (without) the first stop sequence it contains.
-pub fn cut_at_stop(text: &str, stops: &[String]) -> String {
-    let cut = stops
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
-        .unwrap_or(text.len());
-    text[..cut].to_string()
+/// A request's text as its tokens come, and how much of it has been sent. While stop
+/// sequences are set, the last `longest stop - 1` bytes are held back: they may be the
+/// start of a stop sequence, which the reply leaves out, so a stream must not have sent it.
+#[derive(Default)]
+struct TextStream {
+    generated: Vec<u32>,
+    /// Cut before the first stop sequence once one has matched.
+    text: String,
+    /// Bytes of `text` sent.
+    sent: usize,
+    detok: Detokenizer,
+}
+
+impl TextStream {
+    /// Takes the next token; returns the text to send with it and whether it completed a
+    /// stop sequence. After the `last` token (its budget, or end of text) nothing is held.
+    fn push(&mut self, tok: &Tokenizer, id: u32, stops: &[String], last: bool) -> (String, bool) {
+        self.generated.push(id);
+        let piece = self.detok.next(tok, &self.generated, last);
+        self.text.push_str(&piece);
+        // Every byte sent was checked with the held-back bytes after it, so a stop sequence
+        // this token completed starts in what is not sent yet: only that is searched.
+        let unsent = &self.text[self.sent..];
+        let stop = stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| unsent.find(s.as_str()))
+            .min();
+        if let Some(at) = stop {
+            self.text.truncate(self.sent + at);
+            return (self.release(self.text.len()), true);
+        }
+        let hold = match last {
+            true => 0,
+            false => stops
+                .iter()
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+                .saturating_sub(1),
+        };
+        let mut upto = self.text.len().saturating_sub(hold).max(self.sent);
+        while !self.text.is_char_boundary(upto) {
+            upto -= 1; // never below `sent`, itself a boundary
+        }
+        (self.release(upto), false)
+    }
+
+    fn release(&mut self, upto: usize) -> String {
+        let out = self.text[self.sent..upto].to_string();
+        self.sent = upto;
+        out
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit::{byte, ids, tokenizer};
+    use orchestrate_model::generate::Sampling;
+
+    /// Streams `tokens`, the last one last; returns each token's text, the final text and
+    /// whether a stop sequence ended it (the tokens after that are not streamed).
+    fn stream(tokens: &[u32], stops: &[&str]) -> (Vec<String>, String, bool) {
+        let tok = tokenizer();
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut s = TextStream::default();
+        let mut sent = Vec::new();
+        for (i, &id) in tokens.iter().enumerate() {
+            let (text, stopped) = s.push(&tok, id, &stops, i + 1 == tokens.len());
+            sent.push(text);
+            if stopped {
+                return (sent, s.text, true);
+            }
+        }
+        (sent, s.text, false)
+    }
 
     #[test]
-    fn text_is_cut_before_the_earliest_stop() {
-        let stops = vec!["\n".to_string(), "lo".to_string()];
-        assert_eq!(cut_at_stop("hello\nworld", &stops), "hel");
-        assert_eq!(cut_at_stop("abc", &stops), "abc");
+    fn a_stream_never_sends_the_stop_sequence() {
+        let (sent, text, stopped) = stream(&ids("hello world"), &["lo w"]);
+        assert!(stopped);
+        assert_eq!(text, "hel");
+        assert_eq!(sent.concat(), "hel");
+        // Held back while it could still be a stop sequence's start, then released.
+        assert_eq!(sent, ["", "", "", "h", "e", "l", ""]);
+        // The earliest of several, wherever each began.
+        let (sent, text, _) = stream(&ids("hello\nworld"), &["\n", "lo"]);
+        assert_eq!((sent.concat().as_str(), text.as_str()), ("hel", "hel"));
+    }
+
+    #[test]
+    fn held_back_text_is_sent_when_no_stop_sequence_came() {
+        let (sent, text, stopped) = stream(&ids("abc dé"), &["xyz"]);
+        assert!(!stopped);
+        assert_eq!(text, "abc dé");
+        assert_eq!(sent.concat(), text);
+        assert_eq!(sent.last().unwrap(), " dé");
+        // Held back to a character boundary: of `aé` (3 bytes) with 1 byte to hold, `a`
+        // goes (not half of `é`).
+        let (sent, _, _) = stream(&ids("aéb"), &["xy"]);
+        assert_eq!(sent, ["", "", "a", "éb"]);
+        let (sent, text, stopped) = stream(&ids("aéé!"), &["é!"]);
+        assert!(stopped);
+        assert_eq!((sent.concat().as_str(), text.as_str()), ("aé", "aé"));
+        // Without stop sequences nothing waits.
+        let (sent, _, _) = stream(&ids("ab"), &[]);
+        assert_eq!(sent, ["a", "b"]);
+    }
+
+    #[test]
+    fn a_character_left_incomplete_at_the_end_is_streamed_as_the_text_has_it() {
+        // "é" is C3 A9: the stream ends after its first byte.
+        let tokens = [byte(b'a'), byte(0xC3)];
+        let whole = tokenizer().decode(&tokens, true).unwrap();
+        assert_eq!(whole, "a\u{FFFD}");
+        for stops in [&[][..], &["zz"][..]] {
+            let (sent, text, _) = stream(&tokens, stops);
+            assert_eq!(text, whole);
+            assert_eq!(sent.concat(), whole, "{stops:?}");
+        }
+        // Mid-stream the byte waits for the rest of its character.
+        let (sent, _, _) = stream(&[byte(b'a'), byte(0xC3), byte(0xA9)], &[]);
+        assert_eq!(sent, ["a", "", "é"]);
+    }
+
+    fn job() -> Job {
+        Job {
+            row: Row {
+                src: vec![1],
+                sampling: Sampling::default(),
+                max_new_tokens: 1,
+                ignore_eos: false,
+            },
+            stop: Vec::new(),
+            events: mpsc::unbounded_channel().0,
+            queued: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn the_queue_depth_counts_a_job_before_a_worker_can_take_it() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let engine = Engine {
+            queue: tx,
+            waiting: Arc::new(AtomicUsize::new(0)),
+        };
+        assert!(engine.submit(job()).is_ok());
+        assert!(matches!(engine.submit(job()), Err(Refused::Busy)));
+        assert_eq!(engine.queue_depth(), 1, "a refused job is not counted");
+        // A worker that takes each job the moment it is queued, and uncounts it as `run`
+        // does: the count it finds must never be 0 (it was taken below zero, wrapping,
+        // when the job was counted after `try_send`).
+        let waiting = engine.waiting.clone();
+        let worker = std::thread::spawn(move || {
+            let mut taken = 0;
+            while taken < 20_000 {
+                match rx.try_recv() {
+                    Ok(_) => {
+                        taken += 1;
+                        let before = waiting.fetch_sub(1, Ordering::SeqCst);
+                        assert!(before >= 1, "counted after it was taken");
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => std::hint::spin_loop(),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            rx
+        });
+        let mut sent = 1;
+        while sent < 20_000 {
+            match engine.submit(job()) {
+                Ok(()) => sent += 1,
+                Err(Refused::Busy) => {}
+                Err(Refused::Stopped) => break, // the worker failed
+            }
+        }
+        let rx = worker.join().expect("never below zero");
+        assert_eq!(engine.queue_depth(), 0);
+        drop(rx);
+        assert!(matches!(engine.submit(job()), Err(Refused::Stopped)));
+        assert_eq!(engine.queue_depth(), 0);
     }
 }

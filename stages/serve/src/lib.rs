@@ -6,6 +6,8 @@ pub mod deploy;
 mod docs;
 pub mod engine;
 pub mod metrics;
+#[cfg(test)]
+mod testkit;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -24,6 +26,8 @@ pub struct ServedModel {
     pub digest: String,
     pub created: u64,
     pub card: ModelCard,
+    /// Encodes user text: a prompt that spells a special token (`<eos>`) gets that text's
+    /// tokens, never the token (`artifact::text_only`).
     pub tokenizer: Tokenizer,
     /// `cpu` or `cuda` (TGI's `model_device_type`).
     pub device: &'static str,
@@ -114,7 +118,8 @@ impl OnDevice for Load<'_> {
     fn run<B: Backend>(self, device: B::Device) -> Self::Output {
         let Load { dir, opts, compute } = self;
         let lm = artifact::load::<B>(dir, &device).map_err(|e| e.to_string())?;
-        let max_len = lm.card.config.max_len;
+        // The position table the weights have, which `load` checked against the config.
+        let max_len = lm.model.max_len();
         let limits = Limits {
             max_input_tokens: opts.max_input_tokens.unwrap_or(max_len).min(max_len),
             max_new_tokens: opts.max_new_tokens.unwrap_or(max_len).min(max_len),
@@ -136,7 +141,7 @@ impl OnDevice for Load<'_> {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             card: lm.card.clone(),
-            tokenizer: lm.tokenizer.clone(),
+            tokenizer: artifact::text_only(&lm.tokenizer),
             device: if compute.is_cuda() { "cuda" } else { "cpu" },
         });
         let workers = match (opts.workers, compute) {
