@@ -213,8 +213,10 @@ impl MlflowClient {
             let msg = body["message"].as_str().unwrap_or("").to_string();
             let reason = format!("{status}: {msg}");
             // Authentication (401, 403), throttling (429) and server errors may pass later;
-            // these say the record itself is wrong.
-            let e = if matches!(status.as_u16(), 400 | 404 | 413 | 422) {
+            // these say the record itself is wrong, but only when MLflow itself says so (its
+            // JSON names an error code): a proxy's page, or a URL missing its path prefix,
+            // answers 404 to every record, and passing over them all would lose the spool.
+            let e = if code.is_some() && matches!(status.as_u16(), 400 | 404 | 413 | 422) {
                 TrackError::Rejected {
                     url: self.base.clone(),
                     reason,
@@ -308,7 +310,7 @@ impl MlflowClient {
     ) -> Result<(String, String), TrackError> {
         let tags: Vec<Value> = tags
             .iter()
-            .map(|(k, v)| json!({"key": k, "value": v}))
+            .map(|(k, v)| json!({"key": mlflow_key(k), "value": v}))
             .collect();
         let v = self
             .post(
@@ -488,12 +490,18 @@ impl SpoolWriter {
 /// Whether a flattened param (`deploy.with.env.API_TOKEN`) names a secret by its last part:
 /// MLflow shows params to everyone who can read the experiment, so such values go as `***`.
 fn names_a_secret(param: &str) -> bool {
-    let last = param
-        .rsplit('.')
-        .next()
-        .unwrap_or(param)
-        .to_ascii_lowercase();
-    let words: Vec<&str> = last.split(['_', '-']).collect();
+    let last = param.rsplit('.').next().unwrap_or(param);
+    // Words of `snake_case`, `kebab-case` and `camelCase` alike: `dbPassword` → db, password.
+    let mut split = String::new();
+    let mut prev_lower = false;
+    for c in last.chars() {
+        if c.is_ascii_uppercase() && prev_lower {
+            split.push('_');
+        }
+        prev_lower = c.is_ascii_lowercase() || c.is_ascii_digit();
+        split.push(c.to_ascii_lowercase());
+    }
+    let words: Vec<&str> = split.split(['_', '-']).collect();
     let alone = [
         "secret",
         "token",
@@ -1160,6 +1168,10 @@ mod tests {
         assert!(!names_a_secret("evaluation.with.max_tokens_per_s"));
         assert!(!names_a_secret("tokenizer.with.author_tokens"));
         assert!(names_a_secret("serve.with.env.OPENAI_API_KEY"));
+        assert!(names_a_secret("params.accessToken"));
+        assert!(names_a_secret("params.dbPassword"));
+        assert!(names_a_secret("params.apiKey"));
+        assert!(!names_a_secret("params.maxTokens"));
     }
 
     #[test]

@@ -423,6 +423,16 @@ stages:
         &format!("{}\n{}\n", start("fine"), end("fine", 2)),
     );
     let spool_dir = spool.display().to_string();
+    // A wrong URL answers 404 to everything, but not as MLflow: nothing is passed over, and
+    // the records wait for the right one.
+    let wrong = format!("{}/not-mlflow", mlflow.url);
+    let sync = sb.run(&["sync", "--mlflow", &wrong, "--spool", &spool_dir]);
+    assert_eq!(sync.code, 1, "{}\n{}", sync.stdout, sync.stderr);
+    assert!(
+        sync.stdout.contains("delivered 0 records"),
+        "{}",
+        sync.stdout
+    );
     let sync = sb.run(&["sync", "--mlflow", &mlflow.url, "--spool", &spool_dir]);
     assert_eq!(sync.code, 0, "{}", sync.stderr);
     assert!(
