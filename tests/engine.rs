@@ -674,3 +674,34 @@ stages:
         "process {pid}, started by the command, outlived the orchestrator"
     );
 }
+
+/// A stage that times out is stopped in full, even when what it started in the background
+/// ignores SIGTERM and holds its output open: the run ends at once, not when that process
+/// would have.
+#[test]
+fn a_timed_out_stage_stops_what_ignores_sigterm() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        r#"
+name: stubborn
+storage: file://store
+stages:
+  stubborn:
+    kind: shell
+    timeout: 1s
+    with:
+      run: sh -c 'trap "" TERM; sleep 40' & sleep 40
+      outputs: []
+"#,
+    );
+    let t0 = Instant::now();
+    let r = sb.run(&["run", "p.yaml"]);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("timed out"), "{}", r.stderr);
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "the run waited {:?} for a process that ignored SIGTERM",
+        t0.elapsed()
+    );
+}

@@ -50,10 +50,30 @@ const TERM_GRACE: Duration = Duration::from_secs(3);
 /// Lines of output kept for the error message of a failed command.
 const TAIL_LINES: usize = 20;
 
+/// The shell the command runs under: it runs the command (`$1`) as a job and waits for it.
+/// Killed outright, the orchestrator can signal nobody, and the kernel's notice of its death
+/// (PDEATHSIG) reaches only its own child: this shell, as SIGUSR2, on which it kills its
+/// whole process group, so nothing the command started lives on, writing into a working
+/// directory the next run reuses. A cancelled stage's SIGTERM reaches the whole group; this
+/// shell lets it pass (a caught signal interrupts `wait`, which is then resumed) and keeps
+/// waiting, so the orchestrator's grace period, then SIGKILL, hold. The job must run in the
+/// background: a shell defers traps until a foreground command ends.
+const WRAPPER: &str = r#"trap 'kill -KILL 0' USR2
+trap : TERM
+sh -c "$1" &
+job=$!
+while :; do
+    wait "$job"
+    status=$?
+    kill -0 "$job" 2>/dev/null || exit "$status"
+done"#;
+
 pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     let params: ShellParams = ctx.params()?;
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
+        .arg(WRAPPER)
+        .arg("orchestrate-shell")
         .arg(&params.run)
         .current_dir(ctx.out_dir)
         .env("OUT", ctx.out_dir)
@@ -74,13 +94,12 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         cmd.env(var, dirs.join(":"));
     }
     // SAFETY: runs in the forked child before `exec`, where only async-signal-safe calls
-    // are allowed: prctl, and `guard_group`'s (see there). PDEATHSIG makes the kernel kill
-    // `sh` if the orchestrator dies, even by SIGKILL; the guardian then takes down what `sh`
-    // started, which PDEATHSIG alone would leave running.
+    // are allowed; prctl is one. The kernel sends SIGUSR2 to the wrapper shell when the
+    // orchestrator's thread dies, even by SIGKILL (see `WRAPPER`). Before the shell has set
+    // its trap, SIGUSR2 simply ends it: it has started nothing yet.
     unsafe {
         cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            guard_group();
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGUSR2);
             Ok(())
         });
     }
@@ -130,6 +149,10 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    // Whatever the command left running in the background ends with it: it would otherwise
+    // hold the output pipes open (and the readers below would wait for it), and go on
+    // writing after the stage is done.
+    signal_group(pgid, libc::SIGKILL);
     for r in readers {
         let _ = r.join();
     }
@@ -184,56 +207,6 @@ fn flush_lines(ctx: &StageContext<'_>, tail: &Mutex<Vec<String>>, sent: usize) -
         ctx.events.log(line);
     }
     t.len()
-}
-
-/// Forks, from the child about to become `sh`, a guardian that sits in the command's process
-/// group and kills the whole group when `sh` ends. Killed outright, the orchestrator can
-/// signal nobody: the kernel kills `sh` (PDEATHSIG), but the processes `sh` started would
-/// live on, writing into a working directory the next run reuses. The guardian outlives
-/// `sh` by the kernel's notice (PDEATHSIG again, on `sh`), kills the group and exits. A
-/// group-wide SIGTERM (a cancelled stage) ends the guardian quietly, leaving the grace
-/// period to the orchestrator, which is alive to enforce it. If the fork fails there is
-/// simply no guardian.
-///
-/// # Safety
-/// Only between fork and exec: it calls fork, close_range, signal, prctl, getppid, pause,
-/// kill and _exit, all async-signal-safe.
-unsafe fn guard_group() {
-    // SAFETY: the caller's contract; every call below is async-signal-safe.
-    unsafe {
-        let sh = libc::getpid();
-        if libc::fork() != 0 {
-            return; // `sh` goes on to exec; or the fork failed: no guardian
-        }
-        // No inherited descriptor may keep the command's pipes (or anything else) open.
-        if libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) != 0 {
-            for fd in 0..1024 {
-                libc::close(fd);
-            }
-        }
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(
-            libc::SIGUSR2,
-            kill_own_group as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGUSR2);
-        // `sh` may have ended before the line above: then no signal will come.
-        if libc::getppid() != sh {
-            kill_own_group(0);
-        }
-        loop {
-            libc::pause();
-        }
-    }
-}
-
-extern "C" fn kill_own_group(_: libc::c_int) {
-    // SAFETY: kill(0, …) signals the caller's process group, the guardian's own included;
-    // _exit covers the moment before the signal lands.
-    unsafe {
-        libc::kill(0, libc::SIGKILL);
-        libc::_exit(0);
-    }
 }
 
 fn signal_group(pgid: i32, sig: i32) {
