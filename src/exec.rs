@@ -838,8 +838,8 @@ fn model_card(p: &Pipeline, stage: &crate::pipeline::Stage, m: &Manifest) -> Str
 }
 
 /// An artifact's files in the local cache, downloaded and verified on first use. Inputs are
-/// shared between stages and runs: stages must treat them as read-only (their files are
-/// made so, and a change is caught on the next use, see [`materialize_in`]).
+/// shared between stages and runs: stages must treat them as read-only (a change is caught
+/// on the next use, see [`materialize_in`]).
 async fn materialize(sh: &Shared, m: &Manifest) -> Result<PathBuf, StoreError> {
     materialize_in(&sh.store, &sh.artifact_cache, m).await
 }
@@ -847,10 +847,11 @@ async fn materialize(sh: &Shared, m: &Manifest) -> Result<PathBuf, StoreError> {
 /// `m`'s files under `cache/<digest>/files/`, downloaded and verified unless already there.
 ///
 /// Beside `files/` lies `stamp`: each file's size and modification time when it was
-/// written. A stage that wrote into its input (a shell command can; root ignores read-only
-/// bits) changes one of them, and the next use sets the folder aside and downloads the
-/// artifact again, rather than handing the changed files to a stage whose key names the
-/// stored ones. One `stat` per file, not a hash: reuse stays free.
+/// written. A stage that wrote into its input (a shell command can), or added a file to it,
+/// changes the stamp or the list of files, and the next use sets the folder aside and
+/// downloads the artifact again, rather than handing the changed files to a stage whose key
+/// names the stored ones. One `stat` per file and a listing, not a hash: reuse stays cheap.
+/// (The files are not made read-only: a `cp` of them would carry the bit into outputs.)
 pub async fn materialize_in(
     store: &Store,
     cache: &Path,
@@ -863,56 +864,78 @@ pub async fn materialize_in(
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         format!("{}-{n}", std::process::id())
     };
+    let io = |context: String, e: std::io::Error| StoreError::Io { context, source: e };
     if dir.is_dir() {
         let written = std::fs::read_to_string(dir.join("stamp")).ok();
         if written.is_some() && written == stamp(&dir.join("files"), m) {
             return Ok(dir.join("files"));
         }
-        // Changed since written, or left by an older version without a stamp: set it
-        // aside (a stage still reading it keeps its open files) and download again.
+        // Changed since written, or left by an older version without a stamp: set it aside
+        // and download again. (A stage reading it at this moment keeps the files it has
+        // open; one it opens later is gone. Only a stage that changed its input causes this.)
         let aside = cache.join(format!("{hex}.stale-{}", unique()));
-        if std::fs::rename(&dir, &aside).is_ok() {
-            let _ = std::fs::remove_dir_all(&aside);
-        }
+        std::fs::rename(&dir, &aside).map_err(|e| {
+            io(
+                format!(
+                    "cannot set aside the changed cache folder {}",
+                    dir.display()
+                ),
+                e,
+            )
+        })?;
+        let _ = std::fs::remove_dir_all(&aside);
     }
     let tmp = cache.join(format!("{hex}.partial-{}", unique()));
     let _ = std::fs::remove_dir_all(&tmp);
-    let io = |what: &Path, e: std::io::Error| StoreError::Io {
-        context: format!("cannot write {}", what.display()),
-        source: e,
-    };
-    std::fs::create_dir_all(tmp.join("files")).map_err(|e| io(&tmp, e))?;
+    let cannot_write = |what: &Path| format!("cannot write {}", what.display());
+    std::fs::create_dir_all(tmp.join("files")).map_err(|e| io(cannot_write(&tmp), e))?;
     let what = format!("the artifact of stage `{}`", m.stage);
     for f in &m.files {
-        let path = tmp.join("files").join(&f.path);
-        let got = match store.get_file(f, &what, &path).await {
-            Ok(()) => read_only(&path).map_err(|e| io(&path, e)),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = got {
+        if let Err(e) = store
+            .get_file(f, &what, &tmp.join("files").join(&f.path))
+            .await
+        {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
     }
     // Renames keep modification times, so the stamp taken here holds for `dir`.
     let stamped = match stamp(&tmp.join("files"), m) {
-        Some(text) => std::fs::write(tmp.join("stamp"), text).map_err(|e| io(&tmp, e)),
-        None => Ok(()),
+        Some(text) => {
+            std::fs::write(tmp.join("stamp"), text).map_err(|e| io(cannot_write(&tmp), e))
+        }
+        None => Err(io(
+            format!(
+                "cannot read back the files just written to {}",
+                tmp.display()
+            ),
+            std::io::Error::other("a file is missing or of the wrong size"),
+        )),
     };
     if let Err(e) = stamped {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
     if std::fs::rename(&tmp, &dir).is_err() {
-        // Another stage materialised it first; theirs is identical.
+        // Another stage materialised it in the meantime (any changed folder was set aside
+        // above); theirs is identical.
         let _ = std::fs::remove_dir_all(&tmp);
     }
     Ok(dir.join("files"))
 }
 
 /// Each of `m`'s files under `files`: its size and modification time, one line each.
-/// `None` when one is missing or unreadable.
+/// `None` when one is missing, of another size, or unreadable, or when `files` holds a file
+/// the manifest does not list.
 fn stamp(files: &Path, m: &Manifest) -> Option<String> {
+    let listed: Vec<&str> = {
+        let mut v: Vec<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
+        v.sort_unstable();
+        v
+    };
+    if list_files(files).ok()? != listed {
+        return None;
+    }
     let mut out = String::new();
     for f in &m.files {
         let meta = std::fs::metadata(files.join(&f.path)).ok()?;
@@ -928,14 +951,6 @@ fn stamp(files: &Path, m: &Manifest) -> Option<String> {
         ));
     }
     Some(out)
-}
-
-/// Takes the write bits off a downloaded input file: a stage that tries to change its input
-/// gets an error where it would otherwise change every later stage's input silently.
-fn read_only(path: &Path) -> std::io::Result<()> {
-    let mut perms = std::fs::metadata(path)?.permissions();
-    perms.set_readonly(true);
-    std::fs::set_permissions(path, perms)
 }
 
 /// Files under `root`, relative and `/`-separated, sorted.

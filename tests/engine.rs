@@ -557,39 +557,43 @@ fn key_order_in_yaml_does_not_change_cache_keys() {
     assert_eq!(key(&a), key(&b));
 }
 
-/// Inputs are shared through the local cache. A stage that writes into one (here it makes
-/// the file writable first, as root needs not) must not change what a later stage, whose
-/// key names the stored artifact, is given.
+/// Inputs are shared through the local cache. A stage that writes into one, or adds a file
+/// to it, must not change what a later stage, whose key names the stored artifact, is given.
 #[test]
 fn a_stage_that_writes_into_its_input_does_not_change_it_for_later_stages() {
-    let sb = Sandbox::new();
-    let pipeline = r#"
+    for tamper in ["echo tampered >> $INPUT_A/x", "touch $INPUT_A/extra"] {
+        let sb = Sandbox::new();
+        let pipeline = format!(
+            r#"
 name: tamper
 storage: file://store
 stages:
   a:
     kind: shell
-    with: { run: echo original > x, outputs: [x] }
+    with: {{ run: echo original > x, outputs: [x] }}
   b:
     kind: shell
     inputs: [a]
     with:
-      run: chmod u+w $INPUT_A/x 2>/dev/null; echo tampered >> $INPUT_A/x; echo done > y
+      run: {tamper}; echo done > y
       outputs: [y]
-"#;
-    sb.write("p.yaml", pipeline);
-    let r = sb.run(&["run", "p.yaml"]);
-    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
-    let reader = "  c:\n    kind: shell\n    inputs: [a]\n    with: { run: cp $INPUT_A/x z, outputs: [z] }\n";
-    sb.write("p.yaml", &format!("{pipeline}{reader}"));
-    let r = sb.run(&["run", "p.yaml"]);
-    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
-    let run = sb.last_run();
-    assert_eq!(stage_status(&run, "a"), "cached");
-    assert_eq!(stage_status(&run, "c"), "ran");
-    let z = &sb.stage_manifest("c")["files"][0]["digest"];
-    let x = &sb.stage_manifest("a")["files"][0]["digest"];
-    assert_eq!(z, x, "c was given a changed copy of a's output");
+"#
+        );
+        sb.write("p.yaml", &pipeline);
+        let r = sb.run(&["run", "p.yaml"]);
+        assert_eq!(r.code, 0, "{tamper}: {}\n{}", r.stdout, r.stderr);
+        // The reader fails if it is given the added file; its copy must be a's output.
+        let reader = "  c:\n    kind: shell\n    inputs: [a]\n    with: { run: test ! -e $INPUT_A/extra && cp $INPUT_A/x z, outputs: [z] }\n";
+        sb.write("p.yaml", &format!("{pipeline}{reader}"));
+        let r = sb.run(&["run", "p.yaml"]);
+        assert_eq!(r.code, 0, "{tamper}: {}\n{}", r.stdout, r.stderr);
+        let run = sb.last_run();
+        assert_eq!(stage_status(&run, "a"), "cached");
+        assert_eq!(stage_status(&run, "c"), "ran");
+        let z = &sb.stage_manifest("c")["files"][0]["digest"];
+        let x = &sb.stage_manifest("a")["files"][0]["digest"];
+        assert_eq!(z, x, "{tamper}: c was given a changed copy of a's output");
+    }
 }
 
 /// A shell command sees its stage's name (`$STAGE`), so the name is part of its key: two
