@@ -25,12 +25,14 @@ use crate::store::{
 };
 use crate::tracking::{flatten_params, SystemSampler, Tracker};
 
-/// How long a lock holds without renewal. A holder renews it every `LOCK_RENEW`; the lease
-/// outlasts a renewal that the store's client retries for its whole default window (60 s,
-/// `ORCHESTRATE_STORE_RETRY_SECS`), so a slow store does not hand a live lock to another run.
-/// A holder that died on this machine is seen at once (its process is gone); elsewhere, when
-/// the lease runs out.
-const LOCK_LEASE: Duration = Duration::from_secs(120);
+/// How long a lock holds without renewal. A holder renews it every `LOCK_RENEW`; a renewal
+/// is a read then a write, each of which the store's client may retry for its whole default
+/// window (60 s, `ORCHESTRATE_STORE_RETRY_SECS`), and the lease outlasts the worst case
+/// (20 + 60 + 60 s), so a slow store does not hand a live lock to another run. (The read and
+/// the write are two calls: another run could slip between them only after the lease had
+/// lapsed; the create-only commit keeps the store right even then.) A holder that died on
+/// this machine is seen at once, its process gone; elsewhere when the lease runs out.
+const LOCK_LEASE: Duration = Duration::from_secs(180);
 const LOCK_RENEW: Duration = Duration::from_secs(20);
 const LOCK_POLL: Duration = Duration::from_millis(200);
 /// Concurrent blob uploads per stage.
