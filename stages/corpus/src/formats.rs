@@ -220,7 +220,8 @@ fn read_lines<R: BufRead>(mut r: R, cap: usize, sink: Sink<'_>) -> Result<(), St
     let mut line = Vec::new();
     let mut consumed = 0;
     let mut n = 0;
-    while let Some(read) = next_line(&mut r, &mut line, &mut consumed, cap)? {
+    // `cap` bytes of text, and its line break.
+    while let Some(read) = next_line(&mut r, &mut line, &mut consumed, cap.saturating_add(1))? {
         n += 1;
         if read == Line::Cut {
             sink(RawItem::TooLong, consumed)?;
@@ -257,7 +258,8 @@ fn read_jsonl<R: BufRead>(
     let mut line = Vec::new();
     let mut consumed = 0;
     let mut n = 0;
-    while let Some(read) = next_line(&mut r, &mut line, &mut consumed, cap)? {
+    // `cap` bytes of text, and its line break.
+    while let Some(read) = next_line(&mut r, &mut line, &mut consumed, cap.saturating_add(1))? {
         n += 1;
         if read == Line::Cut {
             sink(RawItem::TooLong, consumed)?;
@@ -536,6 +538,18 @@ mod tests {
         assert_eq!(
             items(Format::Fortune, at_cap.as_bytes(), 50),
             vec!["y".repeat(49)]
+        );
+        // A line of exactly the cap is kept, in every format.
+        let at_cap = format!("{}\n", "y".repeat(50));
+        assert_eq!(
+            items(Format::Lines, at_cap.as_bytes(), 50),
+            vec!["y".repeat(50)]
+        );
+        let json_at_cap = format!("{{\"text\": \"{}\"}}\n", "y".repeat(38));
+        assert_eq!(json_at_cap.len(), 51);
+        assert_eq!(
+            items(Format::Jsonl, json_at_cap.as_bytes(), 50),
+            vec!["y".repeat(38)]
         );
         // A separator after a cut line still ends the record.
         assert_eq!(
