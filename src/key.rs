@@ -118,7 +118,10 @@ impl CacheKeyParts {
         }
         if self.names != before.names {
             let name = |n: &Option<StageNames>| n.as_ref().map(|n| n.stage.clone());
-            if name(&self.names) != name(&before.names) {
+            if before.names.is_none() {
+                // A key from before names joined it: nothing was renamed.
+                why.push("cache key format changed (stage names now join it)".to_string());
+            } else if name(&self.names) != name(&before.names) {
                 why.push("stage renamed (its output shows its name)".to_string());
             } else {
                 why.push("an input's stage renamed (the output shows its name)".to_string());

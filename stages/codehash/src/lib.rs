@@ -172,21 +172,51 @@ fn closure(packages: &[LockedPackage], name: &str) -> Vec<usize> {
     out
 }
 
-/// The workspace's crates, name → folder, from the root `Cargo.toml`'s `members`.
+/// The workspace's crates, name → folder, from the root `Cargo.toml`'s `members` list (its
+/// `dir/*` globs expanded; a member without a readable `Cargo.toml` is passed over).
 fn workspace_members(workspace: &Path) -> std::io::Result<BTreeMap<String, PathBuf>> {
     let text = fs::read_to_string(workspace.join("Cargo.toml"))?;
     let mut out = BTreeMap::new();
-    let Some(start) = text.find("members") else {
+    // The `members = [...]` entry itself, not `default-members` or a comment naming it.
+    let Some(start) = text
+        .lines()
+        .scan(0, |at, line| {
+            let here = *at;
+            *at += line.len() + 1;
+            Some((here, line))
+        })
+        .find(|(_, line)| {
+            line.trim_start()
+                .strip_prefix("members")
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|(at, _)| at)
+    else {
         return Ok(out);
     };
-    let list = &text[start..];
-    let list = &list[list.find('[').unwrap_or(0) + 1..list.find(']').unwrap_or(0)];
-    for member in list.split(',').map(|m| m.trim().trim_matches('"')) {
-        if member.is_empty() {
-            continue;
+    let rest = &text[start..];
+    let (Some(open), Some(close)) = (rest.find('['), rest.find(']')) else {
+        return Ok(out);
+    };
+    let mut dirs = Vec::new();
+    for member in rest[open + 1..close]
+        .split(',')
+        .map(|m| m.trim().trim_matches('"'))
+    {
+        match member.strip_suffix("/*") {
+            Some(parent) => {
+                if let Ok(entries) = fs::read_dir(workspace.join(parent)) {
+                    dirs.extend(entries.flatten().map(|e| e.path()));
+                }
+            }
+            None if !member.is_empty() => dirs.push(workspace.join(member)),
+            None => {}
         }
-        let dir = workspace.join(member);
-        let manifest = fs::read_to_string(dir.join("Cargo.toml"))?;
+    }
+    for dir in dirs {
+        let Ok(manifest) = fs::read_to_string(dir.join("Cargo.toml")) else {
+            continue;
+        };
         let name = manifest
             .lines()
             .find_map(|l| l.trim().strip_prefix("name = "))
@@ -284,11 +314,14 @@ version = "1.0.0"
             fs::create_dir_all(p.parent().unwrap()).unwrap();
             fs::write(p, text).unwrap();
         };
-        write("Cargo.toml", "[workspace]\nmembers = [\"st\", \"lib\"]\n");
+        write(
+            "Cargo.toml",
+            "[workspace]\n# the members = [...] below\ndefault-members = [\"st\"]\nmembers = [\"st\", \"crates/*\"]\n",
+        );
         write("st/Cargo.toml", "[package]\nname = \"st\"\n");
         write("st/src/lib.rs", "fn st() {}");
-        write("lib/Cargo.toml", "[package]\nname = \"lib\"\n");
-        write("lib/src/lib.rs", "fn lib() {}");
+        write("crates/lib/Cargo.toml", "[package]\nname = \"lib\"\n");
+        write("crates/lib/src/lib.rs", "fn lib() {}");
         let lock = |v: &str| {
             format!(
                 "[[package]]\nname = \"st\"\nversion = \"0.1.0\"\ndependencies = [\n \"lib\",\n \"burn\",\n]\n\n[[package]]\nname = \"lib\"\nversion = \"0.1.0\"\n\n[[package]]\nname = \"burn\"\nversion = \"{v}\"\nsource = \"registry+x\"\nchecksum = \"{v}\"\n"
@@ -301,7 +334,7 @@ version = "1.0.0"
         write("Cargo.lock", &lock("0.21.1"));
         let updated = h();
         assert_ne!(first, updated, "a new burn");
-        write("lib/src/lib.rs", "fn lib() { /* changed */ }");
+        write("crates/lib/src/lib.rs", "fn lib() { /* changed */ }");
         assert_ne!(updated, h(), "a changed workspace crate the stage uses");
     }
 

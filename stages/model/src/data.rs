@@ -111,7 +111,9 @@ pub fn load_examples(
         records.truncate(n);
     }
     let texts: Vec<&str> = records.iter().map(|r| r.text.as_str()).collect();
-    let encoded = tok
+    // Text is text: a record saying `<eos>` is not an end, as a prompt saying it is not
+    // (the server encodes user text the same way).
+    let encoded = crate::artifact::text_only(tok)
         .encode_batch(texts, false)
         .map_err(|e| StageError::Failed(format!("tokenizing the {split} split: {e}")))?;
     // Room for the two control tokens and bos/eos around the longest possible halves.
