@@ -245,7 +245,8 @@ impl PipelineSpec {
             ref_spans.push(spans);
         }
 
-        // Type-check edges now that every stage's output kind is known.
+        // Type-check edges now that every stage's output kind is known, and check that
+        // each producer can make what its consumers need.
         for (i, stage) in stages.iter().enumerate() {
             let Some(stage) = stage else { continue };
             let Inputs::Typed(decls) = stage.kind.descriptor().inputs else {
@@ -272,23 +273,9 @@ impl PipelineSpec {
                             .hint_opt(producers_of(decl.kind, &stages)),
                         );
                     }
-                }
-            }
-        }
-
-        // A consumer that needs a part of its input (evaluate the test split) is refused
-        // now, at the producer's param that leaves the part empty, rather than after every
-        // stage before it has run.
-        for stage in stages.iter().flatten() {
-            let Inputs::Typed(decls) = stage.kind.descriptor().inputs else {
-                continue;
-            };
-            for binding in &stage.inputs {
-                let Some(decl) = decls.iter().find(|d| d.name == binding.name) else {
-                    continue;
-                };
-                for &producer in &binding.stages {
-                    let Some(p) = &stages[producer] else { continue };
+                    // A part of the input this stage needs (evaluate: the test split) that
+                    // the producer's params leave empty is refused now, at that param,
+                    // rather than after every stage before this one has run.
                     for part in decl.reads {
                         let Some(path) = (p.kind.descriptor().empty_part)(&p.params, part) else {
                             continue;
