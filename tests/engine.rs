@@ -709,3 +709,26 @@ stages:
         t0.elapsed()
     );
 }
+
+/// The command gets the signals a program expects: a shell starts its background jobs with
+/// SIGINT and SIGQUIT ignored, and the wrapper it runs under must give them back. (Signals
+/// the test itself was started with ignored, such as SIGHUP under `nohup`, are passed on.)
+#[test]
+fn the_command_starts_with_sigint_and_sigquit_at_their_defaults() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        r#"
+name: signals
+storage: file://store
+stages:
+  check:
+    kind: shell
+    with:
+      run: grep SigIgn /proc/self/status > s; test $(( 0x$(cut -f2 s) & 6 )) -eq 0
+      outputs: [s]
+"#,
+    );
+    let r = sb.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+}

@@ -55,18 +55,39 @@ const TAIL_LINES: usize = 20;
 /// (PDEATHSIG) reaches only its own child: this shell, as SIGUSR2, on which it kills its
 /// whole process group, so nothing the command started lives on, writing into a working
 /// directory the next run reuses. A cancelled stage's SIGTERM reaches the whole group; this
-/// shell lets it pass (a caught signal interrupts `wait`, which is then resumed) and keeps
-/// waiting, so the orchestrator's grace period, then SIGKILL, hold. The job must run in the
-/// background: a shell defers traps until a foreground command ends.
+/// shell notes it (a caught signal interrupts `wait`) and waits again while the job runs, so
+/// the orchestrator's grace period, then SIGKILL, hold. The job must run in the background
+/// (a shell defers traps until a foreground command ends), and a shell starts background
+/// jobs with SIGINT and SIGQUIT ignored: `env --default-signal` (coreutils 8.31 and later)
+/// gives the command the default ones back.
 const WRAPPER: &str = r#"trap 'kill -KILL 0' USR2
-trap : TERM
-sh -c "$1" &
+trap 'term=1' TERM
+term=
+if env --default-signal=INT,QUIT true 2>/dev/null; then
+    env --default-signal=INT,QUIT sh -c "$1" &
+else
+    sh -c "$1" &
+fi
 job=$!
 while :; do
     wait "$job"
     status=$?
-    kill -0 "$job" 2>/dev/null || exit "$status"
+    if [ -n "$term" ] && kill -0 "$job" 2>/dev/null; then
+        term=
+        continue
+    fi
+    exit "$status"
 done"#;
+
+/// Kills the command's process group when dropped: whatever way `run` leaves (an error, a
+/// panic), nothing it started is left running.
+struct GroupGuard(i32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        signal_group(self.0, libc::SIGKILL);
+    }
+}
 
 pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     let params: ShellParams = ctx.params()?;
@@ -93,13 +114,25 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
             .collect();
         cmd.env(var, dirs.join(":"));
     }
+    let orchestrator = std::process::id();
     // SAFETY: runs in the forked child before `exec`, where only async-signal-safe calls
-    // are allowed; prctl is one. The kernel sends SIGUSR2 to the wrapper shell when the
-    // orchestrator's thread dies, even by SIGKILL (see `WRAPPER`). Before the shell has set
-    // its trap, SIGUSR2 simply ends it: it has started nothing yet.
+    // are allowed: sigaction, prctl, getppid and _exit are. The kernel sends SIGUSR2 to the
+    // wrapper shell when the orchestrator's thread dies, even by SIGKILL (see `WRAPPER`);
+    // before the shell has set its trap, SIGUSR2 simply ends it, having started nothing.
+    // Signals the orchestrator was started with ignored (`nohup`) would stay ignored, and a
+    // shell cannot trap those: they get their default action back first.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
+            let mut default: libc::sigaction = std::mem::zeroed();
+            default.sa_sigaction = libc::SIG_DFL;
+            for sig in [libc::SIGUSR2, libc::SIGTERM, libc::SIGINT, libc::SIGQUIT] {
+                libc::sigaction(sig, &default, std::ptr::null_mut());
+            }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGUSR2);
+            // Died between the fork and the line above: no signal will come.
+            if libc::getppid() as u32 != orchestrator {
+                libc::_exit(1);
+            }
             Ok(())
         });
     }
@@ -107,6 +140,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         .spawn()
         .map_err(|e| StageError::io("failed to start `sh`", e))?;
     let pgid = child.id() as i32;
+    let _group = GroupGuard(pgid);
 
     let tail = Arc::new(Mutex::new(Vec::<String>::new()));
     let readers: Vec<_> = [
@@ -129,12 +163,9 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
 
     let mut lines_sent = 0;
     let mut term_sent: Option<std::time::Instant> = None;
-    let status = loop {
-        if let Some(status) = child
-            .try_wait()
-            .map_err(|e| StageError::io("failed to wait for the command", e))?
-        {
-            break status;
+    loop {
+        if wrapper_exited(pgid).map_err(|e| StageError::io("failed to wait for the command", e))? {
+            break;
         }
         lines_sent = flush_lines(ctx, &tail, lines_sent);
         if ctx.cancel.is_cancelled() {
@@ -148,11 +179,15 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
             }
         }
         std::thread::sleep(Duration::from_millis(10));
-    };
+    }
     // Whatever the command left running in the background ends with it: it would otherwise
     // hold the output pipes open (and the readers below would wait for it), and go on
-    // writing after the stage is done.
+    // writing after the stage is done. The wrapper is not reaped yet, so its process group
+    // id cannot have been reused.
     signal_group(pgid, libc::SIGKILL);
+    let status = child
+        .wait()
+        .map_err(|e| StageError::io("failed to wait for the command", e))?;
     for r in readers {
         let _ = r.join();
     }
@@ -163,7 +198,11 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     if !status.success() {
         let tail = tail.lock().map(|t| t.clone()).unwrap_or_default();
         let start = tail.len().saturating_sub(TAIL_LINES);
-        let mut msg = format!("command {status}");
+        // The wrapper exits as its job did: 128 + N for a job killed by signal N.
+        let mut msg = match status.code() {
+            Some(code @ 129..=192) => format!("command killed by signal {}", code - 128),
+            _ => format!("command {status}"),
+        };
         if start < tail.len() {
             msg.push_str("; its last output:\n");
             msg.push_str(&tail[start..].join("\n"));
@@ -207,6 +246,25 @@ fn flush_lines(ctx: &StageContext<'_>, tail: &Mutex<Vec<String>>, sent: usize) -
         ctx.events.log(line);
     }
     t.len()
+}
+
+/// Whether the wrapper shell `pid` has exited, leaving it unreaped (`WNOWAIT`).
+fn wrapper_exited(pid: i32) -> std::io::Result<bool> {
+    // SAFETY: waitid fills the zeroed siginfo it is given; WNOWAIT leaves the child to be
+    // reaped by `Child::wait`.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        );
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(info.si_pid() != 0)
+    }
 }
 
 fn signal_group(pgid: i32, sig: i32) {
