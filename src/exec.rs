@@ -26,13 +26,16 @@ use crate::store::{
 use crate::tracking::{flatten_params, SystemSampler, Tracker};
 
 /// How long a lock holds without renewal. A holder renews it every `LOCK_RENEW`; a renewal
-/// is a read then a write, each of which the store's client may retry for its whole default
-/// window (60 s, `ORCHESTRATE_STORE_RETRY_SECS`), and the lease outlasts the worst case
-/// (20 + 60 + 60 s), so a slow store does not hand a live lock to another run. (The read and
-/// the write are two calls: another run could slip between them only after the lease had
-/// lapsed; the create-only commit keeps the store right even then.) A holder that died on
-/// this machine is seen at once, its process gone; elsewhere when the lease runs out.
-const LOCK_LEASE: Duration = Duration::from_secs(180);
+/// is a read then a write, each of which the store's client may retry for its whole window
+/// (`store::retry_window`, 60 s by default) plus a last request (up to 30 s), and the lease
+/// outlasts that worst case with a margin: 220 s by default. So a slow store does not hand a
+/// live lock to another run. (The read and the write are two calls: another run could slip
+/// between them only after the lease had lapsed; the create-only commit keeps the store
+/// right even then.) A holder that died on this machine is seen at once, its process gone;
+/// elsewhere when the lease runs out.
+fn lock_lease() -> Duration {
+    LOCK_RENEW + 2 * (crate::store::retry_window() + Duration::from_secs(30)) + LOCK_RENEW
+}
 const LOCK_RENEW: Duration = Duration::from_secs(20);
 const LOCK_POLL: Duration = Duration::from_millis(200);
 /// Concurrent blob uploads per stage.
@@ -447,7 +450,7 @@ async fn run_stage(
         host: hostname(),
         pid: std::process::id(),
         pid_ns: crate::store::pid_namespace(),
-        expires_at: unix_now() + LOCK_LEASE.as_secs(),
+        expires_at: unix_now() + lock_lease().as_secs(),
     };
     match acquire(sh, &key, &lock, forced).await {
         Ok(Acquired::Lock) => {}
@@ -490,7 +493,7 @@ async fn run_stage(
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LOCK_RENEW).await;
-                lock.expires_at = unix_now() + LOCK_LEASE.as_secs();
+                lock.expires_at = unix_now() + lock_lease().as_secs();
                 if let Ok(false) = store.renew_lock(&key, &lock).await {
                     break; // taken over: renewing would take it back from its holder
                 }
@@ -876,16 +879,22 @@ pub async fn materialize_in(
         // and download again. (A stage reading it at this moment keeps the files it has
         // open; one it opens later is gone. Only a stage that changed its input causes this.)
         let aside = cache.join(format!("{hex}.stale-{}", unique()));
-        std::fs::rename(&dir, &aside).map_err(|e| {
-            io(
-                format!(
-                    "cannot set aside the changed cache folder {}",
-                    dir.display()
-                ),
-                e,
-            )
-        })?;
-        let _ = std::fs::remove_dir_all(&aside);
+        match std::fs::rename(&dir, &aside) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir_all(&aside);
+            }
+            // Another stage set it aside first (it found the same change).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(io(
+                    format!(
+                        "cannot set aside the changed cache folder {}",
+                        dir.display()
+                    ),
+                    e,
+                ))
+            }
+        }
     }
     let tmp = cache.join(format!("{hex}.partial-{}", unique()));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -938,7 +947,9 @@ fn stamp(files: &Path, m: &Manifest) -> Option<String> {
     if list_files(files).ok()? != listed {
         return None;
     }
-    let mut out = String::new();
+    // The first line names the stamp's format: folders stamped by an older one (whose files
+    // were made read-only) are downloaded again.
+    let mut out = String::from("stamp 2\n");
     for f in &m.files {
         let meta = std::fs::metadata(files.join(&f.path)).ok()?;
         let modified = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;

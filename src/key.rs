@@ -116,9 +116,9 @@ impl CacheKeyParts {
                 (None, None) => {}
             }
         }
-        if self.names != before.names {
+        if self.names != before.names && self.kind == before.kind {
             let name = |n: &Option<StageNames>| n.as_ref().map(|n| n.stage.clone());
-            if before.names.is_none() {
+            if before.names.is_none() || self.names.is_none() {
                 // A key from before names joined it: nothing was renamed.
                 why.push("cache key format changed (stage names now join it)".to_string());
             } else if name(&self.names) != name(&before.names) {

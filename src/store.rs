@@ -125,6 +125,15 @@ pub struct HistoryEntry {
     pub parts: CacheKeyParts,
 }
 
+/// How long the S3 client retries one call (`ORCHESTRATE_STORE_RETRY_SECS`, default 60 s).
+pub fn retry_window() -> Duration {
+    let secs = std::env::var("ORCHESTRATE_STORE_RETRY_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    Duration::from_secs(secs)
+}
+
 /// The content of a lock object.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LockInfo {
@@ -240,7 +249,7 @@ impl Store {
             let s3 = b
                 .with_retry(object_store::RetryConfig {
                     max_retries: env_num("ORCHESTRATE_STORE_RETRIES", 5) as usize,
-                    retry_timeout: Duration::from_secs(env_num("ORCHESTRATE_STORE_RETRY_SECS", 60)),
+                    retry_timeout: retry_window(),
                     backoff: Default::default(),
                 })
                 .build()

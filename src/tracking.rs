@@ -216,7 +216,11 @@ impl MlflowClient {
             // these say the record itself is wrong, but only when MLflow itself says so (its
             // JSON names an error code): a proxy's page, or a URL missing its path prefix,
             // answers 404 to every record, and passing over them all would lose the spool.
-            let e = if code.is_some() && matches!(status.as_u16(), 400 | 404 | 413 | 422) {
+            // A 413 is the record's size whoever says it (a proxy's body limit, often); an
+            // unknown endpoint is a wrong URL, not a wrong record.
+            let mlflow_refused = code.as_deref().is_some_and(|c| c != "ENDPOINT_NOT_FOUND")
+                && matches!(status.as_u16(), 400 | 404 | 422);
+            let e = if mlflow_refused || status.as_u16() == 413 {
                 TrackError::Rejected {
                     url: self.base.clone(),
                     reason,
@@ -492,13 +496,21 @@ impl SpoolWriter {
 fn names_a_secret(param: &str) -> bool {
     let last = param.rsplit('.').next().unwrap_or(param);
     // Words of `snake_case`, `kebab-case` and `camelCase` alike: `dbPassword` → db, password.
+    // An acronym ends where a capital is followed by a small letter: `HFToken` → hf, token.
+    let chars: Vec<char> = last.chars().collect();
     let mut split = String::new();
-    let mut prev_lower = false;
-    for c in last.chars() {
-        if c.is_ascii_uppercase() && prev_lower {
+    for (i, &c) in chars.iter().enumerate() {
+        let prev = i.checked_sub(1).map(|j| chars[j]);
+        let next = chars.get(i + 1);
+        let starts_word = c.is_ascii_uppercase()
+            && prev.is_some_and(|p| {
+                p.is_ascii_lowercase()
+                    || p.is_ascii_digit()
+                    || (p.is_ascii_uppercase() && next.is_some_and(|n| n.is_ascii_lowercase()))
+            });
+        if starts_word {
             split.push('_');
         }
-        prev_lower = c.is_ascii_lowercase() || c.is_ascii_digit();
         split.push(c.to_ascii_lowercase());
     }
     let words: Vec<&str> = split.split(['_', '-']).collect();
@@ -1172,6 +1184,10 @@ mod tests {
         assert!(names_a_secret("params.dbPassword"));
         assert!(names_a_secret("params.apiKey"));
         assert!(!names_a_secret("params.maxTokens"));
+        assert!(names_a_secret("params.HFToken"));
+        assert!(names_a_secret("params.DBPassword"));
+        assert!(names_a_secret("params.OpenAIApiKey"));
+        assert!(names_a_secret("params.AWSSecretKey"));
     }
 
     #[test]

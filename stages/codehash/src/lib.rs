@@ -173,40 +173,45 @@ fn closure(packages: &[LockedPackage], name: &str) -> Vec<usize> {
 }
 
 /// The workspace's crates, name → folder, from the root `Cargo.toml`'s `members` list (its
-/// `dir/*` globs expanded; a member without a readable `Cargo.toml` is passed over).
+/// `dir/*` globs expanded). An explicit member must have a `Cargo.toml` (cargo says so too);
+/// a glob's folders without one are passed over.
 fn workspace_members(workspace: &Path) -> std::io::Result<BTreeMap<String, PathBuf>> {
     let text = fs::read_to_string(workspace.join("Cargo.toml"))?;
     let mut out = BTreeMap::new();
-    // The `members = [...]` entry itself, not `default-members` or a comment naming it.
-    let Some(start) = text
-        .lines()
-        .scan(0, |at, line| {
-            let here = *at;
-            *at += line.len() + 1;
-            Some((here, line))
-        })
-        .find(|(_, line)| {
-            line.trim_start()
-                .strip_prefix("members")
-                .is_some_and(|rest| rest.trim_start().starts_with('='))
-        })
-        .map(|(at, _)| at)
-    else {
+    // From the `members = [` line itself (not `default-members`, not a comment) to its `]`,
+    // comments dropped.
+    let mut lines = text.lines().map(|l| l.split('#').next().unwrap_or(""));
+    let Some(first) = lines.find(|l| {
+        l.trim_start()
+            .strip_prefix("members")
+            .is_some_and(|rest| rest.trim_start().starts_with('='))
+    }) else {
         return Ok(out);
     };
-    let rest = &text[start..];
-    let (Some(open), Some(close)) = (rest.find('['), rest.find(']')) else {
-        return Ok(out);
-    };
+    let mut list = String::new();
+    for line in std::iter::once(first).chain(lines) {
+        list.push_str(line);
+        list.push('\n');
+        if line.contains(']') {
+            break;
+        }
+    }
+    let inner = list
+        .split_once('[')
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(inner, _)| inner)
+        .unwrap_or("");
     let mut dirs = Vec::new();
-    for member in rest[open + 1..close]
-        .split(',')
-        .map(|m| m.trim().trim_matches('"'))
-    {
+    for member in inner.split(',').map(|m| m.trim().trim_matches(['"', '\''])) {
         match member.strip_suffix("/*") {
             Some(parent) => {
                 if let Ok(entries) = fs::read_dir(workspace.join(parent)) {
-                    dirs.extend(entries.flatten().map(|e| e.path()));
+                    dirs.extend(
+                        entries
+                            .flatten()
+                            .map(|e| e.path())
+                            .filter(|d| d.join("Cargo.toml").is_file()),
+                    );
                 }
             }
             None if !member.is_empty() => dirs.push(workspace.join(member)),
@@ -214,13 +219,11 @@ fn workspace_members(workspace: &Path) -> std::io::Result<BTreeMap<String, PathB
         }
     }
     for dir in dirs {
-        let Ok(manifest) = fs::read_to_string(dir.join("Cargo.toml")) else {
-            continue;
-        };
+        let manifest = fs::read_to_string(dir.join("Cargo.toml"))?;
         let name = manifest
             .lines()
             .find_map(|l| l.trim().strip_prefix("name = "))
-            .map(|v| v.trim().trim_matches('"').to_string());
+            .map(|v| v.trim().trim_matches(['"', '\'']).to_string());
         if let Some(name) = name {
             out.insert(name, dir);
         }
@@ -316,7 +319,7 @@ version = "1.0.0"
         };
         write(
             "Cargo.toml",
-            "[workspace]\n# the members = [...] below\ndefault-members = [\"st\"]\nmembers = [\"st\", \"crates/*\"]\n",
+            "[workspace]\n# the members = [...] below\ndefault-members = [\"st\"]\nmembers = [\n  \"st\", # the stage\n  'crates/*',\n]\n",
         );
         write("st/Cargo.toml", "[package]\nname = \"st\"\n");
         write("st/src/lib.rs", "fn st() {}");

@@ -103,7 +103,8 @@ pub fn read(
 enum Line {
     /// The whole line is in the buffer.
     Whole,
-    /// The line was longer than the cap: the buffer holds its first `cap` bytes.
+    /// The line, with its line break, was longer than the cap: the buffer holds its first
+    /// `cap` bytes.
     Cut,
 }
 
