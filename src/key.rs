@@ -27,7 +27,7 @@ pub struct CacheKeyParts {
     /// `cpu` or `cuda` for stages whose results depend on it; `None` otherwise.
     pub device: Option<String>,
     /// The stage's own name and, per input, its producers' names: only for kinds whose
-    /// output shows them (`StageKind::names_reach_output`). Left out of the hashed JSON when
+    /// output shows them (`StageDescriptor::names_in_output`). Left out of the hashed JSON when
     /// absent, so the keys of every other kind are what they were.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub names: Option<StageNames>,

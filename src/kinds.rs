@@ -55,22 +55,6 @@ impl StageKind {
         }
     }
 
-    /// Whether stage names reach the output: a shell command sees its own as `$STAGE`, an
-    /// evaluation report names its models by their stages, a deployment its model's. For
-    /// these kinds the names join the cache key, so a renamed stage is not served an artifact
-    /// that carries the old name.
-    pub fn names_reach_output(self) -> bool {
-        match self {
-            StageKind::Shell => true,
-            #[cfg(feature = "corpus")]
-            StageKind::Ingest | StageKind::Bpe => false,
-            #[cfg(feature = "model")]
-            StageKind::Train | StageKind::Quantize => false,
-            #[cfg(feature = "model")]
-            StageKind::Evaluate | StageKind::Deploy => true,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         self.descriptor().kind
     }

@@ -349,7 +349,7 @@ pub async fn key_parts(
         inputs,
         files,
         device: d.device_dependent.then(|| s.device.class().to_string()),
-        names: s.kind.names_reach_output().then(|| crate::key::StageNames {
+        names: d.names_in_output.then(|| crate::key::StageNames {
             stage: s.name.clone(),
             inputs: s
                 .inputs

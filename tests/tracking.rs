@@ -19,6 +19,19 @@ fn search(base: &str, exp: &str, filter: &str) -> Vec<serde_json::Value> {
     v["runs"].as_array().cloned().unwrap_or_default()
 }
 
+/// The id of experiment `name`, which the run under test created.
+fn experiment_id(base: &str, name: &str) -> String {
+    let v = mlflow_api(
+        base,
+        &format!("experiments/get-by-name?experiment_name={name}"),
+        None,
+    );
+    v["experiment"]["experiment_id"]
+        .as_str()
+        .expect("the experiment exists")
+        .to_string()
+}
+
 fn tag<'a>(run: &'a serde_json::Value, key: &str) -> Option<&'a str> {
     run["data"]["tags"]
         .as_array()?
@@ -72,15 +85,7 @@ fn smoke_pipeline_on_s3_is_browsable_in_mlflow() {
     );
     assert_eq!(listed.trim(), "6", "{stdout}");
 
-    let exp = mlflow_api(
-        &mlflow.url,
-        "experiments/get-by-name?experiment_name=smoke",
-        None,
-    );
-    let exp = exp["experiment"]["experiment_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let exp = experiment_id(&mlflow.url, "smoke");
     let parents = search(
         &mlflow.url,
         &exp,
@@ -316,15 +321,7 @@ stages:
         again.stdout
     );
 
-    let exp = mlflow_api(
-        &mlflow.url,
-        "experiments/get-by-name?experiment_name=outage",
-        None,
-    );
-    let exp = exp["experiment"]["experiment_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let exp = experiment_id(&mlflow.url, "outage");
     let parents = search(
         &mlflow.url,
         &exp,
@@ -370,15 +367,7 @@ stages:
     let r = sb.run(&["run", "p.yaml"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!r.stderr.contains("tracking:"), "{}", r.stderr);
-    let exp = mlflow_api(
-        &mlflow.url,
-        "experiments/get-by-name?experiment_name=oddkeys",
-        None,
-    );
-    let exp = exp["experiment"]["experiment_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let exp = experiment_id(&mlflow.url, "oddkeys");
     let run_id = sb.last_run()["id"].as_str().unwrap().to_string();
     let parents = search(
         &mlflow.url,
@@ -500,15 +489,7 @@ stages:
         "{}",
         after.stdout
     );
-    let exp = mlflow_api(
-        &mlflow.url,
-        "experiments/get-by-name?experiment_name=killed",
-        None,
-    );
-    let exp = exp["experiment"]["experiment_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let exp = experiment_id(&mlflow.url, "killed");
     let runs = search(&mlflow.url, &exp, "");
     assert_eq!(runs.len(), 2, "{runs:?}");
     assert!(

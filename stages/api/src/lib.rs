@@ -136,6 +136,9 @@ pub struct StageDescriptor {
     pub output: ArtifactKind,
     /// Whether results differ between CPU and GPU, so the device class joins the cache key.
     pub device_dependent: bool,
+    /// Whether stage names reach the output (a shell command's `$STAGE`, a report naming its
+    /// models by stage), so the stage's and its producers' names join the cache key.
+    pub names_in_output: bool,
     /// Hash of the stage crate's source, computed at build time (see `orchestrate-codehash`).
     pub code_hash: &'static str,
     /// Checks a `with:` block and returns it canonical: defaults filled in, unknown keys rejected.

@@ -74,6 +74,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     }]),
     output: ArtifactKind::Tokenizer,
     device_dependent: false,
+    names_in_output: false,
     code_hash: env!("STAGE_CODE_HASH"),
     tracked_files: &["tokenizer.json", "tokenizer_meta.json"],
     canonical_params: canonical,

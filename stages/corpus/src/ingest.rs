@@ -103,6 +103,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     inputs: Inputs::Typed(&[]),
     output: ArtifactKind::Corpus,
     device_dependent: false,
+    names_in_output: false,
     code_hash: env!("STAGE_CODE_HASH"),
     tracked_files: &["stats.json"],
     canonical_params: canonical,

@@ -115,6 +115,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     output: ArtifactKind::EvalReport,
     // Latencies depend on the machine, but the cache key does not pretend to pin them.
     device_dependent: true,
+    names_in_output: true,
     code_hash: env!("STAGE_CODE_HASH"),
     tracked_files: &["report.json", "report.md", "chart.png"],
     canonical_params: canonical,

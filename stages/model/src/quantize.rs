@@ -38,6 +38,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     }]),
     output: ArtifactKind::Model,
     device_dependent: false,
+    names_in_output: false,
     code_hash: env!("STAGE_CODE_HASH"),
     tracked_files: &["quantization.json"],
     canonical_params: canonical,

@@ -229,6 +229,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     ]),
     output: ArtifactKind::Model,
     device_dependent: true,
+    names_in_output: false,
     code_hash: env!("STAGE_CODE_HASH"),
     tracked_files: &["model.json", "training.json"],
     canonical_params: canonical,

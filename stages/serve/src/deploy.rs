@@ -77,6 +77,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     ]),
     output: ArtifactKind::Deployment,
     device_dependent: false,
+    names_in_output: true,
     code_hash: env!("STAGE_CODE_HASH"),
     tracked_files: &["deployment.json"],
     canonical_params: canonical,

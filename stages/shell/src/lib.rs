@@ -38,6 +38,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     inputs: Inputs::Any,
     output: ArtifactKind::Files,
     device_dependent: false,
+    names_in_output: true,
     code_hash: env!("STAGE_CODE_HASH"),
     tracked_files: &[],
     canonical_params: canonical_params::<ShellParams>,
