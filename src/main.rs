@@ -347,9 +347,18 @@ fn env_lookup(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
+/// The pipeline, for commands that validate, plan or run it: the files its stages read must
+/// exist.
 fn load(args: &PipelineArgs) -> Result<Pipeline, Failure> {
     PipelineSpec::load(&args.file, &args.sets, &env_lookup)
         .and_then(PipelineSpec::validate)
+        .map_err(|invalid| Failure::new(2, invalid.render()))
+}
+
+/// The pipeline, for commands that only look at it (see [`PipelineSpec::validate_shape`]).
+fn load_shape(args: &PipelineArgs) -> Result<Pipeline, Failure> {
+    PipelineSpec::load(&args.file, &args.sets, &env_lookup)
+        .and_then(PipelineSpec::validate_shape)
         .map_err(|invalid| Failure::new(2, invalid.render()))
 }
 
@@ -367,7 +376,7 @@ fn pipeline_name(args: &StoreOnly) -> Result<Option<String>, Failure> {
     args.pipeline
         .as_ref()
         .map(|file| {
-            load(&PipelineArgs {
+            load_shape(&PipelineArgs {
                 file: file.clone(),
                 sets: Vec::new(),
             })
@@ -390,7 +399,7 @@ fn open_store_of(args: &StoreOnly) -> Result<(Store, Option<String>), Failure> {
         .pipeline
         .as_ref()
         .map(|file| {
-            load(&PipelineArgs {
+            load_shape(&PipelineArgs {
                 file: file.clone(),
                 sets: Vec::new(),
             })
@@ -607,7 +616,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                     output,
                 },
         } => {
-            let p = load(&pipeline)?;
+            let p = load_shape(&pipeline)?;
             let source = std::fs::read_to_string(&pipeline.file).map_err(|e| {
                 Failure::new(
                     2,
@@ -638,7 +647,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             stage,
         } => verify(&pipeline, &store, &stage).await,
         Command::Graph { pipeline, format } => {
-            let p = load(&pipeline)?;
+            let p = load_shape(&pipeline)?;
             print!(
                 "{}",
                 match format {
@@ -738,7 +747,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             spool,
         } => {
             let p = match &pipeline {
-                Some(file) => Some(load(&PipelineArgs {
+                Some(file) => Some(load_shape(&PipelineArgs {
                     file: file.clone(),
                     sets: Vec::new(),
                 })?),

@@ -169,11 +169,25 @@ impl Pipeline {
 }
 
 impl PipelineSpec {
-    /// Checks everything and returns the typed pipeline, or every problem found.
+    /// Checks everything and returns the typed pipeline, or every problem found: the file
+    /// itself, and that every local file a stage reads (an ingest source, a `deps` entry)
+    /// exists here. For commands that run, plan or validate the pipeline.
     pub fn validate(self) -> Result<Pipeline, Invalid> {
+        self.check(true)
+    }
+
+    /// As [`validate`](Self::validate), except for the files stages read: for commands that
+    /// only look at the pipeline (`graph`, `export argo`, `runs --pipeline`, `serve
+    /// --pipeline`), which must work on a machine where the corpus is not installed.
+    pub fn validate_shape(self) -> Result<Pipeline, Invalid> {
+        self.check(false)
+    }
+
+    fn check(self, check_files: bool) -> Result<Pipeline, Invalid> {
         let mut v = Validator {
             diags: self.diags,
             dir: self.dir.clone(),
+            check_files,
         };
         let root = &self.root;
         v.unknown_keys(root, &TOP_LEVEL_KEYS, "at the top level");
@@ -426,6 +440,8 @@ type StageParts = (
 struct Validator {
     diags: Vec<Diagnostic>,
     dir: PathBuf,
+    /// Whether the local files a stage reads must exist (see [`PipelineSpec::validate`]).
+    check_files: bool,
 }
 
 impl Validator {
@@ -609,6 +625,18 @@ impl Validator {
                 Value::Seq(items) => {
                     for item in items {
                         if let Some(s) = self.string(item, "deps[]") {
+                            let path = self.dir.join(&s);
+                            if self.check_files && !s.contains("://") && !path.is_file() {
+                                self.diags.push(
+                                    Diagnostic::new(
+                                        format!(
+                                            "file `{s}` in `deps` of stage `{name}` does not exist"
+                                        ),
+                                        item.span,
+                                    )
+                                    .hint(format!("looked at {}", path.display())),
+                                );
+                            }
                             deps.push(s);
                         }
                     }
@@ -626,7 +654,20 @@ impl Validator {
         else {
             return (None, spans, bindings);
         };
-        deps.extend((kind.descriptor().file_deps)(&params, &self.dir));
+        match (kind.descriptor().file_deps)(&params, &self.dir) {
+            Ok(files) => deps.extend(files),
+            Err(errors) if self.check_files => {
+                let anchor = with_anchor(key, node);
+                let empty = Node::new(Value::Map(Vec::new()), anchor);
+                let with = node.get("with").unwrap_or(&empty);
+                for e in &errors {
+                    self.diags
+                        .push(param_diagnostic(name, kind, with, anchor, e));
+                }
+            }
+            // Not running it (`graph`, `export`, `runs --pipeline`): files may live elsewhere.
+            Err(_) => {}
+        }
         (
             Some(Stage {
                 name: name.clone(),

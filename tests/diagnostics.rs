@@ -12,11 +12,16 @@ fn validate(case: &str, extra: &[&str]) -> (i32, String) {
     ))
     .unwrap();
     sb.write(&format!("{case}.yaml"), &text);
+    // The one file the cases read (an ingest source): the missing ones are the point.
+    sb.write("corpus.txt", "a line of text\n");
     let file = format!("{case}.yaml");
     let mut args = vec!["validate", file.as_str()];
     args.extend_from_slice(extra);
     let r = sb.run(&args);
-    (r.code, r.stderr + &r.stdout)
+    // Hints name the absolute paths looked at; the sandbox's differs every run.
+    let dir = sb.path().canonicalize().unwrap();
+    let out = (r.stderr + &r.stdout).replace(dir.to_str().unwrap(), "$SANDBOX");
+    (r.code, out)
 }
 
 macro_rules! broken {
@@ -41,6 +46,7 @@ broken!(missing_required_param, "missing_param");
 broken!(every_problem_at_once, "many_at_once");
 broken!(devices_outside_train_and_a_huge_timeout, "resources");
 broken!(a_split_that_a_later_stage_needs_is_empty, "empty_split");
+broken!(files_a_stage_reads_are_missing, "missing_files");
 broken!(
     bad_set_path,
     "ok",
@@ -114,6 +120,27 @@ fn every_example_pipeline_validates() {
         }
     }
     assert!(n > 0, "no pipelines found in {}", dir.display());
+}
+
+/// Commands that only look at a pipeline work where its files are not: `graph` and `export
+/// argo` on a laptop without the corpus the cluster's image holds.
+#[test]
+fn only_commands_that_run_a_pipeline_need_its_files() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        "name: p\nstages:\n  a:\n    kind: shell\n    deps: [missing.cfg]\n    with: { run: 'true' }\n",
+    );
+    for args in [&["validate", "p.yaml"][..], &["plan", "p.yaml"]] {
+        let r = sb.run(args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("p.yaml:5:12"), "{}", r.stderr);
+        assert!(r.stderr.contains("file `missing.cfg`"), "{}", r.stderr);
+    }
+    let r = sb.run(&["graph", "p.yaml", "--format", "mermaid"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = sb.run(&["export", "argo", "p.yaml", "--store", "s3://b/p"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
 #[cfg(feature = "corpus")]

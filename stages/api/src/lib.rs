@@ -146,8 +146,9 @@ pub struct StageDescriptor {
     /// Output files worth uploading to the tracking server (small, human-readable).
     pub tracked_files: &'static [&'static str],
     /// Local files the stage reads, named by its params (relative paths against the given
-    /// pipeline directory); their contents join the cache key.
-    pub file_deps: fn(&serde_json::Value, &Path) -> Vec<String>,
+    /// pipeline directory); their contents join the cache key. Each param naming nothing that
+    /// exists is an error at that param, so `validate` reports them before anything runs.
+    pub file_deps: fn(&serde_json::Value, &Path) -> Result<Vec<String>, Vec<ParamError>>,
     /// Given canonical params and a part of the output (see [`InputDecl::reads`]): the
     /// param that leaves that part empty, if these params do.
     pub empty_part: fn(&serde_json::Value, &str) -> Option<Vec<PathSegment>>,
@@ -167,8 +168,8 @@ pub fn no_empty_parts(_: &serde_json::Value, _: &str) -> Option<Vec<PathSegment>
 }
 
 /// For stages that read no files beyond their inputs.
-pub fn no_file_deps(_: &serde_json::Value, _: &Path) -> Vec<String> {
-    Vec::new()
+pub fn no_file_deps(_: &serde_json::Value, _: &Path) -> Result<Vec<String>, Vec<ParamError>> {
+    Ok(Vec::new())
 }
 
 /// Validates `with:` against a parameter struct `P` and returns it canonical. `P` should use

@@ -179,21 +179,46 @@ fn empty_part(v: &serde_json::Value, part: &str) -> Option<Vec<PathSegment>> {
 }
 
 /// The source files, so their contents join the cache key: edit a corpus file, re-ingest.
-fn file_deps(v: &serde_json::Value, dir: &Path) -> Vec<String> {
-    let Ok(mut p) = serde_json::from_value::<IngestParams>(v.clone()) else {
-        return Vec::new();
+/// A local source that names no file is an error at its `path`, found by `validate`.
+fn file_deps(v: &serde_json::Value, dir: &Path) -> Result<Vec<String>, Vec<ParamError>> {
+    let Ok(p) = serde_json::from_value::<IngestParams>(v.clone()) else {
+        return Ok(Vec::new());
     };
-    // Remote sources are named by URL; the orchestrator fingerprints their listing.
-    let (remote, local): (Vec<Source>, Vec<Source>) = p
-        .sources
-        .drain(..)
-        .partition(|s| crate::remote::is_remote(&s.path));
-    p.sources = local;
-    let mut deps: Vec<String> = remote.into_iter().map(|s| s.path).collect();
-    if let Ok(files) = expand(&p, dir) {
-        deps.extend(files.into_iter().map(|(f, _)| f.display().to_string()));
+    let mut deps = Vec::new();
+    let mut missing = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, s) in p.sources.iter().enumerate() {
+        // Remote sources are named by URL; the orchestrator fingerprints their listing.
+        if crate::remote::is_remote(&s.path) {
+            deps.push(s.path.clone());
+            continue;
+        }
+        let files = match source_files(s, dir) {
+            Ok(files) => files,
+            Err(msg) => {
+                missing.push(ParamError {
+                    path: vec![
+                        PathSegment::Key("sources".into()),
+                        PathSegment::Index(i),
+                        PathSegment::Key("path".into()),
+                    ],
+                    problem: ParamProblem::Invalid(msg),
+                });
+                continue;
+            }
+        };
+        deps.extend(
+            files
+                .into_iter()
+                .filter(|f| seen.insert(canonical_path(f)))
+                .map(|f| f.display().to_string()),
+        );
     }
-    deps
+    if missing.is_empty() {
+        Ok(deps)
+    } else {
+        Err(missing)
+    }
 }
 
 /// Every input file with the source it came from, in a stable order, each file once.
@@ -201,48 +226,56 @@ pub fn expand(p: &IngestParams, dir: &Path) -> Result<Vec<(PathBuf, usize)>, Str
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for (i, s) in p.sources.iter().enumerate() {
-        let path = dir.join(&s.path);
-        let mut files: Vec<PathBuf> = if s.path.contains(['*', '?', '[']) {
-            let pattern = path.display().to_string();
-            glob::glob(&pattern)
-                .map_err(|e| format!("source `{}` is not a valid glob: {e}", s.path))?
-                .flatten()
-                .filter(|f| f.is_file())
-                .collect()
-        } else if path.is_dir() {
-            list_dir(&path, s.recursive)
-                .map_err(|e| format!("cannot list source directory {}: {e}", path.display()))?
-        } else if path.is_file() {
-            vec![path.clone()]
-        } else {
-            return Err(format!(
-                "source `{}` does not exist (looked at {})",
-                s.path,
-                path.display()
-            ));
-        };
-        files.sort();
-        // Debian's fortune directories hold `.dat` indexes beside each file: not text.
-        if s.format == Format::Fortune {
-            files.retain(|f| f.extension().is_none_or(|e| e != "dat"));
-        }
-        // A source that names nothing is a mistake (a package not installed, a typo), not
-        // a smaller corpus: a model trained without it would not say so.
-        if files.is_empty() {
-            return Err(format!(
-                "source `{}` matches no file (looked for {})",
-                s.path,
-                path.display()
-            ));
-        }
-        for f in files {
-            let canon = f.canonicalize().unwrap_or_else(|_| f.clone());
-            if seen.insert(canon) {
+        for f in source_files(s, dir)? {
+            if seen.insert(canonical_path(&f)) {
                 out.push((f, i));
             }
         }
     }
     Ok(out)
+}
+
+fn canonical_path(f: &Path) -> PathBuf {
+    f.canonicalize().unwrap_or_else(|_| f.to_path_buf())
+}
+
+/// The files one local source names, sorted; none is an error.
+fn source_files(s: &Source, dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let path = dir.join(&s.path);
+    let mut files: Vec<PathBuf> = if s.path.contains(['*', '?', '[']) {
+        let pattern = path.display().to_string();
+        glob::glob(&pattern)
+            .map_err(|e| format!("source `{}` is not a valid glob: {e}", s.path))?
+            .flatten()
+            .filter(|f| f.is_file())
+            .collect()
+    } else if path.is_dir() {
+        list_dir(&path, s.recursive)
+            .map_err(|e| format!("cannot list source directory {}: {e}", path.display()))?
+    } else if path.is_file() {
+        vec![path.clone()]
+    } else {
+        return Err(format!(
+            "source `{}` does not exist (looked at {})",
+            s.path,
+            path.display()
+        ));
+    };
+    files.sort();
+    // Debian's fortune directories hold `.dat` indexes beside each file: not text.
+    if s.format == Format::Fortune {
+        files.retain(|f| f.extension().is_none_or(|e| e != "dat"));
+    }
+    // A source that names nothing is a mistake (a package not installed, a typo), not
+    // a smaller corpus: a model trained without it would not say so.
+    if files.is_empty() {
+        return Err(format!(
+            "source `{}` matches no file (looked for {})",
+            s.path,
+            path.display()
+        ));
+    }
+    Ok(files)
 }
 
 fn list_dir(dir: &Path, recursive: bool) -> std::io::Result<Vec<PathBuf>> {
