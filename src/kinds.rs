@@ -47,9 +47,9 @@ impl StageKind {
             #[cfg(feature = "model")]
             StageKind::Train => &orchestrate_model::train::DESCRIPTOR,
             #[cfg(feature = "model")]
-            StageKind::Quantize => &orchestrate_model::quantize::DESCRIPTOR,
+            StageKind::Quantize => &orchestrate_quantize::DESCRIPTOR,
             #[cfg(feature = "model")]
-            StageKind::Evaluate => &orchestrate_model::evaluate::DESCRIPTOR,
+            StageKind::Evaluate => &orchestrate_evaluate::DESCRIPTOR,
             #[cfg(feature = "model")]
             StageKind::Deploy => &orchestrate_serve::deploy::DESCRIPTOR,
         }
@@ -78,9 +78,9 @@ impl StageKind {
             #[cfg(feature = "model")]
             StageKind::Train => orchestrate_model::train::run(ctx),
             #[cfg(feature = "model")]
-            StageKind::Quantize => orchestrate_model::quantize::run(ctx),
+            StageKind::Quantize => orchestrate_quantize::run(ctx),
             #[cfg(feature = "model")]
-            StageKind::Evaluate => orchestrate_model::evaluate::run(ctx),
+            StageKind::Evaluate => orchestrate_evaluate::run(ctx),
             #[cfg(feature = "model")]
             StageKind::Deploy => orchestrate_serve::deploy::run(ctx),
         }

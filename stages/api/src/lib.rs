@@ -126,6 +126,10 @@ impl fmt::Display for ParamError {
     }
 }
 
+/// The files a stage reads (see [`StageDescriptor::file_deps`]), or a problem per param
+/// that names none.
+pub type FileDeps = Result<Vec<String>, Vec<ParamError>>;
+
 /// Everything the orchestrator needs to know about a stage kind without running it.
 #[derive(Clone, Copy)]
 pub struct StageDescriptor {
@@ -148,7 +152,7 @@ pub struct StageDescriptor {
     /// Local files the stage reads, named by its params (relative paths against the given
     /// pipeline directory); their contents join the cache key. Each param naming nothing that
     /// exists is an error at that param, so `validate` reports them before anything runs.
-    pub file_deps: fn(&serde_json::Value, &Path) -> Result<Vec<String>, Vec<ParamError>>,
+    pub file_deps: fn(&serde_json::Value, &Path) -> FileDeps,
     /// Given canonical params and a part of the output (see [`InputDecl::reads`]): the
     /// param that leaves that part empty, if these params do.
     pub empty_part: fn(&serde_json::Value, &str) -> Option<Vec<PathSegment>>,
@@ -168,7 +172,7 @@ pub fn no_empty_parts(_: &serde_json::Value, _: &str) -> Option<Vec<PathSegment>
 }
 
 /// For stages that read no files beyond their inputs.
-pub fn no_file_deps(_: &serde_json::Value, _: &Path) -> Result<Vec<String>, Vec<ParamError>> {
+pub fn no_file_deps(_: &serde_json::Value, _: &Path) -> FileDeps {
     Ok(Vec::new())
 }
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float32Builder, RecordBatch, StringBuilder};
 use orchestrate_stage::{
-    canonical_params, ArtifactKind, Inputs, ParamError, ParamProblem, PathSegment, StageContext,
-    StageDescriptor, StageError, StageOutput,
+    canonical_params, ArtifactKind, FileDeps, Inputs, ParamError, ParamProblem, PathSegment,
+    StageContext, StageDescriptor, StageError, StageOutput,
 };
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -180,7 +180,7 @@ fn empty_part(v: &serde_json::Value, part: &str) -> Option<Vec<PathSegment>> {
 
 /// The source files, so their contents join the cache key: edit a corpus file, re-ingest.
 /// A local source that names no file is an error at its `path`, found by `validate`.
-fn file_deps(v: &serde_json::Value, dir: &Path) -> Result<Vec<String>, Vec<ParamError>> {
+fn file_deps(v: &serde_json::Value, dir: &Path) -> FileDeps {
     let Ok(p) = serde_json::from_value::<IngestParams>(v.clone()) else {
         return Ok(Vec::new());
     };

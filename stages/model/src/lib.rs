@@ -1,19 +1,18 @@
-//! The model stages: `train`, `quantize` and `evaluate`, and the generation that `evaluate`,
-//! `deploy` and `orchestrate serve` share, all on one network definition. burn lives only
-//! here and in the crates that depend on this one.
+//! The model and the `train` stage, and what the stages after it share: the artifact, the
+//! weight formats, and the generation that `evaluate`, `deploy` and `orchestrate serve` use,
+//! all on one network definition. `quantize` and `evaluate` are crates of their own, so
+//! that editing them does not change train's code hash. burn lives only here and in the
+//! crates that depend on this one.
 
 pub mod adamw;
 pub mod artifact;
-mod chart;
 pub mod compute;
 pub mod data;
 mod decode_cpu;
 pub mod end_to_end;
-pub mod evaluate;
 mod fused;
 pub mod generate;
 pub mod model;
-pub mod quantize;
 mod rowmath;
 pub mod train;
 pub mod weights;

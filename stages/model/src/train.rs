@@ -1089,7 +1089,7 @@ fn save_checkpoint<A: AutodiffBackend, O: Optimizer<Seq2Seq<A>, A>>(
 }
 
 /// A batch's token ids as tensors: source, decoder input, decoder target.
-pub(crate) fn tensors<B: Backend>(b: &Batch, device: &B::Device) -> [Tensor<B, 2, Int>; 3] {
+pub fn tensors<B: Backend>(b: &Batch, device: &B::Device) -> [Tensor<B, 2, Int>; 3] {
     let int = |v: &Vec<i64>, len: usize| {
         Tensor::<B, 2, Int>::from_data(TensorData::new(v.clone(), [b.rows, len]), device)
     };
@@ -1101,7 +1101,7 @@ pub(crate) fn tensors<B: Backend>(b: &Batch, device: &B::Device) -> [Tensor<B, 2
 }
 
 /// A batch's padding masks (true at padding): source, target.
-pub(crate) fn masks<B: Backend>(b: &Batch, device: &B::Device) -> [Tensor<B, 2, Bool>; 2] {
+pub fn masks<B: Backend>(b: &Batch, device: &B::Device) -> [Tensor<B, 2, Bool>; 2] {
     let m = |v: &Vec<bool>, len: usize| {
         Tensor::<B, 2, Bool>::from_data(TensorData::new(v.clone(), [b.rows, len]), device)
     };

@@ -8,8 +8,8 @@ use orchestrate_stage::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::artifact::{self, CARD, SAFETENSORS, TOKENIZER};
-use crate::weights::{self, Scheme};
+use orchestrate_model::artifact::{self, CARD, SAFETENSORS, TOKENIZER};
+use orchestrate_model::weights::{self, Scheme};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

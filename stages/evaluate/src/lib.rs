@@ -5,6 +5,8 @@
 //! chart, and applies the gate from YAML: a variant that fails it fails the stage, naming
 //! the variant, the metric and both values, so nothing downstream (deploy) runs.
 
+mod chart;
+
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -15,10 +17,10 @@ use orchestrate_stage::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::artifact::{self, LoadedModel};
-use crate::compute::{self, Compute, OnDevice};
-use crate::data::{self, Example, Padding, Rounding, Specials};
-use crate::generate::{self, Next, Row, Sampling};
+use orchestrate_model::artifact::{self, LoadedModel};
+use orchestrate_model::compute::{self, Compute, OnDevice};
+use orchestrate_model::data::{self, Example, Padding, Rounding, Specials};
+use orchestrate_model::generate::{self, Next, Row, Sampling};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -186,7 +188,7 @@ pub struct VariantReport {
 
 pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     let p: EvaluateParams = ctx.params()?;
-    crate::with_threads(p.threads, || evaluate_all(ctx, p))
+    orchestrate_model::with_threads(p.threads, || evaluate_all(ctx, p))
 }
 
 fn evaluate_all(ctx: &StageContext<'_>, p: EvaluateParams) -> Result<StageOutput, StageError> {
@@ -248,7 +250,7 @@ fn evaluate_all(ctx: &StageContext<'_>, p: EvaluateParams) -> Result<StageOutput
     let md = markdown(&reports, &reports[baseline].name, p.batch);
     std::fs::write(out.join("report.md"), &md)
         .map_err(|e| StageError::io("cannot write report.md", e))?;
-    crate::chart::draw(&out.join("chart.png"), &reports).map_err(StageError::Failed)?;
+    chart::draw(&out.join("chart.png"), &reports).map_err(StageError::Failed)?;
     for line in md.lines() {
         ctx.events.log(line);
     }
@@ -580,12 +582,12 @@ fn evaluate_model<B: Backend>(
 
 /// Summed negative log-likelihood and correctly predicted tokens of one batch.
 fn teacher_forced<B: Backend>(
-    model: &crate::model::Seq2Seq<B>,
+    model: &orchestrate_model::model::Seq2Seq<B>,
     b: &data::Batch,
     device: &B::Device,
 ) -> (f64, usize) {
-    let [src, tgt_in, targets] = crate::train::tensors::<B>(b, device);
-    let [src_pad, tgt_pad] = crate::train::masks::<B>(b, device);
+    let [src, tgt_in, targets] = orchestrate_model::train::tensors::<B>(b, device);
+    let [src_pad, tgt_pad] = orchestrate_model::train::masks::<B>(b, device);
     let memory = model.encode(src, src_pad.clone());
     let logits = model.decode(tgt_in, tgt_pad.clone(), memory, src_pad);
     let [rows, t, _] = logits.dims();

@@ -1,0 +1,3 @@
+fn main() {
+    orchestrate_codehash::emit();
+}
