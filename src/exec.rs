@@ -565,7 +565,12 @@ async fn acquire(
     forced: bool,
 ) -> Result<Acquired, StoreError> {
     let mut told = false;
+    let mut lock = lock.clone();
     loop {
+        // The lease runs from when the lock is taken, not from when waiting began: a lock
+        // written already expired would be taken over by the next waiter at once.
+        lock.expires_at = unix_now() + lock_lease().as_secs();
+        let lock = &lock;
         match sh.store.try_lock(key, lock).await? {
             LockAttempt::Acquired => {
                 // The previous holder may have committed just before releasing.

@@ -17,15 +17,19 @@ pub struct GcReport {
     pub artifacts_deleted: usize,
     pub blobs_deleted: usize,
     pub bytes_freed: u64,
+    /// Runs producing artifacts as gc ran; while there are any, unreferenced blobs stay.
+    pub producing: usize,
     pub dry_run: bool,
 }
 
 /// Deletes run records beyond the newest `keep_last`, then artifacts that no kept run uses and
 /// no pin names, then blobs that no remaining artifact lists. Objects younger than `grace` are
 /// kept whatever: a run in progress uploads blobs before its manifest and records its keys
-/// only when its stages finish.
+/// only when its stages finish. With `pipeline`, only that pipeline's runs are collected
+/// (`keep_last` counts them alone): a store shared by several pipelines keeps the others'.
 pub async fn collect(
     store: &Store,
+    pipeline: Option<&str>,
     keep_last: usize,
     grace: Duration,
     dry_run: bool,
@@ -34,16 +38,27 @@ pub async fn collect(
         dry_run,
         ..Default::default()
     };
-    let ids = store.list_run_ids().await?;
-    let split = ids.len().saturating_sub(keep_last);
-    let (old, kept) = ids.split_at(split);
     let mut keep: HashSet<CacheKey> = store.pins().await?.into_iter().collect();
-    for id in kept {
-        if let Some(run) = store.get_run::<RunRecord>(id).await? {
-            keep.extend(run.stages.iter().filter_map(|s| s.key.clone()));
+    // Oldest first; a record that cannot be read is kept, not guessed at.
+    let mut candidates = Vec::new();
+    for id in store.list_run_ids().await? {
+        let run = store.get_run::<RunRecord>(&id).await?;
+        match run {
+            Some(run) if pipeline.is_none_or(|p| run.pipeline == p) => candidates.push((id, run)),
+            Some(run) => {
+                keep.extend(run.stages.iter().filter_map(|s| s.key.clone()));
+                report.runs_kept += 1;
+            }
+            None => {}
         }
     }
-    report.runs_kept = kept.len();
+    let split = candidates.len().saturating_sub(keep_last);
+    let (old, kept) = candidates.split_at(split);
+    for (_, run) in kept {
+        keep.extend(run.stages.iter().filter_map(|s| s.key.clone()));
+    }
+    report.runs_kept += kept.len();
+    report.producing = store.live_locks().await?.len();
     let now = SystemTime::now();
     let young = |t: SystemTime| now.duration_since(t).map(|age| age < grace).unwrap_or(true);
 
@@ -68,7 +83,7 @@ pub async fn collect(
     }
     // A blob shared by a kept artifact and a deleted one stays.
     for (digest, size, modified) in store.list_blobs().await? {
-        if !live_blobs.contains(&digest) && !young(modified) {
+        if !live_blobs.contains(&digest) && !young(modified) && report.producing == 0 {
             report.blobs_deleted += 1;
             report.bytes_freed += size;
             if !dry_run {
@@ -78,7 +93,7 @@ pub async fn collect(
     }
     if !dry_run {
         store.prune_history(&kept_keys).await?;
-        for id in old {
+        for (id, _) in old {
             store.delete_run(id).await?;
         }
     }

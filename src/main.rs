@@ -704,25 +704,34 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             grace,
             dry_run,
         } => {
-            let store = open_store_only(&store)?;
-            let r = orchestrate::gc::collect(&store, keep_last, grace, dry_run).await?;
+            let (store, pipeline) = open_store_of(&store)?;
+            let r =
+                orchestrate::gc::collect(&store, pipeline.as_deref(), keep_last, grace, dry_run)
+                    .await?;
             println!(
-                "{}kept {} runs and {} artifacts; deleted {} runs, {} artifacts, {} blobs ({} bytes)",
+                "{}kept {} runs and {} artifacts; deleted {} runs, {} artifacts, {} blobs ({} bytes){}",
                 if dry_run { "dry run: " } else { "" },
                 r.runs_kept,
                 r.artifacts_kept,
                 r.runs_deleted,
                 r.artifacts_deleted,
                 r.blobs_deleted,
-                r.bytes_freed
+                r.bytes_freed,
+                match r.producing {
+                    0 => String::new(),
+                    n => format!(
+                        "; {n} stage{} producing now, so unreferenced blobs were kept",
+                        if n == 1 { " is" } else { "s are" }
+                    ),
+                }
             );
             Ok(0)
         }
         Command::Pin { run_or_key, store } => {
             let (store, name) = open_store_of(&store)?;
-            let keys = keys_for(&store, &run_or_key, name.as_deref()).await?;
+            let (holder, keys) = keys_for(&store, &run_or_key, name.as_deref()).await?;
             for k in &keys {
-                store.pin(k, &run_or_key).await?;
+                store.pin(k, &holder).await?;
             }
             println!(
                 "pinned {} artifact{}",
@@ -733,10 +742,10 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Unpin { run_or_key, store } => {
             let (store, name) = open_store_of(&store)?;
-            let keys = keys_for(&store, &run_or_key, name.as_deref()).await?;
+            let (holder, keys) = keys_for(&store, &run_or_key, name.as_deref()).await?;
             let mut n = 0;
             for k in &keys {
-                n += usize::from(store.unpin(k).await?);
+                n += usize::from(store.unpin(k, &holder).await?);
             }
             println!("unpinned {n} artifact{}", if n == 1 { "" } else { "s" });
             Ok(0)
@@ -1369,19 +1378,24 @@ async fn resolve_run(store: &Store, run: &str, pipeline: Option<&str>) -> Result
     }
 }
 
+/// What `pin`/`unpin` act on: who holds the pins (the run id, `last` resolved, or the key)
+/// and the keys.
 async fn keys_for(
     store: &Store,
     run_or_key: &str,
     pipeline: Option<&str>,
-) -> Result<Vec<orchestrate::key::CacheKey>, Failure> {
+) -> Result<(String, Vec<orchestrate::key::CacheKey>), Failure> {
     let key = orchestrate::key::CacheKey(run_or_key.to_string());
     if run_or_key.len() == 64 && store.manifest(&key).await?.is_some() {
-        return Ok(vec![key]);
+        return Ok((run_or_key.to_string(), vec![key]));
     }
     let id = resolve_run(store, run_or_key, pipeline).await?;
     let record: RunRecord = store
         .get_run(&id)
         .await?
         .ok_or_else(|| Failure::new(2, format!("error: no run `{id}`")))?;
-    Ok(record.stages.iter().filter_map(|s| s.key.clone()).collect())
+    Ok((
+        id,
+        record.stages.iter().filter_map(|s| s.key.clone()).collect(),
+    ))
 }

@@ -383,16 +383,16 @@ async fn why(
 ) -> Result<Vec<String>, PlanError> {
     let name = &p.stages[i].name;
     let history = store.history(&p.name, name).await?;
+    let diffs: Vec<Vec<String>> = history.iter().map(|h| parts.diff(&h.parts, name)).collect();
+    // Same key as before, yet no manifest: it was collected or removed.
+    if diffs.iter().any(Vec::is_empty) {
+        return Ok(vec![
+            "artifact no longer in the store (collected by gc, or removed)".into(),
+        ]);
+    }
     // Newest first, so among equally near keys the most recent wins.
-    let nearest = history
-        .iter()
-        .map(|h| parts.diff(&h.parts, name))
-        .filter(|d| !d.is_empty())
-        .min_by_key(Vec::len);
-    Ok(match nearest {
+    Ok(match diffs.into_iter().min_by_key(Vec::len) {
         Some(diff) => diff,
-        None if history.is_empty() => vec!["never run".into()],
-        // Same key as before, yet no manifest: it was collected or removed.
-        None => vec!["artifact no longer in the store".into()],
+        None => vec!["never run".into()],
     })
 }

@@ -118,6 +118,9 @@ impl Manifest {
     }
 }
 
+/// How many of a stage's newest history entries gc keeps, collected or not.
+pub const HISTORY_KEPT: usize = 20;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HistoryEntry {
     pub key: CacheKey,
@@ -597,15 +600,34 @@ impl Store {
         Ok(out)
     }
 
+    /// Deletes the history of keys not in `keep`, except each stage's newest
+    /// [`HISTORY_KEPT`] entries: `plan` compares a new key with these, and says "collected"
+    /// rather than "never run" for a stage whose artifact gc took.
     pub async fn prune_history(&self, keep: &std::collections::HashSet<CacheKey>) -> Result<usize> {
-        let mut n = 0;
+        let mut by_stage: std::collections::BTreeMap<String, Vec<object_store::ObjectMeta>> =
+            Default::default();
         for m in self.list_paths("history").await? {
-            let Some(key) = m.location.filename().and_then(|f| f.strip_suffix(".json")) else {
-                continue;
-            };
-            if !keep.contains(&CacheKey(key.to_string())) {
-                let _ = self.inner.delete(&m.location).await;
-                n += 1;
+            let stage = m
+                .location
+                .as_ref()
+                .rsplit_once('/')
+                .map(|(d, _)| d.to_string());
+            by_stage
+                .entry(stage.unwrap_or_default())
+                .or_default()
+                .push(m);
+        }
+        let mut n = 0;
+        for (_, mut entries) in by_stage {
+            entries.sort_by_key(|m| std::cmp::Reverse(m.last_modified));
+            for m in entries.iter().skip(HISTORY_KEPT) {
+                let Some(key) = m.location.filename().and_then(|f| f.strip_suffix(".json")) else {
+                    continue;
+                };
+                if !keep.contains(&CacheKey(key.to_string())) {
+                    let _ = self.inner.delete(&m.location).await;
+                    n += 1;
+                }
             }
         }
         Ok(n)
@@ -629,6 +651,8 @@ impl Store {
             match self.get_json::<LockInfo>(&path, "lock").await {
                 // Released between our put and our get: try again.
                 Ok(None) => continue,
+                // Ours: a create that succeeded, though its reply was lost and it was retried.
+                Ok(Some(holder)) if holder.same_holder(info) => return Ok(LockAttempt::Acquired),
                 Ok(Some(holder)) if holder.is_stale() => {
                     // Re-read right before deleting so a lock just retaken is left alone.
                     if self
@@ -654,6 +678,21 @@ impl Store {
             Some(holder) => Ok(LockAttempt::HeldBy(holder)),
             None => Ok(LockAttempt::HeldBy(info.clone())),
         }
+    }
+
+    /// Locks whose holders are still producing (not stale): `gc` leaves unreferenced blobs
+    /// alone while any exists, since an upload that found its blob already stored did not
+    /// refresh that blob's age, and its manifest, which will name it, is not written yet.
+    pub async fn live_locks(&self) -> Result<Vec<LockInfo>> {
+        let mut live = Vec::new();
+        for m in self.list_paths("locks").await? {
+            if let Ok(Some(info)) = self.get_json::<LockInfo>(&m.location, "lock").await {
+                if !info.is_stale() {
+                    live.push(info);
+                }
+            }
+        }
+        Ok(live)
     }
 
     /// Extends our lease, if the lock is still ours. `Ok(false)`: it is not (our lease ran
@@ -772,31 +811,58 @@ impl Store {
         Ok(ids)
     }
 
-    pub async fn pin(&self, key: &CacheKey, note: &str) -> Result<()> {
-        let p = ObjPath::from(format!("pins/{key}"));
+    /// Pins `key` on behalf of `holder` (the run id that was pinned, or the key itself):
+    /// one object per holder, `pins/<key>/<holder>`, so that unpinning one run leaves the
+    /// artifacts it shares with another pinned run pinned.
+    pub async fn pin(&self, key: &CacheKey, holder: &str) -> Result<()> {
+        let p = Self::pin_path(key, holder);
         self.inner
-            .put(&p, PutPayload::from(Bytes::from(note.to_string())))
+            .put(&p, PutPayload::from(Bytes::from(holder.to_string())))
             .await
             .map(|_| ())
             .map_err(Self::backend("write", &p))
     }
 
-    pub async fn unpin(&self, key: &CacheKey) -> Result<bool> {
-        let p = ObjPath::from(format!("pins/{key}"));
-        match self.inner.delete(&p).await {
+    /// Removes `holder`'s pin on `key`; other holders' pins stay. True if there was one.
+    pub async fn unpin(&self, key: &CacheKey, holder: &str) -> Result<bool> {
+        let mut removed = self.delete_if_present(&Self::pin_path(key, holder)).await?;
+        // Before pins had holders, a pin was `pins/<key>` holding the name it was pinned by.
+        let legacy = ObjPath::from(format!("pins/{key}"));
+        if let Ok(got) = self.inner.get(&legacy).await {
+            let note = got.bytes().await.map_err(Self::backend("read", &legacy))?;
+            if note.as_ref() == holder.as_bytes() {
+                removed |= self.delete_if_present(&legacy).await?;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn pin_path(key: &CacheKey, holder: &str) -> ObjPath {
+        ObjPath::from_iter(["pins", &key.0, holder])
+    }
+
+    async fn delete_if_present(&self, p: &ObjPath) -> Result<bool> {
+        match self.inner.delete(p).await {
             Ok(()) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(Self::backend("delete", &p)(e)),
+            Err(e) => Err(Self::backend("delete", p)(e)),
         }
     }
 
+    /// Every pinned key, whoever pinned it.
     pub async fn pins(&self) -> Result<Vec<CacheKey>> {
-        Ok(self
+        let mut keys: Vec<CacheKey> = self
             .list_paths("pins")
             .await?
             .into_iter()
-            .filter_map(|m| Some(CacheKey(m.location.filename()?.to_string())))
-            .collect())
+            .filter_map(|m| {
+                let mut parts = m.location.parts().skip_while(|p| p.as_ref() != "pins");
+                Some(CacheKey(parts.nth(1)?.as_ref().to_string()))
+            })
+            .collect();
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        keys.dedup();
+        Ok(keys)
     }
 
     /// Every blob with its size and last-modified time.

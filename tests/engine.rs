@@ -433,6 +433,53 @@ fn gc_keeps_what_kept_and_pinned_runs_use() {
     assert_eq!(sb.run(&["fsck", "--store", "file://store"]).code, 0);
 }
 
+/// Pins belong to who pinned them: unpinning one run leaves pinned what another pinned run
+/// shares with it. `gc --pipeline` collects that pipeline's runs alone, in a store others
+/// share; and `plan` says an artifact was collected rather than "never run".
+#[test]
+fn unpinning_a_run_and_gc_of_one_pipeline_spare_what_others_keep() {
+    let sb = diamond("0");
+    sb.write(
+        "other.yaml",
+        "name: other\nstorage: file://store\nstages:\n  solo:\n    kind: shell\n    with: { run: echo solo > s.txt, outputs: [s.txt] }\n",
+    );
+    assert_eq!(sb.run(&["run", "other.yaml"]).code, 0);
+    let mut ids = Vec::new();
+    for greeting in ["one", "two"] {
+        let set = format!("params.greeting={greeting}");
+        assert_eq!(sb.run(&["run", "p.yaml", "--set", &set]).code, 0);
+        ids.push(sb.last_run()["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        assert_eq!(sb.run(&["pin", id, "--store", "file://store"]).code, 0);
+    }
+    // Run one's `src` and `left` are run two's too: they stay pinned by run two.
+    let r = sb.run(&["unpin", &ids[0], "--store", "file://store"]);
+    assert!(r.stdout.contains("unpinned 4 artifacts"), "{}", r.stdout);
+    let gc = [
+        "gc",
+        "--pipeline",
+        "p.yaml",
+        "--keep-last",
+        "0",
+        "--grace",
+        "0",
+    ];
+    let r = sb.run(&gc);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("deleted 2 runs, 2 artifacts"),
+        "{}",
+        r.stdout
+    );
+    let plan = sb.run(&["plan", "p.yaml", "--set", "params.greeting=two"]);
+    assert!(plan.stdout.contains("4 cached"), "{}", plan.stdout);
+    let plan = sb.run(&["plan", "other.yaml"]);
+    assert!(plan.stdout.contains("1 cached"), "{}", plan.stdout);
+    let plan = sb.run(&["plan", "p.yaml", "--set", "params.greeting=one"]);
+    assert!(plan.stdout.contains("collected by gc"), "{}", plan.stdout);
+}
+
 #[test]
 fn a_kept_artifact_with_an_unreadable_manifest_stops_gc_and_fsck_repairs_it() {
     let sb = diamond("0");
