@@ -35,10 +35,10 @@ pub fn dot(p: &Pipeline) -> String {
 
 pub fn mermaid(p: &Pipeline) -> String {
     let mut out = String::from("flowchart LR\n");
-    for s in &p.stages {
+    for (i, s) in p.stages.iter().enumerate() {
         out.push_str(&format!(
             "  {}[\"{}<br/>{} → {}\"]\n",
-            id(&s.name),
+            id(i),
             s.name,
             s.kind.name(),
             s.kind.descriptor().output
@@ -50,9 +50,9 @@ pub fn mermaid(p: &Pipeline) -> String {
             for &u in &b.stages {
                 out.push_str(&format!(
                     "  {} -->|{}| {}\n",
-                    id(&p.stages[u].name),
+                    id(u),
                     b.name,
-                    id(&s.name)
+                    id(i)
                 ));
             }
         }
@@ -64,7 +64,8 @@ fn esc(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
-/// Mermaid ids cannot contain `-`; stage names can.
-fn id(name: &str) -> String {
-    name.replace('-', "_")
+/// A stage's Mermaid node id, by index: names can hold `-`, which ids cannot, and a stage
+/// named `end` would close the flowchart. The name is the node's label.
+fn id(stage: usize) -> String {
+    format!("s{stage}")
 }

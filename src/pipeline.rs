@@ -243,6 +243,26 @@ impl PipelineSpec {
             }
         };
         let names: Vec<&str> = stage_entries.iter().map(|(k, _)| k.name.as_str()).collect();
+        // Names that differ only in case or in `-`/`_` are one name to Argo (task names) and
+        // to a shell stage's `$INPUT_<NAME>` variables.
+        let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+        for (key, _) in &stage_entries {
+            match seen.get(&name_folded(&key.name)) {
+                Some(first) if *first != key.name => v.diags.push(
+                    Diagnostic::new(
+                        format!(
+                            "stage names `{first}` and `{}` differ only in case or in `-`/`_`",
+                            key.name
+                        ),
+                        key.span,
+                    )
+                    .hint("they would be one name in `export argo` and in `$INPUT_` variables: rename one"),
+                ),
+                _ => {
+                    seen.insert(name_folded(&key.name), &key.name);
+                }
+            }
+        }
 
         let mut stages = Vec::new();
         // Per stage, per input: the reference spans, for pointing at edges later.
@@ -252,6 +272,27 @@ impl PipelineSpec {
         let mut edges: Vec<(usize, usize, String)> = Vec::new();
         for (i, (key, node)) in stage_entries.iter().enumerate() {
             let (stage, spans, bindings) = v.stage(key, node, &names);
+            let mut input_names: BTreeMap<String, &str> = BTreeMap::new();
+            for b in &bindings {
+                let first = input_names.insert(name_folded(&b.name), &b.name);
+                if let Some(first) = first.filter(|f| *f != b.name) {
+                    let at = spans
+                        .iter()
+                        .find(|((name, _), _)| name == &b.name)
+                        .map(|(_, span)| *span)
+                        .unwrap_or(key.span);
+                    v.diags.push(
+                        Diagnostic::new(
+                            format!(
+                                "inputs `{first}` and `{}` of stage `{}` differ only in case or in `-`/`_`",
+                                b.name, key.name
+                            ),
+                            at,
+                        )
+                        .hint("a shell stage would see both as one `$INPUT_` variable: rename one"),
+                    );
+                }
+            }
             for b in bindings {
                 edges.extend(b.stages.iter().map(|&p| (p, i, b.name.clone())));
             }
@@ -989,6 +1030,16 @@ fn param_diagnostic(
             Diagnostic::new(format!("invalid value for `{at}`: {msg}"), span)
         }
     }
+}
+
+/// A name as Argo task names and environment variables see it.
+fn name_folded(name: &str) -> String {
+    name.chars()
+        .map(|c| match c {
+            '-' => '_',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
 }
 
 fn valid_stage_name(name: &str) -> bool {

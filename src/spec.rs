@@ -365,11 +365,16 @@ fn expand(s: &str, env: EnvLookup<'_>, params: &Node) -> Result<Expanded, Expand
             ));
         };
         let expr = &after[..end];
-        let value = resolve(expr, env, params)?;
+        let (value, raw) = resolve(expr, env, params)?;
         if start == 0 && end + 3 == rest.len() && out.is_empty() {
             whole = Some(value.clone());
         }
-        out.push_str(&scalar_text(&value));
+        // Inside text an environment variable is text as written: typing it first would
+        // turn a commit `12e4567` into `inf` and a version `3.10` into `3.1`.
+        match raw {
+            Some(raw) => out.push_str(&raw),
+            None => out.push_str(&scalar_text(&value)),
+        }
         rest = &after[end + 1..];
     }
     out.push_str(rest);
@@ -386,15 +391,21 @@ fn find_expr(s: &str) -> Option<usize> {
     }
 }
 
-fn resolve(expr: &str, env: EnvLookup<'_>, params: &Node) -> Result<Value, ExpandError> {
+/// An expression's value, typed as YAML would type it, and for an environment variable
+/// also its text as written.
+fn resolve(
+    expr: &str,
+    env: EnvLookup<'_>,
+    params: &Node,
+) -> Result<(Value, Option<String>), ExpandError> {
     if let Some(var) = expr.strip_prefix("env.") {
         let (name, default) = match var.split_once(":-") {
             Some((n, d)) => (n, Some(d)),
             None => (var, None),
         };
         return match (env(name), default) {
-            (Some(v), _) => Ok(yaml::plain_scalar(&v)),
-            (None, Some(d)) => Ok(yaml::plain_scalar(d)),
+            (Some(v), _) => Ok((yaml::plain_scalar(&v), Some(v))),
+            (None, Some(d)) => Ok((yaml::plain_scalar(d), Some(d.to_string()))),
             (None, None) => Err((
                 format!("environment variable `{name}` is not set"),
                 Some(format!(
@@ -420,7 +431,7 @@ fn resolve(expr: &str, env: EnvLookup<'_>, params: &Node) -> Result<Value, Expan
             }
         }
     }
-    Ok(node.value.clone())
+    Ok((node.value.clone(), None))
 }
 
 fn scalar_text(v: &Value) -> String {
@@ -483,6 +494,24 @@ mod tests {
         );
         let s = load("name: ${env.NOPE}\nstages: {}\n", &[]);
         assert_eq!(s.diags[0].message, "environment variable `NOPE` is not set");
+    }
+
+    #[test]
+    fn env_inside_text_is_text_as_written() {
+        let env = |n: &str| match n {
+            "COMMIT" => Some("12e4567".to_string()),
+            "VER" => Some("3.10".to_string()),
+            _ => None,
+        };
+        let text = "name: t\nparams: {run: 'c=${env.COMMIT} v=${env.VER} id=${env.ID:-007}', n: '${env.VER}'}\nstages: {}\n";
+        let s = PipelineSpec::from_text(Path::new("p.yaml"), text, &[], &env).unwrap();
+        let params = s.root.get("params").unwrap();
+        assert_eq!(
+            params.get("run").unwrap().value,
+            Value::Str("c=12e4567 v=3.10 id=007".into())
+        );
+        // A whole value keeps its type, as documented.
+        assert_eq!(params.get("n").unwrap().value, Value::Float(3.1));
     }
 
     #[test]

@@ -47,6 +47,7 @@ broken!(every_problem_at_once, "many_at_once");
 broken!(devices_outside_train_and_a_huge_timeout, "resources");
 broken!(a_split_that_a_later_stage_needs_is_empty, "empty_split");
 broken!(files_a_stage_reads_are_missing, "missing_files");
+broken!(names_that_differ_only_in_case_or_dashes, "folded_names");
 broken!(
     bad_set_path,
     "ok",
