@@ -134,10 +134,42 @@ pub fn to_yaml(v: &Value) -> String {
             ),
         }
     }
-    let mut out = String::new();
-    let mut e = yaml_rust2::YamlEmitter::new(&mut out);
-    e.multiline_strings(true);
-    let _ = e.dump(&conv(v));
-    out.push('\n');
-    out
+    let yaml = conv(v);
+    let emit = |multiline: bool| {
+        let mut out = String::new();
+        let mut e = yaml_rust2::YamlEmitter::new(&mut out);
+        e.multiline_strings(multiline);
+        let _ = e.dump(&yaml);
+        out.push('\n');
+        out
+    };
+    // Literal blocks keep the embedded pipeline file readable, but the emitter writes them
+    // without an indentation indicator, so text whose first line is indented reads back as
+    // something else. Such a document is written with quoted strings instead.
+    let readable = emit(true);
+    let reads_back = yaml_rust2::YamlLoader::load_from_str(&readable)
+        .is_ok_and(|docs| docs.first() == Some(&yaml));
+    if reads_back {
+        readable
+    } else {
+        emit(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_reads_back_as_written_whatever_the_text() {
+        for text in [
+            "name: p\nstages: {}\n",
+            "    # indented first line\nname: p\n",
+            "a\n\n  b\n",
+        ] {
+            let v = serde_json::json!({"data": text, "n": 1});
+            let back = yaml_rust2::YamlLoader::load_from_str(&to_yaml(&v)).unwrap();
+            assert_eq!(back[0]["data"].as_str(), Some(text), "{text:?}");
+        }
+    }
 }

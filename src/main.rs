@@ -22,6 +22,35 @@ use orchestrate_stage::CancelToken;
 #[global_allocator]
 static ALLOC: orchestrate_alloc::Global = orchestrate_alloc::Global;
 
+/// `print!` and `println!` for this binary's output, `errln!` for `eprintln!`: a closed
+/// stdout or stderr (`plan | head -1`) ends the process with 141, as SIGPIPE ends other
+/// Unix tools, rather than in std's panic (exit 101 and a backtrace).
+macro_rules! out {
+    ($($t:tt)*) => { write_or_exit(&mut std::io::stdout(), format_args!($($t)*)) };
+}
+macro_rules! outln {
+    () => { out!("\n") };
+    ($($t:tt)*) => { out!("{}\n", format_args!($($t)*)) };
+}
+macro_rules! errln {
+    ($($t:tt)*) => {
+        write_or_exit(&mut std::io::stderr(), format_args!("{}\n", format_args!($($t)*)))
+    };
+}
+
+fn write_or_exit(w: &mut impl std::io::Write, args: std::fmt::Arguments<'_>) {
+    if let Err(e) = w.write_fmt(args).and_then(|()| w.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("error: cannot write output: {e}\n"),
+        );
+        std::process::exit(1);
+    }
+}
+
 const EXIT_CODES: &str = "\
 Exit codes:
   0    success
@@ -29,7 +58,8 @@ Exit codes:
   2    invalid pipeline or command line (every problem is listed, with file:line:col)
   3    artifact store error (unreachable, unreadable, or a corrupt artifact found)
   4    a quality gate rejected a result
-  130  interrupted (Ctrl-C or SIGTERM); finished stages stay stored";
+  130  interrupted (Ctrl-C or SIGTERM); finished stages stay stored
+  141  the output was closed early (`plan | head -1`), as for any tool SIGPIPE ends";
 
 #[derive(Parser)]
 #[command(name = "orchestrate", version, about = "Runs YAML-declared ML pipelines; every stage output is a cached, content-addressed artifact", after_help = EXIT_CODES)]
@@ -81,6 +111,7 @@ impl SelectArgs {
             force: self.force.clone(),
             force_all: self.force_all,
             repair: self.repair,
+            dry_run: false,
         }
     }
 }
@@ -284,11 +315,9 @@ enum Command {
     },
 }
 
+/// A duration on the command line (`--grace`), where zero is allowed: `0`, `0s`, `0m`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    if s.trim() == "0" {
-        return Ok(Duration::ZERO);
-    }
-    orchestrate::pipeline::parse_duration(s)
+    orchestrate::pipeline::parse_duration_or_zero(s)
         .ok_or_else(|| format!("`{s}` is not a duration (try 30s, 10m, 2h)"))
 }
 
@@ -330,14 +359,14 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            errln!("error: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
-            eprintln!("{}", f.message.trim_end());
+            errln!("{}", f.message.trim_end());
             ExitCode::from(f.code)
         }
     }
@@ -456,7 +485,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Validate { pipeline } => {
             let p = load(&pipeline)?;
             let edges = p.graph.edge_count();
-            println!(
+            outln!(
                 "{}: pipeline `{}` is valid: {} stage{}, {} edge{}",
                 pipeline.file.display(),
                 p.name,
@@ -475,14 +504,18 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         } => {
             let p = load(&pipeline)?;
             let store = open_store(&p, &store)?;
-            let plan = Plan::build(&p, &store, &select.selection()).await?;
+            let selection = Selection {
+                dry_run: true,
+                ..select.selection()
+            };
+            let plan = Plan::build(&p, &store, &selection).await?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&plan).expect("plain JSON")
                 );
             } else {
-                print!("{}", plan.render());
+                out!("{}", plan.render());
             }
             Ok(0)
         }
@@ -525,7 +558,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let serve_store = store.clone();
             let (record, record_error) =
                 execute(Arc::clone(&p), store, plan, opts, reporter, cancel).await?;
-            print!("{}", summary(&record));
+            out!("{}", summary(&record));
             if let Some(e) = record_error {
                 return Err(Failure::new(
                     3,
@@ -637,7 +670,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 Some(f) => std::fs::write(&f, text).map_err(|e| {
                     Failure::new(1, format!("error: cannot write {}: {e}", f.display()))
                 })?,
-                None => print!("{text}"),
+                None => out!("{text}"),
             }
             Ok(0)
         }
@@ -648,7 +681,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         } => verify(&pipeline, &store, &stage).await,
         Command::Graph { pipeline, format } => {
             let p = load_shape(&pipeline)?;
-            print!(
+            out!(
                 "{}",
                 match format {
                     GraphFormat::Dot => orchestrate::graph::dot(&p),
@@ -672,12 +705,12 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 }
             }
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&runs).expect("plain JSON")
                 );
             } else {
-                print!("{}", runs_table(&runs));
+                out!("{}", runs_table(&runs));
             }
             Ok(0)
         }
@@ -689,12 +722,12 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 .await?
                 .ok_or_else(|| Failure::new(2, format!("error: no run `{id}`")))?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&record).expect("plain JSON")
                 );
             } else {
-                print!("{}", show(&record));
+                out!("{}", show(&record));
             }
             Ok(0)
         }
@@ -708,7 +741,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let r =
                 orchestrate::gc::collect(&store, pipeline.as_deref(), keep_last, grace, dry_run)
                     .await?;
-            println!(
+            outln!(
                 "{}kept {} runs and {} artifacts; deleted {} runs, {} artifacts, {} blobs ({} bytes){}",
                 if dry_run { "dry run: " } else { "" },
                 r.runs_kept,
@@ -733,7 +766,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             for k in &keys {
                 store.pin(k, &holder).await?;
             }
-            println!(
+            outln!(
                 "pinned {} artifact{}",
                 keys.len(),
                 if keys.len() == 1 { "" } else { "s" }
@@ -747,7 +780,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             for k in &keys {
                 n += usize::from(store.unpin(k, &holder).await?);
             }
-            println!("unpinned {n} artifact{}", if n == 1 { "" } else { "s" });
+            outln!("unpinned {n} artifact{}", if n == 1 { "" } else { "s" });
             Ok(0)
         }
         Command::Sync {
@@ -776,29 +809,29 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let client = MlflowClient::new(&url);
             match orchestrate::tracking::sync(&client, &dir).await {
                 Ok(s) => {
-                    println!(
+                    outln!(
                         "delivered {} records from {} spooled runs to {}",
                         s.sent,
                         s.files,
                         client.url()
                     );
                     if s.killed > 0 {
-                        println!(
+                        outln!(
                             "ended {} MLflow runs as KILLED: their orchestrate process died before ending them",
                             s.killed
                         );
                     }
                     if s.running > 0 {
-                        println!(
+                        outln!(
                             "passed over {} spools of runs still running: they deliver their own",
                             s.running
                         );
                     }
                     for r in &s.rejected {
-                        eprintln!("warning: {r}");
+                        errln!("warning: {r}");
                     }
                     for (file, e) in &s.stopped {
-                        eprintln!("error: {}: {e}", file.display());
+                        errln!("error: {}: {e}", file.display());
                     }
                     if s.stopped.is_empty() {
                         Ok(0)
@@ -832,10 +865,10 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                     // match its file list): the artifact it describes cannot be trusted.
                     Err(e @ orchestrate::store::StoreError::Decode { .. }) => {
                         bad += 1;
-                        println!("corrupt: manifest of key {}: {e}", key.short());
+                        outln!("corrupt: manifest of key {}: {e}", key.short());
                         if repair {
                             store.delete_manifest(key).await?;
-                            println!("  removed; the next run rebuilds it");
+                            outln!("  removed; the next run rebuilds it");
                         }
                         continue;
                     }
@@ -845,7 +878,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 if !problems.is_empty() {
                     bad += 1;
                     let what: Vec<&str> = problems.iter().map(|(_, why)| why.as_str()).collect();
-                    println!(
+                    outln!(
                         "corrupt: artifact of stage `{}` (key {}): {}",
                         m.stage,
                         key.short(),
@@ -853,11 +886,11 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                     );
                     if repair {
                         store.discard_corrupt(&m, &problems).await?;
-                        println!("  removed; the next run rebuilds it");
+                        outln!("  removed; the next run rebuilds it");
                     }
                 }
             }
-            println!("checked {} artifacts: {} corrupt", keys.len(), bad);
+            outln!("checked {} artifacts: {} corrupt", keys.len(), bad);
             Ok(if bad > 0 && !repair { 3 } else { 0 })
         }
     }
@@ -1046,13 +1079,13 @@ async fn serve_dir(dir: &Path, o: ServeOverrides) -> Result<u8, Failure> {
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
-        eprintln!("stopping: finishing the requests in flight");
+        errln!("stopping: finishing the requests in flight");
     };
     orchestrate_serve::serve(
         &model_dir,
         &opts,
         |addr| {
-            eprintln!(
+            errln!(
                 "serving `{name}` at http://{addr} (API docs: http://{addr}/docs); Ctrl-C stops"
             );
         },
@@ -1108,7 +1141,7 @@ async fn verify(
     .env("ORCHESTRATE_CACHE_DIR", scratch.join("cache"))
     .stdin(std::process::Stdio::null())
     .stdout(std::process::Stdio::null());
-    eprintln!(
+    errln!(
         "verify: re-executing every stage into {}",
         scratch.display()
     );
@@ -1130,9 +1163,12 @@ async fn verify(
         ));
     };
     let mut differ = Vec::new();
-    println!(
+    outln!(
         "{:<16} {:<12} {:<16} {:<16}",
-        "stage", "result", "stored", "re-executed"
+        "stage",
+        "result",
+        "stored",
+        "re-executed"
     );
     for sp in &plan.stages {
         if !only.is_empty() && !only.contains(&sp.stage) {
@@ -1163,7 +1199,7 @@ async fn verify(
             (None, _) => "not stored",
             (_, None) => "not re-run",
         };
-        println!(
+        outln!(
             "{:<16} {:<12} {:<16} {:<16}",
             sp.stage,
             verdict,
@@ -1175,7 +1211,7 @@ async fn verify(
     if differ.is_empty() {
         Ok(0)
     } else {
-        eprintln!(
+        errln!(
             "not deterministic: {} (same inputs and parameters, different bytes)",
             differ
                 .iter()

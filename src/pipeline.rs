@@ -205,7 +205,16 @@ impl PipelineSpec {
             None => "file://artifacts".to_string(),
             Some(n) => v.string(n, "storage").unwrap_or_default(),
         };
-        if !(storage.starts_with("file://") || storage.starts_with("s3://") || storage.is_empty()) {
+        // (An empty string here is a `storage` of the wrong type, reported already.)
+        if let Some(n) = root.get("storage").filter(|n| n.as_str() == Some("")) {
+            v.diags.push(
+                Diagnostic::new("`storage` is empty", n.span)
+                    .hint("name a store (`file://DIR` or `s3://BUCKET/PREFIX`), or leave the key out for `file://artifacts`"),
+            );
+        } else if !(storage.starts_with("file://")
+            || storage.starts_with("s3://")
+            || storage.is_empty())
+        {
             if let Some(n) = root.get("storage") {
                 v.diags.push(
                     Diagnostic::new(format!("unsupported storage URL `{storage}`"), n.span)
@@ -649,6 +658,7 @@ impl Validator {
         let timeout = node.get("timeout").and_then(|n| {
             let parsed = match &n.value {
                 Value::Int(s) if *s > 0 => Some(Duration::from_secs(*s as u64)),
+                Value::Float(s) if *s > 0.0 => Duration::try_from_secs_f64(*s).ok(),
                 Value::Str(s) => parse_duration(s),
                 _ => None,
             };
@@ -1050,6 +1060,11 @@ fn valid_stage_name(name: &str) -> bool {
 
 /// `500ms`, `30s`, `10m`, `2h`, or plain seconds.
 pub fn parse_duration(s: &str) -> Option<Duration> {
+    parse_duration_or_zero(s).filter(|d| !d.is_zero())
+}
+
+/// As [`parse_duration`], zero allowed (`gc --grace 0s`).
+pub fn parse_duration_or_zero(s: &str) -> Option<Duration> {
     let s = s.trim();
     let split = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -1064,9 +1079,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         _ => return None,
     };
     // `try_from`: a number too large for a Duration is an invalid value, not a panic.
-    (secs > 0.0)
-        .then(|| Duration::try_from_secs_f64(secs).ok())
-        .flatten()
+    Duration::try_from_secs_f64(secs).ok()
 }
 
 /// Each elementary cycle through a strongly connected component, as stage indices with the
@@ -1079,28 +1092,35 @@ fn find_cycles(graph: &DiGraph<usize, String>) -> Vec<Vec<usize>> {
             continue;
         }
         let start = *scc.iter().min().expect("non-empty");
-        // Walk forward inside the component until we are back at the start.
-        let mut path = vec![start];
-        let mut seen = vec![start];
-        let mut at = start;
-        loop {
+        // The shortest way back to the start, by breadth-first search inside the component
+        // (every node of which leads back to it): a real cycle, never a dead end.
+        let mut parent: BTreeMap<NodeIndex, NodeIndex> = BTreeMap::new();
+        let mut queue = std::collections::VecDeque::from([start]);
+        let mut last = None;
+        while let Some(at) = queue.pop_front() {
             let mut next: Vec<NodeIndex> =
                 graph.neighbors(at).filter(|n| scc.contains(n)).collect();
             next.sort();
+            next.dedup();
             if next.contains(&start) {
-                path.push(start);
+                last = Some(at);
                 break;
             }
-            match next.into_iter().find(|n| !seen.contains(n)) {
-                Some(n) => {
-                    seen.push(n);
-                    path.push(n);
-                    at = n;
+            for n in next {
+                if n != start && !parent.contains_key(&n) {
+                    parent.insert(n, at);
+                    queue.push_back(n);
                 }
-                None => break,
             }
         }
-        cycles.push(path.into_iter().map(|n| n.index()).collect());
+        let Some(mut at) = last else { continue };
+        let mut back = Vec::new();
+        while at != start {
+            back.push(at.index());
+            at = parent[&at];
+        }
+        back.reverse();
+        cycles.push([vec![start.index()], back, vec![start.index()]].concat());
     }
     cycles.sort();
     cycles
@@ -1148,4 +1168,32 @@ fn pipeline_digest(name: &str, params: &serde_json::Value, stages: &[Stage]) -> 
     let doc = serde_json::json!({"name": name, "params": params, "stages": stages});
     let bytes = serde_json::to_vec(&doc).unwrap_or_default();
     blake3::hash(&bytes).to_hex()[..16].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn graph(edges: &[(usize, usize)], n: usize) -> DiGraph<usize, String> {
+        let mut g = DiGraph::new();
+        for i in 0..n {
+            g.add_node(i);
+        }
+        for &(a, b) in edges {
+            g.add_edge(NodeIndex::new(a), NodeIndex::new(b), String::new());
+        }
+        g
+    }
+
+    /// Every reported cycle is one: each step an edge, ending where it began. A greedy walk
+    /// used to report `a -> b -> c` here, which is a dead end, not a cycle.
+    #[test]
+    fn cycles_are_real_cycles() {
+        // Producer -> consumer. a=0 reads d, b=1 reads a and c, c=2 reads b, d=3 reads b.
+        let g = graph(&[(3, 0), (0, 1), (2, 1), (1, 2), (1, 3)], 4);
+        let cycles = find_cycles(&g);
+        assert_eq!(cycles, vec![vec![0, 1, 3, 0]]);
+        let g = graph(&[(0, 0), (1, 2), (2, 1)], 3);
+        assert_eq!(find_cycles(&g), vec![vec![0, 0], vec![1, 2, 1]]);
+    }
 }

@@ -24,6 +24,9 @@ pub struct Selection {
     pub force_all: bool,
     /// Verify cached artifacts' blobs and rebuild the corrupt ones.
     pub repair: bool,
+    /// Planning only (`plan --repair`): corrupt artifacts are found and reported, and left
+    /// in the store for the run that rebuilds them.
+    pub dry_run: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -166,7 +169,9 @@ impl Plan {
             if let (true, Some(m)) = (sel.repair, &manifest) {
                 let bad = store.verify(m).await?;
                 if !bad.is_empty() {
-                    store.discard_corrupt(m, &bad).await?;
+                    if !sel.dry_run {
+                        store.discard_corrupt(m, &bad).await?;
+                    }
                     manifest = None;
                     let what: Vec<&str> = bad.iter().map(|(_, why)| why.as_str()).collect();
                     stages[i]

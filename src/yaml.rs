@@ -187,8 +187,10 @@ impl Builder<'_> {
             style,
             TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted
         );
-        let rest = self.text.get(mark.index()..).unwrap_or("");
-        let line_rest = rest.lines().next().unwrap_or("").chars().count();
+        // The marker counts characters, not bytes: find the rest of its line by line and
+        // column, so text after Cyrillic, say, is measured right.
+        let line = self.text.lines().nth(mark.line().saturating_sub(1));
+        let line_rest = line.map_or(0, |l| l.chars().skip(mark.col()).count());
         let want = value.lines().next().unwrap_or("").chars().count() + if quoted { 2 } else { 0 };
         want.clamp(1, line_rest.max(1))
     }
@@ -325,6 +327,16 @@ mod tests {
         assert_eq!((at.line, at.col), (2, 1));
         // One document, with or without its markers, is fine.
         assert_eq!(parse("---\na: 1\n...\n", SourceId(0)).unwrap().1.len(), 0);
+    }
+
+    #[test]
+    fn underlines_are_as_wide_as_the_value_after_non_ascii_text() {
+        let n = p("name: \"тест пайплайн\"\nkind: shel\nx: [ё, abc]\n");
+        assert_eq!(n.get("kind").unwrap().span.len, 4);
+        let Value::Seq(items) = &n.get("x").unwrap().value else {
+            panic!("a list")
+        };
+        assert_eq!((items[0].span.len, items[1].span.len), (1, 3));
     }
 
     #[test]

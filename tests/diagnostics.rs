@@ -45,7 +45,9 @@ broken!(wrong_value_type, "wrong_type");
 broken!(missing_required_param, "missing_param");
 broken!(every_problem_at_once, "many_at_once");
 broken!(devices_outside_train_and_a_huge_timeout, "resources");
+#[cfg(feature = "corpus")]
 broken!(a_split_that_a_later_stage_needs_is_empty, "empty_split");
+#[cfg(feature = "corpus")]
 broken!(files_a_stage_reads_are_missing, "missing_files");
 broken!(names_that_differ_only_in_case_or_dashes, "folded_names");
 broken!(
@@ -99,6 +101,7 @@ fn help_documents_exit_codes() {
     }
 }
 
+#[cfg(feature = "model")]
 #[test]
 fn every_example_pipeline_validates() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
@@ -121,6 +124,55 @@ fn every_example_pipeline_validates() {
         }
     }
     assert!(n > 0, "no pipelines found in {}", dir.display());
+}
+
+/// An empty `storage` is a mistake in the file (exit 2, at its line), not a store error
+/// later; `timeout: 1.5` is seconds, as `1.5s` is; `gc --grace 0s` is zero, as `0` is.
+#[test]
+fn empty_storage_fractional_timeouts_and_zero_grace() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        "name: p\nstorage: ''\nstages:\n  a:\n    kind: shell\n    timeout: 1.5\n    with: { run: 'true' }\n",
+    );
+    let r = sb.run(&["validate", "p.yaml"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("`storage` is empty") && r.stderr.contains("p.yaml:2:10"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("timeout"), "{}", r.stderr);
+    let r = sb.run(&[
+        "gc",
+        "--store",
+        "file://store",
+        "--grace",
+        "0s",
+        "--dry-run",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+/// Output into a pipe its reader closed (`graph | head -1`) ends the command with 141, as
+/// SIGPIPE ends other tools, not in a panic (101 and a backtrace).
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    let sb = Sandbox::new();
+    let mut text = String::from("name: wide\nstages:\n");
+    // More output than a pipe holds (64 KiB), so the write fails rather than waits.
+    for i in 0..3000 {
+        text.push_str(&format!(
+            "  stage{i}:\n    kind: shell\n    with: {{ run: 'true' }}\n"
+        ));
+    }
+    sb.write("p.yaml", &text);
+    let mut child = sb.spawn(&["graph", "p.yaml", "--format", "dot"]);
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 /// Commands that only look at a pipeline work where its files are not: `graph` and `export

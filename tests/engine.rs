@@ -260,6 +260,15 @@ fn a_flipped_byte_in_a_blob_is_detected_named_and_repaired() {
         "{}",
         f.stdout
     );
+    // `plan --repair` says what a repair would rebuild, and changes nothing.
+    let r = sb.run(&["plan", "p.yaml", "--repair"]);
+    assert!(
+        r.stdout.contains("stored artifact was corrupt"),
+        "{}",
+        r.stdout
+    );
+    assert!(blob.exists(), "plan deleted the corrupt blob");
+    assert_eq!(sb.run(&["fsck", "--store", "file://store"]).code, 3);
     // --repair rebuilds it; the rebuilt artifact has the original digest.
     let r = sb.run(&["run", "p.yaml", "--repair"]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
