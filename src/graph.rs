@@ -48,12 +48,7 @@ pub fn mermaid(p: &Pipeline) -> String {
         let s = &p.stages[i];
         for b in &s.inputs {
             for &u in &b.stages {
-                out.push_str(&format!(
-                    "  {} -->|{}| {}\n",
-                    id(u),
-                    b.name,
-                    id(i)
-                ));
+                out.push_str(&format!("  {} -->|{}| {}\n", id(u), b.name, id(i)));
             }
         }
     }
