@@ -36,6 +36,15 @@ pub struct Node {
 }
 
 impl Node {
+    /// This value and every value inside it.
+    pub fn count(&self) -> usize {
+        1 + match &self.value {
+            Value::Seq(items) => items.iter().map(Node::count).sum(),
+            Value::Map(entries) => entries.iter().map(|(_, n)| n.count()).sum(),
+            _ => 0,
+        }
+    }
+
     pub fn new(value: Value, span: Span) -> Self {
         Node { value, span }
     }
@@ -118,8 +127,16 @@ pub fn plain_scalar(text: &str) -> Value {
     Value::Str(text.to_string())
 }
 
+/// The most values a pipeline file may hold, aliases expanded: far beyond any real pipeline,
+/// far below what a few hundred bytes of nested aliases (a "billion laughs") expand to.
+const MAX_VALUES: usize = 200_000;
+/// The deepest nesting allowed: values are walked recursively, so thousands of levels would
+/// overflow the stack.
+const MAX_DEPTH: usize = 64;
+
 /// Parses one YAML document. Duplicate keys are collected as diagnostics (the later value is
-/// dropped); a syntax error ends parsing with a single diagnostic.
+/// dropped); a syntax error, or a document too large or too deep, ends parsing with a single
+/// diagnostic.
 pub fn parse(text: &str, source: SourceId) -> Result<(Node, Vec<Diagnostic>), Diagnostic> {
     let mut builder = Builder {
         source,
@@ -129,9 +146,26 @@ pub fn parse(text: &str, source: SourceId) -> Result<(Node, Vec<Diagnostic>), Di
         root: None,
         diags: Vec::new(),
         documents: 0,
+        values: 0,
+        abandoned: None,
     };
     let mut parser = Parser::new_from_str(text);
-    parser.load(&mut builder, true).map_err(|e| {
+    // Event by event rather than `Parser::load`, which recurses once per level of nesting
+    // and so overflows the stack on a deep enough document before we could refuse it.
+    let loaded = loop {
+        match parser.next_token() {
+            Ok((Event::StreamEnd, _)) => break Ok(()),
+            Ok((ev, mark)) => builder.on_event(ev, mark),
+            Err(e) => break Err(e),
+        }
+        if builder.abandoned.is_some() {
+            break Ok(());
+        }
+    };
+    if let Some(d) = builder.abandoned {
+        return Err(d);
+    }
+    loaded.map_err(|e| {
         let m = e.marker();
         Diagnostic::new(
             format!("invalid YAML: {}", e.info()),
@@ -169,6 +203,10 @@ struct Builder<'a> {
     diags: Vec<Diagnostic>,
     /// Documents begun so far: the second is an error, not silently ignored.
     documents: usize,
+    /// Values built so far, each alias counted as the values it copies.
+    values: usize,
+    /// Why building stopped (too many values, too deep), if it did.
+    abandoned: Option<Diagnostic>,
 }
 
 impl Builder<'_> {
@@ -258,8 +296,36 @@ impl MarkedEventReceiver for Builder<'_> {
                 );
             }
         }
-        if self.documents > 1 {
-            return; // reported once above; its contents would only add noise
+        if self.documents > 1 || self.abandoned.is_some() {
+            return; // reported once; what follows would only add noise
+        }
+        if matches!(
+            ev,
+            Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..)
+        ) {
+            self.values += 1;
+        }
+        if let Event::Alias(id) = ev {
+            self.values += self.anchors.get(&id).map_or(1, Node::count);
+        }
+        if self.values > MAX_VALUES {
+            self.abandoned = Some(
+                Diagnostic::new(
+                    format!("the document holds more than {MAX_VALUES} values (aliases expanded)"),
+                    self.span(mark, 1),
+                )
+                .hint("a pipeline file this large is a mistake, or an alias expanding into itself many times over"),
+            );
+            return;
+        }
+        if self.stack.len() >= MAX_DEPTH
+            && matches!(ev, Event::SequenceStart(..) | Event::MappingStart(..))
+        {
+            self.abandoned = Some(Diagnostic::new(
+                format!("values nest more than {MAX_DEPTH} levels deep"),
+                self.span(mark, 1),
+            ));
+            return;
         }
         match ev {
             Event::Scalar(text, style, anchor, _tag) => {
@@ -327,6 +393,28 @@ mod tests {
         assert_eq!((at.line, at.col), (2, 1));
         // One document, with or without its markers, is fine.
         assert_eq!(parse("---\na: 1\n...\n", SourceId(0)).unwrap().1.len(), 0);
+    }
+
+    /// A few hundred bytes of nested aliases, and thousands of nested mappings, are each one
+    /// clear error: not an abort for memory, nor a stack overflow.
+    #[test]
+    fn alias_bombs_and_deep_nesting_are_errors() {
+        let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..9 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            bomb.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        let e = parse(&bomb, SourceId(0)).unwrap_err();
+        assert!(e.message.contains("more than"), "{}", e.message);
+        let mut deep = String::new();
+        for i in 0..5000 {
+            deep.push_str(&format!("{}k:\n", " ".repeat(i)));
+        }
+        let e = parse(&deep, SourceId(0)).unwrap_err();
+        assert!(e.message.contains("levels deep"), "{}", e.message);
+        // Real aliases still work.
+        let n = p("a: &x {b: 1}\nc: *x\n");
+        assert_eq!(n.get("c").unwrap().get("b").unwrap().value, Value::Int(1));
     }
 
     #[test]
