@@ -230,12 +230,21 @@ fn parse_set_value(raw: &str, span: Span) -> Result<Node, Diagnostic> {
     // A flow value (`[a, b]`, `{x: 1}`) is parsed as YAML; anything else is one scalar, so
     // that `--set name=a: b` keeps its colon.
     let value = if raw.starts_with('[') || raw.starts_with('{') {
-        let (node, _) = yaml::parse(raw, span.source).map_err(|d| {
+        let text_hint = "to pass it as text, quote it: `--set \"path='[...]'\"`";
+        let (node, problems) = yaml::parse(raw, span.source).map_err(|d| {
             Diagnostic::new(
                 format!("the --set value is not valid YAML: {}", d.message),
                 span,
             )
+            .hint(text_hint)
         })?;
+        // A duplicate key, say: the value would not be what was written.
+        if let Some(d) = problems.into_iter().next() {
+            return Err(Diagnostic::new(
+                format!("the --set value is not valid: {}", d.message),
+                span,
+            ));
+        }
         return Ok(shift(node, span.col - 1));
     } else if let Some(q) = raw.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')) {
         Value::Str(q.to_string())
@@ -289,7 +298,12 @@ fn map_entry<'n>(node: &'n mut Node, key: &str, span: Span) -> &'n mut Node {
 fn set_entry(node: &mut Node, key: &str, span: Span, value: Node) {
     if let Value::Map(entries) = &mut node.value {
         match entries.iter_mut().find(|(k, _)| k.name == key) {
-            Some((_, v)) => *v = value,
+            // The key now points at the argument too: a problem with the value is the
+            // argument's, not the file's.
+            Some((k, v)) => {
+                k.span = span;
+                *v = value;
+            }
             None => entries.push((
                 Key {
                     name: key.to_string(),

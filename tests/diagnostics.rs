@@ -66,7 +66,15 @@ broken!(
     "--set",
     "a.retries=lots",
     "--set",
-    "a.with.outputs=[1, {x: 2}]"
+    "a.with.outputs=[1, {x: 2}]",
+    "--set",
+    "a.with.env={X: a, X: b}"
+);
+broken!(
+    set_a_list_where_text_is_expected,
+    "ok",
+    "--set",
+    "a.with.run=[ -f out.txt ]"
 );
 
 #[test]
