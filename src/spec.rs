@@ -82,6 +82,10 @@ impl PipelineSpec {
         }
         for arg in sets {
             let sid = sources.add("--set", arg.clone());
+            if let Some(d) = unused_param(&root, text, arg, sid) {
+                diags.push(d);
+                continue;
+            }
             if let Err(d) = apply_set(&mut root, arg, sid) {
                 diags.push(d);
             }
@@ -110,6 +114,51 @@ impl PipelineSpec {
             diags,
         })
     }
+}
+
+/// A `--set params.X=…` that names a param the file neither defines nor uses: a typo
+/// (`params.sede`) would otherwise be accepted and change nothing.
+fn unused_param(root: &Node, text: &str, arg: &str, sid: SourceId) -> Option<Diagnostic> {
+    let path = arg.split_once('=')?.0.strip_prefix("params.")?;
+    let mut node = root.get("params");
+    for seg in path.split('.') {
+        node = node.and_then(|n| n.get(seg));
+    }
+    if node.is_some() {
+        return None;
+    }
+    // Used if some `${params.P}` in the file is this path, inside it, or around it.
+    let used = text.split("${params.").skip(1).any(|rest| {
+        let used = rest.split('}').next().unwrap_or("");
+        let within = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}."));
+        within(used, path) || within(path, used)
+    });
+    if used {
+        return None;
+    }
+    let names: Vec<&str> = match root.get("params").map(|p| &p.value) {
+        Some(Value::Map(entries)) => entries.iter().map(|(k, _)| k.name.as_str()).collect(),
+        _ => Vec::new(),
+    };
+    let first = path.split('.').next().unwrap_or(path);
+    Some(
+        Diagnostic::new(
+            format!("--set `params.{path}`: the pipeline neither defines nor uses this param"),
+            Span {
+                source: sid,
+                line: 1,
+                col: 1,
+                len: ("params.".len() + path.len()) as u32,
+            },
+        )
+        .hint_opt(
+            nearest(first, names.iter().copied())
+                .map(|n| format!("did you mean `params.{n}`?"))
+                .or_else(|| {
+                    Some("define it under `params:`, or use it as `${params.NAME}`".into())
+                }),
+        ),
+    )
 }
 
 /// Applies one `--set path=value`. The path starts at a top-level key (`params.seed`) or at a
@@ -546,6 +595,29 @@ mod tests {
         assert_eq!(with.get("extra").unwrap().value, Value::Float(1e-4));
         // Overrides apply before interpolation, so params set on the command line propagate.
         assert_eq!(with.get("n").unwrap().value, Value::Int(9));
+    }
+
+    #[test]
+    fn a_set_param_the_file_neither_defines_nor_uses_is_an_error() {
+        let s = load(BASE, &["params.sede=9"]);
+        assert_eq!(s.diags.len(), 1, "{:?}", s.diags);
+        assert!(
+            s.diags[0].message.contains("`params.sede`"),
+            "{:?}",
+            s.diags
+        );
+        assert_eq!(
+            s.diags[0].hint.as_deref(),
+            Some("did you mean `params.seed`?")
+        );
+        // A param the file uses but leaves to the command line is fine.
+        let text =
+            "name: t\nstages:\n  a:\n    kind: shell\n    with: {run: 'echo ${params.who.name}'}\n";
+        for set in ["params.who.name=x", "params.who={name: x}"] {
+            let sets = vec![set.to_string()];
+            let s = PipelineSpec::from_text(Path::new("p.yaml"), text, &sets, &no_env).unwrap();
+            assert!(s.diags.is_empty(), "{set}: {:?}", s.diags);
+        }
     }
 
     #[test]
