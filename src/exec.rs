@@ -1036,29 +1036,55 @@ impl Checkpoints for StoreCheckpoints {
             StageError::Failed(format!("cannot read the last checkpoint: {e}"))
         };
         self.runtime.block_on(async {
-            let Some((step, files)) = self
+            // Newest first. A damaged checkpoint (a blob missing or corrupt, a record that
+            // does not parse) is said, forgotten, and an older one tried: failing on it
+            // would fail every rerun, for good.
+            for step in self
                 .store
-                .latest_checkpoint(&self.key)
+                .checkpoint_steps(&self.key)
                 .await
                 .map_err(|e| fail(&e))?
-            else {
-                return Ok(None);
-            };
-            let dest = self.dir.join(format!("{step:012}"));
-            let _ = std::fs::remove_dir_all(&dest);
-            let what = format!("checkpoint {step} of stage `{}`", self.stage);
-            for f in &files {
-                self.store
-                    .get_file(f, &what, &dest.join(&f.path))
-                    .await
-                    .map_err(|e| fail(&e))?;
+            {
+                match self.fetch_checkpoint(step).await {
+                    Ok(Some(dest)) => {
+                        self.reporter.note(&format!(
+                            "stage `{}`: resuming from the checkpoint at step {step}",
+                            self.stage
+                        ));
+                        return Ok(Some((step, dest)));
+                    }
+                    Ok(None) => {}
+                    Err(e) if e.is_damage() => {
+                        self.reporter.note(&format!(
+                            "stage `{}`: the checkpoint at step {step} is damaged and is set aside ({e})",
+                            self.stage
+                        ));
+                        self.store
+                            .drop_checkpoint(&self.key, step)
+                            .await
+                            .map_err(|e| fail(&e))?;
+                    }
+                    Err(e) => return Err(fail(&e)),
+                }
             }
-            self.reporter.note(&format!(
-                "stage `{}`: resuming from the checkpoint at step {step}",
-                self.stage
-            ));
-            Ok(Some((step, dest)))
+            Ok(None)
         })
+    }
+}
+
+impl StoreCheckpoints {
+    /// Downloads the checkpoint at `step` into its own folder; None if it is gone.
+    async fn fetch_checkpoint(&self, step: u64) -> Result<Option<PathBuf>, StoreError> {
+        let Some(files) = self.store.checkpoint(&self.key, step).await? else {
+            return Ok(None);
+        };
+        let dest = self.dir.join(format!("{step:012}"));
+        let _ = std::fs::remove_dir_all(&dest);
+        let what = format!("checkpoint {step} of stage `{}`", self.stage);
+        for f in &files {
+            self.store.get_file(f, &what, &dest.join(&f.path)).await?;
+        }
+        Ok(Some(dest))
     }
 }
 
@@ -1099,5 +1125,69 @@ impl EventSink for Sink {
             }
         };
         self.tracker.metric(&self.uid, name, value, step);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keeps the engine's notes, for the test to read.
+    #[derive(Default)]
+    struct Notes(Mutex<Vec<String>>);
+
+    impl Reporter for Notes {
+        fn started(&self, _: &str, _: &str) {}
+        fn progress(&self, _: &str, _: u64, _: Option<u64>, _: &str) {}
+        fn log(&self, _: &str, _: &str) {}
+        fn finished(&self, _: &StageRecord) {}
+        fn note(&self, message: &str) {
+            self.0.lock().unwrap().push(message.to_string());
+        }
+    }
+
+    /// A checkpoint whose blob rotted is set aside, and training resumes from the one
+    /// before; failing on it instead would fail every rerun, and fsck --repair with it.
+    #[test]
+    fn a_damaged_checkpoint_is_set_aside_for_the_one_before() {
+        let tmp = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = format!("file://{}", tmp.path().join("store").display());
+        let store = Store::open(&url, tmp.path()).unwrap();
+        let notes = Arc::new(Notes::default());
+        let key = CacheKey("a".repeat(64));
+        let checkpoints = StoreCheckpoints {
+            store: store.clone(),
+            key: key.clone(),
+            dir: tmp.path().join("restored"),
+            runtime: runtime.handle().clone(),
+            reporter: notes.clone(),
+            stage: "model".into(),
+        };
+        for step in [10, 20] {
+            let dir = tmp.path().join(format!("saved-{step}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("weights.bin"), format!("weights at {step}")).unwrap();
+            checkpoints.save(step, &dir).unwrap();
+        }
+        let files = runtime
+            .block_on(store.checkpoint(&key, 20))
+            .unwrap()
+            .unwrap();
+        let hex = files[0].digest.strip_prefix("blake3:").unwrap();
+        let blob = tmp.path().join(format!("store/blobs/{}/{hex}", &hex[..2]));
+        std::fs::write(&blob, "rot").unwrap();
+
+        let (step, dir) = checkpoints.latest().unwrap().unwrap();
+        assert_eq!(step, 10);
+        let weights = std::fs::read_to_string(dir.join("weights.bin")).unwrap();
+        assert_eq!(weights, "weights at 10");
+        let steps = runtime.block_on(store.checkpoint_steps(&key)).unwrap();
+        assert_eq!(steps, vec![10]);
+        let notes = notes.0.lock().unwrap().join("\n");
+        assert!(notes.contains("step 20 is damaged"), "{notes}");
     }
 }

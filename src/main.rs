@@ -890,7 +890,41 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                     }
                 }
             }
-            outln!("checked {} artifacts: {} corrupt", keys.len(), bad);
+            // Checkpoints of unfinished trainings: a damaged one would be resumed from.
+            let checkpoints = store.all_checkpoints().await?;
+            for (key, step) in &checkpoints {
+                let problem = match store.checkpoint(key, *step).await {
+                    Ok(None) => continue,
+                    Ok(Some(files)) => {
+                        let problems = store.verify_files(&files).await?;
+                        if problems.is_empty() {
+                            continue;
+                        }
+                        let what: Vec<&str> =
+                            problems.iter().map(|(_, why)| why.as_str()).collect();
+                        what.join("; ")
+                    }
+                    Err(e) if e.is_damage() => e.to_string(),
+                    Err(e) => return Err(e.into()),
+                };
+                bad += 1;
+                outln!(
+                    "corrupt: checkpoint at step {step} (key {}): {problem}",
+                    key.short()
+                );
+                if repair {
+                    store.drop_checkpoint(key, *step).await?;
+                    outln!(
+                        "  removed; training resumes from an earlier checkpoint, or from the start"
+                    );
+                }
+            }
+            outln!(
+                "checked {} artifacts and {} checkpoints: {} corrupt",
+                keys.len(),
+                checkpoints.len(),
+                bad
+            );
             Ok(if bad > 0 && !repair { 3 } else { 0 })
         }
     }

@@ -70,6 +70,18 @@ impl StoreError {
             source,
         }
     }
+
+    /// Whether this says the stored data is damaged (a blob missing or not matching its
+    /// digest, a record that does not parse), rather than that the store could not be read.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            StoreError::Corrupt { .. } | StoreError::Decode { .. } => true,
+            StoreError::Backend { source, .. } => {
+                matches!(source, object_store::Error::NotFound { .. })
+            }
+            StoreError::Open { .. } | StoreError::Io { .. } => false,
+        }
+    }
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -476,8 +488,13 @@ impl Store {
     /// Re-reads every blob of an artifact and returns the corrupt or missing ones, each with
     /// a description naming the blob and the file.
     pub async fn verify(&self, m: &Manifest) -> Result<Vec<(FileEntry, String)>> {
+        self.verify_files(&m.files).await
+    }
+
+    /// Each of `files` whose blob is missing or does not hash to its digest, and why.
+    pub async fn verify_files(&self, files: &[FileEntry]) -> Result<Vec<(FileEntry, String)>> {
         let mut bad = Vec::new();
-        for f in &m.files {
+        for f in files {
             let path = Self::blob_path(&f.digest);
             match self.inner.get(&path).await {
                 Ok(r) => {
@@ -556,9 +573,9 @@ impl Store {
             parts: m.key_parts.clone(),
         };
         let hpath = ObjPath::from(format!("history/{}/{}/{}.json", m.pipeline, m.stage, m.key));
-        self.put_json(&hpath, &entry, PutMode::Overwrite)
-            .await
-            .map_err(Self::backend("write", &hpath))?;
+        // The artifact is committed: history only lets `plan` explain a later key, so a
+        // failure to write it must not fail (or, with retries, rerun) the stage.
+        let _ = self.put_json(&hpath, &entry, PutMode::Overwrite).await;
         Ok(m.clone())
     }
 
@@ -729,29 +746,58 @@ impl Store {
         step: u64,
         files: &[FileEntry],
     ) -> Result<()> {
-        let p = ObjPath::from(format!("checkpoints/{key}/{step:012}.json"));
+        let p = Self::checkpoint_path(key, step);
         self.put_json(&p, &files, PutMode::Overwrite)
             .await
             .map_err(Self::backend("write", &p))
     }
 
-    /// The newest checkpoint of `key`: its step and files.
-    pub async fn latest_checkpoint(&self, key: &CacheKey) -> Result<Option<(u64, Vec<FileEntry>)>> {
-        let metas = self.list_paths(&format!("checkpoints/{key}")).await?;
-        let newest = metas
-            .iter()
-            .filter_map(|m| {
-                let step: u64 = m.location.filename()?.strip_suffix(".json")?.parse().ok()?;
-                Some((step, m.location.clone()))
-            })
-            .max_by_key(|(step, _)| *step);
-        let Some((step, path)) = newest else {
-            return Ok(None);
-        };
-        Ok(self
-            .get_json::<Vec<FileEntry>>(&path, "checkpoint")
+    fn checkpoint_path(key: &CacheKey, step: u64) -> ObjPath {
+        ObjPath::from(format!("checkpoints/{key}/{step:012}.json"))
+    }
+
+    /// Every checkpoint record in the store: the key it belongs to and its step.
+    pub async fn all_checkpoints(&self) -> Result<Vec<(CacheKey, u64)>> {
+        let mut out: Vec<(CacheKey, u64)> = self
+            .list_paths("checkpoints")
             .await?
-            .map(|f| (step, f)))
+            .into_iter()
+            .filter_map(|m| {
+                let step = m.location.filename()?.strip_suffix(".json")?.parse().ok()?;
+                let mut parts = m
+                    .location
+                    .parts()
+                    .skip_while(|p| p.as_ref() != "checkpoints");
+                Some((CacheKey(parts.nth(1)?.as_ref().to_string()), step))
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.0 .0, a.1).cmp(&(&b.0 .0, b.1)));
+        Ok(out)
+    }
+
+    /// The steps at which `key` has checkpoints, newest first.
+    pub async fn checkpoint_steps(&self, key: &CacheKey) -> Result<Vec<u64>> {
+        let mut steps: Vec<u64> = self
+            .list_paths(&format!("checkpoints/{key}"))
+            .await?
+            .iter()
+            .filter_map(|m| m.location.filename()?.strip_suffix(".json")?.parse().ok())
+            .collect();
+        steps.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(steps)
+    }
+
+    /// The files of `key`'s checkpoint at `step`.
+    pub async fn checkpoint(&self, key: &CacheKey, step: u64) -> Result<Option<Vec<FileEntry>>> {
+        self.get_json(&Self::checkpoint_path(key, step), "checkpoint")
+            .await
+    }
+
+    /// Forgets a checkpoint found damaged (its blobs are left to `gc`).
+    pub async fn drop_checkpoint(&self, key: &CacheKey, step: u64) -> Result<()> {
+        self.delete_if_present(&Self::checkpoint_path(key, step))
+            .await
+            .map(|_| ())
     }
 
     /// Blobs that checkpoints of unfinished artifacts refer to: kept by `gc`, so that a killed
