@@ -540,7 +540,7 @@ async fn run_stage(
             record.error = Some(msg);
             (record, None)
         }
-        Err(StageFailure::Store(msg)) => {
+        Err(StageFailure::Store(msg) | StageFailure::Storing(msg)) => {
             record.error = Some(msg);
             record.store_error = true;
             (record, None)
@@ -609,6 +609,8 @@ enum StageFailure {
     Failed(String),
     /// The artifact store failed the stage (reading its inputs, storing its output).
     Store(String),
+    /// Storing the finished output failed, after its own retries: not worth redoing the work.
+    Storing(String),
 }
 
 impl From<StoreError> for StageFailure {
@@ -740,36 +742,27 @@ async fn produce(
     let files =
         list_files(&out).map_err(|e| StageFailure::Failed(format!("cannot list outputs: {e}")))?;
     let store = &sh.store;
-    let mut entries: Vec<FileEntry> = futures::stream::iter(files.into_iter().map(|rel| {
-        let path = out.join(&rel);
-        async move { store.put_file(&path, &rel).await }
-    }))
-    .buffer_unordered(UPLOADS)
-    .collect::<Vec<_>>()
-    .await
-    .into_iter()
-    .collect::<Result<_, _>>()?;
-    entries.sort_by(|a, b| a.path.cmp(&b.path));
-    let kind = stage.kind.descriptor().output;
-    let manifest = Manifest {
-        format: 1,
-        key: key.clone(),
-        kind,
-        pipeline: sh.pipeline.name.clone(),
-        stage: stage.name.clone(),
-        digest: Manifest::content_digest(kind, &entries),
-        files: entries,
-        metadata: output.metadata,
-        producer: Producer {
-            run_id: sh.run_id.clone(),
-            host: hostname(),
-            created_at: Utc::now().to_rfc3339(),
-            duration_ms: t0.elapsed().as_millis() as u64,
-        },
-        key_parts: parts.clone(),
+    // Storing is retried on its own (`retries`): the work is done, and redoing it (a whole
+    // training, a shell command's side effects) because an upload failed would be wrong.
+    let mut tries = 0;
+    let (manifest, committed) = loop {
+        tries += 1;
+        match store_output(sh, i, &out, &files, key, parts, &output.metadata, t0).await {
+            Ok(stored) => break stored,
+            Err(e) if tries <= stage.retries && !sh.cancel.is_cancelled() => {
+                let wait = Duration::from_millis(500 * (1 << (tries - 1).min(6)));
+                sh.reporter.note(&format!(
+                    "stage `{}`: storing its output failed (try {tries} of {}), retrying in {:.1}s: {e}",
+                    stage.name,
+                    stage.retries + 1,
+                    wait.as_secs_f64(),
+                ));
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(StageFailure::Storing(e.to_string())),
+        }
     };
     let uid = stage_uid(&sh.run_id, &stage.name);
-    let committed = store.commit(&manifest).await?;
     let _ = store.drop_checkpoints(key).await;
     if committed.digest != manifest.digest {
         sh.reporter.note(&format!(
@@ -819,6 +812,55 @@ async fn produce(
     }
     let _ = std::fs::remove_dir_all(&work);
     Ok(committed)
+}
+
+/// Uploads a finished stage's output files and commits its manifest. Returns ours and the
+/// one the store keeps (another run's, if it committed this key first).
+#[allow(clippy::too_many_arguments)]
+async fn store_output(
+    sh: &Shared,
+    i: usize,
+    out: &Path,
+    files: &[String],
+    key: &CacheKey,
+    parts: &crate::key::CacheKeyParts,
+    metadata: &serde_json::Map<String, serde_json::Value>,
+    t0: Instant,
+) -> Result<(Manifest, Manifest), StoreError> {
+    let stage = &sh.pipeline.stages[i];
+    let store = &sh.store;
+    let uploads: Vec<(PathBuf, String)> = files.iter().map(|r| (out.join(r), r.clone())).collect();
+    let mut entries: Vec<FileEntry> = futures::stream::iter(
+        uploads
+            .into_iter()
+            .map(|(path, rel)| async move { store.put_file(&path, &rel).await }),
+    )
+    .buffer_unordered(UPLOADS)
+    .collect::<Vec<_>>()
+    .await
+    .into_iter()
+    .collect::<Result<_, _>>()?;
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    let kind = stage.kind.descriptor().output;
+    let manifest = Manifest {
+        format: 1,
+        key: key.clone(),
+        kind,
+        pipeline: sh.pipeline.name.clone(),
+        stage: stage.name.clone(),
+        digest: Manifest::content_digest(kind, &entries),
+        files: entries,
+        metadata: metadata.clone(),
+        producer: Producer {
+            run_id: sh.run_id.clone(),
+            host: hostname(),
+            created_at: Utc::now().to_rfc3339(),
+            duration_ms: t0.elapsed().as_millis() as u64,
+        },
+        key_parts: parts.clone(),
+    };
+    let committed = store.commit(&manifest).await?;
+    Ok((manifest, committed))
 }
 
 /// A short model card for a registered model: where it came from and what it measured.

@@ -230,6 +230,71 @@ fn s3_store_survives_a_server_cut_mid_upload() {
     );
 }
 
+/// With `retries`, a stage whose upload fails after its work is done retries the upload,
+/// not the work: a training or a command with side effects is not redone for the store.
+#[test]
+fn a_failed_upload_is_retried_without_redoing_the_work() {
+    let Some(venv) = servers::venv() else { return };
+    let moto = Server::moto(&venv);
+    let (code, body) = http("PUT", &format!("{}/artifacts", moto.url), None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let proxy = Proxy::start(moto.port);
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        r#"
+name: s3
+storage: s3://artifacts/team
+stages:
+  big:
+    kind: shell
+    retries: 3
+    with:
+      run: echo x >> $PIPELINE_DIR/count-big; head -c 40000000 /dev/urandom > big.bin; touch $PIPELINE_DIR/big-written; sleep 1
+      outputs: [big.bin]
+"#,
+    );
+    let mut child = sb
+        .cmd(&["run", "p.yaml"])
+        .env(
+            "AWS_ENDPOINT_URL",
+            format!("http://127.0.0.1:{}", proxy.port),
+        )
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("ORCHESTRATE_STORE_RETRIES", "2")
+        .env("ORCHESTRATE_STORE_RETRY_SECS", "3")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Heal the connection once the engine says it will store again.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line.contains("storing its output failed") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    assert!(sb.wait_for("big-written", 60));
+    proxy.arm(5_000_000);
+    let noticed = rx.recv_timeout(Duration::from_secs(90)).is_ok();
+    proxy.heal();
+    let status = child.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    assert!(noticed, "no retry of the upload: {stderr}");
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(common::line_count(&sb.read("count-big")), 1, "{stderr}");
+    assert_eq!(manifest_keys(&moto, "artifacts").len(), 1);
+}
+
 #[cfg(feature = "corpus")]
 #[test]
 fn ingest_reads_sources_from_s3_and_notices_when_they_change() {
