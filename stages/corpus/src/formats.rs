@@ -82,7 +82,7 @@ pub fn read(
     match format {
         Format::Fortune => read_separated(
             BufReader::new(open()?),
-            |line| line == b"%",
+            is_fortune_separator,
             max_record_bytes,
             sink,
         ),
@@ -96,6 +96,13 @@ pub fn read(
         Format::Jsonl => read_jsonl(BufReader::new(open()?), fields, max_record_bytes, sink),
         Format::Parquet => read_parquet(open()?, path, fields, sink),
     }
+}
+
+/// A line of `%` alone ends a fortune. Trailing whitespace is allowed (`% ` ends records in
+/// fortunes-ru, invisibly): otherwise two quotes would merge, the first's attribution in the
+/// text. A `%` followed by text (`%DCL-MEM-BAD` in `computers`) is text.
+fn is_fortune_separator(line: &[u8]) -> bool {
+    line.trim_ascii_end() == b"%"
 }
 
 /// One line read by [`next_line`].
@@ -350,35 +357,83 @@ fn read_parquet(
 }
 
 /// Splits a fortune into its text and the author named by a trailing attribution line
-/// (`\t\t-- Mark Twain, "Pudd'nhead Wilson"`). The attribution may wrap onto the lines below.
+/// (`\t\t-- Mark Twain, "Pudd'nhead Wilson"`). The attribution may wrap onto the lines below,
+/// but not past a blank line: a dash line with a paragraph below it is the text's own
+/// ("-- No?", blank, "GOOD!"), as is a heading's byline ("\t-- by Homer", blank, summary).
+/// One exception: an editor's note set off below an indented attribution by a blank line
+/// ("\t\t-- Fred Allen", blank, "[Also attributed to S. Clay Wilson.  Ed.]") stays in the text,
+/// after the quote.
 pub fn split_attribution(record: &str) -> (String, Option<String>) {
     let lines: Vec<&str> = record.lines().collect();
-    let last = lines.iter().rposition(|l| !l.trim().is_empty());
-    let Some(last) = last else {
+    let Some(last) = lines.iter().rposition(|l| !is_blank(l)) else {
         return (String::new(), None);
     };
-    let first_candidate = last.saturating_sub(2);
-    // The last dash line of the last three: a fortune may quote a dash line of its own
-    // just above its attribution ("-- he hates all creative people equally." then
-    // "-- Robert Heinlein").
-    for i in (first_candidate..=last).rev() {
-        let t = lines[i].trim_start();
-        let rest = t
-            .strip_prefix("--")
-            .or_else(|| t.strip_prefix('—'))
-            .or_else(|| t.strip_prefix('―'));
-        if let Some(rest) = rest {
-            if i == 0 {
-                break;
-            }
-            let attribution: Vec<&str> = std::iter::once(rest)
-                .chain(lines[i + 1..=last].iter().copied())
-                .collect();
-            let author = parse_author(&attribution.join(" "));
-            return (lines[..i].join("\n"), author);
+    if let Some((i, rest, _)) = attribution_line(&lines, last) {
+        return (
+            lines[..i].join("\n"),
+            attribution_author(rest, &lines[i + 1..=last]),
+        );
+    }
+    // An editor's note: a final paragraph in brackets, below a blank line, with text above.
+    let note = lines[..last]
+        .iter()
+        .rposition(|l| is_blank(l))
+        .filter(|&b| {
+            lines[b + 1].trim_start().starts_with(['[', '('])
+                && lines[..b].iter().any(|l| !is_blank(l))
+        });
+    if let Some(b) = note {
+        let end = lines[..b]
+            .iter()
+            .rposition(|l| !is_blank(l))
+            .expect("text above the note");
+        // Only an indented dash line: one at the margin, above a bracketed paragraph, is the
+        // text's own ("NOTICE:", blank, "-- THE ELEVATORS WILL BE OUT OF ORDER TODAY --",
+        // blank, "(The nearest working elevator is in the building across the street.)").
+        if let Some((i, rest, true)) = attribution_line(&lines, end) {
+            let mut text = lines[..i].join("\n");
+            text.push_str("\n\n");
+            text.push_str(&lines[b + 1..=last].join("\n"));
+            return (text, attribution_author(rest, &lines[i + 1..=end]));
         }
     }
     (record.to_string(), None)
+}
+
+fn is_blank(line: &str) -> bool {
+    line.trim().is_empty()
+}
+
+/// The attribution line of a fortune whose last line is `lines[end]`: its index, what follows
+/// the dash, and whether it is indented. It is the last dash line of the last three, none
+/// blank: a fortune may quote a dash line of its own just above its attribution ("-- he hates
+/// all creative people equally." then "-- Robert Heinlein"), and a dash line above a blank
+/// one starts the text's own paragraph. The first line is never one.
+fn attribution_line<'a>(lines: &[&'a str], end: usize) -> Option<(usize, &'a str, bool)> {
+    for i in (end.saturating_sub(2)..=end).rev() {
+        let line = lines[i];
+        if is_blank(line) {
+            return None;
+        }
+        let t = line.trim_start();
+        let indented = t.len() < line.len();
+        // An em dash at the margin opens a line of dialogue ("Он сказал:\n— Я вернусь.").
+        let rest = t
+            .strip_prefix("--")
+            .or_else(|| t.strip_prefix(['—', '―']).filter(|_| indented));
+        if let Some(rest) = rest {
+            return (i > 0).then_some((i, rest, indented));
+        }
+    }
+    None
+}
+
+/// The author named by an attribution line's `rest` and the lines it wraps onto.
+fn attribution_author(rest: &str, wrapped: &[&str]) -> Option<String> {
+    let attribution: Vec<&str> = std::iter::once(rest)
+        .chain(wrapped.iter().copied())
+        .collect();
+    parse_author(&attribution.join(" "))
 }
 
 /// The name in an attribution: up to the first comma, parenthesis or quote, whitespace
@@ -468,6 +523,70 @@ mod tests {
     }
 
     #[test]
+    fn attribution_stops_at_a_blank_line() {
+        // A dash line with a paragraph below it is the joke's own, not its attribution.
+        let law = "Know how to save 5 drowning lawyers?\n\n-- No?\n\nGOOD!\n";
+        assert_eq!(split_attribution(law), (law.to_string(), None));
+        let lite =
+            "The Odyssey LITE(tm)\n\t-- by Homer\n\n\tAfter working late, a warrior gets lost.\n";
+        assert_eq!(split_attribution(lite), (lite.to_string(), None));
+        // So is one at the margin above a note in brackets.
+        let notice = "NOTICE:\n\n-- THE ELEVATORS WILL BE OUT OF ORDER TODAY --\n\n(The nearest working elevator is across the street.)\n";
+        assert_eq!(split_attribution(notice), (notice.to_string(), None));
+        // An editor's note below an indented attribution stays in the text, however long.
+        let (t, a) = split_attribution(
+            "A full belly makes a dull brain.\n\t\t-- Ben Franklin\n\n\t\t[and the local candy\n\t\t machine man.  Ed]\n",
+        );
+        assert_eq!(
+            t,
+            "A full belly makes a dull brain.\n\n\t\t[and the local candy\n\t\t machine man.  Ed]"
+        );
+        assert_eq!(a.as_deref(), Some("Ben Franklin"));
+        // A blank line between the text and its attribution is fine.
+        let (t, a) = split_attribution("Quote.\n\n\t\t-- Mark Twain\n\n");
+        assert_eq!((t.as_str(), a.as_deref()), ("Quote.\n", Some("Mark Twain")));
+        // An em dash at the margin opens dialogue; indented, it attributes.
+        let dialogue = "Он сказал:\n— Я вернусь.\n";
+        assert_eq!(split_attribution(dialogue), (dialogue.to_string(), None));
+        let (t, a) = split_attribution("Время лечит.\n\t\t— Евгений Кащеев\n");
+        assert_eq!(
+            (t.as_str(), a.as_deref()),
+            ("Время лечит.", Some("Евгений Кащеев"))
+        );
+    }
+
+    #[test]
+    fn percent_with_trailing_whitespace_separates_fortunes() {
+        // `% ` and `%  ` as in fortunes-ru's `time` and `love`; `%TEXT` is text.
+        let data = "Дети видят мир.\n\t\t-- Н.Векшин\n% \nСекунды без любимого.\n\t\t-- А.М.Кашпировский\n%  \t\nDCL says\n%DCL-MEM-BAD\n%\n";
+        let mut got = Vec::new();
+        read_separated(
+            data.as_bytes(),
+            is_fortune_separator,
+            1 << 20,
+            &mut |item, _| {
+                if let RawItem::Record(r) = item {
+                    got.push((r.text.trim().to_string(), r.author));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        let author = |a: &str| Some(a.to_string());
+        assert_eq!(
+            got,
+            [
+                ("Дети видят мир.".to_string(), author("Н.Векшин")),
+                (
+                    "Секунды без любимого.".to_string(),
+                    author("А.М.Кашпировский")
+                ),
+                ("DCL says\n%DCL-MEM-BAD".to_string(), None),
+            ]
+        );
+    }
+
+    #[test]
     fn whitespace_is_cleaned_and_paragraphs_kept() {
         assert_eq!(normalize_text("  a  b\n c\n\n\n d\t e \n"), "a b c\nd e");
     }
@@ -484,7 +603,7 @@ mod tests {
     fn fortune_records_split_on_percent_lines_with_line_numbers() {
         let data = b"one\n  -- Al\n%\ntwo\n%\n\xff\xfe\n%\nthree\n";
         let mut got = Vec::new();
-        read_separated(&data[..], |l| l == b"%", 1 << 20, &mut |item, _| {
+        read_separated(&data[..], is_fortune_separator, 1 << 20, &mut |item, _| {
             got.push(match item {
                 RawItem::Record(r) => format!("{}:{:?}", r.text.trim(), r.author),
                 RawItem::Invalid { line, .. } => format!("{line}:invalid"),
@@ -512,7 +631,7 @@ mod tests {
         };
         let fields = Fields::default();
         match format {
-            Format::Fortune => read_separated(data, |l| l == b"%", cap, &mut sink),
+            Format::Fortune => read_separated(data, is_fortune_separator, cap, &mut sink),
             Format::Lines => read_lines(data, cap, &mut sink),
             Format::Jsonl => read_jsonl(data, &fields, cap, &mut sink),
             _ => unreachable!("a text format"),

@@ -221,18 +221,47 @@ fn file_deps(v: &serde_json::Value, dir: &Path) -> FileDeps {
     }
 }
 
-/// Every input file with the source it came from, in a stable order, each file once.
-pub fn expand(p: &IngestParams, dir: &Path) -> Result<Vec<(PathBuf, usize)>, String> {
+/// Every input file with the source it came from and its name in the corpus (see
+/// [`source_name`]), in a stable order, each file once.
+pub fn expand(p: &IngestParams, dir: &Path) -> Result<Vec<(PathBuf, usize, String)>, String> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for (i, s) in p.sources.iter().enumerate() {
         for f in source_files(s, dir)? {
             if seen.insert(canonical_path(&f)) {
-                out.push((f, i));
+                let name = source_name(s, dir, &f);
+                out.push((f, i, name));
             }
         }
     }
     Ok(out)
+}
+
+/// A file's name in the `source` column: the source's `path` as the pipeline writes it, then
+/// the file's path below it (below a glob's fixed folders). The output is then the same bytes
+/// in every checkout of the pipeline, wherever it lies, as its cache key is.
+fn source_name(s: &Source, dir: &Path, file: &Path) -> String {
+    let fixed = match s.path.find(['*', '?', '[']) {
+        Some(glob) => match s.path[..glob].rfind('/') {
+            Some(0) => "/",
+            Some(slash) => &s.path[..slash],
+            None => "",
+        },
+        None => s.path.as_str(),
+    };
+    let Ok(below) = file.strip_prefix(dir.join(fixed)) else {
+        return file.display().to_string();
+    };
+    let below: Vec<_> = below
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect();
+    let below = below.join("/");
+    match (fixed, below.is_empty()) {
+        (_, true) => s.path.clone(),
+        ("", false) => below,
+        (fixed, false) => format!("{}/{below}", fixed.trim_end_matches('/')),
+    }
 }
 
 fn canonical_path(f: &Path) -> PathBuf {
@@ -312,23 +341,34 @@ pub struct Stats {
 
 pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     let mut p: IngestParams = ctx.params()?;
-    // Remote sources are downloaded to scratch first, then read like local ones.
+    // Remote sources are downloaded to scratch first, then read like local ones, but named
+    // by their objects' URLs: the scratch folder changes with every run.
+    let mut remote_names: HashMap<PathBuf, String> = HashMap::new();
     for (i, s) in p.sources.iter_mut().enumerate() {
         if crate::remote::is_remote(&s.path) {
             let dest = ctx.scratch_dir.join(format!("source-{i}"));
-            let n = crate::remote::download(&s.path, &dest)?;
-            ctx.events
-                .log(&format!("downloaded {n} objects from {}", s.path));
+            let objects = crate::remote::download(&s.path, &dest)?;
+            ctx.events.log(&format!(
+                "downloaded {} objects from {}",
+                objects.len(),
+                s.path
+            ));
+            remote_names.extend(objects);
             s.path = dest.display().to_string();
         }
     }
-    let files = expand(&p, ctx.pipeline_dir).map_err(StageError::Failed)?;
+    let mut files = expand(&p, ctx.pipeline_dir).map_err(StageError::Failed)?;
+    for (file, _, name) in &mut files {
+        if let Some(url) = remote_names.remove(file) {
+            *name = url;
+        }
+    }
     if files.is_empty() {
         return Err(StageError::Failed("the sources name no files".into()));
     }
     let total: u64 = files
         .iter()
-        .map(|(f, _)| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .map(|(f, _, _)| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
         .sum();
     let shard_dir = ctx.out_dir.join(crate::SHARD_DIR);
     std::fs::create_dir_all(&shard_dir)
@@ -342,11 +382,11 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     let mut seen: HashSet<u128, PrehashedKeys> = HashSet::default();
     let mut authors: HashMap<String, u64> = HashMap::new();
     let mut done_bytes = 0u64;
+    let mut loose = String::new();
     let started = std::time::Instant::now();
 
-    for (file, si) in &files {
+    for (file, si, shown) in &files {
         let source = &p.sources[*si];
-        let shown = file.display().to_string();
         let mut last_progress = 0u64;
         formats::read(
             file,
@@ -410,10 +450,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
                     *stats.dropped.entry("duplicate".into()).or_default() += 1;
                     return Ok(());
                 }
-                let split = split_of(
-                    u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")),
-                    &p.split,
-                );
+                let split = split_of(split_hash(&text, &mut loose), &p.split);
                 // Fortune authors were parsed from their attribution line already; names from
                 // other formats get the same clean-up.
                 let author = match source.format {
@@ -539,6 +576,26 @@ fn describe(dropped: &BTreeMap<String, u64>) -> String {
         .map(|(k, v)| format!("{v} {k}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The hash a record's split follows: of its letters and digits, lower-cased, so copies that
+/// differ only in case, punctuation or spacing ("Garbage In -- Gospel Out." and "Garbage In,
+/// Gospel Out") fall in one split, and no test record has a near-copy in training. A record
+/// with no letter or digit at all (some ASCII art) is hashed whole. `buf` is scratch space.
+fn split_hash(text: &str, buf: &mut String) -> u64 {
+    buf.clear();
+    for c in text.chars() {
+        if c.is_ascii() {
+            if c.is_ascii_alphanumeric() {
+                buf.push(c.to_ascii_lowercase());
+            }
+        } else if c.is_alphanumeric() {
+            buf.extend(c.to_lowercase());
+        }
+    }
+    let key = if buf.is_empty() { text } else { buf.as_str() };
+    let hash = blake3::hash(key.as_bytes());
+    u64::from_le_bytes(hash.as_bytes()[16..24].try_into().expect("8 bytes"))
 }
 
 /// The split follows from the record's hash alone, so adding records never moves another.
@@ -935,6 +992,114 @@ mod tests {
         );
     }
 
+    /// The `source` column of every row, in order.
+    fn sources(out: &Path) -> Vec<String> {
+        read_all(out)
+            .iter()
+            .flat_map(|b| (0..b.num_rows()).map(|i| col(b, "source").value(i).to_string()))
+            .collect()
+    }
+
+    /// Two checkouts in different folders, each reading files beside the pipeline's folder
+    /// and a remote prefix (downloaded to each one's scratch), write the same bytes.
+    #[test]
+    fn output_does_not_depend_on_where_the_files_lie() {
+        use object_store::{memory::InMemory, path::Path as ObjPath, ObjectStore, PutPayload};
+        let bucket: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(bucket.put(
+                &ObjPath::from("team/quotes/ru/love"),
+                PutPayload::from(&b"A remote record, read from S3.\n%\n"[..]),
+            ))
+            .unwrap();
+        crate::remote::TEST_BUCKETS
+            .with(|b| b.borrow_mut().insert("corpus".into(), bucket.clone()));
+        let params = serde_json::json!({"sources": [
+            {"path": "../datasets/one.txt", "format": "lines"},
+            {"path": "../datasets/tree", "format": "lines", "recursive": true},
+            {"path": "../datasets/*.jsonl", "format": "jsonl"},
+            {"path": "s3://corpus/team/quotes/", "recursive": true},
+        ]});
+        let d = tempdir("checkouts");
+        let mut outputs = Vec::new();
+        for checkout in ["alice/repo", "bob/work/repo"] {
+            let data = d.join(checkout).join("datasets");
+            std::fs::create_dir_all(data.join("tree/sub")).unwrap();
+            std::fs::write(data.join("one.txt"), "A local record in one file.\n").unwrap();
+            std::fs::write(data.join("tree/sub/two.txt"), "A record deep in a tree.\n").unwrap();
+            std::fs::write(
+                data.join("three.jsonl"),
+                "{\"text\": \"A record in JSON.\"}\n",
+            )
+            .unwrap();
+            let pipelines = d.join(checkout).join("pipelines");
+            std::fs::create_dir_all(&pipelines).unwrap();
+            let (r, _) = run_stage(&DESCRIPTOR, run, params.clone(), &pipelines, &[]);
+            r.unwrap();
+            let out = pipelines.join("out");
+            assert_eq!(
+                sources(&out),
+                [
+                    "../datasets/one.txt",
+                    "../datasets/tree/sub/two.txt",
+                    "../datasets/three.jsonl",
+                    "s3://corpus/team/quotes/ru/love",
+                ]
+            );
+            outputs.push(std::fs::read(out.join("data/part-00000.parquet")).unwrap());
+        }
+        assert!(outputs[0] == outputs[1], "the two checkouts' shards differ");
+        // Absolute paths are kept as written, with the file below them.
+        let (r, _) = run_stage(
+            &DESCRIPTOR,
+            run,
+            serde_json::json!({"sources": [
+                {"path": d.join("alice/repo/datasets/tree").display().to_string(), "format": "lines", "recursive": true}
+            ]}),
+            &d,
+            &[],
+        );
+        r.unwrap();
+        assert_eq!(
+            sources(&d.join("out")),
+            [d.join("alice/repo/datasets/tree/sub/two.txt")
+                .display()
+                .to_string()]
+        );
+    }
+
+    #[test]
+    fn near_duplicates_fall_in_one_split() {
+        let d = tempdir("near-duplicates");
+        // Pairs that differ in case, punctuation and spacing only: exact deduplication keeps
+        // both, and a pair split between train and test would reward memorising.
+        let mut lines = String::new();
+        for i in 0..300 {
+            lines.push_str(&format!("Garbage In -- Gospel Out, rule number {i}.\n"));
+            lines.push_str(&format!("garbage in, gospel out: rule  Number {i}\n"));
+        }
+        std::fs::write(d.join("pairs.txt"), lines).unwrap();
+        let params = serde_json::json!({"sources": [{"path": "pairs.txt", "format": "lines", "lang": "en"}],
+            "split": {"val": 0.3, "test": 0.3}});
+        let (r, _) = run_stage(&DESCRIPTOR, run, params, &d, &[]);
+        let m = r.unwrap().metadata;
+        assert_eq!(m["records"], 600);
+        let batches = read_all(&d.join("out"));
+        let splits: Vec<&str> = batches
+            .iter()
+            .flat_map(|b| (0..b.num_rows()).map(|i| col(b, "split").value(i)))
+            .collect();
+        for pair in splits.chunks(2) {
+            assert_eq!(pair[0], pair[1], "{splits:?}");
+        }
+        // Every split still gets its share.
+        for split in ["train", "val", "test"] {
+            assert!(m["per_split"][split].as_u64().unwrap() > 100, "{m:?}");
+        }
+    }
+
     #[test]
     fn split_is_stable_and_roughly_proportional() {
         let s = Split {
@@ -943,8 +1108,7 @@ mod tests {
         };
         let mut counts = BTreeMap::new();
         for i in 0..20_000u64 {
-            let h = blake3::hash(&i.to_le_bytes());
-            let v = u64::from_le_bytes(h.as_bytes()[16..24].try_into().unwrap());
+            let v = split_hash(&format!("Record number {i}."), &mut String::new());
             *counts.entry(split_of(v, &s)).or_insert(0) += 1;
         }
         assert!((1700..2300).contains(&counts["val"]), "{counts:?}");

@@ -26,8 +26,8 @@ use arrow::datatypes::{DataType, Field, Schema};
 /// | `lang` | utf8 | `ru`, `en` or `other` (or what the source fixed) |
 /// | `lang_confidence` | float32 | 1.0 when the source fixed the language |
 /// | `author` | utf8, nullable | from the attribution line (`-- Mark Twain`) or the source field |
-/// | `source` | utf8 | the file the record came from |
-/// | `split` | utf8 | `train`, `val` or `test`, by record hash |
+/// | `source` | utf8 | the file the record came from: its source's `path` as written, then the file's path below it (an object's URL for `s3://`) |
+/// | `split` | utf8 | `train`, `val` or `test`, by a hash of the record's letters and digits, lower-cased (near-duplicates share a split) |
 pub fn schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![
         Field::new("id", DataType::Utf8, false),
