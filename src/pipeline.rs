@@ -899,8 +899,14 @@ impl Validator {
         match (kind.descriptor().canonical_params)(node.to_json()) {
             Ok(p) => Some(p),
             Err(e) => {
-                self.diags
-                    .push(param_diagnostic(stage, kind, node, anchor, &e));
+                let each = match &e.problem {
+                    ParamProblem::Several(all) => all.iter().collect(),
+                    _ => vec![&e],
+                };
+                for e in each {
+                    self.diags
+                        .push(param_diagnostic(stage, kind, node, anchor, e));
+                }
                 None
             }
         }
@@ -1032,6 +1038,11 @@ fn param_diagnostic(
             key_span.unwrap_or(anchor),
         )
         .hint(format!("add `{key}:` under `with:`")),
+        // Split up by the caller; here only as the first of them.
+        ParamProblem::Several(all) => match all.first() {
+            Some(first) => param_diagnostic(stage, kind, with, anchor, first),
+            None => Diagnostic::new(format!("invalid value for `{at}`"), anchor),
+        },
         ParamProblem::Invalid(msg) => {
             let span = match node.value {
                 Value::Map(_) | Value::Seq(_) => key_span.unwrap_or(anchor),

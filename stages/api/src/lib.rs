@@ -114,6 +114,8 @@ pub enum ParamProblem {
     },
     /// A value of the wrong type or out of range; the message is serde's or the stage's own.
     Invalid(String),
+    /// More than one key of the block is at fault: each problem, in the block's key order.
+    Several(Vec<ParamError>),
 }
 
 impl fmt::Display for ParamError {
@@ -122,6 +124,10 @@ impl fmt::Display for ParamError {
             ParamProblem::UnknownKey { key, .. } => write!(f, "unknown key `{key}`"),
             ParamProblem::MissingKey { key } => write!(f, "missing required key `{key}`"),
             ParamProblem::Invalid(msg) => f.write_str(msg),
+            ParamProblem::Several(all) => {
+                let shown: Vec<String> = all.iter().map(ToString::to_string).collect();
+                f.write_str(&shown.join("; "))
+            }
         }
     }
 }
@@ -182,21 +188,10 @@ pub fn no_file_deps(_: &serde_json::Value, _: &Path) -> FileDeps {
 pub fn canonical_params<P: DeserializeOwned + Serialize>(
     value: serde_json::Value,
 ) -> Result<serde_json::Value, ParamError> {
-    let parsed: P = serde_path_to_error::deserialize(value).map_err(|err| {
-        let path = err
-            .path()
-            .iter()
-            .filter_map(|seg| match seg {
-                serde_path_to_error::Segment::Map { key } => Some(PathSegment::Key(key.clone())),
-                serde_path_to_error::Segment::Seq { index } => Some(PathSegment::Index(*index)),
-                _ => None,
-            })
-            .collect();
-        ParamError {
-            path,
-            problem: classify_serde_message(&err.inner().to_string()),
-        }
-    })?;
+    let parsed: P = match parse_params::<P>(value.clone()) {
+        Ok(parsed) => parsed,
+        Err(first) => return Err(every_problem::<P>(&value, first)),
+    };
     serde_json::to_value(parsed).map_err(|e| ParamError {
         path: Vec::new(),
         problem: ParamProblem::Invalid(e.to_string()),
@@ -231,6 +226,72 @@ fn classify_serde_message(msg: &str) -> ParamProblem {
     // serde_json appends " at line 0 column 0" when deserializing from a Value; it means nothing.
     let clean = msg.trim_end_matches(" at line 0 column 0");
     ParamProblem::Invalid(clean.to_string())
+}
+
+fn parse_params<P: DeserializeOwned>(value: serde_json::Value) -> Result<P, ParamError> {
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err
+            .path()
+            .iter()
+            .filter_map(|seg| match seg {
+                serde_path_to_error::Segment::Map { key } => Some(PathSegment::Key(key.clone())),
+                serde_path_to_error::Segment::Seq { index } => Some(PathSegment::Index(*index)),
+                _ => None,
+            })
+            .collect();
+        ParamError {
+            path,
+            problem: classify_serde_message(&err.inner().to_string()),
+        }
+    })
+}
+
+/// serde stops at a block's first problem; `validate` promises every one. Each key is
+/// checked again on its own (the others left to their defaults), and the problems found
+/// inside that key are kept: one per key at fault, in the block's order.
+fn every_problem<P: DeserializeOwned>(value: &serde_json::Value, first: ParamError) -> ParamError {
+    let serde_json::Value::Object(block) = value else {
+        return first;
+    };
+    let at_key = |e: &ParamError, key: &str| match (&e.problem, e.path.first()) {
+        (ParamProblem::UnknownKey { key: k, .. }, None) => k == key,
+        (_, Some(PathSegment::Key(k))) => k == key,
+        _ => false,
+    };
+    let mut all: Vec<ParamError> = Vec::new();
+    for (key, v) in block {
+        let alone = serde_json::Value::Object([(key.clone(), v.clone())].into_iter().collect());
+        if let Err(e) = parse_params::<P>(alone) {
+            if at_key(&e, key) {
+                all.push(e);
+            }
+        }
+    }
+    // What is left without the keys at fault: a required key missing, say.
+    let rest: serde_json::Map<String, serde_json::Value> = block
+        .iter()
+        .filter(|(k, _)| !all.iter().any(|e| at_key(e, k)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Err(e) = parse_params::<P>(serde_json::Value::Object(rest)) {
+        // "Missing" only because it was taken out, being at fault already: not a problem.
+        let taken_out =
+            matches!(&e.problem, ParamProblem::MissingKey { key } if block.contains_key(key));
+        if !taken_out && !all.contains(&e) {
+            all.push(e);
+        }
+    }
+    // The first problem found is reported whatever (one that only shows with its siblings).
+    if !all.contains(&first) {
+        all.insert(0, first);
+    }
+    match all.len() {
+        1 => all.remove(0),
+        _ => ParamError {
+            path: Vec::new(),
+            problem: ParamProblem::Several(all),
+        },
+    }
 }
 
 /// Cooperative cancellation. A token is cancelled when any of its ancestors is, so Ctrl-C
