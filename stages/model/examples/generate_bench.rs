@@ -70,8 +70,7 @@ fn bench<B: Backend>(runs: usize, engine: &str, device: &B::Device) {
         dropout: 0.0,
         activation: orchestrate_model::model::Activation::Relu,
     };
-    B::seed(device, 1);
-    let model = cfg.init::<B>(device);
+    let model = cfg.init_seeded::<B>(1, device);
     let specials = Specials::minimal();
     let (prompt, new) = (32usize, 50usize);
     let src = |i: usize| -> Vec<u32> {

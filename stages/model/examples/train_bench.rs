@@ -198,8 +198,7 @@ fn bench_with<A: AutodiffBackend, O: train::ClippedStep<A>>(
         dropout: 0.1,
         activation: orchestrate_model::model::Activation::Relu,
     };
-    <A as Backend>::seed(&device, 0);
-    let mut model: Seq2Seq<A> = cfg.init(&device);
+    let mut model: Seq2Seq<A> = cfg.init_seeded(0, &device);
     let mut state = 1u64;
     let mut tokens = |n: usize| -> Vec<i64> {
         (0..n)

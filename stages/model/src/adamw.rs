@@ -383,8 +383,7 @@ mod tests {
                 activation: Activation::Relu,
             };
             let device = Default::default();
-            <Flex as Backend>::seed(&device, 7);
-            cfg.init(&device)
+            cfg.init_seeded::<Flex>(7, &device)
         });
         Seq2Seq::from_inner(start.clone()).map(&mut crate::model::Trainable)
     }

@@ -82,7 +82,9 @@ pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<LoadedModel<B>
         ));
     }
     check_specials(&tokenizer, &card.specials).map_err(|e| fail(dir, e))?;
-    let fresh: Seq2Seq<B> = card.config.init(device);
+    // Zeros, not random weights: every one is replaced, and zeros neither wait for nor
+    // move the generator a training beside this seeds (see `ModelConfig::init_seeded`).
+    let fresh: Seq2Seq<B> = card.config.init_zeroed(device);
     let (model, artifact_bytes, stored, int8_block) = if dir.join(SAFETENSORS).exists() {
         let path = dir.join(SAFETENSORS);
         let loaded = weights::load(&path).map_err(|e| fail(dir, e))?;

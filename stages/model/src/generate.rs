@@ -890,8 +890,7 @@ mod tests {
 
     fn tiny() -> (Seq2Seq<Flex>, Specials) {
         let specials = Specials::minimal();
-        <Flex as Backend>::seed(&Default::default(), 7);
-        (tiny_config().init(&Default::default()), specials)
+        (tiny_config().init_seeded(7, &Default::default()), specials)
     }
 
     fn tiny_config() -> ModelConfig {

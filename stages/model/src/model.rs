@@ -3,6 +3,9 @@
 //! embedding shared by encoder, decoder and the output projection (weight tying: it is what
 //! brings the `mini` preset near the specification's 8M parameters).
 
+use std::cell::Cell;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
 use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::nn::attention::generate_autoregressive_mask;
 use burn::nn::attention::MultiHeadAttention;
@@ -14,7 +17,7 @@ use burn::nn::{
     Dropout, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear,
 };
 use burn::prelude::*;
-use burn::tensor::{DType, Distribution, FloatDType};
+use burn::tensor::{DType, FloatDType};
 use serde::{Deserialize, Serialize};
 
 pub use crate::fused::gpu::use_burn_steps;
@@ -61,28 +64,70 @@ impl Activation {
     }
 }
 
+/// burn's backends draw every random value from one generator per process, which
+/// `Backend::seed` replaces. Stages run on threads of one process at the same time: a seed
+/// and the draws it is meant for are taken with this held, so that no other stage's seed
+/// or draws land between them.
+static GENERATOR: Mutex<()> = Mutex::new(());
+
+fn hold_generator() -> MutexGuard<'static, ()> {
+    // Holds no data: a panic while it was held leaves nothing half-changed.
+    GENERATOR.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl ModelConfig {
+    /// A model with random initial weights from burn's generator, as it stands.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Seq2Seq<B> {
-        let init = Initializer::Normal {
-            mean: 0.0,
-            std: 0.02,
+        let _held = hold_generator();
+        self.build(device, true)
+    }
+
+    /// A model with initial weights drawn for `seed` alone: the same weights whatever else
+    /// the process draws meanwhile (see [`GENERATOR`]).
+    pub fn init_seeded<B: Backend>(&self, seed: u64, device: &B::Device) -> Seq2Seq<B> {
+        let _held = hold_generator();
+        B::seed(device, seed);
+        self.build(device, true)
+    }
+
+    /// A model with every weight zero (norms one), for weights loaded over it: it draws
+    /// nothing, so loading neither waits on nor moves the generator a training draws from.
+    pub fn init_zeroed<B: Backend>(&self, device: &B::Device) -> Seq2Seq<B> {
+        self.build(device, false)
+    }
+
+    /// The model, its weights `random` or zero. Every parameter is made before this
+    /// returns (burn makes them lazily; `StableIds` takes each), so the draws all happen
+    /// within the caller's hold on the generator.
+    fn build<B: Backend>(&self, device: &B::Device, random: bool) -> Seq2Seq<B> {
+        let embedding = match random {
+            true => Initializer::Normal {
+                mean: 0.0,
+                std: 0.02,
+            },
+            false => Initializer::Zeros,
         };
-        let enc =
+        let mut enc =
             TransformerEncoderConfig::new(self.d_model, self.d_ff, self.n_heads, self.enc_layers)
                 .with_dropout(self.dropout)
                 .with_activation(self.activation.config())
                 .with_norm_first(true);
-        let dec =
+        let mut dec =
             TransformerDecoderConfig::new(self.d_model, self.d_ff, self.n_heads, self.dec_layers)
                 .with_dropout(self.dropout)
                 .with_activation(self.activation.config())
                 .with_norm_first(true);
+        if !random {
+            // Every linear layer of both stacks takes its stack's initializer.
+            enc = enc.with_initializer(Initializer::Zeros);
+            dec = dec.with_initializer(Initializer::Zeros);
+        }
         let model = Seq2Seq {
             embed: EmbeddingConfig::new(self.vocab_size, self.d_model)
-                .with_initializer(init.clone())
+                .with_initializer(embedding.clone())
                 .init(device),
             pos: EmbeddingConfig::new(self.max_len, self.d_model)
-                .with_initializer(init)
+                .with_initializer(embedding)
                 .init(device),
             encoder: enc.init(device),
             decoder: dec.init(device),
@@ -424,10 +469,10 @@ fn feed_forward<B: Backend>(ff: &PositionWiseFeedForward<B>, x: Tensor<B, 3>) ->
 ///
 /// burn draws every mask value from one ChaCha generator on one thread, then multiplies
 /// twice (mask, then 1/keep): about 15% of a `mini` training step on the CPU, whose
-/// attention weights alone take 50M mask values per step. Here, on the CPU backend, one
-/// draw from burn's generator keys a [`KeepMask`], a hash of each value's index made on
-/// every core as the input is multiplied, and again in the backward pass; no mask tensor
-/// is drawn or stored. Other backends keep burn's dropout.
+/// attention weights alone take 50M mask values per step. Here, on the CPU backend, a key
+/// (see [`key_dropout`]) makes a [`KeepMask`], a hash of each value's index made on every
+/// core as the input is multiplied, and again in the backward pass; no mask tensor is
+/// drawn or stored. Other backends keep burn's dropout.
 fn dropout<B: Backend, const D: usize>(layer: &Dropout, x: Tensor<B, D>) -> Tensor<B, D> {
     let device = x.device();
     if !B::ad_enabled(&device) || layer.prob == 0.0 {
@@ -436,30 +481,60 @@ fn dropout<B: Backend, const D: usize>(layer: &Dropout, x: Tensor<B, D>) -> Tens
     if !on_cpu::<B>() {
         return crate::fused::gpu::dropout(layer, x);
     }
-    if x.dtype() != burn::tensor::DType::F32 {
-        return layer.forward(x);
-    }
     match cpu_keep_mask::<B>(layer, &device) {
         Some(mask) => crate::fused::dropout(x, mask),
         None => x,
     }
 }
 
+thread_local! {
+    /// This thread's CPU dropout keys: the seed [`key_dropout`] set, and how many masks
+    /// have been keyed from it since.
+    static DROPOUT_KEYS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// Keys the CPU dropout masks of the forward passes that follow on this thread: the n-th
+/// mask after this call is a function of `seed` and n alone. Not burn's generator: that
+/// one is the whole process's, and a stage running beside a training (another training,
+/// a model loaded) would move it between the training's seed and its draws.
+pub fn key_dropout(seed: u64) {
+    DROPOUT_KEYS.set((seed, 0));
+}
+
+/// The seed [`key_dropout`] last set on this thread.
+pub fn dropout_seed() -> u64 {
+    DROPOUT_KEYS.get().0
+}
+
+/// Seeds a training step's randomness with `seed`: the CPU's dropout masks on this thread
+/// ([`key_dropout`]), and where the backend keeps burn's dropout (GPUs), burn's generator.
+/// Only the CPU's masks are kept from other stages' draws; the GPU's are drawn from the
+/// backend's one generator during the step.
+pub fn seed_step<B: Backend>(device: &B::Device, seed: u64) {
+    key_dropout(seed);
+    if !on_cpu::<B>() {
+        let _held = hold_generator();
+        B::seed(device, seed);
+    }
+}
+
 /// The CPU dropout's mask (see [`crate::fused::KeepMask`]), or None where dropout does
-/// nothing (not training, probability 0). Its key is one draw from burn's generator, so
-/// masks stay a function of the seed and the step, which resumed runs rely on.
+/// nothing (not training, probability 0). Its key is the next of this thread's
+/// ([`key_dropout`]): masks are a function of the seed and the step, which resumed runs
+/// rely on, and of nothing another thread does.
 fn cpu_keep_mask<B: Backend>(layer: &Dropout, device: &B::Device) -> Option<KeepMask> {
     if !B::ad_enabled(device) || layer.prob == 0.0 {
         return None;
     }
-    let draw =
-        Tensor::<B, 1, Int>::random([2], Distribution::Uniform(0.0, 1_073_741_824.0), device)
-            .into_data();
-    let key = draw
-        .iter::<i64>()
-        .fold(0u64, |k, v| crate::data::mix(k ^ v as u64));
+    let (seed, made) = DROPOUT_KEYS.get();
+    DROPOUT_KEYS.set((seed, made + 1));
+    // A stream apart from the cut points' `mix(step_seed ^ row)`, drawn from the same seed.
+    let key = crate::data::mix(crate::data::mix(seed ^ DROPOUT_STREAM) ^ made);
     Some(KeepMask::new(key, 1.0 - layer.prob))
 }
+
+/// Sets the dropout keys' stream apart from the other draws made from a step's seed.
+const DROPOUT_STREAM: u64 = 0x6472_6f70_6f75_7421;
 
 /// `lhs.matmul(rhs)`, steering clear of a cubecl 0.10 bug on GPU backends. A product with a
 /// single `lhs` row and a row-major `rhs` (in decoding: every linear layer at batch 1, and

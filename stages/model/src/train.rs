@@ -26,7 +26,10 @@ use crate::adamw::{AdamWSettings, FlatAdamW, Flatten, Grads, Scatter};
 use crate::compute::{self, Compute, OnDevice};
 use crate::data::{self, Batch, Example, Padding, Rounding, Specials};
 use crate::end_to_end::lay_end_to_end;
-use crate::model::{masked_cross_entropy, Activation, CastParams, ModelConfig, Seq2Seq};
+use crate::model::{
+    dropout_seed, key_dropout, masked_cross_entropy, seed_step, Activation, CastParams,
+    ModelConfig, Seq2Seq,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -416,7 +419,16 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
             val.len()
         )));
     }
-    let unigram_ppl = unigram_perplexity(&train, &val, vocab, &specials);
+    let padding = Rounding::for_compute(compute).within(cfg.max_len);
+    let unigram_ppl = unigram_perplexity(
+        &train,
+        &val,
+        vocab,
+        &specials,
+        p.batch,
+        p.eval_batches,
+        padding,
+    );
     let params = cfg.parameters();
     ctx.events.log(&format!(
         "{params} parameters ({d_model}d, {n_heads} heads, {enc_layers}+{dec_layers} layers, vocab {vocab}); {} train / {} val examples; unigram val perplexity {unigram_ppl:.1}",
@@ -444,7 +456,7 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
         val: &val,
         specials: &specials,
         unigram_ppl,
-        padding: Rounding::for_compute(compute).within(cfg.max_len),
+        padding,
     };
     let done = compute::run_on(compute, job)??;
 
@@ -565,8 +577,7 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
             transfer.describe()
         ));
     }
-    <A as Backend>::seed(&device, p.seed);
-    let mut model: Seq2Seq<A> = cfg.init(&device);
+    let mut model: Seq2Seq<A> = cfg.init_seeded(p.seed, &device);
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
     let mut progress = Progress { step: 0, tokens: 0 };
     if let Some((step, dir)) = ctx.checkpoints.latest()? {
@@ -589,7 +600,7 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
     let per_epoch = train.len().div_ceil(p.batch) as u64;
     let mut plan_epoch = u64::MAX;
     let mut plan = Vec::new();
-    let mut window = (Instant::now(), 0u64);
+    let mut window = Throughput::from(Instant::now());
     let mut last_val = f64::NAN;
     let mut last_train = f64::NAN;
     while progress.step < p.steps {
@@ -608,8 +619,8 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
         let shards = data::shards(&rows, replicas.len(), &specials, padding, |i, len| {
             1 + (data::mix(step_seed ^ i as u64) % (len as u64 - 1)) as usize
         });
-        // Dropout draws from the backend's generator: reseed it per step for exact resumes.
-        <A as Backend>::seed(&device, step_seed);
+        // Dropout's masks from the step's seed alone, for exact resumes.
+        seed_step::<A>(&device, step_seed);
         let lr = p.lr_at(step);
         let (next, loss, grad_norm) =
             train_step(model, &mut optim, &shards, p, lr, &replicas, transfer);
@@ -632,10 +643,10 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
         }
         progress.step += 1;
         progress.tokens += batch_tokens as u64;
-        window.1 += batch_tokens as u64;
+        window.tokens += batch_tokens as u64;
         ctx.events.progress(progress.step, Some(p.steps), "steps");
         if log_now {
-            let secs = window.0.elapsed().as_secs_f64().max(1e-9);
+            let now = Instant::now();
             ctx.events
                 .metric("train_loss", last_train, Some(progress.step));
             ctx.events.metric("lr", lr, Some(progress.step));
@@ -643,11 +654,12 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
                 .metric("grad_norm", grad_norm.read(), Some(progress.step));
             ctx.events.metric(
                 "tokens_per_second",
-                window.1 as f64 / secs,
+                window.per_second(now),
                 Some(progress.step),
             );
-            window = (Instant::now(), 0);
+            window = Throughput::from(now);
         }
+        let other_work = Instant::now();
         if progress.step.is_multiple_of(p.eval_every) || progress.step == p.steps {
             last_val = evaluate(
                 &model.valid(),
@@ -670,6 +682,7 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
         if progress.step.is_multiple_of(p.checkpoint_every) && progress.step < p.steps {
             save_checkpoint(ctx, &model, &optim, &progress, &recorder)?;
         }
+        window.skip(other_work, Instant::now());
     }
 
     model
@@ -681,6 +694,32 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
         train_loss: last_train,
         val_loss: last_val,
     })
+}
+
+/// Training throughput over a window of steps: the tokens they trained on, over the time
+/// since the window began less the time spent meanwhile on validation and checkpoints,
+/// which are not training.
+struct Throughput {
+    since: Instant,
+    tokens: u64,
+}
+
+impl From<Instant> for Throughput {
+    fn from(since: Instant) -> Self {
+        Self { since, tokens: 0 }
+    }
+}
+
+impl Throughput {
+    /// Leaves the time from `from` to `to` out of the window.
+    fn skip(&mut self, from: Instant, to: Instant) {
+        self.since += to.saturating_duration_since(from);
+    }
+
+    fn per_second(&self, now: Instant) -> f64 {
+        let secs = now.saturating_duration_since(self.since).as_secs_f64();
+        self.tokens as f64 / secs.max(1e-9)
+    }
 }
 
 /// One optimiser step on a batch split into `shards`, one per device in `devices` (the
@@ -715,14 +754,18 @@ fn train_step<A: AutodiffBackend, O: ClippedStep<A>>(
             main,
         )
     } else {
+        // Each shard's thread keys its dropout masks from the step's seed too.
+        let step_seed = dropout_seed();
         let parts: Vec<(GradientsParams, Tensor<A, 1>)> = std::thread::scope(|s| {
             let running: Vec<_> = shards
                 .iter()
                 .zip(devices)
-                .map(|(shard, device)| {
+                .enumerate()
+                .map(|(i, (shard, device))| {
                     let replica = transfer.fork(&model, device);
                     let shard_grads = &shard_grads;
                     s.spawn(move || {
+                        key_dropout(data::mix(step_seed ^ !(i as u64)));
                         let net = step_network::<A, O>(&replica, half, None);
                         let (grads, loss) = shard_grads(net, shard, device);
                         (
@@ -1128,6 +1171,22 @@ fn batch_loss<B: Backend>(
     masked_cross_entropy(logits, tgt_out, tgt_pad, denominator, smoothing)
 }
 
+/// The batches validation scores: the first `max_batches` of `batch` examples each, every
+/// example split at its middle. The model's validation loss and the unigram baseline it is
+/// compared with are both taken on these, so on the same tokens.
+fn val_batches<'a>(
+    val: &'a [Example],
+    specials: &'a Specials,
+    batch: usize,
+    max_batches: usize,
+    padding: Padding,
+) -> impl Iterator<Item = Batch> + 'a {
+    val.chunks(batch).take(max_batches).map(move |chunk| {
+        let rows: Vec<&Example> = chunk.iter().collect();
+        data::make_batch(&rows, specials, padding, |_, len| len / 2)
+    })
+}
+
 /// Mean loss per target token on the validation examples, split at their middle.
 pub fn evaluate<B: Backend>(
     model: &Seq2Seq<B>,
@@ -1140,9 +1199,7 @@ pub fn evaluate<B: Backend>(
 ) -> f64 {
     let mut total = 0.0;
     let mut tokens = 0usize;
-    for chunk in val.chunks(batch).take(max_batches) {
-        let rows: Vec<&Example> = chunk.iter().collect();
-        let b = data::make_batch(&rows, specials, padding, |_, len| len / 2);
+    for b in val_batches(val, specials, batch, max_batches, padding) {
         let loss = batch_loss(model, &b, b.tokens, 0.0, device)
             .into_scalar()
             .elem::<f64>();
@@ -1152,29 +1209,36 @@ pub fn evaluate<B: Backend>(
     total / tokens.max(1) as f64
 }
 
-/// The perplexity a model that knows only token frequencies would have on the same
-/// validation targets: the bar a trained model must clear by far.
+/// The perplexity a model that knows only token frequencies (counted on `train`, as its
+/// targets are: `eos` after each record that was not cut) would have on the validation
+/// targets [`evaluate`] scores: the bar a trained model must clear by far.
 fn unigram_perplexity(
     train: &[Example],
     val: &[Example],
     vocab: usize,
     specials: &Specials,
+    batch: usize,
+    max_batches: usize,
+    padding: Padding,
 ) -> f64 {
     let mut counts = vec![1.0f64; vocab];
     for e in train {
         for &t in &e.ids {
             counts[t as usize] += 1.0;
         }
-        counts[specials.eos as usize] += 1.0;
+        if !e.truncated {
+            counts[specials.eos as usize] += 1.0;
+        }
     }
     let total: f64 = counts.iter().sum();
     let mut nll = 0.0;
     let mut n = 0usize;
-    for e in val {
-        let k = e.ids.len() / 2;
-        for &t in e.ids[k..].iter().chain(std::iter::once(&specials.eos)) {
-            nll -= (counts[t as usize] / total).ln();
-            n += 1;
+    for b in val_batches(val, specials, batch, max_batches, padding) {
+        for (&t, &pad) in b.tgt_out.iter().zip(&b.tgt_pad) {
+            if !pad {
+                nll -= (counts[t as usize] / total).ln();
+                n += 1;
+            }
         }
     }
     (nll / n.max(1) as f64).exp()
@@ -1427,6 +1491,98 @@ mod tests {
         assert!(two[3] < two[0], "{two:?}");
     }
 
+    /// The weights after `steps` CPU training steps with dropout from `seed`, made as `fit`
+    /// makes them: the initial model drawn for the seed, each step's randomness seeded
+    /// with the step's seed.
+    fn trained_weights(p: &TrainParams, steps: u64) -> Vec<Vec<f32>> {
+        use burn::backend::Flex;
+        type A = Autodiff<Flex>;
+        let device = Default::default();
+        let mut model: Seq2Seq<A> = tiny_config(p).init_seeded(p.seed, &device);
+        let mut optim = burn::optim::AdamWConfig::new().init::<A, Seq2Seq<A>>();
+        let examples = examples(8);
+        let rows: Vec<&Example> = examples.iter().collect();
+        let padding = Rounding::Multiple16.within(32);
+        let specials = Specials::minimal();
+        let batch = data::shards(&rows, 1, &specials, padding, |_, len| len / 2);
+        for step in 0..steps {
+            seed_step::<A>(&device, data::mix(p.seed ^ data::mix(step + 1)));
+            let devices = [device];
+            model = train_step(
+                model,
+                &mut optim,
+                &batch,
+                p,
+                3e-3,
+                &devices,
+                Transfer::ViaHost,
+            )
+            .0;
+        }
+        crate::weights::export(&model.valid())
+            .into_iter()
+            .map(|t| t.values)
+            .collect()
+    }
+
+    #[test]
+    fn training_draws_the_same_whatever_other_stages_draw_meanwhile() {
+        // In f32, and in bf16 (mixed precision), whose dropout takes another path.
+        for precision in ["fp32", "bf16"] {
+            let p = params(serde_json::json!({"dropout": 0.3, "seed": 11, "precision": precision}));
+            let alone = crate::with_threads(Some(1), || Ok(trained_weights(&p, 6))).unwrap();
+            let beside = beside_other_stages(|| {
+                crate::with_threads(Some(1), || Ok(trained_weights(&p, 6))).unwrap()
+            });
+            assert!(
+                alone == beside,
+                "{precision}: another stage's draws changed the trained weights"
+            );
+            // The seed does reach the weights (through the initial model and dropout).
+            let mut reseeded = p.clone();
+            reseeded.seed = 12;
+            let other = crate::with_threads(Some(1), || Ok(trained_weights(&reseeded, 6))).unwrap();
+            assert!(alone != other, "{precision}");
+        }
+    }
+
+    /// `f`'s result, run while another thread does what other stages in the process do:
+    /// trainings starting (their own seeds, their initial models) and their steps'
+    /// dropout; models loaded.
+    fn beside_other_stages<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        use burn::backend::Flex;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        type A = Autodiff<Flex>;
+        let stop = AtomicBool::new(false);
+        let started = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let other = params(serde_json::json!({"dropout": 0.5}));
+                let cfg = tiny_config(&other);
+                let device = Default::default();
+                let examples = examples(4);
+                let rows: Vec<&Example> = examples.iter().collect();
+                let padding = Rounding::Multiple16.within(32);
+                let b = data::make_batch(&rows, &Specials::minimal(), padding, |_, len| len / 2);
+                let mut n = 0u64;
+                started.wait();
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let model: Seq2Seq<A> = cfg.init_seeded(n, &device);
+                    let _loaded: Seq2Seq<Flex> = cfg.init_zeroed(&device);
+                    for step in 0..3 {
+                        seed_step::<A>(&device, data::mix(n ^ step));
+                        batch_loss(&model, &b, b.tokens, 0.0, &device);
+                    }
+                }
+            });
+            started.wait();
+            let out = f();
+            stop.store(true, Ordering::Relaxed);
+            out
+        })
+    }
+
     fn params(extra: serde_json::Value) -> TrainParams {
         serde_json::from_value(canonical(extra).unwrap()).unwrap()
     }
@@ -1434,7 +1590,7 @@ mod tests {
     #[test]
     fn gradient_checkpointing_changes_memory_not_results() {
         use burn::backend::Flex;
-        // Without dropout: other tests draw from the global generator at the same time.
+        // Without dropout: nothing rekeys the masks between the two runs.
         let p = params(serde_json::json!({"dropout": 0.0}));
         let start = tiny(&p);
         let (plain, recomputed) = crate::with_threads(Some(1), || {
@@ -1540,6 +1696,51 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_unigram_baseline_scores_the_tokens_validation_scores() {
+        let specials = Specials::minimal();
+        let ex = |ids: Vec<u32>, truncated| Example {
+            control: [4, 5],
+            ids,
+            truncated,
+        };
+        // Counted: 6, 7 twice each, 8 four times, `eos` once (the cut record has none).
+        let train = [ex(vec![6, 7, 6, 7], false), ex(vec![8, 8, 8, 8], true)];
+        // One batch of two is scored: targets 7 7 eos and, cut, 8 8. The third example
+        // (past `eval_batches`) is not.
+        let val = [
+            ex(vec![6, 6, 7, 7], false),
+            ex(vec![6, 6, 8, 8], true),
+            ex(vec![9, 9, 9, 9], false),
+        ];
+        let padding = Rounding::Multiple16.within(32);
+        let model_tokens: usize = val_batches(&val, &specials, 2, 1, padding)
+            .map(|b| b.tokens)
+            .sum();
+        assert_eq!(model_tokens, 5);
+        let baseline = unigram_perplexity(&train, &val, 12, &specials, 2, 1, padding);
+        // Every id starts at 1: 12 + 9 counted.
+        let p = |count: f64| (count / 21.0).ln();
+        let expected = (-(2.0 * p(3.0) + p(2.0) + 2.0 * p(5.0)) / 5.0).exp();
+        assert!(
+            (baseline - expected).abs() < 1e-9 * expected,
+            "{baseline} vs {expected}"
+        );
+    }
+
+    #[test]
+    fn throughput_leaves_out_validation_and_checkpoints() {
+        use std::time::Duration;
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut window = Throughput::from(start);
+        window.tokens += 1000;
+        // 2 s of training, 6 s of validation and a checkpoint, 2 s more of training.
+        window.skip(at(2), at(8));
+        window.tokens += 1000;
+        assert_eq!(window.per_second(at(10)), 500.0);
     }
 
     #[test]

@@ -395,6 +395,15 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
         .ok_or_else(not_ours)? as usize;
     let count = header["tensors"].as_u64().ok_or_else(not_ours)? as usize;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    // The header's count is checked against the file before anything is sized by it: a
+    // corrupt count would otherwise ask for an allocation that aborts the process.
+    let held = st.names().iter().filter(|n| !n.ends_with(".scale")).count();
+    if held != count {
+        return Err(format!(
+            "{}: the header lists {count} tensors, but the file holds {held}",
+            path.display()
+        ));
+    }
     let mut tensors = Vec::with_capacity(count);
     let mut stored = 0u64;
     for i in 0..count {
@@ -531,6 +540,30 @@ mod tests {
             assert!(
                 (a - b).abs() <= scales[i / 64] / 2.0 + 1e-6,
                 "{i}: {a} vs {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_header_counting_other_tensors_than_the_file_holds_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let values: Vec<u8> = [0.5f32; 4].iter().flat_map(|v| v.to_le_bytes()).collect();
+        for count in [1_000_000_000_000_000u64, 2, 0] {
+            let path = dir.path().join(format!("{count}.safetensors"));
+            let header = serde_json::json!({
+                "format": "orchestrate-weights",
+                "scheme": "fp32",
+                "block": 32,
+                "tensors": count,
+            });
+            let view = TensorView::new(Dtype::F32, vec![4], &values).unwrap();
+            let meta = HashMap::from([(META_KEY.to_string(), header.to_string())]);
+            let bytes = safetensors::serialize([(name(0), view)], Some(meta)).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+            let e = load(&path).err().expect("a wrong count loads");
+            assert!(
+                e.contains(&format!("lists {count} tensors, but the file holds 1")),
+                "{e}"
             );
         }
     }

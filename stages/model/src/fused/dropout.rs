@@ -73,9 +73,15 @@ impl KeepMask {
 /// Dropout with `mask` as one step: the input times the mask, forward and backward.
 pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, mask: KeepMask) -> Tensor<B, D> {
     let multiply = |x: Tensor<B, D>| {
-        let (shape, device) = (x.shape(), x.device());
+        let (shape, device, dtype) = (x.shape(), x.device(), x.dtype());
         let values = mask.values(shape.num_elements());
-        x * Tensor::<B, D>::from_data(TensorData::new(values, shape), &device)
+        let mut mask = Tensor::<B, D>::from_data(TensorData::new(values, shape), &device);
+        // Mixed precision's activations are bf16: the mask in their dtype, so that the
+        // product stays in it.
+        if mask.dtype() != dtype {
+            mask = mask.cast(burn::tensor::FloatDType::from(dtype));
+        }
+        x * mask
     };
     let Some(Path::Autodiff { balanced }) = path::<B>() else {
         return multiply(x);
