@@ -830,6 +830,7 @@ async fn store_output(
     let stage = &sh.pipeline.stages[i];
     let store = &sh.store;
     let uploads: Vec<(PathBuf, String)> = files.iter().map(|r| (out.join(r), r.clone())).collect();
+    let uploads_again = uploads.clone();
     let mut entries: Vec<FileEntry> = futures::stream::iter(
         uploads
             .into_iter()
@@ -860,6 +861,14 @@ async fn store_output(
         key_parts: parts.clone(),
     };
     let committed = store.commit(&manifest).await?;
+    // A blob this upload found already stored was not refreshed, and `gc` may have taken
+    // it, unreferenced, before the manifest naming it landed: put back any that is gone
+    // (one HEAD per file; nothing is sent for those still there).
+    if committed.digest == manifest.digest {
+        for (path, rel) in &uploads_again {
+            store.put_file(path, rel).await?;
+        }
+    }
     Ok((manifest, committed))
 }
 

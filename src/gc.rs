@@ -39,26 +39,38 @@ pub async fn collect(
         ..Default::default()
     };
     let mut keep: HashSet<CacheKey> = store.pins().await?.into_iter().collect();
-    // Oldest first; a record that cannot be read is kept, not guessed at.
-    let mut candidates = Vec::new();
+    // Oldest first. A record that does not parse names no artifact: without `--pipeline`
+    // it is collected or kept by age like any other; with it, whose it is is unknown, so
+    // it stays.
+    let mut candidates: Vec<(String, Option<RunRecord>)> = Vec::new();
     for id in store.list_run_ids().await? {
-        let run = store.get_run::<RunRecord>(&id).await?;
-        match run {
-            Some(run) if pipeline.is_none_or(|p| run.pipeline == p) => candidates.push((id, run)),
-            Some(run) => {
-                keep.extend(run.stages.iter().filter_map(|s| s.key.clone()));
-                report.runs_kept += 1;
-            }
-            None => {}
+        let run = match store.get_run::<RunRecord>(&id).await {
+            Ok(Some(run)) => Some(run),
+            Ok(None) => continue,
+            Err(e) if e.is_damage() => None,
+            Err(e) => return Err(e),
+        };
+        let ours = match (&run, pipeline) {
+            (_, None) => true,
+            (Some(run), Some(p)) => run.pipeline == p,
+            (None, Some(_)) => false,
+        };
+        if ours {
+            candidates.push((id, run));
+        } else {
+            keep.extend(
+                run.iter()
+                    .flat_map(|r| r.stages.iter().filter_map(|s| s.key.clone())),
+            );
+            report.runs_kept += 1;
         }
     }
     let split = candidates.len().saturating_sub(keep_last);
     let (old, kept) = candidates.split_at(split);
-    for (_, run) in kept {
+    for run in kept.iter().filter_map(|(_, run)| run.as_ref()) {
         keep.extend(run.stages.iter().filter_map(|s| s.key.clone()));
     }
     report.runs_kept += kept.len();
-    report.producing = store.live_locks().await?.len();
     let now = SystemTime::now();
     let young = |t: SystemTime| now.duration_since(t).map(|age| age < grace).unwrap_or(true);
 
@@ -81,6 +93,9 @@ pub async fn collect(
             }
         }
     }
+    // Looked at last, right before blobs go, to leave the smallest window (a stage that
+    // commits meanwhile checks its blobs again after its commit, see `exec::store_output`).
+    report.producing = store.live_locks().await?.len();
     // A blob shared by a kept artifact and a deleted one stays.
     for (digest, size, modified) in store.list_blobs().await? {
         if !live_blobs.contains(&digest) && !young(modified) && report.producing == 0 {

@@ -778,7 +778,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let (holder, keys) = keys_for(&store, &run_or_key, name.as_deref()).await?;
             let mut n = 0;
             for k in &keys {
-                n += usize::from(store.unpin(k, &holder).await?);
+                n += usize::from(store.unpin(k, &holder, &run_or_key).await?);
             }
             outln!("unpinned {n} artifact{}", if n == 1 { "" } else { "s" });
             Ok(0)

@@ -136,11 +136,31 @@ fn unused_param(root: &Node, text: &str, arg: &str, sid: SourceId) -> Option<Dia
     if used {
         return None;
     }
-    let names: Vec<&str> = match root.get("params").map(|p| &p.value) {
+    // The hint looks beside the first part of the path that does not exist.
+    let mut known = root.get("params");
+    let mut walked = Vec::new();
+    let mut missing = path;
+    for seg in path.split('.') {
+        match known.and_then(|n| n.get(seg)) {
+            Some(n) => {
+                known = Some(n);
+                walked.push(seg);
+            }
+            None => {
+                missing = seg;
+                break;
+            }
+        }
+    }
+    let names: Vec<&str> = match known.map(|p| &p.value) {
         Some(Value::Map(entries)) => entries.iter().map(|(k, _)| k.name.as_str()).collect(),
         _ => Vec::new(),
     };
-    let first = path.split('.').next().unwrap_or(path);
+    let near = nearest(missing, names.iter().copied()).map(|n| {
+        let mut full = walked.clone();
+        full.push(n);
+        format!("did you mean `params.{}`?", full.join("."))
+    });
     Some(
         Diagnostic::new(
             format!("--set `params.{path}`: the pipeline neither defines nor uses this param"),
@@ -152,11 +172,9 @@ fn unused_param(root: &Node, text: &str, arg: &str, sid: SourceId) -> Option<Dia
             },
         )
         .hint_opt(
-            nearest(first, names.iter().copied())
-                .map(|n| format!("did you mean `params.{n}`?"))
-                .or_else(|| {
-                    Some("define it under `params:`, or use it as `${params.NAME}`".into())
-                }),
+            near.or_else(|| {
+                Some("define it under `params:`, or use it as `${params.NAME}`".into())
+            }),
         ),
     )
 }
@@ -300,7 +318,7 @@ fn parse_set_value(raw: &str, span: Span) -> Result<Node, Diagnostic> {
     } else if let Some(q) = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
         Value::Str(q.to_string())
     } else {
-        yaml::plain_scalar(raw)
+        return Ok(Node::plain(raw, span));
     };
     Ok(Node::new(value, span))
 }
@@ -397,7 +415,10 @@ fn interpolate(node: &mut Node, env: EnvLookup<'_>, params: &Node, diags: &mut V
             .for_each(|(_, n)| interpolate(n, env, params, diags)),
         Value::Str(s) if s.contains("${env.") || s.contains("${params.") => {
             match expand(s, env, params) {
-                Ok(Expanded::Whole(v)) => node.value = v,
+                Ok(Expanded::Whole(v, text)) => {
+                    node.value = v;
+                    node.text = text;
+                }
                 Ok(Expanded::Text(t)) => node.value = Value::Str(t),
                 Err((msg, hint)) => diags.push(Diagnostic::new(msg, node.span).hint_opt(hint)),
             }
@@ -407,8 +428,8 @@ fn interpolate(node: &mut Node, env: EnvLookup<'_>, params: &Node, diags: &mut V
 }
 
 enum Expanded {
-    /// The string was exactly one expression: keep the value's type.
-    Whole(Value),
+    /// The string was exactly one expression: keep the value's type (and its text).
+    Whole(Value, Option<String>),
     Text(String),
 }
 
@@ -417,7 +438,7 @@ type ExpandError = (String, Option<String>);
 fn expand(s: &str, env: EnvLookup<'_>, params: &Node) -> Result<Expanded, ExpandError> {
     let mut out = String::new();
     let mut rest = s;
-    let mut whole: Option<Value> = None;
+    let mut whole: Option<(Value, Option<String>)> = None;
     while let Some(start) = find_expr(rest) {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
@@ -430,10 +451,10 @@ fn expand(s: &str, env: EnvLookup<'_>, params: &Node) -> Result<Expanded, Expand
         let expr = &after[..end];
         let (value, raw) = resolve(expr, env, params)?;
         if start == 0 && end + 3 == rest.len() && out.is_empty() {
-            whole = Some(value.clone());
+            whole = Some((value.clone(), raw.clone()));
         }
-        // Inside text an environment variable is text as written: typing it first would
-        // turn a commit `12e4567` into `inf` and a version `3.10` into `3.1`.
+        // Inside text a value is its text as written: typing it first would turn a commit
+        // `12e4567` into `inf` and a version `3.10` into `3.1`.
         match raw {
             Some(raw) => out.push_str(&raw),
             None => out.push_str(&scalar_text(&value)),
@@ -442,7 +463,7 @@ fn expand(s: &str, env: EnvLookup<'_>, params: &Node) -> Result<Expanded, Expand
     }
     out.push_str(rest);
     Ok(match whole {
-        Some(v) => Expanded::Whole(v),
+        Some((v, text)) => Expanded::Whole(v, text),
         None => Expanded::Text(out),
     })
 }
@@ -454,8 +475,8 @@ fn find_expr(s: &str) -> Option<usize> {
     }
 }
 
-/// An expression's value, typed as YAML would type it, and for an environment variable
-/// also its text as written.
+/// An expression's value, typed as YAML would type it, and its text as written where
+/// typing changed it.
 fn resolve(
     expr: &str,
     env: EnvLookup<'_>,
@@ -494,7 +515,7 @@ fn resolve(
             }
         }
     }
-    Ok((node.value.clone(), None))
+    Ok((node.value.clone(), node.text.clone()))
 }
 
 fn scalar_text(v: &Value) -> String {
@@ -575,6 +596,15 @@ mod tests {
         );
         // A whole value keeps its type, as documented.
         assert_eq!(params.get("n").unwrap().value, Value::Float(3.1));
+        // Through a param, and from the file itself, text is still as written.
+        let text = "name: t\nparams: {commit: '${env.COMMIT}', v: 3.10, id: 007}\nstages:\n  a:\n    kind: shell\n    with: {run: 'c=${params.commit} v=${params.v} id=${params.id}'}\n";
+        let sets = vec!["params.id=0042".to_string()];
+        let s = PipelineSpec::from_text(Path::new("p.yaml"), text, &sets, &env).unwrap();
+        let run = s.root.get("stages").unwrap().get("a").unwrap();
+        assert_eq!(
+            run.get("with").unwrap().get("run").unwrap().value,
+            Value::Str("c=12e4567 v=3.10 id=0042".into())
+        );
     }
 
     #[test]

@@ -858,8 +858,10 @@ impl Store {
     }
 
     /// Pins `key` on behalf of `holder` (the run id that was pinned, or the key itself):
-    /// one object per holder, `pins/<key>/<holder>`, so that unpinning one run leaves the
-    /// artifacts it shares with another pinned run pinned.
+    /// one object per holder, `pinned/<key>/<holder>`, so that unpinning one run leaves the
+    /// artifacts it shares with another pinned run pinned. (Before holders, a pin was one
+    /// object `pins/<key>`; a folder cannot share that name on a file system, hence the new
+    /// prefix. Old pins still count, and `unpin` removes them.)
     pub async fn pin(&self, key: &CacheKey, holder: &str) -> Result<()> {
         let p = Self::pin_path(key, holder);
         self.inner
@@ -869,22 +871,28 @@ impl Store {
             .map_err(Self::backend("write", &p))
     }
 
-    /// Removes `holder`'s pin on `key`; other holders' pins stay. True if there was one.
-    pub async fn unpin(&self, key: &CacheKey, holder: &str) -> Result<bool> {
+    /// Removes `holder`'s pin on `key`; other holders' pins stay. An old-style pin
+    /// (`pins/<key>`) goes too when it was made by `holder` or by `typed`, the name
+    /// `unpin` was given (old pins kept the argument as typed: `last`, a run id). True if
+    /// there was a pin to remove.
+    pub async fn unpin(&self, key: &CacheKey, holder: &str, typed: &str) -> Result<bool> {
         let mut removed = self.delete_if_present(&Self::pin_path(key, holder)).await?;
-        // Before pins had holders, a pin was `pins/<key>` holding the name it was pinned by.
         let legacy = ObjPath::from(format!("pins/{key}"));
-        if let Ok(got) = self.inner.get(&legacy).await {
-            let note = got.bytes().await.map_err(Self::backend("read", &legacy))?;
-            if note.as_ref() == holder.as_bytes() {
-                removed |= self.delete_if_present(&legacy).await?;
+        match self.inner.get(&legacy).await {
+            Ok(got) => {
+                let note = got.bytes().await.map_err(Self::backend("read", &legacy))?;
+                if note.as_ref() == holder.as_bytes() || note.as_ref() == typed.as_bytes() {
+                    removed |= self.delete_if_present(&legacy).await?;
+                }
             }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(Self::backend("read", &legacy)(e)),
         }
         Ok(removed)
     }
 
     fn pin_path(key: &CacheKey, holder: &str) -> ObjPath {
-        ObjPath::from_iter(["pins", &key.0, holder])
+        ObjPath::from_iter(["pinned", &key.0, holder])
     }
 
     async fn delete_if_present(&self, p: &ObjPath) -> Result<bool> {
@@ -895,17 +903,17 @@ impl Store {
         }
     }
 
-    /// Every pinned key, whoever pinned it.
+    /// Every pinned key, whoever pinned it (old-style pins included).
     pub async fn pins(&self) -> Result<Vec<CacheKey>> {
-        let mut keys: Vec<CacheKey> = self
-            .list_paths("pins")
-            .await?
-            .into_iter()
-            .filter_map(|m| {
-                let mut parts = m.location.parts().skip_while(|p| p.as_ref() != "pins");
-                Some(CacheKey(parts.nth(1)?.as_ref().to_string()))
-            })
-            .collect();
+        let key_after = |m: &object_store::ObjectMeta, prefix: &str| {
+            let mut parts = m.location.parts().skip_while(|p| p.as_ref() != prefix);
+            Some(CacheKey(parts.nth(1)?.as_ref().to_string()))
+        };
+        let mut keys: Vec<CacheKey> = Vec::new();
+        for prefix in ["pinned", "pins"] {
+            let listed = self.list_paths(prefix).await?;
+            keys.extend(listed.iter().filter_map(|m| key_after(m, prefix)));
+        }
         keys.sort_by(|a, b| a.0.cmp(&b.0));
         keys.dedup();
         Ok(keys)

@@ -33,6 +33,9 @@ pub struct Key {
 pub struct Node {
     pub value: Value,
     pub span: Span,
+    /// A scalar's text as written, where typing changed it (`3.10` is the float 3.1,
+    /// `007` the integer 7): what `${...}` inside text shows.
+    pub text: Option<String>,
 }
 
 impl Node {
@@ -46,7 +49,18 @@ impl Node {
     }
 
     pub fn new(value: Value, span: Span) -> Self {
-        Node { value, span }
+        Node {
+            value,
+            span,
+            text: None,
+        }
+    }
+
+    /// A plain scalar typed as YAML types it, keeping its text where typing changed it.
+    pub fn plain(text: &str, span: Span) -> Self {
+        let value = plain_scalar(text);
+        let text = (!matches!(value, Value::Str(_))).then(|| text.to_string());
+        Node { value, span, text }
     }
 
     pub fn type_name(&self) -> &'static str {
@@ -140,7 +154,7 @@ const MAX_DEPTH: usize = 64;
 pub fn parse(text: &str, source: SourceId) -> Result<(Node, Vec<Diagnostic>), Diagnostic> {
     let mut builder = Builder {
         source,
-        text,
+        lines: text.lines().collect(),
         stack: Vec::new(),
         anchors: HashMap::new(),
         root: None,
@@ -196,7 +210,8 @@ enum Frame {
 
 struct Builder<'a> {
     source: SourceId,
-    text: &'a str,
+    /// The text's lines, for measuring values by line and column.
+    lines: Vec<&'a str>,
     stack: Vec<Frame>,
     anchors: HashMap<usize, Node>,
     root: Option<Node>,
@@ -227,7 +242,7 @@ impl Builder<'_> {
         );
         // The marker counts characters, not bytes: find the rest of its line by line and
         // column, so text after Cyrillic, say, is measured right.
-        let line = self.text.lines().nth(mark.line().saturating_sub(1));
+        let line = self.lines.get(mark.line().saturating_sub(1));
         let line_rest = line.map_or(0, |l| l.chars().skip(mark.col()).count());
         let want = value.lines().next().unwrap_or("").chars().count() + if quoted { 2 } else { 0 };
         want.clamp(1, line_rest.max(1))
@@ -330,12 +345,12 @@ impl MarkedEventReceiver for Builder<'_> {
         match ev {
             Event::Scalar(text, style, anchor, _tag) => {
                 let len = self.scalar_len(mark, &text, style);
-                let value = if style == TScalarStyle::Plain {
-                    plain_scalar(&text)
+                let span = self.span(mark, len);
+                let node = if style == TScalarStyle::Plain {
+                    Node::plain(&text, span)
                 } else {
-                    Value::Str(text)
+                    Node::new(Value::Str(text), span)
                 };
-                let node = Node::new(value, self.span(mark, len));
                 self.push_value(node, anchor);
             }
             Event::SequenceStart(anchor, _) => {

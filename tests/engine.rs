@@ -489,6 +489,42 @@ fn unpinning_a_run_and_gc_of_one_pipeline_spare_what_others_keep() {
     assert!(plan.stdout.contains("collected by gc"), "{}", plan.stdout);
 }
 
+/// A run record that does not parse (a truncated write) stops nothing: gc collects it by
+/// age like any other, and `gc --pipeline`, not knowing whose it is, keeps it.
+#[test]
+fn gc_passes_over_an_unreadable_run_record() {
+    let sb = diamond("0");
+    for greeting in ["one", "two"] {
+        let set = format!("params.greeting={greeting}");
+        assert_eq!(sb.run(&["run", "p.yaml", "--set", &set]).code, 0);
+    }
+    let first = sb.runs()[0]["id"].as_str().unwrap().to_string();
+    let record = sb.path().join(format!("store/runs/{first}.json"));
+    std::fs::write(&record, "{\"id\": \"trunc").unwrap();
+    let r = sb.run(&[
+        "gc",
+        "--pipeline",
+        "p.yaml",
+        "--keep-last",
+        "0",
+        "--grace",
+        "0",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(record.exists(), "whose it is is unknown: kept");
+    let r = sb.run(&[
+        "gc",
+        "--store",
+        "file://store",
+        "--keep-last",
+        "0",
+        "--grace",
+        "0",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!record.exists(), "collected by age");
+}
+
 #[test]
 fn a_kept_artifact_with_an_unreadable_manifest_stops_gc_and_fsck_repairs_it() {
     let sb = diamond("0");
