@@ -144,28 +144,40 @@ stages:
     with: { run: "wc -c < $INPUT_BIG/big.bin > n.txt", outputs: [n.txt] }
 "#;
 
-#[test]
-fn s3_store_survives_a_server_cut_mid_upload() {
-    let Some(venv) = servers::venv() else { return };
+/// A real S3 server (moto) with the bucket `artifacts`, behind a [`Proxy`] that can cut it;
+/// None where no test virtualenv is (outside CI).
+fn moto_behind_a_proxy() -> Option<(Server, Proxy)> {
+    let venv = servers::venv()?;
     let moto = Server::moto(&venv);
     let (code, body) = http("PUT", &format!("{}/artifacts", moto.url), None).unwrap();
     assert_eq!(code, 200, "{body}");
     let proxy = Proxy::start(moto.port);
+    Some((moto, proxy))
+}
+
+/// `orchestrate ARGS` in `sb`, its store reached through `proxy`, its retries short.
+fn through(sb: &Sandbox, proxy: &Proxy, args: &[&str], retry_secs: &str) -> std::process::Command {
+    let mut c = sb.cmd(args);
+    c.env(
+        "AWS_ENDPOINT_URL",
+        format!("http://127.0.0.1:{}", proxy.port),
+    )
+    .env("AWS_ACCESS_KEY_ID", "test")
+    .env("AWS_SECRET_ACCESS_KEY", "test")
+    .env("AWS_REGION", "us-east-1")
+    .env("ORCHESTRATE_STORE_RETRIES", "2")
+    .env("ORCHESTRATE_STORE_RETRY_SECS", retry_secs);
+    c
+}
+
+#[test]
+fn s3_store_survives_a_server_cut_mid_upload() {
+    let Some((moto, proxy)) = moto_behind_a_proxy() else {
+        return;
+    };
     let sb = Sandbox::new();
     sb.write("p.yaml", PIPELINE);
-    let run = |args: &[&str]| {
-        let mut c = sb.cmd(args);
-        c.env(
-            "AWS_ENDPOINT_URL",
-            format!("http://127.0.0.1:{}", proxy.port),
-        )
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("ORCHESTRATE_STORE_RETRIES", "2")
-        .env("ORCHESTRATE_STORE_RETRY_SECS", "5");
-        c
-    };
+    let run = |args: &[&str]| through(&sb, &proxy, args, "5");
 
     // Cut the connection once `big` has written its 40 MB and 5 MB of it went up.
     let mut child = run(&["run", "p.yaml"])
@@ -234,11 +246,9 @@ fn s3_store_survives_a_server_cut_mid_upload() {
 /// not the work: a training or a command with side effects is not redone for the store.
 #[test]
 fn a_failed_upload_is_retried_without_redoing_the_work() {
-    let Some(venv) = servers::venv() else { return };
-    let moto = Server::moto(&venv);
-    let (code, body) = http("PUT", &format!("{}/artifacts", moto.url), None).unwrap();
-    assert_eq!(code, 200, "{body}");
-    let proxy = Proxy::start(moto.port);
+    let Some((moto, proxy)) = moto_behind_a_proxy() else {
+        return;
+    };
     let sb = Sandbox::new();
     sb.write(
         "p.yaml",
@@ -254,17 +264,7 @@ stages:
       outputs: [big.bin]
 "#,
     );
-    let mut child = sb
-        .cmd(&["run", "p.yaml"])
-        .env(
-            "AWS_ENDPOINT_URL",
-            format!("http://127.0.0.1:{}", proxy.port),
-        )
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("ORCHESTRATE_STORE_RETRIES", "2")
-        .env("ORCHESTRATE_STORE_RETRY_SECS", "3")
+    let mut child = through(&sb, &proxy, &["run", "p.yaml"], "3")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -70,6 +70,13 @@ impl Activation {
 /// or draws land between them.
 static GENERATOR: Mutex<()> = Mutex::new(());
 
+/// Waits for the random draws queued on `device` to be made: a fused GPU backend queues
+/// them and draws later, which would be after the hold on the generator ended.
+fn drawn<B: Backend>(device: &B::Device) {
+    // An error here would show again at the first real use of the device, with context.
+    let _ = B::sync(device);
+}
+
 fn hold_generator() -> MutexGuard<'static, ()> {
     // Holds no data: a panic while it was held leaves nothing half-changed.
     GENERATOR.lock().unwrap_or_else(PoisonError::into_inner)
@@ -79,7 +86,9 @@ impl ModelConfig {
     /// A model with random initial weights from burn's generator, as it stands.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Seq2Seq<B> {
         let _held = hold_generator();
-        self.build(device, true)
+        let model = self.build(device, true);
+        drawn::<B>(device);
+        model
     }
 
     /// A model with initial weights drawn for `seed` alone: the same weights whatever else
@@ -87,7 +96,9 @@ impl ModelConfig {
     pub fn init_seeded<B: Backend>(&self, seed: u64, device: &B::Device) -> Seq2Seq<B> {
         let _held = hold_generator();
         B::seed(device, seed);
-        self.build(device, true)
+        let model = self.build(device, true);
+        drawn::<B>(device);
+        model
     }
 
     /// A model with every weight zero (norms one), for weights loaded over it: it draws
