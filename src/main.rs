@@ -401,6 +401,7 @@ fn open_store(p: &Pipeline, args: &StoreArgs) -> Result<Store, Failure> {
 /// With `--pipeline`, that pipeline's `name`: a store may hold the runs of several
 /// pipelines (this repository's three share `artifacts/`), and `runs`, `show last` and
 /// `serve STAGE` then look at that pipeline's alone.
+#[cfg(feature = "model")]
 fn pipeline_name(args: &StoreOnly) -> Result<Option<String>, Failure> {
     args.pipeline
         .as_ref()
