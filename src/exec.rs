@@ -509,7 +509,7 @@ async fn run_stage(
             Err(StageFailure::Failed(msg) | StageFailure::Store(msg))
                 if attempt <= stage.retries && !sh.cancel.is_cancelled() =>
             {
-                let wait = Duration::from_millis(500 * (1 << (attempt - 1).min(6)));
+                let wait = retry_wait(attempt);
                 sh.reporter.note(&format!(
                     "stage `{}` failed (attempt {attempt} of {}), retrying in {:.1}s: {}",
                     stage.name,
@@ -617,6 +617,11 @@ impl From<StoreError> for StageFailure {
     fn from(e: StoreError) -> Self {
         StageFailure::Store(e.to_string())
     }
+}
+
+/// How long to wait before retry `attempt` + 1: 0.5 s, doubling, at most 32 s.
+fn retry_wait(attempt: u32) -> Duration {
+    Duration::from_millis(500 * (1 << (attempt.max(1) - 1).min(6)))
 }
 
 /// One attempt: materialise inputs, do the work, upload, commit.
@@ -750,7 +755,7 @@ async fn produce(
         match store_output(sh, i, &out, &files, key, parts, &output.metadata, t0).await {
             Ok(stored) => break stored,
             Err(e) if tries <= stage.retries && !sh.cancel.is_cancelled() => {
-                let wait = Duration::from_millis(500 * (1 << (tries - 1).min(6)));
+                let wait = retry_wait(tries);
                 sh.reporter.note(&format!(
                     "stage `{}`: storing its output failed (try {tries} of {}), retrying in {:.1}s: {e}",
                     stage.name,
@@ -830,7 +835,6 @@ async fn store_output(
     let stage = &sh.pipeline.stages[i];
     let store = &sh.store;
     let uploads: Vec<(PathBuf, String)> = files.iter().map(|r| (out.join(r), r.clone())).collect();
-    let uploads_again = uploads.clone();
     let mut entries: Vec<FileEntry> = futures::stream::iter(
         uploads
             .into_iter()
@@ -862,12 +866,9 @@ async fn store_output(
     };
     let committed = store.commit(&manifest).await?;
     // A blob this upload found already stored was not refreshed, and `gc` may have taken
-    // it, unreferenced, before the manifest naming it landed: put back any that is gone
-    // (one HEAD per file; nothing is sent for those still there).
+    // it, unreferenced, before the manifest naming it landed: put back any that is gone.
     if committed.digest == manifest.digest {
-        for (path, rel) in &uploads_again {
-            store.put_file(path, rel).await?;
-        }
+        store.put_back_missing(&manifest.files, out).await?;
     }
     Ok((manifest, committed))
 }

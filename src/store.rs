@@ -491,6 +491,22 @@ impl Store {
         self.verify_files(&m.files).await
     }
 
+    /// Uploads again each of `files` (held under `dir`) whose blob is gone: one HEAD per
+    /// file, and only the missing ones are read and sent.
+    pub async fn put_back_missing(&self, files: &[FileEntry], dir: &Path) -> Result<()> {
+        for f in files {
+            let path = Self::blob_path(&f.digest);
+            match self.inner.head(&path).await {
+                Ok(_) => {}
+                Err(object_store::Error::NotFound { .. }) => {
+                    self.put_file(&dir.join(&f.path), &f.path).await?;
+                }
+                Err(e) => return Err(Self::backend("check", &path)(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Each of `files` whose blob is missing or does not hash to its digest, and why.
     pub async fn verify_files(&self, files: &[FileEntry]) -> Result<Vec<(FileEntry, String)>> {
         let mut bad = Vec::new();

@@ -52,6 +52,18 @@ fn diamond(sleep: &str) -> Sandbox {
     sb
 }
 
+/// Runs the diamond once per greeting; the run ids, in order.
+fn run_greetings(sb: &Sandbox, greetings: &[&str]) -> Vec<String> {
+    greetings
+        .iter()
+        .map(|greeting| {
+            let set = format!("params.greeting={greeting}");
+            assert_eq!(sb.run(&["run", "p.yaml", "--set", &set]).code, 0);
+            sb.last_run()["id"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
 fn counts(sb: &Sandbox) -> [usize; 4] {
     ["src", "left", "right", "join"].map(|s| line_count(&sb.read(&format!("count-{s}"))))
 }
@@ -453,12 +465,7 @@ fn unpinning_a_run_and_gc_of_one_pipeline_spare_what_others_keep() {
         "name: other\nstorage: file://store\nstages:\n  solo:\n    kind: shell\n    with: { run: echo solo > s.txt, outputs: [s.txt] }\n",
     );
     assert_eq!(sb.run(&["run", "other.yaml"]).code, 0);
-    let mut ids = Vec::new();
-    for greeting in ["one", "two"] {
-        let set = format!("params.greeting={greeting}");
-        assert_eq!(sb.run(&["run", "p.yaml", "--set", &set]).code, 0);
-        ids.push(sb.last_run()["id"].as_str().unwrap().to_string());
-    }
+    let ids = run_greetings(&sb, &["one", "two"]);
     for id in &ids {
         assert_eq!(sb.run(&["pin", id, "--store", "file://store"]).code, 0);
     }
@@ -494,11 +501,7 @@ fn unpinning_a_run_and_gc_of_one_pipeline_spare_what_others_keep() {
 #[test]
 fn gc_passes_over_an_unreadable_run_record() {
     let sb = diamond("0");
-    for greeting in ["one", "two"] {
-        let set = format!("params.greeting={greeting}");
-        assert_eq!(sb.run(&["run", "p.yaml", "--set", &set]).code, 0);
-    }
-    let first = sb.runs()[0]["id"].as_str().unwrap().to_string();
+    let first = run_greetings(&sb, &["one", "two"]).remove(0);
     let record = sb.path().join(format!("store/runs/{first}.json"));
     std::fs::write(&record, "{\"id\": \"trunc").unwrap();
     let r = sb.run(&[
