@@ -504,7 +504,7 @@ async fn run_stage(
     let mut attempt = 0;
     let result = loop {
         attempt += 1;
-        let r = produce(sh, i, &inputs, &key, &parts, attempt, &metrics).await;
+        let r = produce(sh, i, &inputs, &key, &parts, attempt, &metrics, forced).await;
         match r {
             Err(StageFailure::Failed(msg) | StageFailure::Store(msg))
                 if attempt <= stage.retries && !sh.cancel.is_cancelled() =>
@@ -624,7 +624,9 @@ fn retry_wait(attempt: u32) -> Duration {
     Duration::from_millis(500 * (1 << (attempt.max(1) - 1).min(6)))
 }
 
-/// One attempt: materialise inputs, do the work, upload, commit.
+/// One attempt: materialise inputs, do the work, upload, commit (over what the key holds
+/// when `forced`).
+#[allow(clippy::too_many_arguments)]
 async fn produce(
     sh: &Shared,
     i: usize,
@@ -633,6 +635,7 @@ async fn produce(
     parts: &crate::key::CacheKeyParts,
     attempt: u32,
     metrics: &Arc<Mutex<BTreeMap<String, f64>>>,
+    forced: bool,
 ) -> Result<Manifest, StageFailure> {
     let stage = &sh.pipeline.stages[i];
     let t0 = Instant::now();
@@ -750,9 +753,24 @@ async fn produce(
     // Storing is retried on its own (`retries`): the work is done, and redoing it (a whole
     // training, a shell command's side effects) because an upload failed would be wrong.
     let mut tries = 0;
-    let (manifest, committed) = loop {
+    let Stored {
+        manifest,
+        committed,
+        replaced,
+    } = loop {
         tries += 1;
-        match store_output(sh, i, &out, &files, key, parts, &output.metadata, t0).await {
+        let stored = store_output(
+            sh,
+            i,
+            &out,
+            &files,
+            key,
+            parts,
+            &output.metadata,
+            t0,
+            forced,
+        );
+        match stored.await {
             Ok(stored) => break stored,
             Err(e) if tries <= stage.retries && !sh.cancel.is_cancelled() => {
                 let wait = retry_wait(tries);
@@ -769,6 +787,14 @@ async fn produce(
     };
     let uid = stage_uid(&sh.run_id, &stage.name);
     let _ = store.drop_checkpoints(key).await;
+    if let Some(old) = replaced {
+        sh.reporter.note(&format!(
+            "stage `{}` is not deterministic: this run produced {} where the store held {} for the same key; --force replaced it",
+            stage.name,
+            crate::plan::short_digest(&manifest.digest),
+            crate::plan::short_digest(&old.digest)
+        ));
+    }
     if committed.digest != manifest.digest {
         sh.reporter.note(&format!(
             "stage `{}` is not deterministic: this run produced {}, but the store already holds {} for the same key; keeping the stored one",
@@ -821,6 +847,17 @@ async fn produce(
 
 /// Uploads a finished stage's output files and commits its manifest. Returns ours and the
 /// one the store keeps (another run's, if it committed this key first).
+/// What storing a stage's output did.
+struct Stored {
+    /// This run's output.
+    manifest: Manifest,
+    /// What the store now holds under the key: this run's, or one another run committed
+    /// first.
+    committed: Manifest,
+    /// Under `--force`, a different output this run's replaced.
+    replaced: Option<Manifest>,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn store_output(
     sh: &Shared,
@@ -831,7 +868,8 @@ async fn store_output(
     parts: &crate::key::CacheKeyParts,
     metadata: &serde_json::Map<String, serde_json::Value>,
     t0: Instant,
-) -> Result<(Manifest, Manifest), StoreError> {
+    forced: bool,
+) -> Result<Stored, StoreError> {
     let stage = &sh.pipeline.stages[i];
     let store = &sh.store;
     let uploads: Vec<(PathBuf, String)> = files.iter().map(|r| (out.join(r), r.clone())).collect();
@@ -864,13 +902,26 @@ async fn store_output(
         },
         key_parts: parts.clone(),
     };
+    if forced {
+        let previous = store.commit_replacing(&manifest).await?;
+        store.put_back_missing(&manifest.files, out).await?;
+        return Ok(Stored {
+            replaced: previous.filter(|p| p.digest != manifest.digest),
+            committed: manifest.clone(),
+            manifest,
+        });
+    }
     let committed = store.commit(&manifest).await?;
     // A blob this upload found already stored was not refreshed, and `gc` may have taken
     // it, unreferenced, before the manifest naming it landed: put back any that is gone.
     if committed.digest == manifest.digest {
         store.put_back_missing(&manifest.files, out).await?;
     }
-    Ok((manifest, committed))
+    Ok(Stored {
+        manifest,
+        committed,
+        replaced: None,
+    })
 }
 
 /// A short model card for a registered model: where it came from and what it measured.

@@ -22,7 +22,8 @@ pub struct ArgoOptions {
 }
 
 /// Where the pipeline file sits inside every task's container.
-const PIPELINE_PATH: &str = "/work/pipeline.yaml";
+/// Where the workflow puts the pipeline file in each task.
+pub const PIPELINE_PATH: &str = "/work/pipeline.yaml";
 
 pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String> {
     let store = o.store.clone().unwrap_or_else(|| p.storage.clone());

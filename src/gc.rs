@@ -71,6 +71,16 @@ pub async fn collect(
         keep.extend(run.stages.iter().filter_map(|s| s.key.clone()));
     }
     report.runs_kept += kept.len();
+    // A pinned run's record stays with its pins: without it, `unpin RUN` could not find
+    // them, and `show` could not say what the pinned artifacts are.
+    let holders: HashSet<String> = store
+        .pin_holders()
+        .await?
+        .into_iter()
+        .map(|(_, holder)| holder)
+        .collect();
+    let (held, old): (Vec<_>, Vec<_>) = old.iter().partition(|(id, _)| holders.contains(id));
+    report.runs_kept += held.len();
     let now = SystemTime::now();
     let young = |t: SystemTime| now.duration_since(t).map(|age| age < grace).unwrap_or(true);
 
@@ -108,7 +118,7 @@ pub async fn collect(
     }
     if !dry_run {
         store.prune_history(&kept_keys).await?;
-        for (id, _) in old {
+        for (id, _) in &old {
             store.delete_run(id).await?;
         }
     }

@@ -92,6 +92,9 @@ struct SelectArgs {
     /// Rerun this stage and everything downstream of it.
     #[arg(long, value_name = "STAGE", conflicts_with = "only")]
     from: Option<String>,
+    /// Run this stage and the stages it needs, nothing below or beside it (repeatable).
+    #[arg(long, value_name = "STAGE", conflicts_with_all = ["only", "from"])]
+    until: Vec<String>,
     /// Rerun this stage even if its artifact is stored (repeatable).
     #[arg(long, value_name = "STAGE", conflicts_with = "force_all")]
     force: Vec<String>,
@@ -108,6 +111,7 @@ impl SelectArgs {
         Selection {
             only: self.only.clone(),
             from: self.from.clone(),
+            until: self.until.clone(),
             force: self.force.clone(),
             force_all: self.force_all,
             repair: self.repair,
@@ -338,7 +342,11 @@ impl Failure {
 
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
-        Failure::new(3, format!("error: {e}"))
+        let code = match e {
+            StoreError::Url { .. } => 2,
+            _ => 3,
+        };
+        Failure::new(code, format!("error: {e}"))
     }
 }
 
@@ -439,6 +447,14 @@ fn open_store_of(args: &StoreOnly) -> Result<(Store, Option<String>), Failure> {
     let store = match (&args.store.store, &p) {
         (Some(url), _) => Store::open(url, Path::new("."))?,
         (None, Some(p)) => open_store(p, &args.store)?,
+        // Opening a store that is not there would create it: `fsck` or `gc` run in the
+        // wrong directory would then report success on an empty store of their own making.
+        (None, None) if !Path::new("artifacts").is_dir() => {
+            return Err(Failure::new(
+                2,
+                "error: no store here: the default store `artifacts/` does not exist in this directory; pass --store URL or --pipeline FILE",
+            ))
+        }
         (None, None) => Store::open("file://artifacts", Path::new("."))?,
     };
     Ok((store, name))
@@ -590,7 +606,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             device,
             workers,
         } => {
-            let overrides = ServeOverrides {
+            let mut overrides = ServeOverrides {
                 host,
                 port,
                 api_key,
@@ -599,6 +615,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 cors_origins,
                 device,
                 workers,
+                stored: None,
             };
             // A directory holding an artifact; otherwise a stage (`deploy` may also be the
             // name of a plain directory, as in this repository).
@@ -630,7 +647,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 .unwrap_or_else(|| PathBuf::from(".orchestrate"));
             let found = stage_artifact(&store, &stage, pipeline.as_deref(), &cache).await;
             // Neither an artifact directory nor a stage in the store: say both.
-            let dir = match found {
+            let (dir, digest) = match found {
                 Err(e) if e.code == 2 && dir.is_dir() => {
                     return serve_dir(dir, overrides)
                         .await
@@ -638,6 +655,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 }
                 found => found?,
             };
+            overrides.stored = Some(Stored { stage, digest });
             serve_dir(&dir, overrides).await
         }
         Command::Export {
@@ -666,6 +684,20 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             };
             let wf = orchestrate::export::argo(&p, &source, &opts)
                 .map_err(|e| Failure::new(2, format!("error: {e}")))?;
+            // Only the pipeline file travels into the workflow: a file read from beside it
+            // must be in the image, or the task fails on the cluster.
+            for s in &p.stages {
+                for d in s.deps.iter().filter(|d| !d.contains("://")) {
+                    let path = Path::new(d);
+                    if path.is_relative() || (p.dir.is_absolute() && path.starts_with(&p.dir)) {
+                        errln!(
+                            "warning: stage `{}` reads `{d}` from beside the pipeline file, but an Argo task has only the pipeline file ({}); put the file in the image at the same place relative to it, or read it from s3://",
+                            s.name,
+                            orchestrate::export::PIPELINE_PATH
+                        );
+                    }
+                }
+            }
             let text = orchestrate::export::to_yaml(&wf);
             match output {
                 Some(f) => std::fs::write(&f, text).map_err(|e| {
@@ -699,10 +731,14 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 if runs.len() == limit {
                     break;
                 }
-                if let Some(r) = store.get_run::<RunRecord>(id).await? {
-                    if name.as_ref().is_none_or(|n| *n == r.pipeline) {
-                        runs.push(r);
+                match store.get_run::<RunRecord>(id).await {
+                    Ok(Some(r)) if name.as_ref().is_none_or(|n| *n == r.pipeline) => runs.push(r),
+                    Ok(_) => {}
+                    // One damaged record must not hide every other run.
+                    Err(e) if e.is_damage() => {
+                        errln!("warning: run record `{id}` is unreadable, passed over: {e}")
                     }
+                    Err(e) => return Err(e.into()),
                 }
             }
             if json {
@@ -777,6 +813,20 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Unpin { run_or_key, store } => {
             let (store, name) = open_store_of(&store)?;
             let (holder, keys) = keys_for(&store, &run_or_key, name.as_deref()).await?;
+            if keys.len() == 1 && keys[0].0 == holder {
+                // `unpin KEY`: the artifact is unpinned, whichever runs pinned it.
+                let holders = store.unpin_every(&keys[0]).await?;
+                let others: Vec<&String> = holders.iter().filter(|h| **h != holder).collect();
+                let by = if others.is_empty() {
+                    String::new()
+                } else {
+                    let names: Vec<&str> = others.iter().map(|h| h.as_str()).collect();
+                    format!(" (pinned by {})", names.join(", "))
+                };
+                let n = usize::from(!holders.is_empty());
+                outln!("unpinned {n} artifact{}{by}", if n == 1 { "" } else { "s" });
+                return Ok(0);
+            }
             let mut n = 0;
             for k in &keys {
                 n += usize::from(store.unpin(k, &holder, &run_or_key).await?);
@@ -920,10 +970,36 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                     );
                 }
             }
+            // Run records and history entries: damaged ones are passed over by `runs`,
+            // `plan` and `gc`, and removed here.
+            let run_ids = store.list_run_ids().await?;
+            for id in &run_ids {
+                match store.get_run::<RunRecord>(id).await {
+                    Err(e) if e.is_damage() => {
+                        bad += 1;
+                        outln!("corrupt: run record `{id}`: {e}");
+                        if repair {
+                            store.delete_run(id).await?;
+                            outln!("  removed");
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                    Ok(_) => {}
+                }
+            }
+            for path in store.damaged_history().await? {
+                bad += 1;
+                outln!("corrupt: history entry `{path}`");
+                if repair {
+                    store.remove_history(&path).await?;
+                    outln!("  removed");
+                }
+            }
             outln!(
-                "checked {} artifacts and {} checkpoints: {} corrupt",
+                "checked {} artifacts, {} checkpoints and {} run records: {} corrupt",
                 keys.len(),
                 checkpoints.len(),
+                run_ids.len(),
                 bad
             );
             Ok(if bad > 0 && !repair { 3 } else { 0 })
@@ -971,15 +1047,26 @@ struct ServeOverrides {
     cors_origins: Vec<String>,
     device: Option<String>,
     workers: Option<usize>,
+    /// The stage and content digest of an artifact taken from the store: a bare Model's
+    /// name and `model_sha` (its materialised directory is only called `files`).
+    stored: Option<Stored>,
 }
 
-/// A finished stage's artifact, materialised under `cache`; `None` when none is stored.
+/// Where a served artifact came from in the store.
+#[cfg(feature = "model")]
+struct Stored {
+    stage: String,
+    digest: String,
+}
+
+/// A finished stage's artifact, materialised under `cache`, and its manifest's digest;
+/// `None` when none is stored.
 #[cfg(feature = "model")]
 async fn stored_artifact(
     store: &Store,
     stage: &orchestrate::record::StageRecord,
     cache: &Path,
-) -> Result<Option<PathBuf>, Failure> {
+) -> Result<Option<(PathBuf, String)>, Failure> {
     if !matches!(stage.status, StageStatus::Ran | StageStatus::Cached) {
         return Ok(None);
     }
@@ -987,9 +1074,10 @@ async fn stored_artifact(
         return Ok(None);
     };
     match store.manifest(key).await? {
-        Some(m) => Ok(Some(
+        Some(m) => Ok(Some((
             orchestrate::exec::materialize_in(store, &cache.join("artifacts"), &m).await?,
-        )),
+            m.digest,
+        ))),
         None => Ok(None),
     }
 }
@@ -1009,7 +1097,7 @@ async fn deployed_dir(
         return Ok(None);
     };
     match stored_artifact(store, stage, cache).await? {
-        Some(dir) => Ok(Some(dir)),
+        Some((dir, _)) => Ok(Some(dir)),
         None => Err(Failure::new(
             3,
             format!(
@@ -1020,14 +1108,14 @@ async fn deployed_dir(
     }
 }
 
-/// The artifact of `stage` in the newest run that produced or reused it.
+/// The artifact of `stage` in the newest run that produced or reused it, and its digest.
 #[cfg(feature = "model")]
 async fn stage_artifact(
     store: &Store,
     stage: &str,
     pipeline: Option<&str>,
     cache: &Path,
-) -> Result<PathBuf, Failure> {
+) -> Result<(PathBuf, String), Failure> {
     let ids = store.list_run_ids().await?;
     for id in ids.iter().rev() {
         let Some(record) = store.get_run::<RunRecord>(id).await? else {
@@ -1037,8 +1125,8 @@ async fn stage_artifact(
             continue;
         }
         if let Some(s) = record.stages.iter().find(|s| s.stage == stage) {
-            if let Some(dir) = stored_artifact(store, s, cache).await? {
-                return Ok(dir);
+            if let Some(found) = stored_artifact(store, s, cache).await? {
+                return Ok(found);
             }
         }
     }
@@ -1059,6 +1147,14 @@ async fn stage_artifact(
 async fn serve_dir(dir: &Path, o: ServeOverrides) -> Result<u8, Failure> {
     let (model_dir, mut opts) = orchestrate_serve::deploy::resolve(dir)
         .map_err(|e| Failure::new(2, format!("error: {e}")))?;
+    // A Deployment names its model itself; a bare Model from the store is known by its
+    // stage and content digest.
+    if let Some(stored) = o.stored {
+        if !dir.join(orchestrate_serve::deploy::DEPLOYMENT).is_file() {
+            opts.name = stored.stage;
+            opts.digest = stored.digest;
+        }
+    }
     if let Some(h) = o.host {
         opts.host = h;
     }
@@ -1102,19 +1198,24 @@ async fn serve_dir(dir: &Path, o: ServeOverrides) -> Result<u8, Failure> {
         opts.cors_origins = Some(o.cors_origins);
     }
     let name = opts.name.clone();
+    let drain = opts.drain_timeout.as_secs();
+    // The first Ctrl-C or SIGTERM drains the requests in flight (for `drain_timeout` at
+    // most); a second one stops at once, as someone pressing Ctrl-C again means.
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    // Installed before the server listens: a signal from then on is caught, not fatal.
+    let mut signals = StopSignals::new();
+    tokio::spawn(async move {
+        signals.next().await;
+        errln!(
+            "stopping: finishing the requests in flight (up to {drain} s; Ctrl-C again stops at once)"
+        );
+        let _ = first_tx.send(());
+        signals.next().await;
+        errln!("stopped at once: the requests in flight were cut off");
+        std::process::exit(130);
+    });
     let shutdown = async {
-        #[cfg(unix)]
-        {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-        errln!("stopping: finishing the requests in flight");
+        let _ = first_rx.await;
     };
     orchestrate_serve::serve(
         &model_dir,
@@ -1127,8 +1228,57 @@ async fn serve_dir(dir: &Path, o: ServeOverrides) -> Result<u8, Failure> {
         shutdown,
     )
     .await
-    .map_err(|e| Failure::new(1, format!("error: {e}")))?;
+    // The options' problems (an address, a device, a limit of 0) are the command line's.
+    .map_err(|e| Failure::new(if e.usage { 2 } else { 1 }, format!("error: {e}")))?;
     Ok(0)
+}
+
+/// Ctrl-C and SIGTERM, each time either comes. The listeners live as long as this, so a
+/// second signal sent right after the first is not missed between two listeners.
+#[cfg(all(feature = "model", unix))]
+struct StopSignals {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+#[cfg(all(feature = "model", unix))]
+impl StopSignals {
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        StopSignals {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
+        }
+    }
+
+    async fn next(&mut self) {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = recv(&mut self.int) => {}
+            _ = recv(&mut self.term) => {}
+        }
+    }
+}
+
+#[cfg(all(feature = "model", not(unix)))]
+struct StopSignals;
+
+#[cfg(all(feature = "model", not(unix)))]
+impl StopSignals {
+    fn new() -> Self {
+        StopSignals
+    }
+
+    async fn next(&mut self) {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Runs the whole pipeline again into a scratch store (its own cache, no tracking) and
@@ -1163,6 +1313,11 @@ async fn verify(
     for s in &pipeline.sets {
         cmd.arg("--set").arg(s);
     }
+    // Only what the stages checked need is re-executed: `verify --stage tokenizer` need
+    // not retrain the model.
+    for s in only {
+        cmd.arg("--until").arg(s);
+    }
     let scratch_url = format!("file://{}", scratch.join("store").display());
     // No tracking: the pipeline's own `tracking.mlflow` would otherwise record (and
     // register) the scratch re-execution as if it were a run.
@@ -1177,7 +1332,16 @@ async fn verify(
     .stdin(std::process::Stdio::null())
     .stdout(std::process::Stdio::null());
     errln!(
-        "verify: re-executing every stage into {}",
+        "verify: re-executing {} into {}",
+        if only.is_empty() {
+            "every stage".to_string()
+        } else {
+            format!(
+                "{} and what {} need",
+                only.join(", "),
+                if only.len() == 1 { "it" } else { "they" }
+            )
+        },
         scratch.display()
     );
     let status = cmd
@@ -1192,6 +1356,9 @@ async fn verify(
     };
     let Some(record) = record.filter(|_| status.success()) else {
         let _ = std::fs::remove_dir_all(&scratch);
+        if status.code() == Some(130) {
+            return Err(Failure::new(130, "verify: interrupted"));
+        }
         return Err(Failure::new(
             1,
             format!("error: the re-execution failed ({status})"),
@@ -1421,10 +1588,11 @@ async fn resolve_run(store: &Store, run: &str, pipeline: Option<&str>) -> Result
                 .ok_or_else(|| Failure::new(2, "error: the store has no runs yet"));
         };
         for id in ids.iter().rev() {
-            if let Some(r) = store.get_run::<RunRecord>(id).await? {
-                if r.pipeline == pipeline {
-                    return Ok(id.clone());
-                }
+            // A damaged record is nobody's last run.
+            match store.get_run::<RunRecord>(id).await {
+                Ok(Some(r)) if r.pipeline == pipeline => return Ok(id.clone()),
+                Err(e) if !e.is_damage() => return Err(e.into()),
+                _ => {}
             }
         }
         return Err(Failure::new(
@@ -1432,7 +1600,19 @@ async fn resolve_run(store: &Store, run: &str, pipeline: Option<&str>) -> Result
             format!("error: the store has no runs of pipeline `{pipeline}` yet"),
         ));
     }
-    let matches: Vec<&String> = ids.iter().filter(|id| id.starts_with(run)).collect();
+    let mut matches: Vec<&String> = ids.iter().filter(|id| id.starts_with(run)).collect();
+    if let Some(pipeline) = pipeline {
+        // `--pipeline` narrows a prefix to that pipeline's runs, as it does `last`.
+        let mut ours = Vec::new();
+        for id in matches {
+            if let Ok(Some(r)) = store.get_run::<RunRecord>(id).await {
+                if r.pipeline == pipeline {
+                    ours.push(id);
+                }
+            }
+        }
+        matches = ours;
+    }
     match matches.as_slice() {
         [one] => Ok((*one).clone()),
         [] => Err(Failure::new(
@@ -1460,7 +1640,24 @@ async fn keys_for(
     if run_or_key.len() == 64 && store.manifest(&key).await?.is_some() {
         return Ok((run_or_key.to_string(), vec![key]));
     }
-    let id = resolve_run(store, run_or_key, pipeline).await?;
+    let id = match resolve_run(store, run_or_key, pipeline).await {
+        Ok(id) => id,
+        Err(e) => {
+            // Pins whose run record is gone (a store from before gc kept pinned runs'
+            // records) are still that run's to remove.
+            let held: Vec<_> = store
+                .pin_holders()
+                .await?
+                .into_iter()
+                .filter(|(_, holder)| holder == run_or_key)
+                .map(|(key, _)| key)
+                .collect();
+            if held.is_empty() {
+                return Err(e);
+            }
+            return Ok((run_or_key.to_string(), held));
+        }
+    };
     let record: RunRecord = store
         .get_run(&id)
         .await?

@@ -211,14 +211,13 @@ impl PipelineSpec {
                 Diagnostic::new("`storage` is empty", n.span)
                     .hint("name a store (`file://DIR` or `s3://BUCKET/PREFIX`), or leave the key out for `file://artifacts`"),
             );
-        } else if !(storage.starts_with("file://")
-            || storage.starts_with("s3://")
-            || storage.is_empty())
+        } else if let Some(problem) =
+            crate::store::url_problem(&storage).filter(|_| !storage.is_empty())
         {
             if let Some(n) = root.get("storage") {
                 v.diags.push(
                     Diagnostic::new(format!("unsupported storage URL `{storage}`"), n.span)
-                        .hint("use `file://DIR` or `s3://BUCKET/PREFIX`"),
+                        .hint(problem),
                 );
             }
         }
@@ -293,7 +292,7 @@ impl PipelineSpec {
                     v.diags.push(
                         Diagnostic::new(
                             format!(
-                                "inputs `{first}` and `{}` of stage `{}` differ only in case or in `-`/`_`",
+                                "inputs `{first}` and `{}` of stage `{}` differ only in case or punctuation",
                                 b.name, key.name
                             ),
                             at,
@@ -678,14 +677,17 @@ impl Validator {
                         if let Some(s) = self.string(item, "deps[]") {
                             let path = self.dir.join(&s);
                             if self.check_files && !s.contains("://") && !path.is_file() {
+                                let (what, hint) = if path.is_dir() {
+                                    ("is a directory", "`deps` lists files: name the files in it whose contents the stage depends on".to_string())
+                                } else {
+                                    ("does not exist", format!("looked at {}", path.display()))
+                                };
                                 self.diags.push(
                                     Diagnostic::new(
-                                        format!(
-                                            "file `{s}` in `deps` of stage `{name}` does not exist"
-                                        ),
+                                        format!("`{s}` in `deps` of stage `{name}` {what}"),
                                         item.span,
                                     )
-                                    .hint(format!("looked at {}", path.display())),
+                                    .hint(hint),
                                 );
                             }
                             deps.push(s);
@@ -896,18 +898,38 @@ impl Validator {
                 return None;
             }
         };
-        match (kind.descriptor().canonical_params)(node.to_json()) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                let each = match &e.problem {
-                    ParamProblem::Several(all) => all.iter().collect(),
-                    _ => vec![&e],
-                };
+        let mut json = node.to_json();
+        let mut retyped: Vec<Vec<PathSegment>> = Vec::new();
+        loop {
+            let e = match (kind.descriptor().canonical_params)(json.clone()) {
+                Ok(p) => return Some(p),
+                Err(e) => e,
+            };
+            let each = match &e.problem {
+                ParamProblem::Several(all) => all.iter().collect(),
+                _ => vec![&e],
+            };
+            // A value YAML typed (`A: 123`, `v: 3.10`, or `${env.X}` standing alone) where
+            // the stage wants text, such as a shell command's `env`: the text as written.
+            // An environment variable is text, and `3.10` must not arrive as `3.1`.
+            let as_text: Vec<(&ParamError, String)> = each
+                .iter()
+                .filter(|e| matches!(&e.problem, ParamProblem::Invalid(m) if m.contains("expected a string")))
+                .filter(|e| !retyped.contains(&e.path))
+                .filter_map(|e| Some((*e, written_text(node_at(node, &e.path)?)?)))
+                .collect();
+            if as_text.is_empty() {
                 for e in each {
                     self.diags
                         .push(param_diagnostic(stage, kind, node, anchor, e));
                 }
-                None
+                return None;
+            }
+            for (e, text) in as_text {
+                if let Some(slot) = json_at(&mut json, &e.path) {
+                    *slot = serde_json::Value::String(text);
+                }
+                retyped.push(e.path.clone());
             }
         }
     }
@@ -969,6 +991,45 @@ fn with_anchor(key: &Key, node: &Node) -> Span {
         _ => None,
     }
     .unwrap_or(key.span)
+}
+
+/// The node a parameter path leads to inside a `with:` block.
+fn node_at<'n>(mut node: &'n Node, path: &[PathSegment]) -> Option<&'n Node> {
+    for seg in path {
+        node = match (seg, &node.value) {
+            (PathSegment::Key(k), Value::Map(entries)) => entries
+                .iter()
+                .find(|(key, _)| &key.name == k)
+                .map(|(_, v)| v)?,
+            (PathSegment::Index(i), Value::Seq(items)) => items.get(*i)?,
+            _ => return None,
+        };
+    }
+    Some(node)
+}
+
+fn json_at<'j>(
+    mut json: &'j mut serde_json::Value,
+    path: &[PathSegment],
+) -> Option<&'j mut serde_json::Value> {
+    for seg in path {
+        json = match seg {
+            PathSegment::Key(k) => json.get_mut(k.as_str())?,
+            PathSegment::Index(i) => json.get_mut(*i)?,
+        };
+    }
+    Some(json)
+}
+
+/// A scalar's text as written, when YAML typed it as something else: a number, a boolean,
+/// or an empty value (`A:`, `${env.A:-}`). A null written as `null` or `~` stays null.
+fn written_text(node: &Node) -> Option<String> {
+    let text = node.text.as_ref()?;
+    match node.value {
+        Value::Null if !text.is_empty() => None,
+        Value::Seq(_) | Value::Map(_) => None,
+        _ => Some(text.clone()),
+    }
 }
 
 /// Turns a stage's parameter error into a diagnostic pointing at the offending value.
@@ -1053,12 +1114,13 @@ fn param_diagnostic(
     }
 }
 
-/// A name as Argo task names and environment variables see it.
+/// A name as Argo task names and environment variables see it: a shell stage's input `a.b`
+/// and `a b` are both `$INPUT_A_B`.
 fn name_folded(name: &str) -> String {
     name.chars()
         .map(|c| match c {
-            '-' => '_',
-            c => c.to_ascii_lowercase(),
+            c if c.is_ascii_alphanumeric() => c.to_ascii_lowercase(),
+            _ => '_',
         })
         .collect()
 }

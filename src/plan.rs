@@ -20,6 +20,8 @@ pub struct Selection {
     pub only: Vec<String>,
     /// Rerun this stage and everything downstream of it.
     pub from: Option<String>,
+    /// Run these stages and what they need, nothing else.
+    pub until: Vec<String>,
     pub force: Vec<String>,
     pub force_all: bool,
     /// Verify cached artifacts' blobs and rebuild the corrupt ones.
@@ -114,13 +116,19 @@ impl Plan {
                 hint: suggest(n, &names),
             })
         };
-        let mut selected = vec![sel.only.is_empty() && sel.from.is_none(); p.stages.len()];
+        let everything = sel.only.is_empty() && sel.from.is_none() && sel.until.is_empty();
+        let mut selected = vec![everything; p.stages.len()];
         let mut forced = vec![sel.force_all; p.stages.len()];
         for n in &sel.only {
             selected[check("--only", n)?] = true;
         }
         for n in &sel.force {
             forced[check("--force", n)?] = true;
+        }
+        for n in &sel.until {
+            for i in ancestors(p, check("--until", n)?) {
+                selected[i] = true;
+            }
         }
         if let Some(from) = &sel.from {
             let start = check("--from", from)?;
@@ -304,6 +312,21 @@ pub fn descendants(p: &Pipeline, start: usize) -> Vec<usize> {
         for d in p.downstream(out[i]) {
             if !out.contains(&d) {
                 out.push(d);
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// `start` and every stage it needs, directly or not.
+pub fn ancestors(p: &Pipeline, start: usize) -> Vec<usize> {
+    let mut out = vec![start];
+    let mut i = 0;
+    while i < out.len() {
+        for u in p.upstream(out[i]) {
+            if !out.contains(&u) {
+                out.push(u);
             }
         }
         i += 1;

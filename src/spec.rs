@@ -56,6 +56,8 @@ impl PipelineSpec {
         sets: &[String],
         env: EnvLookup<'_>,
     ) -> Result<Self, Invalid> {
+        // A byte-order mark (some Windows editors write one) is not part of the first key.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut sources = Sources::default();
         let id = sources.add(path.display().to_string(), text);
         let (mut root, mut diags) = match yaml::parse(text, id) {
@@ -390,8 +392,10 @@ fn interpolate_all(root: &mut Node, env: EnvLookup<'_>, diags: &mut Vec<Diagnost
         return;
     };
     let empty = Node::new(Value::Map(Vec::new()), Span::default());
+    // Inside `params` no param is known yet: a null stands for "none may be used here".
+    let none_here = Node::new(Value::Null, Span::default());
     if let Some((_, params)) = entries.iter_mut().find(|(k, _)| k.name == "params") {
-        interpolate(params, env, &empty, diags);
+        interpolate(params, env, &none_here, diags);
     }
     let params = entries
         .iter()
@@ -487,7 +491,11 @@ fn resolve(
             Some((n, d)) => (n, Some(d)),
             None => (var, None),
         };
-        return match (env(name), default) {
+        // As in the shell, `:-` stands in for a variable that is unset or empty.
+        return match (
+            env(name).filter(|v| !v.is_empty() || default.is_none()),
+            default,
+        ) {
             (Some(v), _) => Ok((yaml::plain_scalar(&v), Some(v))),
             (None, Some(d)) => Ok((yaml::plain_scalar(d), Some(d.to_string()))),
             (None, None) => Err((
@@ -499,6 +507,12 @@ fn resolve(
         };
     }
     let path = expr.strip_prefix("params.").unwrap_or(expr);
+    if params.value == Value::Null {
+        return Err((
+            format!("`${{params.{path}}}` is used inside `params`, where params are not resolved"),
+            Some("a value under `params` may use `${env.NAME}`; write the value itself".into()),
+        ));
+    }
     let mut node = params;
     for seg in path.split('.') {
         match node.get(seg) {

@@ -34,6 +34,9 @@ const PART_SIZE: usize = 8 * 1024 * 1024;
 pub enum StoreError {
     #[error("cannot open artifact store `{url}`: {reason}")]
     Open { url: String, reason: String },
+    /// The URL itself names no store (a usage error, not the store's).
+    #[error("`{url}` is not an artifact store URL: {reason}")]
+    Url { url: String, reason: String },
     #[error("artifact store {op} `{path}`: {source}")]
     Backend {
         op: &'static str,
@@ -79,7 +82,7 @@ impl StoreError {
             StoreError::Backend { source, .. } => {
                 matches!(source, object_store::Error::NotFound { .. })
             }
-            StoreError::Open { .. } | StoreError::Io { .. } => false,
+            StoreError::Open { .. } | StoreError::Url { .. } | StoreError::Io { .. } => false,
         }
     }
 }
@@ -219,6 +222,23 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// What makes `url` no store URL, if anything: `validate` and the command line check it
+/// before anything is opened.
+pub fn url_problem(url: &str) -> Option<&'static str> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        let bucket = rest.split('/').next().unwrap_or_default();
+        return bucket
+            .is_empty()
+            .then_some("no bucket named: use `s3://BUCKET` or `s3://BUCKET/PREFIX`");
+    }
+    if let Some(dir) = url.strip_prefix("file://") {
+        return dir
+            .is_empty()
+            .then_some("no directory named: use `file://DIR`");
+    }
+    Some("use `file://DIR` or `s3://BUCKET/PREFIX`")
+}
+
 impl Store {
     /// Opens `file://DIR` (relative to `base`) or `s3://BUCKET[/PREFIX]`. S3 settings come
     /// from the usual `AWS_*` variables (`AWS_ENDPOINT_URL`, `AWS_REGION`, credentials);
@@ -228,6 +248,12 @@ impl Store {
             url: url.to_string(),
             reason,
         };
+        if let Some(reason) = url_problem(url) {
+            return Err(StoreError::Url {
+                url: url.to_string(),
+                reason: reason.into(),
+            });
+        }
         let inner: Arc<dyn ObjectStore> = if let Some(rest) = url.strip_prefix("file://") {
             let dir = if Path::new(rest).is_absolute() {
                 PathBuf::from(rest)
@@ -239,9 +265,6 @@ impl Store {
             Arc::new(LocalFileSystem::new_with_prefix(&dir).map_err(|e| open_err(e.to_string()))?)
         } else if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(open_err("no bucket named".into()));
-            }
             let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
             let endpoint = std::env::var("AWS_ENDPOINT_URL")
                 .or_else(|_| std::env::var("AWS_ENDPOINT"))
@@ -276,7 +299,7 @@ impl Store {
                 Arc::new(object_store::prefix::PrefixStore::new(s3, prefix))
             }
         } else {
-            return Err(open_err("use file://DIR or s3://BUCKET/PREFIX".into()));
+            unreachable!("url_problem accepts file:// and s3:// URLs only")
         };
         Ok(Store {
             inner,
@@ -583,6 +606,24 @@ impl Store {
             }
             Err(e) => return Err(Self::backend("commit", &path)(e)),
         }
+        self.note_history(m).await;
+        Ok(m.clone())
+    }
+
+    /// Commits `m` over whatever the key holds (`run --force`: the user asked for this run's
+    /// output, and a stage whose output changed under one key, say one reading a file it
+    /// does not declare, would otherwise keep the stale one). Returns the manifest replaced.
+    pub async fn commit_replacing(&self, m: &Manifest) -> Result<Option<Manifest>> {
+        let previous = self.manifest(&m.key).await.ok().flatten();
+        let path = Self::manifest_path(&m.key);
+        self.put_json(&path, m, PutMode::Overwrite)
+            .await
+            .map_err(Self::backend("commit", &path))?;
+        self.note_history(m).await;
+        Ok(previous)
+    }
+
+    async fn note_history(&self, m: &Manifest) {
         let entry = HistoryEntry {
             key: m.key.clone(),
             created_at: m.producer.created_at.clone(),
@@ -592,7 +633,6 @@ impl Store {
         // The artifact is committed: history only lets `plan` explain a later key, so a
         // failure to write it must not fail (or, with retries, rerun) the stage.
         let _ = self.put_json(&hpath, &entry, PutMode::Overwrite).await;
-        Ok(m.clone())
     }
 
     pub async fn delete_manifest(&self, key: &CacheKey) -> Result<()> {
@@ -622,15 +662,42 @@ impl Store {
             .await?;
         let mut out = Vec::new();
         for m in metas {
-            if let Some(e) = self
+            // History only explains a new key: a damaged entry is passed over, not a reason
+            // to stop a run (`fsck --repair` removes it).
+            match self
                 .get_json::<HistoryEntry>(&m.location, "history entry")
-                .await?
+                .await
             {
-                out.push(e);
+                Ok(Some(e)) => out.push(e),
+                Ok(None) => {}
+                Err(e) if e.is_damage() => {}
+                Err(e) => return Err(e),
             }
         }
         out.sort_by(|a, b| b.created_at.cmp(&a.created_at));
         Ok(out)
+    }
+
+    /// History entries that cannot be read back (paths in the store).
+    pub async fn damaged_history(&self) -> Result<Vec<String>> {
+        let mut damaged = Vec::new();
+        for m in self.list_paths("history").await? {
+            match self
+                .get_json::<HistoryEntry>(&m.location, "history entry")
+                .await
+            {
+                Err(e) if e.is_damage() => damaged.push(m.location.to_string()),
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
+        }
+        Ok(damaged)
+    }
+
+    pub async fn remove_history(&self, path: &str) -> Result<()> {
+        self.delete_if_present(&ObjPath::from(path))
+            .await
+            .map(|_| ())
     }
 
     /// Deletes the history of keys not in `keep`, except each stage's newest
@@ -905,6 +972,43 @@ impl Store {
             Err(e) => return Err(Self::backend("read", &legacy)(e)),
         }
         Ok(removed)
+    }
+
+    /// Removes every pin on `key`, whoever made it (`unpin KEY`). Returns the holders whose
+    /// pins went (`pins` for an old-style pin).
+    pub async fn unpin_every(&self, key: &CacheKey) -> Result<Vec<String>> {
+        let mut holders = Vec::new();
+        for (k, holder) in self.pin_holders().await? {
+            if &k == key
+                && self
+                    .delete_if_present(&Self::pin_path(key, &holder))
+                    .await?
+            {
+                holders.push(holder);
+            }
+        }
+        if self
+            .delete_if_present(&ObjPath::from(format!("pins/{key}")))
+            .await?
+        {
+            holders.push("pins".into());
+        }
+        Ok(holders)
+    }
+
+    /// Every pin as (key, holder): the holder is the run id that was pinned, or the key.
+    pub async fn pin_holders(&self) -> Result<Vec<(CacheKey, String)>> {
+        Ok(self
+            .list_paths("pinned")
+            .await?
+            .iter()
+            .filter_map(|m| {
+                let mut parts = m.location.parts().skip_while(|p| p.as_ref() != "pinned");
+                let key = parts.nth(1)?.as_ref().to_string();
+                let holder = parts.next()?.as_ref().to_string();
+                Some((CacheKey(key), holder))
+            })
+            .collect())
     }
 
     fn pin_path(key: &CacheKey, holder: &str) -> ObjPath {

@@ -197,7 +197,7 @@ fn only_commands_that_run_a_pipeline_need_its_files() {
         let r = sb.run(args);
         assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
         assert!(r.stderr.contains("p.yaml:5:12"), "{}", r.stderr);
-        assert!(r.stderr.contains("file `missing.cfg`"), "{}", r.stderr);
+        assert!(r.stderr.contains("`missing.cfg` in `deps`"), "{}", r.stderr);
     }
     let r = sb.run(&["graph", "p.yaml", "--format", "mermaid"]);
     assert_eq!(r.code, 0, "{}", r.stderr);

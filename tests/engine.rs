@@ -426,11 +426,13 @@ fn gc_keeps_what_kept_and_pinned_runs_use() {
         "0",
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    // The pinned run's record stays with its pins.
     assert!(
-        r.stdout.contains("deleted 2 runs, 2 artifacts"),
+        r.stdout.contains("kept 2 runs") && r.stdout.contains("deleted 1 runs, 2 artifacts"),
         "{}",
         r.stdout
     );
+    assert!(sb.path().join(format!("store/runs/{first}.json")).exists());
     // The newest and the pinned run are still fully cached.
     for greeting in ["three", "one"] {
         let plan = sb.run(&[
@@ -484,7 +486,7 @@ fn unpinning_a_run_and_gc_of_one_pipeline_spare_what_others_keep() {
     let r = sb.run(&gc);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
-        r.stdout.contains("deleted 2 runs, 2 artifacts"),
+        r.stdout.contains("deleted 1 runs, 2 artifacts"),
         "{}",
         r.stdout
     );
@@ -494,6 +496,27 @@ fn unpinning_a_run_and_gc_of_one_pipeline_spare_what_others_keep() {
     assert!(plan.stdout.contains("1 cached"), "{}", plan.stdout);
     let plan = sb.run(&["plan", "p.yaml", "--set", "params.greeting=one"]);
     assert!(plan.stdout.contains("collected by gc"), "{}", plan.stdout);
+
+    // `unpin KEY` unpins the artifact whoever pinned it, and says who did.
+    let key = sb.stage_manifest("left")["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = sb.run(&["unpin", &key, "--store", "file://store"]);
+    assert!(
+        r.stdout.contains("unpinned 1 artifact") && r.stdout.contains(&ids[1]),
+        "{}",
+        r.stdout
+    );
+    // A run id whose record is gone still names its pins.
+    std::fs::remove_file(sb.path().join(format!("store/runs/{}.json", ids[1]))).unwrap();
+    let r = sb.run(&["unpin", &ids[1], "--store", "file://store"]);
+    assert!(
+        r.stdout.contains("unpinned 3 artifacts"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
 }
 
 /// A run record that does not parse (a truncated write) stops nothing: gc collects it by
@@ -526,6 +549,51 @@ fn gc_passes_over_an_unreadable_run_record() {
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!record.exists(), "collected by age");
+}
+
+/// Damaged records beside the artifacts (a run record, a history entry) stop neither `runs`
+/// nor a run; `fsck` names them and `fsck --repair` removes them.
+#[test]
+fn damaged_run_records_and_history_are_passed_over_and_repaired() {
+    let sb = diamond("0");
+    let ids = run_greetings(&sb, &["one", "two"]);
+    std::fs::write(sb.path().join(format!("store/runs/{}.json", ids[0])), "{").unwrap();
+    let history = sb.path().join("store/history");
+    let entry = walk(&history).into_iter().next().expect("a history entry");
+    std::fs::write(&entry, "not json").unwrap();
+
+    let r = sb.run(&["runs", "--store", "file://store"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains(&ids[1][..8]), "{}", r.stdout);
+    assert!(r.stderr.contains("unreadable"), "{}", r.stderr);
+    let r = sb.run(&["run", "p.yaml", "--set", "params.greeting=three"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    let r = sb.run(&["fsck", "--store", "file://store"]);
+    assert_eq!(r.code, 3, "{}", r.stdout);
+    assert!(
+        r.stdout.contains("corrupt: run record") && r.stdout.contains("corrupt: history entry"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        sb.run(&["fsck", "--store", "file://store", "--repair"])
+            .code,
+        0
+    );
+    assert_eq!(sb.run(&["fsck", "--store", "file://store"]).code, 0);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.path().is_dir() {
+            files.extend(walk(&e.path()));
+        } else {
+            files.push(e.path());
+        }
+    }
+    files
 }
 
 #[test]
@@ -826,4 +894,87 @@ stages:
     );
     let r = sb.run(&["run", "p.yaml"]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+}
+
+/// A stage whose output changed under one key (it reads a file it does not declare): `run`
+/// keeps the stored output, and `--force` replaces it, so the stages below get the new one.
+#[test]
+fn force_replaces_an_output_that_changed_under_one_key() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        "name: f\nstorage: file://store\nstages:\n  a: { kind: shell, with: { run: cat $PIPELINE_DIR/ext.txt > o, outputs: [o] } }\n  b: { kind: shell, inputs: { a: a }, with: { run: cp $INPUT_A/o o, outputs: [o] } }\n",
+    );
+    sb.write("ext.txt", "v1\n");
+    assert_eq!(sb.run(&["run", "p.yaml"]).code, 0);
+    sb.write("ext.txt", "v2\n");
+    let r = sb.run(&["run", "p.yaml", "--force", "a"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(all.contains("--force replaced it"), "{all}");
+    let b = sb.stage_manifest("b");
+    let hex = b["files"][0]["digest"].as_str().unwrap();
+    let hex = hex.trim_start_matches("blake3:");
+    let blob = sb.read(&format!("store/blobs/{}/{hex}", &hex[..2]));
+    assert_eq!(blob, "v2\n");
+    // And the next plain run finds it stored.
+    let r = sb.run(&["run", "p.yaml"]);
+    assert_eq!(stage_status(&sb.last_run(), "a"), "cached", "{}", r.stderr);
+}
+
+/// An environment variable is text: a shell stage's `env` takes a value YAML would type
+/// (a number, an empty default) as it is written.
+#[test]
+fn shell_env_takes_values_as_written() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        "name: e\nstorage: file://store\nstages:\n  s:\n    kind: shell\n    with:\n      run: echo \"[$A][$B][$C][$D]\" > o\n      outputs: [o]\n      env: { A: 3.10, B: \"${env.B_VALUE:-}\", C: \"${env.C_VALUE}\", D: \"${env.D_VALUE:-dflt}\" }\n",
+    );
+    let r = sb
+        .cmd(&["run", "p.yaml"])
+        .env("C_VALUE", "0x10")
+        .env("D_VALUE", "")
+        .env_remove("B_VALUE")
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let m = sb.stage_manifest("s");
+    let hex = m["files"][0]["digest"].as_str().unwrap();
+    let hex = hex.trim_start_matches("blake3:");
+    assert_eq!(
+        sb.read(&format!("store/blobs/{}/{hex}", &hex[..2])),
+        "[3.10][][0x10][dflt]\n"
+    );
+}
+
+/// `verify --stage S` re-executes S and what it needs, not the rest of the pipeline (which
+/// could be a whole training); `run --until S` selects the same.
+#[test]
+fn verify_of_one_stage_reexecutes_only_what_it_needs() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        "name: v\nstorage: file://store\nstages:\n  a: { kind: shell, with: { run: echo a > o, outputs: [o] } }\n  b: { kind: shell, inputs: { a: a }, with: { run: cp $INPUT_A/o o, outputs: [o] } }\n  other: { kind: shell, with: { run: echo x >> $PIPELINE_DIR/ran; echo x > o, outputs: [o] } }\n",
+    );
+    assert_eq!(sb.run(&["run", "p.yaml"]).code, 0);
+    assert_eq!(sb.read("ran"), "x\n");
+    let r = sb.run(&["verify", "p.yaml", "--stage", "b"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("identical"), "{}", r.stdout);
+    assert_eq!(sb.read("ran"), "x\n", "`other` was re-executed");
+    let plan = sb.run(&["plan", "p.yaml", "--until", "b", "--force-all", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&plan.stdout).unwrap();
+    let status: Vec<&str> = v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        status,
+        ["will_run", "blocked", "not_selected"],
+        "{}",
+        plan.stdout
+    );
 }

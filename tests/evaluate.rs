@@ -66,6 +66,29 @@ stages:
       latency_runs: 3
       batch: 4
       gate: { max_ppl_increase: 0.5 }
+  # The same model with a longer length limit: compared with `model`, both must be scored
+  # on the same targets (the shorter limit's).
+  long:
+    kind: train
+    inputs: { corpus: corpus, tokenizer: tokenizer }
+    resources: { device: cpu }
+    with:
+      d_model: 64
+      n_heads: 4
+      enc_layers: 1
+      dec_layers: 1
+      d_ff: 128
+      max_len: 128
+      batch: 8
+      steps: 4
+      warmup: 2
+      eval_every: 4
+      eval_batches: 1
+      max_records: 100
+  lengths:
+    kind: evaluate
+    inputs: { corpus: corpus, models: [long, model] }
+    with: { max_records: 40, prompts: 1, new_tokens: 2, timings: false }
 "#;
 
 fn file(sb: &Sandbox, stage: &str, name: &str) -> (Vec<u8>, u64) {
@@ -146,6 +169,22 @@ fn quantized_variants_are_smaller_measured_and_gated() {
     assert!(String::from_utf8(md).unwrap().contains("| int8 | int8 |"));
     let (png, _) = file(&sb, "evaluation", "chart.png");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    // Models with different length limits score the same target tokens, language by
+    // language: the records are cut to the shorter limit for both.
+    let (lengths, _) = file(&sb, "lengths", "report.json");
+    let lengths: serde_json::Value = serde_json::from_slice(&lengths).unwrap();
+    let tokens = |v: &serde_json::Value| {
+        v["languages"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(lang, s)| (lang.clone(), s["tokens"].as_u64().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let [long, short] = [0, 1].map(|i| tokens(&lengths["variants"][i]));
+    assert_eq!(long, short, "{lengths}");
+    assert_eq!(short, tokens(&variants[0]));
 
     // A gate no model can pass: exit 4, and the message says who, what and by how much.
     let r = sb.run(&[

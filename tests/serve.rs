@@ -474,8 +474,60 @@ async fn every_error_class_is_json_and_names_the_field() {
     let (s, _, b) = call(&app, "GET", "/nope", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(j(&b)["error"].is_string());
-    let (s, _, _) = call(&app, "GET", "/generate", None).await;
+    let (s, _, b) = call(&app, "GET", "/generate", None).await;
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        j(&b)["error_type"],
+        "method_not_allowed",
+        "a JSON body: {b}"
+    );
+    let (s, _, b) = call(&app, "GET", "/v1/nope", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(j(&b)["error"]["message"].is_string(), "OpenAI's shape: {b}");
+}
+
+/// A stream is timed to its last event, not to its head (which leaves before any token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_s_duration_is_timed_to_its_last_event() {
+    let app = app(opts());
+    let streams = |m: &str, suffix: &str| -> Option<f64> {
+        let key = format!(
+            "orchestrate_http_request_duration_seconds_{suffix}{{route=\"/generate_stream\",stream=\"true\"}} "
+        );
+        m.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .map(|v| v.parse().unwrap())
+    };
+    let req = Request::builder()
+        .method("POST")
+        .uri("/generate_stream")
+        .header("content-type", "application/json")
+        .body(Body::from(
+            r#"{"inputs": "x", "parameters": {"max_new_tokens": 5}}"#,
+        ))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let mut body = resp.into_body();
+    assert!(body.frame().await.unwrap().unwrap().is_data());
+    let (_, _, m) = call(&app, "GET", "/metrics", None).await;
+    assert_eq!(
+        streams(&m, "count"),
+        None,
+        "recorded while still streaming:\n{m}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    while body.frame().await.is_some() {}
+    drop(body);
+    let (_, _, m) = call(&app, "GET", "/metrics", None).await;
+    assert_eq!(streams(&m, "count"), Some(1.0), "{m}");
+    assert!(streams(&m, "sum").unwrap() >= 0.3, "{m}");
+    // A plain answer is labelled apart, so alerts on latency can leave streams out.
+    assert!(
+        m.contains(
+            "orchestrate_http_request_duration_seconds_count{route=\"/metrics\",stream=\"false\"}"
+        ),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -700,6 +752,95 @@ fn orchestrate_serve_listens_and_stops_gracefully_on_sigterm() {
     assert_eq!(code.code(), Some(0));
 }
 
+/// `orchestrate serve ARGS` started: the child and the URL it says it listens at.
+fn serving(sb: &Sandbox, args: &[&str]) -> (std::process::Child, String) {
+    let mut child = sb
+        .cmd(args)
+        .env_remove("ORCHESTRATE_API_KEY")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("the server says where it listens")
+            .unwrap();
+        if let Some(rest) = line.split("at http://").nth(1) {
+            break format!("http://{}", rest.split_whitespace().next().unwrap());
+        }
+    };
+    // The rest of stderr is drained, or a full pipe would block the server.
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, url)
+}
+
+/// The child's exit code within `secs` seconds, else it is killed and the test fails.
+fn exits_within(child: &mut std::process::Child, secs: u64, what: &str) -> Option<i32> {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if started.elapsed() > std::time::Duration::from_secs(secs) {
+            child.kill().unwrap();
+            panic!("{what}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_second_sigterm_stops_at_once_while_a_stalled_client_drains() {
+    let (sb, _) = deployed();
+    let (mut child, url) = serving(
+        sb,
+        &["serve", "deploy", "--pipeline", "p.yaml", "--port", "0"],
+    );
+    // Half a request head: the drain would wait for it (up to its read timeout).
+    let mut stalled = std::net::TcpStream::connect(url.trim_start_matches("http://")).unwrap();
+    std::io::Write::write_all(&mut stalled, b"POST /generate HTTP/1.1\r\nHost: x\r\n").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first SIGTERM drains"
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let code = exits_within(&mut child, 10, "a second SIGTERM was ignored");
+    assert_eq!(code, Some(130));
+    drop(stalled);
+}
+
+#[test]
+fn a_model_served_from_the_store_is_named_by_its_stage_and_digest() {
+    let (sb, _) = deployed();
+    let (mut child, url) = serving(
+        sb,
+        &["serve", "model", "--pipeline", "p.yaml", "--port", "0"],
+    );
+    let (status, body) = servers::http("GET", &format!("{url}/info"), None).unwrap();
+    let (_, models) = servers::http("GET", &format!("{url}/v1/models"), None).unwrap();
+    let (_, metrics) = servers::http("GET", &format!("{url}/metrics"), None).unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    exits_within(&mut child, 60, "serve did not stop");
+    assert_eq!(status, 200, "{body}");
+    let info = j(&body);
+    assert_eq!(info["model_id"], "model", "{info}");
+    let digest = sb.stage_manifest("model")["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(info["model_sha"], digest.as_str(), "{info}");
+    assert_eq!(j(&models)["data"][0]["id"], "model", "{models}");
+    assert!(
+        metrics.contains("orchestrate_model_info{model=\"model\""),
+        "{metrics}"
+    );
+}
+
 /// `orchestrate serve ARGS` that must refuse to start: its exit code and stderr (a server
 /// that starts anyway is killed after 60 s and fails the test).
 fn refused(sb: &Sandbox, args: &[&str]) -> (Option<i32>, String) {
@@ -760,6 +901,31 @@ fn serve_refuses_a_missing_key_and_a_bad_origin_before_listening() {
         err.contains("--cors-origin") && err.contains("ui.example/"),
         "{err}"
     );
+}
+
+#[test]
+fn serve_s_bad_options_exit_2() {
+    let (sb, dir) = deployed();
+    let dir = dir.to_str().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    for (args, says) in [
+        (vec!["--port", port.as_str()], "cannot listen"),
+        (
+            vec!["--host", "no-such-host.invalid", "--port", "0"],
+            "cannot listen",
+        ),
+        (vec!["--port", "0", "--device", "tpu"], "device"),
+        (vec!["--port", "0", "--max-batch", "0"], "max_batch"),
+        (vec!["--port", "0", "--queue", "0"], "queue"),
+    ] {
+        let mut all = vec!["serve", dir];
+        all.extend(&args);
+        let (code, err) = refused(sb, &all);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    drop(taken);
 }
 
 /// Every query of the Grafana dashboard names a metric a live server exports.

@@ -301,7 +301,14 @@ fn score<B: Backend>(job: Score<'_>, device: &B::Device) -> Result<Vec<VariantRe
         .get("tokenizer")
         .and_then(|t| t.first())
         .map(|t| t.digest.clone());
-    let mut examples: Option<(usize, Vec<Example>)> = None;
+    // Every model scores the same targets: the test records are cut to the shortest length
+    // limit among the models (cut to each model's own, a longer-context model would be
+    // scored on longer, harder targets, and the comparison and the gate would be off).
+    let mut max_len = usize::MAX;
+    for m in models {
+        max_len = max_len.min(artifact::read_card(&m.dir)?.config.max_len);
+    }
+    let mut examples: Option<Vec<Example>> = None;
     for m in models {
         ctx.checkpoint()?;
         let lm = artifact::load::<B>(&m.dir, device)?;
@@ -316,10 +323,8 @@ fn score<B: Backend>(job: Score<'_>, device: &B::Device) -> Result<Vec<VariantRe
             }
             Some(_) => {}
         }
-        // The models share one tokenizer (checked above): the split is tokenized once, and
-        // again only for a model with another length limit.
-        let max_len = lm.card.config.max_len;
-        if examples.as_ref().is_none_or(|(len, _)| *len != max_len) {
+        // The models share one tokenizer (checked above): the split is tokenized once.
+        if examples.is_none() {
             let loaded = data::load_examples(
                 corpus_dir,
                 "test",
@@ -333,18 +338,15 @@ fn score<B: Backend>(job: Score<'_>, device: &B::Device) -> Result<Vec<VariantRe
                     "the corpus's test split is empty".into(),
                 ));
             }
-            examples = Some((max_len, loaded));
+            examples = Some(loaded);
         }
-        let examples = examples
-            .as_ref()
-            .map(|(_, e)| e.as_slice())
-            .unwrap_or_default();
+        let examples = examples.as_deref().unwrap_or_default();
         ctx.events.log(&format!(
             "evaluating `{}` ({})",
             m.stage,
             lm.card.quantization.as_str()
         ));
-        let padding = rounding.within(max_len);
+        let padding = rounding.within(lm.card.config.max_len);
         let r = evaluate_model(ctx, &m.stage, &lm, examples, p, padding, device)?;
         reports.push(r);
     }

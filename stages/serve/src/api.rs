@@ -5,12 +5,12 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next as MwNext};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -36,6 +36,8 @@ pub struct Limits {
     pub max_stop_sequences: usize,
     pub max_batch: usize,
     pub queue: usize,
+    /// The longest a request's body may take to arrive after its head.
+    pub read_timeout: Duration,
 }
 
 pub struct AppState {
@@ -91,17 +93,29 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = if self.openai {
+impl ApiError {
+    /// The JSON body, in the shape of the route's family.
+    fn body(&self) -> Value {
+        if self.openai {
             json!({"error": {"message": self.message, "type": self.kind, "param": self.field, "code": null}})
         } else {
             json!({"error": self.message, "error_type": self.kind, "field": self.field})
-        };
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.body();
         let mut r = (self.status, Json(body)).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        // RFC 9110: a 401 says which scheme it wants.
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         r
     }
@@ -123,6 +137,11 @@ pub fn router(state: Shared, cors: Option<Vec<String>>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            read_body_in_time,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(DefaultBodyLimit::max(body_limit))
@@ -174,7 +193,8 @@ pub fn cors_origin_problem(origin: &str) -> Option<String> {
     }
 }
 
-/// Per-route request counts and latencies (to the response head; a stream's body follows).
+/// Per-route request counts and latencies: to the whole answer, which for a stream is its
+/// last event (its head leaves at once, before any token is decoded).
 async fn observe(State(s): State<Shared>, req: Request, next: MwNext) -> Response {
     let route = req
         .extensions()
@@ -183,32 +203,101 @@ async fn observe(State(s): State<Shared>, req: Request, next: MwNext) -> Respons
         .unwrap_or_else(|| "unmatched".into());
     let started = Instant::now();
     let resp = next.run(req).await;
-    s.metrics
-        .request(&route, resp.status().as_u16(), started.elapsed());
-    resp
+    let status = resp.status().as_u16();
+    let streamed = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !streamed {
+        s.metrics.request(&route, status, false, started.elapsed());
+        return resp;
+    }
+    // Recorded when the body is dropped: after its last event, or when the client left.
+    let timer = StreamTimer {
+        metrics: s.metrics.clone(),
+        route,
+        status,
+        started,
+    };
+    let (parts, body) = resp.into_parts();
+    let body = body.into_data_stream().map(move |chunk| {
+        let _ = &timer;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(body))
+}
+
+struct StreamTimer {
+    metrics: Arc<Metrics>,
+    route: String,
+    status: u16,
+    started: Instant,
+}
+
+impl Drop for StreamTimer {
+    fn drop(&mut self) {
+        self.metrics
+            .request(&self.route, self.status, true, self.started.elapsed());
+    }
+}
+
+/// A body that did not arrive within `read_timeout` of its head.
+#[derive(Debug)]
+struct BodyTimeout(Duration);
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the request body did not arrive within {} s",
+            self.0.as_secs_f64()
+        )
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
+/// Gives the body a deadline: a client that sends a head and then stalls would otherwise
+/// hold its handler, and a graceful shutdown, for as long as it likes. The handler then
+/// answers 408 (`parse`).
+async fn read_body_in_time(State(s): State<Shared>, req: Request, next: MwNext) -> Response {
+    let limit = s.limits.read_timeout;
+    let deadline = tokio::time::Instant::now() + limit;
+    let (parts, body) = req.into_parts();
+    let timed = stream::unfold(Some(body.into_data_stream()), move |data| async move {
+        let mut data = data?;
+        match tokio::time::timeout_at(deadline, data.next()).await {
+            Ok(Some(chunk)) => Some((chunk, Some(data))),
+            Ok(None) => None,
+            Err(_) => Some((Err(axum::Error::new(BodyTimeout(limit))), None)),
+        }
+    });
+    next.run(Request::from_parts(parts, Body::from_stream(timed)))
+        .await
 }
 
 /// `Authorization: Bearer KEY` or `X-API-Key: KEY` when a key is set; /health and /metrics
-/// stay open for probes and scrapers.
+/// stay open for probes and scrapers, /docs and /openapi.json for people (a browser opening
+/// the page sends no key, and the description holds nothing secret).
 async fn authorize(State(s): State<Shared>, req: Request, next: MwNext) -> Response {
     let Some(want) = s.api_key else {
         return next.run(req).await;
     };
     let path = req.uri().path();
-    if path == "/health" || path == "/metrics" {
+    if matches!(path, "/health" | "/metrics" | "/docs" | "/openapi.json") {
         return next.run(req).await;
     }
     let h = req.headers();
     let given = h
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()));
     let ok = given.is_some_and(|k| constant_time_eq(blake3::hash(k.as_bytes()).as_bytes(), &want));
     if ok {
         return next.run(req).await;
     }
-    let openai = path.starts_with("/v1/");
+    let openai = is_openai_path(path);
     let mut e = ApiError::new(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
@@ -218,18 +307,44 @@ async fn authorize(State(s): State<Shared>, req: Request, next: MwNext) -> Respo
     e.into_response()
 }
 
+/// The credentials of `Bearer KEY`: the scheme is case-insensitive (RFC 9110 11.1), so
+/// `bearer KEY` is the same.
+fn bearer_token(v: &str) -> Option<&str> {
+    let (scheme, key) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| key.trim_start_matches(' '))
+}
+
 /// Equal-length comparison whose time does not depend on where the inputs differ.
 pub fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
     std::hint::black_box(diff) == 0
 }
 
-async fn not_found() -> ApiError {
-    ApiError::new(
+/// Under /v1 in OpenAI's shape, as that family's other errors.
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    let mut e = ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
         "no such route; see /docs",
-    )
+    );
+    e.openai = is_openai_path(uri.path());
+    e
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} does not take {method}; see /docs", uri.path()),
+    );
+    e.openai = is_openai_path(uri.path());
+    e
+}
+
+fn is_openai_path(path: &str) -> bool {
+    path == "/v1" || path.starts_with("/v1/")
 }
 
 /// Parses a JSON body, naming the field at fault.
@@ -240,6 +355,10 @@ fn parse<T: DeserializeOwned>(
     let bytes = body.map_err(|r| {
         let e = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large("body", "request body too large")
+        } else if let Some(t) = timed_out(&r) {
+            let mut e = ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", t.to_string());
+            e.field = Some("body".into());
+            e
         } else {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -267,6 +386,18 @@ fn parse<T: DeserializeOwned>(
         };
         err.flavour(f)
     })
+}
+
+/// The deadline of `read_body_in_time`, if that is what cut the body short.
+fn timed_out(r: &BytesRejection) -> Option<&BodyTimeout> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(r);
+    while let Some(e) = cause {
+        if let Some(t) = e.downcast_ref::<BodyTimeout>() {
+            return Some(t);
+        }
+        cause = e.source();
+    }
+    None
 }
 
 /// The field a deserialization error is about. A missing field is named only in serde's
@@ -302,7 +433,15 @@ pub struct Parameters {
     /// Decode all `max_new_tokens` even past the end-of-text token (as vLLM's parameter of
     /// that name): for benchmarks that need a fixed length.
     pub ignore_eos: bool,
+    /// TGI's: keep only the prompt's last `truncate` tokens (the control tokens stay).
+    pub truncate: Option<i64>,
+    /// TGI's: `generated_text` starts with the prompt as given.
+    pub return_full_text: Option<bool>,
 }
+
+/// The control tokens `artifact::prompt_ids` puts before the prompt's text: language and
+/// author. `truncate` never cuts them.
+const CONTROL_TOKENS: usize = 2;
 
 #[derive(Debug, Deserialize)]
 pub struct GenerateRequest {
@@ -440,6 +579,19 @@ impl AppState {
             p.author.as_deref(),
         )
         .map_err(|e| ApiError::validation(names.prompt, format!("cannot tokenize: {e}")))?;
+        let mut prompt_ids = prompt_ids;
+        if let Some(keep) = p.truncate {
+            if keep < 1 {
+                return Err(ApiError::validation(
+                    &field("truncate"),
+                    format!("must be at least 1, got {keep}"),
+                ));
+            }
+            // TGI keeps the end of a long prompt: the text the reply continues.
+            let text = prompt_ids.len().saturating_sub(CONTROL_TOKENS);
+            let cut = text.saturating_sub(keep as usize);
+            prompt_ids.drain(CONTROL_TOKENS..CONTROL_TOKENS + cut);
+        }
         if prompt_ids.len() > l.max_input_tokens {
             return Err(ApiError::too_large(
                 names.prompt,
@@ -461,11 +613,16 @@ impl AppState {
         // asked (OpenAI's clients send `temperature: 0` beside their usual `top_p`). So is
         // one below `MIN_TEMPERATURE`, where sampling would pick the likeliest token anyway.
         let cold = p.temperature.is_some_and(|t| (t as f32) < MIN_TEMPERATURE);
+        // TGI samples when asked (`do_sample`) or when any warper changes the distribution
+        // (its `NextTokenChooser`: `sampling = do_sample or has_warpers`): a temperature
+        // other than 1, top_k, top_p below 1. A temperature of exactly 1 changes nothing and
+        // leaves it greedy. OpenAI (`sampling_default`) samples at any temperature above 0.
+        let warm = |t: f64| t > 0.0 && (sampling_default || t != 1.0);
         let sample = !cold
             && (p.do_sample
                 || p.top_k.is_some()
                 || p.top_p.is_some_and(|t| t < 1.0)
-                || p.temperature.map_or(sampling_default, |t| t > 0.0));
+                || p.temperature.map_or(sampling_default, warm));
         let seed = sample.then(|| p.seed.unwrap_or_else(fresh_seed));
         let sampling = if sample {
             Sampling {
@@ -556,6 +713,7 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Collected, Ap
                 token,
                 text,
                 special,
+                ..
             } => {
                 tokens.push(json!({"id": token.id, "text": text, "logprob": token.logprob, "special": special}));
             }
@@ -623,7 +781,7 @@ async fn run_tgi(s: &Shared, req: GenerateRequest) -> Result<Value, ApiError> {
     let prep = s.prepare(&req.inputs, &req.parameters, TGI_NAMES, false)?;
     let rx = s.submit(&prep, Flavour::Tgi)?;
     let c = collect(rx).await?;
-    let mut v = json!({"generated_text": c.text});
+    let mut v = json!({"generated_text": full_text(&req, &c.text)});
     if req.parameters.details {
         v["details"] = s.details(&prep.row.src, &prep.warnings, prep.seed, &c);
     }
@@ -631,6 +789,14 @@ async fn run_tgi(s: &Shared, req: GenerateRequest) -> Result<Value, ApiError> {
         v["warnings"] = json!(prep.warnings);
     }
     Ok(v)
+}
+
+/// TGI's `return_full_text`: the prompt as given (before `truncate`), then the reply.
+fn full_text(req: &GenerateRequest, text: &str) -> String {
+    match req.parameters.return_full_text {
+        Some(true) => format!("{}{text}", req.inputs),
+        _ => text.to_string(),
+    }
 }
 
 async fn generate(
@@ -661,8 +827,9 @@ async fn generate_stream(
     stream_tgi(&s, req)
 }
 
-fn sse(events: impl Stream<Item = SseEvent> + Send + 'static) -> Response {
-    Sse::new(events.map(Ok::<_, Infallible>))
+/// Server-sent events, one per string of `events` (each a JSON document, or `[DONE]`).
+fn sse(events: impl Stream<Item = String> + Send + 'static) -> Response {
+    Sse::new(events.map(|data| Ok::<_, Infallible>(SseEvent::default().data(data))))
         .keep_alive(KeepAlive::default())
         .into_response()
 }
@@ -672,69 +839,112 @@ fn sse(events: impl Stream<Item = SseEvent> + Send + 'static) -> Response {
 fn stream_tgi(s: &Shared, req: GenerateRequest) -> Result<Response, ApiError> {
     let prep = s.prepare(&req.inputs, &req.parameters, TGI_NAMES, false)?;
     let rx = s.submit(&prep, Flavour::Tgi)?;
-    let state = s.clone();
-    let want_details = req.parameters.details;
-    let events = stream::unfold(
-        (rx, Vec::new(), None::<Value>, false),
-        move |(mut rx, mut toks, pending, done)| {
-            let state = state.clone();
-            let prep_seed = prep.seed;
-            let prompt_ids = prep.row.src.clone();
-            let warnings = prep.warnings.clone();
-            async move {
-                if done {
-                    return None;
-                }
-                // Each token is held back one event, so the last one can carry the summary.
-                match rx.recv().await? {
-                    Event::Token {
-                        token,
-                        text,
-                        special,
-                    } => {
-                        let t = json!({"id": token.id, "text": text, "logprob": token.logprob, "special": special});
-                        toks.push(t.clone());
-                        let next = json!({"index": token.index + 1, "token": t, "generated_text": null, "details": null});
-                        let ev = match pending {
-                            Some(p) => SseEvent::default().data(p.to_string()),
-                            None => SseEvent::default().comment("start"),
-                        };
-                        Some((ev, (rx, toks, Some(next), false)))
-                    }
-                    Event::Done {
-                        finish,
-                        tokens,
-                        text,
-                    } => {
-                        let mut last = pending.unwrap_or_else(|| json!({"index": 0, "token": null, "generated_text": null, "details": null}));
-                        last["generated_text"] = json!(text);
-                        if !warnings.is_empty() {
-                            last["warnings"] = json!(warnings);
-                        }
-                        if want_details {
-                            let c = Collected {
-                                text,
-                                finish,
-                                tokens: Vec::new(),
-                                count: tokens.len(),
-                            };
-                            let mut d = state.details(&prompt_ids, &warnings, prep_seed, &c);
-                            if let Some(o) = d.as_object_mut() {
-                                o.remove("tokens");
-                                o.remove("prefill");
-                            }
-                            last["details"] = d;
-                        }
-                        Some((
-                            SseEvent::default().data(last.to_string()),
-                            (rx, toks, None, true),
-                        ))
-                    }
-                }
-            }
+    let tail = TgiTail {
+        details: req.parameters.details,
+        seed: prep.seed,
+        warnings: prep.warnings,
+        prefix: match req.parameters.return_full_text {
+            Some(true) => req.inputs,
+            _ => String::new(),
         },
-    );
-    Ok(sse(events))
+    };
+    Ok(sse(tgi_events(rx, tail)))
+}
+
+/// What a TGI stream's last event says besides the engine's summary.
+struct TgiTail {
+    details: bool,
+    seed: Option<u64>,
+    warnings: Vec<String>,
+    /// Before `generated_text`: the prompt under `return_full_text`, else nothing.
+    prefix: String,
+}
+
+/// The event a stream ends with when the decoder stopped before the request's end (a
+/// failed step): without it the client would take a cut-short text for the whole one.
+fn stream_failed(f: Flavour) -> String {
+    let e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the decoder stopped before the end of this request",
+    )
+    .flavour(f);
+    e.body().to_string()
+}
+
+/// Each token is sent as it comes. The engine marks a request's last token, and its
+/// summary (`Event::Done`) follows in the same step: the last token waits for it alone, so
+/// that one event carries both.
+fn tgi_events(
+    rx: mpsc::UnboundedReceiver<Event>,
+    tail: TgiTail,
+) -> impl Stream<Item = String> + Send + 'static {
+    let tail = Arc::new(tail);
+    stream::unfold(Some(rx), move |rx| {
+        let tail = tail.clone();
+        async move {
+            let mut rx = rx?;
+            let mut ev = match rx.recv().await {
+                Some(Event::Token {
+                    token,
+                    text,
+                    special,
+                    last,
+                }) => {
+                    let t = json!({"id": token.id, "text": text, "logprob": token.logprob, "special": special});
+                    let ev = json!({"index": token.index + 1, "token": t, "generated_text": null, "details": null});
+                    if !last {
+                        return Some((vec![ev.to_string()], Some(rx)));
+                    }
+                    ev
+                }
+                // A request that ended with no token of its own to carry the summary.
+                Some(done @ Event::Done { .. }) => {
+                    let mut ev = json!({"index": 0, "token": null, "generated_text": null, "details": null});
+                    summarize(&mut ev, done, &tail);
+                    return Some((vec![ev.to_string()], None));
+                }
+                None => return Some((vec![stream_failed(Flavour::Tgi)], None)),
+            };
+            let done = rx.recv().await;
+            let failed = !matches!(done, Some(Event::Done { .. }));
+            if let Some(done) = done {
+                summarize(&mut ev, done, &tail);
+            }
+            // A token decoded before a failure is still sent, then the failure.
+            let mut out = vec![ev.to_string()];
+            if failed {
+                out.push(stream_failed(Flavour::Tgi));
+            }
+            Some((out, None))
+        }
+    })
+    .flat_map(stream::iter)
+}
+
+/// Puts the engine's summary (`Event::Done`) into a stream's last event.
+fn summarize(ev: &mut Value, done: Event, tail: &TgiTail) {
+    let Event::Done {
+        finish,
+        tokens,
+        text,
+    } = done
+    else {
+        return;
+    };
+    ev["generated_text"] = json!(format!("{}{text}", tail.prefix));
+    if !tail.warnings.is_empty() {
+        ev["warnings"] = json!(tail.warnings);
+    }
+    if tail.details {
+        // As `/generate`'s details, less `prefill` and `tokens`: the stream sent those.
+        ev["details"] = json!({
+            "finish_reason": tgi_finish(finish),
+            "generated_tokens": tokens.len(),
+            "seed": tail.seed,
+            "warnings": tail.warnings,
+        });
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -778,7 +988,13 @@ async fn info(State(s): State<Shared>) -> Json<Value> {
         "max_best_of": 1,
         "max_stop_sequences": l.max_stop_sequences,
         "max_input_tokens": l.max_input_tokens,
+        // The encoder reads the prompt and the decoder writes the reply, each in its own
+        // positions, so the two limits are separate: a request holds at most their sum,
+        // but a short prompt does not leave room for more than `max_new_tokens` of reply
+        // (TGI clients that take `max_total - prompt` as the reply's budget would be
+        // refused), hence `max_new_tokens` beside it.
         "max_total_tokens": l.max_input_tokens + l.max_new_tokens,
+        "max_new_tokens": l.max_new_tokens,
         "max_batch_size": l.max_batch,
         "validation_workers": 1,
         "max_client_batch_size": 1,
@@ -839,6 +1055,13 @@ impl OneOrMany {
     }
 }
 
+/// OpenAI's `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
 #[derive(Debug, Deserialize)]
 struct CompletionRequest {
     #[serde(default)]
@@ -855,11 +1078,19 @@ struct CompletionRequest {
     #[serde(default)]
     stream: bool,
     #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
     stop: Option<OneOrMany>,
     #[serde(default)]
     seed: Option<u64>,
     #[serde(default)]
     frequency_penalty: Option<f64>,
+    /// Not supported: refused by name rather than dropped (a client asking for them would
+    /// read a reply without them as a bug of its own).
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    echo: Option<bool>,
     #[serde(default)]
     author: Option<String>,
     #[serde(default)]
@@ -869,7 +1100,10 @@ struct CompletionRequest {
 #[derive(Debug, Deserialize)]
 struct ChatMessage {
     role: String,
-    content: String,
+    /// A string, null (an assistant message that called tools) or a list of parts; a
+    /// `Value` so that a part the server cannot use is refused naming its place, and so
+    /// that a message without `content` is still an error naming it.
+    content: Value,
 }
 
 #[derive(Debug, Deserialize)]
@@ -890,13 +1124,63 @@ struct ChatRequest {
     #[serde(default)]
     stream: bool,
     #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
     stop: Option<OneOrMany>,
     #[serde(default)]
     seed: Option<u64>,
     #[serde(default)]
+    logprobs: Option<bool>,
+    #[serde(default)]
+    top_logprobs: Option<Value>,
+    #[serde(default)]
     author: Option<String>,
     #[serde(default)]
     lang: Option<String>,
+}
+
+/// A message's text: a string, nothing (null), or its text parts joined by newlines (as
+/// vLLM joins them). Any other part (an image, audio) is refused naming where it is.
+fn message_text(content: &Value, at: usize) -> Result<String, ApiError> {
+    let field = format!("messages[{at}].content");
+    let refuse = |field: String, message: String| {
+        Err(ApiError::validation(&field, message).flavour(Flavour::OpenAi))
+    };
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (i, part) in parts.iter().enumerate() {
+                let field = format!("{field}[{i}]");
+                match (part["type"].as_str(), part["text"].as_str()) {
+                    (Some("text"), Some(text)) => texts.push(text),
+                    (Some("text"), None) => {
+                        return refuse(
+                            format!("{field}.text"),
+                            "a text part needs `text`, a string".into(),
+                        )
+                    }
+                    (Some(other), _) => {
+                        return refuse(
+                            format!("{field}.type"),
+                            format!(
+                                "`{other}` parts are not supported: this model reads text only"
+                            ),
+                        )
+                    }
+                    (None, _) => {
+                        return refuse(format!("{field}.type"), "each part needs a `type`".into())
+                    }
+                }
+            }
+            Ok(texts.join("\n"))
+        }
+        _ => refuse(
+            field,
+            "expected a string, null, or a list of text parts".into(),
+        ),
+    }
 }
 
 struct OpenAiCall {
@@ -904,6 +1188,7 @@ struct OpenAiCall {
     params: Parameters,
     names: Names,
     stream: bool,
+    include_usage: bool,
     chat: bool,
 }
 
@@ -924,11 +1209,28 @@ fn openai_params(k: OpenAiKnobs, limit: usize) -> Result<Parameters, ApiError> {
     if k.n.is_some_and(|n| n != 1) {
         return Err(ApiError::validation("n", "only n = 1 is supported").flavour(Flavour::OpenAi));
     }
+    // OpenAI takes top_p in [0, 1]; TGI's range (which `prepare` checks) leaves 0 out.
+    // A nucleus of 0 holds the likeliest token alone: greedy decoding.
+    let mut temperature = k.temperature.unwrap_or(1.0);
+    let mut top_p = k.top_p;
+    match k.top_p {
+        Some(p) if !(0.0..=1.0).contains(&p) => {
+            return Err(
+                ApiError::validation("top_p", format!("must be in [0, 1], got {p}"))
+                    .flavour(Flavour::OpenAi),
+            )
+        }
+        Some(0.0) => {
+            top_p = None;
+            temperature = 0.0;
+        }
+        _ => {}
+    }
     Ok(Parameters {
         max_new_tokens: Some(k.max_tokens.unwrap_or(16.min(limit as i64))),
         // OpenAI's default temperature is 1: sampling unless the client asks for 0.
-        temperature: Some(k.temperature.unwrap_or(1.0)),
-        top_p: k.top_p,
+        temperature: Some(temperature),
+        top_p,
         seed: k.seed,
         stop: k.stop.map(OneOrMany::into_vec).unwrap_or_default(),
         author: k.author,
@@ -937,12 +1239,24 @@ fn openai_params(k: OpenAiKnobs, limit: usize) -> Result<Parameters, ApiError> {
     })
 }
 
+/// Refuses an OpenAI field this server does not implement, naming it.
+fn unsupported(field: &str, what: &str) -> ApiError {
+    ApiError::validation(field, format!("{what} not supported by this server"))
+        .flavour(Flavour::OpenAi)
+}
+
 async fn completions(
     State(s): State<Shared>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let r: CompletionRequest = parse(body, Flavour::OpenAi)?;
     let _ = (&r.model, r.frequency_penalty);
+    if r.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(unsupported("logprobs", "logprobs are"));
+    }
+    if r.echo == Some(true) {
+        return Err(unsupported("echo", "echo is"));
+    }
     let prompts = r.prompt.into_vec();
     if prompts.len() != 1 {
         return Err(
@@ -974,6 +1288,7 @@ async fn completions(
                 prompt: "prompt",
             },
             stream: r.stream,
+            include_usage: r.stream_options.is_some_and(|o| o.include_usage),
             chat: false,
         },
     )
@@ -988,15 +1303,23 @@ async fn chat(
 ) -> Result<Response, ApiError> {
     let r: ChatRequest = parse(body, Flavour::OpenAi)?;
     let _ = &r.model;
-    let prompt = r
-        .messages
-        .iter()
-        .rev()
-        .find(|m| m.role == "user")
-        .map(|m| m.content.clone())
-        .ok_or_else(|| {
-            ApiError::validation("messages", "no message with role `user`").flavour(Flavour::OpenAi)
-        })?;
+    if r.logprobs == Some(true) {
+        return Err(unsupported("logprobs", "logprobs are"));
+    }
+    if r.top_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(unsupported("top_logprobs", "logprobs are"));
+    }
+    // Every message is checked, not only the prompt, so a bad part is refused wherever it is.
+    let mut prompt = None;
+    for (i, m) in r.messages.iter().enumerate() {
+        let text = message_text(&m.content, i)?;
+        if m.role == "user" {
+            prompt = Some(text);
+        }
+    }
+    let prompt = prompt.ok_or_else(|| {
+        ApiError::validation("messages", "no message with role `user`").flavour(Flavour::OpenAi)
+    })?;
     let names = Names {
         prefix: "",
         max_new_tokens: match r.max_completion_tokens {
@@ -1025,6 +1348,7 @@ async fn chat(
             params,
             names,
             stream: r.stream,
+            include_usage: r.stream_options.is_some_and(|o| o.include_usage),
             chat: true,
         },
     )
@@ -1036,7 +1360,11 @@ async fn openai_call(s: &Shared, call: OpenAiCall) -> Result<Response, ApiError>
         .prepare(&call.prompt, &call.params, call.names, true)
         .map_err(|e| e.flavour(Flavour::OpenAi))?;
     let rx = s.submit(&prep, Flavour::OpenAi)?;
-    let id = format!("cmpl-{:016x}", fresh_seed());
+    // OpenAI's prefixes, which some clients and log tools key on.
+    let id = match call.chat {
+        true => format!("chatcmpl-{:016x}", fresh_seed()),
+        false => format!("cmpl-{:016x}", fresh_seed()),
+    };
     let model = s.model.name.clone();
     let created = created();
     let prompt_tokens = prep.row.src.len();
@@ -1053,22 +1381,51 @@ async fn openai_call(s: &Shared, call: OpenAiCall) -> Result<Response, ApiError>
             "created": created,
             "model": model,
             "choices": [choice],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": c.count, "total_tokens": prompt_tokens + c.count},
+            "usage": usage(prompt_tokens, c.count),
         });
         if !prep.warnings.is_empty() {
             v["warnings"] = json!(prep.warnings);
         }
         return Ok(Json(v).into_response());
     }
-    let object = if call.chat {
-        "chat.completion.chunk"
-    } else {
-        "text_completion"
+    let head = ChunkHead {
+        id,
+        object: match call.chat {
+            true => "chat.completion.chunk",
+            false => "text_completion",
+        },
+        created,
+        model,
+        chat: call.chat,
+        include_usage: call.include_usage,
+        prompt_tokens,
+        warnings: prep.warnings,
     };
-    let chat = call.chat;
-    let warnings = prep.warnings;
-    let chunk = move |piece: Option<&str>, finish: Option<&str>| {
-        let choice = if chat {
+    Ok(sse(openai_events(rx, head)))
+}
+
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens})
+}
+
+/// What every chunk of an OpenAI stream repeats, and how it ends.
+struct ChunkHead {
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+    chat: bool,
+    /// `stream_options.include_usage`: every chunk has `usage: null`, and one more chunk
+    /// with no choices and the usage comes before `[DONE]`, as OpenAI sends it.
+    include_usage: bool,
+    prompt_tokens: usize,
+    warnings: Vec<String>,
+}
+
+impl ChunkHead {
+    fn chunk(&self, piece: Option<&str>, finish: Option<&str>) -> Value {
+        let choice = if self.chat {
             let delta = match piece {
                 Some(p) => json!({"role": "assistant", "content": p}),
                 None => json!({}),
@@ -1077,38 +1434,53 @@ async fn openai_call(s: &Shared, call: OpenAiCall) -> Result<Response, ApiError>
         } else {
             json!({"index": 0, "text": piece.unwrap_or(""), "finish_reason": finish, "logprobs": null})
         };
-        json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]})
-    };
-    // Phases: 0 streaming tokens, 1 the closing chunk was sent (OpenAI's `[DONE]` next), 2 over.
-    let events = stream::unfold((rx, 0u8), move |(mut rx, phase)| {
-        let chunk = chunk.clone();
-        let warnings = warnings.clone();
+        let mut v = json!({"id": self.id, "object": self.object, "created": self.created,
+            "model": self.model, "choices": [choice]});
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+}
+
+fn openai_events(
+    rx: mpsc::UnboundedReceiver<Event>,
+    head: ChunkHead,
+) -> impl Stream<Item = String> + Send + 'static {
+    let head = Arc::new(head);
+    let data = |v: Value| v.to_string();
+    stream::unfold(Some(rx), move |rx| {
+        let head = head.clone();
         async move {
-            match phase {
-                1 => return Some((SseEvent::default().data("[DONE]"), (rx, 2))),
-                2 => return None,
-                _ => {}
-            }
+            let mut rx = rx?;
             match rx.recv().await {
                 // A special token's text is empty, unless it is the last and carries text
                 // held back for the stop sequences (see `engine`).
-                Some(Event::Token { text, .. }) => Some((
-                    SseEvent::default().data(chunk(Some(&text), None).to_string()),
-                    (rx, 0),
-                )),
-                Some(Event::Done { finish, .. }) => {
-                    let mut last = chunk(None, Some(openai_finish(finish)));
-                    // As the reply without `stream` carries them.
-                    if !warnings.is_empty() {
-                        last["warnings"] = json!(warnings);
-                    }
-                    Some((SseEvent::default().data(last.to_string()), (rx, 1)))
+                Some(Event::Token { text, .. }) => {
+                    Some((vec![data(head.chunk(Some(&text), None))], Some(rx)))
                 }
-                None => None,
+                Some(Event::Done { finish, tokens, .. }) => {
+                    let mut last = head.chunk(None, Some(openai_finish(finish)));
+                    // As the reply without `stream` carries them.
+                    if !head.warnings.is_empty() {
+                        last["warnings"] = json!(head.warnings);
+                    }
+                    let mut out = vec![data(last)];
+                    if head.include_usage {
+                        let mut u = head.chunk(None, None);
+                        u["choices"] = json!([]);
+                        u["usage"] = usage(head.prompt_tokens, tokens.len());
+                        out.push(data(u));
+                    }
+                    out.push("[DONE]".to_string());
+                    Some((out, None))
+                }
+                // No `[DONE]`: the answer did not finish.
+                None => Some((vec![stream_failed(Flavour::OpenAi)], None)),
             }
         }
-    });
-    Ok(sse(events))
+    })
+    .flat_map(stream::iter)
 }
 
 #[cfg(test)]
@@ -1184,7 +1556,14 @@ mod tests {
                 json!({"messages": [{"role": "user", "content": "it"}]}),
             )
             .await;
-        assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+        // It samples (OpenAI's default temperature) from an untrained model, which may say
+        // end-of-text early ("stop", about 1 run in 60): only the budget is certain.
+        let n = v["usage"]["completion_tokens"].as_u64().unwrap();
+        match v["choices"][0]["finish_reason"].as_str() {
+            Some("length") => assert_eq!(n, 4, "{v}"),
+            Some("stop") => assert!(n <= 4, "{v}"),
+            _ => panic!("{v}"),
+        }
         for (path, body, param) in [
             (
                 "/v1/completions",
@@ -1344,6 +1723,425 @@ mod tests {
         let toks: Vec<Value> = serde_json::from_str(&text).unwrap();
         assert_eq!(toks.len(), 5, "{text}");
         s.stop().await;
+    }
+
+    fn token(index: usize, text: &str, last: bool) -> Event {
+        Event::Token {
+            token: orchestrate_model::generate::Token {
+                id: 100 + index as u32,
+                logprob: -1.0,
+                index,
+            },
+            text: text.into(),
+            special: false,
+            last,
+        }
+    }
+
+    fn done(text: &str, n: u32) -> Event {
+        Event::Done {
+            finish: Finish::Length,
+            tokens: (0..n).collect(),
+            text: text.into(),
+        }
+    }
+
+    fn tail() -> TgiTail {
+        TgiTail {
+            details: true,
+            seed: None,
+            warnings: Vec::new(),
+            prefix: String::new(),
+        }
+    }
+
+    /// The next item of a stream, or None if it has none ready within 100 ms.
+    async fn ready<S: Stream<Item = String> + Unpin>(events: &mut S) -> Option<String> {
+        tokio::time::timeout(std::time::Duration::from_millis(100), events.next())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    #[tokio::test]
+    async fn a_tgi_stream_sends_each_token_as_it_comes_and_the_summary_with_the_last() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut events = Box::pin(tgi_events(rx, tail()));
+        tx.send(token(0, "a", false)).unwrap();
+        // Sent before the engine has decoded the next token (it used to wait for it).
+        let first: Value = serde_json::from_str(&ready(&mut events).await.unwrap()).unwrap();
+        assert_eq!(
+            (first["token"]["text"].as_str(), first["index"].as_u64()),
+            (Some("a"), Some(1))
+        );
+        assert!(first["generated_text"].is_null());
+        tx.send(token(1, "b", true)).unwrap();
+        // The last token waits for its summary alone.
+        assert_eq!(ready(&mut events).await, None);
+        tx.send(done("ab", 2)).unwrap();
+        let last: Value = serde_json::from_str(&ready(&mut events).await.unwrap()).unwrap();
+        assert_eq!(last["token"]["text"], "b");
+        assert_eq!(last["generated_text"], "ab");
+        assert_eq!(last["details"]["generated_tokens"], 2);
+        assert_eq!(last["details"]["finish_reason"], "length");
+        assert_eq!(events.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_decoder_cut_short_ends_with_an_error_event() {
+        // TGI: the tokens sent, then an error event in TGI's shape.
+        for last in [false, true] {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tx.send(token(0, "a", last)).unwrap();
+            drop(tx); // the decoder failed: the channel closes without `Done`
+            let got: Vec<Value> = tgi_events(rx, tail())
+                .map(|e| serde_json::from_str(&e).unwrap())
+                .collect()
+                .await;
+            assert_eq!(got.len(), 2, "{got:?}");
+            assert_eq!(got[0]["token"]["text"], "a");
+            assert_eq!(got[1]["error_type"], "unavailable", "{got:?}");
+            assert!(got[1]["error"].is_string());
+        }
+        // OpenAI: an error chunk in OpenAI's shape, and no [DONE].
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(token(0, "a", false)).unwrap();
+        drop(tx);
+        let head = ChunkHead {
+            id: "cmpl-1".into(),
+            object: "text_completion",
+            created: 0,
+            model: "m".into(),
+            chat: false,
+            include_usage: false,
+            prompt_tokens: 3,
+            warnings: Vec::new(),
+        };
+        let got: Vec<String> = openai_events(rx, head).collect().await;
+        assert_eq!(got.len(), 2, "{got:?}");
+        let err: Value = serde_json::from_str(&got[1]).unwrap();
+        assert_eq!(err["error"]["type"], "unavailable", "{got:?}");
+        assert!(!got.iter().any(|e| e == "[DONE]"));
+    }
+
+    #[tokio::test]
+    async fn chat_content_may_be_text_parts_or_null_and_other_parts_are_named() {
+        let s = Server::start(options()).await;
+        let greedy = |content: Value| {
+            json!({"messages": [{"role": "assistant", "content": null},
+                {"role": "user", "content": content}], "max_tokens": 4, "temperature": 0})
+        };
+        let plain = s.ok("/v1/chat/completions", greedy(json!("it\nis"))).await;
+        let parts = s
+            .ok(
+                "/v1/chat/completions",
+                greedy(json!([{"type": "text", "text": "it"}, {"type": "text", "text": "is"}])),
+            )
+            .await;
+        assert_eq!(
+            parts["choices"][0]["message"]["content"], plain["choices"][0]["message"]["content"],
+            "text parts join with newlines"
+        );
+        assert!(
+            parts["id"].as_str().unwrap().starts_with("chatcmpl-"),
+            "{parts}"
+        );
+        for (content, param) in [
+            (
+                json!([{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}]),
+                "messages[1].content[1].type",
+            ),
+            (json!([{"type": "text"}]), "messages[1].content[0].text"),
+            (json!(5), "messages[1].content"),
+        ] {
+            let (status, text) = s.post("/v1/chat/completions", greedy(content)).await;
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                (status, v["error"]["param"].as_str()),
+                (422, Some(param)),
+                "{text}"
+            );
+        }
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn openai_top_p_0_is_greedy_usage_streams_and_unsupported_fields_are_named() {
+        let s = Server::start(options()).await;
+        let body = |extra: Value| {
+            let mut b = json!({"prompt": "it is", "max_tokens": 8});
+            for (k, v) in extra.as_object().unwrap() {
+                b[k] = v.clone();
+            }
+            b
+        };
+        let greedy = s
+            .ok("/v1/completions", body(json!({"temperature": 0})))
+            .await;
+        for seed in [1, 2] {
+            let v = s
+                .ok("/v1/completions", body(json!({"top_p": 0, "seed": seed})))
+                .await;
+            assert_eq!(v["choices"][0]["text"], greedy["choices"][0]["text"], "{v}");
+        }
+        let v = s
+            .ok(
+                "/v1/completions",
+                body(json!({"temperature": 0, "top_p": 0})),
+            )
+            .await;
+        assert_eq!(v["choices"][0]["text"], greedy["choices"][0]["text"]);
+        for (path, extra, param) in [
+            ("/v1/completions", json!({"top_p": 1.5}), "top_p"),
+            ("/v1/completions", json!({"top_p": -0.1}), "top_p"),
+            ("/v1/completions", json!({"logprobs": 2}), "logprobs"),
+            ("/v1/completions", json!({"echo": true}), "echo"),
+            (
+                "/v1/chat/completions",
+                json!({"logprobs": true}),
+                "logprobs",
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"top_logprobs": 2}),
+                "top_logprobs",
+            ),
+        ] {
+            let mut b = body(extra);
+            if path.contains("chat") {
+                b["messages"] = json!([{"role": "user", "content": "it"}]);
+            }
+            let (status, text) = s.post(path, b).await;
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                (status, v["error"]["param"].as_str()),
+                (422, Some(param)),
+                "{text}"
+            );
+        }
+        // Asked-for defaults that change nothing are taken.
+        s.ok(
+            "/v1/completions",
+            body(json!({"logprobs": null, "echo": false})),
+        )
+        .await;
+        for (path, mut b) in [
+            ("/v1/completions", body(json!({}))),
+            (
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "user", "content": "it"}], "max_tokens": 8}),
+            ),
+        ] {
+            b["stream"] = json!(true);
+            b["stream_options"] = json!({"include_usage": true});
+            let (status, text) = s.post(path, b).await;
+            assert_eq!(status, 200, "{text}");
+            assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+            let evs = events(&text);
+            let usage = evs.last().unwrap();
+            assert_eq!(usage["choices"], json!([]), "{text}");
+            let n = usage["usage"]["completion_tokens"].as_u64().unwrap();
+            assert!(n >= 1, "{text}");
+            assert_eq!(
+                usage["usage"]["total_tokens"].as_u64(),
+                Some(n + usage["usage"]["prompt_tokens"].as_u64().unwrap())
+            );
+            // Every other chunk says `usage: null`, as OpenAI's do.
+            assert!(evs[..evs.len() - 1]
+                .iter()
+                .all(|e| e["usage"].is_null() && e.get("usage").is_some()));
+        }
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn tgi_truncate_return_full_text_and_greedy_at_temperature_1() {
+        let s = Server::start(options()).await;
+        let v = s
+            .ok(
+                "/generate",
+                json!({"inputs": "abcdef", "parameters": {"truncate": 3, "details": true,
+                    "max_new_tokens": 2, "return_full_text": true}}),
+            )
+            .await;
+        let prefill: Vec<&str> = v["details"]["prefill"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["text"].as_str().unwrap())
+            .collect();
+        // The control tokens, then the last 3 of the prompt's.
+        assert_eq!(prefill[2..], ["d", "e", "f"], "{v}");
+        assert!(
+            v["generated_text"].as_str().unwrap().starts_with("abcdef"),
+            "{v}"
+        );
+        let (status, text) = s
+            .post(
+                "/generate",
+                json!({"inputs": "a", "parameters": {"truncate": 0}}),
+            )
+            .await;
+        assert!(
+            status == 422 && text.contains("parameters.truncate"),
+            "{text}"
+        );
+        // The stream's last event has the full text too.
+        let (_, text) = s
+            .post(
+                "/generate_stream",
+                json!({"inputs": "it", "parameters": {"max_new_tokens": 3, "return_full_text": true}}),
+            )
+            .await;
+        let evs = events(&text);
+        let streamed: String = evs
+            .iter()
+            .map(|e| e["token"]["text"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            evs.last().unwrap()["generated_text"].as_str().unwrap(),
+            format!("it{streamed}")
+        );
+        // TGI samples only when asked or when a warper changes the distribution: a
+        // temperature of 1 changes nothing, so without do_sample it is greedy.
+        let gen = |params: Value| json!({"inputs": "it is", "parameters": params});
+        let greedy = s
+            .ok(
+                "/generate",
+                gen(json!({"max_new_tokens": 12, "ignore_eos": true, "details": true})),
+            )
+            .await;
+        for seed in [1, 2, 3] {
+            let v = s
+                .ok(
+                    "/generate",
+                    gen(
+                        json!({"max_new_tokens": 12, "ignore_eos": true, "details": true,
+                        "temperature": 1.0, "seed": seed}),
+                    ),
+                )
+                .await;
+            assert_eq!(v["generated_text"], greedy["generated_text"]);
+            assert!(v["details"]["seed"].is_null(), "greedy: {v}");
+        }
+        // Any other temperature is a warper: it samples (and says its seed), as TGI does.
+        let v = s
+            .ok(
+                "/generate",
+                gen(json!({"max_new_tokens": 2, "details": true, "temperature": 0.7, "seed": 5})),
+            )
+            .await;
+        assert_eq!(v["details"]["seed"], 5, "{v}");
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn wrong_methods_and_unknown_v1_routes_answer_json_in_their_family_s_shape() {
+        let s = Server::start(options()).await;
+        let http = reqwest::Client::new();
+        let get = |path: &str| http.get(format!("{}{path}", s.base)).send();
+        let r = get("/generate").await.unwrap();
+        assert_eq!(r.status(), 405);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error_type"], "method_not_allowed", "{v}");
+        let r = get("/v1/completions").await.unwrap();
+        assert_eq!(r.status(), 405);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "method_not_allowed", "{v}");
+        let r = get("/v1/nothing").await.unwrap();
+        assert_eq!(r.status(), 404);
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"]["message"].is_string(), "OpenAI's shape: {v}");
+        let r = get("/nothing").await.unwrap();
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v["error"].is_string() && v["error_type"] == "not_found",
+            "{v}"
+        );
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn the_key_s_scheme_is_case_insensitive_401_says_bearer_and_docs_stay_open() {
+        let s = Server::start(ServeOptions {
+            api_key: Some("k3y".into()),
+            ..options()
+        })
+        .await;
+        let http = reqwest::Client::new();
+        let body = json!({"inputs": "a", "parameters": {"max_new_tokens": 1}});
+        for auth in ["Bearer k3y", "bearer k3y", "BEARER k3y"] {
+            let r = http
+                .post(format!("{}/generate", s.base))
+                .header("authorization", auth)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{auth}");
+        }
+        let r = http
+            .post(format!("{}/generate", s.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        for path in ["/docs", "/openapi.json", "/health", "/metrics"] {
+            let r = http.get(format!("{}{path}", s.base)).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{path}");
+        }
+        let r = http.get(format!("{}/info", s.base)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "/info keeps its key");
+        s.stop().await;
+    }
+
+    #[test]
+    fn the_openapi_document_says_what_the_server_does() {
+        let doc = crate::docs::openapi();
+        let paths = &doc["paths"];
+        let params = &paths["/generate"]["post"]["requestBody"]["content"]["application/json"]
+            ["schema"]["properties"]["parameters"]["properties"];
+        assert!(params["lang"]["enum"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("other")));
+        assert!(params["truncate"].is_object() && params["return_full_text"].is_object());
+        let chat = &paths["/v1/chat/completions"]["post"]["requestBody"]["content"]
+            ["application/json"]["schema"]["properties"];
+        for field in [
+            "max_completion_tokens",
+            "top_p",
+            "stop",
+            "seed",
+            "n",
+            "author",
+            "lang",
+            "stream_options",
+        ] {
+            assert!(chat[field].is_object(), "chat lacks {field}");
+        }
+        let completion = &paths["/v1/completions"]["post"]["requestBody"]["content"]
+            ["application/json"]["schema"]["properties"];
+        assert!(completion["prompt"]["oneOf"][1]["maxItems"] == 1);
+        for path in [
+            "/",
+            "/v1/completions",
+            "/v1/chat/completions",
+            "/generate_stream",
+        ] {
+            let ok = &paths[path]["post"]["responses"]["200"]["content"];
+            assert!(ok["text/event-stream"].is_object(), "{path} streams");
+        }
+        for path in ["/generate", "/v1/completions"] {
+            let r = &paths[path]["post"]["responses"];
+            for code in ["400", "405", "408", "429", "503"] {
+                assert!(r[code].is_object(), "{path} lacks {code}");
+            }
+        }
+        let tokenize = &paths["/tokenize"]["post"]["responses"];
+        assert!(tokenize["429"].is_null() && tokenize["503"].is_null());
     }
 
     #[tokio::test]

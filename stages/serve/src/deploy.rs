@@ -101,6 +101,15 @@ fn canonical(v: Value) -> Result<Value, ParamError> {
             ),
         });
     }
+    // 0 would be a server that decodes nothing (max_batch) or takes no request (queue).
+    for (key, value) in [("max_batch", p.max_batch), ("queue", p.queue)] {
+        if value == 0 {
+            return Err(ParamError {
+                path: vec![PathSegment::Key(key.into())],
+                problem: ParamProblem::Invalid("at least 1 is needed".into()),
+            });
+        }
+    }
     for (i, origin) in p.cors_origins.iter().flatten().enumerate() {
         if let Some(problem) = crate::api::cors_origin_problem(origin) {
             return Err(ParamError {
@@ -279,6 +288,7 @@ async fn smoke_test(dir: &Path, opts: &ServeOptions, prompt: &str) -> Result<Val
                 .await
                 .map_err(|e| e.to_string())?
                 .err()
+                .map(String::from)
                 .unwrap_or_default())
         }
     };
@@ -419,9 +429,11 @@ mod tests {
 
     #[test]
     fn a_server_that_may_generate_nothing_is_refused() {
-        let e = canonical(json!({"max_new_tokens": 0})).unwrap_err();
-        assert_eq!(e.path, vec![PathSegment::Key("max_new_tokens".into())]);
-        assert!(canonical(json!({"max_new_tokens": 1})).is_ok());
+        for key in ["max_new_tokens", "max_batch", "queue"] {
+            let e = canonical(json!({key: 0})).unwrap_err();
+            assert_eq!(e.path, vec![PathSegment::Key(key.into())]);
+            assert!(canonical(json!({key: 1})).is_ok());
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,61 +7,118 @@ fn body(schema: Value) -> Value {
     json!({"required": true, "content": {"application/json": {"schema": schema}}})
 }
 
-fn ok(description: &str, media: &str) -> Value {
-    json!({
-        "200": {"description": description, "content": {media: {}}},
-        "401": {"description": "missing or wrong API key (when the server has one)"},
+/// The answers of a POST route that decodes (`queued`: it waits in the engine's queue, so
+/// it can be refused 429 and, at shutdown, 503) or only reads its body (`/tokenize`).
+fn ok(description: &str, media: &[&str], queued: bool) -> Value {
+    let content: serde_json::Map<String, Value> =
+        media.iter().map(|m| (m.to_string(), json!({}))).collect();
+    let mut r = json!({
+        "200": {"description": description, "content": content},
+        "400": {"description": "the body is not JSON; the error names `body` and says where it broke"},
+        "401": {"description": "missing or wrong API key (when the server has one); WWW-Authenticate: Bearer"},
+        "405": {"description": "another method than this path takes; JSON error"},
+        "408": {"description": "the body did not arrive in time after the head"},
         "413": {"description": "body or prompt too large; the JSON error names the field"},
         "422": {"description": "invalid parameter; the JSON error names the field"},
-        "429": {"description": "queue full; see Retry-After"},
-    })
+    });
+    if queued {
+        r["429"] = json!({"description": "queue full; see Retry-After"});
+        r["503"] = json!({"description": "the server is shutting down, or the decoder stopped"});
+    }
+    r
+}
+
+/// A GET route's answers; `keyed`: the API key applies (every route but the open four).
+fn got(description: &str, keyed: bool) -> Value {
+    let mut r = json!({
+        "200": {"description": description},
+        "405": {"description": "another method than GET; JSON error"},
+    });
+    if keyed {
+        r["401"] = json!({"description": "missing or wrong API key (when the server has one)"});
+    }
+    r
 }
 
 pub fn openapi() -> Value {
     let params = json!({
         "type": "object",
         "properties": {
-            "max_new_tokens": {"type": "integer", "minimum": 1, "default": 50},
-            "temperature": {"type": "number", "minimum": 0, "description": "0 or absent: greedy (unless do_sample); below 1e-4: greedy"},
+            "max_new_tokens": {"type": "integer", "minimum": 1, "default": 50, "description": "default 50, or the server's max_new_tokens when lower"},
+            "temperature": {"type": "number", "minimum": 0, "description": "as TGI: decoding samples when do_sample is true or when temperature is not 1, top_k is set or top_p is below 1; otherwise greedy. 0 (or below 1e-4): greedy whatever else is set"},
             "top_k": {"type": "integer", "minimum": 1},
             "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
             "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
             "seed": {"type": "integer", "minimum": 0},
-            "stop": {"type": "array", "items": {"type": "string"}},
-            "details": {"type": "boolean"},
-            "do_sample": {"type": "boolean"},
+            "stop": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+            "details": {"type": "boolean", "default": false},
+            "do_sample": {"type": "boolean", "default": false},
+            "best_of": {"type": "integer", "enum": [1]},
+            "truncate": {"type": "integer", "minimum": 1, "description": "keep only the prompt's last N tokens (the language and author tokens stay)"},
+            "return_full_text": {"type": "boolean", "default": false, "description": "generated_text starts with the inputs as given"},
             "ignore_eos": {"type": "boolean", "default": false, "description": "decode all max_new_tokens, past the end-of-text token (for benchmarks)"},
             "author": {"type": "string", "description": "author control token; unknown authors fall back to `other` (the reply says so)"},
-            "lang": {"type": "string", "enum": ["en", "ru"], "description": "language control token; guessed from the script when absent"}
+            "lang": {"type": "string", "enum": ["en", "ru", "other"], "description": "language control token (/info lists the model's); guessed from the script when absent"}
         }
     });
-    let generate = json!({"type": "object", "required": ["inputs"], "properties": {"inputs": {"type": "string"}, "parameters": params, "stream": {"type": "boolean"}}});
-    let completion = json!({"type": "object", "required": ["prompt"], "properties": {
-        "model": {"type": "string"}, "prompt": {"type": "string"}, "max_tokens": {"type": "integer", "default": 16, "description": "default 16, or the server's max_new_tokens when lower"},
-        "temperature": {"type": "number", "default": 1}, "top_p": {"type": "number"}, "stream": {"type": "boolean"},
-        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}, "seed": {"type": "integer"},
-        "author": {"type": "string"}, "lang": {"type": "string"}}});
-    let chat = json!({"type": "object", "required": ["messages"], "properties": {
-        "messages": {"type": "array", "items": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}},
-        "max_tokens": {"type": "integer"}, "temperature": {"type": "number"}, "stream": {"type": "boolean"}}});
+    let generate = json!({"type": "object", "required": ["inputs"], "properties": {"inputs": {"type": "string"}, "parameters": params, "stream": {"type": "boolean", "default": false}}});
+    let stream_options = json!({"type": "object", "properties": {"include_usage": {"type": "boolean", "description": "one more chunk before [DONE], with no choices and the usage"}}});
+    let stop = json!({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]});
+    let openai_common = json!({
+        "model": {"type": "string", "description": "ignored: the server has one model"},
+        "temperature": {"type": "number", "minimum": 0, "default": 1, "description": "0: greedy"},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1, "description": "0: greedy"},
+        "n": {"type": "integer", "enum": [1]},
+        "stream": {"type": "boolean", "default": false},
+        "stream_options": stream_options,
+        "stop": stop,
+        "seed": {"type": "integer", "minimum": 0},
+        "author": {"type": "string", "description": "author control token (an extension)"},
+        "lang": {"type": "string", "enum": ["en", "ru", "other"], "description": "language control token (an extension)"}
+    });
+    let with_common = |own: Value| {
+        let mut props = openai_common.clone();
+        if let (Some(p), Some(o)) = (props.as_object_mut(), own.as_object()) {
+            p.extend(o.clone());
+        }
+        props
+    };
+    let max_tokens = json!({"type": "integer", "minimum": 1, "default": 16, "description": "default 16, or the server's max_new_tokens when lower"});
+    let completion = json!({"type": "object", "required": ["prompt"], "properties": with_common(json!({
+        "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]},
+        "max_tokens": max_tokens,
+        "logprobs": {"type": "null", "description": "not supported: anything else is a 422"},
+        "echo": {"type": "boolean", "enum": [false], "description": "not supported: true is a 422"}
+    }))});
+    let part = json!({"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}});
+    let chat = json!({"type": "object", "required": ["messages"], "properties": with_common(json!({
+        "messages": {"type": "array", "items": {"type": "object", "required": ["role", "content"], "properties": {
+            "role": {"type": "string"},
+            "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": part}], "description": "text parts are joined by newlines; other parts are a 422"}}}},
+        "max_tokens": max_tokens,
+        "max_completion_tokens": {"type": "integer", "minimum": 1, "description": "as max_tokens, which it replaces"},
+        "logprobs": {"type": "boolean", "enum": [false], "description": "not supported: true is a 422"}
+    }))});
     json!({
         "openapi": "3.1.0",
         "info": {
             "title": "orchestrate serve",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Text Generation Inference and OpenAI compatible text generation for an orchestrate Model artifact. The prompt goes to the encoder with language and author tokens; the reply is its continuation."
+            "description": "Text Generation Inference and OpenAI compatible text generation for an orchestrate Model artifact. The prompt goes to the encoder with language and author tokens; the reply is its continuation. Errors are JSON: TGI's shape ({error, error_type, field}), OpenAI's under /v1; an unknown path is a 404 in that shape. A stream the decoder could not finish ends with an error event (no [DONE])."
         },
         "paths": {
-            "/generate": {"post": {"summary": "Generate (TGI)", "requestBody": body(generate.clone()), "responses": ok("generated_text, and details when asked", "application/json")}},
-            "/": {"post": {"summary": "Generate (TGI compat route): the reply in a JSON array, or a stream when stream is true", "requestBody": body(generate.clone()), "responses": ok("[{generated_text}]", "application/json")}},
-            "/generate_stream": {"post": {"summary": "Generate as server-sent events: one per token; the last carries generated_text, details (when asked) and warnings (when any)", "requestBody": body(generate), "responses": ok("event stream", "text/event-stream")}},
-            "/tokenize": {"post": {"summary": "Tokens of a text with their offsets", "requestBody": body(json!({"type": "object", "required": ["inputs"], "properties": {"inputs": {"type": "string"}}})), "responses": ok("[{id, text, start, stop}]", "application/json")}},
-            "/health": {"get": {"summary": "200 when the model is loaded", "responses": {"200": {"description": "ok"}}}},
-            "/info": {"get": {"summary": "Model and server facts (TGI's Info, plus languages and authors)", "responses": {"200": {"description": "info"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition"}}}},
-            "/v1/models": {"get": {"summary": "The served model (OpenAI)", "responses": {"200": {"description": "list"}}}},
-            "/v1/completions": {"post": {"summary": "Completion (OpenAI); stream: true gives SSE ending in data: [DONE]", "requestBody": body(completion), "responses": ok("text_completion", "application/json")}},
-            "/v1/chat/completions": {"post": {"summary": "Chat completion (OpenAI): the last user message is the prompt; this model is not tuned for dialogue", "requestBody": body(chat), "responses": ok("chat.completion", "application/json")}},
+            "/generate": {"post": {"summary": "Generate (TGI)", "requestBody": body(generate.clone()), "responses": ok("generated_text, and details when asked", &["application/json"], true)}},
+            "/": {"post": {"summary": "Generate (TGI compat route): the reply in a JSON array, or a stream when stream is true", "requestBody": body(generate.clone()), "responses": ok("[{generated_text}], or with stream: true server-sent events as /generate_stream", &["application/json", "text/event-stream"], true)}},
+            "/generate_stream": {"post": {"summary": "Generate as server-sent events: one per token; the last carries generated_text, details (when asked) and warnings (when any)", "requestBody": body(generate), "responses": ok("event stream", &["text/event-stream"], true)}},
+            "/tokenize": {"post": {"summary": "Tokens of a text with their offsets", "requestBody": body(json!({"type": "object", "required": ["inputs"], "properties": {"inputs": {"type": "string"}}})), "responses": ok("[{id, text, start, stop}]", &["application/json"], false)}},
+            "/health": {"get": {"summary": "200 when the model is loaded (no key needed)", "responses": got("ok", false)}},
+            "/info": {"get": {"summary": "Model and server facts (TGI's Info, plus languages and authors)", "responses": got("info", true)}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (no key needed)", "responses": got("text exposition", false)}},
+            "/docs": {"get": {"summary": "This description as a page (no key needed)", "responses": got("HTML", false)}},
+            "/openapi.json": {"get": {"summary": "This description (no key needed)", "responses": got("OpenAPI 3.1", false)}},
+            "/v1/models": {"get": {"summary": "The served model (OpenAI)", "responses": got("list", true)}},
+            "/v1/completions": {"post": {"summary": "Completion (OpenAI); stream: true gives SSE ending in data: [DONE]", "requestBody": body(completion), "responses": ok("text_completion, or with stream: true server-sent events", &["application/json", "text/event-stream"], true)}},
+            "/v1/chat/completions": {"post": {"summary": "Chat completion (OpenAI): the last user message is the prompt; this model is not tuned for dialogue", "requestBody": body(chat), "responses": ok("chat.completion, or with stream: true server-sent chat.completion.chunk events", &["application/json", "text/event-stream"], true)}},
         }
     })
 }

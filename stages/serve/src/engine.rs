@@ -26,6 +26,9 @@ pub enum Event {
         token: Token,
         text: String,
         special: bool,
+        /// The request's last token: its `Done` follows in the same step, so a stream can
+        /// wait for that one event to send the summary with this token.
+        last: bool,
     },
     Done {
         finish: Finish,
@@ -62,8 +65,9 @@ impl Engine {
     /// on one core (a rayon pool of one thread): at these sizes one core per batch beats
     /// two cores sharing every small operation (measured: 32 rows took 637 ms on one
     /// thread, 689 ms on two), so on a CPU the cores serve more rows by decoding different
-    /// batches side by side. A worker holds at most `max_batch / workers` rows, leaving the
-    /// rest to the next worker with room.
+    /// batches side by side. The workers' shares of `max_batch` add up to it exactly (there
+    /// are never more workers than `max_batch`), each leaving the rest to the next worker
+    /// with room.
     pub fn start<B: Backend>(
         lm: LoadedModel<B>,
         device: B::Device,
@@ -75,9 +79,11 @@ impl Engine {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let rx = Arc::new(std::sync::Mutex::new(rx));
         let waiting = Arc::new(AtomicUsize::new(0));
-        let workers = workers.max(1);
-        let share = max_batch.max(1).div_ceil(workers);
-        for n in 0..workers {
+        let max_batch = max_batch.max(1);
+        // A worker with a share of 0 could never take a row; rounding each share up would
+        // let them together decode more than `max_batch` rows.
+        let workers = workers.clamp(1, max_batch);
+        for (n, share) in shares(max_batch, workers).into_iter().enumerate() {
             let decoder = Decoder {
                 model: lm.model.clone(),
                 tokenizer: lm.tokenizer.clone(),
@@ -126,6 +132,14 @@ impl Engine {
     pub fn queue_depth(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
     }
+}
+
+/// `max_batch` split between `workers` (at most `max_batch`): as evenly as it goes, every
+/// share at least 1, the sum exactly `max_batch`.
+fn shares(max_batch: usize, workers: usize) -> Vec<usize> {
+    (0..workers)
+        .map(|n| max_batch / workers + usize::from(n < max_batch % workers))
+        .collect()
 }
 
 /// What one worker decodes with: its own handle on the weights (shared storage).
@@ -248,6 +262,7 @@ fn run<B: Backend>(
                     token,
                     text,
                     special,
+                    last: last || stopped,
                 });
                 if sent.is_err() {
                     return Next::Stop(Finish::Cancelled);
@@ -463,6 +478,14 @@ mod tests {
             events: mpsc::unbounded_channel().0,
             queued: Instant::now(),
         }
+    }
+
+    #[test]
+    fn workers_shares_add_up_to_max_batch() {
+        assert_eq!(shares(5, 2), [3, 2]);
+        assert_eq!(shares(4, 4), [1, 1, 1, 1]);
+        assert_eq!(shares(32, 3), [11, 11, 10]);
+        assert_eq!(shares(1, 1), [1]);
     }
 
     #[test]

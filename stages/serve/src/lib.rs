@@ -12,6 +12,7 @@ mod testkit;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use burn::prelude::Backend;
 use orchestrate_model::artifact::{self, ModelCard};
@@ -55,8 +56,15 @@ pub struct ServeOptions {
     /// Where the model runs: `cpu`, `cuda`, `cuda:N` (a build with the `cuda` feature).
     pub device: String,
     /// Decoder workers, each decoding its own batch (see `engine`); 0: one per CPU core
-    /// on the CPU, one on a GPU.
+    /// on the CPU, one on a GPU. Never more than `max_batch` (a worker with no row to hold
+    /// would be idle, and the batch limit would be exceeded by rounding).
     pub workers: usize,
+    /// How long a client may take to send a request's head, and then its body: a client
+    /// that stalls mid-request would otherwise hold its connection, and a shutdown, forever.
+    pub read_timeout: Duration,
+    /// How long a shutdown waits for the requests in flight before it closes their
+    /// connections anyway.
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -76,15 +84,86 @@ impl Default for ServeOptions {
             cors_origins: None,
             device: "cpu".into(),
             workers: 0,
+            read_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
 
+/// Why `serve` did not start or stopped. `usage` errors come from the options (an address
+/// that cannot be listened on, a device that does not exist here, a limit of 0), which the
+/// command line reports as exit code 2; the others (a model that does not load) as 1.
+#[derive(Debug)]
+pub struct ServeError {
+    pub usage: bool,
+    pub message: String,
+}
+
+impl ServeError {
+    fn usage(message: impl Into<String>) -> Self {
+        ServeError {
+            usage: true,
+            message: message.into(),
+        }
+    }
+    fn failed(message: impl Into<String>) -> Self {
+        ServeError {
+            usage: false,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ServeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ServeError {}
+
+impl From<ServeError> for String {
+    fn from(e: ServeError) -> String {
+        e.message
+    }
+}
+
+impl ServeOptions {
+    /// The options' own problems, before anything is loaded.
+    pub fn check(&self) -> Result<Compute, ServeError> {
+        // 0 would make a server that accepts nothing (queue) or decodes nothing (batch):
+        // every request would be refused, so it is refused here instead.
+        if self.max_batch == 0 {
+            return Err(ServeError::usage(
+                "max_batch must be at least 1 (requests decoded together)",
+            ));
+        }
+        if self.queue == 0 {
+            return Err(ServeError::usage(
+                "queue must be at least 1 (requests that may wait for the decoder)",
+            ));
+        }
+        let compute = Compute::parse(&self.device)
+            .map_err(|e| ServeError::usage(format!("--device: {e}")))?;
+        if let Compute::Cuda(n) = compute {
+            // Its hint is for a pipeline stage (`resources.device`); here the device is
+            // this command's option.
+            compute::cuda_preflight(n).map_err(|e| {
+                ServeError::usage(
+                    e.replace("or set resources.device: cpu", "or serve with --device cpu"),
+                )
+            })?;
+        }
+        Ok(compute)
+    }
+}
+
 /// Loads the model in `dir` and builds the router (no socket yet: tests drive it directly).
-pub fn app(dir: &Path, opts: &ServeOptions) -> Result<axum::Router, String> {
-    let compute = Compute::parse(&opts.device).map_err(|e| e.to_string())?;
-    let (engine, metrics, model, limits) =
-        compute::run_on(compute, Load { dir, opts, compute }).map_err(|e| e.to_string())??;
+pub fn app(dir: &Path, opts: &ServeOptions) -> Result<axum::Router, ServeError> {
+    let compute = opts.check()?;
+    let (engine, metrics, model, limits) = compute::run_on(compute, Load { dir, opts, compute })
+        .map_err(|e| ServeError::failed(e.to_string()))?
+        .map_err(ServeError::failed)?;
     let state = Arc::new(api::AppState {
         engine,
         metrics,
@@ -127,6 +206,7 @@ impl OnDevice for Load<'_> {
             max_stop_sequences: 4,
             max_batch: opts.max_batch,
             queue: opts.queue,
+            read_timeout: opts.read_timeout,
         };
         let metrics = Arc::new(metrics::Metrics::new(metrics::ModelInfo {
             model: opts.name.clone(),
@@ -148,7 +228,8 @@ impl OnDevice for Load<'_> {
             (0, Compute::Cpu) => std::thread::available_parallelism().map_or(1, |n| n.get()),
             (0, Compute::Cuda(_)) => 1,
             (n, _) => n,
-        };
+        }
+        .min(opts.max_batch);
         let engine = engine::Engine::start(
             lm,
             device,
@@ -162,21 +243,208 @@ impl OnDevice for Load<'_> {
 }
 
 /// Binds, calls `ready` with the address, and serves until `shutdown` resolves; requests in
-/// flight are drained before it returns.
+/// flight are drained before it returns, for `drain_timeout` at most.
 pub async fn serve(
     dir: &Path,
     opts: &ServeOptions,
     ready: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
-    let app = app(dir, opts)?;
+) -> Result<(), ServeError> {
+    opts.check()?;
+    // Bound before the model loads: a busy port is said at once, not after the weights.
     let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
         .await
-        .map_err(|e| format!("cannot listen on {}:{}: {e}", opts.host, opts.port))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            ServeError::usage(format!("cannot listen on {}:{}: {e}", opts.host, opts.port))
+        })?;
+    let app = app(dir, opts)?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServeError::failed(e.to_string()))?;
     ready(addr);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+    accept(
+        listener,
+        app,
+        shutdown,
+        opts.read_timeout,
+        opts.drain_timeout,
+    )
+    .await;
+    Ok(())
+}
+
+/// The accept loop. axum's own `serve` gives hyper no timer, so hyper's request-head
+/// timeout never fires, and its graceful shutdown waits for every connection without
+/// limit: one client that sent half a request kept the process alive after SIGTERM.
+async fn accept(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    read_timeout: Duration,
+    drain_timeout: Duration,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let (closing, closed) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            // Finished connections are reaped as they go, or the set would grow forever.
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of file descriptors, or a connection reset before it was taken: the
+                // listener itself is fine. A pause keeps a persistent error from spinning.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut closed = closed.clone();
+        conns.spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(read_timeout);
+            let conn = http.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = closed.wait_for(|c| *c) => conn.as_mut().graceful_shutdown(),
+            }
+            // Finishes the request in flight (an idle connection closes at once).
+            let _ = conn.await;
+        });
+    }
+    // No new connections; the open ones finish what they are answering.
+    drop(listener);
+    let _ = closing.send(true);
+    let drained = tokio::time::timeout(drain_timeout, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        eprintln!(
+            "stopping: {} connection(s) still busy after {} s; closing them",
+            conns.len(),
+            drain_timeout.as_secs_f64()
+        );
+        conns.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{options, Server};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn connect(s: &Server) -> tokio::net::TcpStream {
+        let addr = s.base.trim_start_matches("http://");
+        tokio::net::TcpStream::connect(addr).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_client_stalled_mid_request_does_not_hold_shutdown_past_the_drain_deadline() {
+        let s = Server::start(ServeOptions {
+            // Longer than the test waits: only the drain deadline can end it.
+            read_timeout: Duration::from_secs(600),
+            drain_timeout: Duration::from_millis(500),
+            ..options()
+        })
+        .await;
+        let mut head = connect(&s).await;
+        head.write_all(b"POST /generate HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let mut body = connect(&s).await;
+        body.write_all(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"inputs\"",
+        )
         .await
-        .map_err(|e| format!("server error: {e}"))
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stopped = tokio::time::timeout(Duration::from_secs(20), s.stop()).await;
+        assert!(stopped.is_ok(), "shutdown waited for the stalled clients");
+        drop((head, body));
+    }
+
+    #[tokio::test]
+    async fn a_request_head_or_body_that_stalls_is_cut_off() {
+        let s = Server::start(ServeOptions {
+            read_timeout: Duration::from_millis(300),
+            ..options()
+        })
+        .await;
+        // Half a head: the connection is closed.
+        let mut head = connect(&s).await;
+        head.write_all(b"POST /generate HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), head.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "the half-sent head held its connection");
+        // A head and part of its body: 408, naming the body.
+        let mut body = connect(&s).await;
+        body.write_all(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"inputs\"",
+        )
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), body.read_to_end(&mut buf)).await;
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains(r#""field":"body""#), "{text}");
+        s.stop().await;
+    }
+
+    #[test]
+    fn limits_of_0_and_unknown_devices_are_usage_errors() {
+        for opts in [
+            ServeOptions {
+                max_batch: 0,
+                ..options()
+            },
+            ServeOptions {
+                queue: 0,
+                ..options()
+            },
+            ServeOptions {
+                device: "tpu".into(),
+                ..options()
+            },
+        ] {
+            let e = opts.check().unwrap_err();
+            assert!(e.usage, "{e}");
+        }
+        // Without a GPU (or a build without CUDA), the hint is this command's option.
+        let cuda = ServeOptions {
+            device: "cuda".into(),
+            ..options()
+        };
+        if let Err(e) = cuda.check() {
+            assert!(e.usage && !e.message.contains("resources.device"), "{e}");
+            if e.message.contains("no CUDA backend") {
+                assert!(e.message.contains("--device cpu"), "{e}");
+            }
+        }
+        assert!(options().check().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_is_a_usage_error() {
+        let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let opts = ServeOptions {
+            port: taken.local_addr().unwrap().port(),
+            ..options()
+        };
+        let e = serve(testkit::model_dir(), &opts, |_| {}, async {})
+            .await
+            .unwrap_err();
+        assert!(e.usage && e.message.contains("cannot listen"), "{e}");
+    }
 }

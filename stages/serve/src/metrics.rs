@@ -57,7 +57,9 @@ impl Histogram {
 #[derive(Default)]
 struct State {
     requests: BTreeMap<(String, u16), u64>,
-    durations: BTreeMap<String, Histogram>,
+    /// By route and whether the answer was a stream: a stream lasts as long as its
+    /// generation, so alerts on latency leave streams out by this label.
+    durations: BTreeMap<(String, bool), Histogram>,
     ttft: Histogram,
     batch: Histogram,
     tokens: u64,
@@ -93,11 +95,12 @@ impl Metrics {
         f(&mut s)
     }
 
-    pub fn request(&self, route: &str, status: u16, took: Duration) {
+    /// A request answered: `took` is to its last byte (a stream's last event).
+    pub fn request(&self, route: &str, status: u16, stream: bool, took: Duration) {
         self.with(|s| {
             *s.requests.entry((route.to_string(), status)).or_default() += 1;
             s.durations
-                .entry(route.to_string())
+                .entry((route.to_string(), stream))
                 .or_default()
                 .observe(LATENCY_BUCKETS, took.as_secs_f64());
         });
@@ -121,6 +124,9 @@ impl Metrics {
 
     pub fn render(&self, queue_depth: usize) -> String {
         let mut out = String::new();
+        // NVML calls can take milliseconds (more on a busy driver): made before the lock,
+        // which every decoding step and every request takes to count.
+        let gpus = self.gpu_samples();
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let head = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -141,13 +147,13 @@ impl Metrics {
             &mut out,
             "orchestrate_http_request_duration_seconds",
             "histogram",
-            "Time to answer, by route (streams: to the last event).",
+            "Time to answer, by route; stream=\"true\": a stream, to its last event.",
         );
-        for (route, h) in &s.durations {
+        for ((route, stream), h) in &s.durations {
             h.render(
                 &mut out,
                 "orchestrate_http_request_duration_seconds",
-                &format!("route=\"{route}\""),
+                &format!("route=\"{route}\",stream=\"{stream}\""),
                 LATENCY_BUCKETS,
             );
         }
@@ -211,7 +217,6 @@ impl Metrics {
             "gauge",
             "GPU memory in use (NVML; no samples without a GPU).",
         );
-        let gpus = self.gpu_samples();
         for (i, used, _) in &gpus {
             let _ = writeln!(
                 out,
@@ -262,14 +267,14 @@ mod tests {
     #[test]
     fn histograms_are_cumulative_and_families_always_declared() {
         let m = Metrics::new(ModelInfo::default());
-        m.request("/generate", 200, Duration::from_millis(30));
-        m.request("/generate", 200, Duration::from_millis(300));
+        m.request("/generate", 200, false, Duration::from_millis(30));
+        m.request("/generate", 200, false, Duration::from_millis(300));
         let text = m.render(0);
         assert!(text.contains(
-            "orchestrate_http_request_duration_seconds_bucket{route=\"/generate\",le=\"0.05\"} 1"
+            "orchestrate_http_request_duration_seconds_bucket{route=\"/generate\",stream=\"false\",le=\"0.05\"} 1"
         ));
         assert!(text.contains(
-            "orchestrate_http_request_duration_seconds_bucket{route=\"/generate\",le=\"0.5\"} 2"
+            "orchestrate_http_request_duration_seconds_bucket{route=\"/generate\",stream=\"false\",le=\"0.5\"} 2"
         ));
         assert!(
             text.contains("orchestrate_http_requests_total{route=\"/generate\",status=\"200\"} 2")

@@ -167,7 +167,9 @@ impl Server {
             let ready = |a| {
                 let _ = ready.send(a);
             };
-            crate::serve(model_dir(), &opts, ready, shutdown).await
+            crate::serve(model_dir(), &opts, ready, shutdown)
+                .await
+                .map_err(String::from)
         });
         let addr = addr.await.expect("the test server started");
         Server {

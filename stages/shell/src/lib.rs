@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use orchestrate_stage::{
-    canonical_params, ArtifactKind, Inputs, StageContext, StageDescriptor, StageError, StageOutput,
+    canonical_params, ArtifactKind, Inputs, ParamError, ParamProblem, PathSegment, StageContext,
+    StageDescriptor, StageError, StageOutput,
 };
 use serde::{Deserialize, Serialize};
 
@@ -41,10 +42,51 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     names_in_output: true,
     code_hash: env!("STAGE_CODE_HASH"),
     tracked_files: &[],
-    canonical_params: canonical_params::<ShellParams>,
+    canonical_params: canonical,
     file_deps: orchestrate_stage::no_file_deps,
     empty_part: orchestrate_stage::no_empty_parts,
 };
+
+/// The parameters with each output path in one spelling (`./a.txt` and `a.txt` are one
+/// file, and one cache key), or the output that names no file inside `$OUT`.
+fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
+    let v = canonical_params::<ShellParams>(v)?;
+    let mut p: ShellParams = serde_json::from_value(v).expect("just canonicalised");
+    for (i, rel) in p.outputs.iter_mut().enumerate() {
+        *rel = normal_output(rel).map_err(|msg| ParamError {
+            path: vec![PathSegment::Key("outputs".into()), PathSegment::Index(i)],
+            problem: ParamProblem::Invalid(msg),
+        })?;
+    }
+    serde_json::to_value(p).map_err(|e| ParamError {
+        path: Vec::new(),
+        problem: ParamProblem::Invalid(e.to_string()),
+    })
+}
+
+/// `./d//a.txt` → `d/a.txt`; an error for a path that leaves `$OUT` or is all of it.
+fn normal_output(rel: &str) -> Result<String, String> {
+    if rel.starts_with('/') {
+        return Err(format!(
+            "output `{rel}` must be a relative path inside $OUT"
+        ));
+    }
+    let parts: Vec<&str> = rel
+        .split('/')
+        .filter(|part| !part.is_empty() && *part != ".")
+        .collect();
+    if parts.contains(&"..") {
+        return Err(format!(
+            "output `{rel}` must be a relative path inside $OUT"
+        ));
+    }
+    if parts.is_empty() {
+        return Err(format!(
+            "output `{rel}` names no file: list the files or folders inside $OUT that make up the artifact"
+        ));
+    }
+    Ok(parts.join("/"))
+}
 
 /// How long a cancelled command gets between SIGTERM and SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(3);
@@ -143,7 +185,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     let pgid = child.id() as i32;
     let _group = GroupGuard(pgid);
 
-    let tail = Arc::new(Mutex::new(Vec::<String>::new()));
+    let tail = Arc::new(Mutex::new(Captured::default()));
     let readers: Vec<_> = [
         child
             .stdout
@@ -162,13 +204,12 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     })
     .collect();
 
-    let mut lines_sent = 0;
     let mut term_sent: Option<std::time::Instant> = None;
     loop {
         if wrapper_exited(pgid).map_err(|e| StageError::io("failed to wait for the command", e))? {
             break;
         }
-        lines_sent = flush_lines(ctx, &tail, lines_sent);
+        flush_lines(ctx, &tail);
         if ctx.cancel.is_cancelled() {
             match term_sent {
                 None => {
@@ -192,21 +233,23 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     for r in readers {
         let _ = r.join();
     }
-    flush_lines(ctx, &tail, lines_sent);
+    flush_lines(ctx, &tail);
     if ctx.cancel.is_cancelled() {
         return Err(StageError::Cancelled);
     }
     if !status.success() {
-        let tail = tail.lock().map(|t| t.clone()).unwrap_or_default();
-        let start = tail.len().saturating_sub(TAIL_LINES);
+        let tail: Vec<String> = tail
+            .lock()
+            .map(|t| t.last.iter().cloned().collect())
+            .unwrap_or_default();
         // The wrapper exits as its job did: 128 + N for a job killed by signal N.
         let mut msg = match status.code() {
             Some(code @ 129..=192) => format!("command killed by signal {}", code - 128),
             _ => format!("command {status}"),
         };
-        if start < tail.len() {
+        if !tail.is_empty() {
             msg.push_str("; its last output:\n");
-            msg.push_str(&tail[start..].join("\n"));
+            msg.push_str(&tail.join("\n"));
         }
         return Err(StageError::Failed(msg));
     }
@@ -232,21 +275,83 @@ pub fn env_name(input: &str) -> String {
         .collect()
 }
 
-fn forward_lines(pipe: Box<dyn Read + Send>, tail: &Mutex<Vec<String>>) {
-    for line in BufReader::new(pipe).lines() {
-        let Ok(line) = line else { break };
-        if let Ok(mut t) = tail.lock() {
-            t.push(line);
+/// What the command printed: lines not yet logged, and the last few for an error message.
+/// Both stay small however much the command prints (the main loop logs every 10 ms).
+#[derive(Default)]
+struct Captured {
+    pending: Vec<String>,
+    last: std::collections::VecDeque<String>,
+}
+
+impl Captured {
+    fn push(&mut self, line: String) {
+        if self.last.len() == TAIL_LINES {
+            self.last.pop_front();
+        }
+        self.last.push_back(line.clone());
+        self.pending.push(line);
+    }
+}
+
+/// A line longer than this is passed on in pieces (a progress bar without newlines, binary
+/// output), so that memory stays bounded.
+const MAX_LINE: usize = 64 * 1024;
+
+/// Reads the pipe to its end, line by line. Bytes that are not UTF-8 (Latin-1 text, binary)
+/// are shown with replacement characters: stopping at them would leave the pipe unread and
+/// the command killed by SIGPIPE at its next write.
+fn forward_lines(pipe: Box<dyn Read + Send>, captured: &Mutex<Captured>) {
+    let mut reader = BufReader::new(pipe);
+    let mut line = Vec::new();
+    let emit = |line: &mut Vec<u8>| {
+        if line.ends_with(b"\r") {
+            line.pop();
+        }
+        let text = String::from_utf8_lossy(line).into_owned();
+        line.clear();
+        if let Ok(mut c) = captured.lock() {
+            c.push(text);
+        }
+    };
+    loop {
+        let buf = match reader.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        if buf.is_empty() {
+            if !line.is_empty() {
+                emit(&mut line);
+            }
+            break;
+        }
+        let room = MAX_LINE - line.len();
+        let (used, ended) = match buf.iter().take(room).position(|&b| b == b'\n') {
+            Some(i) => {
+                line.extend_from_slice(&buf[..i]);
+                (i + 1, true)
+            }
+            None => {
+                let n = buf.len().min(room);
+                line.extend_from_slice(&buf[..n]);
+                (n, line.len() == MAX_LINE)
+            }
+        };
+        reader.consume(used);
+        if ended {
+            emit(&mut line);
         }
     }
 }
 
-fn flush_lines(ctx: &StageContext<'_>, tail: &Mutex<Vec<String>>, sent: usize) -> usize {
-    let Ok(t) = tail.lock() else { return sent };
-    for line in &t[sent..] {
+fn flush_lines(ctx: &StageContext<'_>, captured: &Mutex<Captured>) {
+    let pending = match captured.lock() {
+        Ok(mut c) => std::mem::take(&mut c.pending),
+        Err(_) => return,
+    };
+    for line in &pending {
         ctx.events.log(line);
     }
-    t.len()
 }
 
 /// Whether the wrapper shell `pid` has exited, leaving it unreaped (`WNOWAIT`).
@@ -276,35 +381,53 @@ fn signal_group(pgid: i32, sig: i32) {
     }
 }
 
-/// Checks that every declared output exists and removes everything else from `out`.
+/// Checks that every declared output exists and removes everything else from `out`, at
+/// every depth: with `outputs: [d/a]`, a `d/junk` beside it is not part of the artifact.
 fn keep_declared_outputs(out: &Path, declared: &[String]) -> Result<(), StageError> {
     for rel in declared {
-        if Path::new(rel).is_absolute() || rel.split('/').any(|p| p == "..") {
-            return Err(StageError::Failed(format!(
-                "output `{rel}` must be a relative path inside $OUT"
-            )));
-        }
         if !out.join(rel).exists() {
             return Err(StageError::Failed(format!(
                 "the command succeeded but did not write its declared output `{rel}` (paths are relative to $OUT, the working directory)"
             )));
         }
     }
-    let entries = std::fs::read_dir(out).map_err(|e| StageError::io("failed to list $OUT", e))?;
-    for entry in entries.flatten() {
+    prune(out, "", declared)
+}
+
+/// Removes what `dir` (at `prefix` inside `$OUT`) holds beyond the declared outputs and the
+/// folders on their way.
+fn prune(dir: &Path, prefix: &str, declared: &[String]) -> Result<(), StageError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| StageError::io(format!("failed to list {}", dir.display()), e))?;
+    for entry in entries {
+        let entry =
+            entry.map_err(|e| StageError::io(format!("failed to list {}", dir.display()), e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let declared_here = declared
-            .iter()
-            .any(|d| d == &name || d.starts_with(&format!("{name}/")));
-        if !declared_here {
-            let path = entry.path();
-            let res = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-            res.map_err(|e| StageError::io(format!("failed to remove {}", path.display()), e))?;
+        let rel = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}/{name}")
+        };
+        if declared.contains(&rel) {
+            continue;
         }
+        let path = entry.path();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let on_the_way = declared.iter().any(|d| d.starts_with(&format!("{rel}/")));
+        if on_the_way {
+            // A link on the way to an output is kept as it is: pruning through it would
+            // delete files outside $OUT.
+            if is_dir {
+                prune(&path, &rel, declared)?;
+            }
+            continue;
+        }
+        let res = if is_dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        res.map_err(|e| StageError::io(format!("failed to remove {}", path.display()), e))?;
     }
     Ok(())
 }
@@ -365,6 +488,60 @@ mod tests {
         run_in(&d, p, &CancelToken::new()).unwrap();
         assert!(d.join("out/a.txt").exists());
         assert!(!d.join("out/junk.txt").exists());
+    }
+
+    #[test]
+    fn keeps_declared_outputs_at_every_depth_in_any_spelling() {
+        let d = tmp("nested");
+        let p = serde_json::json!({
+            "run": "mkdir -p d/e; echo a > d/a; echo j > d/junk; echo k > d/e/k; echo t > top.txt; echo x > x",
+            "outputs": ["d/a", "./top.txt", "d//e/"],
+        });
+        run_in(&d, p, &CancelToken::new()).unwrap();
+        for kept in ["d/a", "top.txt", "d/e/k"] {
+            assert!(d.join("out").join(kept).exists(), "{kept}");
+        }
+        for gone in ["d/junk", "x"] {
+            assert!(!d.join("out").join(gone).exists(), "{gone}");
+        }
+    }
+
+    #[test]
+    fn outputs_are_spelt_one_way_and_stay_inside_out() {
+        let canonical = |outputs: serde_json::Value| {
+            (DESCRIPTOR.canonical_params)(serde_json::json!({"run": "x", "outputs": outputs}))
+        };
+        let v = canonical(serde_json::json!(["./a//b/", "c"])).unwrap();
+        assert_eq!(v["outputs"], serde_json::json!(["a/b", "c"]));
+        for bad in [".", "./", "", "../x", "a/../../x", "/etc/passwd"] {
+            let e = canonical(serde_json::json!(["ok", bad])).unwrap_err();
+            assert_eq!(
+                e.path,
+                [PathSegment::Key("outputs".into()), PathSegment::Index(1)],
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn output_that_is_not_utf8_is_read_to_its_end() {
+        let d = tmp("latin1");
+        // Enough lines after the Latin-1 one to fill the pipe, had the reader stopped.
+        let p = serde_json::json!({
+            "run": "printf 'caf\\351\\n'; i=0; while [ $i -lt 5000 ]; do echo line $i; i=$((i+1)); done; echo done > o",
+            "outputs": ["o"],
+        });
+        run_in(&d, p, &CancelToken::new()).unwrap();
+        assert!(d.join("out/o").exists());
+    }
+
+    #[test]
+    fn a_failure_shows_the_last_lines_only() {
+        let d = tmp("tail");
+        let p = serde_json::json!({"run": "i=0; while [ $i -lt 100 ]; do echo l$i; i=$((i+1)); done; exit 1"});
+        let err = run_in(&d, p, &CancelToken::new()).unwrap_err().to_string();
+        assert!(err.contains("\nl80\n") && err.ends_with("l99"), "{err}");
+        assert!(!err.contains("l79"), "{err}");
     }
 
     #[test]
