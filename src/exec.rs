@@ -148,7 +148,7 @@ pub async fn execute(
         track_reused(&shared, r);
     }
 
-    let forced: Vec<bool> = plan.stages.iter().map(|s| s.forced).collect();
+    let forced: Vec<(bool, bool)> = plan.stages.iter().map(|s| (s.forced, s.replace)).collect();
     // A stage the plan found ready has the same inputs now: its key parts carry over.
     let planned: Vec<Option<crate::key::CacheKeyParts>> = plan
         .stages
@@ -184,10 +184,10 @@ pub async fn execute(
                 .map(|m| m.as_ref().map(|m| m.digest.clone()))
                 .collect();
             let sh = Arc::clone(&shared);
-            let force = forced[i];
+            let (force, replace) = forced[i];
             let parts = planned[i].clone();
             tasks.spawn(async move {
-                let done = run_stage(&sh, i, inputs, digests, parts, force).await;
+                let done = run_stage(&sh, i, inputs, digests, parts, force, replace).await;
                 (i, done)
             });
         }
@@ -391,6 +391,7 @@ async fn run_stage(
     digests: Vec<Option<String>>,
     planned: Option<crate::key::CacheKeyParts>,
     forced: bool,
+    replace: bool,
 ) -> Done {
     let stage = &sh.pipeline.stages[i];
     let mut record = StageRecord::new(&stage.name, stage.kind.name(), StageStatus::Failed);
@@ -504,7 +505,7 @@ async fn run_stage(
     let mut attempt = 0;
     let result = loop {
         attempt += 1;
-        let r = produce(sh, i, &inputs, &key, &parts, attempt, &metrics, forced).await;
+        let r = produce(sh, i, &inputs, &key, &parts, attempt, &metrics, replace).await;
         match r {
             Err(StageFailure::Failed(msg) | StageFailure::Store(msg))
                 if attempt <= stage.retries && !sh.cancel.is_cancelled() =>
@@ -625,7 +626,7 @@ fn retry_wait(attempt: u32) -> Duration {
 }
 
 /// One attempt: materialise inputs, do the work, upload, commit (over what the key holds
-/// when `forced`).
+/// when `replace`).
 #[allow(clippy::too_many_arguments)]
 async fn produce(
     sh: &Shared,
@@ -635,7 +636,7 @@ async fn produce(
     parts: &crate::key::CacheKeyParts,
     attempt: u32,
     metrics: &Arc<Mutex<BTreeMap<String, f64>>>,
-    forced: bool,
+    replace: bool,
 ) -> Result<Manifest, StageFailure> {
     let stage = &sh.pipeline.stages[i];
     let t0 = Instant::now();
@@ -768,7 +769,7 @@ async fn produce(
             parts,
             &output.metadata,
             t0,
-            forced,
+            replace,
         );
         match stored.await {
             Ok(stored) => break stored,
@@ -797,10 +798,11 @@ async fn produce(
     }
     if committed.digest != manifest.digest {
         sh.reporter.note(&format!(
-            "stage `{}` is not deterministic: this run produced {}, but the store already holds {} for the same key; keeping the stored one",
+            "stage `{}` is not deterministic: this run produced {}, but the store already holds {} for the same key; keeping the stored one (`--force {}` replaces it, unless it is pinned)",
             stage.name,
             crate::plan::short_digest(&manifest.digest),
-            crate::plan::short_digest(&committed.digest)
+            crate::plan::short_digest(&committed.digest),
+            stage.name
         ));
     }
     // MLflow is shown the files the store keeps. When another run committed this key first
@@ -868,7 +870,7 @@ async fn store_output(
     parts: &crate::key::CacheKeyParts,
     metadata: &serde_json::Map<String, serde_json::Value>,
     t0: Instant,
-    forced: bool,
+    replace: bool,
 ) -> Result<Stored, StoreError> {
     let stage = &sh.pipeline.stages[i];
     let store = &sh.store;
@@ -902,7 +904,9 @@ async fn store_output(
         },
         key_parts: parts.clone(),
     };
-    if forced {
+    // A pinned artifact is kept as it is: its pin, and the runs that name its digest, mean
+    // that content (replaced, its blobs would be unreferenced and go at the next gc).
+    if replace && !store.pins().await?.contains(key) {
         let previous = store.commit_replacing(&manifest).await?;
         store.put_back_missing(&manifest.files, out).await?;
         return Ok(Stored {

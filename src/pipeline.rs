@@ -909,13 +909,18 @@ impl Validator {
                 ParamProblem::Several(all) => all.iter().collect(),
                 _ => vec![&e],
             };
-            // A value YAML typed (`A: 123`, `v: 3.10`, or `${env.X}` standing alone) where
-            // the stage wants text, such as a shell command's `env`: the text as written.
-            // An environment variable is text, and `3.10` must not arrive as `3.1`.
+            // A value YAML typed (`A: 123`, `v: 3.10`, or `${env.X}` standing alone) in a
+            // mapping of texts, such as a shell command's `env`: the text as written. An
+            // environment variable is text, and `3.10` must not arrive as `3.1`. Only the
+            // values of such a mapping: a required text (`run:`) left empty stays an error.
             let as_text: Vec<(&ParamError, String)> = each
                 .iter()
                 .filter(|e| matches!(&e.problem, ParamProblem::Invalid(m) if m.contains("expected a string")))
                 .filter(|e| !retyped.contains(&e.path))
+                .filter(|e| {
+                    let parent = node_at(node, &e.path[..e.path.len().saturating_sub(1)]);
+                    e.path.len() >= 2 && parent.is_some_and(|p| matches!(p.value, Value::Map(_)))
+                })
                 .filter_map(|e| Some((*e, written_text(node_at(node, &e.path)?)?)))
                 .collect();
             if as_text.is_empty() {

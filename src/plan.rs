@@ -75,6 +75,10 @@ pub struct StagePlan {
     pub parts: Option<CacheKeyParts>,
     #[serde(skip)]
     pub forced: bool,
+    /// Asked for by name (`--force S`, `--force-all`): this run's output replaces one that
+    /// differs under the same key. (`--from` reruns without replacing.)
+    #[serde(skip)]
+    pub replace: bool,
     #[serde(skip)]
     pub selected: bool,
 }
@@ -151,6 +155,7 @@ impl Plan {
                 manifest: None,
                 parts: None,
                 forced: forced[i],
+                replace: sel.force_all || sel.force.contains(&s.name),
                 selected: selected[i],
             });
         }

@@ -392,10 +392,9 @@ fn interpolate_all(root: &mut Node, env: EnvLookup<'_>, diags: &mut Vec<Diagnost
         return;
     };
     let empty = Node::new(Value::Map(Vec::new()), Span::default());
-    // Inside `params` no param is known yet: a null stands for "none may be used here".
-    let none_here = Node::new(Value::Null, Span::default());
+    // Inside `params` no param is known yet: `None`, none may be used there.
     if let Some((_, params)) = entries.iter_mut().find(|(k, _)| k.name == "params") {
-        interpolate(params, env, &none_here, diags);
+        interpolate(params, env, None, diags);
     }
     let params = entries
         .iter()
@@ -404,12 +403,18 @@ fn interpolate_all(root: &mut Node, env: EnvLookup<'_>, diags: &mut Vec<Diagnost
         .unwrap_or(empty);
     for (k, v) in entries.iter_mut() {
         if k.name != "params" {
-            interpolate(v, env, &params, diags);
+            interpolate(v, env, Some(&params), diags);
         }
     }
 }
 
-fn interpolate(node: &mut Node, env: EnvLookup<'_>, params: &Node, diags: &mut Vec<Diagnostic>) {
+/// `params` is the top-level `params` block, or `None` inside it.
+fn interpolate(
+    node: &mut Node,
+    env: EnvLookup<'_>,
+    params: Option<&Node>,
+    diags: &mut Vec<Diagnostic>,
+) {
     match &mut node.value {
         Value::Seq(items) => items
             .iter_mut()
@@ -439,7 +444,7 @@ enum Expanded {
 
 type ExpandError = (String, Option<String>);
 
-fn expand(s: &str, env: EnvLookup<'_>, params: &Node) -> Result<Expanded, ExpandError> {
+fn expand(s: &str, env: EnvLookup<'_>, params: Option<&Node>) -> Result<Expanded, ExpandError> {
     let mut out = String::new();
     let mut rest = s;
     let mut whole: Option<(Value, Option<String>)> = None;
@@ -484,7 +489,7 @@ fn find_expr(s: &str) -> Option<usize> {
 fn resolve(
     expr: &str,
     env: EnvLookup<'_>,
-    params: &Node,
+    params: Option<&Node>,
 ) -> Result<(Value, Option<String>), ExpandError> {
     if let Some(var) = expr.strip_prefix("env.") {
         let (name, default) = match var.split_once(":-") {
@@ -507,13 +512,12 @@ fn resolve(
         };
     }
     let path = expr.strip_prefix("params.").unwrap_or(expr);
-    if params.value == Value::Null {
+    let Some(mut node) = params else {
         return Err((
             format!("`${{params.{path}}}` is used inside `params`, where params are not resolved"),
             Some("a value under `params` may use `${env.NAME}`; write the value itself".into()),
         ));
-    }
-    let mut node = params;
+    };
     for seg in path.split('.') {
         match node.get(seg) {
             Some(n) => node = n,

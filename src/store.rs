@@ -678,12 +678,13 @@ impl Store {
         Ok(out)
     }
 
-    /// History entries that cannot be read back (paths in the store).
+    /// History entries that are not JSON (paths in the store). One this version cannot
+    /// read but that parses may be a newer version's, in a shared store: not damaged.
     pub async fn damaged_history(&self) -> Result<Vec<String>> {
         let mut damaged = Vec::new();
         for m in self.list_paths("history").await? {
             match self
-                .get_json::<HistoryEntry>(&m.location, "history entry")
+                .get_json::<serde_json::Value>(&m.location, "history entry")
                 .await
             {
                 Err(e) if e.is_damage() => damaged.push(m.location.to_string()),
@@ -998,7 +999,7 @@ impl Store {
 
     /// Every pin as (key, holder): the holder is the run id that was pinned, or the key.
     pub async fn pin_holders(&self) -> Result<Vec<(CacheKey, String)>> {
-        Ok(self
+        let mut holders: Vec<(CacheKey, String)> = self
             .list_paths("pinned")
             .await?
             .iter()
@@ -1008,7 +1009,24 @@ impl Store {
                 let holder = parts.next()?.as_ref().to_string();
                 Some((CacheKey(key), holder))
             })
-            .collect())
+            .collect();
+        // An old-style pin `pins/<key>` holds its holder as its contents.
+        for m in self.list_paths("pins").await? {
+            let Some(key) = m.location.filename().map(str::to_string) else {
+                continue;
+            };
+            let got = self.inner.get(&m.location).await;
+            let note = match got {
+                Ok(got) => got
+                    .bytes()
+                    .await
+                    .map_err(Self::backend("read", &m.location))?,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(Self::backend("read", &m.location)(e)),
+            };
+            holders.push((CacheKey(key), String::from_utf8_lossy(&note).into_owned()));
+        }
+        Ok(holders)
     }
 
     fn pin_path(key: &CacheKey, holder: &str) -> ObjPath {

@@ -920,6 +920,23 @@ fn force_replaces_an_output_that_changed_under_one_key() {
     // And the next plain run finds it stored.
     let r = sb.run(&["run", "p.yaml"]);
     assert_eq!(stage_status(&sb.last_run(), "a"), "cached", "{}", r.stderr);
+
+    // `--from` reruns without replacing, and a pinned artifact is never replaced.
+    let stored = || {
+        sb.stage_manifest("a")["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let v2 = stored();
+    sb.write("ext.txt", "v3\n");
+    let r = sb.run(&["run", "p.yaml", "--from", "a"]);
+    assert!(format!("{}{}", r.stdout, r.stderr).contains("keeping the stored one"));
+    assert_eq!(stored(), v2);
+    assert_eq!(sb.run(&["pin", "last", "--store", "file://store"]).code, 0);
+    let r = sb.run(&["run", "p.yaml", "--force", "a"]);
+    assert!(format!("{}{}", r.stdout, r.stderr).contains("keeping the stored one"));
+    assert_eq!(stored(), v2);
 }
 
 /// An environment variable is text: a shell stage's `env` takes a value YAML would type

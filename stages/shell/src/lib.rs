@@ -52,11 +52,25 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     let v = canonical_params::<ShellParams>(v)?;
     let mut p: ShellParams = serde_json::from_value(v).expect("just canonicalised");
+    let mut problems = Vec::new();
     for (i, rel) in p.outputs.iter_mut().enumerate() {
-        *rel = normal_output(rel).map_err(|msg| ParamError {
-            path: vec![PathSegment::Key("outputs".into()), PathSegment::Index(i)],
-            problem: ParamProblem::Invalid(msg),
-        })?;
+        match normal_output(rel) {
+            Ok(normal) => *rel = normal,
+            Err(msg) => problems.push(ParamError {
+                path: vec![PathSegment::Key("outputs".into()), PathSegment::Index(i)],
+                problem: ParamProblem::Invalid(msg),
+            }),
+        }
+    }
+    match problems.len() {
+        0 => {}
+        1 => return Err(problems.remove(0)),
+        _ => {
+            return Err(ParamError {
+                path: Vec::new(),
+                problem: ParamProblem::Several(problems),
+            })
+        }
     }
     serde_json::to_value(p).map_err(|e| ParamError {
         path: Vec::new(),
@@ -249,7 +263,8 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         };
         if !tail.is_empty() {
             msg.push_str("; its last output:\n");
-            msg.push_str(&tail.join("\n"));
+            let shown: Vec<&str> = tail.iter().map(|l| shortened(l)).collect();
+            msg.push_str(&shown.join("\n"));
         }
         return Err(StageError::Failed(msg));
     }
@@ -326,7 +341,7 @@ fn forward_lines(pipe: Box<dyn Read + Send>, captured: &Mutex<Captured>) {
             break;
         }
         let room = MAX_LINE - line.len();
-        let (used, ended) = match buf.iter().take(room).position(|&b| b == b'\n') {
+        let (used, ended) = match buf.iter().take(room + 1).position(|&b| b == b'\n') {
             Some(i) => {
                 line.extend_from_slice(&buf[..i]);
                 (i + 1, true)
@@ -342,6 +357,20 @@ fn forward_lines(pipe: Box<dyn Read + Send>, captured: &Mutex<Captured>) {
             emit(&mut line);
         }
     }
+}
+
+/// A line as a failure's message quotes it: at most about 1 KiB (a progress bar without
+/// newlines would otherwise fill the run record), cut at a character boundary.
+fn shortened(line: &str) -> &str {
+    const MAX: usize = 1024;
+    if line.len() <= MAX {
+        return line;
+    }
+    let mut end = MAX;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    &line[..end]
 }
 
 fn flush_lines(ctx: &StageContext<'_>, captured: &Mutex<Captured>) {
@@ -389,6 +418,19 @@ fn keep_declared_outputs(out: &Path, declared: &[String]) -> Result<(), StageErr
             return Err(StageError::Failed(format!(
                 "the command succeeded but did not write its declared output `{rel}` (paths are relative to $OUT, the working directory)"
             )));
+        }
+        // The artifact holds files, and folders are walked without following links: an
+        // output that is, or lies behind, a link to a folder would store nothing.
+        let mut at = out.to_path_buf();
+        for part in rel.split('/') {
+            at.push(part);
+            let linked_folder = at.symlink_metadata().is_ok_and(|m| m.is_symlink()) && at.is_dir();
+            if linked_folder {
+                return Err(StageError::Failed(format!(
+                    "declared output `{rel}` is reached through `{}`, a symbolic link to a folder: copy the files into $OUT instead",
+                    at.strip_prefix(out).unwrap_or(&at).display()
+                )));
+            }
         }
     }
     prune(out, "", declared)
@@ -521,6 +563,27 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn every_bad_output_is_named_and_links_to_folders_are_refused() {
+        let e = (DESCRIPTOR.canonical_params)(
+            serde_json::json!({"run": "x", "outputs": [".", "a", "../b"]}),
+        )
+        .unwrap_err();
+        let ParamProblem::Several(all) = e.problem else {
+            panic!("{e}")
+        };
+        let at: Vec<_> = all.iter().map(|e| e.path[1].clone()).collect();
+        assert_eq!(at, [PathSegment::Index(0), PathSegment::Index(2)]);
+
+        let d = tmp("link");
+        let p = serde_json::json!({
+            "run": "mkdir -p $SCRATCH/ext; echo a > $SCRATCH/ext/a; ln -s $SCRATCH/ext d",
+            "outputs": ["d/a"],
+        });
+        let err = run_in(&d, p, &CancelToken::new()).unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
     }
 
     #[test]
