@@ -229,6 +229,12 @@ enum Command {
         /// Decoder workers decoding waves side by side (default: one per core on the CPU).
         #[arg(long)]
         workers: Option<usize>,
+        /// How long a shutdown waits for the requests in flight before closing them (30s).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        drain_timeout: Option<Duration>,
+        /// How long a client may take to send a request's head, then its body (30s).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        read_timeout: Option<Duration>,
     },
     /// Export the pipeline for another orchestrator.
     Export {
@@ -360,6 +366,12 @@ impl From<PlanError> for Failure {
 }
 
 fn main() -> ExitCode {
+    // An empty ORCHESTRATE_STORE is unset, as `${env.X:-default}` treats an empty variable
+    // (`ORCHESTRATE_STORE= orchestrate run ...` means "the pipeline's own store"). Removed
+    // before any other thread exists.
+    if std::env::var_os("ORCHESTRATE_STORE").is_some_and(|v| v.is_empty()) {
+        std::env::remove_var("ORCHESTRATE_STORE");
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -605,6 +617,8 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             cors_origins,
             device,
             workers,
+            drain_timeout,
+            read_timeout,
         } => {
             let mut overrides = ServeOverrides {
                 host,
@@ -615,6 +629,8 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 cors_origins,
                 device,
                 workers,
+                drain_timeout,
+                read_timeout,
                 stored: None,
             };
             // A directory holding an artifact; otherwise a stage (`deploy` may also be the
@@ -975,6 +991,14 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let run_ids = store.list_run_ids().await?;
             for id in &run_ids {
                 match store.get_run::<RunRecord>(id).await {
+                    // JSON that this version cannot read may be a newer version's record in
+                    // a shared store: named, never removed.
+                    Err(e)
+                        if e.is_damage()
+                            && store.get_run::<serde_json::Value>(id).await.is_ok() =>
+                    {
+                        outln!("note: run record `{id}` is not one this version reads (left as it is): {e}");
+                    }
                     Err(e) if e.is_damage() => {
                         bad += 1;
                         outln!("corrupt: run record `{id}`: {e}");
@@ -1047,6 +1071,8 @@ struct ServeOverrides {
     cors_origins: Vec<String>,
     device: Option<String>,
     workers: Option<usize>,
+    drain_timeout: Option<Duration>,
+    read_timeout: Option<Duration>,
     /// The stage and content digest of an artifact taken from the store: a bare Model's
     /// name and `model_sha` (its materialised directory is only called `files`).
     stored: Option<Stored>,
@@ -1187,6 +1213,12 @@ async fn serve_dir(dir: &Path, o: ServeOverrides) -> Result<u8, Failure> {
     if let Some(w) = o.workers {
         opts.workers = w;
     }
+    if let Some(d) = o.drain_timeout {
+        opts.drain_timeout = d;
+    }
+    if let Some(r) = o.read_timeout {
+        opts.read_timeout = r;
+    }
     if !o.cors_origins.is_empty() {
         if let Some(problem) = o
             .cors_origins
@@ -1198,7 +1230,7 @@ async fn serve_dir(dir: &Path, o: ServeOverrides) -> Result<u8, Failure> {
         opts.cors_origins = Some(o.cors_origins);
     }
     let name = opts.name.clone();
-    let drain = opts.drain_timeout.as_secs();
+    let drain = opts.drain_timeout.as_secs_f64();
     // The first Ctrl-C or SIGTERM drains the requests in flight (for `drain_timeout` at
     // most); a second one stops at once, as someone pressing Ctrl-C again means.
     let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
@@ -1344,10 +1376,33 @@ async fn verify(
         },
         scratch.display()
     );
-    let status = cmd
-        .status()
-        .await
+    // Ctrl-C or SIGTERM stop the re-execution as they stop a run (it gets the signal too,
+    // from the terminal or from here), and then this process cleans up and exits 130.
+    let mut child = cmd
+        .kill_on_drop(true)
+        .spawn()
         .map_err(|e| Failure::new(1, format!("error: cannot start the re-execution: {e}")))?;
+    let interrupted = |_| Failure::new(130, "verify: interrupted");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Failure::new(1, format!("error: cannot watch for SIGTERM: {e}")))?;
+    let waited = tokio::select! {
+        status = child.wait() => Ok(status),
+        _ = tokio::signal::ctrl_c() => Err(libc::SIGINT),
+        _ = term.recv() => Err(libc::SIGTERM),
+    };
+    let status = match waited {
+        Ok(status) => status,
+        Err(signal) => {
+            if let Some(pid) = child.id() {
+                // SAFETY: kill(2) on our own child's pid; no memory is involved.
+                unsafe { libc::kill(pid as i32, signal) };
+            }
+            let _ = child.wait().await;
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Err(interrupted(()));
+        }
+    }
+    .map_err(|e| Failure::new(1, format!("error: cannot wait for the re-execution: {e}")))?;
     let again = Store::open(&scratch_url, Path::new("."))?;
     let id = again.list_run_ids().await?.pop();
     let record: Option<RunRecord> = match id {
@@ -1357,7 +1412,7 @@ async fn verify(
     let Some(record) = record.filter(|_| status.success()) else {
         let _ = std::fs::remove_dir_all(&scratch);
         if status.code() == Some(130) {
-            return Err(Failure::new(130, "verify: interrupted"));
+            return Err(interrupted(()));
         }
         return Err(Failure::new(
             1,

@@ -995,3 +995,43 @@ fn verify_of_one_stage_reexecutes_only_what_it_needs() {
         plan.stdout
     );
 }
+
+/// Where the store is, is a usage question: a URL that names no store is exit 2, so is a
+/// store command run where there is no store (it would have created an empty one and
+/// reported success on it), and an empty ORCHESTRATE_STORE means "unset".
+#[test]
+fn store_urls_and_missing_stores_are_usage_errors() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        "name: u\nstorage: file://store\nstages:\n  a: { kind: shell, with: { run: echo a > o, outputs: [o] } }\n",
+    );
+    for args in [&["fsck"][..], &["gc"], &["runs"]] {
+        let r = sb.run(args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("no store here"), "{}", r.stderr);
+    }
+    assert!(!sb.path().join("artifacts").exists());
+    for url in ["http://x", "s3://", "file://"] {
+        let r = sb.run(&["run", "p.yaml", "--store", url]);
+        assert_eq!(r.code, 2, "{url}: {}", r.stderr);
+    }
+    let r = sb
+        .cmd(&["run", "p.yaml"])
+        .env("ORCHESTRATE_STORE", "")
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(sb.path().join("store/manifests").is_dir());
+    sb.write(
+        "bad.yaml",
+        "name: u\nstorage: s3://\nstages:\n  a: { kind: shell, with: { run: 'true' } }\n",
+    );
+    let r = sb.run(&["validate", "bad.yaml"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("bad.yaml:2:10") && r.stderr.contains("no bucket named"),
+        "{}",
+        r.stderr
+    );
+}

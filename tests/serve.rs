@@ -754,6 +754,19 @@ fn orchestrate_serve_listens_and_stops_gracefully_on_sigterm() {
 
 /// `orchestrate serve ARGS` started: the child and the URL it says it listens at.
 fn serving(sb: &Sandbox, args: &[&str]) -> (std::process::Child, String) {
+    let (child, url, _) = serving_logged(sb, args);
+    (child, url)
+}
+
+/// `serving`, and the lines the server writes to stderr after it listens.
+fn serving_logged(
+    sb: &Sandbox,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    String,
+    std::sync::mpsc::Receiver<String>,
+) {
     let mut child = sb
         .cmd(args)
         .env_remove("ORCHESTRATE_API_KEY")
@@ -771,9 +784,38 @@ fn serving(sb: &Sandbox, args: &[&str]) -> (std::process::Child, String) {
             break format!("http://{}", rest.split_whitespace().next().unwrap());
         }
     };
-    // The rest of stderr is drained, or a full pipe would block the server.
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, url)
+    // The rest of stderr is drained, or a full pipe would block the server (sent on while
+    // anyone listens).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, url, rx)
+}
+
+/// Waits (a minute at most) for a line of the server's stderr that contains `text`.
+fn said(log: &std::sync::mpsc::Receiver<String>, text: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match log.recv_timeout(left) {
+            Ok(line) if line.contains(text) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("the server did not say `{text}`: {e}"),
+        }
+    }
+}
+
+/// A connection that sent half a request head, once the server has accepted it: a request
+/// on a later connection has been answered, and connections are accepted in order.
+fn stalled_connection(url: &str) -> std::net::TcpStream {
+    let mut stalled = std::net::TcpStream::connect(url.trim_start_matches("http://")).unwrap();
+    std::io::Write::write_all(&mut stalled, b"POST /generate HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let (status, body) = servers::http("GET", &format!("{url}/health"), None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    stalled
 }
 
 /// The child's exit code within `secs` seconds, else it is killed and the test fails.
@@ -794,24 +836,69 @@ fn exits_within(child: &mut std::process::Child, secs: u64, what: &str) -> Optio
 #[test]
 fn a_second_sigterm_stops_at_once_while_a_stalled_client_drains() {
     let (sb, _) = deployed();
-    let (mut child, url) = serving(
+    let (mut child, url, log) = serving_logged(
         sb,
         &["serve", "deploy", "--pipeline", "p.yaml", "--port", "0"],
     );
-    // Half a request head: the drain would wait for it (up to its read timeout).
-    let mut stalled = std::net::TcpStream::connect(url.trim_start_matches("http://")).unwrap();
-    std::io::Write::write_all(&mut stalled, b"POST /generate HTTP/1.1\r\nHost: x\r\n").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    // Half a request head: the drain would wait for it (up to its read timeout, 30 s).
+    let stalled = stalled_connection(&url);
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The first signal has been taken (a second one sent before could merge with it).
+    said(
+        &log,
+        "stopping: finishing the requests in flight (up to 30 s",
+    );
     assert!(
         child.try_wait().unwrap().is_none(),
         "the first SIGTERM drains"
     );
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let code = exits_within(&mut child, 10, "a second SIGTERM was ignored");
+    let code = exits_within(&mut child, 20, "a second SIGTERM was ignored");
     assert_eq!(code, Some(130));
     drop(stalled);
+}
+
+#[test]
+fn the_drain_and_read_timeouts_are_options() {
+    let (sb, _) = deployed();
+    let (mut child, url, log) = serving_logged(
+        sb,
+        &[
+            "serve",
+            "deploy",
+            "--pipeline",
+            "p.yaml",
+            "--port",
+            "0",
+            "--drain-timeout",
+            "1s",
+            "--read-timeout",
+            "10m",
+        ],
+    );
+    // Longer than the test waits to read: only the drain deadline can end it.
+    let stalled = stalled_connection(&url);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    said(&log, "(up to 1 s;");
+    let code = exits_within(&mut child, 60, "the drain outlasted --drain-timeout");
+    assert_eq!(code, Some(0));
+    drop(stalled);
+    // A read timeout of 0 would cut every request off: refused before anything loads.
+    let out = sb
+        .cmd(&[
+            "serve",
+            "deploy",
+            "--pipeline",
+            "p.yaml",
+            "--read-timeout",
+            "0s",
+        ])
+        .env_remove("ORCHESTRATE_API_KEY")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("read_timeout"), "{err}");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! "type", "param"}}`) under `/v1`.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -117,6 +118,12 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        // The rest of a body that came too slowly may still arrive: the connection cannot
+        // be reused, and the client is told so.
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         r
     }
 }
@@ -213,6 +220,11 @@ async fn observe(State(s): State<Shared>, req: Request, next: MwNext) -> Respons
         return resp;
     }
     // Recorded when the body is dropped: after its last event, or when the client left.
+    // The status is the stream's own at its end: 503 when it ended with a failure event.
+    let status = match resp.extensions().get::<StreamStatus>() {
+        Some(StreamStatus(s)) => s.clone(),
+        None => Arc::new(AtomicU16::new(status)),
+    };
     let timer = StreamTimer {
         metrics: s.metrics.clone(),
         route,
@@ -230,14 +242,20 @@ async fn observe(State(s): State<Shared>, req: Request, next: MwNext) -> Respons
 struct StreamTimer {
     metrics: Arc<Metrics>,
     route: String,
-    status: u16,
+    status: Arc<AtomicU16>,
     started: Instant,
 }
 
+/// A stream's status as it goes, for `observe` to count when it ends: its head says 200,
+/// but a stream that ends with the decoder's failure event failed (503).
+#[derive(Clone)]
+struct StreamStatus(Arc<AtomicU16>);
+
 impl Drop for StreamTimer {
     fn drop(&mut self) {
+        let status = self.status.load(Ordering::SeqCst);
         self.metrics
-            .request(&self.route, self.status, true, self.started.elapsed());
+            .request(&self.route, status, true, self.started.elapsed());
     }
 }
 
@@ -612,7 +630,10 @@ impl AppState {
         // A temperature of 0 is the limit of sampling: the likeliest token, whatever else is
         // asked (OpenAI's clients send `temperature: 0` beside their usual `top_p`). So is
         // one below `MIN_TEMPERATURE`, where sampling would pick the likeliest token anyway.
-        let cold = p.temperature.is_some_and(|t| (t as f32) < MIN_TEMPERATURE);
+        // A nucleus that is 0 in f32 (top_p = 1e-50) holds the likeliest token alone too;
+        // the decoder would read 0 as no nucleus at all and sample from everything.
+        let cold = p.temperature.is_some_and(|t| (t as f32) < MIN_TEMPERATURE)
+            || p.top_p.is_some_and(|t| (t as f32) <= 0.0);
         // TGI samples when asked (`do_sample`) or when any warper changes the distribution
         // (its `NextTokenChooser`: `sampling = do_sample or has_warpers`): a temperature
         // other than 1, top_k, top_p below 1. A temperature of exactly 1 changes nothing and
@@ -676,7 +697,7 @@ impl AppState {
                 Refused::Stopped => ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
-                    "the server is shutting down",
+                    "the decoder has stopped",
                 ),
             }
             .flavour(f)
@@ -781,7 +802,7 @@ async fn run_tgi(s: &Shared, req: GenerateRequest) -> Result<Value, ApiError> {
     let prep = s.prepare(&req.inputs, &req.parameters, TGI_NAMES, false)?;
     let rx = s.submit(&prep, Flavour::Tgi)?;
     let c = collect(rx).await?;
-    let mut v = json!({"generated_text": full_text(&req, &c.text)});
+    let mut v = json!({"generated_text": format!("{}{}", full_text_prefix(&req), c.text)});
     if req.parameters.details {
         v["details"] = s.details(&prep.row.src, &prep.warnings, prep.seed, &c);
     }
@@ -791,11 +812,12 @@ async fn run_tgi(s: &Shared, req: GenerateRequest) -> Result<Value, ApiError> {
     Ok(v)
 }
 
-/// TGI's `return_full_text`: the prompt as given (before `truncate`), then the reply.
-fn full_text(req: &GenerateRequest, text: &str) -> String {
+/// What goes before the reply in `generated_text`: under TGI's `return_full_text`, the
+/// prompt as given (before `truncate`), else nothing.
+fn full_text_prefix(req: &GenerateRequest) -> &str {
     match req.parameters.return_full_text {
-        Some(true) => format!("{}{text}", req.inputs),
-        _ => text.to_string(),
+        Some(true) => &req.inputs,
+        _ => "",
     }
 }
 
@@ -828,10 +850,27 @@ async fn generate_stream(
 }
 
 /// Server-sent events, one per string of `events` (each a JSON document, or `[DONE]`).
+/// `X-Accel-Buffering: no` tells nginx to pass each event on as it comes, whatever its
+/// `proxy_buffering` says.
 fn sse(events: impl Stream<Item = String> + Send + 'static) -> Response {
-    Sse::new(events.map(|data| Ok::<_, Infallible>(SseEvent::default().data(data))))
+    let status = Arc::new(AtomicU16::new(StatusCode::OK.as_u16()));
+    let seen = status.clone();
+    let failures = [stream_failed(Flavour::Tgi), stream_failed(Flavour::OpenAi)];
+    let events = events.map(move |data| {
+        if failures.contains(&data) {
+            seen.store(StatusCode::SERVICE_UNAVAILABLE.as_u16(), Ordering::SeqCst);
+        }
+        Ok::<_, Infallible>(SseEvent::default().data(data))
+    });
+    let mut r = Sse::new(events)
         .keep_alive(KeepAlive::default())
-        .into_response()
+        .into_response();
+    r.headers_mut().insert(
+        header::HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
+    r.extensions_mut().insert(StreamStatus(status));
+    r
 }
 
 /// One event per token; the last also carries `generated_text`, `details` (when asked)
@@ -843,10 +882,7 @@ fn stream_tgi(s: &Shared, req: GenerateRequest) -> Result<Response, ApiError> {
         details: req.parameters.details,
         seed: prep.seed,
         warnings: prep.warnings,
-        prefix: match req.parameters.return_full_text {
-            Some(true) => req.inputs,
-            _ => String::new(),
-        },
+        prefix: full_text_prefix(&req).to_string(),
     };
     Ok(sse(tgi_events(rx, tail)))
 }
@@ -1083,14 +1119,22 @@ struct CompletionRequest {
     stop: Option<OneOrMany>,
     #[serde(default)]
     seed: Option<u64>,
-    #[serde(default)]
-    frequency_penalty: Option<f64>,
     /// Not supported: refused by name rather than dropped (a client asking for them would
-    /// read a reply without them as a bug of its own).
+    /// read a reply without them as a bug of its own), unless they ask for nothing.
     #[serde(default)]
     logprobs: Option<Value>,
     #[serde(default)]
     echo: Option<bool>,
+    #[serde(default)]
+    frequency_penalty: Option<Value>,
+    #[serde(default)]
+    presence_penalty: Option<Value>,
+    #[serde(default)]
+    logit_bias: Option<Value>,
+    #[serde(default)]
+    suffix: Option<Value>,
+    #[serde(default)]
+    best_of: Option<Value>,
     #[serde(default)]
     author: Option<String>,
     #[serde(default)]
@@ -1133,6 +1177,17 @@ struct ChatRequest {
     logprobs: Option<bool>,
     #[serde(default)]
     top_logprobs: Option<Value>,
+    /// Not supported unless they ask for nothing, as `CompletionRequest`'s.
+    #[serde(default)]
+    frequency_penalty: Option<Value>,
+    #[serde(default)]
+    presence_penalty: Option<Value>,
+    #[serde(default)]
+    logit_bias: Option<Value>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(default)]
+    tools: Option<Value>,
     #[serde(default)]
     author: Option<String>,
     #[serde(default)]
@@ -1220,7 +1275,8 @@ fn openai_params(k: OpenAiKnobs, limit: usize) -> Result<Parameters, ApiError> {
                     .flavour(Flavour::OpenAi),
             )
         }
-        Some(0.0) => {
+        // 0, or so small it is 0 in f32, where decoding happens.
+        Some(p) if (p as f32) <= 0.0 => {
             top_p = None;
             temperature = 0.0;
         }
@@ -1245,18 +1301,63 @@ fn unsupported(field: &str, what: &str) -> ApiError {
         .flavour(Flavour::OpenAi)
 }
 
+/// Refuses each of these OpenAI fields that asks for something this server does not do:
+/// null, or the value that changes nothing (a penalty of 0, no biases, no tools, plain text,
+/// no suffix, one candidate), is taken.
+fn refuse_unsupported(fields: &[(&str, &Option<Value>)]) -> Result<(), ApiError> {
+    for (field, value) in fields {
+        let asks_nothing = match (*field, value.as_ref().unwrap_or(&Value::Null)) {
+            (_, Value::Null) => true,
+            ("frequency_penalty" | "presence_penalty", Value::Number(n)) => n.as_f64() == Some(0.0),
+            ("best_of", Value::Number(n)) => n.as_f64() == Some(1.0),
+            ("logit_bias", Value::Object(m)) => m.is_empty(),
+            ("tools", Value::Array(a)) => a.is_empty(),
+            ("suffix", Value::String(t)) => t.is_empty(),
+            ("response_format", v) => *v == json!({"type": "text"}),
+            _ => false,
+        };
+        if !asks_nothing {
+            return Err(unsupported(
+                field,
+                &format!("`{field}` = {} is", value.as_ref().unwrap_or(&Value::Null)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `stream_options` is for a stream only (OpenAI refuses it otherwise too).
+fn check_stream_options(stream: bool, o: &Option<StreamOptions>) -> Result<(), ApiError> {
+    if o.is_some() && !stream {
+        return Err(ApiError::validation(
+            "stream_options",
+            "`stream_options` is only allowed with `stream: true`",
+        )
+        .flavour(Flavour::OpenAi));
+    }
+    Ok(())
+}
+
 async fn completions(
     State(s): State<Shared>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let r: CompletionRequest = parse(body, Flavour::OpenAi)?;
-    let _ = (&r.model, r.frequency_penalty);
+    let _ = &r.model;
     if r.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
         return Err(unsupported("logprobs", "logprobs are"));
     }
     if r.echo == Some(true) {
         return Err(unsupported("echo", "echo is"));
     }
+    refuse_unsupported(&[
+        ("frequency_penalty", &r.frequency_penalty),
+        ("presence_penalty", &r.presence_penalty),
+        ("logit_bias", &r.logit_bias),
+        ("suffix", &r.suffix),
+        ("best_of", &r.best_of),
+    ])?;
+    check_stream_options(r.stream, &r.stream_options)?;
     let prompts = r.prompt.into_vec();
     if prompts.len() != 1 {
         return Err(
@@ -1309,6 +1410,14 @@ async fn chat(
     if r.top_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
         return Err(unsupported("top_logprobs", "logprobs are"));
     }
+    refuse_unsupported(&[
+        ("frequency_penalty", &r.frequency_penalty),
+        ("presence_penalty", &r.presence_penalty),
+        ("logit_bias", &r.logit_bias),
+        ("response_format", &r.response_format),
+        ("tools", &r.tools),
+    ])?;
+    check_stream_options(r.stream, &r.stream_options)?;
     // Every message is checked, not only the prompt, so a bad part is refused wherever it is.
     let mut prompt = None;
     for (i, m) in r.messages.iter().enumerate() {
@@ -1825,6 +1934,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stream_that_ends_failed_is_counted_503_and_nginx_does_not_buffer_streams() {
+        for (events, status) in [
+            (vec!["{}".to_string(), "[DONE]".into()], 200),
+            (vec!["{}".to_string(), stream_failed(Flavour::Tgi)], 503),
+            (vec![stream_failed(Flavour::OpenAi)], 503),
+        ] {
+            let r = sse(stream::iter(events));
+            assert_eq!(r.headers()["x-accel-buffering"], "no");
+            let StreamStatus(seen) = r.extensions().get::<StreamStatus>().unwrap().clone();
+            // The head says 200; the status `observe` counts is the one at the end.
+            assert_eq!(seen.load(Ordering::SeqCst), 200);
+            axum::body::to_bytes(r.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            assert_eq!(seen.load(Ordering::SeqCst), status);
+        }
+    }
+
+    #[tokio::test]
     async fn chat_content_may_be_text_parts_or_null_and_other_parts_are_named() {
         let s = Server::start(options()).await;
         let greedy = |content: Value| {
@@ -1906,6 +2034,48 @@ mod tests {
                 json!({"top_logprobs": 2}),
                 "top_logprobs",
             ),
+            (
+                "/v1/completions",
+                json!({"frequency_penalty": 0.5}),
+                "frequency_penalty",
+            ),
+            (
+                "/v1/completions",
+                json!({"presence_penalty": -1}),
+                "presence_penalty",
+            ),
+            (
+                "/v1/completions",
+                json!({"logit_bias": {"50256": -100}}),
+                "logit_bias",
+            ),
+            ("/v1/completions", json!({"suffix": "end"}), "suffix"),
+            ("/v1/completions", json!({"best_of": 3}), "best_of"),
+            (
+                "/v1/completions",
+                json!({"stream_options": {"include_usage": true}}),
+                "stream_options",
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"presence_penalty": 0.1}),
+                "presence_penalty",
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+                "tools",
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"stream": false, "stream_options": {}}),
+                "stream_options",
+            ),
         ] {
             let mut b = body(extra);
             if path.contains("chat") {
@@ -1919,12 +2089,49 @@ mod tests {
                 "{text}"
             );
         }
-        // Asked-for defaults that change nothing are taken.
+        // Asked-for defaults that change nothing are taken, and `user` (an id).
         s.ok(
             "/v1/completions",
-            body(json!({"logprobs": null, "echo": false})),
+            body(
+                json!({"logprobs": null, "echo": false, "frequency_penalty": 0,
+                "presence_penalty": 0.0, "logit_bias": {}, "suffix": null, "best_of": 1,
+                "user": "u-1"}),
+            ),
         )
         .await;
+        s.ok(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "it"}], "max_tokens": 8,
+                "frequency_penalty": 0, "logit_bias": null, "tools": [],
+                "response_format": {"type": "text"}, "user": "u-1"}),
+        )
+        .await;
+        // A nucleus that is 0 in f32 is greedy too, on both APIs.
+        let v = s
+            .ok("/v1/completions", body(json!({"top_p": 1e-50, "seed": 3})))
+            .await;
+        assert_eq!(v["choices"][0]["text"], greedy["choices"][0]["text"], "{v}");
+        let tgi_greedy = s
+            .ok(
+                "/generate",
+                json!({"inputs": "it is", "parameters": {"max_new_tokens": 8}}),
+            )
+            .await;
+        for seed in [1, 2] {
+            let v = s
+                .ok(
+                    "/generate",
+                    json!({"inputs": "it is", "parameters": {"max_new_tokens": 8,
+                        "top_p": 1e-50, "seed": seed, "details": true}}),
+                )
+                .await;
+            assert_eq!(v["generated_text"], tgi_greedy["generated_text"], "{v}");
+            // Greedy: no seed was used.
+            assert!(
+                v["details"].is_object() && v["details"]["seed"].is_null(),
+                "{v}"
+            );
+        }
         for (path, mut b) in [
             ("/v1/completions", body(json!({}))),
             (

@@ -8,7 +8,8 @@ fn body(schema: Value) -> Value {
 }
 
 /// The answers of a POST route that decodes (`queued`: it waits in the engine's queue, so
-/// it can be refused 429 and, at shutdown, 503) or only reads its body (`/tokenize`).
+/// it can be refused 429, and 503 when the decoder has stopped) or only reads its body
+/// (`/tokenize`).
 fn ok(description: &str, media: &[&str], queued: bool) -> Value {
     let content: serde_json::Map<String, Value> =
         media.iter().map(|m| (m.to_string(), json!({}))).collect();
@@ -23,7 +24,7 @@ fn ok(description: &str, media: &[&str], queued: bool) -> Value {
     });
     if queued {
         r["429"] = json!({"description": "queue full; see Retry-After"});
-        r["503"] = json!({"description": "the server is shutting down, or the decoder stopped"});
+        r["503"] = json!({"description": "the decoder stopped before or during this request"});
     }
     r
 }

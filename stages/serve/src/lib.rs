@@ -143,6 +143,12 @@ impl ServeOptions {
                 "queue must be at least 1 (requests that may wait for the decoder)",
             ));
         }
+        // Every request would be cut off before its head arrived.
+        if self.read_timeout.is_zero() {
+            return Err(ServeError::usage(
+                "read_timeout must be more than 0 (the time a client has to send a request)",
+            ));
+        }
         let compute = Compute::parse(&self.device)
             .map_err(|e| ServeError::usage(format!("--device: {e}")))?;
         if let Compute::Cuda(n) = compute {
@@ -161,6 +167,11 @@ impl ServeOptions {
 /// Loads the model in `dir` and builds the router (no socket yet: tests drive it directly).
 pub fn app(dir: &Path, opts: &ServeOptions) -> Result<axum::Router, ServeError> {
     let compute = opts.check()?;
+    load(dir, opts, compute)
+}
+
+/// `app` for options already checked (`check` gave `compute`).
+fn load(dir: &Path, opts: &ServeOptions, compute: Compute) -> Result<axum::Router, ServeError> {
     let (engine, metrics, model, limits) = compute::run_on(compute, Load { dir, opts, compute })
         .map_err(|e| ServeError::failed(e.to_string()))?
         .map_err(ServeError::failed)?;
@@ -224,12 +235,12 @@ impl OnDevice for Load<'_> {
             tokenizer: artifact::text_only(&lm.tokenizer),
             device: if compute.is_cuda() { "cuda" } else { "cpu" },
         });
+        // `Engine::start` keeps them to `max_batch`.
         let workers = match (opts.workers, compute) {
             (0, Compute::Cpu) => std::thread::available_parallelism().map_or(1, |n| n.get()),
             (0, Compute::Cuda(_)) => 1,
             (n, _) => n,
-        }
-        .min(opts.max_batch);
+        };
         let engine = engine::Engine::start(
             lm,
             device,
@@ -250,14 +261,13 @@ pub async fn serve(
     ready: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    opts.check()?;
-    // Bound before the model loads: a busy port is said at once, not after the weights.
-    let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
-        .await
-        .map_err(|e| {
-            ServeError::usage(format!("cannot listen on {}:{}: {e}", opts.host, opts.port))
-        })?;
-    let app = app(dir, opts)?;
+    let compute = opts.check()?;
+    // Bound before the model loads, so a busy port is said at once, not after the weights;
+    // listening only after it has loaded, so that a connection meanwhile is refused (a
+    // load balancer tries another server) rather than queued by the kernel to hang.
+    let socket = bind(&opts.host, opts.port).await?;
+    let app = load(dir, opts, compute)?;
+    let listener = listen(socket, &opts.host, opts.port)?;
     let addr = listener
         .local_addr()
         .map_err(|e| ServeError::failed(e.to_string()))?;
@@ -273,6 +283,80 @@ pub async fn serve(
     Ok(())
 }
 
+fn cannot_listen(host: &str, port: u16, e: impl std::fmt::Display) -> ServeError {
+    ServeError::usage(format!("cannot listen on {host}:{port}: {e}"))
+}
+
+/// A socket bound to the first of `host`'s addresses that takes it, not yet listening.
+async fn bind(host: &str, port: u16) -> Result<tokio::net::TcpSocket, ServeError> {
+    let addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| cannot_listen(host, port, e))?;
+    let mut last = None;
+    for addr in addrs {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        };
+        // As `TcpListener::bind` does: a restart need not wait out the old connections'
+        // TIME_WAIT. Linux still refuses a port another socket listens on.
+        let bound = socket.and_then(|s| {
+            s.set_reuseaddr(true)?;
+            s.bind(addr)?;
+            Ok(s)
+        });
+        match bound {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => cannot_listen(host, port, e),
+        None => cannot_listen(host, port, "the host has no address"),
+    })
+}
+
+fn listen(
+    socket: tokio::net::TcpSocket,
+    host: &str,
+    port: u16,
+) -> Result<tokio::net::TcpListener, ServeError> {
+    socket
+        .listen(1024)
+        .map_err(|e| cannot_listen(host, port, e))
+}
+
+/// Says a repeated error at most once a `every`: the first time, then with how many were
+/// left unsaid since.
+struct RateLimited {
+    every: Duration,
+    last: Option<std::time::Instant>,
+    unsaid: u64,
+}
+
+impl RateLimited {
+    fn new(every: Duration) -> Self {
+        RateLimited {
+            every,
+            last: None,
+            unsaid: 0,
+        }
+    }
+
+    /// Whether to say this one now, and how many were left unsaid before it.
+    fn say(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < self.every)
+        {
+            self.unsaid += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unsaid))
+    }
+}
+
 /// The accept loop. axum's own `serve` gives hyper no timer, so hyper's request-head
 /// timeout never fires, and its graceful shutdown waits for every connection without
 /// limit: one client that sent half a request kept the process alive after SIGTERM.
@@ -286,6 +370,7 @@ async fn accept(
     use hyper_util::rt::{TokioIo, TokioTimer};
     let (closing, closed) = tokio::sync::watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
+    let mut accept_errors = RateLimited::new(Duration::from_secs(60));
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -296,7 +381,14 @@ async fn accept(
                 Ok((stream, _)) => stream,
                 // Out of file descriptors, or a connection reset before it was taken: the
                 // listener itself is fine. A pause keeps a persistent error from spinning.
-                Err(_) => {
+                Err(e) => {
+                    match accept_errors.say(std::time::Instant::now()) {
+                        Some(0) => eprintln!("warning: cannot accept a connection: {e}"),
+                        Some(n) => eprintln!(
+                            "warning: cannot accept a connection: {e} ({n} more since the last warning)"
+                        ),
+                        None => {}
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -375,7 +467,9 @@ mod tests {
     #[tokio::test]
     async fn a_request_head_or_body_that_stalls_is_cut_off() {
         let s = Server::start(ServeOptions {
-            read_timeout: Duration::from_millis(300),
+            // Long enough for a loaded machine to send the head in one go; short enough to
+            // wait out twice.
+            read_timeout: Duration::from_millis(1500),
             ..options()
         })
         .await;
@@ -385,7 +479,7 @@ mod tests {
             .await
             .unwrap();
         let mut buf = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(10), head.read_to_end(&mut buf)).await;
+        let read = tokio::time::timeout(Duration::from_secs(30), head.read_to_end(&mut buf)).await;
         assert!(read.is_ok(), "the half-sent head held its connection");
         // A head and part of its body: 408, naming the body.
         let mut body = connect(&s).await;
@@ -395,10 +489,15 @@ mod tests {
         .await
         .unwrap();
         let mut buf = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(10), body.read_to_end(&mut buf)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(30), body.read_to_end(&mut buf)).await;
         let text = String::from_utf8_lossy(&buf);
         assert!(text.starts_with("HTTP/1.1 408"), "{text}");
         assert!(text.contains(r#""field":"body""#), "{text}");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{text}"
+        );
         s.stop().await;
     }
 
@@ -411,6 +510,10 @@ mod tests {
             },
             ServeOptions {
                 queue: 0,
+                ..options()
+            },
+            ServeOptions {
+                read_timeout: Duration::ZERO,
                 ..options()
             },
             ServeOptions {
@@ -446,5 +549,34 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.usage && e.message.contains("cannot listen"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_bound_port_refuses_connections_until_it_listens() {
+        let socket = bind("127.0.0.1", 0).await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        // As while the model loads: refused, not queued to hang.
+        let e = tokio::net::TcpStream::connect(addr).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+        let listener = listen(socket, "127.0.0.1", addr.port()).unwrap();
+        let (connected, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        connected.unwrap();
+        accepted.unwrap();
+        // A port another socket listens on is refused at bind, before any load.
+        let e = bind("127.0.0.1", addr.port()).await.unwrap_err();
+        assert!(e.usage && e.message.contains("cannot listen"), "{e}");
+    }
+
+    #[test]
+    fn repeated_errors_are_said_at_most_once_a_period() {
+        let mut said = RateLimited::new(Duration::from_secs(60));
+        let t0 = std::time::Instant::now();
+        assert_eq!(said.say(t0), Some(0));
+        assert_eq!(said.say(t0 + Duration::from_secs(1)), None);
+        assert_eq!(said.say(t0 + Duration::from_secs(59)), None);
+        assert_eq!(said.say(t0 + Duration::from_secs(60)), Some(2));
+        assert_eq!(said.say(t0 + Duration::from_secs(61)), None);
+        assert_eq!(said.say(t0 + Duration::from_secs(200)), Some(1));
     }
 }
