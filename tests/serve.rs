@@ -723,22 +723,10 @@ async fn a_full_queue_answers_429_and_a_gone_client_frees_its_slot() {
 #[test]
 fn orchestrate_serve_listens_and_stops_gracefully_on_sigterm() {
     let (sb, _) = deployed();
-    let mut child = sb
-        .cmd(&["serve", "deploy", "--pipeline", "p.yaml", "--port", "0"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("the server says where it listens")
-            .unwrap();
-        if let Some(rest) = line.split("at http://").nth(1) {
-            break format!("http://{}", rest.split_whitespace().next().unwrap());
-        }
-    };
+    let (mut child, url) = serving(
+        sb,
+        &["serve", "deploy", "--pipeline", "p.yaml", "--port", "0"],
+    );
     let (status, body) = servers::http(
         "POST",
         &format!("{url}/generate"),

@@ -1696,13 +1696,7 @@ mod tests {
             ),
             ("/v1/completions", json!({"max_tokens": 1}), "prompt"),
         ] {
-            let (status, text) = s.post(path, body).await;
-            let v: Value = serde_json::from_str(&text).unwrap();
-            assert_eq!(
-                (status, v["error"]["param"].as_str()),
-                (422, Some(param)),
-                "{text}"
-            );
+            s.refused(path, body, param).await;
         }
         s.stop().await;
     }
@@ -1982,13 +1976,8 @@ mod tests {
             (json!([{"type": "text"}]), "messages[1].content[0].text"),
             (json!(5), "messages[1].content"),
         ] {
-            let (status, text) = s.post("/v1/chat/completions", greedy(content)).await;
-            let v: Value = serde_json::from_str(&text).unwrap();
-            assert_eq!(
-                (status, v["error"]["param"].as_str()),
-                (422, Some(param)),
-                "{text}"
-            );
+            s.refused("/v1/chat/completions", greedy(content), param)
+                .await;
         }
         s.stop().await;
     }
@@ -2081,13 +2070,7 @@ mod tests {
             if path.contains("chat") {
                 b["messages"] = json!([{"role": "user", "content": "it"}]);
             }
-            let (status, text) = s.post(path, b).await;
-            let v: Value = serde_json::from_str(&text).unwrap();
-            assert_eq!(
-                (status, v["error"]["param"].as_str()),
-                (422, Some(param)),
-                "{text}"
-            );
+            s.refused(path, b, param).await;
         }
         // Asked-for defaults that change nothing are taken, and `user` (an id).
         s.ok(

@@ -439,6 +439,26 @@ mod tests {
         tokio::net::TcpStream::connect(addr).await.unwrap()
     }
 
+    /// A client that stopped halfway through a request's head.
+    async fn half_a_head(s: &Server) -> tokio::net::TcpStream {
+        let mut c = connect(s).await;
+        c.write_all(b"POST /generate HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        c
+    }
+
+    /// A client that sent a head and stopped a few bytes into its 100-byte body.
+    async fn part_of_a_body(s: &Server) -> tokio::net::TcpStream {
+        let mut c = connect(s).await;
+        c.write_all(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"inputs\"",
+        )
+        .await
+        .unwrap();
+        c
+    }
+
     #[tokio::test]
     async fn a_client_stalled_mid_request_does_not_hold_shutdown_past_the_drain_deadline() {
         let s = Server::start(ServeOptions {
@@ -448,16 +468,8 @@ mod tests {
             ..options()
         })
         .await;
-        let mut head = connect(&s).await;
-        head.write_all(b"POST /generate HTTP/1.1\r\nHost: x\r\n")
-            .await
-            .unwrap();
-        let mut body = connect(&s).await;
-        body.write_all(
-            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"inputs\"",
-        )
-        .await
-        .unwrap();
+        let head = half_a_head(&s).await;
+        let body = part_of_a_body(&s).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         let stopped = tokio::time::timeout(Duration::from_secs(20), s.stop()).await;
         assert!(stopped.is_ok(), "shutdown waited for the stalled clients");
@@ -474,20 +486,12 @@ mod tests {
         })
         .await;
         // Half a head: the connection is closed.
-        let mut head = connect(&s).await;
-        head.write_all(b"POST /generate HTTP/1.1\r\nHost: x\r\n")
-            .await
-            .unwrap();
+        let mut head = half_a_head(&s).await;
         let mut buf = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(30), head.read_to_end(&mut buf)).await;
         assert!(read.is_ok(), "the half-sent head held its connection");
         // A head and part of its body: 408, naming the body.
-        let mut body = connect(&s).await;
-        body.write_all(
-            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"inputs\"",
-        )
-        .await
-        .unwrap();
+        let mut body = part_of_a_body(&s).await;
         let mut buf = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(30), body.read_to_end(&mut buf)).await;
         let text = String::from_utf8_lossy(&buf);

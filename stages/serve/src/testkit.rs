@@ -199,6 +199,17 @@ impl Server {
         serde_json::from_str(&text).unwrap()
     }
 
+    /// A request that must be refused with 422, naming `param` OpenAI's way.
+    pub async fn refused(&self, path: &str, body: Value, param: &str) {
+        let (status, text) = self.post(path, body).await;
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (status, v["error"]["param"].as_str()),
+            (422, Some(param)),
+            "{text}"
+        );
+    }
+
     pub async fn stop(self) {
         let _ = self.stop.send(());
         self.task.await.unwrap().unwrap();
