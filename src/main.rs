@@ -1376,33 +1376,41 @@ async fn verify(
         },
         scratch.display()
     );
-    // Ctrl-C or SIGTERM stop the re-execution as they stop a run (it gets the signal too,
-    // from the terminal or from here), and then this process cleans up and exits 130.
+    // Ctrl-C or SIGTERM stop the re-execution as they stop a run: each one this process
+    // gets is passed on (the first stops it at a safe point, a second at once), and then
+    // this process cleans up and exits 130. The re-execution has a process group of its
+    // own, so a terminal's Ctrl-C reaches it once, from here. The handlers exist before
+    // it starts, so no signal finds this process without them.
+    use tokio::signal::unix::{signal, SignalKind};
+    let watch = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| Failure::new(1, format!("error: cannot watch for {name}: {e}")))
+    };
+    let mut int = watch(SignalKind::interrupt(), "SIGINT")?;
+    let mut term = watch(SignalKind::terminate(), "SIGTERM")?;
+    let interrupted = || Failure::new(130, "verify: interrupted");
     let mut child = cmd
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| Failure::new(1, format!("error: cannot start the re-execution: {e}")))?;
-    let interrupted = |_| Failure::new(130, "verify: interrupted");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| Failure::new(1, format!("error: cannot watch for SIGTERM: {e}")))?;
-    let waited = tokio::select! {
-        status = child.wait() => Ok(status),
-        _ = tokio::signal::ctrl_c() => Err(libc::SIGINT),
-        _ = term.recv() => Err(libc::SIGTERM),
-    };
-    let status = match waited {
-        Ok(status) => status,
-        Err(signal) => {
-            if let Some(pid) = child.id() {
-                // SAFETY: kill(2) on our own child's pid; no memory is involved.
-                unsafe { libc::kill(pid as i32, signal) };
-            }
-            let _ = child.wait().await;
-            let _ = std::fs::remove_dir_all(&scratch);
-            return Err(interrupted(()));
+    let mut signalled = false;
+    let status = loop {
+        let signal = tokio::select! {
+            status = child.wait() => break status,
+            _ = int.recv() => libc::SIGINT,
+            _ = term.recv() => libc::SIGTERM,
+        };
+        signalled = true;
+        if let Some(pid) = child.id() {
+            // SAFETY: kill(2) on our own child's pid; no memory is involved.
+            unsafe { libc::kill(pid as i32, signal) };
         }
     }
     .map_err(|e| Failure::new(1, format!("error: cannot wait for the re-execution: {e}")))?;
+    if signalled {
+        let _ = std::fs::remove_dir_all(&scratch);
+        return Err(interrupted());
+    }
     let again = Store::open(&scratch_url, Path::new("."))?;
     let id = again.list_run_ids().await?.pop();
     let record: Option<RunRecord> = match id {
@@ -1412,7 +1420,7 @@ async fn verify(
     let Some(record) = record.filter(|_| status.success()) else {
         let _ = std::fs::remove_dir_all(&scratch);
         if status.code() == Some(130) {
-            return Err(interrupted(()));
+            return Err(interrupted());
         }
         return Err(Failure::new(
             1,

@@ -403,7 +403,11 @@ async fn accept(
                 .header_read_timeout(read_timeout);
             let conn = http.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
+            // The connection first (`biased`): what a client has already sent is read
+            // before a shutdown is seen, so a request sitting in the socket is answered
+            // rather than dropped with the idle connections.
             tokio::select! {
+                biased;
                 _ = conn.as_mut() => return,
                 _ = closed.wait_for(|c| *c) => conn.as_mut().graceful_shutdown(),
             }
