@@ -35,6 +35,15 @@ for round in $(seq "$rounds"); do
     done
 done
 mkdir -p bench/results
+# The run this one replaces moves to the top of train-history.md (below its heading), so a
+# number the README quotes keeps its table.
+if [ -f bench/results/train.md ]; then
+    history=bench/results/train-history.md
+    [ -f "$history" ] || printf '%s\n\n%s\n' '# Earlier CPU training runs' \
+        'Each `bash bench/train.sh` moves the run it replaces in `train.md` here; newest first.' > "$history"
+    { head -n 3 "$history"; echo; cat bench/results/train.md; tail -n +4 "$history"; } > "$history.new"
+    mv "$history.new" "$history"
+fi
 python3 - "$runs" <<'PY' | tee bench/results/train.md
 import json, sys, datetime, subprocess, statistics
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]

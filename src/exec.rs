@@ -1103,6 +1103,9 @@ fn list_files(root: &Path) -> std::io::Result<Vec<String>> {
     Ok(out)
 }
 
+/// How many of a stage's newest checkpoints stay in the store while it runs.
+const CHECKPOINTS_KEPT: usize = 2;
+
 /// Checkpoints in the artifact store under the cache key of the artifact being produced.
 /// Stages call it from their blocking thread, hence the runtime handle.
 struct StoreCheckpoints {
@@ -1134,7 +1137,16 @@ impl Checkpoints for StoreCheckpoints {
             self.store
                 .put_checkpoint(&self.key, step, &entries)
                 .await
-                .map_err(|e| fail(&e))
+                .map_err(|e| fail(&e))?;
+            // Only the newest checkpoints are kept (an older one stands in for a damaged
+            // newest): a `spec512` checkpoint with its optimiser state is about 580 MB, and
+            // keeping every one of a 2000-step run held 5 GB until it finished. Their blobs
+            // go at the next `gc`. Failing to forget one costs space, not the run.
+            let steps = self.store.checkpoint_steps(&self.key).await;
+            for old in steps.unwrap_or_default().into_iter().skip(CHECKPOINTS_KEPT) {
+                let _ = self.store.drop_checkpoint(&self.key, old).await;
+            }
+            Ok(())
         })
     }
 
@@ -1253,48 +1265,93 @@ mod tests {
         }
     }
 
+    /// A store on disk, and a stage's checkpoints in it under one key.
+    struct Fixture {
+        tmp: tempfile::TempDir,
+        runtime: tokio::runtime::Runtime,
+        store: Store,
+        key: CacheKey,
+        notes: Arc<Notes>,
+        checkpoints: StoreCheckpoints,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let tmp = tempfile::tempdir().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let url = format!("file://{}", tmp.path().join("store").display());
+            let store = Store::open(&url, tmp.path()).unwrap();
+            let notes = Arc::new(Notes::default());
+            let key = CacheKey("a".repeat(64));
+            let checkpoints = StoreCheckpoints {
+                store: store.clone(),
+                key: key.clone(),
+                dir: tmp.path().join("restored"),
+                runtime: runtime.handle().clone(),
+                reporter: notes.clone(),
+                stage: "model".into(),
+            };
+            Fixture {
+                tmp,
+                runtime,
+                store,
+                key,
+                notes,
+                checkpoints,
+            }
+        }
+
+        fn save(&self, steps: &[u64]) {
+            for &step in steps {
+                let dir = self.tmp.path().join(format!("saved-{step}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join("weights.bin"), format!("weights at {step}")).unwrap();
+                self.checkpoints.save(step, &dir).unwrap();
+            }
+        }
+
+        fn steps(&self) -> Vec<u64> {
+            self.runtime
+                .block_on(self.store.checkpoint_steps(&self.key))
+                .unwrap()
+        }
+    }
+
+    /// A long training keeps its two newest checkpoints, not all of them.
+    #[test]
+    fn only_the_newest_checkpoints_are_kept() {
+        let f = Fixture::new();
+        f.save(&[10, 20, 30, 40]);
+        assert_eq!(f.steps(), vec![40, 30]);
+    }
+
     /// A checkpoint whose blob rotted is set aside, and training resumes from the one
     /// before; failing on it instead would fail every rerun, and fsck --repair with it.
     #[test]
     fn a_damaged_checkpoint_is_set_aside_for_the_one_before() {
-        let tmp = tempfile::tempdir().unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let url = format!("file://{}", tmp.path().join("store").display());
-        let store = Store::open(&url, tmp.path()).unwrap();
-        let notes = Arc::new(Notes::default());
-        let key = CacheKey("a".repeat(64));
-        let checkpoints = StoreCheckpoints {
-            store: store.clone(),
-            key: key.clone(),
-            dir: tmp.path().join("restored"),
-            runtime: runtime.handle().clone(),
-            reporter: notes.clone(),
-            stage: "model".into(),
-        };
-        for step in [10, 20] {
-            let dir = tmp.path().join(format!("saved-{step}"));
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join("weights.bin"), format!("weights at {step}")).unwrap();
-            checkpoints.save(step, &dir).unwrap();
-        }
-        let files = runtime
-            .block_on(store.checkpoint(&key, 20))
+        let f = Fixture::new();
+        f.save(&[10, 20]);
+        let files = f
+            .runtime
+            .block_on(f.store.checkpoint(&f.key, 20))
             .unwrap()
             .unwrap();
         let hex = files[0].digest.strip_prefix("blake3:").unwrap();
-        let blob = tmp.path().join(format!("store/blobs/{}/{hex}", &hex[..2]));
+        let blob = f
+            .tmp
+            .path()
+            .join(format!("store/blobs/{}/{hex}", &hex[..2]));
         std::fs::write(&blob, "rot").unwrap();
 
-        let (step, dir) = checkpoints.latest().unwrap().unwrap();
+        let (step, dir) = f.checkpoints.latest().unwrap().unwrap();
         assert_eq!(step, 10);
         let weights = std::fs::read_to_string(dir.join("weights.bin")).unwrap();
         assert_eq!(weights, "weights at 10");
-        let steps = runtime.block_on(store.checkpoint_steps(&key)).unwrap();
-        assert_eq!(steps, vec![10]);
-        let notes = notes.0.lock().unwrap().join("\n");
+        assert_eq!(f.steps(), vec![10]);
+        let notes = f.notes.0.lock().unwrap().join("\n");
         assert!(notes.contains("step 20 is damaged"), "{notes}");
     }
 }

@@ -598,7 +598,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             #[cfg(feature = "model")]
             if code == 0 && !no_serve {
                 if let Some(dir) = deployed_dir(&serve_store, &record, &cache_dir(&p)).await? {
-                    return serve_dir(&dir, ServeOverrides::default()).await;
+                    return serve_dir(&dir, ServeOverrides::from_env()).await;
                 }
             }
             #[cfg(not(feature = "model"))]
@@ -1078,6 +1078,22 @@ struct ServeOverrides {
     stored: Option<Stored>,
 }
 
+#[cfg(feature = "model")]
+impl ServeOverrides {
+    /// What `run` serves its deployment with: the variables `serve` also reads
+    /// (`ORCHESTRATE_API_KEY`, `ORCHESTRATE_DEVICE`), an empty one being unset, and the
+    /// deployment's own settings for the rest. Without this, a key set for `serve` was
+    /// silently not required by the server `run` starts.
+    fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        ServeOverrides {
+            api_key: var("ORCHESTRATE_API_KEY"),
+            device: var("ORCHESTRATE_DEVICE"),
+            ..Default::default()
+        }
+    }
+}
+
 /// Where a served artifact came from in the store.
 #[cfg(feature = "model")]
 struct Stored {
@@ -1331,6 +1347,27 @@ async fn verify(
     }
     let stored = open_store(&p, store)?;
     let plan = Plan::build(&p, &stored, &Default::default()).await?;
+    // A stage with nothing stored under its key cannot be compared: verify refuses before
+    // re-executing anything (possibly a whole training), rather than print "not stored"
+    // and pass, which let a CI job pointed at the wrong or an empty store go green.
+    let unstored: Vec<String> = plan
+        .stages
+        .iter()
+        .filter(|sp| only.is_empty() || only.contains(&sp.stage))
+        .filter(|sp| sp.status != orchestrate::plan::Status::Cached)
+        .map(|sp| format!("`{}`", sp.stage))
+        .collect();
+    if !unstored.is_empty() {
+        return Err(Failure::new(
+            1,
+            format!(
+                "error: nothing stored to verify {} against in {}: run the pipeline first (`orchestrate run {}`)",
+                unstored.join(", "),
+                stored.url(),
+                pipeline.file.display()
+            ),
+        ));
+    }
     let scratch = std::env::temp_dir().join(format!("orchestrate-verify-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch).map_err(|e| {
@@ -1428,6 +1465,7 @@ async fn verify(
         ));
     };
     let mut differ = Vec::new();
+    let mut unverified = Vec::new();
     outln!(
         "{:<16} {:<12} {:<16} {:<16}",
         "stage",
@@ -1461,8 +1499,15 @@ async fn verify(
                 differ.push(sp.stage.clone());
                 "DIFFERS"
             }
-            (None, _) => "not stored",
-            (_, None) => "not re-run",
+            // Checked above, but the store may have changed since (a gc, another run).
+            (None, _) => {
+                unverified.push(sp.stage.clone());
+                "not stored"
+            }
+            (_, None) => {
+                unverified.push(sp.stage.clone());
+                "not re-run"
+            }
         };
         outln!(
             "{:<16} {:<12} {:<16} {:<16}",
@@ -1473,16 +1518,24 @@ async fn verify(
         );
     }
     let _ = std::fs::remove_dir_all(&scratch);
-    if differ.is_empty() {
+    let named = |stages: &[String]| {
+        stages
+            .iter()
+            .map(|s| format!("`{s}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !unverified.is_empty() {
+        errln!("not verified: {} (nothing to compare)", named(&unverified));
+    }
+    if differ.is_empty() && unverified.is_empty() {
         Ok(0)
+    } else if differ.is_empty() {
+        Ok(1)
     } else {
         errln!(
             "not deterministic: {} (same inputs and parameters, different bytes)",
-            differ
-                .iter()
-                .map(|s| format!("`{s}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            named(&differ)
         );
         Ok(1)
     }

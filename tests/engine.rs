@@ -974,6 +974,19 @@ fn verify_of_one_stage_reexecutes_only_what_it_needs() {
         "p.yaml",
         "name: v\nstorage: file://store\nstages:\n  a: { kind: shell, with: { run: echo a > o, outputs: [o] } }\n  b: { kind: shell, inputs: { a: a }, with: { run: cp $INPUT_A/o o, outputs: [o] } }\n  other: { kind: shell, with: { run: echo x >> $PIPELINE_DIR/ran; echo x > o, outputs: [o] } }\n",
     );
+    // Nothing stored yet: verify refuses before re-executing anything (it used to print
+    // "not stored" and exit 0, so a CI job against an empty store passed).
+    let r = sb.run(&["verify", "p.yaml"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("nothing stored to verify"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !sb.path().join("ran").exists(),
+        "verify re-executed a stage"
+    );
     assert_eq!(sb.run(&["run", "p.yaml"]).code, 0);
     assert_eq!(sb.read("ran"), "x\n");
     let r = sb.run(&["verify", "p.yaml", "--stage", "b"]);

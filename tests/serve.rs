@@ -740,6 +740,36 @@ fn orchestrate_serve_listens_and_stops_gracefully_on_sigterm() {
     assert_eq!(code.code(), Some(0));
 }
 
+/// The server `run` ends with reads `ORCHESTRATE_API_KEY` as `serve` does: a key set for
+/// the one was silently not required by the other.
+#[test]
+fn the_server_run_ends_with_requires_the_key_from_the_environment() {
+    // A sandbox of its own with a copy of the store (every stage cached), so that this
+    // run is not the shared sandbox's last run, which other tests read.
+    let (shared, _) = deployed();
+    let sb = Sandbox::new();
+    sb.write("p.yaml", PIPELINE);
+    let copied = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(shared.path().join("store"))
+        .arg(sb.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let (mut child, url, _) =
+        serving_with_key(&sb, &["run", "p.yaml", "--no-tracking"], Some("s3cret"));
+    let info = servers::http("GET", &format!("{url}/info"), None);
+    let health = servers::http("GET", &format!("{url}/health"), None);
+    // Stopped before anything is asserted: a failing test must not leave it serving.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let code = child.wait().unwrap().code();
+    let (status, body) = info.unwrap();
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = health.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(code, Some(0));
+}
+
 /// `orchestrate serve ARGS` started: the child and the URL it says it listens at.
 fn serving(sb: &Sandbox, args: &[&str]) -> (std::process::Child, String) {
     let (child, url, _) = serving_logged(sb, args);
@@ -755,12 +785,25 @@ fn serving_logged(
     String,
     std::sync::mpsc::Receiver<String>,
 ) {
-    let mut child = sb
-        .cmd(args)
-        .env_remove("ORCHESTRATE_API_KEY")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    serving_with_key(sb, args, None)
+}
+
+/// `serving_logged` with `ORCHESTRATE_API_KEY` set to `key` (unset for None).
+fn serving_with_key(
+    sb: &Sandbox,
+    args: &[&str],
+    key: Option<&str>,
+) -> (
+    std::process::Child,
+    String,
+    std::sync::mpsc::Receiver<String>,
+) {
+    let mut cmd = sb.cmd(args);
+    match key {
+        Some(key) => cmd.env("ORCHESTRATE_API_KEY", key),
+        None => cmd.env_remove("ORCHESTRATE_API_KEY"),
+    };
+    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
     let url = loop {

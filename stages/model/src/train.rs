@@ -92,6 +92,13 @@ pub struct TrainParams {
     pub min_lr_ratio: f64,
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
+    /// AdamW's moment decay rates and denominator guard; burn's defaults (0.9, 0.999, 1e-5).
+    #[serde(default = "default_beta_1")]
+    pub beta_1: f64,
+    #[serde(default = "default_beta_2")]
+    pub beta_2: f64,
+    #[serde(default = "default_epsilon")]
+    pub epsilon: f64,
     /// Gradient clipping: the global norm over every parameter's gradient is scaled down to
     /// at most this (0 turns it off). The norm is logged as `grad_norm`.
     #[serde(default = "default_grad_clip")]
@@ -111,8 +118,8 @@ pub struct TrainParams {
     /// Train on at most this many records (CI-sized runs).
     #[serde(default)]
     pub max_records: Option<usize>,
-    /// CPU threads for tensor work (all cores when absent). `1` makes a CPU run
-    /// bit-reproducible: floating-point sums then happen in one order, run after run.
+    /// CPU threads for tensor work (all cores when absent). The bytes a CPU training
+    /// produces do not depend on it (sums are split the same way whatever the count).
     #[serde(default)]
     pub threads: Option<usize>,
     #[serde(default = "default_precision")]
@@ -163,6 +170,15 @@ fn default_min_lr_ratio() -> f64 {
 }
 fn default_weight_decay() -> f64 {
     0.01
+}
+fn default_beta_1() -> f64 {
+    0.9
+}
+fn default_beta_2() -> f64 {
+    0.999
+}
+fn default_epsilon() -> f64 {
+    1e-5
 }
 fn default_grad_clip() -> f64 {
     1.0
@@ -264,6 +280,20 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
             return Err(bad(key, format!("{key} must be at least 1")));
         }
     }
+    // Far beyond any model this stage is for, and each a size that would otherwise end in
+    // an allocation failure or the OOM killer rather than a message.
+    for (key, value, most) in [
+        ("d_model", d, 16_384),
+        ("d_ff", ff, 65_536),
+        ("enc_layers", e, 128),
+        ("dec_layers", de, 128),
+        ("max_len", p.max_len, 65_536),
+        ("batch", p.batch, 65_536),
+    ] {
+        if value > most {
+            return Err(bad(key, format!("{key} {value} is above {most}")));
+        }
+    }
     if d % h != 0 {
         return Err(bad(
             "n_heads",
@@ -307,6 +337,17 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
             return Err(bad(key, format!("{key} {v} is outside {range}")));
         }
     }
+    for (key, v) in [("beta_1", p.beta_1), ("beta_2", p.beta_2)] {
+        if !(0.0..1.0).contains(&v) {
+            return Err(bad(key, format!("{key} {v} is outside [0, 1)")));
+        }
+    }
+    if !(p.epsilon > 0.0 && p.epsilon <= 1.0) {
+        return Err(bad(
+            "epsilon",
+            format!("epsilon {} is outside (0, 1]", p.epsilon),
+        ));
+    }
     if !(p.grad_clip >= 0.0 && p.grad_clip.is_finite()) {
         return Err(bad(
             "grad_clip",
@@ -341,11 +382,65 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     Ok(v)
 }
 
+/// Bytes each parameter holds while training: its value, its gradient and AdamW's two
+/// moments, in f32.
+const TRAINING_BYTES_PER_PARAMETER: u64 = 16;
+
+/// Why a model of `params` parameters cannot train in `available` bytes of memory, if it
+/// cannot: a clear refusal before any data is read, where the allocator would otherwise
+/// abort the process or the kernel's OOM killer end it without a word. Activations come on
+/// top, so passing this is necessary, not sufficient.
+fn memory_problem(params: usize, available: u64) -> Option<String> {
+    let needed = params as u64 * TRAINING_BYTES_PER_PARAMETER;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    (needed > available).then(|| {
+        format!(
+            "the model has {params} parameters: training holds {:.1} GiB for them (value, gradient and AdamW's two moments, {TRAINING_BYTES_PER_PARAMETER} bytes each) before any activation, and this machine has {:.1} GiB available; lower d_model, d_ff, the layers or the tokenizer's vocab_size",
+            gib(needed),
+            gib(available)
+        )
+    })
+}
+
+/// The memory the kernel says can be allocated without swapping (`MemAvailable`), in bytes;
+/// None where /proc/meminfo is not there to ask.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Training state saved with each checkpoint, beside the weights and optimiser records.
 #[derive(Serialize, Deserialize)]
 struct Progress {
     step: u64,
     tokens: u64,
+    /// The logging window so far: the sum of each step's loss times its target tokens (as
+    /// f64 bits, which JSON keeps exactly) and those tokens. `train_loss` is their ratio, the
+    /// mean over every token the window trained on, not one batch's (noisy, and set by
+    /// whichever length bucket that batch came from). Kept here so that a resumed run logs
+    /// and stores the same value as an uninterrupted one.
+    #[serde(default)]
+    window_loss_bits: u64,
+    #[serde(default)]
+    window_tokens: u64,
+}
+
+impl Progress {
+    fn add_loss(&mut self, loss: f64, tokens: u64) {
+        let sum = f64::from_bits(self.window_loss_bits) + loss * tokens as f64;
+        self.window_loss_bits = sum.to_bits();
+        self.window_tokens += tokens;
+    }
+
+    /// The window's mean loss per token; the window starts again.
+    fn take_window_loss(&mut self) -> f64 {
+        let mean = f64::from_bits(self.window_loss_bits) / self.window_tokens.max(1) as f64;
+        self.window_loss_bits = 0;
+        self.window_tokens = 0;
+        mean
+    }
 }
 
 pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
@@ -395,6 +490,12 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
         dropout: p.dropout,
         activation: p.activation,
     };
+    if compute == Compute::Cpu {
+        if let Some(problem) = available_memory().and_then(|a| memory_problem(cfg.parameters(), a))
+        {
+            return Err(StageError::Failed(problem));
+        }
+    }
 
     let train = data::load_examples(
         &corpus.dir,
@@ -534,7 +635,12 @@ pub fn uses_flat_adamw<B: Backend>() -> bool {
 
 fn fit_on<A: AutodiffBackend>(job: Fit<'_>, device: A::Device) -> Result<Done, StageError> {
     // burn's own clipping is per parameter tensor; clipping is global here (clip_global).
-    let settings = AdamWSettings::with_weight_decay(job.p.weight_decay as f32);
+    let settings = AdamWSettings {
+        beta_1: job.p.beta_1 as f32,
+        beta_2: job.p.beta_2 as f32,
+        epsilon: job.p.epsilon as f32,
+        weight_decay: job.p.weight_decay as f32,
+    };
     if uses_flat_adamw::<A>() {
         fit(job, device, FlatAdamW::<A>::new(settings))
     } else {
@@ -579,7 +685,12 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
     }
     let mut model: Seq2Seq<A> = cfg.init_seeded(p.seed, &device);
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-    let mut progress = Progress { step: 0, tokens: 0 };
+    let mut progress = Progress {
+        step: 0,
+        tokens: 0,
+        window_loss_bits: 0,
+        window_tokens: 0,
+    };
     if let Some((step, dir)) = ctx.checkpoints.latest()? {
         let fail = |e: &dyn std::fmt::Display| {
             StageError::Failed(format!("cannot load checkpoint {step}: {e}"))
@@ -602,7 +713,7 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
     let mut plan = Vec::new();
     let mut window = Throughput::from(Instant::now());
     let mut last_val = f64::NAN;
-    let mut last_train = f64::NAN;
+    let mut logged_train = f64::NAN;
     while progress.step < p.steps {
         ctx.checkpoint()?;
         let step = progress.step;
@@ -632,7 +743,7 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
         // device) trained `mini` 12-32% slower in three calls of alternating runs
         // (bench/results/gpu.md, 2026-11-27). Why is not measured; a likely reason is that
         // CubeCL's device threads busy-wait on a queue that a host running ahead keeps full.
-        last_train = loss.into_scalar().elem::<f64>();
+        let last_train = loss.into_scalar().elem::<f64>();
         // A diverged run stops here, not after its remaining steps with a model that an
         // evaluation would score as NaN.
         if !last_train.is_finite() {
@@ -643,12 +754,14 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
         }
         progress.step += 1;
         progress.tokens += batch_tokens as u64;
+        progress.add_loss(last_train, batch_tokens as u64);
         window.tokens += batch_tokens as u64;
         ctx.events.progress(progress.step, Some(p.steps), "steps");
         if log_now {
             let now = Instant::now();
+            logged_train = progress.take_window_loss();
             ctx.events
-                .metric("train_loss", last_train, Some(progress.step));
+                .metric("train_loss", logged_train, Some(progress.step));
             ctx.events.metric("lr", lr, Some(progress.step));
             ctx.events
                 .metric("grad_norm", grad_norm.read(), Some(progress.step));
@@ -674,7 +787,7 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
             ctx.events
                 .metric("val_perplexity", last_val.exp(), Some(progress.step));
             ctx.events.log(&format!(
-                "step {}: train loss {last_train:.3}, val loss {last_val:.3} (perplexity {:.1}; unigram {unigram_ppl:.1})",
+                "step {}: train loss {logged_train:.3}, val loss {last_val:.3} (perplexity {:.1}; unigram {unigram_ppl:.1})",
                 progress.step,
                 last_val.exp()
             ));
@@ -691,7 +804,7 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
         .map_err(|e| StageError::Failed(format!("cannot save the model: {e}")))?;
     Ok(Done {
         progress,
-        train_loss: last_train,
+        train_loss: logged_train,
         val_loss: last_val,
     })
 }
@@ -1744,6 +1857,37 @@ mod tests {
     }
 
     #[test]
+    fn a_model_too_big_for_memory_is_refused_before_training() {
+        // mini at an 8k vocabulary: about 9.5M parameters, 150 MB of training state.
+        assert!(memory_problem(9_552_896, 1 << 30).is_none());
+        let e = memory_problem(2_000_000_000, 8 << 30).unwrap();
+        assert!(e.contains("2000000000 parameters"), "{e}");
+        assert!(e.contains("29.8 GiB"), "{e}");
+        assert!(e.contains("8.0 GiB available"), "{e}");
+    }
+
+    #[test]
+    fn the_logged_train_loss_is_the_mean_over_the_window_tokens() {
+        let mut p = Progress {
+            step: 0,
+            tokens: 0,
+            window_loss_bits: 0,
+            window_tokens: 0,
+        };
+        p.add_loss(2.0, 100);
+        p.add_loss(4.0, 300);
+        assert_eq!(p.take_window_loss(), 3.5);
+        // A new window starts empty, and survives a checkpoint's JSON exactly.
+        p.add_loss(0.1, 7);
+        let back: Progress = serde_json::from_slice(&serde_json::to_vec(&p).unwrap()).unwrap();
+        assert_eq!(back.window_loss_bits, (0.1f64 * 7.0).to_bits());
+        assert_eq!(back.window_tokens, 7);
+        // A checkpoint written before the window was kept loads as an empty window.
+        let old: Progress = serde_json::from_str(r#"{"step": 20, "tokens": 640}"#).unwrap();
+        assert_eq!((old.window_loss_bits, old.window_tokens), (0, 0));
+    }
+
+    #[test]
     fn heads_must_divide_d_model() {
         let e = canonical(serde_json::json!({"d_model": 100, "n_heads": 8})).unwrap_err();
         assert!(matches!(e.problem, ParamProblem::Invalid(m) if m.contains("do not divide")));
@@ -1765,6 +1909,14 @@ mod tests {
             (serde_json::json!({"weight_decay": -0.01}), "weight_decay"),
             (serde_json::json!({"grad_clip": -1.0}), "grad_clip"),
             (serde_json::json!({"threads": 0}), "threads"),
+            (serde_json::json!({"max_len": 100_000_000}), "max_len"),
+            (
+                serde_json::json!({"d_model": 1_000_000, "n_heads": 1}),
+                "d_model",
+            ),
+            (serde_json::json!({"beta_1": 1.0}), "beta_1"),
+            (serde_json::json!({"beta_2": -0.1}), "beta_2"),
+            (serde_json::json!({"epsilon": 0.0}), "epsilon"),
         ] {
             let e = canonical(params.clone()).unwrap_err();
             assert_eq!(e.path, vec![PathSegment::Key(key.into())], "{params}: {e}");
