@@ -211,8 +211,9 @@ enum Command {
         /// Port (default: the deployment's, else 8080; 0 picks a free one).
         #[arg(long)]
         port: Option<u16>,
-        /// Require this key (`Authorization: Bearer KEY` or `X-API-Key`).
-        #[arg(long, env = "ORCHESTRATE_API_KEY", hide_env_values = true)]
+        /// Require this key (`Authorization: Bearer KEY` or `X-API-Key`); else
+        /// $ORCHESTRATE_API_KEY, where an empty variable is unset ('' here serves without one).
+        #[arg(long)]
         api_key: Option<String>,
         /// Requests decoded together at most.
         #[arg(long)]
@@ -223,8 +224,9 @@ enum Command {
         /// Allow browsers from this origin (repeatable); CORS is off otherwise.
         #[arg(long = "cors-origin", value_name = "ORIGIN")]
         cors_origins: Vec<String>,
-        /// Where the model runs: cpu, cuda, cuda:N (CUDA needs a `--features cuda` build).
-        #[arg(long, env = "ORCHESTRATE_DEVICE")]
+        /// Where the model runs: cpu, cuda, cuda:N, auto (CUDA needs a `--features cuda`
+        /// build); else $ORCHESTRATE_DEVICE.
+        #[arg(long)]
         device: Option<String>,
         /// Decoder workers decoding waves side by side (default: one per core on the CPU).
         #[arg(long)]
@@ -620,14 +622,19 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             drain_timeout,
             read_timeout,
         } => {
+            // The variables are read here, not by clap, which passes an empty one on as a
+            // value: an empty ORCHESTRATE_API_KEY (`docker -e` of an unset host variable)
+            // served with no key, even where the deployment names the variable to take
+            // its key from.
+            let env = ServeOverrides::from_env();
             let mut overrides = ServeOverrides {
                 host,
                 port,
-                api_key,
+                api_key: api_key.or(env.api_key),
                 max_batch,
                 queue,
                 cors_origins,
-                device,
+                device: device.or(env.device),
                 workers,
                 drain_timeout,
                 read_timeout,
@@ -1080,9 +1087,9 @@ struct ServeOverrides {
 
 #[cfg(feature = "model")]
 impl ServeOverrides {
-    /// What `run` serves its deployment with: the variables `serve` also reads
-    /// (`ORCHESTRATE_API_KEY`, `ORCHESTRATE_DEVICE`), an empty one being unset, and the
-    /// deployment's own settings for the rest. Without this, a key set for `serve` was
+    /// The variables `serve` reads where its options are absent (`ORCHESTRATE_API_KEY`,
+    /// `ORCHESTRATE_DEVICE`), an empty one being unset; all `run` serves its deployment
+    /// with, beside the deployment's own settings. Without this, a key set for `serve` was
     /// silently not required by the server `run` starts.
     fn from_env() -> Self {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
@@ -1350,19 +1357,25 @@ async fn verify(
     // A stage with nothing stored under its key cannot be compared: verify refuses before
     // re-executing anything (possibly a whole training), rather than print "not stored"
     // and pass, which let a CI job pointed at the wrong or an empty store go green.
-    let unstored: Vec<String> = plan
-        .stages
-        .iter()
-        .filter(|sp| only.is_empty() || only.contains(&sp.stage))
-        .filter(|sp| sp.status != orchestrate::plan::Status::Cached)
-        .map(|sp| format!("`{}`", sp.stage))
-        .collect();
+    let listed = |keep: &dyn Fn(&orchestrate::plan::StagePlan) -> bool| {
+        plan.stages
+            .iter()
+            .filter(|sp| keep(sp))
+            .map(|sp| format!("`{}`", sp.stage))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let unstored = listed(&|sp| {
+        (only.is_empty() || only.contains(&sp.stage))
+            && sp.status != orchestrate::plan::Status::Cached
+    });
     if !unstored.is_empty() {
+        // What a run would execute: the checked stages themselves, or what they wait on.
+        let to_run = listed(&|sp| sp.status == orchestrate::plan::Status::WillRun);
         return Err(Failure::new(
             1,
             format!(
-                "error: nothing stored to verify {} against in {}: run the pipeline first (`orchestrate run {}`)",
-                unstored.join(", "),
+                "error: nothing stored to verify {unstored} against in {} (a run would execute {to_run}): run the pipeline first (`orchestrate run {}`), or verify stages that are stored (--stage S)",
                 stored.url(),
                 pipeline.file.display()
             ),

@@ -962,12 +962,17 @@ fn a_model_served_from_the_store_is_named_by_its_stage_and_digest() {
 /// `orchestrate serve ARGS` that must refuse to start: its exit code and stderr (a server
 /// that starts anyway is killed after 60 s and fails the test).
 fn refused(sb: &Sandbox, args: &[&str]) -> (Option<i32>, String) {
-    let mut child = sb
-        .cmd(args)
-        .env_remove("ORCHESTRATE_API_KEY")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    refused_with_key(sb, args, None)
+}
+
+/// `refused` with `ORCHESTRATE_API_KEY` set to `key` (unset for None).
+fn refused_with_key(sb: &Sandbox, args: &[&str], key: Option<&str>) -> (Option<i32>, String) {
+    let mut cmd = sb.cmd(args);
+    match key {
+        Some(key) => cmd.env("ORCHESTRATE_API_KEY", key),
+        None => cmd.env_remove("ORCHESTRATE_API_KEY"),
+    };
+    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
     let started = std::time::Instant::now();
     while child.try_wait().unwrap().is_none() {
         if started.elapsed() > std::time::Duration::from_secs(60) {
@@ -999,6 +1004,11 @@ fn serve_refuses_a_missing_key_and_a_bad_origin_before_listening() {
     std::fs::write(keyed.join("deployment.json"), deployment.to_string()).unwrap();
     let keyed = keyed.to_str().unwrap();
     let (code, err) = refused(sb, &["serve", keyed, "--port", "0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("$ORCHESTRATE_TEST_UNSET_KEY"), "{err}");
+    // An empty ORCHESTRATE_API_KEY is unset, not "serve without a key" (it was, through
+    // clap, which passes an empty variable on as a value).
+    let (code, err) = refused_with_key(sb, &["serve", keyed, "--port", "0"], Some(""));
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("$ORCHESTRATE_TEST_UNSET_KEY"), "{err}");
     let (code, err) = refused(

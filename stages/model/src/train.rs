@@ -337,15 +337,23 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
             return Err(bad(key, format!("{key} {v} is outside {range}")));
         }
     }
+    // Checked as the f32 the optimiser computes with: 0.99999999 rounds to 1.0 (and
+    // 1 - beta^t to 0, a division by zero), 1e-46 to 0.
     for (key, v) in [("beta_1", p.beta_1), ("beta_2", p.beta_2)] {
-        if !(0.0..1.0).contains(&v) {
-            return Err(bad(key, format!("{key} {v} is outside [0, 1)")));
+        if !(v >= 0.0 && (v as f32) < 1.0) {
+            return Err(bad(
+                key,
+                format!("{key} {v} is outside [0, 1) (as the f32 AdamW computes with)"),
+            ));
         }
     }
-    if !(p.epsilon > 0.0 && p.epsilon <= 1.0) {
+    if !((p.epsilon as f32) >= f32::MIN_POSITIVE && p.epsilon <= 1.0) {
         return Err(bad(
             "epsilon",
-            format!("epsilon {} is outside (0, 1]", p.epsilon),
+            format!(
+                "epsilon {} is outside (0, 1] (as the f32 AdamW computes with)",
+                p.epsilon
+            ),
         ));
     }
     if !(p.grad_clip >= 0.0 && p.grad_clip.is_finite()) {
@@ -402,13 +410,43 @@ fn memory_problem(params: usize, available: u64) -> Option<String> {
     })
 }
 
-/// The memory the kernel says can be allocated without swapping (`MemAvailable`), in bytes;
-/// None where /proc/meminfo is not there to ask.
+/// The memory this process can still use, in bytes: what the kernel says can be allocated
+/// without swapping (`MemAvailable`), or less where a control group limits this process (a
+/// container, a Kubernetes or Argo pod, where /proc/meminfo describes the whole host). None
+/// where neither can be read.
 fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    let host = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        });
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let group = cgroup_headroom(
+        read("/sys/fs/cgroup/memory.max"),
+        read("/sys/fs/cgroup/memory.current"),
+    )
+    .or_else(|| {
+        cgroup_headroom(
+            read("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+            read("/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+        )
+    });
+    match (host, group) {
+        (Some(h), Some(g)) => Some(h.min(g)),
+        (h, g) => h.or(g),
+    }
+}
+
+/// A control group's limit less its usage, from the files' texts (cgroup v2's
+/// `memory.max`/`memory.current`, or v1's `limit_in_bytes`/`usage_in_bytes`); None when
+/// there is no limit (`max`, or v1's huge "unlimited" value) or a file is missing.
+fn cgroup_headroom(limit: Option<String>, usage: Option<String>) -> Option<u64> {
+    let limit: u64 = limit?.trim().parse().ok()?;
+    let usage: u64 = usage?.trim().parse().ok()?;
+    // cgroup v1 spells "no limit" as a page-rounded i64::MAX.
+    (limit < 1 << 60).then(|| limit.saturating_sub(usage))
 }
 
 /// Training state saved with each checkpoint, beside the weights and optimiser records.
@@ -434,9 +472,14 @@ impl Progress {
         self.window_tokens += tokens;
     }
 
+    /// The window's mean loss per token so far (NaN while it is empty).
+    fn window_loss(&self) -> f64 {
+        f64::from_bits(self.window_loss_bits) / self.window_tokens as f64
+    }
+
     /// The window's mean loss per token; the window starts again.
     fn take_window_loss(&mut self) -> f64 {
-        let mean = f64::from_bits(self.window_loss_bits) / self.window_tokens.max(1) as f64;
+        let mean = self.window_loss();
         self.window_loss_bits = 0;
         self.window_tokens = 0;
         mean
@@ -786,8 +829,14 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
             ctx.events.metric("val_loss", last_val, Some(progress.step));
             ctx.events
                 .metric("val_perplexity", last_val.exp(), Some(progress.step));
+            // The loss since the last log; the last logged one when that was this step.
+            let train_loss = if progress.window_tokens > 0 {
+                progress.window_loss()
+            } else {
+                logged_train
+            };
             ctx.events.log(&format!(
-                "step {}: train loss {logged_train:.3}, val loss {last_val:.3} (perplexity {:.1}; unigram {unigram_ppl:.1})",
+                "step {}: train loss {train_loss:.3}, val loss {last_val:.3} (perplexity {:.1}; unigram {unigram_ppl:.1})",
                 progress.step,
                 last_val.exp()
             ));
@@ -1867,6 +1916,22 @@ mod tests {
     }
 
     #[test]
+    fn a_control_group_limit_counts_and_no_limit_does_not() {
+        let text = |s: &str| Some(s.to_string());
+        assert_eq!(
+            cgroup_headroom(text("8589934592\n"), text("1073741824\n")),
+            Some(7 << 30)
+        );
+        assert_eq!(cgroup_headroom(text("max\n"), text("1073741824\n")), None);
+        assert_eq!(
+            cgroup_headroom(text("9223372036854771712\n"), text("1\n")),
+            None
+        );
+        assert_eq!(cgroup_headroom(None, text("1\n")), None);
+        assert_eq!(cgroup_headroom(text("100"), text("200")), Some(0));
+    }
+
+    #[test]
     fn the_logged_train_loss_is_the_mean_over_the_window_tokens() {
         let mut p = Progress {
             step: 0,
@@ -1917,6 +1982,8 @@ mod tests {
             (serde_json::json!({"beta_1": 1.0}), "beta_1"),
             (serde_json::json!({"beta_2": -0.1}), "beta_2"),
             (serde_json::json!({"epsilon": 0.0}), "epsilon"),
+            (serde_json::json!({"beta_2": 0.99999999}), "beta_2"),
+            (serde_json::json!({"epsilon": 1e-46}), "epsilon"),
         ] {
             let e = canonical(params.clone()).unwrap_err();
             assert_eq!(e.path, vec![PathSegment::Key(key.into())], "{params}: {e}");
