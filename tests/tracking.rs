@@ -8,7 +8,9 @@ mod servers;
 
 use common::Sandbox;
 use serde_json::json;
-use servers::{mlflow_api, s3, Server};
+#[cfg(feature = "corpus")]
+use servers::s3;
+use servers::{mlflow_api, Server};
 
 fn search(base: &str, exp: &str, filter: &str) -> Vec<serde_json::Value> {
     let v = mlflow_api(
@@ -32,6 +34,7 @@ fn experiment_id(base: &str, name: &str) -> String {
         .to_string()
 }
 
+#[cfg(feature = "corpus")]
 fn tag<'a>(run: &'a serde_json::Value, key: &str) -> Option<&'a str> {
     run["data"]["tags"]
         .as_array()?
