@@ -537,7 +537,7 @@ async fn run_stage(
             record.status = StageStatus::Cancelled;
             (record, None)
         }
-        Err(StageFailure::Failed(msg)) => {
+        Err(StageFailure::Failed(msg) | StageFailure::Gate(msg)) => {
             record.error = Some(msg);
             (record, None)
         }
@@ -612,6 +612,9 @@ enum StageFailure {
     Store(String),
     /// Storing the finished output failed, after its own retries: not worth redoing the work.
     Storing(String),
+    /// A quality gate rejected the result. Never retried: a perplexity fails again, and a
+    /// latency measured until it happens to pass is not a gate.
+    Gate(String),
 }
 
 impl From<StoreError> for StageFailure {
@@ -736,6 +739,12 @@ async fn produce(
             )));
         }
         Ok(Err(StageError::Cancelled)) => return Err(StageFailure::Cancelled),
+        Ok(Err(e @ StageError::Gate(_))) => {
+            return Err(StageFailure::Gate(format!(
+                "{e} (working directory kept at {})",
+                work.display()
+            )));
+        }
         Ok(Err(e)) => {
             return Err(StageFailure::Failed(format!(
                 "{e} (working directory kept at {})",

@@ -187,17 +187,42 @@ fn quantized_variants_are_smaller_measured_and_gated() {
     assert_eq!(short, tokens(&variants[0]));
 
     // A gate no model can pass: exit 4, and the message says who, what and by how much.
+    // Not retried, even with retries to spare: a gate measured until it passes is no gate.
     let r = sb.run(&[
         "run",
         "p.yaml",
         "--set",
         "evaluation.with.gate.max_p95_ms=0.001",
+        "--set",
+        "evaluation.retries=2",
     ]);
     assert_eq!(r.code, 4, "{}\n{}", r.stdout, r.stderr);
+    let evaluation = sb.last_run()["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "evaluation")
+        .cloned()
+        .unwrap();
+    assert_eq!(evaluation["attempts"], 1, "{evaluation}");
     let all = format!("{}{}", r.stdout, r.stderr);
     assert!(
         all.contains("variant `model`: latency_p95_ms") && all.contains("exceeds max_p95_ms 0.001"),
         "{all}"
     );
     assert_eq!(stage_status(&sb.last_run(), "int8"), "cached");
+
+    // A deployment of a model the report did not score is not covered by its gate: refused
+    // (before any server starts), naming the models it did score.
+    let ungated = format!(
+        "{PIPELINE}  ungated:\n    kind: deploy\n    inputs: {{ model: long, report: evaluation }}\n    with: {{ port: 0 }}\n"
+    );
+    sb.write("p.yaml", &ungated);
+    let r = sb.run(&["run", "p.yaml", "--only", "ungated", "--no-serve"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        all.contains("scored `model`, `int8`, `fp16`, `bf16`, `dyn` and not this model"),
+        "{all}"
+    );
 }

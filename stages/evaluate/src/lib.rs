@@ -169,6 +169,10 @@ pub struct LangScores {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VariantReport {
     pub name: String,
+    /// The scored Model artifact's digest: what `deploy` checks its model against, so that
+    /// the gate this report passed covers the model it deploys.
+    #[serde(default)]
+    pub model_digest: String,
     pub quantization: String,
     pub artifact_bytes: u64,
     pub stored_param_bytes: u64,
@@ -184,6 +188,10 @@ pub struct VariantReport {
     pub languages: BTreeMap<String, LangScores>,
     /// Relative to the baseline (0 for the baseline itself).
     pub ppl_increase: f64,
+    /// The tokens each timed batch-1 run generated: `new_tokens`, or fewer where the
+    /// model's `max_len` stops it (its latency is then that of fewer tokens).
+    #[serde(default)]
+    pub latency_tokens: usize,
 }
 
 pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
@@ -217,6 +225,9 @@ fn evaluate_all(ctx: &StageContext<'_>, p: EvaluateParams) -> Result<StageOutput
         rounding: Rounding::for_compute(compute),
     };
     let mut reports = compute::run_on(compute, job)??;
+    for (r, m) in reports.iter_mut().zip(models) {
+        r.model_digest = m.digest.clone();
+    }
     let base_ppl = reports[baseline].perplexity;
     for r in &mut reports {
         r.ppl_increase = r.perplexity / base_ppl - 1.0;
@@ -360,6 +371,14 @@ fn score<B: Backend>(job: Score<'_>, device: &B::Device) -> Result<Vec<VariantRe
 #[allow(clippy::neg_cmp_op_on_partial_ord)]
 pub fn gate(g: &Gate, reports: &[VariantReport], baseline: usize) -> Result<(), StageError> {
     let base = &reports[baseline];
+    // Every variant's increase is measured against the baseline's perplexity: an infinite
+    // one (mean loss above 709 nats) made every finite variant's increase -100%, a pass.
+    if g.max_ppl_increase.is_some() && !base.perplexity.is_finite() {
+        return Err(StageError::Gate(format!(
+            "baseline `{}`: perplexity {} is not finite, so max_ppl_increase has nothing to compare with",
+            base.name, base.perplexity
+        )));
+    }
     for (i, r) in reports.iter().enumerate() {
         let fail = |metric: &str, value: f64, op: &str, limit: &str, bound: f64, extra: String| {
             Err(StageError::Gate(format!(
@@ -402,7 +421,7 @@ pub fn gate(g: &Gate, reports: &[VariantReport], baseline: usize) -> Result<(), 
                     "exceeds",
                     "max_p95_ms",
                     max,
-                    String::new(),
+                    format!(" (generating {} tokens)", r.latency_tokens),
                 );
             }
         }
@@ -440,7 +459,7 @@ fn evaluate_model<B: Backend>(
     }
     let mut languages = BTreeMap::new();
     let (mut nll_all, mut right_all, mut tokens_all) = (0.0, 0usize, 0usize);
-    let (mut chrf_sum, mut chrf_n) = (0.0, 0usize);
+    let mut chrf_all = ChrfStats::default();
     for (lang, mut rows) in by_lang {
         if let Some(n) = p.max_records {
             rows.truncate(n);
@@ -473,16 +492,15 @@ fn evaluate_model<B: Backend>(
         let outs = generate::generate(&lm.model, specials, &gen_rows, device, |_, _| {
             Next::Continue
         });
-        let mut chrf_lang = 0.0;
+        let mut chrf_lang = ChrfStats::default();
         for (e, (ids, _)) in prompts.iter().zip(&outs) {
             let k = e.ids.len() / 2;
             let reference = lm.tokenizer.decode(&e.ids[k..], true).unwrap_or_default();
             let ids: Vec<u32> = ids.iter().copied().filter(|t| *t != specials.eos).collect();
             let hyp = lm.tokenizer.decode(&ids, true).unwrap_or_default();
-            chrf_lang += chrf(&hyp, &reference);
+            chrf_lang.add(&hyp, &reference);
         }
-        chrf_sum += chrf_lang;
-        chrf_n += prompts.len();
+        chrf_all.merge(&chrf_lang);
         languages.insert(
             lang,
             LangScores {
@@ -490,7 +508,7 @@ fn evaluate_model<B: Backend>(
                 tokens,
                 perplexity: (nll / tokens.max(1) as f64).exp(),
                 token_accuracy: right as f64 / tokens.max(1) as f64,
-                chrf: chrf_lang / prompts.len().max(1) as f64,
+                chrf: chrf_lang.score(),
                 prompts: prompts.len(),
             },
         );
@@ -501,6 +519,7 @@ fn evaluate_model<B: Backend>(
 
     let mut report = VariantReport {
         name: name.to_string(),
+        model_digest: String::new(),
         quantization: lm.card.quantization.as_str().to_string(),
         artifact_bytes: lm.artifact_bytes,
         stored_param_bytes: lm.stored_param_bytes,
@@ -508,13 +527,14 @@ fn evaluate_model<B: Backend>(
         load_ms: f64::NAN,
         perplexity: (nll_all / tokens_all.max(1) as f64).exp(),
         token_accuracy: right_all as f64 / tokens_all.max(1) as f64,
-        chrf: chrf_sum / chrf_n.max(1) as f64,
+        chrf: chrf_all.score(),
         latency_p50_ms: f64::NAN,
         latency_p95_ms: f64::NAN,
         tokens_per_second_batch1: f64::NAN,
         tokens_per_second_batch: f64::NAN,
         languages,
         ppl_increase: 0.0,
+        latency_tokens: 0,
     };
     if !p.timings {
         return Ok(report);
@@ -576,6 +596,13 @@ fn evaluate_model<B: Backend>(
         })
     });
     let batch_made: usize = out.iter().map(|(ids, _)| ids.len()).sum();
+    if made < p.new_tokens {
+        ctx.events.log(&format!(
+            "model `{}` generates {made} of new_tokens {} tokens (its max_len {} stops it): its latency is of {made} tokens, not {}",
+            report.name, p.new_tokens, lm.card.config.max_len, p.new_tokens
+        ));
+    }
+    report.latency_tokens = made;
     report.latency_p50_ms = quantile(&times, 0.5);
     report.latency_p95_ms = quantile(&times, 0.95);
     report.tokens_per_second_batch1 = made as f64 / (mean / 1e3).max(1e-9);
@@ -636,42 +663,76 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
-/// chrF (Popović 2015) as sacreBLEU computes it by default: character 1- to 6-grams with
-/// whitespace removed, precision and recall averaged over n, F-score with beta 2, 0-100.
+/// chrF (Popović 2015) of one hypothesis against one reference; see [`ChrfStats`].
 pub fn chrf(hypothesis: &str, reference: &str) -> f64 {
-    let h: Vec<char> = hypothesis.chars().filter(|c| !c.is_whitespace()).collect();
-    let r: Vec<char> = reference.chars().filter(|c| !c.is_whitespace()).collect();
-    fn grams(s: &[char], n: usize) -> std::collections::HashMap<&[char], usize> {
-        let mut m = std::collections::HashMap::new();
-        for w in s.windows(n) {
-            *m.entry(w).or_default() += 1;
+    let mut stats = ChrfStats::default();
+    stats.add(hypothesis, reference);
+    stats.score()
+}
+
+/// chrF's statistics over a corpus, as sacreBLEU computes its default corpus score:
+/// character 1- to 6-grams with whitespace removed, each order's hypothesis, reference and
+/// matched counts summed over every sentence, then precision and recall averaged over the
+/// orders both sides have, and their F-score with beta 2, 0-100. Summing counts, not
+/// averaging sentence scores, weighs a long continuation by its length (a short prompt
+/// scoring 0 beside a long one scoring 100 is near 100, not 50).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ChrfStats {
+    /// Per order n = 1..=6: hypothesis n-grams, reference n-grams, matched n-grams.
+    counts: [[u64; 3]; 6],
+}
+
+impl ChrfStats {
+    pub fn add(&mut self, hypothesis: &str, reference: &str) {
+        let h: Vec<char> = hypothesis.chars().filter(|c| !c.is_whitespace()).collect();
+        let r: Vec<char> = reference.chars().filter(|c| !c.is_whitespace()).collect();
+        fn grams(s: &[char], n: usize) -> std::collections::HashMap<&[char], u64> {
+            let mut m = std::collections::HashMap::new();
+            for w in s.windows(n) {
+                *m.entry(w).or_default() += 1;
+            }
+            m
         }
-        m
-    }
-    let (mut p_sum, mut r_sum, mut orders) = (0.0, 0.0, 0usize);
-    for n in 1..=6 {
-        let (hg, rg) = (grams(&h, n), grams(&r, n));
-        let (ht, rt): (usize, usize) = (hg.values().sum(), rg.values().sum());
-        if ht == 0 || rt == 0 {
-            continue;
+        for (n, c) in (1..=6).zip(self.counts.iter_mut()) {
+            let (hg, rg) = (grams(&h, n), grams(&r, n));
+            let matched: u64 = hg
+                .iter()
+                .map(|(g, count)| (*count).min(*rg.get(g).unwrap_or(&0)))
+                .sum();
+            c[0] += hg.values().sum::<u64>();
+            c[1] += rg.values().sum::<u64>();
+            c[2] += matched;
         }
-        let matched: usize = hg
-            .iter()
-            .map(|(g, c)| (*c).min(*rg.get(g).unwrap_or(&0)))
-            .sum();
-        p_sum += matched as f64 / ht as f64;
-        r_sum += matched as f64 / rt as f64;
-        orders += 1;
     }
-    if orders == 0 {
-        return 0.0;
+
+    pub fn merge(&mut self, other: &ChrfStats) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        }
     }
-    let (p, r) = (p_sum / orders as f64, r_sum / orders as f64);
-    if p + r == 0.0 {
-        return 0.0;
+
+    pub fn score(&self) -> f64 {
+        let (mut p_sum, mut r_sum, mut orders) = (0.0, 0.0, 0usize);
+        for &[hyp, reference, matched] in &self.counts {
+            if hyp == 0 || reference == 0 {
+                continue;
+            }
+            p_sum += matched as f64 / hyp as f64;
+            r_sum += matched as f64 / reference as f64;
+            orders += 1;
+        }
+        if orders == 0 {
+            return 0.0;
+        }
+        let (p, r) = (p_sum / orders as f64, r_sum / orders as f64);
+        if p + r == 0.0 {
+            return 0.0;
+        }
+        let beta2 = 4.0;
+        100.0 * (1.0 + beta2) * p * r / (beta2 * p + r)
     }
-    let beta2 = 4.0;
-    100.0 * (1.0 + beta2) * p * r / (beta2 * p + r)
 }
 
 fn markdown(reports: &[VariantReport], baseline: &str, batch: usize) -> String {
@@ -719,6 +780,26 @@ mod tests {
     }
 
     #[test]
+    fn corpus_chrf_sums_counts_over_sentences() {
+        // A short miss beside a long match: near 100, where the mean of the two sentence
+        // scores is about 50.
+        let long = "a much longer continuation that the model got exactly right";
+        let mut corpus = ChrfStats::default();
+        corpus.add("zz", "qq");
+        corpus.add(long, long);
+        let mean = (chrf("zz", "qq") + chrf(long, long)) / 2.0;
+        assert!((mean - 50.0).abs() < 1.0, "{mean}");
+        assert!(corpus.score() > 90.0, "{}", corpus.score());
+        // Merging per-language statistics is the same as adding every sentence to one.
+        let (mut a, mut b) = (ChrfStats::default(), ChrfStats::default());
+        a.add("zz", "qq");
+        b.add(long, long);
+        a.merge(&b);
+        assert_eq!(a, corpus);
+        assert_eq!(ChrfStats::default().score(), 0.0);
+    }
+
+    #[test]
     fn throughput_is_timed_after_a_warm_up_run() {
         let mut calls = 0;
         let (out, secs) = timed_after_warm_up(|| {
@@ -743,6 +824,7 @@ mod tests {
     fn report(name: &str, ppl: f64, p95: f64) -> VariantReport {
         VariantReport {
             name: name.into(),
+            model_digest: String::new(),
             quantization: "fp32".into(),
             artifact_bytes: 0,
             stored_param_bytes: 0,
@@ -757,6 +839,7 @@ mod tests {
             tokens_per_second_batch: 0.0,
             languages: BTreeMap::new(),
             ppl_increase: ppl / 100.0 - 1.0,
+            latency_tokens: 0,
         }
     }
 
@@ -800,6 +883,21 @@ mod tests {
         let mut no_chrf = report("model", 100.0, 50.0);
         no_chrf.chrf = f64::NAN;
         assert!(gate(&g, &[no_chrf], 0).is_err());
+        // An infinite baseline made every finite variant's increase -100%, a pass.
+        let relative = Gate {
+            max_ppl_increase: Some(0.05),
+            ..Gate::default()
+        };
+        let mut variants = [
+            report("model", f64::INFINITY, 50.0),
+            report("int8", 1e9, 50.0),
+        ];
+        variants[1].ppl_increase = -1.0;
+        let e = gate(&relative, &variants, 0).unwrap_err().to_string();
+        assert!(
+            e.contains("baseline `model`") && e.contains("not finite"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -90,6 +90,12 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     }
     ctx.checkpoint()?;
     let tensors = weights::export(&source.model);
+    if let Some(problem) = unrepresentable(&tensors, p.scheme) {
+        return Err(StageError::Failed(format!(
+            "input `model` (stage `{}`): {problem}",
+            input.stage
+        )));
+    }
     let out = ctx.out_dir;
     let bytes = weights::save(&out.join(SAFETENSORS), &tensors, p.scheme, p.block)
         .map_err(StageError::Failed)?;
@@ -140,7 +146,70 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     Ok(output)
 }
 
+/// fp16's largest finite value.
+const F16_MAX: f32 = 65504.0;
+
+/// Why `scheme` cannot hold these weights faithfully, if it cannot. A value that is not
+/// finite (a diverged training) would otherwise pass silently: int8 turns NaN into code 0,
+/// a finite-looking model, and an infinite value makes its block's scale infinite, the
+/// whole block NaN once loaded. fp16 turns a value beyond ±65504 into an infinity.
+fn unrepresentable(tensors: &[weights::HostTensor], scheme: Scheme) -> Option<String> {
+    for (i, t) in tensors.iter().enumerate() {
+        let at = |j: usize, v: f32| {
+            format!(
+                "parameter tensor {i} of {} (shape {:?}) holds {v} at index {j}",
+                tensors.len(),
+                t.shape
+            )
+        };
+        if let Some((j, v)) = t.values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Some(format!(
+                "{}: the model is not finite (a training that diverged?); retrain it",
+                at(j, *v)
+            ));
+        }
+        if scheme == Scheme::Fp16 {
+            if let Some((j, v)) = t.values.iter().enumerate().find(|(_, v)| v.abs() > F16_MAX) {
+                return Some(format!(
+                    "{}, beyond fp16's range (±{F16_MAX}); use `bf16` or `int8`",
+                    at(j, *v)
+                ));
+            }
+        }
+    }
+    None
+}
+
 fn write(path: &std::path::Path, v: &serde_json::Value) -> Result<(), StageError> {
     std::fs::write(path, serde_json::to_vec_pretty(v).expect("plain JSON"))
         .map_err(|e| StageError::io(format!("cannot write {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(values: Vec<f32>) -> weights::HostTensor {
+        weights::HostTensor {
+            shape: vec![values.len()],
+            values,
+        }
+    }
+
+    #[test]
+    fn weights_a_scheme_cannot_hold_are_refused() {
+        let fine = [tensor(vec![0.5, -1.0]), tensor(vec![65504.0, -3.0])];
+        for scheme in [Scheme::Int8, Scheme::Fp16, Scheme::Bf16, Scheme::Dynamic] {
+            assert_eq!(unrepresentable(&fine, scheme), None, "{scheme:?}");
+        }
+        let big = [tensor(vec![0.5]), tensor(vec![1.0, 1e5])];
+        let e = unrepresentable(&big, Scheme::Fp16).unwrap();
+        assert!(e.contains("tensor 1 of 2") && e.contains("index 1"), "{e}");
+        assert!(e.contains("beyond fp16's range"), "{e}");
+        assert_eq!(unrepresentable(&big, Scheme::Bf16), None);
+        for bad in [f32::NAN, f32::INFINITY] {
+            let e = unrepresentable(&[tensor(vec![1.0, bad])], Scheme::Int8).unwrap();
+            assert!(e.contains("not finite"), "{e}");
+        }
+    }
 }

@@ -189,9 +189,43 @@ pub fn resolve(dir: &Path) -> Result<(PathBuf, ServeOptions), String> {
     ))
 }
 
+/// Whether an evaluation report (`report.json`'s text) scored the model with this digest:
+/// only then did its quality gate, which it passed to exist, judge that model. The error
+/// says which models it did score.
+fn gated(report: &str, digest: &str) -> Result<(), String> {
+    let v: Value = serde_json::from_str(report)
+        .map_err(|e| format!("has a report.json that is not JSON: {e}"))?;
+    let variants = v["variants"].as_array().cloned().unwrap_or_default();
+    if variants.iter().any(|r| r["model_digest"] == digest) {
+        return Ok(());
+    }
+    let scored: Vec<String> = variants
+        .iter()
+        .map(|r| format!("`{}`", r["name"].as_str().unwrap_or("?")))
+        .collect();
+    Err(format!("scored {} and not this model", scored.join(", ")))
+}
+
 pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     let p: DeployParams = ctx.params()?;
     let model = ctx.input("model")?;
+    // The report's gate passed (or the report would not exist); it covers this model only
+    // if it scored it. `fp16` deployed beside a report on `[model, int8]` was ungated.
+    match ctx.input("report") {
+        Ok(report) => {
+            let text = std::fs::read_to_string(report.dir.join("report.json"))
+                .map_err(|e| StageError::io("cannot read the report's report.json", e))?;
+            gated(&text, &model.digest).map_err(|e| {
+                StageError::Failed(format!(
+                    "input `report` (stage `{}`) {e}, so its gate does not cover input `model` (stage `{}`): add `{}` to its models, or deploy one it scored",
+                    report.stage, model.stage, model.stage
+                ))
+            })?;
+        }
+        Err(_) => ctx.events.log(
+            "no input `report`: no evaluation's quality gate covers this model (bind `report` to an evaluate stage to require one)",
+        ),
+    }
     let name = p.name.clone().unwrap_or_else(|| model.stage.clone());
     let out_model = ctx.out_dir.join(MODEL_DIR);
     std::fs::create_dir_all(&out_model).map_err(|e| StageError::io("cannot create model/", e))?;
@@ -408,6 +442,27 @@ async fn checks(base: &str, prompt: &str) -> Result<Value, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_covers_only_the_models_it_scored() {
+        let report = json!({"variants": [
+            {"name": "model", "model_digest": "blake3:aa"},
+            {"name": "int8", "model_digest": "blake3:bb"},
+        ]})
+        .to_string();
+        assert!(gated(&report, "blake3:bb").is_ok());
+        let e = gated(&report, "blake3:cc").unwrap_err();
+        assert!(
+            e.contains("scored `model`, `int8` and not this model"),
+            "{e}"
+        );
+        // A report from before digests were recorded covers nothing: evaluate reruns anyway
+        // (its code is in its cache key), so this is never met in a pipeline.
+        assert!(gated(r#"{"variants": [{"name": "model"}]}"#, "blake3:aa").is_err());
+        assert!(gated("not json", "blake3:aa")
+            .unwrap_err()
+            .contains("not JSON"));
+    }
 
     #[test]
     fn a_malformed_cors_origin_is_refused_at_its_index() {
