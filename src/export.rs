@@ -83,7 +83,12 @@ pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String
         templates.push(json!({
             "name": name,
             "metadata": {"labels": {"orchestrate.stage": s.name, "orchestrate.kind": s.kind.name()}},
-            "retryStrategy": {"limit": (s.retries).to_string()},
+            // A quality gate's failure (exit 4) is final, as in `run`: retrying would
+            // re-measure a latency until it happened to pass.
+            "retryStrategy": {
+                "limit": (s.retries).to_string(),
+                "expression": "asInt(lastRetry.exitCode) != 4",
+            },
             "inputs": {"artifacts": [{"name": "pipeline", "path": PIPELINE_PATH, "raw": {"data": source}}]},
             "container": container,
         }));

@@ -148,6 +148,9 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
 
 /// fp16's largest finite value.
 const F16_MAX: f32 = 65504.0;
+/// The smallest f32 magnitude that rounds to an fp16 infinity: halfway between 65504 and
+/// the next step (65536) would round to even, which is infinity.
+const F16_OVERFLOW: f32 = 65520.0;
 
 /// Why `scheme` cannot hold these weights faithfully, if it cannot. A value that is not
 /// finite (a diverged training) would otherwise pass silently: int8 turns NaN into code 0,
@@ -169,7 +172,9 @@ fn unrepresentable(tensors: &[weights::HostTensor], scheme: Scheme) -> Option<St
             ));
         }
         if scheme == Scheme::Fp16 {
-            if let Some((j, v)) = t.values.iter().enumerate().find(|(_, v)| v.abs() > F16_MAX) {
+            // Rounded to nearest: values up to 65520 become 65504, beyond it infinity.
+            let overflows = |v: &f32| v.abs() >= F16_OVERFLOW;
+            if let Some((j, v)) = t.values.iter().enumerate().find(|(_, v)| overflows(v)) {
                 return Some(format!(
                     "{}, beyond fp16's range (±{F16_MAX}); use `bf16` or `int8`",
                     at(j, *v)
@@ -198,7 +203,7 @@ mod tests {
 
     #[test]
     fn weights_a_scheme_cannot_hold_are_refused() {
-        let fine = [tensor(vec![0.5, -1.0]), tensor(vec![65504.0, -3.0])];
+        let fine = [tensor(vec![0.5, -1.0]), tensor(vec![65504.0, -65519.0])];
         for scheme in [Scheme::Int8, Scheme::Fp16, Scheme::Bf16, Scheme::Dynamic] {
             assert_eq!(unrepresentable(&fine, scheme), None, "{scheme:?}");
         }

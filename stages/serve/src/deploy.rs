@@ -189,15 +189,29 @@ pub fn resolve(dir: &Path) -> Result<(PathBuf, ServeOptions), String> {
     ))
 }
 
+/// What an evaluation report says of a model it scored.
+#[derive(Debug, PartialEq)]
+enum Gated {
+    /// Its gate, which it passed, bounds at least one metric.
+    Judged,
+    /// Its gate bounds nothing: scored, not judged.
+    Unbounded,
+}
+
 /// Whether an evaluation report (`report.json`'s text) scored the model with this digest:
 /// only then did its quality gate, which it passed to exist, judge that model. The error
 /// says which models it did score.
-fn gated(report: &str, digest: &str) -> Result<(), String> {
+fn gated(report: &str, digest: &str) -> Result<Gated, String> {
     let v: Value = serde_json::from_str(report)
         .map_err(|e| format!("has a report.json that is not JSON: {e}"))?;
     let variants = v["variants"].as_array().cloned().unwrap_or_default();
     if variants.iter().any(|r| r["model_digest"] == digest) {
-        return Ok(());
+        // Scored, but judged only if its gate bounds something.
+        let bounds = v["gate"].as_object();
+        if bounds.is_some_and(|g| g.values().any(|b| !b.is_null())) {
+            return Ok(Gated::Judged);
+        }
+        return Ok(Gated::Unbounded);
     }
     let scored: Vec<String> = variants
         .iter()
@@ -215,12 +229,18 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         Ok(report) => {
             let text = std::fs::read_to_string(report.dir.join("report.json"))
                 .map_err(|e| StageError::io("cannot read the report's report.json", e))?;
-            gated(&text, &model.digest).map_err(|e| {
+            let gated = gated(&text, &model.digest).map_err(|e| {
                 StageError::Failed(format!(
                     "input `report` (stage `{}`) {e}, so its gate does not cover input `model` (stage `{}`): add `{}` to its models, or deploy one it scored",
                     report.stage, model.stage, model.stage
                 ))
             })?;
+            if gated == Gated::Unbounded {
+                ctx.events.log(&format!(
+                    "input `report` (stage `{}`) has a gate that bounds nothing: the model is scored, not judged",
+                    report.stage
+                ));
+            }
         }
         Err(_) => ctx.events.log(
             "no input `report`: no evaluation's quality gate covers this model (bind `report` to an evaluate stage to require one)",
@@ -450,7 +470,13 @@ mod tests {
             {"name": "int8", "model_digest": "blake3:bb"},
         ]})
         .to_string();
-        assert!(gated(&report, "blake3:bb").is_ok());
+        assert_eq!(gated(&report, "blake3:bb"), Ok(Gated::Unbounded));
+        let judged = json!({
+            "gate": {"max_ppl_increase": 0.05, "max_ppl": null},
+            "variants": [{"name": "int8", "model_digest": "blake3:bb"}],
+        })
+        .to_string();
+        assert_eq!(gated(&judged, "blake3:bb"), Ok(Gated::Judged));
         let e = gated(&report, "blake3:cc").unwrap_err();
         assert!(
             e.contains("scored `model`, `int8` and not this model"),
