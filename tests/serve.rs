@@ -109,6 +109,17 @@ fn opts() -> ServeOptions {
     }
 }
 
+/// A `/generate_stream` request's body, its events left for the test to read (or not).
+async fn open_stream(app: &axum::Router, request: &'static str) -> Body {
+    let req = Request::builder()
+        .method("POST")
+        .uri("/generate_stream")
+        .header("content-type", "application/json")
+        .body(Body::from(request))
+        .unwrap();
+    app.clone().oneshot(req).await.unwrap().into_body()
+}
+
 async fn call(
     app: &axum::Router,
     method: &str,
@@ -498,16 +509,11 @@ async fn a_stream_s_duration_is_timed_to_its_last_event() {
             .find_map(|l| l.strip_prefix(key.as_str()))
             .map(|v| v.parse().unwrap())
     };
-    let req = Request::builder()
-        .method("POST")
-        .uri("/generate_stream")
-        .header("content-type", "application/json")
-        .body(Body::from(
-            r#"{"inputs": "x", "parameters": {"max_new_tokens": 5}}"#,
-        ))
-        .unwrap();
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let mut body = resp.into_body();
+    let mut body = open_stream(
+        &app,
+        r#"{"inputs": "x", "parameters": {"max_new_tokens": 5}}"#,
+    )
+    .await;
     assert!(body.frame().await.unwrap().unwrap().is_data());
     let (_, _, m) = call(&app, "GET", "/metrics", None).await;
     assert_eq!(
@@ -689,16 +695,11 @@ async fn a_full_queue_answers_429_and_a_gone_client_frees_its_slot() {
             .unwrap()
     };
     let before = tokens(&call(&app, "GET", "/metrics", None).await.2);
-    let req = Request::builder()
-        .method("POST")
-        .uri("/generate_stream")
-        .header("content-type", "application/json")
-        .body(Body::from(
-            r#"{"inputs": "x", "parameters": {"max_new_tokens": 2000}}"#,
-        ))
-        .unwrap();
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let mut body = resp.into_body();
+    let mut body = open_stream(
+        &app,
+        r#"{"inputs": "x", "parameters": {"max_new_tokens": 2000}}"#,
+    )
+    .await;
     let first = body.frame().await.unwrap().unwrap();
     assert!(first.is_data());
     drop(body);
@@ -788,6 +789,17 @@ fn serving_logged(
     serving_with_key(sb, args, None)
 }
 
+/// `orchestrate ARGS` with `ORCHESTRATE_API_KEY` set to `key`, or unset for None (never
+/// the environment's own).
+fn keyed(sb: &Sandbox, args: &[&str], key: Option<&str>) -> std::process::Command {
+    let mut cmd = sb.cmd(args);
+    match key {
+        Some(key) => cmd.env("ORCHESTRATE_API_KEY", key),
+        None => cmd.env_remove("ORCHESTRATE_API_KEY"),
+    };
+    cmd
+}
+
 /// `serving_logged` with `ORCHESTRATE_API_KEY` set to `key` (unset for None).
 fn serving_with_key(
     sb: &Sandbox,
@@ -798,12 +810,10 @@ fn serving_with_key(
     String,
     std::sync::mpsc::Receiver<String>,
 ) {
-    let mut cmd = sb.cmd(args);
-    match key {
-        Some(key) => cmd.env("ORCHESTRATE_API_KEY", key),
-        None => cmd.env_remove("ORCHESTRATE_API_KEY"),
-    };
-    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = keyed(sb, args, key)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
     let url = loop {
@@ -967,12 +977,10 @@ fn refused(sb: &Sandbox, args: &[&str]) -> (Option<i32>, String) {
 
 /// `refused` with `ORCHESTRATE_API_KEY` set to `key` (unset for None).
 fn refused_with_key(sb: &Sandbox, args: &[&str], key: Option<&str>) -> (Option<i32>, String) {
-    let mut cmd = sb.cmd(args);
-    match key {
-        Some(key) => cmd.env("ORCHESTRATE_API_KEY", key),
-        None => cmd.env_remove("ORCHESTRATE_API_KEY"),
-    };
-    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = keyed(sb, args, key)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let started = std::time::Instant::now();
     while child.try_wait().unwrap().is_none() {
         if started.elapsed() > std::time::Duration::from_secs(60) {
