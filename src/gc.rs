@@ -38,7 +38,9 @@ pub async fn collect(
         dry_run,
         ..Default::default()
     };
-    let mut keep: HashSet<CacheKey> = store.pins().await?.into_iter().collect();
+    // Pins, read once: their keys are kept, and so are their holders' run records (below).
+    let pins = store.pin_holders().await?;
+    let mut keep: HashSet<CacheKey> = pins.iter().map(|(key, _)| key.clone()).collect();
     // Oldest first. A record that does not parse names no artifact: without `--pipeline`
     // it is collected or kept by age like any other; with it, whose it is is unknown, so
     // it stays.
@@ -73,12 +75,7 @@ pub async fn collect(
     report.runs_kept += kept.len();
     // A pinned run's record stays with its pins: without it, `unpin RUN` could not find
     // them, and `show` could not say what the pinned artifacts are.
-    let holders: HashSet<String> = store
-        .pin_holders()
-        .await?
-        .into_iter()
-        .map(|(_, holder)| holder)
-        .collect();
+    let holders: HashSet<String> = pins.into_iter().map(|(_, holder)| holder).collect();
     let (held, old): (Vec<_>, Vec<_>) = old.iter().partition(|(id, _)| holders.contains(id));
     report.runs_kept += held.len();
     let now = SystemTime::now();

@@ -1338,6 +1338,14 @@ impl StopSignals {
 
 /// Runs the whole pipeline again into a scratch store (its own cache, no tracking) and
 /// compares each stage's artifact digest with the one stored for the same stage.
+/// Stage names as a message lists them: `a`, `b`.
+fn backticked<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 async fn verify(
     pipeline: &PipelineArgs,
     store: &StoreArgs,
@@ -1358,12 +1366,12 @@ async fn verify(
     // re-executing anything (possibly a whole training), rather than print "not stored"
     // and pass, which let a CI job pointed at the wrong or an empty store go green.
     let listed = |keep: &dyn Fn(&orchestrate::plan::StagePlan) -> bool| {
-        plan.stages
-            .iter()
-            .filter(|sp| keep(sp))
-            .map(|sp| format!("`{}`", sp.stage))
-            .collect::<Vec<_>>()
-            .join(", ")
+        backticked(
+            plan.stages
+                .iter()
+                .filter(|sp| keep(sp))
+                .map(|sp| sp.stage.as_str()),
+        )
     };
     let unstored = listed(&|sp| {
         (only.is_empty() || only.contains(&sp.stage))
@@ -1531,13 +1539,7 @@ async fn verify(
         );
     }
     let _ = std::fs::remove_dir_all(&scratch);
-    let named = |stages: &[String]| {
-        stages
-            .iter()
-            .map(|s| format!("`{s}`"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let named = |stages: &[String]| backticked(stages.iter().map(String::as_str));
     if !unverified.is_empty() {
         errln!("not verified: {} (nothing to compare)", named(&unverified));
     }

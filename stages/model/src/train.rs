@@ -450,7 +450,7 @@ fn cgroup_headroom(limit: Option<String>, usage: Option<String>) -> Option<u64> 
 }
 
 /// Training state saved with each checkpoint, beside the weights and optimiser records.
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 struct Progress {
     step: u64,
     tokens: u64,
@@ -728,12 +728,7 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
     }
     let mut model: Seq2Seq<A> = cfg.init_seeded(p.seed, &device);
     let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-    let mut progress = Progress {
-        step: 0,
-        tokens: 0,
-        window_loss_bits: 0,
-        window_tokens: 0,
-    };
+    let mut progress = Progress::default();
     if let Some((step, dir)) = ctx.checkpoints.latest()? {
         let fail = |e: &dyn std::fmt::Display| {
             StageError::Failed(format!("cannot load checkpoint {step}: {e}"))
@@ -1933,12 +1928,7 @@ mod tests {
 
     #[test]
     fn the_logged_train_loss_is_the_mean_over_the_window_tokens() {
-        let mut p = Progress {
-            step: 0,
-            tokens: 0,
-            window_loss_bits: 0,
-            window_tokens: 0,
-        };
+        let mut p = Progress::default();
         p.add_loss(2.0, 100);
         p.add_loss(4.0, 300);
         assert_eq!(p.take_window_loss(), 3.5);
