@@ -363,6 +363,32 @@ impl PipelineSpec {
             }
         }
 
+        for (i, stage) in stages.iter().enumerate() {
+            let Some(stage) = stage else { continue };
+            for unscored in models_their_report_does_not_score(stage, &stages) {
+                let span = ref_spans[i]
+                    .get(&(unscored.input.to_string(), unscored.model))
+                    .copied()
+                    .unwrap_or(stage_entries[i].0.span);
+                let report = stages[unscored.report].as_ref().map_or("", |s| &s.name);
+                let model = stages[unscored.model].as_ref().map_or("", |s| &s.name);
+                v.diags.push(
+                    Diagnostic::new(
+                        format!(
+                            "stage `{}` takes model `{model}`, which its report `{report}` does not score (it scores {})",
+                            stage.name,
+                            unscored.scored.join(", ")
+                        ),
+                        span,
+                    )
+                    .label("not gated by the report")
+                    .hint(format!(
+                        "add `{model}` to the models of `{report}`, or take one it scores"
+                    )),
+                );
+            }
+        }
+
         let mut graph = DiGraph::new();
         for i in 0..stages.len() {
             graph.add_node(i);
@@ -450,6 +476,80 @@ impl PipelineSpec {
             digest,
         })
     }
+}
+
+/// A model a stage takes beside an evaluation report that did not score it.
+struct Unscored {
+    /// The consumer's input that names the model (`model`).
+    input: &'static str,
+    model: usize,
+    report: usize,
+    /// The report's models, backticked, for the message.
+    scored: Vec<String>,
+}
+
+/// The models `stage` takes (one-stage inputs of kind Model) that a report it also takes
+/// (inputs of kind EvalReport) did not score. deploy checks the same by digest when it
+/// runs; this refuses the plain case (`deploy: {model: fp16, report: evaluation}` with an
+/// evaluation of `[model, int8]`) before anything is trained.
+fn models_their_report_does_not_score(stage: &Stage, stages: &[Option<Stage>]) -> Vec<Unscored> {
+    // A stage's inputs of `kind`, as (declared name, producers) with each producer's
+    // output of that kind (an edge of the wrong kind is reported already).
+    fn inputs_of(
+        stage: &Stage,
+        kind: ArtifactKind,
+        stages: &[Option<Stage>],
+    ) -> Vec<(&'static str, Vec<usize>)> {
+        let Inputs::Typed(decls) = stage.kind.descriptor().inputs else {
+            return Vec::new();
+        };
+        decls
+            .iter()
+            .filter(|d| d.kind == kind)
+            .filter_map(|d| {
+                let binding = stage.inputs.iter().find(|b| b.name == d.name)?;
+                let producers = binding
+                    .stages
+                    .iter()
+                    .copied()
+                    .filter(|&p| {
+                        stages[p]
+                            .as_ref()
+                            .is_some_and(|s| s.kind.descriptor().output == kind)
+                    })
+                    .collect();
+                Some((d.name, producers))
+            })
+            .collect()
+    }
+    let mut unscored = Vec::new();
+    for (_, reports) in inputs_of(stage, ArtifactKind::EvalReport, stages) {
+        for report in reports {
+            let Some(r) = &stages[report] else { continue };
+            let scored: Vec<usize> = inputs_of(r, ArtifactKind::Model, stages)
+                .into_iter()
+                .flat_map(|(_, models)| models)
+                .collect();
+            if scored.is_empty() {
+                // Its models are all of the wrong kind, reported already.
+                continue;
+            }
+            for (input, models) in inputs_of(stage, ArtifactKind::Model, stages) {
+                for model in models.into_iter().filter(|m| !scored.contains(m)) {
+                    unscored.push(Unscored {
+                        input,
+                        model,
+                        report,
+                        scored: scored
+                            .iter()
+                            .filter_map(|&s| stages[s].as_ref().map(|s| format!("`{}`", s.name)))
+                            .collect(),
+                    });
+                }
+            }
+        }
+    }
+    unscored
 }
 
 fn producers_of(kind: ArtifactKind, stages: &[Option<Stage>]) -> Option<String> {

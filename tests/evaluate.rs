@@ -213,16 +213,17 @@ fn quantized_variants_are_smaller_measured_and_gated() {
     assert_eq!(stage_status(&sb.last_run(), "int8"), "cached");
 
     // A deployment of a model the report did not score is not covered by its gate: refused
-    // (before any server starts), naming the models it did score.
+    // by validation, before anything runs, naming the models it did score (deploy checks
+    // the same by digest when it runs: `deploy::tests::a_report_covers_only_the_models_it_scored`).
     let ungated = format!(
         "{PIPELINE}  ungated:\n    kind: deploy\n    inputs: {{ model: long, report: evaluation }}\n    with: {{ port: 0 }}\n"
     );
     sb.write("p.yaml", &ungated);
     let r = sb.run(&["run", "p.yaml", "--only", "ungated", "--no-serve"]);
-    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(r.code, 2, "{}\n{}", r.stdout, r.stderr);
     let all = format!("{}{}", r.stdout, r.stderr);
     assert!(
-        all.contains("scored `model`, `int8`, `fp16`, `bf16`, `dyn` and not this model"),
+        all.contains("takes model `long`, which its report `evaluation` does not score (it scores `model`, `int8`, `fp16`, `bf16`, `dyn`)"),
         "{all}"
     );
 }
