@@ -501,7 +501,7 @@ async fn run_stage(
             }
         })
     };
-    let metrics = Arc::new(Mutex::new(BTreeMap::new()));
+    let metrics = Arc::new(Mutex::new(StageMetrics::default()));
     let mut attempt = 0;
     let result = loop {
         attempt += 1;
@@ -526,7 +526,7 @@ async fn run_stage(
     heartbeat.abort();
     sh.store.release_lock(&key, &lock).await;
     record.attempts = attempt;
-    record.metrics = metrics.lock().map(|m| m.clone()).unwrap_or_default();
+    record.metrics = metrics.lock().map(|m| m.latest.clone()).unwrap_or_default();
     let (record, manifest) = match result {
         Ok(m) => {
             record.status = StageStatus::Ran;
@@ -638,7 +638,7 @@ async fn produce(
     key: &CacheKey,
     parts: &crate::key::CacheKeyParts,
     attempt: u32,
-    metrics: &Arc<Mutex<BTreeMap<String, f64>>>,
+    metrics: &Arc<Mutex<StageMetrics>>,
     replace: bool,
 ) -> Result<Manifest, StageFailure> {
     let stage = &sh.pipeline.stages[i];
@@ -690,7 +690,6 @@ async fn produce(
         metrics: Arc::clone(metrics),
         tracker: Arc::clone(&sh.tracker),
         uid: stage_uid(&sh.run_id, &stage.name),
-        steps: Mutex::new(BTreeMap::new()),
     };
     let kind = stage.kind;
     let params = stage.params.clone();
@@ -1216,14 +1215,41 @@ impl StoreCheckpoints {
     }
 }
 
+/// A stage's metrics over all its attempts (`retries`), which log into one tracking run.
+#[derive(Default)]
+struct StageMetrics {
+    /// Each metric's last value, for the run record.
+    latest: BTreeMap<String, f64>,
+    /// Per metric, the lowest step not logged yet.
+    next_step: BTreeMap<String, i64>,
+}
+
+impl StageMetrics {
+    /// Notes `value` and says at which step to log it, if at all. A metric without a step
+    /// gets 0, 1, 2, ... per name. A step already logged is not logged again: an attempt
+    /// that resumed from a checkpoint repeats the steps after it, which the attempt before
+    /// logged (bit for bit the same values on the CPU), and MLflow would chart both.
+    fn step_for(&mut self, name: &str, value: f64, step: Option<u64>) -> Option<i64> {
+        self.latest.insert(name.to_string(), value);
+        let next = self.next_step.entry(name.to_string()).or_insert(0);
+        let step = match step {
+            Some(s) => i64::try_from(s).unwrap_or(i64::MAX),
+            None => *next,
+        };
+        if step < *next {
+            return None;
+        }
+        *next = step.saturating_add(1);
+        Some(step)
+    }
+}
+
 struct Sink {
     stage: String,
     reporter: Arc<dyn Reporter>,
-    metrics: Arc<Mutex<BTreeMap<String, f64>>>,
+    metrics: Arc<Mutex<StageMetrics>>,
     tracker: Arc<Tracker>,
     uid: String,
-    /// Metrics logged without a step get 0, 1, 2, ... per name.
-    steps: Mutex<BTreeMap<String, i64>>,
 }
 
 impl EventSink for Sink {
@@ -1240,25 +1266,41 @@ impl EventSink for Sink {
         if !value.is_finite() {
             return;
         }
-        if let Ok(mut m) = self.metrics.lock() {
-            m.insert(name.to_string(), value);
+        let step = self
+            .metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .step_for(name, value, step);
+        if let Some(step) = step {
+            self.tracker.metric(&self.uid, name, value, step);
         }
-        let step = match step {
-            Some(s) => s as i64,
-            None => {
-                let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
-                let n = steps.entry(name.to_string()).or_insert(0);
-                *n += 1;
-                *n - 1
-            }
-        };
-        self.tracker.metric(&self.uid, name, value, step);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_does_not_log_the_steps_its_first_attempt_logged() {
+        let mut m = StageMetrics::default();
+        // Attempt 1 logs steps 0..=30 and fails; attempt 2 resumes from step 20.
+        for step in [0, 10, 20, 30] {
+            assert_eq!(m.step_for("loss", 1.0, Some(step)), Some(step as i64));
+        }
+        assert_eq!(m.step_for("loss", 2.0, Some(20)), None);
+        assert_eq!(m.step_for("loss", 2.0, Some(30)), None);
+        assert_eq!(m.step_for("loss", 3.0, Some(40)), Some(40));
+        // Another metric at a step `loss` logged is its own series.
+        assert_eq!(m.step_for("lr", 0.1, Some(20)), Some(20));
+        // Without a step: 0, 1, ... across attempts, not 0 again.
+        assert_eq!(m.step_for("parameters", 8.0, None), Some(0));
+        assert_eq!(m.step_for("parameters", 8.0, None), Some(1));
+        // The record keeps each metric's last value, logged or not.
+        assert_eq!(m.latest["loss"], 3.0);
+        assert_eq!(m.step_for("loss", 4.0, Some(40)), None);
+        assert_eq!(m.latest["loss"], 4.0);
+    }
 
     /// Keeps the engine's notes, for the test to read.
     #[derive(Default)]
