@@ -157,6 +157,8 @@ pub async fn execute(
         .collect();
     let mut launched = vec![false; n];
     let mut tasks: JoinSet<(usize, Done)> = JoinSet::new();
+    // Which stage each task runs, for a task that panics (and so returns no index).
+    let mut task_stage: BTreeMap<tokio::task::Id, usize> = BTreeMap::new();
     loop {
         for &i in &pipeline.order {
             if !pending[i] || launched[i] {
@@ -186,10 +188,11 @@ pub async fn execute(
             let sh = Arc::clone(&shared);
             let (force, replace) = forced[i];
             let parts = planned[i].clone();
-            tasks.spawn(async move {
+            let task = tasks.spawn(async move {
                 let done = run_stage(&sh, i, inputs, digests, parts, force, replace).await;
                 (i, done)
             });
+            task_stage.insert(task.id(), i);
         }
         let Some(joined) = tasks.join_next().await else {
             break;
@@ -197,9 +200,30 @@ pub async fn execute(
         let (i, done) = match joined {
             Ok(x) => x,
             Err(e) => {
-                // A panic in a stage task is a bug; keep going with the others and record it.
-                reporter.note(&format!("internal error in a stage task: {e}"));
-                continue;
+                // A panic in the engine's part of a stage (the stage's own work runs apart,
+                // and its panic is that stage's failure) is a bug: the stage failed, the
+                // others go on, and the run fails rather than passing with it skipped.
+                let Some(&i) = task_stage.get(&e.id()) else {
+                    continue;
+                };
+                let stage = &pipeline.stages[i];
+                let mut record =
+                    StageRecord::new(&stage.name, stage.kind.name(), StageStatus::Failed);
+                record.error = Some(format!(
+                    "internal error (a bug in orchestrate, please report it): {}",
+                    panic_message(e)
+                ));
+                let uid = stage_uid(&shared.run_id, &stage.name);
+                shared
+                    .tracker
+                    .end_run(&uid, mlflow_status(StageStatus::Failed));
+                (
+                    i,
+                    Done {
+                        record,
+                        manifest: None,
+                    },
+                )
             }
         };
         pending[i] = false;
@@ -491,7 +515,7 @@ async fn run_stage(
         let store = sh.store.clone();
         let key = key.clone();
         let mut lock = lock.clone();
-        tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LOCK_RENEW).await;
                 lock.expires_at = unix_now() + lock_lease().as_secs();
@@ -499,7 +523,7 @@ async fn run_stage(
                     break; // taken over: renewing would take it back from its holder
                 }
             }
-        })
+        }))
     };
     let metrics = Arc::new(Mutex::new(StageMetrics::default()));
     let mut attempt = 0;
@@ -523,7 +547,7 @@ async fn run_stage(
             other => break other,
         }
     };
-    heartbeat.abort();
+    drop(heartbeat);
     sh.store.release_lock(&key, &lock).await;
     record.attempts = attempt;
     record.metrics = metrics.lock().map(|m| m.latest.clone()).unwrap_or_default();
@@ -537,7 +561,7 @@ async fn run_stage(
             record.status = StageStatus::Cancelled;
             (record, None)
         }
-        Err(StageFailure::Failed(msg) | StageFailure::Gate(msg)) => {
+        Err(StageFailure::Failed(msg) | StageFailure::Gate(msg) | StageFailure::Changed(msg)) => {
             record.error = Some(msg);
             (record, None)
         }
@@ -615,12 +639,60 @@ enum StageFailure {
     /// A quality gate rejected the result. Never retried: a perplexity fails again, and a
     /// latency measured until it happens to pass is not a gate.
     Gate(String),
+    /// A file the cache key names changed while the stage ran. Not retried: the key was
+    /// computed from the old bytes, and a retry would be stored under it again.
+    Changed(String),
+}
+
+/// The `deps` (and ingest sources) of stage `i` whose content is no longer what `parts`
+/// hashed, backticked; a file that cannot be read counts as changed.
+async fn files_changed_since(
+    sh: &Shared,
+    i: usize,
+    parts: &crate::key::CacheKeyParts,
+) -> Vec<String> {
+    if parts.files.is_empty() {
+        return Vec::new();
+    }
+    match crate::plan::dependency_digests(&sh.pipeline, i).await {
+        Ok(now) => parts
+            .files
+            .iter()
+            .filter(|(name, digest)| now.get(*name) != Some(*digest))
+            .map(|(name, _)| format!("`{name}`"))
+            .collect(),
+        Err(e) => vec![e.to_string()],
+    }
 }
 
 impl From<StoreError> for StageFailure {
     fn from(e: StoreError) -> Self {
         StageFailure::Store(e.to_string())
     }
+}
+
+/// A task that ends when its handle does, however the holder ends: a stage's lock is
+/// renewed only while its stage task lives, so that a panic in that task leaves the lock
+/// to expire rather than renewed until the process exits.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What a task that ended without finishing said.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_string())
 }
 
 /// How long to wait before retry `attempt` + 1: 0.5 s, doubling, at most 32 s.
@@ -754,6 +826,18 @@ async fn produce(
     };
     if sh.cancel.is_cancelled() {
         return Err(StageFailure::Cancelled);
+    }
+    // The files the key names were hashed when the stage was planned, and the stage read
+    // them since (perhaps long after, behind a `--jobs` queue): an output made from other
+    // bytes must not be stored under that key, where a later run would take it as theirs.
+    let changed = files_changed_since(sh, i, parts).await;
+    if !changed.is_empty() {
+        return Err(StageFailure::Changed(format!(
+            "{} changed while stage `{}` ran, so its output may not be what its cache key names; nothing was stored: run it again (working directory kept at {})",
+            changed.join(", "),
+            stage.name,
+            work.display()
+        )));
     }
 
     let files =

@@ -356,24 +356,7 @@ pub async fn key_parts(
             .collect();
         inputs.insert(b.name.clone(), digests);
     }
-    let mut files = BTreeMap::new();
-    for f in &s.deps {
-        let dependency = |reason: String, file: String| PlanError::Dependency {
-            stage: s.name.clone(),
-            file,
-            reason,
-        };
-        // Remote sources enter by listing (names, sizes, ETags), not by download.
-        let digest = if f.contains("://") {
-            crate::store::remote_fingerprint(f)
-                .await
-                .map_err(|e| dependency(e.to_string(), f.clone()))?
-        } else {
-            let path = p.dir.join(f);
-            file_digest(&path).map_err(|e| dependency(e.to_string(), path.display().to_string()))?
-        };
-        files.insert(dependency_name(&p.dir, f), digest);
-    }
+    let files = dependency_digests(p, i).await?;
     Ok(CacheKeyParts {
         format: KEY_FORMAT,
         kind: d.kind.to_string(),
@@ -394,6 +377,34 @@ pub async fn key_parts(
                 .collect(),
         }),
     })
+}
+
+/// The digest of each file stage `i` reads (its `deps`, an ingest's sources), by the name
+/// it enters the key under.
+pub async fn dependency_digests(
+    p: &Pipeline,
+    i: usize,
+) -> Result<BTreeMap<String, String>, PlanError> {
+    let s = &p.stages[i];
+    let mut files = BTreeMap::new();
+    for f in &s.deps {
+        let dependency = |reason: String, file: String| PlanError::Dependency {
+            stage: s.name.clone(),
+            file,
+            reason,
+        };
+        // Remote sources enter by listing (names, sizes, ETags), not by download.
+        let digest = if f.contains("://") {
+            crate::store::remote_fingerprint(f)
+                .await
+                .map_err(|e| dependency(e.to_string(), f.clone()))?
+        } else {
+            let path = p.dir.join(f);
+            file_digest(&path).map_err(|e| dependency(e.to_string(), path.display().to_string()))?
+        };
+        files.insert(dependency_name(&p.dir, f), digest);
+    }
+    Ok(files)
 }
 
 /// The name a file dependency enters the key under. Stages name the files they read by

@@ -759,6 +759,42 @@ stages:
     }
 }
 
+/// A file the key names that changes while its stage runs (a `git pull` mid-run, say):
+/// the output was made from other bytes than the key names, so it is not stored.
+#[test]
+fn a_dependency_that_changes_while_its_stage_runs_is_not_stored_under_the_old_key() {
+    let sb = Sandbox::new();
+    let pipeline = r#"
+name: moving
+storage: file://store
+stages:
+  src:
+    kind: shell
+    deps: [in.txt]
+    with:
+      run: cp $PIPELINE_DIR/in.txt a.txt; EDIT
+      outputs: [a.txt]
+"#;
+    sb.write("in.txt", "first\n");
+    sb.write(
+        "p.yaml",
+        &pipeline.replace("EDIT", "echo second >> $PIPELINE_DIR/in.txt"),
+    );
+    let r = sb.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        all.contains("`in.txt` changed while stage `src` ran"),
+        "{all}"
+    );
+    assert_eq!(sb.manifests(), 0, "nothing is stored under the old key");
+    // Once the file holds still, the stage runs and stores what it now reads.
+    sb.write("p.yaml", &pipeline.replace("EDIT", "true"));
+    let r = sb.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(stage_status(&sb.last_run(), "src"), "ran");
+}
+
 /// A shell command sees its stage's name (`$STAGE`), so the name is part of its key: two
 /// stages alike but for their names are two artifacts, and a rename reruns the stage.
 /// Stages that never show a name (ingest, bpe, train, quantize) keep their keys.
