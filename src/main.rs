@@ -560,6 +560,11 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             no_tracking,
         } => {
             let p = Arc::new(load(&pipeline)?);
+            #[cfg(feature = "model")]
+            if !no_serve {
+                // Found now, not after a training run of an hour and more.
+                serving_key_problem(&p)?;
+            }
             let store = open_store(&p, &store)?;
             let plan = Plan::build(&p, &store, &select.selection()).await?;
             let cancel = CancelToken::new();
@@ -1099,6 +1104,29 @@ impl ServeOverrides {
             ..Default::default()
         }
     }
+}
+
+/// A deploy stage whose server `run` would start without the key its deployment asks for
+/// (`api_key_env` names a variable that is unset or empty, and `ORCHESTRATE_API_KEY` is
+/// too): the server would refuse to start, after every stage before it had run.
+#[cfg(feature = "model")]
+fn serving_key_problem(p: &Pipeline) -> Result<(), Failure> {
+    if ServeOverrides::from_env().api_key.is_some() {
+        return Ok(());
+    }
+    let set = |var: &str| std::env::var(var).is_ok_and(|v| !v.is_empty());
+    for stage in p.stages.iter().filter(|s| s.kind.name() == "deploy") {
+        if let Some(var) = stage.params["api_key_env"].as_str().filter(|v| !set(v)) {
+            return Err(Failure::new(
+                2,
+                format!(
+                    "error: stage `{}` serves with the API key in ${var} (its `api_key_env`), which is unset or empty; set it (or ORCHESTRATE_API_KEY), or run with --no-serve",
+                    stage.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Where a served artifact came from in the store.

@@ -301,6 +301,54 @@ async fn every_route_answers() {
         (s, j(&b)["data"][0]["id"].as_str()),
         (StatusCode::OK, Some("tiny"))
     );
+    let (s, _, b) = call(&app, "GET", "/v1/models/tiny", None).await;
+    assert_eq!((s, j(&b)["id"].as_str()), (StatusCode::OK, Some("tiny")));
+    let (s, _, b) = call(&app, "GET", "/v1/models/other", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    assert!(
+        j(&b)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`tiny`"),
+        "{b}"
+    );
+    // `details` lists each token with its own text, though a stream holds text back for
+    // the stop sequences: the texts add up to the reply.
+    let (s, _, b) = call(
+        &app,
+        "POST",
+        "/generate",
+        Some(r#"{"inputs": "Time", "parameters": {"max_new_tokens": 6, "stop": ["zzzzzz"], "details": true}}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let v = j(&b);
+    let pieces: String = v["details"]["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(pieces, v["generated_text"].as_str().unwrap(), "{b}");
+    // OpenAI's flags may be null (unset); 0 top_logprobs, and TGI parameters at the value
+    // that changes nothing, are taken.
+    for (path, body) in [
+        (
+            "/v1/completions",
+            r#"{"prompt": "Time", "max_tokens": 2, "stream": null}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "Time"}], "max_tokens": 2, "stream": null, "top_logprobs": 0, "logprobs": false}"#,
+        ),
+        (
+            "/generate",
+            r#"{"inputs": "Time", "parameters": {"max_new_tokens": 2, "typical_p": 1.0, "watermark": false, "top_n_tokens": 0, "grammar": null}}"#,
+        ),
+    ] {
+        let (s, _, b) = call(&app, "POST", path, Some(body)).await;
+        assert_eq!(s, StatusCode::OK, "{path} {body}: {b}");
+    }
     let (s, _, b) = call(
         &app,
         "POST",
@@ -429,6 +477,33 @@ async fn every_error_class_is_json_and_names_the_field() {
         ("/generate", r#"{"inputs": 5}"#, 422, "inputs"),
         ("/generate", r#"{"inputs": "x""#, 400, "body"),
         ("/generate", "not json at all", 400, "body"),
+        // One document, not the first of several.
+        ("/generate", r#"{"inputs": "x"} junk"#, 400, "body"),
+        (
+            "/generate",
+            r#"{"inputs": "x"}{"inputs": "y"}"#,
+            400,
+            "body",
+        ),
+        // TGI parameters this server does not implement are refused by name, not dropped.
+        (
+            "/generate",
+            r#"{"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "a+"}}}"#,
+            422,
+            "parameters.grammar",
+        ),
+        (
+            "/generate",
+            r#"{"inputs": "x", "parameters": {"typical_p": 0.5}}"#,
+            422,
+            "parameters.typical_p",
+        ),
+        (
+            "/generate",
+            r#"{"inputs": "x", "parameters": {"repetition_penalty": 1.2e-38, "do_sample": true}}"#,
+            422,
+            "parameters.repetition_penalty",
+        ),
         (
             "/generate_stream",
             r#"{"inputs": "x", "parameters": {"top_p": -1}}"#,
@@ -591,7 +666,8 @@ async fn api_key_and_cors() {
         .iter()
         .any(|(k, v)| k == "access-control-allow-origin" && v == "https://ui.example"));
 
-    // A browser's preflight for a request with X-API-Key, which the README offers.
+    // A browser's preflight for a request with X-API-Key, which the README offers, and
+    // with the headers an SDK adds of its own (the OpenAI one's `x-stainless-*`).
     let (_, hs, _) = call_with(
         &app,
         "OPTIONS",
@@ -600,13 +676,17 @@ async fn api_key_and_cors() {
         &[
             ("origin", "https://ui.example"),
             ("access-control-request-method", "POST"),
-            ("access-control-request-headers", "x-api-key,content-type"),
+            (
+                "access-control-request-headers",
+                "x-api-key,content-type,x-stainless-os",
+            ),
         ],
     )
     .await;
     assert!(
-        hs.iter()
-            .any(|(k, v)| k == "access-control-allow-headers" && v.contains("x-api-key")),
+        hs.iter().any(|(k, v)| k == "access-control-allow-headers"
+            && v.contains("x-api-key")
+            && v.contains("x-stainless-os")),
         "{hs:?}"
     );
 
@@ -769,6 +849,31 @@ fn the_server_run_ends_with_requires_the_key_from_the_environment() {
     let (status, body) = health.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(code, Some(0));
+}
+
+/// A deployment whose key variable is unset is refused by `run` before any stage runs,
+/// not after the training: its server could not start.
+#[test]
+fn run_refuses_an_unset_key_variable_before_any_stage_runs() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        &PIPELINE.replace(
+            "with: { name: tiny, port: 0 }",
+            "with: { name: tiny, port: 0, api_key_env: ORCHESTRATE_TEST_UNSET_KEY }",
+        ),
+    );
+    let r = keyed(&sb, &["run", "p.yaml", "--no-tracking"], None)
+        .env_remove("ORCHESTRATE_TEST_UNSET_KEY")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("$ORCHESTRATE_TEST_UNSET_KEY") && stderr.contains("--no-serve"),
+        "{stderr}"
+    );
+    assert!(sb.runs().is_empty(), "nothing ran");
 }
 
 /// `orchestrate serve ARGS` started: the child and the URL it says it listens at.
@@ -1054,6 +1159,9 @@ fn serve_s_bad_options_exit_2() {
         (vec!["--port", "0", "--device", "tpu"], "device"),
         (vec!["--port", "0", "--max-batch", "0"], "max_batch"),
         (vec!["--port", "0", "--queue", "0"], "queue"),
+        // HTTP headers carry the key: one they cannot would refuse every request.
+        (vec!["--port", "0", "--api-key", "clé"], "printable ASCII"),
+        (vec!["--port", "0", "--api-key", " key"], "printable ASCII"),
     ] {
         let mut all = vec!["serve", dir];
         all.extend(&args);

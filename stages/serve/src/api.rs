@@ -118,9 +118,13 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        // The rest of a body that came too slowly may still arrive: the connection cannot
-        // be reused, and the client is told so.
-        if self.status == StatusCode::REQUEST_TIMEOUT {
+        // The rest of a body that came too slowly, or was too large, may still arrive (hyper
+        // closes the connection after it): the connection cannot be reused, and the client
+        // is told so.
+        if self.status == StatusCode::REQUEST_TIMEOUT
+            || (self.status == StatusCode::PAYLOAD_TOO_LARGE
+                && self.field.as_deref() == Some("body"))
+        {
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -141,6 +145,7 @@ pub fn router(state: Shared, cors: Option<Vec<String>>) -> Router {
         .route("/docs", get(docs))
         .route("/openapi.json", get(openapi))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .fallback(not_found)
@@ -166,11 +171,10 @@ pub fn router(state: Shared, cors: Option<Vec<String>>) -> Router {
             CorsLayer::new()
                 .allow_origin(allow)
                 .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
-                .allow_headers([
-                    header::CONTENT_TYPE,
-                    header::AUTHORIZATION,
-                    header::HeaderName::from_static("x-api-key"),
-                ]),
+                // Whatever the preflight asks for: SDKs add headers of their own (the OpenAI
+                // one's `x-stainless-*`), and a fixed list would fail their preflights. (`*`
+                // would not cover `Authorization`.)
+                .allow_headers(tower_http::cors::AllowHeaders::mirror_request()),
         );
     }
     app
@@ -387,23 +391,28 @@ fn parse<T: DeserializeOwned>(
         e.flavour(f)
     })?;
     let de = &mut serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let not_json = |inner: serde_json::Error| {
+        // The message says where: "... at line 1 column 12".
+        let mut err = ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "validation",
+            format!("body is not valid JSON: {inner}"),
+        );
+        err.field = Some("body".into());
+        err.flavour(f)
+    };
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let err = if inner.is_syntax() || inner.is_eof() {
-            // The message says where: "... at line 1 column 12".
-            let mut err = ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "validation",
-                format!("body is not valid JSON: {inner}"),
-            );
-            err.field = Some("body".into());
-            err
+        if inner.is_syntax() || inner.is_eof() {
+            not_json(inner)
         } else {
-            ApiError::validation(&error_field(&path, &inner), inner.to_string())
-        };
-        err.flavour(f)
-    })
+            ApiError::validation(&error_field(&path, &inner), inner.to_string()).flavour(f)
+        }
+    })?;
+    // One document: `{...} junk` or `{...}{...}` is not a request to read the first of.
+    de.end().map_err(not_json)?;
+    Ok(value)
 }
 
 /// The deadline of `read_body_in_time`, if that is what cut the body short.
@@ -455,7 +464,48 @@ pub struct Parameters {
     pub truncate: Option<i64>,
     /// TGI's: `generated_text` starts with the prompt as given.
     pub return_full_text: Option<bool>,
+    /// TGI parameters this server does not implement: refused by name where they ask for
+    /// something (see `TGI_UNSUPPORTED`), not dropped, or a client would take unconstrained
+    /// or greedy text for what it asked.
+    pub grammar: Option<Value>,
+    pub typical_p: Option<Value>,
+    pub watermark: Option<Value>,
+    pub top_n_tokens: Option<Value>,
+    pub decoder_input_details: Option<Value>,
+    pub frequency_penalty: Option<Value>,
+    pub adapter_id: Option<Value>,
 }
+
+impl Parameters {
+    /// The first TGI parameter set to something this server does not do: its name and
+    /// value. Null, and the value that changes nothing, are taken.
+    fn unsupported(&self) -> Option<(&'static str, &Value)> {
+        let fields: [(&'static str, &Option<Value>); 7] = [
+            ("grammar", &self.grammar),
+            ("typical_p", &self.typical_p),
+            ("watermark", &self.watermark),
+            ("top_n_tokens", &self.top_n_tokens),
+            ("decoder_input_details", &self.decoder_input_details),
+            ("frequency_penalty", &self.frequency_penalty),
+            ("adapter_id", &self.adapter_id),
+        ];
+        fields.into_iter().find_map(|(name, value)| {
+            let value = value.as_ref()?;
+            let asks_nothing = match (name, value) {
+                (_, Value::Null) => true,
+                ("typical_p", Value::Number(n)) => n.as_f64() == Some(1.0),
+                ("top_n_tokens" | "frequency_penalty", Value::Number(n)) => n.as_f64() == Some(0.0),
+                ("watermark" | "decoder_input_details", Value::Bool(b)) => !b,
+                ("adapter_id", Value::String(t)) => t.is_empty(),
+                _ => false,
+            };
+            (!asks_nothing).then_some((name, value))
+        })
+    }
+}
+
+/// The repetition penalties taken, both ends included.
+const REPETITION_PENALTY: (f64, f64) = (0.001, 1000.0);
 
 /// The control tokens `artifact::prompt_ids` puts before the prompt's text: language and
 /// author. `truncate` never cuts them.
@@ -466,7 +516,7 @@ pub struct GenerateRequest {
     pub inputs: String,
     #[serde(default)]
     pub parameters: Parameters,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "false_if_null")]
     pub stream: bool,
 }
 
@@ -512,6 +562,12 @@ impl AppState {
         sampling_default: bool,
     ) -> Result<Prepared, ApiError> {
         let field = |name: &str| format!("{}{name}", names.prefix);
+        if let Some((name, value)) = p.unsupported() {
+            return Err(ApiError::validation(
+                &field(name),
+                format!("`{name}` = {value} is not supported by this server"),
+            ));
+        }
         let l = &self.limits;
         let max_new = p.max_new_tokens.unwrap_or(50.min(l.max_new_tokens as i64));
         if max_new < 1 {
@@ -553,14 +609,15 @@ impl AppState {
             }
         }
         if let Some(r) = p.repetition_penalty {
-            // Scores are divided by it: it must not be 0 (or a subnormal) in f32 either.
-            if !r.is_finite() || !(r as f32).is_normal() || r <= 0.0 {
+            // Scores are divided or multiplied by it in f32: far from 1 it turns them into
+            // infinities (and sampling's probabilities into NaN) while meaning nothing a
+            // penalty of 1000 does not already say.
+            if !(REPETITION_PENALTY.0..=REPETITION_PENALTY.1).contains(&r) {
                 return Err(ApiError::validation(
                     &field("repetition_penalty"),
                     format!(
-                        "must be a number from {:e} to {:e}, got {r}",
-                        f32::MIN_POSITIVE,
-                        f32::MAX
+                        "must be a number from {} to {}, got {r}",
+                        REPETITION_PENALTY.0, REPETITION_PENALTY.1
                     ),
                 ));
             }
@@ -732,11 +789,11 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Collected, Ap
         match ev {
             Event::Token {
                 token,
-                text,
+                piece,
                 special,
                 ..
             } => {
-                tokens.push(json!({"id": token.id, "text": text, "logprob": token.logprob, "special": special}));
+                tokens.push(json!({"id": token.id, "text": piece, "logprob": token.logprob, "special": special}));
             }
             Event::Done {
                 finish,
@@ -926,6 +983,7 @@ fn tgi_events(
                     text,
                     special,
                     last,
+                    ..
                 }) => {
                     let t = json!({"id": token.id, "text": text, "logprob": token.logprob, "special": special});
                     let ev = json!({"index": token.index + 1, "token": t, "generated_text": null, "details": null});
@@ -1020,7 +1078,8 @@ async fn info(State(s): State<Shared>) -> Json<Value> {
         "model_dtype": m.card.quantization.as_str(),
         "model_device_type": m.device,
         "model_pipeline_tag": "text2text-generation",
-        "max_concurrent_requests": l.queue,
+        // Those waiting in the queue and those decoding: one more is refused with 429.
+        "max_concurrent_requests": l.queue + l.max_batch,
         "max_best_of": 1,
         "max_stop_sequences": l.max_stop_sequences,
         "max_input_tokens": l.max_input_tokens,
@@ -1069,9 +1128,28 @@ fn created() -> u64 {
 }
 
 async fn models(State(s): State<Shared>) -> Json<Value> {
-    Json(
-        json!({"object": "list", "data": [{"id": s.model.name, "object": "model", "created": s.model.created, "owned_by": "orchestrate"}]}),
-    )
+    Json(json!({"object": "list", "data": [model_object(&s)]}))
+}
+
+fn model_object(s: &Shared) -> Value {
+    json!({"id": s.model.name, "object": "model", "created": s.model.created, "owned_by": "orchestrate"})
+}
+
+/// OpenAI's `GET /v1/models/{id}` (`client.models.retrieve`): the one model, by its name.
+async fn model(
+    State(s): State<Shared>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if id != s.model.name {
+        let mut e = ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no model `{id}`; this server serves `{}`", s.model.name),
+        );
+        e.field = Some("model".into());
+        return Err(e.flavour(Flavour::OpenAi));
+    }
+    Ok(Json(model_object(&s)))
 }
 
 /// A string or a list of strings (OpenAI's `prompt` and `stop`).
@@ -1094,8 +1172,13 @@ impl OneOrMany {
 /// OpenAI's `stream_options`.
 #[derive(Debug, Default, Deserialize)]
 struct StreamOptions {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "false_if_null")]
     include_usage: bool,
+}
+
+/// OpenAI types its flags "boolean or null", and clients send an unset one as null.
+fn false_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 #[derive(Debug, Deserialize)]
@@ -1111,7 +1194,7 @@ struct CompletionRequest {
     top_p: Option<f64>,
     #[serde(default)]
     n: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "false_if_null")]
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
@@ -1165,7 +1248,7 @@ struct ChatRequest {
     top_p: Option<f64>,
     #[serde(default)]
     n: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "false_if_null")]
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
@@ -1407,7 +1490,11 @@ async fn chat(
     if r.logprobs == Some(true) {
         return Err(unsupported("logprobs", "logprobs are"));
     }
-    if r.top_logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+    // 0 asks for nothing, as null does.
+    if r.top_logprobs
+        .as_ref()
+        .is_some_and(|v| !v.is_null() && v.as_u64() != Some(0))
+    {
         return Err(unsupported("top_logprobs", "logprobs are"));
     }
     refuse_unsupported(&[
@@ -1836,6 +1923,7 @@ mod tests {
                 index,
             },
             text: text.into(),
+            piece: text.into(),
             special: false,
             last,
         }

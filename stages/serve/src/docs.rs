@@ -49,7 +49,7 @@ pub fn openapi() -> Value {
             "temperature": {"type": "number", "minimum": 0, "description": "as TGI: decoding samples when do_sample is true or when temperature is not 1, top_k is set or top_p is below 1; otherwise greedy. 0 (or below 1e-4): greedy whatever else is set"},
             "top_k": {"type": "integer", "minimum": 1},
             "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-            "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+            "repetition_penalty": {"type": "number", "minimum": 0.001, "maximum": 1000},
             "seed": {"type": "integer", "minimum": 0},
             "stop": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
             "details": {"type": "boolean", "default": false},
@@ -118,6 +118,7 @@ pub fn openapi() -> Value {
             "/docs": {"get": {"summary": "This description as a page (no key needed)", "responses": got("HTML", false)}},
             "/openapi.json": {"get": {"summary": "This description (no key needed)", "responses": got("OpenAPI 3.1", false)}},
             "/v1/models": {"get": {"summary": "The served model (OpenAI)", "responses": got("list", true)}},
+            "/v1/models/{id}": {"get": {"summary": "The served model by its name (OpenAI); another name is a 404", "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}], "responses": got("model", true)}},
             "/v1/completions": {"post": {"summary": "Completion (OpenAI); stream: true gives SSE ending in data: [DONE]", "requestBody": body(completion), "responses": ok("text_completion, or with stream: true server-sent events", &["application/json", "text/event-stream"], true)}},
             "/v1/chat/completions": {"post": {"summary": "Chat completion (OpenAI): the last user message is the prompt; this model is not tuned for dialogue", "requestBody": body(chat), "responses": ok("chat.completion, or with stream: true server-sent chat.completion.chunk events", &["application/json", "text/event-stream"], true)}},
         }

@@ -24,7 +24,11 @@ use crate::metrics::Metrics;
 pub enum Event {
     Token {
         token: Token,
+        /// What a stream sends with this token: its text, less what is held back for the
+        /// stop sequences (sent with a later token).
         text: String,
+        /// The token's own text, held back or not: what `details` lists it with.
+        piece: String,
         special: bool,
         /// The request's last token: its `Done` follows in the same step, so a stream can
         /// wait for that one event to send the summary with this token.
@@ -248,9 +252,13 @@ fn run<B: Backend>(
                 let row = &slot.job.row;
                 let last = token.index + 1 >= row.budget(max_len)
                     || (token.id == specials.eos && !row.ignore_eos);
-                let (text, stopped) =
-                    slot.stream
-                        .push(&lm.tokenizer, token.id, &slot.job.stop, last);
+                let Pushed {
+                    piece,
+                    text,
+                    stopped,
+                } = slot
+                    .stream
+                    .push(&lm.tokenizer, token.id, &slot.job.stop, last);
                 // Special tokens decode to nothing, but the last one carries the text held
                 // back for the stop sequences: it is not shown as special then, or clients
                 // that skip special tokens' text would lose it.
@@ -261,6 +269,7 @@ fn run<B: Backend>(
                 let sent = slot.job.events.send(Event::Token {
                     token,
                     text,
+                    piece,
                     special,
                     last: last || stopped,
                 });
@@ -353,13 +362,34 @@ struct TextStream {
     detok: Detokenizer,
 }
 
+/// What [`TextStream::push`] made of a token.
+struct Pushed {
+    /// The token's own text.
+    piece: String,
+    /// The text to send with it.
+    text: String,
+    /// It completed a stop sequence.
+    stopped: bool,
+}
+
 impl TextStream {
-    /// Takes the next token; returns the text to send with it and whether it completed a
-    /// stop sequence. After the `last` token (its budget, or end of text) nothing is held.
-    fn push(&mut self, tok: &Tokenizer, id: u32, stops: &[String], last: bool) -> (String, bool) {
+    /// Takes the next token; returns its text, the text to send with it and whether it
+    /// completed a stop sequence. After the `last` token (its budget, or end of text)
+    /// nothing is held.
+    fn push(&mut self, tok: &Tokenizer, id: u32, stops: &[String], last: bool) -> Pushed {
         self.generated.push(id);
         let piece = self.detok.next(tok, &self.generated, last);
         self.text.push_str(&piece);
+        let (text, stopped) = self.send(stops, last);
+        Pushed {
+            piece,
+            text,
+            stopped,
+        }
+    }
+
+    /// The text to send after a token, and whether it completed a stop sequence.
+    fn send(&mut self, stops: &[String], last: bool) -> (String, bool) {
         // Every byte sent was checked with the held-back bytes after it, so a stop sequence
         // this token completed starts in what is not sent yet: only that is searched.
         let unsent = &self.text[self.sent..];
@@ -409,7 +439,7 @@ mod tests {
         let mut s = TextStream::default();
         let mut sent = Vec::new();
         for (i, &id) in tokens.iter().enumerate() {
-            let (text, stopped) = s.push(&tok, id, &stops, i + 1 == tokens.len());
+            let Pushed { text, stopped, .. } = s.push(&tok, id, &stops, i + 1 == tokens.len());
             sent.push(text);
             if stopped {
                 return (sent, s.text, true);

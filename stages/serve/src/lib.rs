@@ -143,6 +143,19 @@ impl ServeOptions {
                 "queue must be at least 1 (requests that may wait for the decoder)",
             ));
         }
+        // HTTP carries the key in a header, whose value is trimmed and, past ASCII, has no
+        // agreed encoding: a key with spaces at its ends or other characters would never
+        // match, and every request would be refused.
+        if let Some(key) = &self.api_key {
+            if !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+                || key.starts_with(' ')
+                || key.ends_with(' ')
+            {
+                return Err(ServeError::usage(
+                    "the API key must be printable ASCII with no space at either end (clients send it in an HTTP header)",
+                ));
+            }
+        }
         // Every request would be cut off before its head arrived.
         if self.read_timeout.is_zero() {
             return Err(ServeError::usage(

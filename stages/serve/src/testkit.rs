@@ -115,7 +115,9 @@ pub fn model_dir() -> &'static Path {
             dropout: 0.0,
             activation: Activation::Relu,
         };
-        let model: Seq2Seq<Flex> = config.init(&Default::default());
+        // Seeded: the tests read what it says (one needs some text from a prompt), and an
+        // unseeded draw made them pass or fail by chance.
+        let model: Seq2Seq<Flex> = config.init_seeded(7, &Default::default());
         weights::save(
             &dir.join(artifact::SAFETENSORS),
             &weights::export(&model),
