@@ -79,23 +79,46 @@ pub fn read(
     let open = || {
         File::open(path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e))
     };
-    match format {
+    let read = match format {
         Format::Fortune => read_separated(
             BufReader::new(open()?),
             is_fortune_separator,
+            Attribution::Split,
             max_record_bytes,
             sink,
         ),
+        // Only fortunes end in attributions: a paragraph's last `-- ` line is its own
+        // (dialogue, a signature), not an author to take out of the text.
         Format::Paragraphs => read_separated(
             BufReader::new(open()?),
             |line| line.iter().all(u8::is_ascii_whitespace),
+            Attribution::Keep,
             max_record_bytes,
             sink,
         ),
         Format::Lines => read_lines(BufReader::new(open()?), max_record_bytes, sink),
         Format::Jsonl => read_jsonl(BufReader::new(open()?), fields, max_record_bytes, sink),
         Format::Parquet => read_parquet(open()?, path, fields, sink),
-    }
+    };
+    // A read that fails midway (a disk, a network mount) names the file it was reading.
+    read.map_err(|e| match e {
+        StageError::Io { context, source } if context == READ_FAILED => StageError::Io {
+            context: format!("cannot read {}", path.display()),
+            source,
+        },
+        other => other,
+    })
+}
+
+/// The context of a read error in [`next_line`], which [`read`] replaces with the file's
+/// name.
+const READ_FAILED: &str = "cannot read source";
+
+/// Whether a record's trailing attribution line (`-- Author`) is taken out as its author.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Attribution {
+    Split,
+    Keep,
 }
 
 /// A line of `%` alone ends a fortune. Trailing whitespace is allowed (`% ` ends records in
@@ -128,9 +151,7 @@ fn next_line<R: BufRead>(
     let mut read_any = false;
     let mut line = Line::Whole;
     loop {
-        let chunk = r
-            .fill_buf()
-            .map_err(|e| StageError::io("cannot read source", e))?;
+        let chunk = r.fill_buf().map_err(|e| StageError::io(READ_FAILED, e))?;
         if chunk.is_empty() {
             break;
         }
@@ -162,6 +183,7 @@ fn next_line<R: BufRead>(
 fn read_separated<R: BufRead>(
     mut r: R,
     is_separator: impl Fn(&[u8]) -> bool,
+    attribution: Attribution,
     cap: usize,
     sink: Sink<'_>,
 ) -> Result<(), StageError> {
@@ -181,7 +203,13 @@ fn read_separated<R: BufRead>(
             if too_long {
                 sink(RawItem::TooLong, consumed)?;
             } else if !record.is_empty() {
-                emit(std::mem::take(&mut record), start, consumed, sink)?;
+                emit(
+                    std::mem::take(&mut record),
+                    start,
+                    attribution,
+                    consumed,
+                    sink,
+                )?;
             }
             record.clear();
             too_long = false;
@@ -201,10 +229,22 @@ fn read_separated<R: BufRead>(
     }
 }
 
-fn emit(bytes: Vec<u8>, line: usize, consumed: u64, sink: Sink<'_>) -> Result<(), StageError> {
+fn emit(
+    bytes: Vec<u8>,
+    line: usize,
+    attribution: Attribution,
+    consumed: u64,
+    sink: Sink<'_>,
+) -> Result<(), StageError> {
+    if let Some(reason) = binary(&bytes, line) {
+        return sink(reason, consumed);
+    }
     match String::from_utf8(bytes) {
         Ok(text) => {
-            let (text, author) = split_attribution(&text);
+            let (text, author) = match attribution {
+                Attribution::Split => split_attribution(&text),
+                Attribution::Keep => (text, None),
+            };
             sink(
                 RawItem::Record(RawRecord {
                     text,
@@ -214,14 +254,36 @@ fn emit(bytes: Vec<u8>, line: usize, consumed: u64, sink: Sink<'_>) -> Result<()
                 consumed,
             )
         }
-        Err(e) => sink(
-            RawItem::Invalid {
-                line,
-                reason: format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()),
-            },
-            consumed,
+        Err(e) => sink(not_utf8(e.as_bytes(), e.utf8_error(), line), consumed),
+    }
+}
+
+/// A record with a NUL byte: text files have none, and UTF-16 (whose Cyrillic is also valid
+/// UTF-8 byte for byte, `а` being `30 04`) or a binary file has them everywhere. Without
+/// this, a UTF-16 file would pass as one long record of garbage.
+fn binary(bytes: &[u8], line: usize) -> Option<RawItem> {
+    let at = bytes.iter().position(|&b| b == 0)?;
+    Some(RawItem::Invalid {
+        line: line + newlines(&bytes[..at]),
+        reason: "a NUL byte (UTF-16, or not a text file?)".into(),
+    })
+}
+
+/// Invalid UTF-8 in a record that starts at `line`: the line and column (in bytes) of the
+/// first bad byte.
+fn not_utf8(bytes: &[u8], e: std::str::Utf8Error, line: usize) -> RawItem {
+    let good = &bytes[..e.valid_up_to()];
+    let column = good.len() - good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+    RawItem::Invalid {
+        line: line + newlines(good),
+        reason: format!(
+            "invalid UTF-8 at byte {column} of the line (not a UTF-8 file? convert it with iconv)"
         ),
     }
+}
+
+fn newlines(bytes: &[u8]) -> usize {
+    bytes.iter().filter(|&&b| b == b'\n').count()
 }
 
 fn read_lines<R: BufRead>(mut r: R, cap: usize, sink: Sink<'_>) -> Result<(), StageError> {
@@ -233,6 +295,8 @@ fn read_lines<R: BufRead>(mut r: R, cap: usize, sink: Sink<'_>) -> Result<(), St
         n += 1;
         if read == Line::Cut {
             sink(RawItem::TooLong, consumed)?;
+        } else if let Some(item) = binary(&line, n) {
+            sink(item, consumed)?;
         } else if !line.iter().all(u8::is_ascii_whitespace) {
             let bytes = std::mem::take(&mut line);
             match String::from_utf8(bytes) {
@@ -244,13 +308,7 @@ fn read_lines<R: BufRead>(mut r: R, cap: usize, sink: Sink<'_>) -> Result<(), St
                     }),
                     consumed,
                 )?,
-                Err(e) => sink(
-                    RawItem::Invalid {
-                        line: n,
-                        reason: format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()),
-                    },
-                    consumed,
-                )?,
+                Err(e) => sink(not_utf8(e.as_bytes(), e.utf8_error(), n), consumed)?,
             }
         }
     }
@@ -321,23 +379,46 @@ fn read_parquet(
     let mut seen = 0u64;
     for batch in reader {
         let batch = batch.map_err(|e| bad(&e))?;
-        let column = |name: &str| {
-            batch
-                .column_by_name(name)
-                .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
+        // As text, whatever string type the writer chose: `large_string` (pandas, Hugging
+        // Face datasets), `string_view`, a dictionary (a pandas categorical). A column that
+        // exists but cannot be text is an error naming it, not a column passed over.
+        let column = |name: &str| -> Result<Option<StringArray>, StageError> {
+            let Some(c) = batch.column_by_name(name) else {
+                return Ok(None);
+            };
+            let text = arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8)
+                .ok()
+                .and_then(|t| t.as_any().downcast_ref::<StringArray>().cloned());
+            match text {
+                Some(t) => Ok(Some(t)),
+                None => Err(StageError::Failed(format!(
+                    "Parquet file {}: column `{name}` is {}, not text",
+                    path.display(),
+                    c.data_type()
+                ))),
+            }
         };
-        let text = column(&fields.text).ok_or_else(|| {
+        let text = column(&fields.text)?.ok_or_else(|| {
             StageError::Failed(format!(
-                "Parquet file {} has no string column `{}`",
+                "Parquet file {} has no column `{}` (give the text column's name in `fields: {{text: ...}}`)",
                 path.display(),
                 fields.text
             ))
         })?;
-        let author = column(&fields.author);
-        let lang = column(&fields.lang);
+        let author = column(&fields.author)?;
+        let lang = column(&fields.lang)?;
         for i in 0..batch.num_rows() {
             seen += 1;
             if text.is_null(i) {
+                // Counted with the empty records, as an empty line would be.
+                sink(
+                    RawItem::Record(RawRecord {
+                        text: String::new(),
+                        author: None,
+                        lang: None,
+                    }),
+                    total * seen / rows,
+                )?;
                 continue;
             }
             let get = |a: &Option<StringArray>| {
@@ -452,6 +533,36 @@ pub fn parse_author(attribution: &str) -> Option<String> {
     (letters >= 2 && name.chars().count() <= 60).then_some(name)
 }
 
+/// `text` without control characters other than tab and line breaks. A backspace is the
+/// overstrike of a teletype (`_\bI` underlines an I, `'\bi` accents it, and the BSD fortune
+/// files have dozens): the character after it stands, the one before it goes. Any other
+/// control (a bell, an escape, C1 codes) is dropped: a model has nothing to learn from it.
+fn without_controls(text: &str) -> Cow<'_, str> {
+    let stray = |c: char| c.is_control() && !matches!(c, '\t' | '\n' | '\r');
+    if !text.chars().any(stray) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c == '\u{8}' {
+            if out.ends_with(|p: char| p != '\n') {
+                out.pop();
+            }
+        } else if !stray(c) {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// An author's name given as a name (a JSON field, a Parquet column): whitespace collapsed,
+/// NFC; None without two letters.
+pub fn clean_name(name: &str) -> Option<String> {
+    let name: String = name.split_whitespace().collect::<Vec<_>>().join(" ");
+    let name: String = name.nfc().collect();
+    (name.chars().filter(|c| c.is_alphabetic()).count() >= 2).then_some(name)
+}
+
 /// NFC, without copying in the common case: ASCII, and most other text, is NFC already, and
 /// the quick check is several times cheaper than normalising.
 pub fn nfc(text: &str) -> Cow<'_, str> {
@@ -463,9 +574,11 @@ pub fn nfc(text: &str) -> Cow<'_, str> {
 }
 
 /// NFC; whitespace within a paragraph collapsed to single spaces (fortune files wrap lines at
-/// 72 columns); paragraphs kept apart by one newline.
+/// 72 columns); paragraphs kept apart by one newline; control characters resolved or
+/// dropped (see [`without_controls`]).
 pub fn normalize_text(text: &str) -> String {
-    let nfc = nfc(text);
+    let text = without_controls(text);
+    let nfc = nfc(&text);
     let mut out = String::with_capacity(nfc.len());
     let mut paragraph_open = false;
     let mut pending_break = false;
@@ -563,6 +676,7 @@ mod tests {
         read_separated(
             data.as_bytes(),
             is_fortune_separator,
+            Attribution::Split,
             1 << 20,
             &mut |item, _| {
                 if let RawItem::Record(r) = item {
@@ -603,14 +717,20 @@ mod tests {
     fn fortune_records_split_on_percent_lines_with_line_numbers() {
         let data = b"one\n  -- Al\n%\ntwo\n%\n\xff\xfe\n%\nthree\n";
         let mut got = Vec::new();
-        read_separated(&data[..], is_fortune_separator, 1 << 20, &mut |item, _| {
-            got.push(match item {
-                RawItem::Record(r) => format!("{}:{:?}", r.text.trim(), r.author),
-                RawItem::Invalid { line, .. } => format!("{line}:invalid"),
-                RawItem::TooLong => "too long".to_string(),
-            });
-            Ok(())
-        })
+        read_separated(
+            &data[..],
+            is_fortune_separator,
+            Attribution::Split,
+            1 << 20,
+            &mut |item, _| {
+                got.push(match item {
+                    RawItem::Record(r) => format!("{}:{:?}", r.text.trim(), r.author),
+                    RawItem::Invalid { line, .. } => format!("{line}:invalid"),
+                    RawItem::TooLong => "too long".to_string(),
+                });
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(
             got,
@@ -630,8 +750,16 @@ mod tests {
             Ok(())
         };
         let fields = Fields::default();
+        let blank = |line: &[u8]| line.iter().all(u8::is_ascii_whitespace);
         match format {
-            Format::Fortune => read_separated(data, is_fortune_separator, cap, &mut sink),
+            Format::Fortune => read_separated(
+                data,
+                is_fortune_separator,
+                Attribution::Split,
+                cap,
+                &mut sink,
+            ),
+            Format::Paragraphs => read_separated(data, blank, Attribution::Keep, cap, &mut sink),
             Format::Lines => read_lines(data, cap, &mut sink),
             Format::Jsonl => read_jsonl(data, &fields, cap, &mut sink),
             _ => unreachable!("a text format"),
@@ -688,5 +816,172 @@ mod tests {
             items(Format::Jsonl, jsonl.as_bytes(), 50),
             vec!["too long", "c"]
         );
+    }
+
+    /// Every record as the reader gives it: (text, author) or the reason it is invalid.
+    fn read_text(format: Format, data: &[u8]) -> Vec<Result<(String, Option<String>), String>> {
+        let mut got = Vec::new();
+        let mut sink = |item: RawItem, _: u64| {
+            got.push(match item {
+                RawItem::Record(r) => Ok((r.text, r.author)),
+                RawItem::Invalid { line, reason } => Err(format!("{line}: {reason}")),
+                RawItem::TooLong => Err("too long".into()),
+            });
+            Ok(())
+        };
+        let blank = |line: &[u8]| line.iter().all(u8::is_ascii_whitespace);
+        match format {
+            Format::Fortune => read_separated(
+                data,
+                is_fortune_separator,
+                Attribution::Split,
+                1 << 16,
+                &mut sink,
+            ),
+            Format::Paragraphs => {
+                read_separated(data, blank, Attribution::Keep, 1 << 16, &mut sink)
+            }
+            Format::Lines => read_lines(data, 1 << 16, &mut sink),
+            _ => unreachable!("a text format"),
+        }
+        .unwrap();
+        got
+    }
+
+    #[test]
+    fn only_fortunes_lose_their_last_dash_line_to_an_author() {
+        let dialogue = "Он сказал:\n-- Я вернусь завтра.\n";
+        assert_eq!(
+            read_text(Format::Paragraphs, dialogue.as_bytes()),
+            vec![Ok((dialogue.to_string(), None))]
+        );
+        let fortune = "A quote.\n\t\t-- Mark Twain\n%\n";
+        assert_eq!(
+            read_text(Format::Fortune, fortune.as_bytes()),
+            vec![Ok(("A quote.".to_string(), Some("Mark Twain".to_string())))]
+        );
+    }
+
+    #[test]
+    fn bad_bytes_are_placed_at_their_line_and_column() {
+        // The record starts at line 3; its bad byte is on its second line, 8 bytes in.
+        let data = b"first\n%\nfine line\nsecond \xff line\n%\n";
+        assert_eq!(
+            read_text(Format::Fortune, data),
+            vec![
+                Ok(("first\n".to_string(), None)),
+                Err("4: invalid UTF-8 at byte 8 of the line (not a UTF-8 file? convert it with iconv)".into())
+            ]
+        );
+        // UTF-16: its Cyrillic is valid UTF-8 byte for byte, its NULs are not text.
+        let utf16: Vec<u8> = "а б\n%\n"
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        let got = read_text(Format::Fortune, &utf16);
+        assert!(
+            got.iter()
+                .all(|r| r.as_ref().is_err_and(|e| e.contains("NUL"))),
+            "{got:?}"
+        );
+        assert!(read_text(Format::Lines, b"a\0b\n")[0]
+            .as_ref()
+            .is_err_and(|e| e.starts_with("1: a NUL byte")));
+    }
+
+    #[test]
+    fn overstrikes_resolve_and_other_controls_go() {
+        assert_eq!(
+            normalize_text("_\u{8}I said *____\u{8}\u{8}\u{8}\u{8}only*"),
+            "I said *only*"
+        );
+        assert_eq!(normalize_text("m'\u{8}iriel"), "miriel");
+        assert_eq!(
+            normalize_text("ring\u{7} the \u{1b}bell\u{85}"),
+            "ring the bell"
+        );
+        // A backspace at the start of a line takes nothing from the line before.
+        assert_eq!(normalize_text("a\n\n\u{8}b"), "a\nb");
+        assert_eq!(normalize_text("plain\ttext"), "plain text");
+    }
+
+    #[test]
+    fn names_given_as_names_are_kept_whole() {
+        assert_eq!(
+            clean_name(" Tolstoy,  Leo ").as_deref(),
+            Some("Tolstoy, Leo")
+        );
+        assert_eq!(clean_name("X"), None);
+    }
+
+    /// A Parquet file as pyarrow and pandas write them: Snappy, `large_string` text, a
+    /// dictionary-encoded (categorical) author, a null text.
+    #[test]
+    fn parquet_as_other_writers_write_it() {
+        use arrow::array::{ArrayRef, DictionaryArray, LargeStringArray};
+        use arrow::datatypes::Int32Type;
+        use arrow::record_batch::RecordBatch;
+        use parquet::arrow::ArrowWriter;
+        use parquet::basic::Compression;
+        use parquet::file::properties::WriterProperties;
+        use std::sync::Arc;
+
+        let dir = std::env::temp_dir().join(format!("orchestrate-parquet-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text: ArrayRef = Arc::new(LargeStringArray::from(vec![
+            Some("A line from a dataframe."),
+            None,
+            Some("Another one."),
+        ]));
+        let author: ArrayRef = Arc::new(
+            vec![Some("Tolstoy, Leo"), None, Some("Tolstoy, Leo")]
+                .into_iter()
+                .collect::<DictionaryArray<Int32Type>>(),
+        );
+        let batch = RecordBatch::try_from_iter([("text", text), ("author", author)]).unwrap();
+        for compression in [
+            Compression::SNAPPY,
+            Compression::LZ4_RAW,
+            Compression::GZIP(Default::default()),
+            Compression::BROTLI(Default::default()),
+        ] {
+            let path = dir.join("frame.parquet");
+            let props = WriterProperties::builder()
+                .set_compression(compression)
+                .build();
+            let mut w = ArrowWriter::try_new(
+                std::fs::File::create(&path).unwrap(),
+                batch.schema(),
+                Some(props),
+            )
+            .unwrap();
+            w.write(&batch).unwrap();
+            w.close().unwrap();
+            let mut got = Vec::new();
+            read(
+                &path,
+                Format::Parquet,
+                &Fields::default(),
+                1 << 16,
+                &mut |item, _| {
+                    if let RawItem::Record(r) = item {
+                        got.push((r.text, r.author));
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap_or_else(|e| panic!("{compression:?}: {e}"));
+            let tolstoy = Some("Tolstoy, Leo".to_string());
+            assert_eq!(
+                got,
+                vec![
+                    ("A line from a dataframe.".to_string(), tolstoy.clone()),
+                    (String::new(), None),
+                    ("Another one.".to_string(), tolstoy),
+                ],
+                "{compression:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

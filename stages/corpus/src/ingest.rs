@@ -388,6 +388,9 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     for (file, si, shown) in &files {
         let source = &p.sources[*si];
         let mut last_progress = 0u64;
+        // This file's records, and its invalid ones with the first's place and reason.
+        let mut in_file = 0u64;
+        let mut invalid: (u64, Option<String>) = (0, None);
         formats::read(
             file,
             source.format,
@@ -401,6 +404,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
                     ctx.checkpoint()?;
                 }
                 stats.records_read += 1;
+                in_file += 1;
                 let raw = match item {
                     RawItem::Invalid { line, reason } => {
                         if p.strict {
@@ -409,6 +413,8 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
                             )));
                         }
                         *stats.dropped.entry("invalid".into()).or_default() += 1;
+                        invalid.0 += 1;
+                        invalid.1.get_or_insert(format!("{shown}:{line}: {reason}"));
                         return Ok(());
                     }
                     RawItem::TooLong => {
@@ -432,7 +438,11 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
                     *stats.dropped.entry(reason.into()).or_default() += 1;
                     return Ok(());
                 }
-                let (lang, confidence) = match source.lang.clone().or(raw.lang) {
+                let (lang, confidence) = match source
+                    .lang
+                    .clone()
+                    .or(raw.lang.map(language_code).filter(|l| !l.is_empty()))
+                {
                     Some(l) => (l, 1.0),
                     None => {
                         let (l, c) = crate::lang::detect(&text);
@@ -452,10 +462,10 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
                 }
                 let split = split_of(split_hash(&text, &mut loose), &p.split);
                 // Fortune authors were parsed from their attribution line already; names from
-                // other formats get the same clean-up.
+                // other formats are names already (`Tolstoy, Leo` is not cut at its comma).
                 let author = match source.format {
                     Format::Fortune => raw.author,
-                    _ => raw.author.as_deref().and_then(formats::parse_author),
+                    _ => raw.author.as_deref().and_then(formats::clean_name),
                 };
                 if let Some(a) = &author {
                     *authors.entry(a.clone()).or_default() += 1;
@@ -481,6 +491,18 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         )?;
         done_bytes += std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
         ctx.events.progress(done_bytes, Some(total), "bytes");
+        if let (n, Some(first)) = invalid {
+            // Not one record readable: the file is in another encoding (KOI8-R, CP1251,
+            // UTF-16) or not text, and skipping it would shrink the corpus without a word.
+            if n == in_file {
+                return Err(StageError::Failed(format!(
+                    "none of the {n} records of {shown} is UTF-8 text (first: {first}); convert the file (iconv -f KOI8-R -t UTF-8, say) or leave it out"
+                )));
+            }
+            ctx.events.log(&format!(
+                "{shown}: {n} of {in_file} records skipped as not UTF-8 text (first: {first})"
+            ));
+        }
     }
     stats.shards = writer
         .finish()
@@ -565,6 +587,13 @@ impl std::hash::Hasher for Prehashed {
     fn write_u128(&mut self, v: u128) {
         self.0 = v as u64;
     }
+}
+
+/// A language as a source wrote it (`RU`, `ru-RU`, `en_US`), as the corpus and `languages`
+/// name it: lower case, the primary subtag only.
+fn language_code(lang: String) -> String {
+    let primary = lang.trim().split(['-', '_']).next().unwrap_or_default();
+    primary.to_lowercase()
 }
 
 fn describe(dropped: &BTreeMap<String, u64>) -> String {
@@ -925,6 +954,31 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("source `nope.txt` does not exist"));
+    }
+
+    #[test]
+    fn a_file_in_another_encoding_is_an_error_naming_it() {
+        let d = tempdir("encoding");
+        write_fortunes(&d);
+        // KOI8-R: "Привет, мир" and another record, not one of them UTF-8.
+        let koi8: &[u8] =
+            b"\xf0\xd2\xc9\xd7\xc5\xd4, \xcd\xc9\xd2\n%\n\xe4\xc1 \xc9 \xce\xc5\xd4\n%\n";
+        std::fs::write(d.join("koi8.txt"), koi8).unwrap();
+        let params = serde_json::json!({"sources": [{"path": "en.txt"}, {"path": "koi8.txt", "lang": "ru"}]});
+        let (r, _) = run_stage(&DESCRIPTOR, run, params, &d, &[]);
+        let err = r.unwrap_err().to_string();
+        assert!(
+            err.contains("none of the 2 records of koi8.txt is UTF-8 text")
+                && err.contains("iconv"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_record_s_language_is_its_primary_subtag_in_lower_case() {
+        assert_eq!(language_code("RU".into()), "ru");
+        assert_eq!(language_code("en-US".into()), "en");
+        assert_eq!(language_code(" ru_RU ".into()), "ru");
     }
 
     #[test]
