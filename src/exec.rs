@@ -769,6 +769,7 @@ async fn produce(
     let name = stage.name.clone();
     let pipeline_dir = sh.pipeline.dir.clone();
     let (out2, scratch2) = (out.clone(), scratch.clone());
+    let checkpoint_store_failed = Arc::new(AtomicBool::new(false));
     let checkpoints = StoreCheckpoints {
         store: sh.store.clone(),
         key: key.clone(),
@@ -776,6 +777,7 @@ async fn produce(
         runtime: tokio::runtime::Handle::current(),
         reporter: Arc::clone(&sh.reporter),
         stage: stage.name.clone(),
+        store_failed: Arc::clone(&checkpoint_store_failed),
     };
     let result = tokio::task::spawn_blocking(move || {
         let ctx = StageContext {
@@ -817,10 +819,12 @@ async fn produce(
             )));
         }
         Ok(Err(e)) => {
-            return Err(StageFailure::Failed(format!(
-                "{e} (working directory kept at {})",
-                work.display()
-            )));
+            let msg = format!("{e} (working directory kept at {})", work.display());
+            return Err(if checkpoint_store_failed.load(Ordering::SeqCst) {
+                StageFailure::Store(msg)
+            } else {
+                StageFailure::Failed(msg)
+            });
         }
         Err(join) => return Err(StageFailure::Failed(format!("the stage crashed: {join}"))),
     };
@@ -1184,9 +1188,25 @@ fn list_files(root: &Path) -> std::io::Result<Vec<String>> {
             } else if ft.is_file() {
                 out.push(child.to_string_lossy().replace('\\', "/"));
             } else if ft.is_symlink() {
-                let target = std::fs::metadata(root.join(&child))?;
-                if target.is_file() {
-                    out.push(child.to_string_lossy().replace('\\', "/"));
+                // A link to a file is stored as the file. One to a folder, or to nothing,
+                // cannot be: said, naming it, rather than the artifact stored without it.
+                let shown = child.display();
+                match std::fs::metadata(root.join(&child)) {
+                    Ok(target) if target.is_file() => {
+                        out.push(child.to_string_lossy().replace('\\', "/"));
+                    }
+                    Ok(target) if target.is_dir() => {
+                        return Err(std::io::Error::other(format!(
+                            "`{shown}` is a link to a folder, which is not stored: copy the folder there instead"
+                        )))
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("`{shown}` is a link to nothing readable ({e})"),
+                        ))
+                    }
                 }
             }
         }
@@ -1207,6 +1227,9 @@ struct StoreCheckpoints {
     runtime: tokio::runtime::Handle,
     reporter: Arc<dyn Reporter>,
     stage: String,
+    /// Set when the store failed a checkpoint's save or load: the stage's failure is then
+    /// the store's (exit 3), not its work's.
+    store_failed: Arc<AtomicBool>,
 }
 
 impl Checkpoints for StoreCheckpoints {
@@ -1215,6 +1238,10 @@ impl Checkpoints for StoreCheckpoints {
             StageError::Failed(format!("cannot store checkpoint {step}: {e}"))
         };
         let files = list_files(dir).map_err(|e| fail(&e))?;
+        let fail = |e: &StoreError| {
+            self.store_failed.store(true, Ordering::SeqCst);
+            fail(e)
+        };
         self.runtime.block_on(async {
             let mut entries = Vec::new();
             for rel in files {
@@ -1243,7 +1270,8 @@ impl Checkpoints for StoreCheckpoints {
     }
 
     fn latest(&self) -> Result<Option<(u64, PathBuf)>, StageError> {
-        let fail = |e: &dyn std::fmt::Display| {
+        let fail = |e: &StoreError| {
+            self.store_failed.store(true, Ordering::SeqCst);
             StageError::Failed(format!("cannot read the last checkpoint: {e}"))
         };
         self.runtime.block_on(async {
@@ -1428,6 +1456,7 @@ mod tests {
                 runtime: runtime.handle().clone(),
                 reporter: notes.clone(),
                 stage: "model".into(),
+                store_failed: Arc::new(AtomicBool::new(false)),
             };
             Fixture {
                 tmp,
@@ -1461,6 +1490,24 @@ mod tests {
         let f = Fixture::new();
         f.save(&[10, 20, 30, 40]);
         assert_eq!(f.steps(), vec![40, 30]);
+    }
+
+    /// A checkpoint the store cannot take fails the stage as the store's failure (exit 3),
+    /// not as its work's.
+    #[test]
+    fn a_store_that_fails_a_checkpoint_is_said_to_be_the_store() {
+        let f = Fixture::new();
+        f.save(&[10]);
+        // Blobs can no longer be written: their folder is a file now.
+        let blobs = f.tmp.path().join("store/blobs");
+        std::fs::remove_dir_all(&blobs).unwrap();
+        std::fs::write(&blobs, "not a folder").unwrap();
+        let dir = f.tmp.path().join("saved-20");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("weights.bin"), "weights at 20").unwrap();
+        let e = f.checkpoints.save(20, &dir).unwrap_err();
+        assert!(e.to_string().contains("cannot store checkpoint 20"), "{e}");
+        assert!(f.checkpoints.store_failed.load(Ordering::SeqCst));
     }
 
     /// A checkpoint whose blob rotted is set aside, and training resumes from the one

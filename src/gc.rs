@@ -1,6 +1,6 @@
 //! Garbage collection: keep the newest runs and pinned artifacts, delete what nothing uses.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -83,7 +83,10 @@ pub async fn collect(
 
     let mut live_blobs: HashSet<String> = store.checkpoint_blobs().await?.into_iter().collect();
     let mut kept_keys: HashSet<CacheKey> = HashSet::new();
+    // Each manifest the walk saw, and when it was written.
+    let mut walked: HashMap<CacheKey, SystemTime> = HashMap::new();
     for (key, modified) in store.list_manifest_keys().await? {
+        walked.insert(key.clone(), modified);
         if keep.contains(&key) || young(modified) {
             // A kept artifact's files must be known before any blob goes: a manifest that
             // cannot be read (the store unreachable, or the manifest corrupt) stops the
@@ -103,6 +106,21 @@ pub async fn collect(
     // Looked at last, right before blobs go, to leave the smallest window (a stage that
     // commits meanwhile checks its blobs again after its commit, see `exec::store_output`).
     report.producing = store.live_locks().await?.len();
+    // A run that took its lock after the walk began and released it before the look above
+    // committed meanwhile: its manifest may list an old blob it found stored and reused
+    // (a reuse does not make a blob young). Manifests are listed again, after the locks,
+    // and those the walk did not see, or saw older, keep their blobs.
+    if report.producing == 0 {
+        for (key, modified) in store.list_manifest_keys().await? {
+            // (Written again under the same key: `run --force`.)
+            if walked.get(&key) == Some(&modified) {
+                continue;
+            }
+            if let Some(m) = store.manifest(&key).await? {
+                live_blobs.extend(m.files.iter().map(|f| f.digest.clone()));
+            }
+        }
+    }
     // A blob shared by a kept artifact and a deleted one stays.
     for (digest, size, modified) in store.list_blobs().await? {
         if !live_blobs.contains(&digest) && !young(modified) && report.producing == 0 {

@@ -52,6 +52,12 @@ pub enum StoreError {
         expected: String,
         actual: String,
     },
+    #[error("missing blob `{path}` (file `{file}` of {what}); rerun with --repair to rebuild it")]
+    Missing {
+        path: String,
+        file: String,
+        what: String,
+    },
     #[error("unreadable {what} `{path}`: {reason}")]
     Decode {
         what: &'static str,
@@ -78,7 +84,9 @@ impl StoreError {
     /// digest, a record that does not parse), rather than that the store could not be read.
     pub fn is_damage(&self) -> bool {
         match self {
-            StoreError::Corrupt { .. } | StoreError::Decode { .. } => true,
+            StoreError::Corrupt { .. } | StoreError::Decode { .. } | StoreError::Missing { .. } => {
+                true
+            }
             StoreError::Backend { source, .. } => {
                 matches!(source, object_store::Error::NotFound { .. })
             }
@@ -463,11 +471,15 @@ impl Store {
     /// Copies a blob to `dest`, verifying its digest; a mismatch is an error naming the blob.
     pub async fn get_file(&self, entry: &FileEntry, what: &str, dest: &Path) -> Result<()> {
         let path = Self::blob_path(&entry.digest);
-        let result = self
-            .inner
-            .get(&path)
-            .await
-            .map_err(Self::backend("read", &path))?;
+        let result = self.inner.get(&path).await.map_err(|e| match e {
+            // Named with the file and the artifact it belongs to, and what mends it.
+            object_store::Error::NotFound { .. } => StoreError::Missing {
+                path: path.to_string(),
+                file: entry.path.clone(),
+                what: what.to_string(),
+            },
+            e => Self::backend("read", &path)(e),
+        })?;
         let mut stream = result.into_stream();
         let mut tmp_name = dest.as_os_str().to_owned();
         tmp_name.push(format!(".partial-{}", std::process::id()));
@@ -597,17 +609,32 @@ impl Store {
     /// run committed first (create-only, so the first commit wins and is never replaced).
     pub async fn commit(&self, m: &Manifest) -> Result<Manifest> {
         let path = Self::manifest_path(&m.key);
-        match self.put_json(&path, m, PutMode::Create).await {
-            Ok(()) => {}
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                if let Some(existing) = self.manifest(&m.key).await? {
-                    return Ok(existing);
+        // Another's manifest can be there for the create and gone for the read after it
+        // (`gc`, `fsck --repair`): the create is then tried again, a few times, rather
+        // than this commit reported done with nothing stored.
+        for _ in 0..3 {
+            match self.put_json(&path, m, PutMode::Create).await {
+                Ok(()) => {
+                    self.note_history(m).await;
+                    return Ok(m.clone());
                 }
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    if let Some(existing) = self.manifest(&m.key).await? {
+                        return Ok(existing);
+                    }
+                }
+                Err(e) => return Err(Self::backend("commit", &path)(e)),
             }
-            Err(e) => return Err(Self::backend("commit", &path)(e)),
         }
-        self.note_history(m).await;
-        Ok(m.clone())
+        Err(StoreError::Backend {
+            op: "commit",
+            path: path.to_string(),
+            source: object_store::Error::Generic {
+                store: "orchestrate",
+                source: "the manifest was there for each create and gone for each read after it"
+                    .into(),
+            },
+        })
     }
 
     /// Commits `m` over whatever the key holds (`run --force`: the user asked for this run's

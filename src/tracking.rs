@@ -136,6 +136,26 @@ fn mlflow_key(key: &str) -> String {
         .collect()
 }
 
+/// [`mlflow_key`] of each key, made unique: `batch(size)` and `batch_size_` clean to one
+/// key, and MLflow refuses a batch that gives one param two values. A later key that
+/// collides gets `_2`, `_3`, ... (in the keys' order, so the same on every delivery).
+fn mlflow_keys<'k>(keys: impl Iterator<Item = &'k String>) -> Vec<String> {
+    let mut taken = std::collections::HashSet::new();
+    keys.map(|k| {
+        let clean = mlflow_key(k);
+        let mut key = clean.clone();
+        let mut n = 1;
+        while !taken.insert(key.clone()) {
+            n += 1;
+            let suffix = format!("_{n}");
+            let stem: String = clean.chars().take(250 - suffix.len()).collect();
+            key = format!("{stem}{suffix}");
+        }
+        key
+    })
+    .collect()
+}
+
 /// A small MLflow REST client: the calls run tracking needs, nothing else.
 #[derive(Clone)]
 pub struct MlflowClient {
@@ -341,8 +361,10 @@ impl MlflowClient {
         tags: &BTreeMap<String, String>,
     ) -> Result<(), TrackError> {
         let kv = |m: &BTreeMap<String, String>| -> Vec<Value> {
-            m.iter()
-                .map(|(k, v)| json!({"key": mlflow_key(k), "value": v}))
+            mlflow_keys(m.keys())
+                .into_iter()
+                .zip(m.values())
+                .map(|(k, v)| json!({"key": k, "value": v}))
                 .collect()
         };
         let params = kv(params);
@@ -354,25 +376,35 @@ impl MlflowClient {
                 ..m.clone()
             })
             .collect();
-        for chunk in params.chunks(MAX_PARAMS) {
-            self.post("runs/log-batch", json!({"run_id": run_id, "params": chunk}))
-                .await
-                .map_err(|(_, e)| e)?;
+        let mut calls: Vec<Value> = Vec::new();
+        calls.extend(
+            params
+                .chunks(MAX_PARAMS)
+                .map(|c| json!({"run_id": run_id, "params": c})),
+        );
+        calls.extend(
+            tags.chunks(MAX_TAGS)
+                .map(|c| json!({"run_id": run_id, "tags": c})),
+        );
+        calls.extend(
+            metrics
+                .chunks(MAX_METRICS)
+                .map(|c| json!({"run_id": run_id, "metrics": c})),
+        );
+        // A part the server refuses does not take the others down with it: they are still
+        // sent, and the first refusal is what the record reports. Any other failure (the
+        // server unreachable) stops here, and the record is sent again later.
+        let mut refused = None;
+        for call in calls {
+            match self.post("runs/log-batch", call).await {
+                Ok(_) => {}
+                Err((_, e @ TrackError::Rejected { .. })) => {
+                    refused.get_or_insert(e);
+                }
+                Err((_, e)) => return Err(e),
+            }
         }
-        for chunk in tags.chunks(MAX_TAGS) {
-            self.post("runs/log-batch", json!({"run_id": run_id, "tags": chunk}))
-                .await
-                .map_err(|(_, e)| e)?;
-        }
-        for chunk in metrics.chunks(MAX_METRICS) {
-            self.post(
-                "runs/log-batch",
-                json!({"run_id": run_id, "metrics": chunk}),
-            )
-            .await
-            .map_err(|(_, e)| e)?;
-        }
-        Ok(())
+        refused.map_or(Ok(()), Err)
     }
 
     async fn update_run(&self, run_id: &str, status: &str, end_ms: i64) -> Result<(), TrackError> {
@@ -1188,6 +1220,22 @@ mod tests {
         assert!(names_a_secret("params.DBPassword"));
         assert!(names_a_secret("params.OpenAIApiKey"));
         assert!(names_a_secret("params.AWSSecretKey"));
+    }
+
+    #[test]
+    fn cleaned_keys_stay_apart() {
+        let keys: Vec<String> = ["batch(size)", "batch_size_", "lr"]
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        assert_eq!(
+            mlflow_keys(keys.iter()),
+            vec!["batch_size_", "batch_size__2", "lr"]
+        );
+        let long = ["x".repeat(300), format!("{}y", "x".repeat(299))];
+        let cleaned = mlflow_keys(long.iter());
+        assert_eq!(cleaned[1].len(), 250);
+        assert!(cleaned[1].ends_with("_2") && cleaned[0] != cleaned[1]);
     }
 
     #[test]

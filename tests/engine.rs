@@ -795,6 +795,35 @@ stages:
     assert_eq!(stage_status(&sb.last_run(), "src"), "ran");
 }
 
+/// A link in an output folder to a folder, or to nothing, cannot be stored: the stage
+/// fails naming it, rather than storing the artifact without it.
+#[test]
+fn links_in_an_output_folder_that_cannot_be_stored_are_named() {
+    for (link, says) in [
+        (
+            "ln -s $PIPELINE_DIR d/elsewhere",
+            "`d/elsewhere` is a link to a folder",
+        ),
+        (
+            "ln -s /no/such/file d/elsewhere",
+            "`d/elsewhere` is a link to nothing",
+        ),
+    ] {
+        let sb = Sandbox::new();
+        sb.write(
+            "p.yaml",
+            &format!(
+                "name: links\nstorage: file://store\nstages:\n  a:\n    kind: shell\n    with: {{ run: 'mkdir d && echo x > d/f && {link}', outputs: [d] }}\n"
+            ),
+        );
+        let r = sb.run(&["run", "p.yaml"]);
+        assert_eq!(r.code, 1, "{link}: {}\n{}", r.stdout, r.stderr);
+        let all = format!("{}{}", r.stdout, r.stderr);
+        assert!(all.contains(says), "{link}: {all}");
+        assert_eq!(sb.manifests(), 0, "{link}");
+    }
+}
+
 /// A shell command sees its stage's name (`$STAGE`), so the name is part of its key: two
 /// stages alike but for their names are two artifacts, and a rename reruns the stage.
 /// Stages that never show a name (ingest, bpe, train, quantize) keep their keys.
