@@ -362,6 +362,8 @@ impl From<PlanError> for Failure {
     fn from(e: PlanError) -> Self {
         match e {
             PlanError::Store(s) => s.into(),
+            // The store's data, not the command line: exit 3 as other store damage.
+            e @ PlanError::DamagedManifest { .. } => Failure::new(3, format!("error: {e}")),
             other => Failure::new(2, format!("error: {other}")),
         }
     }

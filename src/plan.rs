@@ -106,6 +106,12 @@ pub enum PlanError {
     },
     #[error("stage `{stage}` needs `{upstream}`, which is not in the store and is not selected to run; run it first or widen --only")]
     MissingUpstream { stage: String, upstream: String },
+    #[error("the stored manifest of stage `{stage}` is damaged: {source}; run again with --repair to set it aside and rerun the stage (or `orchestrate fsck --repair`)")]
+    DamagedManifest {
+        stage: String,
+        #[source]
+        source: StoreError,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -178,7 +184,27 @@ impl Plan {
             })
             .await?;
             let key = parts.key();
-            let mut manifest = store.manifest(&key).await?;
+            let mut manifest = match store.manifest(&key).await {
+                Ok(m) => m,
+                // A manifest that does not parse, or whose digest does not match its files:
+                // `--repair` sets it aside and reruns the stage.
+                Err(e) if e.is_damage() && sel.repair => {
+                    if !sel.dry_run {
+                        store.delete_manifest(&key).await?;
+                    }
+                    stages[i]
+                        .reasons
+                        .push(format!("stored manifest was damaged: {e}"));
+                    None
+                }
+                Err(e) if e.is_damage() => {
+                    return Err(PlanError::DamagedManifest {
+                        stage: p.stages[i].name.clone(),
+                        source: e,
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            };
             if let (true, Some(m)) = (sel.repair, &manifest) {
                 let bad = store.verify(m).await?;
                 if !bad.is_empty() {

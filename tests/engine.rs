@@ -623,6 +623,22 @@ fn a_kept_artifact_with_an_unreadable_manifest_stops_gc_and_fsck_repairs_it() {
         before,
         "gc deleted files while a kept manifest was unreadable"
     );
+    // `run` says which stage's manifest is damaged and what mends it; `run --repair`
+    // sets it aside and reruns that stage. (Written back damaged after, for fsck below.)
+    let damaged = sb.read(&path);
+    let r = sb.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("the stored manifest of stage `left` is damaged")
+            && r.stderr.contains("--repair"),
+        "{}",
+        r.stderr
+    );
+    let r = sb.run(&["run", "p.yaml", "--repair"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(stage_status(&sb.last_run(), "left"), "ran");
+    sb.write(&path, &damaged);
     let f = sb.run(&["fsck", "--store", "file://store"]);
     assert_eq!(f.code, 3, "{}", f.stderr);
     assert!(
