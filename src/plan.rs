@@ -110,7 +110,7 @@ pub enum PlanError {
     DamagedManifest {
         stage: String,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -200,7 +200,7 @@ impl Plan {
                 Err(e) if e.is_damage() => {
                     return Err(PlanError::DamagedManifest {
                         stage: p.stages[i].name.clone(),
-                        source: e,
+                        source: Box::new(e),
                     })
                 }
                 Err(e) => return Err(e.into()),

@@ -450,10 +450,18 @@ pub fn split_attribution(record: &str) -> (String, Option<String>) {
         return (String::new(), None);
     };
     if let Some((i, rest, _)) = attribution_line(&lines, last) {
-        return (
-            lines[..i].join("\n"),
-            attribution_author(rest, &lines[i + 1..=last]),
-        );
+        // An editor's note right below the attribution ("[Also attributed to Johnny
+        // Carson.  Ed.]") ends its wrap and stays in the text, as one set off by a blank
+        // line does (below).
+        let wrap_end = (i + 1..=last)
+            .find(|&k| lines[k].trim_start().starts_with('['))
+            .unwrap_or(last + 1);
+        let mut text = lines[..i].join("\n");
+        if wrap_end <= last {
+            text.push_str("\n\n");
+            text.push_str(&lines[wrap_end..=last].join("\n"));
+        }
+        return (text, attribution_author(rest, &lines[i + 1..wrap_end]));
     }
     // An editor's note: a final paragraph in brackets, below a blank line, with text above.
     let note = lines[..last]
@@ -503,18 +511,23 @@ fn attribution_line<'a>(lines: &[&'a str], end: usize) -> Option<(usize, &'a str
             .strip_prefix("--")
             .or_else(|| t.strip_prefix(['—', '―']).filter(|_| indented));
         if let Some(rest) = rest {
-            return (i > 0).then_some((i, rest, indented));
+            // A dash line at the margin right below another is a list's last item
+            // ("-- a platitude" under "-- another"), not an attribution.
+            let listed = !indented && i > 0 && lines[i - 1].starts_with("--");
+            return (i > 0 && !listed).then_some((i, rest, indented));
         }
     }
     None
 }
 
-/// The author named by an attribution line's `rest` and the lines it wraps onto.
+/// The author named by an attribution line's `rest` and the lines it wraps onto; the dash
+/// line's own name where the wrapped lines make too long a one ("-- Michael Collins" above
+/// "   Former astronaut, and ...").
 fn attribution_author(rest: &str, wrapped: &[&str]) -> Option<String> {
     let attribution: Vec<&str> = std::iter::once(rest)
         .chain(wrapped.iter().copied())
         .collect();
-    parse_author(&attribution.join(" "))
+    parse_author(&attribution.join(" ")).or_else(|| parse_author(rest))
 }
 
 /// The name in an attribution: up to the first comma, parenthesis or quote, whitespace
@@ -658,6 +671,23 @@ mod tests {
         // A blank line between the text and its attribution is fine.
         let (t, a) = split_attribution("Quote.\n\n\t\t-- Mark Twain\n\n");
         assert_eq!((t.as_str(), a.as_deref()), ("Quote.\n", Some("Mark Twain")));
+        // A note right below the attribution ends its wrap and stays in the text.
+        let (t, a) = split_attribution(
+            "Live in a way that the preacher need not lie at your funeral.\n\t\t-- Will Rogers\n[Also attributed to Johnny Carson.  Ed.]\n",
+        );
+        assert_eq!(
+            t,
+            "Live in a way that the preacher need not lie at your funeral.\n\n[Also attributed to Johnny Carson.  Ed.]"
+        );
+        assert_eq!(a.as_deref(), Some("Will Rogers"));
+        // A wrap that makes too long a name leaves the dash line's own.
+        let (_, a) = split_attribution(
+            "in Apollo 11.\"\n-- Michael Collins\n   Former astronaut and past Director of the National Air and Space Museum\n",
+        );
+        assert_eq!(a.as_deref(), Some("Michael Collins"));
+        // The last item of a list of dash lines at the margin is the list's, not an author.
+        let list = "Platitudes:\n-- Look before you leap.\n-- He who hesitates is lost.\n";
+        assert_eq!(split_attribution(list), (list.to_string(), None));
         // An em dash at the margin opens dialogue; indented, it attributes.
         let dialogue = "Он сказал:\n— Я вернусь.\n";
         assert_eq!(split_attribution(dialogue), (dialogue.to_string(), None));
