@@ -53,6 +53,9 @@ pub struct ExecOptions {
     /// Local scratch: stage working directories and materialised inputs.
     pub cache_dir: PathBuf,
     pub args: Vec<String>,
+    /// `run --repair`: a damaged manifest met while running (a stage whose key the plan
+    /// could not know yet) is set aside and the stage run, as the plan does for the others.
+    pub repair: bool,
 }
 
 struct Shared {
@@ -66,6 +69,7 @@ struct Shared {
     jobs: Arc<Semaphore>,
     tracker: Arc<Tracker>,
     experiment: String,
+    repair: bool,
 }
 
 /// Outcome of one stage task.
@@ -96,6 +100,7 @@ pub async fn execute(
         jobs: Arc::new(Semaphore::new(opts.jobs.max(1))),
         tracker: Arc::clone(&tracker),
         experiment: opts.experiment.clone(),
+        repair: opts.repair,
     });
     let n = pipeline.stages.len();
     let mut manifests: Vec<Option<Manifest>> =
@@ -461,8 +466,23 @@ async fn run_stage(
                 return finish(record, Some(m));
             }
             Ok(None) => {}
+            Err(e) if e.is_damage() && sh.repair => {
+                sh.reporter.note(&format!(
+                    "stage `{}`: its stored manifest is damaged and is set aside ({e}); the stage runs",
+                    stage.name
+                ));
+                if let Err(e) = sh.store.delete_manifest(&key).await {
+                    record.error = Some(e.to_string());
+                    record.store_error = true;
+                    return finish(record, None);
+                }
+            }
             Err(e) => {
-                record.error = Some(e.to_string());
+                record.error = Some(if e.is_damage() {
+                    format!("{e}; run again with --repair to set it aside and rerun the stage")
+                } else {
+                    e.to_string()
+                });
                 record.store_error = true;
                 return finish(record, None);
             }
@@ -645,24 +665,22 @@ enum StageFailure {
 }
 
 /// The `deps` (and ingest sources) of stage `i` whose content is no longer what `parts`
-/// hashed, backticked; a file that cannot be read counts as changed.
+/// hashed, backticked; an error where one cannot be read again.
 async fn files_changed_since(
     sh: &Shared,
     i: usize,
     parts: &crate::key::CacheKeyParts,
-) -> Vec<String> {
+) -> Result<Vec<String>, crate::plan::PlanError> {
     if parts.files.is_empty() {
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    match crate::plan::dependency_digests(&sh.pipeline, i).await {
-        Ok(now) => parts
-            .files
-            .iter()
-            .filter(|(name, digest)| now.get(*name) != Some(*digest))
-            .map(|(name, _)| format!("`{name}`"))
-            .collect(),
-        Err(e) => vec![e.to_string()],
-    }
+    let now = crate::plan::dependency_digests(&sh.pipeline, i).await?;
+    Ok(parts
+        .files
+        .iter()
+        .filter(|(name, digest)| now.get(*name) != Some(*digest))
+        .map(|(name, _)| format!("`{name}`"))
+        .collect())
 }
 
 impl From<StoreError> for StageFailure {
@@ -834,14 +852,23 @@ async fn produce(
     // The files the key names were hashed when the stage was planned, and the stage read
     // them since (perhaps long after, behind a `--jobs` queue): an output made from other
     // bytes must not be stored under that key, where a later run would take it as theirs.
-    let changed = files_changed_since(sh, i, parts).await;
-    if !changed.is_empty() {
-        return Err(StageFailure::Changed(format!(
-            "{} changed while stage `{}` ran, so its output may not be what its cache key names; nothing was stored: run it again (working directory kept at {})",
-            changed.join(", "),
-            stage.name,
-            work.display()
-        )));
+    match files_changed_since(sh, i, parts).await {
+        Ok(changed) if changed.is_empty() => {}
+        Ok(changed) => {
+            return Err(StageFailure::Changed(format!(
+                "{} changed while stage `{}` ran, so its output may not be what its cache key names; nothing was stored: run it again (working directory kept at {})",
+                changed.join(", "),
+                stage.name,
+                work.display()
+            )))
+        }
+        // Not known to have changed: the store's (or the disk's) failure, retried as one.
+        Err(e) => {
+            return Err(StageFailure::Store(format!(
+                "cannot check that the files stage `{}` read did not change while it ran: {e}",
+                stage.name
+            )))
+        }
     }
 
     let files =
@@ -1195,10 +1222,21 @@ fn list_files(root: &Path) -> std::io::Result<Vec<String>> {
                     Ok(target) if target.is_file() => {
                         out.push(child.to_string_lossy().replace('\\', "/"));
                     }
+                    // One inside the tree (a virtualenv's `lib64 -> lib`) names files the
+                    // artifact holds anyway; one outside would be lost without a word.
                     Ok(target) if target.is_dir() => {
-                        return Err(std::io::Error::other(format!(
-                            "`{shown}` is a link to a folder, which is not stored: copy the folder there instead"
-                        )))
+                        let inside = match (
+                            std::fs::canonicalize(root.join(&child)),
+                            std::fs::canonicalize(root),
+                        ) {
+                            (Ok(target), Ok(root)) => target.starts_with(root),
+                            _ => false,
+                        };
+                        if !inside {
+                            return Err(std::io::Error::other(format!(
+                                "`{shown}` is a link to a folder outside the output, which is not stored: copy the folder there instead"
+                            )));
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => {

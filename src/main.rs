@@ -562,13 +562,13 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             no_tracking,
         } => {
             let p = Arc::new(load(&pipeline)?);
+            let store = open_store(&p, &store)?;
+            let plan = Plan::build(&p, &store, &select.selection()).await?;
             #[cfg(feature = "model")]
             if !no_serve {
                 // Found now, not after a training run of an hour and more.
-                serving_key_problem(&p)?;
+                serving_key_problem(&p, &plan)?;
             }
-            let store = open_store(&p, &store)?;
-            let plan = Plan::build(&p, &store, &select.selection()).await?;
             let cancel = CancelToken::new();
             let reporter: Arc<dyn orchestrate::report::Reporter> =
                 Arc::from(orchestrate::report::for_stderr(quiet));
@@ -592,6 +592,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 tracker,
                 experiment: p.tracking.experiment.clone(),
                 system_metrics_every: system_metrics_every()?,
+                repair: select.repair,
             };
             let serve_store = store.clone();
             let (record, record_error) =
@@ -1108,24 +1109,41 @@ impl ServeOverrides {
     }
 }
 
-/// A deploy stage whose server `run` would start without the key its deployment asks for
-/// (`api_key_env` names a variable that is unset or empty, and `ORCHESTRATE_API_KEY` is
-/// too): the server would refuse to start, after every stage before it had run.
+/// A deploy stage, selected to run or cached, whose server `run` would not start for its
+/// API key: `api_key_env` names a variable that is unset or empty (and so is
+/// `ORCHESTRATE_API_KEY`), or the key is one no HTTP header carries. Found after every stage
+/// before it had run, otherwise.
 #[cfg(feature = "model")]
-fn serving_key_problem(p: &Pipeline) -> Result<(), Failure> {
-    if ServeOverrides::from_env().api_key.is_some() {
-        return Ok(());
-    }
-    let set = |var: &str| std::env::var(var).is_ok_and(|v| !v.is_empty());
-    for stage in p.stages.iter().filter(|s| s.kind.name() == "deploy") {
-        if let Some(var) = stage.params["api_key_env"].as_str().filter(|v| !set(v)) {
-            return Err(Failure::new(
-                2,
-                format!(
-                    "error: stage `{}` serves with the API key in ${var} (its `api_key_env`), which is unset or empty; set it (or ORCHESTRATE_API_KEY), or run with --no-serve",
+fn serving_key_problem(p: &Pipeline, plan: &Plan) -> Result<(), Failure> {
+    let from_env = ServeOverrides::from_env().api_key;
+    let refuse = |msg: String| Err(Failure::new(2, format!("error: {msg}")));
+    let selected = p
+        .stages
+        .iter()
+        .zip(&plan.stages)
+        .filter(|(stage, planned)| {
+            stage.kind.name() == "deploy"
+                && planned.status != orchestrate::plan::Status::NotSelected
+        });
+    for (stage, _) in selected {
+        let var = stage.params["api_key_env"].as_str();
+        let key = from_env.clone().or_else(|| {
+            var.and_then(|v| std::env::var(v).ok())
+                .filter(|k| !k.is_empty())
+        });
+        match (key, var) {
+            (Some(key), _) => {
+                if let Some(problem) = orchestrate_serve::api_key_problem(&key) {
+                    return refuse(format!("stage `{}` would serve with an API key that {problem}", stage.name));
+                }
+            }
+            (None, Some(var)) => {
+                return refuse(format!(
+                    "stage `{}` serves with the API key in ${var} (its `api_key_env`), which is unset or empty; set it (or ORCHESTRATE_API_KEY), or run with --no-serve",
                     stage.name
-                ),
-            ));
+                ))
+            }
+            (None, None) => {}
         }
     }
     Ok(())

@@ -818,7 +818,7 @@ fn links_in_an_output_folder_that_cannot_be_stored_are_named() {
     for (link, says) in [
         (
             "ln -s $PIPELINE_DIR d/elsewhere",
-            "`d/elsewhere` is a link to a folder",
+            "`d/elsewhere` is a link to a folder outside the output",
         ),
         (
             "ln -s /no/such/file d/elsewhere",
@@ -838,6 +838,20 @@ fn links_in_an_output_folder_that_cannot_be_stored_are_named() {
         assert!(all.contains(says), "{link}: {all}");
         assert_eq!(sb.manifests(), 0, "{link}");
     }
+    // One to a folder inside the output (a virtualenv's `lib64 -> lib`) is passed over:
+    // the folder itself is stored.
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        "name: links\nstorage: file://store\nstages:\n  a:\n    kind: shell\n    with: { run: 'mkdir -p d/lib && echo x > d/lib/f && ln -s lib d/lib64', outputs: [d] }\n",
+    );
+    let r = sb.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let files = sb.stage_manifest("a")["files"].to_string();
+    assert!(
+        files.contains("d/lib/f") && !files.contains("lib64"),
+        "{files}"
+    );
 }
 
 /// A shell command sees its stage's name (`$STAGE`), so the name is part of its key: two

@@ -194,13 +194,22 @@ fn read_separated<R: BufRead>(
     let mut consumed = 0u64;
     let mut line_no = 0usize;
     let mut start = 1usize;
+    // The first line of the record with a NUL byte: a UTF-16 file is one record (its `%`
+    // lines are not `%` lines), over the cap when it is a real one, and must still be
+    // called what it is rather than one `too_long` drop.
+    let mut nul_line: Option<usize> = None;
     loop {
         let read = next_line(&mut r, &mut line, &mut consumed, cap.saturating_add(1))?;
         if read.is_some() {
             line_no += 1;
+            if nul_line.is_none() && line.contains(&0) {
+                nul_line = Some(line_no);
+            }
         }
         if read.is_none() || (read == Some(Line::Whole) && is_separator(&line)) {
-            if too_long {
+            if let (true, Some(at)) = (too_long, nul_line) {
+                sink(nul_at(at), consumed)?;
+            } else if too_long {
                 sink(RawItem::TooLong, consumed)?;
             } else if !record.is_empty() {
                 emit(
@@ -213,6 +222,7 @@ fn read_separated<R: BufRead>(
             }
             record.clear();
             too_long = false;
+            nul_line = None;
             start = line_no + 1;
             if read.is_none() {
                 return Ok(());
@@ -241,6 +251,11 @@ fn emit(
     }
     match String::from_utf8(bytes) {
         Ok(text) => {
+            // Before the author is taken from it: `Honor'\be de Balzac` is Honoré.
+            let text = match without_controls(&text) {
+                Cow::Borrowed(_) => text,
+                Cow::Owned(clean) => clean,
+            };
             let (text, author) = match attribution {
                 Attribution::Split => split_attribution(&text),
                 Attribution::Keep => (text, None),
@@ -263,11 +278,18 @@ fn emit(
 /// this, a UTF-16 file would pass as one long record of garbage.
 fn binary(bytes: &[u8], line: usize) -> Option<RawItem> {
     let at = bytes.iter().position(|&b| b == 0)?;
-    Some(RawItem::Invalid {
-        line: line + newlines(&bytes[..at]),
-        reason: "a NUL byte (UTF-16, or not a text file?)".into(),
-    })
+    Some(nul_at(line + newlines(&bytes[..at])))
 }
+
+fn nul_at(line: usize) -> RawItem {
+    RawItem::Invalid {
+        line,
+        reason: NUL_REASON.into(),
+    }
+}
+
+/// Why a record with a NUL byte is not text.
+const NUL_REASON: &str = "a NUL byte (UTF-16, or not a text file?)";
 
 /// Invalid UTF-8 in a record that starts at `line`: the line and column (in bytes) of the
 /// first bad byte.
@@ -277,7 +299,7 @@ fn not_utf8(bytes: &[u8], e: std::str::Utf8Error, line: usize) -> RawItem {
     RawItem::Invalid {
         line: line + newlines(good),
         reason: format!(
-            "invalid UTF-8 at byte {column} of the line (not a UTF-8 file? convert it with iconv)"
+            "invalid UTF-8 at byte {column} of the line (is the file in another encoding?)"
         ),
     }
 }
@@ -293,10 +315,10 @@ fn read_lines<R: BufRead>(mut r: R, cap: usize, sink: Sink<'_>) -> Result<(), St
     // `cap` bytes of text, and its line break.
     while let Some(read) = next_line(&mut r, &mut line, &mut consumed, cap.saturating_add(1))? {
         n += 1;
-        if read == Line::Cut {
-            sink(RawItem::TooLong, consumed)?;
-        } else if let Some(item) = binary(&line, n) {
+        if let Some(item) = binary(&line, n) {
             sink(item, consumed)?;
+        } else if read == Line::Cut {
+            sink(RawItem::TooLong, consumed)?;
         } else if !line.iter().all(u8::is_ascii_whitespace) {
             let bytes = std::mem::take(&mut line);
             match String::from_utf8(bytes) {
@@ -386,8 +408,19 @@ fn read_parquet(
             let Some(c) = batch.column_by_name(name) else {
                 return Ok(None);
             };
-            let text = arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8)
-                .ok()
+            use arrow::datatypes::DataType;
+            // Strings only: a number or a date would cast to text, and a `text` field
+            // pointed at an id column would give a corpus of ids.
+            let stringy = |t: &DataType| {
+                matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+            };
+            let is_text = match c.data_type() {
+                DataType::Dictionary(_, values) => stringy(values),
+                t => stringy(t),
+            };
+            let text = is_text
+                .then(|| arrow::compute::cast(c, &DataType::Utf8).ok())
+                .flatten()
                 .and_then(|t| t.as_any().downcast_ref::<StringArray>().cloned());
             match text {
                 Some(t) => Ok(Some(t)),
@@ -453,8 +486,12 @@ pub fn split_attribution(record: &str) -> (String, Option<String>) {
         // An editor's note right below the attribution ("[Also attributed to Johnny
         // Carson.  Ed.]") ends its wrap and stays in the text, as one set off by a blank
         // line does (below).
+        // (Not one indented past the dash line: that is the attribution's own wrapped
+        // source, "\t\t   [comp.os.linux.announce]".)
         let wrap_end = (i + 1..=last)
-            .find(|&k| lines[k].trim_start().starts_with('['))
+            .find(|&k| {
+                lines[k].trim_start().starts_with('[') && indent(lines[k]) <= indent(lines[i])
+            })
             .unwrap_or(last + 1);
         let mut text = lines[..i].join("\n");
         if wrap_end <= last {
@@ -487,6 +524,16 @@ pub fn split_attribution(record: &str) -> (String, Option<String>) {
         }
     }
     (record.to_string(), None)
+}
+
+/// A line's indentation in columns, tabs to the next multiple of 8.
+fn indent(line: &str) -> usize {
+    line.chars()
+        .take_while(|c| c.is_whitespace())
+        .fold(
+            0,
+            |col, c| if c == '\t' { col / 8 * 8 + 8 } else { col + 1 },
+        )
 }
 
 fn is_blank(line: &str) -> bool {
@@ -527,7 +574,18 @@ fn attribution_author(rest: &str, wrapped: &[&str]) -> Option<String> {
     let attribution: Vec<&str> = std::iter::once(rest)
         .chain(wrapped.iter().copied())
         .collect();
-    parse_author(&attribution.join(" ")).or_else(|| parse_author(rest))
+    parse_author(&attribution.join(" ")).or_else(|| parse_author(rest).filter(|n| name_like(n)))
+}
+
+/// Whether every word is capitalised, an initial, or a particle of a name (`de`, `van`):
+/// a dash line's own words as a name only where they look like one ("Michael Collins",
+/// not "Branden Robinson in" or "from the IEEE Standard").
+fn name_like(name: &str) -> bool {
+    const PARTICLES: [&str; 12] = [
+        "de", "da", "di", "du", "del", "der", "van", "von", "la", "le", "y", "bin",
+    ];
+    name.split_whitespace()
+        .all(|w| w.chars().next().is_some_and(|c| !c.is_lowercase()) || PARTICLES.contains(&w))
 }
 
 /// The name in an attribution: up to the first comma, parenthesis or quote, whitespace
@@ -550,27 +608,70 @@ pub fn parse_author(attribution: &str) -> Option<String> {
 /// overstrike of a teletype (`_\bI` underlines an I, `'\bi` accents it, and the BSD fortune
 /// files have dozens): the character after it stands, the one before it goes. Any other
 /// control (a bell, an escape, C1 codes) is dropped: a model has nothing to learn from it.
-fn without_controls(text: &str) -> Cow<'_, str> {
+pub(crate) fn without_controls(text: &str) -> Cow<'_, str> {
     let stray = |c: char| c.is_control() && !matches!(c, '\t' | '\n' | '\r');
     if !text.chars().any(stray) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if c == '\u{8}' {
-            if out.ends_with(|p: char| p != '\n') {
-                out.pop();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{8}' => {
+                let before = out.chars().last().filter(|&b| b != '\n');
+                let after = chars.peek().copied();
+                match (before, after) {
+                    (Some(b), Some(a)) => match (accent(b), accent(a)) {
+                        // `'\be`, `'\bi`: an accent struck over a letter is that letter
+                        // accented (NFC composes them later: é, í).
+                        (Some(mark), None) if a.is_alphabetic() => {
+                            out.pop();
+                            out.push(a);
+                            out.push(mark);
+                            chars.next();
+                        }
+                        // `e\b'`: the same, struck the other way round.
+                        (None, Some(mark)) if b.is_alphabetic() => {
+                            out.push(mark);
+                            chars.next();
+                        }
+                        // `_\bI` (underline), `I\bI` (bold): the later character stands.
+                        _ => {
+                            out.pop();
+                        }
+                    },
+                    (Some(_), None) => {
+                        out.pop();
+                    }
+                    (None, _) => {}
+                }
             }
-        } else if !stray(c) {
-            out.push(c);
+            // Vertical tab, form feed, next line: breaks, which whitespace clean-up folds.
+            '\u{b}' | '\u{c}' | '\u{85}' => out.push(' '),
+            c if stray(c) => {}
+            c => out.push(c),
         }
     }
     Cow::Owned(out)
 }
 
+/// The combining mark a typewriter accent struck over a letter stands for.
+fn accent(c: char) -> Option<char> {
+    match c {
+        '\'' => Some('\u{301}'),
+        '`' => Some('\u{300}'),
+        '^' => Some('\u{302}'),
+        '"' => Some('\u{308}'),
+        '~' => Some('\u{303}'),
+        ',' => Some('\u{327}'),
+        _ => None,
+    }
+}
+
 /// An author's name given as a name (a JSON field, a Parquet column): whitespace collapsed,
 /// NFC; None without two letters.
 pub fn clean_name(name: &str) -> Option<String> {
+    let name = without_controls(name);
     let name: String = name.split_whitespace().collect::<Vec<_>>().join(" ");
     let name: String = name.nfc().collect();
     (name.chars().filter(|c| c.is_alphabetic()).count() >= 2).then_some(name)
@@ -685,6 +786,18 @@ mod tests {
             "in Apollo 11.\"\n-- Michael Collins\n   Former astronaut and past Director of the National Air and Space Museum\n",
         );
         assert_eq!(a.as_deref(), Some("Michael Collins"));
+        // Not a dash line's words that do not look like a name.
+        let (_, a) = split_attribution(
+            "Quote.\n-- Branden Robinson in\n   a long thread on the debian-devel mailing list about this\n",
+        );
+        assert_eq!(a, None);
+        // A bracketed line indented past the dash line is the attribution's own source.
+        let (t, a) =
+            split_attribution("Quote.\n\t\t-- Lars Wirzenius\n\t\t   [comp.os.linux.announce]\n");
+        assert_eq!(
+            (t.as_str(), a.as_deref()),
+            ("Quote.", Some("Lars Wirzenius"))
+        );
         // The last item of a list of dash lines at the margin is the list's, not an author.
         let list = "Platitudes:\n-- Look before you leap.\n-- He who hesitates is lost.\n";
         assert_eq!(split_attribution(list), (list.to_string(), None));
@@ -900,7 +1013,10 @@ mod tests {
             read_text(Format::Fortune, data),
             vec![
                 Ok(("first\n".to_string(), None)),
-                Err("4: invalid UTF-8 at byte 8 of the line (not a UTF-8 file? convert it with iconv)".into())
+                Err(
+                    "4: invalid UTF-8 at byte 8 of the line (is the file in another encoding?)"
+                        .into()
+                )
             ]
         );
         // UTF-16: its Cyrillic is valid UTF-8 byte for byte, its NULs are not text.
@@ -917,6 +1033,27 @@ mod tests {
         assert!(read_text(Format::Lines, b"a\0b\n")[0]
             .as_ref()
             .is_err_and(|e| e.starts_with("1: a NUL byte")));
+        // A UTF-16 file over the record cap is one record (its `%` lines are not `%`
+        // lines): still called what it is, not a record too long.
+        let mut big = Vec::new();
+        let mut sink = |item: RawItem, _: u64| {
+            big.push(matches!(item, RawItem::Invalid { ref reason, .. } if reason == NUL_REASON));
+            Ok(())
+        };
+        let long: Vec<u8> = "слово\n%\n"
+            .repeat(100)
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        read_separated(
+            &long[..],
+            is_fortune_separator,
+            Attribution::Split,
+            64,
+            &mut sink,
+        )
+        .unwrap();
+        assert_eq!(big, vec![true]);
     }
 
     #[test]
@@ -925,7 +1062,7 @@ mod tests {
             normalize_text("_\u{8}I said *____\u{8}\u{8}\u{8}\u{8}only*"),
             "I said *only*"
         );
-        assert_eq!(normalize_text("m'\u{8}iriel"), "miriel");
+        assert_eq!(normalize_text("m'\u{8}iriel"), "míriel");
         assert_eq!(
             normalize_text("ring\u{7} the \u{1b}bell\u{85}"),
             "ring the bell"
@@ -933,6 +1070,24 @@ mod tests {
         // A backspace at the start of a line takes nothing from the line before.
         assert_eq!(normalize_text("a\n\n\u{8}b"), "a\nb");
         assert_eq!(normalize_text("plain\ttext"), "plain text");
+        // A typewriter accent struck over a letter, either way round, is the letter accented.
+        assert_eq!(
+            normalize_text("caf'\u{8}e, e\u{8}'t'\u{8}e, gar,\u{8}con"),
+            "café, été, garçon"
+        );
+        // Breaks that are control characters are breaks.
+        assert_eq!(normalize_text("a\u{b}b\u{c}c\u{85}d"), "a b c d");
+        // The author is taken after the overstrikes resolve.
+        assert_eq!(
+            read_text(
+                Format::Fortune,
+                "Quote.\n\t\t-- Honor'\u{8}e de Balzac\n%\n".as_bytes()
+            ),
+            vec![Ok((
+                "Quote.".to_string(),
+                Some("Honoré de Balzac".to_string())
+            ))]
+        );
     }
 
     #[test]
@@ -1012,6 +1167,25 @@ mod tests {
                 "{compression:?}"
             );
         }
+        // A column that is not text is refused, naming it, not cast to text.
+        let ids: ArrayRef = Arc::new(arrow::array::Int64Array::from(vec![1, 2]));
+        let batch = RecordBatch::try_from_iter([("text", ids)]).unwrap();
+        let path = dir.join("ids.parquet");
+        let mut w =
+            ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None)
+                .unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let e = read(
+            &path,
+            Format::Parquet,
+            &Fields::default(),
+            1 << 16,
+            &mut |_, _| Ok(()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("column `text` is Int64, not text"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

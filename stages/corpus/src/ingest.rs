@@ -112,7 +112,24 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
 };
 
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
-    let v = canonical_params::<IngestParams>(v)?;
+    let mut v = canonical_params::<IngestParams>(v)?;
+    // Languages as the corpus names them (`en-US` and `EN` are `en`), in the key too: a
+    // source's `lang` and the `languages` kept, as a record's own language field is.
+    let code = |l: &mut serde_json::Value| {
+        if let Some(text) = l.as_str() {
+            *l = serde_json::Value::String(language_code(text.to_string()));
+        }
+    };
+    if let Some(sources) = v["sources"].as_array_mut() {
+        for source in sources {
+            if let Some(lang) = source.get_mut("lang") {
+                code(lang);
+            }
+        }
+    }
+    if let Some(languages) = v["languages"].as_array_mut() {
+        languages.iter_mut().for_each(code);
+    }
     let p: IngestParams = serde_json::from_value(v.clone()).expect("just canonicalised");
     let invalid = |path: &[&str], msg: String| ParamError {
         path: path
@@ -493,14 +510,20 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         ctx.events.progress(done_bytes, Some(total), "bytes");
         if let (n, Some(first)) = invalid {
             // Not one record readable: the file is in another encoding (KOI8-R, CP1251,
-            // UTF-16) or not text, and skipping it would shrink the corpus without a word.
+            // UTF-16), not text, or (JSON Lines) named with the wrong `fields`; skipping it
+            // would shrink the corpus without a word.
+            let hint = if first.contains("UTF-8") || first.contains("NUL") {
+                "convert the file (iconv -f KOI8-R -t UTF-8, say) or leave it out"
+            } else {
+                "check its format and `fields`, or leave it out"
+            };
             if n == in_file {
                 return Err(StageError::Failed(format!(
-                    "none of the {n} records of {shown} is UTF-8 text (first: {first}); convert the file (iconv -f KOI8-R -t UTF-8, say) or leave it out"
+                    "none of the {n} records of {shown} could be read (first: {first}); {hint}"
                 )));
             }
             ctx.events.log(&format!(
-                "{shown}: {n} of {in_file} records skipped as not UTF-8 text (first: {first})"
+                "{shown}: {n} of {in_file} records skipped as unreadable (first: {first})"
             ));
         }
     }
@@ -968,7 +991,7 @@ mod tests {
         let (r, _) = run_stage(&DESCRIPTOR, run, params, &d, &[]);
         let err = r.unwrap_err().to_string();
         assert!(
-            err.contains("none of the 2 records of koi8.txt is UTF-8 text")
+            err.contains("none of the 2 records of koi8.txt could be read")
                 && err.contains("iconv"),
             "{err}"
         );
@@ -979,6 +1002,14 @@ mod tests {
         assert_eq!(language_code("RU".into()), "ru");
         assert_eq!(language_code("en-US".into()), "en");
         assert_eq!(language_code(" ru_RU ".into()), "ru");
+        // A source's `lang` and the `languages` kept are named so too, in the key as well.
+        let v = canonical(serde_json::json!({
+            "sources": [{"path": "en.txt", "lang": "en-US"}],
+            "languages": ["EN"],
+        }))
+        .unwrap();
+        assert_eq!(v["sources"][0]["lang"], "en");
+        assert_eq!(v["languages"][0], "en");
     }
 
     #[test]

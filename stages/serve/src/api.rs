@@ -465,7 +465,7 @@ pub struct Parameters {
     /// TGI's: `generated_text` starts with the prompt as given.
     pub return_full_text: Option<bool>,
     /// TGI parameters this server does not implement: refused by name where they ask for
-    /// something (see `TGI_UNSUPPORTED`), not dropped, or a client would take unconstrained
+    /// something (see `Parameters::unsupported`), not dropped, or a client would take unconstrained
     /// or greedy text for what it asked.
     pub grammar: Option<Value>,
     pub typical_p: Option<Value>,
@@ -790,9 +790,12 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Collected, Ap
             Event::Token {
                 token,
                 piece,
-                special,
+                special_id,
                 ..
             } => {
+                // Special by its id where its own text is empty (the stream's `special` is
+                // false for an end token that carries held-back text).
+                let special = special_id && piece.is_empty();
                 tokens.push(json!({"id": token.id, "text": piece, "logprob": token.logprob, "special": special}));
             }
             Event::Done {
@@ -1493,7 +1496,7 @@ async fn chat(
     // 0 asks for nothing, as null does.
     if r.top_logprobs
         .as_ref()
-        .is_some_and(|v| !v.is_null() && v.as_u64() != Some(0))
+        .is_some_and(|v| !v.is_null() && v.as_f64() != Some(0.0))
     {
         return Err(unsupported("top_logprobs", "logprobs are"));
     }
@@ -1925,6 +1928,7 @@ mod tests {
             text: text.into(),
             piece: text.into(),
             special: false,
+            special_id: false,
             last,
         }
     }

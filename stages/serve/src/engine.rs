@@ -30,6 +30,8 @@ pub enum Event {
         /// The token's own text, held back or not: what `details` lists it with.
         piece: String,
         special: bool,
+        /// The token is a special one (end, padding, start), whatever text it carries.
+        special_id: bool,
         /// The request's last token: its `Done` follows in the same step, so a stream can
         /// wait for that one event to send the summary with this token.
         last: bool,
@@ -262,15 +264,16 @@ fn run<B: Backend>(
                 // Special tokens decode to nothing, but the last one carries the text held
                 // back for the stop sequences: it is not shown as special then, or clients
                 // that skip special tokens' text would lose it.
-                let special = (token.id == specials.eos
+                let special_id = token.id == specials.eos
                     || token.id == specials.pad
-                    || token.id == specials.bos)
-                    && text.is_empty();
+                    || token.id == specials.bos;
+                let special = special_id && text.is_empty();
                 let sent = slot.job.events.send(Event::Token {
                     token,
                     text,
                     piece,
                     special,
+                    special_id,
                     last: last || stopped,
                 });
                 if sent.is_err() {
@@ -459,6 +462,28 @@ mod tests {
         // The earliest of several, wherever each began.
         let (sent, text, _) = stream(&ids("hello\nworld"), &["\n", "lo"]);
         assert_eq!((sent.concat().as_str(), text.as_str()), ("hel", "hel"));
+    }
+
+    /// Each token's own text (what `details` lists) is its text, while the stream holds
+    /// back what may begin a stop sequence.
+    #[test]
+    fn a_token_s_piece_is_its_own_text_whatever_is_held_back() {
+        let tok = tokenizer();
+        let stops = vec!["xyz".to_string()];
+        let tokens = ids("abc");
+        let mut s = TextStream::default();
+        let pushed: Vec<(String, String)> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                let p = s.push(&tok, id, &stops, i + 1 == tokens.len());
+                (p.piece, p.text)
+            })
+            .collect();
+        assert_eq!(
+            pushed,
+            [("a", ""), ("b", ""), ("c", "abc")].map(|(p, t)| (p.to_string(), t.to_string()))
+        );
     }
 
     #[test]

@@ -128,6 +128,18 @@ impl From<ServeError> for String {
     }
 }
 
+/// What makes `key` one no client can send, if anything: HTTP carries it in a header, whose
+/// value is trimmed and, past ASCII, has no agreed encoding, so a key with a space at either
+/// end or another character would never match, and every request would be refused.
+pub fn api_key_problem(key: &str) -> Option<&'static str> {
+    let sendable = key.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        && !key.starts_with(' ')
+        && !key.ends_with(' ');
+    (!sendable).then_some(
+        "is not printable ASCII with no space at either end (clients send it in an HTTP header)",
+    )
+}
+
 impl ServeOptions {
     /// The options' own problems, before anything is loaded.
     pub fn check(&self) -> Result<Compute, ServeError> {
@@ -146,15 +158,8 @@ impl ServeOptions {
         // HTTP carries the key in a header, whose value is trimmed and, past ASCII, has no
         // agreed encoding: a key with spaces at its ends or other characters would never
         // match, and every request would be refused.
-        if let Some(key) = &self.api_key {
-            if !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
-                || key.starts_with(' ')
-                || key.ends_with(' ')
-            {
-                return Err(ServeError::usage(
-                    "the API key must be printable ASCII with no space at either end (clients send it in an HTTP header)",
-                ));
-            }
+        if let Some(problem) = self.api_key.as_deref().and_then(api_key_problem) {
+            return Err(ServeError::usage(format!("the API key {problem}")));
         }
         // Every request would be cut off before its head arrived.
         if self.read_timeout.is_zero() {
