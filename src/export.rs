@@ -48,16 +48,25 @@ pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String
             "valueFrom": {"secretKeyRef": {"name": o.secret, "key": key, "optional": true}}
         }));
     }
+    // The variables the pipeline reads (`${env.X}`): a task's container has only the
+    // environment given here, so without them it would resolve other values than `plan`
+    // showed (a default) or fail. Those set here travel with their values.
+    let mut read = env_names(source);
+    for set in &o.sets {
+        read.extend(env_names(set));
+    }
+    for name in read {
+        if let Ok(value) = std::env::var(&name) {
+            env.push(json!({"name": name, "value": value}));
+        }
+    }
+    let names = task_names(p);
     let mut tasks = Vec::new();
     let mut templates = Vec::new();
     for &i in &p.order {
         let s = &p.stages[i];
-        let name = task_name(&s.name);
-        let mut deps: Vec<String> = p
-            .upstream(i)
-            .iter()
-            .map(|&u| task_name(&p.stages[u].name))
-            .collect();
+        let name = names[i].clone();
+        let mut deps: Vec<String> = p.upstream(i).iter().map(|&u| names[u].clone()).collect();
         deps.sort();
         deps.dedup();
         let mut task = json!({"name": name, "template": name});
@@ -65,44 +74,141 @@ pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String
             task["dependencies"] = json!(deps);
         }
         tasks.push(task);
-        let mut args = vec!["run", PIPELINE_PATH, "--only", s.name.as_str()];
+        let mut args: Vec<String> = ["run", PIPELINE_PATH, "--only", s.name.as_str()]
+            .map(String::from)
+            .to_vec();
         for set in &o.sets {
-            args.extend(["--set", set.as_str()]);
+            args.extend(["--set".to_string(), set.clone()]);
         }
-        args.extend(["--no-serve", "--quiet"]);
+        // Argo retries the task (`retryStrategy`): the run inside it does not retry as
+        // well, or `retries: 2` would be up to nine trainings. (`retries` is in no key.)
+        args.extend(["--set".to_string(), format!("{}.retries=0", s.name)]);
+        let gpus = gpus(s)?;
+        if let Device::Cuda(Some(_)) = s.device {
+            // `cuda:N` names a GPU of the machine it was written on; a pod sees the ones
+            // it was given, from 0. (Only the device class is in the key.)
+            args.extend([
+                "--set".to_string(),
+                format!("{}.resources.device=cuda", s.name),
+            ]);
+        }
+        args.extend(["--no-serve", "--quiet"].map(String::from));
         let mut container = json!({
             "image": o.image,
             "command": ["orchestrate"],
             "args": args,
             "env": env,
         });
-        if let Device::Cuda(_) = s.device {
-            // One GPU per task: the scheduler picks which; `cuda:N` indices are node-local.
-            container["resources"] = json!({"limits": {"nvidia.com/gpu": "1"}});
+        if gpus > 0 {
+            container["resources"] = json!({"limits": {"nvidia.com/gpu": gpus.to_string()}});
         }
         templates.push(json!({
             "name": name,
-            "metadata": {"labels": {"orchestrate.stage": s.name, "orchestrate.kind": s.kind.name()}},
+            "metadata": {"labels": {"orchestrate.stage": label_value(&s.name), "orchestrate.kind": s.kind.name()}},
             // A quality gate's failure (exit 4) is final, as in `run`: retrying would
-            // re-measure a latency until it happened to pass.
+            // re-measure a latency until it happened to pass. So is an invalid pipeline
+            // (exit 2), which fails the same way every time.
             "retryStrategy": {
                 "limit": (s.retries).to_string(),
-                "expression": "asInt(lastRetry.exitCode) != 4",
+                "expression": "asInt(lastRetry.exitCode) != 4 && asInt(lastRetry.exitCode) != 2",
             },
             "inputs": {"artifacts": [{"name": "pipeline", "path": PIPELINE_PATH, "raw": {"data": source}}]},
             "container": container,
         }));
     }
-    templates.insert(0, json!({"name": "pipeline", "dag": {"tasks": tasks}}));
+    templates.insert(0, json!({"name": DAG, "dag": {"tasks": tasks}}));
+    let workflow = Some(task_name(&p.name))
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| DAG.to_string());
     Ok(json!({
         "apiVersion": "argoproj.io/v1alpha1",
         "kind": "Workflow",
         "metadata": {
-            "generateName": format!("{}-", task_name(&p.name)),
-            "labels": {"orchestrate.pipeline": task_name(&p.name)},
+            "generateName": format!("{workflow}-"),
+            "labels": {"orchestrate.pipeline": label_value(&p.name)},
         },
-        "spec": {"entrypoint": "pipeline", "templates": templates},
+        "spec": {"entrypoint": DAG, "templates": templates},
     }))
+}
+
+/// The DAG's template, the workflow's entrypoint.
+const DAG: &str = "pipeline";
+
+/// The number of GPUs a stage's task asks for: one on `cuda`, one per data-parallel device
+/// (`with.devices`), which must then be `0..n` (the pod sees the ones it was given, from 0).
+fn gpus(s: &crate::pipeline::Stage) -> Result<usize, String> {
+    let devices: Vec<u64> = s.params["devices"]
+        .as_array()
+        .map(|d| d.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    if devices.len() > 1 {
+        if devices.iter().enumerate().any(|(i, &d)| d != i as u64) {
+            return Err(format!(
+                "stage `{}` trains on GPUs {devices:?}, but a pod numbers the GPUs it is given from 0: write `devices: {:?}` to export it",
+                s.name,
+                (0..devices.len()).collect::<Vec<_>>()
+            ));
+        }
+        return Ok(devices.len());
+    }
+    Ok(usize::from(matches!(s.device, Device::Cuda(_))))
+}
+
+/// Each stage's task (and template) name: [`task_name`], made unique. Stage names that fold
+/// to one (`a` and `a_`), or to the DAG's own, or to nothing (`модель`), get their stage
+/// name's hash after them.
+fn task_names(p: &Pipeline) -> Vec<String> {
+    let base: Vec<String> = p.stages.iter().map(|s| task_name(&s.name)).collect();
+    base.iter()
+        .zip(&p.stages)
+        .map(|(b, s)| {
+            let shared = base.iter().filter(|o| *o == b).count() > 1;
+            if b.is_empty() || b == DAG || shared {
+                let hash = blake3::hash(s.name.as_bytes()).to_hex();
+                let stem: String = b.chars().take(40).collect();
+                format!("{stem}-{}", &hash[..8])
+                    .trim_start_matches('-')
+                    .to_string()
+            } else {
+                b.clone()
+            }
+        })
+        .collect()
+}
+
+/// A Kubernetes label value: at most 63 of `[A-Za-z0-9._-]`, starting and ending with a
+/// letter or digit (or empty).
+fn label_value(s: &str) -> String {
+    let mapped: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    mapped
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string()
+}
+
+/// The names of the environment variables `text` reads (`${env.NAME}`,
+/// `${env.NAME:-default}`), in order, once each.
+fn env_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for (at, _) in text.match_indices("${env.") {
+        let name: String = text[at + 6..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !name.is_empty() && !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names
 }
 
 /// Kubernetes names: lower case, digits and `-`.
@@ -165,6 +271,17 @@ pub fn to_yaml(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_kubernetes_takes() {
+        assert_eq!(label_value("a_"), "a");
+        assert_eq!(label_value("модель"), "");
+        assert_eq!(label_value(&"x".repeat(80)).len(), 63);
+        assert_eq!(
+            env_names("a: ${env.A_1:-x} b: ${env.B} c: ${env.A_1} d: ${params.p}"),
+            ["A_1", "B"]
+        );
+    }
 
     #[test]
     fn yaml_reads_back_as_written_whatever_the_text() {

@@ -142,6 +142,57 @@ fn argo_export_validates_against_argos_schema() {
     ]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("s3://"), "{}", r.stderr);
+
+    // Stage names that fold to one task name (`a`, `a_`) or to the DAG's own, a pipeline
+    // name with no Kubernetes letters, a variable the pipeline reads, orchestrate's own
+    // retries, and data-parallel GPUs: a workflow Argo takes, that runs what `plan` shows.
+    sb.write(
+        "odd.yaml",
+        r#"
+name: модель
+storage: s3://b/p
+stages:
+  a: { kind: shell, with: { run: "echo ${env.GREETING:-hi}" } }
+  a_: { kind: shell, inputs: [a], with: { run: "true" } }
+  pipeline: { kind: shell, retries: 2, with: { run: "true" } }
+"#,
+    );
+    let r = sb
+        .cmd(&["export", "argo", "odd.yaml", "-o", "odd-wf.yaml"])
+        .env("GREETING", "hello")
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let wf = sb.read("odd-wf.yaml");
+    let doc = &yaml_rust2::YamlLoader::load_from_str(&wf).unwrap()[0];
+    let templates: Vec<&str> = doc["spec"]["templates"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    let mut unique = templates.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 4, "templates repeat: {templates:?}\n{wf}");
+    for label in doc["spec"]["templates"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["metadata"]["labels"]["orchestrate.stage"].as_str())
+    {
+        assert!(!label.ends_with('_'), "{label}");
+    }
+    assert!(wf.contains("generateName: pipeline-"), "{wf}");
+    assert!(
+        wf.contains("name: GREETING") && wf.contains("value: hello"),
+        "{wf}"
+    );
+    assert!(wf.contains("- pipeline.retries=0"), "{wf}");
+    assert!(wf.contains("!= 2"), "{wf}");
+    if let Some((code, out)) = check(&["argo", sb.path().join("odd-wf.yaml").to_str().unwrap()]) {
+        assert_eq!(code, 0, "{out}\n{wf}");
+    }
 }
 
 #[test]
