@@ -389,6 +389,91 @@ impl PipelineSpec {
             }
         }
 
+        // Params that name other stages or need another stage's setting, checked against
+        // them now rather than after the stages before them have run (a training).
+        for (i, stage) in stages.iter().enumerate() {
+            let Some(stage) = stage else { continue };
+            let (key, node) = &stage_entries[i];
+            let empty = Node::new(Value::Map(Vec::new()), key.span);
+            let with = node.get("with").unwrap_or(&empty);
+            let anchor = with_anchor(key, node);
+            let problem = |path: &str, msg: String| ParamError {
+                path: vec![PathSegment::Key(path.into())],
+                problem: ParamProblem::Invalid(msg),
+            };
+            // evaluate's `baseline` is one of its models.
+            if let Some(b) = stage.params.get("baseline").and_then(|b| b.as_str()) {
+                let models = producers_of_kind(stage, ArtifactKind::Model, &stages);
+                let names: Vec<&str> = models
+                    .iter()
+                    .filter_map(|&m| stages[m].as_ref().map(|s| s.name.as_str()))
+                    .collect();
+                if !names.is_empty() && !names.contains(&b) {
+                    let e = problem(
+                        "baseline",
+                        format!("`{b}` is not among the models ({})", names.join(", ")),
+                    );
+                    v.diags.push(
+                        param_diagnostic(&stage.name, stage.kind, with, anchor, &e)
+                            .hint_opt(suggest(b, &names)),
+                    );
+                }
+            }
+            // GPUs for data-parallel training, on a stage pinned to the CPU.
+            let devices = stage.params.get("devices").and_then(|d| d.as_array());
+            if devices.is_some_and(|d| !d.is_empty()) && stage.device == Device::Cpu {
+                let e = problem(
+                    "devices",
+                    "lists GPUs, but the stage runs on the CPU (resources.device: cpu)".into(),
+                );
+                v.diags.push(
+                    param_diagnostic(&stage.name, stage.kind, with, anchor, &e)
+                        .hint("set resources.device: cuda, or leave devices out"),
+                );
+            }
+            // A tokenizer beside models (evaluate) is the one they were trained with.
+            for tok in producers_of_kind(stage, ArtifactKind::Tokenizer, &stages) {
+                let name = |j: usize| stages[j].as_ref().map_or("", |s| s.name.as_str());
+                // Per tokenizer they were trained with, the models that were.
+                let mut others: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+                for m in producers_of_kind(stage, ArtifactKind::Model, &stages) {
+                    match tokenizer_of(m, &stages, 0) {
+                        Some(trained) if trained != tok => {
+                            others
+                                .entry(trained)
+                                .or_default()
+                                .push(format!("`{}`", name(m)));
+                        }
+                        _ => {}
+                    }
+                }
+                let input = stage
+                    .inputs
+                    .iter()
+                    .find(|b| b.stages.contains(&tok))
+                    .map(|b| b.name.clone())
+                    .unwrap_or_default();
+                let span = ref_spans[i].get(&(input, tok)).copied().unwrap_or(key.span);
+                for (trained, models) in others {
+                    v.diags.push(
+                        Diagnostic::new(
+                            format!(
+                                "stage `{}` reads with tokenizer `{}`, but {} {} trained with `{}`",
+                                stage.name,
+                                name(tok),
+                                models.join(", "),
+                                if models.len() == 1 { "was" } else { "were" },
+                                name(trained)
+                            ),
+                            span,
+                        )
+                        .label("not the models' tokenizer")
+                        .hint(format!("use `{}`", name(trained))),
+                    );
+                }
+            }
+        }
+
         let mut graph = DiGraph::new();
         for i in 0..stages.len() {
             graph.add_node(i);
@@ -476,6 +561,40 @@ impl PipelineSpec {
             digest,
         })
     }
+}
+
+/// The producers of `stage`'s inputs of `kind` that do produce it, in input order.
+fn producers_of_kind(stage: &Stage, kind: ArtifactKind, stages: &[Option<Stage>]) -> Vec<usize> {
+    let Inputs::Typed(decls) = stage.kind.descriptor().inputs else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for d in decls.iter().filter(|d| d.kind == kind) {
+        let Some(b) = stage.inputs.iter().find(|b| b.name == d.name) else {
+            continue;
+        };
+        out.extend(b.stages.iter().copied().filter(|&p| {
+            stages[p]
+                .as_ref()
+                .is_some_and(|s| s.kind.descriptor().output == kind)
+        }));
+    }
+    out
+}
+
+/// The tokenizer stage a model stage's weights were trained with: its own Tokenizer input
+/// (train), or its model's (quantize), followed up the graph. None where there is none
+/// (or a cycle, reported elsewhere, makes the walk long).
+fn tokenizer_of(model: usize, stages: &[Option<Stage>], depth: usize) -> Option<usize> {
+    let s = stages[model].as_ref()?;
+    if depth > stages.len() {
+        return None;
+    }
+    if let Some(&t) = producers_of_kind(s, ArtifactKind::Tokenizer, stages).first() {
+        return Some(t);
+    }
+    let up = *producers_of_kind(s, ArtifactKind::Model, stages).first()?;
+    tokenizer_of(up, stages, depth + 1)
 }
 
 /// A model a stage takes beside an evaluation report that did not score it.
@@ -608,8 +727,11 @@ impl Validator {
     }
 
     fn string(&mut self, node: &Node, what: &str) -> Option<String> {
+        // A number is its text as written: `name: 1.10` (or `${env.V}` with `1.10`) is the
+        // pipeline `1.10`, not `1.1`, and `007` stays `007`.
         match &node.value {
             Value::Str(s) => Some(s.clone()),
+            Value::Int(_) | Value::Float(_) if node.text.is_some() => node.text.clone(),
             Value::Int(i) => Some(i.to_string()),
             Value::Float(f) => Some(f.to_string()),
             _ => {
@@ -1009,17 +1131,22 @@ impl Validator {
                 ParamProblem::Several(all) => all.iter().collect(),
                 _ => vec![&e],
             };
-            // A value YAML typed (`A: 123`, `v: 3.10`, or `${env.X}` standing alone) in a
-            // mapping of texts, such as a shell command's `env`: the text as written. An
-            // environment variable is text, and `3.10` must not arrive as `3.1`. Only the
-            // values of such a mapping: a required text (`run:`) left empty stays an error.
+            // A value YAML typed (`A: 123`, `v: 3.10`, `run: true`, or `${env.X}` standing
+            // alone) where a stage wants text: the text as written. An environment variable
+            // is text, and `3.10` must not arrive as `3.1`. A value left empty (`run:`) is
+            // text only in a mapping of texts (a shell `env`), not where text is required.
             let as_text: Vec<(&ParamError, String)> = each
                 .iter()
                 .filter(|e| matches!(&e.problem, ParamProblem::Invalid(m) if m.contains("expected a string")))
                 .filter(|e| !retyped.contains(&e.path))
                 .filter(|e| {
                     let parent = node_at(node, &e.path[..e.path.len().saturating_sub(1)]);
-                    e.path.len() >= 2 && parent.is_some_and(|p| matches!(p.value, Value::Map(_)))
+                    let in_map = e.path.len() >= 2
+                        && parent.is_some_and(|p| matches!(p.value, Value::Map(_)));
+                    let typed = node_at(node, &e.path).is_some_and(|n| {
+                        matches!(n.value, Value::Int(_) | Value::Float(_) | Value::Bool(_))
+                    });
+                    in_map || typed
                 })
                 .filter_map(|e| Some((*e, written_text(node_at(node, &e.path)?)?)))
                 .collect();

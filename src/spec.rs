@@ -451,7 +451,7 @@ fn expand(s: &str, env: EnvLookup<'_>, params: Option<&Node>) -> Result<Expanded
     while let Some(start) = find_expr(rest) {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let Some(end) = after.find('}') else {
+        let Some(end) = closing_brace(after) else {
             return Err((
                 format!("unclosed `${{` in `{s}`"),
                 Some("close it with `}`".into()),
@@ -477,6 +477,22 @@ fn expand(s: &str, env: EnvLookup<'_>, params: Option<&Node>) -> Result<Expanded
     })
 }
 
+/// Where the expression that `s` begins (after its `${`) ends: its `}`, past any `${...}`
+/// nested in it (a default that is itself an expression: `${env.A:-${env.B:-dev}}`).
+fn closing_brace(s: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    let bytes = s.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'{' if i > 0 && bytes[i - 1] == b'$' => depth += 1,
+            b'}' if depth == 0 => return Some(i),
+            b'}' => depth -= 1,
+            _ => {}
+        }
+    }
+    None
+}
+
 fn find_expr(s: &str) -> Option<usize> {
     match (s.find("${env."), s.find("${params.")) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -496,6 +512,36 @@ fn resolve(
             Some((n, d)) => (n, Some(d)),
             None => (var, None),
         };
+        let is_name = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !is_name {
+            // The shell's other forms (`${X-d}`, `${X:=d}`, `${X:?}`) are not taken.
+            let stem: String = name
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            return Err((
+                format!("`{name}` in `${{{expr}}}` is not an environment variable's name"),
+                Some(format!(
+                    "a default is written `${{env.{stem}:-value}}`; no other shell form is taken"
+                )),
+            ));
+        }
+        // A default may itself be an expression (`${env.A:-${env.B:-dev}}`).
+        let default = match default {
+            Some(d) if d.contains("${env.") || d.contains("${params.") => {
+                match expand(d, env, params)? {
+                    Expanded::Whole(v, text) => {
+                        let text = text.unwrap_or_else(|| scalar_text(&v));
+                        Some(std::borrow::Cow::Owned(text))
+                    }
+                    Expanded::Text(t) => Some(std::borrow::Cow::Owned(t)),
+                }
+            }
+            Some(d) => Some(std::borrow::Cow::Borrowed(d)),
+            None => None,
+        };
+        let default = default.as_deref();
         // As in the shell, `:-` stands in for a variable that is unset or empty.
         return match (
             env(name).filter(|v| !v.is_empty() || default.is_none()),
@@ -596,6 +642,35 @@ mod tests {
         );
         let s = load("name: ${env.NOPE}\nstages: {}\n", &[]);
         assert_eq!(s.diags[0].message, "environment variable `NOPE` is not set");
+    }
+
+    #[test]
+    fn a_default_may_be_an_expression_and_shell_forms_are_named() {
+        let env = |n: &str| (n == "B").then(|| "fromB".to_string());
+        let text = "name: t\nstorage: 'x/${env.A:-${env.B:-dev}}/y'\ntracking: {experiment: '${env.A:-${env.C:-dev}}'}\nstages: {}\n";
+        let s = PipelineSpec::from_text(Path::new("p.yaml"), text, &[], &env).unwrap();
+        assert_eq!(
+            s.root.get("storage").unwrap().value,
+            Value::Str("x/fromB/y".into())
+        );
+        assert_eq!(
+            s.root
+                .get("tracking")
+                .unwrap()
+                .get("experiment")
+                .unwrap()
+                .value,
+            Value::Str("dev".into())
+        );
+        let s = load("name: ${env.HOME-/root}\nstages: {}\n", &[]);
+        assert_eq!(
+            s.diags[0].message,
+            "`HOME-/root` in `${env.HOME-/root}` is not an environment variable's name"
+        );
+        assert_eq!(
+            s.diags[0].hint.as_deref(),
+            Some("a default is written `${env.HOME:-value}`; no other shell form is taken")
+        );
     }
 
     #[test]

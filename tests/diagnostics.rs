@@ -51,6 +51,8 @@ broken!(a_split_that_a_later_stage_needs_is_empty, "empty_split");
 broken!(files_a_stage_reads_are_missing, "missing_files");
 #[cfg(feature = "model")]
 broken!(a_deployed_model_its_report_did_not_score, "unscored_model");
+#[cfg(feature = "model")]
+broken!(params_that_other_stages_contradict, "cross_stage");
 broken!(names_that_differ_only_in_case_or_dashes, "folded_names");
 broken!(every_problem_in_one_with_block, "several_in_one_block");
 broken!(

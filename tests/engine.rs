@@ -1058,6 +1058,20 @@ fn shell_env_takes_values_as_written() {
         sb.read(&format!("store/blobs/{}/{hex}", &hex[..2])),
         "[3.10][][0x10][dflt]\n"
     );
+    // Wherever text is wanted: the pipeline's `name`, a command, an output's name.
+    sb.write(
+        "q.yaml",
+        "name: ${env.V}\nstorage: file://store\nstages:\n  s:\n    kind: shell\n    with: { run: \"${env.CMD}\", outputs: [\"${env.V}\"] }\n",
+    );
+    let r = sb
+        .cmd(&["plan", "q.yaml", "--json"])
+        .env("V", "1.10")
+        .env("CMD", "true")
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(plan["pipeline"], "1.10");
 }
 
 /// `verify --stage S` re-executes S and what it needs, not the rest of the pipeline (which
