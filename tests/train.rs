@@ -212,15 +212,15 @@ fn bad_configurations_fail_before_training() {
     );
     assert!(t0.elapsed() < std::time::Duration::from_secs(120));
 
-    // Several GPUs for a stage on the CPU.
+    // Several GPUs for a stage on the CPU: refused by validation, before any stage runs.
     sb.write("p.yaml", &pipeline(40, "devices: [0, 1]"));
     let r = run(&sb, &["run", "p.yaml"]);
-    assert_eq!(r.code, 1);
+    assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(
-        r.stdout
-            .contains("with.devices lists GPUs, but the stage runs on the CPU"),
+        r.stderr
+            .contains("`model.with.devices`: lists GPUs, but the stage runs on the CPU"),
         "{}",
-        r.stdout
+        r.stderr
     );
 
     // A GPU in a build without the CUDA backend: the fix, not a panic.
