@@ -98,8 +98,16 @@ impl Diagnostic {
                 let shown = line_text.replace('\t', " ");
                 let _ = writeln!(out, "{pad} |");
                 let _ = writeln!(out, "{num} | {shown}");
-                let indent = " ".repeat(span.col.saturating_sub(1) as usize);
-                let width = span.len.max(1) as usize;
+                // In display columns, not characters: a wide character (CJK, emoji) before
+                // the span would otherwise put the caret left of what it marks.
+                let columns = |chars: &mut dyn Iterator<Item = char>| -> usize {
+                    chars
+                        .map(|c| unicode_width::UnicodeWidthChar::width(c).unwrap_or(0))
+                        .sum()
+                };
+                let before = span.col.saturating_sub(1) as usize;
+                let indent = " ".repeat(columns(&mut shown.chars().take(before)));
+                let width = columns(&mut shown.chars().skip(before).take(span.len as usize)).max(1);
                 let label = self
                     .label
                     .as_deref()

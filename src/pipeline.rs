@@ -190,12 +190,19 @@ impl PipelineSpec {
             check_files,
         };
         let root = &self.root;
+        // A key missing from the whole document is pointed at its start.
+        let top = Span {
+            line: 1,
+            col: 1,
+            len: 1,
+            ..root.span
+        };
         v.unknown_keys(root, &TOP_LEVEL_KEYS, "at the top level");
         let name = match root.get("name") {
             Some(n) => v.string(n, "name").unwrap_or_default(),
             None => {
                 v.diags.push(
-                    Diagnostic::new("missing required key `name`", root.span)
+                    Diagnostic::new("missing required key `name`", top)
                         .hint("add `name: my-pipeline` at the top of the file"),
                 );
                 String::new()
@@ -244,7 +251,7 @@ impl PipelineSpec {
             }
             None => {
                 v.diags.push(
-                    Diagnostic::new("missing required key `stages`", root.span)
+                    Diagnostic::new("missing required key `stages`", top)
                         .hint("add `stages:` with at least one stage"),
                 );
                 Vec::new()

@@ -96,7 +96,12 @@ impl Node {
             Value::Null => J::Null,
             Value::Bool(b) => J::Bool(*b),
             Value::Int(i) => J::from(*i),
-            Value::Float(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+            // JSON has no infinity or NaN: as text, so that a number param refuses it by
+            // name (`.inf`) rather than as a null, and a text param takes it as written.
+            Value::Float(f) => serde_json::Number::from_f64(*f).map_or_else(
+                || J::String(self.text.clone().unwrap_or_else(|| f.to_string())),
+                J::Number,
+            ),
             Value::Str(s) => J::String(s.clone()),
             Value::Seq(items) => J::Array(items.iter().map(Node::to_json).collect()),
             Value::Map(entries) => J::Object(

@@ -54,6 +54,8 @@ broken!(a_deployed_model_its_report_did_not_score, "unscored_model");
 #[cfg(feature = "model")]
 broken!(params_that_other_stages_contradict, "cross_stage");
 broken!(names_that_differ_only_in_case_or_dashes, "folded_names");
+// The caret stands under what it marks after characters two columns wide.
+broken!(a_caret_after_wide_characters, "wide");
 broken!(every_problem_in_one_with_block, "several_in_one_block");
 broken!(
     bad_set_path,

@@ -38,8 +38,9 @@ fn default_format() -> Format {
     Format::Fortune
 }
 
+/// Either fraction may be left out (`split: {val: 0.1}`): the other keeps its default.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Split {
     pub val: f64,
     pub test: f64,
@@ -1010,6 +1011,13 @@ mod tests {
         .unwrap();
         assert_eq!(v["sources"][0]["lang"], "en");
         assert_eq!(v["languages"][0], "en");
+        // A split with one fraction given keeps the other's default.
+        let v = canonical(serde_json::json!({
+            "sources": [{"path": "en.txt"}],
+            "split": {"val": 0.1},
+        }))
+        .unwrap();
+        assert_eq!(v["split"]["test"], 0.02);
     }
 
     #[test]
