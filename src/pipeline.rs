@@ -197,7 +197,13 @@ impl PipelineSpec {
             len: 1,
             ..root.span
         };
-        v.unknown_keys(root, &TOP_LEVEL_KEYS, "at the top level");
+        // `x-...` at the top level is the user's own, a home for anchors that stages merge
+        // (`x-defaults: &d {...}`, then `<<: *d`), as in Compose files.
+        let mut own = root.clone();
+        if let Value::Map(entries) = &mut own.value {
+            entries.retain(|(k, _)| !k.name.starts_with("x-"));
+        }
+        v.unknown_keys(&own, &TOP_LEVEL_KEYS, "at the top level");
         let name = match root.get("name") {
             Some(n) => v.string(n, "name").unwrap_or_default(),
             None => {

@@ -300,6 +300,45 @@ impl Builder<'_> {
     }
 }
 
+impl Builder<'_> {
+    /// A mapping's entries with its merge key (`<<: *base`, or `<<: [*a, *b]`) replaced by
+    /// the entries it brings that the mapping does not give itself (YAML's merge key: the
+    /// mapping's own keys win, then the merged mappings' in the order listed).
+    fn merged(&mut self, mut entries: Vec<(Key, Node)>) -> Vec<(Key, Node)> {
+        let Some(at) = entries.iter().position(|(k, _)| k.name == "<<") else {
+            return entries;
+        };
+        let (key, merge) = entries.remove(at);
+        let sources: Vec<Node> = match merge.value {
+            Value::Map(_) => vec![merge],
+            Value::Seq(items) if items.iter().all(|n| matches!(n.value, Value::Map(_))) => items,
+            _ => {
+                self.diags.push(
+                    Diagnostic::new(
+                        "`<<` merges a mapping, or a list of mappings, into this one",
+                        key.span,
+                    )
+                    .hint(
+                        "write `<<: *anchor` with an anchor on a mapping (`base: &anchor {...}`)",
+                    ),
+                );
+                return entries;
+            }
+        };
+        for source in sources {
+            let Value::Map(brought) = source.value else {
+                continue;
+            };
+            for (k, v) in brought {
+                if !entries.iter().any(|(e, _)| e.name == k.name) {
+                    entries.push((k, v));
+                }
+            }
+        }
+        entries
+    }
+}
+
 impl MarkedEventReceiver for Builder<'_> {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         if matches!(ev, Event::DocumentStart) {
@@ -373,6 +412,7 @@ impl MarkedEventReceiver for Builder<'_> {
             }
             Event::MappingEnd => {
                 if let Some(Frame::Map(entries, _, span, anchor)) = self.stack.pop() {
+                    let entries = self.merged(entries);
                     self.push_value(Node::new(Value::Map(entries), span), anchor);
                 }
             }
@@ -401,6 +441,22 @@ mod tests {
         let (n, d) = parse(text, SourceId(0)).unwrap();
         assert!(d.is_empty(), "{d:?}");
         n
+    }
+
+    #[test]
+    fn merge_keys_bring_what_the_mapping_does_not_give() {
+        let root = p("base: &b { run: a, retries: 1 }\nx: { <<: *b, retries: 2 }\ny: { <<: [*b, { timeout: 5 }] }\n");
+        let x = root.get("x").unwrap();
+        assert_eq!(x.get("retries").map(|n| &n.value), Some(&Value::Int(2)));
+        assert_eq!(
+            x.get("run").map(|n| &n.value),
+            Some(&Value::Str("a".into()))
+        );
+        assert!(x.get("<<").is_none());
+        let y = root.get("y").unwrap();
+        assert_eq!(y.get("timeout").map(|n| &n.value), Some(&Value::Int(5)));
+        let (_, d) = parse("x: { <<: 3 }\n", SourceId(0)).unwrap();
+        assert!(d[0].message.contains("`<<` merges a mapping"), "{d:?}");
     }
 
     #[test]

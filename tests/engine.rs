@@ -734,6 +734,14 @@ fn key_order_in_yaml_does_not_change_cache_keys() {
         "name: k\nstorage: file://store\nstages:\n  s: { kind: shell, with: { run: echo } }\n",
     );
     assert_eq!(key(&a), key(&b));
+    // Settings merged from an anchor (`<<: *d`, kept under an `x-` key) are the same as
+    // settings written out; the stage's own win.
+    a.write("p.yaml", "name: k\nstorage: file://store\nx-defaults: &d { kind: shell, with: { run: echo } }\nstages:\n  s: { <<: *d, with: { run: echo hi } }\n");
+    b.write(
+        "p.yaml",
+        "name: k\nstorage: file://store\nstages:\n  s: { kind: shell, with: { run: echo hi } }\n",
+    );
+    assert_eq!(key(&a), key(&b));
 }
 
 /// Inputs are shared through the local cache. A stage that writes into one, or adds a file
