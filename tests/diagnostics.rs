@@ -53,6 +53,8 @@ broken!(files_a_stage_reads_are_missing, "missing_files");
 broken!(a_deployed_model_its_report_did_not_score, "unscored_model");
 #[cfg(feature = "model")]
 broken!(params_that_other_stages_contradict, "cross_stage");
+#[cfg(feature = "model")]
+broken!(every_out_of_range_setting_at_once, "several_semantic");
 broken!(names_that_differ_only_in_case_or_dashes, "folded_names");
 // The caret stands under what it marks after characters two columns wide.
 broken!(a_caret_after_wide_characters, "wide");

@@ -139,28 +139,30 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
             .collect(),
         problem: ParamProblem::Invalid(msg),
     };
+    let mut problems = Vec::new();
     if p.sources.is_empty() {
-        return Err(invalid(
+        problems.push(invalid(
             &["sources"],
             "at least one source is needed".into(),
         ));
     }
     for (name, f) in [("val", p.split.val), ("test", p.split.test)] {
         if !(0.0..1.0).contains(&f) {
-            return Err(invalid(
+            problems.push(invalid(
                 &["split", name],
                 format!("a fraction in [0, 1) is needed, found {f}"),
             ));
         }
     }
-    if p.split.val + p.split.test >= 1.0 {
-        return Err(invalid(
+    let in_range = |f: f64| (0.0..1.0).contains(&f);
+    if in_range(p.split.val) && in_range(p.split.test) && p.split.val + p.split.test >= 1.0 {
+        problems.push(invalid(
             &["split"],
             "val + test must leave something to train on".into(),
         ));
     }
     if p.min_chars > p.max_chars {
-        return Err(invalid(
+        problems.push(invalid(
             &["min_chars"],
             format!(
                 "min_chars ({}) exceeds max_chars ({})",
@@ -173,10 +175,10 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         ("row_group_records", p.row_group_records),
     ] {
         if n == 0 {
-            return Err(invalid(&[key], format!("{key} must be at least 1")));
+            problems.push(invalid(&[key], format!("{key} must be at least 1")));
         }
     }
-    Ok(v)
+    crate::param_problems(problems).map(|()| v)
 }
 
 /// A split whose fraction is zero holds no record: a consumer that needs it (train's

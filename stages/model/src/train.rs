@@ -263,6 +263,8 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         path: vec![PathSegment::Key(key.into())],
         problem: ParamProblem::Invalid(msg),
     };
+    // Every problem at once, each at its key.
+    let mut problems = Vec::new();
     // Each problem is reported at the key that holds it, so that `validate` underlines it.
     let (d, h, e, de, ff) = p.shape();
     for (key, value) in [
@@ -277,7 +279,7 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         ("max_records", p.max_records.unwrap_or(1)),
     ] {
         if value == 0 {
-            return Err(bad(key, format!("{key} must be at least 1")));
+            problems.push(bad(key, format!("{key} must be at least 1")));
         }
     }
     // Far beyond any model this stage is for, and each a size that would otherwise end in
@@ -291,17 +293,17 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         ("batch", p.batch, 65_536),
     ] {
         if value > most {
-            return Err(bad(key, format!("{key} {value} is above {most}")));
+            problems.push(bad(key, format!("{key} {value} is above {most}")));
         }
     }
-    if d % h != 0 {
-        return Err(bad(
+    if h != 0 && d % h != 0 {
+        problems.push(bad(
             "n_heads",
             format!("{h} heads do not divide d_model {d}"),
         ));
     }
     if p.max_len < 8 {
-        return Err(bad(
+        problems.push(bad(
             "max_len",
             format!("max_len {} is too short (at least 8)", p.max_len),
         ));
@@ -313,7 +315,7 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         ("log_every", p.log_every),
     ] {
         if v == 0 {
-            return Err(bad(key, format!("{key} must be at least 1")));
+            problems.push(bad(key, format!("{key} must be at least 1")));
         }
     }
     // Written as "inside the range or refuse": a value that is not a number fails too.
@@ -322,7 +324,7 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         ("label_smoothing", p.label_smoothing, 0.0, 1.0, "[0, 1)"),
     ] {
         if !(v >= lo && v < hi) {
-            return Err(bad(key, format!("{key} {v} is outside {range}")));
+            problems.push(bad(key, format!("{key} {v} is outside {range}")));
         }
     }
     for (key, v, range) in [
@@ -334,21 +336,21 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         ("weight_decay", p.weight_decay, "[0, 1]"),
     ] {
         if !(0.0..=1.0).contains(&v) {
-            return Err(bad(key, format!("{key} {v} is outside {range}")));
+            problems.push(bad(key, format!("{key} {v} is outside {range}")));
         }
     }
     // Checked as the f32 the optimiser computes with: 0.99999999 rounds to 1.0 (and
     // 1 - beta^t to 0, a division by zero), 1e-46 to 0.
     for (key, v) in [("beta_1", p.beta_1), ("beta_2", p.beta_2)] {
         if !(v >= 0.0 && (v as f32) < 1.0) {
-            return Err(bad(
+            problems.push(bad(
                 key,
                 format!("{key} {v} is outside [0, 1) (as the f32 AdamW computes with)"),
             ));
         }
     }
     if !((p.epsilon as f32) >= f32::MIN_POSITIVE && p.epsilon <= 1.0) {
-        return Err(bad(
+        problems.push(bad(
             "epsilon",
             format!(
                 "epsilon {} is outside (0, 1] (as the f32 AdamW computes with)",
@@ -357,7 +359,7 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         ));
     }
     if !(p.grad_clip >= 0.0 && p.grad_clip.is_finite()) {
-        return Err(bad(
+        problems.push(bad(
             "grad_clip",
             format!(
                 "grad_clip {} must be a norm ≥ 0 (0: no clipping)",
@@ -368,13 +370,13 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     if let Some(devices) = &p.devices {
         let mut seen = std::collections::BTreeSet::new();
         if devices.is_empty() || !devices.iter().all(|d| seen.insert(*d)) {
-            return Err(bad(
+            problems.push(bad(
                 "devices",
                 "devices must list distinct GPU ordinals, at least one".into(),
             ));
         }
         if devices.len() > p.batch {
-            return Err(bad(
+            problems.push(bad(
                 "devices",
                 format!(
                     "{} devices cannot share batches of {}",
@@ -385,9 +387,9 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         }
     }
     if !(p.lr > 0.0 && p.lr <= 1.0) {
-        return Err(bad("lr", format!("lr {} is outside (0, 1]", p.lr)));
+        problems.push(bad("lr", format!("lr {} is outside (0, 1]", p.lr)));
     }
-    Ok(v)
+    orchestrate_corpus::param_problems(problems).map(|()| v)
 }
 
 /// Bytes each parameter holds while training: its value, its gradient and AdamW's two
