@@ -51,13 +51,27 @@ pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String
     // The variables the pipeline reads (`${env.X}`): a task's container has only the
     // environment given here, so without them it would resolve other values than `plan`
     // showed (a default) or fail. Those set here travel with their values.
-    let mut read = env_names(source);
+    // Comments are passed over (the text is parsed), and the variables the workflow sets
+    // itself (the store, MLflow, the secret's) are not given twice: Kubernetes would let the
+    // later, local, value override the cluster's secret.
+    let mut read = Vec::new();
+    if let Ok((root, _)) = crate::yaml::parse(source, crate::diag::SourceId(0)) {
+        strings_of(&root, &mut |text| read.extend(env_names(text)));
+    }
     for set in &o.sets {
         read.extend(env_names(set));
     }
+    let mut given: Vec<String> = env
+        .iter()
+        .filter_map(|e| e["name"].as_str().map(str::to_string))
+        .collect();
     for name in read {
+        if given.contains(&name) {
+            continue;
+        }
         if let Ok(value) = std::env::var(&name) {
             env.push(json!({"name": name, "value": value}));
+            given.push(name);
         }
     }
     let names = task_names(p);
@@ -82,7 +96,8 @@ pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String
         }
         // Argo retries the task (`retryStrategy`): the run inside it does not retry as
         // well, or `retries: 2` would be up to nine trainings. (`retries` is in no key.)
-        args.extend(["--set".to_string(), format!("{}.retries=0", s.name)]);
+        // (Under `stages.`: a stage may be named like a top-level key, `params`.)
+        args.extend(["--set".to_string(), format!("stages.{}.retries=0", s.name)]);
         let gpus = gpus(s)?;
         if let Device::Cuda(Some(_)) = s.device {
             // `cuda:N` names a GPU of the machine it was written on; a pod sees the ones
@@ -117,7 +132,9 @@ pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String
         }));
     }
     templates.insert(0, json!({"name": DAG, "dag": {"tasks": tasks}}));
-    let workflow = Some(task_name(&p.name))
+    // Argo adds 5 characters to `generateName`, and a workflow's name is at most 63.
+    let workflow: String = task_name(&p.name).chars().take(57).collect();
+    let workflow = Some(workflow.trim_end_matches('-').to_string())
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| DAG.to_string());
     Ok(json!({
@@ -134,14 +151,15 @@ pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String
 /// The DAG's template, the workflow's entrypoint.
 const DAG: &str = "pipeline";
 
-/// The number of GPUs a stage's task asks for: one on `cuda`, one per data-parallel device
-/// (`with.devices`), which must then be `0..n` (the pod sees the ones it was given, from 0).
+/// The number of GPUs a stage's task asks for: one on `cuda`, one per device listed in
+/// `with.devices` (data-parallel training), which must then be `0..n`: the pod sees the
+/// GPUs it was given, numbered from 0.
 fn gpus(s: &crate::pipeline::Stage) -> Result<usize, String> {
     let devices: Vec<u64> = s.params["devices"]
         .as_array()
         .map(|d| d.iter().filter_map(Value::as_u64).collect())
         .unwrap_or_default();
-    if devices.len() > 1 {
+    if !devices.is_empty() {
         if devices.iter().enumerate().any(|(i, &d)| d != i as u64) {
             return Err(format!(
                 "stage `{}` trains on GPUs {devices:?}, but a pod numbers the GPUs it is given from 0: write `devices: {:?}` to export it",
@@ -163,7 +181,8 @@ fn task_names(p: &Pipeline) -> Vec<String> {
         .zip(&p.stages)
         .map(|(b, s)| {
             let shared = base.iter().filter(|o| *o == b).count() > 1;
-            if b.is_empty() || b == DAG || shared {
+            // (63: a Kubernetes name's length, which Argo's task names share.)
+            if b.is_empty() || b == DAG || shared || b.len() > 63 {
                 let hash = blake3::hash(s.name.as_bytes()).to_hex();
                 let stem: String = b.chars().take(40).collect();
                 format!("{stem}-{}", &hash[..8])
@@ -193,6 +212,20 @@ fn label_value(s: &str) -> String {
     mapped
         .trim_matches(|c: char| !c.is_ascii_alphanumeric())
         .to_string()
+}
+
+/// Calls `f` with every string in `node`, keys included.
+fn strings_of(node: &crate::yaml::Node, f: &mut dyn FnMut(&str)) {
+    use crate::yaml::Value as Y;
+    match &node.value {
+        Y::Str(text) => f(text),
+        Y::Seq(items) => items.iter().for_each(|n| strings_of(n, f)),
+        Y::Map(entries) => entries.iter().for_each(|(k, n)| {
+            f(&k.name);
+            strings_of(n, f);
+        }),
+        _ => {}
+    }
 }
 
 /// The names of the environment variables `text` reads (`${env.NAME}`,

@@ -444,45 +444,69 @@ impl PipelineSpec {
                         .hint("set resources.device: cuda, or leave devices out"),
                 );
             }
-            // A tokenizer beside models (evaluate) is the one they were trained with.
-            for tok in producers_of_kind(stage, ArtifactKind::Tokenizer, &stages) {
-                let name = |j: usize| stages[j].as_ref().map_or("", |s| s.name.as_str());
-                // Per tokenizer they were trained with, the models that were.
-                let mut others: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-                for m in producers_of_kind(stage, ArtifactKind::Model, &stages) {
-                    match tokenizer_of(m, &stages, 0) {
-                        Some(trained) if trained != tok => {
-                            others
-                                .entry(trained)
-                                .or_default()
-                                .push(format!("`{}`", name(m)));
-                        }
-                        _ => {}
-                    }
-                }
-                let input = stage
-                    .inputs
+            // Models scored together (evaluate) were trained with one tokenizer, and a
+            // tokenizer beside them is that one: otherwise their scores would not compare.
+            let name = |j: usize| stages[j].as_ref().map_or("", |s| s.name.as_str());
+            let span_of = |input_kind: ArtifactKind, producer: usize| {
+                let Inputs::Typed(decls) = stage.kind.descriptor().inputs else {
+                    return key.span;
+                };
+                decls
                     .iter()
-                    .find(|b| b.stages.contains(&tok))
-                    .map(|b| b.name.clone())
-                    .unwrap_or_default();
-                let span = ref_spans[i].get(&(input, tok)).copied().unwrap_or(key.span);
-                for (trained, models) in others {
-                    v.diags.push(
-                        Diagnostic::new(
-                            format!(
-                                "stage `{}` reads with tokenizer `{}`, but {} {} trained with `{}`",
-                                stage.name,
-                                name(tok),
-                                models.join(", "),
-                                if models.len() == 1 { "was" } else { "were" },
-                                name(trained)
-                            ),
-                            span,
-                        )
-                        .label("not the models' tokenizer")
-                        .hint(format!("use `{}`", name(trained))),
-                    );
+                    .filter(|d| d.kind == input_kind)
+                    .find_map(|d| ref_spans[i].get(&(d.name.to_string(), producer)).copied())
+                    .unwrap_or(key.span)
+            };
+            // Per tokenizer they were trained with, the models that were.
+            let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+            for m in producers_of_kind(stage, ArtifactKind::Model, &stages) {
+                if let Some(trained) = tokenizer_of(m, &stages, 0) {
+                    groups.entry(trained).or_default().push(m);
+                }
+            }
+            let listed = |models: &[usize]| {
+                models
+                    .iter()
+                    .map(|&m| format!("`{}`", name(m)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if groups.len() > 1 {
+                let which: Vec<String> = groups
+                    .iter()
+                    .map(|(&t, models)| format!("{} with `{}`", listed(models), name(t)))
+                    .collect();
+                let odd = groups.values().nth(1).and_then(|m| m.first()).copied();
+                v.diags.push(
+                    Diagnostic::new(
+                        format!(
+                            "the models of stage `{}` were trained with different tokenizers ({}): their scores would not compare",
+                            stage.name,
+                            which.join("; ")
+                        ),
+                        odd.map_or(key.span, |m| span_of(ArtifactKind::Model, m)),
+                    )
+                    .hint("score each tokenizer's models in an evaluation of their own"),
+                );
+            } else if let Some((&trained, models)) = groups.iter().next() {
+                for tok in producers_of_kind(stage, ArtifactKind::Tokenizer, &stages) {
+                    if tok != trained {
+                        v.diags.push(
+                            Diagnostic::new(
+                                format!(
+                                    "stage `{}` reads with tokenizer `{}`, but {} {} trained with `{}`",
+                                    stage.name,
+                                    name(tok),
+                                    listed(models),
+                                    if models.len() == 1 { "was" } else { "were" },
+                                    name(trained)
+                                ),
+                                span_of(ArtifactKind::Tokenizer, tok),
+                            )
+                            .label("not the models' tokenizer")
+                            .hint(format!("use `{}`", name(trained))),
+                        );
+                    }
                 }
             }
         }

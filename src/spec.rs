@@ -402,10 +402,20 @@ fn interpolate_all(root: &mut Node, env: EnvLookup<'_>, diags: &mut Vec<Diagnost
         .map(|(_, v)| v.clone())
         .unwrap_or(empty);
     for (k, v) in entries.iter_mut() {
-        if k.name != "params" {
+        // `x-` blocks are the user's own, for anchors: what they hold is interpolated
+        // where it is merged (a copy, made as the file was read), not where it is kept.
+        if k.name != "params" && !k.name.starts_with("x-") {
             interpolate(v, env, Some(&params), diags);
         }
     }
+    // One block merged into several stages is one problem, not one per stage.
+    let mut seen = Vec::new();
+    diags.retain(|d| {
+        let id = (d.span, d.message.clone());
+        let new = !seen.contains(&id);
+        seen.push(id);
+        new
+    });
 }
 
 /// `params` is the top-level `params` block, or `None` inside it.
@@ -512,10 +522,13 @@ fn resolve(
             Some((n, d)) => (n, Some(d)),
             None => (var, None),
         };
-        let is_name = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        // Letters, digits, `_` (and `.` or `-`, which an environment may hold): anything
+        // else is a shell form this does not take (`${X-d}`, `${X:=d}`, `${X:?}`).
+        let is_name = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
         if !is_name {
-            // The shell's other forms (`${X-d}`, `${X:=d}`, `${X:?}`) are not taken.
             let stem: String = name
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
@@ -527,7 +540,11 @@ fn resolve(
                 )),
             ));
         }
-        // A default may itself be an expression (`${env.A:-${env.B:-dev}}`).
+        // The variable first: a default that is itself an expression
+        // (`${env.A:-${env.B:-dev}}`) is expanded only when it stands in, as in the shell.
+        if let Some(v) = env(name).filter(|v| !v.is_empty() || default.is_none()) {
+            return Ok((yaml::plain_scalar(&v), Some(v)));
+        }
         let default = match default {
             Some(d) if d.contains("${env.") || d.contains("${params.") => {
                 match expand(d, env, params)? {
@@ -542,7 +559,6 @@ fn resolve(
             None => None,
         };
         let default = default.as_deref();
-        // As in the shell, `:-` stands in for a variable that is unset or empty.
         return match (
             env(name).filter(|v| !v.is_empty() || default.is_none()),
             default,
@@ -646,8 +662,13 @@ mod tests {
 
     #[test]
     fn a_default_may_be_an_expression_and_shell_forms_are_named() {
-        let env = |n: &str| (n == "B").then(|| "fromB".to_string());
-        let text = "name: t\nstorage: 'x/${env.A:-${env.B:-dev}}/y'\ntracking: {experiment: '${env.A:-${env.C:-dev}}'}\nstages: {}\n";
+        let env = |n: &str| match n {
+            "B" => Some("fromB".to_string()),
+            "D" => Some("fromD".to_string()),
+            _ => None,
+        };
+        // (A default that is not needed is not expanded: `${env.NOPE}` is never read.)
+        let text = "name: '${env.D:-${env.NOPE}}'\nstorage: 'x/${env.A:-${env.B:-dev}}/y'\ntracking: {experiment: '${env.A:-${env.C:-dev}}'}\nstages: {}\n";
         let s = PipelineSpec::from_text(Path::new("p.yaml"), text, &[], &env).unwrap();
         assert_eq!(
             s.root.get("storage").unwrap().value,

@@ -151,6 +151,7 @@ fn argo_export_validates_against_argos_schema() {
         r#"
 name: модель
 storage: s3://b/p
+# Not read: ${env.COMMENTED}
 stages:
   a: { kind: shell, with: { run: "echo ${env.GREETING:-hi}" } }
   a_: { kind: shell, inputs: [a], with: { run: "true" } }
@@ -160,6 +161,7 @@ stages:
     let r = sb
         .cmd(&["export", "argo", "odd.yaml", "-o", "odd-wf.yaml"])
         .env("GREETING", "hello")
+        .env("COMMENTED", "sekrit")
         .output()
         .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
@@ -188,7 +190,8 @@ stages:
         wf.contains("name: GREETING") && wf.contains("value: hello"),
         "{wf}"
     );
-    assert!(wf.contains("- pipeline.retries=0"), "{wf}");
+    assert!(wf.contains("- stages.pipeline.retries=0"), "{wf}");
+    assert!(!wf.contains("sekrit"), "a comment's variable travelled:\n{wf}");
     assert!(wf.contains("!= 2"), "{wf}");
     if let Some((code, out)) = check(&["argo", sb.path().join("odd-wf.yaml").to_str().unwrap()]) {
         assert_eq!(code, 0, "{out}\n{wf}");
