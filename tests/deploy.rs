@@ -191,7 +191,10 @@ stages:
         "{wf}"
     );
     assert!(wf.contains("- stages.pipeline.retries=0"), "{wf}");
-    assert!(!wf.contains("sekrit"), "a comment's variable travelled:\n{wf}");
+    assert!(
+        !wf.contains("sekrit"),
+        "a comment's variable travelled:\n{wf}"
+    );
     assert!(wf.contains("!= 2"), "{wf}");
     if let Some((code, out)) = check(&["argo", sb.path().join("odd-wf.yaml").to_str().unwrap()]) {
         assert_eq!(code, 0, "{out}\n{wf}");

@@ -80,25 +80,14 @@ pub fn read(
         File::open(path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e))
     };
     let read = match format {
-        Format::Fortune => read_separated(
-            BufReader::new(open()?),
-            is_fortune_separator,
-            Attribution::Split,
-            max_record_bytes,
-            sink,
-        ),
-        // Only fortunes end in attributions: a paragraph's last `-- ` line is its own
-        // (dialogue, a signature), not an author to take out of the text.
-        Format::Paragraphs => read_separated(
-            BufReader::new(open()?),
-            |line| line.iter().all(u8::is_ascii_whitespace),
-            Attribution::Keep,
-            max_record_bytes,
-            sink,
-        ),
-        Format::Lines => read_lines(BufReader::new(open()?), max_record_bytes, sink),
-        Format::Jsonl => read_jsonl(BufReader::new(open()?), fields, max_record_bytes, sink),
         Format::Parquet => read_parquet(open()?, path, fields, sink),
+        text => read_text_format(
+            BufReader::new(open()?),
+            text,
+            fields,
+            max_record_bytes,
+            sink,
+        ),
     };
     // A read that fails midway (a disk, a network mount) names the file it was reading.
     read.map_err(|e| match e {
@@ -108,6 +97,29 @@ pub fn read(
         },
         other => other,
     })
+}
+
+/// [`read`] for the formats that are text (all but Parquet), from any reader.
+fn read_text_format<R: BufRead>(
+    r: R,
+    format: Format,
+    fields: &Fields,
+    cap: usize,
+    sink: Sink<'_>,
+) -> Result<(), StageError> {
+    match format {
+        Format::Fortune => read_separated(r, is_fortune_separator, Attribution::Split, cap, sink),
+        // Only fortunes end in attributions: a paragraph's last `-- ` line is its own
+        // (dialogue, a signature), not an author to take out of the text.
+        Format::Paragraphs => read_separated(r, is_blank_line, Attribution::Keep, cap, sink),
+        Format::Lines => read_lines(r, cap, sink),
+        Format::Jsonl => read_jsonl(r, fields, cap, sink),
+        Format::Parquet => Err(StageError::Failed("Parquet is not a text format".into())),
+    }
+}
+
+fn is_blank_line(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
 }
 
 /// The context of a read error in [`next_line`], which [`read`] replaces with the file's
@@ -319,7 +331,7 @@ fn read_lines<R: BufRead>(mut r: R, cap: usize, sink: Sink<'_>) -> Result<(), St
             sink(item, consumed)?;
         } else if read == Line::Cut {
             sink(RawItem::TooLong, consumed)?;
-        } else if !line.iter().all(u8::is_ascii_whitespace) {
+        } else if !is_blank_line(&line) {
             let bytes = std::mem::take(&mut line);
             match String::from_utf8(bytes) {
                 Ok(text) => sink(
@@ -353,7 +365,7 @@ fn read_jsonl<R: BufRead>(
             sink(RawItem::TooLong, consumed)?;
             continue;
         }
-        if line.iter().all(u8::is_ascii_whitespace) {
+        if is_blank_line(&line) {
             continue;
         }
         let item = match serde_json::from_slice::<serde_json::Value>(&line) {
@@ -892,22 +904,7 @@ mod tests {
             });
             Ok(())
         };
-        let fields = Fields::default();
-        let blank = |line: &[u8]| line.iter().all(u8::is_ascii_whitespace);
-        match format {
-            Format::Fortune => read_separated(
-                data,
-                is_fortune_separator,
-                Attribution::Split,
-                cap,
-                &mut sink,
-            ),
-            Format::Paragraphs => read_separated(data, blank, Attribution::Keep, cap, &mut sink),
-            Format::Lines => read_lines(data, cap, &mut sink),
-            Format::Jsonl => read_jsonl(data, &fields, cap, &mut sink),
-            _ => unreachable!("a text format"),
-        }
-        .unwrap();
+        read_text_format(data, format, &Fields::default(), cap, &mut sink).unwrap();
         got
     }
 
@@ -972,22 +969,7 @@ mod tests {
             });
             Ok(())
         };
-        let blank = |line: &[u8]| line.iter().all(u8::is_ascii_whitespace);
-        match format {
-            Format::Fortune => read_separated(
-                data,
-                is_fortune_separator,
-                Attribution::Split,
-                1 << 16,
-                &mut sink,
-            ),
-            Format::Paragraphs => {
-                read_separated(data, blank, Attribution::Keep, 1 << 16, &mut sink)
-            }
-            Format::Lines => read_lines(data, 1 << 16, &mut sink),
-            _ => unreachable!("a text format"),
-        }
-        .unwrap();
+        read_text_format(data, format, &Fields::default(), 1 << 16, &mut sink).unwrap();
         got
     }
 
