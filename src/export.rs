@@ -32,6 +32,10 @@ pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String
             "the store is `{store}`, but tasks on different nodes must share it: give an s3:// store (--store or `storage:`)"
         ));
     }
+    // (`s3://` with no bucket would fail in every task, and exit 2 is not retried.)
+    if let Some(problem) = crate::store::url_problem(&store) {
+        return Err(format!("the store `{store}`: {problem}"));
+    }
     let mut env = vec![json!({"name": "ORCHESTRATE_STORE", "value": store})];
     if let Some(m) = &o.mlflow {
         env.push(json!({"name": "MLFLOW_TRACKING_URI", "value": m}));

@@ -76,10 +76,24 @@ pub async fn collect(
     // A pinned run's record stays with its pins: without it, `unpin RUN` could not find
     // them, and `show` could not say what the pinned artifacts are.
     let holders: HashSet<String> = pins.into_iter().map(|(_, holder)| holder).collect();
-    let (held, old): (Vec<_>, Vec<_>) = old.iter().partition(|(id, _)| holders.contains(id));
-    report.runs_kept += held.len();
     let now = SystemTime::now();
     let young = |t: SystemTime| now.duration_since(t).map(|age| age < grace).unwrap_or(true);
+    // A run younger than the grace period stays too, with what it uses: it may still be
+    // running (its record is written as it goes), and `--grace` promises that nothing that
+    // young is touched.
+    let (held, old): (Vec<_>, Vec<_>) = old.iter().partition(|(id, run)| {
+        holders.contains(id)
+            || run
+                .as_ref()
+                .is_some_and(|r| young(SystemTime::from(r.started_at)))
+    });
+    // (A pinned run's record stays for its pins' sake: only the pinned keys are kept.)
+    for run in held.iter().filter_map(|(_, run)| run.as_ref()) {
+        if young(SystemTime::from(run.started_at)) {
+            keep.extend(run.stages.iter().filter_map(|s| s.key.clone()));
+        }
+    }
+    report.runs_kept += held.len();
 
     let mut live_blobs: HashSet<String> = store.checkpoint_blobs().await?.into_iter().collect();
     let mut kept_keys: HashSet<CacheKey> = HashSet::new();

@@ -439,9 +439,41 @@ fn pipeline_name(args: &StoreOnly) -> Result<Option<String>, Failure> {
         .transpose()
 }
 
+/// A store that must be there already. Every command but `run` (and `plan`, which shows
+/// what `run` would do) only reads a store, and opening a `file://` one that is not there
+/// creates it: `fsck`, `gc` or `runs` pointed at a mistyped path reported success on an
+/// empty store of their own making.
+fn open_existing(url: &str, base: &Path) -> Result<Store, Failure> {
+    if let Some(rest) = url.strip_prefix("file://") {
+        let dir = if Path::new(rest).is_absolute() {
+            PathBuf::from(rest)
+        } else {
+            base.join(rest)
+        };
+        if !dir.is_dir() {
+            return Err(Failure::new(
+                2,
+                format!(
+                    "error: no store at {} (`{url}`): only `run` creates one; check the path",
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    Ok(Store::open(url, base)?)
+}
+
+/// [`open_store`] for a command that only reads the store: see [`open_existing`].
+fn open_existing_store(p: &Pipeline, args: &StoreArgs) -> Result<Store, Failure> {
+    match &args.store {
+        Some(url) => open_existing(url, Path::new(".")),
+        None => open_existing(&p.storage, &p.dir),
+    }
+}
+
 fn open_store_only(args: &StoreOnly) -> Result<Store, Failure> {
     if let Some(url) = &args.store.store {
-        return Ok(Store::open(url, Path::new("."))?);
+        return open_existing(url, Path::new("."));
     }
     open_store_of(args).map(|(store, _)| store)
 }
@@ -461,8 +493,8 @@ fn open_store_of(args: &StoreOnly) -> Result<(Store, Option<String>), Failure> {
         .transpose()?;
     let name = p.as_ref().map(|p| p.name.clone());
     let store = match (&args.store.store, &p) {
-        (Some(url), _) => Store::open(url, Path::new("."))?,
-        (None, Some(p)) => open_store(p, &args.store)?,
+        (Some(url), _) => open_existing(url, Path::new("."))?,
+        (None, Some(p)) => open_existing_store(p, &args.store)?,
         // Opening a store that is not there would create it: `fsck` or `gc` run in the
         // wrong directory would then report success on an empty store of their own making.
         (None, None) if !Path::new("artifacts").is_dir() => {
@@ -664,7 +696,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             }
             let (store, stage, pipeline) = match model.split_once('#') {
                 Some((url, stage)) => (
-                    Store::open(url, Path::new("."))?,
+                    open_existing(url, Path::new("."))?,
                     stage.to_string(),
                     pipeline_name(&store)?,
                 ),
@@ -773,6 +805,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 }
             }
             if json {
+                let runs: Vec<serde_json::Value> = runs.iter().map(run_json).collect();
                 outln!(
                     "{}",
                     serde_json::to_string_pretty(&runs).expect("plain JSON")
@@ -792,7 +825,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             if json {
                 outln!(
                     "{}",
-                    serde_json::to_string_pretty(&record).expect("plain JSON")
+                    serde_json::to_string_pretty(&run_json(&record)).expect("plain JSON")
                 );
             } else {
                 out!("{}", show(&record));
@@ -1408,7 +1441,7 @@ async fn verify(
             ));
         }
     }
-    let stored = open_store(&p, store)?;
+    let stored = open_existing_store(&p, store)?;
     let plan = Plan::build(&p, &stored, &Default::default()).await?;
     // A stage with nothing stored under its key cannot be compared: verify refuses before
     // re-executing anything (possibly a whole training), rather than print "not stored"
@@ -1475,9 +1508,13 @@ async fn verify(
             "every stage".to_string()
         } else {
             format!(
-                "{} and what {} need",
+                "{} and what {}",
                 only.join(", "),
-                if only.len() == 1 { "it" } else { "they" }
+                if only.len() == 1 {
+                    "it needs"
+                } else {
+                    "they need"
+                }
             )
         },
         scratch.display()
@@ -1523,17 +1560,38 @@ async fn verify(
         Some(id) => again.get_run(&id).await?,
         None => None,
     };
-    let Some(record) = record.filter(|_| status.success()) else {
+    let Some(record) = record.clone().filter(|_| status.success()) else {
         let _ = std::fs::remove_dir_all(&scratch);
         if status.code() == Some(130) {
             return Err(interrupted());
         }
+        // Which stage failed, and why: the re-execution ran quietly, and its scratch store
+        // (where its run record says so) is gone now.
+        let failed: Vec<String> = record
+            .iter()
+            .flat_map(|r| &r.stages)
+            .filter(|s| s.status == StageStatus::Failed)
+            .map(|s| {
+                let why = s
+                    .error
+                    .as_deref()
+                    .and_then(|e| e.lines().next())
+                    .unwrap_or("");
+                format!("\n  stage `{}` failed on re-execution: {why}", s.stage)
+            })
+            .collect();
         return Err(Failure::new(
             1,
-            format!("error: the re-execution failed ({status})"),
+            format!(
+                "error: the re-execution failed ({status}){}",
+                failed.concat()
+            ),
         ));
     };
     let mut differ = Vec::new();
+    // Stages that differ because an input did (below one that differs): their own
+    // determinism is not what was tested.
+    let mut downstream = Vec::new();
     let mut unverified = Vec::new();
     outln!(
         "{:<16} {:<12} {:<16} {:<16}",
@@ -1552,11 +1610,10 @@ async fn verify(
             }
             _ => None,
         };
-        let redone = record
-            .stages
-            .iter()
-            .find(|s| s.stage == sp.stage)
-            .and_then(|s| s.artifact.clone());
+        let again = record.stages.iter().find(|s| s.stage == sp.stage);
+        let redone = again.and_then(|s| s.artifact.clone());
+        // Its key names its inputs' digests: another key, other inputs.
+        let same_inputs = again.is_some_and(|s| s.key == sp.key);
         let short = |d: &Option<String>| {
             d.as_deref()
                 .map(orchestrate::plan::short_digest)
@@ -1564,6 +1621,10 @@ async fn verify(
         };
         let verdict = match (&original, &redone) {
             (Some(a), Some(b)) if a == b => "identical",
+            (Some(_), Some(_)) if !same_inputs => {
+                downstream.push(sp.stage.clone());
+                "DIFFERS"
+            }
             (Some(_), Some(_)) => {
                 differ.push(sp.stage.clone());
                 "DIFFERS"
@@ -1591,15 +1652,21 @@ async fn verify(
     if !unverified.is_empty() {
         errln!("not verified: {} (nothing to compare)", named(&unverified));
     }
-    if differ.is_empty() && unverified.is_empty() {
-        Ok(0)
-    } else if differ.is_empty() {
-        Ok(1)
-    } else {
+    if !downstream.is_empty() {
+        errln!(
+            "differ because their inputs did: {} (their own determinism is untested)",
+            named(&downstream)
+        );
+    }
+    if !differ.is_empty() {
         errln!(
             "not deterministic: {} (same inputs and parameters, different bytes)",
             named(&differ)
         );
+    }
+    if differ.is_empty() && downstream.is_empty() && unverified.is_empty() {
+        Ok(0)
+    } else {
         Ok(1)
     }
 }
@@ -1629,6 +1696,14 @@ fn exit_code(r: &RunRecord) -> u8 {
             }
         }
     }
+}
+
+/// A run record as JSON, its status as the table shows it: a run whose process is gone
+/// on this host is `killed`, not `running` for good.
+fn run_json(r: &RunRecord) -> serde_json::Value {
+    let mut v = serde_json::to_value(r).expect("plain JSON");
+    v["status"] = status_word(r).into();
+    v
 }
 
 fn status_word(r: &RunRecord) -> &'static str {
@@ -1760,23 +1835,22 @@ fn show(r: &RunRecord) -> String {
 async fn resolve_run(store: &Store, run: &str, pipeline: Option<&str>) -> Result<String, Failure> {
     let ids = store.list_run_ids().await?;
     if run == "last" {
-        let Some(pipeline) = pipeline else {
-            return ids
-                .last()
-                .cloned()
-                .ok_or_else(|| Failure::new(2, "error: the store has no runs yet"));
-        };
         for id in ids.iter().rev() {
             // A damaged record is nobody's last run.
             match store.get_run::<RunRecord>(id).await {
-                Ok(Some(r)) if r.pipeline == pipeline => return Ok(id.clone()),
+                Ok(Some(r)) if pipeline.is_none_or(|p| r.pipeline == p) => return Ok(id.clone()),
                 Err(e) if !e.is_damage() => return Err(e.into()),
                 _ => {}
             }
         }
         return Err(Failure::new(
             2,
-            format!("error: the store has no runs of pipeline `{pipeline}` yet"),
+            match pipeline {
+                Some(pipeline) => {
+                    format!("error: the store has no runs of pipeline `{pipeline}` yet")
+                }
+                None => "error: the store has no runs yet".to_string(),
+            },
         ));
     }
     let mut matches: Vec<&String> = ids.iter().filter(|id| id.starts_with(run)).collect();
@@ -1841,8 +1915,14 @@ async fn keys_for(
         .get_run(&id)
         .await?
         .ok_or_else(|| Failure::new(2, format!("error: no run `{id}`")))?;
-    Ok((
-        id,
-        record.stages.iter().filter_map(|s| s.key.clone()).collect(),
-    ))
+    // The artifacts the run produced or used: a stage that failed, or that the run never
+    // reached, has a key but nothing under it, and pinning it would pin whatever a later
+    // run stores there.
+    let keys = record
+        .stages
+        .iter()
+        .filter(|s| matches!(s.status, StageStatus::Ran | StageStatus::Cached))
+        .filter_map(|s| s.key.clone())
+        .collect();
+    Ok((id, keys))
 }

@@ -211,6 +211,13 @@ stages:
     // The killed run's record says so.
     let runs = sb.run(&["runs", "--store", "file://store"]);
     assert!(runs.stdout.contains("killed"), "{}", runs.stdout);
+    // ... and so does its JSON, which scripts read.
+    let json = sb.run(&["runs", "--store", "file://store", "--json"]);
+    assert!(
+        json.stdout.contains("\"status\": \"killed\""),
+        "{}",
+        json.stdout
+    );
 
     sb.write("p.yaml", &sb.read("p.yaml").replace("sleep 30", "true"));
     let r = sb.run(&["run", "p.yaml"]);
@@ -1082,6 +1089,40 @@ fn shell_env_takes_values_as_written() {
     assert_eq!(plan["pipeline"], "1.10");
 }
 
+/// `verify` tells a stage that is not deterministic from one below it whose input changed,
+/// and says which stage failed when the re-execution does.
+#[test]
+fn verify_names_the_stage_at_fault() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        "name: v\nstorage: file://store\nstages:\n  a: { kind: shell, with: { run: 'date +%N > o', outputs: [o] } }\n  b: { kind: shell, inputs: [a], with: { run: 'cat $INPUT_A/o > p', outputs: [p] } }\n",
+    );
+    assert_eq!(sb.run(&["run", "p.yaml"]).code, 0);
+    let r = sb.run(&["verify", "p.yaml"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("not deterministic: `a`")
+            && r.stderr.contains("differ because their inputs did: `b`"),
+        "{}",
+        r.stderr
+    );
+    sb.write(
+        "q.yaml",
+        "name: q\nstorage: file://store\nstages:\n  f: { kind: shell, with: { run: 'test -f $PIPELINE_DIR/flag && echo ok > o', outputs: [o] } }\n",
+    );
+    sb.write("flag", "");
+    assert_eq!(sb.run(&["run", "q.yaml"]).code, 0);
+    std::fs::remove_file(sb.path().join("flag")).unwrap();
+    let r = sb.run(&["verify", "q.yaml"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("stage `f` failed on re-execution"),
+        "{}",
+        r.stderr
+    );
+}
+
 /// `verify --stage S` re-executes S and what it needs, not the rest of the pipeline (which
 /// could be a whole training); `run --until S` selects the same.
 #[test]
@@ -1092,7 +1133,10 @@ fn verify_of_one_stage_reexecutes_only_what_it_needs() {
         "name: v\nstorage: file://store\nstages:\n  a: { kind: shell, with: { run: echo a > o, outputs: [o] } }\n  b: { kind: shell, inputs: { a: a }, with: { run: cp $INPUT_A/o o, outputs: [o] } }\n  other: { kind: shell, with: { run: echo x >> $PIPELINE_DIR/ran; echo x > o, outputs: [o] } }\n",
     );
     // Nothing stored yet: verify refuses before re-executing anything (it used to print
-    // "not stored" and exit 0, so a CI job against an empty store passed).
+    // "not stored" and exit 0, so a CI job against an empty store passed). (A store that
+    // is not there at all is refused too, as a wrong path: see
+    // `store_urls_and_missing_stores_are_usage_errors`.)
+    std::fs::create_dir_all(sb.path().join("store")).unwrap();
     let r = sb.run(&["verify", "p.yaml"]);
     assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
     assert!(
@@ -1142,6 +1186,23 @@ fn store_urls_and_missing_stores_are_usage_errors() {
         assert!(r.stderr.contains("no store here"), "{}", r.stderr);
     }
     assert!(!sb.path().join("artifacts").exists());
+    // Nor a store given by URL, or a pipeline's, that is not there: only `run` makes one.
+    for args in [
+        &["fsck", "--store", "file://typo"][..],
+        &["gc", "--store", "file://typo"],
+        &["runs", "--store", "file://typo"],
+        &["show", "last", "--pipeline", "p.yaml"],
+        &["verify", "p.yaml"],
+    ] {
+        let r = sb.run(args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("only `run` creates one"),
+            "{args:?}: {}",
+            r.stderr
+        );
+    }
+    assert!(!sb.path().join("typo").exists() && !sb.path().join("store").exists());
     for url in ["http://x", "s3://", "file://"] {
         let r = sb.run(&["run", "p.yaml", "--store", url]);
         assert_eq!(r.code, 2, "{url}: {}", r.stderr);
