@@ -160,6 +160,8 @@ fn empty_storage_fractional_timeouts_and_zero_grace() {
         r.stderr
     );
     assert!(!r.stderr.contains("timeout"), "{}", r.stderr);
+    // (A store that is there: only `run` makes one.)
+    std::fs::create_dir_all(sb.path().join("store")).unwrap();
     let r = sb.run(&[
         "gc",
         "--store",
