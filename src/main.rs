@@ -914,6 +914,20 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 .or_else(|| p.as_ref().and_then(mlflow_url))
                 .or_else(|| std::env::var("MLFLOW_TRACKING_URI").ok().filter(|u| !u.is_empty()))
                 .ok_or_else(|| Failure::new(2, "error: no MLflow server: pass --mlflow URL, set tracking.mlflow, or MLFLOW_TRACKING_URI"))?;
+            if !orchestrate::pipeline::is_http_url(&url) {
+                return Err(Failure::new(
+                    2,
+                    format!("error: `{url}` is not an MLflow server's URL: write it as http://HOST:PORT or https://HOST"),
+                ));
+            }
+            // A spool folder named on the command line that is not there is a typo, not a
+            // spool with nothing to deliver.
+            if let Some(dir) = spool.as_ref().filter(|d| !d.is_dir()) {
+                return Err(Failure::new(
+                    2,
+                    format!("error: no spool folder {}", dir.display()),
+                ));
+            }
             let dir = spool.unwrap_or_else(|| match &p {
                 Some(p) => cache_dir(p).join("spool"),
                 None => std::env::var_os("ORCHESTRATE_CACHE_DIR")

@@ -634,6 +634,14 @@ fn tokenizer_of(model: usize, stages: &[Option<Stage>], depth: usize) -> Option<
     tokenizer_of(up, stages, depth + 1)
 }
 
+/// Whether `url` is an `http://` or `https://` URL with a host: what MLflow is reached at.
+pub fn is_http_url(url: &str) -> bool {
+    ["http://", "https://"].iter().any(|scheme| {
+        url.strip_prefix(scheme)
+            .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+    })
+}
+
 /// A model a stage takes beside an evaluation report that did not score it.
 struct Unscored {
     /// The consumer's input that names the model (`model`).
@@ -799,6 +807,12 @@ impl Validator {
         if let Some(n) = node.get("mlflow") {
             if n.value != Value::Null {
                 t.mlflow = self.string(n, "tracking.mlflow").filter(|s| !s.is_empty());
+                if let Some(url) = t.mlflow.as_deref().filter(|u| !is_http_url(u)) {
+                    self.diags.push(
+                        Diagnostic::new(format!("`{url}` is not an MLflow server's URL"), n.span)
+                            .hint("write it as http://HOST:PORT or https://HOST"),
+                    );
+                }
             }
         }
         if let Some(n) = node.get("experiment") {

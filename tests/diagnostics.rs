@@ -173,6 +173,45 @@ fn empty_storage_fractional_timeouts_and_zero_grace() {
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
+/// An MLflow URL that is not one, and a spool folder that is not there, are usage errors
+/// (`sync` reported "delivered 0 records" on a mistyped `--spool`).
+#[test]
+fn tracking_urls_and_spools_are_checked() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        "name: p\ntracking: { mlflow: notaurl }\nstages:\n  a: { kind: shell, with: { run: 'true' } }\n",
+    );
+    let r = sb.run(&["validate", "p.yaml"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("`notaurl` is not an MLflow server's URL")
+            && r.stderr.contains("p.yaml:2:21"),
+        "{}",
+        r.stderr
+    );
+    for (args, says) in [
+        (
+            &["sync", "--mlflow", "ftp://x"][..],
+            "not an MLflow server's URL",
+        ),
+        (
+            &[
+                "sync",
+                "--mlflow",
+                "http://127.0.0.1:9",
+                "--spool",
+                "nospool",
+            ],
+            "no spool folder",
+        ),
+    ] {
+        let r = sb.run(args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(says), "{args:?}: {}", r.stderr);
+    }
+}
+
 /// Output into a pipe its reader closed (`graph | head -1`) ends the command with 141, as
 /// SIGPIPE ends other tools, not in a panic (101 and a backtrace).
 #[test]
