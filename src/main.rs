@@ -415,11 +415,18 @@ fn load_shape(args: &PipelineArgs) -> Result<Pipeline, Failure> {
         .map_err(|invalid| Failure::new(2, invalid.render()))
 }
 
-fn open_store(p: &Pipeline, args: &StoreArgs) -> Result<Store, Failure> {
+/// The store a command names: `--store` (or `ORCHESTRATE_STORE`), else the pipeline's, and
+/// the folder a relative `file://` one is relative to.
+fn store_url<'a>(p: &'a Pipeline, args: &'a StoreArgs) -> (&'a str, &'a Path) {
     match &args.store {
-        Some(url) => Ok(Store::open(url, Path::new("."))?),
-        None => Ok(Store::open(&p.storage, &p.dir)?),
+        Some(url) => (url, Path::new(".")),
+        None => (&p.storage, &p.dir),
     }
+}
+
+fn open_store(p: &Pipeline, args: &StoreArgs) -> Result<Store, Failure> {
+    let (url, base) = store_url(p, args);
+    Ok(Store::open(url, base)?)
 }
 
 /// With `--pipeline`, that pipeline's `name`: a store may hold the runs of several
@@ -444,12 +451,7 @@ fn pipeline_name(args: &StoreOnly) -> Result<Option<String>, Failure> {
 /// creates it: `fsck`, `gc` or `runs` pointed at a mistyped path reported success on an
 /// empty store of their own making.
 fn open_existing(url: &str, base: &Path) -> Result<Store, Failure> {
-    if let Some(rest) = url.strip_prefix("file://") {
-        let dir = if Path::new(rest).is_absolute() {
-            PathBuf::from(rest)
-        } else {
-            base.join(rest)
-        };
+    if let Some(dir) = orchestrate::store::local_dir(url, base) {
         if !dir.is_dir() {
             return Err(Failure::new(
                 2,
@@ -465,10 +467,8 @@ fn open_existing(url: &str, base: &Path) -> Result<Store, Failure> {
 
 /// [`open_store`] for a command that only reads the store: see [`open_existing`].
 fn open_existing_store(p: &Pipeline, args: &StoreArgs) -> Result<Store, Failure> {
-    match &args.store {
-        Some(url) => open_existing(url, Path::new(".")),
-        None => open_existing(&p.storage, &p.dir),
-    }
+    let (url, base) = store_url(p, args);
+    open_existing(url, base)
 }
 
 fn open_store_only(args: &StoreOnly) -> Result<Store, Failure> {
@@ -1574,33 +1574,15 @@ async fn verify(
         Some(id) => again.get_run(&id).await?,
         None => None,
     };
-    let Some(record) = record.clone().filter(|_| status.success()) else {
-        let _ = std::fs::remove_dir_all(&scratch);
-        if status.code() == Some(130) {
-            return Err(interrupted());
+    let record = match record {
+        Some(record) if status.success() => record,
+        failed_run => {
+            let _ = std::fs::remove_dir_all(&scratch);
+            if status.code() == Some(130) {
+                return Err(interrupted());
+            }
+            return Err(reexecution_failed(status, failed_run.as_ref()));
         }
-        // Which stage failed, and why: the re-execution ran quietly, and its scratch store
-        // (where its run record says so) is gone now.
-        let failed: Vec<String> = record
-            .iter()
-            .flat_map(|r| &r.stages)
-            .filter(|s| s.status == StageStatus::Failed)
-            .map(|s| {
-                let why = s
-                    .error
-                    .as_deref()
-                    .and_then(|e| e.lines().next())
-                    .unwrap_or("");
-                format!("\n  stage `{}` failed on re-execution: {why}", s.stage)
-            })
-            .collect();
-        return Err(Failure::new(
-            1,
-            format!(
-                "error: the re-execution failed ({status}){}",
-                failed.concat()
-            ),
-        ));
     };
     let mut differ = Vec::new();
     // Stages that differ because an input did (below one that differs): their own
@@ -1683,6 +1665,31 @@ async fn verify(
     } else {
         Ok(1)
     }
+}
+
+/// A re-execution that failed, with the stages that failed in it and why: it ran quietly,
+/// and its scratch store (where its run record said so) is gone by now.
+fn reexecution_failed(status: std::process::ExitStatus, run: Option<&RunRecord>) -> Failure {
+    let failed: Vec<String> = run
+        .iter()
+        .flat_map(|r| &r.stages)
+        .filter(|s| s.status == StageStatus::Failed)
+        .map(|s| {
+            let why = s
+                .error
+                .as_deref()
+                .and_then(|e| e.lines().next())
+                .unwrap_or("");
+            format!("\n  stage `{}` failed on re-execution: {why}", s.stage)
+        })
+        .collect();
+    Failure::new(
+        1,
+        format!(
+            "error: the re-execution failed ({status}){}",
+            failed.concat()
+        ),
+    )
 }
 
 fn exit_code(r: &RunRecord) -> u8 {

@@ -199,11 +199,9 @@ impl PipelineSpec {
         };
         // `x-...` at the top level is the user's own, a home for anchors that stages merge
         // (`x-defaults: &d {...}`, then `<<: *d`), as in Compose files.
-        let mut own = root.clone();
-        if let Value::Map(entries) = &mut own.value {
-            entries.retain(|(k, _)| !k.name.starts_with("x-"));
-        }
-        v.unknown_keys(&own, &TOP_LEVEL_KEYS, "at the top level");
+        v.unknown_keys_but(root, &TOP_LEVEL_KEYS, "at the top level", |k| {
+            k.starts_with("x-")
+        });
         let name = match root.get("name") {
             Some(n) => v.string(n, "name").unwrap_or_default(),
             None => {
@@ -600,23 +598,42 @@ impl PipelineSpec {
     }
 }
 
-/// The producers of `stage`'s inputs of `kind` that do produce it, in input order.
-fn producers_of_kind(stage: &Stage, kind: ArtifactKind, stages: &[Option<Stage>]) -> Vec<usize> {
+/// A stage's inputs of `kind`, as (declared name, producers), keeping the producers whose
+/// output is of that kind (an edge of the wrong kind is reported already).
+fn inputs_of(
+    stage: &Stage,
+    kind: ArtifactKind,
+    stages: &[Option<Stage>],
+) -> Vec<(&'static str, Vec<usize>)> {
     let Inputs::Typed(decls) = stage.kind.descriptor().inputs else {
         return Vec::new();
     };
-    let mut out = Vec::new();
-    for d in decls.iter().filter(|d| d.kind == kind) {
-        let Some(b) = stage.inputs.iter().find(|b| b.name == d.name) else {
-            continue;
-        };
-        out.extend(b.stages.iter().copied().filter(|&p| {
-            stages[p]
-                .as_ref()
-                .is_some_and(|s| s.kind.descriptor().output == kind)
-        }));
-    }
-    out
+    decls
+        .iter()
+        .filter(|d| d.kind == kind)
+        .filter_map(|d| {
+            let binding = stage.inputs.iter().find(|b| b.name == d.name)?;
+            let producers = binding
+                .stages
+                .iter()
+                .copied()
+                .filter(|&p| {
+                    stages[p]
+                        .as_ref()
+                        .is_some_and(|s| s.kind.descriptor().output == kind)
+                })
+                .collect();
+            Some((d.name, producers))
+        })
+        .collect()
+}
+
+/// The producers of `stage`'s inputs of `kind` that do produce it, in input order.
+fn producers_of_kind(stage: &Stage, kind: ArtifactKind, stages: &[Option<Stage>]) -> Vec<usize> {
+    inputs_of(stage, kind, stages)
+        .into_iter()
+        .flat_map(|(_, producers)| producers)
+        .collect()
 }
 
 /// The tokenizer stage a model stage's weights were trained with: its own Tokenizer input
@@ -657,43 +674,11 @@ struct Unscored {
 /// runs; this refuses the plain case (`deploy: {model: fp16, report: evaluation}` with an
 /// evaluation of `[model, int8]`) before anything is trained.
 fn models_their_report_does_not_score(stage: &Stage, stages: &[Option<Stage>]) -> Vec<Unscored> {
-    // A stage's inputs of `kind`, as (declared name, producers) with each producer's
-    // output of that kind (an edge of the wrong kind is reported already).
-    fn inputs_of(
-        stage: &Stage,
-        kind: ArtifactKind,
-        stages: &[Option<Stage>],
-    ) -> Vec<(&'static str, Vec<usize>)> {
-        let Inputs::Typed(decls) = stage.kind.descriptor().inputs else {
-            return Vec::new();
-        };
-        decls
-            .iter()
-            .filter(|d| d.kind == kind)
-            .filter_map(|d| {
-                let binding = stage.inputs.iter().find(|b| b.name == d.name)?;
-                let producers = binding
-                    .stages
-                    .iter()
-                    .copied()
-                    .filter(|&p| {
-                        stages[p]
-                            .as_ref()
-                            .is_some_and(|s| s.kind.descriptor().output == kind)
-                    })
-                    .collect();
-                Some((d.name, producers))
-            })
-            .collect()
-    }
     let mut unscored = Vec::new();
     for (_, reports) in inputs_of(stage, ArtifactKind::EvalReport, stages) {
         for report in reports {
             let Some(r) = &stages[report] else { continue };
-            let scored: Vec<usize> = inputs_of(r, ArtifactKind::Model, stages)
-                .into_iter()
-                .flat_map(|(_, models)| models)
-                .collect();
+            let scored = producers_of_kind(r, ArtifactKind::Model, stages);
             if scored.is_empty() {
                 // Its models are all of the wrong kind, reported already.
                 continue;
@@ -759,9 +744,20 @@ struct Validator {
 
 impl Validator {
     fn unknown_keys(&mut self, node: &Node, allowed: &[&str], where_: &str) {
+        self.unknown_keys_but(node, allowed, where_, |_| false);
+    }
+
+    /// [`Self::unknown_keys`], passing over the keys `own` says are the user's own.
+    fn unknown_keys_but(
+        &mut self,
+        node: &Node,
+        allowed: &[&str],
+        where_: &str,
+        own: impl Fn(&str) -> bool,
+    ) {
         if let Value::Map(entries) = &node.value {
             for (k, _) in entries {
-                if !allowed.contains(&k.name.as_str()) {
+                if !allowed.contains(&k.name.as_str()) && !own(&k.name) {
                     self.diags.push(
                         Diagnostic::new(format!("unknown key `{}` {where_}", k.name), k.span)
                             .hint_opt(suggest(&k.name, allowed)),

@@ -232,6 +232,16 @@ impl std::fmt::Debug for Store {
 
 /// What makes `url` no store URL, if anything: `validate` and the command line check it
 /// before anything is opened.
+/// The folder a `file://` store URL names, relative ones against `base`; None for others.
+pub fn local_dir(url: &str, base: &Path) -> Option<PathBuf> {
+    let rest = url.strip_prefix("file://")?;
+    Some(if Path::new(rest).is_absolute() {
+        PathBuf::from(rest)
+    } else {
+        base.join(rest)
+    })
+}
+
 pub fn url_problem(url: &str) -> Option<&'static str> {
     if let Some(rest) = url.strip_prefix("s3://") {
         let bucket = rest.split('/').next().unwrap_or_default();
@@ -262,12 +272,7 @@ impl Store {
                 reason: reason.into(),
             });
         }
-        let inner: Arc<dyn ObjectStore> = if let Some(rest) = url.strip_prefix("file://") {
-            let dir = if Path::new(rest).is_absolute() {
-                PathBuf::from(rest)
-            } else {
-                base.join(rest)
-            };
+        let inner: Arc<dyn ObjectStore> = if let Some(dir) = local_dir(url, base) {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| open_err(format!("{}: {e}", dir.display())))?;
             Arc::new(LocalFileSystem::new_with_prefix(&dir).map_err(|e| open_err(e.to_string()))?)

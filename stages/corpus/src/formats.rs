@@ -206,9 +206,9 @@ fn read_separated<R: BufRead>(
     let mut consumed = 0u64;
     let mut line_no = 0usize;
     let mut start = 1usize;
-    // The first line of the record with a NUL byte: a UTF-16 file is one record (its `%`
-    // lines are not `%` lines), over the cap when it is a real one, and must still be
-    // called what it is rather than one `too_long` drop.
+    // The first line of the record with a NUL byte, which makes it invalid (see `binary`),
+    // whatever its length: a UTF-16 file is one record (its `%` lines are not `%` lines),
+    // over the cap when it is a real one, and is called what it is, not `too_long`.
     let mut nul_line: Option<usize> = None;
     loop {
         let read = next_line(&mut r, &mut line, &mut consumed, cap.saturating_add(1))?;
@@ -219,7 +219,7 @@ fn read_separated<R: BufRead>(
             }
         }
         if read.is_none() || (read == Some(Line::Whole) && is_separator(&line)) {
-            if let (true, Some(at)) = (too_long, nul_line) {
+            if let Some(at) = nul_line {
                 sink(nul_at(at), consumed)?;
             } else if too_long {
                 sink(RawItem::TooLong, consumed)?;
@@ -258,9 +258,6 @@ fn emit(
     consumed: u64,
     sink: Sink<'_>,
 ) -> Result<(), StageError> {
-    if let Some(reason) = binary(&bytes, line) {
-        return sink(reason, consumed);
-    }
     match String::from_utf8(bytes) {
         Ok(text) => {
             // Before the author is taken from it: `Honor'\be de Balzac` is Honoré.

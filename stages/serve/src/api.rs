@@ -793,8 +793,7 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Collected, Ap
                 special_id,
                 ..
             } => {
-                // Special by its id where its own text is empty (the stream's `special` is
-                // false for an end token that carries held-back text).
+                // Special where its own text is empty (see `Event::Token`).
                 let special = special_id && piece.is_empty();
                 tokens.push(json!({"id": token.id, "text": piece, "logprob": token.logprob, "special": special}));
             }
@@ -984,10 +983,12 @@ fn tgi_events(
                 Some(Event::Token {
                     token,
                     text,
-                    special,
+                    special_id,
                     last,
                     ..
                 }) => {
+                    // Special where the text sent with it is empty (see `Event::Token`).
+                    let special = special_id && text.is_empty();
                     let t = json!({"id": token.id, "text": text, "logprob": token.logprob, "special": special});
                     let ev = json!({"index": token.index + 1, "token": t, "generated_text": null, "details": null});
                     if !last {
@@ -1927,7 +1928,6 @@ mod tests {
             },
             text: text.into(),
             piece: text.into(),
-            special: false,
             special_id: false,
             last,
         }

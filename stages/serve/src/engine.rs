@@ -29,8 +29,10 @@ pub enum Event {
         text: String,
         /// The token's own text, held back or not: what `details` lists it with.
         piece: String,
-        special: bool,
         /// The token is a special one (end, padding, start), whatever text it carries.
+        /// Special tokens decode to nothing, but the last one carries the text held back
+        /// for the stop sequences: a stream shows it as special only where its `text` is
+        /// empty, or clients that skip special tokens' text would lose that text.
         special_id: bool,
         /// The request's last token: its `Done` follows in the same step, so a stream can
         /// wait for that one event to send the summary with this token.
@@ -261,18 +263,13 @@ fn run<B: Backend>(
                 } = slot
                     .stream
                     .push(&lm.tokenizer, token.id, &slot.job.stop, last);
-                // Special tokens decode to nothing, but the last one carries the text held
-                // back for the stop sequences: it is not shown as special then, or clients
-                // that skip special tokens' text would lose it.
                 let special_id = token.id == specials.eos
                     || token.id == specials.pad
                     || token.id == specials.bos;
-                let special = special_id && text.is_empty();
                 let sent = slot.job.events.send(Event::Token {
                     token,
                     text,
                     piece,
-                    special,
                     special_id,
                     last: last || stopped,
                 });
