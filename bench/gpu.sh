@@ -138,7 +138,7 @@ cat "$res/machine.txt"
 quantized_check() {
     local store=file:///tmp/orchestrate-quantized
     ORCHESTRATE_KERNEL_CACHE="$caches/quantized" within 420 "$bin/orchestrate-cuda" run pipelines/full.yaml \
-        --no-serve --store "$store" --set model.resources.device=cpu --set model.with.steps=60 \
+        --no-serve --store "$store" --set model.resources.device=cpu --set model.with.steps=60 --set model.with.warmup=10 \
         --set model.with.eval_every=30 --set model.with.checkpoint_every=60 \
         --set evaluation.resources.device=cuda --set evaluation.with.max_records=64 \
         --set evaluation.with.latency_runs=5 --set evaluation.with.prompts=4 \

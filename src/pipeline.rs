@@ -442,8 +442,35 @@ impl PipelineSpec {
                         .hint("set resources.device: cuda, or leave devices out"),
                 );
             }
-            // Models scored together (evaluate) were trained with one tokenizer, and a
-            // tokenizer beside them is that one: otherwise their scores would not compare.
+            // A gate's `max_ppl_increase` compares each model with the baseline: with one
+            // model there is nothing to compare, and the bound would pass untested.
+            let models = producers_of_kind(stage, ArtifactKind::Model, &stages);
+            // (Counted as written: a model stage with problems of its own still counts.)
+            let model_inputs = inputs_of(stage, ArtifactKind::Model, &stages);
+            let named: usize = stage
+                .inputs
+                .iter()
+                .filter(|b| model_inputs.iter().any(|(name, _)| *name == b.name))
+                .map(|b| b.stages.len())
+                .sum();
+            let increase = &stage.params["gate"]["max_ppl_increase"];
+            if named == 1 && !increase.is_null() {
+                let e = ParamError {
+                    path: vec![
+                        PathSegment::Key("gate".into()),
+                        PathSegment::Key("max_ppl_increase".into()),
+                    ],
+                    problem: ParamProblem::Invalid(
+                        "compares each model with the baseline, but the stage scores one model"
+                            .into(),
+                    ),
+                };
+                v.diags.push(
+                    param_diagnostic(&stage.name, stage.kind, with, anchor, &e).hint(
+                        "score the models to compare beside it (`models: [model, int8]`), or bound `max_ppl`",
+                    ),
+                );
+            }
             let name = |j: usize| stages[j].as_ref().map_or("", |s| s.name.as_str());
             let span_of = |input_kind: ArtifactKind, producer: usize| {
                 let Inputs::Typed(decls) = stage.kind.descriptor().inputs else {
@@ -455,9 +482,34 @@ impl PipelineSpec {
                     .find_map(|d| ref_spans[i].get(&(d.name.to_string(), producer)).copied())
                     .unwrap_or(key.span)
             };
+            #[cfg(feature = "model")]
+            for d in quantize_problems(stage, &stages) {
+                let diag = match d {
+                    QuantizeProblem::Quantized { model, scheme } => Diagnostic::new(
+                        format!(
+                            "stage `{}` quantizes `{}`, whose weights are {scheme} already",
+                            stage.name,
+                            stages[model].as_ref().map_or("", |s| s.name.as_str())
+                        ),
+                        span_of(ArtifactKind::Model, model),
+                    )
+                    .label("quantized already")
+                    .hint("quantize the trained model: quantize reads fp32 weights"),
+                    QuantizeProblem::Block(msg) => param_diagnostic(
+                        &stage.name,
+                        stage.kind,
+                        with,
+                        anchor,
+                        &problem("block", msg),
+                    ),
+                };
+                v.diags.push(diag);
+            }
+            // Models scored together (evaluate) were trained with one tokenizer, and a
+            // tokenizer beside them is that one: otherwise their scores would not compare.
             // Per tokenizer they were trained with, the models that were.
             let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-            for m in producers_of_kind(stage, ArtifactKind::Model, &stages) {
+            for &m in &models {
                 if let Some(trained) = tokenizer_of(m, &stages, 0) {
                     groups.entry(trained).or_default().push(m);
                 }
@@ -649,6 +701,73 @@ fn tokenizer_of(model: usize, stages: &[Option<Stage>], depth: usize) -> Option<
     }
     let up = *producers_of_kind(s, ArtifactKind::Model, stages).first()?;
     tokenizer_of(up, stages, depth + 1)
+}
+
+/// What a quantize stage's model makes impossible, found before the model is trained.
+#[cfg(feature = "model")]
+enum QuantizeProblem {
+    /// The model is a quantize stage's output, not fp32.
+    Quantized { model: usize, scheme: String },
+    /// `dynamic`'s block does not divide the trained model's rows (message).
+    Block(String),
+}
+
+#[cfg(feature = "model")]
+fn quantize_problems(stage: &Stage, stages: &[Option<Stage>]) -> Vec<QuantizeProblem> {
+    let mut problems = Vec::new();
+    if stage.kind != StageKind::Quantize {
+        return problems;
+    }
+    for model in producers_of_kind(stage, ArtifactKind::Model, stages) {
+        let Some(up) = &stages[model] else { continue };
+        if up.kind == StageKind::Quantize {
+            let scheme = up.params["scheme"].as_str().unwrap_or("fp32");
+            if scheme != "fp32" {
+                problems.push(QuantizeProblem::Quantized {
+                    model,
+                    scheme: scheme.to_string(),
+                });
+                continue;
+            }
+        }
+        if stage.params["scheme"] != "dynamic" {
+            continue;
+        }
+        let (Some(block), Some(trained)) = (
+            stage.params["block"].as_u64(),
+            trained_model(model, stages, 0).and_then(|t| stages[t].as_ref()),
+        ) else {
+            continue;
+        };
+        let Ok(params) =
+            serde_json::from_value::<orchestrate_model::train::TrainParams>(trained.params.clone())
+        else {
+            continue;
+        };
+        let rows: Vec<(String, usize)> = params
+            .matrix_rows()
+            .into_iter()
+            .map(|(param, width)| (format!("stage `{}`'s `{param}`", trained.name), width))
+            .collect();
+        if let Some(msg) = orchestrate_model::weights::int8_block_misfit(block as usize, &rows) {
+            problems.push(QuantizeProblem::Block(msg));
+        }
+    }
+    problems
+}
+
+/// The train stage a model stage's weights come from: itself, or its model's, up the graph.
+#[cfg(feature = "model")]
+fn trained_model(model: usize, stages: &[Option<Stage>], depth: usize) -> Option<usize> {
+    let s = stages[model].as_ref()?;
+    if s.kind == StageKind::Train {
+        return Some(model);
+    }
+    if depth > stages.len() {
+        return None;
+    }
+    let up = *producers_of_kind(s, ArtifactKind::Model, stages).first()?;
+    trained_model(up, stages, depth + 1)
 }
 
 /// Whether `url` is an `http://` or `https://` URL with a host: what MLflow is reached at.

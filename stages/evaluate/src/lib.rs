@@ -125,6 +125,13 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     empty_part: orchestrate_stage::no_empty_parts,
 };
 
+/// Rows of the throughput batch, at most.
+const MAX_BATCH: usize = 1024;
+/// New tokens per latency run, at most (a model's `max_len` usually stops it sooner).
+const MAX_NEW_TOKENS: usize = 4096;
+/// Timed latency runs, at most.
+const MAX_LATENCY_RUNS: usize = 10_000;
+
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     let v = canonical_params::<EvaluateParams>(v)?;
     let p: EvaluateParams = serde_json::from_value(v.clone()).expect("just canonicalised");
@@ -150,6 +157,20 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     ] {
         if value == 0 {
             return Err(invalid(key, format!("`{key}` must be at least 1")));
+        }
+    }
+    // Upper bounds where a large value would take the machine's memory (a batch's rows are
+    // generated at once, each with its cache of keys and values) or hours, and fail no sooner.
+    for (key, value, most) in [
+        ("batch", p.batch, MAX_BATCH),
+        ("new_tokens", p.new_tokens, MAX_NEW_TOKENS),
+        ("latency_runs", p.latency_runs, MAX_LATENCY_RUNS),
+    ] {
+        if value > most {
+            return Err(invalid(
+                key,
+                format!("`{key}` must be at most {most}, got {value}"),
+            ));
         }
     }
     Ok(v)
@@ -346,7 +367,7 @@ fn score<B: Backend>(job: Score<'_>, device: &B::Device) -> Result<Vec<VariantRe
             )?;
             if loaded.is_empty() {
                 return Err(StageError::Failed(
-                    "the corpus's test split is empty".into(),
+                    "the corpus's test split has no record of 2 tokens or more to score (it is empty, or its records are that short)".into(),
                 ));
             }
             examples = Some(loaded);
@@ -797,6 +818,27 @@ mod tests {
         a.merge(&b);
         assert_eq!(a, corpus);
         assert_eq!(ChrfStats::default().score(), 0.0);
+    }
+
+    #[test]
+    fn params_that_would_take_the_memory_are_refused_by_name() {
+        for (key, value) in [
+            ("batch", 200_000),
+            ("new_tokens", 100_000),
+            ("latency_runs", 1_000_000),
+        ] {
+            let e = canonical(serde_json::json!({ key: value })).unwrap_err();
+            assert_eq!(
+                e.path,
+                vec![orchestrate_stage::PathSegment::Key(key.into())]
+            );
+            assert!(
+                format!("{:?}", e.problem).contains("at most"),
+                "{key}: {:?}",
+                e.problem
+            );
+        }
+        assert!(canonical(serde_json::json!({"batch": MAX_BATCH})).is_ok());
     }
 
     #[test]

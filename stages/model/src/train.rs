@@ -215,6 +215,14 @@ impl TrainParams {
         )
     }
 
+    /// The widths of the rows of every weight matrix this stage's model has, each named by
+    /// the param that sets it: attention and the embeddings are `d_model` wide, the first
+    /// feed-forward layer `d_ff` (the output projection is the embedding's).
+    pub fn matrix_rows(&self) -> Vec<(&'static str, usize)> {
+        let (d, _, _, _, ff) = self.shape();
+        vec![("d_model", d), ("d_ff", ff)]
+    }
+
     fn lr_at(&self, step: u64) -> f64 {
         if step < self.warmup {
             return self.lr * (step + 1) as f64 / self.warmup as f64;
@@ -317,6 +325,17 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         if v == 0 {
             problems.push(bad(key, format!("{key} must be at least 1")));
         }
+    }
+    // A warm-up longer than the training leaves the learning rate short of `lr` throughout
+    // and the cosine decay never begins (`steps: 50` beside the default `warmup: 100`).
+    if p.steps != 0 && p.warmup > p.steps {
+        problems.push(bad(
+            "warmup",
+            format!(
+                "warmup {} is longer than the training ({} steps): the learning rate would never reach lr",
+                p.warmup, p.steps
+            ),
+        ));
     }
     // Written as "inside the range or refuse": a value that is not a number fails too.
     for (key, v, lo, hi, range) in [
@@ -560,9 +579,15 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
     )?;
     if train.is_empty() || val.is_empty() {
         return Err(StageError::Failed(format!(
-            "not enough data: {} training and {} validation examples",
+            "not enough data: input `corpus` (stage `{}`) gives {} training and {} validation examples of 2 tokens or more; give the empty split records (the ingest stage's `split`){}",
+            corpus.stage,
             train.len(),
-            val.len()
+            val.len(),
+            if p.max_records.is_some() {
+                ", or raise `max_records`"
+            } else {
+                ""
+            }
         )));
     }
     let padding = Rounding::for_compute(compute).within(cfg.max_len);
@@ -1976,6 +2001,7 @@ mod tests {
             (serde_json::json!({"epsilon": 0.0}), "epsilon"),
             (serde_json::json!({"beta_2": 0.99999999}), "beta_2"),
             (serde_json::json!({"epsilon": 1e-46}), "epsilon"),
+            (serde_json::json!({"steps": 50}), "warmup"),
         ] {
             let e = canonical(params.clone()).unwrap_err();
             assert_eq!(e.path, vec![PathSegment::Key(key.into())], "{params}: {e}");

@@ -174,16 +174,37 @@ pub fn check_int8_block<B: Backend>(model: &Seq2Seq<B>, block: usize) -> Result<
             "block {block} must be from 1 to 128, the most burn's int8 tensors take"
         ));
     }
-    for (name, shape) in shapes(model) {
-        let width = shape.last().copied().unwrap_or(0);
-        if shape.len() >= 2 && width % block != 0 {
-            return Err(format!(
-                "int8 blocks of {block} values must divide every weight matrix's rows, but \
-                 `{name}` ({shape:?}) has rows of {width}: choose a block that divides {width}"
-            ));
-        }
+    let rows: Vec<(String, usize)> = shapes(model)
+        .into_iter()
+        .filter(|(_, shape)| shape.len() >= 2)
+        .map(|(name, shape)| {
+            let width = shape.last().copied().unwrap_or(0);
+            (format!("`{name}` ({shape:?})"), width)
+        })
+        .collect();
+    match int8_block_misfit(block, &rows) {
+        Some(problem) => Err(problem),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// Why `dynamic`'s int8 blocks of `block` values do not fit weight matrices with rows of
+/// these widths (each named), if they do not: with the block that would fit them all, or,
+/// where no power of two from 8 to 128 does (`d_model: 100`), the scheme to use instead.
+/// `validate` asks the same of a train stage's `d_model` and `d_ff` before anything runs.
+pub fn int8_block_misfit(block: usize, rows: &[(String, usize)]) -> Option<String> {
+    let (name, width) = rows.iter().find(|(_, w)| w % block != 0)?;
+    let fits = [128, 64, 32, 16, 8]
+        .into_iter()
+        .find(|b| rows.iter().all(|(_, w)| w % b == 0));
+    let instead = match fits {
+        Some(b) => format!("block {b} divides them all"),
+        None => "no block from 8 to 128 divides them all: use `int8`, whose blocks may".into(),
+    };
+    Some(format!(
+        "int8 blocks of {block} values must divide every weight matrix's rows, but {name} has \
+         rows of {width}; {instead}"
+    ))
 }
 
 /// Keeps every weight matrix as a burn quantized tensor (symmetric int8 in blocks of
@@ -500,6 +521,18 @@ mod tests {
         assert!(check_int8_block(&tiny(64), 256)
             .unwrap_err()
             .contains("128"));
+        // The message names a block that fits, or says that none does.
+        let rows = |w: &[usize]| -> Vec<(String, usize)> {
+            w.iter().map(|&w| (format!("w{w}"), w)).collect()
+        };
+        assert_eq!(int8_block_misfit(64, &rows(&[256, 1024])), None);
+        let e = int8_block_misfit(64, &rows(&[96, 384])).unwrap();
+        assert!(
+            e.contains("w96 has rows of 96; block 32 divides them all"),
+            "{e}"
+        );
+        let e = int8_block_misfit(8, &rows(&[100, 400])).unwrap();
+        assert!(e.contains("use `int8`"), "{e}");
         assert!(keep_int8(tiny(64), 32).is_ok());
         // `int8` keeps its blocks in the file only, over the flat values: any block works.
         let dir = tempfile::tempdir().unwrap();

@@ -152,6 +152,11 @@ const F16_MAX: f32 = 65504.0;
 /// the next step (65536) would round to even, which is infinity.
 const F16_OVERFLOW: f32 = 65520.0;
 
+/// bf16's largest finite value, (2 - 2⁻⁷)·2¹²⁷.
+const BF16_MAX: f32 = f32::from_bits(0x7F7F_0000);
+/// Halfway from it to the next step (2¹²⁸), which rounds to even, an infinity.
+const BF16_OVERFLOW: f32 = f32::from_bits(0x7F7F_8000);
+
 /// Why `scheme` cannot hold these weights faithfully, if it cannot. A value that is not
 /// finite (a diverged training) would otherwise pass silently: int8 turns NaN into code 0,
 /// a finite-looking model, and an infinite value makes its block's scale infinite, the
@@ -171,12 +176,18 @@ fn unrepresentable(tensors: &[weights::HostTensor], scheme: Scheme) -> Option<St
                 at(j, *v)
             ));
         }
-        if scheme == Scheme::Fp16 {
-            // Rounded to nearest: values up to 65520 become 65504, beyond it infinity.
-            let overflows = |v: &f32| v.abs() >= F16_OVERFLOW;
+        // Rounded to nearest: fp16 makes values up to 65520 65504, beyond it infinity; bf16
+        // overflows only within 0.2% of f32's own limit (a diverging training's weights).
+        let limit = match scheme {
+            Scheme::Fp16 => Some((F16_OVERFLOW, "fp16", F16_MAX, "use `bf16` or `int8`")),
+            Scheme::Bf16 => Some((BF16_OVERFLOW, "bf16", BF16_MAX, "retrain it")),
+            _ => None,
+        };
+        if let Some((overflow, name, max, hint)) = limit {
+            let overflows = |v: &f32| v.abs() >= overflow;
             if let Some((j, v)) = t.values.iter().enumerate().find(|(_, v)| overflows(v)) {
                 return Some(format!(
-                    "{}, beyond fp16's range (±{F16_MAX}); use `bf16` or `int8`",
+                    "{}, beyond {name}'s range (±{max:e}); {hint}",
                     at(j, *v)
                 ));
             }
@@ -212,6 +223,14 @@ mod tests {
         assert!(e.contains("tensor 1 of 2") && e.contains("index 1"), "{e}");
         assert!(e.contains("beyond fp16's range"), "{e}");
         assert_eq!(unrepresentable(&big, Scheme::Bf16), None);
+        // bf16 holds its largest value, and refuses what would round past it.
+        let edge = [tensor(vec![BF16_MAX, -BF16_MAX])];
+        assert_eq!(unrepresentable(&edge, Scheme::Bf16), None);
+        let e = unrepresentable(&[tensor(vec![f32::MAX])], Scheme::Bf16).unwrap();
+        assert!(e.contains("beyond bf16's range"), "{e}");
+        assert_eq!(half::bf16::from_f32(BF16_MAX).to_f32(), BF16_MAX);
+        assert!(half::bf16::from_f32(BF16_OVERFLOW).is_infinite());
+        assert!(!half::bf16::from_f32(f32::from_bits(BF16_OVERFLOW.to_bits() - 1)).is_infinite());
         for bad in [f32::NAN, f32::INFINITY] {
             let e = unrepresentable(&[tensor(vec![1.0, bad])], Scheme::Int8).unwrap();
             assert!(e.contains("not finite"), "{e}");
