@@ -117,7 +117,10 @@ pub async fn execute(
                 r.status = StageStatus::Cached;
                 r.produced_by = sp.manifest.as_ref().map(|m| m.producer.run_id.clone());
             }
-            Status::WillRun | Status::Blocked => pending[i] = true,
+            Status::WillRun | Status::Blocked => {
+                r.status = StageStatus::Pending;
+                pending[i] = true;
+            }
             Status::NotSelected => {}
         }
         records.push(r);

@@ -12,8 +12,8 @@ pub struct ArgoOptions {
     pub image: String,
     /// Overrides the pipeline's `storage`.
     pub store: Option<String>,
-    /// Kubernetes secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optionally
-    /// AWS_ENDPOINT_URL, AWS_REGION, MLFLOW_TRACKING_TOKEN).
+    /// Kubernetes secret holding the store's and MLflow's credentials ([`SECRET_KEYS`]) and
+    /// any the pipeline reads (`${env.HF_TOKEN}`).
     pub secret: String,
     pub mlflow: Option<String>,
     /// The command line's `--set PATH=VALUE` overrides, which every task's run repeats
@@ -22,8 +22,40 @@ pub struct ArgoOptions {
 }
 
 /// Where the pipeline file sits inside every task's container.
-/// Where the workflow puts the pipeline file in each task.
 pub const PIPELINE_PATH: &str = "/work/pipeline.yaml";
+
+/// The credentials every task takes from the Kubernetes secret (each optional there).
+const SECRET_KEYS: [&str; 8] = [
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+];
+
+/// Whether a variable's name says it holds a credential (`HF_TOKEN`, `DB_PASSWORD`): one
+/// the pipeline reads is taken from the secret, not copied into the workflow's text.
+/// Words, not parts of words: `MAX_TOKENS` and `TOKENIZER_DIR` are settings.
+fn looks_secret(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    let words: Vec<&str> = upper.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+    let secret_word = [
+        "SECRET",
+        "PASSWORD",
+        "PASSWD",
+        "TOKEN",
+        "CREDENTIAL",
+        "CREDENTIALS",
+    ];
+    let key_of = |w: &str| matches!(w, "API" | "PRIVATE" | "ACCESS" | "SECRET");
+    words.iter().any(|w| secret_word.contains(w))
+        || words
+            .windows(2)
+            .any(|pair| pair[1] == "KEY" && key_of(pair[0]))
+}
 
 pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String> {
     let store = o.store.clone().unwrap_or_else(|| p.storage.clone());
@@ -40,17 +72,14 @@ pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String
     if let Some(m) = &o.mlflow {
         env.push(json!({"name": "MLFLOW_TRACKING_URI", "value": m}));
     }
-    for key in [
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_ENDPOINT_URL",
-        "AWS_REGION",
-        "MLFLOW_TRACKING_TOKEN",
-    ] {
-        env.push(json!({
+    let from_secret = |key: &str| {
+        json!({
             "name": key,
             "valueFrom": {"secretKeyRef": {"name": o.secret, "key": key, "optional": true}}
-        }));
+        })
+    };
+    for key in SECRET_KEYS {
+        env.push(from_secret(key));
     }
     // The variables the pipeline reads (`${env.X}`): a task's container has only the
     // environment given here, so without them it would resolve other values than `plan`
@@ -73,7 +102,12 @@ pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String
         if given.contains(&name) {
             continue;
         }
-        if let Ok(value) = std::env::var(&name) {
+        if looks_secret(&name) {
+            // Its value would be in the workflow's text for anyone who can read it: it is
+            // taken from the secret instead, where it must then be.
+            env.push(from_secret(&name));
+            given.push(name);
+        } else if let Ok(value) = std::env::var(&name) {
             env.push(json!({"name": name, "value": value}));
             given.push(name);
         }
@@ -108,7 +142,7 @@ pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String
             // it was given, from 0. (Only the device class is in the key.)
             args.extend([
                 "--set".to_string(),
-                format!("{}.resources.device=cuda", s.name),
+                format!("stages.{}.resources.device=cuda", s.name),
             ]);
         }
         args.extend(["--no-serve", "--quiet"].map(String::from));
@@ -308,6 +342,28 @@ pub fn to_yaml(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_told_by_whole_words() {
+        for name in [
+            "HF_TOKEN",
+            "DB_PASSWORD",
+            "OPENAI_API_KEY",
+            "GH_PRIVATE_KEY",
+            "client-secret",
+        ] {
+            assert!(looks_secret(name), "{name}");
+        }
+        for name in [
+            "MAX_TOKENS",
+            "TOKENIZER_DIR",
+            "KEYBOARD",
+            "PASSWORDLESS_MODE",
+            "API_URL",
+        ] {
+            assert!(!looks_secret(name), "{name}");
+        }
+    }
 
     #[test]
     fn names_kubernetes_takes() {

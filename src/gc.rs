@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::key::CacheKey;
-use crate::record::RunRecord;
+use crate::record::{RunRecord, StageStatus};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, Default, Serialize)]
@@ -16,6 +16,8 @@ pub struct GcReport {
     pub artifacts_kept: usize,
     pub artifacts_deleted: usize,
     pub blobs_deleted: usize,
+    /// Checkpoints of trainings that finished, or that only collected runs left unfinished.
+    pub checkpoints_deleted: usize,
     pub bytes_freed: u64,
     /// Runs producing artifacts as gc ran; while there are any, unreferenced blobs stay.
     pub producing: usize,
@@ -45,6 +47,9 @@ pub async fn collect(
     // it is collected or kept by age like any other; with it, whose it is is unknown, so
     // it stays.
     let mut candidates: Vec<(String, Option<RunRecord>)> = Vec::new();
+    // The keys of stages a run that stays did not finish: their checkpoints may be resumed
+    // from (`run --force` trains again under a key whose artifact is stored).
+    let mut resumable: HashSet<CacheKey> = HashSet::new();
     for id in store.list_run_ids().await? {
         let run = match store.get_run::<RunRecord>(&id).await {
             Ok(Some(run)) => Some(run),
@@ -60,6 +65,7 @@ pub async fn collect(
         if ours {
             candidates.push((id, run));
         } else {
+            resumable.extend(run.iter().flat_map(unfinished));
             keep.extend(
                 run.iter()
                     .flat_map(|r| r.stages.iter().filter_map(|s| s.key.clone())),
@@ -94,8 +100,52 @@ pub async fn collect(
         }
     }
     report.runs_kept += held.len();
+    for run in kept.iter().chain(held.iter().copied()) {
+        resumable.extend(run.1.iter().flat_map(unfinished));
+    }
 
-    let mut live_blobs: HashSet<String> = store.checkpoint_blobs().await?.into_iter().collect();
+    // Checkpoints can no longer be resumed from once their training's artifact is stored
+    // (a run killed between its commit and dropping them leaves them), and are not meant to
+    // be once the runs that trained under their key are all collected (a training given up
+    // for other params): both go, and their blobs with them below. A killed training that a
+    // kept run, or none yet, names stays resumable. While anything is producing, nothing
+    // goes: a training may be resuming from them.
+    let manifests: HashSet<CacheKey> = store
+        .list_manifest_keys()
+        .await?
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    let given_up: HashSet<CacheKey> = old
+        .iter()
+        .filter_map(|(_, run)| run.as_ref())
+        .flat_map(|r| r.stages.iter().filter_map(|s| s.key.clone()))
+        .filter(|key| !keep.contains(key))
+        .collect();
+    let mut dropped: HashSet<CacheKey> = HashSet::new();
+    for (key, _) in store.all_checkpoints().await? {
+        let finished = manifests.contains(&key) && !resumable.contains(&key);
+        if !(finished || given_up.contains(&key)) || dropped.contains(&key) {
+            continue;
+        }
+        // Looked at for each key, right before it goes: a run that started meanwhile may be
+        // resuming from it.
+        if !store.live_locks().await?.is_empty() {
+            break;
+        }
+        report.checkpoints_deleted += store.checkpoint_steps(&key).await?.len();
+        if !dry_run {
+            store.drop_checkpoints(&key).await?;
+        }
+        dropped.insert(key);
+    }
+
+    // (Those of the checkpoints just dropped count as gone in a dry run too.)
+    let mut live_blobs: HashSet<String> = store
+        .checkpoint_blobs(&dropped)
+        .await?
+        .into_iter()
+        .collect();
     let mut kept_keys: HashSet<CacheKey> = HashSet::new();
     // Each manifest the walk saw, and when it was written.
     let mut walked: HashMap<CacheKey, SystemTime> = HashMap::new();
@@ -153,4 +203,122 @@ pub async fn collect(
     }
     report.runs_deleted = old.len();
     Ok(report)
+}
+
+/// The keys of a run's stages that did not finish (pending when it was killed, failed or
+/// cancelled).
+fn unfinished(run: &RunRecord) -> impl Iterator<Item = CacheKey> + '_ {
+    run.stages
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.status,
+                StageStatus::Pending | StageStatus::Failed | StageStatus::Cancelled
+            )
+        })
+        .filter_map(|s| s.key.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{RunStatus, StageRecord};
+
+    fn run(id: &str, hours_ago: i64, key: &str) -> RunRecord {
+        let mut stage = StageRecord::new("model", "train", StageStatus::Pending);
+        stage.key = Some(CacheKey(key.into()));
+        RunRecord {
+            id: id.into(),
+            pipeline: "p".into(),
+            pipeline_path: "p.yaml".into(),
+            pipeline_digest: "d".into(),
+            git_commit: None,
+            host: "elsewhere".into(),
+            pid: 0,
+            args: Vec::new(),
+            started_at: chrono::Utc::now() - chrono::Duration::hours(hours_ago),
+            ended_at: None,
+            status: RunStatus::Running,
+            stages: vec![stage],
+        }
+    }
+
+    /// A training given up (its only run collected) loses its checkpoints and their blobs;
+    /// one a kept run names, and one no run names yet (a run killed before its record
+    /// named the key), stay resumable.
+    #[tokio::test]
+    async fn checkpoints_go_with_the_last_run_that_trained_them() {
+        let d = std::env::temp_dir().join(format!("gc-{}-checkpoints", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let store = Store::open("file://store", &d).unwrap();
+        for (i, key) in ["given-up", "kept", "unnamed"].iter().enumerate() {
+            let weights = d.join(format!("w{i}"));
+            std::fs::write(&weights, format!("weights {key}")).unwrap();
+            let file = store.put_file(&weights, "w").await.unwrap();
+            for step in [10, 20] {
+                let key = CacheKey(key.to_string());
+                store
+                    .put_checkpoint(&key, step, std::slice::from_ref(&file))
+                    .await
+                    .unwrap();
+            }
+        }
+        store
+            .put_run("r1", &run("r1", 3, "given-up"))
+            .await
+            .unwrap();
+        store.put_run("r2", &run("r2", 2, "kept")).await.unwrap();
+        let dry = collect(&store, None, 1, Duration::ZERO, true)
+            .await
+            .unwrap();
+        assert_eq!(dry.checkpoints_deleted, 2);
+        assert_eq!(store.all_checkpoints().await.unwrap().len(), 6);
+        let r = collect(&store, None, 1, Duration::ZERO, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.runs_deleted, r.checkpoints_deleted, r.blobs_deleted),
+            (1, 2, 1)
+        );
+        let left: HashSet<String> = store
+            .all_checkpoints()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(key, _)| key.0)
+            .collect();
+        assert_eq!(left, HashSet::from(["kept".into(), "unnamed".into()]));
+
+        // A stored artifact's checkpoints go; unless a run that stays is training under
+        // its key again (`run --force`), killed before it finished.
+        let manifest = |key: &str| -> crate::store::Manifest {
+            let digest =
+                crate::store::Manifest::content_digest(orchestrate_stage::ArtifactKind::Model, &[]);
+            serde_json::from_value(serde_json::json!({
+                "format": 1, "key": key, "kind": "Model", "pipeline": "p", "stage": "model",
+                "digest": digest, "files": [], "metadata": {},
+                "producer": {"run_id": "r0", "host": "h", "created_at": "", "duration_ms": 0},
+                "key_parts": {"format": 1, "kind": "train", "code": "c", "params": {},
+                              "inputs": {}, "files": {}, "device": null},
+            }))
+            .unwrap()
+        };
+        for key in ["kept", "unnamed"] {
+            store.commit(&manifest(key)).await.unwrap();
+        }
+        let r = collect(&store, None, 1, Duration::ZERO, false)
+            .await
+            .unwrap();
+        assert_eq!(r.checkpoints_deleted, 2, "{r:?}");
+        let left: Vec<String> = store
+            .all_checkpoints()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(key, _)| key.0)
+            .collect();
+        assert_eq!(left, ["kept", "kept"]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }

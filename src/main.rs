@@ -530,6 +530,32 @@ fn system_metrics_every() -> Result<Duration, Failure> {
         })
 }
 
+/// `1 run`, `2 runs`: a count and its noun, in the plural unless it is one.
+fn counted(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
+/// Writes `text` to `path` whole or not at all: into a file beside it, then renamed over it.
+/// A path that is there and not a plain file (`/dev/stdout`, a pipe, a link) is written to
+/// as it is.
+fn write_whole(path: &Path, text: &str) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_file()) {
+        return std::fs::write(path, text);
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 /// `tracking.mlflow` from the pipeline, else `MLFLOW_TRACKING_URI`.
 fn mlflow_url(p: &Pipeline) -> Option<String> {
     p.tracking
@@ -551,13 +577,11 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let p = load(&pipeline)?;
             let edges = p.graph.edge_count();
             outln!(
-                "{}: pipeline `{}` is valid: {} stage{}, {} edge{}",
+                "{}: pipeline `{}` is valid: {}, {}",
                 pipeline.file.display(),
                 p.name,
-                p.stages.len(),
-                if p.stages.len() == 1 { "" } else { "s" },
-                edges,
-                if edges == 1 { "" } else { "s" }
+                counted(p.stages.len(), "stage"),
+                counted(edges, "edge")
             );
             Ok(0)
         }
@@ -694,6 +718,16 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             if holds_artifact || !store_given {
                 return serve_dir(dir, overrides).await;
             }
+            // The cache `run` fills: beside the pipeline named, as for `run` and `sync`.
+            let beside = store
+                .pipeline
+                .as_deref()
+                .and_then(Path::parent)
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let cache = std::env::var_os("ORCHESTRATE_CACHE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| beside.join(".orchestrate"));
             let (store, stage, pipeline) = match model.split_once('#') {
                 Some((url, stage)) => (
                     open_existing(url, Path::new("."))?,
@@ -705,9 +739,6 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                     (opened, model.clone(), name)
                 }
             };
-            let cache = std::env::var_os("ORCHESTRATE_CACHE_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(".orchestrate"));
             let found = stage_artifact(&store, &stage, pipeline.as_deref(), &cache).await;
             // Neither an artifact directory nor a stage in the store: say both.
             let (dir, digest) = match found {
@@ -763,8 +794,10 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             }
             let text = orchestrate::export::to_yaml(&wf);
             match output {
-                Some(f) => std::fs::write(&f, text).map_err(|e| {
-                    Failure::new(1, format!("error: cannot write {}: {e}", f.display()))
+                // A path that cannot be written is a command-line mistake (exit 2), and a
+                // workflow file half-written over the last good one is worse than none.
+                Some(f) => write_whole(&f, &text).map_err(|e| {
+                    Failure::new(2, format!("error: cannot write {}: {e}", f.display()))
                 })?,
                 None => out!("{text}"),
             }
@@ -843,20 +876,19 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 orchestrate::gc::collect(&store, pipeline.as_deref(), keep_last, grace, dry_run)
                     .await?;
             outln!(
-                "{}kept {} runs and {} artifacts; deleted {} runs, {} artifacts, {} blobs ({} bytes){}",
+                "{}kept {} and {}; deleted {}, {}, {}, {} ({}){}",
                 if dry_run { "dry run: " } else { "" },
-                r.runs_kept,
-                r.artifacts_kept,
-                r.runs_deleted,
-                r.artifacts_deleted,
-                r.blobs_deleted,
-                r.bytes_freed,
+                counted(r.runs_kept, "run"),
+                counted(r.artifacts_kept, "artifact"),
+                counted(r.runs_deleted, "run"),
+                counted(r.artifacts_deleted, "artifact"),
+                counted(r.checkpoints_deleted, "checkpoint"),
+                counted(r.blobs_deleted, "blob"),
+                counted(r.bytes_freed as usize, "byte"),
                 match r.producing {
                     0 => String::new(),
-                    n => format!(
-                        "; {n} stage{} producing now, so unreferenced blobs were kept",
-                        if n == 1 { " is" } else { "s are" }
-                    ),
+                    1 => "; 1 stage is producing now, so unreferenced blobs were kept".into(),
+                    n => format!("; {n} stages are producing now, so unreferenced blobs were kept"),
                 }
             );
             Ok(0)
@@ -867,11 +899,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             for k in &keys {
                 store.pin(k, &holder).await?;
             }
-            outln!(
-                "pinned {} artifact{}",
-                keys.len(),
-                if keys.len() == 1 { "" } else { "s" }
-            );
+            outln!("pinned {}", counted(keys.len(), "artifact"));
             Ok(0)
         }
         Command::Unpin { run_or_key, store } => {
@@ -888,14 +916,14 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                     format!(" (pinned by {})", names.join(", "))
                 };
                 let n = usize::from(!holders.is_empty());
-                outln!("unpinned {n} artifact{}{by}", if n == 1 { "" } else { "s" });
+                outln!("unpinned {}{by}", counted(n, "artifact"));
                 return Ok(0);
             }
             let mut n = 0;
             for k in &keys {
                 n += usize::from(store.unpin(k, &holder, &run_or_key).await?);
             }
-            outln!("unpinned {n} artifact{}", if n == 1 { "" } else { "s" });
+            outln!("unpinned {}", counted(n, "artifact"));
             Ok(0)
         }
         Command::Sync {

@@ -29,6 +29,9 @@ pub enum StageStatus {
     Cancelled,
     /// Left out by `--only` / `--from`.
     NotSelected,
+    /// Selected to run and not finished: what a running (or killed) run's record shows for
+    /// the stages it has not done yet.
+    Pending,
 }
 
 impl StageStatus {
@@ -40,6 +43,7 @@ impl StageStatus {
             StageStatus::Skipped => "skipped",
             StageStatus::Cancelled => "cancelled",
             StageStatus::NotSelected => "not selected",
+            StageStatus::Pending => "pending",
         }
     }
 }

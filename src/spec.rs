@@ -124,6 +124,11 @@ fn unused_param(root: &Node, text: &str, arg: &str, sid: SourceId) -> Option<Dia
     let path = arg.split_once('=')?.0.strip_prefix("params.")?;
     let mut node = root.get("params");
     for seg in path.split('.') {
+        // Inside a list (`params.sizes.0`) the index is `apply_set`'s to check: it names
+        // the list and its length.
+        if let Some(Value::Seq(_)) = node.map(|n| &n.value) {
+            return None;
+        }
         node = node.and_then(|n| n.get(seg));
     }
     if node.is_some() {
@@ -567,9 +572,13 @@ fn resolve(
             (None, Some(d)) => Ok((yaml::plain_scalar(d), Some(d.to_string()))),
             (None, None) => Err((
                 format!("environment variable `{name}` is not set"),
-                Some(format!(
-                    "set it, or give a default: `${{env.{name}:-value}}`"
-                )),
+                Some(match name.split_once('-') {
+                    // The shell's `${VERSION-dev}`, most likely.
+                    Some((stem, rest)) if !stem.is_empty() && !stem.contains('.') => format!(
+                        "a default is written `${{env.{stem}:-{rest}}}`; the shell's `${{X-d}}` is not taken"
+                    ),
+                    _ => format!("set it, or give a default: `${{env.{name}:-value}}`"),
+                }),
             )),
         };
     }
@@ -683,6 +692,12 @@ mod tests {
                 .value,
             Value::Str("dev".into())
         );
+        // A default of name characters reads as a variable's name; unset, it is named.
+        let s = load("name: ${env.VERSION-dev}\nstages: {}\n", &[]);
+        assert_eq!(
+            s.diags[0].hint.as_deref(),
+            Some("a default is written `${env.VERSION:-dev}`; the shell's `${X-d}` is not taken")
+        );
         let s = load("name: ${env.HOME-/root}\nstages: {}\n", &[]);
         assert_eq!(
             s.diags[0].message,
@@ -762,6 +777,19 @@ mod tests {
             let s = PipelineSpec::from_text(Path::new("p.yaml"), text, &sets, &no_env).unwrap();
             assert!(s.diags.is_empty(), "{set}: {:?}", s.diags);
         }
+        // An item of a list param is set by its index; one past its end is named as such.
+        let text = "name: t\nparams: {sizes: [1, 2]}\nstages:\n  a:\n    kind: shell\n    with: {run: 'true'}\n";
+        let sets = vec!["params.sizes.1=5".to_string()];
+        let s = PipelineSpec::from_text(Path::new("p.yaml"), text, &sets, &no_env).unwrap();
+        assert!(s.diags.is_empty(), "{:?}", s.diags);
+        let sizes = s.root.get("params").unwrap().get("sizes").unwrap();
+        assert!(matches!(&sizes.value, Value::Seq(v) if v[1].value == Value::Int(5)));
+        let sets = vec!["params.sizes.2=5".to_string()];
+        let s = PipelineSpec::from_text(Path::new("p.yaml"), text, &sets, &no_env).unwrap();
+        assert_eq!(
+            s.diags[0].message,
+            "index 2 is out of range: `params.sizes` has 2 items"
+        );
     }
 
     #[test]

@@ -918,13 +918,17 @@ impl Store {
 
     /// Blobs that checkpoints of unfinished artifacts refer to: kept by `gc`, so that a killed
     /// training can still resume.
-    pub async fn checkpoint_blobs(&self) -> Result<Vec<String>> {
+    /// (Those of the keys in `except` are left out.)
+    pub async fn checkpoint_blobs(
+        &self,
+        except: &std::collections::HashSet<CacheKey>,
+    ) -> Result<Vec<String>> {
         let mut out = Vec::new();
-        for m in self.list_paths("checkpoints").await? {
-            if let Some(files) = self
-                .get_json::<Vec<FileEntry>>(&m.location, "checkpoint")
-                .await?
-            {
+        for (key, step) in self.all_checkpoints().await? {
+            if except.contains(&key) {
+                continue;
+            }
+            if let Some(files) = self.checkpoint(&key, step).await? {
                 out.extend(files.into_iter().map(|f| f.digest));
             }
         }

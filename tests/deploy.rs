@@ -156,12 +156,14 @@ stages:
   a: { kind: shell, with: { run: "echo ${env.GREETING:-hi}" } }
   a_: { kind: shell, inputs: [a], with: { run: "true" } }
   pipeline: { kind: shell, retries: 2, with: { run: "true" } }
+  storage: { kind: shell, resources: { device: "cuda:1" }, with: { run: "echo ${env.HF_TOKEN:-none}" } }
 "#,
     );
     let r = sb
         .cmd(&["export", "argo", "odd.yaml", "-o", "odd-wf.yaml"])
         .env("GREETING", "hello")
         .env("COMMENTED", "sekrit")
+        .env("HF_TOKEN", "hf-sekrit")
         .output()
         .unwrap();
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
@@ -176,7 +178,7 @@ stages:
     let mut unique = templates.clone();
     unique.sort();
     unique.dedup();
-    assert_eq!(unique.len(), 4, "templates repeat: {templates:?}\n{wf}");
+    assert_eq!(unique.len(), 5, "templates repeat: {templates:?}\n{wf}");
     for label in doc["spec"]["templates"]
         .as_vec()
         .unwrap()
@@ -193,7 +195,20 @@ stages:
     assert!(wf.contains("- stages.pipeline.retries=0"), "{wf}");
     assert!(
         !wf.contains("sekrit"),
-        "a comment's variable travelled:\n{wf}"
+        "a comment's variable, or a credential, travelled:\n{wf}"
+    );
+    // A credential the pipeline reads comes from the secret, as MLflow's password does.
+    for key in [
+        "HF_TOKEN",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_USERNAME",
+    ] {
+        assert!(wf.contains(&format!("key: {key}\n")), "{key}:\n{wf}");
+    }
+    // A stage named like a top-level key gets its `cuda:N` rewritten in the stage.
+    assert!(
+        wf.contains("- stages.storage.resources.device=cuda\n"),
+        "{wf}"
     );
     assert!(wf.contains("!= 2"), "{wf}");
     if let Some((code, out)) = check(&["argo", sb.path().join("odd-wf.yaml").to_str().unwrap()]) {

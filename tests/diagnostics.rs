@@ -55,6 +55,10 @@ broken!(a_deployed_model_its_report_did_not_score, "unscored_model");
 broken!(params_that_other_stages_contradict, "cross_stage");
 #[cfg(feature = "model")]
 broken!(every_out_of_range_setting_at_once, "several_semantic");
+// Quantizing a quantized model, `dynamic` blocks that do not divide the model's rows, and a
+// gate comparing one model with itself: each refused before the training they would follow.
+#[cfg(feature = "model")]
+broken!(quantize_settings_the_model_contradicts, "quantize_chain");
 broken!(names_that_differ_only_in_case_or_dashes, "folded_names");
 // The caret stands under what it marks after characters two columns wide.
 broken!(a_caret_after_wide_characters, "wide");
@@ -252,6 +256,47 @@ fn only_commands_that_run_a_pipeline_need_its_files() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let r = sb.run(&["export", "argo", "p.yaml", "--store", "s3://b/p"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+/// `export -o` into a folder that is not there is a usage error, and a good export written
+/// over an earlier one replaces it whole, leaving no temporary file beside it.
+#[test]
+fn export_to_a_file_is_whole_or_a_usage_error() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        "name: p\nstages:\n  a:\n    kind: shell\n    with: { run: 'true' }\n",
+    );
+    let r = sb.run(&[
+        "export",
+        "argo",
+        "p.yaml",
+        "--store",
+        "s3://b/p",
+        "-o",
+        "no/such/wf.yaml",
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot write no/such/wf.yaml"),
+        "{}",
+        r.stderr
+    );
+    sb.write("wf.yaml", "old");
+    let r = sb.run(&[
+        "export", "argo", "p.yaml", "--store", "s3://b/p", "-o", "wf.yaml",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let text = std::fs::read_to_string(sb.path().join("wf.yaml")).unwrap();
+    assert!(text.contains("kind: Workflow"), "{text}");
+    let names: Vec<_> = std::fs::read_dir(sb.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.to_string_lossy().ends_with(".tmp")),
+        "{names:?}"
+    );
 }
 
 #[cfg(feature = "corpus")]

@@ -218,6 +218,14 @@ stages:
         "{}",
         json.stdout
     );
+    // The stage it was running is `pending`, not `not selected`: it was selected.
+    let show = sb.run(&["show", "last", "--store", "file://store"]);
+    let second = show
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("second"))
+        .unwrap_or("");
+    assert!(second.contains("pending"), "{}", show.stdout);
 
     sb.write("p.yaml", &sb.read("p.yaml").replace("sleep 30", "true"));
     let r = sb.run(&["run", "p.yaml"]);
@@ -435,7 +443,7 @@ fn gc_keeps_what_kept_and_pinned_runs_use() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     // The pinned run's record stays with its pins.
     assert!(
-        r.stdout.contains("kept 2 runs") && r.stdout.contains("deleted 1 runs, 2 artifacts"),
+        r.stdout.contains("kept 2 runs") && r.stdout.contains("deleted 1 run, 2 artifacts"),
         "{}",
         r.stdout
     );
@@ -493,7 +501,7 @@ fn unpinning_a_run_and_gc_of_one_pipeline_spare_what_others_keep() {
     let r = sb.run(&gc);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
-        r.stdout.contains("deleted 1 runs, 2 artifacts"),
+        r.stdout.contains("deleted 1 run, 2 artifacts"),
         "{}",
         r.stdout
     );
