@@ -804,6 +804,18 @@ fn log_sum_exp(scores: &[f32]) -> f32 {
 
 /// The next token of one row and its log-probability under the model.
 fn pick(scores: &[f32], generated: &[u32], s: &Sampling, rng: &mut u64) -> (u32, f32) {
+    // A NaN score (weights gone bad) is no candidate: as -inf it has probability 0 in the
+    // greedy path and the sampled one alike, and leaves the log-probabilities numbers.
+    let cleaned: Vec<f32>;
+    let scores = if scores.iter().any(|x| x.is_nan()) {
+        cleaned = scores
+            .iter()
+            .map(|&x| if x.is_nan() { f32::NEG_INFINITY } else { x })
+            .collect();
+        &cleaned[..]
+    } else {
+        scores
+    };
     let log_z = log_sum_exp(scores);
     let penalized: Vec<f32>;
     let view = match s.repetition_penalty.filter(|p| *p != 1.0) {
@@ -850,6 +862,10 @@ fn sample(scores: &[f32], s: &Sampling, rng: &mut u64) -> usize {
     // The best score is subtracted before dividing by the temperature, not after: every
     // scaled score is then ≤ 0 (at worst -inf, a probability of 0), never inf - inf = NaN.
     let max = cand[0].1;
+    if max == f32::INFINITY {
+        // Certain, as greedy decoding has it; inf - inf would make every probability NaN.
+        return cand[0].0;
+    }
     let mut probs: Vec<f32> = cand
         .iter()
         .map(|c| ((c.1 - max) / s.temperature).exp())
@@ -872,14 +888,20 @@ fn sample(scores: &[f32], s: &Sampling, rng: &mut u64) -> usize {
     }
     *rng = crate::data::mix(*rng);
     let u = (*rng >> 40) as f32 / (1u64 << 24) as f32;
+    cand[draw(&probs, u)].0
+}
+
+/// The index whose share of [0, 1) holds `u`. Where the probabilities' sum falls short of
+/// `u` by rounding (1 - 3e-6, say), the last one with any probability, never one with none.
+fn draw(probs: &[f32], u: f32) -> usize {
     let mut acc = 0.0;
     for (i, p) in probs.iter().enumerate() {
         acc += p;
         if u < acc {
-            return cand[i].0;
+            return i;
         }
     }
-    cand[probs.len() - 1].0
+    probs.iter().rposition(|&p| p > 0.0).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -1163,6 +1185,32 @@ mod tests {
             ..Sampling::default()
         }
         .is_greedy());
+    }
+
+    #[test]
+    fn broken_scores_and_a_draw_past_the_sum_pick_a_possible_token() {
+        let sampled = Sampling {
+            temperature: 1.0,
+            seed: 3,
+            ..Sampling::default()
+        };
+        // +inf is certain and NaN impossible, sampled or greedy, with finite logprobs.
+        let scores = [0.5, f32::NAN, f32::INFINITY, 1.0];
+        for s in [&sampled, &Sampling::default()] {
+            for seed in 0..20 {
+                let (id, _) = pick(&scores, &[], s, &mut { seed });
+                assert_eq!(id, 2);
+            }
+        }
+        let (id, logprob) = pick(&[0.5, f32::NAN, 3.0], &[], &Sampling::default(), &mut 0);
+        assert_eq!(id, 2);
+        assert!(logprob.is_finite() && logprob < 0.0, "{logprob}");
+        // A token of probability 0 is never drawn, not even by a draw at the very top of
+        // [0, 1) above a sum that rounding left short of 1.
+        let top = 1.0 - 1.0 / (1u64 << 24) as f32;
+        assert_eq!(draw(&[0.6, 0.399_999, 0.0], top), 1);
+        assert_eq!(draw(&[0.6, 0.4, 0.0], 0.7), 1);
+        assert_eq!(draw(&[0.0, 0.0], top), 0);
     }
 
     #[test]

@@ -205,13 +205,22 @@ fn gated(report: &str, digest: &str) -> Result<Gated, String> {
     let v: Value = serde_json::from_str(report)
         .map_err(|e| format!("has a report.json that is not JSON: {e}"))?;
     let variants = v["variants"].as_array().cloned().unwrap_or_default();
-    if variants.iter().any(|r| r["model_digest"] == digest) {
-        // Scored, but judged only if its gate bounds something.
+    if let Some(scored) = variants.iter().find(|r| r["model_digest"] == digest) {
+        // Scored, but judged only if its gate bounds something for it: the baseline's
+        // perplexity increase is nought by definition, so `max_ppl_increase` bounds the
+        // other models only.
+        let baseline = scored["name"] == v["baseline"];
         let bounds = v["gate"].as_object();
-        if bounds.is_some_and(|g| g.values().any(|b| !b.is_null())) {
-            return Ok(Gated::Judged);
-        }
-        return Ok(Gated::Unbounded);
+        let bounds_it = |(k, b): (&String, &Value)| {
+            let nought = baseline && k == "max_ppl_increase";
+            !b.is_null() && !nought
+        };
+        let bounded = bounds.is_some_and(|g| g.iter().any(bounds_it));
+        return Ok(if bounded {
+            Gated::Judged
+        } else {
+            Gated::Unbounded
+        });
     }
     let scored: Vec<String> = variants
         .iter()
@@ -477,6 +486,29 @@ mod tests {
         })
         .to_string();
         assert_eq!(gated(&judged, "blake3:bb"), Ok(Gated::Judged));
+        // The baseline's own increase is nought: `max_ppl_increase` alone does not judge it.
+        let baseline_only = json!({
+            "baseline": "model",
+            "gate": {"max_ppl_increase": 0.05, "max_ppl": null},
+            "variants": [
+                {"name": "model", "model_digest": "blake3:aa"},
+                {"name": "int8", "model_digest": "blake3:bb"},
+            ],
+        });
+        assert_eq!(
+            gated(&baseline_only.to_string(), "blake3:aa"),
+            Ok(Gated::Unbounded)
+        );
+        assert_eq!(
+            gated(&baseline_only.to_string(), "blake3:bb"),
+            Ok(Gated::Judged)
+        );
+        let mut also_max_ppl = baseline_only;
+        also_max_ppl["gate"]["max_ppl"] = json!(200.0);
+        assert_eq!(
+            gated(&also_max_ppl.to_string(), "blake3:aa"),
+            Ok(Gated::Judged)
+        );
         let e = gated(&report, "blake3:cc").unwrap_err();
         assert!(
             e.contains("scored `model`, `int8` and not this model"),
