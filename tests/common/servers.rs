@@ -99,15 +99,23 @@ impl Server {
 
     pub fn start(&mut self) {
         use std::os::unix::process::CommandExt;
-        let child = Command::new(&self.cmd[0])
-            .args(&self.cmd[1..])
+        let mut cmd = Command::new(&self.cmd[0]);
+        cmd.args(&self.cmd[1..])
             .envs(self.env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("the server starts");
+            .process_group(0);
+        // A test binary killed by a signal runs no `Drop`: the server is told to stop when
+        // the thread that started it (the test's) is gone, rather than holding its port.
+        // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("the server starts");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
