@@ -70,6 +70,8 @@ struct Shared {
     tracker: Arc<Tracker>,
     experiment: String,
     repair: bool,
+    /// A stage that was blocked at plan time sends its key here once its inputs give it one.
+    keyed: tokio::sync::mpsc::UnboundedSender<(usize, CacheKey)>,
 }
 
 /// Outcome of one stage task.
@@ -89,6 +91,7 @@ pub async fn execute(
     let started = Utc::now();
     let run_id = opts.run_id.clone();
     let tracker = Arc::clone(&opts.tracker);
+    let (keyed, mut keyed_rx) = tokio::sync::mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         pipeline: Arc::clone(&pipeline),
         store: store.clone(),
@@ -101,6 +104,7 @@ pub async fn execute(
         tracker: Arc::clone(&tracker),
         experiment: opts.experiment.clone(),
         repair: opts.repair,
+        keyed,
     });
     let n = pipeline.stages.len();
     let mut manifests: Vec<Option<Manifest>> =
@@ -202,7 +206,19 @@ pub async fn execute(
             });
             task_stage.insert(task.id(), i);
         }
-        let Some(joined) = tasks.join_next().await else {
+        let joined = tokio::select! {
+            Some((i, key)) = keyed_rx.recv() => {
+                // The record names what the stage is producing while it runs: a killed
+                // run's record then tells gc whose checkpoints it may resume, and `show`
+                // what it was doing.
+                records[i].key = Some(key);
+                run.stages = records.clone();
+                let _ = store.put_run(&run_id, &run).await;
+                continue;
+            }
+            joined = tasks.join_next() => joined,
+        };
+        let Some(joined) = joined else {
             break;
         };
         let (i, done) = match joined {
@@ -443,6 +459,7 @@ async fn run_stage(
         record.status = StageStatus::Cancelled;
         return finish(record, None);
     }
+    let planned_key_unknown = planned.is_none();
     let computed = match planned {
         Some(p) => Ok(p),
         None => key_parts(&sh.pipeline, i, |u| digests[u].clone()).await,
@@ -456,6 +473,9 @@ async fn run_stage(
     };
     let key = parts.key();
     record.key = Some(key.clone());
+    if planned_key_unknown {
+        let _ = sh.keyed.send((i, key.clone()));
+    }
     let stored = |r: &mut StageRecord, m: &Manifest| {
         r.status = StageStatus::Cached;
         r.artifact = Some(m.digest.clone());

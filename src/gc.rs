@@ -243,6 +243,12 @@ mod tests {
         }
     }
 
+    /// The key of each checkpoint in the store, a step's after another's of the same key.
+    async fn checkpoint_keys(store: &Store) -> Vec<String> {
+        let all = store.all_checkpoints().await.unwrap();
+        all.into_iter().map(|(key, _)| key.0).collect()
+    }
+
     /// A training given up (its only run collected) loses its checkpoints and their blobs;
     /// one a kept run names, and one no run names yet (a run killed before its record
     /// named the key), stay resumable.
@@ -281,14 +287,10 @@ mod tests {
             (r.runs_deleted, r.checkpoints_deleted, r.blobs_deleted),
             (1, 2, 1)
         );
-        let left: HashSet<String> = store
-            .all_checkpoints()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|(key, _)| key.0)
-            .collect();
-        assert_eq!(left, HashSet::from(["kept".into(), "unnamed".into()]));
+        assert_eq!(
+            checkpoint_keys(&store).await,
+            ["kept", "kept", "unnamed", "unnamed"]
+        );
 
         // A stored artifact's checkpoints go; unless a run that stays is training under
         // its key again (`run --force`), killed before it finished.
@@ -311,14 +313,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.checkpoints_deleted, 2, "{r:?}");
-        let left: Vec<String> = store
-            .all_checkpoints()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|(key, _)| key.0)
-            .collect();
-        assert_eq!(left, ["kept", "kept"]);
+        assert_eq!(checkpoint_keys(&store).await, ["kept", "kept"]);
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -226,6 +226,13 @@ stages:
         .find(|l| l.starts_with("second"))
         .unwrap_or("");
     assert!(second.contains("pending"), "{}", show.stdout);
+    // ... with the key it was producing, though it had none when the run was planned
+    // (`first` had not run): what gc reads to keep its checkpoints.
+    let json = sb.run(&["show", "last", "--store", "file://store", "--json"]);
+    let record: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    let stages = record["stages"].as_array().unwrap();
+    let second = stages.iter().find(|s| s["stage"] == "second").unwrap();
+    assert!(second["key"].is_string(), "{}", json.stdout);
 
     sb.write("p.yaml", &sb.read("p.yaml").replace("sleep 30", "true"));
     let r = sb.run(&["run", "p.yaml"]);

@@ -746,26 +746,46 @@ pub fn normalize_text(text: &str) -> String {
     out
 }
 
+/// Where `normalize_text` puts the next word: after one space within a paragraph, after a
+/// newline where a blank line came before it.
+#[derive(Default)]
+struct Paragraphs {
+    open: bool,
+    pending_break: bool,
+}
+
+impl Paragraphs {
+    /// Appends `word`, the first of its line or not.
+    fn word(&mut self, out: &mut String, word: &str, first_in_line: bool) {
+        if first_in_line {
+            if self.open {
+                out.push(if self.pending_break { '\n' } else { ' ' });
+            }
+            self.pending_break = false;
+            self.open = true;
+        } else {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+
+    /// A line ended: one without a word ends the paragraph.
+    fn line_end(&mut self, had_word: bool) {
+        self.pending_break |= !had_word;
+    }
+}
+
 /// `normalize_text`'s folding: words joined by one space within a paragraph, paragraphs
 /// (apart by a blank line) by one newline, whatever Unicode calls whitespace.
 fn fold_by_chars(text: &str, out: &mut String) {
-    let (mut paragraph_open, mut pending_break) = (false, false);
+    let mut paragraphs = Paragraphs::default();
     for line in text.lines() {
         let mut any = false;
         for w in line.split_whitespace() {
-            if !any {
-                if paragraph_open {
-                    out.push(if pending_break { '\n' } else { ' ' });
-                }
-                pending_break = false;
-                any = true;
-                paragraph_open = true;
-            } else {
-                out.push(' ');
-            }
-            out.push_str(w);
+            paragraphs.word(out, w, !any);
+            any = true;
         }
-        pending_break |= !any;
+        paragraphs.line_end(any);
     }
 }
 
@@ -792,12 +812,13 @@ fn has_wide_space(text: &str) -> bool {
 fn fold_ascii_spaces(text: &str, out: &mut String) {
     let b = text.as_bytes();
     let space = |x: u8| matches!(x, b' ' | b'\t' | b'\r' | 0x0B | 0x0C);
-    let (mut paragraph_open, mut pending_break, mut line_has_word) = (false, false, false);
+    let mut paragraphs = Paragraphs::default();
+    let mut line_has_word = false;
     let mut i = 0;
     while i < b.len() {
         match b[i] {
             b'\n' => {
-                pending_break |= !line_has_word;
+                paragraphs.line_end(line_has_word);
                 line_has_word = false;
                 i += 1;
             }
@@ -807,18 +828,9 @@ fn fold_ascii_spaces(text: &str, out: &mut String) {
                 while i < b.len() && b[i] != b'\n' && !space(b[i]) {
                     i += 1;
                 }
-                if !line_has_word {
-                    if paragraph_open {
-                        out.push(if pending_break { '\n' } else { ' ' });
-                    }
-                    pending_break = false;
-                    line_has_word = true;
-                    paragraph_open = true;
-                } else {
-                    out.push(' ');
-                }
                 // Whitespace bytes are ASCII: `start` and `i` fall between characters.
-                out.push_str(&text[start..i]);
+                paragraphs.word(out, &text[start..i], !line_has_word);
+                line_has_word = true;
             }
         }
     }
