@@ -130,13 +130,18 @@ pub fn render_all(diags: &[Diagnostic], sources: &Sources) -> String {
         out.push_str(&d.render(sources));
         out.push('\n');
     }
-    let n = diags.len();
     let _ = writeln!(
         out,
-        "{n} problem{} found; the pipeline is invalid",
-        if n == 1 { "" } else { "s" }
+        "{} found; the pipeline is invalid",
+        counted(diags.len(), "problem")
     );
     out
+}
+
+/// `1 run`, `2 runs`: a count and its noun, in the plural unless it is one.
+pub fn counted<N: std::fmt::Display + PartialEq + From<u8>>(n: N, noun: &str) -> String {
+    let plural = if n == N::from(1) { "" } else { "s" };
+    format!("{n} {noun}{plural}")
 }
 
 /// The candidate nearest to `word`, if it is near enough to be a plausible typo.

@@ -12,8 +12,8 @@ pub struct ArgoOptions {
     pub image: String,
     /// Overrides the pipeline's `storage`.
     pub store: Option<String>,
-    /// Kubernetes secret holding the store's and MLflow's credentials ([`SECRET_KEYS`]) and
-    /// any the pipeline reads (`${env.HF_TOKEN}`).
+    /// Kubernetes secret holding the store's and MLflow's credentials (`AWS_*`,
+    /// `MLFLOW_TRACKING_*`) and any the pipeline reads (`${env.HF_TOKEN}`).
     pub secret: String,
     pub mlflow: Option<String>,
     /// The command line's `--set PATH=VALUE` overrides, which every task's run repeats
@@ -35,27 +35,6 @@ const SECRET_KEYS: [&str; 8] = [
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
 ];
-
-/// Whether a variable's name says it holds a credential (`HF_TOKEN`, `DB_PASSWORD`): one
-/// the pipeline reads is taken from the secret, not copied into the workflow's text.
-/// Words, not parts of words: `MAX_TOKENS` and `TOKENIZER_DIR` are settings.
-fn looks_secret(name: &str) -> bool {
-    let upper = name.to_ascii_uppercase();
-    let words: Vec<&str> = upper.split(|c: char| !c.is_ascii_alphanumeric()).collect();
-    let secret_word = [
-        "SECRET",
-        "PASSWORD",
-        "PASSWD",
-        "TOKEN",
-        "CREDENTIAL",
-        "CREDENTIALS",
-    ];
-    let key_of = |w: &str| matches!(w, "API" | "PRIVATE" | "ACCESS" | "SECRET");
-    words.iter().any(|w| secret_word.contains(w))
-        || words
-            .windows(2)
-            .any(|pair| pair[1] == "KEY" && key_of(pair[0]))
-}
 
 pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String> {
     let store = o.store.clone().unwrap_or_else(|| p.storage.clone());
@@ -102,7 +81,7 @@ pub fn argo(p: &Pipeline, source: &str, o: &ArgoOptions) -> Result<Value, String
         if given.contains(&name) {
             continue;
         }
-        if looks_secret(&name) {
+        if crate::tracking::names_a_secret(&name) {
             // Its value would be in the workflow's text for anyone who can read it: it is
             // taken from the secret instead, where it must then be.
             env.push(from_secret(&name));
@@ -344,7 +323,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn credentials_are_told_by_whole_words() {
+    fn credentials_are_told_by_whole_words_in_variable_names() {
         for name in [
             "HF_TOKEN",
             "DB_PASSWORD",
@@ -352,7 +331,7 @@ mod tests {
             "GH_PRIVATE_KEY",
             "client-secret",
         ] {
-            assert!(looks_secret(name), "{name}");
+            assert!(crate::tracking::names_a_secret(name), "{name}");
         }
         for name in [
             "MAX_TOKENS",
@@ -361,7 +340,7 @@ mod tests {
             "PASSWORDLESS_MODE",
             "API_URL",
         ] {
-            assert!(!looks_secret(name), "{name}");
+            assert!(!crate::tracking::names_a_secret(name), "{name}");
         }
     }
 

@@ -1,6 +1,6 @@
 //! Garbage collection: keep the newest runs and pinned artifacts, delete what nothing uses.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -100,45 +100,17 @@ pub async fn collect(
         }
     }
     report.runs_kept += held.len();
-    for run in kept.iter().chain(held.iter().copied()) {
-        resumable.extend(run.1.iter().flat_map(unfinished));
+    for (_, run) in kept.iter().chain(held.iter().copied()) {
+        resumable.extend(run.iter().flat_map(unfinished));
     }
-
-    // Checkpoints can no longer be resumed from once their training's artifact is stored
-    // (a run killed between its commit and dropping them leaves them), and are not meant to
-    // be once the runs that trained under their key are all collected (a training given up
-    // for other params): both go, and their blobs with them below. A killed training that a
-    // kept run, or none yet, names stays resumable. While anything is producing, nothing
-    // goes: a training may be resuming from them.
-    let manifests: HashSet<CacheKey> = store
-        .list_manifest_keys()
-        .await?
-        .into_iter()
-        .map(|(key, _)| key)
-        .collect();
     let given_up: HashSet<CacheKey> = old
         .iter()
         .filter_map(|(_, run)| run.as_ref())
         .flat_map(|r| r.stages.iter().filter_map(|s| s.key.clone()))
         .filter(|key| !keep.contains(key))
         .collect();
-    let mut dropped: HashSet<CacheKey> = HashSet::new();
-    for (key, _) in store.all_checkpoints().await? {
-        let finished = manifests.contains(&key) && !resumable.contains(&key);
-        if !(finished || given_up.contains(&key)) || dropped.contains(&key) {
-            continue;
-        }
-        // Looked at for each key, right before it goes: a run that started meanwhile may be
-        // resuming from it.
-        if !store.live_locks().await?.is_empty() {
-            break;
-        }
-        report.checkpoints_deleted += store.checkpoint_steps(&key).await?.len();
-        if !dry_run {
-            store.drop_checkpoints(&key).await?;
-        }
-        dropped.insert(key);
-    }
+    let dropped =
+        drop_collectable_checkpoints(store, &resumable, &given_up, dry_run, &mut report).await?;
 
     // (Those of the checkpoints just dropped count as gone in a dry run too.)
     let mut live_blobs: HashSet<String> = store
@@ -205,6 +177,49 @@ pub async fn collect(
     Ok(report)
 }
 
+/// Drops checkpoints that can no longer be resumed from, or are not meant to be: those of a
+/// training whose artifact is stored (a run killed between its commit and dropping them
+/// leaves them), and those of a training given up (every run that trained under its key
+/// collected: new params). A key a run that stays did not finish (`resumable`: a killed
+/// `run --force`, a pinned run's) keeps them, as does one no run names yet. While anything
+/// is producing, nothing goes: a training may be resuming. Returns the keys dropped (or, in
+/// a dry run, that would be).
+async fn drop_collectable_checkpoints(
+    store: &Store,
+    resumable: &HashSet<CacheKey>,
+    given_up: &HashSet<CacheKey>,
+    dry_run: bool,
+    report: &mut GcReport,
+) -> Result<HashSet<CacheKey>, StoreError> {
+    let stored: HashSet<CacheKey> = store
+        .list_manifest_keys()
+        .await?
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    let mut steps: BTreeMap<CacheKey, usize> = BTreeMap::new();
+    for (key, _) in store.all_checkpoints().await? {
+        *steps.entry(key).or_default() += 1;
+    }
+    let mut dropped = HashSet::new();
+    for (key, n) in steps {
+        if resumable.contains(&key) || !(stored.contains(&key) || given_up.contains(&key)) {
+            continue;
+        }
+        // Looked at for each key, right before it goes: a run that started meanwhile may be
+        // resuming from it.
+        if !store.live_locks().await?.is_empty() {
+            break;
+        }
+        report.checkpoints_deleted += n;
+        if !dry_run {
+            store.drop_checkpoints(&key).await?;
+        }
+        dropped.insert(key);
+    }
+    Ok(dropped)
+}
+
 /// The keys of a run's stages that did not finish (pending when it was killed, failed or
 /// cancelled).
 fn unfinished(run: &RunRecord) -> impl Iterator<Item = CacheKey> + '_ {
@@ -243,7 +258,7 @@ mod tests {
         }
     }
 
-    /// The key of each checkpoint in the store, a step's after another's of the same key.
+    /// One entry per checkpoint (key and step), in `all_checkpoints`' order.
     async fn checkpoint_keys(store: &Store) -> Vec<String> {
         let all = store.all_checkpoints().await.unwrap();
         all.into_iter().map(|(key, _)| key.0).collect()
@@ -254,10 +269,9 @@ mod tests {
     /// named the key), stay resumable.
     #[tokio::test]
     async fn checkpoints_go_with_the_last_run_that_trained_them() {
-        let d = std::env::temp_dir().join(format!("gc-{}-checkpoints", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        let store = Store::open("file://store", &d).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let store = Store::open("file://store", d).unwrap();
         for (i, key) in ["given-up", "kept", "unnamed"].iter().enumerate() {
             let weights = d.join(format!("w{i}"));
             std::fs::write(&weights, format!("weights {key}")).unwrap();
@@ -314,6 +328,5 @@ mod tests {
             .unwrap();
         assert_eq!(r.checkpoints_deleted, 2, "{r:?}");
         assert_eq!(checkpoint_keys(&store).await, ["kept", "kept"]);
-        let _ = std::fs::remove_dir_all(&d);
     }
 }

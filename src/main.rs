@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use orchestrate::diag::counted;
 use orchestrate::exec::{execute, ExecOptions};
 use orchestrate::pipeline::Pipeline;
 use orchestrate::plan::{Plan, PlanError, Selection};
@@ -530,32 +531,6 @@ fn system_metrics_every() -> Result<Duration, Failure> {
         })
 }
 
-/// `1 run`, `2 runs`: a count and its noun, in the plural unless it is one.
-fn counted(n: usize, noun: &str) -> String {
-    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
-}
-
-/// Writes `text` to `path` whole or not at all: into a file beside it, then renamed over it.
-/// A path that is there and not a plain file (`/dev/stdout`, a pipe, a link) is written to
-/// as it is.
-fn write_whole(path: &Path, text: &str) -> std::io::Result<()> {
-    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_file()) {
-        return std::fs::write(path, text);
-    }
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
-}
-
 /// `tracking.mlflow` from the pipeline, else `MLFLOW_TRACKING_URI`.
 fn mlflow_url(p: &Pipeline) -> Option<String> {
     p.tracking
@@ -566,9 +541,15 @@ fn mlflow_url(p: &Pipeline) -> Option<String> {
 }
 
 fn cache_dir(p: &Pipeline) -> PathBuf {
+    cache_dir_in(&p.dir)
+}
+
+/// The local cache: `ORCHESTRATE_CACHE_DIR`, else `.orchestrate/` in `dir` (the pipeline's
+/// folder, or the working directory where no pipeline is named).
+fn cache_dir_in(dir: &Path) -> PathBuf {
     std::env::var_os("ORCHESTRATE_CACHE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| p.dir.join(".orchestrate"))
+        .unwrap_or_else(|| dir.join(".orchestrate"))
 }
 
 async fn dispatch(cli: Cli) -> Result<u8, Failure> {
@@ -725,9 +706,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 .and_then(Path::parent)
                 .filter(|d| !d.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
-            let cache = std::env::var_os("ORCHESTRATE_CACHE_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| beside.join(".orchestrate"));
+            let cache = cache_dir_in(beside);
             let (store, stage, pipeline) = match model.split_once('#') {
                 Some((url, stage)) => (
                     open_existing(url, Path::new("."))?,
@@ -796,7 +775,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             match output {
                 // A path that cannot be written is a command-line mistake (exit 2), and a
                 // workflow file half-written over the last good one is worse than none.
-                Some(f) => write_whole(&f, &text).map_err(|e| {
+                Some(f) => orchestrate::write_whole(&f, text.as_bytes()).map_err(|e| {
                     Failure::new(2, format!("error: cannot write {}: {e}", f.display()))
                 })?,
                 None => out!("{text}"),
@@ -884,7 +863,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 counted(r.artifacts_deleted, "artifact"),
                 counted(r.checkpoints_deleted, "checkpoint"),
                 counted(r.blobs_deleted, "blob"),
-                counted(r.bytes_freed as usize, "byte"),
+                counted(r.bytes_freed, "byte"),
                 match r.producing {
                     0 => String::new(),
                     1 => "; 1 stage is producing now, so unreferenced blobs were kept".into(),
@@ -958,10 +937,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             }
             let dir = spool.unwrap_or_else(|| match &p {
                 Some(p) => cache_dir(p).join("spool"),
-                None => std::env::var_os("ORCHESTRATE_CACHE_DIR")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from(".orchestrate"))
-                    .join("spool"),
+                None => cache_dir_in(Path::new(".")).join("spool"),
             });
             let client = MlflowClient::new(&url);
             match orchestrate::tracking::sync(&client, &dir).await {

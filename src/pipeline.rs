@@ -412,9 +412,9 @@ impl PipelineSpec {
                 path: vec![PathSegment::Key(path.into())],
                 problem: ParamProblem::Invalid(msg),
             };
+            let models = producers_of_kind(stage, ArtifactKind::Model, &stages);
             // evaluate's `baseline` is one of its models.
             if let Some(b) = stage.params.get("baseline").and_then(|b| b.as_str()) {
-                let models = producers_of_kind(stage, ArtifactKind::Model, &stages);
                 let names: Vec<&str> = models
                     .iter()
                     .filter_map(|&m| stages[m].as_ref().map(|s| s.name.as_str()))
@@ -444,7 +444,6 @@ impl PipelineSpec {
             }
             // A gate's `max_ppl_increase` compares each model with the baseline: with one
             // model there is nothing to compare, and the bound would pass untested.
-            let models = producers_of_kind(stage, ArtifactKind::Model, &stages);
             // (Counted as written: a model stage with problems of its own still counts.)
             let model_inputs = inputs_of(stage, ArtifactKind::Model, &stages);
             let named: usize = stage
@@ -510,7 +509,7 @@ impl PipelineSpec {
             // Per tokenizer they were trained with, the models that were.
             let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
             for &m in &models {
-                if let Some(trained) = tokenizer_of(m, &stages, 0) {
+                if let Some(trained) = tokenizer_of(m, &stages) {
                     groups.entry(trained).or_default().push(m);
                 }
             }
@@ -688,19 +687,28 @@ fn producers_of_kind(stage: &Stage, kind: ArtifactKind, stages: &[Option<Stage>]
         .collect()
 }
 
-/// The tokenizer stage a model stage's weights were trained with: its own Tokenizer input
-/// (train), or its model's (quantize), followed up the graph. None where there is none
-/// (or a cycle, reported elsewhere, makes the walk long).
-fn tokenizer_of(model: usize, stages: &[Option<Stage>], depth: usize) -> Option<usize> {
-    let s = stages[model].as_ref()?;
-    if depth > stages.len() {
-        return None;
-    }
-    if let Some(&t) = producers_of_kind(s, ArtifactKind::Tokenizer, stages).first() {
-        return Some(t);
-    }
-    let up = *producers_of_kind(s, ArtifactKind::Model, stages).first()?;
-    tokenizer_of(up, stages, depth + 1)
+/// A model stage and the model stages its weights came from, up the graph: a quantize
+/// stage, the stage it quantized, ..., the train stage. Bounded by the number of stages (a
+/// cycle, reported elsewhere, would make it endless).
+fn model_lineage(model: usize, stages: &[Option<Stage>]) -> impl Iterator<Item = usize> + '_ {
+    std::iter::successors(Some(model), move |&m| {
+        let s = stages[m].as_ref()?;
+        producers_of_kind(s, ArtifactKind::Model, stages)
+            .first()
+            .copied()
+    })
+    .take(stages.len())
+}
+
+/// The tokenizer stage a model stage's weights were trained with: the first Tokenizer input
+/// along its lineage (train's own). None where there is none.
+fn tokenizer_of(model: usize, stages: &[Option<Stage>]) -> Option<usize> {
+    model_lineage(model, stages).find_map(|m| {
+        let s = stages[m].as_ref()?;
+        producers_of_kind(s, ArtifactKind::Tokenizer, stages)
+            .first()
+            .copied()
+    })
 }
 
 /// What a quantize stage's model makes impossible, found before the model is trained.
@@ -735,7 +743,9 @@ fn quantize_problems(stage: &Stage, stages: &[Option<Stage>]) -> Vec<QuantizePro
         }
         let (Some(block), Some(trained)) = (
             stage.params["block"].as_u64(),
-            trained_model(model, stages, 0).and_then(|t| stages[t].as_ref()),
+            model_lineage(model, stages)
+                .filter_map(|m| stages[m].as_ref())
+                .find(|s| s.kind == StageKind::Train),
         ) else {
             continue;
         };
@@ -754,20 +764,6 @@ fn quantize_problems(stage: &Stage, stages: &[Option<Stage>]) -> Vec<QuantizePro
         }
     }
     problems
-}
-
-/// The train stage a model stage's weights come from: itself, or its model's, up the graph.
-#[cfg(feature = "model")]
-fn trained_model(model: usize, stages: &[Option<Stage>], depth: usize) -> Option<usize> {
-    let s = stages[model].as_ref()?;
-    if s.kind == StageKind::Train {
-        return Some(model);
-    }
-    if depth > stages.len() {
-        return None;
-    }
-    let up = *producers_of_kind(s, ArtifactKind::Model, stages).first()?;
-    trained_model(up, stages, depth + 1)
 }
 
 /// Whether `url` is an `http://` or `https://` URL with a host: what MLflow is reached at.

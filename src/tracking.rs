@@ -525,7 +525,8 @@ impl SpoolWriter {
 
 /// Whether a flattened param (`deploy.with.env.API_TOKEN`) names a secret by its last part:
 /// MLflow shows params to everyone who can read the experiment, so such values go as `***`.
-fn names_a_secret(param: &str) -> bool {
+/// (An environment variable's name, too: `orchestrate export` keeps those out of workflows.)
+pub(crate) fn names_a_secret(param: &str) -> bool {
     let last = param.rsplit('.').next().unwrap_or(param);
     // Words of `snake_case`, `kebab-case` and `camelCase` alike: `dbPassword` → db, password.
     // An acronym ends where a capital is followed by a small letter: `HFToken` → hf, token.
@@ -930,10 +931,8 @@ pub async fn deliver_file(
             Err(e) => return Err(e),
         }
         state.delivered = entry.seq;
-        let tmp = state_path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&state).expect("plain JSON"))
-            .map_err(|e| spool_err(&tmp, e))?;
-        std::fs::rename(&tmp, state_path).map_err(|e| spool_err(state_path, e))?;
+        crate::write_whole(state_path, &serde_json::to_vec(&state).expect("plain JSON"))
+            .map_err(|e| spool_err(state_path, e))?;
     }
     Ok(Delivered {
         total: state.delivered,

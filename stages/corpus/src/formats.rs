@@ -670,18 +670,26 @@ pub(crate) fn without_controls(text: &str) -> Cow<'_, str> {
 /// characters for this took a tenth of ingest's time.
 fn has_stray_control(text: &str) -> bool {
     let b = text.as_bytes();
+    // (C2 also leads `«`, `»` and `é`: looked at closely.)
     let suspect =
         |x: u8| (x < 0x20 && !matches!(x, b'\t' | b'\n' | b'\r')) || x == 0x7F || x == 0xC2;
-    // A chunk at a time, folded without branches (so vectorised); only a chunk with a
-    // suspect byte is looked at closely (C2 also leads `«`, `»` and `é`).
-    b.chunks(64).enumerate().any(|(k, chunk)| {
+    any_in_chunks(b, suspect, |i| {
+        b[i] != 0xC2 || matches!(b.get(i + 1), Some(0x80..=0x9F))
+    })
+}
+
+/// Bytes are scanned a chunk at a time: a fold without branches over 64 bytes is vectorised,
+/// and only a chunk holding a suspect byte is looked at byte by byte.
+const CHUNK: usize = 64;
+
+/// Whether some byte of `b` is `suspect` and `confirm`ed at its index.
+fn any_in_chunks(b: &[u8], suspect: impl Fn(u8) -> bool, confirm: impl Fn(usize) -> bool) -> bool {
+    b.chunks(CHUNK).enumerate().any(|(k, chunk)| {
         chunk.iter().fold(false, |any, &x| any | suspect(x))
-            && chunk.iter().enumerate().any(|(j, &x)| match x {
-                b'\t' | b'\n' | b'\r' => false,
-                0..=0x1F | 0x7F => true,
-                0xC2 => matches!(b.get(k * 64 + j + 1), Some(0x80..=0x9F)),
-                _ => false,
-            })
+            && chunk
+                .iter()
+                .enumerate()
+                .any(|(j, &x)| suspect(x) && confirm(k * CHUNK + j))
     })
 }
 
@@ -717,7 +725,7 @@ fn plainly_nfc(text: &str) -> bool {
     // led by D2, are left to the quick check.) A fold without branches, so vectorised.
     let plain = |x: u8| x < 0xC2 || (0xC2..=0xCB).contains(&x) || x == 0xD0 || x == 0xD1;
     text.as_bytes()
-        .chunks(64)
+        .chunks(CHUNK)
         .all(|chunk| chunk.iter().fold(true, |all, &x| all & plain(x)))
 }
 
@@ -752,26 +760,28 @@ pub fn normalize_text(text: &str) -> String {
 struct Paragraphs {
     open: bool,
     pending_break: bool,
+    line_has_word: bool,
 }
 
 impl Paragraphs {
-    /// Appends `word`, the first of its line or not.
-    fn word(&mut self, out: &mut String, word: &str, first_in_line: bool) {
-        if first_in_line {
+    fn word(&mut self, out: &mut String, word: &str) {
+        if self.line_has_word {
+            out.push(' ');
+        } else {
             if self.open {
                 out.push(if self.pending_break { '\n' } else { ' ' });
             }
             self.pending_break = false;
             self.open = true;
-        } else {
-            out.push(' ');
+            self.line_has_word = true;
         }
         out.push_str(word);
     }
 
     /// A line ended: one without a word ends the paragraph.
-    fn line_end(&mut self, had_word: bool) {
-        self.pending_break |= !had_word;
+    fn line_end(&mut self) {
+        self.pending_break |= !self.line_has_word;
+        self.line_has_word = false;
     }
 }
 
@@ -780,29 +790,19 @@ impl Paragraphs {
 fn fold_by_chars(text: &str, out: &mut String) {
     let mut paragraphs = Paragraphs::default();
     for line in text.lines() {
-        let mut any = false;
         for w in line.split_whitespace() {
-            paragraphs.word(out, w, !any);
-            any = true;
+            paragraphs.word(out, w);
         }
-        paragraphs.line_end(any);
+        paragraphs.line_end();
     }
 }
 
 /// Whether `text` has whitespace beyond ASCII's (no-break space, the U+2000 spaces, U+3000):
 /// the bytes that lead them are looked for a chunk at a time, and each found is decoded.
 fn has_wide_space(text: &str) -> bool {
-    let b = text.as_bytes();
     let lead = |x: u8| x == 0xC2 || x == 0xE1 || x == 0xE2 || x == 0xE3;
-    b.chunks(64).enumerate().any(|(k, chunk)| {
-        chunk.iter().fold(false, |any, &x| any | lead(x))
-            && chunk.iter().enumerate().any(|(j, &x)| {
-                lead(x)
-                    && text[k * 64 + j..]
-                        .chars()
-                        .next()
-                        .is_some_and(char::is_whitespace)
-            })
+    any_in_chunks(text.as_bytes(), lead, |i| {
+        text[i..].chars().next().is_some_and(char::is_whitespace)
     })
 }
 
@@ -813,13 +813,11 @@ fn fold_ascii_spaces(text: &str, out: &mut String) {
     let b = text.as_bytes();
     let space = |x: u8| matches!(x, b' ' | b'\t' | b'\r' | 0x0B | 0x0C);
     let mut paragraphs = Paragraphs::default();
-    let mut line_has_word = false;
     let mut i = 0;
     while i < b.len() {
         match b[i] {
             b'\n' => {
-                paragraphs.line_end(line_has_word);
-                line_has_word = false;
+                paragraphs.line_end();
                 i += 1;
             }
             x if space(x) => i += 1,
@@ -829,8 +827,7 @@ fn fold_ascii_spaces(text: &str, out: &mut String) {
                     i += 1;
                 }
                 // Whitespace bytes are ASCII: `start` and `i` fall between characters.
-                paragraphs.word(out, &text[start..i], !line_has_word);
-                line_has_word = true;
+                paragraphs.word(out, &text[start..i]);
             }
         }
     }

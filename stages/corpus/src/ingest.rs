@@ -400,15 +400,12 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     };
     // 128 bits per record keeps 2 million records' dedupe set near 50 MB, collisions aside.
     let mut seen: HashSet<u128, PrehashedKeys> = HashSet::default();
-    let mut authors: HashMap<String, u64> = HashMap::new();
+    let mut authors: BTreeMap<String, u64> = BTreeMap::new();
     let mut done_bytes = 0u64;
     let mut loose = String::new();
     let started = std::time::Instant::now();
 
-    let mut last_progress = 0u64;
-    // The file's records so far, and its invalid ones with the first's place and reason.
-    let mut in_file = 0u64;
-    let mut invalid: (u64, Option<String>) = (0, None);
+    let mut file = FileTally::default();
     let to_read: Vec<(&Path, Format, &Fields)> = files
         .iter()
         .map(|(file, si, _)| {
@@ -417,108 +414,105 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         })
         .collect();
     read_normalised(&to_read, max_record_bytes(p.max_chars), &mut |fi, read| {
-        let (file, si, shown) = &files[fi];
+        let (path, si, shown) = &files[fi];
         let source = &p.sources[*si];
         let (item, consumed) = match read {
-            Read::Record(item, consumed) => (item, consumed),
-            Read::End => {
-                done_bytes += std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+            FromReader::Record { item, consumed } => (item, consumed),
+            FromReader::EndOfFile => {
+                done_bytes += std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
                 ctx.events.progress(done_bytes, Some(total), "bytes");
-                file_done(ctx, shown, std::mem::take(&mut invalid), in_file)?;
-                (last_progress, in_file) = (0, 0);
-                return Ok(());
+                return file_done(ctx, shown, std::mem::take(&mut file));
             }
         };
-        {
-            if consumed - last_progress > (1 << 20) {
-                ctx.events
-                    .progress(done_bytes + consumed, Some(total), "bytes");
-                last_progress = consumed;
-                ctx.checkpoint()?;
-            }
-            stats.records_read += 1;
-            in_file += 1;
-            let raw = match item {
-                RawItem::Invalid { line, reason } => {
-                    if p.strict {
-                        return Err(StageError::Failed(format!(
-                            "{shown}:{line}: {reason} (strict: true)"
-                        )));
-                    }
-                    *stats.dropped.entry("invalid".into()).or_default() += 1;
-                    invalid.0 += 1;
-                    invalid.1.get_or_insert(format!("{shown}:{line}: {reason}"));
-                    return Ok(());
-                }
-                RawItem::TooLong => {
-                    *stats.dropped.entry("too_long".into()).or_default() += 1;
-                    return Ok(());
-                }
-                RawItem::Record(r) => r,
-            };
-            let text = raw.text;
-            let chars = text.chars().count();
-            let drop = if chars == 0 {
-                Some("empty")
-            } else if chars < p.min_chars {
-                Some("too_short")
-            } else if chars > p.max_chars {
-                Some("too_long")
-            } else {
-                None
-            };
-            if let Some(reason) = drop {
-                *stats.dropped.entry(reason.into()).or_default() += 1;
-                return Ok(());
-            }
-            // Borrowed, not copied: this and what follows runs per record.
-            let record_lang = match source.lang {
-                Some(_) => None,
-                None => raw.lang.map(language_code).filter(|l| !l.is_empty()),
-            };
-            let (lang, confidence) = match source.lang.as_deref().or(record_lang.as_deref()) {
-                Some(l) => (l, 1.0),
-                None => crate::lang::detect(&text),
-            };
-            if !p.languages.is_empty() && !p.languages.iter().any(|l| l == lang) {
-                *stats.dropped.entry("language".into()).or_default() += 1;
-                return Ok(());
-            }
-            let hash = blake3::hash(text.as_bytes());
-            let bytes = hash.as_bytes();
-            let key = u128::from_le_bytes(bytes[..16].try_into().expect("16 bytes"));
-            if !seen.insert(key) {
-                *stats.dropped.entry("duplicate".into()).or_default() += 1;
-                return Ok(());
-            }
-            let split = split_of(split_hash(&text, &mut loose), &p.split);
-            // Fortune authors were parsed from their attribution line already; names from
-            // other formats are names already (`Tolstoy, Leo` is not cut at its comma).
-            let author = match source.format {
-                Format::Fortune => raw.author,
-                _ => raw.author.as_deref().and_then(formats::clean_name),
-            };
-            if let Some(a) = &author {
-                authors.bump(a);
-                stats.with_author += 1;
-            }
-            stats.records += 1;
-            stats.text_bytes += text.len() as u64;
-            stats.per_language.bump(lang);
-            stats.per_split.bump(split);
-            let hex = hash.to_hex();
-            writer
-                .push(Row {
-                    id: &hex[..16],
-                    text: &text,
-                    lang,
-                    confidence,
-                    author: author.as_deref(),
-                    source: shown,
-                    split,
-                })
-                .map_err(|e| StageError::Failed(format!("cannot write a corpus shard: {e}")))
+        if consumed - file.last_progress > (1 << 20) {
+            ctx.events
+                .progress(done_bytes + consumed, Some(total), "bytes");
+            file.last_progress = consumed;
+            ctx.checkpoint()?;
         }
+        stats.records_read += 1;
+        file.records += 1;
+        let raw = match item {
+            RawItem::Invalid { line, reason } => {
+                if p.strict {
+                    return Err(StageError::Failed(format!(
+                        "{shown}:{line}: {reason} (strict: true)"
+                    )));
+                }
+                count(&mut stats.dropped, "invalid");
+                file.invalid += 1;
+                file.first_invalid
+                    .get_or_insert(format!("{shown}:{line}: {reason}"));
+                return Ok(());
+            }
+            RawItem::TooLong => {
+                count(&mut stats.dropped, "too_long");
+                return Ok(());
+            }
+            RawItem::Record(r) => r,
+        };
+        let text = raw.text;
+        let chars = text.chars().count();
+        let drop = if chars == 0 {
+            Some("empty")
+        } else if chars < p.min_chars {
+            Some("too_short")
+        } else if chars > p.max_chars {
+            Some("too_long")
+        } else {
+            None
+        };
+        if let Some(reason) = drop {
+            count(&mut stats.dropped, reason);
+            return Ok(());
+        }
+        // Borrowed, not copied: this and what follows runs per record.
+        let record_lang = match source.lang {
+            Some(_) => None,
+            None => raw.lang.map(language_code).filter(|l| !l.is_empty()),
+        };
+        let (lang, confidence) = match source.lang.as_deref().or(record_lang.as_deref()) {
+            Some(l) => (l, 1.0),
+            None => crate::lang::detect(&text),
+        };
+        if !p.languages.is_empty() && !p.languages.iter().any(|l| l == lang) {
+            count(&mut stats.dropped, "language");
+            return Ok(());
+        }
+        let hash = blake3::hash(text.as_bytes());
+        let bytes = hash.as_bytes();
+        let key = u128::from_le_bytes(bytes[..16].try_into().expect("16 bytes"));
+        if !seen.insert(key) {
+            count(&mut stats.dropped, "duplicate");
+            return Ok(());
+        }
+        let split = split_of(split_hash(&text, &mut loose), &p.split);
+        // Fortune authors were parsed from their attribution line already; names from
+        // other formats are names already (`Tolstoy, Leo` is not cut at its comma).
+        let author = match source.format {
+            Format::Fortune => raw.author,
+            _ => raw.author.as_deref().and_then(formats::clean_name),
+        };
+        if let Some(a) = &author {
+            count(&mut authors, a);
+            stats.with_author += 1;
+        }
+        stats.records += 1;
+        stats.text_bytes += text.len() as u64;
+        count(&mut stats.per_language, lang);
+        count(&mut stats.per_split, split);
+        let hex = hash.to_hex();
+        writer
+            .push(Row {
+                id: &hex[..16],
+                text: &text,
+                lang,
+                confidence,
+                author: author.as_deref(),
+                source: shown,
+                split,
+            })
+            .map_err(|e| StageError::Failed(format!("cannot write a corpus shard: {e}")))
     })?;
     stats.shards = writer
         .finish()
@@ -670,17 +664,23 @@ fn split_of(h: u64, s: &Split) -> &'static str {
     }
 }
 
+/// One file's records as they are taken: how many, how many were not text (and the first
+/// such one's place and reason), and how far into the file progress was last reported.
+#[derive(Default)]
+struct FileTally {
+    records: u64,
+    invalid: u64,
+    first_invalid: Option<String>,
+    last_progress: u64,
+}
+
 /// After a file's last record: a file none of whose records could be read fails the stage,
 /// and one partly unreadable is logged.
-fn file_done(
-    ctx: &StageContext<'_>,
-    shown: &str,
-    invalid: (u64, Option<String>),
-    in_file: u64,
-) -> Result<(), StageError> {
-    let (n, Some(first)) = invalid else {
+fn file_done(ctx: &StageContext<'_>, shown: &str, file: FileTally) -> Result<(), StageError> {
+    let Some(first) = file.first_invalid else {
         return Ok(());
     };
+    let (n, of) = (file.invalid, file.records);
     // Not one record readable: the file is in another encoding (KOI8-R, CP1251, UTF-16),
     // not text, or (JSON Lines) named with the wrong `fields`; skipping it would shrink the
     // corpus without a word.
@@ -689,26 +689,26 @@ fn file_done(
     } else {
         "check its format and `fields`, or leave it out"
     };
-    if n == in_file {
+    if n == of {
         return Err(StageError::Failed(format!(
             "none of the {n} records of {shown} could be read (first: {first}); {hint}"
         )));
     }
     ctx.events.log(&format!(
-        "{shown}: {n} of {in_file} records skipped as unreadable (first: {first})"
+        "{shown}: {n} of {of} records skipped as unreadable (first: {first})"
     ));
     Ok(())
 }
 
-/// What the reading thread hands over: a record (and how far into its file it ended), or
+/// What the reading thread hands over: a record and how far into its file it ended, or
 /// the end of a file.
-enum Read {
-    Record(RawItem, u64),
-    End,
+enum FromReader {
+    Record { item: RawItem, consumed: u64 },
+    EndOfFile,
 }
 
 /// The records of the files, read on a thread of their own, their text normalised there,
-/// and handed to `each` in order with their file's index, each file followed by its `End`.
+/// and handed to `each` in order with their file's index, each file followed by its `EndOfFile`.
 /// Reading, splitting off attributions and normalising are half of the work per record, and
 /// ran on the one core the rest (hashing, deduplication, the columns) waited on. The thread
 /// reads on across files (the Debian corpus is 141 files of 250 records). An error of
@@ -717,15 +717,15 @@ enum Read {
 fn read_normalised(
     files: &[(&Path, Format, &Fields)],
     max_record_bytes: usize,
-    each: &mut dyn FnMut(usize, Read) -> Result<(), StageError>,
+    each: &mut dyn FnMut(usize, FromReader) -> Result<(), StageError>,
 ) -> Result<(), StageError> {
     const BATCH: usize = 256;
     std::thread::scope(|scope| {
         // A few batches in flight: enough to keep both threads busy, and little memory.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(usize, Read)>>(8);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(usize, FromReader)>>(8);
         let reader = scope.spawn(move || {
             let mut batch = Vec::with_capacity(BATCH);
-            let send = |batch: &mut Vec<(usize, Read)>| {
+            let send = |batch: &mut Vec<(usize, FromReader)>| {
                 let full = std::mem::replace(batch, Vec::with_capacity(BATCH));
                 // Err: `each` stopped, and its own error is the one that counts.
                 tx.send(full).map_err(|_| StageError::Cancelled)
@@ -740,7 +740,7 @@ fn read_normalised(
                             }
                             other => other,
                         };
-                        batch.push((fi, Read::Record(item, at)));
+                        batch.push((fi, FromReader::Record { item, consumed: at }));
                         if batch.len() == BATCH {
                             send(&mut batch)?;
                         }
@@ -752,7 +752,7 @@ fn read_normalised(
                     let _ = send(&mut batch);
                     return Err(e);
                 }
-                batch.push((fi, Read::End));
+                batch.push((fi, FromReader::EndOfFile));
                 send(&mut batch)?;
             }
             Ok(())
@@ -788,30 +788,12 @@ struct Row<'a> {
     split: &'static str,
 }
 
-/// A count per name, as `BTreeMap` and `HashMap` keep them.
-trait Counts {
-    /// One more of `key`, its key allocated only the first time it is counted.
-    fn bump(&mut self, key: &str);
-}
-
-impl Counts for BTreeMap<String, u64> {
-    fn bump(&mut self, key: &str) {
-        match self.get_mut(key) {
-            Some(n) => *n += 1,
-            None => {
-                self.insert(key.to_string(), 1);
-            }
-        }
-    }
-}
-
-impl Counts for HashMap<String, u64> {
-    fn bump(&mut self, key: &str) {
-        match self.get_mut(key) {
-            Some(n) => *n += 1,
-            None => {
-                self.insert(key.to_string(), 1);
-            }
+/// One more of `key`, its key allocated only the first time it is counted.
+fn count(counts: &mut BTreeMap<String, u64>, key: &str) {
+    match counts.get_mut(key) {
+        Some(n) => *n += 1,
+        None => {
+            counts.insert(key.to_string(), 1);
         }
     }
 }

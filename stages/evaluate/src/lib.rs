@@ -366,9 +366,10 @@ fn score<B: Backend>(job: Score<'_>, device: &B::Device) -> Result<Vec<VariantRe
                 None,
             )?;
             if loaded.is_empty() {
-                return Err(StageError::Failed(
-                    "the corpus's test split has no record of 2 tokens or more to score (it is empty, or its records are that short)".into(),
-                ));
+                return Err(StageError::Failed(format!(
+                    "the corpus's test split has no record of {} tokens or more to score (it is empty, or its records are that short)",
+                    data::MIN_EXAMPLE_TOKENS
+                )));
             }
             examples = Some(loaded);
         }
@@ -822,23 +823,25 @@ mod tests {
 
     #[test]
     fn params_that_would_take_the_memory_are_refused_by_name() {
-        for (key, value) in [
-            ("batch", 200_000),
-            ("new_tokens", 100_000),
-            ("latency_runs", 1_000_000),
+        for (key, most) in [
+            ("batch", MAX_BATCH),
+            ("new_tokens", MAX_NEW_TOKENS),
+            ("latency_runs", MAX_LATENCY_RUNS),
         ] {
-            let e = canonical(serde_json::json!({ key: value })).unwrap_err();
+            assert!(canonical(serde_json::json!({ key: most })).is_ok(), "{key}");
+            let e = canonical(serde_json::json!({ key: most + 1 })).unwrap_err();
             assert_eq!(
                 e.path,
                 vec![orchestrate_stage::PathSegment::Key(key.into())]
             );
-            assert!(
-                format!("{:?}", e.problem).contains("at most"),
-                "{key}: {:?}",
-                e.problem
+            let orchestrate_stage::ParamProblem::Invalid(m) = e.problem else {
+                panic!("{key}: {:?}", e.problem)
+            };
+            assert_eq!(
+                m,
+                format!("`{key}` must be at most {most}, got {}", most + 1)
             );
         }
-        assert!(canonical(serde_json::json!({"batch": MAX_BATCH})).is_ok());
     }
 
     #[test]

@@ -98,6 +98,9 @@ pub struct Example {
     pub truncated: bool,
 }
 
+/// Tokens a record must encode to at least to be an example: one to read, one to predict.
+pub const MIN_EXAMPLE_TOKENS: usize = 2;
+
 pub fn load_examples(
     corpus: &Path,
     split: &str,
@@ -121,7 +124,7 @@ pub fn load_examples(
     Ok(records
         .iter()
         .zip(encoded)
-        .filter(|(_, e)| e.get_ids().len() >= 2)
+        .filter(|(_, e)| e.get_ids().len() >= MIN_EXAMPLE_TOKENS)
         .map(|(r, e)| {
             let mut ids = e.get_ids().to_vec();
             let truncated = ids.len() > keep;

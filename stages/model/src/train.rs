@@ -579,10 +579,11 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
     )?;
     if train.is_empty() || val.is_empty() {
         return Err(StageError::Failed(format!(
-            "not enough data: input `corpus` (stage `{}`) gives {} training and {} validation examples of 2 tokens or more; give the empty split records (the ingest stage's `split`){}",
+            "not enough data: input `corpus` (stage `{}`) gives {} training and {} validation examples of {} tokens or more; give the empty split records (the ingest stage's `split`){}",
             corpus.stage,
             train.len(),
             val.len(),
+            data::MIN_EXAMPLE_TOKENS,
             if p.max_records.is_some() {
                 ", or raise `max_records`"
             } else {

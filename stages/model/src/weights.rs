@@ -165,13 +165,18 @@ pub fn check_shapes<B: Backend>(
     Ok(())
 }
 
+/// The blocks `dynamic` takes: powers of two from 8 (smaller ones cost more in scales than
+/// they gain in precision) to 128, the most burn's int8 tensors take.
+pub const INT8_BLOCKS: [usize; 5] = [8, 16, 32, 64, 128];
+
 /// Whether `dynamic`'s int8 blocks of `block` values fit every weight matrix: burn's
 /// quantized tensors take blocks along a matrix's rows, so `block` must divide its width
 /// (a block wider than a row, or one that straddles two, panics inside burn).
 pub fn check_int8_block<B: Backend>(model: &Seq2Seq<B>, block: usize) -> Result<(), String> {
-    if block == 0 || block > 128 {
+    let most = INT8_BLOCKS[INT8_BLOCKS.len() - 1];
+    if block == 0 || block > most {
         return Err(format!(
-            "block {block} must be from 1 to 128, the most burn's int8 tensors take"
+            "block {block} must be from 1 to {most}, the most burn's int8 tensors take"
         ));
     }
     let rows: Vec<(String, usize)> = shapes(model)
@@ -194,12 +199,15 @@ pub fn check_int8_block<B: Backend>(model: &Seq2Seq<B>, block: usize) -> Result<
 /// `validate` asks the same of a train stage's `d_model` and `d_ff` before anything runs.
 pub fn int8_block_misfit(block: usize, rows: &[(String, usize)]) -> Option<String> {
     let (name, width) = rows.iter().find(|(_, w)| w % block != 0)?;
-    let fits = [128, 64, 32, 16, 8]
+    let fits = INT8_BLOCKS
         .into_iter()
+        .rev()
         .find(|b| rows.iter().all(|(_, w)| w % b == 0));
     let instead = match fits {
         Some(b) => format!("block {b} divides them all"),
-        None => "no block from 8 to 128 divides them all: use `int8`, whose blocks may".into(),
+        None => {
+            format!("no block of {INT8_BLOCKS:?} divides them all: use `int8`, whose blocks may")
+        }
     };
     Some(format!(
         "int8 blocks of {block} values must divide every weight matrix's rows, but {name} has \

@@ -49,17 +49,20 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     let v = canonical_params::<QuantizeParams>(v)?;
     let p: QuantizeParams = serde_json::from_value(v.clone()).expect("just canonicalised");
+    // `int8` keeps its blocks in the file alone, over the flat values: any size it can
+    // store a scale per; `dynamic`'s are burn's tensors'.
     let most = if p.scheme == Scheme::Dynamic {
-        128
+        weights::INT8_BLOCKS[weights::INT8_BLOCKS.len() - 1]
     } else {
         4096
     };
-    if !(8..=most).contains(&p.block) || !p.block.is_power_of_two() {
+    if !(weights::INT8_BLOCKS[0]..=most).contains(&p.block) || !p.block.is_power_of_two() {
         return Err(ParamError {
             path: vec![PathSegment::Key("block".into())],
             problem: ParamProblem::Invalid(format!(
-                "block {} must be a power of two from 8 to {most}{}",
+                "block {} must be a power of two from {} to {most}{}",
                 p.block,
+                weights::INT8_BLOCKS[0],
                 if most == 128 {
                     " for `dynamic` (burn's int8 tensors)"
                 } else {
