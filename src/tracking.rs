@@ -102,6 +102,9 @@ struct DeliveryState {
     experiments: BTreeMap<String, String>,
     /// Our run uid → (MLflow run id, experiment id, artifact root relative to the proxy).
     runs: BTreeMap<String, (String, String, String)>,
+    /// Runs an artifact of which was refused: a model is not registered from them.
+    #[serde(default)]
+    incomplete: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +127,8 @@ pub enum TrackError {
 /// rest replaced by `_`. Pipeline params are free-form YAML keys (`batch(size)`), and one
 /// refused key would lose the whole batch it came in.
 fn mlflow_key(key: &str) -> String {
-    key.chars()
+    let clean: String = key
+        .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "_-. :/".contains(c) {
                 c
@@ -132,8 +136,28 @@ fn mlflow_key(key: &str) -> String {
                 '_'
             }
         })
+        .collect();
+    // MLflow also refuses a name that changes when read as a path (`val/`, `a//b`, `./x`):
+    // the whole batch would go with it. Its parts are kept, `.` and `..` spelled out.
+    let parts: Vec<&str> = clean
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p {
+            "." => "_",
+            ".." => "__",
+            p => p,
+        })
+        .collect();
+    let key = if parts.is_empty() {
+        "_".to_string()
+    } else {
+        parts.join("/")
+    };
+    key.chars()
         .take(250)
-        .collect()
+        .collect::<String>()
+        .trim_end_matches('/')
+        .to_string()
 }
 
 /// [`mlflow_key`] of each key, made unique: `batch(size)` and `batch_size_` clean to one
@@ -195,6 +219,9 @@ impl MlflowClient {
         }
         let http = reqwest::Client::builder()
             .default_headers(headers)
+            // A redirect is a login page (an SSO proxy whose session ran out), never MLflow:
+            // followed, its 200 would count records delivered that were not.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(30))
             .build()
@@ -225,9 +252,18 @@ impl MlflowClient {
             .await
             .map_err(|e| (None, self.err(e.to_string())))?;
         let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        if status.is_success() {
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let parsed: Option<Value> = serde_json::from_slice(&bytes).ok();
+        let body = parsed.clone().unwrap_or(Value::Null);
+        if status.is_success() && (parsed.is_some() || bytes.is_empty()) {
             Ok(body)
+        } else if status.is_success() {
+            // MLflow answers with JSON, or nothing: anything else is a proxy's page (a login
+            // form), and the record did not arrive.
+            Err((
+                None,
+                self.err(format!("{status} with a body that is not MLflow's JSON")),
+            ))
         } else {
             let code = body["error_code"].as_str().map(str::to_string);
             let msg = body["message"].as_str().unwrap_or("").to_string();
@@ -454,9 +490,13 @@ impl MlflowClient {
         bytes: Vec<u8>,
     ) -> Result<(), TrackError> {
         let Some(rel) = artifact_root.strip_prefix("mlflow-artifacts:/") else {
-            return Err(self.err(format!(
-                "the run's artifact root `{artifact_root}` is not served through MLflow's artifact proxy; start the server with --artifacts-destination"
-            )));
+            // The run's root does not change: retrying would hold back every later record.
+            return Err(TrackError::Rejected {
+                url: self.base.clone(),
+                reason: format!(
+                    "the run's artifact root `{artifact_root}` is not served through MLflow's artifact proxy; start the server with --artifacts-destination"
+                ),
+            });
         };
         let url = format!(
             "{}/api/2.0/mlflow-artifacts/artifacts/{}/{}",
@@ -517,7 +557,14 @@ impl SpoolWriter {
             .append(true)
             .open(&self.path)
             .map_err(|e| spool_err(&self.path, e))?;
-        f.write_all(&line).map_err(|e| spool_err(&self.path, e))?;
+        let before = f.metadata().map(|m| m.len());
+        if let Err(e) = f.write_all(&line) {
+            // Part of a line (a full disk) would glue the next record onto it: cut it off.
+            if let Ok(len) = before {
+                let _ = f.set_len(len);
+            }
+            return Err(spool_err(&self.path, e));
+        }
         self.next += 1;
         Ok(())
     }
@@ -562,6 +609,14 @@ pub(crate) fn names_a_secret(param: &str) -> bool {
             .any(|p| p[1] == "key" && ["api", "access", "private"].contains(&p[0]))
 }
 
+/// A spool's text. A line torn inside a character (the process killed mid-append) would
+/// make the whole file unreadable as UTF-8; read leniently, it is one more torn line, which
+/// no record parses from, and the others are delivered.
+fn read_spool(spool: &Path) -> std::io::Result<String> {
+    let bytes = std::fs::read(spool)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 fn open_lock(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new()
         .create(true)
@@ -574,7 +629,7 @@ fn open_lock(path: &Path) -> std::io::Result<std::fs::File> {
 /// second Ctrl-C, SIGKILL, a crash), and MLflow would otherwise show it running for good.
 /// Returns how many were closed.
 fn close_abandoned(spool: &Path) -> Result<usize, TrackError> {
-    let text = match std::fs::read_to_string(spool) {
+    let text = match read_spool(spool) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(spool_err(spool, e)),
@@ -601,13 +656,20 @@ fn close_abandoned(spool: &Path) -> Result<usize, TrackError> {
     if !text.is_empty() && !text.ends_with('\n') {
         lines.push(b'\n'); // after a torn last line, which delivery skips
     }
+    // Ended when the spool was last written to (its last record), not now: a run killed on
+    // Friday and synced on Monday did not run all weekend.
+    let ended_ms = std::fs::metadata(spool)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or_else(now_ms, |d| d.as_millis() as i64);
     for (i, uid) in open.iter().enumerate() {
         let entry = Entry {
             seq: last + 1 + i as u64,
             op: Op::EndRun {
                 uid: uid.clone(),
                 status: "KILLED".into(),
-                end_ms: now_ms(),
+                end_ms: ended_ms,
             },
         };
         lines.extend(serde_json::to_vec(&entry).expect("plain JSON"));
@@ -776,24 +838,31 @@ impl Tracker {
 
     /// Copies `file` into the spool and records it for upload as `path`.
     pub fn artifact(&self, uid: &str, file: &Path, path: &str) {
-        let copied = match self.spool.lock() {
-            Ok(s) => {
+        // Copied and recorded under one hold of the spool: the copy is named by the record's
+        // sequence number, which another stage finishing meanwhile would take too.
+        let recorded = match self.spool.lock() {
+            Ok(mut s) => {
                 let name = format!("{}-{}", s.next, path.replace('/', "_"));
                 let dest = s.files.join(&name);
-                std::fs::copy(file, &dest).ok().map(|_| dest)
+                match std::fs::copy(file, &dest) {
+                    Ok(_) => s
+                        .append(Op::Artifact {
+                            uid: uid.into(),
+                            file: dest.display().to_string(),
+                            path: path.into(),
+                        })
+                        .map_err(|_| "cannot write the tracking spool".to_string()),
+                    Err(_) => Err(format!(
+                        "cannot copy {} into the tracking spool",
+                        file.display()
+                    )),
+                }
             }
-            Err(_) => None,
+            Err(_) => Err("cannot write the tracking spool".to_string()),
         };
-        match copied {
-            Some(dest) => self.record(Op::Artifact {
-                uid: uid.into(),
-                file: dest.display().to_string(),
-                path: path.into(),
-            }),
-            None => self.note_problem(format!(
-                "cannot copy {} into the tracking spool",
-                file.display()
-            )),
+        match recorded {
+            Ok(()) => self.wake.notify_one(),
+            Err(problem) => self.note_problem(problem),
         }
     }
 
@@ -901,7 +970,7 @@ pub async fn deliver_file(
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
-    let text = match std::fs::read_to_string(spool) {
+    let text = match read_spool(spool) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(Delivered {
@@ -1000,8 +1069,20 @@ async fn apply(
         }
         Op::Artifact { uid, file, path } => {
             let (_, _, root) = run(state, uid)?;
-            let bytes = std::fs::read(file).map_err(|e| spool_err(Path::new(file), e))?;
-            client.upload(&root, path, bytes).await?;
+            let uploaded = match std::fs::read(file) {
+                Ok(bytes) => client.upload(&root, path, bytes).await,
+                // Gone from the spool: it will not come back.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(TrackError::Rejected {
+                    url: client.base.clone(),
+                    reason: format!("its copy {file} is no longer in the spool"),
+                }),
+                Err(e) => Err(spool_err(Path::new(file), e)),
+            };
+            if let Err(TrackError::Rejected { .. }) = &uploaded {
+                // A model registered from this run would lack the file.
+                state.incomplete.insert(uid.clone());
+            }
+            uploaded?;
         }
         Op::EndRun {
             uid,
@@ -1013,6 +1094,14 @@ async fn apply(
         }
         Op::RegisterModel { uid, name, path } => {
             let (id, _, root) = run(state, uid)?;
+            if state.incomplete.contains(uid) {
+                return Err(TrackError::Rejected {
+                    url: client.base.clone(),
+                    reason: format!(
+                        "a file of the run was refused, so `{name}` is not registered from it without it"
+                    ),
+                });
+            }
             client
                 .register(name, &format!("{}/{path}", root.trim_end_matches('/')), &id)
                 .await?;
@@ -1238,6 +1327,35 @@ mod tests {
     }
 
     #[test]
+    fn keys_are_names_mlflow_reads_as_paths_unchanged() {
+        for (key, want) in [
+            ("val/loss", "val/loss"),
+            ("val/", "val"),
+            ("/loss", "loss"),
+            ("a//b", "a/b"),
+            ("./x", "_/x"),
+            ("a/../b", "a/__/b"),
+            ("/", "_"),
+            ("train loss(1)", "train loss_1_"),
+        ] {
+            assert_eq!(mlflow_key(key), want, "{key}");
+        }
+    }
+
+    #[test]
+    fn a_spool_torn_inside_a_character_still_reads() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("r.jsonl");
+        let mut bytes = br#"{"seq":1,"op":"x"}"#.to_vec();
+        bytes.extend(b"\n{\"seq\":2,\"tag\":\"");
+        bytes.extend(&"ж".as_bytes()[..1]);
+        std::fs::write(&path, &bytes).unwrap();
+        let text = read_spool(&path).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        assert!(text.starts_with(r#"{"seq":1,"op":"x"}"#));
+    }
+
+    #[test]
     fn params_flatten_with_dots() {
         let mut out = BTreeMap::new();
         flatten_params(
@@ -1248,6 +1366,34 @@ mod tests {
         assert_eq!(out["model.lr"], "0.0003");
         assert_eq!(out["model.opt.beta"], "0.9");
         assert_eq!(out["model.name"], "x");
+    }
+
+    /// A 200 that is not MLflow's JSON (a login page) and a redirect to one are failures to
+    /// retry, not deliveries.
+    #[tokio::test]
+    async fn a_login_page_is_not_a_delivery() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for answer in [
+            "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 13\r\n\r\n<html></html>",
+            "HTTP/1.1 302 Found\r\nLocation: /login\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let server = tokio::spawn(async move {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                conn.write_all(answer.as_bytes()).await.unwrap();
+            });
+            let client = MlflowClient::new(&url);
+            let sent = client.post("runs/update", json!({"run_id": "r"})).await;
+            assert!(
+                matches!(&sent, Err((_, TrackError::Server { .. }))),
+                "{answer}: {:?}",
+                sent.map_err(|(_, e)| e.to_string())
+            );
+            server.await.unwrap();
+        }
     }
 
     #[tokio::test]
