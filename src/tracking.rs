@@ -504,7 +504,10 @@ impl MlflowClient {
             rel.trim_matches('/'),
             path
         );
-        self.send(self.http.put(url).body(bytes))
+        // The client's 30 s are for records; a file takes as long as its bytes need, at a
+        // floor of 1 MB/s (a 2 GB model: 35 minutes), or it would time out on every retry.
+        let timeout = Duration::from_secs(30 + bytes.len() as u64 / 1_000_000);
+        self.send(self.http.put(url).timeout(timeout).body(bytes))
             .await
             .map(|_| ())
             .map_err(|(_, e)| e)
