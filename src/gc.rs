@@ -109,8 +109,12 @@ pub async fn collect(
         .flat_map(|r| r.stages.iter().filter_map(|s| s.key.clone()))
         .filter(|key| !keep.contains(key))
         .collect();
+    // Listed once: for the checkpoints' rule, and for the walk below.
+    let manifests = store.list_manifest_keys().await?;
+    let stored: HashSet<CacheKey> = manifests.iter().map(|(key, _)| key.clone()).collect();
     let dropped =
-        drop_collectable_checkpoints(store, &resumable, &given_up, dry_run, &mut report).await?;
+        drop_collectable_checkpoints(store, &stored, &resumable, &given_up, dry_run, &mut report)
+            .await?;
 
     // (Those of the checkpoints just dropped count as gone in a dry run too.)
     let mut live_blobs: HashSet<String> = store
@@ -121,7 +125,7 @@ pub async fn collect(
     let mut kept_keys: HashSet<CacheKey> = HashSet::new();
     // Each manifest the walk saw, and when it was written.
     let mut walked: HashMap<CacheKey, SystemTime> = HashMap::new();
-    for (key, modified) in store.list_manifest_keys().await? {
+    for (key, modified) in manifests {
         walked.insert(key.clone(), modified);
         if keep.contains(&key) || young(modified) {
             // A kept artifact's files must be known before any blob goes: a manifest that
@@ -183,20 +187,15 @@ pub async fn collect(
 /// collected: new params). A key a run that stays did not finish (`resumable`: a killed
 /// `run --force`, a pinned run's) keeps them, as does one no run names yet. While anything
 /// is producing, nothing goes: a training may be resuming. Returns the keys dropped (or, in
-/// a dry run, that would be).
+/// a dry run, that would be). `stored`: the keys with a manifest.
 async fn drop_collectable_checkpoints(
     store: &Store,
+    stored: &HashSet<CacheKey>,
     resumable: &HashSet<CacheKey>,
     given_up: &HashSet<CacheKey>,
     dry_run: bool,
     report: &mut GcReport,
 ) -> Result<HashSet<CacheKey>, StoreError> {
-    let stored: HashSet<CacheKey> = store
-        .list_manifest_keys()
-        .await?
-        .into_iter()
-        .map(|(key, _)| key)
-        .collect();
     let mut steps: BTreeMap<CacheKey, usize> = BTreeMap::new();
     for (key, _) in store.all_checkpoints().await? {
         *steps.entry(key).or_default() += 1;

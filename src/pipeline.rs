@@ -412,7 +412,11 @@ impl PipelineSpec {
                 path: vec![PathSegment::Key(path.into())],
                 problem: ParamProblem::Invalid(msg),
             };
-            let models = producers_of_kind(stage, ArtifactKind::Model, &stages);
+            let model_inputs = inputs_of(stage, ArtifactKind::Model, &stages);
+            let models: Vec<usize> = model_inputs
+                .iter()
+                .flat_map(|(_, producers)| producers.iter().copied())
+                .collect();
             // evaluate's `baseline` is one of its models.
             if let Some(b) = stage.params.get("baseline").and_then(|b| b.as_str()) {
                 let names: Vec<&str> = models
@@ -445,7 +449,6 @@ impl PipelineSpec {
             // A gate's `max_ppl_increase` compares each model with the baseline: with one
             // model there is nothing to compare, and the bound would pass untested.
             // (Counted as written: a model stage with problems of its own still counts.)
-            let model_inputs = inputs_of(stage, ArtifactKind::Model, &stages);
             let named: usize = stage
                 .inputs
                 .iter()
