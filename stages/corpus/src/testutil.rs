@@ -77,37 +77,25 @@ pub fn run_stage(
     (r, events)
 }
 
-/// A small fortune corpus in two languages with the cases ingest must handle.
+/// A small fortune corpus in two languages with the cases ingest must handle (a duplicate,
+/// attributions written three ways, a record too short, one without an author, invalid
+/// UTF-8): `datasets/fixtures/fortunes`, copied into `dir`.
 pub fn write_fortunes(dir: &Path) {
-    let en = "\
-Time flies like an arrow; fruit flies like a banana.
-\t\t-- Groucho Marx
-%
-A day without sunshine is like, you know, night.
-\t\t--Steve Martin
-%
-Always remember that you are absolutely unique, just like everyone else.
-\t\t-- Steve  Martin, in a film
-%
-Time flies like an arrow; fruit flies like a banana.
-\t\t-- Groucho Marx
-%
-ok
-%
-The only way to have a friend is to be one, as everybody surely knows by now.
-%
-";
-    let ru = "\
-Аппетит приходит во время еды, а кушать хочется всегда и везде.
-\t\t-- Евгений Кащеев
-%
-Безопасным бывает секс, но не любовь, как известно всем давно.
-\t\t-- Евгений Кащеев
-%
-";
-    std::fs::write(dir.join("en.txt"), en).unwrap();
-    std::fs::write(dir.join("ru.txt"), ru).unwrap();
-    let mut bad = b"Valid record about the weather, which is fine today.\n%\n".to_vec();
-    bad.extend_from_slice(b"\xff\xfe broken bytes here in this record\n%\n");
-    std::fs::write(dir.join("bad.txt"), bad).unwrap();
+    const FIXTURE: [(&str, &[u8]); 3] = [
+        (
+            "en.txt",
+            include_bytes!("../../../datasets/fixtures/fortunes/en.txt"),
+        ),
+        (
+            "ru.txt",
+            include_bytes!("../../../datasets/fixtures/fortunes/ru.txt"),
+        ),
+        (
+            "bad.txt",
+            include_bytes!("../../../datasets/fixtures/fortunes/bad.txt"),
+        ),
+    ];
+    for (name, bytes) in FIXTURE {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
 }
