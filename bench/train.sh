@@ -35,7 +35,9 @@ for round in $(seq "$rounds"); do
     done
 done
 mkdir -p bench/results
-python3 - "$runs" > "$runs.md" <<'PY'
+torch_version=$("$TORCH_PY" -c 'import torch; print(torch.__version__)')
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+python3 - "$runs" "$torch_version" "$commit" "$steps" "$rounds" > "$runs.md" <<'PY'
 import json, sys, datetime, subprocess, statistics
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
@@ -56,6 +58,8 @@ print()
 for model, (ratios, o, t) in summary.items():
     print(f"- {model}: median ratio **{statistics.median(ratios):.2f}** over {len(ratios)} rounds "
           f"(ours: burn 0.21 flex, {o['threads']} threads, {o['params']:,} parameters; PyTorch: {t['params']:,})")
+torch_version, commit, steps, rounds = sys.argv[2:6]
+print(f"\nPyTorch {torch_version}, run on the CPU; commit {commit}, `bash bench/train.sh {steps} {rounds}`.")
 PY
 # Only a complete table replaces train.md; the run it replaces moves to the top of
 # train-history.md (below its heading), so a number the README quotes keeps its table.

@@ -55,9 +55,11 @@ fn write_or_exit(w: &mut impl std::io::Write, args: std::fmt::Arguments<'_>) {
 const EXIT_CODES: &str = "\
 Exit codes:
   0    success
-  1    a stage failed (the run record says which and why)
+  1    a stage failed (the run record says which and why), or the command's own work did
+       (verify found a difference, sync stopped short, serve's model did not load)
   2    invalid pipeline or command line (every problem is listed, with file:line:col)
-  3    artifact store error (unreachable, unreadable, or a corrupt artifact found)
+  3    artifact store error (unreachable, unreadable, or a corrupt artifact found by fsck),
+       in a run too: a stage that failed on the store rather than in its work
   4    a quality gate rejected a result
   130  interrupted (Ctrl-C or SIGTERM); finished stages stay stored
   141  the output was closed early (`plan | head -1`), as for any tool SIGPIPE ends";
