@@ -19,6 +19,7 @@ only once every package has been checked and unpacked beside it.
 """
 
 import hashlib
+import http.client
 import io
 import os
 import shutil
@@ -48,7 +49,7 @@ def download(url, sha256, size):
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
             data = response.read(size + 1)
-    except OSError as e:
+    except (OSError, http.client.HTTPException) as e:
         fail(f"cannot download {url}: {e} (set DEBIAN_MIRROR to a reachable Debian mirror)")
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
@@ -80,7 +81,7 @@ def unpack(data, name, dest):
     written = 0
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for entry in tar:
-            path = entry.name.removeprefix("./")
+            path = entry.name[2:] if entry.name.startswith("./") else entry.name
             if not path.startswith(INSTALLED_UNDER) or not entry.isfile():
                 continue
             rel = path[len(INSTALLED_UNDER):]

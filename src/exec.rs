@@ -688,7 +688,9 @@ enum StageFailure {
 }
 
 /// The `deps` (and ingest sources) of stage `i` whose content is no longer what `parts`
-/// hashed, backticked; an error where one cannot be read again.
+/// hashed, backticked, and the files its folders and globs name now that they did not when
+/// the pipeline was read (the stage read those too, and the key does not name them); an
+/// error where one cannot be read again.
 async fn files_changed_since(
     sh: &Shared,
     i: usize,
@@ -698,12 +700,18 @@ async fn files_changed_since(
         return Ok(Vec::new());
     }
     let now = crate::plan::dependency_digests(&sh.pipeline, i).await?;
-    Ok(parts
+    let mut changed: Vec<String> = parts
         .files
         .iter()
         .filter(|(name, digest)| now.get(*name) != Some(*digest))
         .map(|(name, _)| format!("`{name}`"))
-        .collect())
+        .collect();
+    let s = &sh.pipeline.stages[i];
+    if let Ok(listed) = (s.kind.descriptor().file_deps)(&s.params, &sh.pipeline.dir) {
+        let new = listed.into_iter().filter(|f| !s.deps.contains(f));
+        changed.extend(new.map(|f| format!("`{f}` (new)")));
+    }
+    Ok(changed)
 }
 
 impl From<StoreError> for StageFailure {

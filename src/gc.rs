@@ -18,6 +18,8 @@ pub struct GcReport {
     pub blobs_deleted: usize,
     /// Checkpoints of trainings that finished, or that only collected runs left unfinished.
     pub checkpoints_deleted: usize,
+    /// Half-written objects that killed writes left in a `file://` store.
+    pub staging_deleted: usize,
     pub bytes_freed: u64,
     /// Runs producing artifacts as gc ran; while there are any, unreferenced blobs stay.
     pub producing: usize,
@@ -42,15 +44,31 @@ pub async fn collect(
     };
     // Pins, read once: their keys are kept, and so are their holders' run records (below).
     let pins = store.pin_holders().await?;
+    // Runs going on now, however long ago they started (a training of hours, an Argo task
+    // beside older tasks' records): their records stay with every key they name, their
+    // inputs' included, which a later stage of theirs, or the workflow's next task, reads.
+    // A live lock says so wherever the run is; on this host, so does its process.
+    let locked: HashSet<String> = store
+        .live_locks()
+        .await?
+        .into_iter()
+        .map(|l| l.run_id)
+        .collect();
+    let running = |id: &str, run: &Option<RunRecord>| {
+        locked.contains(id) || run.as_ref().is_some_and(RunRecord::running_here)
+    };
     let mut keep: HashSet<CacheKey> = pins.iter().map(|(key, _)| key.clone()).collect();
     // Oldest first. A record that does not parse names no artifact: without `--pipeline`
     // it is collected or kept by age like any other; with it, whose it is is unknown, so
     // it stays.
     let mut candidates: Vec<(String, Option<RunRecord>)> = Vec::new();
+    // Every run record seen, so that runs recorded while gc walks are told apart (below).
+    let mut seen: HashSet<String> = HashSet::new();
     // The keys of stages a run that stays did not finish: their checkpoints may be resumed
     // from (`run --force` trains again under a key whose artifact is stored).
     let mut resumable: HashSet<CacheKey> = HashSet::new();
     for id in store.list_run_ids().await? {
+        seen.insert(id.clone());
         let run = match store.get_run::<RunRecord>(&id).await {
             Ok(Some(run)) => Some(run),
             Ok(None) => continue,
@@ -86,17 +104,23 @@ pub async fn collect(
     let young = |t: SystemTime| now.duration_since(t).map(|age| age < grace).unwrap_or(true);
     // A run younger than the grace period stays too, with what it uses: it may still be
     // running (its record is written as it goes), and `--grace` promises that nothing that
-    // young is touched.
-    let (held, old): (Vec<_>, Vec<_>) = old.iter().partition(|(id, run)| {
-        holders.contains(id)
+    // young is touched. So does a run going on now, however old.
+    let in_use = |id: &str, run: &Option<RunRecord>| {
+        running(id, run)
             || run
                 .as_ref()
                 .is_some_and(|r| young(SystemTime::from(r.started_at)))
-    });
+    };
+    let (held, old): (Vec<_>, Vec<_>) = old
+        .iter()
+        .partition(|(id, run)| holders.contains(id) || in_use(id, run));
     // (A pinned run's record stays for its pins' sake: only the pinned keys are kept.)
-    for run in held.iter().filter_map(|(_, run)| run.as_ref()) {
-        if young(SystemTime::from(run.started_at)) {
-            keep.extend(run.stages.iter().filter_map(|s| s.key.clone()));
+    for (id, run) in &held {
+        if in_use(id, run) {
+            keep.extend(
+                run.iter()
+                    .flat_map(|r| r.stages.iter().filter_map(|s| s.key.clone())),
+            );
         }
     }
     report.runs_kept += held.len();
@@ -125,6 +149,7 @@ pub async fn collect(
     let mut kept_keys: HashSet<CacheKey> = HashSet::new();
     // Each manifest the walk saw, and when it was written.
     let mut walked: HashMap<CacheKey, SystemTime> = HashMap::new();
+    let mut unused: Vec<CacheKey> = Vec::new();
     for (key, modified) in manifests {
         walked.insert(key.clone(), modified);
         if keep.contains(&key) || young(modified) {
@@ -135,14 +160,34 @@ pub async fn collect(
                 live_blobs.extend(m.files.iter().map(|f| f.digest.clone()));
             }
             kept_keys.insert(key);
-            report.artifacts_kept += 1;
         } else {
-            report.artifacts_deleted += 1;
-            if !dry_run {
-                store.delete_manifest(&key).await?;
-            }
+            unused.push(key);
         }
     }
+    // A run recorded since the listing above (it planned while gc walked) may be about to
+    // use an artifact it found stored, however old: what it names stays.
+    for id in store.list_run_ids().await? {
+        if seen.contains(&id) {
+            continue;
+        }
+        if let Ok(Some(run)) = store.get_run::<RunRecord>(&id).await {
+            keep.extend(run.stages.iter().filter_map(|s| s.key.clone()));
+        }
+    }
+    for key in unused {
+        if keep.contains(&key) {
+            if let Some(m) = store.manifest(&key).await? {
+                live_blobs.extend(m.files.iter().map(|f| f.digest.clone()));
+            }
+            kept_keys.insert(key);
+            continue;
+        }
+        report.artifacts_deleted += 1;
+        if !dry_run {
+            store.delete_manifest(&key).await?;
+        }
+    }
+    report.artifacts_kept = kept_keys.len();
     // Looked at last, right before blobs go, to leave the smallest window (a stage that
     // commits meanwhile checks its blobs again after its commit, see `exec::store_output`).
     report.producing = store.live_locks().await?.len();
@@ -170,6 +215,13 @@ pub async fn collect(
                 store.delete_blob(&digest).await?;
             }
         }
+    }
+    // What killed writes left half-written (a live one is producing, or younger).
+    if report.producing == 0 {
+        let before = now.checked_sub(grace).unwrap_or(std::time::UNIX_EPOCH);
+        let (n, bytes) = store.staging_leftovers(before, dry_run)?;
+        report.staging_deleted = n;
+        report.bytes_freed += bytes;
     }
     if !dry_run {
         store.prune_history(&kept_keys).await?;
@@ -257,6 +309,100 @@ mod tests {
         }
     }
 
+    /// A write killed halfway leaves `NAME#N` in a `file://` store, which its listings pass
+    /// over: gc removes those older than the grace period, and nothing else.
+    #[tokio::test]
+    async fn half_written_objects_of_killed_writes_are_collected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open("file://store", tmp.path()).unwrap();
+        // (In a folder of its own: gc's other rules would take an unlisted blob too.)
+        let dir = tmp.path().join("store/elsewhere/ab");
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in ["abcd#1", "abcd#12", "abcd#x", "abcd"] {
+            std::fs::write(dir.join(name), "12345").unwrap();
+        }
+        let r = collect(&store, None, 1, Duration::from_secs(3600), false)
+            .await
+            .unwrap();
+        assert_eq!(r.staging_deleted, 0, "younger than the grace period");
+        let dry = collect(&store, None, 1, Duration::ZERO, true)
+            .await
+            .unwrap();
+        assert_eq!(
+            (dry.staging_deleted, dir.join("abcd#1").exists()),
+            (2, true)
+        );
+        let r = collect(&store, None, 1, Duration::ZERO, false)
+            .await
+            .unwrap();
+        assert_eq!((r.staging_deleted, r.bytes_freed), (2, 10), "{r:?}");
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["abcd", "abcd#x"]);
+    }
+
+    /// An empty Model artifact stored under `key`.
+    fn manifest(key: &str) -> crate::store::Manifest {
+        let digest =
+            crate::store::Manifest::content_digest(orchestrate_stage::ArtifactKind::Model, &[]);
+        serde_json::from_value(serde_json::json!({
+            "format": 1, "key": key, "kind": "Model", "pipeline": "p", "stage": "model",
+            "digest": digest, "files": [], "metadata": {},
+            "producer": {"run_id": "r0", "host": "h", "created_at": "", "duration_ms": 0},
+            "key_parts": {"format": 1, "kind": "train", "code": "c", "params": {},
+                          "inputs": {}, "files": {}, "device": null},
+        }))
+        .unwrap()
+    }
+
+    /// A run going on now, on this host, stays with what it names however long ago it
+    /// started and however many runs came after it; one whose process is gone does not.
+    #[tokio::test]
+    async fn a_run_going_on_keeps_what_it_names_however_old() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open("file://store", tmp.path()).unwrap();
+        for key in ["its-input", "killed-input", "newest-input"] {
+            store.commit(&manifest(key)).await.unwrap();
+        }
+        let here = |id: &str, hours_ago, key: &str, pid| RunRecord {
+            host: crate::store::hostname(),
+            pid,
+            ..run(id, hours_ago, key)
+        };
+        store
+            .put_run("live", &here("live", 5, "its-input", std::process::id()))
+            .await
+            .unwrap();
+        store
+            .put_run("killed", &here("killed", 4, "killed-input", u32::MAX - 1))
+            .await
+            .unwrap();
+        store
+            .put_run("newest", &run("newest", 1, "newest-input"))
+            .await
+            .unwrap();
+        let r = collect(&store, None, 1, Duration::ZERO, false)
+            .await
+            .unwrap();
+        assert_eq!((r.runs_deleted, r.artifacts_deleted), (1, 1), "{r:?}");
+        assert!(store.get_run::<RunRecord>("live").await.unwrap().is_some());
+        assert!(store
+            .get_run::<RunRecord>("killed")
+            .await
+            .unwrap()
+            .is_none());
+        let key = |k: &str| CacheKey(k.into());
+        assert!(store.manifest(&key("its-input")).await.unwrap().is_some());
+        assert!(store
+            .manifest(&key("killed-input"))
+            .await
+            .unwrap()
+            .is_none());
+    }
+
     /// One entry per checkpoint (key and step), in `all_checkpoints`' order.
     async fn checkpoint_keys(store: &Store) -> Vec<String> {
         let all = store.all_checkpoints().await.unwrap();
@@ -307,18 +453,6 @@ mod tests {
 
         // A stored artifact's checkpoints go; unless a run that stays is training under
         // its key again (`run --force`), killed before it finished.
-        let manifest = |key: &str| -> crate::store::Manifest {
-            let digest =
-                crate::store::Manifest::content_digest(orchestrate_stage::ArtifactKind::Model, &[]);
-            serde_json::from_value(serde_json::json!({
-                "format": 1, "key": key, "kind": "Model", "pipeline": "p", "stage": "model",
-                "digest": digest, "files": [], "metadata": {},
-                "producer": {"run_id": "r0", "host": "h", "created_at": "", "duration_ms": 0},
-                "key_parts": {"format": 1, "kind": "train", "code": "c", "params": {},
-                              "inputs": {}, "files": {}, "device": null},
-            }))
-            .unwrap()
-        };
         for key in ["kept", "unnamed"] {
             store.commit(&manifest(key)).await.unwrap();
         }

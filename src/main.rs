@@ -366,7 +366,9 @@ impl From<PlanError> for Failure {
         match e {
             PlanError::Store(s) => s.into(),
             // The store's data, not the command line: exit 3 as other store damage.
-            e @ PlanError::DamagedManifest { .. } => Failure::new(3, format!("error: {e}")),
+            e @ (PlanError::DamagedManifest { .. } | PlanError::SourceUnreachable { .. }) => {
+                Failure::new(3, format!("error: {e}"))
+            }
             other => Failure::new(2, format!("error: {other}")),
         }
     }
@@ -637,13 +639,18 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let (record, record_error) =
                 execute(Arc::clone(&p), store, plan, opts, reporter, cancel).await?;
             out!("{}", summary(&record));
-            if let Some(e) = record_error {
-                return Err(Failure::new(
-                    3,
-                    format!("error: the run record was not stored: {e}"),
-                ));
-            }
             let code = exit_code(&record);
+            if let Some(e) = record_error {
+                let message = format!("error: the run record was not stored: {e}");
+                // The run's own outcome comes first: a gate's 4 is final and an interrupt's
+                // 130 is the user's, where a 3 would have Argo retry them; the record's
+                // failure is said all the same.
+                if code != 0 {
+                    errln!("{message}");
+                    return Ok(code);
+                }
+                return Err(Failure::new(3, message));
+            }
             #[cfg(feature = "model")]
             if code == 0 && !no_serve {
                 if let Some(dir) = deployed_dir(&serve_store, &record, &cache_dir(&p)).await? {
@@ -857,7 +864,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 orchestrate::gc::collect(&store, pipeline.as_deref(), keep_last, grace, dry_run)
                     .await?;
             outln!(
-                "{}kept {} and {}; deleted {}, {}, {}, {} ({}){}",
+                "{}kept {} and {}; deleted {}, {}, {}, {}{} ({}){}",
                 if dry_run { "dry run: " } else { "" },
                 counted(r.runs_kept, "run"),
                 counted(r.artifacts_kept, "artifact"),
@@ -865,6 +872,10 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 counted(r.artifacts_deleted, "artifact"),
                 counted(r.checkpoints_deleted, "checkpoint"),
                 counted(r.blobs_deleted, "blob"),
+                match r.staging_deleted {
+                    0 => String::new(),
+                    n => format!(", {} killed writes left", counted(n, "half-written object")),
+                },
                 counted(r.bytes_freed, "byte"),
                 match r.producing {
                     0 => String::new(),
@@ -1738,13 +1749,7 @@ fn status_word(r: &RunRecord) -> &'static str {
         RunStatus::Succeeded => "succeeded",
         RunStatus::Failed => "failed",
         RunStatus::Cancelled => "cancelled",
-        RunStatus::Running
-            if r.host == orchestrate::store::hostname()
-                && r.pid != 0
-                && !Path::new(&format!("/proc/{}", r.pid)).exists() =>
-        {
-            "killed"
-        }
+        RunStatus::Running if r.killed_here() => "killed",
         RunStatus::Running => "running",
     }
 }

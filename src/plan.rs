@@ -104,6 +104,16 @@ pub enum PlanError {
         file: String,
         reason: String,
     },
+    /// A remote source that could not be listed (the service unreachable, refusing, timing
+    /// out): the store's kind of failure, retried by whoever retries those (exit 3), not a
+    /// mistake in the pipeline.
+    #[error("stage `{stage}` reads `{file}`, which could not be listed: {source}")]
+    SourceUnreachable {
+        stage: String,
+        file: String,
+        #[source]
+        source: Box<StoreError>,
+    },
     #[error("stage `{stage}` needs `{upstream}`, which is not in the store and is not selected to run; run it first or widen --only")]
     MissingUpstream { stage: String, upstream: String },
     #[error("the stored manifest of stage `{stage}` is damaged: {source}; run again with --repair to set it aside and rerun the stage (or `orchestrate fsck --repair`)")]
@@ -365,6 +375,15 @@ pub fn ancestors(p: &Pipeline, start: usize) -> Vec<usize> {
     out
 }
 
+/// A stage's canonical params less those its kind says change no byte of the output.
+fn keyed_params(params: &serde_json::Value, unkeyed: &[&str]) -> serde_json::Value {
+    let mut keyed = params.clone();
+    if let Some(map) = keyed.as_object_mut() {
+        map.retain(|name, _| !unkeyed.contains(&name.as_str()));
+    }
+    keyed
+}
+
 /// Everything that determines stage `i`'s output, given its inputs' artifact digests.
 pub async fn key_parts(
     p: &Pipeline,
@@ -387,7 +406,7 @@ pub async fn key_parts(
         format: KEY_FORMAT,
         kind: d.kind.to_string(),
         code: d.code_hash.to_string(),
-        params: s.params.clone(),
+        params: keyed_params(&s.params, d.unkeyed),
         inputs,
         files,
         device: d.device_dependent.then(|| s.device.class().to_string()),
@@ -423,7 +442,14 @@ pub async fn dependency_digests(
         let digest = if f.contains("://") {
             crate::store::remote_fingerprint(f)
                 .await
-                .map_err(|e| dependency(e.to_string(), f.clone()))?
+                .map_err(|e| match e {
+                    e @ StoreError::Backend { .. } => PlanError::SourceUnreachable {
+                        stage: s.name.clone(),
+                        file: f.clone(),
+                        source: Box::new(e),
+                    },
+                    e => dependency(e.to_string(), f.clone()),
+                })?
         } else {
             let path = p.dir.join(f);
             file_digest(&path).map_err(|e| dependency(e.to_string(), path.display().to_string()))?

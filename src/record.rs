@@ -127,6 +127,25 @@ impl RunRecord {
             .map(|e| (e - self.started_at).num_milliseconds().max(0) as u64)
             .unwrap_or(0)
     }
+
+    /// Recorded as running, on this host, by a process that is still there (whether a run
+    /// elsewhere is alive, only its live locks tell).
+    pub fn running_here(&self) -> bool {
+        self.status == RunStatus::Running && self.ran_here() && self.process_exists()
+    }
+
+    /// Recorded as running, on this host, by a process that is gone: killed.
+    pub fn killed_here(&self) -> bool {
+        self.status == RunStatus::Running && self.ran_here() && !self.process_exists()
+    }
+
+    fn ran_here(&self) -> bool {
+        self.host == crate::store::hostname() && self.pid != 0
+    }
+
+    fn process_exists(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
 }
 
 /// Sortable by start time and unique across hosts: `20261126T081500.123Z-4f2a`.

@@ -105,6 +105,30 @@ pub struct FileEntry {
     pub size: u64,
 }
 
+impl FileEntry {
+    /// What makes an entry read from the store unusable, if anything. A shared store is
+    /// written by other machines, and an entry is joined onto a local folder to be fetched:
+    /// an absolute path or a `..` in it would write outside the artifact (anyone can give
+    /// a manifest a matching digest), and a digest that is not blake3 hex names no blob.
+    pub fn problem(&self) -> Option<String> {
+        let parts: Vec<&str> = self.path.split('/').collect();
+        if self.path.starts_with('/') || parts.iter().any(|p| matches!(*p, "" | "." | "..")) {
+            return Some(format!(
+                "file path `{}` is not a plain path inside the artifact",
+                self.path
+            ));
+        }
+        let hex = self.digest.strip_prefix("blake3:").unwrap_or("");
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Some(format!(
+                "file `{}` has no blake3 digest (`{}`)",
+                self.path, self.digest
+            ));
+        }
+        None
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Producer {
     pub run_id: String,
@@ -222,6 +246,8 @@ pub enum LockAttempt {
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     url: String,
+    /// A `file://` store's folder (see [`Store::staging_leftovers`]).
+    local_root: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -272,10 +298,11 @@ impl Store {
                 reason: reason.into(),
             });
         }
-        let inner: Arc<dyn ObjectStore> = if let Some(dir) = local_dir(url, base) {
-            std::fs::create_dir_all(&dir)
+        let local_root = local_dir(url, base);
+        let inner: Arc<dyn ObjectStore> = if let Some(dir) = &local_root {
+            std::fs::create_dir_all(dir)
                 .map_err(|e| open_err(format!("{}: {e}", dir.display())))?;
-            Arc::new(LocalFileSystem::new_with_prefix(&dir).map_err(|e| open_err(e.to_string()))?)
+            Arc::new(LocalFileSystem::new_with_prefix(dir).map_err(|e| open_err(e.to_string()))?)
         } else if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
@@ -317,7 +344,54 @@ impl Store {
         Ok(Store {
             inner,
             url: url.to_string(),
+            local_root,
         })
+    }
+
+    /// Removes (or, `dry_run`, counts) what writes killed halfway left in a `file://` store
+    /// and not written since `before`: object_store writes each object to `NAME#N` beside
+    /// it and renames it into place, and its listings pass such files over, so nothing else
+    /// would ever see them (a killed upload of a model leaves its size behind). Returns how
+    /// many and their bytes. An `s3://` store's incomplete multipart uploads are the
+    /// bucket's lifecycle rule's to end (`AbortIncompleteMultipartUpload`).
+    pub fn staging_leftovers(&self, before: SystemTime, dry_run: bool) -> Result<(usize, u64)> {
+        let Some(root) = &self.local_root else {
+            return Ok((0, 0));
+        };
+        let mut found = (0, 0);
+        let mut dirs = vec![root.clone()];
+        while let Some(dir) = dirs.pop() {
+            let entries = std::fs::read_dir(&dir)
+                .map_err(|e| StoreError::io(format!("cannot list {}", dir.display()), e))?;
+            for entry in entries.flatten() {
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_dir() {
+                    dirs.push(entry.path());
+                    continue;
+                }
+                let name = entry.file_name();
+                let staged = name
+                    .to_str()
+                    .and_then(|n| n.rsplit_once('#'))
+                    .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+                if !staged || meta.modified().map_or(true, |t| t >= before) {
+                    continue;
+                }
+                if !dry_run {
+                    match std::fs::remove_file(entry.path()) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => {
+                            let what = format!("cannot remove {}", entry.path().display());
+                            return Err(StoreError::io(what, e));
+                        }
+                    }
+                }
+                found.0 += 1;
+                found.1 += meta.len();
+            }
+        }
+        Ok(found)
     }
 
     pub fn url(&self) -> &str {
@@ -386,7 +460,9 @@ impl Store {
 
     fn blob_path(digest: &str) -> ObjPath {
         let hex = digest.strip_prefix("blake3:").unwrap_or(digest);
-        ObjPath::from(format!("blobs/{}/{}", &hex[..2.min(hex.len())], hex))
+        // (By bytes, so that no digest can make this panic: entries read are checked.)
+        let dir = hex.get(..2).unwrap_or(hex);
+        ObjPath::from(format!("blobs/{dir}/{hex}"))
     }
 
     /// Stores a local file as a blob (skipped when the store already has it).
@@ -596,14 +672,25 @@ impl Store {
         ObjPath::from(format!("manifests/{key}.json"))
     }
 
+    /// The manifest stored under `key`. One that is not what that key holds is damage
+    /// (`--repair` sets it aside): its digest not matching its files, another key inside
+    /// (a manifest copied under another name would be served as this one), a file entry
+    /// that is not a plain path inside the artifact or has no blake3 digest.
     pub async fn manifest(&self, key: &CacheKey) -> Result<Option<Manifest>> {
         let m: Option<Manifest> = self.get_json(&Self::manifest_path(key), "manifest").await?;
         if let Some(m) = &m {
-            if Manifest::content_digest(m.kind, &m.files) != m.digest {
+            let problem = if &m.key != key {
+                Some(format!("it holds key {}", m.key))
+            } else if Manifest::content_digest(m.kind, &m.files) != m.digest {
+                Some("its digest does not match its file list".into())
+            } else {
+                m.files.iter().find_map(FileEntry::problem)
+            };
+            if let Some(reason) = problem {
                 return Err(StoreError::Decode {
                     what: "manifest",
                     path: Self::manifest_path(key).to_string(),
-                    reason: "its digest does not match its file list".into(),
+                    reason,
                 });
             }
         }
@@ -904,9 +991,18 @@ impl Store {
     }
 
     /// The files of `key`'s checkpoint at `step`.
+    /// (Damage, as for a manifest, where an entry is not a plain path with a blake3 digest.)
     pub async fn checkpoint(&self, key: &CacheKey, step: u64) -> Result<Option<Vec<FileEntry>>> {
-        self.get_json(&Self::checkpoint_path(key, step), "checkpoint")
-            .await
+        let path = Self::checkpoint_path(key, step);
+        let files: Option<Vec<FileEntry>> = self.get_json(&path, "checkpoint").await?;
+        if let Some(reason) = files.iter().flatten().find_map(FileEntry::problem) {
+            return Err(StoreError::Decode {
+                what: "checkpoint",
+                path: path.to_string(),
+                reason,
+            });
+        }
+        Ok(files)
     }
 
     /// Forgets a checkpoint found damaged (its blobs are left to `gc`).
@@ -1198,6 +1294,52 @@ mod tests {
             "{msg}"
         );
         assert!(!d.join("out2.txt").exists());
+    }
+
+    /// A manifest from a shared store is checked before anything is fetched by it: a file
+    /// outside the artifact, a digest naming no blob, another key inside are damage.
+    #[tokio::test]
+    async fn a_manifest_that_is_not_its_key_s_or_reaches_outside_is_damage() {
+        let d = tmp("manifest");
+        let store = Store::open("file://store", &d).unwrap();
+        let digest = format!("blake3:{}", "ab".repeat(32));
+        let stored = |key: &str, path: &str, digest: &str| {
+            let files = vec![FileEntry {
+                path: path.into(),
+                digest: digest.into(),
+                size: 1,
+            }];
+            let m = serde_json::json!({
+                "format": 1, "key": key, "kind": "Files", "pipeline": "p", "stage": "s",
+                "digest": Manifest::content_digest(ArtifactKind::Files, &files),
+                "files": files, "metadata": {},
+                "producer": {"run_id": "r", "host": "h", "created_at": "", "duration_ms": 0},
+                "key_parts": {"format": 1, "kind": "shell", "code": "c", "params": {},
+                              "inputs": {}, "files": {}, "device": null},
+            });
+            let file = d.join("store/manifests/k.json");
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, m.to_string()).unwrap();
+        };
+        let key = CacheKey("k".into());
+        stored("k", "out/a.txt", &digest);
+        assert!(store.manifest(&key).await.unwrap().is_some());
+        for (inside, path, digest, why) in [
+            (
+                "k",
+                "../../.ssh/authorized_keys",
+                digest.as_str(),
+                "not a plain path",
+            ),
+            ("k", "/etc/passwd", digest.as_str(), "not a plain path"),
+            ("k", "a//b", digest.as_str(), "not a plain path"),
+            ("k", "a", "blake3:é", "no blake3 digest"),
+            ("other", "a", digest.as_str(), "it holds key other"),
+        ] {
+            stored(inside, path, digest);
+            let err = store.manifest(&key).await.unwrap_err();
+            assert!(err.is_damage() && err.to_string().contains(why), "{err}");
+        }
     }
 
     #[tokio::test]

@@ -364,3 +364,32 @@ fn ingest_reads_sources_from_s3_and_notices_when_they_change() {
         "{plan}"
     );
 }
+
+/// A source bucket that cannot be reached is the store's kind of failure (exit 3, which CI
+/// and Argo retry), not an invalid pipeline (exit 2, never retried), and says which source.
+#[test]
+fn an_unreachable_source_bucket_is_exit_3_naming_it() {
+    let closed = servers::free_port();
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        "name: remote\nstorage: file://store\nstages:\n  corpus:\n    kind: ingest\n    with: { sources: [{ path: \"s3://corpus/quotes\" }] }\n",
+    );
+    let out: common::Ran = sb
+        .cmd(&["plan", "p.yaml"])
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{closed}"))
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("ORCHESTRATE_STORE_RETRIES", "0")
+        .env("ORCHESTRATE_STORE_RETRY_SECS", "1")
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("`s3://corpus/quotes`, which could not be listed"),
+        "{}",
+        out.stderr
+    );
+}

@@ -15,7 +15,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use orchestrate_serve::ServeOptions;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tower::ServiceExt;
 
 const PIPELINE: &str = r#"
@@ -303,6 +303,13 @@ async fn every_route_answers() {
     );
     let (s, _, b) = call(&app, "GET", "/v1/models/tiny", None).await;
     assert_eq!((s, j(&b)["id"].as_str()), (StatusCode::OK, Some("tiny")));
+    // A name that does not decode to UTF-8: OpenAI's JSON, naming the model.
+    let (s, _, b) = call(&app, "GET", "/v1/models/%FF", None).await;
+    assert_eq!(
+        (s, j(&b)["error"]["param"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("model")),
+        "{b}"
+    );
     let (s, _, b) = call(&app, "GET", "/v1/models/other", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
     assert!(
@@ -510,23 +517,23 @@ async fn every_error_class_is_json_and_names_the_field() {
             422,
             "parameters.top_p",
         ),
-        ("/v1/completions", r#"{"prompt": "x", "n": 2}"#, 422, "n"),
+        ("/v1/completions", r#"{"prompt": "x", "n": 2}"#, 400, "n"),
         (
             "/v1/completions",
             r#"{"prompt": "x", "max_tokens": 999}"#,
-            422,
+            400,
             "max_tokens",
         ),
         (
             "/v1/completions",
             r#"{"prompt": ["a", "b"]}"#,
-            422,
+            400,
             "prompt",
         ),
         (
             "/v1/chat/completions",
             r#"{"messages": [{"role": "system", "content": "x"}]}"#,
-            422,
+            400,
             "messages",
         ),
         ("/tokenize", r#"{}"#, 422, "inputs"),
@@ -553,6 +560,21 @@ async fn every_error_class_is_json_and_names_the_field() {
     let (s, _, b) = call(&app, "POST", "/generate", Some(&long)).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{b}");
     assert_eq!(j(&b)["field"], "inputs");
+    // Under /v1 as OpenAI answers it: a 400 its clients raise as BadRequestError, with the
+    // code LangChain and LiteLLM look for.
+    let long = format!(r#"{{"prompt": "{}"}}"#, "word ".repeat(100));
+    let (s, _, b) = call(&app, "POST", "/v1/completions", Some(&long)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    let e = &j(&b)["error"];
+    assert_eq!(
+        (&e["param"], &e["type"], &e["code"]),
+        (
+            &json!("prompt"),
+            &json!("invalid_request_error"),
+            &json!("context_length_exceeded")
+        ),
+        "{b}"
+    );
     let huge = format!(r#"{{"inputs": "{}"}}"#, "x".repeat(5000));
     let (s, _, b) = call(&app, "POST", "/generate", Some(&huge)).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{b}");

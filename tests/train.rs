@@ -160,7 +160,15 @@ fn a_tiny_model_learns_and_a_killed_run_resumes_bit_identically() {
     assert!(checkpoint.ends_with(".json"));
     // Resumed on three threads (the first part ran on one): the bytes do not depend on
     // the thread count either, so machines with different core counts sharing a store
-    // agree on what a key holds.
+    // agree on what a key holds. Nor on when checkpoints are written or validation
+    // measured, which is why those settings, like `threads`, are left out of the key: the
+    // rerun with all three changed finds the killed run's checkpoints under its key.
+    b.write(
+        "p.yaml",
+        &pipeline(40, "threads: 3")
+            .replace("checkpoint_every: 10", "checkpoint_every: 15")
+            .replace("eval_every: 10", "eval_every: 20"),
+    );
     let r = run_on_threads(&b, &["run", "p.yaml"], 3);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     assert!(
@@ -173,6 +181,10 @@ fn a_tiny_model_learns_and_a_killed_run_resumes_bit_identically() {
         artifact(&b, "model"),
         whole,
         "resumed weights differ from uninterrupted ones"
+    );
+    assert_eq!(
+        b.last_run()["stages"][2]["key"],
+        a.last_run()["stages"][2]["key"]
     );
     // Committed: its checkpoints are gone.
     let left = std::fs::read_dir(b.path().join("store/checkpoints"))

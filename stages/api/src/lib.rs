@@ -162,6 +162,10 @@ pub struct StageDescriptor {
     /// Given canonical params and a part of the output (see [`InputDecl::reads`]): the
     /// param that leaves that part empty, if these params do.
     pub empty_part: fn(&serde_json::Value, &str) -> Option<Vec<PathSegment>>,
+    /// Top-level params that change how the work is done but not one byte of the output
+    /// (a thread count, how often to checkpoint): left out of the cache key, so changing
+    /// one neither redoes the work nor loses the checkpoints stored under the key.
+    pub unkeyed: &'static [&'static str],
 }
 
 impl fmt::Debug for StageDescriptor {

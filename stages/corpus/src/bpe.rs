@@ -80,6 +80,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     canonical_params: canonical,
     file_deps: orchestrate_stage::no_file_deps,
     empty_part: orchestrate_stage::no_empty_parts,
+    unkeyed: &[],
 };
 
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {

@@ -110,6 +110,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     canonical_params: canonical,
     file_deps,
     empty_part,
+    unkeyed: &[],
 };
 
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {

@@ -56,13 +56,19 @@ fn span(values: impl Iterator<Item = f64> + Clone) -> std::ops::Range<f64> {
     (lo - pad).max(0.0)..hi + pad
 }
 
-/// The latency axis's label: latency of `new_tokens` tokens, as measured.
-fn latency_label(new_tokens: usize) -> String {
-    format!("p95 latency, {new_tokens} tokens at batch 1 (ms)")
+/// The latency axis's label: the tokens each variant's latency was measured over (fewer
+/// than asked where a model's `max_len` stopped it; "up to" where variants differ).
+fn latency_label(measured: impl Iterator<Item = usize> + Clone) -> String {
+    let most = measured.clone().max().unwrap_or(0);
+    let tokens = match measured.min() {
+        Some(least) if least != most => format!("{least} to {most} tokens"),
+        _ => format!("{most} tokens"),
+    };
+    format!("p95 latency, {tokens} at batch 1 (ms)")
 }
 
-/// The chart of `reports`, whose latency is that of `new_tokens` new tokens.
-pub fn draw(path: &Path, reports: &[VariantReport], new_tokens: usize) -> Result<(), String> {
+/// The chart of `reports`.
+pub fn draw(path: &Path, reports: &[VariantReport]) -> Result<(), String> {
     let text = font_ready();
     let root = BitMapBackend::new(path, (1100, 480)).into_drawing_area();
     let err = |e: &dyn std::fmt::Display| format!("cannot draw {}: {e}", path.display());
@@ -74,7 +80,10 @@ pub fn draw(path: &Path, reports: &[VariantReport], new_tokens: usize) -> Result
         ("artifact size (MB)".into(), |r| {
             r.artifact_bytes as f64 / 1e6
         }),
-        (latency_label(new_tokens), |r| r.latency_p95_ms),
+        (
+            latency_label(reports.iter().map(|r| r.latency_tokens)),
+            |r| r.latency_p95_ms,
+        ),
     ];
     for (area, (label, x_of)) in panels.iter().zip(sides) {
         let label = label.as_str();
@@ -127,8 +136,13 @@ mod tests {
     #[test]
     fn the_latency_axis_names_the_tokens_measured() {
         assert_eq!(
-            latency_label(200),
+            latency_label([200, 200].into_iter()),
             "p95 latency, 200 tokens at batch 1 (ms)"
+        );
+        // A model whose max_len stopped it short: what was measured, not what was asked.
+        assert_eq!(
+            latency_label([500, 255].into_iter()),
+            "p95 latency, 255 to 500 tokens at batch 1 (ms)"
         );
     }
 }

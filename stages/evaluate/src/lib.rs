@@ -21,6 +21,7 @@ use orchestrate_model::artifact::{self, LoadedModel};
 use orchestrate_model::compute::{self, Compute, OnDevice};
 use orchestrate_model::data::{self, Example, Padding, Rounding, Specials};
 use orchestrate_model::generate::{self, Next, Row, Sampling};
+use orchestrate_model::weights::Scheme;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,7 +43,8 @@ pub struct Gate {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvaluateParams {
-    /// The input stage others are compared with; the first model listed by default.
+    /// The input stage others are compared with; by default the first fp32 model listed
+    /// (the first model where none is).
     #[serde(default)]
     pub baseline: Option<String>,
     /// Test records per language for perplexity and accuracy (all when absent).
@@ -123,6 +125,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     canonical_params: canonical,
     file_deps: orchestrate_stage::no_file_deps,
     empty_part: orchestrate_stage::no_empty_parts,
+    unkeyed: &[],
 };
 
 /// Rows of the throughput batch, at most.
@@ -165,6 +168,8 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         ("batch", p.batch, MAX_BATCH),
         ("new_tokens", p.new_tokens, MAX_NEW_TOKENS),
         ("latency_runs", p.latency_runs, MAX_LATENCY_RUNS),
+        // A thread each: tens of thousands would exhaust the process's threads first.
+        ("threads", p.threads.unwrap_or(1), 1024),
     ] {
         if value > most {
             return Err(invalid(
@@ -235,7 +240,15 @@ fn evaluate_all(ctx: &StageContext<'_>, p: EvaluateParams) -> Result<StageOutput
                 names.join(", ")
             ))
         })?,
-        None => 0,
+        // The gate's increases are over fp32: the first model trained in fp32 (a `quantize`
+        // of `scheme: fp32` too), whatever order the models are listed in; the first model
+        // where none is.
+        None => models
+            .iter()
+            .position(|m| {
+                artifact::read_card(&m.dir).is_ok_and(|card| card.quantization == Scheme::Fp32)
+            })
+            .unwrap_or(0),
     };
     let compute = Compute::parse(ctx.device)?;
     let job = Score {
@@ -282,7 +295,7 @@ fn evaluate_all(ctx: &StageContext<'_>, p: EvaluateParams) -> Result<StageOutput
     let md = markdown(&reports, &reports[baseline].name, p.batch);
     std::fs::write(out.join("report.md"), &md)
         .map_err(|e| StageError::io("cannot write report.md", e))?;
-    chart::draw(&out.join("chart.png"), &reports, p.new_tokens).map_err(StageError::Failed)?;
+    chart::draw(&out.join("chart.png"), &reports).map_err(StageError::Failed)?;
     for line in md.lines() {
         ctx.events.log(line);
     }
@@ -506,7 +519,9 @@ fn evaluate_model<B: Backend>(
                 Row {
                     src,
                     sampling: Sampling::default(),
-                    max_new_tokens: (e.ids.len() - k + 1).min(p.new_tokens.max(1) * 4),
+                    // As long as the reference it is scored against may be (chrF weighs
+                    // recall twice: a reply cut shorter would score lower for it).
+                    max_new_tokens: e.ids.len() - k + 1,
                     ignore_eos: false,
                 }
             })
@@ -759,11 +774,11 @@ impl ChrfStats {
 
 fn markdown(reports: &[VariantReport], baseline: &str, batch: usize) -> String {
     let mut s = format!(
-        "| variant | scheme | artifact MB | perplexity | vs `{baseline}` | token acc. | chrF | p50 ms | p95 ms | tok/s b=1 | tok/s b={batch} |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| variant | scheme | artifact MB | perplexity | vs `{baseline}` | token acc. | chrF | latency tokens | p50 ms | p95 ms | tok/s b=1 | tok/s b={batch} |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     for r in reports {
         s += &format!(
-            "| {} | {} | {:.2} | {:.2} | {:+.2}% | {:.3} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} |\n",
+            "| {} | {} | {:.2} | {:.2} | {:+.2}% | {:.3} | {:.1} | {} | {:.1} | {:.1} | {:.0} | {:.0} |\n",
             r.name,
             r.quantization,
             r.artifact_bytes as f64 / 1e6,
@@ -771,6 +786,7 @@ fn markdown(reports: &[VariantReport], baseline: &str, batch: usize) -> String {
             100.0 * r.ppl_increase,
             r.token_accuracy,
             r.chrf,
+            r.latency_tokens,
             r.latency_p50_ms,
             r.latency_p95_ms,
             r.tokens_per_second_batch1,

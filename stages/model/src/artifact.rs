@@ -63,7 +63,13 @@ fn fail(dir: &Path, what: impl std::fmt::Display) -> StageError {
 pub fn read_card(dir: &Path) -> Result<ModelCard, StageError> {
     let bytes =
         std::fs::read(dir.join(CARD)).map_err(|e| fail(dir, format!("cannot read {CARD}: {e}")))?;
-    serde_json::from_slice(&bytes).map_err(|e| fail(dir, format!("{CARD}: {e}")))
+    let card: ModelCard =
+        serde_json::from_slice(&bytes).map_err(|e| fail(dir, format!("{CARD}: {e}")))?;
+    // A damaged or hand-edited card would otherwise panic in burn as the model is built.
+    if let Some(problem) = card.config.problem() {
+        return Err(fail(dir, format!("{CARD}: {problem}")));
+    }
+    Ok(card)
 }
 
 pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<LoadedModel<B>, StageError> {
@@ -88,6 +94,17 @@ pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<LoadedModel<B>
     let (model, artifact_bytes, stored, int8_block) = if dir.join(SAFETENSORS).exists() {
         let path = dir.join(SAFETENSORS);
         let loaded = weights::load(&path).map_err(|e| fail(dir, e))?;
+        // What is reported (and which way it runs) must be one scheme.
+        if loaded.scheme != card.quantization {
+            return Err(fail(
+                dir,
+                format!(
+                    "{SAFETENSORS} holds {} weights but {CARD} says {}",
+                    loaded.scheme.as_str(),
+                    card.quantization.as_str()
+                ),
+            ));
+        }
         let model = weights::import(fresh, &loaded.tensors).map_err(|e| fail(dir, e))?;
         let (model, kept) = match loaded.scheme {
             Scheme::Dynamic => (
@@ -107,7 +124,9 @@ pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<LoadedModel<B>
             .map_err(|e| fail(dir, format!("cannot load {BURN_WEIGHTS}: {e}")))?;
         weights::check_shapes(&configured, &model)
             .map_err(|e| fail(dir, format!("{BURN_WEIGHTS} does not match {CARD}: {e}")))?;
-        (model, file_len(&path), 4 * card.parameters as u64, None)
+        // Counted from the weights loaded, not from the card's claim.
+        let stored = weights::resident_bytes(&model, None);
+        (model, file_len(&path), stored, None)
     };
     let resident = weights::resident_bytes(&model, int8_block);
     Ok(LoadedModel {
@@ -337,6 +356,26 @@ mod tests {
             e.contains("author tokens model.json lacks (<author:twain>)"),
             "{e}"
         );
+    }
+
+    /// A config burn cannot build (it would panic or abort) is refused by name.
+    #[test]
+    fn a_config_that_builds_no_network_is_refused() {
+        for (key, value, says) in [
+            ("n_heads", json!(0), "n_heads 0 is not between 1 and"),
+            ("n_heads", json!(3), "3 heads do not divide d_model 16"),
+            ("dropout", json!(2.0), "dropout 2 is not in [0, 1)"),
+            (
+                "d_ff",
+                json!(1u64 << 40),
+                "d_ff 1099511627776 is not between 1 and 65536",
+            ),
+        ] {
+            let dir = model_dir(&tokenizer(&[]));
+            edit_card(dir.path(), |c| c["config"][key] = value);
+            let e = load_error(dir.path());
+            assert!(e.contains("model.json: ") && e.contains(says), "{e}");
+        }
     }
 
     #[test]

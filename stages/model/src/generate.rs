@@ -802,6 +802,20 @@ fn log_sum_exp(scores: &[f32]) -> f32 {
     max + sum.ln()
 }
 
+/// A token's log-probability: `score - log_z`, where +inf scores (weights gone bad) share
+/// the whole probability, each `-ln(n)` for `n` of them, and every other token is
+/// impossible; as `score - log_z` those were NaN (inf - inf), which JSON writes as null.
+fn log_probability(scores: &[f32], id: usize, log_z: f32) -> f32 {
+    if log_z != f32::INFINITY {
+        return scores[id] - log_z;
+    }
+    let certain = scores.iter().filter(|&&x| x == f32::INFINITY).count();
+    match scores[id] == f32::INFINITY {
+        true => -(certain as f32).ln(),
+        false => f32::NEG_INFINITY,
+    }
+}
+
 /// The next token of one row and its log-probability under the model.
 fn pick(scores: &[f32], generated: &[u32], s: &Sampling, rng: &mut u64) -> (u32, f32) {
     // A NaN score (weights gone bad) is no candidate: as -inf it has probability 0 in the
@@ -838,7 +852,7 @@ fn pick(scores: &[f32], generated: &[u32], s: &Sampling, rng: &mut u64) -> (u32,
     } else {
         sample(view, s, rng)
     };
-    (id as u32, scores[id] - log_z)
+    (id as u32, log_probability(scores, id, log_z))
 }
 
 fn argmax(v: &[f32]) -> usize {
@@ -1198,10 +1212,17 @@ mod tests {
         let scores = [0.5, f32::NAN, f32::INFINITY, 1.0];
         for s in [&sampled, &Sampling::default()] {
             for seed in 0..20 {
-                let (id, _) = pick(&scores, &[], s, &mut { seed });
-                assert_eq!(id, 2);
+                let (id, logprob) = pick(&scores, &[], s, &mut { seed });
+                assert_eq!((id, logprob), (2, 0.0));
             }
         }
+        // Two certain tokens share the probability: ln(1/2) each, the others impossible.
+        let two = [f32::INFINITY, 0.0, f32::INFINITY];
+        assert_eq!(log_probability(&two, 2, log_sum_exp(&two)), -(2f32.ln()));
+        assert_eq!(
+            log_probability(&two, 1, log_sum_exp(&two)),
+            f32::NEG_INFINITY
+        );
         let (id, logprob) = pick(&[0.5, f32::NAN, 3.0], &[], &Sampling::default(), &mut 0);
         assert_eq!(id, 2);
         assert!(logprob.is_finite() && logprob < 0.0, "{logprob}");

@@ -41,6 +41,47 @@ pub struct ModelConfig {
     pub activation: Activation,
 }
 
+/// The largest sizes a model may have: far beyond any `train` is for, and each a size that
+/// would otherwise end in an allocation failure or the OOM killer rather than a message.
+/// `train` refuses params above them; a Model artifact whose config has one is refused.
+pub const MAX_D_MODEL: usize = 16_384;
+pub const MAX_D_FF: usize = 65_536;
+pub const MAX_LAYERS: usize = 128;
+pub const MAX_LEN: usize = 65_536;
+pub const MAX_VOCAB: usize = 1 << 24;
+
+impl ModelConfig {
+    /// What makes this config no network that can be built, if anything: a size of 0 or
+    /// above its bound, heads that do not divide `d_model`, a dropout outside [0, 1). burn
+    /// would panic on the first two kinds (a division by zero, a reshape) or abort on an
+    /// allocation; a config read from an artifact is checked before it is built.
+    pub fn problem(&self) -> Option<String> {
+        for (name, value, most) in [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("d_model", self.d_model, MAX_D_MODEL),
+            ("n_heads", self.n_heads, MAX_D_MODEL),
+            ("enc_layers", self.enc_layers, MAX_LAYERS),
+            ("dec_layers", self.dec_layers, MAX_LAYERS),
+            ("d_ff", self.d_ff, MAX_D_FF),
+            ("max_len", self.max_len, MAX_LEN),
+        ] {
+            if value == 0 || value > most {
+                return Some(format!("{name} {value} is not between 1 and {most}"));
+            }
+        }
+        if self.d_model % self.n_heads != 0 {
+            return Some(format!(
+                "{} heads do not divide d_model {}",
+                self.n_heads, self.d_model
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Some(format!("dropout {} is not in [0, 1)", self.dropout));
+        }
+        None
+    }
+}
+
 /// The feed-forward layers' activation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -28,7 +28,7 @@ use crate::data::{self, Batch, Example, Padding, Rounding, Specials};
 use crate::end_to_end::lay_end_to_end;
 use crate::model::{
     dropout_seed, key_dropout, masked_cross_entropy, seed_step, Activation, CastParams,
-    ModelConfig, Seq2Seq,
+    ModelConfig, Seq2Seq, MAX_D_FF, MAX_D_MODEL, MAX_LAYERS, MAX_LEN,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +262,11 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     canonical_params: canonical,
     file_deps: orchestrate_stage::no_file_deps,
     empty_part: orchestrate_stage::no_empty_parts,
+    // The bytes do not depend on the thread count (every CPU sum runs in an order fixed by
+    // the data), nor on when checkpoints are written or the validation loss is measured
+    // along the way (the last step always is, and evaluation draws nothing). `log_every`
+    // is keyed: training.json's train_loss is the last logging window's.
+    unkeyed: &["threads", "checkpoint_every", "eval_every"],
 };
 
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
@@ -293,12 +298,13 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     // Far beyond any model this stage is for, and each a size that would otherwise end in
     // an allocation failure or the OOM killer rather than a message.
     for (key, value, most) in [
-        ("d_model", d, 16_384),
-        ("d_ff", ff, 65_536),
-        ("enc_layers", e, 128),
-        ("dec_layers", de, 128),
-        ("max_len", p.max_len, 65_536),
+        ("d_model", d, MAX_D_MODEL),
+        ("d_ff", ff, MAX_D_FF),
+        ("enc_layers", e, MAX_LAYERS),
+        ("dec_layers", de, MAX_LAYERS),
+        ("max_len", p.max_len, MAX_LEN),
         ("batch", p.batch, 65_536),
+        ("threads", p.threads.unwrap_or(1), 1024),
     ] {
         if value > most {
             problems.push(bad(key, format!("{key} {value} is above {most}")));
@@ -415,17 +421,36 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
 /// moments, in f32.
 const TRAINING_BYTES_PER_PARAMETER: u64 = 16;
 
-/// Why a model of `params` parameters cannot train in `available` bytes of memory, if it
-/// cannot: a clear refusal before any data is read, where the allocator would otherwise
-/// abort the process or the kernel's OOM killer end it without a word. Activations come on
-/// top, so passing this is necessary, not sufficient.
-fn memory_problem(params: usize, available: u64) -> Option<String> {
-    let needed = params as u64 * TRAINING_BYTES_PER_PARAMETER;
+/// Why a model of `params` parameters cannot train on batches of `batch` x `max_len`
+/// targets over `vocab` tokens in `available` bytes of memory, if it cannot: a clear
+/// refusal before any data is read, where the allocator would otherwise abort the process
+/// or the kernel's OOM killer end it without a word. Counted: the parameters (value,
+/// gradient, AdamW's two moments) and the largest activation, the logits with their
+/// gradient, at the longest targets; the rest of the activations come on top, so passing
+/// this is necessary, not sufficient.
+fn memory_problem(
+    params: usize,
+    [batch, max_len, vocab]: [usize; 3],
+    available: u64,
+) -> Option<String> {
+    let for_params = params as u64 * TRAINING_BYTES_PER_PARAMETER;
+    let for_logits = (batch as u64)
+        .saturating_mul(max_len as u64)
+        .saturating_mul(vocab as u64)
+        .saturating_mul(2 * 4);
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    (needed > available).then(|| {
-        format!(
+    if for_params > available {
+        return Some(format!(
             "the model has {params} parameters: training holds {:.1} GiB for them (value, gradient and AdamW's two moments, {TRAINING_BYTES_PER_PARAMETER} bytes each) before any activation, and this machine has {:.1} GiB available; lower d_model, d_ff, the layers or the tokenizer's vocab_size",
-            gib(needed),
+            gib(for_params),
+            gib(available)
+        ));
+    }
+    (for_params.saturating_add(for_logits) > available).then(|| {
+        format!(
+            "a batch of {batch} targets of up to {max_len} tokens over a vocabulary of {vocab} makes {:.1} GiB of logits and their gradient, on top of {:.1} GiB for the parameters, and this machine has {:.1} GiB available; lower batch or max_len",
+            gib(for_logits),
+            gib(for_params),
             gib(available)
         )
     })
@@ -555,7 +580,9 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
         activation: p.activation,
     };
     if compute == Compute::Cpu {
-        if let Some(problem) = available_memory().and_then(|a| memory_problem(cfg.parameters(), a))
+        let shape = [p.batch, p.max_len, vocab];
+        if let Some(problem) =
+            available_memory().and_then(|a| memory_problem(cfg.parameters(), shape, a))
         {
             return Err(StageError::Failed(problem));
         }
@@ -818,6 +845,23 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
                 progress.step + 1
             )));
         }
+        // A finite loss with gradients that are not (an overflow in the backward pass)
+        // would make NaN weights: on the CPU its norm is on the host every step and is
+        // checked every step; on a GPU reading it waits for the step, so it is read where
+        // the weights are about to be kept (a checkpoint, the end) and on logging steps.
+        let keeps_weights =
+            (progress.step + 1).is_multiple_of(p.checkpoint_every) || progress.step + 1 == p.steps;
+        let grad_norm = match grad_norm {
+            GradNorm::Host(norm) => Some(norm),
+            device if log_now || keeps_weights => Some(device.read()),
+            GradNorm::Device(_) => None,
+        };
+        if let Some(norm) = grad_norm.filter(|n| !n.is_finite()) {
+            return Err(StageError::Failed(format!(
+                "training diverged at step {}: the loss is {last_train} but the gradients' norm is {norm} (lr {lr:.3e}); lower `lr`, lengthen `warmup` or keep `grad_clip` on",
+                progress.step + 1
+            )));
+        }
         progress.step += 1;
         progress.tokens += batch_tokens as u64;
         progress.add_loss(last_train, batch_tokens as u64);
@@ -829,8 +873,9 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
             ctx.events
                 .metric("train_loss", logged_train, Some(progress.step));
             ctx.events.metric("lr", lr, Some(progress.step));
-            ctx.events
-                .metric("grad_norm", grad_norm.read(), Some(progress.step));
+            if let Some(norm) = grad_norm {
+                ctx.events.metric("grad_norm", norm, Some(progress.step));
+            }
             ctx.events.metric(
                 "tokens_per_second",
                 window.per_second(now),
@@ -870,6 +915,12 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
         window.skip(other_work, Instant::now());
     }
 
+    // (The last step is always evaluated.) A model that scores NaN is not a Model.
+    if !last_val.is_finite() {
+        return Err(StageError::Failed(format!(
+            "training ended with a validation loss of {last_val}: the model is not usable; lower `lr` or lengthen `warmup`"
+        )));
+    }
     model
         .valid()
         .save_file(ctx.out_dir.join("model"), &recorder)
@@ -1930,12 +1981,20 @@ mod tests {
 
     #[test]
     fn a_model_too_big_for_memory_is_refused_before_training() {
-        // mini at an 8k vocabulary: about 9.5M parameters, 150 MB of training state.
-        assert!(memory_problem(9_552_896, 1 << 30).is_none());
-        let e = memory_problem(2_000_000_000, 8 << 30).unwrap();
+        // mini at an 8k vocabulary: about 9.5M parameters, 150 MB of training state, and
+        // 0.5 GiB of logits with their gradient at batch 32 and 256 tokens.
+        let mini = [32, 256, 8000];
+        assert!(memory_problem(9_552_896, mini, 1 << 30).is_none());
+        let e = memory_problem(2_000_000_000, mini, 8 << 30).unwrap();
         assert!(e.contains("2000000000 parameters"), "{e}");
         assert!(e.contains("29.8 GiB"), "{e}");
         assert!(e.contains("8.0 GiB available"), "{e}");
+        // The parameters fit; a batch of 8192 makes 125 GiB of logits.
+        let e = memory_problem(9_552_896, [8192, 256, 8000], 8 << 30).unwrap();
+        assert!(
+            e.contains("125.0 GiB of logits") && e.contains("lower batch"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -95,12 +95,37 @@ impl ApiError {
 }
 
 impl ApiError {
+    /// The status, `type` and `code` the error is answered with. Under `/v1` a bad
+    /// parameter (422 on TGI's routes) and a prompt over the limit (413) are OpenAI's 400
+    /// `invalid_request_error`, the second with `code: context_length_exceeded`: OpenAI's
+    /// clients raise `BadRequestError` for a 400 alone, and LangChain and LiteLLM recognise a
+    /// prompt too long by that code. A body over the size limit stays a 413.
+    fn answer(&self) -> (StatusCode, &'static str, Option<&'static str>) {
+        if !self.openai {
+            return (self.status, self.kind, None);
+        }
+        let body_too_large = self.field.as_deref() == Some("body");
+        match self.status {
+            StatusCode::UNPROCESSABLE_ENTITY => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", None)
+            }
+            StatusCode::PAYLOAD_TOO_LARGE if !body_too_large => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("context_length_exceeded"),
+            ),
+            StatusCode::BAD_REQUEST => (self.status, "invalid_request_error", None),
+            _ => (self.status, self.kind, None),
+        }
+    }
+
     /// The JSON body, in the shape of the route's family.
     fn body(&self) -> Value {
+        let (_, kind, code) = self.answer();
         if self.openai {
-            json!({"error": {"message": self.message, "type": self.kind, "param": self.field, "code": null}})
+            json!({"error": {"message": self.message, "type": kind, "param": self.field, "code": code}})
         } else {
-            json!({"error": self.message, "error_type": self.kind, "field": self.field})
+            json!({"error": self.message, "error_type": kind, "field": self.field})
         }
     }
 }
@@ -108,7 +133,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = self.body();
-        let mut r = (self.status, Json(body)).into_response();
+        let mut r = (self.answer().0, Json(body)).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -545,12 +570,17 @@ struct Prepared {
     seed: Option<u64>,
 }
 
+/// A seed for a request that gives none: the clock and a count of the seeds made, so that
+/// two requests in one clock tick (a coarse clock) do not sample alike.
 fn fresh_seed() -> u64 {
+    static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    orchestrate_model::data::mix(t as u64)
+    let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mix = orchestrate_model::data::mix;
+    mix(t as u64 ^ mix(n))
 }
 
 impl AppState {
@@ -1069,8 +1099,15 @@ async fn tokenize(
     Ok(Json(json!(out)))
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// 200 while the model is loaded and a decoder takes requests; 503 once none does (every
+/// request would be answered 503), so a load balancer or orchestrator stops sending here.
+async fn health(State(s): State<Shared>) -> Response {
+    if s.engine.alive() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        let body = json!({"status": "failed", "error": "the decoder has stopped"});
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
 }
 
 async fn info(State(s): State<Shared>) -> Json<Value> {
@@ -1142,8 +1179,12 @@ fn model_object(s: &Shared) -> Value {
 /// OpenAI's `GET /v1/models/{id}` (`client.models.retrieve`): the one model, by its name.
 async fn model(
     State(s): State<Shared>,
-    axum::extract::Path(id): axum::extract::Path<String>,
+    id: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    // A name that is not UTF-8 once decoded (`%FF`): OpenAI's JSON, not axum's plain text.
+    let axum::extract::Path(id) = id.map_err(|e| {
+        ApiError::validation("model", format!("not a model name: {e}")).flavour(Flavour::OpenAi)
+    })?;
     if id != s.model.name {
         let mut e = ApiError::new(
             StatusCode::NOT_FOUND,
@@ -1346,8 +1387,8 @@ struct OpenAiKnobs {
     lang: Option<String>,
 }
 
-/// `limit`: the server's `max_new_tokens`, which OpenAI's default of 16 must not pass.
-fn openai_params(k: OpenAiKnobs, limit: usize) -> Result<Parameters, ApiError> {
+/// `default_tokens`: the new tokens when the request does not say (see [`default_tokens`]).
+fn openai_params(k: OpenAiKnobs, default_tokens: usize) -> Result<Parameters, ApiError> {
     if k.n.is_some_and(|n| n != 1) {
         return Err(ApiError::validation("n", "only n = 1 is supported").flavour(Flavour::OpenAi));
     }
@@ -1370,7 +1411,7 @@ fn openai_params(k: OpenAiKnobs, limit: usize) -> Result<Parameters, ApiError> {
         _ => {}
     }
     Ok(Parameters {
-        max_new_tokens: Some(k.max_tokens.unwrap_or(16.min(limit as i64))),
+        max_new_tokens: Some(k.max_tokens.unwrap_or(default_tokens as i64)),
         // OpenAI's default temperature is 1: sampling unless the client asks for 0.
         temperature: Some(temperature),
         top_p,
@@ -1380,6 +1421,18 @@ fn openai_params(k: OpenAiKnobs, limit: usize) -> Result<Parameters, ApiError> {
         lang: k.lang,
         ..Parameters::default()
     })
+}
+
+/// How many new tokens an OpenAI request that does not say gets, within the server's
+/// `max_new_tokens` (`limit`): 16 on the completions route, OpenAI's default there; on the
+/// chat route the server's limit, since OpenAI's chat has no default of its own but the
+/// model's context (16 would cut every chat client's reply short).
+fn default_tokens(chat: bool, limit: usize) -> usize {
+    if chat {
+        limit
+    } else {
+        16.min(limit)
+    }
 }
 
 /// Refuses an OpenAI field this server does not implement, naming it.
@@ -1463,7 +1516,7 @@ async fn completions(
             author: r.author,
             lang: r.lang,
         },
-        s.limits.max_new_tokens,
+        default_tokens(false, s.limits.max_new_tokens),
     )?;
     openai_call(
         &s,
@@ -1539,7 +1592,7 @@ async fn chat(
             author: r.author,
             lang: r.lang,
         },
-        s.limits.max_new_tokens,
+        default_tokens(true, s.limits.max_new_tokens),
     )?;
     openai_call(
         &s,
@@ -1624,10 +1677,19 @@ struct ChunkHead {
 }
 
 impl ChunkHead {
+    /// A chat stream's first chunk names the role, with empty content; the others carry
+    /// content alone, as OpenAI sends them (openai-python's stream helper joins every string
+    /// of the deltas, so a role repeated in each chunk came out `assistantassistant...`).
+    fn role_chunk(&self) -> Value {
+        let mut v = self.chunk(Some(""), None);
+        v["choices"][0]["delta"]["role"] = json!("assistant");
+        v
+    }
+
     fn chunk(&self, piece: Option<&str>, finish: Option<&str>) -> Value {
         let choice = if self.chat {
             let delta = match piece {
-                Some(p) => json!({"role": "assistant", "content": p}),
+                Some(p) => json!({"content": p}),
                 None => json!({}),
             };
             json!({"index": 0, "delta": delta, "finish_reason": finish})
@@ -1647,9 +1709,13 @@ fn openai_events(
     rx: mpsc::UnboundedReceiver<Event>,
     head: ChunkHead,
 ) -> impl Stream<Item = String> + Send + 'static {
-    let head = Arc::new(head);
     let data = |v: Value| v.to_string();
-    stream::unfold(Some(rx), move |rx| {
+    let first: Vec<String> = match head.chat {
+        true => vec![data(head.role_chunk())],
+        false => Vec::new(),
+    };
+    let head = Arc::new(head);
+    let tokens = stream::unfold(Some(rx), move |rx| {
         let head = head.clone();
         async move {
             let mut rx = rx?;
@@ -1679,8 +1745,8 @@ fn openai_events(
                 None => Some((vec![stream_failed(Flavour::OpenAi)], None)),
             }
         }
-    })
-    .flat_map(stream::iter)
+    });
+    stream::iter([first]).chain(tokens).flat_map(stream::iter)
 }
 
 #[cfg(test)]
@@ -1720,7 +1786,7 @@ mod tests {
     }
 
     #[test]
-    fn openai_s_default_of_16_tokens_keeps_within_the_server_s_limit() {
+    fn openai_s_defaults_keep_within_the_server_s_limit() {
         let knobs = || OpenAiKnobs {
             max_tokens: None,
             temperature: None,
@@ -1731,11 +1797,16 @@ mod tests {
             author: None,
             lang: None,
         };
-        assert_eq!(openai_params(knobs(), 8).unwrap().max_new_tokens, Some(8));
-        assert_eq!(
-            openai_params(knobs(), 200).unwrap().max_new_tokens,
-            Some(16)
-        );
+        let max_new = |chat, limit| {
+            openai_params(knobs(), default_tokens(chat, limit))
+                .unwrap()
+                .max_new_tokens
+        };
+        assert_eq!(max_new(false, 8), Some(8));
+        assert_eq!(max_new(false, 200), Some(16));
+        // Chat has no default of its own: the server's limit.
+        assert_eq!(max_new(true, 200), Some(200));
+        assert_eq!(max_new(true, 8), Some(8));
     }
 
     #[tokio::test]
@@ -1817,7 +1888,7 @@ mod tests {
             )
             .await;
         assert!(
-            status == 422 && text.contains(r#""param":"temperature""#),
+            status == 400 && text.contains(r#""param":"temperature""#),
             "{text}"
         );
         let generate = |temperature: f64| {
@@ -2463,6 +2534,44 @@ mod tests {
             let body = json!({"inputs": "it is", "parameters": params});
             assert_eq!(s.ok("/generate", body).await["generated_text"], want);
         }
+        s.stop().await;
+    }
+
+    /// A chat stream as OpenAI sends one: the role in the first chunk only (with empty
+    /// content), content alone after it, a finish chunk with an empty delta. Merged as
+    /// openai-python's stream helper merges deltas (every string joined), the message is
+    /// the assistant's with the reply the same request gets whole.
+    #[tokio::test]
+    async fn a_chat_stream_names_the_role_once() {
+        let s = Server::start(options()).await;
+        let body = |stream: bool| {
+            json!({"messages": [{"role": "user", "content": "it is"}], "max_tokens": 12,
+                "temperature": 0, "stream": stream})
+        };
+        let (status, text) = s.post("/v1/chat/completions", body(true)).await;
+        assert_eq!(status, 200, "{text}");
+        let chunks = events(&text);
+        assert_eq!(
+            chunks[0]["choices"][0]["delta"],
+            json!({"role": "assistant", "content": ""})
+        );
+        let mut merged = serde_json::Map::new();
+        for c in &chunks {
+            for (k, v) in c["choices"][0]["delta"].as_object().unwrap() {
+                let joined = merged
+                    .get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string()
+                    + v.as_str().unwrap();
+                merged.insert(k.clone(), json!(joined));
+            }
+        }
+        assert!(chunks[1..]
+            .iter()
+            .all(|c| c["choices"][0]["delta"].get("role").is_none()));
+        let whole = s.ok("/v1/chat/completions", body(false)).await;
+        assert_eq!(Value::Object(merged), whole["choices"][0]["message"]);
         s.stop().await;
     }
 }

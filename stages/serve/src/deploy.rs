@@ -83,6 +83,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     canonical_params: canonical,
     file_deps: orchestrate_stage::no_file_deps,
     empty_part: orchestrate_stage::no_empty_parts,
+    unkeyed: &[],
 };
 
 fn canonical(v: Value) -> Result<Value, ParamError> {

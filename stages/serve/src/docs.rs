@@ -9,8 +9,9 @@ fn body(schema: Value) -> Value {
 
 /// The answers of a POST route that decodes (`queued`: it waits in the engine's queue, so
 /// it can be refused 429, and 503 when the decoder has stopped) or only reads its body
-/// (`/tokenize`).
-fn ok(description: &str, media: &[&str], queued: bool) -> Value {
+/// (`/tokenize`); `openai`: a `/v1` route, which answers a bad parameter and a prompt too
+/// long with OpenAI's 400.
+fn ok(description: &str, media: &[&str], queued: bool, openai: bool) -> Value {
     let content: serde_json::Map<String, Value> =
         media.iter().map(|m| (m.to_string(), json!({}))).collect();
     let mut r = json!({
@@ -22,6 +23,11 @@ fn ok(description: &str, media: &[&str], queued: bool) -> Value {
         "413": {"description": "body or prompt too large; the JSON error names the field"},
         "422": {"description": "invalid parameter; the JSON error names the field"},
     });
+    if openai {
+        r["400"] = json!({"description": "the body is not JSON, a parameter is invalid, or the prompt is too long (code context_length_exceeded): OpenAI's invalid_request_error, param naming the field"});
+        r["413"] = json!({"description": "body too large; the JSON error names `body`"});
+        r.as_object_mut().map(|o| o.remove("422"));
+    }
     if queued {
         r["429"] = json!({"description": "queue full; see Retry-After"});
         r["503"] = json!({"description": "the decoder stopped before or during this request"});
@@ -85,21 +91,24 @@ pub fn openapi() -> Value {
         props
     };
     let max_tokens = json!({"type": "integer", "minimum": 1, "default": 16, "description": "default 16, or the server's max_new_tokens when lower"});
+    let chat_max_tokens = json!({"type": "integer", "minimum": 1, "description": "default: the server's max_new_tokens"});
     let completion = json!({"type": "object", "required": ["prompt"], "properties": with_common(json!({
         "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1}]},
         "max_tokens": max_tokens,
-        "logprobs": {"type": "null", "description": "not supported: anything else is a 422"},
-        "echo": {"type": "boolean", "enum": [false], "description": "not supported: true is a 422"}
+        "logprobs": {"type": "null", "description": "not supported: anything else is a 400"},
+        "echo": {"type": "boolean", "enum": [false], "description": "not supported: true is a 400"}
     }))});
     let part = json!({"type": "object", "required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}});
     let chat = json!({"type": "object", "required": ["messages"], "properties": with_common(json!({
         "messages": {"type": "array", "items": {"type": "object", "required": ["role", "content"], "properties": {
             "role": {"type": "string"},
-            "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": part}], "description": "text parts are joined by newlines; other parts are a 422"}}}},
-        "max_tokens": max_tokens,
+            "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": part}], "description": "text parts are joined by newlines; other parts are a 400"}}}},
+        "max_tokens": chat_max_tokens,
         "max_completion_tokens": {"type": "integer", "minimum": 1, "description": "as max_tokens, which it replaces"},
-        "logprobs": {"type": "boolean", "enum": [false], "description": "not supported: true is a 422"}
+        "logprobs": {"type": "boolean", "enum": [false], "description": "not supported: true is a 400"}
     }))});
+    let mut health = got("ok", false);
+    health["503"] = json!({"description": "no decoder takes requests any more"});
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -108,19 +117,19 @@ pub fn openapi() -> Value {
             "description": "Text Generation Inference and OpenAI compatible text generation for an orchestrate Model artifact. The prompt goes to the encoder with language and author tokens; the reply is its continuation. Errors are JSON: TGI's shape ({error, error_type, field}), OpenAI's under /v1; an unknown path is a 404 in that shape. A stream the decoder could not finish ends with an error event (no [DONE])."
         },
         "paths": {
-            "/generate": {"post": {"summary": "Generate (TGI)", "requestBody": body(generate.clone()), "responses": ok("generated_text, and details when asked", &["application/json"], true)}},
-            "/": {"post": {"summary": "Generate (TGI compat route): the reply in a JSON array, or a stream when stream is true", "requestBody": body(generate.clone()), "responses": ok("[{generated_text}], or with stream: true server-sent events as /generate_stream", &["application/json", "text/event-stream"], true)}},
-            "/generate_stream": {"post": {"summary": "Generate as server-sent events: one per token; the last carries generated_text, details (when asked) and warnings (when any)", "requestBody": body(generate), "responses": ok("event stream", &["text/event-stream"], true)}},
-            "/tokenize": {"post": {"summary": "Tokens of a text with their offsets", "requestBody": body(json!({"type": "object", "required": ["inputs"], "properties": {"inputs": {"type": "string"}}})), "responses": ok("[{id, text, start, stop}]", &["application/json"], false)}},
-            "/health": {"get": {"summary": "200 when the model is loaded (no key needed)", "responses": got("ok", false)}},
+            "/generate": {"post": {"summary": "Generate (TGI)", "requestBody": body(generate.clone()), "responses": ok("generated_text, and details when asked", &["application/json"], true, false)}},
+            "/": {"post": {"summary": "Generate (TGI compat route): the reply in a JSON array, or a stream when stream is true", "requestBody": body(generate.clone()), "responses": ok("[{generated_text}], or with stream: true server-sent events as /generate_stream", &["application/json", "text/event-stream"], true, false)}},
+            "/generate_stream": {"post": {"summary": "Generate as server-sent events: one per token; the last carries generated_text, details (when asked) and warnings (when any)", "requestBody": body(generate), "responses": ok("event stream", &["text/event-stream"], true, false)}},
+            "/tokenize": {"post": {"summary": "Tokens of a text with their offsets", "requestBody": body(json!({"type": "object", "required": ["inputs"], "properties": {"inputs": {"type": "string"}}})), "responses": ok("[{id, text, start, stop}]", &["application/json"], false, false)}},
+            "/health": {"get": {"summary": "200 while the model is loaded and a decoder takes requests, 503 once none does (no key needed)", "responses": health}},
             "/info": {"get": {"summary": "Model and server facts (TGI's Info, plus languages and authors)", "responses": got("info", true)}},
             "/metrics": {"get": {"summary": "Prometheus metrics (no key needed)", "responses": got("text exposition", false)}},
             "/docs": {"get": {"summary": "This description as a page (no key needed)", "responses": got("HTML", false)}},
             "/openapi.json": {"get": {"summary": "This description (no key needed)", "responses": got("OpenAPI 3.1", false)}},
             "/v1/models": {"get": {"summary": "The served model (OpenAI)", "responses": got("list", true)}},
             "/v1/models/{id}": {"get": {"summary": "The served model by its name (OpenAI); another name is a 404", "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}], "responses": got("model", true)}},
-            "/v1/completions": {"post": {"summary": "Completion (OpenAI); stream: true gives SSE ending in data: [DONE]", "requestBody": body(completion), "responses": ok("text_completion, or with stream: true server-sent events", &["application/json", "text/event-stream"], true)}},
-            "/v1/chat/completions": {"post": {"summary": "Chat completion (OpenAI): the last user message is the prompt; this model is not tuned for dialogue", "requestBody": body(chat), "responses": ok("chat.completion, or with stream: true server-sent chat.completion.chunk events", &["application/json", "text/event-stream"], true)}},
+            "/v1/completions": {"post": {"summary": "Completion (OpenAI); stream: true gives SSE ending in data: [DONE]", "requestBody": body(completion), "responses": ok("text_completion, or with stream: true server-sent events", &["application/json", "text/event-stream"], true, true)}},
+            "/v1/chat/completions": {"post": {"summary": "Chat completion (OpenAI): the last user message is the prompt; this model is not tuned for dialogue", "requestBody": body(chat), "responses": ok("chat.completion, or with stream: true server-sent chat.completion.chunk events (the first names the role)", &["application/json", "text/event-stream"], true, true)}},
         }
     })
 }

@@ -140,6 +140,12 @@ impl Engine {
     pub fn queue_depth(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
     }
+
+    /// Whether any decoder worker is still taking jobs (the last one to stop closes the
+    /// queue: at shutdown, or after a failure it could not recover from).
+    pub fn alive(&self) -> bool {
+        !self.queue.is_closed()
+    }
 }
 
 /// `max_batch` split between `workers` (at most `max_batch`): as evenly as it goes, every
@@ -159,14 +165,22 @@ struct Decoder<B: Backend> {
 
 /// Jobs for an idle worker: the first waiting job, then whatever arrives within 2 ms, up to
 /// `room`. Holding the queue meanwhile keeps the other workers out of this group. None once
-/// the queue is closed and empty (shutdown).
-fn gather(rx: &std::sync::Mutex<mpsc::Receiver<Job>>, room: usize) -> Option<Vec<Job>> {
+/// the queue is closed and empty (shutdown). Jobs whose client has gone are dropped as they
+/// are taken (see [`live`]).
+fn gather(
+    rx: &std::sync::Mutex<mpsc::Receiver<Job>>,
+    room: usize,
+    waiting: &AtomicUsize,
+) -> Option<Vec<Job>> {
     let mut rx = rx.lock().unwrap_or_else(|e| e.into_inner());
-    let mut jobs = vec![rx.blocking_recv()?];
+    let mut jobs = Vec::new();
+    while jobs.is_empty() {
+        jobs.extend(live(rx.blocking_recv()?, waiting));
+    }
     let gather_until = Instant::now() + Duration::from_millis(2);
     while jobs.len() < room {
         match rx.try_recv() {
-            Ok(j) => jobs.push(j),
+            Ok(j) => jobs.extend(live(j, waiting)),
             Err(_) if Instant::now() < gather_until => {
                 std::thread::sleep(Duration::from_micros(200))
             }
@@ -178,17 +192,30 @@ fn gather(rx: &std::sync::Mutex<mpsc::Receiver<Job>>, room: usize) -> Option<Vec
 
 /// Jobs waiting now, up to `room`, for a worker with a batch running: it never waits. If an
 /// idle worker holds the queue (it is waiting for the next job), that worker takes it.
-fn waiting_now(rx: &std::sync::Mutex<mpsc::Receiver<Job>>, room: usize) -> Vec<Job> {
+fn waiting_now(
+    rx: &std::sync::Mutex<mpsc::Receiver<Job>>,
+    room: usize,
+    waiting: &AtomicUsize,
+) -> Vec<Job> {
     let mut jobs = Vec::new();
     if let Ok(mut rx) = rx.try_lock() {
         while jobs.len() < room {
             match rx.try_recv() {
-                Ok(j) => jobs.push(j),
+                Ok(j) => jobs.extend(live(j, waiting)),
                 Err(_) => break,
             }
         }
     }
     jobs
+}
+
+/// A job just taken from the queue (no longer `waiting`), or None if its client has gone
+/// (a timeout, a retry): such a job is dropped here rather than taking a row of the batch
+/// (or the room for one) for a step, and while batches are full the queue is drained of
+/// them as fast as live jobs are admitted.
+fn live(job: Job, waiting: &AtomicUsize) -> Option<Job> {
+    waiting.fetch_sub(1, Ordering::SeqCst);
+    (!job.events.is_closed()).then_some(job)
 }
 
 /// A request in a worker's batch: its job and what has been streamed so far.
@@ -212,17 +239,15 @@ fn run<B: Backend>(
     let mut next_key = 0usize;
     loop {
         let jobs = if batch.is_empty() {
-            match gather(&rx, max_batch) {
+            match gather(&rx, max_batch, &waiting) {
                 Some(jobs) => jobs,
                 None => break,
             }
         } else {
-            waiting_now(&rx, max_batch.saturating_sub(batch.len()))
+            waiting_now(&rx, max_batch.saturating_sub(batch.len()), &waiting)
         };
-        waiting.fetch_sub(jobs.len(), Ordering::SeqCst);
         let mut rows = Vec::with_capacity(jobs.len());
-        // Rows whose client is already gone are not decoded at all.
-        for job in jobs.into_iter().filter(|j| !j.events.is_closed()) {
+        for job in jobs {
             let key = next_key;
             next_key += 1;
             rows.push((key, job.row.clone()));
@@ -530,6 +555,37 @@ mod tests {
             events: mpsc::unbounded_channel().0,
             queued: Instant::now(),
         }
+    }
+
+    /// Jobs whose clients left while they queued take no row, nor the room for one, and are
+    /// uncounted; the engine is alive until its last worker lets go of the queue.
+    #[test]
+    fn jobs_whose_client_left_are_dropped_as_they_are_taken() {
+        let (tx, rx) = mpsc::channel(8);
+        let engine = Engine {
+            queue: tx,
+            waiting: Arc::new(AtomicUsize::new(0)),
+        };
+        let (events, _client) = mpsc::unbounded_channel();
+        let waiting_client = Job { events, ..job() };
+        for j in [job(), job(), waiting_client, job()] {
+            assert!(engine.submit(j).is_ok());
+        }
+        assert_eq!(engine.queue_depth(), 4);
+        let rx = std::sync::Mutex::new(rx);
+        let taken = gather(&rx, 1, &engine.waiting).expect("a live job");
+        assert_eq!(taken.len(), 1);
+        assert!(!taken[0].events.is_closed());
+        assert_eq!(
+            engine.queue_depth(),
+            1,
+            "the gone clients' jobs are uncounted"
+        );
+        assert!(waiting_now(&rx, 4, &engine.waiting).is_empty());
+        assert_eq!(engine.queue_depth(), 0);
+        assert!(engine.alive());
+        drop(rx);
+        assert!(!engine.alive(), "no worker holds the queue");
     }
 
     #[test]

@@ -201,13 +201,18 @@ impl Server {
         serde_json::from_str(&text).unwrap()
     }
 
-    /// A request that must be refused with 422, naming `param` OpenAI's way.
+    /// A request that must be refused as OpenAI refuses a bad parameter (400,
+    /// `invalid_request_error`), naming `param`.
     pub async fn refused(&self, path: &str, body: Value, param: &str) {
         let (status, text) = self.post(path, body).await;
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
-            (status, v["error"]["param"].as_str()),
-            (422, Some(param)),
+            (
+                status,
+                v["error"]["param"].as_str(),
+                v["error"]["type"].as_str()
+            ),
+            (400, Some(param), Some("invalid_request_error")),
             "{text}"
         );
     }

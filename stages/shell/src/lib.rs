@@ -45,6 +45,7 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
     canonical_params: canonical,
     file_deps: orchestrate_stage::no_file_deps,
     empty_part: orchestrate_stage::no_empty_parts,
+    unkeyed: &[],
 };
 
 /// The parameters with each output path in one spelling (`./a.txt` and `a.txt` are one

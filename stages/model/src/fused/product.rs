@@ -106,6 +106,13 @@ impl<'a> Operand<'a> {
 /// `dst [m, n] (row stride dst_rs) = (dst if accumulate) + lhs [m, k] · rhs [k, n]`. Without
 /// `accumulate` the product never reads `dst` (it may be uninitialised).
 ///
+/// The sum over `k` runs in blocks of [`K_BLOCK`] at most, each summed from zero and then
+/// added to `dst`, whatever the machine. gemm would size its blocks from the L1 cache it
+/// finds (512 on a 32 KiB 8-way L1, 1024 on a 48 KiB 12-way one), and a block boundary is
+/// a rounding: machines sharing a store would then disagree on a training's bytes (and a
+/// run resumed on another machine would not end as an uninterrupted one). A call with at
+/// most 512 values of `k` is one block on every cache, so the products are cut here.
+///
 /// # Safety
 /// The operands hold every element their shape and strides address, `dst` every element
 /// of `m` rows of `n` at stride `dst_rs`, and nothing else accesses those meanwhile.
@@ -118,30 +125,46 @@ pub(crate) unsafe fn gemm_raw(
     rhs: Operand,
     parallelism: gemm::Parallelism,
 ) {
-    // SAFETY: the caller's promise.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.values.as_ptr(),
-            lhs.cs,
-            lhs.rs,
-            rhs.values.as_ptr(),
-            rhs.cs,
-            rhs.rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+    for (i, (start, len)) in k_blocks(k).enumerate() {
+        // SAFETY: the caller's promise; block `i` addresses columns `start..start + len` of
+        // `lhs` and the same rows of `rhs`, inside the operands the caller vouched for.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                len,
+                dst,
+                1,
+                dst_rs as isize,
+                accumulate || i > 0,
+                lhs.values.as_ptr().offset(start as isize * lhs.cs),
+                lhs.cs,
+                lhs.rs,
+                rhs.values.as_ptr().offset(start as isize * rhs.rs),
+                rhs.cs,
+                rhs.rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
     }
+}
+
+/// The most values of `k` one gemm call sums: gemm never cuts a call of at most this many
+/// (its smallest block, whatever the cache).
+pub(crate) const K_BLOCK: usize = 512;
+
+/// `(start, len)` of each block of `0..k`: as few blocks as [`K_BLOCK`] allows, of equal
+/// length but the last (gemm's own division, so on a cache where gemm chose 512 the bytes
+/// are what they were). `k` 0 is one empty block: the product then sets `dst` to 0.
+pub(crate) fn k_blocks(k: usize) -> impl Iterator<Item = (usize, usize)> {
+    let blocks = k.div_ceil(K_BLOCK).max(1);
+    let len = k.div_ceil(blocks);
+    (0..blocks).map(move |i| (i * len, len.min(k - (i * len).min(k))))
 }
 
 /// How many cores a product of this size gets: small ones are not worth waking the other

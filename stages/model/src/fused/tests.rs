@@ -221,6 +221,62 @@ fn check_product<A: burn::tensor::backend::AutodiffBackend>(transposed: bool, bi
     assert_eq!(b.grad(&g_ours).is_some(), biased);
 }
 
+/// The CPU products' sums run in blocks of at most `K_BLOCK` values of `k` whatever the
+/// machine's cache: a product over `k` = 1300 (three blocks of 434, 434 and 432) is, bit for
+/// bit, each block's products summed in order from zero and the blocks added to the output
+/// in turn, on top of what `accumulate` keeps. A machine on which gemm cut the sums where
+/// its cache suggests (1024 on a 48 KiB L1) would fail this.
+#[test]
+fn cpu_products_sum_k_in_fixed_blocks() {
+    assert_eq!(
+        k_blocks(1300).collect::<Vec<_>>(),
+        [(0, 434), (434, 434), (868, 432)]
+    );
+    assert_eq!(k_blocks(512).collect::<Vec<_>>(), [(0, 512)]);
+    assert_eq!(k_blocks(0).collect::<Vec<_>>(), [(0, 0)]);
+    for k in 1..3000 {
+        let blocks: Vec<_> = k_blocks(k).collect();
+        assert!(
+            blocks.iter().all(|&(_, len)| (1..=K_BLOCK).contains(&len)),
+            "{k}"
+        );
+        assert_eq!(blocks.iter().map(|b| b.1).sum::<usize>(), k);
+    }
+    let (m, k, n) = (37, 1300, 29);
+    // Values with many significant bits, so a different order of the sums shows.
+    let value = |i: usize| ((i as f32 * 0.618_034).fract() - 0.5) * (1.0 + (i % 7) as f32);
+    let lhs: Vec<f32> = (0..m * k).map(value).collect();
+    let rhs: Vec<f32> = (0..k * n).map(|i| value(i + 17)).collect();
+    let start: Vec<f32> = (0..m * n).map(|i| value(i + 5) * 100.0).collect();
+    for accumulate in [false, true] {
+        let mut dst = start.clone();
+        gemm_into(
+            &mut dst,
+            accumulate,
+            [m, k, n],
+            Operand::rows(&lhs, k),
+            Operand::rows(&rhs, n),
+        );
+        for (i, j) in [(0, 0), (5, 17), (36, 28), (20, 3)] {
+            let mut out = if accumulate { start[i * n + j] } else { 0.0 };
+            for (b, (from, len)) in k_blocks(k).enumerate() {
+                let block = (from..from + len)
+                    .fold(0f32, |acc, p| lhs[i * k + p].mul_add(rhs[p * n + j], acc));
+                out = if b == 0 && !accumulate {
+                    block
+                } else {
+                    out + block
+                };
+            }
+            assert_eq!(
+                dst[i * n + j].to_bits(),
+                out.to_bits(),
+                "({i}, {j}), {accumulate}"
+            );
+        }
+    }
+}
+
 #[test]
 fn fused_product_matches_burns_value_and_gradients() {
     for (transposed, biased) in [(false, true), (false, false), (true, false)] {
