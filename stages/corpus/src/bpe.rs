@@ -39,6 +39,21 @@ pub fn author_token(author: &str) -> String {
     format!("<author:{author}>")
 }
 
+/// An author's name as spellings of it are compared: letters lower-cased, whitespace left
+/// out. The corpora write one author several ways (`Неизвестный автор` and `неизвестный
+/// автор`, `Л.Н.Толстой` and `Л. Н. Толстой`): those share one author token, named by
+/// the most frequent spelling, and a request may name the author any of these ways.
+fn author_key(name: &str) -> impl Iterator<Item = char> + Clone + '_ {
+    name.chars()
+        .filter(|c| !c.is_whitespace())
+        .flat_map(char::to_lowercase)
+}
+
+/// Whether two names are spellings of one author (see [`author_key`]).
+pub fn same_author(a: &str, b: &str) -> bool {
+    author_key(a).eq(author_key(b))
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BpeParams {
@@ -301,7 +316,8 @@ pub(crate) fn scan(
     Ok(())
 }
 
-/// The `n` most frequent authors in the train split, ties broken by name.
+/// The `n` most frequent authors in the train split, ties broken by name; an author's
+/// spellings (see [`author_key`]) counted together, under the most frequent of them.
 fn top_authors(shards: &[PathBuf], n: usize) -> Result<Vec<(String, u64)>, StageError> {
     let mut counts: HashMap<String, u64> = HashMap::new();
     scan(shards, &["author", "split"], |cols| {
@@ -314,10 +330,24 @@ fn top_authors(shards: &[PathBuf], n: usize) -> Result<Vec<(String, u64)>, Stage
         }
         true
     })?;
-    let mut v: Vec<(String, u64)> = counts.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    v.truncate(n);
-    Ok(v)
+    // Spellings by count (then by name), so each author's first is the one it is named by.
+    let mut spellings: Vec<(String, u64)> = counts.into_iter().collect();
+    spellings.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut authors: Vec<(String, u64)> = Vec::new();
+    let mut by_key: HashMap<String, usize> = HashMap::new();
+    for (name, count) in spellings {
+        let key: String = author_key(&name).collect();
+        match by_key.get(&key) {
+            Some(&at) => authors[at].1 += count,
+            None => {
+                by_key.insert(key, authors.len());
+                authors.push((name, count));
+            }
+        }
+    }
+    authors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    authors.truncate(n);
+    Ok(authors)
 }
 
 fn read_column_pairs(shards: &[PathBuf], split: &str) -> Result<Vec<(String, String)>, StageError> {
@@ -474,6 +504,46 @@ mod tests {
             files.push(std::fs::read(d.join("out/tokenizer.json")).unwrap());
         }
         assert_eq!(files[0], files[1]);
+    }
+
+    #[test]
+    fn an_author_s_spellings_share_one_token_named_by_the_most_frequent() {
+        assert!(same_author("Л.Н.Толстой", "Л. Н. Толстой"));
+        assert!(same_author("Неизвестный автор", "неизвестный  автор"));
+        assert!(!same_author("Лев Толстой", "Л.Н.Толстой"));
+        let d = tempdir("bpe-spellings");
+        let mut text = String::new();
+        let mut add = |author: &str, n: usize| {
+            for i in 0..n {
+                text += &format!(
+                    "A saying number {i} by {author}, long enough to keep.\n\t\t-- {author}\n%\n"
+                );
+            }
+        };
+        add("Mark Twain", 30);
+        add("mark  twain", 20);
+        add("Ambrose Bierce", 40);
+        std::fs::write(d.join("quotes.txt"), text).unwrap();
+        // Every record in train.
+        let params = serde_json::json!({"sources": [{"path": "quotes.txt", "lang": "en"}],
+            "split": {"val": 0.0, "test": 0.0}});
+        let (r, _) = run_stage(
+            &crate::ingest::DESCRIPTOR,
+            crate::ingest::run,
+            params,
+            &d,
+            &[],
+        );
+        r.unwrap();
+        let shards = shard_files(&d.join("out")).unwrap();
+        let authors = top_authors(&shards, 2).unwrap();
+        assert_eq!(
+            authors,
+            [
+                ("Mark Twain".to_string(), 50),
+                ("Ambrose Bierce".to_string(), 40)
+            ]
+        );
     }
 
     #[test]

@@ -224,7 +224,7 @@ pub fn prompt_ids(
         &copy
     };
     let enc = tokenizer.encode(prompt, false).map_err(|e| e.to_string())?;
-    let known = author.is_none_or(|a| specials.authors.contains_key(a));
+    let known = author.is_none_or(|a| specials.author_id(a).is_some());
     let mut ids = vec![specials.lang(lang), specials.author(author)];
     ids.extend_from_slice(enc.get_ids());
     Ok((ids, known))

@@ -80,11 +80,24 @@ impl Specials {
             .unwrap_or(self.pad)
     }
 
+    /// The token of `author`, or of `other` where it has none of its own.
     pub fn author(&self, author: Option<&str>) -> u32 {
         author
-            .and_then(|a| self.authors.get(a))
-            .copied()
+            .and_then(|a| self.author_id(a))
             .unwrap_or(self.other_author)
+    }
+
+    /// The token of `author` written as its token is named, or as another spelling of that
+    /// name (case, spaces: `mark twain` for `<author:Mark Twain>`, see
+    /// [`orchestrate_corpus::bpe::same_author`]); None where the model has none.
+    pub fn author_id(&self, author: &str) -> Option<u32> {
+        use orchestrate_corpus::bpe::same_author;
+        self.authors.get(author).copied().or_else(|| {
+            self.authors
+                .iter()
+                .find(|(name, _)| same_author(name, author))
+                .map(|(_, &id)| id)
+        })
     }
 }
 

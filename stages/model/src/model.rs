@@ -69,7 +69,7 @@ impl ModelConfig {
                 return Some(format!("{name} {value} is not between 1 and {most}"));
             }
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Some(format!(
                 "{} heads do not divide d_model {}",
                 self.n_heads, self.d_model
