@@ -203,7 +203,17 @@ impl PipelineSpec {
             k.starts_with("x-")
         });
         let name = match root.get("name") {
-            Some(n) => v.string(n, "name").unwrap_or_default(),
+            Some(n) => {
+                let name = v.string(n, "name").unwrap_or_default();
+                // It names the run records, the stages' history and the MLflow experiment.
+                if n.as_str().is_some_and(|s| s.trim().is_empty()) {
+                    v.diags.push(
+                        Diagnostic::new("`name` is empty", n.span)
+                            .hint("name the pipeline: `name: my-pipeline`"),
+                    );
+                }
+                name
+            }
             None => {
                 v.diags.push(
                     Diagnostic::new("missing required key `name`", top)
@@ -233,10 +243,32 @@ impl PipelineSpec {
             }
         }
         let tracking = v.tracking(root.get("tracking"), &name);
-        let params = root
-            .get("params")
-            .map(Node::to_json)
-            .unwrap_or(serde_json::json!({}));
+        let params = match root.get("params") {
+            None => serde_json::json!({}),
+            Some(
+                n @ Node {
+                    value: Value::Map(_) | Value::Null,
+                    ..
+                },
+            ) => match n.to_json() {
+                serde_json::Value::Null => serde_json::json!({}),
+                json => json,
+            },
+            // `${params.X}` names a key: a list or a number has none.
+            Some(n) => {
+                v.diags.push(
+                    Diagnostic::new(
+                        format!(
+                            "`params` must be a mapping of names to values, found {}",
+                            n.type_name()
+                        ),
+                        n.span,
+                    )
+                    .hint("write `params: { seed: 42 }`"),
+                );
+                serde_json::json!({})
+            }
+        };
 
         let stage_entries: Vec<(Key, Node)> = match root.get("stages") {
             Some(Node {

@@ -40,12 +40,27 @@ pub struct PipelineSpec {
 
 impl PipelineSpec {
     pub fn load(path: &Path, sets: &[String], env: EnvLookup<'_>) -> Result<Self, Invalid> {
-        let text = std::fs::read_to_string(path).map_err(|e| Invalid {
+        let unreadable = |why: String| Invalid {
             diags: vec![Diagnostic::without_span(format!(
-                "cannot read pipeline file {}: {e}",
+                "cannot read pipeline file {}: {why}",
                 path.display()
             ))],
             sources: Sources::default(),
+        };
+        let bytes = std::fs::read(path).map_err(|e| unreadable(e.to_string()))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            // Where: the line and column of the first byte that is not UTF-8.
+            let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let good = std::str::from_utf8(good).unwrap_or_default();
+            let line = good.matches('\n').count() + 1;
+            let col = good.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            Invalid {
+                diags: vec![Diagnostic::without_span(format!(
+                    "{}:{line}:{col}: the pipeline file is not UTF-8 text there (save it as UTF-8)",
+                    path.display()
+                ))],
+                sources: Sources::default(),
+            }
         })?;
         Self::from_text(path, &text, sets, env)
     }

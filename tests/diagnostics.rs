@@ -302,3 +302,49 @@ fn export_to_a_file_is_whole_or_a_usage_error() {
 #[cfg(feature = "corpus")]
 broken!(edge_type_mismatch, "type_mismatch");
 broken!(register_unknown_stage, "register");
+
+/// Input the validator cannot take whole is still placed and named: bytes that are not
+/// UTF-8 by line and column, `params` that is no mapping, an empty name, and a mapping of
+/// many keys (each duplicate found by an index, not a search) in reasonable time.
+#[test]
+fn odd_files_are_placed_and_named() {
+    let sb = Sandbox::new();
+    let mut bytes = b"name: p\nstages:\n  a: { kind: shell, with: { run: \"caf".to_vec();
+    bytes.extend_from_slice(b"\xe9\" } }\n");
+    std::fs::write(sb.path().join("latin1.yaml"), bytes).unwrap();
+    let r = sb.run(&["validate", "latin1.yaml"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("latin1.yaml:3:38: the pipeline file is not UTF-8"),
+        "{}",
+        r.stderr
+    );
+    sb.write(
+        "p.yaml",
+        "name: ' '\nparams: [1, 2]\nstages:\n  a: { kind: shell, with: { run: 'true' } }\n",
+    );
+    let r = sb.run(&["validate", "p.yaml"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("`name` is empty"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("`params` must be a mapping of names to values, found a list"),
+        "{}",
+        r.stderr
+    );
+    let mut text = String::from("name: p\nparams:\n");
+    for i in 0..50_000 {
+        text.push_str(&format!("  k{i}: {i}\n"));
+    }
+    text.push_str("  k7: again\nstages:\n  a: { kind: shell, with: { run: 'true' } }\n");
+    sb.write("many.yaml", &text);
+    let r = sb.run(&["validate", "many.yaml"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("duplicate key `k7`"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("first defined at line 10"),
+        "{}",
+        r.stderr
+    );
+}

@@ -804,15 +804,14 @@ fn log_sum_exp(scores: &[f32]) -> f32 {
 
 /// A token's log-probability: `score - log_z`, where +inf scores (weights gone bad) share
 /// the whole probability, each `-ln(n)` for `n` of them, and every other token is
-/// impossible; as `score - log_z` those were NaN (inf - inf), which JSON writes as null.
+/// impossible; as `score - log_z` those were NaN (`log_z` is NaN then: inf - inf), which
+/// JSON writes as null.
 fn log_probability(scores: &[f32], id: usize, log_z: f32) -> f32 {
-    if log_z != f32::INFINITY {
-        return scores[id] - log_z;
-    }
     let certain = scores.iter().filter(|&&x| x == f32::INFINITY).count();
-    match scores[id] == f32::INFINITY {
-        true => -(certain as f32).ln(),
-        false => f32::NEG_INFINITY,
+    match (certain, scores[id] == f32::INFINITY) {
+        (0, _) => scores[id] - log_z,
+        (_, true) => -(certain as f32).ln(),
+        (_, false) => f32::NEG_INFINITY,
     }
 }
 
