@@ -288,13 +288,16 @@ pub async fn execute(
     }
     run.stages = records;
     run.ended_at = Some(Utc::now());
-    run.status = if run.stages.iter().any(|s| s.status == StageStatus::Failed) {
+    // An interrupt is what the run ended on, whatever failed before it (exit 130, as the
+    // user asked; the failed stages say so in the record).
+    run.status = if cancel.is_cancelled() {
+        RunStatus::Cancelled
+    } else if run.stages.iter().any(|s| s.status == StageStatus::Failed) {
         RunStatus::Failed
-    } else if cancel.is_cancelled()
-        || run
-            .stages
-            .iter()
-            .any(|s| s.status == StageStatus::Cancelled)
+    } else if run
+        .stages
+        .iter()
+        .any(|s| s.status == StageStatus::Cancelled)
     {
         RunStatus::Cancelled
     } else {
@@ -570,6 +573,8 @@ async fn run_stage(
     };
     let metrics = Arc::new(Mutex::new(StageMetrics::default()));
     let mut attempt = 0;
+    // The failure a retry was waiting on when the run was cancelled, for the record.
+    let mut cancelled_after: Option<String> = None;
     let result = loop {
         attempt += 1;
         let r = produce(sh, i, &inputs, &key, &parts, attempt, &metrics, replace).await;
@@ -585,7 +590,10 @@ async fn run_stage(
                     wait.as_secs_f64(),
                     msg.lines().next().unwrap_or("")
                 ));
-                tokio::time::sleep(wait).await;
+                if !sleep_unless_cancelled(wait, &sh.cancel).await {
+                    cancelled_after = Some(msg);
+                    break Err(StageFailure::Cancelled);
+                }
             }
             other => break other,
         }
@@ -602,6 +610,8 @@ async fn run_stage(
         }
         Err(StageFailure::Cancelled) => {
             record.status = StageStatus::Cancelled;
+            record.error =
+                cancelled_after.map(|msg| format!("cancelled while waiting to retry after: {msg}"));
             (record, None)
         }
         Err(StageFailure::Failed(msg) | StageFailure::Gate(msg) | StageFailure::Changed(msg)) => {
@@ -718,6 +728,20 @@ impl From<StoreError> for StageFailure {
     fn from(e: StoreError) -> Self {
         StageFailure::Store(e.to_string())
     }
+}
+
+/// Waits `wait`, unless the run is cancelled first (a retry's backoff reaches 32 s, and
+/// Ctrl-C must not wait for it): whether the whole wait passed.
+async fn sleep_unless_cancelled(wait: Duration, cancel: &CancelToken) -> bool {
+    let until = tokio::time::Instant::now() + wait;
+    while tokio::time::Instant::now() < until {
+        if cancel.is_cancelled() {
+            return false;
+        }
+        let left = until - tokio::time::Instant::now();
+        tokio::time::sleep(left.min(Duration::from_millis(100))).await;
+    }
+    !cancel.is_cancelled()
 }
 
 /// A task that ends when its handle does, however the holder ends: a stage's lock is
@@ -935,7 +959,9 @@ async fn produce(
                     stage.retries + 1,
                     wait.as_secs_f64(),
                 ));
-                tokio::time::sleep(wait).await;
+                if !sleep_unless_cancelled(wait, &sh.cancel).await {
+                    return Err(StageFailure::Cancelled);
+                }
             }
             Err(e) => return Err(StageFailure::Storing(e.to_string())),
         }
@@ -1232,6 +1258,13 @@ fn stamp(files: &Path, m: &Manifest) -> Option<String> {
     Some(out)
 }
 
+/// A FIFO, a socket or a device in an output: the artifact would be stored without it.
+fn not_a_file(shown: &dyn std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!(
+        "`{shown}` is a FIFO, socket or device, which an artifact cannot hold: write a file there instead"
+    ))
+}
+
 /// Files under `root`, relative and `/`-separated, sorted.
 fn list_files(root: &Path) -> std::io::Result<Vec<String>> {
     let mut out = Vec::new();
@@ -1241,18 +1274,24 @@ fn list_files(root: &Path) -> std::io::Result<Vec<String>> {
             let entry = entry?;
             let child = rel.join(entry.file_name());
             let ft = entry.file_type()?;
+            // An artifact's file names are text (manifests are JSON, object keys UTF-8); a
+            // name that is not would be stored under another, or lost.
+            let Some(name) = child.to_str().map(str::to_string) else {
+                return Err(std::io::Error::other(format!(
+                    "`{}` has a name that is not UTF-8, which an artifact cannot hold: rename it",
+                    child.display()
+                )));
+            };
             if ft.is_dir() {
                 stack.push(child);
             } else if ft.is_file() {
-                out.push(child.to_string_lossy().replace('\\', "/"));
+                out.push(name);
             } else if ft.is_symlink() {
                 // A link to a file is stored as the file. One to a folder, or to nothing,
                 // cannot be: said, naming it, rather than the artifact stored without it.
                 let shown = child.display();
                 match std::fs::metadata(root.join(&child)) {
-                    Ok(target) if target.is_file() => {
-                        out.push(child.to_string_lossy().replace('\\', "/"));
-                    }
+                    Ok(target) if target.is_file() => out.push(name),
                     // One inside the tree (a virtualenv's `lib64 -> lib`) names files the
                     // artifact holds anyway; one outside would be lost without a word.
                     Ok(target) if target.is_dir() => {
@@ -1269,7 +1308,7 @@ fn list_files(root: &Path) -> std::io::Result<Vec<String>> {
                             )));
                         }
                     }
-                    Ok(_) => {}
+                    Ok(_) => return Err(not_a_file(&shown)),
                     Err(e) => {
                         return Err(std::io::Error::new(
                             e.kind(),
@@ -1277,6 +1316,8 @@ fn list_files(root: &Path) -> std::io::Result<Vec<String>> {
                         ))
                     }
                 }
+            } else {
+                return Err(not_a_file(&child.display()));
             }
         }
     }

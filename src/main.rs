@@ -61,7 +61,7 @@ Exit codes:
   3    artifact store error (unreachable, unreadable, or a corrupt artifact found by fsck),
        in a run too: a stage that failed on the store rather than in its work
   4    a quality gate rejected a result
-  130  interrupted (Ctrl-C or SIGTERM); finished stages stay stored
+  130  interrupted (Ctrl-C or SIGTERM), whatever failed before; finished stages stay stored
   141  the output was closed early (`plan | head -1`), as for any tool SIGPIPE ends";
 
 #[derive(Parser)]

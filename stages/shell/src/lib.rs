@@ -54,6 +54,22 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     let v = canonical_params::<ShellParams>(v)?;
     let mut p: ShellParams = serde_json::from_value(v).expect("just canonicalised");
     let mut problems = Vec::new();
+    let invalid = |path: Vec<PathSegment>, msg: String| ParamError {
+        path,
+        problem: ParamProblem::Invalid(msg),
+    };
+    if p.run.contains('\0') {
+        problems.push(invalid(
+            vec![PathSegment::Key("run".into())],
+            "the command holds a NUL character, which no command line can".into(),
+        ));
+    }
+    for (name, value) in &p.env {
+        let at = vec![PathSegment::Key("env".into()), PathSegment::Key(name.clone())];
+        if let Some(why) = env_problem(name, value) {
+            problems.push(invalid(at, why));
+        }
+    }
     for (i, rel) in p.outputs.iter_mut().enumerate() {
         match normal_output(rel) {
             Ok(normal) => *rel = normal,
@@ -77,6 +93,25 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         path: Vec::new(),
         problem: ParamProblem::Invalid(e.to_string()),
     })
+}
+
+/// What makes `name=value` no variable the command may be given, if anything: the names
+/// the stage sets itself (`$OUT` is its working directory: another value would send its
+/// files elsewhere), and what an environment cannot hold.
+fn env_problem(name: &str, value: &str) -> Option<String> {
+    if ["OUT", "SCRATCH", "PIPELINE_DIR", "STAGE"].contains(&name) || name.starts_with("INPUT_") {
+        return Some(format!(
+            "`{name}` is set by the stage itself (OUT, SCRATCH, PIPELINE_DIR, STAGE, INPUT_*): use another name"
+        ));
+    }
+    if name.is_empty() || name.contains(['=', '\0']) {
+        return Some(format!(
+            "`{name}` is no variable name: names are not empty and hold no `=` or NUL"
+        ));
+    }
+    value
+        .contains('\0')
+        .then(|| format!("the value of `{name}` holds a NUL character, which no environment can"))
 }
 
 /// `./d//a.txt` → `d/a.txt`; an error for a path that leaves `$OUT` or is all of it.
@@ -107,6 +142,12 @@ fn normal_output(rel: &str) -> Result<String, String> {
 const TERM_GRACE: Duration = Duration::from_secs(3);
 /// Lines of output kept for the error message of a failed command.
 const TAIL_LINES: usize = 20;
+/// How long the output is read after the command's group is gone (see `run`).
+const DRAIN: Duration = Duration::from_secs(2);
+/// Lines read and not yet logged, at most: a reader waits while there are more, so the
+/// command's pipe fills and a command printing faster than the log takes slows down
+/// rather than fill the orchestrator's memory (10 million lines took 780 MB).
+const MAX_PENDING: usize = 10_000;
 
 /// The shell the command runs under: it runs the command (`$1`) as a job and waits for it.
 /// Killed outright, the orchestrator can signal nobody, and the kernel's notice of its death
@@ -198,7 +239,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         .spawn()
         .map_err(|e| StageError::io("failed to start `sh`", e))?;
     let pgid = child.id() as i32;
-    let _group = GroupGuard(pgid);
+    let group = GroupGuard(pgid);
 
     let tail = Arc::new(Mutex::new(Captured::default()));
     let readers: Vec<_> = [
@@ -217,7 +258,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         let tail = Arc::clone(&tail);
         std::thread::spawn(move || forward_lines(pipe, &tail))
     })
-    .collect();
+    .collect::<Vec<_>>();
 
     let mut term_sent: Option<std::time::Instant> = None;
     loop {
@@ -242,11 +283,23 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     // writing after the stage is done. The wrapper is not reaped yet, so its process group
     // id cannot have been reused.
     signal_group(pgid, libc::SIGKILL);
+    // Done with the group: once the wrapper is reaped its id may be another process's.
+    std::mem::forget(group);
     let status = child
         .wait()
         .map_err(|e| StageError::io("failed to wait for the command", e))?;
-    for r in readers {
-        let _ = r.join();
+    // The pipes end once nothing holds them. A process that left the group (`setsid`, a
+    // daemon) may hold them for good: its output is not waited for beyond a moment.
+    let drain_until = std::time::Instant::now() + DRAIN;
+    while readers.iter().any(|r| !r.is_finished()) {
+        flush_lines(ctx, &tail);
+        if std::time::Instant::now() > drain_until || ctx.cancel.is_cancelled() {
+            ctx.events.log(
+                "(output cut off here: a process the command started outside its process group, with setsid, still holds it)",
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
     flush_lines(ctx, &tail);
     if ctx.cancel.is_cancelled() {
@@ -291,8 +344,8 @@ pub fn env_name(input: &str) -> String {
         .collect()
 }
 
-/// What the command printed: lines not yet logged, and the last few for an error message.
-/// Both stay small however much the command prints (the main loop logs every 10 ms).
+/// What the command printed: lines not yet logged (at most [`MAX_PENDING`]: readers wait
+/// for the log), and the last few for an error message.
 #[derive(Default)]
 struct Captured {
     pending: Vec<String>,
@@ -325,6 +378,13 @@ fn forward_lines(pipe: Box<dyn Read + Send>, captured: &Mutex<Captured>) {
         }
         let text = String::from_utf8_lossy(line).into_owned();
         line.clear();
+        // Waits for the log to take what is pending (see MAX_PENDING).
+        while captured
+            .lock()
+            .is_ok_and(|c| c.pending.len() >= MAX_PENDING)
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         if let Ok(mut c) = captured.lock() {
             c.push(text);
         }
@@ -420,6 +480,13 @@ fn keep_declared_outputs(out: &Path, declared: &[String]) -> Result<(), StageErr
                 "the command succeeded but did not write its declared output `{rel}` (paths are relative to $OUT, the working directory)"
             )));
         }
+        // The artifact holds files: a folder with none would be stored as nothing at all, and
+        // the stage below would not find it.
+        if out.join(rel).is_dir() && !holds_a_file(&out.join(rel)) {
+            return Err(StageError::Failed(format!(
+                "declared output `{rel}` is a folder with no files in it, which an artifact cannot hold (it stores files): write a file into it"
+            )));
+        }
         // The artifact holds files, and folders are walked without following links: an
         // output that is, or lies behind, a link to a folder would store nothing.
         let mut at = out.to_path_buf();
@@ -435,6 +502,21 @@ fn keep_declared_outputs(out: &Path, declared: &[String]) -> Result<(), StageErr
         }
     }
     prune(out, "", declared)
+}
+
+/// Whether `dir` holds a file (or a link to one) at any depth.
+fn holds_a_file(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let path = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => holds_a_file(&path),
+            Ok(_) => !path.is_dir(),
+            Err(_) => false,
+        }
+    })
 }
 
 /// Removes what `dir` (at `prefix` inside `$OUT`) holds beyond the declared outputs and the
@@ -623,6 +705,62 @@ mod tests {
         let p = serde_json::json!({"run": "true", "outputs": ["never.txt"]});
         let err = run_in(&d, p, &CancelToken::new()).unwrap_err().to_string();
         assert!(err.contains("`never.txt`"), "{err}");
+    }
+
+    /// A process that leaves the command's group (`setsid`) and keeps its output open does
+    /// not hold the stage: its output is read for a moment, then cut off, said so.
+    #[test]
+    fn a_process_that_left_the_group_does_not_hold_the_stage() {
+        let d = tmp("setsid");
+        let p = serde_json::json!({"run": "setsid sleep 30 & echo started; echo x > o", "outputs": ["o"]});
+        let start = std::time::Instant::now();
+        run_in(&d, p, &CancelToken::new()).unwrap();
+        assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+        assert!(d.join("out/o").exists());
+    }
+
+    /// A command printing faster than the log takes its lines is slowed down, not buffered
+    /// without bound: every line still arrives, and at most MAX_PENDING wait at any time.
+    #[test]
+    fn output_is_read_no_faster_than_it_is_logged() {
+        let captured = Arc::new(Mutex::new(Captured::default()));
+        let n = 3 * MAX_PENDING;
+        let text: String = (0..n).map(|i| format!("{i}\n")).collect();
+        let reader = {
+            let captured = Arc::clone(&captured);
+            std::thread::spawn(move || {
+                forward_lines(Box::new(std::io::Cursor::new(text.into_bytes())), &captured)
+            })
+        };
+        let mut logged = 0;
+        while logged < n {
+            let pending = std::mem::take(&mut captured.lock().unwrap().pending);
+            assert!(pending.len() <= MAX_PENDING, "{}", pending.len());
+            logged += pending.len();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        reader.join().unwrap();
+        assert_eq!(logged, n);
+    }
+
+    /// What the stage sets itself, and what no environment can hold, is refused by name;
+    /// so are outputs an artifact cannot hold.
+    #[test]
+    fn reserved_or_impossible_variables_and_empty_folders_are_refused() {
+        for (env, says) in [
+            (serde_json::json!({"OUT": "/tmp"}), "set by the stage itself"),
+            (serde_json::json!({"INPUT_A": "x"}), "set by the stage itself"),
+            (serde_json::json!({"A=B": "c"}), "no variable name"),
+            (serde_json::json!({"A": "x\0y"}), "holds a NUL"),
+        ] {
+            let e = (DESCRIPTOR.canonical_params)(serde_json::json!({"run": "true", "env": env}))
+                .unwrap_err();
+            assert!(format!("{e:?}").contains(says), "{e:?}");
+        }
+        let d = tmp("empty-folder");
+        let p = serde_json::json!({"run": "mkdir -p e/sub", "outputs": ["e"]});
+        let err = run_in(&d, p, &CancelToken::new()).unwrap_err().to_string();
+        assert!(err.contains("`e` is a folder with no files"), "{err}");
     }
 
     #[test]
