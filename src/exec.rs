@@ -172,6 +172,7 @@ pub async fn execute(
     // Which stage each task runs, for a task that panics (and so returns no index).
     let mut task_stage: BTreeMap<tokio::task::Id, usize> = BTreeMap::new();
     loop {
+        let mut started = false;
         for &i in &pipeline.order {
             if !pending[i] || launched[i] {
                 continue;
@@ -205,6 +206,15 @@ pub async fn execute(
                 (i, done)
             });
             task_stage.insert(task.id(), i);
+            // (It may wait for a --jobs slot or another run's lock: under way, all the same.)
+            records[i].status = StageStatus::Running;
+            records[i].started_at = Some(Utc::now());
+            started = true;
+        }
+        // `show` of this run, meanwhile, says which stages are at work.
+        if started && anything_to_do {
+            run.stages = records.clone();
+            let _ = store.put_run(&run_id, &run).await;
         }
         let joined = tokio::select! {
             Some((i, key)) = keyed_rx.recv() => {

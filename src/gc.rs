@@ -279,7 +279,10 @@ fn unfinished(run: &RunRecord) -> impl Iterator<Item = CacheKey> + '_ {
         .filter(|s| {
             matches!(
                 s.status,
-                StageStatus::Pending | StageStatus::Failed | StageStatus::Cancelled
+                StageStatus::Pending
+                    | StageStatus::Running
+                    | StageStatus::Failed
+                    | StageStatus::Cancelled
             )
         })
         .filter_map(|s| s.key.clone())

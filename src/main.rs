@@ -1791,11 +1791,14 @@ fn stage_table(r: &RunRecord) -> String {
             .as_deref()
             .map(orchestrate::plan::short_digest)
             .unwrap_or_else(|| "-".into());
+        // A killed run's stages at work were killed with it.
+        let status = match s.status {
+            StageStatus::Running if r.killed_here() => "killed",
+            other => other.as_str(),
+        };
         out.push_str(&format!(
             "{:<w$}  {:<12}  {:>8}  {artifact}\n",
-            s.stage,
-            s.status.as_str(),
-            time
+            s.stage, status, time
         ));
         if let Some(e) = &s.error {
             for line in e.lines() {

@@ -29,9 +29,12 @@ pub enum StageStatus {
     Cancelled,
     /// Left out by `--only` / `--from`.
     NotSelected,
-    /// Selected to run and not finished: what a running (or killed) run's record shows for
-    /// the stages it has not done yet.
+    /// Selected to run and not started: what a running (or killed) run's record shows for
+    /// the stages it has not come to yet.
     Pending,
+    /// Started and not finished: what a running run's record shows for a stage at work (a
+    /// killed run's, for the stages it was doing).
+    Running,
 }
 
 impl StageStatus {
@@ -44,6 +47,7 @@ impl StageStatus {
             StageStatus::Cancelled => "cancelled",
             StageStatus::NotSelected => "not selected",
             StageStatus::Pending => "pending",
+            StageStatus::Running => "running",
         }
     }
 }

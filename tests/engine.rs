@@ -218,14 +218,14 @@ stages:
         "{}",
         json.stdout
     );
-    // The stage it was running is `pending`, not `not selected`: it was selected.
+    // The stage it was running was killed with it (not `not selected`, nor `pending`).
     let show = sb.run(&["show", "last", "--store", "file://store"]);
     let second = show
         .stdout
         .lines()
         .find(|l| l.starts_with("second"))
         .unwrap_or("");
-    assert!(second.contains("pending"), "{}", show.stdout);
+    assert!(second.contains("killed"), "{}", show.stdout);
     // ... with the key it was producing, though it had none when the run was planned
     // (`first` had not run): what gc reads to keep its checkpoints.
     let json = sb.run(&["show", "last", "--store", "file://store", "--json"]);
@@ -233,6 +233,7 @@ stages:
     let stages = record["stages"].as_array().unwrap();
     let second = stages.iter().find(|s| s["stage"] == "second").unwrap();
     assert!(second["key"].is_string(), "{}", json.stdout);
+    assert_eq!(second["status"], "running", "{}", json.stdout);
 
     sb.write("p.yaml", &sb.read("p.yaml").replace("sleep 30", "true"));
     let r = sb.run(&["run", "p.yaml"]);

@@ -65,7 +65,10 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         ));
     }
     for (name, value) in &p.env {
-        let at = vec![PathSegment::Key("env".into()), PathSegment::Key(name.clone())];
+        let at = vec![
+            PathSegment::Key("env".into()),
+            PathSegment::Key(name.clone()),
+        ];
         if let Some(why) = env_problem(name, value) {
             problems.push(invalid(at, why));
         }
@@ -715,7 +718,11 @@ mod tests {
         let p = serde_json::json!({"run": "setsid sleep 30 & echo started; echo x > o", "outputs": ["o"]});
         let start = std::time::Instant::now();
         run_in(&d, p, &CancelToken::new()).unwrap();
-        assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
         assert!(d.join("out/o").exists());
     }
 
@@ -748,8 +755,14 @@ mod tests {
     #[test]
     fn reserved_or_impossible_variables_and_empty_folders_are_refused() {
         for (env, says) in [
-            (serde_json::json!({"OUT": "/tmp"}), "set by the stage itself"),
-            (serde_json::json!({"INPUT_A": "x"}), "set by the stage itself"),
+            (
+                serde_json::json!({"OUT": "/tmp"}),
+                "set by the stage itself",
+            ),
+            (
+                serde_json::json!({"INPUT_A": "x"}),
+                "set by the stage itself",
+            ),
             (serde_json::json!({"A=B": "c"}), "no variable name"),
             (serde_json::json!({"A": "x\0y"}), "holds a NUL"),
         ] {
