@@ -1122,11 +1122,18 @@ impl Validator {
                 )),
             }
         }
+        // Params with problems of their own (reported) leave the stage null params, not
+        // out of the pipeline: what its edges and the stages around it get wrong is found
+        // in the same pass ("every problem at once"), while the checks that read params pass
+        // over it. Such a pipeline is invalid, so those params never reach a run.
+        let params_ok = params.is_some();
+        let params = params.or_else(|| kind.map(|_| serde_json::Value::Null));
         let (Some(kind), Some(params), Some(inputs), Some(device)) = (kind, params, inputs, device)
         else {
             return (None, spans, bindings);
         };
         match (kind.descriptor().file_deps)(&params, &self.dir) {
+            _ if !params_ok => {}
             Ok(files) => deps.extend(files),
             Err(errors) if self.check_files => {
                 let anchor = with_anchor(key, node);

@@ -44,6 +44,11 @@ broken!(duplicate_stage_name, "duplicate_stage");
 broken!(wrong_value_type, "wrong_type");
 broken!(missing_required_param, "missing_param");
 broken!(every_problem_at_once, "many_at_once");
+#[cfg(feature = "model")]
+broken!(
+    edges_are_checked_beside_bad_params,
+    "edges_beside_bad_params"
+);
 broken!(devices_outside_train_and_a_huge_timeout, "resources");
 #[cfg(feature = "corpus")]
 broken!(a_split_that_a_later_stage_needs_is_empty, "empty_split");

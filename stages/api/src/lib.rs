@@ -229,7 +229,36 @@ fn classify_serde_message(msg: &str) -> ParamProblem {
     }
     // serde_json appends " at line 0 column 0" when deserializing from a Value; it means nothing.
     let clean = msg.trim_end_matches(" at line 0 column 0");
-    ParamProblem::Invalid(clean.to_string())
+    ParamProblem::Invalid(in_words(clean))
+}
+
+/// serde's names of Rust types, in a YAML writer's words: `expected u16` says little to
+/// someone who wrote `port: 99999`.
+fn in_words(msg: &str) -> String {
+    let words = [
+        ("expected u8", "expected a whole number from 0 to 255"),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u64", "expected a whole number of at least 0"),
+        ("expected usize", "expected a whole number of at least 0"),
+        ("expected i64", "expected a whole number"),
+        ("expected f32", "expected a number"),
+        ("expected f64", "expected a number"),
+    ];
+    let mut out = msg.to_string();
+    for (rust, plain) in words {
+        // Whole words only: `expected u64` is not the start of `expected u64s`.
+        if let Some(at) = out.find(rust) {
+            let end = at + rust.len();
+            if !out[end..].starts_with(|c: char| c.is_alphanumeric()) {
+                out.replace_range(at..end, plain);
+            }
+        }
+    }
+    out
 }
 
 fn parse_params<P: DeserializeOwned>(value: serde_json::Value) -> Result<P, ParamError> {
@@ -470,6 +499,17 @@ mod tests {
     }
 
     #[test]
+    fn a_number_out_of_range_is_said_in_words() {
+        let e = canonical_params::<P>(json!({"run": "x", "steps": -1})).unwrap_err();
+        assert_eq!(
+            e.problem,
+            ParamProblem::Invalid(
+                "invalid value: integer `-1`, expected a whole number from 0 to 4294967295".into()
+            )
+        );
+    }
+
+    #[test]
     fn canonical_params_fills_defaults() {
         let v = canonical_params::<P>(json!({"run": "x"})).unwrap();
         assert_eq!(v, json!({"run": "x", "steps": 3}));
@@ -493,7 +533,9 @@ mod tests {
         assert_eq!(e.problem, ParamProblem::MissingKey { key: "run".into() });
         let e = canonical_params::<P>(json!({"run": "x", "steps": "many"})).unwrap_err();
         assert_eq!(e.path, vec![PathSegment::Key("steps".into())]);
-        assert!(matches!(e.problem, ParamProblem::Invalid(m) if m.contains("expected u32")));
+        assert!(
+            matches!(e.problem, ParamProblem::Invalid(m) if m.contains("expected a whole number from 0 to 4294967295"))
+        );
     }
 
     #[test]
