@@ -1781,7 +1781,13 @@ fn stage_table(r: &RunRecord) -> String {
         "STAGE", "STATUS", "TIME"
     );
     for s in &r.stages {
-        let time = if s.status == StageStatus::Ran || s.status == StageStatus::Failed {
+        // (A stage cancelled at work ran for a while too.)
+        let worked = match s.status {
+            StageStatus::Ran | StageStatus::Failed => true,
+            StageStatus::Cancelled => s.duration_ms > 0,
+            _ => false,
+        };
+        let time = if worked {
             fmt_ms(s.duration_ms)
         } else {
             "-".into()
@@ -1801,6 +1807,10 @@ fn stage_table(r: &RunRecord) -> String {
             s.stage, status, time
         ));
         if let Some(e) = &s.error {
+            // The last attempt's error; how many there were, where there were several.
+            if s.attempts > 1 && s.status == StageStatus::Failed {
+                out.push_str(&format!("{:<w$}    after {} attempts:\n", "", s.attempts));
+            }
             for line in e.lines() {
                 out.push_str(&format!("{:<w$}    {line}\n", ""));
             }
