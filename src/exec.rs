@@ -267,13 +267,9 @@ pub async fn execute(
         if records[i].status == StageStatus::Cached {
             track_reused(&shared, &records[i]);
         }
-        if matches!(
-            records[i].status,
-            StageStatus::Ran | StageStatus::Failed | StageStatus::Cancelled
-        ) {
-            run.stages = records.clone();
-            let _ = store.put_run(&run_id, &run).await;
-        }
+        // Whatever it ended as (found stored meanwhile, too): the record said `running`.
+        run.stages = records.clone();
+        let _ = store.put_run(&run_id, &run).await;
     }
     // Whatever is still pending never got its inputs.
     for i in 0..n {

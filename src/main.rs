@@ -1741,7 +1741,26 @@ fn exit_code(r: &RunRecord) -> u8 {
 fn run_json(r: &RunRecord) -> serde_json::Value {
     let mut v = serde_json::to_value(r).expect("plain JSON");
     v["status"] = status_word(r).into();
+    // (Other stage statuses keep their JSON names: `not_selected`, not the table's words.)
+    for (s, json) in r
+        .stages
+        .iter()
+        .zip(v["stages"].as_array_mut().into_iter().flatten())
+    {
+        if s.status == StageStatus::Running && r.killed_here() {
+            json["status"] = "killed".into();
+        }
+    }
     v
+}
+
+/// A stage's status as `show` and `runs --json` give it: a killed run's stages at work
+/// were killed with it.
+fn stage_status_word(r: &RunRecord, s: &orchestrate::record::StageRecord) -> &'static str {
+    match s.status {
+        StageStatus::Running if r.killed_here() => "killed",
+        other => other.as_str(),
+    }
 }
 
 fn status_word(r: &RunRecord) -> &'static str {
@@ -1797,14 +1816,11 @@ fn stage_table(r: &RunRecord) -> String {
             .as_deref()
             .map(orchestrate::plan::short_digest)
             .unwrap_or_else(|| "-".into());
-        // A killed run's stages at work were killed with it.
-        let status = match s.status {
-            StageStatus::Running if r.killed_here() => "killed",
-            other => other.as_str(),
-        };
         out.push_str(&format!(
             "{:<w$}  {:<12}  {:>8}  {artifact}\n",
-            s.stage, status, time
+            s.stage,
+            stage_status_word(r, s),
+            time
         ));
         if let Some(e) = &s.error {
             // The last attempt's error; how many there were, where there were several.

@@ -1052,10 +1052,14 @@ impl Validator {
         let (bindings, inputs_ok) =
             self.inputs(name, node.get("inputs"), kind, names, key.span, &mut spans);
         let inputs = inputs_ok.then(|| bindings.clone());
+        let reported = self.diags.len();
         let params = match kind {
             Some(kind) => self.params(name, kind, node.get("with"), with_anchor(key, node)),
             None => None,
         };
+        // (Null params below only where their problems were reported: such a pipeline is
+        // invalid, so they never reach a run.)
+        let params_reported = self.diags.len() > reported;
         let device = self.device(name, node.get("resources"));
         let retries = match node.get("retries") {
             None => 0,
@@ -1127,7 +1131,10 @@ impl Validator {
         // in the same pass ("every problem at once"), while the checks that read params pass
         // over it. Such a pipeline is invalid, so those params never reach a run.
         let params_ok = params.is_some();
-        let params = params.or_else(|| kind.map(|_| serde_json::Value::Null));
+        let params = params.or_else(|| {
+            kind.filter(|_| params_reported)
+                .map(|_| serde_json::Value::Null)
+        });
         let (Some(kind), Some(params), Some(inputs), Some(device)) = (kind, params, inputs, device)
         else {
             return (None, spans, bindings);

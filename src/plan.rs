@@ -443,6 +443,15 @@ pub async fn dependency_digests(
             crate::store::remote_fingerprint(f)
                 .await
                 .map_err(|e| match e {
+                    // Refused for good (no such bucket, no access, bad credentials): the
+                    // pipeline's or its environment's to mend, so not retried (exit 2).
+                    StoreError::Backend {
+                        source:
+                            object_store::Error::NotFound { .. }
+                            | object_store::Error::PermissionDenied { .. }
+                            | object_store::Error::Unauthenticated { .. },
+                        ..
+                    } => dependency(e.to_string(), f.clone()),
                     e @ StoreError::Backend { .. } => PlanError::SourceUnreachable {
                         stage: s.name.clone(),
                         file: f.clone(),

@@ -132,6 +132,11 @@ impl RunRecord {
             .unwrap_or(0)
     }
 
+    /// The cache keys its stages name (those known when the record was written).
+    pub fn keys(&self) -> impl Iterator<Item = CacheKey> + '_ {
+        self.stages.iter().filter_map(|s| s.key.clone())
+    }
+
     /// Recorded as running, on this host, by a process that is still there (whether a run
     /// elsewhere is alive, only its live locks tell).
     pub fn running_here(&self) -> bool {

@@ -233,7 +233,7 @@ stages:
     let stages = record["stages"].as_array().unwrap();
     let second = stages.iter().find(|s| s["stage"] == "second").unwrap();
     assert!(second["key"].is_string(), "{}", json.stdout);
-    assert_eq!(second["status"], "running", "{}", json.stdout);
+    assert_eq!(second["status"], "killed", "{}", json.stdout);
 
     sb.write("p.yaml", &sb.read("p.yaml").replace("sleep 30", "true"));
     let r = sb.run(&["run", "p.yaml"]);

@@ -168,8 +168,11 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         ("batch", p.batch, MAX_BATCH),
         ("new_tokens", p.new_tokens, MAX_NEW_TOKENS),
         ("latency_runs", p.latency_runs, MAX_LATENCY_RUNS),
-        // A thread each: tens of thousands would exhaust the process's threads first.
-        ("threads", p.threads.unwrap_or(1), 1024),
+        (
+            "threads",
+            p.threads.unwrap_or(1),
+            orchestrate_model::MAX_THREADS,
+        ),
     ] {
         if value > most {
             return Err(invalid(

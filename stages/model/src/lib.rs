@@ -20,6 +20,10 @@ pub use tokenizers::Tokenizer;
 
 use orchestrate_stage::StageError;
 
+/// The most `threads` a stage takes: a thread each, and tens of thousands would exhaust the
+/// process's threads before any work.
+pub const MAX_THREADS: usize = 1024;
+
 /// Runs `f` with tensor work on `threads` threads (a pool of its own), or on every core.
 /// One thread makes floating-point sums happen in one order, so results repeat bit for bit.
 pub fn with_threads<R: Send>(

@@ -304,7 +304,7 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         ("dec_layers", de, MAX_LAYERS),
         ("max_len", p.max_len, MAX_LEN),
         ("batch", p.batch, 65_536),
-        ("threads", p.threads.unwrap_or(1), 1024),
+        ("threads", p.threads.unwrap_or(1), crate::MAX_THREADS),
     ] {
         if value > most {
             problems.push(bad(key, format!("{key} {value} is above {most}")));
@@ -845,10 +845,12 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
                 progress.step + 1
             )));
         }
-        // A finite loss with gradients that are not (an overflow in the backward pass)
-        // would make NaN weights: on the CPU its norm is on the host every step and is
-        // checked every step; on a GPU reading it waits for the step, so it is read where
-        // the weights are about to be kept (a checkpoint, the end) and on logging steps.
+        // A finite loss with NaN gradients (an overflow in the backward pass) would make NaN
+        // weights: on the CPU their norm is on the host every step and is checked every
+        // step; on a GPU reading it waits for the step, so it is read where the weights are
+        // about to be kept (a checkpoint, the end) and on logging steps (elsewhere the next
+        // step's loss, read every step, shows it). An infinite norm of finite gradients
+        // (their squares overflowed f32) is clipping's to handle, not an error.
         let keeps_weights =
             (progress.step + 1).is_multiple_of(p.checkpoint_every) || progress.step + 1 == p.steps;
         let grad_norm = match grad_norm {
@@ -856,7 +858,7 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
             device if log_now || keeps_weights => Some(device.read()),
             GradNorm::Device(_) => None,
         };
-        if let Some(norm) = grad_norm.filter(|n| !n.is_finite()) {
+        if let Some(norm) = grad_norm.filter(|n| n.is_nan()) {
             return Err(StageError::Failed(format!(
                 "training diverged at step {}: the loss is {last_train} but the gradients' norm is {norm} (lr {lr:.3e}); lower `lr`, lengthen `warmup` or keep `grad_clip` on",
                 progress.step + 1

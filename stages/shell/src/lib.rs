@@ -147,10 +147,10 @@ const TERM_GRACE: Duration = Duration::from_secs(3);
 const TAIL_LINES: usize = 20;
 /// How long the output is read after the command's group is gone (see `run`).
 const DRAIN: Duration = Duration::from_secs(2);
-/// Lines read and not yet logged, at most: a reader waits while there are more, so the
-/// command's pipe fills and a command printing faster than the log takes slows down
-/// rather than fill the orchestrator's memory (10 million lines took 780 MB).
-const MAX_PENDING: usize = 10_000;
+/// Bytes read and not yet logged, at most (beyond one line): a reader waits while there
+/// are more, so the command's pipe fills and a command printing faster than the log takes
+/// slows down rather than fill the orchestrator's memory (10 million lines took 780 MB).
+const MAX_PENDING_BYTES: usize = 8 << 20;
 
 /// The shell the command runs under: it runs the command (`$1`) as a job and waits for it.
 /// Killed outright, the orchestrator can signal nobody, and the kernel's notice of its death
@@ -262,6 +262,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         std::thread::spawn(move || forward_lines(pipe, &tail))
     })
     .collect::<Vec<_>>();
+    let _detach = Detach(Arc::clone(&tail));
 
     let mut term_sent: Option<std::time::Instant> = None;
     loop {
@@ -294,9 +295,9 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     // The pipes end once nothing holds them. A process that left the group (`setsid`, a
     // daemon) may hold them for good: its output is not waited for beyond a moment.
     let drain_until = std::time::Instant::now() + DRAIN;
-    while readers.iter().any(|r| !r.is_finished()) {
+    while readers.iter().any(|r| !r.is_finished()) && !ctx.cancel.is_cancelled() {
         flush_lines(ctx, &tail);
-        if std::time::Instant::now() > drain_until || ctx.cancel.is_cancelled() {
+        if std::time::Instant::now() > drain_until {
             ctx.events.log(
                 "(output cut off here: a process the command started outside its process group, with setsid, still holds it)",
             );
@@ -347,12 +348,18 @@ pub fn env_name(input: &str) -> String {
         .collect()
 }
 
-/// What the command printed: lines not yet logged (at most [`MAX_PENDING`]: readers wait
-/// for the log), and the last few for an error message.
+/// What the command printed: lines not yet logged (about [`MAX_PENDING_BYTES`] at most:
+/// readers wait for the log), and the last few for an error message.
 #[derive(Default)]
 struct Captured {
     pending: Vec<String>,
+    pending_bytes: usize,
     last: std::collections::VecDeque<String>,
+    /// Nothing logs any more (the stage is done with the command's output): lines are no
+    /// longer kept for the log, and no reader waits for it. A reader left to a process
+    /// that escaped the group (`setsid`) goes on reading, so that process never blocks on
+    /// a full pipe.
+    detached: bool,
 }
 
 impl Captured {
@@ -361,7 +368,31 @@ impl Captured {
             self.last.pop_front();
         }
         self.last.push_back(line.clone());
-        self.pending.push(line);
+        if !self.detached {
+            self.pending_bytes += line.len();
+            self.pending.push(line);
+        }
+    }
+
+    /// Whether a reader must wait for the log before adding a line.
+    fn full(&self) -> bool {
+        !self.detached && self.pending_bytes >= MAX_PENDING_BYTES
+    }
+
+    fn take_pending(&mut self) -> Vec<String> {
+        self.pending_bytes = 0;
+        std::mem::take(&mut self.pending)
+    }
+}
+
+/// Detaches the readers from the log (see [`Captured::detached`]) however `run` leaves.
+struct Detach(Arc<Mutex<Captured>>);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.0.lock() {
+            c.detached = true;
+        }
     }
 }
 
@@ -381,11 +412,8 @@ fn forward_lines(pipe: Box<dyn Read + Send>, captured: &Mutex<Captured>) {
         }
         let text = String::from_utf8_lossy(line).into_owned();
         line.clear();
-        // Waits for the log to take what is pending (see MAX_PENDING).
-        while captured
-            .lock()
-            .is_ok_and(|c| c.pending.len() >= MAX_PENDING)
-        {
+        // Waits for the log to take what is pending (see MAX_PENDING_BYTES).
+        while captured.lock().is_ok_and(|c| c.full()) {
             std::thread::sleep(Duration::from_millis(2));
         }
         if let Ok(mut c) = captured.lock() {
@@ -439,7 +467,7 @@ fn shortened(line: &str) -> &str {
 
 fn flush_lines(ctx: &StageContext<'_>, captured: &Mutex<Captured>) {
     let pending = match captured.lock() {
-        Ok(mut c) => std::mem::take(&mut c.pending),
+        Ok(mut c) => c.take_pending(),
         Err(_) => return,
     };
     for line in &pending {
@@ -727,12 +755,13 @@ mod tests {
     }
 
     /// A command printing faster than the log takes its lines is slowed down, not buffered
-    /// without bound: every line still arrives, and at most MAX_PENDING wait at any time.
+    /// without bound: every line still arrives, and about MAX_PENDING_BYTES wait at most.
     #[test]
     fn output_is_read_no_faster_than_it_is_logged() {
         let captured = Arc::new(Mutex::new(Captured::default()));
-        let n = 3 * MAX_PENDING;
-        let text: String = (0..n).map(|i| format!("{i}\n")).collect();
+        let line = "x".repeat(1023);
+        let n = 3 * MAX_PENDING_BYTES / 1024;
+        let text: String = (0..n).map(|_| format!("{line}\n")).collect();
         let reader = {
             let captured = Arc::clone(&captured);
             std::thread::spawn(move || {
@@ -741,13 +770,19 @@ mod tests {
         };
         let mut logged = 0;
         while logged < n {
-            let pending = std::mem::take(&mut captured.lock().unwrap().pending);
-            assert!(pending.len() <= MAX_PENDING, "{}", pending.len());
+            let pending = captured.lock().unwrap().take_pending();
+            let bytes: usize = pending.iter().map(String::len).sum();
+            assert!(bytes <= MAX_PENDING_BYTES + 1024, "{bytes}");
             logged += pending.len();
             std::thread::sleep(Duration::from_millis(5));
         }
         reader.join().unwrap();
         assert_eq!(logged, n);
+        // Detached, nothing waits or is kept for the log: a reader reads on to the end.
+        captured.lock().unwrap().detached = true;
+        let text: String = (0..n).map(|_| format!("{line}\n")).collect();
+        forward_lines(Box::new(std::io::Cursor::new(text.into_bytes())), &captured);
+        assert!(captured.lock().unwrap().pending.is_empty());
     }
 
     /// What the stage sets itself, and what no environment can hold, is refused by name;
