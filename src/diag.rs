@@ -38,6 +38,11 @@ impl Sources {
     pub fn get(&self, id: SourceId) -> &Source {
         &self.0[id.0]
     }
+
+    /// The text of source `id`, if there is one by that id (a default span's has none).
+    pub fn text(&self, id: SourceId) -> Option<&str> {
+        self.0.get(id.0).map(|s| s.text.as_str())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -107,7 +107,7 @@ impl PipelineSpec {
                 diags.push(d);
             }
         }
-        interpolate_all(&mut root, env, &mut diags);
+        interpolate_all(&mut root, env, &sources, &mut diags);
         let dir = path
             .parent()
             .map(|p| {
@@ -407,14 +407,19 @@ fn set_entry(node: &mut Node, key: &str, span: Span, value: Node) {
 /// Resolves `${env.NAME}`, `${env.NAME:-default}` and `${params.name}` everywhere. The
 /// `params` block itself may use only `env`. Other `${...}` forms are left alone, since shell
 /// commands use them.
-fn interpolate_all(root: &mut Node, env: EnvLookup<'_>, diags: &mut Vec<Diagnostic>) {
+fn interpolate_all(
+    root: &mut Node,
+    env: EnvLookup<'_>,
+    sources: &Sources,
+    diags: &mut Vec<Diagnostic>,
+) {
     let Value::Map(entries) = &mut root.value else {
         return;
     };
     let empty = Node::new(Value::Map(Vec::new()), Span::default());
     // Inside `params` no param is known yet: `None`, none may be used there.
     if let Some((_, params)) = entries.iter_mut().find(|(k, _)| k.name == "params") {
-        interpolate(params, env, None, diags);
+        interpolate(params, env, None, sources, diags);
     }
     let params = entries
         .iter()
@@ -425,17 +430,45 @@ fn interpolate_all(root: &mut Node, env: EnvLookup<'_>, diags: &mut Vec<Diagnost
         // `x-` blocks are the user's own, for anchors: what they hold is interpolated
         // where it is merged (a copy, made as the file was read), not where it is kept.
         if k.name != "params" && !k.name.starts_with("x-") {
-            interpolate(v, env, Some(&params), diags);
+            interpolate(v, env, Some(&params), sources, diags);
         }
     }
     // One block merged into several stages is one problem, not one per stage.
-    let mut seen = Vec::new();
-    diags.retain(|d| {
-        let id = (d.span, d.message.clone());
-        let new = !seen.contains(&id);
-        seen.push(id);
-        new
-    });
+    let mut seen = std::collections::HashSet::new();
+    diags.retain(|d| seen.insert((d.span, d.message.clone())));
+}
+
+/// Where `expr` (an expression as written, `${...}`) stands in the source of `node`: the
+/// line of the scalar it is on (a block scalar's lines are the source's), found by its text
+/// from the node's first line on; the whole node where it is not found (a folded or
+/// quoted string that joined lines, a value from `--set`).
+fn expression_span(node: &Node, expr: &str, sources: &Sources) -> Span {
+    let span = node.span;
+    let Some(text) = sources.text(span.source) else {
+        return span;
+    };
+    let wanted = expr.lines().next().unwrap_or(expr);
+    let first = span.line.saturating_sub(1) as usize;
+    let lines = node.as_str().map_or(1, |s| s.lines().count().max(1));
+    for (n, line) in text.lines().enumerate().skip(first).take(lines + 1) {
+        // On the node's first line, only from where the node starts.
+        let from = if n == first {
+            line.char_indices()
+                .nth(span.col.saturating_sub(1) as usize)
+                .map_or(line.len(), |(i, _)| i)
+        } else {
+            0
+        };
+        if let Some(at) = line[from..].find(wanted) {
+            return Span {
+                source: span.source,
+                line: n as u32 + 1,
+                col: line[..from + at].chars().count() as u32 + 1,
+                len: wanted.chars().count() as u32,
+            };
+        }
+    }
+    span
 }
 
 /// `params` is the top-level `params` block, or `None` inside it.
@@ -443,23 +476,39 @@ fn interpolate(
     node: &mut Node,
     env: EnvLookup<'_>,
     params: Option<&Node>,
+    sources: &Sources,
     diags: &mut Vec<Diagnostic>,
 ) {
     match &mut node.value {
         Value::Seq(items) => items
             .iter_mut()
-            .for_each(|n| interpolate(n, env, params, diags)),
+            .for_each(|n| interpolate(n, env, params, sources, diags)),
         Value::Map(entries) => entries
             .iter_mut()
-            .for_each(|(_, n)| interpolate(n, env, params, diags)),
+            .for_each(|(_, n)| interpolate(n, env, params, sources, diags)),
         Value::Str(s) if s.contains("${env.") || s.contains("${params.") => {
-            match expand(s, env, params) {
+            match expand_located(s, env, params) {
                 Ok(Expanded::Whole(v, text)) => {
                     node.value = v;
                     node.text = text;
                 }
                 Ok(Expanded::Text(t)) => node.value = Value::Str(t),
-                Err((msg, hint)) => diags.push(Diagnostic::new(msg, node.span).hint_opt(hint)),
+                Err(first) => {
+                    // Each expression at fault, each where it is written (every problem at
+                    // once: the value is read on past each one).
+                    let s = s.clone();
+                    let mut from = 0;
+                    let mut failed = Err(first);
+                    while let Err(((msg, hint), expr)) = failed {
+                        let span = expression_span(node, &expr, sources);
+                        diags.push(Diagnostic::new(msg, span).hint_opt(hint));
+                        let Some(at) = s[from..].find(&expr) else {
+                            break;
+                        };
+                        from += at + expr.len();
+                        failed = expand_located(&s[from..], env, params).map(|_| ());
+                    }
+                }
             }
         }
         _ => {}
@@ -475,6 +524,16 @@ enum Expanded {
 type ExpandError = (String, Option<String>);
 
 fn expand(s: &str, env: EnvLookup<'_>, params: Option<&Node>) -> Result<Expanded, ExpandError> {
+    expand_located(s, env, params).map_err(|(e, _)| e)
+}
+
+/// [`expand`], an error with the expression at fault as written (`${...}`, up to the end
+/// of its line where it is not closed).
+fn expand_located(
+    s: &str,
+    env: EnvLookup<'_>,
+    params: Option<&Node>,
+) -> Result<Expanded, (ExpandError, String)> {
     let mut out = String::new();
     let mut rest = s;
     let mut whole: Option<(Value, Option<String>)> = None;
@@ -482,13 +541,17 @@ fn expand(s: &str, env: EnvLookup<'_>, params: Option<&Node>) -> Result<Expanded
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
         let Some(end) = closing_brace(after) else {
+            let written = rest[start..].lines().next().unwrap_or("").to_string();
             return Err((
-                format!("unclosed `${{` in `{s}`"),
-                Some("close it with `}`".into()),
+                (
+                    format!("unclosed `${{` in `{written}`"),
+                    Some("close it with `}`".into()),
+                ),
+                written,
             ));
         };
         let expr = &after[..end];
-        let (value, raw) = resolve(expr, env, params)?;
+        let (value, raw) = resolve(expr, env, params).map_err(|e| (e, format!("${{{expr}}}")))?;
         if start == 0 && end + 3 == rest.len() && out.is_empty() {
             whole = Some((value.clone(), raw.clone()));
         }

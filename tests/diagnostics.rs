@@ -44,6 +44,10 @@ broken!(duplicate_stage_name, "duplicate_stage");
 broken!(wrong_value_type, "wrong_type");
 broken!(missing_required_param, "missing_param");
 broken!(every_problem_at_once, "many_at_once");
+broken!(
+    expressions_are_placed_on_their_own_line,
+    "interpolation_lines"
+);
 #[cfg(feature = "model")]
 broken!(
     edges_are_checked_beside_bad_params,
