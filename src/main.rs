@@ -577,11 +577,12 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             json,
         } => {
             let p = load(&pipeline)?;
-            let store = open_store(&p, &store)?;
             let selection = Selection {
                 dry_run: true,
                 ..select.selection()
             };
+            selection.check_names(&p)?;
+            let store = open_store(&p, &store)?;
             let plan = Plan::build(&p, &store, &selection).await?;
             if json {
                 outln!(
@@ -603,6 +604,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             no_tracking,
         } => {
             let p = Arc::new(load(&pipeline)?);
+            select.selection().check_names(&p)?;
             let store = open_store(&p, &store)?;
             let plan = Plan::build(&p, &store, &select.selection()).await?;
             #[cfg(feature = "model")]

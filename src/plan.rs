@@ -98,6 +98,10 @@ pub enum PlanError {
         name: String,
         hint: Option<String>,
     },
+    /// Several stage names on the command line that the pipeline does not have, each as
+    /// [`PlanError::UnknownStage`] says one.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\nerror: "))]
+    UnknownStages(Vec<PlanError>),
     #[error("stage `{stage}` reads `{file}`, which cannot be read: {reason}")]
     Dependency {
         stage: String,
@@ -124,6 +128,36 @@ pub enum PlanError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl Selection {
+    /// Every stage name the selection gives that `p` does not have, at once, before anything
+    /// else is looked at (a typo'd `--only` is the command line's mistake, exit 2, even
+    /// where the store cannot be reached).
+    pub fn check_names(&self, p: &Pipeline) -> Result<(), PlanError> {
+        let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+        let given = [
+            ("--only", &self.only),
+            ("--until", &self.until),
+            ("--force", &self.force),
+        ]
+        .into_iter()
+        .flat_map(|(flag, ns)| ns.iter().map(move |n| (flag, n)))
+        .chain(self.from.iter().map(|n| ("--from", n)));
+        let mut unknown: Vec<PlanError> = given
+            .filter(|(_, n)| p.stage_index(n).is_none())
+            .map(|(flag, n)| PlanError::UnknownStage {
+                flag,
+                name: n.clone(),
+                hint: suggest(n, &names),
+            })
+            .collect();
+        match unknown.len() {
+            0 => Ok(()),
+            1 => Err(unknown.remove(0)),
+            _ => Err(PlanError::UnknownStages(unknown)),
+        }
+    }
 }
 
 impl Plan {

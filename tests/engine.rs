@@ -416,6 +416,33 @@ fn only_runs_just_that_stage_and_needs_its_inputs_stored() {
     let r = sb.run(&["run", "p.yaml", "--only", "lefty"]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("did you mean `left`?"), "{}", r.stderr);
+    // Every unknown name at once, before the store is looked at (this one cannot be
+    // reached): the command line's mistake, not the store's.
+    let r: common::Ran = sb
+        .cmd(&[
+            "plan",
+            "p.yaml",
+            "--until",
+            "left",
+            "--until",
+            "zz",
+            "--force",
+            "qq",
+            "--store",
+            "s3://nowhere/p",
+        ])
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .env("ORCHESTRATE_STORE_RETRIES", "0")
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    for says in [
+        "unknown stage `zz` in --until",
+        "unknown stage `qq` in --force",
+    ] {
+        assert!(r.stderr.contains(says), "{}", r.stderr);
+    }
 }
 
 #[test]
