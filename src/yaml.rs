@@ -177,7 +177,9 @@ pub fn parse(text: &str, source: SourceId) -> Result<(Node, Vec<Diagnostic>), Di
             Ok((ev, mark)) => builder.on_event(ev, mark),
             Err(e) => break Err(e),
         }
-        if builder.abandoned.is_some() {
+        // A second document is reported, and not read: a syntax error in it would otherwise
+        // stand alone for the whole file, hiding the first document's problems.
+        if builder.abandoned.is_some() || builder.documents > 1 {
             break Ok(());
         }
     };
@@ -311,7 +313,25 @@ impl Builder<'_> {
     }
 }
 
+/// The handle `!!` stands for: YAML's core schema.
+const CORE_TAGS: &str = "tag:yaml.org,2002:";
+
 impl Builder<'_> {
+    /// A tag this reader does not honour (`!secret`, `!!binary`): refused, naming it, rather
+    /// than the value taken as if untagged (`run: !secret CMD` would run the text `CMD`).
+    fn unsupported_tag(&mut self, tag: Option<&yaml_rust2::parser::Tag>, span: Span) {
+        let Some(tag) = tag else { return };
+        let shown = match tag.handle.as_str() {
+            CORE_TAGS => format!("!!{}", tag.suffix),
+            handle => format!("{handle}{}", tag.suffix),
+        };
+        self.diags.push(
+            Diagnostic::new(format!("unsupported YAML tag `{shown}`"), span).hint(
+                "pipeline files hold plain values; only `!!str` (and YAML's other core tags) are read",
+            ),
+        );
+    }
+
     /// A mapping's entries with its merge key (`<<: *base`, or `<<: [*a, *b]`) replaced by
     /// the entries it brings that the mapping does not give itself (YAML's merge key: the
     /// mapping's own keys win, then the merged mappings' in the order listed).
@@ -400,22 +420,44 @@ impl MarkedEventReceiver for Builder<'_> {
             return;
         }
         match ev {
-            Event::Scalar(text, style, anchor, _tag) => {
+            Event::Scalar(text, style, anchor, tag) => {
                 let len = self.scalar_len(mark, &text, style);
                 let span = self.span(mark, len);
-                let node = if style == TScalarStyle::Plain {
+                let as_text = match tag.as_ref().map(|t| (t.handle.as_str(), t.suffix.as_str())) {
+                    // `!!str 2` is the text "2", as YAML says.
+                    Some((CORE_TAGS, "str")) => true,
+                    // The other core scalar tags type a value as it is typed untagged.
+                    None | Some((CORE_TAGS, "int" | "float" | "bool" | "null")) => false,
+                    Some(_) => {
+                        self.unsupported_tag(tag.as_ref(), span);
+                        false
+                    }
+                };
+                let node = if style == TScalarStyle::Plain && !as_text {
                     Node::plain(&text, span)
                 } else {
                     Node::new(Value::Str(text), span)
                 };
                 self.push_value(node, anchor);
             }
-            Event::SequenceStart(anchor, _) => {
+            Event::SequenceStart(anchor, tag) => {
                 let span = self.span(mark, 1);
+                if tag
+                    .as_ref()
+                    .is_some_and(|t| (t.handle.as_str(), t.suffix.as_str()) != (CORE_TAGS, "seq"))
+                {
+                    self.unsupported_tag(tag.as_ref(), span);
+                }
                 self.stack.push(Frame::Seq(Vec::new(), span, anchor));
             }
-            Event::MappingStart(anchor, _) => {
+            Event::MappingStart(anchor, tag) => {
                 let span = self.span(mark, 1);
+                if tag
+                    .as_ref()
+                    .is_some_and(|t| (t.handle.as_str(), t.suffix.as_str()) != (CORE_TAGS, "map"))
+                {
+                    self.unsupported_tag(tag.as_ref(), span);
+                }
                 self.stack
                     .push(Frame::Map(Vec::new(), None, HashMap::new(), span, anchor));
             }

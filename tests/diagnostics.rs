@@ -48,6 +48,7 @@ broken!(
     expressions_are_placed_on_their_own_line,
     "interpolation_lines"
 );
+broken!(yaml_tags_are_honoured_or_refused, "tags");
 #[cfg(feature = "model")]
 broken!(
     edges_are_checked_beside_bad_params,
