@@ -152,9 +152,7 @@ pub async fn collect(
             // A kept artifact's files must be known before any blob goes: a manifest that
             // cannot be read (the store unreachable, or the manifest corrupt) stops the
             // collection rather than letting its files be taken for garbage.
-            if let Some(m) = store.manifest(&key).await? {
-                live_blobs.extend(m.files.iter().map(|f| f.digest.clone()));
-            }
+            keep_files_of(store, &key, &mut live_blobs).await?;
             kept_keys.insert(key);
         } else {
             unused.push(key);
@@ -172,9 +170,7 @@ pub async fn collect(
     }
     for key in unused {
         if keep.contains(&key) {
-            if let Some(m) = store.manifest(&key).await? {
-                live_blobs.extend(m.files.iter().map(|f| f.digest.clone()));
-            }
+            keep_files_of(store, &key, &mut live_blobs).await?;
             kept_keys.insert(key);
             continue;
         }
@@ -197,9 +193,7 @@ pub async fn collect(
             if walked.get(&key) == Some(&modified) {
                 continue;
             }
-            if let Some(m) = store.manifest(&key).await? {
-                live_blobs.extend(m.files.iter().map(|f| f.digest.clone()));
-            }
+            keep_files_of(store, &key, &mut live_blobs).await?;
         }
     }
     // A blob shared by a kept artifact and a deleted one stays.
@@ -232,6 +226,19 @@ pub async fn collect(
         report.bytes_freed += bytes;
     }
     Ok(report)
+}
+
+/// Adds the blobs of `key`'s manifest to `live` (none where it is gone). A manifest that
+/// cannot be read stops the collection: its files must not be taken for garbage.
+async fn keep_files_of(
+    store: &Store,
+    key: &CacheKey,
+    live: &mut HashSet<String>,
+) -> Result<(), StoreError> {
+    if let Some(m) = store.manifest(key).await? {
+        live.extend(m.files.into_iter().map(|f| f.digest));
+    }
+    Ok(())
 }
 
 /// Drops checkpoints that can no longer be resumed from, or are not meant to be: those of a

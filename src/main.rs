@@ -1749,7 +1749,7 @@ fn run_json(r: &RunRecord) -> serde_json::Value {
         .iter()
         .zip(v["stages"].as_array_mut().into_iter().flatten())
     {
-        if s.status == StageStatus::Running && r.killed_here() {
+        if stage_status_word(r, s) == "killed" {
             json["status"] = "killed".into();
         }
     }

@@ -98,11 +98,15 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     })
 }
 
+/// The variables the stage sets for every command (and `INPUT_<NAME>` per input), in the
+/// order `run` gives their values.
+const OWN_VARIABLES: [&str; 4] = ["OUT", "SCRATCH", "PIPELINE_DIR", "STAGE"];
+
 /// What makes `name=value` no variable the command may be given, if anything: the names
 /// the stage sets itself (`$OUT` is its working directory: another value would send its
 /// files elsewhere), and what an environment cannot hold.
 fn env_problem(name: &str, value: &str) -> Option<String> {
-    if ["OUT", "SCRATCH", "PIPELINE_DIR", "STAGE"].contains(&name) || name.starts_with("INPUT_") {
+    if OWN_VARIABLES.contains(&name) || name.starts_with("INPUT_") {
         return Some(format!(
             "`{name}` is set by the stage itself (OUT, SCRATCH, PIPELINE_DIR, STAGE, INPUT_*): use another name"
         ));
@@ -199,10 +203,12 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         .arg("orchestrate-shell")
         .arg(&params.run)
         .current_dir(ctx.out_dir)
-        .env("OUT", ctx.out_dir)
-        .env("SCRATCH", ctx.scratch_dir)
-        .env("PIPELINE_DIR", ctx.pipeline_dir)
-        .env("STAGE", ctx.stage)
+        .envs(OWN_VARIABLES.into_iter().zip([
+            ctx.out_dir.as_os_str(),
+            ctx.scratch_dir.as_os_str(),
+            ctx.pipeline_dir.as_os_str(),
+            std::ffi::OsStr::new(ctx.stage),
+        ]))
         .envs(&params.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
