@@ -473,11 +473,19 @@ impl MarkedEventReceiver for Builder<'_> {
                 }
             }
             Event::Alias(id) => {
-                let node = self
-                    .anchors
-                    .get(&id)
-                    .cloned()
-                    .unwrap_or_else(|| Node::new(Value::Null, self.span(mark, 1)));
+                // The parser refuses an alias to no anchor at all, so one not stored yet is
+                // inside the value its anchor names: a value that would contain itself.
+                let node = match self.anchors.get(&id) {
+                    Some(node) => node.clone(),
+                    None => {
+                        let span = self.span(mark, 1);
+                        self.diags.push(
+                            Diagnostic::new("this alias is inside the value its anchor names", span)
+                                .hint("a value cannot contain itself: anchor a value that is complete before the alias"),
+                        );
+                        Node::new(Value::Null, span)
+                    }
+                };
                 self.push_value(node, 0);
             }
             Event::Nothing
@@ -603,5 +611,17 @@ mod tests {
             n.get("other").unwrap().get("x").unwrap().value,
             Value::Int(1)
         );
+    }
+
+    #[test]
+    fn an_alias_inside_its_own_anchor_is_an_error() {
+        let (_, d) = parse("a: &x\n  b: *x\n", SourceId(0)).unwrap();
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(
+            d[0].message,
+            "this alias is inside the value its anchor names"
+        );
+        let span = d[0].span.unwrap();
+        assert_eq!((span.line, span.col), (2, 6));
     }
 }

@@ -55,7 +55,8 @@ stages:
   dyn:
     kind: quantize
     inputs: { model: model }
-    with: { scheme: dynamic, block: 32 }
+    # int8's blocks: the same values, held another way.
+    with: { scheme: dynamic, block: 64 }
   evaluation:
     kind: evaluate
     inputs: { corpus: corpus, tokenizer: tokenizer, models: [model, int8, fp16, bf16, dyn] }
@@ -138,17 +139,22 @@ fn quantized_variants_are_smaller_measured_and_gated() {
         resident(0)
     );
     assert_eq!(resident(1), resident(0));
+    // The same int8 blocks, dequantized when loaded or inside each product: the same
+    // perplexity up to f32 rounding (a second rounding of the output projection's blocks
+    // moved it by more).
     assert!(
-        (ppl(4) / ppl(0) - 1.0).abs() < 0.05,
-        "dynamic {} vs {}",
+        (ppl(4) / ppl(1) - 1.0).abs() < 1e-4,
+        "dynamic {} vs int8 {}",
         ppl(4),
-        ppl(0)
+        ppl(1)
     );
     for v in variants {
         let ppl = v["perplexity"].as_f64().unwrap();
         assert!(ppl.is_finite() && ppl > 1.0, "{v}");
         assert!(v["latency_p95_ms"].as_f64().unwrap() > 0.0, "{v}");
         assert!(v["tokens_per_second_batch"].as_f64().unwrap() > 0.0, "{v}");
+        let chrf = v["chrf"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&chrf), "{v}");
         let langs: Vec<&String> = v["languages"].as_object().unwrap().keys().collect();
         assert_eq!(langs, ["en", "ru"], "{v}");
     }
@@ -157,6 +163,12 @@ fn quantized_variants_are_smaller_measured_and_gated() {
         (ppl(2) / ppl(0) - 1.0).abs() < 0.005,
         "fp16 {} vs {}",
         ppl(2),
+        ppl(0)
+    );
+    assert!(
+        (ppl(3) / ppl(0) - 1.0).abs() < 0.02,
+        "bf16 {} vs {}",
+        ppl(3),
         ppl(0)
     );
     assert!(

@@ -17,7 +17,7 @@ use burn_flex::FlexTensor;
 use crate::data::Specials;
 use crate::decode_cpu;
 use crate::fused::{from_concrete, to_concrete};
-use crate::model::{bias, linear, linear_rows, matmul, Seq2Seq};
+use crate::model::{bias, exact_transpose, linear, linear_rows, matmul, Seq2Seq};
 
 /// Temperatures below this decode greedily. Sampling at 1e-4 already picks the likeliest
 /// token unless another is within about a thousandth of a nat of it, and far smaller ones
@@ -559,21 +559,12 @@ enum Stepper<B: Backend> {
 }
 
 /// The tied output projection `[d, vocab]`, row-major, for the generic decoding step (a
-/// copy: a product with a transposed view is slower on every backend).
-///
-/// A quantized embedding (the `dynamic` scheme) is dequantized first on GPU backends:
-/// cubecl 0.10 reads a transposed quantized tensor back in its stored packing (int8 values
-/// four to a word, scales per block along the untransposed rows), which made a `dynamic`
-/// model on an H100 decode one token over and over while its teacher-forced perplexity
-/// (products straight from the quantized weights) matched the CPU's. flex reads it back
-/// correctly, so the CPU keeps the projection in int8.
+/// copy: a product with a transposed view is slower on every backend). A quantized
+/// embedding (the `dynamic` scheme) is held as f32 here: a transposed block-quantized
+/// matrix cannot keep its blocks (see [`exact_transpose`]).
 fn generic_projection<B: Backend>(model: &Seq2Seq<B>, device: &B::Device) -> Tensor<B, 2> {
-    let w = model.embed.weight.val();
-    let w = match w.dtype() {
-        burn::tensor::DType::QFloat(_) if !crate::fused::on_cpu::<B>() => w.dequantize(),
-        _ => w,
-    };
-    Tensor::from_data(w.transpose().into_data(), device)
+    let w = exact_transpose(model.embed.weight.val());
+    Tensor::from_data(w.into_data(), device)
 }
 
 /// A row that finished: its key, its tokens, and why.
@@ -1242,9 +1233,57 @@ mod tests {
         let a = generate(&model, &sp, &[greedy(src.clone(), 10)], &device, |_, _| {
             Next::Continue
         });
-        let b = generate(&q, &sp, &[greedy(src, 10)], &device, |_, _| Next::Continue);
+        let b = generate(&q, &sp, &[greedy(src.clone(), 10)], &device, |_, _| {
+            Next::Continue
+        });
         assert_eq!(b[0].0.len(), 10);
-        // A random tiny model's logits are nearly flat, so only the first token is compared.
+        // A random tiny model's logits are nearly flat, so int8 rounding may change a later
+        // token: against f32, only the first is compared.
         assert_eq!(a[0].0[0], b[0].0[0]);
+
+        // Against the f32 model holding exactly the values the int8 blocks stand for, the
+        // int8 model computes the same logits up to f32 rounding, and generates the same
+        // tokens: no product may round them again (flex's transpose of a block-quantized
+        // matrix re-quantizes it along its other axis, which this caught in the projection).
+        let exact = q.clone().map(&mut Dequantize);
+        let logits = |m: &Seq2Seq<Flex>| {
+            let s = Tensor::<Flex, 1, Int>::from_ints(&src[..], &device).reshape([1, 5]);
+            let t =
+                Tensor::<Flex, 1, Int>::from_ints([1, 9, 4, 22, 3, 17], &device).reshape([1, 6]);
+            let (s_pad, t_pad) = (s.clone().equal_elem(-1), t.clone().equal_elem(-1));
+            let memory = m.encode(s, s_pad.clone());
+            m.decode(t, t_pad, memory, s_pad)
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap()
+        };
+        let (want, got) = (logits(&exact), logits(&q));
+        let worst = want
+            .iter()
+            .zip(&got)
+            .map(|(w, g)| (w - g).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "int8 logits differ by {worst}");
+        let c = generate(&exact, &sp, &[greedy(src, 10)], &device, |_, _| {
+            Next::Continue
+        });
+        assert_eq!(b[0].0, c[0].0);
+    }
+
+    /// Every quantized parameter back to f32, value for value.
+    struct Dequantize;
+
+    impl burn::module::ModuleMapper<Flex> for Dequantize {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<Tensor<Flex, D>>,
+        ) -> burn::module::Param<Tensor<Flex, D>> {
+            let (id, tensor, mapper) = param.consume();
+            let tensor = match tensor.dtype() {
+                burn::tensor::DType::QFloat(_) => tensor.dequantize(),
+                _ => tensor,
+            };
+            burn::module::Param::from_mapped_value(id, tensor, mapper)
+        }
     }
 }

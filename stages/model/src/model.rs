@@ -378,8 +378,21 @@ impl<B: Backend> Seq2Seq<B> {
         let vocab = w.dims()[0];
         let rows = h.reshape([b * t, d]);
         crate::fused::product(&rows, &w, true, None)
-            .unwrap_or_else(|| rows.matmul(w.transpose()))
+            .unwrap_or_else(|| rows.matmul(exact_transpose(w)))
             .reshape([b, t, vocab])
+    }
+}
+
+/// `w` transposed, holding the same values. A block-quantized matrix (the `dynamic`
+/// scheme's) is dequantized first: flex transposes one by dequantizing it and quantizing the
+/// result again in blocks along its other axis, a second rounding (int8 logits 1e-3 off the
+/// values the blocks stand for), and cubecl 0.10 reads a transposed one back in its stored
+/// packing (a `dynamic` model on an H100 decoded one token over and over). Its products
+/// dequantize it whole anyway on both.
+pub(crate) fn exact_transpose<B: Backend>(w: Tensor<B, 2>) -> Tensor<B, 2> {
+    match w.dtype() {
+        burn::tensor::DType::QFloat(_) => w.dequantize().transpose(),
+        _ => w.transpose(),
     }
 }
 
