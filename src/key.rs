@@ -54,7 +54,11 @@ impl fmt::Display for CacheKey {
 
 impl CacheKey {
     pub fn short(&self) -> &str {
-        &self.0[..12.min(self.0.len())]
+        // By characters: a key read back from a damaged record may hold any text.
+        self.0
+            .char_indices()
+            .nth(12)
+            .map_or(self.0.as_str(), |(end, _)| &self.0[..end])
     }
 }
 
@@ -82,16 +86,35 @@ impl CacheKeyParts {
         let mut new = BTreeMap::new();
         flatten_params(&format!("{stage}.with"), &before.params, &mut old);
         flatten_params(&format!("{stage}.with"), &self.params, &mut new);
+        // `plan` prints this to terminals and CI logs: a secret's value shows as `***`,
+        // under its own name or inside another value, as in MLflow.
+        let mut secrets = crate::tracking::Secrets::from_env();
+        for (path, v) in old.iter().chain(&new) {
+            if crate::tracking::names_a_secret(path) {
+                secrets.add(v);
+            }
+        }
+        let hidden = |path: &str, v: &str| {
+            if crate::tracking::names_a_secret(path) {
+                "***".to_string()
+            } else {
+                secrets.hide(v)
+            }
+        };
         for (path, v) in &new {
+            let v_shown = hidden(path, v);
             match old.get(path) {
                 Some(o) if o == v => {}
-                Some(o) => why.push(format!("param `{path}` {o} → {v}")),
-                None => why.push(format!("param `{path}` added: {v}")),
+                Some(_) if crate::tracking::names_a_secret(path) => {
+                    why.push(format!("param `{path}` changed"))
+                }
+                Some(o) => why.push(format!("param `{path}` {} → {v_shown}", hidden(path, o))),
+                None => why.push(format!("param `{path}` added: {v_shown}")),
             }
         }
         for (path, o) in &old {
             if !new.contains_key(path) {
-                why.push(format!("param `{path}` removed (was {o})"));
+                why.push(format!("param `{path}` removed (was {})", hidden(path, o)));
             }
         }
         let names: std::collections::BTreeSet<&String> =
@@ -187,6 +210,17 @@ mod tests {
     }
 
     #[test]
+    fn short_forms_cut_by_characters() {
+        assert_eq!(CacheKey("0123456789abcdef".into()).short(), "0123456789ab");
+        assert_eq!(CacheKey("ключ-ключ-ключ".into()).short(), "ключ-ключ-кл");
+        assert_eq!(CacheKey("ab".into()).short(), "ab");
+        assert_eq!(
+            crate::plan::short_digest("blake3:ключ-ключ-ключ"),
+            "ключ-ключ-кл"
+        );
+    }
+
+    #[test]
     fn known_key_is_pinned() {
         // If this changes, every user's cache is invalidated: bump KEY_FORMAT deliberately.
         let k = parts(json!({"run": "echo hi", "outputs": ["x"]})).key();
@@ -217,6 +251,20 @@ mod tests {
                 "stage code changed".to_string(),
                 "param `model.with.lr` 0.0003 → 0.0001".to_string(),
                 "input `a` changed".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn diff_shows_no_secret() {
+        let a = parts(json!({"env": {"HF_TOKEN": "hf_old_value"}, "run": "login hf_old_value"}));
+        let b = parts(json!({"env": {"HF_TOKEN": "hf_new_value"}, "run": "login hf_new_value"}));
+        let why = b.diff(&a, "fetch");
+        assert_eq!(
+            why,
+            vec![
+                "param `fetch.with.env.HF_TOKEN` changed".to_string(),
+                "param `fetch.with.run` login *** → login ***".to_string(),
             ]
         );
     }

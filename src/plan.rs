@@ -376,7 +376,8 @@ impl Plan {
 
 pub fn short_digest(d: &str) -> String {
     let hex = d.strip_prefix("blake3:").unwrap_or(d);
-    hex[..12.min(hex.len())].to_string()
+    // By characters: a damaged record read from a shared store may hold any text.
+    hex.chars().take(12).collect()
 }
 
 /// Stage `start` and every stage that depends on it, directly or not.

@@ -612,6 +612,51 @@ pub(crate) fn names_a_secret(param: &str) -> bool {
             .any(|p| p[1] == "key" && ["api", "access", "private"].contains(&p[0]))
 }
 
+/// Values that go to MLflow as `***` wherever they appear, not only under their own name:
+/// `${env.HF_TOKEN}` interpolated into a shell stage's `run` would otherwise be logged in
+/// clear as the param `fetch.run`. Gathered from the environment variables and the params
+/// whose names [`names_a_secret`]. Shorter values are left alone: hiding every `1` or `abc`
+/// would hide more than secrets, and a secret that short protects nothing anyway.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Secrets(Vec<String>);
+
+/// The fewest characters a value must have to be hidden elsewhere than under its own name.
+const MIN_SECRET_CHARS: usize = 6;
+
+impl Secrets {
+    /// The values of this process's environment variables that name a secret.
+    pub(crate) fn from_env() -> Self {
+        let mut s = Secrets::default();
+        for (name, value) in std::env::vars_os() {
+            if let (Some(name), Some(value)) = (name.to_str(), value.to_str()) {
+                if names_a_secret(name) {
+                    s.add(value);
+                }
+            }
+        }
+        s
+    }
+
+    pub(crate) fn add(&mut self, value: &str) {
+        if value.chars().count() >= MIN_SECRET_CHARS && !self.0.iter().any(|v| v == value) {
+            self.0.push(value.to_string());
+            // The longest first, so that a secret holding another is hidden whole.
+            self.0.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        }
+    }
+
+    /// `text` with every secret replaced by `***`.
+    pub(crate) fn hide(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for v in &self.0 {
+            if out.contains(v.as_str()) {
+                out = out.replace(v.as_str(), "***");
+            }
+        }
+        out
+    }
+}
+
 /// A spool's text. A line torn inside a character (the process killed mid-append) would
 /// make the whole file unreadable as UTF-8; read leniently, it is one more torn line, which
 /// no record parses from, and the others are delivered.
@@ -707,6 +752,9 @@ pub struct Tracker {
     wake: tokio::sync::Notify,
     /// The first delivery problem, reported once.
     problem: Mutex<Option<String>>,
+    /// Values hidden wherever they appear in params and tags: the environment's secrets, and
+    /// each param's whose name is a secret's as it is logged (the pipeline's first).
+    secrets: Mutex<Secrets>,
     /// An exclusive lock on the spool's `.lock` file for as long as the run lives; the
     /// system drops it when the process ends, however it ends. `sync` passes over a spool
     /// whose lock is held (its run delivers it) and closes the runs of one whose is not.
@@ -745,6 +793,7 @@ impl Tracker {
             client,
             wake: tokio::sync::Notify::new(),
             problem: Mutex::new(None),
+            secrets: Mutex::new(Secrets::from_env()),
             _alive: Some(alive),
         }))
     }
@@ -786,12 +835,30 @@ impl Tracker {
     }
 
     pub fn log(&self, uid: &str, params: BTreeMap<String, String>, tags: BTreeMap<String, String>) {
+        let secrets = match self.secrets.lock() {
+            Ok(mut known) => {
+                for (k, v) in &params {
+                    if names_a_secret(k) {
+                        known.add(v);
+                    }
+                }
+                known.clone()
+            }
+            Err(_) => Secrets::from_env(),
+        };
+        let tags = tags
+            .into_iter()
+            .map(|(k, v)| (k, secrets.hide(&v)))
+            .collect();
         let params = params
             .into_iter()
             .map(|(k, v)| {
                 let v = if names_a_secret(&k) {
                     "***".to_string()
-                } else if v.chars().count() > MAX_PARAM_CHARS {
+                } else {
+                    secrets.hide(&v)
+                };
+                let v = if v.chars().count() > MAX_PARAM_CHARS {
                     v.chars()
                         .take(MAX_PARAM_CHARS - 1)
                         .chain(std::iter::once('…'))
@@ -1417,6 +1484,51 @@ mod tests {
             .collect();
         assert!(matches!(&ops[1].op, Op::Log { metrics, .. } if metrics.len() == 2));
         assert_eq!(ops.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    /// A secret's value is hidden wherever it appears, once its name has been seen: in a
+    /// later stage's `run`, and in a tag (an error message that printed it).
+    #[tokio::test]
+    async fn secrets_are_hidden_inside_other_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tracker::new(dir.path(), "r1", None).unwrap();
+        t.start_run("r1", None, "exp", "run", BTreeMap::new());
+        let run_params = BTreeMap::from([
+            ("params.hf_token".to_string(), "hf_abcdef123".to_string()),
+            ("params.short_token".to_string(), "abc".to_string()),
+        ]);
+        t.log("r1", run_params, BTreeMap::new());
+        let params = BTreeMap::from([
+            (
+                "run".to_string(),
+                "login --token hf_abcdef123 abc".to_string(),
+            ),
+            ("steps".to_string(), "10".to_string()),
+        ]);
+        let tags = BTreeMap::from([(
+            "orchestrate.error".to_string(),
+            "401 for hf_abcdef123".to_string(),
+        )]);
+        t.log("r1", params, tags);
+        t.end_run("r1", "FINISHED");
+        t.finish().await;
+        let text = std::fs::read_to_string(dir.path().join("r1.jsonl")).unwrap();
+        assert!(!text.contains("hf_abcdef123"), "{text}");
+        let logged: Vec<Entry> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let Op::Log { params, tags, .. } = &logged[2].op else {
+            panic!("{text}")
+        };
+        // Too short to hide elsewhere ("abc"), hidden under its own name.
+        assert_eq!(params["run"], "login --token *** abc");
+        assert_eq!(params["steps"], "10");
+        assert_eq!(tags["orchestrate.error"], "401 for ***");
+        let Op::Log { params, .. } = &logged[1].op else {
+            panic!("{text}")
+        };
+        assert_eq!(params["params.short_token"], "***");
     }
 
     #[test]
