@@ -21,7 +21,8 @@ pub struct GcReport {
     /// Half-written objects that killed writes left in a `file://` store.
     pub staging_deleted: usize,
     pub bytes_freed: u64,
-    /// Runs producing artifacts as gc ran; while there are any, unreferenced blobs and
+    /// Runs producing artifacts as gc ran (with locks and new run records that cannot be
+    /// read: what they use is unknown); while there are any, unreferenced blobs and
     /// half-written objects stay.
     pub producing: usize,
     pub dry_run: bool,
@@ -53,6 +54,7 @@ pub async fn collect(
     let locked: HashSet<String> = store
         .live_locks()
         .await?
+        .holders
         .into_iter()
         .map(|l| l.run_id)
         .collect();
@@ -160,12 +162,18 @@ pub async fn collect(
     }
     // A run recorded since the listing above (it planned while gc walked) may be about to
     // use an artifact it found stored, however old: what it names stays.
+    let mut unreadable_new_runs = 0;
     for id in store.list_run_ids().await? {
         if seen.contains(&id) {
             continue;
         }
-        if let Ok(Some(run)) = store.get_run::<RunRecord>(&id).await {
-            keep.extend(run.keys());
+        match store.get_run::<RunRecord>(&id).await {
+            Ok(Some(run)) => keep.extend(run.keys()),
+            // Deleted meanwhile (another gc).
+            Ok(None) => {}
+            // What a run that cannot be read uses is unknown: no blob goes (below).
+            Err(e) if e.is_damage() => unreadable_new_runs += 1,
+            Err(e) => return Err(e),
         }
     }
     for key in unused {
@@ -182,7 +190,7 @@ pub async fn collect(
     report.artifacts_kept = kept_keys.len();
     // Looked at last, right before blobs go, to leave the smallest window (a stage that
     // commits meanwhile checks its blobs again after its commit, see `exec::store_output`).
-    report.producing = store.live_locks().await?.len();
+    report.producing = store.live_locks().await?.count() + unreadable_new_runs;
     // A run that took its lock after the walk began and released it before the look above
     // committed meanwhile: its manifest may list an old blob it found stored and reused
     // (a reuse does not make a blob young). Manifests are listed again, after the locks,
@@ -267,7 +275,7 @@ async fn drop_collectable_checkpoints(
         }
         // Looked at for each key, right before it goes: a run that started meanwhile may be
         // resuming from it.
-        if !store.live_locks().await?.is_empty() {
+        if store.live_locks().await?.count() > 0 {
             break;
         }
         report.checkpoints_deleted += n;
@@ -355,6 +363,35 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["abcd", "abcd#1#2", "abcd#x"]);
+    }
+
+    /// A lock that does not read as one (another version's) counts as a run producing: the
+    /// blob nothing names yet stays until it is gone.
+    #[tokio::test]
+    async fn a_lock_that_cannot_be_read_keeps_unreferenced_blobs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open("file://store", tmp.path()).unwrap();
+        std::fs::write(
+            tmp.path().join("out.bin"),
+            "made by a run not committed yet",
+        )
+        .unwrap();
+        store
+            .put_file(&tmp.path().join("out.bin"), "out.bin")
+            .await
+            .unwrap();
+        std::fs::create_dir_all(tmp.path().join("store/locks")).unwrap();
+        let lock = tmp.path().join("store/locks/k.json");
+        std::fs::write(&lock, r#"{"holder": "a later version"}"#).unwrap();
+        let r = collect(&store, None, 1, Duration::ZERO, false)
+            .await
+            .unwrap();
+        assert_eq!((r.producing, r.blobs_deleted), (1, 0), "{r:?}");
+        std::fs::remove_file(&lock).unwrap();
+        let r = collect(&store, None, 1, Duration::ZERO, false)
+            .await
+            .unwrap();
+        assert_eq!((r.producing, r.blobs_deleted), (0, 1), "{r:?}");
     }
 
     /// An empty Model artifact stored under `key`.

@@ -631,7 +631,12 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                         .unwrap_or(2)
                 }),
                 cache_dir: cache,
-                args: std::env::args().skip(1).collect(),
+                // Recorded as text: a path that is not UTF-8 is kept, its odd bytes as U+FFFD
+                // (`args()` panics on one).
+                args: std::env::args_os()
+                    .skip(1)
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect(),
                 tracker,
                 experiment: p.tracking.experiment.clone(),
                 system_metrics_every: system_metrics_every()?,

@@ -184,6 +184,20 @@ pub fn retry_window() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// The locks of runs producing now, as `gc` sees them.
+#[derive(Debug, Default)]
+pub struct LiveLocks {
+    pub holders: Vec<LockInfo>,
+    /// Locks that do not read as ours: counted as producing, by nobody known.
+    pub unreadable: usize,
+}
+
+impl LiveLocks {
+    pub fn count(&self) -> usize {
+        self.holders.len() + self.unreadable
+    }
+}
+
 /// The content of a lock object.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LockInfo {
@@ -900,13 +914,19 @@ impl Store {
     /// Locks whose holders are still producing (not stale): `gc` leaves unreferenced blobs
     /// alone while any exists, since an upload that found its blob already stored did not
     /// refresh that blob's age, and its manifest, which will name it, is not written yet.
-    pub async fn live_locks(&self) -> Result<Vec<LockInfo>> {
-        let mut live = Vec::new();
+    ///
+    /// A lock that cannot be read (another version's, say) counts as live: whether its
+    /// holder is producing is unknown, and taking its blobs would be the mistake that cannot
+    /// be undone. One that cannot be fetched is an error, not a lock passed over.
+    pub async fn live_locks(&self) -> Result<LiveLocks> {
+        let mut live = LiveLocks::default();
         for m in self.list_paths("locks").await? {
-            if let Ok(Some(info)) = self.get_json::<LockInfo>(&m.location, "lock").await {
-                if !info.is_stale() {
-                    live.push(info);
-                }
+            match self.get_json::<LockInfo>(&m.location, "lock").await {
+                Ok(Some(info)) if !info.is_stale() => live.holders.push(info),
+                // Released (or stale) since the listing.
+                Ok(_) => {}
+                Err(e) if e.is_damage() => live.unreadable += 1,
+                Err(e) => return Err(e),
             }
         }
         Ok(live)

@@ -106,6 +106,27 @@ fn second_run_of_an_unchanged_pipeline_does_no_work() {
     );
 }
 
+/// A pipeline in a folder whose name is not UTF-8 runs (the run record keeps the command
+/// line with U+FFFD for the odd byte); it used to panic reading the arguments.
+#[test]
+fn a_pipeline_path_that_is_not_utf8_runs() {
+    use std::os::unix::ffi::OsStrExt;
+    let sb = diamond("0");
+    let odd = sb.path().join(std::ffi::OsStr::from_bytes(b"odd\xffdir"));
+    std::fs::create_dir(&odd).unwrap();
+    for f in ["p.yaml", "in.txt"] {
+        std::fs::rename(sb.path().join(f), odd.join(f)).unwrap();
+    }
+    let out = sb.cmd(&["run"]).arg(odd.join("p.yaml")).output().unwrap();
+    let r = common::Ran::from(out);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("4 ran, 0 cached, 0 failed"),
+        "{}",
+        r.stdout
+    );
+}
+
 #[test]
 fn changing_one_param_reruns_only_what_depends_on_it() {
     let sb = diamond("0");
