@@ -968,9 +968,14 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                         s.files,
                         client.url()
                     );
-                    if s.killed > 0 {
+                    if s.killed > 0 && s.stopped.is_empty() {
                         outln!(
                             "ended {} MLflow runs as KILLED: their orchestrate process died before ending them",
+                            s.killed
+                        );
+                    } else if s.killed > 0 {
+                        outln!(
+                            "recorded {} runs as KILLED in their spools (their orchestrate process died before ending them); MLflow is told with their other records",
                             s.killed
                         );
                     }
@@ -986,6 +991,12 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                     for (file, e) in &s.stopped {
                         errln!("error: {}: {e}", file.display());
                     }
+                    if s.untried > 0 {
+                        errln!(
+                            "error: {} more spooled runs not tried: the server stopped the one above",
+                            s.untried
+                        );
+                    }
                     if s.stopped.is_empty() {
                         Ok(0)
                     } else {
@@ -993,7 +1004,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                             1,
                             format!(
                                 "error: {} of {} spooled runs stopped short; their records stay in {} for the next sync",
-                                s.stopped.len(),
+                                s.stopped.len() + s.untried,
                                 s.files,
                                 dir.display()
                             ),

@@ -731,6 +731,20 @@ fn close_abandoned(spool: &Path) -> Result<usize, TrackError> {
     Ok(open.len())
 }
 
+/// Removes a delivered spool: its records, its delivery state, its copies of artifacts, and
+/// its lock file (whose lock the caller holds, so no `sync` starts on it meanwhile; one that
+/// opens the path afterwards finds nothing to deliver). Best effort: what is left is
+/// delivered again as nothing, its state saying so.
+fn remove_spool(spool: &Path) {
+    let Some(id) = spool.file_stem() else { return };
+    if let Some(dir) = spool.parent() {
+        let _ = std::fs::remove_dir_all(dir.join("files").join(id));
+    }
+    let _ = std::fs::remove_file(spool);
+    let _ = std::fs::remove_file(spool.with_extension("state.json"));
+    let _ = std::fs::remove_file(spool.with_extension("lock"));
+}
+
 fn spool_err(path: &Path, source: std::io::Error) -> TrackError {
     TrackError::Spool {
         path: path.display().to_string(),
@@ -995,6 +1009,14 @@ impl Tracker {
             }
         }
         d.problem = self.problem.lock().ok().and_then(|p| p.clone());
+        // Delivered to its end with nothing refused: the spool has served (a registered
+        // model's copy in it is as large as the model). Kept otherwise, for `sync` or for
+        // reading what was refused; and without a server, as the run's history.
+        if self.client.is_some() && d.problem.is_none() && d.delivered == d.records {
+            if let Ok(s) = self.spool.lock() {
+                remove_spool(&s.path);
+            }
+        }
         d
     }
 
@@ -1193,8 +1215,10 @@ pub struct Synced {
     pub stopped: Vec<(PathBuf, TrackError)>,
     /// Spools of runs still running, passed over: their own process delivers them.
     pub running: usize,
-    /// Runs whose process died before ending them, now ended as `KILLED`.
+    /// Runs whose process died before ending them, now ended as `KILLED` in their spools.
     pub killed: usize,
+    /// Spools not tried: the server stopped an earlier one's delivery.
+    pub untried: usize,
 }
 
 /// Delivers every spool file in `dir`, each as far as it goes.
@@ -1213,7 +1237,7 @@ pub async fn sync(client: &MlflowClient, dir: &Path) -> Result<Synced, TrackErro
         files: files.len(),
         ..Default::default()
     };
-    for f in &files {
+    for (i, f) in files.iter().enumerate() {
         // One deliverer per spool at a time: its run while it lives, else one `sync`.
         let lock_path = f.with_extension("lock");
         let lock = match open_lock(&lock_path) {
@@ -1250,7 +1274,19 @@ pub async fn sync(client: &MlflowClient, dir: &Path) -> Result<Synced, TrackErro
         match deliver_file(client, f, &state).await {
             Ok(d) => {
                 out.sent += d.total - before;
+                if d.rejected.is_empty() {
+                    // Delivered to its end, its runs ended: done with, as a run does with
+                    // its own (a spool with a refused record stays, to be read).
+                    remove_spool(f);
+                }
                 out.rejected.extend(d.rejected);
+            }
+            // The server is down, or refuses us: so it is for every spool after this one,
+            // which would each say so again (forty runs, forty errors).
+            Err(e @ TrackError::Server { .. }) => {
+                out.stopped.push((f.clone(), e));
+                out.untried = files.len() - i - 1;
+                break;
             }
             Err(e) => out.stopped.push((f.clone(), e)),
         }

@@ -80,6 +80,11 @@ fn smoke_pipeline_on_s3_is_browsable_in_mlflow() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let run_id = stdout.split_whitespace().nth(1).unwrap().to_string();
+    // Every record delivered as the run ended: its spool, and the copy of the registered
+    // model in it, are gone.
+    let spool = sb.path().join("cache/spool");
+    assert!(!spool.join(format!("{run_id}.jsonl")).exists());
+    assert!(!spool.join("files").join(&run_id).exists());
     // The artifacts are in the bucket: one manifest per stage.
     let listed = s3(
         &venv,
@@ -308,14 +313,14 @@ stages:
     mlflow.start();
     let sync = sb.run(&["sync", "--pipeline", "p.yaml"]);
     assert_eq!(sync.code, 0, "{}", sync.stderr);
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(spool.with_extension("state.json")).unwrap())
-            .unwrap();
-    assert_eq!(
-        state["delivered"].as_u64().unwrap(),
-        records,
-        "every record delivered"
+    assert!(
+        sync.stdout
+            .contains(&format!("delivered {records} records from 1 spooled runs")),
+        "{}",
+        sync.stdout
     );
+    // Delivered to its end, the spool is done with.
+    assert!(!spool.exists() && !spool.with_extension("state.json").exists());
     // Again: nothing more to deliver, nothing duplicated.
     let again = sb.run(&["sync", "--pipeline", "p.yaml"]);
     assert!(
@@ -425,6 +430,13 @@ stages:
         "{}",
         sync.stdout
     );
+    // The first spool's answer is the server's for all: the second is not tried.
+    assert!(
+        sync.stderr
+            .contains("1 more spooled runs not tried: the server stopped the one above"),
+        "{}",
+        sync.stderr
+    );
     let sync = sb.run(&["sync", "--mlflow", &mlflow.url, "--spool", &spool_dir]);
     assert_eq!(sync.code, 0, "{}", sync.stderr);
     assert!(
@@ -447,6 +459,9 @@ stages:
         assert_eq!(runs.len(), 1, "{name}");
         assert_eq!(runs[0]["info"]["status"], "FINISHED", "{name}");
     }
+    // A spool delivered whole is removed; one with a refused record stays, to be read.
+    assert!(spool.join("a.jsonl").exists());
+    assert!(!spool.join("b.jsonl").exists());
 }
 
 /// A run's MLflow runs are ended however its process ends. Killed outright (SIGKILL, or a
