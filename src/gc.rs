@@ -233,6 +233,11 @@ pub async fn collect(
         report.staging_deleted = n;
         report.bytes_freed += bytes;
     }
+    // A stale lock's takeover object that its taker, killed while taking over, left: stale
+    // itself (a lease over), so no taker is using it.
+    if !dry_run {
+        store.clear_stale_takeovers().await?;
+    }
     Ok(report)
 }
 

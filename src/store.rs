@@ -870,8 +870,51 @@ impl Store {
         ObjPath::from(format!("locks/{key}.json"))
     }
 
-    /// Tries to take the lock for producing `key`. A stale lock is removed and retried once.
+    /// Where a taker of a stale lock says so first: named by the stale lock's bytes, so that
+    /// of all the waiters who found that one lock stale, only the one whose create-only write
+    /// of this object succeeds deletes it.
+    fn takeover_path(key: &CacheKey, stale: &[u8]) -> ObjPath {
+        ObjPath::from(format!(
+            "takeovers/{key}/{}.json",
+            blake3::hash(stale).to_hex()
+        ))
+    }
+
+    /// The object's bytes, or None where there is none.
+    async fn get_bytes(&self, path: &ObjPath) -> Result<Option<bytes::Bytes>> {
+        match self.inner.get(path).await {
+            Ok(r) => r
+                .bytes()
+                .await
+                .map(Some)
+                .map_err(Self::backend("read", path)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Self::backend("read", path)(e)),
+        }
+    }
+
+    /// Tries to take the lock for producing `key`. A stale lock (its lease over, its holder
+    /// gone, or unreadable) is taken over by one waiter: read, delete and create are three
+    /// steps, and two waiters finding it stale at once (a lease runs out for every waiter in
+    /// the same second) both took it, the second deleting the first's new lock. So a taker
+    /// first writes the lock's takeover object, create-only; one that finds it written waits
+    /// as for a held lock, on its writer.
     pub async fn try_lock(&self, key: &CacheKey, info: &LockInfo) -> Result<LockAttempt> {
+        let mut claimed = None;
+        let attempt = self.try_lock_claiming(key, info, &mut claimed).await;
+        if let Some(marker) = claimed {
+            // Done with, taken over or not; one left by a killed taker goes with `gc`.
+            let _ = self.inner.delete(&marker).await;
+        }
+        attempt
+    }
+
+    async fn try_lock_claiming(
+        &self,
+        key: &CacheKey,
+        info: &LockInfo,
+        claimed: &mut Option<ObjPath>,
+    ) -> Result<LockAttempt> {
         let path = Self::lock_path(key);
         for _ in 0..2 {
             match self.put_json(&path, info, PutMode::Create).await {
@@ -879,36 +922,70 @@ impl Store {
                 Err(object_store::Error::AlreadyExists { .. }) => {}
                 Err(e) => return Err(Self::backend("lock", &path)(e)),
             }
-            match self.get_json::<LockInfo>(&path, "lock").await {
-                // Released between our put and our get: try again.
-                Ok(None) => continue,
+            // Released between our put and our get: try again.
+            let Some(found) = self.get_bytes(&path).await? else {
+                continue;
+            };
+            // A lock half-written by a killed process reads as garbage: stale.
+            if let Ok(holder) = serde_json::from_slice::<LockInfo>(&found) {
                 // Ours: a create that succeeded, though its reply was lost and it was retried.
-                Ok(Some(holder)) if holder.same_holder(info) => return Ok(LockAttempt::Acquired),
-                Ok(Some(holder)) if holder.is_stale() => {
-                    // Re-read right before deleting so a lock just retaken is left alone.
-                    if self
-                        .get_json::<LockInfo>(&path, "lock")
-                        .await
-                        .ok()
-                        .flatten()
-                        .as_ref()
-                        == Some(&holder)
-                    {
-                        let _ = self.inner.delete(&path).await;
+                if holder.same_holder(info) {
+                    return Ok(LockAttempt::Acquired);
+                }
+                if !holder.is_stale() {
+                    return Ok(LockAttempt::HeldBy(holder));
+                }
+            }
+            let marker = Self::takeover_path(key, &found);
+            match self.put_json(&marker, info, PutMode::Create).await {
+                Ok(()) => *claimed = Some(marker),
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    match self.taken_over_by(&marker).await? {
+                        Some(taker) => return Ok(LockAttempt::HeldBy(taker)),
+                        None => continue,
                     }
                 }
-                Ok(Some(holder)) => return Ok(LockAttempt::HeldBy(holder)),
-                // A lock half-written by a killed process reads as garbage: treat as stale.
-                Err(StoreError::Decode { .. }) => {
-                    let _ = self.inner.delete(&path).await;
-                }
-                Err(e) => return Err(e),
+                Err(e) => return Err(Self::backend("lock", &marker)(e)),
+            }
+            // Re-read right before deleting: a lock retaken meanwhile (by a taker that got
+            // here first and has finished since) is left alone.
+            if self.get_bytes(&path).await?.as_deref() == Some(&found[..]) {
+                let _ = self.inner.delete(&path).await;
             }
         }
         match self.get_json::<LockInfo>(&path, "lock").await? {
             Some(holder) => Ok(LockAttempt::HeldBy(holder)),
             None => Ok(LockAttempt::HeldBy(info.clone())),
         }
+    }
+
+    /// Who is taking the lock over, if anyone still is: a waiter waits on it as on a
+    /// holder. One that died while taking it over (its takeover object stale as its lock
+    /// would be, or unreadable) is cleared, and None says to try again, as when the taker
+    /// has finished (its lock is then found).
+    async fn taken_over_by(&self, marker: &ObjPath) -> Result<Option<LockInfo>> {
+        let Some(found) = self.get_bytes(marker).await? else {
+            return Ok(None);
+        };
+        match serde_json::from_slice::<LockInfo>(&found) {
+            Ok(taker) if !taker.is_stale() => Ok(Some(taker)),
+            _ => {
+                if self.get_bytes(marker).await?.as_deref() == Some(&found[..]) {
+                    let _ = self.inner.delete(marker).await;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Removes the takeover objects whose takers' leases are over (or that cannot be read):
+    /// left by takers killed while taking a lock over, which no waiter needs any more.
+    pub async fn clear_stale_takeovers(&self) -> Result<()> {
+        for m in self.list_paths("takeovers").await? {
+            // (Which deletes one that is stale.)
+            self.taken_over_by(&m.location).await?;
+        }
+        Ok(())
     }
 
     /// Locks whose holders are still producing (not stale): `gc` leaves unreferenced blobs
@@ -1421,5 +1498,97 @@ mod tests {
             store.try_lock(&key, &other).await.unwrap(),
             LockAttempt::HeldBy(_)
         ));
+    }
+
+    /// Waiters that find one lock stale at the same moment (its lease ran out for all of
+    /// them at once): exactly one takes it over. Read, delete and create are three steps,
+    /// and a second taker deleted the first's new lock between them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+    async fn a_stale_lock_is_taken_over_by_one_waiter() {
+        let d = tmp("takeover");
+        let store = Store::open("file://store", &d).unwrap();
+        for round in 0..20 {
+            let key = CacheKey(format!("k{round}"));
+            let expired = LockInfo {
+                run_id: "gone".into(),
+                stage: "s".into(),
+                host: "elsewhere".into(),
+                pid: 1,
+                pid_ns: String::new(),
+                expires_at: 0,
+            };
+            assert!(matches!(
+                store.try_lock(&key, &expired).await.unwrap(),
+                LockAttempt::Acquired
+            ));
+            let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+            let waiters: Vec<_> = (0..8)
+                .map(|i| {
+                    let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
+                    tokio::spawn(async move {
+                        let me = LockInfo {
+                            run_id: format!("waiter{i}"),
+                            stage: "s".into(),
+                            host: format!("host{i}"),
+                            pid: 1,
+                            pid_ns: String::new(),
+                            expires_at: unix_now() + 60,
+                        };
+                        barrier.wait().await;
+                        matches!(
+                            store.try_lock(&key, &me).await.unwrap(),
+                            LockAttempt::Acquired
+                        )
+                    })
+                })
+                .collect();
+            let mut took = 0;
+            for w in waiters {
+                took += usize::from(w.await.unwrap());
+            }
+            assert_eq!(took, 1, "round {round}: {took} waiters took the lock over");
+        }
+        // A taker killed while taking a lock over blocks nobody once its own lease is over:
+        // the next waiter takes the lock over.
+        let key = CacheKey("killed-taker".into());
+        let expired = |run_id: &str| LockInfo {
+            run_id: run_id.into(),
+            stage: "s".into(),
+            host: "elsewhere".into(),
+            pid: 1,
+            pid_ns: String::new(),
+            expires_at: 0,
+        };
+        store.try_lock(&key, &expired("gone")).await.unwrap();
+        let stale = store
+            .get_bytes(&Store::lock_path(&key))
+            .await
+            .unwrap()
+            .unwrap();
+        let marker = Store::takeover_path(&key, &stale);
+        store
+            .put_json(&marker, &expired("killed taker"), PutMode::Create)
+            .await
+            .unwrap();
+        let me = LockInfo {
+            expires_at: unix_now() + 60,
+            ..expired("me")
+        };
+        let mut tries = 0;
+        while !matches!(
+            store.try_lock(&key, &me).await.unwrap(),
+            LockAttempt::Acquired
+        ) {
+            tries += 1;
+            assert!(tries < 3, "still not taken over");
+        }
+        // Its takeover object went with it; another left behind goes with gc.
+        assert!(store.get_bytes(&marker).await.unwrap().is_none());
+        store
+            .put_json(&marker, &expired("killed taker"), PutMode::Create)
+            .await
+            .unwrap();
+        store.clear_stale_takeovers().await.unwrap();
+        assert!(store.get_bytes(&marker).await.unwrap().is_none());
     }
 }
