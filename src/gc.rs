@@ -1,6 +1,7 @@
 //! Garbage collection: keep the newest runs and pinned artifacts, delete what nothing uses.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -26,6 +27,10 @@ pub struct GcReport {
     /// half-written objects stay.
     pub producing: usize,
     pub dry_run: bool,
+    /// The digests of the artifacts kept, whose copies in a local cache stay (see
+    /// [`tidy_local_cache`]).
+    #[serde(skip)]
+    pub kept_digests: HashSet<String>,
 }
 
 /// Deletes run records beyond the newest `keep_last` (a run going on now stays, however
@@ -154,7 +159,7 @@ pub async fn collect(
             // A kept artifact's files must be known before any blob goes: a manifest that
             // cannot be read (the store unreachable, or the manifest corrupt) stops the
             // collection rather than letting its files be taken for garbage.
-            keep_files_of(store, &key, &mut live_blobs).await?;
+            keep_files_of(store, &key, &mut live_blobs, &mut report.kept_digests).await?;
             kept_keys.insert(key);
         } else {
             unused.push(key);
@@ -178,7 +183,7 @@ pub async fn collect(
     }
     for key in unused {
         if keep.contains(&key) {
-            keep_files_of(store, &key, &mut live_blobs).await?;
+            keep_files_of(store, &key, &mut live_blobs, &mut report.kept_digests).await?;
             kept_keys.insert(key);
             continue;
         }
@@ -201,7 +206,7 @@ pub async fn collect(
             if walked.get(&key) == Some(&modified) {
                 continue;
             }
-            keep_files_of(store, &key, &mut live_blobs).await?;
+            keep_files_of(store, &key, &mut live_blobs, &mut report.kept_digests).await?;
         }
     }
     // A blob shared by a kept artifact and a deleted one stays.
@@ -241,15 +246,108 @@ pub async fn collect(
     Ok(report)
 }
 
-/// Adds the blobs of `key`'s manifest to `live` (none where it is gone). A manifest that
-/// cannot be read stops the collection: its files must not be taken for garbage.
+/// What [`tidy_local_cache`] removed, or would.
+#[derive(Debug, Default, Serialize)]
+pub struct LocalReport {
+    /// Working folders of runs over (failed or cancelled ones keep theirs for reading).
+    pub work_deleted: usize,
+    /// Downloaded copies of artifacts the store no longer keeps, and half-downloaded ones.
+    pub copies_deleted: usize,
+    pub bytes_freed: u64,
+    /// Runs going on now from this cache: while there are any, downloaded copies stay.
+    pub live_runs: usize,
+}
+
+/// Tidies a local cache (`.orchestrate/`) after `gc`: each run's working folders, which a
+/// run that failed or was cancelled keeps (its outputs, for reading), once the run is over
+/// and older than `grace`; and the downloaded copies of artifacts (`artifacts/<digest>`) no
+/// longer among `kept` (digests of the artifacts the store keeps), with what interrupted
+/// downloads left, older than `grace` and while no run from this cache goes on (one may be
+/// reading them). A run is going on while it holds its spool's lock (see `tracking`).
+pub fn tidy_local_cache(
+    cache: &Path,
+    kept: &HashSet<String>,
+    grace: Duration,
+    dry_run: bool,
+) -> LocalReport {
+    let mut report = LocalReport::default();
+    let now = SystemTime::now();
+    let old = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age >= grace))
+    };
+    let mut remove = |dir: &Path, report_count: &mut usize, bytes: &mut u64| {
+        *bytes += folder_bytes(dir);
+        *report_count += 1;
+        if !dry_run {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    };
+    let entries = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    // The runs going on from this cache, by id.
+    let live: HashSet<std::ffi::OsString> = entries(&cache.join("spool"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "lock"))
+        .filter(|p| crate::tracking::lock_is_held(p))
+        .filter_map(|p| p.file_stem().map(ToOwned::to_owned))
+        .collect();
+    report.live_runs = live.len();
+    let mut bytes = 0;
+    for dir in entries(&cache.join("work")) {
+        let ours = dir.file_name().is_some_and(|id| live.contains(id));
+        if !ours && old(&dir) {
+            remove(&dir, &mut report.work_deleted, &mut bytes);
+        }
+    }
+    if live.is_empty() {
+        for dir in entries(&cache.join("artifacts")) {
+            let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            // `<hex>`, or `<hex>.partial-…` / `<hex>.stale-…` left by an interrupted download.
+            let (hex, leftover) = match name.split_once('.') {
+                Some((hex, _)) => (hex, true),
+                None => (name, false),
+            };
+            if (leftover || !kept.contains(&format!("blake3:{hex}"))) && old(&dir) {
+                remove(&dir, &mut report.copies_deleted, &mut bytes);
+            }
+        }
+    }
+    report.bytes_freed = bytes;
+    report
+}
+
+/// The bytes of the files under `dir`, links not followed.
+fn folder_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => folder_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Adds the blobs of `key`'s manifest to `live` and its digest to `artifacts` (none where it
+/// is gone). A manifest that cannot be read stops the collection: its files must not be
+/// taken for garbage.
 async fn keep_files_of(
     store: &Store,
     key: &CacheKey,
     live: &mut HashSet<String>,
+    artifacts: &mut HashSet<String>,
 ) -> Result<(), StoreError> {
     if let Some(m) = store.manifest(key).await? {
         live.extend(m.files.into_iter().map(|f| f.digest));
+        artifacts.insert(m.digest);
     }
     Ok(())
 }
@@ -397,6 +495,45 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((r.producing, r.blobs_deleted), (0, 1), "{r:?}");
+    }
+
+    /// A run going on from a local cache (holding its spool's lock) keeps its working
+    /// folder, and every downloaded artifact; once it is over, both go.
+    #[test]
+    fn a_live_run_keeps_its_local_cache() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path();
+        for dir in [
+            "work/r1/train-1",
+            "artifacts/abcd/files",
+            "artifacts/ef01.partial-7-0",
+        ] {
+            std::fs::create_dir_all(cache.join(dir)).unwrap();
+        }
+        std::fs::write(cache.join("artifacts/abcd/files/x"), "12345").unwrap();
+        std::fs::create_dir_all(cache.join("spool")).unwrap();
+        let lock = std::fs::File::create(cache.join("spool/r1.lock")).unwrap();
+        lock.lock().unwrap();
+        let kept = HashSet::new();
+        let r = tidy_local_cache(cache, &kept, Duration::ZERO, false);
+        assert_eq!(
+            (r.live_runs, r.work_deleted, r.copies_deleted),
+            (1, 0, 0),
+            "{r:?}"
+        );
+        drop(lock);
+        let r = tidy_local_cache(cache, &kept, Duration::ZERO, true);
+        assert_eq!(
+            (r.work_deleted, r.copies_deleted, r.bytes_freed),
+            (1, 2, 5),
+            "{r:?}"
+        );
+        assert!(cache.join("work/r1").exists(), "a dry run deletes nothing");
+        let kept = HashSet::from(["blake3:abcd".to_string()]);
+        let r = tidy_local_cache(cache, &kept, Duration::ZERO, false);
+        assert_eq!((r.work_deleted, r.copies_deleted), (1, 1), "{r:?}");
+        assert!(!cache.join("work/r1").exists());
+        assert!(cache.join("artifacts/abcd/files/x").exists());
     }
 
     /// An empty Model artifact stored under `key`.

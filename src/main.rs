@@ -866,10 +866,23 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             grace,
             dry_run,
         } => {
+            let cache = match &store.pipeline {
+                Some(file) => cache_dir(&load_shape(&PipelineArgs {
+                    file: file.clone(),
+                    sets: Vec::new(),
+                })?),
+                None => cache_dir_in(Path::new(".")),
+            };
             let (store, pipeline) = open_store_of(&store)?;
             let r =
                 orchestrate::gc::collect(&store, pipeline.as_deref(), keep_last, grace, dry_run)
                     .await?;
+            let kept = r.kept_digests.clone();
+            let local = tokio::task::spawn_blocking(move || {
+                orchestrate::gc::tidy_local_cache(&cache, &kept, grace, dry_run)
+            })
+            .await
+            .unwrap_or_default();
             outln!(
                 "{}kept {} and {}; deleted {}, {}, {}, {}{} ({}){}",
                 if dry_run { "dry run: " } else { "" },
@@ -890,6 +903,21 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                     n => format!("; {n} stages are producing now, so unreferenced blobs were kept"),
                 }
             );
+            if local.work_deleted + local.copies_deleted > 0 {
+                outln!(
+                    "{}local cache: deleted {} of runs over and {} the store no longer keeps ({})",
+                    if dry_run { "dry run: " } else { "" },
+                    counted(local.work_deleted, "working folder"),
+                    counted(local.copies_deleted, "downloaded artifact"),
+                    counted(local.bytes_freed, "byte"),
+                );
+            }
+            if local.live_runs > 0 {
+                outln!(
+                    "local cache: {} going on from it, so downloaded copies were kept",
+                    counted(local.live_runs, "run")
+                );
+            }
             Ok(0)
         }
         Command::Pin { run_or_key, store } => {

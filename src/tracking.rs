@@ -665,6 +665,16 @@ fn read_spool(spool: &Path) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// Whether a run holds the spool lock at `path` (it does for as long as it lives); false
+/// where there is no such file.
+pub fn lock_is_held(path: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    // Taken for an instant and let go (when `file` closes) where nobody holds it.
+    matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+}
+
 fn open_lock(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new()
         .create(true)

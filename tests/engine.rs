@@ -504,6 +504,34 @@ fn gc_keeps_what_kept_and_pinned_runs_use() {
         r.stdout
     );
     assert!(sb.path().join(format!("store/runs/{first}.json")).exists());
+    // The local cache's copy of the one input collected (`right` greeting two, which `join`
+    // read) goes with it.
+    assert!(
+        r.stdout.contains(
+            "local cache: deleted 0 working folders of runs over and 1 downloaded artifact the store no longer keeps"
+        ),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        std::fs::read_dir(sb.path().join(".orchestrate/artifacts"))
+            .unwrap()
+            .count(),
+        4
+    );
+    // A failed run keeps its working folders, for reading, until gc finds it over.
+    let failed = sb.run(&["run", "p.yaml", "--set", "left.with.run=exit 3"]);
+    assert_eq!(failed.code, 1, "{}", failed.stderr);
+    let work = sb.path().join(".orchestrate/work");
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 1);
+    let r = sb.run(&["gc", "--store", "file://store", "--grace", "0"]);
+    assert!(
+        r.stdout
+            .contains("local cache: deleted 1 working folder of runs over"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0);
     // The newest and the pinned run are still fully cached.
     for greeting in ["three", "one"] {
         let plan = sb.run(&[
