@@ -277,7 +277,7 @@ pub fn tidy_local_cache(
             .and_then(|m| m.modified())
             .is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age >= grace))
     };
-    let mut remove = |dir: &Path, report_count: &mut usize, bytes: &mut u64| {
+    let remove = |dir: &Path, report_count: &mut usize, bytes: &mut u64| {
         *bytes += folder_bytes(dir);
         *report_count += 1;
         if !dry_run {

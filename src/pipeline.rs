@@ -1362,9 +1362,40 @@ impl Validator {
                 .filter_map(|e| Some((*e, written_text(node_at(node, &e.path)?)?)))
                 .collect();
             if as_text.is_empty() {
-                for e in each {
+                for e in &each {
                     self.diags
                         .push(param_diagnostic(stage, kind, node, anchor, e));
+                }
+                // The stage's own checks (a value in range, keys that must agree) need the
+                // block read whole, so none ran: they run again on the block without the
+                // keys at fault (their defaults in their place), so that their problems show
+                // in this pass rather than in the next `validate` after these are fixed.
+                let at_fault: Vec<&str> = each.iter().filter_map(|e| top_key(e)).collect();
+                let serde_json::Value::Object(block) = &json else {
+                    return None;
+                };
+                if at_fault.len() == each.len() {
+                    let rest = block
+                        .iter()
+                        .filter(|(k, _)| !at_fault.contains(&k.as_str()))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    if let Err(more) =
+                        (kind.descriptor().canonical_params)(serde_json::Value::Object(rest))
+                    {
+                        let more = match more.problem {
+                            ParamProblem::Several(all) => all,
+                            _ => vec![more],
+                        };
+                        for e in more {
+                            let new = top_key(&e).is_some_and(|k| !at_fault.contains(&k))
+                                && !matches!(&e.problem, ParamProblem::MissingKey { .. });
+                            if new {
+                                self.diags
+                                    .push(param_diagnostic(stage, kind, node, anchor, &e));
+                            }
+                        }
+                    }
                 }
                 return None;
             }
@@ -1472,6 +1503,16 @@ fn written_text(node: &Node) -> Option<String> {
         Value::Null if !text.is_empty() => None,
         Value::Seq(_) | Value::Map(_) => None,
         _ => Some(text.clone()),
+    }
+}
+
+/// The key of the `with:` block a problem is at (an unknown key, or a value under a key);
+/// None for one about the block as a whole (a required key missing).
+fn top_key(e: &ParamError) -> Option<&str> {
+    match (&e.problem, e.path.first()) {
+        (_, Some(PathSegment::Key(k))) => Some(k),
+        (ParamProblem::UnknownKey { key, .. }, None) => Some(key),
+        _ => None,
     }
 }
 

@@ -73,6 +73,9 @@ broken!(names_that_differ_only_in_case_or_dashes, "folded_names");
 // The caret stands under what it marks after characters two columns wide.
 broken!(a_caret_after_wide_characters, "wide");
 broken!(every_problem_in_one_with_block, "several_in_one_block");
+// A block's own checks (ranges, keys that must agree) run beside its wrong types and keys.
+#[cfg(feature = "model")]
+broken!(wrong_keys_and_ranges_at_once, "bad_beside_out_of_range");
 broken!(
     bad_set_path,
     "ok",

@@ -202,6 +202,19 @@ pub fn canonical_params<P: DeserializeOwned + Serialize>(
     })
 }
 
+/// A stage's parameter problems as `canonical_params` reports them: none, the one, or
+/// every one at once (`validate` shows them all, each at its key).
+pub fn param_problems(mut problems: Vec<ParamError>) -> Result<(), ParamError> {
+    match problems.len() {
+        0 => Ok(()),
+        1 => Err(problems.remove(0)),
+        _ => Err(ParamError {
+            path: Vec::new(),
+            problem: ParamProblem::Several(problems),
+        }),
+    }
+}
+
 /// serde reports unknown and missing fields only as text; recover their structure so the
 /// orchestrator can point at the key and suggest the nearest known one.
 fn classify_serde_message(msg: &str) -> ParamProblem {

@@ -179,7 +179,7 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
             problems.push(invalid(&[key], format!("{key} must be at least 1")));
         }
     }
-    crate::param_problems(problems).map(|()| v)
+    orchestrate_stage::param_problems(problems).map(|()| v)
 }
 
 /// A split whose fraction is zero holds no record: a consumer that needs it (train's

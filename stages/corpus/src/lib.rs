@@ -28,21 +28,6 @@ use arrow::datatypes::{DataType, Field, Schema};
 /// | `author` | utf8, nullable | from the attribution line (`-- Mark Twain`) or the source field |
 /// | `source` | utf8 | the file the record came from: its source's `path` as written, then the file's path below it (an object's URL for `s3://`) |
 /// | `split` | utf8 | `train`, `val` or `test`, by a hash of the record's letters and digits, lower-cased (near-duplicates share a split) |
-/// A stage's parameter problems as `canonical_params` reports them: none, the one, or
-/// every one at once (`validate` shows them all, each at its key).
-pub fn param_problems(
-    mut problems: Vec<orchestrate_stage::ParamError>,
-) -> Result<(), orchestrate_stage::ParamError> {
-    match problems.len() {
-        0 => Ok(()),
-        1 => Err(problems.remove(0)),
-        _ => Err(orchestrate_stage::ParamError {
-            path: Vec::new(),
-            problem: orchestrate_stage::ParamProblem::Several(problems),
-        }),
-    }
-}
-
 pub fn schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![
         Field::new("id", DataType::Utf8, false),

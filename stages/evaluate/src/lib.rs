@@ -138,13 +138,18 @@ const MAX_LATENCY_RUNS: usize = 10_000;
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     let v = canonical_params::<EvaluateParams>(v)?;
     let p: EvaluateParams = serde_json::from_value(v.clone()).expect("just canonicalised");
-    let invalid = |key: &str, msg: String| ParamError {
-        path: vec![orchestrate_stage::PathSegment::Key(key.into())],
+    let invalid = |path: &[&str], msg: String| ParamError {
+        path: path
+            .iter()
+            .map(|k| orchestrate_stage::PathSegment::Key(k.to_string()))
+            .collect(),
         problem: orchestrate_stage::ParamProblem::Invalid(msg),
     };
+    // Every problem at once, each at its key.
+    let mut problems = Vec::new();
     if !p.timings && p.gate.max_p95_ms.is_some() {
-        return Err(invalid(
-            "gate",
+        problems.push(invalid(
+            &["gate", "max_p95_ms"],
             "gate.max_p95_ms needs timings: true".into(),
         ));
     }
@@ -159,7 +164,7 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         ("threads", p.threads.unwrap_or(1)),
     ] {
         if value == 0 {
-            return Err(invalid(key, format!("`{key}` must be at least 1")));
+            problems.push(invalid(&[key], format!("`{key}` must be at least 1")));
         }
     }
     // Upper bounds where a large value would take the machine's memory (a batch's rows are
@@ -175,12 +180,49 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
         ),
     ] {
         if value > most {
-            return Err(invalid(
-                key,
+            problems.push(invalid(
+                &[key],
                 format!("`{key}` must be at most {most}, got {value}"),
             ));
         }
     }
+    // A bound no model can meet fails the gate after every training it follows: refused
+    // before any. (Perplexity is at least 1, chrF a score from 0 to 100.)
+    let g = &p.gate;
+    for (key, value, ok, range) in [
+        (
+            "max_ppl",
+            g.max_ppl,
+            (|v: f64| v >= 1.0) as fn(f64) -> bool,
+            "a perplexity of at least 1",
+        ),
+        (
+            "max_ppl_increase",
+            g.max_ppl_increase,
+            |v| v >= 0.0,
+            "a share of at least 0 (0.05 is 5%)",
+        ),
+        (
+            "max_p95_ms",
+            g.max_p95_ms,
+            |v| v > 0.0,
+            "milliseconds above 0",
+        ),
+        (
+            "min_chrf",
+            g.min_chrf,
+            |v| (0.0..=100.0).contains(&v),
+            "a chrF from 0 to 100",
+        ),
+    ] {
+        if let Some(v) = value.filter(|v| !(v.is_finite() && ok(*v))) {
+            problems.push(invalid(
+                &["gate", key],
+                format!("gate.{key} {v} can never be met: it must be {range}"),
+            ));
+        }
+    }
+    orchestrate_stage::param_problems(problems)?;
     Ok(v)
 }
 

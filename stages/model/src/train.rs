@@ -414,7 +414,7 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
     if !(p.lr > 0.0 && p.lr <= 1.0) {
         problems.push(bad("lr", format!("lr {} is outside (0, 1]", p.lr)));
     }
-    orchestrate_corpus::param_problems(problems).map(|()| v)
+    orchestrate_stage::param_problems(problems).map(|()| v)
 }
 
 /// Bytes each parameter holds while training: its value, its gradient and AdamW's two

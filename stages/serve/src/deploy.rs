@@ -92,36 +92,52 @@ fn canonical(v: Value) -> Result<Value, ParamError> {
         path: Vec::new(),
         problem: ParamProblem::Invalid(e.to_string()),
     })?;
+    let invalid = |path: Vec<PathSegment>, msg: String| ParamError {
+        path,
+        problem: ParamProblem::Invalid(msg),
+    };
+    let at = |key: &str| vec![PathSegment::Key(key.into())];
+    // Every problem at once, each at its key.
+    let mut problems = Vec::new();
     // A server that may generate nothing could never pass its own smoke test: say so here,
     // before training, not after.
     if p.max_new_tokens == Some(0) {
-        return Err(ParamError {
-            path: vec![PathSegment::Key("max_new_tokens".into())],
-            problem: ParamProblem::Invalid(
-                "at least 1 is needed (leave it out for the model's own limit)".into(),
-            ),
-        });
+        problems.push(invalid(
+            at("max_new_tokens"),
+            "at least 1 is needed (leave it out for the model's own limit)".into(),
+        ));
     }
     // 0 would be a server that decodes nothing (max_batch) or takes no request (queue).
     for (key, value) in [("max_batch", p.max_batch), ("queue", p.queue)] {
         if value == 0 {
-            return Err(ParamError {
-                path: vec![PathSegment::Key(key.into())],
-                problem: ParamProblem::Invalid("at least 1 is needed".into()),
-            });
+            problems.push(invalid(at(key), "at least 1 is needed".into()));
         }
     }
     for (i, origin) in p.cors_origins.iter().flatten().enumerate() {
         if let Some(problem) = crate::api::cors_origin_problem(origin) {
-            return Err(ParamError {
-                path: vec![
-                    PathSegment::Key("cors_origins".into()),
-                    PathSegment::Index(i),
-                ],
-                problem: ParamProblem::Invalid(problem),
-            });
+            let mut path = at("cors_origins");
+            path.push(PathSegment::Index(i));
+            problems.push(invalid(path, problem));
         }
     }
+    // The variable's name, never the key itself: a key written here would be stored in
+    // the artifact's params (and its cache key) in clear.
+    if let Some(name) = &p.api_key_env {
+        let is_name = name
+            .chars()
+            .next()
+            .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+            && name.chars().all(|c| c == '_' || c.is_ascii_alphanumeric());
+        if !is_name {
+            problems.push(invalid(
+                at("api_key_env"),
+                format!(
+                    "`{name}` is not an environment variable's name (letters, digits and `_`): write the name of the variable that holds the key, never the key"
+                ),
+            ));
+        }
+    }
+    orchestrate_stage::param_problems(problems)?;
     Ok(v)
 }
 
