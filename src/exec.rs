@@ -983,12 +983,20 @@ async fn produce(
         ));
     }
     if committed.digest != manifest.digest {
+        // Under --force only a pin keeps the stored one: say so, not to use --force.
+        let how = if replace {
+            format!(
+                "it is pinned (`orchestrate unpin {}` lets `--force {}` replace it)",
+                key.0, stage.name
+            )
+        } else {
+            format!("`--force {}` replaces it, unless it is pinned", stage.name)
+        };
         sh.reporter.note(&format!(
-            "stage `{}` is not deterministic: this run produced {}, but the store already holds {} for the same key; keeping the stored one (`--force {}` replaces it, unless it is pinned)",
+            "stage `{}` is not deterministic: this run produced {}, but the store already holds {} for the same key; keeping the stored one: {how}",
             stage.name,
             crate::plan::short_digest(&manifest.digest),
             crate::plan::short_digest(&committed.digest),
-            stage.name
         ));
     }
     // MLflow is shown the files the store keeps. When another run committed this key first

@@ -187,8 +187,8 @@ enum Command {
         #[command(flatten)]
         select: SelectArgs,
         /// How many stages may run at once (default: the number of CPUs).
-        #[arg(long, short = 'j', value_name = "N")]
-        jobs: Option<usize>,
+        #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        jobs: Option<u16>,
         /// Only the closing summary, no progress.
         #[arg(long, short = 'q')]
         quiet: bool,
@@ -625,7 +625,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 .map_err(|e| Failure::new(1, format!("error: {e}")))?;
             let opts = ExecOptions {
                 run_id,
-                jobs: jobs.unwrap_or_else(|| {
+                jobs: jobs.map(usize::from).unwrap_or_else(|| {
                     std::thread::available_parallelism()
                         .map(|n| n.get())
                         .unwrap_or(2)
@@ -713,6 +713,14 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 || model.contains('#')
                 || Path::new("artifacts").is_dir();
             if holds_artifact || !store_given {
+                if !dir.exists() {
+                    return Err(Failure::new(
+                        2,
+                        format!(
+                            "error: there is no directory {model}, and no store here to find a stage `{model}` in; give a deployment's or a model's directory, `STAGE` with --pipeline/--store, or `URL#STAGE`"
+                        ),
+                    ));
+                }
                 return serve_dir(dir, overrides).await;
             }
             // The cache `run` fills: beside the pipeline named, as for `run` and `sync`.
@@ -1280,13 +1288,27 @@ async fn stored_artifact(
     let Some(key) = &stage.key else {
         return Ok(None);
     };
-    match store.manifest(key).await? {
-        Some(m) => Ok(Some((
-            orchestrate::exec::materialize_in(store, &cache.join("artifacts"), &m).await?,
-            m.digest,
-        ))),
-        None => Ok(None),
+    let Some(m) = store.manifest(key).await? else {
+        return Ok(None);
+    };
+    // Said before anything is downloaded (a corpus may be gigabytes) rather than after.
+    use orchestrate_stage::ArtifactKind;
+    if !matches!(
+        m.kind,
+        ArtifactKind::Model | ArtifactKind::Deployment | ArtifactKind::Files
+    ) {
+        return Err(Failure::new(
+            2,
+            format!(
+                "error: stage `{}` produced a {}, and serve needs a Model (a train or quantize stage) or a Deployment (a deploy stage)",
+                stage.stage, m.kind
+            ),
+        ));
     }
+    Ok(Some((
+        orchestrate::exec::materialize_in(store, &cache.join("artifacts"), &m).await?,
+        m.digest,
+    )))
 }
 
 /// The artifact of the first `deploy` stage of a finished run, materialised locally.
@@ -1819,12 +1841,23 @@ fn status_word(r: &RunRecord) -> &'static str {
     }
 }
 
+/// A run's duration; `≥` where it recorded no end (killed, or going on), its record
+/// knowing only when its stages last started or ended.
+fn run_duration(r: &RunRecord) -> String {
+    let ms = fmt_ms(r.duration_ms());
+    if r.ended_at.is_none() {
+        format!("≥{ms}")
+    } else {
+        ms
+    }
+}
+
 fn summary(r: &RunRecord) -> String {
     let mut out = format!(
         "run {} {} in {}: {} ran, {} cached, {} failed\n",
         r.id,
         status_word(r),
-        fmt_ms(r.duration_ms()),
+        run_duration(r),
         r.count(StageStatus::Ran),
         r.count(StageStatus::Cached),
         r.count(StageStatus::Failed)
@@ -1892,7 +1925,7 @@ fn runs_table(runs: &[RunRecord]) -> String {
             r.id,
             r.started_at.format("%Y-%m-%d %H:%M:%S"),
             status_word(r),
-            fmt_ms(r.duration_ms()),
+            run_duration(r),
             r.count(StageStatus::Ran),
             r.count(StageStatus::Cached),
             r.count(StageStatus::Failed),
@@ -1914,7 +1947,7 @@ fn show(r: &RunRecord) -> String {
         r.started_at.to_rfc3339(),
         r.host
     ));
-    out.push_str(&format!("duration  {}\n", fmt_ms(r.duration_ms())));
+    out.push_str(&format!("duration  {}\n", run_duration(r)));
     if let Some(c) = &r.git_commit {
         out.push_str(&format!("commit    {c}\n"));
     }

@@ -118,7 +118,7 @@ pub enum PlanError {
         #[source]
         source: Box<StoreError>,
     },
-    #[error("stage `{stage}` needs `{upstream}`, which is not in the store and is not selected to run; run it first or widen --only")]
+    #[error("stage `{stage}` needs `{upstream}`, which is not in the store and is not selected to run; run it first, or select it too")]
     MissingUpstream { stage: String, upstream: String },
     #[error("the stored manifest of stage `{stage}` is damaged: {source}; run again with --repair to set it aside and rerun the stage (or `orchestrate fsck --repair`)")]
     DamagedManifest {
@@ -126,6 +126,8 @@ pub enum PlanError {
         #[source]
         source: Box<StoreError>,
     },
+    #[error("--force {} names {} the selection (--only, --until, --from) leaves out, so nothing would be forced; select {} too, or leave --force out", .0.join(" --force "), if .0.len() == 1 { "a stage" } else { "stages" }, if .0.len() == 1 { "it" } else { "them" })]
+    ForcedNotSelected(Vec<String>),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -153,10 +155,43 @@ impl Selection {
             })
             .collect();
         match unknown.len() {
-            0 => Ok(()),
-            1 => Err(unknown.remove(0)),
-            _ => Err(PlanError::UnknownStages(unknown)),
+            0 => {}
+            1 => return Err(unknown.remove(0)),
+            _ => return Err(PlanError::UnknownStages(unknown)),
         }
+        // `--only b --force c` would run b and say nothing of c.
+        let selected = self.selected(p);
+        let left_out: Vec<String> = self
+            .force
+            .iter()
+            .filter(|n| p.stage_index(n).is_some_and(|i| !selected[i]))
+            .cloned()
+            .collect();
+        if left_out.is_empty() {
+            Ok(())
+        } else {
+            Err(PlanError::ForcedNotSelected(left_out))
+        }
+    }
+
+    /// Which stages the selection runs (or finds cached), by index; its names known.
+    fn selected(&self, p: &Pipeline) -> Vec<bool> {
+        let everything = self.only.is_empty() && self.from.is_none() && self.until.is_empty();
+        let mut selected = vec![everything; p.stages.len()];
+        for i in self.only.iter().filter_map(|n| p.stage_index(n)) {
+            selected[i] = true;
+        }
+        for end in self.until.iter().filter_map(|n| p.stage_index(n)) {
+            for i in ancestors(p, end) {
+                selected[i] = true;
+            }
+        }
+        if let Some(start) = self.from.as_ref().and_then(|n| p.stage_index(n)) {
+            for i in descendants(p, start) {
+                selected[i] = true;
+            }
+        }
+        selected
     }
 }
 
@@ -170,24 +205,14 @@ impl Plan {
                 hint: suggest(n, &names),
             })
         };
-        let everything = sel.only.is_empty() && sel.from.is_none() && sel.until.is_empty();
-        let mut selected = vec![everything; p.stages.len()];
+        sel.check_names(p)?;
+        let selected = sel.selected(p);
         let mut forced = vec![sel.force_all; p.stages.len()];
-        for n in &sel.only {
-            selected[check("--only", n)?] = true;
-        }
         for n in &sel.force {
             forced[check("--force", n)?] = true;
         }
-        for n in &sel.until {
-            for i in ancestors(p, check("--until", n)?) {
-                selected[i] = true;
-            }
-        }
         if let Some(from) = &sel.from {
-            let start = check("--from", from)?;
-            for i in descendants(p, start) {
-                selected[i] = true;
+            for i in descendants(p, check("--from", from)?) {
                 forced[i] = true;
             }
         }

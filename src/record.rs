@@ -126,8 +126,18 @@ impl RunRecord {
         self.stages.iter().filter(|s| s.status == status).count()
     }
 
+    /// How long the run took; for one that recorded no end (killed, or going on), how long
+    /// it ran at least: to the last start or end of a stage its record holds.
     pub fn duration_ms(&self) -> u64 {
+        let last_known = || {
+            self.stages
+                .iter()
+                .flat_map(|s| [s.started_at, s.ended_at])
+                .flatten()
+                .max()
+        };
         self.ended_at
+            .or_else(last_known)
             .map(|e| (e - self.started_at).num_milliseconds().max(0) as u64)
             .unwrap_or(0)
     }

@@ -270,8 +270,6 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// What makes `url` no store URL, if anything: `validate` and the command line check it
-/// before anything is opened.
 /// The folder a `file://` store URL names, relative ones against `base`; None for others.
 pub fn local_dir(url: &str, base: &Path) -> Option<PathBuf> {
     let rest = url.strip_prefix("file://")?;
@@ -282,6 +280,8 @@ pub fn local_dir(url: &str, base: &Path) -> Option<PathBuf> {
     })
 }
 
+/// What makes `url` no store URL, if anything: `validate` and the command line check it
+/// before anything is opened.
 pub fn url_problem(url: &str) -> Option<&'static str> {
     if let Some(rest) = url.strip_prefix("s3://") {
         let bucket = rest.split('/').next().unwrap_or_default();
@@ -290,6 +290,11 @@ pub fn url_problem(url: &str) -> Option<&'static str> {
             .then_some("no bucket named: use `s3://BUCKET` or `s3://BUCKET/PREFIX`");
     }
     if let Some(dir) = url.strip_prefix("file://") {
+        if dir.starts_with('~') {
+            // No shell expands it here: `file://~/x` would be a folder named `~` in the
+            // working directory.
+            return Some("`~` is not expanded in a store URL: write the folder's whole path (`file:///home/NAME/x`, or `file://$HOME/x` for the shell to expand)");
+        }
         return dir
             .is_empty()
             .then_some("no directory named: use `file://DIR`");
@@ -314,6 +319,12 @@ impl Store {
         }
         let local_root = local_dir(url, base);
         let inner: Arc<dyn ObjectStore> = if let Some(dir) = &local_root {
+            if dir.exists() && !dir.is_dir() {
+                return Err(open_err(format!(
+                    "{} is a file: a file:// store is a folder",
+                    dir.display()
+                )));
+            }
             std::fs::create_dir_all(dir)
                 .map_err(|e| open_err(format!("{}: {e}", dir.display())))?;
             Arc::new(LocalFileSystem::new_with_prefix(dir).map_err(|e| open_err(e.to_string()))?)
@@ -1434,6 +1445,22 @@ mod tests {
             let err = store.manifest(&key).await.unwrap_err();
             assert!(err.is_damage() && err.to_string().contains(why), "{err}");
         }
+    }
+
+    #[test]
+    fn store_urls_that_name_no_store_are_refused() {
+        assert!(url_problem("file://~/x")
+            .unwrap()
+            .contains("`~` is not expanded"));
+        assert!(url_problem("file://").is_some());
+        assert!(url_problem("s3://").is_some());
+        assert!(url_problem("http://x").is_some());
+        assert_eq!(url_problem("file://a/~b"), None);
+        assert_eq!(url_problem("s3://bucket/p"), None);
+        let d = tmp("a-file");
+        std::fs::write(d.join("f"), "").unwrap();
+        let e = Store::open("file://f", &d).err().unwrap().to_string();
+        assert!(e.contains("is a file: a file:// store is a folder"), "{e}");
     }
 
     #[tokio::test]

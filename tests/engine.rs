@@ -464,6 +464,16 @@ fn only_runs_just_that_stage_and_needs_its_inputs_stored() {
     ] {
         assert!(r.stderr.contains(says), "{}", r.stderr);
     }
+    // A stage forced that the selection leaves out would be passed over without a word.
+    let r = sb.run(&["plan", "p.yaml", "--only", "left", "--force", "join"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(
+            "--force join names a stage the selection (--only, --until, --from) leaves out"
+        ),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -1137,7 +1147,11 @@ fn force_replaces_an_output_that_changed_under_one_key() {
     assert_eq!(stored(), v2);
     assert_eq!(sb.run(&["pin", "last", "--store", "file://store"]).code, 0);
     let r = sb.run(&["run", "p.yaml", "--force", "a"]);
-    assert!(format!("{}{}", r.stdout, r.stderr).contains("keeping the stored one"));
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        all.contains("keeping the stored one: it is pinned (`orchestrate unpin "),
+        "{all}"
+    );
     assert_eq!(stored(), v2);
 }
 

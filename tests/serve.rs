@@ -1096,6 +1096,23 @@ fn a_model_served_from_the_store_is_named_by_its_stage_and_digest() {
     );
 }
 
+/// A stage whose artifact no server can load is refused by its kind (before it would be
+/// downloaded); a directory that is not there, as such.
+#[test]
+fn serving_a_tokenizer_or_nothing_is_refused_by_name() {
+    let (sb, _) = deployed();
+    let (code, err) = refused(sb, &["serve", "tokenizer", "--pipeline", "p.yaml"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("stage `tokenizer` produced a Tokenizer, and serve needs a Model"),
+        "{err}"
+    );
+    let empty = Sandbox::new();
+    let (code, err) = refused(&empty, &["serve", "no/such/dir"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("there is no directory no/such/dir"), "{err}");
+}
+
 /// `orchestrate serve ARGS` that must refuse to start: its exit code and stderr (a server
 /// that starts anyway is killed after 60 s and fails the test).
 fn refused(sb: &Sandbox, args: &[&str]) -> (Option<i32>, String) {

@@ -207,33 +207,38 @@ fn file_deps(v: &serde_json::Value, dir: &Path) -> FileDeps {
     };
     let mut deps = Vec::new();
     let mut missing = Vec::new();
-    let mut seen = HashSet::new();
+    let mut first = HashMap::new();
     for (i, s) in p.sources.iter().enumerate() {
         // Remote sources are named by URL; the orchestrator fingerprints their listing.
         if crate::remote::is_remote(&s.path) {
             deps.push(s.path.clone());
             continue;
         }
+        let at_path = |msg: String| ParamError {
+            path: vec![
+                PathSegment::Key("sources".into()),
+                PathSegment::Index(i),
+                PathSegment::Key("path".into()),
+            ],
+            problem: ParamProblem::Invalid(msg),
+        };
         let files = match source_files(s, dir) {
             Ok(files) => files,
             Err(msg) => {
-                missing.push(ParamError {
-                    path: vec![
-                        PathSegment::Key("sources".into()),
-                        PathSegment::Index(i),
-                        PathSegment::Key("path".into()),
-                    ],
-                    problem: ParamProblem::Invalid(msg),
-                });
+                missing.push(at_path(msg));
                 continue;
             }
         };
-        deps.extend(
-            files
-                .into_iter()
-                .filter(|f| seen.insert(canonical_path(f)))
-                .map(|f| f.display().to_string()),
-        );
+        for f in files {
+            match claim(&mut first, &p.sources, i, &f) {
+                Ok(true) => deps.push(f.display().to_string()),
+                Ok(false) => {}
+                Err(msg) => {
+                    missing.push(at_path(msg));
+                    break;
+                }
+            }
+        }
     }
     if missing.is_empty() {
         Ok(deps)
@@ -244,18 +249,53 @@ fn file_deps(v: &serde_json::Value, dir: &Path) -> FileDeps {
 
 /// Every input file with the source it came from and its name in the corpus (see
 /// [`source_name`]), in a stable order, each file once.
+///
+/// A file two sources name is read once, by the first, when both read it alike; when they
+/// read it differently (another `format`, `lang` or `fields`) it is an error naming both:
+/// the second source's reading would otherwise vanish without a word.
 pub fn expand(p: &IngestParams, dir: &Path) -> Result<Vec<(PathBuf, usize, String)>, String> {
     let mut out = Vec::new();
-    let mut seen = HashSet::new();
+    let mut first = HashMap::new();
     for (i, s) in p.sources.iter().enumerate() {
         for f in source_files(s, dir)? {
-            if seen.insert(canonical_path(&f)) {
+            if claim(&mut first, &p.sources, i, &f)? {
                 let name = source_name(s, dir, &f);
                 out.push((f, i, name));
             }
         }
     }
     Ok(out)
+}
+
+/// Whether `file`, named by source `i`, is named for the first time (`first` says by which
+/// source each file was); an error where an earlier source names it and reads it otherwise.
+fn claim(
+    first: &mut HashMap<PathBuf, usize>,
+    sources: &[Source],
+    i: usize,
+    file: &Path,
+) -> Result<bool, String> {
+    let reading = |s: &Source| (s.format, s.lang.clone(), s.fields.clone());
+    match first.entry(canonical_path(file)) {
+        std::collections::hash_map::Entry::Vacant(slot) => {
+            slot.insert(i);
+            Ok(true)
+        }
+        std::collections::hash_map::Entry::Occupied(slot) => {
+            let earlier = &sources[*slot.get()];
+            if reading(earlier) == reading(&sources[i]) {
+                return Ok(false);
+            }
+            Err(format!(
+                "{} is named by source {} (`{}`) and source {} (`{}`), which read it differently: name each file in one source",
+                file.display(),
+                slot.get() + 1,
+                earlier.path,
+                i + 1,
+                sources[i].path
+            ))
+        }
+    }
 }
 
 /// A file's name in the `source` column: the source's `path` as the pipeline writes it, then
@@ -1041,6 +1081,28 @@ mod tests {
             .any(|b| (0..b.num_rows()).any(|i| col(b, "lang").value(i) == "ru"));
         assert!(lang_detected);
         assert!(d.join("out/stats.json").exists());
+    }
+
+    /// A file two sources name is read once where they read it alike; where they read it
+    /// differently, the second source's reading is not dropped without a word.
+    #[test]
+    fn a_file_two_sources_read_differently_is_an_error() {
+        let d = tempdir("overlap");
+        write_fortunes(&d);
+        let alike = serde_json::json!({"sources": [{"path": "en.txt"}, {"path": "*.txt"}]});
+        let p: IngestParams = serde_json::from_value(alike).unwrap();
+        let files = expand(&p, &d).unwrap();
+        let names: Vec<&str> = files.iter().map(|(_, _, n)| n.as_str()).collect();
+        assert_eq!(names, ["en.txt", "bad.txt", "ru.txt"]);
+        let unlike = serde_json::json!({"sources": [
+            {"path": "en.txt"}, {"path": "en.txt", "format": "lines", "lang": "ru"}
+        ]});
+        let p: IngestParams = serde_json::from_value(unlike).unwrap();
+        let err = expand(&p, &d).unwrap_err();
+        assert!(
+            err.ends_with("en.txt is named by source 1 (`en.txt`) and source 2 (`en.txt`), which read it differently: name each file in one source"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -216,11 +216,10 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         .process_group(0);
     for (name, artifacts) in ctx.inputs {
         let var = format!("INPUT_{}", env_name(name));
-        let dirs: Vec<String> = artifacts
-            .iter()
-            .map(|a| a.dir.display().to_string())
-            .collect();
-        cmd.env(var, dirs.join(":"));
+        // As bytes: a folder whose name is not UTF-8 (where the pipeline lies) is passed
+        // as it is, not with U+FFFD in its place, which names no folder.
+        let dirs: Vec<&std::ffi::OsStr> = artifacts.iter().map(|a| a.dir.as_os_str()).collect();
+        cmd.env(var, dirs.join(std::ffi::OsStr::new(":")));
     }
     let orchestrator = std::process::id();
     // SAFETY: runs in the forked child before `exec`, where only async-signal-safe calls
