@@ -189,7 +189,7 @@ enum Command {
         /// How many stages may run at once (default: the number of CPUs).
         #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
         jobs: Option<u16>,
-        /// Only the closing summary, no progress.
+        /// Only the closing summary and notes (retries, warnings, interruptions), no progress.
         #[arg(long, short = 'q')]
         quiet: bool,
         /// Do not serve the deployed model after the run (CI); the deploy stage still

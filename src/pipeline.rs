@@ -977,6 +977,17 @@ impl Validator {
                     .get("name")
                     .and_then(|s| self.string(s, "tracking.register.name"))
                     .unwrap_or_else(|| pipeline.to_string());
+                // Found now, not as a delivery warning after the training.
+                if let Some(problem) = registered_name_problem(&name) {
+                    let at = n.get("name").map_or(n.span, |s| s.span);
+                    self.diags.push(
+                        Diagnostic::new(
+                            format!("`{name}` cannot name an MLflow registered model: {problem}"),
+                            at,
+                        )
+                        .hint("for example `register: { stage: model, name: prometheus-mini }`"),
+                    );
+                }
                 match stage {
                     Some(stage) => t.register = Some(Register { stage, name, span }),
                     None => self.diags.push(
@@ -1506,6 +1517,21 @@ fn written_text(node: &Node) -> Option<String> {
     }
 }
 
+/// Why MLflow would refuse `name` for a registered model, if it would: it refuses a blank
+/// one, `/` and `:`, and a name read as another path (`.`, `..x`); a `'` would break the
+/// search for the versions this tool makes.
+fn registered_name_problem(name: &str) -> Option<&'static str> {
+    if name.trim().is_empty() {
+        Some("it is blank")
+    } else if name.contains(['/', ':', '\'', '\\']) {
+        Some("it may not hold `/`, `:`, `'` or `\\`")
+    } else if name == "." || name.starts_with("..") {
+        Some("MLflow reads it as a path (`.`, or `..` at the start)")
+    } else {
+        None
+    }
+}
+
 /// The key of the `with:` block a problem is at (an unknown key, or a value under a key);
 /// None for one about the block as a whole (a required key missing).
 fn top_key(e: &ParamError) -> Option<&str> {
@@ -1752,5 +1778,24 @@ mod tests {
         assert_eq!(cycles, vec![vec![0, 1, 3, 0]]);
         let g = graph(&[(0, 0), (1, 2), (2, 1)], 3);
         assert_eq!(find_cycles(&g), vec![vec![0, 0], vec![1, 2, 1]]);
+    }
+
+    #[test]
+    fn registered_model_names_mlflow_refuses_are_found() {
+        for bad in [
+            "",
+            "  ",
+            "team/model",
+            "model:v2",
+            "it's",
+            ".",
+            "..x",
+            "a\\b",
+        ] {
+            assert!(registered_name_problem(bad).is_some(), "{bad:?}");
+        }
+        for good in ["prometheus-mini", "x.y", "Model 2", "a..b"] {
+            assert_eq!(registered_name_problem(good), None, "{good:?}");
+        }
     }
 }

@@ -48,6 +48,10 @@ impl Lines {
         if self.quiet {
             return;
         }
+        self.write(stage, msg);
+    }
+
+    fn write(&self, stage: &str, msg: &str) {
         let t = self.start.elapsed().as_secs_f64();
         let mut err = std::io::stderr().lock();
         let _ = writeln!(err, "[{t:7.2}s] {stage:<12} {msg}");
@@ -94,8 +98,11 @@ impl Reporter for Lines {
         self.line(&r.stage, &msg);
     }
 
+    /// Shown under `--quiet` too: a note is something to act on (a retry, a stage that is
+    /// not deterministic, records left in the spool, an interruption), and an Argo task's
+    /// log, run quiet, was the only place to read it.
     fn note(&self, message: &str) {
-        self.line("orchestrate", message);
+        self.write("orchestrate", message);
     }
 }
 

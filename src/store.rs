@@ -652,8 +652,17 @@ impl Store {
             let path = Self::blob_path(&f.digest);
             match self.inner.get(&path).await {
                 Ok(r) => {
-                    let bytes = r.bytes().await.map_err(Self::backend("read", &path))?;
-                    let actual = format!("blake3:{}", blake3::hash(&bytes).to_hex());
+                    // Hashed as it arrives: a model's blob need not fit in memory.
+                    let mut stream = r.into_stream();
+                    let mut hasher = blake3::Hasher::new();
+                    while let Some(chunk) = stream
+                        .try_next()
+                        .await
+                        .map_err(Self::backend("read", &path))?
+                    {
+                        hasher.update(&chunk);
+                    }
+                    let actual = format!("blake3:{}", hasher.finalize().to_hex());
                     if actual != f.digest {
                         let why = format!(
                             "{} (file `{}`: expected {}, found {actual})",

@@ -127,8 +127,10 @@ pub enum TrackError {
 /// rest replaced by `_`. Pipeline params are free-form YAML keys (`batch(size)`), and one
 /// refused key would lose the whole batch it came in.
 fn mlflow_key(key: &str) -> String {
+    // Cut first: a cut after the clean-up below could end in `/.` again.
     let clean: String = key
         .chars()
+        .take(250)
         .map(|c| {
             if c.is_ascii_alphanumeric() || "_-. :/".contains(c) {
                 c
@@ -137,27 +139,25 @@ fn mlflow_key(key: &str) -> String {
             }
         })
         .collect();
-    // MLflow also refuses a name that changes when read as a path (`val/`, `a//b`, `./x`):
-    // the whole batch would go with it. Its parts are kept, `.` and `..` spelled out.
-    let parts: Vec<&str> = clean
+    // MLflow also refuses a name that changes when read as a path (`val/`, `a//b`, `./x`),
+    // or that starts with `..` (`..x`): the whole batch would go with it. Its parts are
+    // kept, `.` and `..` spelled out.
+    let parts: Vec<String> = clean
         .split('/')
         .filter(|p| !p.is_empty())
-        .map(|p| match p {
-            "." => "_",
-            ".." => "__",
-            p => p,
+        .enumerate()
+        .map(|(i, p)| match p {
+            "." => "_".to_string(),
+            ".." => "__".to_string(),
+            p if i == 0 && p.starts_with("..") => format!("__{}", &p[2..]),
+            p => p.to_string(),
         })
         .collect();
-    let key = if parts.is_empty() {
+    if parts.is_empty() {
         "_".to_string()
     } else {
         parts.join("/")
-    };
-    key.chars()
-        .take(250)
-        .collect::<String>()
-        .trim_end_matches('/')
-        .to_string()
+    }
 }
 
 /// [`mlflow_key`] of each key, made unique: `batch(size)` and `batch_size_` clean to one
@@ -1436,6 +1436,11 @@ mod tests {
             mlflow_keys(keys.iter()),
             vec!["batch_size_", "batch_size__2", "lr"]
         );
+        // Cut at 250 where a part `.` begins: still a name MLflow reads unchanged.
+        assert_eq!(
+            mlflow_key(&format!("{}/./z", "x".repeat(248))),
+            "x".repeat(248) + "/_"
+        );
         let long = ["x".repeat(300), format!("{}y", "x".repeat(299))];
         let cleaned = mlflow_keys(long.iter());
         assert_eq!(cleaned[1].len(), 250);
@@ -1453,6 +1458,9 @@ mod tests {
             ("a/../b", "a/__/b"),
             ("/", "_"),
             ("train loss(1)", "train loss_1_"),
+            ("...", "__."),
+            ("..x/y", "__x/y"),
+            ("a/..b", "a/..b"),
         ] {
             assert_eq!(mlflow_key(key), want, "{key}");
         }
