@@ -563,13 +563,21 @@ async fn run_stage(
         flatten_params("", &stage.params, &mut params);
         sh.tracker.log(&uid, params, BTreeMap::new());
     }
-    let heartbeat = {
+    // Stopped between renewals, not in one: a renewal cut off mid-write (on `file://` the
+    // write goes on in a blocking thread) could land after the release below, and bring the
+    // lock back with a fresh lease for waiters to wait out.
+    let stop_heartbeat = Arc::new(tokio::sync::Notify::new());
+    let mut heartbeat = {
         let store = sh.store.clone();
         let key = key.clone();
         let mut lock = lock.clone();
+        let stop = Arc::clone(&stop_heartbeat);
         AbortOnDrop(tokio::spawn(async move {
             loop {
-                tokio::time::sleep(LOCK_RENEW).await;
+                tokio::select! {
+                    _ = stop.notified() => break,
+                    _ = tokio::time::sleep(LOCK_RENEW) => {}
+                }
                 lock.expires_at = unix_now() + lock_lease().as_secs();
                 if let Ok(false) = store.renew_lock(&key, &lock).await {
                     break; // taken over: renewing would take it back from its holder
@@ -604,6 +612,10 @@ async fn run_stage(
             other => break other,
         }
     };
+    stop_heartbeat.notify_one();
+    // (A renewal stuck on an unreachable store is cut off after a while: the release below
+    // fails alike then, and the lease runs out.)
+    let _ = tokio::time::timeout(Duration::from_secs(30), &mut heartbeat.0).await;
     drop(heartbeat);
     sh.store.release_lock(&key, &lock).await;
     record.attempts = attempt;

@@ -210,8 +210,20 @@ pub async fn collect(
         }
     }
     // A blob shared by a kept artifact and a deleted one stays.
+    let mut looked = std::time::Instant::now();
     for (digest, size, modified) in store.list_blobs().await? {
         if !live_blobs.contains(&digest) && !young(modified) && report.producing == 0 {
+            // Deleting many blobs from S3 takes minutes: a run that starts meanwhile may
+            // find one of them stored and reuse it. Looked at again every second, and the
+            // rest stay once one is producing (what it reused it puts back after its
+            // commit, see `exec::store_output`, unless it is killed in between).
+            if looked.elapsed() >= Duration::from_secs(1) {
+                looked = std::time::Instant::now();
+                report.producing = store.live_locks().await?.count();
+                if report.producing > 0 {
+                    continue;
+                }
+            }
             report.blobs_deleted += 1;
             report.bytes_freed += size;
             if !dry_run {
