@@ -493,6 +493,40 @@ pub fn gate(g: &Gate, reports: &[VariantReport], baseline: usize) -> Result<(), 
                 );
             }
         }
+        // Each language too: pooled over tokens, one language's doubled perplexity hides
+        // behind another with nine times the tokens (en 20 → 20.2, ru 30 → 60: +8%).
+        for (lang, scores) in &r.languages {
+            let in_lang = |what: &str| format!(" in language `{lang}`{what}");
+            if let Some(max) = g.max_ppl {
+                if !(scores.perplexity <= max) {
+                    return fail(
+                        "perplexity",
+                        scores.perplexity,
+                        "exceeds",
+                        "max_ppl",
+                        max,
+                        in_lang(""),
+                    );
+                }
+            }
+            let base_ppl = base.languages.get(lang).map(|b| b.perplexity);
+            if let (Some(max), Some(base_ppl)) = (g.max_ppl_increase, base_ppl) {
+                let increase = scores.perplexity / base_ppl - 1.0;
+                if i != baseline && base_ppl.is_finite() && !(increase <= max) {
+                    return fail(
+                        "ppl_increase",
+                        increase,
+                        "exceeds",
+                        "max_ppl_increase",
+                        max,
+                        in_lang(&format!(
+                            " (perplexity {:.3} against baseline `{}` {base_ppl:.3})",
+                            scores.perplexity, base.name
+                        )),
+                    );
+                }
+            }
+        }
         if let Some(max) = g.max_p95_ms {
             if !(r.latency_p95_ms <= max) {
                 return fail(
@@ -964,6 +998,47 @@ mod tests {
             e.contains("variant `int8`")
                 && e.contains("ppl_increase 0.1000")
                 && e.contains("max_ppl_increase 0.05"),
+            "{e}"
+        );
+        // Pooled, int8 is 8% worse; Russian alone is twice as bad, and that fails it.
+        let with_langs = |name: &str, pooled: f64, en: f64, ru: f64| {
+            let mut r = report(name, pooled, 50.0);
+            for (lang, ppl) in [("en", en), ("ru", ru)] {
+                let scores = LangScores {
+                    perplexity: ppl,
+                    ..LangScores::default()
+                };
+                r.languages.insert(lang.to_string(), scores);
+            }
+            r
+        };
+        let hidden = [
+            with_langs("model", 20.0, 20.0, 30.0),
+            with_langs("int8", 21.6, 20.2, 60.0),
+        ];
+        let loose = Gate {
+            max_ppl_increase: Some(0.1),
+            ..Gate::default()
+        };
+        let e = gate(&loose, &hidden, 0).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "variant `int8`: ppl_increase 1.0000 exceeds max_ppl_increase 0.1 in language `ru`"
+            ),
+            "{e}"
+        );
+        let e = gate(
+            &Gate {
+                max_ppl: Some(50.0),
+                ..Gate::default()
+            },
+            &hidden,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("perplexity 60.0000 exceeds max_ppl 50 in language `ru`"),
             "{e}"
         );
         let slow = [report("model", 100.0, 150.0)];
