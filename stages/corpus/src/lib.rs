@@ -8,6 +8,9 @@
 pub mod bpe;
 mod formats;
 pub mod ingest;
+/// The corpus is NFC (ingest writes it so): text read against it (a prompt, an author's
+/// name in a request) is compared in NFC too.
+pub use formats::nfc;
 mod lang;
 mod remote;
 #[cfg(test)]

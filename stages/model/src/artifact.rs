@@ -223,7 +223,12 @@ pub fn prompt_ids(
         copy = text_only(tokenizer);
         &copy
     };
-    let enc = tokenizer.encode(prompt, false).map_err(|e| e.to_string())?;
+    // In NFC, as the corpus the tokenizer learnt from: a prompt typed decomposed (`e` and a
+    // combining accent, as macOS does) would be split into pieces training never saw.
+    let prompt = orchestrate_corpus::nfc(prompt);
+    let enc = tokenizer
+        .encode(prompt.as_ref(), false)
+        .map_err(|e| e.to_string())?;
     let known = author.is_none_or(|a| specials.author_id(a).is_some());
     let mut ids = vec![specials.lang(lang), specials.author(author)];
     ids.extend_from_slice(enc.get_ids());
@@ -411,5 +416,16 @@ mod tests {
         // What is not user text still finds its control tokens.
         let enc = tok.encode("<eos>", false).unwrap();
         assert_eq!(enc.get_ids(), &[sp.eos]);
+    }
+
+    /// A prompt typed decomposed (`e` then a combining accent) is read as the corpus wrote
+    /// it, composed: the same ids.
+    #[test]
+    fn a_prompt_is_read_in_nfc() {
+        let tok = tokenizer(&[]);
+        let sp = Specials::from_tokenizer(&tok).unwrap();
+        let composed = prompt_ids(&tok, &sp, "café", "en", None).unwrap();
+        let decomposed = prompt_ids(&tok, &sp, "cafe\u{301}", "en", None).unwrap();
+        assert_eq!(composed, decomposed);
     }
 }
