@@ -655,7 +655,10 @@ pub fn masked_cross_entropy<B: Backend>(
             }
         }
     };
-    per_token.mask_fill(pad, 0.0).sum() / (real_tokens.max(1) as f64)
+    let masked = per_token.mask_fill(pad, 0.0);
+    // On the CPU in an order fixed by the code, the same on every machine.
+    let total = crate::fused::loss_sum(&masked).unwrap_or_else(|| masked.sum());
+    total / (real_tokens.max(1) as f64)
 }
 
 #[cfg(test)]

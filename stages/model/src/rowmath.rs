@@ -60,6 +60,37 @@ pub fn sum(x: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
+/// The sum of the squares of `x`, in f64 over eight lanes: the same bits on every machine
+/// (the lanes are this code's, not the vector unit's; Rust never reorders float sums), and
+/// no square of a finite f32 overflows.
+pub fn sum_of_squares(x: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            let v = f64::from(v);
+            *l += v * v;
+        }
+    }
+    let tail: f64 = rest.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// The sum of `x` in f64 over eight lanes: the same bits on every machine (see
+/// [`sum_of_squares`]).
+pub fn sum_f64(x: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (l, &v) in lanes.iter_mut().zip(chunk) {
+            *l += f64::from(v);
+        }
+    }
+    lanes.iter().sum::<f64>() + rest.iter().map(|&v| f64::from(v)).sum::<f64>()
+}
+
 /// The largest value of `x` (negative infinity when empty), over eight lanes.
 #[inline]
 pub fn max(x: &[f32]) -> f32 {

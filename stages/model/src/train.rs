@@ -1285,6 +1285,11 @@ struct GradPass<'a, B: Backend> {
     /// One sum per parameter, left on the device: reading each back would wait for the
     /// device once per parameter (174 waits per step for `mini` on a GPU).
     sums: Vec<Tensor<B, 1>>,
+    /// The CPU's sums, taken on the host in an order fixed by the code (see
+    /// [`rowmath::sum_of_squares`]): flex's own sum runs as many lanes as the machine's
+    /// vectors have (8 with AVX2, 16 with AVX-512) and splits a large one over threads, so
+    /// the norm, and a clipped step's weights, differed from machine to machine.
+    host_sums: Vec<f64>,
 }
 
 impl<A: AutodiffBackend> ModuleVisitor<A> for GradPass<'_, A::InnerBackend> {
@@ -1292,7 +1297,15 @@ impl<A: AutodiffBackend> ModuleVisitor<A> for GradPass<'_, A::InnerBackend> {
         match self.scale {
             None => {
                 if let Some(g) = self.grads.get::<A::InnerBackend, D>(param.id) {
-                    self.sums.push(g.powi_scalar(2).sum());
+                    match crate::fused::try_concrete::<_, burn_flex::FlexTensor, D>(g.clone()) {
+                        Some(flex) => {
+                            let flex = crate::fused::from_start(flex);
+                            let n = flex.layout().num_elements();
+                            let values = &flex.storage::<f32>()[..n];
+                            self.host_sums.push(crate::rowmath::sum_of_squares(values));
+                        }
+                        None => self.sums.push(g.powi_scalar(2).sum()),
+                    }
                 }
             }
             Some(k) => {
@@ -1315,6 +1328,7 @@ fn clip_global<A: AutodiffBackend>(
         grads: &mut grads,
         scale: None,
         sums: Vec::new(),
+        host_sums: Vec::new(),
     };
     model.visit(&mut pass);
     // One read for all the sums, added in f64 in the parameters' order.
@@ -1324,7 +1338,7 @@ fn clip_global<A: AutodiffBackend>(
             .into_data()
             .iter::<f64>()
             .sum(),
-    };
+    } + pass.host_sums.iter().sum::<f64>();
     let norm = sum_sq.sqrt();
     if max > 0.0 && norm > max {
         pass.scale = Some(max / (norm + 1e-6));
@@ -1641,6 +1655,18 @@ mod tests {
         }
         let mut host = Flatten(&mut clipped, Vec::new());
         model.visit(&mut host);
+        // The host's norm is the gradients' own, summed in f64 (the clipped ones are the
+        // gradients times one scale).
+        let clipped_norm: f64 = host
+            .1
+            .iter()
+            .map(|&g| f64::from(g).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            (clipped_norm - max).abs() < 1e-6 * max,
+            "{clipped_norm} vs {max}"
+        );
         let (m, _, _) = flat.to_record().expect("moments after a step");
         let m: Vec<f32> = m.into_data().iter::<f32>().collect();
         assert_eq!(m.len(), host.1.len());

@@ -138,3 +138,66 @@ pub(crate) fn fused_ce<C: CheckpointStrategy>(
         OpsKind::UnTracked(prep) => prep.finish(ce_tensor(loss, shape)),
     }
 }
+
+/// The sum of a loss's values `[batch, target]` (padding already zeroed) as a `[1]` tensor,
+/// in an order fixed by this code (f64, over [`rowmath::sum_of_squares`]'s eight lanes):
+/// flex's own sum runs as many lanes as the machine's vectors have, so the loss a training
+/// logs (and stores in `training.json`) differed in its last bits from machine to machine.
+/// Its backward is the incoming gradient, spread over every value. None where the CPU's
+/// fused path does not apply (the caller then sums with burn).
+pub fn sum<B: Backend>(x: &Tensor<B, 2>) -> Option<Tensor<B, 1>> {
+    let path = path::<B>()?;
+    if x.dtype() != burn::tensor::DType::F32 {
+        return None;
+    }
+    Some(match path {
+        Path::Forward => {
+            let x: FlexTensor = to_concrete(x.clone());
+            from_concrete::<B, _, 1>(sum_tensor(&x))
+        }
+        Path::Autodiff { balanced } => {
+            let x: AutodiffTensor = to_concrete(x.clone());
+            let out = if balanced {
+                fused_sum::<BalancedCheckpointing>(x)
+            } else {
+                fused_sum::<NoCheckpointing>(x)
+            };
+            from_concrete::<B, _, 1>(out)
+        }
+    })
+}
+
+fn sum_tensor(x: &FlexTensor) -> FlexTensor {
+    let x = from_start(x.clone());
+    let n = x.layout().num_elements();
+    let total = rowmath::sum_f64(&x.storage::<f32>()[..n]) as f32;
+    FlexTensor::from_data(TensorData::new(vec![total], [1]))
+}
+
+#[derive(Debug)]
+pub(crate) struct SumBackward;
+
+impl Backward<Flex, 1> for SumBackward {
+    /// The summed tensor's shape.
+    type State = burn::tensor::Shape;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let shape = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |dy| {
+            let dy = from_start(dy).storage::<f32>()[0];
+            FlexTensor::from_data(TensorData::new(vec![dy; shape.num_elements()], shape))
+        });
+    }
+}
+
+fn fused_sum<C: CheckpointStrategy>(x: AutodiffTensor) -> AutodiffTensor {
+    let prep = SumBackward
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful();
+    let out = sum_tensor(&x.primitive);
+    match prep {
+        OpsKind::Tracked(prep) => prep.finish(x.primitive.layout().shape().clone(), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}

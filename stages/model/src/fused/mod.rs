@@ -63,6 +63,7 @@ mod tests;
 pub use attention::attention;
 pub use dropout::{dropout, KeepMask};
 pub use loss::cross_entropy;
+pub use loss::sum as loss_sum;
 pub use norm::layer_norm;
 pub(crate) use norm::LAYER_NORM_EPS;
 pub use product::product;

@@ -121,6 +121,46 @@ fn fused_cross_entropy_matches_burns_value_and_gradient() {
     check_ce::<Autodiff<Flex, BalancedCheckpointing>>(0.1);
 }
 
+/// The loss's sum: the values added in f64 over eight lanes, whatever the machine's
+/// vectors (the exact bits of that order), and a gradient of the incoming one everywhere.
+fn check_loss_sum<A: burn::tensor::backend::AutodiffBackend>() {
+    let device = Default::default();
+    let values: Vec<f32> = (0..37 * 13)
+        .map(|i| (i as f32 * 0.37).sin() * 3.0)
+        .collect();
+    let x = Tensor::<A, 2>::from_data(TensorData::new(values.clone(), [37, 13]), &device)
+        .require_grad();
+    let ours = loss_sum(&x).expect("the fused path applies");
+    let mut lanes = [0f64; 8];
+    let whole = values.len() / 8 * 8;
+    for (i, &v) in values[..whole].iter().enumerate() {
+        lanes[i % 8] += f64::from(v);
+    }
+    let tail: f64 = values[whole..].iter().map(|&v| f64::from(v)).sum();
+    let want = (lanes.iter().sum::<f64>() + tail) as f32;
+    assert_eq!(ours.to_data().to_vec::<f32>().unwrap(), [want]);
+    let g = (ours * 3.0).backward();
+    let dx: Vec<f32> = x.grad(&g).unwrap().to_data().to_vec().unwrap();
+    assert!(
+        dx.len() == values.len() && dx.iter().all(|&d| d == 3.0),
+        "{dx:?}"
+    );
+}
+
+#[test]
+fn the_loss_sums_in_a_fixed_order() {
+    check_loss_sum::<Autodiff<Flex>>();
+    check_loss_sum::<Autodiff<Flex, BalancedCheckpointing>>();
+    let x = Tensor::<Flex, 2>::from_data(
+        TensorData::new(vec![1f32, 2.0, 3.5], [1, 3]),
+        &Default::default(),
+    );
+    assert_eq!(
+        loss_sum(&x).unwrap().to_data().to_vec::<f32>().unwrap(),
+        [6.5]
+    );
+}
+
 /// The fused layer norm against burn's, value and the three gradients.
 fn check_norm<A: burn::tensor::backend::AutodiffBackend>() {
     let device = Default::default();
