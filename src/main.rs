@@ -56,7 +56,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0    success
   1    a stage failed (the run record says which and why), or the command's own work did
-       (verify found a difference, sync stopped short, serve's model did not load)
+       (verify found a difference or nothing stored, sync stopped short, serve's model did
+       not load)
   2    invalid pipeline or command line (every problem is listed, with file:line:col)
   3    artifact store error (unreachable, unreadable, or a corrupt artifact found by fsck),
        in a run too: a stage that failed on the store rather than in its work
@@ -104,7 +105,8 @@ struct SelectArgs {
     /// Rerun every selected stage.
     #[arg(long)]
     force_all: bool,
-    /// Verify stored artifacts' contents first and rebuild any that are corrupt.
+    /// Verify stored artifacts' contents first and rebuild any that are corrupt (`plan`:
+    /// say which are).
     #[arg(long)]
     repair: bool,
 }
@@ -231,7 +233,8 @@ enum Command {
         /// build); else $ORCHESTRATE_DEVICE.
         #[arg(long)]
         device: Option<String>,
-        /// Decoder workers decoding waves side by side (default: one per core on the CPU).
+        /// Decoder workers, each batching requests continuously (default: one per core on the
+        /// CPU, one on a GPU).
         #[arg(long)]
         workers: Option<usize>,
         /// How long a shutdown waits for the requests in flight before closing them (30s).

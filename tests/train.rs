@@ -42,8 +42,8 @@ stages:
       checkpoint_every: 10
       eval_every: 10
       eval_batches: 4
-      log_every: 5
-      max_records: 600
+      log_every: 3
+      max_records: 150
       {extra}
 "#
     )
@@ -127,7 +127,9 @@ fn a_tiny_model_learns_and_a_killed_run_resumes_bit_identically() {
     );
     assert_eq!(m["kind"], "Model");
 
-    // Killed with SIGKILL after its second checkpoint, then rerun.
+    // Killed with SIGKILL after its second checkpoint, then rerun. (About 17 batches an
+    // epoch: the run crosses two epochs' boundaries, one of them after the checkpoint; and
+    // the checkpoint at step 20 falls inside a logging window of 3, which it must carry.)
     let b = Sandbox::new();
     b.write("p.yaml", &pipeline(40, ""));
     let mut child = b

@@ -101,12 +101,17 @@ pub fn read(
 
 /// [`read`] for the formats that are text (all but Parquet), from any reader.
 fn read_text_format<R: BufRead>(
-    r: R,
+    mut r: R,
     format: Format,
     fields: &Fields,
     cap: usize,
     sink: Sink<'_>,
 ) -> Result<(), StageError> {
+    // A UTF-8 byte order mark (Windows editors write one) is no text: in a JSON line it
+    // made the first record "not JSON", elsewhere it stayed in the first record's text.
+    if r.fill_buf().is_ok_and(|b| b.starts_with(b"\xEF\xBB\xBF")) {
+        r.consume(3);
+    }
     match format {
         Format::Fortune => read_separated(r, is_fortune_separator, Attribution::Split, cap, sink),
         // Only fortunes end in attributions: a paragraph's last `-- ` line is its own
@@ -491,7 +496,7 @@ pub fn split_attribution(record: &str) -> (String, Option<String>) {
     let Some(last) = lines.iter().rposition(|l| !is_blank(l)) else {
         return (String::new(), None);
     };
-    if let Some((i, rest, _)) = attribution_line(&lines, last) {
+    if let Some((i, rest, indented)) = attribution_line(&lines, last) {
         // An editor's note right below the attribution ("[Also attributed to Johnny
         // Carson.  Ed.]") ends its wrap and stays in the text, as one set off by a blank
         // line does (below).
@@ -502,12 +507,18 @@ pub fn split_attribution(record: &str) -> (String, Option<String>) {
                 lines[k].trim_start().starts_with('[') && indent(lines[k]) <= indent(lines[i])
             })
             .unwrap_or(last + 1);
+        let author = attribution_author(rest, &lines[i + 1..wrap_end]);
+        // A dash line at the margin that names nobody is the text's own last line (a
+        // list's "-- $40,000."), kept.
+        if author.is_none() && !indented {
+            return (record.to_string(), None);
+        }
         let mut text = lines[..i].join("\n");
         if wrap_end <= last {
             text.push_str("\n\n");
             text.push_str(&lines[wrap_end..=last].join("\n"));
         }
-        return (text, attribution_author(rest, &lines[i + 1..wrap_end]));
+        return (text, author);
     }
     // An editor's note: a final paragraph in brackets, below a blank line, with text above.
     let note = lines[..last]
@@ -605,6 +616,17 @@ pub fn parse_author(attribution: &str) -> Option<String> {
         .find([',', '(', '"', '«', '[', ';', '“', '/'])
         .unwrap_or(s.len());
     let name: String = s[..end].split_whitespace().collect::<Vec<_>>().join(" ");
+    // Cut at a title's quote after a small word, the words before it name nobody: `из
+    // писем в "Спид-Инфо"` ("from letters to"), `from "The Hobbit"`, `журнал "Крокодил"`.
+    let quoted = s[end..].starts_with(['"', '«', '“']);
+    let small_last = name
+        .split_whitespace()
+        .last()
+        .and_then(|w| w.chars().next())
+        .is_some_and(char::is_lowercase);
+    if quoted && small_last {
+        return None;
+    }
     let name = name
         .trim_end_matches(['.', ':', ' '])
         .nfc()
@@ -936,6 +958,18 @@ mod tests {
         assert_eq!(a.as_deref(), Some("Robert Heinlein"));
         let (t, a) = split_attribution("No author here.\n");
         assert_eq!((t.as_str(), a), ("No author here.\n", None));
+        // A dash line at the margin naming nobody is the text's own last line (politics).
+        let list = "Rogers listed:\n\"Bad debt, US Government\n-- $40,000.\n";
+        let (t, a) = split_attribution(list);
+        assert_eq!((t.as_str(), a), (list, None));
+        // Words cut short by a title's quote name nobody (ru/f, 39 records).
+        let (t, a) = split_attribution("Шутка.\n\t\t-- из писем в \"Спид-Инфо\"\n");
+        assert_eq!((t.as_str(), a), ("Шутка.", None));
+        assert_eq!(parse_author("-- from \"The Hobbit\""), None);
+        assert_eq!(
+            parse_author("-- Ф. М. Достоевский «Бесы»").as_deref(),
+            Some("Ф. М. Достоевский")
+        );
     }
 
     #[test]
@@ -1083,6 +1117,23 @@ mod tests {
         };
         read_text_format(data, format, &Fields::default(), cap, &mut sink).unwrap();
         got
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_no_text() {
+        let jsonl = b"\xEF\xBB\xBF{\"text\": \"first\"}\n{\"text\": \"second\"}\n";
+        assert_eq!(
+            items(Format::Jsonl, jsonl, 1 << 16),
+            vec!["first", "second"]
+        );
+        let lines = b"\xEF\xBB\xBFfirst\nsecond\n";
+        assert_eq!(
+            items(Format::Lines, lines, 1 << 16),
+            vec!["first", "second"]
+        );
+        // CRLF separators, as two of fortunes-ru's files have.
+        let crlf = b"one\r\n%\r\ntwo\r\n%\r\n";
+        assert_eq!(items(Format::Fortune, crlf, 1 << 16), vec!["one", "two"]);
     }
 
     #[test]

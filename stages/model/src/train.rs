@@ -34,7 +34,7 @@ use crate::model::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Preset {
-    /// d_model 256, 4+4 layers, ff 1024: about 8M parameters with an 8k vocabulary.
+    /// d_model 256, 4+4 layers, ff 1024: 9.5M parameters with an 8k vocabulary.
     Mini,
     /// The specification's 512-wide model: d_model 512, 6+6 layers, ff 2048.
     Spec512,
