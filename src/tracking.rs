@@ -99,6 +99,11 @@ struct Entry {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct DeliveryState {
     delivered: u64,
+    /// Where in the spool file the record after `delivered` begins: a delivery reads from
+    /// here, not the whole file again (a day's training spools tens of thousands of
+    /// records, and delivery runs every second). 0 in a state written before it was kept.
+    #[serde(default)]
+    offset: u64,
     experiments: BTreeMap<String, String>,
     /// Our run uid → (MLflow run id, experiment id, artifact root relative to the proxy).
     runs: BTreeMap<String, (String, String, String)>,
@@ -657,6 +662,18 @@ impl Secrets {
     }
 }
 
+/// A spool file's bytes from `offset` on (none where the file is shorter: a spool written
+/// again from the start, which a new run id never does, reads from its start).
+fn read_from(spool: &Path, offset: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(spool)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(if offset <= len { offset } else { 0 }))?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// A spool's text. A line torn inside a character (the process killed mid-append) would
 /// make the whole file unreadable as UTF-8; read leniently, it is one more torn line, which
 /// no record parses from, and the others are delivered.
@@ -1072,8 +1089,8 @@ pub async fn deliver_file(
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
-    let text = match read_spool(spool) {
-        Ok(t) => t,
+    let bytes = match read_from(spool, state.offset) {
+        Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(Delivered {
                 total: state.delivered,
@@ -1083,14 +1100,22 @@ pub async fn deliver_file(
         Err(e) => return Err(spool_err(spool, e)),
     };
     let mut rejected = Vec::new();
-    for line in text.lines() {
-        // A torn last line (the process died while appending) is skipped, not fatal.
-        let Ok(entry) = serde_json::from_str::<Entry>(line) else {
-            continue;
-        };
-        if entry.seq <= state.delivered {
-            continue;
+    let mut at = state.offset;
+    for line in bytes.split_inclusive(|&b| b == b'\n') {
+        // A line not ended yet is being written: read again next time, from its start.
+        if line.last() != Some(&b'\n') {
+            break;
         }
+        at += line.len() as u64;
+        // A line torn by a kill (or inside a character) parses as no record and is passed
+        // over, as one already delivered is.
+        let entry = match serde_json::from_slice::<Entry>(line) {
+            Ok(entry) if entry.seq > state.delivered => entry,
+            _ => {
+                state.offset = at;
+                continue;
+            }
+        };
         match apply(client, &mut state, &entry.op).await {
             Ok(()) => {}
             Err(TrackError::Rejected { reason, .. }) => rejected.push(format!(
@@ -1102,6 +1127,7 @@ pub async fn deliver_file(
             Err(e) => return Err(e),
         }
         state.delivered = entry.seq;
+        state.offset = at;
         crate::write_whole(state_path, &serde_json::to_vec(&state).expect("plain JSON"))
             .map_err(|e| spool_err(state_path, e))?;
     }
@@ -1477,6 +1503,17 @@ mod tests {
         let text = read_spool(&path).unwrap();
         assert_eq!(text.lines().count(), 2);
         assert!(text.starts_with(r#"{"seq":1,"op":"x"}"#));
+    }
+
+    #[test]
+    fn delivery_reads_a_spool_from_where_it_stopped() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("r.jsonl");
+        std::fs::write(&path, b"first\nsecond\n").unwrap();
+        assert_eq!(read_from(&path, 6).unwrap(), b"second\n");
+        assert_eq!(read_from(&path, 13).unwrap(), b"");
+        // Further than the file: it was written anew, read whole.
+        assert_eq!(read_from(&path, 99).unwrap(), b"first\nsecond\n");
     }
 
     #[test]
