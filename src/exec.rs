@@ -38,6 +38,8 @@ fn lock_lease() -> Duration {
 }
 const LOCK_RENEW: Duration = Duration::from_secs(20);
 const LOCK_POLL: Duration = Duration::from_millis(200);
+/// The longest wait between two looks at a lock another run holds.
+const LOCK_POLL_MOST: Duration = Duration::from_secs(2);
 /// Concurrent blob uploads per stage.
 const UPLOADS: usize = 8;
 
@@ -452,11 +454,9 @@ async fn run_stage(
 ) -> Done {
     let stage = &sh.pipeline.stages[i];
     let mut record = StageRecord::new(&stage.name, stage.kind.name(), StageStatus::Failed);
-    let _permit = sh
-        .jobs
-        .acquire()
-        .await
-        .expect("the semaphore is never closed");
+    // Held while the stage works; given back while it waits on another run's lock (see
+    // `acquire`).
+    let mut permit = Some(job_slot(sh).await);
     let t0 = Instant::now();
     record.started_at = Some(Utc::now());
     let finish = |mut record: StageRecord, manifest: Option<Manifest>| {
@@ -529,7 +529,7 @@ async fn run_stage(
         pid_ns: crate::store::pid_namespace(),
         expires_at: unix_now() + lock_lease().as_secs(),
     };
-    match acquire(sh, &key, &lock, forced).await {
+    match acquire(sh, &key, &lock, forced, &mut permit).await {
         Ok(Acquired::Lock) => {}
         Ok(Acquired::ProducedElsewhere(m)) => {
             stored(&mut record, &m);
@@ -653,16 +653,33 @@ enum Acquired {
     Cancelled,
 }
 
+/// One of the `--jobs` slots.
+async fn job_slot(sh: &Shared) -> tokio::sync::OwnedSemaphorePermit {
+    Arc::clone(&sh.jobs)
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed")
+}
+
 /// Takes the stage's lock, or waits while another run holds it and uses what it commits.
+/// While it waits, its `--jobs` slot (`permit`) goes to stages that can work (with
+/// `--jobs 1`, one stage waiting on another run's training held up every other stage), and
+/// it looks again less and less often, up to every [`LOCK_POLL_MOST`] (a poll is three
+/// requests to the store, for as long as a training lasts).
 async fn acquire(
     sh: &Shared,
     key: &CacheKey,
     lock: &LockInfo,
     forced: bool,
+    permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<Acquired, StoreError> {
     let mut told = false;
     let mut lock = lock.clone();
+    let mut poll = LOCK_POLL;
     loop {
+        if permit.is_none() {
+            *permit = Some(job_slot(sh).await);
+        }
         // The lease runs from when the lock is taken, not from when waiting began: a lock
         // written already expired would be taken over by the next waiter at once.
         lock.expires_at = unix_now() + lock_lease().as_secs();
@@ -686,10 +703,11 @@ async fn acquire(
                     ));
                     told = true;
                 }
-                if sh.cancel.is_cancelled() {
+                *permit = None;
+                if !sleep_unless_cancelled(poll, &sh.cancel).await {
                     return Ok(Acquired::Cancelled);
                 }
-                tokio::time::sleep(LOCK_POLL).await;
+                poll = (poll * 3 / 2).min(LOCK_POLL_MOST);
                 if !forced {
                     if let Some(m) = sh.store.manifest(key).await? {
                         return Ok(Acquired::ProducedElsewhere(Box::new(m)));

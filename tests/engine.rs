@@ -357,6 +357,49 @@ fn two_processes_on_one_store_produce_each_artifact_once() {
     }
 }
 
+/// A stage waiting on another run's lock gives its `--jobs` slot to stages that can work:
+/// with `--jobs 1`, the second run's independent stage finishes while the first run still
+/// produces what both need.
+#[test]
+fn a_stage_waiting_on_another_run_leaves_its_slot_to_others() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        r#"
+name: slots
+storage: file://store
+stages:
+  slow:
+    kind: shell
+    with: { run: "touch $PIPELINE_DIR/slow-started; sleep 4; echo s > s; date +%s%N > $PIPELINE_DIR/slow-done", outputs: [s] }
+  quick:
+    kind: shell
+    with: { run: "echo q > q; date +%s%N > $PIPELINE_DIR/quick-done", outputs: [q] }
+"#,
+    );
+    let first = sb.spawn(&["run", "p.yaml", "--only", "slow"]);
+    assert!(sb.wait_for("slow-started", 30));
+    let second = sb.run(&["run", "p.yaml", "--jobs", "1"]);
+    let first = first.wait_with_output().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert!(
+        second.stderr.contains("stage `slow`: waiting for run"),
+        "{}",
+        second.stderr
+    );
+    let at = |f: &str| sb.read(f).trim().parse::<u128>().unwrap();
+    assert!(
+        at("quick-done") < at("slow-done"),
+        "`quick` waited for the other run's `slow`"
+    );
+    assert_eq!(stage_status(&sb.last_run(), "slow"), "cached");
+}
+
 #[test]
 fn retries_then_success_and_timeouts() {
     let sb = Sandbox::new();
