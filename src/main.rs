@@ -299,7 +299,8 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Keep a run's artifacts (or one artifact, by cache key) through `gc`.
+    /// Keep a run's artifacts (or one artifact, by its cache key or the key's first 8 or more
+    /// characters) through `gc`.
     Pin {
         run_or_key: String,
         #[command(flatten)]
@@ -2048,10 +2049,34 @@ async fn keys_for(
                 .filter(|(_, holder)| holder == run_or_key)
                 .map(|(key, _)| key)
                 .collect();
-            if held.is_empty() {
+            if !held.is_empty() {
+                return Ok((run_or_key.to_string(), held));
+            }
+            // A cache key's first characters, as `show` and `plan --json` print keys.
+            let hex = run_or_key.len() >= 8
+                && run_or_key.len() < 64
+                && run_or_key.bytes().all(|b| b.is_ascii_hexdigit());
+            if !hex {
                 return Err(e);
             }
-            return Ok((run_or_key.to_string(), held));
+            let keys: Vec<_> = store
+                .list_manifest_keys()
+                .await?
+                .into_iter()
+                .map(|(key, _)| key)
+                .filter(|key| key.0.starts_with(run_or_key))
+                .collect();
+            return match keys.as_slice() {
+                [key] => Ok((key.0.clone(), keys.clone())),
+                [] => Err(Failure::new(
+                    2,
+                    format!("error: no run and no stored artifact whose cache key begins `{run_or_key}`; `orchestrate runs` lists runs, `orchestrate show RUN` their stages' keys"),
+                )),
+                _ => Err(Failure::new(
+                    2,
+                    format!("error: {} stored artifacts' cache keys begin `{run_or_key}`: give more of the key", keys.len()),
+                )),
+            };
         }
     };
     let record: RunRecord = store

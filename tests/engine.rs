@@ -539,6 +539,30 @@ fn gc_keeps_what_kept_and_pinned_runs_use() {
         0
     );
     assert_eq!(sb.manifests(), 2 + 3 * 2);
+    // One artifact by its key's first characters, as `show` prints keys: pinned, unpinned.
+    let key = sb.last_run()["stages"][0]["key"].as_str().unwrap()[..12].to_string();
+    let r = sb.run(&["pin", &key, "--store", "file://store"]);
+    assert!(
+        r.stdout.contains("pinned 1 artifact"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+    let r = sb.run(&["unpin", &key, "--store", "file://store"]);
+    assert!(
+        r.stdout.contains("unpinned 1 artifact"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+    let r = sb.run(&["pin", "0123456789abcdef", "--store", "file://store"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr
+            .contains("no stored artifact whose cache key begins"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(sb.run(&["pin", &first, "--store", "file://store"]).code, 0);
     let r = sb.run(&[
         "gc",
