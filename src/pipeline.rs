@@ -1077,11 +1077,12 @@ impl Validator {
             Some(n) => match n.value {
                 Value::Int(i) if (0..=100).contains(&i) => i as u32,
                 _ => {
+                    let found = match n.value {
+                        Value::Int(i) => i.to_string(),
+                        _ => n.type_name().to_string(),
+                    };
                     self.diags.push(Diagnostic::new(
-                        format!(
-                            "`retries` must be a whole number from 0 to 100, found {}",
-                            n.type_name()
-                        ),
+                        format!("`retries` must be a whole number from 0 to 100, found {found}"),
                         n.span,
                     ));
                     0
@@ -1096,10 +1097,17 @@ impl Validator {
                 _ => None,
             };
             if parsed.is_none() {
-                self.diags
-                    .push(Diagnostic::new("`timeout` is not a duration", n.span).hint(
-                        "write seconds (`90`) or a duration such as `500ms`, `30s`, `10m`, `2h`",
-                    ));
+                // Zero (or less) is a duration no stage could finish in.
+                let message = match &n.value {
+                    Value::Int(_) | Value::Float(_) => "`timeout` must be above 0",
+                    Value::Str(s) if parse_duration_or_zero(s).is_some() => {
+                        "`timeout` must be above 0"
+                    }
+                    _ => "`timeout` is not a duration",
+                };
+                self.diags.push(Diagnostic::new(message, n.span).hint(
+                    "write seconds (`90`) or a duration such as `500ms`, `30s`, `10m`, `2h`",
+                ));
             }
             parsed
         });

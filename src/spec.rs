@@ -611,6 +611,12 @@ fn resolve(
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if name.is_empty() {
+            return Err((
+                format!("`${{{expr}}}` names no environment variable"),
+                Some("write `${env.NAME}`, or `${env.NAME:-default}`".to_string()),
+            ));
+        }
         if !is_name {
             let stem: String = name
                 .chars()
@@ -745,6 +751,8 @@ mod tests {
         );
         let s = load("name: ${env.NOPE}\nstages: {}\n", &[]);
         assert_eq!(s.diags[0].message, "environment variable `NOPE` is not set");
+        let s = load("name: ${env.}\nstages: {}\n", &[]);
+        assert_eq!(s.diags[0].message, "`${env.}` names no environment variable");
     }
 
     #[test]
