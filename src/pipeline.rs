@@ -1081,8 +1081,12 @@ impl Validator {
                         Value::Int(i) => i.to_string(),
                         _ => n.type_name().to_string(),
                     };
+                    // The stage named: a value merged from an anchor (`<<: *defaults`) is
+                    // shown where the anchor is, once per stage that takes it.
                     self.diags.push(Diagnostic::new(
-                        format!("`retries` must be a whole number from 0 to 100, found {found}"),
+                        format!(
+                            "`retries` of stage `{name}` must be a whole number from 0 to 100, found {found}"
+                        ),
                         n.span,
                     ));
                     0
@@ -1098,13 +1102,12 @@ impl Validator {
             };
             if parsed.is_none() {
                 // Zero (or less) is a duration no stage could finish in.
-                let message = match &n.value {
-                    Value::Int(_) | Value::Float(_) => "`timeout` must be above 0",
-                    Value::Str(s) if parse_duration_or_zero(s).is_some() => {
-                        "`timeout` must be above 0"
-                    }
-                    _ => "`timeout` is not a duration",
+                let problem = match &n.value {
+                    Value::Int(_) | Value::Float(_) => "must be above 0",
+                    Value::Str(s) if parse_duration_or_zero(s).is_some() => "must be above 0",
+                    _ => "is not a duration",
                 };
+                let message = format!("`timeout` of stage `{name}` {problem}");
                 self.diags.push(Diagnostic::new(message, n.span).hint(
                     "write seconds (`90`) or a duration such as `500ms`, `30s`, `10m`, `2h`",
                 ));

@@ -752,7 +752,10 @@ mod tests {
         let s = load("name: ${env.NOPE}\nstages: {}\n", &[]);
         assert_eq!(s.diags[0].message, "environment variable `NOPE` is not set");
         let s = load("name: ${env.}\nstages: {}\n", &[]);
-        assert_eq!(s.diags[0].message, "`${env.}` names no environment variable");
+        assert_eq!(
+            s.diags[0].message,
+            "`${env.}` names no environment variable"
+        );
     }
 
     #[test]
