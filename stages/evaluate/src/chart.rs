@@ -60,6 +60,9 @@ fn span(values: impl Iterator<Item = f64> + Clone) -> std::ops::Range<f64> {
 /// than asked where a model's `max_len` stopped it; "up to" where variants differ).
 fn latency_label(measured: impl Iterator<Item = usize> + Clone) -> String {
     let most = measured.clone().max().unwrap_or(0);
+    if most == 0 {
+        return "p95 latency at batch 1 (ms): not measured (timings: false)".into();
+    }
     let tokens = match measured.min() {
         Some(least) if least != most => format!("{least} to {most} tokens"),
         _ => format!("{most} tokens"),
@@ -109,8 +112,10 @@ pub fn draw(path: &Path, reports: &[VariantReport]) -> Result<(), String> {
         for (i, r) in reports.iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
             let at = (x_of(r), r.perplexity);
-            if !at.0.is_finite() {
-                continue; // latency not measured (timings: false)
+            // Latency not measured (timings: false), or a diverged model's perplexity: no
+            // point, rather than one drawn at the chart's edge (the table says which).
+            if !at.0.is_finite() || !at.1.is_finite() {
+                continue;
             }
             chart
                 .draw_series(std::iter::once(Circle::new(at, 7, color.filled())))
@@ -143,6 +148,10 @@ mod tests {
         assert_eq!(
             latency_label([500, 255].into_iter()),
             "p95 latency, 255 to 500 tokens at batch 1 (ms)"
+        );
+        assert_eq!(
+            latency_label([0, 0].into_iter()),
+            "p95 latency at batch 1 (ms): not measured (timings: false)"
         );
     }
 }

@@ -459,6 +459,16 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
                 let scales = st
                     .tensor(&format!("{}.scale", name(i)))
                     .map_err(|e| format!("{}: scales of tensor {i}: {e}", path.display()))?;
+                // Read as f32 below: a file whose scales are another type (converted by
+                // another tool) is named, not decoded into garbage.
+                if scales.dtype() != Dtype::F32 {
+                    return Err(format!(
+                        "{}: the scales of tensor {i} ({}.scale) are {:?}, not F32",
+                        path.display(),
+                        name(i),
+                        scales.dtype()
+                    ));
+                }
                 stored += scales.data().len() as u64;
                 let scales: Vec<f32> = scales
                     .data()
