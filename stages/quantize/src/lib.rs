@@ -48,8 +48,19 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
 };
 
 fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
+    let block_given = v.get("block").is_some();
     let v = canonical_params::<QuantizeParams>(v)?;
     let p: QuantizeParams = serde_json::from_value(v.clone()).expect("just canonicalised");
+    // A block written for a scheme without blocks would change nothing but the cache key.
+    if block_given && !matches!(p.scheme, Scheme::Int8 | Scheme::Dynamic) {
+        return Err(ParamError {
+            path: vec![PathSegment::Key("block".into())],
+            problem: ParamProblem::Invalid(format!(
+                "`block` is for `int8` and `dynamic`; `{}` stores every value as it is",
+                p.scheme.as_str()
+            )),
+        });
+    }
     // `int8` keeps its blocks in the file alone, over the flat values: any size it can
     // store a scale per; `dynamic`'s are burn's tensors'.
     let most = if p.scheme == Scheme::Dynamic {
@@ -214,6 +225,15 @@ mod tests {
             shape: vec![values.len()],
             values,
         }
+    }
+
+    #[test]
+    fn a_block_is_for_the_schemes_with_blocks() {
+        let with = |scheme: &str| canonical(serde_json::json!({"scheme": scheme, "block": 32}));
+        assert!(with("int8").is_ok() && with("dynamic").is_ok());
+        let e = with("fp16").unwrap_err().to_string();
+        assert!(e.contains("`block` is for `int8` and `dynamic`"), "{e}");
+        assert!(canonical(serde_json::json!({"scheme": "fp16"})).is_ok());
     }
 
     #[test]
