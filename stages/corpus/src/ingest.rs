@@ -408,11 +408,17 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     for (i, s) in p.sources.iter_mut().enumerate() {
         if crate::remote::is_remote(&s.path) {
             let dest = ctx.scratch_dir.join(format!("source-{i}"));
-            let objects = crate::remote::download(&s.path, &dest)?;
+            let (objects, passed_over) = crate::remote::download(&s.path, &dest, s.recursive)?;
             ctx.events.log(&format!(
-                "downloaded {} objects from {}",
+                "downloaded {} objects from {}{}",
                 objects.len(),
-                s.path
+                s.path,
+                match passed_over {
+                    0 => String::new(),
+                    n => format!(
+                        "; passed over {n} in sub-prefixes, as a folder's subfolders without `recursive: true`"
+                    ),
+                }
             ));
             remote_names.extend(objects);
             s.path = dest.display().to_string();

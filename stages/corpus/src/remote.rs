@@ -27,7 +27,14 @@ thread_local! {
 /// Downloads the object, or every object under the prefix, into `dest`, keeping relative
 /// paths. Returns each file written with the URL of the object it holds, which names it in
 /// the corpus: the scratch folder differs from run to run, the URL does not.
-pub fn download(url: &str, dest: &Path) -> Result<Vec<(PathBuf, String)>, StageError> {
+///
+/// Without `recursive`, only the objects directly under the prefix, as a local folder's
+/// files without its subfolders; the objects passed over are counted in the second value.
+pub fn download(
+    url: &str,
+    dest: &Path,
+    recursive: bool,
+) -> Result<(Vec<(PathBuf, String)>, usize), StageError> {
     let fail =
         |e: &dyn std::fmt::Display| StageError::Failed(format!("cannot read source {url}: {e}"));
     let rest = url
@@ -35,7 +42,7 @@ pub fn download(url: &str, dest: &Path) -> Result<Vec<(PathBuf, String)>, StageE
         .ok_or_else(|| fail(&"not an s3:// URL"))?;
     let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
     let store = s3_store(bucket).map_err(|e| fail(&e))?;
-    let work = fetch(store, bucket, key.trim_matches('/'), dest);
+    let work = fetch(store, bucket, key.trim_matches('/'), dest, recursive);
     // Stages run on the orchestrator's blocking threads, inside its runtime.
     match tokio::runtime::Handle::try_current() {
         Ok(handle) => handle.block_on(work),
@@ -73,16 +80,35 @@ async fn fetch(
     bucket: &str,
     key: &str,
     dest: &Path,
-) -> Result<Vec<(PathBuf, String)>, FetchError> {
+    recursive: bool,
+) -> Result<(Vec<(PathBuf, String)>, usize), FetchError> {
     let prefix = ObjPath::from(key);
     let mut objects: Vec<_> = store.list(Some(&prefix)).try_collect().await?;
     if objects.is_empty() {
         objects.push(store.head(&prefix).await?);
     }
+    let below = |meta: &object_store::ObjectMeta| {
+        let loc = meta.location.as_ref();
+        loc.strip_prefix(key)
+            .unwrap_or(loc)
+            .trim_start_matches('/')
+            .contains('/')
+    };
+    let listed = objects.len();
+    if !recursive {
+        objects.retain(|meta| !below(meta));
+    }
+    let passed_over = listed - objects.len();
     // Empty objects hold no records, and some are "folder" markers (`data/ru/`, made by the
     // AWS console, rclone, s3fs): listed without their trailing slash, they cannot be fetched
     // by that name, and a file of it would stand where the folder's objects go.
     objects.retain(|meta| meta.size > 0);
+    if objects.is_empty() && passed_over > 0 {
+        return Err(format!(
+            "no object with any data directly there, and {passed_over} in sub-prefixes: `recursive: true` reads those"
+        )
+        .into());
+    }
     if objects.is_empty() {
         return Err("no object with any data there".into());
     }
@@ -101,7 +127,7 @@ async fn fetch(
             .map_err(|e| format!("{loc}: {e}"))?;
         files.push((target, format!("s3://{bucket}/{loc}")));
     }
-    Ok(files)
+    Ok((files, passed_over))
 }
 
 /// Writes the object to `target` chunk by chunk as it arrives, so a source of any size costs
@@ -163,18 +189,31 @@ mod tests {
         put(store.as_ref(), "data/fortunes/ru/love", b"one\n%\n");
         put(store.as_ref(), "data/fortunes/en", b"two\n%\n");
         let dest = tempdir("markers");
-        let files = block_on(fetch(store.clone(), "b", "data/fortunes", &dest)).unwrap();
+        let (files, _) = block_on(fetch(store.clone(), "b", "data/fortunes", &dest, true)).unwrap();
         let names: Vec<&str> = files.iter().map(|(_, n)| n.as_str()).collect();
         assert_eq!(
             names,
             ["s3://b/data/fortunes/en", "s3://b/data/fortunes/ru/love"]
         );
         assert_eq!(std::fs::read(dest.join("ru/love")).unwrap(), b"one\n%\n");
+        // Without `recursive`, as a folder without its subfolders: the nested object is
+        // neither downloaded nor read, and counted.
+        let dest = tempdir("markers-flat");
+        let (files, passed_over) =
+            block_on(fetch(store.clone(), "b", "data/fortunes", &dest, false)).unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].1, "s3://b/data/fortunes/en");
+        assert_eq!(passed_over, 1, "ru/love");
+        assert!(!dest.join("ru").exists());
+        let err = block_on(fetch(store.clone(), "b", "data", &tempdir("nested"), false))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`recursive: true` reads those"), "{err}");
         // A store holding only markers under the prefix is an error, as is a local source
         // that names no file.
         let only: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         put(only.as_ref(), "empty/", b"");
-        let err = block_on(fetch(only, "b", "empty", &tempdir("markers3"))).unwrap_err();
+        let err = block_on(fetch(only, "b", "empty", &tempdir("markers3"), false)).unwrap_err();
         assert!(err.to_string().contains("no object"), "{err}");
     }
 
@@ -184,7 +223,8 @@ mod tests {
         put(store.as_ref(), "dumps/quotes.txt", b"a quote\n");
         for tag in ["single1", "single2"] {
             let dest = tempdir(tag);
-            let files = block_on(fetch(store.clone(), "b", "dumps/quotes.txt", &dest)).unwrap();
+            let (files, _) =
+                block_on(fetch(store.clone(), "b", "dumps/quotes.txt", &dest, false)).unwrap();
             assert_eq!(
                 files,
                 [(
@@ -353,7 +393,7 @@ mod tests {
         };
         let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         put(&store, "big/dump.jsonl", &data);
-        let files = block_on(fetch(Arc::new(store), "b", "big", &dest)).unwrap();
+        let (files, _) = block_on(fetch(Arc::new(store), "b", "big", &dest, false)).unwrap();
         assert_eq!(std::fs::read(&files[0].0).unwrap(), data);
         // Each chunk was on disk before the next was asked for: nothing waits in memory.
         let seen = seen.lock().unwrap();
