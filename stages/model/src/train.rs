@@ -788,9 +788,13 @@ fn fit<A: AutodiffBackend, O: ClippedStep<A>>(
         let fail = |e: &dyn std::fmt::Display| {
             StageError::Failed(format!("cannot load checkpoint {step}: {e}"))
         };
+        let configured = model.clone();
         model = model
             .load_file(dir.join("model"), &recorder, &device)
             .map_err(|e| fail(&e))?;
+        // burn takes each tensor whatever its shape; one that is not the config's would fail
+        // later, deep in a product, or not at all.
+        crate::weights::check_shapes(&configured, &model).map_err(|e| fail(&e))?;
         let record = recorder
             .load(dir.join("optimizer"), &device)
             .map_err(|e| fail(&e))?;
