@@ -560,6 +560,15 @@ fn train(ctx: &StageContext<'_>, p: TrainParams) -> Result<StageOutput, StageErr
         .map_err(|e| StageError::Failed(format!("cannot load the tokenizer: {e}")))?;
     let specials = Specials::from_tokenizer(&tokenizer)?;
     let vocab = tokenizer.get_vocab_size(true);
+    // The model's rows are the ids 0..vocab: a tokenizer with an id at or past its count
+    // (a gap left by an edited file) would index past the embedding.
+    let highest = tokenizer.get_vocab(true).into_values().max().unwrap_or(0) as usize;
+    if highest >= vocab {
+        return Err(StageError::Failed(format!(
+            "the tokenizer has {vocab} tokens but an id of {highest}: its ids must be 0 to {}, without gaps",
+            vocab.saturating_sub(1)
+        )));
+    }
     if let Some(v) = p.vocab_size {
         if v != vocab {
             return Err(StageError::Failed(format!(
