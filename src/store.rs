@@ -488,20 +488,31 @@ impl Store {
     }
 
     /// Stores a local file as a blob (skipped when the store already has it).
+    ///
+    /// What is stored is what was hashed: a file up to [`MULTIPART_THRESHOLD`] is read once,
+    /// and a larger one is hashed again as it is uploaded, the upload abandoned where the
+    /// two differ. A file that changed between the two reads (an output that links to a
+    /// file something else writes) would otherwise be stored under a digest that is not
+    /// its own, and kept so: a later upload finds the blob there and skips it.
     pub async fn put_file(&self, file: &Path, rel: &str) -> Result<FileEntry> {
         let f = file.to_path_buf();
-        let (digest, size) =
-            tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
-                let mut hasher = blake3::Hasher::new();
-                hasher.update_reader(std::fs::File::open(&f)?)?;
+        let (digest, size, small) = tokio::task::spawn_blocking(
+            move || -> std::io::Result<(String, u64, Option<Vec<u8>>)> {
                 let size = std::fs::metadata(&f)?.len();
-                Ok((format!("blake3:{}", hasher.finalize().to_hex()), size))
-            })
-            .await
-            .expect("hashing does not panic")
-            .map_err(|e| {
-                StoreError::io(format!("cannot read output file {}", file.display()), e)
-            })?;
+                if size <= MULTIPART_THRESHOLD {
+                    let bytes = std::fs::read(&f)?;
+                    let digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
+                    return Ok((digest, bytes.len() as u64, Some(bytes)));
+                }
+                let mut hasher = blake3::Hasher::new();
+                let mut reader = std::fs::File::open(&f)?;
+                let size = std::io::copy(&mut reader, &mut hasher)?;
+                Ok((format!("blake3:{}", hasher.finalize().to_hex()), size, None))
+            },
+        )
+        .await
+        .expect("hashing does not panic")
+        .map_err(|e| StoreError::io(format!("cannot read output file {}", file.display()), e))?;
         let path = Self::blob_path(&digest);
         let exists = match self.inner.head(&path).await {
             Ok(meta) => meta.size == size,
@@ -509,16 +520,14 @@ impl Store {
             Err(e) => return Err(Self::backend("check", &path)(e)),
         };
         if !exists {
-            if size > MULTIPART_THRESHOLD {
-                self.put_multipart(file, &path).await?;
-            } else {
-                let bytes = tokio::fs::read(file)
-                    .await
-                    .map_err(|e| StoreError::io(format!("cannot read {}", file.display()), e))?;
-                self.inner
+            match small {
+                Some(bytes) => self
+                    .inner
                     .put(&path, PutPayload::from(bytes))
                     .await
-                    .map_err(Self::backend("write", &path))?;
+                    .map(|_| ())
+                    .map_err(Self::backend("write", &path))?,
+                None => self.put_multipart(file, &path, &digest).await?,
             }
         }
         Ok(FileEntry {
@@ -528,7 +537,8 @@ impl Store {
         })
     }
 
-    async fn put_multipart(&self, file: &Path, path: &ObjPath) -> Result<()> {
+    /// Uploads `file` in parts, and completes the upload only if its bytes hash to `digest`.
+    async fn put_multipart(&self, file: &Path, path: &ObjPath, digest: &str) -> Result<()> {
         use tokio::io::AsyncReadExt;
         let upload = self
             .inner
@@ -541,20 +551,32 @@ impl Store {
                 .await
                 .map_err(|e| StoreError::io(format!("cannot read {}", file.display()), e))?;
             let mut buf = vec![0u8; PART_SIZE];
+            let mut hasher = blake3::Hasher::new();
             loop {
                 let n = f
                     .read(&mut buf)
                     .await
                     .map_err(|e| StoreError::io(format!("cannot read {}", file.display()), e))?;
                 if n == 0 {
-                    return Ok(());
+                    break;
                 }
+                hasher.update(&buf[..n]);
                 writer
                     .wait_for_capacity(4)
                     .await
                     .map_err(Self::backend("upload", path))?;
                 writer.write(&buf[..n]);
             }
+            let sent = format!("blake3:{}", hasher.finalize().to_hex());
+            if sent != digest {
+                return Err(StoreError::io(
+                    format!("cannot store {}", file.display()),
+                    std::io::Error::other(format!(
+                        "it changed while being stored (hashed {digest}, then read as {sent})"
+                    )),
+                ));
+            }
+            Ok(())
         }
         .await;
         match result {

@@ -955,11 +955,21 @@ impl Tracker {
             Ok(mut s) => {
                 let name = format!("{}-{}", s.next, path.replace('/', "_"));
                 let dest = s.files.join(&name);
+                // Recorded relative to the spool's folder: a spool moved or mounted
+                // elsewhere (`sync --spool DIR`) still finds its copies.
+                let run_dir = s
+                    .files
+                    .file_name()
+                    .map(|d| d.to_string_lossy().into_owned());
+                let recorded_as = match run_dir {
+                    Some(run) => format!("files/{run}/{name}"),
+                    None => dest.display().to_string(),
+                };
                 match std::fs::copy(file, &dest) {
                     Ok(_) => s
                         .append(Op::Artifact {
                             uid: uid.into(),
-                            file: dest.display().to_string(),
+                            file: recorded_as,
                             path: path.into(),
                         })
                         .map_err(|_| "cannot write the tracking spool".to_string()),
@@ -1116,7 +1126,7 @@ pub async fn deliver_file(
                 continue;
             }
         };
-        match apply(client, &mut state, &entry.op).await {
+        match apply(client, &mut state, &entry.op, spool).await {
             Ok(()) => {}
             Err(TrackError::Rejected { reason, .. }) => rejected.push(format!(
                 "{}, record {}: {} refused ({reason}); passed over",
@@ -1141,6 +1151,7 @@ async fn apply(
     client: &MlflowClient,
     state: &mut DeliveryState,
     op: &Op,
+    spool: &Path,
 ) -> Result<(), TrackError> {
     let run = |state: &DeliveryState, uid: &str| {
         state
@@ -1197,14 +1208,16 @@ async fn apply(
         }
         Op::Artifact { uid, file, path } => {
             let (_, _, root) = run(state, uid)?;
-            let uploaded = match std::fs::read(file) {
+            // Relative to the spool's folder (absolute in spools written before).
+            let copy = spool.parent().unwrap_or(Path::new(".")).join(file);
+            let uploaded = match std::fs::read(&copy) {
                 Ok(bytes) => client.upload(&root, path, bytes).await,
                 // Gone from the spool: it will not come back.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(TrackError::Rejected {
                     url: client.base.clone(),
                     reason: format!("its copy {file} is no longer in the spool"),
                 }),
-                Err(e) => Err(spool_err(Path::new(file), e)),
+                Err(e) => Err(spool_err(&copy, e)),
             };
             if let Err(TrackError::Rejected { .. }) = &uploaded {
                 // A model registered from this run would lack the file.
