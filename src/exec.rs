@@ -38,6 +38,8 @@ fn lock_lease() -> Duration {
 }
 const LOCK_RENEW: Duration = Duration::from_secs(20);
 const LOCK_POLL: Duration = Duration::from_millis(200);
+/// How long an interrupted run goes on delivering its tracking records before it exits.
+const DELIVERY_AFTER_INTERRUPT: Duration = Duration::from_secs(10);
 /// The longest wait between two looks at a lock another run holds.
 const LOCK_POLL_MOST: Duration = Duration::from_secs(2);
 /// Concurrent blob uploads per stage.
@@ -319,13 +321,33 @@ pub async fn execute(
     sampler.abort();
     track_run_end(&shared, &run, &opts.cache_dir);
     stop_delivery.notify_one();
-    let _ = delivery.await;
-    let d = tracker.finish().await;
+    let deliver = async {
+        let _ = delivery.await;
+        tracker.finish().await
+    };
+    // Interrupted, the run does not wait long on the tracking server (an upload may take
+    // minutes, and a container's grace period is short): what is left stays in the spool.
+    let d = if shared.cancel.is_cancelled() {
+        match tokio::time::timeout(DELIVERY_AFTER_INTERRUPT, deliver).await {
+            Ok(d) => d,
+            Err(_) => crate::tracking::Delivery {
+                problem: Some(format!(
+                    "delivery cut short after {} s by the interruption",
+                    DELIVERY_AFTER_INTERRUPT.as_secs()
+                )),
+                ..Default::default()
+            },
+        }
+    } else {
+        deliver.await
+    };
     if let Some(problem) = d.problem {
+        let counts = match d.records {
+            0 => String::new(),
+            n => format!("{} of {n} records delivered, ", d.delivered),
+        };
         reporter.note(&format!(
-            "tracking: {problem}; {} of {} records delivered, the rest wait in {} for `orchestrate sync`",
-            d.delivered,
-            d.records,
+            "tracking: {problem}; {counts}the rest wait in {} for `orchestrate sync`",
             opts.cache_dir.join("spool").display()
         ));
     }
