@@ -33,7 +33,7 @@ use crate::tracking::{flatten_params, SystemSampler, Tracker};
 /// between them only after the lease had lapsed; the create-only commit keeps the store
 /// right even then.) A holder that died on this machine is seen at once, its process gone;
 /// elsewhere when the lease runs out.
-fn lock_lease() -> Duration {
+pub(crate) fn lock_lease() -> Duration {
     LOCK_RENEW + 2 * (crate::store::retry_window() + Duration::from_secs(30)) + LOCK_RENEW
 }
 const LOCK_RENEW: Duration = Duration::from_secs(20);
@@ -96,6 +96,14 @@ pub async fn execute(
     let run_id = opts.run_id.clone();
     let tracker = Arc::clone(&opts.tracker);
     let (keyed, mut keyed_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Which store the downloaded copies in the local cache come from: `gc` of another
+    // store leaves them alone (see `gc::tidy_local_cache`).
+    if std::fs::create_dir_all(opts.cache_dir.join("artifacts")).is_ok() {
+        let _ = crate::write_whole(
+            &opts.cache_dir.join("artifacts").join(crate::gc::STORE_MARK),
+            store.identity().as_bytes(),
+        );
+    }
     let shared = Arc::new(Shared {
         pipeline: Arc::clone(&pipeline),
         store: store.clone(),
@@ -404,10 +412,8 @@ fn stage_tags(r: &StageRecord) -> BTreeMap<String, String> {
         tags.insert("orchestrate.artifact".to_string(), a.clone());
     }
     if let Some(e) = &r.error {
-        tags.insert(
-            "orchestrate.error".to_string(),
-            e.chars().take(4000).collect(),
-        );
+        // (Cut to MLflow's length by the tracker, after any secret in it is hidden.)
+        tags.insert("orchestrate.error".to_string(), e.clone());
     }
     tags
 }
@@ -432,8 +438,12 @@ fn track_reused(sh: &Shared, r: &StageRecord) {
 
 fn track_run_end(sh: &Shared, run: &RunRecord, cache_dir: &Path) {
     let record = cache_dir.join("work").join(format!("{}.json", run.id));
+    // The command line and the stages' errors may hold a secret (`--set ...TOKEN=...`).
+    let text = sh
+        .tracker
+        .hide_secrets(&serde_json::to_string_pretty(run).unwrap_or_default());
     if std::fs::create_dir_all(cache_dir.join("work")).is_ok()
-        && std::fs::write(&record, serde_json::to_vec_pretty(run).unwrap_or_default()).is_ok()
+        && std::fs::write(&record, text).is_ok()
     {
         sh.tracker.artifact(&run.id, &record, "run.json");
         let _ = std::fs::remove_file(&record);

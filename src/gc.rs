@@ -268,16 +268,25 @@ pub struct LocalReport {
     pub bytes_freed: u64,
     /// Runs going on now from this cache: while there are any, downloaded copies stay.
     pub live_runs: usize,
+    /// The cache's copies come from another store than the one collected: they stay.
+    pub other_store: bool,
 }
+
+/// The file in a local cache's `artifacts/` naming the store its copies come from (its
+/// [`Store::identity`]), written by each run.
+pub const STORE_MARK: &str = "STORE";
 
 /// Tidies a local cache (`.orchestrate/`) after `gc`: each run's working folders, which a
 /// run that failed or was cancelled keeps (its outputs, for reading), once the run is over
 /// and older than `grace`; and the downloaded copies of artifacts (`artifacts/<digest>`) no
-/// longer among `kept` (digests of the artifacts the store keeps), with what interrupted
-/// downloads left, older than `grace` and while no run from this cache goes on (one may be
-/// reading them). A run is going on while it holds its spool's lock (see `tracking`).
+/// longer among `kept` (digests of the artifacts the store `store` keeps), with what
+/// interrupted downloads left, older than `grace`, while no run from this cache goes on (one
+/// may be reading them), and only where the copies come from that store (a `gc` of a
+/// scratch store would otherwise take every copy of another). A run is going on while it
+/// holds its spool's lock (see `tracking`); a lock file nothing holds and no spool needs goes.
 pub fn tidy_local_cache(
     cache: &Path,
+    store: &str,
     kept: &HashSet<String>,
     grace: Duration,
     dry_run: bool,
@@ -302,22 +311,38 @@ pub fn tidy_local_cache(
             .unwrap_or_default()
     };
     // The runs going on from this cache, by id.
-    let live: HashSet<std::ffi::OsString> = entries(&cache.join("spool"))
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "lock"))
-        .filter(|p| crate::tracking::lock_is_held(p))
-        .filter_map(|p| p.file_stem().map(ToOwned::to_owned))
-        .collect();
+    let mut live: HashSet<std::ffi::OsString> = HashSet::new();
+    for lock in entries(&cache.join("spool")) {
+        if lock.extension().is_none_or(|e| e != "lock") {
+            continue;
+        }
+        match lock.file_stem() {
+            Some(id) if crate::tracking::lock_is_held(&lock) => {
+                live.insert(id.to_owned());
+            }
+            // A run over whose spool was delivered and removed leaves its lock file.
+            _ if !lock.with_extension("jsonl").exists() && old(&lock) && !dry_run => {
+                let _ = std::fs::remove_file(&lock);
+            }
+            _ => {}
+        }
+    }
     report.live_runs = live.len();
     let mut bytes = 0;
-    for dir in entries(&cache.join("work")) {
+    for dir in entries(&cache.join("work"))
+        .into_iter()
+        .filter(|d| d.is_dir())
+    {
         let ours = dir.file_name().is_some_and(|id| live.contains(id));
         if !ours && old(&dir) {
             remove(&dir, &mut report.work_deleted, &mut bytes);
         }
     }
-    if live.is_empty() {
-        for dir in entries(&cache.join("artifacts")) {
+    let copies = cache.join("artifacts");
+    let same_store = std::fs::read_to_string(copies.join(STORE_MARK)).is_ok_and(|s| s == store);
+    report.other_store = !same_store && copies.is_dir();
+    if live.is_empty() && same_store {
+        for dir in entries(&copies).into_iter().filter(|d| d.is_dir()) {
             let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
             // `<hex>`, or `<hex>.partial-…` / `<hex>.stale-…` left by an interrupted download.
             let (hex, leftover) = match name.split_once('.') {
@@ -480,8 +505,8 @@ mod tests {
         assert_eq!(left, ["abcd", "abcd#1#2", "abcd#x"]);
     }
 
-    /// A lock that does not read as one (another version's) counts as a run producing: the
-    /// blob nothing names yet stays until it is gone.
+    /// A lock that does not read as one (another version's) counts as a run producing for a
+    /// lease after it was written: the blob nothing names yet stays until then.
     #[tokio::test]
     async fn a_lock_that_cannot_be_read_keeps_unreferenced_blobs() {
         let tmp = tempfile::tempdir().unwrap();
@@ -502,7 +527,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((r.producing, r.blobs_deleted), (1, 0), "{r:?}");
-        std::fs::remove_file(&lock).unwrap();
+        // Once older than a lease, no holder wrote it: left behind, it stops nothing.
+        let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&lock)
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
         let r = collect(&store, None, 1, Duration::ZERO, false)
             .await
             .unwrap();
@@ -526,26 +558,36 @@ mod tests {
         std::fs::create_dir_all(cache.join("spool")).unwrap();
         let lock = std::fs::File::create(cache.join("spool/r1.lock")).unwrap();
         lock.lock().unwrap();
+        std::fs::write(cache.join("artifacts").join(STORE_MARK), "file:///s").unwrap();
         let kept = HashSet::new();
-        let r = tidy_local_cache(cache, &kept, Duration::ZERO, false);
+        let r = tidy_local_cache(cache, "file:///s", &kept, Duration::ZERO, false);
         assert_eq!(
             (r.live_runs, r.work_deleted, r.copies_deleted),
             (1, 0, 0),
             "{r:?}"
         );
         drop(lock);
-        let r = tidy_local_cache(cache, &kept, Duration::ZERO, true);
+        let r = tidy_local_cache(cache, "file:///s", &kept, Duration::ZERO, true);
         assert_eq!(
             (r.work_deleted, r.copies_deleted, r.bytes_freed),
             (1, 2, 5),
             "{r:?}"
         );
         assert!(cache.join("work/r1").exists(), "a dry run deletes nothing");
+        // Collecting another store leaves this one's copies alone (a run's folders go).
+        let r = tidy_local_cache(cache, "file:///scratch", &kept, Duration::ZERO, true);
+        assert_eq!(
+            (r.work_deleted, r.copies_deleted, r.other_store),
+            (1, 0, true),
+            "{r:?}"
+        );
         let kept = HashSet::from(["blake3:abcd".to_string()]);
-        let r = tidy_local_cache(cache, &kept, Duration::ZERO, false);
+        let r = tidy_local_cache(cache, "file:///s", &kept, Duration::ZERO, false);
         assert_eq!((r.work_deleted, r.copies_deleted), (1, 1), "{r:?}");
         assert!(!cache.join("work/r1").exists());
         assert!(cache.join("artifacts/abcd/files/x").exists());
+        // The run's lock file, free and with no spool left, went too.
+        assert!(!cache.join("spool/r1.lock").exists());
     }
 
     /// An empty Model artifact stored under `key`.

@@ -890,8 +890,9 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 orchestrate::gc::collect(&store, pipeline.as_deref(), keep_last, grace, dry_run)
                     .await?;
             let kept = r.kept_digests.clone();
+            let identity = store.identity();
             let local = tokio::task::spawn_blocking(move || {
-                orchestrate::gc::tidy_local_cache(&cache, &kept, grace, dry_run)
+                orchestrate::gc::tidy_local_cache(&cache, &identity, &kept, grace, dry_run)
             })
             .await
             .unwrap_or_default();
@@ -929,6 +930,8 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                     "local cache: {} going on from it, so downloaded copies were kept",
                     counted(local.live_runs, "run")
                 );
+            } else if local.other_store {
+                outln!("local cache: its downloaded copies come from another store, and were kept");
             }
             Ok(0)
         }

@@ -1396,7 +1396,7 @@ impl Validator {
                 let serde_json::Value::Object(block) = &json else {
                     return None;
                 };
-                if at_fault.len() == each.len() {
+                if !at_fault.is_empty() {
                     let rest = block
                         .iter()
                         .filter(|(k, _)| !at_fault.contains(&k.as_str()))
@@ -1409,9 +1409,25 @@ impl Validator {
                             ParamProblem::Several(all) => all,
                             _ => vec![more],
                         };
+                        // Not a problem of a key at fault, nor one only its stand-in default
+                        // makes: a check of two keys names both (`12 heads do not divide
+                        // d_model 256`, d_model's default where the file's is a string), so a
+                        // message naming a key at fault is passed over. A required key taken
+                        // out is missing only for that; one never written is reported.
+                        let names_fault = |e: &ParamError| {
+                            let said = e.to_string();
+                            at_fault.iter().any(|k| said.contains(k))
+                        };
                         for e in more {
-                            let new = top_key(&e).is_some_and(|k| !at_fault.contains(&k))
-                                && !matches!(&e.problem, ParamProblem::MissingKey { .. });
+                            let new = match &e.problem {
+                                ParamProblem::MissingKey { key } => {
+                                    !at_fault.contains(&key.as_str()) && !each.contains(&&e)
+                                }
+                                _ => {
+                                    top_key(&e).is_some_and(|k| !at_fault.contains(&k))
+                                        && !names_fault(&e)
+                                }
+                            };
                             if new {
                                 self.diags
                                     .push(param_diagnostic(stage, kind, node, anchor, &e));

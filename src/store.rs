@@ -420,6 +420,23 @@ impl Store {
         &self.url
     }
 
+    /// Which store this is, the same however it was named: a `file://` store's folder, made
+    /// absolute; an S3 one's URL with the endpoint it is reached at.
+    pub fn identity(&self) -> String {
+        match &self.local_root {
+            Some(dir) => {
+                let dir = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+                format!("file://{}", dir.display())
+            }
+            None => {
+                let endpoint = std::env::var("AWS_ENDPOINT_URL")
+                    .or_else(|_| std::env::var("AWS_ENDPOINT"))
+                    .unwrap_or_default();
+                format!("{} at {endpoint}", self.url)
+            }
+        }
+    }
+
     fn backend<'p>(
         op: &'static str,
         path: &'p ObjPath,
@@ -1034,9 +1051,11 @@ impl Store {
     /// alone while any exists, since an upload that found its blob already stored did not
     /// refresh that blob's age, and its manifest, which will name it, is not written yet.
     ///
-    /// A lock that cannot be read (another version's, say) counts as live: whether its
-    /// holder is producing is unknown, and taking its blobs would be the mistake that cannot
-    /// be undone. One that cannot be fetched is an error, not a lock passed over.
+    /// A lock that cannot be read (another version's, say) counts as live for as long as a
+    /// lease lasts after it was written: whether its holder is producing is unknown, and
+    /// taking its blobs would be the mistake that cannot be undone; a holder renews its lock
+    /// within its lease, so an older one is left behind (else one left for good would stop
+    /// every collection). One that cannot be fetched is an error, not a lock passed over.
     pub async fn live_locks(&self) -> Result<LiveLocks> {
         let mut live = LiveLocks::default();
         for m in self.list_paths("locks").await? {
@@ -1044,7 +1063,15 @@ impl Store {
                 Ok(Some(info)) if !info.is_stale() => live.holders.push(info),
                 // Released (or stale) since the listing.
                 Ok(_) => {}
-                Err(e) if e.is_damage() => live.unreadable += 1,
+                Err(e) if e.is_damage() => {
+                    let age = chrono::Utc::now() - m.last_modified;
+                    if age
+                        .to_std()
+                        .map_or(true, |age| age < crate::exec::lock_lease())
+                    {
+                        live.unreadable += 1;
+                    }
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -24,6 +24,8 @@ const MAX_PARAMS: usize = 100;
 const MAX_TAGS: usize = 100;
 /// MLflow rejects longer param values.
 const MAX_PARAM_CHARS: usize = 6000;
+/// The most characters of a tag value sent (MLflow takes 8000; an error message is cut).
+const MAX_TAG_CHARS: usize = 4000;
 /// Buffered metrics are flushed to the spool at least this often.
 const METRIC_FLUSH: Duration = Duration::from_secs(1);
 
@@ -104,6 +106,9 @@ struct DeliveryState {
     /// records, and delivery runs every second). 0 in a state written before it was kept.
     #[serde(default)]
     offset: u64,
+    /// Records the server refused, over every delivery: a spool with any stays, to be read.
+    #[serde(default)]
+    refused: u64,
     experiments: BTreeMap<String, String>,
     /// Our run uid → (MLflow run id, experiment id, artifact root relative to the proxy).
     runs: BTreeMap<String, (String, String, String)>,
@@ -602,6 +607,15 @@ pub(crate) fn names_a_secret(param: &str) -> bool {
         split.push(c.to_ascii_lowercase());
     }
     let words: Vec<&str> = split.split(['_', '-']).collect();
+    // Where a secret is, not the secret: `api_key_env` names a variable, `HF_TOKEN_PATH` a
+    // file, and their values read in clear (hiding them hid `$ORCHESTRATE_API_KEY` in every
+    // command that names it).
+    if words
+        .last()
+        .is_some_and(|w| ["env", "file", "path", "dir", "name"].contains(w))
+    {
+        return false;
+    }
     let alone = [
         "secret",
         "token",
@@ -664,14 +678,16 @@ impl Secrets {
 
 /// A spool file's bytes from `offset` on (none where the file is shorter: a spool written
 /// again from the start, which a new run id never does, reads from its start).
-fn read_from(spool: &Path, offset: u64) -> std::io::Result<Vec<u8>> {
+/// Returns where it read from, too.
+fn read_from(spool: &Path, offset: u64) -> std::io::Result<(u64, Vec<u8>)> {
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(spool)?;
     let len = f.metadata()?.len();
-    f.seek(SeekFrom::Start(if offset <= len { offset } else { 0 }))?;
+    let start = if offset <= len { offset } else { 0 };
+    f.seek(SeekFrom::Start(start))?;
     let mut bytes = Vec::new();
     f.read_to_end(&mut bytes)?;
-    Ok(bytes)
+    Ok((start, bytes))
 }
 
 /// A spool's text. A line torn inside a character (the process killed mid-append) would
@@ -759,17 +775,21 @@ fn close_abandoned(spool: &Path) -> Result<usize, TrackError> {
 }
 
 /// Removes a delivered spool: its records, its delivery state, its copies of artifacts, and
-/// its lock file (whose lock the caller holds, so no `sync` starts on it meanwhile; one that
-/// opens the path afterwards finds nothing to deliver). Best effort: what is left is
-/// delivered again as nothing, its state saying so.
-fn remove_spool(spool: &Path) {
+/// with `lock`, its lock file (whose lock the caller holds, so no `sync` starts on it
+/// meanwhile; one that opens the path afterwards finds nothing to deliver). A run keeps its
+/// own lock file: it holds the lock for as long as it lives (a run that goes on serving),
+/// which tells `gc` the run is going on; `gc` removes it once free. Best effort: what is
+/// left is delivered again as nothing, its state saying so.
+fn remove_spool(spool: &Path, lock: bool) {
     let Some(id) = spool.file_stem() else { return };
     if let Some(dir) = spool.parent() {
         let _ = std::fs::remove_dir_all(dir.join("files").join(id));
     }
     let _ = std::fs::remove_file(spool);
     let _ = std::fs::remove_file(spool.with_extension("state.json"));
-    let _ = std::fs::remove_file(spool.with_extension("lock"));
+    if lock {
+        let _ = std::fs::remove_file(spool.with_extension("lock"));
+    }
 }
 
 fn spool_err(path: &Path, source: std::io::Error) -> TrackError {
@@ -875,6 +895,14 @@ impl Tracker {
         });
     }
 
+    /// `text` with every secret known so far as `***` (see [`Secrets`]).
+    pub fn hide_secrets(&self, text: &str) -> String {
+        match self.secrets.lock() {
+            Ok(known) => known.hide(text),
+            Err(_) => Secrets::from_env().hide(text),
+        }
+    }
+
     pub fn log(&self, uid: &str, params: BTreeMap<String, String>, tags: BTreeMap<String, String>) {
         let secrets = match self.secrets.lock() {
             Ok(mut known) => {
@@ -889,7 +917,7 @@ impl Tracker {
         };
         let tags = tags
             .into_iter()
-            .map(|(k, v)| (k, secrets.hide(&v)))
+            .map(|(k, v)| (k, secrets.hide(&v).chars().take(MAX_TAG_CHARS).collect()))
             .collect();
         let params = params
             .into_iter()
@@ -1051,7 +1079,7 @@ impl Tracker {
         // reading what was refused; and without a server, as the run's history.
         if self.client.is_some() && d.problem.is_none() && d.delivered == d.records {
             if let Ok(s) = self.spool.lock() {
-                remove_spool(&s.path);
+                remove_spool(&s.path, false);
             }
         }
         d
@@ -1087,6 +1115,8 @@ pub struct Delivered {
     /// The records the server refused this time, each described: they are passed over so
     /// that the records after them, and other runs' spools, still arrive.
     pub rejected: Vec<String>,
+    /// How many it refused, this time and before.
+    pub refused: u64,
 }
 
 /// Delivers a spool file from where its state says delivery stopped.
@@ -1099,18 +1129,19 @@ pub async fn deliver_file(
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
-    let bytes = match read_from(spool, state.offset) {
-        Ok(b) => b,
+    let (start, bytes) = match read_from(spool, state.offset) {
+        Ok(read) => read,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(Delivered {
                 total: state.delivered,
                 rejected: Vec::new(),
+                refused: state.refused,
             })
         }
         Err(e) => return Err(spool_err(spool, e)),
     };
     let mut rejected = Vec::new();
-    let mut at = state.offset;
+    let mut at = start;
     for line in bytes.split_inclusive(|&b| b == b'\n') {
         // A line not ended yet is being written: read again next time, from its start.
         if line.last() != Some(&b'\n') {
@@ -1128,12 +1159,15 @@ pub async fn deliver_file(
         };
         match apply(client, &mut state, &entry.op, spool).await {
             Ok(()) => {}
-            Err(TrackError::Rejected { reason, .. }) => rejected.push(format!(
-                "{}, record {}: {} refused ({reason}); passed over",
-                spool.display(),
-                entry.seq,
-                entry.op.name()
-            )),
+            Err(TrackError::Rejected { reason, .. }) => {
+                state.refused += 1;
+                rejected.push(format!(
+                    "{}, record {}: {} refused ({reason}); passed over",
+                    spool.display(),
+                    entry.seq,
+                    entry.op.name()
+                ))
+            }
             Err(e) => return Err(e),
         }
         state.delivered = entry.seq;
@@ -1144,6 +1178,7 @@ pub async fn deliver_file(
     Ok(Delivered {
         total: state.delivered,
         rejected,
+        refused: state.refused,
     })
 }
 
@@ -1286,6 +1321,8 @@ pub async fn sync(client: &MlflowClient, dir: &Path) -> Result<Synced, TrackErro
         files: files.len(),
         ..Default::default()
     };
+    // Spools in a row whose delivery the server stopped.
+    let mut server_stopped = 0;
     for (i, f) in files.iter().enumerate() {
         // One deliverer per spool at a time: its run while it lives, else one `sync`.
         let lock_path = f.with_extension("lock");
@@ -1323,19 +1360,24 @@ pub async fn sync(client: &MlflowClient, dir: &Path) -> Result<Synced, TrackErro
         match deliver_file(client, f, &state).await {
             Ok(d) => {
                 out.sent += d.total - before;
-                if d.rejected.is_empty() {
+                if d.refused == 0 {
                     // Delivered to its end, its runs ended: done with, as a run does with
                     // its own (a spool with a refused record stays, to be read).
-                    remove_spool(f);
+                    remove_spool(f, true);
                 }
+                server_stopped = 0;
                 out.rejected.extend(d.rejected);
             }
-            // The server is down, or refuses us: so it is for every spool after this one,
-            // which would each say so again (forty runs, forty errors).
+            // The server is down, or refuses us: so it is, most likely, for every spool
+            // after these, which would each say so again (forty runs, forty errors). Two in a
+            // row, not one: a proxy's 504 for one spool's large upload is that spool's.
             Err(e @ TrackError::Server { .. }) => {
                 out.stopped.push((f.clone(), e));
-                out.untried = files.len() - i - 1;
-                break;
+                server_stopped += 1;
+                if server_stopped == 2 {
+                    out.untried = files.len() - i - 1;
+                    break;
+                }
             }
             Err(e) => out.stopped.push((f.clone(), e)),
         }
@@ -1463,6 +1505,10 @@ mod tests {
         assert!(names_a_secret("params.DBPassword"));
         assert!(names_a_secret("params.OpenAIApiKey"));
         assert!(names_a_secret("params.AWSSecretKey"));
+        assert!(!names_a_secret("deploy.with.api_key_env"));
+        assert!(!names_a_secret("HF_TOKEN_PATH"));
+        assert!(!names_a_secret("AWS_WEB_IDENTITY_TOKEN_FILE"));
+        assert!(names_a_secret("AWS_ACCESS_KEY_ID"));
     }
 
     #[test]
@@ -1523,10 +1569,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("r.jsonl");
         std::fs::write(&path, b"first\nsecond\n").unwrap();
-        assert_eq!(read_from(&path, 6).unwrap(), b"second\n");
-        assert_eq!(read_from(&path, 13).unwrap(), b"");
-        // Further than the file: it was written anew, read whole.
-        assert_eq!(read_from(&path, 99).unwrap(), b"first\nsecond\n");
+        assert_eq!(read_from(&path, 6).unwrap(), (6, b"second\n".to_vec()));
+        assert_eq!(read_from(&path, 13).unwrap(), (13, Vec::new()));
+        // Further than the file: it was written anew, read whole, from 0.
+        assert_eq!(
+            read_from(&path, 99).unwrap(),
+            (0, b"first\nsecond\n".to_vec())
+        );
     }
 
     #[test]

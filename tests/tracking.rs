@@ -419,6 +419,10 @@ stages:
         "spool/b.jsonl",
         &format!("{}\n{}\n", start("fine"), end("fine", 2)),
     );
+    sb.write(
+        "spool/c.jsonl",
+        &format!("{}\n{}\n", start("third"), end("third", 2)),
+    );
     let spool_dir = spool.display().to_string();
     // A wrong URL answers 404 to everything, but not as MLflow: nothing is passed over, and
     // the records wait for the right one.
@@ -430,7 +434,8 @@ stages:
         "{}",
         sync.stdout
     );
-    // The first spool's answer is the server's for all: the second is not tried.
+    // Two spools stopped in a row by the server: it answers so for all, and the third is
+    // not tried.
     assert!(
         sync.stderr
             .contains("1 more spooled runs not tried: the server stopped the one above"),
@@ -440,7 +445,7 @@ stages:
     let sync = sb.run(&["sync", "--mlflow", &mlflow.url, "--spool", &spool_dir]);
     assert_eq!(sync.code, 0, "{}", sync.stderr);
     assert!(
-        sync.stdout.contains("delivered 6 records"),
+        sync.stdout.contains("delivered 8 records"),
         "{}",
         sync.stdout
     );
@@ -450,7 +455,7 @@ stages:
         "{}",
         sync.stderr
     );
-    for name in ["refused", "fine"] {
+    for name in ["refused", "fine", "third"] {
         let runs = search(
             &mlflow.url,
             &exp,
@@ -459,9 +464,13 @@ stages:
         assert_eq!(runs.len(), 1, "{name}");
         assert_eq!(runs[0]["info"]["status"], "FINISHED", "{name}");
     }
-    // A spool delivered whole is removed; one with a refused record stays, to be read.
+    // A spool delivered whole is removed; one with a refused record stays, to be read,
+    // through later syncs too.
     assert!(spool.join("a.jsonl").exists());
-    assert!(!spool.join("b.jsonl").exists());
+    assert!(!spool.join("b.jsonl").exists() && !spool.join("c.jsonl").exists());
+    let again = sb.run(&["sync", "--mlflow", &mlflow.url, "--spool", &spool_dir]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(spool.join("a.jsonl").exists());
 }
 
 /// A run's MLflow runs are ended however its process ends. Killed outright (SIGKILL, or a

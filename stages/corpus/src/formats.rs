@@ -615,18 +615,20 @@ pub fn parse_author(attribution: &str) -> Option<String> {
     let end = s
         .find([',', '(', '"', '«', '[', ';', '“', '/'])
         .unwrap_or(s.len());
-    let name: String = s[..end].split_whitespace().collect::<Vec<_>>().join(" ");
-    // Cut at a title's quote after a small word, the words before it name nobody: `из
-    // писем в "Спид-Инфо"` ("from letters to"), `from "The Hobbit"`, `журнал "Крокодил"`.
-    let quoted = s[end..].starts_with(['"', '«', '“']);
-    let small_last = name
-        .split_whitespace()
-        .last()
-        .and_then(|w| w.chars().next())
-        .is_some_and(char::is_lowercase);
-    if quoted && small_last {
-        return None;
+    let mut words: Vec<&str> = s[..end].split_whitespace().collect();
+    // Cut at a title's quote after small words, those words name nobody: `Oscar Wilde in
+    // "…"` is Oscar Wilde; `из писем в "Спид-Инфо"` ("from letters to"), `from "The
+    // Hobbit"`, `журнал "Крокодил"` name nobody at all.
+    let small = |w: &&str| w.chars().next().is_some_and(char::is_lowercase);
+    if s[end..].starts_with(['"', '«', '“']) && words.last().is_some_and(small) {
+        while words.last().is_some_and(small) {
+            words.pop();
+        }
+        if words.is_empty() || !name_like(&words.join(" ")) {
+            return None;
+        }
     }
+    let name = words.join(" ");
     let name = name
         .trim_end_matches(['.', ':', ' '])
         .nfc()
@@ -966,6 +968,10 @@ mod tests {
         let (t, a) = split_attribution("Шутка.\n\t\t-- из писем в \"Спид-Инфо\"\n");
         assert_eq!((t.as_str(), a), ("Шутка.", None));
         assert_eq!(parse_author("-- from \"The Hobbit\""), None);
+        assert_eq!(
+            parse_author("-- Oscar Wilde in \"The Critic as Artist\"").as_deref(),
+            Some("Oscar Wilde")
+        );
         assert_eq!(
             parse_author("-- Ф. М. Достоевский «Бесы»").as_deref(),
             Some("Ф. М. Достоевский")
