@@ -622,7 +622,6 @@ impl Store {
             },
             e => Self::backend("read", &path)(e),
         })?;
-        let mut stream = result.into_stream();
         let mut tmp_name = dest.as_os_str().to_owned();
         tmp_name.push(format!(".partial-{}", std::process::id()));
         let tmp = PathBuf::from(tmp_name);
@@ -634,19 +633,8 @@ impl Store {
         let mut out = tokio::fs::File::create(&tmp)
             .await
             .map_err(|e| StoreError::io(format!("cannot create {}", tmp.display()), e))?;
-        let mut hasher = blake3::Hasher::new();
-        while let Some(chunk) = stream
-            .try_next()
-            .await
-            .map_err(Self::backend("read", &path))?
-        {
-            hasher.update(&chunk);
-            out.write_all(&chunk)
-                .await
-                .map_err(|e| StoreError::io(format!("cannot write {}", tmp.display()), e))?;
-        }
+        let actual = Self::digest_of(result, &path, Some((&mut out, &tmp))).await?;
         out.flush().await.map_err(|e| StoreError::io("flush", e))?;
-        let actual = format!("blake3:{}", hasher.finalize().to_hex());
         if actual != entry.digest {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(StoreError::Corrupt {
@@ -660,6 +648,30 @@ impl Store {
         tokio::fs::rename(&tmp, dest)
             .await
             .map_err(|e| StoreError::io(format!("cannot move {} into place", dest.display()), e))
+    }
+
+    /// The digest of the blob at `path` being read (`result`), hashed as it arrives (a
+    /// model's blob need not fit in memory), and written to `out` on the way where given.
+    async fn digest_of(
+        result: object_store::GetResult,
+        path: &ObjPath,
+        mut out: Option<(&mut tokio::fs::File, &Path)>,
+    ) -> Result<String> {
+        let mut stream = result.into_stream();
+        let mut hasher = blake3::Hasher::new();
+        while let Some(chunk) = stream
+            .try_next()
+            .await
+            .map_err(Self::backend("read", path))?
+        {
+            hasher.update(&chunk);
+            if let Some((file, name)) = out.as_mut() {
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|e| StoreError::io(format!("cannot write {}", name.display()), e))?;
+            }
+        }
+        Ok(format!("blake3:{}", hasher.finalize().to_hex()))
     }
 
     /// Re-reads every blob of an artifact and returns the corrupt or missing ones, each with
@@ -691,17 +703,7 @@ impl Store {
             let path = Self::blob_path(&f.digest);
             match self.inner.get(&path).await {
                 Ok(r) => {
-                    // Hashed as it arrives: a model's blob need not fit in memory.
-                    let mut stream = r.into_stream();
-                    let mut hasher = blake3::Hasher::new();
-                    while let Some(chunk) = stream
-                        .try_next()
-                        .await
-                        .map_err(Self::backend("read", &path))?
-                    {
-                        hasher.update(&chunk);
-                    }
-                    let actual = format!("blake3:{}", hasher.finalize().to_hex());
+                    let actual = Self::digest_of(r, &path, None).await?;
                     if actual != f.digest {
                         let why = format!(
                             "{} (file `{}`: expected {}, found {actual})",
