@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Fetches the Debian fortune corpora without root, pinned by version and SHA-256.
 
-    python3 datasets/fortunes.py [DEST]      # default: datasets/fortunes
+    python3 datasets/fortunes.py [DEST]          # default: datasets/fortunes
+    python3 datasets/fortunes.py --check [DEST]  # exit 0 where DEST is these pins' corpus
 
 Downloads `fortunes-min`, `fortunes` and `fortunes-ru` from a Debian mirror
 (`DEBIAN_MIRROR`, default http://deb.debian.org/debian), checks each package against the
@@ -15,7 +16,9 @@ Why pinned: two machines with different Debian releases (or a laptop that is not
 would otherwise train on different corpora under one pipeline. A package whose bytes differ
 from the pinned digest is refused, never unpacked. Only the standard library is used, so it
 runs wherever python3 does (macOS included: no dpkg needed). DEST is replaced whole, and
-only once every package has been checked and unpacked beside it.
+only once every package has been checked and unpacked beside it; `DEST.pinned` then names
+the packages it was made from, which `--check` compares with the pins here (`.ci/main`
+fetches again where they differ).
 """
 
 import hashlib
@@ -98,9 +101,25 @@ def unpack(data, name, dest):
     return written
 
 
+def pins():
+    """The packages pinned, one line each: what a fetched corpus was made from."""
+    return "".join(f"{name} {version} {sha256}\n" for name, version, _, sha256, _ in PACKAGES)
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
-    dest = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "fortunes"))
+    args = [a for a in sys.argv[1:] if a != "--check"]
+    dest = os.path.abspath(args[0] if args else os.path.join(here, "fortunes"))
+    # Beside the corpus, not in it (ingest reads every file of the folder).
+    stamp = dest + ".pinned"
+    if "--check" in sys.argv[1:]:
+        # Whether dest holds the corpus of these very pins (a pin changed since: fetch again).
+        try:
+            with open(stamp) as f:
+                current = f.read() == pins() and os.path.isdir(os.path.join(dest, "ru"))
+        except OSError:
+            current = False
+        sys.exit(0 if current else 1)
     mirror = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian").rstrip("/")
     parent = os.path.dirname(dest)
     os.makedirs(parent, exist_ok=True)
@@ -110,9 +129,13 @@ def main():
             deb = download(f"{mirror}/{pool_path}", sha256, size)
             n = unpack(data_member(deb, name), name, staging)
             print(f"{name} {version}: {n} files", file=sys.stderr)
-        if os.path.isdir(dest):
+        if os.path.islink(dest):
+            os.unlink(dest)
+        elif os.path.isdir(dest):
             shutil.rmtree(dest)
         os.rename(staging, dest)
+        with open(stamp, "w") as f:
+            f.write(pins())
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging)
