@@ -610,6 +610,8 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             let p = Arc::new(load(&pipeline)?);
             select.selection().check_names(&p)?;
             let store = open_store(&p, &store)?;
+            // Before anything is produced: locks and commits rely on create-only writes.
+            store.check_create_only().await?;
             let plan = Plan::build(&p, &store, &select.selection()).await?;
             #[cfg(feature = "model")]
             if !no_serve {

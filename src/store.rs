@@ -420,6 +420,40 @@ impl Store {
         &self.url
     }
 
+    /// Whether the store refuses a second create-only write (`If-None-Match: *` on S3) of
+    /// one object, as locks and commits need: on a server that ignores the condition (AWS S3
+    /// before August 2024, older S3-compatible servers), every waiter would take every lock
+    /// and the last commit, not the first, would win. Asked once per run, with a probe
+    /// object written twice and deleted (a `file://` store always does).
+    pub async fn check_create_only(&self) -> Result<()> {
+        if self.local_root.is_some() {
+            return Ok(());
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let path = ObjPath::from(format!(
+            "probes/{}-{}-{nanos}.json",
+            hostname(),
+            std::process::id()
+        ));
+        self.put_json(&path, &"create-only probe", PutMode::Create)
+            .await
+            .map_err(Self::backend("write", &path))?;
+        let again = self
+            .put_json(&path, &"create-only probe", PutMode::Create)
+            .await;
+        let _ = self.inner.delete(&path).await;
+        match again {
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(Self::backend("write", &path)(e)),
+            Ok(()) => Err(StoreError::Open {
+                url: self.url.clone(),
+                reason: "this S3 server does not honour create-only writes (If-None-Match: *): a second write of an object succeeded, so two runs could both take one lock; use a server that does (AWS S3, MinIO, Ceph and R2 do today)".into(),
+            }),
+        }
+    }
+
     /// Which store this is, the same however it was named: a `file://` store's folder, made
     /// absolute; an S3 one's URL with the endpoint it is reached at.
     pub fn identity(&self) -> String {
