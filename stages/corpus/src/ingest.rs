@@ -1411,6 +1411,21 @@ mod tests {
         }
         assert!((1700..2300).contains(&counts["val"]), "{counts:?}");
         assert!((1700..2300).contains(&counts["test"]), "{counts:?}");
+        // Pinned: a change to the key (its letters, its case folding, the hash) would move
+        // records between splits, and a model's test records into its training.
+        let pinned: Vec<u64> = ["Record number 7.", "Ёжик в Тумане!", "ÉCOLE 42", "--"]
+            .iter()
+            .map(|t| split_hash(t, &mut String::new()))
+            .collect();
+        assert_eq!(
+            pinned,
+            [
+                1_585_728_197_194_099_505,
+                16_260_733_685_796_691_859,
+                5_421_173_294_454_791_804,
+                10_792_671_679_760_859_956
+            ]
+        );
     }
 
     #[test]
