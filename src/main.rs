@@ -1000,12 +1000,18 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                     format!("error: no spool folder {}", dir.display()),
                 ));
             }
+            // A pipeline's own spools, where the folder is its cache's (a `--spool` folder
+            // named is delivered whole).
+            let only = p
+                .as_ref()
+                .filter(|_| spool.is_none())
+                .map(|p| p.name.clone());
             let dir = spool.unwrap_or_else(|| match &p {
                 Some(p) => cache_dir(p).join("spool"),
                 None => cache_dir_in(Path::new(".")).join("spool"),
             });
             let client = MlflowClient::new(&url);
-            match orchestrate::tracking::sync(&client, &dir).await {
+            match orchestrate::tracking::sync(&client, &dir, only.as_deref()).await {
                 Ok(s) => {
                     outln!(
                         "delivered {} records from {} spooled runs to {}",
@@ -1028,6 +1034,13 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                         outln!(
                             "passed over {} spools of runs still running: they deliver their own",
                             s.running
+                        );
+                    }
+                    if s.other_pipelines > 0 {
+                        outln!(
+                            "passed over {} spools of other pipelines sharing this cache (`sync --pipeline` each, or `--spool {}` for all)",
+                            s.other_pipelines,
+                            dir.display()
                         );
                     }
                     for r in &s.rejected {

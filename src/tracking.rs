@@ -676,6 +676,20 @@ impl Secrets {
     }
 }
 
+/// The pipeline whose run a spool records: its first record starts the run, tagged with
+/// the pipeline's name. None where that cannot be read.
+fn spool_pipeline(spool: &Path) -> Option<String> {
+    use std::io::BufRead;
+    let mut first = String::new();
+    std::io::BufReader::new(std::fs::File::open(spool).ok()?)
+        .read_line(&mut first)
+        .ok()?;
+    match serde_json::from_str::<Entry>(&first).ok()?.op {
+        Op::StartRun { tags, .. } => tags.get("orchestrate.pipeline").cloned(),
+        _ => None,
+    }
+}
+
 /// A spool file's bytes from `offset` on (none where the file is shorter: a spool written
 /// again from the start, which a new run id never does, reads from its start).
 /// Returns where it read from, too.
@@ -1303,10 +1317,19 @@ pub struct Synced {
     pub killed: usize,
     /// Spools not tried: the server stopped an earlier one's delivery.
     pub untried: usize,
+    /// Spools of other pipelines' runs, left alone.
+    pub other_pipelines: usize,
 }
 
 /// Delivers every spool file in `dir`, each as far as it goes.
-pub async fn sync(client: &MlflowClient, dir: &Path) -> Result<Synced, TrackError> {
+///
+/// With `pipeline`, only the spools of that pipeline's runs: pipelines beside one another
+/// share a local cache, and another's records may be for another MLflow server.
+pub async fn sync(
+    client: &MlflowClient,
+    dir: &Path,
+    pipeline: Option<&str>,
+) -> Result<Synced, TrackError> {
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(d) => d
             .flatten()
@@ -1317,8 +1340,14 @@ pub async fn sync(client: &MlflowClient, dir: &Path) -> Result<Synced, TrackErro
         Err(e) => return Err(spool_err(dir, e)),
     };
     files.sort();
+    let all = files.len();
+    if let Some(name) = pipeline {
+        files.retain(|f| spool_pipeline(f).as_deref() == Some(name));
+    }
+    let other_pipelines = all - files.len();
     let mut out = Synced {
         files: files.len(),
+        other_pipelines,
         ..Default::default()
     };
     // Spools in a row whose delivery the server stopped.

@@ -310,9 +310,23 @@ stages:
     let records = std::fs::read_to_string(&spool).unwrap().lines().count() as u64;
     assert!(records >= 8, "{records} records spooled");
 
+    // Another pipeline beside this one shares its cache: its spool, meant for another
+    // server maybe, is left alone.
+    let other = sb.path().join(".orchestrate/spool/other.jsonl");
+    let foreign = json!({"seq": 1, "op": "start_run", "uid": "o", "parent": null,
+        "experiment": "elsewhere", "name": "o", "start_ms": 1,
+        "tags": {"orchestrate.pipeline": "another"}});
+    std::fs::write(&other, format!("{foreign}\n")).unwrap();
     mlflow.start();
     let sync = sb.run(&["sync", "--pipeline", "p.yaml"]);
     assert_eq!(sync.code, 0, "{}", sync.stderr);
+    assert!(
+        sync.stdout
+            .contains("passed over 1 spools of other pipelines sharing this cache"),
+        "{}",
+        sync.stdout
+    );
+    assert!(other.exists());
     assert!(
         sync.stdout
             .contains(&format!("delivered {records} records from 1 spooled runs")),
