@@ -253,7 +253,7 @@ pub async fn collect(
     // A stale lock's takeover object that its taker, killed while taking over, left: stale
     // itself (a lease over), so no taker is using it.
     if !dry_run {
-        store.clear_stale_takeovers().await?;
+        store.clear_leftover_markers().await?;
     }
     Ok(report)
 }

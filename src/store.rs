@@ -1074,11 +1074,19 @@ impl Store {
     }
 
     /// Removes the takeover objects whose takers' leases are over (or that cannot be read):
-    /// left by takers killed while taking a lock over, which no waiter needs any more.
-    pub async fn clear_stale_takeovers(&self) -> Result<()> {
+    /// left by takers killed while taking a lock over, which no waiter needs any more. And
+    /// the probes of [`Store::check_create_only`] a run killed between its two writes left,
+    /// an hour after they were written (a probe lives for three requests).
+    pub async fn clear_leftover_markers(&self) -> Result<()> {
         for m in self.list_paths("takeovers").await? {
             // (Which deletes one that is stale.)
             self.taken_over_by(&m.location).await?;
+        }
+        for m in self.list_paths("probes").await? {
+            let age = chrono::Utc::now() - m.last_modified;
+            if age > chrono::Duration::hours(1) {
+                let _ = self.inner.delete(&m.location).await;
+            }
         }
         Ok(())
     }
@@ -1709,7 +1717,20 @@ mod tests {
             .put_json(&marker, &expired("killed taker"), PutMode::Create)
             .await
             .unwrap();
-        store.clear_stale_takeovers().await.unwrap();
+        // A create-only probe a killed run left goes after an hour; a fresh one stays.
+        let probes = d.join("store/probes");
+        std::fs::create_dir_all(&probes).unwrap();
+        for name in ["old.json", "new.json"] {
+            std::fs::write(probes.join(name), "\"create-only probe\"").unwrap();
+        }
+        std::fs::File::options()
+            .write(true)
+            .open(probes.join("old.json"))
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - Duration::from_secs(7200))
+            .unwrap();
+        store.clear_leftover_markers().await.unwrap();
         assert!(store.get_bytes(&marker).await.unwrap().is_none());
+        assert!(!probes.join("old.json").exists() && probes.join("new.json").exists());
     }
 }
