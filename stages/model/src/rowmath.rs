@@ -60,35 +60,33 @@ pub fn sum(x: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
-/// The sum of the squares of `x`, in f64 over eight lanes: the same bits on every machine
-/// (the lanes are this code's, not the vector unit's; Rust never reorders float sums), and
-/// no square of a finite f32 overflows.
+/// The sum of the squares of `x`, in f64 over eight lanes (see [`sum_f64_by`]); no square
+/// of a finite f32 overflows.
 pub fn sum_of_squares(x: &[f32]) -> f64 {
-    let mut lanes = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (l, &v) in lanes.iter_mut().zip(chunk) {
-            let v = f64::from(v);
-            *l += v * v;
-        }
-    }
-    let tail: f64 = rest.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-    lanes.iter().sum::<f64>() + tail
+    sum_f64_by(x, |v| {
+        let v = f64::from(v);
+        v * v
+    })
 }
 
-/// The sum of `x` in f64 over eight lanes: the same bits on every machine (see
-/// [`sum_of_squares`]).
+/// The sum of `x` in f64 over eight lanes (see [`sum_f64_by`]).
 pub fn sum_f64(x: &[f32]) -> f64 {
+    sum_f64_by(x, f64::from)
+}
+
+/// `f` of each value of `x`, added in f64 over eight lanes, then the lanes and the values
+/// past the last eight, in that order: the same bits on every machine (the lanes are this
+/// code's, not the vector unit's, and Rust never reorders float sums).
+fn sum_f64_by(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     let mut lanes = [0f64; 8];
     let chunks = x.chunks_exact(8);
     let rest = chunks.remainder();
     for chunk in chunks {
         for (l, &v) in lanes.iter_mut().zip(chunk) {
-            *l += f64::from(v);
+            *l += f(v);
         }
     }
-    lanes.iter().sum::<f64>() + rest.iter().map(|&v| f64::from(v)).sum::<f64>()
+    lanes.iter().sum::<f64>() + rest.iter().map(|&v| f(v)).sum::<f64>()
 }
 
 /// The largest value of `x` (negative infinity when empty), over eight lanes.
