@@ -888,19 +888,19 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 None => cache_dir_in(Path::new(".")),
             };
             let (store, pipeline) = open_store_of(&store)?;
-            let r =
+            let mut r =
                 orchestrate::gc::collect(&store, pipeline.as_deref(), keep_last, grace, dry_run)
                     .await?;
-            let kept = r.kept_digests.clone();
+            let kept = std::mem::take(&mut r.kept_digests);
             let identity = store.identity();
             let local = tokio::task::spawn_blocking(move || {
                 orchestrate::gc::tidy_local_cache(&cache, &identity, &kept, grace, dry_run)
             })
             .await
             .unwrap_or_default();
+            let dry = if dry_run { "dry run: " } else { "" };
             outln!(
-                "{}kept {} and {}; deleted {}, {}, {}, {}{} ({}){}",
-                if dry_run { "dry run: " } else { "" },
+                "{dry}kept {} and {}; deleted {}, {}, {}, {}{} ({}){}",
                 counted(r.runs_kept, "run"),
                 counted(r.artifacts_kept, "artifact"),
                 counted(r.runs_deleted, "run"),
@@ -920,8 +920,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             );
             if local.work_deleted + local.copies_deleted > 0 {
                 outln!(
-                    "{}local cache: deleted {} of runs over and {} the store no longer keeps ({})",
-                    if dry_run { "dry run: " } else { "" },
+                    "{dry}local cache: deleted {} of runs over and {} the store no longer keeps ({})",
                     counted(local.work_deleted, "working folder"),
                     counted(local.copies_deleted, "downloaded artifact"),
                     counted(local.bytes_freed, "byte"),
