@@ -1068,43 +1068,47 @@ async fn produce(
     } else {
         materialize(sh, &committed).await.ok()
     };
-    let Some(kept) = kept else {
-        let _ = std::fs::remove_dir_all(&work);
-        return Ok(committed);
-    };
-    for name in stage.kind.descriptor().tracked_files {
-        let path = kept.join(name);
-        if path.is_file() {
-            sh.tracker.artifact(&uid, &path, name);
-        }
-    }
-    if let Some(r) = sh
+    // Copying files into the tracking spool (a model of hundreds of MB) and removing the
+    // working folder run off the async threads, which other stages' requests need.
+    let tracker = Arc::clone(&sh.tracker);
+    let tracked: Vec<&str> = stage.kind.descriptor().tracked_files.to_vec();
+    let register = sh
         .pipeline
         .tracking
         .register
         .as_ref()
         .filter(|r| r.stage == stage.name)
-    {
-        // The whole artifact goes up under `model/`, and a new version points at it.
-        for f in &committed.files {
-            let path = kept.join(&f.path);
-            if path.is_file() {
-                sh.tracker
-                    .artifact(&uid, &path, &format!("model/{}", f.path));
+        .map(|r| (r.name.clone(), model_card(&sh.pipeline, stage, &committed)));
+    let files: Vec<String> = committed.files.iter().map(|f| f.path.clone()).collect();
+    let tidy = tokio::task::spawn_blocking(move || {
+        if let Some(kept) = kept {
+            for name in tracked {
+                let path = kept.join(name);
+                if path.is_file() {
+                    tracker.artifact(&uid, &path, name);
+                }
+            }
+            if let Some((name, card_text)) = register {
+                // The whole artifact goes up under `model/`, and a new version points at it.
+                for f in &files {
+                    let path = kept.join(f);
+                    if path.is_file() {
+                        tracker.artifact(&uid, &path, &format!("model/{f}"));
+                    }
+                }
+                let card = work.join("MODEL_CARD.md");
+                if std::fs::write(&card, card_text).is_ok() {
+                    tracker.artifact(&uid, &card, "model/MODEL_CARD.md");
+                }
+                tracker.register_model(&uid, &name, "model");
             }
         }
-        let card = work.join("MODEL_CARD.md");
-        if std::fs::write(&card, model_card(&sh.pipeline, stage, &committed)).is_ok() {
-            sh.tracker.artifact(&uid, &card, "model/MODEL_CARD.md");
-        }
-        sh.tracker.register_model(&uid, &r.name, "model");
-    }
-    let _ = std::fs::remove_dir_all(&work);
+        let _ = std::fs::remove_dir_all(&work);
+    });
+    let _ = tidy.await;
     Ok(committed)
 }
 
-/// Uploads a finished stage's output files and commits its manifest. Returns ours and the
-/// one the store keeps (another run's, if it committed this key first).
 /// What storing a stage's output did.
 struct Stored {
     /// This run's output.
@@ -1116,6 +1120,8 @@ struct Stored {
     replaced: Option<Manifest>,
 }
 
+/// Uploads a finished stage's output files and commits its manifest. Returns ours and the
+/// one the store keeps (another run's, if it committed this key first).
 #[allow(clippy::too_many_arguments)]
 async fn store_output(
     sh: &Shared,

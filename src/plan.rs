@@ -520,8 +520,14 @@ pub async fn dependency_digests(
                     e => dependency(e.to_string(), f.clone()),
                 })?
         } else {
+            // Read off the async threads: a corpus of many MB would hold up the heartbeats
+            // and store requests of the stages beside this one.
             let path = p.dir.join(f);
-            file_digest(&path).map_err(|e| dependency(e.to_string(), path.display().to_string()))?
+            let read = path.clone();
+            tokio::task::spawn_blocking(move || file_digest(&read))
+                .await
+                .unwrap_or_else(|join| Err(std::io::Error::other(join.to_string())))
+                .map_err(|e| dependency(e.to_string(), path.display().to_string()))?
         };
         files.insert(dependency_name(&p.dir, f), digest);
     }

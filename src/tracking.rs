@@ -493,11 +493,14 @@ impl MlflowClient {
     }
 
     /// Uploads through the server's artifact proxy (`mlflow-artifacts:` artifact roots).
+    /// The file is streamed as it is read, its length sent ahead, so a model of any size
+    /// goes up without being held in memory.
     async fn upload(
         &self,
         artifact_root: &str,
         path: &str,
-        bytes: Vec<u8>,
+        file: tokio::fs::File,
+        len: u64,
     ) -> Result<(), TrackError> {
         let Some(rel) = artifact_root.strip_prefix("mlflow-artifacts:/") else {
             // The run's root does not change: retrying would hold back every later record.
@@ -516,11 +519,14 @@ impl MlflowClient {
         );
         // The client's 30 s are for records; a file takes as long as its bytes need, at a
         // floor of 1 MB/s (a 2 GB model: 35 minutes), or it would time out on every retry.
-        let timeout = Duration::from_secs(30 + bytes.len() as u64 / 1_000_000);
-        self.send(self.http.put(url).timeout(timeout).body(bytes))
-            .await
-            .map(|_| ())
-            .map_err(|(_, e)| e)
+        let timeout = Duration::from_secs(30 + len / 1_000_000);
+        let req = self
+            .http
+            .put(url)
+            .timeout(timeout)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(file);
+        self.send(req).await.map(|_| ()).map_err(|(_, e)| e)
     }
 }
 
@@ -1259,8 +1265,12 @@ async fn apply(
             let (_, _, root) = run(state, uid)?;
             // Relative to the spool's folder (absolute in spools written before).
             let copy = spool.parent().unwrap_or(Path::new(".")).join(file);
-            let uploaded = match std::fs::read(&copy) {
-                Ok(bytes) => client.upload(&root, path, bytes).await,
+            let opened = match tokio::fs::File::open(&copy).await {
+                Ok(f) => f.metadata().await.map(|m| (f, m.len())),
+                Err(e) => Err(e),
+            };
+            let uploaded = match opened {
+                Ok((f, len)) => client.upload(&root, path, f, len).await,
                 // Gone from the spool: it will not come back.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(TrackError::Rejected {
                     url: client.base.clone(),

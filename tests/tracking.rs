@@ -163,6 +163,32 @@ fn smoke_pipeline_on_s3_is_browsable_in_mlflow() {
         names.contains(&"tokenizer.json") && names.contains(&"tokenizer_meta.json"),
         "{names:?}"
     );
+    // Streamed up from its file: whole, its size as listed, and still a tokenizer.
+    let listed_size = arts["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "tokenizer.json")
+        .and_then(|f| f["file_size"].as_u64())
+        .expect("a listed size");
+    let (code, text) = servers::http(
+        "GET",
+        &format!(
+            "{}/get-artifact?path=tokenizer.json&run_uuid={tok_id}",
+            mlflow.url
+        ),
+        None,
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(text.len() as u64, listed_size);
+    let tokenizer: serde_json::Value = serde_json::from_str(&text).expect("whole JSON");
+    assert_eq!(
+        tokenizer["model"]["type"],
+        "BPE",
+        "{}",
+        &text[..200.min(text.len())]
+    );
     let arts = mlflow_api(
         &mlflow.url,
         &format!("artifacts/list?run_id={parent_id}"),

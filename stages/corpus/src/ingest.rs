@@ -340,8 +340,7 @@ fn source_files(s: &Source, dir: &Path) -> Result<Vec<PathBuf>, String> {
             .filter(|f| f.is_file())
             .collect()
     } else if path.is_dir() {
-        list_dir(&path, s.recursive)
-            .map_err(|e| format!("cannot list source directory {}: {e}", path.display()))?
+        list_dir(&path, s.recursive)?
     } else if path.is_file() {
         vec![path.clone()]
     } else {
@@ -351,7 +350,9 @@ fn source_files(s: &Source, dir: &Path) -> Result<Vec<PathBuf>, String> {
             path.display()
         ));
     };
-    files.sort();
+    // Regular files first, then links: a link to a file the source names itself (Debian's
+    // `art.u8 -> art`) is then read once, under the file's own name, whichever sorts first.
+    files.sort_by_cached_key(|f| (is_symlink(f), f.clone()));
     // Debian's fortune directories hold `.dat` indexes beside each file: not text.
     if s.format == Format::Fortune {
         files.retain(|f| f.extension().is_none_or(|e| e != "dat"));
@@ -368,19 +369,42 @@ fn source_files(s: &Source, dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
-fn list_dir(dir: &Path, recursive: bool) -> std::io::Result<Vec<PathBuf>> {
+/// A folder's files: its regular files and the files its links point to (a file linked
+/// into the folder is part of it). Linked folders are not followed, even with `recursive`
+/// (a link to a parent would never end); a link to nothing is an error, as a missing file.
+fn list_dir(dir: &Path, recursive: bool) -> Result<Vec<PathBuf>, String> {
+    let cannot = |e: std::io::Error| format!("cannot list source directory {}: {e}", dir.display());
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let ft = entry.file_type()?;
-        // Symlinks are skipped: in fortune directories they duplicate files (`art.u8 -> art`).
+    for entry in std::fs::read_dir(dir).map_err(cannot)? {
+        let entry = entry.map_err(cannot)?;
+        let path = entry.path();
+        let ft = entry.file_type().map_err(cannot)?;
         if ft.is_file() {
-            out.push(entry.path());
+            out.push(path);
         } else if ft.is_dir() && recursive {
-            out.extend(list_dir(&entry.path(), true)?);
+            out.extend(list_dir(&path, true)?);
+        } else if ft.is_symlink() {
+            match std::fs::metadata(&path) {
+                Ok(target) if target.is_file() => out.push(path),
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(format!(
+                        "{} is a link to {}, which cannot be read: {e}",
+                        path.display(),
+                        std::fs::read_link(&path)
+                            .map(|t| t.display().to_string())
+                            .unwrap_or_else(|_| "an unknown target".into())
+                    ))
+                }
+            }
         }
     }
     Ok(out)
+}
+
+fn is_symlink(f: &Path) -> bool {
+    f.symlink_metadata()
+        .is_ok_and(|m| m.file_type().is_symlink())
 }
 
 /// What an ingest reports and stores in its artifact's metadata.
@@ -1261,6 +1285,38 @@ mod tests {
         std::fs::rename(d.join("out"), d2.join("previous")).unwrap();
         let (r, _) = run_stage(&DESCRIPTOR, run, params, &d2, &[]);
         assert_eq!(r.unwrap().metadata["records"], 6);
+    }
+
+    /// A file linked into a source folder is read, under the link's name; a link to a file
+    /// the folder holds itself (Debian's `art.u8 -> art`) is read once, under the file's name
+    /// even where the link sorts first; a link to nothing is an error naming it.
+    #[test]
+    fn links_in_a_source_folder_are_followed_once() {
+        let d = tempdir("links");
+        let folder = d.join("quotes");
+        std::fs::create_dir_all(&folder).unwrap();
+        write_fortunes(&d);
+        std::fs::rename(d.join("en.txt"), folder.join("en")).unwrap();
+        std::os::unix::fs::symlink("en", folder.join("a-first")).unwrap();
+        std::os::unix::fs::symlink("en", folder.join("en.u8")).unwrap();
+        std::os::unix::fs::symlink("../ru.txt", folder.join("ru")).unwrap();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::os::unix::fs::symlink("../sub", folder.join("sub")).unwrap();
+        let params = serde_json::json!({"sources": [{"path": "quotes", "recursive": true}]});
+        let p: IngestParams = serde_json::from_value(params.clone()).unwrap();
+        let files = expand(&p, &d).unwrap();
+        let names: Vec<&str> = files.iter().map(|(_, _, n)| n.as_str()).collect();
+        assert_eq!(names, ["quotes/en", "quotes/ru"]);
+        let deps = file_deps(&params, &d).unwrap();
+        assert_eq!(deps.len(), 2, "{deps:?}");
+        assert!(deps[1].ends_with("quotes/ru"), "{deps:?}");
+
+        std::os::unix::fs::symlink("gone", folder.join("zz")).unwrap();
+        let err = expand(&p, &d).unwrap_err();
+        assert!(
+            err.contains("quotes/zz is a link to gone, which cannot be read"),
+            "{err}"
+        );
     }
 
     #[test]
