@@ -864,11 +864,15 @@ async fn produce(
             .map_err(|e| StageFailure::Failed(format!("cannot create {}: {e}", d.display())))?;
     }
     let mut bound: BTreeMap<String, Vec<InputArtifact>> = BTreeMap::new();
+    // Each input's folder, shared with the other stages that read it, as the stage is given
+    // it: checked again once it has run.
+    let mut given: Vec<(&str, PathBuf, &Manifest)> = Vec::new();
     for (name, ms) in inputs {
         let binding = stage.inputs.iter().find(|b| &b.name == name);
         let mut v = Vec::new();
         for (j, m) in ms.iter().enumerate() {
             let dir = materialize(sh, m).await?;
+            given.push((name, dir.clone(), m));
             // This pipeline's name for the producer: a manifest holds the name of whichever
             // stage (in whichever pipeline) first produced the artifact.
             let producer = binding
@@ -992,6 +996,19 @@ async fn produce(
                 stage.name
             )))
         }
+    }
+
+    // A stage that wrote into an input (a shell command can) changed it for every stage
+    // reading it at the same time (`--jobs`), whose outputs would then be stored under a key
+    // naming the stored bytes, and its own output is not made from them either.
+    let changed = inputs_changed_since(&given);
+    if !changed.is_empty() {
+        return Err(StageFailure::Changed(format!(
+            "input {} changed while stage `{}` ran: a stage wrote into it (this one, or one reading it beside it); stages must not write into their inputs (copy what they change to $OUT or $SCRATCH); nothing was stored: run it again (working directory kept at {})",
+            changed.join(", "),
+            stage.name,
+            work.display()
+        )));
     }
 
     let files =
@@ -1307,6 +1324,21 @@ pub async fn materialize_in(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     Ok(dir.join("files"))
+}
+
+/// The inputs (name, folder given, artifact) whose folder no longer matches the stamp it
+/// was given with: a file written, added, removed or replaced. Named for a message.
+fn inputs_changed_since(given: &[(&str, PathBuf, &Manifest)]) -> Vec<String> {
+    given
+        .iter()
+        .filter(|(_, dir, m)| {
+            let written = dir
+                .parent()
+                .and_then(|d| std::fs::read_to_string(d.join("stamp")).ok());
+            written.is_none() || written != stamp(dir, m)
+        })
+        .map(|(name, dir, _)| format!("`{name}` ({})", dir.display()))
+        .collect()
 }
 
 /// Each of `m`'s files under `files`: its size and modification time, one line each.

@@ -97,12 +97,17 @@ impl StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
     /// Relative to the artifact root, `/`-separated.
     pub path: String,
     pub digest: String,
     pub size: u64,
+    /// Whether the file is executable (a shell stage's built tool or script): given back
+    /// so when fetched. Written only when set, so that the manifests, and so the content
+    /// digests, of artifacts without one are those written before it was recorded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub executable: bool,
 }
 
 impl FileEntry {
@@ -547,18 +552,21 @@ impl Store {
     /// its own, and kept so: a later upload finds the blob there and skips it.
     pub async fn put_file(&self, file: &Path, rel: &str) -> Result<FileEntry> {
         let f = file.to_path_buf();
-        let (digest, size, small) = tokio::task::spawn_blocking(
-            move || -> std::io::Result<(String, u64, Option<Vec<u8>>)> {
-                let size = std::fs::metadata(&f)?.len();
-                if size <= MULTIPART_THRESHOLD {
+        let (digest, size, small, executable) = tokio::task::spawn_blocking(
+            move || -> std::io::Result<(String, u64, Option<Vec<u8>>, bool)> {
+                use std::os::unix::fs::PermissionsExt;
+                let meta = std::fs::metadata(&f)?;
+                let executable = meta.permissions().mode() & 0o111 != 0;
+                if meta.len() <= MULTIPART_THRESHOLD {
                     let bytes = std::fs::read(&f)?;
                     let digest = format!("blake3:{}", blake3::hash(&bytes).to_hex());
-                    return Ok((digest, bytes.len() as u64, Some(bytes)));
+                    return Ok((digest, bytes.len() as u64, Some(bytes), executable));
                 }
                 let mut hasher = blake3::Hasher::new();
                 let mut reader = std::fs::File::open(&f)?;
                 let size = std::io::copy(&mut reader, &mut hasher)?;
-                Ok((format!("blake3:{}", hasher.finalize().to_hex()), size, None))
+                let digest = format!("blake3:{}", hasher.finalize().to_hex());
+                Ok((digest, size, None, executable))
             },
         )
         .await
@@ -585,6 +593,7 @@ impl Store {
             path: rel.to_string(),
             digest,
             size,
+            executable,
         })
     }
 
@@ -678,6 +687,12 @@ impl Store {
                 expected: entry.digest.clone(),
                 actual,
             });
+        }
+        if entry.executable {
+            use std::os::unix::fs::PermissionsExt;
+            tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+                .await
+                .map_err(|e| StoreError::io(format!("cannot make {} executable", tmp.display()), e))?;
         }
         tokio::fs::rename(&tmp, dest)
             .await
@@ -1515,6 +1530,7 @@ mod tests {
                 path: path.into(),
                 digest: digest.into(),
                 size: 1,
+                ..FileEntry::default()
             }];
             let m = serde_json::json!({
                 "format": 1, "key": key, "kind": "Files", "pipeline": "p", "stage": "s",

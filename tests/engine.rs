@@ -920,9 +920,10 @@ fn key_order_in_yaml_does_not_change_cache_keys() {
 }
 
 /// Inputs are shared through the local cache. A stage that writes into one, or adds a file
-/// to it, must not change what a later stage, whose key names the stored artifact, is given.
+/// to it, fails (its output is not made from the bytes its key names), and a later stage is
+/// given the stored artifact, not the changed copy.
 #[test]
-fn a_stage_that_writes_into_its_input_does_not_change_it_for_later_stages() {
+fn a_stage_that_writes_into_its_input_fails_and_does_not_change_it_for_later_stages() {
     for tamper in ["echo tampered >> $INPUT_A/x", "touch $INPUT_A/extra"] {
         let sb = Sandbox::new();
         let pipeline = format!(
@@ -943,10 +944,17 @@ stages:
         );
         sb.write("p.yaml", &pipeline);
         let r = sb.run(&["run", "p.yaml"]);
-        assert_eq!(r.code, 0, "{tamper}: {}\n{}", r.stdout, r.stderr);
+        assert_eq!(r.code, 1, "{tamper}: {}\n{}", r.stdout, r.stderr);
+        let all = format!("{}{}", r.stdout, r.stderr);
+        assert!(
+            all.contains("input `a` (") && all.contains("changed while stage `b` ran: a stage wrote into it"),
+            "{tamper}: {all}"
+        );
+        assert_eq!(sb.manifests(), 1, "{tamper}: only a's output is stored");
         // The reader fails if it is given the added file; its copy must be a's output.
         let reader = "  c:\n    kind: shell\n    inputs: [a]\n    with: { run: test ! -e $INPUT_A/extra && cp $INPUT_A/x z, outputs: [z] }\n";
-        sb.write("p.yaml", &format!("{pipeline}{reader}"));
+        let (head, _) = pipeline.split_once("  b:").unwrap();
+        sb.write("p.yaml", &format!("{head}{reader}"));
         let r = sb.run(&["run", "p.yaml"]);
         assert_eq!(r.code, 0, "{tamper}: {}\n{}", r.stdout, r.stderr);
         let run = sb.last_run();
@@ -956,6 +964,78 @@ stages:
         let x = &sb.stage_manifest("a")["files"][0]["digest"];
         assert_eq!(z, x, "{tamper}: c was given a changed copy of a's output");
     }
+}
+
+/// Two stages read one input folder at once (`--jobs`); one rewrites a file in it (same
+/// size, `sed -i`), and the other copies it after. Neither output is stored: the reader's
+/// was made from bytes its key does not name.
+#[test]
+fn a_stage_reading_an_input_another_rewrites_beside_it_is_not_stored() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        r#"
+name: beside
+storage: file://store
+stages:
+  a:
+    kind: shell
+    with: { run: echo original > x, outputs: [x] }
+  b:
+    kind: shell
+    inputs: [a]
+    with: { run: "sed -i s/original/tampered/ $INPUT_A/x; echo done > y", outputs: [y] }
+  c:
+    kind: shell
+    inputs: [a]
+    with:
+      run: "for i in $(seq 100); do grep -q tampered $INPUT_A/x && break; sleep 0.1; done; cp $INPUT_A/x z"
+      outputs: [z]
+"#,
+    );
+    let r = sb.run(&["run", "p.yaml", "--jobs", "4"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let all = format!("{}{}", r.stdout, r.stderr);
+    for stage in ["b", "c"] {
+        assert!(
+            all.contains(&format!("changed while stage `{stage}` ran")),
+            "{stage}: {all}"
+        );
+    }
+    assert_eq!(sb.manifests(), 1, "only a's output is stored: {all}");
+}
+
+/// A tool a stage builds keeps its executable bit through the store, for the stage that
+/// runs it; a plain file's manifest entry is as before (its artifact digest unchanged).
+#[test]
+fn an_executable_output_is_given_back_executable() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        r#"
+name: tools
+storage: file://store
+stages:
+  build:
+    kind: shell
+    with:
+      run: "printf '#!/bin/sh\necho hi\n' > tool; chmod +x tool; echo plain > notes"
+      outputs: [tool, notes]
+  use:
+    kind: shell
+    inputs: { b: build }
+    with: { run: "$INPUT_B/tool > o", outputs: [o] }
+"#,
+    );
+    let r = sb.run(&["run", "p.yaml"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let m = sb.stage_manifest("build");
+    let files = m["files"].as_array().unwrap();
+    let entry = |name: &str| files.iter().find(|f| f["path"] == name).unwrap().clone();
+    assert_eq!(entry("tool")["executable"], true, "{m}");
+    assert!(entry("notes").get("executable").is_none(), "{m}");
+    let o = &sb.stage_manifest("use")["files"][0];
+    assert_eq!(o["size"], 3, "the tool ran: {o}");
 }
 
 /// A file the key names that changes while its stage runs (a `git pull` mid-run, say):
