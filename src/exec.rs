@@ -324,7 +324,7 @@ pub async fn execute(
     // A store that failed mid-run may still be down: the summary is shown all the same.
     let record_error = store.put_run(&run_id, &run).await.err();
     if run.status == RunStatus::Succeeded {
-        let _ = std::fs::remove_dir_all(&shared.work_root);
+        let _ = orchestrate_stage::remove_tree(&shared.work_root);
     }
     sampler.abort();
     track_run_end(&shared, &run, &opts.cache_dir);
@@ -1120,7 +1120,7 @@ async fn produce(
                 tracker.register_model(&uid, &name, "model");
             }
         }
-        let _ = std::fs::remove_dir_all(&work);
+        let _ = orchestrate_stage::remove_tree(&work);
     });
     let _ = tidy.await;
     Ok(committed)

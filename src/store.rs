@@ -692,7 +692,9 @@ impl Store {
             use std::os::unix::fs::PermissionsExt;
             tokio::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
                 .await
-                .map_err(|e| StoreError::io(format!("cannot make {} executable", tmp.display()), e))?;
+                .map_err(|e| {
+                    StoreError::io(format!("cannot make {} executable", tmp.display()), e)
+                })?;
         }
         tokio::fs::rename(&tmp, dest)
             .await

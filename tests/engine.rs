@@ -947,7 +947,8 @@ stages:
         assert_eq!(r.code, 1, "{tamper}: {}\n{}", r.stdout, r.stderr);
         let all = format!("{}{}", r.stdout, r.stderr);
         assert!(
-            all.contains("input `a` (") && all.contains("changed while stage `b` ran: a stage wrote into it"),
+            all.contains("input `a` (")
+                && all.contains("changed while stage `b` ran: a stage wrote into it"),
             "{tamper}: {all}"
         );
         assert_eq!(sb.manifests(), 1, "{tamper}: only a's output is stored");
@@ -1003,6 +1004,37 @@ stages:
         );
     }
     assert_eq!(sb.manifests(), 1, "only a's output is stored: {all}");
+}
+
+/// An `INPUT_*` the orchestrator inherited (a stage running a pipeline of its own) names
+/// folders outside the stage's key: the command sees only its own inputs.
+#[test]
+fn an_inherited_input_variable_does_not_reach_the_command() {
+    let sb = Sandbox::new();
+    sb.write(
+        "p.yaml",
+        r#"
+name: nested
+storage: file://store
+stages:
+  a:
+    kind: shell
+    with: { run: "echo ${INPUT_A:-unset} ${INPUT_STALE:-unset} > o", outputs: [o] }
+"#,
+    );
+    let out = sb
+        .cmd(&["run", "p.yaml"])
+        .env("INPUT_STALE", "/stale/dir")
+        .env("INPUT_A", "/other/dir")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let o = &sb.stage_manifest("a")["files"][0];
+    assert_eq!(o["size"], "unset unset\n".len(), "{o}");
 }
 
 /// A tool a stage builds keeps its executable bit through the store, for the stage that

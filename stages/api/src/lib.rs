@@ -177,6 +177,39 @@ impl fmt::Debug for StageDescriptor {
 }
 
 /// For stages whose params never leave a part of their output empty.
+/// Removes the folder `dir` and all it holds, as `remove_dir_all`, and also where a command
+/// left a folder inside it read-only (Go's module cache is): such a folder's entries cannot
+/// be removed until it is made writable again, which is done for the folders under `dir`
+/// only (links are not followed).
+pub fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            make_folders_writable(dir);
+            std::fs::remove_dir_all(dir)
+        }
+        other => other,
+    }
+}
+
+fn make_folders_writable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
+    if !meta.is_dir() {
+        return;
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o700 != 0o700 {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o700));
+    }
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            make_folders_writable(&entry.path());
+        }
+    }
+}
+
 pub fn no_empty_parts(_: &serde_json::Value, _: &str) -> Option<Vec<PathSegment>> {
     None
 }
@@ -498,6 +531,22 @@ impl StageError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A folder a command left read-only inside the tree (Go's module cache does) is
+    /// removed with the rest. (As root, which may remove it anyway, this checks the walk.)
+    #[test]
+    fn remove_tree_removes_read_only_folders() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("remove-tree-{}", std::process::id()));
+        let inner = d.join("cache/mod");
+        std::fs::create_dir_all(&inner).unwrap();
+        std::fs::write(inner.join("f"), "x").unwrap();
+        for ro in [&inner, &d.join("cache")] {
+            std::fs::set_permissions(ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        remove_tree(&d).unwrap();
+        assert!(!d.exists());
+    }
     use serde_json::json;
 
     #[derive(Serialize, Deserialize)]

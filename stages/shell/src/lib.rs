@@ -212,8 +212,14 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         .envs(&params.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .stderr(Stdio::piped());
+    // An `INPUT_*` the orchestrator inherited (a stage running `orchestrate run` itself)
+    // would name another stage's folders, outside this stage's key: only its own are set.
+    for (var, _) in std::env::vars_os() {
+        if var.as_encoded_bytes().starts_with(b"INPUT_") {
+            cmd.env_remove(var);
+        }
+    }
     for (name, artifacts) in ctx.inputs {
         let var = format!("INPUT_{}", env_name(name));
         // As bytes: a folder whose name is not UTF-8 (where the pipeline lies) is passed
@@ -223,13 +229,20 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     }
     let orchestrator = std::process::id();
     // SAFETY: runs in the forked child before `exec`, where only async-signal-safe calls
-    // are allowed: sigaction, prctl, getppid and _exit are. The kernel sends SIGUSR2 to the
+    // are allowed: setsid, sigaction, prctl, getppid and _exit are. The kernel sends SIGUSR2 to the
     // wrapper shell when the orchestrator's thread dies, even by SIGKILL (see `WRAPPER`);
     // before the shell has set its trap, SIGUSR2 simply ends it, having started nothing.
     // Signals the orchestrator was started with ignored (`nohup`) would stay ignored, and a
     // shell cannot trap those: they get their default action back first.
     unsafe {
         cmd.pre_exec(move || {
+            // A session of its own, so a group of its own (signalled as one) and no
+            // controlling terminal: a command that asks at the terminal (sudo, ssh, git's
+            // credential prompt) fails at once, where in the terminal's session it would be
+            // stopped by SIGTTIN, and the stage would wait for ever.
+            if libc::setsid() == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
             let mut default: libc::sigaction = std::mem::zeroed();
             default.sa_sigaction = libc::SIG_DFL;
             for sig in [libc::SIGUSR2, libc::SIGTERM, libc::SIGINT, libc::SIGQUIT] {
@@ -321,7 +334,11 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
             .unwrap_or_default();
         // The wrapper exits as its job did: 128 + N for a job killed by signal N.
         let mut msg = match status.code() {
-            Some(code @ 129..=192) => format!("command killed by signal {}", code - 128),
+            // (Or the command's own `exit 130`: the two cannot be told apart.)
+            Some(code @ 129..=192) => format!(
+                "command exited with status {code}: killed by signal {} (or its own `exit {code}`)",
+                code - 128
+            ),
             _ => format!("command {status}"),
         };
         if !tail.is_empty() {
@@ -511,6 +528,15 @@ fn signal_group(pgid: i32, sig: i32) {
 /// every depth: with `outputs: [d/a]`, a `d/junk` beside it is not part of the artifact.
 fn keep_declared_outputs(out: &Path, declared: &[String]) -> Result<(), StageError> {
     for rel in declared {
+        let linked_to_nothing = !out.join(rel).exists() && out.join(rel).symlink_metadata().is_ok();
+        if linked_to_nothing {
+            return Err(StageError::Failed(format!(
+                "declared output `{rel}` is a link to nothing ({}): an artifact holds files, so link to one, or write it there",
+                std::fs::read_link(out.join(rel))
+                    .map(|t| format!("it points to {}", t.display()))
+                    .unwrap_or_else(|_| "its target cannot be read".into())
+            )));
+        }
         if !out.join(rel).exists() {
             return Err(StageError::Failed(format!(
                 "the command succeeded but did not write its declared output `{rel}` (paths are relative to $OUT, the working directory)"
@@ -584,7 +610,7 @@ fn prune(dir: &Path, prefix: &str, declared: &[String]) -> Result<(), StageError
             continue;
         }
         let res = if is_dir {
-            std::fs::remove_dir_all(&path)
+            orchestrate_stage::remove_tree(&path)
         } else {
             std::fs::remove_file(&path)
         };
@@ -733,6 +759,47 @@ mod tests {
         let err = run_in(&d, p, &CancelToken::new()).unwrap_err().to_string();
         assert!(err.contains("exit status: 3"), "{err}");
         assert!(err.contains("boom"), "{err}");
+    }
+
+    /// A status above 128 is a signal's or the command's own: the message gives both.
+    #[test]
+    fn a_status_above_128_names_the_signal_and_the_exit() {
+        let d = tmp("exit130");
+        let p = serde_json::json!({"run": "exit 130"});
+        let err = run_in(&d, p, &CancelToken::new()).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "command exited with status 130: killed by signal 2 (or its own `exit 130`)"
+            ),
+            "{err}"
+        );
+    }
+
+    /// The command runs in a session of its own, with no controlling terminal to stop it.
+    #[test]
+    fn the_command_runs_in_a_session_of_its_own() {
+        let d = tmp("session");
+        let p = serde_json::json!({"run": "awk '{print $6}' /proc/self/stat > sid", "outputs": ["sid"]});
+        run_in(&d, p, &CancelToken::new()).unwrap();
+        let sid: i32 = std::fs::read_to_string(d.join("out/sid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: getsid(0) reads this process's session id; no memory is involved.
+        let ours = unsafe { libc::getsid(0) };
+        assert_ne!(sid, ours);
+    }
+
+    #[test]
+    fn a_declared_output_linking_to_nothing_is_named() {
+        let d = tmp("dangling");
+        let p = serde_json::json!({"run": "ln -s gone o", "outputs": ["o"]});
+        let err = run_in(&d, p, &CancelToken::new()).unwrap_err().to_string();
+        assert!(
+            err.contains("declared output `o` is a link to nothing (it points to gone)"),
+            "{err}"
+        );
     }
 
     #[test]
