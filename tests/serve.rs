@@ -1198,6 +1198,15 @@ fn serve_s_bad_options_exit_2() {
         (vec!["--port", "0", "--device", "tpu"], "device"),
         (vec!["--port", "0", "--max-batch", "0"], "max_batch"),
         (vec!["--port", "0", "--queue", "0"], "queue"),
+        // Beyond what the channels and the clock can hold: refused, not a panic later.
+        (
+            vec!["--port", "0", "--queue", "3000000000000000000"],
+            "queue at most",
+        ),
+        (
+            vec!["--port", "0", "--read-timeout", "9999999999999999999s"],
+            "read_timeout may be at most a day",
+        ),
         // HTTP headers carry the key: one they cannot would refuse every request.
         (vec!["--port", "0", "--api-key", "clé"], "printable ASCII"),
         (vec!["--port", "0", "--api-key", " key"], "printable ASCII"),

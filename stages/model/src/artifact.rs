@@ -204,6 +204,13 @@ pub fn text_only(tokenizer: &Tokenizer) -> Tokenizer {
     t
 }
 
+/// A prompt's text as the model reads it: in NFC, as the corpus the tokenizer learnt from
+/// (a prompt typed decomposed, `e` and a combining accent as macOS does, would otherwise be
+/// split into pieces training never saw).
+pub fn prompt_text(prompt: &str) -> std::borrow::Cow<'_, str> {
+    orchestrate_corpus::nfc(prompt)
+}
+
 /// Encoder input for a prompt: language and author tokens, then the prompt's tokens.
 /// Returns the ids and whether the author was known (unknown ones become `other`).
 /// The prompt's text never becomes control tokens: a prompt saying `<eos>` or
@@ -223,9 +230,7 @@ pub fn prompt_ids(
         copy = text_only(tokenizer);
         &copy
     };
-    // In NFC, as the corpus the tokenizer learnt from: a prompt typed decomposed (`e` and a
-    // combining accent, as macOS does) would be split into pieces training never saw.
-    let prompt = orchestrate_corpus::nfc(prompt);
+    let prompt = prompt_text(prompt);
     let enc = tokenizer
         .encode(prompt.as_ref(), false)
         .map_err(|e| e.to_string())?;

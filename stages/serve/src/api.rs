@@ -692,9 +692,21 @@ impl AppState {
                     format!("must be at least 1, got {keep}"),
                 ));
             }
-            // TGI keeps the end of a long prompt: the text the reply continues.
+            if keep as usize > l.max_input_tokens {
+                return Err(ApiError::validation(
+                    &field("truncate"),
+                    format!(
+                        "must be at most max_input_tokens ({}), got {keep}",
+                        l.max_input_tokens
+                    ),
+                ));
+            }
+            // TGI keeps the end of a long prompt: the text the reply continues. A client
+            // sets `truncate` from /info's `max_input_tokens`, and TGI accepts every prompt so
+            // cut: the control tokens fit within it where they would not beside it.
+            let keep = (keep as usize).min(l.max_input_tokens.saturating_sub(CONTROL_TOKENS));
             let text = prompt_ids.len().saturating_sub(CONTROL_TOKENS);
-            let cut = text.saturating_sub(keep as usize);
+            let cut = text.saturating_sub(keep);
             prompt_ids.drain(CONTROL_TOKENS..CONTROL_TOKENS + cut);
         }
         if prompt_ids.len() > l.max_input_tokens {
@@ -1085,16 +1097,19 @@ async fn tokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let req: TokenizeRequest = parse(body, Flavour::Tgi)?;
+    // As /generate reads it (in NFC), so the tokens and their count are the ones its limit
+    // counts; the offsets index that text (the same as the input's, unless it was not NFC).
+    let text = orchestrate_model::artifact::prompt_text(&req.inputs);
     let enc = s
         .model
         .tokenizer
-        .encode(req.inputs.as_str(), false)
+        .encode(text.as_ref(), false)
         .map_err(|e| ApiError::validation("inputs", format!("cannot tokenize: {e}")))?;
     let out: Vec<Value> = enc
         .get_ids()
         .iter()
         .zip(enc.get_offsets())
-        .map(|(id, (a, b))| json!({"id": id, "text": req.inputs.get(*a..*b).unwrap_or(""), "start": a, "stop": b}))
+        .map(|(id, (a, b))| json!({"id": id, "text": text.get(*a..*b).unwrap_or(""), "start": a, "stop": b}))
         .collect();
     Ok(Json(json!(out)))
 }
@@ -1316,6 +1331,14 @@ struct ChatRequest {
     response_format: Option<Value>,
     #[serde(default)]
     tools: Option<Value>,
+    /// With `functions` and `function_call` (their older names), ways to ask for a tool
+    /// call: refused unless they ask for none, not dropped into a plain-text answer.
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    functions: Option<Value>,
+    #[serde(default)]
+    function_call: Option<Value>,
     #[serde(default)]
     author: Option<String>,
     #[serde(default)]
@@ -1451,7 +1474,8 @@ fn refuse_unsupported(fields: &[(&str, &Option<Value>)]) -> Result<(), ApiError>
             ("frequency_penalty" | "presence_penalty", Value::Number(n)) => n.as_f64() == Some(0.0),
             ("best_of", Value::Number(n)) => n.as_f64() == Some(1.0),
             ("logit_bias", Value::Object(m)) => m.is_empty(),
-            ("tools", Value::Array(a)) => a.is_empty(),
+            ("tools" | "functions", Value::Array(a)) => a.is_empty(),
+            ("tool_choice" | "function_call", Value::String(c)) => c == "none" || c == "auto",
             ("suffix", Value::String(t)) => t.is_empty(),
             ("response_format", v) => *v == json!({"type": "text"}),
             _ => false,
@@ -1560,6 +1584,9 @@ async fn chat(
         ("logit_bias", &r.logit_bias),
         ("response_format", &r.response_format),
         ("tools", &r.tools),
+        ("functions", &r.functions),
+        ("tool_choice", &r.tool_choice),
+        ("function_call", &r.function_call),
     ])?;
     check_stream_options(r.stream, &r.stream_options)?;
     // Every message is checked, not only the prompt, so a bad part is refused wherever it is.
@@ -1622,7 +1649,7 @@ async fn openai_call(s: &Shared, call: OpenAiCall) -> Result<Response, ApiError>
     let created = created();
     let prompt_tokens = prep.row.src.len();
     if !call.stream {
-        let c = collect(rx).await?;
+        let c = collect(rx).await.map_err(|e| e.flavour(Flavour::OpenAi))?;
         let choice = if call.chat {
             json!({"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": openai_finish(c.finish), "logprobs": null})
         } else {
@@ -1987,6 +2014,10 @@ mod tests {
         let (_, text) = s.post("/tokenize", json!({"inputs": "<eos>"})).await;
         let toks: Vec<Value> = serde_json::from_str(&text).unwrap();
         assert_eq!(toks.len(), 5, "{text}");
+        // A decomposed `é` is tokenized as /generate reads it, composed.
+        let (_, decomposed) = s.post("/tokenize", json!({"inputs": "cafe\u{301}"})).await;
+        let (_, composed) = s.post("/tokenize", json!({"inputs": "caf\u{e9}"})).await;
+        assert_eq!(decomposed, composed);
         s.stop().await;
     }
 
@@ -2225,6 +2256,21 @@ mod tests {
             ),
             (
                 "/v1/chat/completions",
+                json!({"functions": [{"name": "f", "parameters": {}}]}),
+                "functions",
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"tool_choice": "required"}),
+                "tool_choice",
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"function_call": {"name": "f"}}),
+                "function_call",
+            ),
+            (
+                "/v1/chat/completions",
                 json!({"stream": false, "stream_options": {}}),
                 "stream_options",
             ),
@@ -2248,7 +2294,8 @@ mod tests {
         s.ok(
             "/v1/chat/completions",
             json!({"messages": [{"role": "user", "content": "it"}], "max_tokens": 8,
-                "frequency_penalty": 0, "logit_bias": null, "tools": [],
+                "frequency_penalty": 0, "logit_bias": null, "tools": [], "tool_choice": "none",
+                "functions": [], "function_call": "auto",
                 "response_format": {"type": "text"}, "user": "u-1"}),
         )
         .await;
@@ -2337,6 +2384,32 @@ mod tests {
             .await;
         assert!(
             status == 422 && text.contains("parameters.truncate"),
+            "{text}"
+        );
+        // `truncate` at /info's `max_input_tokens` is accepted whatever the prompt's length,
+        // the control tokens within it; above it, it is refused as TGI refuses it.
+        let info = s.get_json("/info").await;
+        let most = info["max_input_tokens"].as_u64().unwrap();
+        let long = "abc ".repeat(most as usize);
+        let v = s
+            .ok(
+                "/generate",
+                json!({"inputs": long, "parameters": {"truncate": most, "details": true, "max_new_tokens": 1}}),
+            )
+            .await;
+        assert_eq!(
+            v["details"]["prefill"].as_array().unwrap().len() as u64,
+            most,
+            "{v}"
+        );
+        let (status, text) = s
+            .post(
+                "/generate",
+                json!({"inputs": "a", "parameters": {"truncate": most + 1}}),
+            )
+            .await;
+        assert!(
+            status == 422 && text.contains("must be at most max_input_tokens"),
             "{text}"
         );
         // The stream's last event has the full text too.
@@ -2495,6 +2568,16 @@ mod tests {
         }
         let tokenize = &paths["/tokenize"]["post"]["responses"];
         assert!(tokenize["429"].is_null() && tokenize["503"].is_null());
+        // `stream` is read on `/` alone; a model by another name is a 404.
+        let schema = |path: &str| {
+            paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+                ["properties"]
+                .clone()
+        };
+        assert!(schema("/")["stream"].is_object());
+        assert!(schema("/generate")["stream"].is_null());
+        assert!(schema("/generate_stream")["stream"].is_null());
+        assert!(paths["/v1/models/{id}"]["get"]["responses"]["404"].is_object());
     }
 
     #[tokio::test]

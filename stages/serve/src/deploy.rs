@@ -76,7 +76,9 @@ pub const DESCRIPTOR: StageDescriptor = StageDescriptor {
         },
     ]),
     output: ArtifactKind::Deployment,
-    device_dependent: false,
+    // The smoke test runs on the stage's device, and its sample (greedy tokens) is in the
+    // artifact: a GPU's sums may pick another token than the CPU's.
+    device_dependent: true,
     names_in_output: true,
     code_hash: env!("STAGE_CODE_HASH"),
     tracked_files: &["deployment.json"],
@@ -108,9 +110,14 @@ fn canonical(v: Value) -> Result<Value, ParamError> {
         ));
     }
     // 0 would be a server that decodes nothing (max_batch) or takes no request (queue).
-    for (key, value) in [("max_batch", p.max_batch), ("queue", p.queue)] {
+    for (key, value, most) in [
+        ("max_batch", p.max_batch, crate::MAX_BATCH),
+        ("queue", p.queue, crate::MAX_QUEUE),
+    ] {
         if value == 0 {
             problems.push(invalid(at(key), "at least 1 is needed".into()));
+        } else if value > most {
+            problems.push(invalid(at(key), format!("at most {most}, got {value}")));
         }
     }
     for (i, origin) in p.cors_origins.iter().flatten().enumerate() {
@@ -297,10 +304,14 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     opts.port = 0;
     opts.api_key = None;
     opts.key_from = None;
-    ctx.events
-        .log(&format!("smoke-testing `{name}` on a loopback server"));
+    opts.device = ctx.device.to_string();
+    ctx.events.log(&format!(
+        "smoke-testing `{name}` on a loopback server ({})",
+        ctx.device
+    ));
     let dir = out_model.clone();
     let prompt = p.smoke_prompt.clone();
+    let cancel = ctx.cancel.clone();
     // A runtime of its own, on a thread of its own: this stage runs on a blocking thread of
     // the orchestrator's runtime, where a nested runtime may not block.
     let smoke = std::thread::spawn(move || -> Result<Value, String> {
@@ -309,11 +320,21 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        rt.block_on(smoke_test(&dir, &opts, &prompt))
-    })
-    .join()
-    .map_err(|_| StageError::Failed("the smoke test thread panicked".into()))?
-    .map_err(|e| StageError::Failed(format!("smoke test failed: {e}")))?;
+        rt.block_on(smoke_test(&dir, &opts, &prompt, &cancel))
+    });
+    // Ctrl-C or the stage's `timeout` ends the stage at once, even while the model loads
+    // (which nothing can interrupt): the thread, left behind, stops its server as soon as
+    // it sees the cancellation too.
+    while !smoke.is_finished() {
+        if ctx.cancel.is_cancelled() {
+            return Err(StageError::Cancelled);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let smoke = smoke
+        .join()
+        .map_err(|_| StageError::Failed("the smoke test thread panicked".into()))?
+        .map_err(|e| StageError::Failed(format!("smoke test failed: {e}")))?;
     for (k, v) in smoke.as_object().into_iter().flatten() {
         if let Some(x) = v.as_f64() {
             ctx.events.metric(&format!("smoke.{k}"), x, None);
@@ -343,7 +364,16 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     Ok(output)
 }
 
-async fn smoke_test(dir: &Path, opts: &ServeOptions, prompt: &str) -> Result<Value, String> {
+/// How long one smoke-test request may take: a model that does not answer in this is not
+/// one to deploy, and the stage must not wait for it for ever.
+const SMOKE_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+async fn smoke_test(
+    dir: &Path,
+    opts: &ServeOptions,
+    prompt: &str,
+    cancel: &orchestrate_stage::CancelToken,
+) -> Result<Value, String> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let dir = dir.to_path_buf();
@@ -372,14 +402,26 @@ async fn smoke_test(dir: &Path, opts: &ServeOptions, prompt: &str) -> Result<Val
                 .unwrap_or_default())
         }
     };
-    let result = checks(&format!("http://{addr}"), prompt).await;
+    let cancelled = async {
+        while !cancel.is_cancelled() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    let base = format!("http://{addr}");
+    let result = tokio::select! {
+        r = checks(&base, prompt) => r,
+        () = cancelled => Err("cancelled".into()),
+    };
     let _ = stop_tx.send(());
     server.await.map_err(|e| e.to_string())??;
     result
 }
 
 async fn checks(base: &str, prompt: &str) -> Result<Value, String> {
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .timeout(SMOKE_REQUEST_TIMEOUT)
+        .build()
+        .map_err(|e| e.to_string())?;
     let get = |path: &str| {
         let http = http.clone();
         let url = format!("{base}{path}");
@@ -572,9 +614,24 @@ mod tests {
             max_new_tokens: Some(3),
             ..crate::testkit::options()
         };
-        let smoke = smoke_test(crate::testkit::model_dir(), &opts, "it is")
-            .await
-            .unwrap();
+        let smoke = smoke_test(
+            crate::testkit::model_dir(),
+            &opts,
+            "it is",
+            &orchestrate_stage::CancelToken::new(),
+        )
+        .await
+        .unwrap();
         assert_eq!(smoke["generated_tokens"], 3, "{smoke}");
+    }
+
+    /// Ctrl-C (or the stage's timeout) stops the smoke test's checks and its server.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_smoke_test_stops_its_server() {
+        let cancel = orchestrate_stage::CancelToken::new();
+        cancel.cancel();
+        let opts = crate::testkit::options();
+        let r = smoke_test(crate::testkit::model_dir(), &opts, "it is", &cancel).await;
+        assert_eq!(r, Err("cancelled".to_string()));
     }
 }

@@ -61,14 +61,18 @@ pub fn openapi() -> Value {
             "details": {"type": "boolean", "default": false},
             "do_sample": {"type": "boolean", "default": false},
             "best_of": {"type": "integer", "enum": [1]},
-            "truncate": {"type": "integer", "minimum": 1, "description": "keep only the prompt's last N tokens (the language and author tokens stay)"},
+            "truncate": {"type": "integer", "minimum": 1, "description": "keep only the prompt's last N tokens (the language and author tokens stay, within N where they would not fit beside it); at most max_input_tokens"},
             "return_full_text": {"type": "boolean", "default": false, "description": "generated_text starts with the inputs as given"},
             "ignore_eos": {"type": "boolean", "default": false, "description": "decode all max_new_tokens, past the end-of-text token (for benchmarks)"},
             "author": {"type": "string", "description": "author control token; unknown authors fall back to `other` (the reply says so)"},
             "lang": {"type": "string", "enum": ["en", "ru", "other"], "description": "language control token (/info lists the model's); guessed from the script when absent"}
         }
     });
-    let generate = json!({"type": "object", "required": ["inputs"], "properties": {"inputs": {"type": "string"}, "parameters": params, "stream": {"type": "boolean", "default": false}}});
+    // `stream` is read on `/` only: /generate always answers JSON, /generate_stream always
+    // streams.
+    let generate = json!({"type": "object", "required": ["inputs"], "properties": {"inputs": {"type": "string"}, "parameters": params}});
+    let mut compat = generate.clone();
+    compat["properties"]["stream"] = json!({"type": "boolean", "default": false});
     let stream_options = json!({"type": "object", "properties": {"include_usage": {"type": "boolean", "description": "one more chunk before [DONE], with no choices and the usage"}}});
     let stop = json!({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]});
     let openai_common = json!({
@@ -107,6 +111,10 @@ pub fn openapi() -> Value {
         "max_completion_tokens": {"type": "integer", "minimum": 1, "description": "as max_tokens, which it replaces"},
         "logprobs": {"type": "boolean", "enum": [false], "description": "not supported: true is a 400"}
     }))});
+    let mut models_by_id = got("model", true);
+    models_by_id["404"] =
+        json!({"description": "no model of that name is served (OpenAI's error shape)"});
+    models_by_id["400"] = json!({"description": "the id is not valid UTF-8 once percent-decoded"});
     let mut health = got("ok", false);
     health["503"] = json!({"description": "no decoder takes requests any more"});
     json!({
@@ -118,7 +126,7 @@ pub fn openapi() -> Value {
         },
         "paths": {
             "/generate": {"post": {"summary": "Generate (TGI)", "requestBody": body(generate.clone()), "responses": ok("generated_text, and details when asked", &["application/json"], true, false)}},
-            "/": {"post": {"summary": "Generate (TGI compat route): the reply in a JSON array, or a stream when stream is true", "requestBody": body(generate.clone()), "responses": ok("[{generated_text}], or with stream: true server-sent events as /generate_stream", &["application/json", "text/event-stream"], true, false)}},
+            "/": {"post": {"summary": "Generate (TGI compat route): the reply in a JSON array, or a stream when stream is true", "requestBody": body(compat), "responses": ok("[{generated_text}], or with stream: true server-sent events as /generate_stream", &["application/json", "text/event-stream"], true, false)}},
             "/generate_stream": {"post": {"summary": "Generate as server-sent events: one per token; the last carries generated_text, details (when asked) and warnings (when any)", "requestBody": body(generate), "responses": ok("event stream", &["text/event-stream"], true, false)}},
             "/tokenize": {"post": {"summary": "Tokens of a text with their offsets", "requestBody": body(json!({"type": "object", "required": ["inputs"], "properties": {"inputs": {"type": "string"}}})), "responses": ok("[{id, text, start, stop}]", &["application/json"], false, false)}},
             "/health": {"get": {"summary": "200 while the model is loaded and a decoder takes requests, 503 once none does (no key needed)", "responses": health}},
@@ -127,7 +135,7 @@ pub fn openapi() -> Value {
             "/docs": {"get": {"summary": "This description as a page (no key needed)", "responses": got("HTML", false)}},
             "/openapi.json": {"get": {"summary": "This description (no key needed)", "responses": got("OpenAPI 3.1", false)}},
             "/v1/models": {"get": {"summary": "The served model (OpenAI)", "responses": got("list", true)}},
-            "/v1/models/{id}": {"get": {"summary": "The served model by its name (OpenAI); another name is a 404", "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}], "responses": got("model", true)}},
+            "/v1/models/{id}": {"get": {"summary": "The served model by its name (OpenAI); another name is a 404", "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}], "responses": models_by_id}},
             "/v1/completions": {"post": {"summary": "Completion (OpenAI); stream: true gives SSE ending in data: [DONE]", "requestBody": body(completion), "responses": ok("text_completion, or with stream: true server-sent events", &["application/json", "text/event-stream"], true, true)}},
             "/v1/chat/completions": {"post": {"summary": "Chat completion (OpenAI): the last user message is the prompt; this model is not tuned for dialogue", "requestBody": body(chat), "responses": ok("chat.completion, or with stream: true server-sent chat.completion.chunk events (the first names the role)", &["application/json", "text/event-stream"], true, true)}},
         }

@@ -140,6 +140,14 @@ pub fn api_key_problem(key: &str) -> Option<&'static str> {
     )
 }
 
+/// The most requests that may wait (`queue`) and be decoded together (`max_batch`): far
+/// beyond any use, and below what the channels and counters behind them can hold.
+pub const MAX_QUEUE: usize = 1 << 20;
+pub const MAX_BATCH: usize = 1 << 16;
+/// The longest `read_timeout` and `drain_timeout`: a day (the clock's arithmetic overflows
+/// near 10^19 s, and a longer wait is not a timeout).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 impl ServeOptions {
     /// The options' own problems, before anything is loaded.
     pub fn check(&self) -> Result<Compute, ServeError> {
@@ -154,6 +162,23 @@ impl ServeOptions {
             return Err(ServeError::usage(
                 "queue must be at least 1 (requests that may wait for the decoder)",
             ));
+        }
+        if self.max_batch > MAX_BATCH || self.queue > MAX_QUEUE {
+            return Err(ServeError::usage(format!(
+                "max_batch may be at most {MAX_BATCH} and queue at most {MAX_QUEUE}, got {} and {}",
+                self.max_batch, self.queue
+            )));
+        }
+        for (name, t) in [
+            ("read_timeout", self.read_timeout),
+            ("drain_timeout", self.drain_timeout),
+        ] {
+            if t > MAX_TIMEOUT {
+                return Err(ServeError::usage(format!(
+                    "{name} may be at most a day (86400s), got {}s",
+                    t.as_secs()
+                )));
+            }
         }
         // HTTP carries the key in a header, whose value is trimmed and, past ASCII, has no
         // agreed encoding: a key with spaces at its ends or other characters would never
@@ -284,7 +309,17 @@ pub async fn serve(
     // listening only after it has loaded, so that a connection meanwhile is refused (a
     // load balancer tries another server) rather than queued by the kernel to hang.
     let socket = bind(&opts.host, opts.port).await?;
-    let app = load(dir, opts, compute)?;
+    // A stop asked for while the model loads (SIGTERM from a scheduler, Ctrl-C) ends the
+    // command then, not once a long load is over, and the server never says it serves.
+    let mut shutdown = Box::pin(shutdown);
+    let loading = {
+        let (dir, opts) = (dir.to_path_buf(), opts.clone());
+        tokio::task::spawn_blocking(move || load(&dir, &opts, compute))
+    };
+    let app = tokio::select! {
+        loaded = loading => loaded.map_err(|e| ServeError::failed(format!("loading the model: {e}")))??,
+        () = &mut shutdown => return Ok(()),
+    };
     let listener = listen(socket, &opts.host, opts.port)?;
     let addr = listener
         .local_addr()

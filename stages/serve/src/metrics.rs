@@ -161,7 +161,7 @@ impl Metrics {
             &mut out,
             "orchestrate_time_to_first_token_seconds",
             "histogram",
-            "From a request's arrival to its first generated token.",
+            "From a request's entry into the decoder's queue (its body read and tokenized) to its first generated token.",
         );
         s.ttft.render(
             &mut out,

@@ -194,6 +194,18 @@ impl Server {
         (r.status().as_u16(), r.text().await.unwrap())
     }
 
+    /// A GET's JSON answer, which must be a 200.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        r.json().await.unwrap()
+    }
+
     /// A JSON answer that must be a 200.
     pub async fn ok(&self, path: &str, body: Value) -> Value {
         let (status, text) = self.post(path, body).await;
