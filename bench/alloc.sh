@@ -9,12 +9,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-4}
 rounds=${2:-3}
+[ -x /usr/bin/time ] || { echo "needs GNU time for page faults and peak RSS: apt-get install time" >&2; exit 1; }
 cargo build --release --locked -q -p orchestrate-model --example train_bench
 runs=$(mktemp)
 trap 'rm -f "$runs"' EXIT
 for round in $(seq "$rounds"); do
+    # Which allocator goes first alternates by round, so neither always runs on a machine
+    # the other has just warmed (or slowed).
+    if [ $((round % 2)) = 1 ]; then order=(--system-alloc ""); else order=("" --system-alloc); fi
     for preset in mini spec512; do
-        for alloc in --system-alloc ""; do
+        for alloc in "${order[@]}"; do
             echo "round $round: $preset ${alloc:-orchestrate-alloc}" >&2
             # Minor page faults of the whole run (warm-up step included) beside its JSON line.
             /usr/bin/time -f '{"minor_faults": %R, "max_rss_kb": %M}' -o "$runs.time" \

@@ -18,15 +18,21 @@ cargo build --release --locked -q
 bin=$root/target/release/orchestrate
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+corpus=${FORTUNES_DIR:-/usr/share/games/fortunes}
+[ -d "$corpus/ru" ] || { echo "no corpus at $corpus: apt-get install fortunes fortunes-ru, or python3 datasets/fortunes.py and FORTUNES_DIR=$root/datasets/fortunes" >&2; exit 1; }
+export FORTUNES_DIR=$(cd "$corpus" && pwd)
 sed "s|file://../artifacts|file://$work/store|" pipelines/full.yaml > "$work/p.yaml"
-"$bin" run "$work/p.yaml" -q >/dev/null
-# The bpe stage materialised the corpus it read into the local cache beside the pipeline.
-shards=$(ls -d "$work"/.orchestrate/artifacts/*/data | head -1)
+# Up to the tokenizer only: the rest of full.yaml trains for an hour and then serves.
+"$bin" run "$work/p.yaml" -q --until tokenizer --no-serve >/dev/null
+# The bpe stage materialised the corpus it read into the local cache beside the pipeline:
+# the one artifact there with Parquet shards.
+shards=$(ls -d "$work"/.orchestrate/artifacts/*/files/data)
+[ "$(echo "$shards" | wc -l)" = 1 ] || { echo "expected one corpus in the local cache, found: $shards" >&2; exit 1; }
 # Special tokens: pad bos eos unk, three languages, author:other, 64 authors (full.yaml).
 specials=72
 ours=(); theirs=()
 for _ in $(seq "$runs"); do
-    "$bin" run "$work/p.yaml" -q --force tokenizer >/dev/null
+    "$bin" run "$work/p.yaml" -q --until tokenizer --no-serve --force tokenizer >/dev/null
     rec=$(ls "$work"/store/runs/*.json | sort | tail -1)
     ours+=("$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); s=[s for s in r['stages'] if s['stage']=='tokenizer'][0]; print(s['metrics']['train_seconds'], s['duration_ms']/1000)" "$rec")")
     theirs+=("$($PY bench/bpe_tokenizers.py "$shards" 8000 2 "$specials")")

@@ -13,6 +13,8 @@ texts = []
 for f in sorted(glob.glob(f"{shards}/*.parquet")):
     t = pq.read_table(f, columns=["text", "split"]).to_pydict()
     texts += [x for x, s in zip(t["text"], t["split"]) if s == "train"]
+if not texts:
+    sys.exit(f"no train-split text in {shards}/*.parquet: not the corpus's shards")
 tok = Tokenizer(models.BPE(unk_token="<unk>"))
 tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
 tok.decoder = decoders.ByteLevel()

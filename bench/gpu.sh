@@ -10,7 +10,7 @@
 #                                  # the GPU's dense bf16 peak, H100 SXM 989, for MFU)
 #
 # Results: $RESULTS (default bench/results/gpu/) gets ours.jsonl, torch.jsonl, stderr.txt,
-# pipeline.log, serve.log and gpu.md; bench/results/gpu.md is written from them
+# pipeline.log, serve.log and gpu.md; bench/results/gpu-DATE-TIME.md is written from them (gpu.md keeps the sessions' history)
 # (`python3 bench/gpu_report.py PEAK DIR...` merges the results of several calls).
 #
 # What runs: (1) cold: each of our checks (`mini` and `spec512` training in fp32 and bf16,
@@ -44,7 +44,9 @@ if [ "${1:-}" = "--build" ]; then
         xz -T2 -9 "$bin/$(basename "$b")-cuda"
     done
     cp ../shared/bench/torch_seq2seq_baseline.py bench/gpu_report.py "$bin/"
-    tar -cJf "$bin/fortunes.tar.xz" -C /usr/share/games fortunes
+    # The corpus, as a folder named `fortunes` in the archive wherever it lies here.
+    corpus=$(cd "${FORTUNES_DIR:-/usr/share/games/fortunes}" && pwd)
+    tar -cJf "$bin/fortunes.tar.xz" -C "$corpus/.." --transform "s|^$(basename "$corpus")|fortunes|" "$(basename "$corpus")"
     du -sh "$bin"
     exit 0
 fi
@@ -185,6 +187,10 @@ for c in mini-fp32 mini-bf16 spec512-fp32 spec512-bf16 generate generate-cached;
 done
 # (Only the cold runs: a bare `wait` would also wait for the pipeline checks.)
 for pid in "${cold[@]}"; do wait "$pid"; done
+# The pipeline checks train and evaluate on the same GPU: phase 2's timings wait for them,
+# or they would not be alone on it.
+for pid in "${background[@]}"; do wait "$pid" 2>/dev/null; done
+background=()
 
 # Phase 2, quiet: each again from its now warm cache, alone on the GPU: the warm-up a second
 # run pays, and the throughput.
@@ -206,4 +212,5 @@ want torch-spec512 && torch_run seed-512 150
 for pid in "${background[@]}"; do wait "$pid" 2>/dev/null; done
 
 python3 bench/gpu_report.py "$peak" "$res" | tee "$res/gpu.md"
-mkdir -p bench/results && cp "$res/gpu.md" bench/results/gpu.md
+# A file of its own: bench/results/gpu.md holds the sessions' history, which the README cites.
+mkdir -p bench/results && cp "$res/gpu.md" "bench/results/gpu-$(date +%F-%H%M).md"

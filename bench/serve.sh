@@ -14,7 +14,12 @@ rounds=${2:-3}
 cargo build --release --locked -q
 cargo build --release --locked -q -p orchestrate-serve --example load
 export ORCHESTRATE_CACHE_DIR=$(pwd)/bench/.cache
+corpus=$(cd "${FORTUNES_DIR:-/usr/share/games/fortunes}" 2>/dev/null && pwd) || corpus=
+[ -n "$corpus" ] && [ -d "$corpus/ru" ] || { echo "no corpus at ${FORTUNES_DIR:-/usr/share/games/fortunes}: apt-get install fortunes fortunes-ru, or python3 datasets/fortunes.py and FORTUNES_DIR=$(pwd)/datasets/fortunes" >&2; exit 1; }
+export FORTUNES_DIR=$corpus
 target/release/orchestrate run bench/pipelines/serve-mini.yaml --no-serve --quiet >/dev/null
+# The served model's parameter count, from its card in the local cache (the newest one).
+params=$(ls -t "$ORCHESTRATE_CACHE_DIR"/artifacts/*/files/model/model.json | head -1 | xargs python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["parameters"])')
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 target/release/orchestrate serve deploy --pipeline bench/pipelines/serve-mini.yaml --port "$port" 2>bench/.serve.log &
 server=$!
@@ -33,12 +38,13 @@ for round in $(seq "$rounds"); do
     done
 done
 kill -TERM $server 2>/dev/null || true; wait $server || true
-python3 - "${results[@]}" <<'PY' | tee bench/results/serve.md
+python3 - "$params" "${results[@]}" <<'PY' | tee bench/results/serve.md
 import json, sys, datetime, subprocess
-rows = [json.loads(a) for a in sys.argv[1:]]
+params = int(sys.argv[1])
+rows = [json.loads(a) for a in sys.argv[2:]]
 cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
 cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-print(f"`orchestrate serve`, `mini` (8.3M parameters, fp32), POST /generate with 50 new tokens, closed-loop clients on loopback ({datetime.date.today()}, {cpu}, {cores} cores, CPU)\n")
+print(f"`orchestrate serve`, `mini` ({params / 1e6:.1f}M parameters, fp32), POST /generate with 50 new tokens, closed-loop clients on loopback ({datetime.date.today()}, {cpu}, {cores} cores, CPU)\n")
 print("| clients | seconds | requests | errors | req/s | tokens/s | p50 ms | p95 ms | p99 ms | tokens/s vs 1 client |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 levels = sorted({r["clients"] for r in rows})
 def total(c, key):

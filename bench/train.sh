@@ -35,14 +35,24 @@ for round in $(seq "$rounds"); do
     done
 done
 mkdir -p bench/results
-torch_version=$("$TORCH_PY" -c 'import torch; print(torch.__version__)')
+# What PyTorch ran with: its threads, the CPU kernels it picked and its BLAS (on an AMD CPU,
+# MKL's code path is a known reason for a slow peer), so a ratio can be read for what it is.
+torch_version=$("$TORCH_PY" -c 'import torch; print(f"{torch.__version__} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()} kernels, MKL {torch.backends.mkl.is_available()})")')
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 python3 - "$runs" "$torch_version" "$commit" "$steps" "$rounds" > "$runs.md" <<'PY'
 import json, sys, datetime, subprocess, statistics
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
 cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-print(f"Training throughput, batch 32, source 128, target 128, vocab 8000 ({datetime.date.today()}, {cpu}, {cores} cores, CPU)\n")
+# The vector width picks the kernels of both sides (flex's and PyTorch's) at run time, and
+# one "AMD EPYC" name covers hosts with and without AVX-512: said, so runs compare.
+flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), [])
+vectors = "AVX-512" if "avx512f" in flags else ("AVX2, no AVX-512" if "avx2" in flags else "no AVX2")
+try:
+    l1d = open("/sys/devices/system/cpu/cpu0/cache/index0/size").read().strip()
+except OSError:
+    l1d = "unknown"
+print(f"Training throughput, batch 32, source 128, target 128, vocab 8000 ({datetime.date.today()}, {cpu}, {vectors}, L1d {l1d} a core, {cores} cores, CPU)\n")
 print("Each round: ours, then PyTorch fp32 eager, one after the other.\n")
 print("| model | round | ours step | ours tokens/s | PyTorch step | PyTorch tokens/s | ratio |\n|---|---|---|---|---|---|---|")
 names = {"mini": "mini-8m", "spec512": "seed-512"}
