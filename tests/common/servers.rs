@@ -58,10 +58,14 @@ impl Server {
             "--artifacts-destination".into(),
             dir.join("mlflow-artifacts").display().to_string(),
         ];
-        let env = vec![(
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION".to_string(),
-            "false".to_string(),
-        )];
+        let env = vec![
+            (
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION".to_string(),
+                "false".to_string(),
+            ),
+            // Nothing leaves 127.0.0.1 in a test.
+            ("MLFLOW_DISABLE_TELEMETRY".to_string(), "true".to_string()),
+        ];
         let url = format!("http://127.0.0.1:{port}");
         let mut s = Server {
             child: None,
@@ -99,12 +103,20 @@ impl Server {
 
     pub fn start(&mut self) {
         use std::os::unix::process::CommandExt;
+        // Its output goes to a log, whose end is shown where it does not come up.
+        let log = std::env::temp_dir().join(format!(
+            "test-server-{}-{}.log",
+            std::process::id(),
+            self.port
+        ));
+        let out = std::fs::File::create(&log).expect("a log file");
+        let err = out.try_clone().expect("a log file");
         let mut cmd = Command::new(&self.cmd[0]);
         cmd.args(&self.cmd[1..])
             .envs(self.env.iter().cloned())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(out)
+            .stderr(err)
             .process_group(0);
         // A test binary killed by a signal runs no `Drop`: the server is told to stop when
         // the thread that started it (the test's) is gone, rather than holding its port.
@@ -117,17 +129,30 @@ impl Server {
         }
         let child = cmd.spawn().expect("the server starts");
         self.child = Some(child);
+        let tail = || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
             if http("GET", &self.health, None)
                 .map(|(code, _)| code == 200)
                 .unwrap_or(false)
             {
+                let _ = std::fs::remove_file(&log);
                 return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("{} exited ({status}) before it was healthy:\n{}", self.cmd[0], tail());
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        panic!("{} did not become healthy in 120 s", self.cmd[0]);
+        panic!(
+            "{} did not become healthy in 120 s:\n{}",
+            self.cmd[0],
+            tail()
+        );
     }
 
     pub fn stop(&mut self) {

@@ -676,6 +676,12 @@ impl AppState {
             }
             None => guess_lang(prompt).to_string(),
         };
+        // A full queue refuses before the tokenizer runs, not after: under overload every
+        // refused request would otherwise still pay for its prompt's tokens (up to the body
+        // limit's worth) on the threads /health and /metrics answer from.
+        if self.engine.is_full() {
+            return Err(self.busy());
+        }
         let (prompt_ids, known) = orchestrate_model::artifact::prompt_ids(
             &m.tokenizer,
             &m.card.specials,
@@ -771,6 +777,18 @@ impl AppState {
         })
     }
 
+    /// The answer to a request the queue has no room for.
+    fn busy(&self) -> ApiError {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "overloaded",
+            format!(
+                "the queue is full ({} waiting); retry shortly",
+                self.limits.queue
+            ),
+        )
+    }
+
     fn submit(
         &self,
         prep: &Prepared,
@@ -785,14 +803,7 @@ impl AppState {
         };
         self.engine.submit(job).map(|()| rx).map_err(|r| {
             match r {
-                Refused::Busy => ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "overloaded",
-                    format!(
-                        "the queue is full ({} waiting); retry shortly",
-                        self.limits.queue
-                    ),
-                ),
+                Refused::Busy => self.busy(),
                 Refused::Stopped => ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",

@@ -137,6 +137,12 @@ impl Engine {
         Err(refused)
     }
 
+    /// Whether a request submitted now would be refused for want of room (a hint: room
+    /// may come or go before it is submitted, where `submit` decides).
+    pub fn is_full(&self) -> bool {
+        self.queue.capacity() == 0
+    }
+
     pub fn queue_depth(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
     }
