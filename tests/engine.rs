@@ -371,7 +371,10 @@ storage: file://store
 stages:
   slow:
     kind: shell
-    with: { run: "touch $PIPELINE_DIR/slow-started; sleep 4; echo s > s; date +%s%N > $PIPELINE_DIR/slow-done", outputs: [s] }
+    with:
+      # Held until the test says so (at most a minute), however slowly the other run starts.
+      run: "touch $PIPELINE_DIR/slow-started; i=0; until [ -e $PIPELINE_DIR/go ] || [ $i -ge 1200 ]; do sleep 0.05; i=$((i+1)); done; echo s > s; date +%s%N > $PIPELINE_DIR/slow-done"
+      outputs: [s]
   quick:
     kind: shell
     with: { run: "echo q > q; date +%s%N > $PIPELINE_DIR/quick-done", outputs: [q] }
@@ -379,7 +382,11 @@ stages:
     );
     let first = sb.spawn(&["run", "p.yaml", "--only", "slow"]);
     assert!(sb.wait_for("slow-started", 30));
-    let second = sb.run(&["run", "p.yaml", "--jobs", "1"]);
+    let second = sb.spawn(&["run", "p.yaml", "--jobs", "1"]);
+    let quick_first = sb.wait_for("quick-done", 60);
+    sb.write("go", "");
+    let second: common::Ran = second.wait_with_output().unwrap().into();
+    assert!(quick_first, "`quick` waited for the other run's `slow`");
     let first = first.wait_with_output().unwrap();
     assert!(
         first.status.success(),
@@ -458,7 +465,8 @@ stages:
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(t0.elapsed() < Duration::from_secs(10));
+    // Well before the 60 s the command would take, with room for a loaded machine.
+    assert!(t0.elapsed() < Duration::from_secs(30));
     assert_eq!(sb.manifests(), 0);
     assert_eq!(sb.last_run()["status"], "cancelled");
 }
@@ -985,12 +993,15 @@ stages:
   b:
     kind: shell
     inputs: [a]
-    with: { run: "sed -i s/original/tampered/ $INPUT_A/x; echo done > y", outputs: [y] }
+    with:
+      # Once `c` has been given the folder (at most a minute's wait).
+      run: "i=0; until [ -e $PIPELINE_DIR/c-has-input ] || [ $i -ge 1200 ]; do sleep 0.05; i=$((i+1)); done; sed -i s/original/tampered/ $INPUT_A/x; echo done > y"
+      outputs: [y]
   c:
     kind: shell
     inputs: [a]
     with:
-      run: "for i in $(seq 100); do grep -q tampered $INPUT_A/x && break; sleep 0.1; done; cp $INPUT_A/x z"
+      run: "touch $PIPELINE_DIR/c-has-input; i=0; until grep -q tampered $INPUT_A/x || [ $i -ge 1200 ]; do sleep 0.05; i=$((i+1)); done; cp $INPUT_A/x z"
       outputs: [z]
 "#,
     );
@@ -1206,14 +1217,15 @@ stages:
   busy:
     kind: shell
     with:
-      run: sleep 60 & echo $! > $PIPELINE_DIR/orphan; sleep 60; echo done > a
+      # Written whole, then renamed: the test never reads it half-written.
+      run: sleep 60 & echo $! > $PIPELINE_DIR/orphan.tmp; mv $PIPELINE_DIR/orphan.tmp $PIPELINE_DIR/orphan; sleep 60; echo done > a
       outputs: [a]
 "#,
     );
     let mut child = sb.spawn(&["run", "p.yaml"]);
     assert!(sb.wait_for("orphan", 20), "the stage never started");
-    std::thread::sleep(Duration::from_millis(100));
     let pid = sb.read("orphan").trim().to_string();
+    assert!(pid.parse::<u32>().is_ok(), "`{pid}` is not a pid");
     let alive = || {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| !s.contains(") Z "))
@@ -1257,7 +1269,7 @@ stages:
     assert_ne!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("timed out"), "{}", r.stderr);
     assert!(
-        t0.elapsed() < Duration::from_secs(20),
+        t0.elapsed() < Duration::from_secs(30),
         "the run waited {:?} for a process that ignored SIGTERM",
         t0.elapsed()
     );

@@ -311,7 +311,8 @@ tracking: {{ mlflow: "{}", experiment: outage }}
 stages:
   first:
     kind: shell
-    with: {{ run: "echo 1 > a; touch $PIPELINE_DIR/first-done; sleep 6", outputs: [a] }}
+    # Held until the server is down (at most a minute), however long it takes to stop.
+    with: {{ run: "echo 1 > a; touch $PIPELINE_DIR/first-done; i=0; until [ -e $PIPELINE_DIR/server-down ] || [ $i -ge 1200 ]; do sleep 0.05; i=$((i+1)); done", outputs: [a] }}
   second:
     kind: shell
     inputs: [first]
@@ -323,6 +324,7 @@ stages:
     let child = sb.spawn(&["run", "p.yaml"]);
     assert!(sb.wait_for("first-done", 30));
     mlflow.stop();
+    sb.write("server-down", "");
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

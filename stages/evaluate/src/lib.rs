@@ -946,12 +946,12 @@ mod tests {
             calls += 1;
             if calls == 1 {
                 // The first run's kernel compilation.
-                std::thread::sleep(std::time::Duration::from_millis(400));
+                std::thread::sleep(std::time::Duration::from_millis(2000));
             }
             calls
         });
         assert_eq!(out, 2);
-        assert!(secs < 0.2, "the warm-up was timed: {secs} s");
+        assert!(secs < 1.0, "the warm-up was timed: {secs} s");
     }
 
     #[test]

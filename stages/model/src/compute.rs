@@ -227,7 +227,16 @@ pub fn cuda_root() -> std::path::PathBuf {
 
 /// The headers cubecl's kernels include; missing ones fail at the first kernel compile.
 fn check_headers() -> Result<(), String> {
-    let root = cuda_root();
+    let from = if std::env::var_os("CUDA_PATH").is_some() {
+        "CUDA_PATH"
+    } else {
+        "the default, CUDA_PATH being unset"
+    };
+    check_headers_in(&cuda_root(), from)
+}
+
+/// The headers NVRTC compiles against, under `root` (found by `from`, for the message).
+fn check_headers_in(root: &std::path::Path, from: &str) -> Result<(), String> {
     let include = root.join("include");
     let missing: Vec<&str> = ["cuda.h", "cuda_fp16.h", "cuda_bf16.h"]
         .into_iter()
@@ -236,11 +245,6 @@ fn check_headers() -> Result<(), String> {
     if missing.is_empty() {
         return Ok(());
     }
-    let from = if std::env::var_os("CUDA_PATH").is_some() {
-        "CUDA_PATH"
-    } else {
-        "the default, CUDA_PATH being unset"
-    };
     Err(format!(
         "CUDA headers missing: {} not in {} ({from}); install the CUDA toolkit headers (Debian: nvidia-cuda-toolkit, or NVIDIA's cuda-nvrtc-dev and cuda-cudart-dev) and set CUDA_PATH to the toolkit directory",
         missing.join(", "),
@@ -317,10 +321,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("include")).unwrap();
         std::fs::write(dir.path().join("include/cuda.h"), "").unwrap();
-        // SAFETY: no other test in this crate reads or writes CUDA_PATH.
-        unsafe { std::env::set_var("CUDA_PATH", dir.path()) };
-        let e = check_headers().unwrap_err();
-        unsafe { std::env::remove_var("CUDA_PATH") };
+        // (The environment is left alone: tests beside this one, and the C libraries they
+        // load, read it from other threads.)
+        let e = check_headers_in(dir.path(), "CUDA_PATH").unwrap_err();
         assert!(e.contains("cuda_fp16.h, cuda_bf16.h not in"), "{e}");
         assert!(e.contains("(CUDA_PATH)"), "{e}");
     }
