@@ -18,8 +18,6 @@ corpus=$(cd "${FORTUNES_DIR:-/usr/share/games/fortunes}" 2>/dev/null && pwd) || 
 [ -n "$corpus" ] && [ -d "$corpus/ru" ] || { echo "no corpus at ${FORTUNES_DIR:-/usr/share/games/fortunes}: apt-get install fortunes fortunes-ru, or python3 datasets/fortunes.py and FORTUNES_DIR=$(pwd)/datasets/fortunes" >&2; exit 1; }
 export FORTUNES_DIR=$corpus
 target/release/orchestrate run bench/pipelines/serve-mini.yaml --no-serve --quiet >/dev/null
-# The served model's parameter count, from its card in the local cache (the newest one).
-params=$(ls -t "$ORCHESTRATE_CACHE_DIR"/artifacts/*/files/model/model.json | head -1 | xargs python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["parameters"])')
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 target/release/orchestrate serve deploy --pipeline bench/pipelines/serve-mini.yaml --port "$port" 2>bench/.serve.log &
 server=$!
@@ -31,6 +29,9 @@ for _ in $(seq 150); do
     sleep 0.2
 done
 [ -n "$up" ] || { echo "the server did not start:" >&2; cat bench/.serve.log >&2; exit 1; }
+# The served model's parameter count, from its card: `serve` has just fetched the deployment
+# into the local cache (the newest card there).
+params=$(ls -t "$ORCHESTRATE_CACHE_DIR"/artifacts/*/files/model/model.json | head -1 | xargs python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["parameters"])')
 results=()
 for round in $(seq "$rounds"); do
     for clients in 1 32 128; do

@@ -866,13 +866,13 @@ async fn produce(
     let mut bound: BTreeMap<String, Vec<InputArtifact>> = BTreeMap::new();
     // Each input's folder, shared with the other stages that read it, as the stage is given
     // it: checked again once it has run.
-    let mut given: Vec<(&str, PathBuf, &Manifest)> = Vec::new();
+    let mut given: Vec<(&str, PathBuf, &Manifest, String)> = Vec::new();
     for (name, ms) in inputs {
         let binding = stage.inputs.iter().find(|b| &b.name == name);
         let mut v = Vec::new();
         for (j, m) in ms.iter().enumerate() {
-            let dir = materialize(sh, m).await?;
-            given.push((name, dir.clone(), m));
+            let (dir, stamp) = materialize_stamped(sh, m).await?;
+            given.push((name, dir.clone(), m, stamp));
             // This pipeline's name for the producer: a manifest holds the name of whichever
             // stage (in whichever pipeline) first produced the artifact.
             let producer = binding
@@ -1240,6 +1240,12 @@ async fn materialize(sh: &Shared, m: &Manifest) -> Result<PathBuf, StoreError> {
     materialize_in(&sh.store, &sh.artifact_cache, m).await
 }
 
+/// As [`materialize`], with the stamp of the folder as it was handed out, which a stage's
+/// inputs are checked against once it has run.
+async fn materialize_stamped(sh: &Shared, m: &Manifest) -> Result<(PathBuf, String), StoreError> {
+    materialize_stamped_in(&sh.store, &sh.artifact_cache, m).await
+}
+
 /// `m`'s files under `cache/<digest>/files/`, downloaded and verified unless already there.
 ///
 /// Beside `files/` lies `stamp`: each file's size and modification time when it was
@@ -1253,6 +1259,16 @@ pub async fn materialize_in(
     cache: &Path,
     m: &Manifest,
 ) -> Result<PathBuf, StoreError> {
+    materialize_stamped_in(store, cache, m)
+        .await
+        .map(|(dir, _)| dir)
+}
+
+async fn materialize_stamped_in(
+    store: &Store,
+    cache: &Path,
+    m: &Manifest,
+) -> Result<(PathBuf, String), StoreError> {
     let hex = m.digest.strip_prefix("blake3:").unwrap_or(&m.digest);
     let dir = cache.join(hex);
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -1263,8 +1279,9 @@ pub async fn materialize_in(
     let io = |context: String, e: std::io::Error| StoreError::Io { context, source: e };
     if dir.is_dir() {
         let written = std::fs::read_to_string(dir.join("stamp")).ok();
-        if written.is_some() && written == stamp(&dir.join("files"), m) {
-            return Ok(dir.join("files"));
+        if let Some(written) = written.filter(|w| Some(w) == stamp(&dir.join("files"), m).as_ref())
+        {
+            return Ok((dir.join("files"), written));
         }
         // Changed since written, or left by an older version without a stamp: set it aside
         // and download again. (A stage reading it at this moment keeps the files it has
@@ -1301,11 +1318,11 @@ pub async fn materialize_in(
             return Err(e);
         }
     }
-    // Renames keep modification times, so the stamp taken here holds for `dir`.
+    // Renames keep modification times and inodes, so the stamp taken here holds for `dir`.
     let stamped = match stamp(&tmp.join("files"), m) {
-        Some(text) => {
-            std::fs::write(tmp.join("stamp"), text).map_err(|e| io(cannot_write(&tmp), e))
-        }
+        Some(text) => std::fs::write(tmp.join("stamp"), &text)
+            .map(|()| text)
+            .map_err(|e| io(cannot_write(&tmp), e)),
         None => Err(io(
             format!(
                 "cannot read back the files just written to {}",
@@ -1314,30 +1331,32 @@ pub async fn materialize_in(
             std::io::Error::other("a file is missing or of the wrong size"),
         )),
     };
-    if let Err(e) = stamped {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
+    let ours = match stamped {
+        Ok(text) => text,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
     if std::fs::rename(&tmp, &dir).is_err() {
         // Another stage materialised it in the meantime (any changed folder was set aside
-        // above); theirs is identical.
+        // above); theirs is identical, its stamp its own.
         let _ = std::fs::remove_dir_all(&tmp);
+        let theirs = std::fs::read_to_string(dir.join("stamp"))
+            .map_err(|e| io(format!("cannot read {}", dir.join("stamp").display()), e))?;
+        return Ok((dir.join("files"), theirs));
     }
-    Ok(dir.join("files"))
+    Ok((dir.join("files"), ours))
 }
 
-/// The inputs (name, folder given, artifact) whose folder no longer matches the stamp it
-/// was given with: a file written, added, removed or replaced. Named for a message.
-fn inputs_changed_since(given: &[(&str, PathBuf, &Manifest)]) -> Vec<String> {
+/// The inputs (name, folder given, artifact, its stamp then) whose folder no longer matches
+/// the stamp it was given with: a file written, added, removed or replaced, or the folder set
+/// aside and fetched again (another stage found it changed). Named for a message.
+fn inputs_changed_since(given: &[(&str, PathBuf, &Manifest, String)]) -> Vec<String> {
     given
         .iter()
-        .filter(|(_, dir, m)| {
-            let written = dir
-                .parent()
-                .and_then(|d| std::fs::read_to_string(d.join("stamp")).ok());
-            written.is_none() || written != stamp(dir, m)
-        })
-        .map(|(name, dir, _)| format!("`{name}` ({})", dir.display()))
+        .filter(|(_, dir, m, then)| stamp(dir, m).as_ref() != Some(then))
+        .map(|(name, dir, ..)| format!("`{name}` ({})", dir.display()))
         .collect()
 }
 
@@ -1354,18 +1373,22 @@ fn stamp(files: &Path, m: &Manifest) -> Option<String> {
         return None;
     }
     // The first line names the stamp's format: folders stamped by an older one (whose files
-    // were made read-only) are downloaded again.
-    let mut out = String::from("stamp 2\n");
+    // were made read-only, or whose stamps lacked inodes) are downloaded again.
+    let mut out = String::from("stamp 3\n");
     for f in &m.files {
+        use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(files.join(&f.path)).ok()?;
         let modified = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
         if meta.len() != f.size {
             return None;
         }
+        // The inode too: a file replaced (`sed -i`, a fresh download) within one tick of a
+        // coarse clock (1 s on some filesystems) keeps its size and time, not its inode.
         out.push_str(&format!(
-            "{} {} {}\n",
+            "{} {} {} {}\n",
             meta.len(),
             modified.as_nanos(),
+            meta.ino(),
             f.path
         ));
     }

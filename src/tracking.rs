@@ -493,13 +493,13 @@ impl MlflowClient {
     }
 
     /// Uploads through the server's artifact proxy (`mlflow-artifacts:` artifact roots).
-    /// The file is streamed as it is read, its length sent ahead, so a model of any size
-    /// goes up without being held in memory.
+    /// `body` is the file's bytes, or for a large file the file itself, streamed as it is
+    /// read, its length sent ahead (see [`upload_body`]).
     async fn upload(
         &self,
         artifact_root: &str,
         path: &str,
-        file: tokio::fs::File,
+        body: reqwest::Body,
         len: u64,
     ) -> Result<(), TrackError> {
         let Some(rel) = artifact_root.strip_prefix("mlflow-artifacts:/") else {
@@ -525,9 +525,26 @@ impl MlflowClient {
             .put(url)
             .timeout(timeout)
             .header(reqwest::header::CONTENT_LENGTH, len)
-            .body(file);
+            .body(body);
         self.send(req).await.map(|_| ()).map_err(|(_, e)| e)
     }
+}
+
+/// Files up to this size go up to MLflow from memory, larger ones streamed from the file.
+const UPLOAD_FROM_MEMORY: u64 = 64 << 20;
+
+/// An upload's body and length. A file up to [`UPLOAD_FROM_MEMORY`] is read whole: a body in
+/// memory can be sent again where a proxy redirects the request (307, 308), which a stream
+/// cannot. A larger one (a model) is streamed, so no file needs to fit in memory.
+async fn upload_body(file: &Path) -> std::io::Result<(reqwest::Body, u64)> {
+    let f = tokio::fs::File::open(file).await?;
+    let len = f.metadata().await?.len();
+    if len <= UPLOAD_FROM_MEMORY {
+        let bytes = tokio::fs::read(file).await?;
+        let len = bytes.len() as u64;
+        return Ok((reqwest::Body::from(bytes), len));
+    }
+    Ok((reqwest::Body::from(f), len))
 }
 
 /// Base64 for a basic-auth header, without another dependency for twenty lines.
@@ -1265,12 +1282,8 @@ async fn apply(
             let (_, _, root) = run(state, uid)?;
             // Relative to the spool's folder (absolute in spools written before).
             let copy = spool.parent().unwrap_or(Path::new(".")).join(file);
-            let opened = match tokio::fs::File::open(&copy).await {
-                Ok(f) => f.metadata().await.map(|m| (f, m.len())),
-                Err(e) => Err(e),
-            };
-            let uploaded = match opened {
-                Ok((f, len)) => client.upload(&root, path, f, len).await,
+            let uploaded = match upload_body(&copy).await {
+                Ok((body, len)) => client.upload(&root, path, body, len).await,
                 // Gone from the spool: it will not come back.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(TrackError::Rejected {
                     url: client.base.clone(),
@@ -1656,6 +1669,68 @@ mod tests {
             );
             server.await.unwrap();
         }
+    }
+
+    /// A file over the in-memory limit goes up streamed, its length sent ahead (no chunked
+    /// encoding, which MLflow's artifact proxy may not take), every byte of it.
+    #[tokio::test]
+    async fn a_large_artifact_is_streamed_whole_with_its_length() {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("weights.bin");
+        let len = UPLOAD_FROM_MEMORY + 12_345;
+        std::fs::File::create(&file).unwrap().set_len(len).unwrap();
+        let (body, sent_len) = upload_body(&file).await.unwrap();
+        assert_eq!(sent_len, len);
+        assert!(
+            body.as_bytes().is_none(),
+            "a large file is streamed, not read whole"
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (conn, _) = listener.accept().await.unwrap();
+            let mut conn = tokio::io::BufReader::new(conn);
+            let mut head = Vec::new();
+            loop {
+                let mut line = String::new();
+                conn.read_line(&mut line).await.unwrap();
+                if line == "\r\n" {
+                    break;
+                }
+                head.push(line.trim().to_ascii_lowercase());
+            }
+            let mut got = 0u64;
+            let mut buf = vec![0u8; 1 << 16];
+            while got < len {
+                let n = conn.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
+            }
+            let ok =
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+            conn.get_mut().write_all(ok.as_bytes()).await.unwrap();
+            (head, got)
+        });
+        let client = MlflowClient::new(&url);
+        client
+            .upload(
+                "mlflow-artifacts:/1/r/artifacts",
+                "model/weights.bin",
+                body,
+                sent_len,
+            )
+            .await
+            .unwrap();
+        let (head, got) = server.await.unwrap();
+        assert_eq!(got, len);
+        assert!(head.contains(&format!("content-length: {len}")), "{head:?}");
+        assert!(
+            !head.iter().any(|h| h.starts_with("transfer-encoding")),
+            "{head:?}"
+        );
     }
 
     #[tokio::test]

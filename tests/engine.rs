@@ -1017,6 +1017,50 @@ stages:
     assert_eq!(sb.manifests(), 1, "only a's output is stored: {all}");
 }
 
+/// A stage writes into its input, and a stage starting after that finds the folder changed
+/// and fetches it again: the writer still fails (its folder is no longer what it was
+/// given), and the later stage gets the stored bytes.
+#[test]
+fn a_write_hidden_by_a_fresh_download_still_fails_the_writer() {
+    let sb = Sandbox::new();
+    let wait = |file: &str| {
+        format!("i=0; until [ -e $PIPELINE_DIR/{file} ] || [ $i -ge 1200 ]; do sleep 0.05; i=$((i+1)); done")
+    };
+    sb.write(
+        "p.yaml",
+        &format!(
+            r#"
+name: hidden
+storage: file://store
+stages:
+  a:
+    kind: shell
+    with: {{ run: echo original > x, outputs: [x] }}
+  d:
+    kind: shell
+    with: {{ run: "{}; echo > d", outputs: [d] }}
+  b:
+    kind: shell
+    inputs: [a]
+    with: {{ run: "echo tampered >> $INPUT_A/x; touch $PIPELINE_DIR/b-wrote; {}; echo > y", outputs: [y] }}
+  c:
+    kind: shell
+    inputs: [a, d]
+    with: {{ run: "touch $PIPELINE_DIR/c-started; cp $INPUT_A/x z", outputs: [z] }}
+"#,
+            wait("b-wrote"),
+            wait("c-started")
+        ),
+    );
+    let r = sb.run(&["run", "p.yaml", "--jobs", "3"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert!(all.contains("changed while stage `b` ran"), "{all}");
+    let z = &sb.stage_manifest("c")["files"][0]["digest"];
+    let x = &sb.stage_manifest("a")["files"][0]["digest"];
+    assert_eq!(z, x, "c was given the changed copy");
+}
+
 /// An `INPUT_*` the orchestrator inherited (a stage running a pipeline of its own) names
 /// folders outside the stage's key: the command sees only its own inputs.
 #[test]

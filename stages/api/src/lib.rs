@@ -176,7 +176,6 @@ impl fmt::Debug for StageDescriptor {
     }
 }
 
-/// For stages whose params never leave a part of their output empty.
 /// Removes the folder `dir` and all it holds, as `remove_dir_all`, and also where a command
 /// left a folder inside it read-only (Go's module cache is): such a folder's entries cannot
 /// be removed until it is made writable again, which is done for the folders under `dir`
@@ -210,6 +209,7 @@ fn make_folders_writable(dir: &Path) {
     }
 }
 
+/// For stages whose params never leave a part of their output empty.
 pub fn no_empty_parts(_: &serde_json::Value, _: &str) -> Option<Vec<PathSegment>> {
     None
 }

@@ -311,13 +311,21 @@ pub async fn serve(
     let socket = bind(&opts.host, opts.port).await?;
     // A stop asked for while the model loads (SIGTERM from a scheduler, Ctrl-C) ends the
     // command then, not once a long load is over, and the server never says it serves.
+    // (A thread of its own, not the runtime's blocking pool: the runtime waits for its pool
+    // when it is dropped, and the command would then still end only once the load had.)
     let mut shutdown = Box::pin(shutdown);
-    let loading = {
+    let (loaded_tx, loaded) = tokio::sync::oneshot::channel();
+    {
         let (dir, opts) = (dir.to_path_buf(), opts.clone());
-        tokio::task::spawn_blocking(move || load(&dir, &opts, compute))
-    };
+        std::thread::Builder::new()
+            .name("model-load".into())
+            .spawn(move || {
+                let _ = loaded_tx.send(load(&dir, &opts, compute));
+            })
+            .map_err(|e| ServeError::failed(format!("cannot start loading the model: {e}")))?;
+    }
     let app = tokio::select! {
-        loaded = loading => loaded.map_err(|e| ServeError::failed(format!("loading the model: {e}")))??,
+        loaded = loaded => loaded.map_err(|_| ServeError::failed("loading the model failed without a word (the loader panicked)"))??,
         () = &mut shutdown => return Ok(()),
     };
     let listener = listen(socket, &opts.host, opts.port)?;

@@ -209,6 +209,10 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
             ctx.pipeline_dir.as_os_str(),
             std::ffi::OsStr::new(ctx.stage),
         ]))
+        // Python would write `__pycache__` beside a module it imports from an input (a
+        // tool a stage built), and a stage may not write into its inputs. (`env` may set
+        // it back.)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .envs(&params.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
