@@ -871,7 +871,7 @@ async fn produce(
         let binding = stage.inputs.iter().find(|b| &b.name == name);
         let mut v = Vec::new();
         for (j, m) in ms.iter().enumerate() {
-            let (dir, stamp) = materialize_stamped(sh, m).await?;
+            let (dir, stamp) = materialize(sh, m).await?;
             given.push((name, dir.clone(), m, stamp));
             // This pipeline's name for the producer: a manifest holds the name of whichever
             // stage (in whichever pipeline) first produced the artifact.
@@ -1083,12 +1083,12 @@ async fn produce(
     let kept = if committed.digest == manifest.digest {
         Some(out.clone())
     } else {
-        materialize(sh, &committed).await.ok()
+        materialize(sh, &committed).await.ok().map(|(dir, _)| dir)
     };
     // Copying files into the tracking spool (a model of hundreds of MB) and removing the
     // working folder run off the async threads, which other stages' requests need.
     let tracker = Arc::clone(&sh.tracker);
-    let tracked: Vec<&str> = stage.kind.descriptor().tracked_files.to_vec();
+    let tracked = stage.kind.descriptor().tracked_files;
     let register = sh
         .pipeline
         .tracking
@@ -1233,27 +1233,14 @@ fn model_card(p: &Pipeline, stage: &crate::pipeline::Stage, m: &Manifest) -> Str
     card
 }
 
-/// An artifact's files in the local cache, downloaded and verified on first use. Inputs are
-/// shared between stages and runs: stages must treat them as read-only (a change is caught
-/// on the next use, see [`materialize_in`]).
-async fn materialize(sh: &Shared, m: &Manifest) -> Result<PathBuf, StoreError> {
-    materialize_in(&sh.store, &sh.artifact_cache, m).await
-}
-
-/// As [`materialize`], with the stamp of the folder as it was handed out, which a stage's
-/// inputs are checked against once it has run.
-async fn materialize_stamped(sh: &Shared, m: &Manifest) -> Result<(PathBuf, String), StoreError> {
+/// An artifact's files in the local cache, downloaded and verified on first use, with the
+/// stamp of the folder as it was handed out. Inputs are shared between stages and runs:
+/// stages must treat them as read-only (see [`materialize_stamped_in`]).
+async fn materialize(sh: &Shared, m: &Manifest) -> Result<(PathBuf, String), StoreError> {
     materialize_stamped_in(&sh.store, &sh.artifact_cache, m).await
 }
 
 /// `m`'s files under `cache/<digest>/files/`, downloaded and verified unless already there.
-///
-/// Beside `files/` lies `stamp`: each file's size and modification time when it was
-/// written. A stage that wrote into its input (a shell command can), or added a file to it,
-/// changes the stamp or the list of files, and the next use sets the folder aside and
-/// downloads the artifact again, rather than handing the changed files to a stage whose key
-/// names the stored ones. One `stat` per file and a listing, not a hash: reuse stays cheap.
-/// (The files are not made read-only: a `cp` of them would carry the bit into outputs.)
 pub async fn materialize_in(
     store: &Store,
     cache: &Path,
@@ -1264,6 +1251,16 @@ pub async fn materialize_in(
         .map(|(dir, _)| dir)
 }
 
+/// As [`materialize_in`], with the folder's stamp as handed out.
+///
+/// Beside `files/` lies `stamp`: each file's size, modification time and inode when it was
+/// written. A stage that wrote into its input (a shell command can), or added a file to it,
+/// changes the stamp or the list of files: the stage itself fails once it has run (its
+/// inputs are checked against the stamps they were handed out with), and the next use sets
+/// the folder aside and downloads the artifact again, rather than handing the changed files
+/// to a stage whose key names the stored ones. One `stat` per file and a listing, not a
+/// hash: reuse stays cheap. (The files are not made read-only: a `cp` of them would carry
+/// the bit into outputs.)
 async fn materialize_stamped_in(
     store: &Store,
     cache: &Path,
@@ -1360,7 +1357,7 @@ fn inputs_changed_since(given: &[(&str, PathBuf, &Manifest, String)]) -> Vec<Str
         .collect()
 }
 
-/// Each of `m`'s files under `files`: its size and modification time, one line each.
+/// Each of `m`'s files under `files`: its size, modification time and inode, one line each.
 /// `None` when one is missing, of another size, or unreadable, or when `files` holds a file
 /// the manifest does not list.
 fn stamp(files: &Path, m: &Manifest) -> Option<String> {

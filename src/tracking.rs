@@ -537,10 +537,12 @@ const UPLOAD_FROM_MEMORY: u64 = 64 << 20;
 /// memory can be sent again where a proxy redirects the request (307, 308), which a stream
 /// cannot. A larger one (a model) is streamed, so no file needs to fit in memory.
 async fn upload_body(file: &Path) -> std::io::Result<(reqwest::Body, u64)> {
-    let f = tokio::fs::File::open(file).await?;
+    use tokio::io::AsyncReadExt;
+    let mut f = tokio::fs::File::open(file).await?;
     let len = f.metadata().await?.len();
     if len <= UPLOAD_FROM_MEMORY {
-        let bytes = tokio::fs::read(file).await?;
+        let mut bytes = Vec::with_capacity(len as usize);
+        f.read_to_end(&mut bytes).await?;
         let len = bytes.len() as u64;
         return Ok((reqwest::Body::from(bytes), len));
     }

@@ -532,23 +532,24 @@ fn signal_group(pgid: i32, sig: i32) {
 /// every depth: with `outputs: [d/a]`, a `d/junk` beside it is not part of the artifact.
 fn keep_declared_outputs(out: &Path, declared: &[String]) -> Result<(), StageError> {
     for rel in declared {
-        let linked_to_nothing = !out.join(rel).exists() && out.join(rel).symlink_metadata().is_ok();
-        if linked_to_nothing {
+        let path = out.join(rel);
+        let exists = path.exists();
+        if !exists && path.symlink_metadata().is_ok() {
             return Err(StageError::Failed(format!(
                 "declared output `{rel}` is a link to nothing ({}): an artifact holds files, so link to one, or write it there",
-                std::fs::read_link(out.join(rel))
+                std::fs::read_link(&path)
                     .map(|t| format!("it points to {}", t.display()))
                     .unwrap_or_else(|_| "its target cannot be read".into())
             )));
         }
-        if !out.join(rel).exists() {
+        if !exists {
             return Err(StageError::Failed(format!(
                 "the command succeeded but did not write its declared output `{rel}` (paths are relative to $OUT, the working directory)"
             )));
         }
         // The artifact holds files: a folder with none would be stored as nothing at all, and
         // the stage below would not find it.
-        if out.join(rel).is_dir() && !holds_a_file(&out.join(rel)) {
+        if path.is_dir() && !holds_a_file(&path) {
             return Err(StageError::Failed(format!(
                 "declared output `{rel}` is a folder with no files in it, which an artifact cannot hold (it stores files): write a file into it"
             )));
