@@ -565,8 +565,15 @@ fn is_blank(line: &str) -> bool {
 /// blank: a fortune may quote a dash line of its own just above its attribution ("-- he hates
 /// all creative people equally." then "-- Robert Heinlein"), and a dash line above a blank
 /// one starts the text's own paragraph. The first line is never one.
+///
+/// Further up, to the seventh line from the end, only an indented dash line whose wrap lies
+/// deeper than it ("\t\t-- Ford Frick, National League President, reacting to a" above three
+/// "\t\t   ..." lines; 7 records in Debian's files): lines at its own depth below it are
+/// the text's (a quoted list of "\t\t-- " sources), and so are lines at the margin.
 fn attribution_line<'a>(lines: &[&'a str], end: usize) -> Option<(usize, &'a str, bool)> {
-    for i in (end.saturating_sub(2)..=end).rev() {
+    const NEAR: usize = 3;
+    const WRAPPED: usize = 7;
+    for i in (end.saturating_sub(WRAPPED - 1)..=end).rev() {
         let line = lines[i];
         if is_blank(line) {
             return None;
@@ -578,6 +585,9 @@ fn attribution_line<'a>(lines: &[&'a str], end: usize) -> Option<(usize, &'a str
             .strip_prefix("--")
             .or_else(|| t.strip_prefix(['—', '―']).filter(|_| indented));
         if let Some(rest) = rest {
+            if end - i >= NEAR && !wraps_deeper(lines, i, end) {
+                return None;
+            }
             // A dash line at the margin right below another is a list's last item
             // ("-- a platitude" under "-- another"), not an attribution.
             let listed = !indented && i > 0 && lines[i - 1].starts_with("--");
@@ -585,6 +595,18 @@ fn attribution_line<'a>(lines: &[&'a str], end: usize) -> Option<(usize, &'a str
         }
     }
     None
+}
+
+/// Whether every line below the indented dash line `lines[i]`, to `lines[end]`, is indented
+/// deeper than it, up to an editor's note (a line opening with `[` no deeper than the dash),
+/// which ends the wrap as in [`split_attribution`].
+fn wraps_deeper(lines: &[&str], i: usize, end: usize) -> bool {
+    let depth = indent(lines[i]);
+    depth > 0
+        && lines[i + 1..=end]
+            .iter()
+            .take_while(|l| !(l.trim_start().starts_with('[') && indent(l) <= depth))
+            .all(|l| indent(l) > depth)
 }
 
 /// The author named by an attribution line's `rest` and the lines it wraps onto; the dash
@@ -624,7 +646,9 @@ pub fn parse_author(attribution: &str) -> Option<String> {
         while words.last().is_some_and(small) {
             words.pop();
         }
-        if words.is_empty() || !name_like(&words.join(" ")) {
+        // Nor does an article left alone: `The concluding paragraph of "Constitutional Law"`.
+        let article = matches!(words[..], ["The" | "A" | "An"]);
+        if words.is_empty() || article || !name_like(&words.join(" ")) {
             return None;
         }
     }
@@ -969,6 +993,10 @@ mod tests {
         assert_eq!((t.as_str(), a), ("Шутка.", None));
         assert_eq!(parse_author("-- from \"The Hobbit\""), None);
         assert_eq!(
+            parse_author("-- The concluding paragraph of \"Constitutional Law\""),
+            None
+        );
+        assert_eq!(
             parse_author("-- Oscar Wilde in \"The Critic as Artist\"").as_deref(),
             Some("Oscar Wilde")
         );
@@ -1027,6 +1055,25 @@ mod tests {
             (t.as_str(), a.as_deref()),
             ("Quote.", Some("Lars Wirzenius"))
         );
+        // An attribution wrapping over more lines than two, each deeper than its dash line.
+        let (t, a) = split_attribution(
+            "There's no justice in this world.\n\t\t-- Frank Costello, on the prosecution of\n\t\t   \"Lucky\" Luciano by New York district attorney\n\t\t   Thomas Dewey after Luciano had saved Dewey\n\t\t   from assassination by Dutch Schultz\n",
+        );
+        assert_eq!(
+            (t.as_str(), a.as_deref()),
+            ("There's no justice in this world.", Some("Frank Costello"))
+        );
+        // ... and up to an editor's note, which stays in the text.
+        let (t, a) = split_attribution(
+            "That side was made for you and me.\n\t\t-- Woody Guthrie, \"This Land\"\n\t[If you ever wondered why Arlo was\n\t so anti-establishment, the answer\n\t is in the other verses]\n",
+        );
+        assert_eq!(
+            (t.as_str(), a.as_deref()),
+            ("That side was made for you and me.\n\n\t[If you ever wondered why Arlo was\n\t so anti-establishment, the answer\n\t is in the other verses]", Some("Woody Guthrie"))
+        );
+        // Lines at the dash line's own depth below it are the text's: a list of sources.
+        let sources = "Stealing is easier.\n\t\t-- R. Emerson\n\t\t-- Quoted from a fortune cookie program\n\t\t(whose author claims it is)\n\t\t[to which I reply, \"You think it's\n\t\teasy for me?\"  Ed.]\n";
+        assert_eq!(split_attribution(sources), (sources.to_string(), None));
         // The last item of a list of dash lines at the margin is the list's, not an author.
         let list = "Platitudes:\n-- Look before you leap.\n-- He who hesitates is lost.\n";
         assert_eq!(split_attribution(list), (list.to_string(), None));

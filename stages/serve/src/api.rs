@@ -429,7 +429,10 @@ fn parse<T: DeserializeOwned>(
     let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
+        // `1e400` is well-formed JSON that serde_json files under syntax: its value, not the
+        // body, is at fault, so it is answered as any other bad value, naming the field.
+        let out_of_range = inner.to_string().starts_with("number out of range");
+        if (inner.is_syntax() || inner.is_eof()) && !(out_of_range && path != ".") {
             not_json(inner)
         } else {
             ApiError::validation(&error_field(&path, &inner), inner.to_string()).flavour(f)
@@ -1821,6 +1824,19 @@ mod tests {
         assert!(e.message.contains("line 1 column 16"), "{}", e.message);
         let e = parse_error::<GenerateRequest>(r#"{"inputs": "a""#, Flavour::Tgi);
         assert_eq!(e.field.as_deref(), Some("body"));
+        // Well-formed, but no f64 holds it: the field's value is at fault.
+        let e = parse_error::<GenerateRequest>(
+            r#"{"inputs": "a", "parameters": {"temperature": 1e400}}"#,
+            Flavour::Tgi,
+        );
+        assert_eq!(
+            (e.status, e.field.as_deref()),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Some("parameters.temperature")
+            )
+        );
+        assert!(e.message.contains("out of range"), "{}", e.message);
     }
 
     #[test]
