@@ -973,9 +973,9 @@ async fn produce(
         }
         Err(join) => return Err(StageFailure::Failed(format!("the stage crashed: {join}"))),
     };
-    if sh.cancel.is_cancelled() {
-        return Err(StageFailure::Cancelled);
-    }
+    // A stage that returned its output finished its work, even where Ctrl-C came as it did
+    // (a stage stopped short says `Cancelled`): it is stored, as finished stages are, and not
+    // thrown away to be redone. Storing does not wait on anything a cancellation ends.
     // The files the key names were hashed when the stage was planned, and the stage read
     // them since (perhaps long after, behind a `--jobs` queue): an output made from other
     // bytes must not be stored under that key, where a later run would take it as theirs.

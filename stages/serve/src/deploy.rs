@@ -312,6 +312,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     ctx.events.log(&format!(
         "smoke-testing `{name}` on a loopback server (CPU)"
     ));
+    wait_for_left_behind(&ctx.cancel, &|m| ctx.events.log(m))?;
     let dir = out_model.clone();
     let prompt = p.smoke_prompt.clone();
     let cancel = ctx.cancel.clone();
@@ -330,6 +331,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     // it sees the cancellation too.
     while !smoke.is_finished() {
         if ctx.cancel.is_cancelled() {
+            left_behind().push(smoke);
             return Err(StageError::Cancelled);
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -365,6 +367,40 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         .metadata
         .insert("url".into(), format!("http://{}:{}", p.host, p.port).into());
     Ok(output)
+}
+
+type SmokeThread = std::thread::JoinHandle<Result<Value, String>>;
+
+/// Smoke tests whose stage was cancelled while their model loaded: each ends once loaded.
+fn left_behind() -> std::sync::MutexGuard<'static, Vec<SmokeThread>> {
+    static LEFT_BEHIND: std::sync::Mutex<Vec<SmokeThread>> = std::sync::Mutex::new(Vec::new());
+    LEFT_BEHIND.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Waits until the smoke tests left behind by cancelled deploys have ended: a retry after
+/// a `timeout` would otherwise load a second copy of the model beside the first. `log`
+/// says why the stage waits; a cancellation of this stage ends the wait.
+fn wait_for_left_behind(
+    cancel: &orchestrate_stage::CancelToken,
+    log: &dyn Fn(&str),
+) -> Result<(), StageError> {
+    let mut told = false;
+    loop {
+        let mut threads = left_behind();
+        threads.retain(|t| !t.is_finished());
+        if threads.is_empty() {
+            return Ok(());
+        }
+        drop(threads);
+        if cancel.is_cancelled() {
+            return Err(StageError::Cancelled);
+        }
+        if !told {
+            log("waiting for a cancelled smoke test to finish loading its model and stop");
+            told = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// How long one smoke-test request may take: a model that does not answer in this is not
@@ -626,6 +662,43 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(smoke["generated_tokens"], 3, "{smoke}");
+    }
+
+    /// A deploy waits for the smoke tests cancelled deploys left loading, and its own
+    /// cancellation ends the wait.
+    #[test]
+    fn a_deploy_waits_for_a_smoke_test_left_loading() {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        left_behind().push(std::thread::spawn(move || {
+            let _ = released.recv();
+            Ok(Value::Null)
+        }));
+        let cancel = orchestrate_stage::CancelToken::new();
+        let log = std::sync::Mutex::new(Vec::new());
+        let waiter = std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                wait_for_left_behind(&cancel, &|m| log.lock().unwrap().push(m.to_string()))
+            });
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            // Still waiting: the thread has not ended.
+            assert!(!waiter.is_finished());
+            release.send(()).unwrap();
+            waiter.join().unwrap()
+        });
+        assert!(waiter.is_ok());
+        assert!(log.lock().unwrap()[0].contains("cancelled smoke test"));
+        // Cancelled while another is left loading: the stage ends, the thread stays listed.
+        let (_keep, held) = std::sync::mpsc::channel::<()>();
+        left_behind().push(std::thread::spawn(move || {
+            let _ = held.recv_timeout(std::time::Duration::from_secs(5));
+            Ok(Value::Null)
+        }));
+        cancel.cancel();
+        assert!(matches!(
+            wait_for_left_behind(&cancel, &|_| {}),
+            Err(StageError::Cancelled)
+        ));
+        assert!(!left_behind().is_empty());
     }
 
     /// Ctrl-C (or the stage's timeout) stops the smoke test's checks and its server.

@@ -328,7 +328,9 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
         std::thread::sleep(Duration::from_millis(10));
     }
     flush_lines(ctx, &tail);
-    if ctx.cancel.is_cancelled() {
+    // Stopped by the signal sent above, whatever it exited with (a handler may exit 0 with
+    // its work half done). A command that ended by itself, Ctrl-C or not, finished.
+    if term_sent.is_some() {
         return Err(StageError::Cancelled);
     }
     if !status.success() {
