@@ -1281,9 +1281,9 @@ mod tests {
         let row = |i: usize| Row {
             id: "0123456789abcdef",
             text: &texts[i],
-            lang: if i % 3 == 0 { "ru" } else { "en" },
+            lang: if i.is_multiple_of(3) { "ru" } else { "en" },
             confidence: 1.0,
-            author: (i % 5 == 0).then_some("Ann"),
+            author: i.is_multiple_of(5).then_some("Ann"),
             source: "fortunes",
             split: "train",
         };

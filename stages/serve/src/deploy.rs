@@ -312,7 +312,7 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     ctx.events.log(&format!(
         "smoke-testing `{name}` on a loopback server (CPU)"
     ));
-    wait_for_left_behind(&ctx.cancel, &|m| ctx.events.log(m))?;
+    wait_for_left_behind(ctx.cancel, &|m| ctx.events.log(m))?;
     let dir = out_model.clone();
     let prompt = p.smoke_prompt.clone();
     let cancel = ctx.cancel.clone();
