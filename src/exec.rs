@@ -96,14 +96,7 @@ pub async fn execute(
     let run_id = opts.run_id.clone();
     let tracker = Arc::clone(&opts.tracker);
     let (keyed, mut keyed_rx) = tokio::sync::mpsc::unbounded_channel();
-    // Which store the downloaded copies in the local cache come from: `gc` of another
-    // store leaves them alone (see `gc::tidy_local_cache`).
-    if std::fs::create_dir_all(opts.cache_dir.join("artifacts")).is_ok() {
-        let _ = crate::write_whole(
-            &opts.cache_dir.join("artifacts").join(crate::gc::STORE_MARK),
-            store.identity().as_bytes(),
-        );
-    }
+    crate::gc::mark_local_cache(&opts.cache_dir, &store.identity());
     let shared = Arc::new(Shared {
         pipeline: Arc::clone(&pipeline),
         store: store.clone(),

@@ -26,11 +26,49 @@ pub struct GcReport {
     /// read: what they use is unknown); while there are any, unreferenced blobs and
     /// half-written objects stay.
     pub producing: usize,
+    /// Kept run records that cannot be read even as JSON naming its stages' keys: what they
+    /// use is unknown, so no artifact was deleted.
+    pub unreadable_kept: usize,
     pub dry_run: bool,
     /// The digests of the artifacts kept, whose copies in a local cache stay (see
     /// [`tidy_local_cache`]).
     #[serde(skip)]
     pub kept_digests: HashSet<String>,
+}
+
+/// Adds the keys a run record that stays names to `keep`; where the record cannot be read
+/// even for those, counts it in `unreadable_kept` (and then no artifact is deleted).
+fn keep_what_it_names(
+    keep: &mut HashSet<CacheKey>,
+    report: &mut GcReport,
+    salvaged: &HashMap<String, Option<Vec<CacheKey>>>,
+    id: &str,
+    run: &Option<RunRecord>,
+) {
+    match (run, salvaged.get(id)) {
+        (Some(run), _) => keep.extend(run.keys()),
+        (None, Some(Some(keys))) => keep.extend(keys.iter().cloned()),
+        (None, _) => report.unreadable_kept += 1,
+    }
+}
+
+/// The `key` of each stage a run record names, read as plain JSON: for a record this
+/// version cannot parse (a newer version's in a shared store, one with a field damaged).
+/// None where it is not JSON with a list of stages.
+async fn salvage_keys(store: &Store, id: &str) -> Result<Option<Vec<CacheKey>>, StoreError> {
+    match store.get_run::<serde_json::Value>(id).await {
+        Ok(Some(v)) => Ok(v["stages"].as_array().map(|stages| {
+            stages
+                .iter()
+                .filter_map(|s| s["key"].as_str())
+                .map(|k| CacheKey(k.to_string()))
+                .collect()
+        })),
+        // Deleted meanwhile (another gc): it names nothing any more.
+        Ok(None) => Ok(Some(Vec::new())),
+        Err(e) if e.is_damage() => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Deletes run records beyond the newest `keep_last` (a run going on now stays, however
@@ -76,12 +114,18 @@ pub async fn collect(
     // The keys of stages a run that stays did not finish: their checkpoints may be resumed
     // from (`run --force` trains again under a key whose artifact is stored).
     let mut resumable: HashSet<CacheKey> = HashSet::new();
+    // The keys that records which do not parse as this version's still name (a newer
+    // version's record in a shared store, a damaged one): None where not even those.
+    let mut salvaged: HashMap<String, Option<Vec<CacheKey>>> = HashMap::new();
     for id in store.list_run_ids().await? {
         seen.insert(id.clone());
         let run = match store.get_run::<RunRecord>(&id).await {
             Ok(Some(run)) => Some(run),
             Ok(None) => continue,
-            Err(e) if e.is_damage() => None,
+            Err(e) if e.is_damage() => {
+                salvaged.insert(id.clone(), salvage_keys(store, &id).await?);
+                None
+            }
             Err(e) => return Err(e),
         };
         let ours = match (&run, pipeline) {
@@ -93,14 +137,14 @@ pub async fn collect(
             candidates.push((id, run));
         } else {
             resumable.extend(run.iter().flat_map(unfinished));
-            keep.extend(run.iter().flat_map(RunRecord::keys));
             report.runs_kept += 1;
+            keep_what_it_names(&mut keep, &mut report, &salvaged, &id, &run);
         }
     }
     let split = candidates.len().saturating_sub(keep_last);
     let (old, kept) = candidates.split_at(split);
-    for run in kept.iter().filter_map(|(_, run)| run.as_ref()) {
-        keep.extend(run.keys());
+    for (id, run) in kept {
+        keep_what_it_names(&mut keep, &mut report, &salvaged, id, run);
     }
     report.runs_kept += kept.len();
     // A pinned run's record stays with its pins: without it, `unpin RUN` could not find
@@ -123,7 +167,7 @@ pub async fn collect(
     // (A pinned run's record stays for its pins' sake: only the pinned keys are kept.)
     for (id, run) in &held {
         if in_use(id, run) {
-            keep.extend(run.iter().flat_map(RunRecord::keys));
+            keep_what_it_names(&mut keep, &mut report, &salvaged, id, run);
         }
     }
     report.runs_kept += held.len();
@@ -182,7 +226,7 @@ pub async fn collect(
         }
     }
     for key in unused {
-        if keep.contains(&key) {
+        if keep.contains(&key) || report.unreadable_kept > 0 {
             keep_files_of(store, &key, &mut live_blobs, &mut report.kept_digests).await?;
             kept_keys.insert(key);
             continue;
@@ -273,8 +317,17 @@ pub struct LocalReport {
 }
 
 /// The file in a local cache's `artifacts/` naming the store its copies come from (its
-/// [`Store::identity`]), written by each run.
+/// [`Store::identity`]), written by each run and by `serve STAGE` before it downloads.
 pub const STORE_MARK: &str = "STORE";
+
+/// Notes which store the downloaded copies in the local cache `cache` come from, before one
+/// is downloaded: `gc` of another store leaves them alone (see [`tidy_local_cache`]).
+pub fn mark_local_cache(cache: &Path, store: &str) {
+    let dir = cache.join("artifacts");
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let _ = crate::write_whole(&dir.join(STORE_MARK), store.as_bytes());
+    }
+}
 
 /// Tidies a local cache (`.orchestrate/`) after `gc`: each run's working folders, which a
 /// run that failed or was cancelled keeps (its outputs, for reading), once the run is over

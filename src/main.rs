@@ -918,6 +918,12 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
                     n => format!("; {n} stages are producing now, so unreferenced blobs were kept"),
                 }
             );
+            if r.unreadable_kept > 0 {
+                outln!(
+                    "{dry}{} kept cannot be read (not JSON naming its stages): what it uses is unknown, so no artifact was deleted; `orchestrate fsck` names it",
+                    counted(r.unreadable_kept, "run record")
+                );
+            }
             if local.work_deleted + local.copies_deleted > 0 {
                 outln!(
                     "{dry}local cache: deleted {} of runs over and {} the store no longer keeps ({})",
@@ -1326,6 +1332,7 @@ async fn stored_artifact(
             ),
         ));
     }
+    orchestrate::gc::mark_local_cache(cache, &store.identity());
     Ok(Some((
         orchestrate::exec::materialize_in(store, &cache.join("artifacts"), &m).await?,
         m.digest,
@@ -1368,8 +1375,12 @@ async fn stage_artifact(
 ) -> Result<(PathBuf, String), Failure> {
     let ids = store.list_run_ids().await?;
     for id in ids.iter().rev() {
-        let Some(record) = store.get_run::<RunRecord>(id).await? else {
-            continue;
+        // A damaged record, or a newer version's, is passed over, as `show last` does.
+        let record = match store.get_run::<RunRecord>(id).await {
+            Ok(Some(record)) => record,
+            Ok(None) => continue,
+            Err(e) if e.is_damage() => continue,
+            Err(e) => return Err(e.into()),
         };
         if pipeline.is_some_and(|p| p != record.pipeline) {
             continue;
@@ -2057,6 +2068,14 @@ async fn keys_for(
     let id = match resolve_run(store, run_or_key, pipeline).await {
         Ok(id) => id,
         Err(e) => {
+            // Run ids begin with their date, all hex digits: `20261207` is several runs'
+            // prefix before it is a key's, and is answered so where no key begins with it.
+            let runs_matched = store
+                .list_run_ids()
+                .await?
+                .iter()
+                .filter(|id| id.starts_with(run_or_key))
+                .count();
             // Pins whose run record is gone (a store from before gc kept pinned runs'
             // records) are still that run's to remove.
             let held: Vec<_> = store
@@ -2071,7 +2090,7 @@ async fn keys_for(
             }
             // A cache key's first characters, as `show` and `plan --json` print keys.
             let hex = run_or_key.len() >= 8
-                && run_or_key.len() < 64
+                && run_or_key.len() <= 64
                 && run_or_key.bytes().all(|b| b.is_ascii_hexdigit());
             if !hex {
                 return Err(e);
@@ -2085,6 +2104,7 @@ async fn keys_for(
                 .collect();
             return match keys.as_slice() {
                 [key] => Ok((key.0.clone(), keys.clone())),
+                [] if runs_matched > 1 => Err(e),
                 [] => Err(Failure::new(
                     2,
                     format!("error: no run and no stored artifact whose cache key begins `{run_or_key}`; `orchestrate runs` lists runs, `orchestrate show RUN` their stages' keys"),
@@ -2102,12 +2122,21 @@ async fn keys_for(
         .ok_or_else(|| Failure::new(2, format!("error: no run `{id}`")))?;
     // The artifacts the run produced or used: a stage that failed, or that the run never
     // reached, has a key but nothing under it, and pinning it would pin whatever a later
-    // run stores there.
-    let keys = record
-        .stages
-        .iter()
-        .filter(|s| matches!(s.status, StageStatus::Ran | StageStatus::Cached))
-        .filter_map(|s| s.key.clone())
-        .collect();
+    // run stores there. Stages left out (`--only model`) whose artifacts were stored are
+    // what the selected ones read: kept too, while they are still stored.
+    let mut keys = Vec::new();
+    for s in &record.stages {
+        let used = match s.status {
+            StageStatus::Ran | StageStatus::Cached => true,
+            StageStatus::NotSelected => match (&s.key, &s.artifact) {
+                (Some(key), Some(_)) => store.manifest(key).await?.is_some(),
+                _ => false,
+            },
+            _ => false,
+        };
+        if used {
+            keys.extend(s.key.clone());
+        }
+    }
     Ok((id, keys))
 }

@@ -734,6 +734,50 @@ fn gc_passes_over_an_unreadable_run_record() {
     assert!(!record.exists(), "collected by age");
 }
 
+/// A kept run record this version cannot parse (a newer version's, in a shared store) keeps
+/// what its stages name, read as plain JSON; one that names no stages keeps every artifact.
+#[test]
+fn gc_keeps_what_a_kept_record_it_cannot_parse_names() {
+    let sb = diamond("0");
+    let ids = run_greetings(&sb, &["one", "two"]);
+    let manifests = sb.manifests();
+    let record = sb.path().join(format!("store/runs/{}.json", ids[1]));
+    let newer = std::fs::read_to_string(&record)
+        .unwrap()
+        .replace("\"succeeded\"", "\"partial\"");
+    assert!(newer.contains("partial"), "{newer}");
+    std::fs::write(&record, newer).unwrap();
+    let gc = |keep: &str| {
+        let r = sb.run(&[
+            "gc",
+            "--store",
+            "file://store",
+            "--keep-last",
+            keep,
+            "--grace",
+            "0",
+        ]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        r.stdout
+    };
+    // The first run's own artifacts go; the second's, named by the record, stay.
+    let out = gc("1");
+    assert!(out.contains("deleted 1 run"), "{out}");
+    assert!(sb.manifests() < manifests, "{out}");
+    let left = sb.manifests();
+    let plan = sb.run(&["plan", "p.yaml", "--set", "params.greeting=two"]);
+    assert!(
+        plan.stdout.contains("4 cached, 0 will run"),
+        "{}",
+        plan.stdout
+    );
+    // Not even a list of stages: what it uses is unknown, so nothing goes.
+    std::fs::write(&record, "{\"id\": 1}").unwrap();
+    let out = gc("1");
+    assert!(out.contains("what it uses is unknown"), "{out}");
+    assert_eq!(sb.manifests(), left, "{out}");
+}
+
 /// Damaged records beside the artifacts (a run record, a history entry) stop neither `runs`
 /// nor a run; `fsck` names them and `fsck --repair` removes them.
 #[test]

@@ -511,8 +511,15 @@ pub fn gate(g: &Gate, reports: &[VariantReport], baseline: usize) -> Result<(), 
             }
             let base_ppl = base.languages.get(lang).map(|b| b.perplexity);
             if let (Some(max), Some(base_ppl)) = (g.max_ppl_increase, base_ppl) {
+                // As pooled (above): an infinite baseline would pass every variant.
+                if !base_ppl.is_finite() {
+                    return Err(StageError::Gate(format!(
+                        "baseline `{}`: perplexity {base_ppl} on language `{lang}` is not finite, so max_ppl_increase has nothing to compare with there",
+                        base.name
+                    )));
+                }
                 let increase = scores.perplexity / base_ppl - 1.0;
-                if i != baseline && base_ppl.is_finite() && !(increase <= max) {
+                if i != baseline && !(increase <= max) {
                     return fail(
                         "ppl_increase",
                         increase,
@@ -605,9 +612,19 @@ fn evaluate_model<B: Backend>(
                 }
             })
             .collect();
-        let outs = generate::generate(&lm.model, specials, &gen_rows, device, |_, _| {
-            Next::Continue
-        });
+        // At most `MAX_BATCH` rows at once, as `batch` is bounded: each holds its cache of
+        // keys and values while it generates, and `prompts` has no bound of its own.
+        let mut outs = Vec::with_capacity(gen_rows.len());
+        for rows in gen_rows.chunks(MAX_BATCH) {
+            ctx.checkpoint()?;
+            outs.extend(generate::generate(
+                &lm.model,
+                specials,
+                rows,
+                device,
+                |_, _| Next::Continue,
+            ));
+        }
         let mut chrf_lang = ChrfStats::default();
         for (e, (ids, _)) in prompts.iter().zip(&outs) {
             let k = e.ids.len() / 2;
@@ -1077,6 +1094,22 @@ mod tests {
         let e = gate(&relative, &variants, 0).unwrap_err().to_string();
         assert!(
             e.contains("baseline `model`") && e.contains("not finite"),
+            "{e}"
+        );
+        // So in one language, the pooled perplexity finite: `ru` is not passed over.
+        let mut model = report("model", 30.0, 50.0);
+        let mut int8 = report("int8", 31.0, 50.0);
+        for (r, ru) in [(&mut model, f64::INFINITY), (&mut int8, 1e9)] {
+            let scores = |perplexity| LangScores {
+                perplexity,
+                ..LangScores::default()
+            };
+            r.languages.insert("en".into(), scores(20.0));
+            r.languages.insert("ru".into(), scores(ru));
+        }
+        let e = gate(&relative, &[model, int8], 0).unwrap_err().to_string();
+        assert!(
+            e.contains("baseline `model`") && e.contains("language `ru` is not finite"),
             "{e}"
         );
     }

@@ -115,6 +115,17 @@ pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<LoadedModel<B>
         };
         (model, file_len(&path), loaded.stored_bytes, kept)
     } else {
+        // burn's record holds f32 weights only: a card claiming another scheme would report
+        // and gate this model as what it is not.
+        if card.quantization != Scheme::Fp32 {
+            return Err(fail(
+                dir,
+                format!(
+                    "{CARD} says {} but the artifact holds no {SAFETENSORS}, only fp32 {BURN_WEIGHTS}",
+                    card.quantization.as_str()
+                ),
+            ));
+        }
         let path = dir.join(BURN_WEIGHTS);
         let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
         // The record's tensors replace the config's whatever their shapes: compared after.

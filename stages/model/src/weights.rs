@@ -493,6 +493,16 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
                 ))
             }
         };
+        // `quantize` writes none (it refuses a non-finite weight): one here is damage, or
+        // another tool's rewrite, and would make every output of the model NaN.
+        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+            return Err(format!(
+                "{}: tensor {i} ({}) holds {} at index {at}, not a finite weight",
+                path.display(),
+                name(i),
+                values[at]
+            ));
+        }
         tensors.push(HostTensor { shape, values });
     }
     Ok(Loaded {
@@ -617,6 +627,55 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// A file another tool rewrote, or damaged, with a weight or an int8 scale not finite.
+    #[test]
+    fn a_weight_that_is_not_finite_is_refused_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |file: &str, scheme: &str, tensors: Vec<(String, TensorView<'_>)>| {
+            let header = serde_json::json!({
+                "format": "orchestrate-weights",
+                "scheme": scheme,
+                "block": 2,
+                "tensors": 1,
+            });
+            let meta = HashMap::from([(META_KEY.to_string(), header.to_string())]);
+            let path = dir.path().join(file);
+            std::fs::write(&path, safetensors::serialize(tensors, Some(meta)).unwrap()).unwrap();
+            path
+        };
+        let values: Vec<u8> = [0.5f32, f32::NAN, 1.0, 2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let view = TensorView::new(Dtype::F32, vec![4], &values).unwrap();
+        let e = load(&write("nan.safetensors", "fp32", vec![(name(0), view)]))
+            .err()
+            .expect("a NaN weight loads");
+        assert!(
+            e.contains("tensor 0") && e.contains("NaN at index 1"),
+            "{e}"
+        );
+        let codes = [1u8, 2, 3, 4];
+        let scales: Vec<u8> = [0.1f32, f32::INFINITY]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let tensors = vec![
+            (
+                name(0),
+                TensorView::new(Dtype::I8, vec![4], &codes).unwrap(),
+            ),
+            (
+                format!("{}.scale", name(0)),
+                TensorView::new(Dtype::F32, vec![2], &scales).unwrap(),
+            ),
+        ];
+        let e = load(&write("inf.safetensors", "int8", tensors))
+            .err()
+            .expect("an infinite scale loads");
+        assert!(e.contains("inf at index 2"), "{e}");
     }
 
     #[test]
