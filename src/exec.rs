@@ -552,6 +552,7 @@ async fn run_stage(
         host: hostname(),
         pid: std::process::id(),
         pid_ns: crate::store::pid_namespace(),
+        boot_id: crate::store::boot_id(),
         expires_at: unix_now() + lock_lease().as_secs(),
     };
     match acquire(sh, &key, &lock, forced, &mut permit).await {

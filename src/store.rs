@@ -29,6 +29,14 @@ use crate::key::{CacheKey, CacheKeyParts};
 /// Blobs above this size are uploaded in parts.
 const MULTIPART_THRESHOLD: u64 = 32 * 1024 * 1024;
 const PART_SIZE: usize = 8 * 1024 * 1024;
+/// S3 takes at most 10,000 parts to an upload: 8 MiB parts end at 78 GiB.
+const MAX_PARTS: u64 = 9_000;
+
+/// The part size for a blob of `size` bytes: 8 MiB, larger where that would take more than
+/// `MAX_PARTS` parts (a file that grows while it is read keeps a margin below S3's limit).
+fn part_size(size: u64) -> usize {
+    (PART_SIZE as u64).max(size.div_ceil(MAX_PARTS)) as usize
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -214,18 +222,26 @@ pub struct LockInfo {
     /// and a PID means something only within its namespace.
     #[serde(default)]
     pub pid_ns: String,
+    /// The holder's boot (`/proc/sys/kernel/random/boot_id`): every host outside a container
+    /// has the same PID namespace, and two CI machines may share a host name (`runner`), so
+    /// only a lock from this very boot is judged by whether its PID still runs here.
+    #[serde(default)]
+    pub boot_id: String,
     /// Unix seconds.
     pub expires_at: u64,
 }
 
 impl LockInfo {
     /// A lock is stale after its lease, or at once when its holder ran on this host, in this
-    /// PID namespace, and is gone.
+    /// boot and PID namespace, and is gone. (A lock from a version that did not record its
+    /// boot holds until its lease runs out.)
     pub fn is_stale(&self) -> bool {
         if unix_now() > self.expires_at {
             return true;
         }
         self.host == hostname()
+            && !self.boot_id.is_empty()
+            && self.boot_id == boot_id()
             && !self.pid_ns.is_empty()
             && self.pid_ns == pid_namespace()
             && !Path::new(&format!("/proc/{}", self.pid)).exists()
@@ -247,6 +263,13 @@ impl LockInfo {
             &other.pid_ns,
         )
     }
+}
+
+/// This machine's boot, as the kernel names it; empty where unknown.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// This process's PID namespace, as `/proc/self/ns/pid` names it; empty where unknown.
@@ -586,7 +609,7 @@ impl Store {
                     .await
                     .map(|_| ())
                     .map_err(Self::backend("write", &path))?,
-                None => self.put_multipart(file, &path, &digest).await?,
+                None => self.put_multipart(file, &path, &digest, size).await?,
             }
         }
         Ok(FileEntry {
@@ -597,20 +620,28 @@ impl Store {
         })
     }
 
-    /// Uploads `file` in parts, and completes the upload only if its bytes hash to `digest`.
-    async fn put_multipart(&self, file: &Path, path: &ObjPath, digest: &str) -> Result<()> {
+    /// Uploads `file` (`size` bytes) in parts, and completes the upload only if its bytes
+    /// hash to `digest`.
+    async fn put_multipart(
+        &self,
+        file: &Path,
+        path: &ObjPath,
+        digest: &str,
+        size: u64,
+    ) -> Result<()> {
         use tokio::io::AsyncReadExt;
         let upload = self
             .inner
             .put_multipart(path)
             .await
             .map_err(Self::backend("start upload of", path))?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let part_size = part_size(size);
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, part_size);
         let result: Result<()> = async {
             let mut f = tokio::fs::File::open(file)
                 .await
                 .map_err(|e| StoreError::io(format!("cannot read {}", file.display()), e))?;
-            let mut buf = vec![0u8; PART_SIZE];
+            let mut buf = vec![0u8; part_size];
             let mut hasher = blake3::Hasher::new();
             loop {
                 let n = f
@@ -665,6 +696,18 @@ impl Store {
             },
             e => Self::backend("read", &path)(e),
         })?;
+        // A manifest whose size for a file is not its blob's is damaged (its own digest
+        // covers the size it says): told so here, where `--repair` sets it aside, rather
+        // than by the size check after materializing, as a failure to write.
+        if result.meta.size != entry.size {
+            return Err(StoreError::Corrupt {
+                path: path.to_string(),
+                file: entry.path.clone(),
+                what: what.to_string(),
+                expected: format!("{} bytes", entry.size),
+                actual: format!("{} bytes", result.meta.size),
+            });
+        }
         let mut tmp_name = dest.as_os_str().to_owned();
         tmp_name.push(format!(".partial-{}", std::process::id()));
         let tmp = PathBuf::from(tmp_name);
@@ -739,7 +782,20 @@ impl Store {
             match self.inner.head(&path).await {
                 Ok(_) => {}
                 Err(object_store::Error::NotFound { .. }) => {
-                    self.put_file(&dir.join(&f.path), &f.path).await?;
+                    // The file changed since its manifest was made (a link whose target was
+                    // rewritten): its new bytes would go under their own digest, and the
+                    // manifest's blob would stay missing.
+                    let put = self.put_file(&dir.join(&f.path), &f.path).await?;
+                    if put.digest != f.digest {
+                        return Err(StoreError::Missing {
+                            path: path.to_string(),
+                            file: f.path.clone(),
+                            what: format!(
+                                "the artifact just stored, whose file has changed since ({} now)",
+                                put.digest
+                            ),
+                        });
+                    }
                 }
                 Err(e) => return Err(Self::backend("check", &path)(e)),
             }
@@ -1038,14 +1094,23 @@ impl Store {
             let Some(found) = self.get_bytes(&path).await? else {
                 continue;
             };
-            // A lock half-written by a killed process reads as garbage: stale.
-            if let Ok(holder) = serde_json::from_slice::<LockInfo>(&found) {
-                // Ours: a create that succeeded, though its reply was lost and it was retried.
-                if holder.same_holder(info) {
-                    return Ok(LockAttempt::Acquired);
+            match serde_json::from_slice::<LockInfo>(&found) {
+                Ok(holder) => {
+                    // Ours: a create that succeeded, though its reply was lost and retried.
+                    if holder.same_holder(info) {
+                        return Ok(LockAttempt::Acquired);
+                    }
+                    if !holder.is_stale() {
+                        return Ok(LockAttempt::HeldBy(holder));
+                    }
                 }
-                if !holder.is_stale() {
-                    return Ok(LockAttempt::HeldBy(holder));
+                // Both backends write a lock whole: one that does not read as ours is
+                // another version's, held for a lease after it was written, as `live_locks`
+                // counts it.
+                Err(_) => {
+                    if let Some(holder) = self.unreadable_lock(&path, info).await? {
+                        return Ok(LockAttempt::HeldBy(holder));
+                    }
                 }
             }
             let marker = Self::takeover_path(key, &found);
@@ -1053,6 +1118,9 @@ impl Store {
                 Ok(()) => *claimed = Some(marker),
                 Err(object_store::Error::AlreadyExists { .. }) => {
                     match self.taken_over_by(&marker).await? {
+                        // Ours: a create that succeeded, though its reply was lost and the
+                        // client retried it (it retries a server error even here).
+                        Some(taker) if taker.same_holder(info) => *claimed = Some(marker),
                         Some(taker) => return Ok(LockAttempt::HeldBy(taker)),
                         None => continue,
                     }
@@ -1069,6 +1137,27 @@ impl Store {
             Some(holder) => Ok(LockAttempt::HeldBy(holder)),
             None => Ok(LockAttempt::HeldBy(info.clone())),
         }
+    }
+
+    /// A lock at `path` that does not read as ours, as a holder to wait on until a lease has
+    /// passed since it was written; None once it has (or it is gone).
+    async fn unreadable_lock(&self, path: &ObjPath, info: &LockInfo) -> Result<Option<LockInfo>> {
+        let written = match self.inner.head(path).await {
+            Ok(meta) => meta.last_modified,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(Self::backend("lock", path)(e)),
+        };
+        let lease = crate::exec::lock_lease().as_secs() as i64;
+        let expires_at = (written.timestamp() + lease).max(0) as u64;
+        Ok((expires_at >= unix_now()).then(|| LockInfo {
+            run_id: "(a lock this version cannot read)".into(),
+            stage: info.stage.clone(),
+            host: "unknown".into(),
+            pid: 0,
+            pid_ns: String::new(),
+            boot_id: String::new(),
+            expires_at,
+        }))
     }
 
     /// Who is taking the lock over, if anyone still is: a waiter waits on it as on a
@@ -1583,6 +1672,13 @@ mod tests {
         assert!(e.contains("is a file: a file:// store is a folder"), "{e}");
     }
 
+    #[test]
+    fn parts_stay_within_s3_s_count() {
+        assert_eq!(part_size(1 << 30), PART_SIZE);
+        let huge = 200u64 << 30;
+        assert!(huge.div_ceil(part_size(huge) as u64) <= MAX_PARTS);
+    }
+
     #[tokio::test]
     async fn lock_is_exclusive_and_stale_locks_are_taken_over() {
         let d = tmp("lock");
@@ -1594,6 +1690,7 @@ mod tests {
             host: hostname(),
             pid: std::process::id(),
             pid_ns: pid_namespace(),
+            boot_id: boot_id(),
             expires_at: unix_now() + 60,
         };
         assert!(matches!(
@@ -1645,6 +1742,33 @@ mod tests {
             store.try_lock(&key, &other).await.unwrap(),
             LockAttempt::HeldBy(_)
         ));
+        store.release_lock(&key, &elsewhere).await;
+        // Nor one from another boot (another machine of the same host name, both outside
+        // any container), nor one from a version that did not record its boot.
+        for boot in ["another boot", ""] {
+            let other_machine = LockInfo {
+                boot_id: boot.into(),
+                ..dead.clone()
+            };
+            assert!(matches!(
+                store.try_lock(&key, &other_machine).await.unwrap(),
+                LockAttempt::Acquired
+            ));
+            assert!(matches!(
+                store.try_lock(&key, &other).await.unwrap(),
+                LockAttempt::HeldBy(_)
+            ));
+            store.release_lock(&key, &other_machine).await;
+        }
+        // A lock that does not read as ours (another version's) holds for a lease.
+        store
+            .inner
+            .put(&Store::lock_path(&key), "{\"holder\": 7}".into())
+            .await
+            .unwrap();
+        assert!(
+            matches!(store.try_lock(&key, &other).await.unwrap(), LockAttempt::HeldBy(h) if h.run_id.contains("cannot read"))
+        );
     }
 
     /// Waiters that find one lock stale at the same moment (its lease ran out for all of
@@ -1662,6 +1786,7 @@ mod tests {
                 host: "elsewhere".into(),
                 pid: 1,
                 pid_ns: String::new(),
+                boot_id: String::new(),
                 expires_at: 0,
             };
             assert!(matches!(
@@ -1679,6 +1804,7 @@ mod tests {
                             host: format!("host{i}"),
                             pid: 1,
                             pid_ns: String::new(),
+                            boot_id: String::new(),
                             expires_at: unix_now() + 60,
                         };
                         barrier.wait().await;
@@ -1704,6 +1830,7 @@ mod tests {
             host: "elsewhere".into(),
             pid: 1,
             pid_ns: String::new(),
+            boot_id: String::new(),
             expires_at: 0,
         };
         store.try_lock(&key, &expired("gone")).await.unwrap();
