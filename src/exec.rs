@@ -28,10 +28,12 @@ use crate::tracking::{flatten_params, SystemSampler, Tracker};
 /// How long a lock holds without renewal. A holder renews it every `LOCK_RENEW`; a renewal
 /// is a read then a write, each of which the store's client may retry for its whole window
 /// (`store::retry_window`, 60 s by default) plus a last request (up to 30 s), and the lease
-/// outlasts that worst case with a margin: 220 s by default. So a slow store does not hand a
-/// live lock to another run. (The read and the write are two calls: another run could slip
-/// between them only after the lease had lapsed; the create-only commit keeps the store
-/// right even then.) A holder that died on this machine is seen at once, its process gone;
+/// outlasts one such renewal with a margin: 220 s by default. A store slow for longer (two
+/// renewals in a row each taking minutes) can let the lease lapse under a live holder: a
+/// waiter then takes the key over and both produce, and the create-only commit keeps the
+/// store right (one artifact stored, the other run reusing it). (The read and the write are
+/// two calls: another run could slip between them only after the lease had lapsed, with the
+/// same outcome.) A holder that died on this machine is seen at once, its process gone;
 /// elsewhere when the lease runs out.
 pub(crate) fn lock_lease() -> Duration {
     LOCK_RENEW + 2 * (crate::store::retry_window() + Duration::from_secs(30)) + LOCK_RENEW
