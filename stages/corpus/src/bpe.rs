@@ -185,7 +185,10 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     let path = ctx.out_dir.join("tokenizer.json");
     tokenizer.save(&path, false).map_err(fail)?;
 
-    // Report on the validation split what the model will see.
+    // Report on the validation split what the model will see: its text split as text, a
+    // record saying `<eos>` in three pieces, as training and serving split it.
+    let mut tokenizer = tokenizer;
+    tokenizer.set_encode_special_tokens(true);
     let unk_id = tokenizer.token_to_id(UNK);
     let mut per_lang: BTreeMap<String, LangReport> = BTreeMap::new();
     let mut unknown = 0u64;
@@ -338,8 +341,14 @@ fn top_authors(shards: &[PathBuf], n: usize) -> Result<Vec<(String, u64)>, Stage
     spellings.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     let mut authors: Vec<(String, u64)> = Vec::new();
     let mut by_key: HashMap<String, usize> = HashMap::new();
+    // A corpus author written `other` (or `Other`) is not the generic token's: it would
+    // take a second `<author:other>`, or a request asking for `other` would reach it.
+    let other: String = author_key("other").collect();
     for (name, count) in spellings {
         let key: String = author_key(&name).collect();
+        if key == other {
+            continue;
+        }
         match by_key.get(&key) {
             Some(&at) => authors[at].1 += count,
             None => {

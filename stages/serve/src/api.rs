@@ -677,7 +677,11 @@ impl AppState {
                     format!("unknown language `{lang}`; this model knows {known:?}"),
                 ));
             }
-            None => guess_lang(prompt).to_string(),
+            None => match guess_lang(prompt) {
+                // A model trained without such records may lack the token: English, then.
+                "other" if !m.card.specials.langs.contains_key("other") => "en".to_string(),
+                guess => guess.to_string(),
+            },
         };
         // A full queue refuses before the tokenizer runs, not after: under overload every
         // refused request would otherwise still pay for its prompt's tokens (up to the body
@@ -774,7 +778,13 @@ impl AppState {
                 max_new_tokens: max_new as usize,
                 ignore_eos: p.ignore_eos,
             },
-            stop: p.stop.clone(),
+            // In NFC, as prompts are and as the model learned its text: a stop typed
+            // decomposed (macOS's `cafe\u{301}`) would never match what it writes.
+            stop: p
+                .stop
+                .iter()
+                .map(|s| orchestrate_model::artifact::prompt_text(s).into_owned())
+                .collect(),
             warnings,
             seed,
         })
@@ -818,15 +828,23 @@ impl AppState {
     }
 }
 
-/// Cyrillic letters mean Russian; anything else is taken as English. The caller can say.
+/// Cyrillic letters mean Russian, Latin ones English; letters of neither (`你好`, `Γειά`)
+/// the corpus's `other`; no letters at all (`12345`) English. The caller can say.
 fn guess_lang(text: &str) -> &'static str {
-    let cyr = text
-        .chars()
-        .filter(|c| matches!(c, 'а'..='я' | 'А'..='Я' | 'ё' | 'Ё'))
-        .count();
-    let latin = text.chars().filter(|c| c.is_ascii_alphabetic()).count();
+    let (mut cyr, mut latin, mut others) = (0, 0, 0);
+    for c in text.chars() {
+        if matches!(c, 'а'..='я' | 'А'..='Я' | 'ё' | 'Ё') {
+            cyr += 1;
+        } else if c.is_ascii_alphabetic() {
+            latin += 1;
+        } else if c.is_alphabetic() {
+            others += 1;
+        }
+    }
     if cyr > latin {
         "ru"
+    } else if latin == 0 && others > 0 {
+        "other"
     } else {
         "en"
     }
@@ -1837,6 +1855,16 @@ mod tests {
             )
         );
         assert!(e.message.contains("out of range"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_prompt_s_language_is_guessed_from_its_letters() {
+        assert_eq!(guess_lang("Аппетит приходит во время еды"), "ru");
+        assert_eq!(guess_lang("It is what it is"), "en");
+        assert_eq!(guess_lang("12345"), "en");
+        assert_eq!(guess_lang("你好世界"), "other");
+        assert_eq!(guess_lang("Γειά σου"), "other");
+        assert_eq!(guess_lang("Hello 你好世界"), "en");
     }
 
     #[test]

@@ -96,6 +96,13 @@ impl Engine {
                 model: lm.model.clone(),
                 tokenizer: lm.tokenizer.clone(),
                 specials: lm.card.specials.clone(),
+                special_ids: lm
+                    .tokenizer
+                    .get_added_tokens_decoder()
+                    .into_iter()
+                    .filter(|(_, t)| t.special)
+                    .map(|(id, _)| id)
+                    .collect(),
             };
             let (device, rx, waiting, metrics) =
                 (device.clone(), rx.clone(), waiting.clone(), metrics.clone());
@@ -167,6 +174,9 @@ struct Decoder<B: Backend> {
     model: Seq2Seq<B>,
     tokenizer: Tokenizer,
     specials: Specials,
+    /// Every control token's id (padding, begin, end, unknown, languages, authors), which
+    /// TGI's stream marks `special` and which decode to no text.
+    special_ids: std::collections::HashSet<u32>,
 }
 
 /// Jobs for an idle worker: the first waiting job, then whatever arrives within 2 ms, up to
@@ -294,9 +304,7 @@ fn run<B: Backend>(
                 } = slot
                     .stream
                     .push(&lm.tokenizer, token.id, &slot.job.stop, last);
-                let special_id = token.id == specials.eos
-                    || token.id == specials.pad
-                    || token.id == specials.bos;
+                let special_id = lm.special_ids.contains(&token.id);
                 let sent = slot.job.events.send(Event::Token {
                     token,
                     text,
