@@ -48,7 +48,13 @@ pub fn mermaid(p: &Pipeline) -> String {
         let s = &p.stages[i];
         for b in &s.inputs {
             for &u in &b.stages {
-                out.push_str(&format!("  {} -->|{}| {}\n", id(u), b.name, id(i)));
+                // Quoted: a shell stage's input may be any YAML key (`a|b`, `x y`).
+                out.push_str(&format!(
+                    "  {} -->|\"{}\"| {}\n",
+                    id(u),
+                    b.name.replace('"', "#quot;"),
+                    id(i)
+                ));
             }
         }
     }

@@ -655,9 +655,10 @@ impl PipelineSpec {
         }
 
         if !v.diags.is_empty() {
-            // In file order; problems without a position (or from --set) first.
+            // Problems without a position first, then the file's in its order, then those of
+            // `--set` values in the order the arguments came.
             v.diags
-                .sort_by_key(|d| d.span.map(|s| (s.source.0 != 0, s.line, s.col)));
+                .sort_by_key(|d| d.span.map(|s| (s.source.0 != 0, s.source.0, s.line, s.col)));
             return Err(Invalid {
                 diags: v.diags,
                 sources: self.sources,
@@ -1096,13 +1097,18 @@ impl Validator {
         let timeout = node.get("timeout").and_then(|n| {
             let parsed = match &n.value {
                 Value::Int(s) if *s > 0 => Some(Duration::from_secs(*s as u64)),
-                Value::Float(s) if *s > 0.0 => Duration::try_from_secs_f64(*s).ok(),
+                // (`1e-10` is above 0 but rounds to no time at all.)
+                Value::Float(s) if *s > 0.0 => Duration::try_from_secs_f64(*s)
+                    .ok()
+                    .filter(|d| !d.is_zero()),
                 Value::Str(s) => parse_duration(s),
                 _ => None,
             };
             if parsed.is_none() {
                 // Zero (or less) is a duration no stage could finish in.
                 let problem = match &n.value {
+                    Value::Float(s) if *s >= 1.0 => "is too large",
+                    Value::Float(s) if *s > 0.0 => "must be at least a nanosecond",
                     Value::Int(_) | Value::Float(_) => "must be above 0",
                     Value::Str(s) if parse_duration_or_zero(s).is_some() => "must be above 0",
                     _ => "is not a duration",
@@ -1262,6 +1268,19 @@ impl Validator {
                         self.diags.push(Diagnostic::new(
                             format!(
                                 "input `{input}` of stage `{stage}` takes one stage, not a list"
+                            ),
+                            *input_span,
+                        ));
+                        ok = false;
+                        continue;
+                    }
+                    // `models: []` binds nothing: the stage would fail once everything above
+                    // it had run.
+                    Some(d) if *is_list && refs.is_empty() && d.required => {
+                        self.diags.push(Diagnostic::new(
+                            format!(
+                                "input `{input}` of stage `{stage}` lists no stage; it needs at least one producing {}",
+                                d.kind
                             ),
                             *input_span,
                         ));

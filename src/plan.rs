@@ -538,11 +538,31 @@ pub async fn dependency_digests(
 /// joined path (the pipeline's folder and the source as written); inside that folder the name
 /// is relative to it, so two checkouts of one repository, on two machines sharing a store,
 /// give the same key. Files outside it (`/usr/share/games/fortunes`) keep their path.
+/// The path is read lexically first (`./extra/f.txt`, `a/../extra/f.txt` and
+/// `extra/f.txt` are one name for the same bytes).
 fn dependency_name(dir: &std::path::Path, f: &str) -> String {
-    match std::path::Path::new(f).strip_prefix(dir) {
+    let lexical = lexically_normal(std::path::Path::new(f));
+    match lexical.strip_prefix(lexically_normal(dir)) {
         Ok(relative) => relative.display().to_string(),
-        Err(_) => f.to_string(),
+        Err(_) => lexical.display().to_string(),
     }
+}
+
+/// `path` without `.` components, and each `..` taking the name before it away (where there
+/// is one: a leading `..` stays).
+fn lexically_normal(path: &std::path::Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out.iter().collect()
 }
 
 /// Why stage `i` must run: its key compared with the nearest key it had before.
@@ -566,4 +586,24 @@ async fn why(
         Some(diff) => diff,
         None => vec!["never run".into()],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dependency_is_named_alike_however_its_path_is_written() {
+        let dir = std::path::Path::new("/work/p");
+        for f in [
+            "/work/p/extra/f.txt",
+            "/work/p/./extra/f.txt",
+            "/work/p/a/../extra/f.txt",
+            "/work/./p/extra/./f.txt",
+        ] {
+            assert_eq!(dependency_name(dir, f), "extra/f.txt", "{f}");
+        }
+        assert_eq!(dependency_name(dir, "/work/p/../q/f.txt"), "/work/q/f.txt");
+        assert_eq!(dependency_name(dir, "../f.txt"), "../f.txt");
+    }
 }

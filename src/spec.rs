@@ -278,6 +278,11 @@ pub fn apply_set(root: &mut Node, arg: &str, sid: SourceId) -> Result<(), Diagno
         } else {
             format!("`{}`", walked.join("."))
         };
+        // A mapping left empty in the file (`params:` with nothing under it) is one that
+        // `--set` may fill, as the file reads it as an empty mapping.
+        if current.value == Value::Null && !walked.is_empty() {
+            current.value = Value::Map(Vec::new());
+        }
         let type_name = current.type_name();
         if matches!(current.value, Value::Map(_)) {
             if i == last {
@@ -586,6 +591,26 @@ fn closing_brace(s: &str) -> Option<usize> {
     None
 }
 
+/// How deep defaults may nest: `${env.A:-${env.B:-x}}` is 1 below its top.
+const MAX_NESTED_DEFAULTS: usize = 16;
+
+/// The deepest `${` nesting in `s`.
+fn nesting(s: &str) -> usize {
+    let (mut depth, mut most) = (0usize, 0usize);
+    let bytes = s.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'{' if i > 0 && bytes[i - 1] == b'$' => {
+                depth += 1;
+                most = most.max(depth);
+            }
+            b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    most
+}
+
 fn find_expr(s: &str) -> Option<usize> {
     match (s.find("${env."), s.find("${params.")) {
         (Some(a), Some(b)) => Some(a.min(b)),
@@ -636,6 +661,16 @@ fn resolve(
         }
         let default = match default {
             Some(d) if d.contains("${env.") || d.contains("${params.") => {
+                // Each level is a call deeper: a file of thousands would end the process
+                // on its stack, not with a diagnostic.
+                if nesting(d) > MAX_NESTED_DEFAULTS {
+                    return Err((
+                        format!(
+                            "the default of `${{env.{name}:-...}}` nests defaults more than {MAX_NESTED_DEFAULTS} deep"
+                        ),
+                        Some("give the innermost default a variable of its own".into()),
+                    ));
+                }
                 match expand(d, env, params)? {
                     Expanded::Whole(v, text) => {
                         let text = text.unwrap_or_else(|| scalar_text(&v));
@@ -843,6 +878,49 @@ mod tests {
         assert_eq!(with.get("extra").unwrap().value, Value::Float(1e-4));
         // Overrides apply before interpolation, so params set on the command line propagate.
         assert_eq!(with.get("n").unwrap().value, Value::Int(9));
+    }
+
+    #[test]
+    fn set_fills_a_mapping_left_empty() {
+        let env = |_: &str| None;
+        let text = "name: t\nparams:\nstages:\n  a:\n    kind: shell\n    with: {run: 'echo ${params.seed}'}\n  b:\n    kind: shell\n    with:\n";
+        let sets = vec!["params.seed=1".to_string(), "b.with.run=ls".to_string()];
+        let s = PipelineSpec::from_text(Path::new("p.yaml"), text, &sets, &env).unwrap();
+        assert!(s.diags.is_empty(), "{:?}", s.diags);
+        let stage = |name: &str| s.root.get("stages").unwrap().get(name).unwrap();
+        let run = |name: &str| {
+            stage(name)
+                .get("with")
+                .unwrap()
+                .get("run")
+                .unwrap()
+                .value
+                .clone()
+        };
+        assert_eq!(run("a"), Value::Str("echo 1".into()));
+        assert_eq!(run("b"), Value::Str("ls".into()));
+    }
+
+    #[test]
+    fn defaults_nested_too_deep_are_refused_not_a_crash() {
+        let env = |_: &str| None;
+        let deep = format!("{}x{}", "${env.U:-".repeat(5000), "}".repeat(5000));
+        let text = format!("name: t\nparams: {{v: '{deep}'}}\nstages: {{}}\n");
+        let s = PipelineSpec::from_text(Path::new("p.yaml"), &text, &[], &env).unwrap();
+        assert_eq!(s.diags.len(), 1);
+        assert!(
+            s.diags[0].message.contains("more than 16 deep") && s.diags[0].message.len() < 200,
+            "{}",
+            &s.diags[0].message[..200.min(s.diags[0].message.len())]
+        );
+        let ok = format!("{}x{}", "${env.U:-".repeat(10), "}".repeat(10));
+        let text = format!("name: t\nparams: {{v: '{ok}'}}\nstages: {{}}\n");
+        let s = PipelineSpec::from_text(Path::new("p.yaml"), &text, &[], &env).unwrap();
+        assert!(s.diags.is_empty(), "{:?}", s.diags);
+        assert_eq!(
+            s.root.get("params").unwrap().get("v").unwrap().value,
+            Value::Str("x".into())
+        );
     }
 
     #[test]

@@ -55,6 +55,10 @@ broken!(
     "edges_beside_bad_params"
 );
 broken!(devices_outside_train_and_a_huge_timeout, "resources");
+// An evaluate stage given no model, an ingest source with an empty path (the pipeline's own
+// folder), and timeouts that round to nothing or overflow.
+#[cfg(feature = "model")]
+broken!(empty_inputs_and_timeouts_out_of_reach, "empty_inputs");
 #[cfg(feature = "corpus")]
 broken!(a_split_that_a_later_stage_needs_is_empty, "empty_split");
 #[cfg(feature = "corpus")]

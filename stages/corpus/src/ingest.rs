@@ -147,6 +147,22 @@ fn canonical(v: serde_json::Value) -> Result<serde_json::Value, ParamError> {
             "at least one source is needed".into(),
         ));
     }
+    // An empty path (`path:` left blank, `${env.CORPUS:-}` unset) names the pipeline's own
+    // folder, whose YAML and scripts would become the corpus.
+    for (i, s) in p.sources.iter().enumerate() {
+        if s.path.trim().is_empty() {
+            problems.push(ParamError {
+                path: vec![
+                    PathSegment::Key("sources".into()),
+                    PathSegment::Index(i),
+                    PathSegment::Key("path".into()),
+                ],
+                problem: ParamProblem::Invalid(
+                    "the path is empty: name a file, a folder or a glob".into(),
+                ),
+            });
+        }
+    }
     for (name, f) in [("val", p.split.val), ("test", p.split.test)] {
         if !(0.0..1.0).contains(&f) {
             problems.push(invalid(
@@ -1573,6 +1589,23 @@ mod tests {
                 10_792_671_679_760_859_956
             ]
         );
+    }
+
+    #[test]
+    fn an_empty_source_path_is_refused() {
+        for path in ["", "  "] {
+            let e = canonical(serde_json::json!({"sources": [{"path": "a.txt"}, {"path": path}]}))
+                .unwrap_err();
+            assert_eq!(
+                e.path,
+                vec![
+                    PathSegment::Key("sources".into()),
+                    PathSegment::Index(1),
+                    PathSegment::Key("path".into())
+                ],
+                "{e}"
+            );
+        }
     }
 
     #[test]
