@@ -422,7 +422,19 @@ impl MarkedEventReceiver for Builder<'_> {
         match ev {
             Event::Scalar(text, style, anchor, tag) => {
                 let len = self.scalar_len(mark, &text, style);
-                let span = self.span(mark, len);
+                let mut span = self.span(mark, len);
+                // A value left empty (`kind:` and nothing after) is marked by the parser where
+                // the next token begins, the line below or past the file's end: shown at its
+                // key's colon instead.
+                if text.is_empty() && style == TScalarStyle::Plain && tag.is_none() {
+                    if let Some(Frame::Map(_, Some(key), ..)) = self.stack.last() {
+                        span = Span {
+                            col: key.span.col + key.span.len,
+                            len: 1,
+                            ..key.span
+                        };
+                    }
+                }
                 let as_text = match tag.as_ref().map(|t| (t.handle.as_str(), t.suffix.as_str())) {
                     // `!!str 2` is the text "2", as YAML says.
                     Some((CORE_TAGS, "str")) => true,

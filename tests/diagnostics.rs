@@ -55,6 +55,8 @@ broken!(
     "edges_beside_bad_params"
 );
 broken!(devices_outside_train_and_a_huge_timeout, "resources");
+// A value left empty is shown at its key, not on the line below or past the file's end.
+broken!(an_empty_value_is_shown_at_its_key, "empty_value");
 // An evaluate stage given no model, an ingest source with an empty path (the pipeline's own
 // folder), and timeouts that round to nothing or overflow.
 #[cfg(feature = "model")]

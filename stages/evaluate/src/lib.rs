@@ -349,12 +349,17 @@ fn evaluate_all(ctx: &StageContext<'_>, p: EvaluateParams) -> Result<StageOutput
     output
         .metadata
         .insert("baseline".into(), reports[baseline].name.clone().into());
-    for r in &reports {
-        output.metadata.insert(
-            r.name.clone(),
-            serde_json::json!({"perplexity": r.perplexity, "chrf": r.chrf, "latency_p95_ms": r.latency_p95_ms, "artifact_bytes": r.artifact_bytes}),
-        );
-    }
+    // Under a key of their own: a model stage may be named `baseline`.
+    let variants: serde_json::Map<String, serde_json::Value> = reports
+        .iter()
+        .map(|r| {
+            (
+                r.name.clone(),
+                serde_json::json!({"perplexity": r.perplexity, "chrf": r.chrf, "latency_p95_ms": r.latency_p95_ms, "artifact_bytes": r.artifact_bytes}),
+            )
+        })
+        .collect();
+    output.metadata.insert("variants".into(), variants.into());
     Ok(output)
 }
 

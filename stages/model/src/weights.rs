@@ -270,6 +270,12 @@ pub fn resident_bytes<B: Backend>(model: &Seq2Seq<B>, int8_block: Option<usize>)
     s.bytes
 }
 
+/// Every float parameter's name (`decoder.layers.0.ff.linear1.weight`), in module order,
+/// as [`export`] lists them.
+pub fn names<B: Backend>(model: &Seq2Seq<B>) -> Vec<String> {
+    shapes(model).into_iter().map(|(name, _)| name).collect()
+}
+
 /// Every float parameter, in module order.
 pub fn export<B: Backend>(model: &Seq2Seq<B>) -> Vec<HostTensor> {
     let mut c = Collect(Vec::new());

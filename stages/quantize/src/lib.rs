@@ -105,7 +105,8 @@ pub fn run(ctx: &StageContext<'_>) -> Result<StageOutput, StageError> {
     }
     ctx.checkpoint()?;
     let tensors = weights::export(&source.model);
-    if let Some(problem) = unrepresentable(&tensors, p.scheme) {
+    let names = weights::names(&source.model);
+    if let Some(problem) = unrepresentable(&tensors, &names, p.scheme) {
         return Err(StageError::Failed(format!(
             "input `model` (stage `{}`): {problem}",
             input.stage
@@ -176,14 +177,19 @@ const BF16_OVERFLOW: f32 = f32::from_bits(0x7F7F_8000);
 /// finite (a diverged training) would otherwise pass silently: int8 turns NaN into code 0,
 /// a finite-looking model, and an infinite value makes its block's scale infinite, the
 /// whole block NaN once loaded. fp16 turns a value beyond ±65504 into an infinity.
-fn unrepresentable(tensors: &[weights::HostTensor], scheme: Scheme) -> Option<String> {
+/// `names` are the tensors' (see [`weights::names`]).
+fn unrepresentable(
+    tensors: &[weights::HostTensor],
+    names: &[String],
+    scheme: Scheme,
+) -> Option<String> {
     for (i, t) in tensors.iter().enumerate() {
         let at = |j: usize, v: f32| {
-            format!(
-                "parameter tensor {i} of {} (shape {:?}) holds {v} at index {j}",
-                tensors.len(),
-                t.shape
-            )
+            let which = match names.get(i) {
+                Some(name) => format!("`{name}`"),
+                None => format!("parameter tensor {i} of {}", tensors.len()),
+            };
+            format!("{which} (shape {:?}) holds {v} at index {j}", t.shape)
         };
         if let Some((j, v)) = t.values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Some(format!(
@@ -240,23 +246,27 @@ mod tests {
     fn weights_a_scheme_cannot_hold_are_refused() {
         let fine = [tensor(vec![0.5, -1.0]), tensor(vec![65504.0, -65519.0])];
         for scheme in [Scheme::Int8, Scheme::Fp16, Scheme::Bf16, Scheme::Dynamic] {
-            assert_eq!(unrepresentable(&fine, scheme), None, "{scheme:?}");
+            assert_eq!(unrepresentable(&fine, &[], scheme), None, "{scheme:?}");
         }
         let big = [tensor(vec![0.5]), tensor(vec![1.0, 1e5])];
-        let e = unrepresentable(&big, Scheme::Fp16).unwrap();
+        let e = unrepresentable(&big, &[], Scheme::Fp16).unwrap();
         assert!(e.contains("tensor 1 of 2") && e.contains("index 1"), "{e}");
         assert!(e.contains("beyond fp16's range"), "{e}");
-        assert_eq!(unrepresentable(&big, Scheme::Bf16), None);
+        // Named as the model names it, where the names are known.
+        let names = ["embed.weight".to_string(), "decoder.norm.bias".to_string()];
+        let e = unrepresentable(&big, &names, Scheme::Fp16).unwrap();
+        assert!(e.contains("`decoder.norm.bias` (shape [2])"), "{e}");
+        assert_eq!(unrepresentable(&big, &[], Scheme::Bf16), None);
         // bf16 holds its largest value, and refuses what would round past it.
         let edge = [tensor(vec![BF16_MAX, -BF16_MAX])];
-        assert_eq!(unrepresentable(&edge, Scheme::Bf16), None);
-        let e = unrepresentable(&[tensor(vec![f32::MAX])], Scheme::Bf16).unwrap();
+        assert_eq!(unrepresentable(&edge, &[], Scheme::Bf16), None);
+        let e = unrepresentable(&[tensor(vec![f32::MAX])], &[], Scheme::Bf16).unwrap();
         assert!(e.contains("beyond bf16's range"), "{e}");
         assert_eq!(half::bf16::from_f32(BF16_MAX).to_f32(), BF16_MAX);
         assert!(half::bf16::from_f32(BF16_OVERFLOW).is_infinite());
         assert!(!half::bf16::from_f32(f32::from_bits(BF16_OVERFLOW.to_bits() - 1)).is_infinite());
         for bad in [f32::NAN, f32::INFINITY] {
-            let e = unrepresentable(&[tensor(vec![1.0, bad])], Scheme::Int8).unwrap();
+            let e = unrepresentable(&[tensor(vec![1.0, bad])], &[], Scheme::Int8).unwrap();
             assert!(e.contains("not finite"), "{e}");
         }
     }
