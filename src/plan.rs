@@ -538,13 +538,16 @@ pub async fn dependency_digests(
 /// joined path (the pipeline's folder and the source as written); inside that folder the name
 /// is relative to it, so two checkouts of one repository, on two machines sharing a store,
 /// give the same key. Files outside it (`/usr/share/games/fortunes`) keep their path.
-/// The path is read lexically first (`./extra/f.txt`, `a/../extra/f.txt` and
-/// `extra/f.txt` are one name for the same bytes).
+/// Below the folder the name is read lexically (`./extra/f.txt`, `a/../extra/f.txt` and
+/// `extra/f.txt` are one name for the same bytes; `../datasets/q.txt` stays as written, the
+/// same in every checkout). A URL is its own name.
 fn dependency_name(dir: &std::path::Path, f: &str) -> String {
-    let lexical = lexically_normal(std::path::Path::new(f));
-    match lexical.strip_prefix(lexically_normal(dir)) {
-        Ok(relative) => relative.display().to_string(),
-        Err(_) => lexical.display().to_string(),
+    if f.contains("://") {
+        return f.to_string();
+    }
+    match std::path::Path::new(f).strip_prefix(dir) {
+        Ok(relative) => lexically_normal(relative).display().to_string(),
+        Err(_) => f.to_string(),
     }
 }
 
@@ -603,7 +606,15 @@ mod tests {
         ] {
             assert_eq!(dependency_name(dir, f), "extra/f.txt", "{f}");
         }
-        assert_eq!(dependency_name(dir, "/work/p/../q/f.txt"), "/work/q/f.txt");
-        assert_eq!(dependency_name(dir, "../f.txt"), "../f.txt");
+        // Outside the folder by `..`: relative still, as in every checkout.
+        assert_eq!(dependency_name(dir, "/work/p/../q/f.txt"), "../q/f.txt");
+        assert_eq!(
+            dependency_name(dir, "/usr/share/games/fortunes/ru"),
+            "/usr/share/games/fortunes/ru"
+        );
+        assert_eq!(
+            dependency_name(dir, "s3://corpus/quotes"),
+            "s3://corpus/quotes"
+        );
     }
 }

@@ -232,11 +232,29 @@ mod tests {
     }
 
     #[test]
-    fn git_commit_reads_this_checkout() {
-        let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-        if here.join(".git").exists() {
-            let c = git_commit(here).expect("a commit");
-            assert_eq!(c.len(), 40, "{c}");
-        }
+    fn git_commit_reads_a_checkout() {
+        // A checkout of its own (this source may be an unpacked archive): HEAD on a branch
+        // whose ref is a loose file, then packed, then detached; read from a folder below.
+        let repo = tempfile::tempdir().unwrap();
+        let git = repo.path().join(".git");
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        std::fs::create_dir_all(git.join("refs/heads")).unwrap();
+        std::fs::create_dir_all(repo.path().join("pipelines")).unwrap();
+        std::fs::write(git.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+        std::fs::write(git.join("refs/heads/main"), format!("{commit}\n")).unwrap();
+        let below = repo.path().join("pipelines");
+        assert_eq!(git_commit(&below).as_deref(), Some(commit));
+        std::fs::remove_file(git.join("refs/heads/main")).unwrap();
+        std::fs::write(
+            git.join("packed-refs"),
+            format!("# pack-refs with: peeled\n{commit} refs/heads/main\n"),
+        )
+        .unwrap();
+        assert_eq!(git_commit(&below).as_deref(), Some(commit));
+        let detached = "89abcdef0123456789abcdef0123456789abcdef";
+        std::fs::write(git.join("HEAD"), format!("{detached}\n")).unwrap();
+        assert_eq!(git_commit(&below).as_deref(), Some(detached));
+        let bare = tempfile::tempdir().unwrap();
+        assert_eq!(git_commit(bare.path()), None);
     }
 }

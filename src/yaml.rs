@@ -596,9 +596,10 @@ mod tests {
         let n = p("top:\n  key: value\n");
         let v = n.get("top").unwrap().get("key").unwrap();
         assert_eq!((v.span.line, v.span.col, v.span.len), (2, 8, 5));
-        if let Value::Map(entries) = &n.get("top").unwrap().value {
-            assert_eq!((entries[0].0.span.line, entries[0].0.span.col), (2, 3));
-        }
+        let Value::Map(entries) = &n.get("top").unwrap().value else {
+            panic!("`top` is a mapping")
+        };
+        assert_eq!((entries[0].0.span.line, entries[0].0.span.col), (2, 3));
     }
 
     #[test]

@@ -382,10 +382,33 @@ stages:
     );
     let first = sb.spawn(&["run", "p.yaml", "--only", "slow"]);
     assert!(sb.wait_for("slow-started", 30));
-    let second = sb.spawn(&["run", "p.yaml", "--jobs", "1"]);
+    let mut second = sb.spawn(&["run", "p.yaml", "--jobs", "1"]);
+    // Its log, read as it comes: `slow` is let go only once the second run waits on it,
+    // else the first could finish in the moment between `quick` and the second's `slow`,
+    // which would then find it stored and never wait.
+    let (waiting_tx, waiting_rx) = std::sync::mpsc::channel();
+    let log = second.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(log).lines().map_while(Result::ok) {
+            if line.contains("stage `slow`: waiting for run") {
+                let _ = waiting_tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let waited = waiting_rx.recv_timeout(std::time::Duration::from_secs(60));
     let quick_first = sb.wait_for("quick-done", 60);
     sb.write("go", "");
-    let second: common::Ran = second.wait_with_output().unwrap().into();
+    let status = second.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    assert!(
+        waited.is_ok(),
+        "the second run never waited on `slow`: {stderr}"
+    );
     assert!(quick_first, "`quick` waited for the other run's `slow`");
     let first = first.wait_with_output().unwrap();
     assert!(
@@ -393,12 +416,7 @@ stages:
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    assert_eq!(second.code, 0, "{}", second.stderr);
-    assert!(
-        second.stderr.contains("stage `slow`: waiting for run"),
-        "{}",
-        second.stderr
-    );
+    assert!(status.success(), "{stderr}");
     let at = |f: &str| sb.read(f).trim().parse::<u128>().unwrap();
     assert!(
         at("quick-done") < at("slow-done"),

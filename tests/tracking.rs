@@ -567,5 +567,8 @@ stages:
     );
     // Once ended, they stay so: another sync adds nothing.
     let again = sb.run(&["sync", "--pipeline", "p.yaml"]);
+    assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
     assert!(!again.stdout.contains("KILLED"), "{}", again.stdout);
+    let runs = search(&mlflow.url, &exp, "");
+    assert_eq!(runs.len(), 2, "{runs:?}");
 }

@@ -161,7 +161,14 @@ fn a_tiny_model_learns_and_a_killed_run_resumes_bit_identically() {
     };
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(checkpoint.ends_with(".json"));
+    assert_eq!(checkpoint, "000000000020.json");
+    // Killed mid-training: corpus and tokenizer stored, no model (a rerun that found one
+    // would be cached, not resumed, and the resumption below would test nothing).
+    assert_eq!(
+        b.manifests(),
+        2,
+        "the kill came after the training had finished"
+    );
     // Resumed on three threads (the first part ran on one): the bytes do not depend on
     // the thread count either, so machines with different core counts sharing a store
     // agree on what a key holds. Nor on when checkpoints are written or validation
@@ -227,6 +234,9 @@ fn bad_configurations_fail_before_training() {
         r.stdout
     );
     assert!(t0.elapsed() < std::time::Duration::from_secs(120));
+    // Refused before a step: no loss logged, no checkpoint written.
+    assert!(losses(&sb).is_empty(), "{:?}", losses(&sb));
+    assert!(!sb.path().join("store/checkpoints").exists());
 
     // Several GPUs for a stage on the CPU: refused by validation, before any stage runs.
     sb.write("p.yaml", &pipeline(40, "devices: [0, 1]"));

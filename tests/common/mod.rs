@@ -56,6 +56,13 @@ impl Sandbox {
             .current_dir(self.path())
             .env_remove("ORCHESTRATE_STORE")
             .env_remove("ORCHESTRATE_CACHE_DIR")
+            // The caller's servers and settings are not the test's: a machine with
+            // `MLFLOW_TRACKING_URI` set would deliver the tests' records there.
+            .env_remove("MLFLOW_TRACKING_URI")
+            .env_remove("ORCHESTRATE_DEVICE")
+            .env_remove("ORCHESTRATE_API_KEY")
+            .env_remove("AWS_ENDPOINT_URL")
+            .env_remove("ORCHESTRATE_STORE_RETRIES")
             .stdin(Stdio::null());
         c
     }

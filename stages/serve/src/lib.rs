@@ -604,6 +604,11 @@ mod tests {
                 assert!(e.message.contains("--device cpu"), "{e}");
             }
         }
+        // Where no GPU can run (a build without CUDA, or no GPU), it is refused.
+        if orchestrate_model::compute::cuda_preflight(0).is_err() {
+            let e = cuda.check().unwrap_err();
+            assert!(e.usage, "{e}");
+        }
         assert!(options().check().is_ok());
     }
 

@@ -900,9 +900,24 @@ mod tests {
             c2.cancel();
         });
         let start = std::time::Instant::now();
-        let p = serde_json::json!({"run": "sleep 30 & sleep 30; wait"});
+        // The background job's pid, written whole (renamed into place) for the test.
+        let p = serde_json::json!({"run": "sleep 30 & echo $! > $PIPELINE_DIR/bg.tmp; mv $PIPELINE_DIR/bg.tmp $PIPELINE_DIR/bg; sleep 30; wait"});
         let err = run_in(&d, p, &cancel).unwrap_err();
         assert!(matches!(err, StageError::Cancelled));
         assert!(start.elapsed() < Duration::from_secs(10));
+        // The background job went with the group: gone, or a zombie nobody reaped yet.
+        let pid = std::fs::read_to_string(d.join("bg")).expect("the job started");
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+                .is_ok_and(|s| !s.contains(") Z "))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !alive(),
+            "the background `sleep 30` outlived the cancelled stage"
+        );
     }
 }
