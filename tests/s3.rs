@@ -136,7 +136,7 @@ stages:
     kind: shell
     inputs: [first]
     with:
-      run: head -c 40000000 /dev/urandom > big.bin; cat $INPUT_FIRST/small.txt > copy.txt; touch $PIPELINE_DIR/big-written; sleep 1
+      run: head -c 40000000 /dev/urandom > big.bin; cat $INPUT_FIRST/small.txt > copy.txt; touch $PIPELINE_DIR/big-written; i=0; until [ -e $PIPELINE_DIR/armed ] || [ $i -ge 1200 ]; do sleep 0.05; i=$((i+1)); done
       outputs: [big.bin, copy.txt]
   last:
     kind: shell
@@ -186,6 +186,8 @@ fn s3_store_survives_a_server_cut_mid_upload() {
         .unwrap();
     assert!(sb.wait_for("big-written", 60));
     proxy.arm(5_000_000);
+    // The stage ends (and its upload starts) only once the cut is armed.
+    sb.write("armed", "");
     let status = child.wait().unwrap();
     let mut stdout = String::new();
     child
@@ -260,7 +262,7 @@ stages:
     kind: shell
     retries: 3
     with:
-      run: echo x >> $PIPELINE_DIR/count-big; head -c 40000000 /dev/urandom > big.bin; touch $PIPELINE_DIR/big-written; sleep 1
+      run: echo x >> $PIPELINE_DIR/count-big; head -c 40000000 /dev/urandom > big.bin; touch $PIPELINE_DIR/big-written; i=0; until [ -e $PIPELINE_DIR/armed ] || [ $i -ge 1200 ]; do sleep 0.05; i=$((i+1)); done
       outputs: [big.bin]
 "#,
     );
@@ -285,6 +287,8 @@ stages:
     });
     assert!(sb.wait_for("big-written", 60));
     proxy.arm(5_000_000);
+    // The stage ends (and its upload starts) only once the cut is armed.
+    sb.write("armed", "");
     let noticed = rx.recv_timeout(Duration::from_secs(90)).is_ok();
     proxy.heal();
     let status = child.wait().unwrap();

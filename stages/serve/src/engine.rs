@@ -363,28 +363,41 @@ fn run<B: Backend>(
 struct Detokenizer {
     prefix: usize,
     read: usize,
+    /// Bytes past the window's `read` text already sent while a character waited for its
+    /// next byte: the whole characters before it go out at once.
+    partial: usize,
 }
 
 impl Detokenizer {
-    /// The text `ids`' last token completes. After the `last` token nothing can complete
-    /// a character still waiting for its bytes: it comes out as U+FFFD, as the whole
-    /// text decodes.
+    /// The text `ids`' last token completes. A character still waiting for its bytes
+    /// waits, but the whole ones before it in the same token do not (a stop sequence
+    /// among them is then seen a token sooner). After the `last` token nothing can
+    /// complete a character: it comes out as U+FFFD, as the whole text decodes.
     fn next(&mut self, tok: &Tokenizer, ids: &[u32], last: bool) -> String {
         let decode = |ids: &[u32]| tok.decode(ids, true).unwrap_or_default();
         let before = decode(&ids[self.prefix..self.read]);
         let now = decode(&ids[self.prefix..]);
-        if now.ends_with('\u{FFFD}') && !last {
-            return String::new(); // a character still incomplete: wait for its next byte
+        if !now.starts_with(&before) {
+            return String::new();
         }
-        match now.get(before.len()..) {
-            Some(piece) if now.starts_with(&before) => {
-                let piece = piece.to_string();
-                self.prefix = self.read;
-                self.read = ids.len();
-                piece
-            }
-            _ => String::new(),
+        let waiting = now.ends_with('\u{FFFD}') && !last;
+        let complete = if waiting {
+            now.trim_end_matches('\u{FFFD}')
+        } else {
+            now.as_str()
+        };
+        let piece = complete
+            .get(before.len() + self.partial..)
+            .unwrap_or_default()
+            .to_string();
+        if waiting {
+            self.partial += piece.len();
+        } else {
+            self.prefix = self.read;
+            self.read = ids.len();
+            self.partial = 0;
         }
+        piece
     }
 }
 
@@ -555,6 +568,30 @@ mod tests {
         // Mid-stream the byte waits for the rest of its character.
         let (sent, _, _) = stream(&[byte(b'a'), byte(0xC3), byte(0xA9)], &[]);
         assert_eq!(sent, ["a", "", "é"]);
+    }
+
+    /// A token that ends inside a character sends the whole ones before it at once, so a
+    /// stop sequence among them ends the stream at that token, not the next.
+    #[test]
+    fn whole_characters_before_an_incomplete_one_go_out_with_their_token() {
+        // One token of `а` (D0 B0) and the first byte of `б` (D0 B1).
+        let tok = crate::testkit::tokenizer_with(&[&[0xD0, 0xB0, 0xD0]]);
+        let split = tok.get_vocab_size(true) as u32 - 1;
+        assert_eq!(tok.decode(&[split], true).unwrap(), "а\u{FFFD}");
+        let tokens = [byte(b'x'), split, byte(0xB1)];
+        let mut s = TextStream::default();
+        let mut pieces = Vec::new();
+        for (i, &id) in tokens.iter().enumerate() {
+            pieces.push(s.push(&tok, id, &[], i + 1 == tokens.len()).piece);
+        }
+        assert_eq!(pieces, ["x", "а", "б"]);
+        assert_eq!(s.text, "xаб");
+        let stops = vec!["а".to_string()];
+        let mut s = TextStream::default();
+        assert!(!s.push(&tok, tokens[0], &stops, false).stopped);
+        let second = s.push(&tok, tokens[1], &stops, false);
+        assert!(second.stopped, "the stop was seen only a token later");
+        assert_eq!(s.text, "x");
     }
 
     fn job() -> Job {

@@ -49,11 +49,22 @@ fn byte_symbol(b: u8) -> char {
 }
 
 pub fn tokenizer() -> Tokenizer {
+    tokenizer_with(&[])
+}
+
+/// [`tokenizer`] with a token for each of `extra`'s byte strings after its own, ids 267
+/// onwards (a token may end inside a character, as byte-level ones do).
+pub fn tokenizer_with(extra: &[&[u8]]) -> Tokenizer {
     let vocab: serde_json::Map<String, Value> = SPECIALS
         .iter()
         .map(|s| s.to_string())
         .chain((0..=255).map(|b| byte_symbol(b).to_string()))
         .chain(["Ġi".to_string(), "Ġis".to_string()])
+        .chain(
+            extra
+                .iter()
+                .map(|bytes| bytes.iter().map(|&b| byte_symbol(b)).collect()),
+        )
         .enumerate()
         .map(|(id, t)| (t, json!(id)))
         .collect();
