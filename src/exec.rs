@@ -503,6 +503,12 @@ async fn run_stage(
     let parts = match computed {
         Ok(p) => p,
         Err(e) => {
+            // As at plan time: a source or store that could not be read is the store's kind
+            // of failure (exit 3), not the stage's.
+            record.store_error = matches!(
+                e,
+                crate::plan::PlanError::SourceUnreachable { .. } | crate::plan::PlanError::Store(_)
+            );
             record.error = Some(e.to_string());
             return finish(record, None);
         }
@@ -716,9 +722,18 @@ async fn acquire(
             LockAttempt::Acquired => {
                 // The previous holder may have committed just before releasing.
                 if !forced {
-                    if let Some(m) = sh.store.manifest(key).await? {
-                        sh.store.release_lock(key, lock).await;
-                        return Ok(Acquired::ProducedElsewhere(Box::new(m)));
+                    // Released on every way out: a read that failed here left the lock held
+                    // for a lease, every waiter on it waiting that long.
+                    match sh.store.manifest(key).await {
+                        Ok(None) => {}
+                        Ok(Some(m)) => {
+                            sh.store.release_lock(key, lock).await;
+                            return Ok(Acquired::ProducedElsewhere(Box::new(m)));
+                        }
+                        Err(e) => {
+                            sh.store.release_lock(key, lock).await;
+                            return Err(e);
+                        }
                     }
                 }
                 return Ok(Acquired::Lock);
@@ -893,8 +908,11 @@ async fn produce(
         let flag = Arc::clone(&timed_out);
         tokio::spawn(async move {
             tokio::time::sleep(limit).await;
-            flag.store(true, Ordering::SeqCst);
-            token.cancel();
+            // A stage Ctrl-C already stops is cancelled, not timed out.
+            if !token.is_cancelled() {
+                flag.store(true, Ordering::SeqCst);
+                token.cancel();
+            }
         })
     });
     let sink = Sink {
@@ -975,23 +993,45 @@ async fn produce(
     // The files the key names were hashed when the stage was planned, and the stage read
     // them since (perhaps long after, behind a `--jobs` queue): an output made from other
     // bytes must not be stored under that key, where a later run would take it as theirs.
-    match files_changed_since(sh, i, parts).await {
-        Ok(changed) if changed.is_empty() => {}
-        Ok(changed) => {
-            return Err(StageFailure::Changed(format!(
-                "{} changed while stage `{}` ran, so its output may not be what its cache key names; nothing was stored: run it again (working directory kept at {})",
-                changed.join(", "),
-                stage.name,
-                work.display()
-            )))
+    // Checked again on a failure to read them (a remote source's listing), as storing is
+    // retried: a retry of the stage would redo its work.
+    let mut tries = 0;
+    let changed = loop {
+        tries += 1;
+        match files_changed_since(sh, i, parts).await {
+            Ok(changed) => break changed,
+            // A file gone or unreadable has changed, as far as the key can tell.
+            Err(e @ crate::plan::PlanError::Dependency { .. }) => break vec![e.to_string()],
+            Err(e) if tries <= stage.retries && !sh.cancel.is_cancelled() => {
+                let wait = retry_wait(tries);
+                sh.reporter.note(&format!(
+                    "stage `{}`: checking its inputs failed (try {tries} of {}), retrying in {:.1}s: {e}",
+                    stage.name,
+                    stage.retries + 1,
+                    wait.as_secs_f64(),
+                ));
+                if !sleep_unless_cancelled(wait, &sh.cancel).await {
+                    return Err(StageFailure::Cancelled);
+                }
+            }
+            // Not known to have changed: the store's (or the source's) failure, after the
+            // stage's retries; the work is not redone for it.
+            Err(e) => {
+                return Err(StageFailure::Storing(format!(
+                    "cannot check that the files stage `{}` read did not change while it ran: {e} (working directory kept at {})",
+                    stage.name,
+                    work.display()
+                )))
+            }
         }
-        // Not known to have changed: the store's (or the disk's) failure, retried as one.
-        Err(e) => {
-            return Err(StageFailure::Store(format!(
-                "cannot check that the files stage `{}` read did not change while it ran: {e}",
-                stage.name
-            )))
-        }
+    };
+    if !changed.is_empty() {
+        return Err(StageFailure::Changed(format!(
+            "{} changed while stage `{}` ran, so its output may not be what its cache key names; nothing was stored: run it again (working directory kept at {})",
+            changed.join(", "),
+            stage.name,
+            work.display()
+        )));
     }
 
     // A stage that wrote into an input (a shell command can) changed it for every stage
@@ -1102,18 +1142,21 @@ async fn produce(
                 }
             }
             if let Some((name, card_text)) = register {
-                // The whole artifact goes up under `model/`, and a new version points at it.
+                // The whole artifact goes up under `model/`, and a new version points at it,
+                // once every file is on its way: a version missing its weights would be
+                // served from the registry and fail there (the spool keeps why).
+                let mut whole = true;
                 for f in &files {
                     let path = kept.join(f);
-                    if path.is_file() {
-                        tracker.artifact(&uid, &path, &format!("model/{f}"));
-                    }
+                    whole &= path.is_file() && tracker.artifact(&uid, &path, &format!("model/{f}"));
                 }
                 let card = work.join("MODEL_CARD.md");
                 if std::fs::write(&card, card_text).is_ok() {
                     tracker.artifact(&uid, &card, "model/MODEL_CARD.md");
                 }
-                tracker.register_model(&uid, &name, "model");
+                if whole {
+                    tracker.register_model(&uid, &name, "model");
+                }
             }
         }
         let _ = orchestrate_stage::remove_tree(&work);

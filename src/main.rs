@@ -650,7 +650,7 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             };
             let serve_store = store.clone();
             let (record, record_error) =
-                execute(Arc::clone(&p), store, plan, opts, reporter, cancel).await?;
+                execute(Arc::clone(&p), store, plan, opts, reporter, cancel.clone()).await?;
             out!("{}", summary(&record));
             let code = exit_code(&record);
             if let Some(e) = record_error {
@@ -667,6 +667,11 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
             #[cfg(feature = "model")]
             if code == 0 && !no_serve {
                 if let Some(dir) = deployed_dir(&serve_store, &record, &cache_dir(&p)).await? {
+                    // Ctrl-C (or `docker stop`) after the last stage, while the deployment
+                    // downloaded: the user asked to stop, not to serve.
+                    if cancel.is_cancelled() {
+                        return Ok(130);
+                    }
                     return serve_dir(&dir, ServeOverrides::from_env()).await;
                 }
             }

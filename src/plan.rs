@@ -529,7 +529,13 @@ pub async fn dependency_digests(
                 .unwrap_or_else(|join| Err(std::io::Error::other(join.to_string())))
                 .map_err(|e| dependency(e.to_string(), path.display().to_string()))?
         };
-        files.insert(dependency_name(&p.dir, f), digest);
+        // `deps` entries are as written (`./extra/f.txt`), ingest's sources joined: both
+        // named from the joined path.
+        let joined = match f.contains("://") {
+            true => f.clone(),
+            false => p.dir.join(f).to_string_lossy().into_owned(),
+        };
+        files.insert(dependency_name(&p.dir, &joined), digest);
     }
     Ok(files)
 }

@@ -133,6 +133,38 @@ pub enum TrackError {
     },
 }
 
+/// `url` with a `user:password@` before its host taken out (reqwest sends them as basic
+/// authentication; messages and `sync`'s report must not print them).
+fn without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+/// `path` with each `/`-separated segment percent-encoded: a file named `notes#1.md` or
+/// `a?b` would otherwise end the URL's path at its `#` or `?`.
+fn url_path(path: &str) -> String {
+    path.split('/')
+        .map(|segment| {
+            segment
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// `key` as MLflow accepts it: at most 250 characters of letters, digits and `_-. :/`, the
 /// rest replaced by `_`. Pipeline params are free-form YAML keys (`batch(size)`), and one
 /// refused key would lose the whole batch it came in.
@@ -194,13 +226,15 @@ fn mlflow_keys<'k>(keys: impl Iterator<Item = &'k String>) -> Vec<String> {
 #[derive(Clone)]
 pub struct MlflowClient {
     base: String,
+    /// `base` without a `user:password@` it may hold: what messages show.
+    shown: String,
     http: reqwest::Client,
 }
 
 impl std::fmt::Debug for MlflowClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the credentials.
-        write!(f, "MlflowClient({})", self.base)
+        write!(f, "MlflowClient({})", self.shown)
     }
 }
 
@@ -209,14 +243,16 @@ impl MlflowClient {
     /// `MLFLOW_TRACKING_PASSWORD`, as MLflow's own clients do.
     pub fn new(url: &str) -> Self {
         let mut headers = reqwest::header::HeaderMap::new();
-        if let Ok(token) = std::env::var("MLFLOW_TRACKING_TOKEN") {
+        // Empty is unset, as MLflow's own clients read them (a template's `TOKEN=""`).
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        if let Some(token) = var("MLFLOW_TRACKING_TOKEN") {
             if let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")) {
                 v.set_sensitive(true);
                 headers.insert(reqwest::header::AUTHORIZATION, v);
             }
-        } else if let (Ok(user), Ok(pass)) = (
-            std::env::var("MLFLOW_TRACKING_USERNAME"),
-            std::env::var("MLFLOW_TRACKING_PASSWORD"),
+        } else if let (Some(user), Some(pass)) = (
+            var("MLFLOW_TRACKING_USERNAME"),
+            var("MLFLOW_TRACKING_PASSWORD"),
         ) {
             use base64_lite::encode;
             if let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!(
@@ -236,19 +272,22 @@ impl MlflowClient {
             .timeout(Duration::from_secs(30))
             .build()
             .expect("a TLS backend is compiled in");
+        let base = url.trim_end_matches('/').to_string();
         MlflowClient {
-            base: url.trim_end_matches('/').to_string(),
+            shown: without_credentials(&base),
+            base,
             http,
         }
     }
 
+    /// The server's URL as shown: without the credentials it may hold.
     pub fn url(&self) -> &str {
-        &self.base
+        &self.shown
     }
 
     fn err(&self, reason: impl Into<String>) -> TrackError {
         TrackError::Server {
-            url: self.base.clone(),
+            url: self.shown.clone(),
             reason: reason.into(),
         }
     }
@@ -288,7 +327,7 @@ impl MlflowClient {
                 && matches!(status.as_u16(), 400 | 404 | 422);
             let e = if mlflow_refused || status.as_u16() == 413 {
                 TrackError::Rejected {
-                    url: self.base.clone(),
+                    url: self.shown.clone(),
                     reason,
                 }
             } else {
@@ -325,6 +364,14 @@ impl MlflowClient {
                 .await
             {
                 Ok(v) => {
+                    // Deleted in the UI (MLflow keeps it, and refuses runs in it): the
+                    // records wait in the spool, as for a server that is down, rather than
+                    // be passed over as refused.
+                    if v["experiment"]["lifecycle_stage"] == "deleted" {
+                        return Err(self.err(format!(
+                            "experiment `{name}` is deleted; restore it (`mlflow experiments restore`) or delete it for good, then `orchestrate sync`"
+                        )));
+                    }
                     if let Some(id) = v["experiment"]["experiment_id"].as_str() {
                         return Ok(id.to_string());
                     }
@@ -505,17 +552,23 @@ impl MlflowClient {
         let Some(rel) = artifact_root.strip_prefix("mlflow-artifacts:/") else {
             // The run's root does not change: retrying would hold back every later record.
             return Err(TrackError::Rejected {
-                url: self.base.clone(),
+                url: self.shown.clone(),
                 reason: format!(
                     "the run's artifact root `{artifact_root}` is not served through MLflow's artifact proxy; start the server with --artifacts-destination"
                 ),
             });
         };
+        // `mlflow-artifacts://host:port/1/...` names the proxy's host too: its path alone
+        // is where the proxy keeps the run's files.
+        let rel = match rel.strip_prefix('/') {
+            Some(with_host) => with_host.split_once('/').map_or("", |(_, path)| path),
+            None => rel,
+        };
         let url = format!(
             "{}/api/2.0/mlflow-artifacts/artifacts/{}/{}",
             self.base,
             rel.trim_matches('/'),
-            path
+            url_path(path)
         );
         // The client's 30 s are for records; a file takes as long as its bytes need, at a
         // floor of 1 MB/s (a 2 GB model: 35 minutes), or it would time out on every retry.
@@ -850,8 +903,12 @@ pub struct Tracker {
     buffered: Mutex<BTreeMap<String, Vec<Metric>>>,
     client: Option<MlflowClient>,
     wake: tokio::sync::Notify,
-    /// The first delivery problem, reported once.
+    /// The first problem that stays (a record refused, a file not copied), reported once.
     problem: Mutex<Option<String>>,
+    /// Why the server could not be reached, until a delivery reaches it again: a server
+    /// that was down for a while and then took every record leaves the run with nothing
+    /// to report, and its spool removed.
+    unreachable: Mutex<Option<String>>,
     /// Values hidden wherever they appear in params and tags: the environment's secrets, and
     /// each param's whose name is a secret's as it is logged (the pipeline's first).
     secrets: Mutex<Secrets>,
@@ -893,6 +950,7 @@ impl Tracker {
             client,
             wake: tokio::sync::Notify::new(),
             problem: Mutex::new(None),
+            unreachable: Mutex::new(None),
             secrets: Mutex::new(Secrets::from_env()),
             _alive: Some(alive),
         }))
@@ -1014,8 +1072,9 @@ impl Tracker {
         }
     }
 
-    /// Copies `file` into the spool and records it for upload as `path`.
-    pub fn artifact(&self, uid: &str, file: &Path, path: &str) {
+    /// Copies `file` into the spool and records it for upload as `path`; whether it did
+    /// (the problem is noted where not).
+    pub fn artifact(&self, uid: &str, file: &Path, path: &str) -> bool {
         // Copied and recorded under one hold of the spool: the copy is named by the record's
         // sequence number, which another stage finishing meanwhile would take too.
         let recorded = match self.spool.lock() {
@@ -1049,8 +1108,14 @@ impl Tracker {
             Err(_) => Err("cannot write the tracking spool".to_string()),
         };
         match recorded {
-            Ok(()) => self.wake.notify_one(),
-            Err(problem) => self.note_problem(problem),
+            Ok(()) => {
+                self.wake.notify_one();
+                true
+            }
+            Err(problem) => {
+                self.note_problem(problem);
+                false
+            }
         }
     }
 
@@ -1107,12 +1172,16 @@ impl Tracker {
             ..Default::default()
         };
         if self.client.is_some() {
-            match self.deliver().await {
-                Ok(n) => d.delivered = n,
-                Err(e) => self.note_problem(e.to_string()),
+            if let Ok(n) = self.deliver().await {
+                d.delivered = n;
             }
         }
-        d.problem = self.problem.lock().ok().and_then(|p| p.clone());
+        d.problem = self
+            .problem
+            .lock()
+            .ok()
+            .and_then(|p| p.clone())
+            .or_else(|| self.unreachable.lock().ok().and_then(|p| p.clone()));
         // Delivered to its end with nothing refused: the spool has served (a registered
         // model's copy in it is as large as the model). Kept otherwise, for `sync` or for
         // reading what was refused; and without a server, as the run's history.
@@ -1131,15 +1200,25 @@ impl Tracker {
             .map(|s| s.path.clone())
             .map_err(|_| spool_err(Path::new("spool"), std::io::Error::other("poisoned")))?;
         let client = self.client.as_ref().expect("checked by the caller");
+        let reached = |why: Option<String>| {
+            if let Ok(mut slot) = self.unreachable.lock() {
+                *slot = why;
+            }
+        };
         match deliver_file(client, &path, &self.state_path).await {
             Ok(d) => {
+                reached(None);
                 for r in d.rejected {
                     self.note_problem(r);
                 }
                 Ok(d.total)
             }
             Err(e) => {
-                self.note_problem(e.to_string());
+                // A spool that cannot be read or written is a problem that stays.
+                match e {
+                    TrackError::Spool { .. } => self.note_problem(e.to_string()),
+                    _ => reached(Some(e.to_string())),
+                }
                 Err(e)
             }
         }
@@ -1584,6 +1663,27 @@ mod tests {
         let cleaned = mlflow_keys(long.iter());
         assert_eq!(cleaned[1].len(), 250);
         assert!(cleaned[1].ends_with("_2") && cleaned[0] != cleaned[1]);
+    }
+
+    #[test]
+    fn urls_are_shown_without_credentials_and_paths_encoded() {
+        assert_eq!(
+            without_credentials("https://me:s3cret@mlflow.example:5000/prefix"),
+            "https://mlflow.example:5000/prefix"
+        );
+        assert_eq!(
+            without_credentials("http://127.0.0.1:5000"),
+            "http://127.0.0.1:5000"
+        );
+        let client = MlflowClient::new("https://me:s3cret@mlflow.example");
+        assert_eq!(client.url(), "https://mlflow.example");
+        assert!(!format!("{client:?}").contains("s3cret"));
+        assert_eq!(url_path("model/notes#1.md"), "model/notes%231.md");
+        assert_eq!(url_path("a b/c?d"), "a%20b/c%3Fd");
+        assert_eq!(
+            url_path("model/weights.safetensors"),
+            "model/weights.safetensors"
+        );
     }
 
     #[test]

@@ -502,7 +502,7 @@ async fn every_error_class_is_json_and_names_the_field() {
         ),
         (
             "/generate",
-            r#"{"inputs": "x", "parameters": {"typical_p": 0.5}}"#,
+            r#"{"inputs": "x", "parameters": {"typical_p": 1.5}}"#,
             422,
             "parameters.typical_p",
         ),
@@ -659,6 +659,20 @@ async fn api_key_and_cors() {
         "/generate",
         Some(body),
         &[("authorization", "Bearer s3cret")],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    // A Bearer token that is not the key (a Hugging Face token huggingface_hub sends by
+    // itself) does not hide the right X-API-Key beside it.
+    let (s, _, _) = call_with(
+        &app,
+        "POST",
+        "/generate",
+        Some(body),
+        &[
+            ("authorization", "Bearer hf_other"),
+            ("x-api-key", "s3cret"),
+        ],
     )
     .await;
     assert_eq!(s, StatusCode::OK);

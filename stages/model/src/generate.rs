@@ -31,6 +31,10 @@ pub struct Sampling {
     pub temperature: f32,
     pub top_k: Option<usize>,
     pub top_p: Option<f32>,
+    /// Locally typical sampling (Meister et al., TGI's and transformers' `typical_p`): the
+    /// tokens whose surprise is nearest the distribution's entropy, as many as make up this
+    /// share of the probability.
+    pub typical_p: Option<f32>,
     /// Above 1 discourages tokens already generated (as in the CTRL paper and TGI).
     pub repetition_penalty: Option<f32>,
     pub seed: u64,
@@ -42,6 +46,7 @@ impl Default for Sampling {
             temperature: 0.0,
             top_k: None,
             top_p: None,
+            typical_p: None,
             repetition_penalty: None,
             seed: 0,
         }
@@ -855,8 +860,9 @@ fn argmax(v: &[f32]) -> usize {
     best
 }
 
-/// Temperature, then top-k, then top-p (nucleus), then a draw from a generator whose whole
-/// state is one number per row: the same seed gives the same text.
+/// Temperature, then top-k, then top-p (nucleus), then typical-p (transformers' and TGI's
+/// order), then a draw from a generator whose whole state is one number per row: the same
+/// seed gives the same text.
 fn sample(scores: &[f32], s: &Sampling, rng: &mut u64) -> usize {
     let mut cand: Vec<(usize, f32)> = scores.iter().copied().enumerate().collect();
     cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -890,9 +896,44 @@ fn sample(scores: &[f32], s: &Sampling, rng: &mut u64) -> usize {
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
     }
+    if let Some(mass) = s.typical_p.filter(|p| *p > 0.0 && *p < 1.0) {
+        let kept = typical(&probs, mass);
+        let (c, p): (Vec<(usize, f32)>, Vec<f32>) =
+            kept.into_iter().map(|i| (cand[i], probs[i])).unzip();
+        let total: f32 = p.iter().sum();
+        probs = p.into_iter().map(|x| x / total).collect();
+        cand = c;
+    }
     *rng = crate::data::mix(*rng);
     let u = (*rng >> 40) as f32 / (1u64 << 24) as f32;
     cand[draw(&probs, u)].0
+}
+
+/// The indices of `probs` (a distribution) that locally typical sampling keeps: ordered by
+/// how far each one's surprise (-ln p) is from the entropy, as many as reach `mass`, the one
+/// that crosses it included (at least one). Ties keep their order.
+fn typical(probs: &[f32], mass: f32) -> Vec<usize> {
+    let entropy: f32 = probs
+        .iter()
+        .filter(|p| **p > 0.0)
+        .map(|p| -p * p.ln())
+        .sum();
+    let mut order: Vec<usize> = (0..probs.len()).filter(|&i| probs[i] > 0.0).collect();
+    order.sort_by(|&a, &b| {
+        let far = |i: usize| (-probs[i].ln() - entropy).abs();
+        far(a).total_cmp(&far(b)).then(a.cmp(&b))
+    });
+    let mut acc = 0.0;
+    let mut n = 0;
+    for &i in &order {
+        acc += probs[i];
+        n += 1;
+        if acc >= mass {
+            break;
+        }
+    }
+    order.truncate(n.max(1));
+    order
 }
 
 /// The index whose share of [0, 1) holds `u`. Where the probabilities' sum falls short of
@@ -1129,6 +1170,7 @@ mod tests {
                 temperature: 1.5,
                 top_k: Some(20),
                 top_p: Some(0.9),
+                typical_p: Some(0.95),
                 repetition_penalty: Some(1.3),
                 seed,
             },
@@ -1162,6 +1204,27 @@ mod tests {
         // A negative score is multiplied, also once: -0.5 * 1.5 = -0.75 beats -1.0.
         let scores = [-1.0, -0.5];
         assert_eq!(pick(&scores, &[1, 1, 1, 1], &s, &mut 0).0, 1);
+    }
+
+    /// Probabilities 0.5, 0.2, 0.2, 0.1 have entropy 1.22 nats; the two 0.2s (surprise
+    /// 1.61) are nearest it, then 0.5 (0.69). A mass of 0.3 keeps those two alone: the
+    /// likeliest token is never drawn.
+    #[test]
+    fn typical_sampling_keeps_the_tokens_nearest_the_entropy() {
+        let probs = [0.5f32, 0.2, 0.2, 0.1];
+        assert_eq!(typical(&probs, 0.3), [1, 2]);
+        assert_eq!(typical(&probs, 0.5), [1, 2, 0]);
+        assert_eq!(typical(&probs, 1e-6), [1]);
+        let scores: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+        let s = Sampling {
+            temperature: 1.0,
+            typical_p: Some(0.3),
+            ..Sampling::default()
+        };
+        let drawn: std::collections::BTreeSet<usize> = (0..200u64)
+            .map(|seed| sample(&scores, &s, &mut { seed }))
+            .collect();
+        assert_eq!(drawn.into_iter().collect::<Vec<_>>(), [1, 2]);
     }
 
     #[test]

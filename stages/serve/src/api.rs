@@ -335,12 +335,15 @@ async fn authorize(State(s): State<Shared>, req: Request, next: MwNext) -> Respo
         return next.run(req).await;
     }
     let h = req.headers();
-    let given = h
+    // Either header may hold the key: huggingface_hub sends the machine's own Hugging Face
+    // token as `Authorization: Bearer` beside the `X-API-Key` its caller set.
+    let bearer = h
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token)
-        .or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()));
-    let ok = given.is_some_and(|k| constant_time_eq(blake3::hash(k.as_bytes()).as_bytes(), &want));
+        .and_then(bearer_token);
+    let x_api_key = h.get("x-api-key").and_then(|v| v.to_str().ok());
+    let matches = |k: &str| constant_time_eq(blake3::hash(k.as_bytes()).as_bytes(), &want);
+    let ok = bearer.is_some_and(matches) | x_api_key.is_some_and(matches);
     if ok {
         return next.run(req).await;
     }
@@ -477,6 +480,8 @@ pub struct Parameters {
     pub temperature: Option<f64>,
     pub top_k: Option<i64>,
     pub top_p: Option<f64>,
+    /// Locally typical sampling's mass (LangChain's TGI wrapper sends 0.95 by default).
+    pub typical_p: Option<f64>,
     pub repetition_penalty: Option<f64>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
@@ -496,7 +501,6 @@ pub struct Parameters {
     /// something (see `Parameters::unsupported`), not dropped, or a client would take unconstrained
     /// or greedy text for what it asked.
     pub grammar: Option<Value>,
-    pub typical_p: Option<Value>,
     pub watermark: Option<Value>,
     pub top_n_tokens: Option<Value>,
     pub decoder_input_details: Option<Value>,
@@ -508,9 +512,8 @@ impl Parameters {
     /// The first TGI parameter set to something this server does not do: its name and
     /// value. Null, and the value that changes nothing, are taken.
     fn unsupported(&self) -> Option<(&'static str, &Value)> {
-        let fields: [(&'static str, &Option<Value>); 7] = [
+        let fields: [(&'static str, &Option<Value>); 6] = [
             ("grammar", &self.grammar),
-            ("typical_p", &self.typical_p),
             ("watermark", &self.watermark),
             ("top_n_tokens", &self.top_n_tokens),
             ("decoder_input_details", &self.decoder_input_details),
@@ -521,7 +524,6 @@ impl Parameters {
             let value = value.as_ref()?;
             let asks_nothing = match (name, value) {
                 (_, Value::Null) => true,
-                ("typical_p", Value::Number(n)) => n.as_f64() == Some(1.0),
                 ("top_n_tokens" | "frequency_penalty", Value::Number(n)) => n.as_f64() == Some(0.0),
                 ("watermark" | "decoder_input_details", Value::Bool(b)) => !b,
                 ("adapter_id", Value::String(t)) => t.is_empty(),
@@ -633,12 +635,14 @@ impl AppState {
                 ));
             }
         }
-        if let Some(tp) = p.top_p {
-            if !(tp > 0.0 && tp <= 1.0) {
-                return Err(ApiError::validation(
-                    &field("top_p"),
-                    format!("must be in (0, 1], got {tp}"),
-                ));
+        for (name, value) in [("top_p", p.top_p), ("typical_p", p.typical_p)] {
+            if let Some(v) = value {
+                if !(v > 0.0 && v <= 1.0) {
+                    return Err(ApiError::validation(
+                        &field(name),
+                        format!("must be in (0, 1], got {v}"),
+                    ));
+                }
             }
         }
         if let Some(r) = p.repetition_penalty {
@@ -755,6 +759,7 @@ impl AppState {
             && (p.do_sample
                 || p.top_k.is_some()
                 || p.top_p.is_some_and(|t| t < 1.0)
+                || p.typical_p.is_some_and(|t| t < 1.0)
                 || p.temperature.map_or(sampling_default, warm));
         let seed = sample.then(|| p.seed.unwrap_or_else(fresh_seed));
         let sampling = if sample {
@@ -762,6 +767,7 @@ impl AppState {
                 temperature: p.temperature.filter(|t| *t > 0.0).unwrap_or(1.0) as f32,
                 top_k: p.top_k.map(|k| k as usize),
                 top_p: p.top_p.map(|t| t as f32),
+                typical_p: p.typical_p.map(|t| t as f32),
                 repetition_penalty: p.repetition_penalty.map(|r| r as f32),
                 seed: seed.unwrap_or(0),
             }
@@ -1014,6 +1020,7 @@ fn stream_tgi(s: &Shared, req: GenerateRequest) -> Result<Response, ApiError> {
     let tail = TgiTail {
         details: req.parameters.details,
         seed: prep.seed,
+        input_length: prep.row.src.len(),
         warnings: prep.warnings,
         prefix: full_text_prefix(&req).to_string(),
     };
@@ -1024,6 +1031,8 @@ fn stream_tgi(s: &Shared, req: GenerateRequest) -> Result<Response, ApiError> {
 struct TgiTail {
     details: bool,
     seed: Option<u64>,
+    /// The prompt's tokens, control tokens included (TGI's stream details have it).
+    input_length: usize,
     warnings: Vec<String>,
     /// Before `generated_text`: the prompt under `return_full_text`, else nothing.
     prefix: String,
@@ -1114,6 +1123,7 @@ fn summarize(ev: &mut Value, done: Event, tail: &TgiTail) {
             "finish_reason": tgi_finish(finish),
             "generated_tokens": tokens.len(),
             "seed": tail.seed,
+            "input_length": tail.input_length,
             "warnings": tail.warnings,
         });
     }
@@ -2104,6 +2114,7 @@ mod tests {
         TgiTail {
             details: true,
             seed: None,
+            input_length: 3,
             warnings: Vec::new(),
             prefix: String::new(),
         }
