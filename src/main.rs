@@ -1199,15 +1199,19 @@ async fn dispatch(cli: Cli) -> Result<u8, Failure> {
 /// First Ctrl-C or SIGTERM: stop at a safe point. Second: leave at once.
 fn watch_signals(cancel: CancelToken, reporter: Arc<dyn orchestrate::report::Reporter>) {
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
+        use tokio::signal::unix::{signal, SignalKind};
+        // Both listeners live as long as this: one made anew each pass would miss a second
+        // Ctrl-C that came before it existed.
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
         let mut count = 0;
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
             }
             count += 1;

@@ -702,6 +702,12 @@ async fn api_key_and_cors() {
     assert!(hs
         .iter()
         .any(|(k, v)| k == "access-control-allow-origin" && v == "https://ui.example"));
+    // A page's script may read a 429's Retry-After.
+    assert!(
+        hs.iter().any(|(k, v)| k == "access-control-expose-headers"
+            && v.to_ascii_lowercase().contains("retry-after")),
+        "{hs:?}"
+    );
 
     // A browser's preflight for a request with X-API-Key, which the README offers, and
     // with the headers an SDK adds of its own (the OpenAI one's `x-stainless-*`).

@@ -199,7 +199,10 @@ pub fn router(state: Shared, cors: Option<Vec<String>>) -> Router {
                 // Whatever the preflight asks for: SDKs add headers of their own (the OpenAI
                 // one's `x-stainless-*`), and a fixed list would fail their preflights. (`*`
                 // would not cover `Authorization`.)
-                .allow_headers(tower_http::cors::AllowHeaders::mirror_request()),
+                .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
+                // Readable by a page's script: a 429's `Retry-After` (SDKs back off by it),
+                // a 401's `WWW-Authenticate`.
+                .expose_headers([header::RETRY_AFTER, header::WWW_AUTHENTICATE]),
         );
     }
     app
