@@ -809,6 +809,25 @@ impl From<StoreError> for StageFailure {
     }
 }
 
+/// Says that `what` failed on try `tries` of `stage` and waits before the next: whether the
+/// whole wait passed (not cut short by a cancellation).
+async fn wait_to_retry(
+    sh: &Shared,
+    stage: &crate::pipeline::Stage,
+    what: &str,
+    tries: u32,
+    e: &str,
+) -> bool {
+    let wait = retry_wait(tries);
+    sh.reporter.note(&format!(
+        "stage `{}`: {what} failed (try {tries} of {}), retrying in {:.1}s: {e}",
+        stage.name,
+        stage.retries + 1,
+        wait.as_secs_f64(),
+    ));
+    sleep_unless_cancelled(wait, &sh.cancel).await
+}
+
 /// Waits `wait`, unless the run is cancelled first (a retry's backoff reaches 32 s, and
 /// Ctrl-C must not wait for it): whether the whole wait passed.
 async fn sleep_unless_cancelled(wait: Duration, cancel: &CancelToken) -> bool {
@@ -1003,14 +1022,7 @@ async fn produce(
             // A file gone or unreadable has changed, as far as the key can tell.
             Err(e @ crate::plan::PlanError::Dependency { .. }) => break vec![e.to_string()],
             Err(e) if tries <= stage.retries && !sh.cancel.is_cancelled() => {
-                let wait = retry_wait(tries);
-                sh.reporter.note(&format!(
-                    "stage `{}`: checking its inputs failed (try {tries} of {}), retrying in {:.1}s: {e}",
-                    stage.name,
-                    stage.retries + 1,
-                    wait.as_secs_f64(),
-                ));
-                if !sleep_unless_cancelled(wait, &sh.cancel).await {
+                if !wait_to_retry(sh, stage, "checking its inputs", tries, &e.to_string()).await {
                     return Err(StageFailure::Cancelled);
                 }
             }
@@ -1073,14 +1085,7 @@ async fn produce(
         match stored.await {
             Ok(stored) => break stored,
             Err(e) if tries <= stage.retries && !sh.cancel.is_cancelled() => {
-                let wait = retry_wait(tries);
-                sh.reporter.note(&format!(
-                    "stage `{}`: storing its output failed (try {tries} of {}), retrying in {:.1}s: {e}",
-                    stage.name,
-                    stage.retries + 1,
-                    wait.as_secs_f64(),
-                ));
-                if !sleep_unless_cancelled(wait, &sh.cancel).await {
+                if !wait_to_retry(sh, stage, "storing its output", tries, &e.to_string()).await {
                     return Err(StageFailure::Cancelled);
                 }
             }
