@@ -527,10 +527,11 @@ async fn every_error_class_is_json_and_names_the_field() {
         ),
         (
             "/v1/completions",
-            r#"{"prompt": ["a", "b"]}"#,
+            r#"{"prompt": ["a", "b"], "stream": true}"#,
             400,
             "prompt",
         ),
+        ("/v1/completions", r#"{"prompt": []}"#, 400, "prompt"),
         (
             "/v1/chat/completions",
             r#"{"messages": [{"role": "system", "content": "x"}]}"#,

@@ -1568,11 +1568,18 @@ async fn completions(
     ])?;
     check_stream_options(r.stream, &r.stream_options)?;
     let prompts = r.prompt.into_vec();
-    if prompts.len() != 1 {
-        return Err(
-            ApiError::validation("prompt", "exactly one prompt per request")
-                .flavour(Flavour::OpenAi),
-        );
+    let refuse = |why: String| Err(ApiError::validation("prompt", why).flavour(Flavour::OpenAi));
+    if prompts.is_empty() {
+        return refuse("no prompt: give one, or a list of them".into());
+    }
+    if prompts.len() > MAX_PROMPTS {
+        return refuse(format!(
+            "{} prompts; at most {MAX_PROMPTS} per request",
+            prompts.len()
+        ));
+    }
+    if r.stream && prompts.len() > 1 {
+        return refuse("a stream takes one prompt; send a list without `stream`".into());
     }
     let params = openai_params(
         OpenAiKnobs {
@@ -1587,16 +1594,20 @@ async fn completions(
         },
         default_tokens(false, s.limits.max_new_tokens),
     )?;
+    let names = Names {
+        prefix: "",
+        max_new_tokens: "max_tokens",
+        prompt: "prompt",
+    };
+    if prompts.len() > 1 {
+        return completions_for_each(&s, &prompts, &params, names).await;
+    }
     openai_call(
         &s,
         OpenAiCall {
             prompt: prompts.into_iter().next().unwrap_or_default(),
             params,
-            names: Names {
-                prefix: "",
-                max_new_tokens: "max_tokens",
-                prompt: "prompt",
-            },
+            names,
             stream: r.stream,
             include_usage: r.stream_options.is_some_and(|o| o.include_usage),
             chat: false,
@@ -1727,6 +1738,60 @@ async fn openai_call(s: &Shared, call: OpenAiCall) -> Result<Response, ApiError>
         warnings: prep.warnings,
     };
     Ok(sse(openai_events(rx, head)))
+}
+
+/// Prompts one `/v1/completions` request may list.
+const MAX_PROMPTS: usize = 128;
+
+/// Several prompts in one `/v1/completions` request (LangChain's `OpenAI.batch` sends up to
+/// 20 at once): each decoded as a request of its own, side by side in the batch, answered as
+/// one reply with a choice per prompt in their order and the usage summed, as OpenAI does.
+async fn completions_for_each(
+    s: &Shared,
+    prompts: &[String],
+    params: &Parameters,
+    names: Names,
+) -> Result<Response, ApiError> {
+    let mut preps = Vec::with_capacity(prompts.len());
+    for (i, prompt) in prompts.iter().enumerate() {
+        let prep = s.prepare(prompt, params, names, true).map_err(|mut e| {
+            if e.field.as_deref() == Some("prompt") {
+                e.field = Some(format!("prompt[{i}]"));
+            }
+            e.flavour(Flavour::OpenAi)
+        })?;
+        preps.push(prep);
+    }
+    let mut replies = Vec::with_capacity(preps.len());
+    for prep in &preps {
+        replies.push(collect(s.submit(prep, Flavour::OpenAi)?));
+    }
+    let done = futures::future::join_all(replies).await;
+    let (mut choices, mut warnings) = (Vec::new(), Vec::<String>::new());
+    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+    for (i, (prep, c)) in preps.iter().zip(done).enumerate() {
+        let c = c.map_err(|e| e.flavour(Flavour::OpenAi))?;
+        choices.push(json!({"index": i, "text": c.text, "finish_reason": openai_finish(c.finish), "logprobs": null}));
+        prompt_tokens += prep.row.src.len();
+        completion_tokens += c.count;
+        for w in &prep.warnings {
+            if !warnings.contains(w) {
+                warnings.push(w.clone());
+            }
+        }
+    }
+    let mut v = json!({
+        "id": format!("cmpl-{:016x}", fresh_seed()),
+        "object": "text_completion",
+        "created": created(),
+        "model": s.model.name.clone(),
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    });
+    if !warnings.is_empty() {
+        v["warnings"] = json!(warnings);
+    }
+    Ok(Json(v).into_response())
 }
 
 fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
@@ -1902,6 +1967,35 @@ mod tests {
         // Chat has no default of its own: the server's limit.
         assert_eq!(max_new(true, 200), Some(200));
         assert_eq!(max_new(true, 8), Some(8));
+    }
+
+    /// A list of prompts is answered as OpenAI answers it: a choice per prompt, in order,
+    /// each what the prompt alone gets (greedy), and the usage summed.
+    #[tokio::test]
+    async fn several_prompts_get_a_choice_each_in_order() {
+        let s = Server::start(options()).await;
+        let ask = |prompt: Value| json!({"prompt": prompt, "max_tokens": 3, "temperature": 0});
+        let both = s.ok("/v1/completions", ask(json!(["it is", "Time"]))).await;
+        let choices = both["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 2, "{both}");
+        let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        for (i, prompt) in ["it is", "Time"].into_iter().enumerate() {
+            let alone = s.ok("/v1/completions", ask(json!(prompt))).await;
+            assert_eq!(choices[i]["index"], i, "{both}");
+            assert_eq!(choices[i]["text"], alone["choices"][0]["text"], "{prompt}");
+            prompt_tokens += alone["usage"]["prompt_tokens"].as_u64().unwrap();
+            completion_tokens += alone["usage"]["completion_tokens"].as_u64().unwrap();
+        }
+        assert_eq!(both["usage"]["prompt_tokens"], prompt_tokens);
+        assert_eq!(both["usage"]["completion_tokens"], completion_tokens);
+        // A prompt at fault is named by its index.
+        let long = "word ".repeat(10_000);
+        let (status, body) = s
+            .post("/v1/completions", json!({"prompt": ["ok", long]}))
+            .await;
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["param"], "prompt[1]", "{body}");
     }
 
     #[tokio::test]
