@@ -1741,7 +1741,7 @@ async fn openai_call(s: &Shared, call: OpenAiCall) -> Result<Response, ApiError>
 }
 
 /// Prompts one `/v1/completions` request may list.
-const MAX_PROMPTS: usize = 128;
+pub(crate) const MAX_PROMPTS: usize = 128;
 
 /// Several prompts in one `/v1/completions` request (LangChain's `OpenAI.batch` sends up to
 /// 20 at once): each decoded as a request of its own, side by side in the batch, answered as
@@ -2715,7 +2715,7 @@ mod tests {
         }
         let completion = &paths["/v1/completions"]["post"]["requestBody"]["content"]
             ["application/json"]["schema"]["properties"];
-        assert!(completion["prompt"]["oneOf"][1]["maxItems"] == 1);
+        assert!(completion["prompt"]["oneOf"][1]["maxItems"] == MAX_PROMPTS);
         for path in [
             "/",
             "/v1/completions",

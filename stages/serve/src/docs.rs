@@ -97,7 +97,7 @@ pub fn openapi() -> Value {
     let max_tokens = json!({"type": "integer", "minimum": 1, "default": 16, "description": "default 16, or the server's max_new_tokens when lower"});
     let chat_max_tokens = json!({"type": "integer", "minimum": 1, "description": "default: the server's max_new_tokens"});
     let completion = json!({"type": "object", "required": ["prompt"], "properties": with_common(json!({
-        "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 128}]},
+        "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": crate::api::MAX_PROMPTS}]},
         "max_tokens": max_tokens,
         "logprobs": {"type": "null", "description": "not supported: anything else is a 400"},
         "echo": {"type": "boolean", "enum": [false], "description": "not supported: true is a 400"}
