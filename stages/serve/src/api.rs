@@ -1696,13 +1696,6 @@ async fn openai_call(s: &Shared, call: OpenAiCall) -> Result<Response, ApiError>
         .prepare(&call.prompt, &call.params, call.names, true)
         .map_err(|e| e.flavour(Flavour::OpenAi))?;
     let rx = s.submit(&prep, Flavour::OpenAi)?;
-    // OpenAI's prefixes, which some clients and log tools key on.
-    let id = match call.chat {
-        true => format!("chatcmpl-{:016x}", fresh_seed()),
-        false => format!("cmpl-{:016x}", fresh_seed()),
-    };
-    let model = s.model.name.clone();
-    let created = created();
     let prompt_tokens = prep.row.src.len();
     if !call.stream {
         let c = collect(rx).await.map_err(|e| e.flavour(Flavour::OpenAi))?;
@@ -1711,26 +1704,23 @@ async fn openai_call(s: &Shared, call: OpenAiCall) -> Result<Response, ApiError>
         } else {
             json!({"index": 0, "text": c.text, "finish_reason": openai_finish(c.finish), "logprobs": null})
         };
-        let mut v = json!({
-            "id": id,
-            "object": if call.chat { "chat.completion" } else { "text_completion" },
-            "created": created,
-            "model": model,
-            "choices": [choice],
-            "usage": usage(prompt_tokens, c.count),
-        });
-        if !prep.warnings.is_empty() {
-            v["warnings"] = json!(prep.warnings);
-        }
-        return Ok(Json(v).into_response());
+        let usage = usage(prompt_tokens, c.count);
+        return Ok(openai_reply(
+            s,
+            call.chat,
+            vec![choice],
+            usage,
+            &prep.warnings,
+        ));
     }
+    let model = s.model.name.clone();
     let head = ChunkHead {
-        id,
+        id: openai_id(call.chat),
         object: match call.chat {
             true => "chat.completion.chunk",
             false => "text_completion",
         },
-        created,
+        created: created(),
         model,
         chat: call.chat,
         include_usage: call.include_usage,
@@ -1780,18 +1770,38 @@ async fn completions_for_each(
             }
         }
     }
+    let usage = usage(prompt_tokens, completion_tokens);
+    Ok(openai_reply(s, false, choices, usage, &warnings))
+}
+
+/// A reply's id, with OpenAI's prefixes, which some clients and log tools key on.
+fn openai_id(chat: bool) -> String {
+    match chat {
+        true => format!("chatcmpl-{:016x}", fresh_seed()),
+        false => format!("cmpl-{:016x}", fresh_seed()),
+    }
+}
+
+/// A completion (or chat completion) that is not streamed: its choices, usage and warnings.
+fn openai_reply(
+    s: &Shared,
+    chat: bool,
+    choices: Vec<Value>,
+    usage: Value,
+    warnings: &[String],
+) -> Response {
     let mut v = json!({
-        "id": format!("cmpl-{:016x}", fresh_seed()),
-        "object": "text_completion",
+        "id": openai_id(chat),
+        "object": if chat { "chat.completion" } else { "text_completion" },
         "created": created(),
         "model": s.model.name.clone(),
         "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage,
     });
     if !warnings.is_empty() {
         v["warnings"] = json!(warnings);
     }
-    Ok(Json(v).into_response())
+    Json(v).into_response()
 }
 
 fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
